@@ -1,0 +1,1 @@
+"""Shared contracts of every layer: settings, events, lake, Redis keys, registry, features."""

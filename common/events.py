@@ -1,0 +1,245 @@
+"""The event contract: one pydantic model, with the Arrow/Parquet schema derived from it.
+
+Every layer (API ingestion, stream consumers, lake, Spark, warehouse) goes through this
+module, so a field is added or limited in exactly one place.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any
+
+import pyarrow as pa
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+MAX_CLOCK_SKEW = timedelta(hours=1)
+EARLIEST_TS = datetime(2000, 1, 1, tzinfo=UTC)
+EVENT_ID_NAMESPACE = uuid.UUID("6f0c1d2e-8a4b-4e0f-9c3d-2b7a5e1f4c60")
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+
+
+class EventType(StrEnum):
+    VIEW = "view"
+    CLICK = "click"
+    ADD_TO_CART = "add_to_cart"
+    REMOVE_FROM_CART = "remove_from_cart"
+    PURCHASE = "purchase"
+    WISHLIST = "wishlist"
+    SEARCH = "search"
+    IDENTIFY = "identify"
+
+
+ITEM_EVENTS = frozenset(
+    {
+        EventType.VIEW,
+        EventType.CLICK,
+        EventType.ADD_TO_CART,
+        EventType.REMOVE_FROM_CART,
+        EventType.PURCHASE,
+        EventType.WISHLIST,
+    }
+)
+
+
+class EventContext(BaseModel):
+    """Where the event happened. Bounded: four known fields and at most 16 short extras."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: Annotated[str, StringConstraints(max_length=32)] | None = None
+    country: Annotated[str, StringConstraints(max_length=8)] | None = None
+    referrer: ShortText | None = None
+    page: ShortText | None = None
+    extra: dict[Annotated[str, StringConstraints(max_length=32)], ShortText] = Field(
+        default_factory=dict, max_length=16
+    )
+
+
+class Event(BaseModel):
+    """One user interaction, as accepted from a storefront, an importer or the generator."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    event_id: Annotated[str, Field(description="Client-made UUID; the idempotency key.")]
+    event_type: EventType
+    ts: datetime = Field(description="Event time on the client, UTC.")
+    received_at: datetime | None = Field(None, description="Server arrival time; set on ingestion.")
+    anonymous_id: Id
+    user_id: Id | None = None
+    session_id: Id | None = None
+    item_id: Id | None = None
+    quantity: int | None = Field(None, ge=1, le=10_000)
+    price: float | None = Field(None, ge=0, le=1_000_000)
+    dwell_ms: int | None = Field(None, ge=0, le=86_400_000)
+    scroll_depth: float | None = Field(None, ge=0, le=1)
+    query: ShortText | None = None
+    context: EventContext = Field(default_factory=EventContext)
+    rec_request_id: Id | None = None
+    schema_version: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
+
+    @field_validator("event_id")
+    @classmethod
+    def _event_id_is_uuid(cls, value: str) -> str:
+        try:
+            return str(uuid.UUID(value))
+        except (ValueError, AttributeError, TypeError):
+            raise ValueError("must be a UUID") from None
+
+    @field_validator("ts", "received_at")
+    @classmethod
+    def _utc_and_sane(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if value < EARLIEST_TS:
+            raise ValueError(f"is before {EARLIEST_TS:%Y-%m-%d}")
+        if value > datetime.now(UTC) + MAX_CLOCK_SKEW:
+            raise ValueError("is in the future (more than 1 hour ahead of the server clock)")
+        return value
+
+    @model_validator(mode="after")
+    def _required_by_type(self) -> Event:
+        if self.event_type in ITEM_EVENTS and self.item_id is None:
+            raise ValueError(f"item_id is required for {self.event_type.value} events")
+        if self.event_type is EventType.IDENTIFY and self.user_id is None:
+            raise ValueError("user_id is required for identify events")
+        if self.event_type is EventType.SEARCH and not self.query:
+            raise ValueError("query is required for search events")
+        return self
+
+    @property
+    def person_id(self) -> str:
+        """The identity recommendations are keyed by: the user once known, else the device."""
+        return self.user_id or self.anonymous_id
+
+    def received(self, at: datetime | None = None) -> Event:
+        """A copy stamped with the server's arrival time."""
+        return self.model_copy(update={"received_at": at or datetime.now(UTC)})
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def deterministic_event_id(*parts: object) -> str:
+    """A stable UUID for importers and the generator, so a re-import dedups instead of duplicating."""
+    return str(uuid.uuid5(EVENT_ID_NAMESPACE, "|".join(str(p) for p in parts)))
+
+
+# ---------------------------------------------------------------- Arrow schema, derived
+
+
+def _arrow_type(annotation: Any) -> pa.DataType:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _arrow_type(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _arrow_type(inner)
+    if origin is dict:
+        key, value = typing.get_args(annotation)
+        return pa.map_(_arrow_type(key), _arrow_type(value))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return pa.struct([_arrow_field(n, f) for n, f in annotation.model_fields.items()])
+    simple = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+    if annotation in simple:
+        return simple[annotation]
+    if annotation is datetime:
+        return pa.timestamp("us", tz="UTC")
+    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
+        return pa.string()
+    raise TypeError(f"no Arrow type for {annotation!r}")
+
+
+def _arrow_field(name: str, field: Any) -> pa.Field:
+    required = field.is_required()
+    return pa.field(name, _arrow_type(field.annotation), nullable=not required)
+
+
+def _event_schema() -> pa.Schema:
+    fields = [_arrow_field(name, f) for name, f in Event.model_fields.items()]
+    # In the lake every event has been received, so received_at is never null there.
+    fields = [f.with_nullable(False) if f.name == "received_at" else f for f in fields]
+    return pa.schema(fields, metadata={"schema_version": str(SCHEMA_VERSION)})
+
+
+EVENT_SCHEMA: pa.Schema = _event_schema()
+EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_SCHEMA.names)
+
+
+def _to_row(event: Event) -> dict[str, Any]:
+    row = event.model_dump()
+    row["event_type"] = event.event_type.value
+    row["context"]["extra"] = list(row["context"]["extra"].items())
+    return row
+
+
+def events_to_table(events: Iterable[Event]) -> pa.Table:
+    """Received events as an Arrow table in the lake schema."""
+    rows = []
+    for event in events:
+        if event.received_at is None:
+            raise ValueError(f"event {event.event_id} has no received_at; stamp it with .received() first")
+        rows.append(_to_row(event))
+    return pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
+
+
+def table_to_events(table: pa.Table) -> list[Event]:
+    rows = table.select(list(EVENT_COLUMNS)).to_pylist()
+    for row in rows:
+        row["context"]["extra"] = dict(row["context"]["extra"] or [])
+    return [Event.model_validate(row) for row in rows]
+
+
+# ---------------------------------------------------------------- validation with named reasons
+
+
+class FieldError(BaseModel):
+    field: str
+    reason: str
+
+
+class EventError(BaseModel):
+    index: int
+    event_id: str | None
+    errors: list[FieldError]
+
+
+def describe_validation_error(exc: ValidationError) -> list[FieldError]:
+    out = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "event"
+        reason = err["msg"].removeprefix("Value error, ")
+        out.append(FieldError(field=field, reason=reason))
+    return out
+
+
+def validate_events(payloads: Sequence[Any]) -> tuple[list[Event], list[EventError]]:
+    """Validate a batch; good events are kept, each bad one is reported by index with its fields."""
+    accepted: list[Event] = []
+    rejected: list[EventError] = []
+    for index, payload in enumerate(payloads):
+        try:
+            accepted.append(Event.model_validate(payload))
+        except ValidationError as exc:
+            event_id = payload.get("event_id") if isinstance(payload, dict) else None
+            rejected.append(
+                EventError(index=index, event_id=str(event_id) if event_id else None, errors=describe_validation_error(exc))
+            )
+    return accepted, rejected

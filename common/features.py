@@ -1,0 +1,149 @@
+"""Ranker features: the one definition used for training (point-in-time, from the lake) and serving.
+
+A feature row describes one (person, candidate item, moment). Callers gather the raw inputs
+into a `RequestState` and `Candidates` — training from lake events before the moment,
+serving from Redis and the model artifacts — and `compute_features` turns them into the
+matrix LightGBM sees. Nothing here reads a store, so both sides compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.settings import TrainingSettings
+
+# Where a candidate came from; a candidate may come from several generators.
+SOURCES = ("als", "covis", "trending", "category", "new")
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "als_score",
+    *(f"src_{s}" for s in SOURCES),
+    "pop_1d",
+    "pop_7d",
+    "trend",
+    "covis",
+    "category_affinity",
+    "price_ratio",
+    "item_age_days",
+    "seen_in_session",
+    "in_cart",
+    "promoted",
+)
+
+DAY_S = 86_400.0
+POP_DAYS = 8  # per-day counts for day(t)-7 .. day(t), oldest first
+
+
+@dataclass
+class RequestState:
+    """What is known about the person at the moment of the request."""
+
+    now_s: float  # epoch seconds
+    user_vector: np.ndarray | None = None  # batch vector + speed delta, or fold-in
+    session_items: Mapping[str, float] = field(default_factory=dict)  # item -> last event time (s)
+    category_affinity: Mapping[str, float] = field(default_factory=dict)  # decayed, any scale
+    cart: frozenset[str] = frozenset()
+    typical_price: float | None = None  # median price of items the person engaged with
+
+
+@dataclass
+class Candidates:
+    """Column data for N candidate items, aligned by position."""
+
+    item_ids: list[str]
+    sources: list[set[str]]
+    item_vectors: np.ndarray | None  # N x k; rows of zeros for items the model does not know
+    day_counts: np.ndarray  # N x POP_DAYS event counts per UTC day, only events before now
+    covis: np.ndarray  # N: co-visitation count summed over the session's items
+    categories: list[str]
+    prices: np.ndarray  # N
+    created_at_s: np.ndarray  # N, epoch seconds
+    promoted: np.ndarray  # N, bool
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+
+def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
+    """The N x len(FEATURE_NAMES) float32 matrix, columns in FEATURE_NAMES order."""
+    n = len(cands)
+    out = np.zeros((n, len(FEATURE_NAMES)), dtype=np.float32)
+    if n == 0:
+        return out
+    col = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+    if state.user_vector is not None and cands.item_vectors is not None:
+        out[:, col["als_score"]] = cands.item_vectors @ state.user_vector
+    for j, source in enumerate(SOURCES):
+        out[:, col["src_als"] + j] = [source in s for s in cands.sources]
+
+    pop_1d, pop_7d = sliding_popularity(cands.day_counts, state.now_s)
+    out[:, col["pop_1d"]] = np.log1p(pop_1d)
+    out[:, col["pop_7d"]] = np.log1p(pop_7d)
+    out[:, col["trend"]] = pop_1d / (pop_7d / 7.0 + 1.0)
+    out[:, col["covis"]] = np.log1p(cands.covis)
+
+    affinity = normalised_affinity(state.category_affinity)
+    out[:, col["category_affinity"]] = [affinity.get(c, 0.0) for c in cands.categories]
+    if state.typical_price and state.typical_price > 0:
+        out[:, col["price_ratio"]] = cands.prices / state.typical_price
+    else:
+        out[:, col["price_ratio"]] = 1.0
+    out[:, col["item_age_days"]] = np.maximum(0.0, (state.now_s - cands.created_at_s) / DAY_S)
+    out[:, col["seen_in_session"]] = [i in state.session_items for i in cands.item_ids]
+    out[:, col["in_cart"]] = [i in state.cart for i in cands.item_ids]
+    out[:, col["promoted"]] = cands.promoted
+    return out
+
+
+def sliding_popularity(day_counts: np.ndarray, now_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate trailing 24 h and 7 day counts from per-day buckets (oldest first, today last).
+
+    Yesterday's (and the 8th day's) bucket counts by the share of it still inside the window,
+    so the value slides smoothly instead of dropping at midnight.
+    """
+    counts = np.asarray(day_counts, dtype=np.float64).reshape(-1, POP_DAYS)
+    elapsed = (now_s % DAY_S) / DAY_S
+    pop_1d = counts[:, -1] + counts[:, -2] * (1.0 - elapsed)
+    pop_7d = counts[:, -7:].sum(axis=1) + counts[:, 0] * (1.0 - elapsed)
+    return pop_1d, pop_7d
+
+
+def normalised_affinity(affinity: Mapping[str, float]) -> dict[str, float]:
+    """Category affinity as shares of the total (0..1)."""
+    total = sum(v for v in affinity.values() if v > 0)
+    if total <= 0:
+        return {}
+    return {k: v / total for k, v in affinity.items() if v > 0}
+
+
+def decay(value: float, age_s: float, half_life_s: float) -> float:
+    """Exponential decay by age."""
+    return value * math.pow(0.5, max(0.0, age_s) / half_life_s)
+
+
+def implicit_weight(event_type: str, dwell_ms: int | None, training: TrainingSettings) -> float:
+    """Implicit-feedback weight r of one event: type weight plus a capped dwell-time bonus.
+
+    Used by batch interactions, the speed layer's SGD confidence and the fold-in, so the three agree.
+    """
+    base = training.weights.get(event_type, 0.0)
+    if base <= 0:
+        return 0.0
+    bonus = 0.0
+    if dwell_ms:
+        bonus = min(training.dwell_bonus_cap, training.dwell_bonus_per_minute * dwell_ms / 60_000.0)
+    return base + bonus
+
+
+def day_index(epoch_s: float) -> int:
+    """UTC day number, the bucket of the per-day popularity counts."""
+    return int(epoch_s // DAY_S)
+
+
+def as_matrix(rows: Sequence[np.ndarray]) -> np.ndarray:
+    return np.vstack(rows) if rows else np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)

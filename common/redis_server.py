@@ -1,0 +1,148 @@
+"""The embedded Redis: a private `redis-server` on a local port with its data under var/redis.
+
+`recs redis start|stop|status` and the pytest fixture both use `RedisServer`, so tests run
+against exactly what the demo runs. When RECS_REDIS__URL is set, nothing is started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+
+class RedisServerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    data_dir: Path
+    port: int
+    host: str = "127.0.0.1"
+    persist: bool = True
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "redis.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        return redis.Redis.from_url(self.url, **kwargs)  # type: ignore[arg-type]
+
+    def is_running(self) -> bool:
+        try:
+            return bool(self.client(socket_timeout=0.3, socket_connect_timeout=0.3).ping())
+        except redis.RedisError:
+            return False
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start redis-server in the background; a no-op if it already answers on the port."""
+        if self.is_running():
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RedisServerError(
+                "redis-server is not installed: run `make setup` (Debian: apt-get install redis-server), "
+                "or point RECS_REDIS__URL at a Redis you run"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            binary,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--dir", str(self.data_dir),
+            "--pidfile", str(self.pid_file),
+            "--logfile", str(self.log_file),
+            "--daemonize", "yes",
+            "--save", "60 1000" if self.persist else "",
+            "--appendonly", "yes" if self.persist else "no",
+            "--appendfsync", "everysec",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.is_running():
+                return
+            time.sleep(0.05)
+        raise RedisServerError(f"redis-server did not answer on port {self.port}; see {self.log_file}")
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Stop the server this data_dir runs; returns False if none was running."""
+        pid = self._pid()
+        if pid is None:
+            return False
+        try:
+            self.client(socket_timeout=1).shutdown(nosave=not self.persist)
+        except redis.RedisError:
+            pass  # shutdown closes the connection before answering
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def kill(self) -> None:
+        """Kill -9, as a crash would (tests of degraded serving use this)."""
+        pid = self._pid()
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            while _alive(pid):
+                time.sleep(0.02)
+
+    def _pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); treat it as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def embedded_server(settings_redis: object) -> RedisServer:
+    """The private server described by RedisSettings."""
+    from common.settings import RedisSettings
+
+    assert isinstance(settings_redis, RedisSettings)
+    return RedisServer(data_dir=settings_redis.data_dir, port=settings_redis.port or free_port(), host=settings_redis.host)
+
+
+def connect(url: str, timeout_s: float = 0.5) -> redis.Redis:
+    """A client with short timeouts, so a dead Redis degrades a request instead of hanging it."""
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)

@@ -1,0 +1,218 @@
+"""One validated settings object for every layer, read from `RECS_*` environment variables.
+
+Nested sections use a double underscore: `RECS_REDIS__URL`, `RECS_API__PORT`. Unknown keys
+are refused at start-up, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RECS_"
+NESTED_DELIMITER = "__"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_VAR = PROJECT_ROOT / "var"
+
+Scope = Literal["events:write", "recs:read", "admin"]
+
+
+class SettingsError(ValueError):
+    """Raised with a readable message when the configuration is invalid."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedisSettings(Section):
+    url: str | None = Field(
+        None, description="External Redis URL. Unset: the project runs its own redis-server under var/redis."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(6391, ge=0, le=65535, description="Port of the private redis-server; 0 picks a free one.")
+    data_dir: Path = DEFAULT_VAR / "redis"
+    stream: str = "events"
+    expected_events_per_s: float = Field(
+        50.0, gt=0, description="Sizes the stream's MAXLEN so it holds at least `retention_hours` of events."
+    )
+    retention_hours: float = Field(48.0, ge=48.0)
+    socket_timeout_s: float = Field(0.5, gt=0)
+
+    @property
+    def stream_maxlen(self) -> int:
+        return int(self.expected_events_per_s * 3600 * self.retention_hours)
+
+    @property
+    def effective_url(self) -> str:
+        return self.url or f"redis://{self.host}:{self.port}/0"
+
+
+class LakeSettings(Section):
+    root: str = Field(str(DEFAULT_VAR / "lake"), description="Local path or any fsspec URL (s3://bucket/lake).")
+    flush_events: int = Field(5000, ge=1, description="Lake writer flushes after this many events ...")
+    flush_seconds: float = Field(10.0, gt=0, description="... or after this many seconds, whichever comes first.")
+
+
+class ModelsSettings(Section):
+    root: str = Field(str(DEFAULT_VAR / "models"), description="Model registry root (local path or fsspec URL).")
+    gate_tolerance: float = Field(
+        0.02, ge=0, le=1, description="A new version is published unless its NDCG@20 is worse by more than this share."
+    )
+
+
+class SparkSettings(Section):
+    master: str = "local[*]"
+    driver_memory: str = "2g"
+    shuffle_partitions: int = Field(4, ge=1)
+
+
+class ApiSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(2, ge=1)
+    # key -> scopes. Empty means auth is off (the embedded demo); production sets RECS_API__KEYS.
+    keys: dict[str, list[Scope]] = Field(default_factory=dict)
+    cors_origins: list[str] = Field(default_factory=list)
+    max_batch: int = Field(500, ge=1)
+    max_stream_lag: int = Field(100_000, ge=1, description="Above this consumer-group lag, POST /v1/events answers 503.")
+    rules_file: Path = PROJECT_ROOT / "serving" / "rules.yaml"
+
+
+class TrainingSettings(Section):
+    engine: Literal["spark", "implicit"] = "implicit"
+    # Implicit-feedback weight per event type (view < add_to_cart < purchase).
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "view": 1.0,
+            "click": 1.0,
+            "search": 0.0,
+            "wishlist": 2.0,
+            "add_to_cart": 3.0,
+            "remove_from_cart": 0.0,
+            "purchase": 5.0,
+            "identify": 0.0,
+        }
+    )
+    dwell_bonus_per_minute: float = Field(0.5, ge=0)
+    dwell_bonus_cap: float = Field(2.0, ge=0)
+    half_life_days: float = Field(30.0, gt=0)
+    factors: int = Field(64, ge=2)
+    regularization: float = Field(0.05, ge=0)
+    alpha: float = Field(10.0, gt=0)
+    iterations: int = Field(15, ge=1)
+    seed: int = 42
+    eval_days: int = Field(2, ge=1, description="Days before the cutoff held out for ranker validation and evaluation.")
+
+
+class SpeedSettings(Section):
+    group: str = "speed"
+    lake_group: str = "lake-writer"
+    batch_size: int = Field(500, ge=1)
+    block_ms: int = Field(100, ge=1)
+    claim_idle_ms: int = Field(30_000, ge=100)
+    session_ttl_s: int = Field(1800, ge=60)
+    dedup_ttl_s: int = Field(7 * 86400, ge=60)
+    recent_items: int = Field(20, ge=1)
+    learning_rate: float = Field(0.05, gt=0)
+    l2: float = Field(0.01, ge=0)
+    negatives: int = Field(5, ge=0)
+    max_delta_norm: float = Field(1.0, gt=0)
+    trending_bucket_s: int = Field(300, ge=10)
+    trending_half_life_s: int = Field(3600, ge=60)
+    trending_window_s: int = Field(6 * 3600, ge=60)
+    covis_top_n: int = Field(50, ge=1)
+
+
+class ExperimentSettings(Section):
+    # variant -> share of users; shares must add up to 1.
+    shares: dict[str, float] = Field(default_factory=lambda: {"ranker": 0.8, "als_only": 0.1, "popular": 0.1})
+    control: str = "popular"
+
+    @model_validator(mode="after")
+    def _shares_add_up(self) -> ExperimentSettings:
+        total = sum(self.shares.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"experiment shares must add up to 1, got {total:g}")
+        if self.control not in self.shares:
+            raise ValueError(f"control variant {self.control!r} is not one of {sorted(self.shares)}")
+        return self
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+    )
+
+    var_dir: Path = DEFAULT_VAR
+    redis: RedisSettings = RedisSettings()
+    lake: LakeSettings = LakeSettings()
+    models: ModelsSettings = ModelsSettings()
+    spark: SparkSettings = SparkSettings()
+    api: ApiSettings = ApiSettings()
+    training: TrainingSettings = TrainingSettings()
+    speed: SpeedSettings = SpeedSettings()
+    experiments: ExperimentSettings = ExperimentSettings()
+
+
+def _unknown_env_keys(environ: dict[str, str]) -> list[str]:
+    """Names of RECS_* variables that match no setting (pydantic-settings ignores them otherwise)."""
+    unknown = []
+    for name in environ:
+        if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split(NESTED_DELIMITER)
+        model: type[BaseModel] = Settings
+        for i, part in enumerate(path):
+            field = model.model_fields.get(part)
+            if field is None:
+                unknown.append(name)
+                break
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                model = annotation
+            elif i < len(path) - 1:
+                unknown.append(name)  # a nested key under a plain value
+                break
+    return unknown
+
+
+# Variables with our prefix that are not settings: the CLI and tests read them directly.
+_NOT_SETTINGS = {"RECS_BIN"}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment; raise SettingsError naming each bad key."""
+    unknown = _unknown_env_keys(dict(os.environ))
+    if unknown:
+        raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))} (see `recs config`)")
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{NESTED_DELIMITER.join(str(p).upper() for p in err['loc'])}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
+
+
+def dump_settings(settings: Settings) -> str:
+    """Settings as JSON with API keys hidden."""
+    data = json.loads(settings.model_dump_json())
+    data["api"]["keys"] = [f"***{key[-4:]}: {','.join(scopes)}" for key, scopes in data["api"]["keys"].items()]
+    return json.dumps(data, indent=2, default=str)

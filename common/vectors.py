@@ -1,0 +1,68 @@
+"""User-vector math shared by the speed layer and serving: ALS fold-in and the streaming SGD step.
+
+Conventions (see DESIGN.md, "The lambda merge"): confidence c = 1 + alpha * r for an
+observed item with implicit weight r; lambda is not scaled by the user's count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def gramian(item_factors: np.ndarray) -> np.ndarray:
+    """YᵀY, precomputed once per model version."""
+    y = item_factors.astype(np.float64, copy=False)
+    return y.T @ y
+
+
+def fold_in(
+    item_factors: np.ndarray,
+    yty: np.ndarray,
+    item_indices: Sequence[int],
+    weights: Sequence[float],
+    alpha: float,
+    regularization: float,
+) -> np.ndarray:
+    """Closed-form ALS user vector for the items seen so far.
+
+    x = (YᵀY + Yᵀ(Cᵤ − I)Y + λI)⁻¹ Yᵀ Cᵤ p(u), with Cᵤ = 1 + alpha·r on observed items.
+    Equals implicit's `recalculate_user` when it is fed r + 1/alpha (implicit uses c = alpha·r).
+    """
+    k = item_factors.shape[1]
+    if len(item_indices) == 0:
+        return np.zeros(k, dtype=np.float32)
+    idx = np.asarray(item_indices, dtype=np.int64)
+    r = np.asarray(weights, dtype=np.float64)
+    y = item_factors[idx].astype(np.float64)
+    confidence = 1.0 + alpha * r
+    a = yty + (y.T * (confidence - 1.0)) @ y + regularization * np.eye(k)
+    b = y.T @ confidence
+    return np.linalg.solve(a, b).astype(np.float32)
+
+
+def sgd_step(
+    batch_vector: np.ndarray,
+    delta: np.ndarray,
+    positive: np.ndarray,
+    negatives: np.ndarray,
+    confidence: float,
+    learning_rate: float,
+    l2: float,
+    max_norm: float,
+) -> np.ndarray:
+    """One streaming SGD update of the delta δ for an event on an item with factor `positive`.
+
+    δ ← δ + η·[c·(1 − xᵀyᵢ)·yᵢ − Σⱼ (xᵀyⱼ)·yⱼ − λ·δ], x = x(u) + δ, then ‖δ‖ ≤ max_norm.
+    The L2 term pulls δ toward zero, i.e. the user vector toward the batch one.
+    """
+    x = batch_vector + delta
+    grad = confidence * (1.0 - float(x @ positive)) * positive - l2 * delta
+    if len(negatives):
+        grad -= (negatives @ x) @ negatives
+    updated = delta + learning_rate * grad
+    norm = float(np.linalg.norm(updated))
+    if norm > max_norm:
+        updated *= max_norm / norm
+    return updated.astype(np.float32)

@@ -1,0 +1,1 @@
+"""Batch layer: interactions, ALS training (Spark or implicit), ranker training, evaluation."""

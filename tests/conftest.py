@@ -1,0 +1,58 @@
+"""Shared fixtures: a real redis-server on a free port, a temporary lake and registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from common.lake import Lake
+from common.redis_server import RedisServer, free_port
+from common.registry import Registry
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One private redis-server for the test session (the same code as `recs redis start`)."""
+    server = RedisServer(data_dir=tmp_path_factory.mktemp("redis"), port=free_port(), persist=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client on an emptied database."""
+    if not redis_server.is_running():  # a test may have killed it on purpose
+        redis_server.start()
+    client = redis_server.client()
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> Lake:
+    return Lake(str(tmp_path / "lake"))
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(str(tmp_path / "models"))
+
+
+@pytest.fixture
+def recs_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer) -> Path:
+    """Point every setting at temporary places and the test Redis; returns the var dir."""
+    from common.settings import get_settings
+
+    var = tmp_path / "var"
+    monkeypatch.setenv("RECS_VAR_DIR", str(var))
+    monkeypatch.setenv("RECS_LAKE__ROOT", str(var / "lake"))
+    monkeypatch.setenv("RECS_MODELS__ROOT", str(var / "models"))
+    monkeypatch.setenv("RECS_REDIS__URL", redis_server.url)
+    get_settings.cache_clear()
+    yield var
+    get_settings.cache_clear()

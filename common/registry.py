@@ -97,7 +97,7 @@ class Registry:
             if self.fs.exists(p):
                 files[name] = self._sha256(p)
         manifest = manifest.model_copy(update={"files": files})
-        self._atomic_write(self.path(manifest.version, "manifest.json"), manifest.model_dump_json(indent=2).encode())
+        self.write_bytes(self.path(manifest.version, "manifest.json"), manifest.model_dump_json(indent=2).encode())
 
     def verify(self, version: str) -> None:
         """Raise if an artifact's hash no longer matches its manifest."""
@@ -108,7 +108,7 @@ class Registry:
 
     def reject(self, version: str, reason: str) -> Manifest:
         manifest = self.read_manifest(version).model_copy(update={"status": "rejected", "decision": reason})
-        self._atomic_write(self.path(version, "manifest.json"), manifest.model_dump_json(indent=2).encode())
+        self.write_bytes(self.path(version, "manifest.json"), manifest.model_dump_json(indent=2).encode())
         return manifest
 
     # ------------------------------------------------------------ CURRENT and history
@@ -135,11 +135,11 @@ class Registry:
         previous = self.current()
         if manifest.status != "published":
             manifest = manifest.model_copy(update={"status": "published"})
-            self._atomic_write(self.path(version, "manifest.json"), manifest.model_dump_json(indent=2).encode())
-        self._atomic_write(self.path("CURRENT"), version.encode())
+            self.write_bytes(self.path(version, "manifest.json"), manifest.model_dump_json(indent=2).encode())
+        self.write_bytes(self.path("CURRENT"), version.encode())
         entry = {"version": version, "at": datetime.now(UTC).isoformat(), "kind": kind}
         history = self.history() + [entry]
-        self._atomic_write(self.path("HISTORY.jsonl"), "".join(json.dumps(h) + "\n" for h in history).encode())
+        self.write_bytes(self.path("HISTORY.jsonl"), "".join(json.dumps(h) + "\n" for h in history).encode())
         return ModelEvent(kind=kind, version=version, cutoff=manifest.cutoff, previous=previous)
 
     def rollback(self) -> ModelEvent:
@@ -161,7 +161,8 @@ class Registry:
                 h.update(chunk)
         return h.hexdigest()
 
-    def _atomic_write(self, target: str, data: bytes) -> None:
+    def write_bytes(self, target: str, data: bytes) -> None:
+        """Write a file atomically (temp name, then rename)."""
         directory, name = target.rsplit("/", 1)
         self.fs.makedirs(directory, exist_ok=True)
         tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"

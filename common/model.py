@@ -1,0 +1,140 @@
+"""Model artifacts in memory: what a registry version holds, loaded once (serving, speed layer, replay).
+
+Every ALS engine writes the same files through `save_factors`, and every reader goes through
+`load_model`, so the layers agree on shapes, dtypes and id order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from common import registry as reg
+from common.registry import Manifest, Registry, RegistryError
+from common.vectors import gramian
+
+
+@dataclass
+class ModelArtifacts:
+    version: str
+    manifest: Manifest
+    item_ids: list[str]
+    item_factors: np.ndarray  # float32, items x k
+    user_ids: list[str]
+    user_factors: np.ndarray  # float32, users x k
+    yty: np.ndarray  # float64, k x k
+    ranker: Any | None = None  # lightgbm.Booster when the version has one
+    popularity: pa.Table | None = None  # item_id, count (events in the training window)
+    covisitation: pa.Table | None = None  # item_id, other_id, count
+    item_index: dict[str, int] = field(default_factory=dict)
+    user_index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.item_index = {item: i for i, item in enumerate(self.item_ids)}
+        self.user_index = {user: i for i, user in enumerate(self.user_ids)}
+
+    @property
+    def factors(self) -> int:
+        return int(self.item_factors.shape[1])
+
+    @property
+    def cutoff_s(self) -> float:
+        return self.manifest.cutoff.timestamp()
+
+    def user_vector(self, person_id: str) -> np.ndarray | None:
+        """The batch vector x(u), or None for a person the model has not seen."""
+        i = self.user_index.get(person_id)
+        return None if i is None else self.user_factors[i]
+
+    def item_vector(self, item_id: str) -> np.ndarray | None:
+        i = self.item_index.get(item_id)
+        return None if i is None else self.item_factors[i]
+
+
+def save_factors(
+    registry: Registry,
+    version: str,
+    user_ids: Sequence[str],
+    user_factors: np.ndarray,
+    item_ids: Sequence[str],
+    item_factors: np.ndarray,
+) -> None:
+    """Write the ALS artifacts of a version (the manifest is written separately, last)."""
+    if user_factors.shape[0] != len(user_ids) or item_factors.shape[0] != len(item_ids):
+        raise ValueError("factor rows and id lists differ in length")
+    _write_npy(registry, version, reg.USER_FACTORS, user_factors.astype(np.float32))
+    _write_npy(registry, version, reg.ITEM_FACTORS, item_factors.astype(np.float32))
+    _write_bytes(registry, version, reg.USER_IDS, json.dumps([str(u) for u in user_ids]).encode())
+    _write_bytes(registry, version, reg.ITEM_IDS, json.dumps([str(i) for i in item_ids]).encode())
+
+
+def save_table(registry: Registry, version: str, name: str, table: pa.Table) -> None:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    _write_bytes(registry, version, name, sink.getvalue())
+
+
+def save_ranker(registry: Registry, version: str, booster: Any) -> None:
+    _write_bytes(registry, version, reg.RANKER, booster.model_to_string().encode())
+
+
+def load_model(registry: Registry, version: str | None = None) -> ModelArtifacts:
+    """Load a version (default: CURRENT). Raises RegistryError when there is none."""
+    version = version or registry.current()
+    if version is None:
+        raise RegistryError(f"no model version is active under {registry.root_url}")
+    manifest = registry.read_manifest(version)
+    item_factors = _read_npy(registry, version, reg.ITEM_FACTORS)
+    ranker = None
+    if registry.fs.exists(registry.path(version, reg.RANKER)):
+        import lightgbm  # only when a ranker exists: keeps light readers light
+
+        ranker = lightgbm.Booster(model_str=_read_bytes(registry, version, reg.RANKER).decode())
+    return ModelArtifacts(
+        version=version,
+        manifest=manifest,
+        item_ids=json.loads(_read_bytes(registry, version, reg.ITEM_IDS)),
+        item_factors=item_factors,
+        user_ids=json.loads(_read_bytes(registry, version, reg.USER_IDS)),
+        user_factors=_read_npy(registry, version, reg.USER_FACTORS),
+        yty=gramian(item_factors),
+        ranker=ranker,
+        popularity=_read_table(registry, version, reg.POPULARITY),
+        covisitation=_read_table(registry, version, reg.COVISITATION),
+    )
+
+
+def _write_bytes(registry: Registry, version: str, name: str, data: bytes) -> None:
+    registry.write_bytes(registry.path(version, name), data)
+
+
+def _read_bytes(registry: Registry, version: str, name: str) -> bytes:
+    path = registry.path(version, name)
+    if not registry.fs.exists(path):
+        raise RegistryError(f"model {version} has no {name}")
+    with registry.fs.open(path, "rb") as f:
+        return bytes(f.read())
+
+
+def _write_npy(registry: Registry, version: str, name: str, array: np.ndarray) -> None:
+    sink = io.BytesIO()
+    np.save(sink, array, allow_pickle=False)
+    _write_bytes(registry, version, name, sink.getvalue())
+
+
+def _read_npy(registry: Registry, version: str, name: str) -> np.ndarray:
+    return np.load(io.BytesIO(_read_bytes(registry, version, name)), allow_pickle=False)
+
+
+def _read_table(registry: Registry, version: str, name: str) -> pa.Table | None:
+    path = registry.path(version, name)
+    if not registry.fs.exists(path):
+        return None
+    return pq.read_table(io.BytesIO(_read_bytes(registry, version, name)))

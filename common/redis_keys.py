@@ -97,6 +97,11 @@ def trending_bucket(bucket_start_s: int) -> str:
     return f"{PREFIX}:trend:{bucket_start_s}"
 
 
+def popularity_day(day_index: int) -> str:
+    """Sorted set item -> event count on one UTC day (features.day_index); kept 8 days."""
+    return f"{PREFIX}:pop:{day_index}"
+
+
 def category_bestsellers(category: str) -> str:
     """Sorted set item -> decayed purchase (and cart) weight within a category."""
     return f"{PREFIX}:catbest:{category}"

@@ -1,0 +1,80 @@
+"""Candidate generators shared by serving and ranker training, so the ranker learns on what it will rank.
+
+Each generator is a pure function over data its caller gathered (serving from Redis and the
+model, training point-in-time from the lake) and returns (item_id, score) pairs, best first.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+Scored = list[tuple[str, float]]
+
+
+def als_top_n(
+    user_vector: np.ndarray,
+    item_factors: np.ndarray,
+    item_ids: Sequence[str],
+    n: int,
+) -> Scored:
+    """Top-n items by dot product (brute force: fine up to a few hundred thousand items)."""
+    if n <= 0 or len(item_ids) == 0:
+        return []
+    scores = item_factors @ user_vector
+    n = min(n, len(scores))
+    top = np.argpartition(-scores, n - 1)[:n]
+    top = top[np.argsort(-scores[top], kind="stable")]
+    return [(item_ids[i], float(scores[i])) for i in top]
+
+
+def covisited(
+    session_items: Mapping[str, float],
+    covisitation: Mapping[str, Mapping[str, float]],
+    n: int,
+) -> Scored:
+    """Items co-visited with the session's items, summed, the most recent session item weighted most."""
+    if not session_items or n <= 0:
+        return []
+    # Rank session items by recency: the last one weighs 1, the one before 1/2, ...
+    ordered = sorted(session_items.items(), key=lambda kv: kv[1], reverse=True)
+    totals: dict[str, float] = defaultdict(float)
+    for rank, (item, _) in enumerate(ordered):
+        weight = 1.0 / (rank + 1)
+        for other, count in covisitation.get(item, {}).items():
+            totals[other] += weight * count
+    return top_scored(totals, n)
+
+
+def category_best(
+    affinity: Mapping[str, float],
+    bestsellers: Mapping[str, Mapping[str, float]],
+    n: int,
+) -> Scored:
+    """Bestsellers of the person's preferred categories, shared out by affinity (cold start)."""
+    total = sum(v for v in affinity.values() if v > 0)
+    if total <= 0 or n <= 0:
+        return []
+    scores: dict[str, float] = {}
+    for category, weight in affinity.items():
+        if weight <= 0:
+            continue
+        for item, count in bestsellers.get(category, {}).items():
+            scores[item] = max(scores.get(item, 0.0), weight / total * count)
+    return top_scored(scores, n)
+
+
+def top_scored(scores: Mapping[str, float], n: int) -> Scored:
+    """The n highest (item, score) pairs; ties broken by item id so results are deterministic."""
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+def merge_sources(lists: Mapping[str, Iterable[tuple[str, float]]]) -> dict[str, set[str]]:
+    """item -> the sources that proposed it, in first-seen order of `lists`."""
+    merged: dict[str, set[str]] = {}
+    for source, pairs in lists.items():
+        for item, _ in pairs:
+            merged.setdefault(item, set()).add(source)
+    return merged

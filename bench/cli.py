@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+
+bench_app = typer.Typer(help="Benchmarks; each prints one JSON object.", no_args_is_help=True)
+
+
+@bench_app.command("warehouse")
+def warehouse(
+    lake: Path = typer.Option(..., "--lake", help="Lake root to benchmark (a generated or imported lake)."),
+    repeat: int = typer.Option(3, min=1, help="Timed runs per query; the best is reported."),
+    as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
+) -> None:
+    """Time the warehouse's daily_kpis and funnel views over a whole lake."""
+    from bench.warehouse import run_warehouse_bench
+
+    result = run_warehouse_bench(lake, repeat=repeat)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
 def register(app: typer.Typer) -> None:
     """Add this layer's commands to `recs`."""
+    app.add_typer(bench_app, name="bench")

@@ -35,7 +35,8 @@ def dead_letter(name: str = "events") -> str:
 
 
 def seen_event(person_id: str, event_id: str) -> str:
-    """Dedup marker: the event's effects on this person were applied (with a TTL)."""
+    """Dedup marker (hash, TTL speed.dedup_ttl_s): field `_` = the version-free effects were applied,
+    field `<model_version>` = the event is in that version's delta. Written atomically with the effects."""
     return f"{_person(person_id)}:seen:{event_id}"
 
 
@@ -60,12 +61,15 @@ def session_counts(person_id: str, session_id: str) -> str:
 
 
 def person_sessions(person_id: str) -> str:
-    """Set of the person's live session ids (for identify-merge and erasure)."""
+    """Sorted set session_id -> last activity (epoch s): live sessions, for identify-merge and the reader."""
     return f"{_person(person_id)}:sessions"
 
 
 def person_items(person_id: str) -> str:
-    """Hash item -> accumulated implicit weight since the cutoff; input to the fold-in."""
+    """Hash item -> accumulated implicit weight (features.implicit_weight); input to the fold-in.
+
+    Version-free (kept speed.history_ttl_s): a person without a batch vector in whichever version
+    serves is folded in from everything they engaged with."""
     return f"{_person(person_id)}:items"
 
 
@@ -75,17 +79,17 @@ def person_purchases(person_id: str) -> str:
 
 
 def user_delta(person_id: str, model_version: str) -> str:
-    """float32 bytes: the streaming SGD delta to the batch vector of `model_version`."""
+    """float32 bytes (k little-endian floats): the streaming SGD delta to the batch vector of `model_version`."""
     return f"{_person(person_id)}:delta:{model_version}"
 
 
 def user_event_count(person_id: str, model_version: str) -> str:
-    """How many events the delta of this version holds (for explanations and tests)."""
+    """Integer: how many events the delta of this version holds; also its compare-and-set version."""
     return f"{_person(person_id)}:delta:{model_version}:n"
 
 
 def alias(anonymous_id: str) -> str:
-    """anonymous_id -> user_id once the device has logged in (identify)."""
+    """String user_id once the device has logged in (identify); kept speed.history_ttl_s."""
     return f"{PREFIX}:alias:{anonymous_id}"
 
 
@@ -93,27 +97,33 @@ def alias(anonymous_id: str) -> str:
 
 
 def trending_bucket(bucket_start_s: int) -> str:
-    """Sorted set item -> weighted count in one time bucket."""
+    """Sorted set item -> implicit-weighted count in one bucket of speed.trending_bucket_s, keyed by its start
+    (event time); expires when it leaves speed.trending_window_s."""
     return f"{PREFIX}:trend:{bucket_start_s}"
 
 
 def popularity_day(day_index: int) -> str:
-    """Sorted set item -> event count on one UTC day (features.day_index); kept 8 days."""
+    """Sorted set item -> count of item events (events.ITEM_EVENTS) by event time `ts` on one UTC day
+    (features.day_index); kept 8 days."""
     return f"{PREFIX}:pop:{day_index}"
 
 
 def category_bestsellers(category: str) -> str:
-    """Sorted set item -> decayed purchase (and cart) weight within a category."""
+    """Sorted set item -> purchase (and cart) weight within a category, forward-decayed: each event adds
+    w·2^((ts − 2024-01-01)/speed.bestsellers_half_life_s) (speed_state.forward_decay), so scores
+    compare directly at any moment; trimmed to speed.bestsellers_top_n."""
     return f"{PREFIX}:catbest:{category}"
 
 
 def covisitation(item_id: str) -> str:
-    """Sorted set other item -> co-visit count within sessions, trimmed to the top N."""
+    """Sorted set other item -> co-visit count within sessions (a pair counts when an item first enters
+    a session's recent items); trimmed to speed.covis_top_n once it holds twice as many."""
     return f"{PREFIX}:covis:{item_id}"
 
 
 def item_state(item_id: str) -> str:
-    """Hash of the live item fields that change at once: price, in_stock, promoted, category."""
+    """Hash of the live item fields that change at once (catalog_state.apply_item_updates): price,
+    in_stock ("1"/"0"), promoted ("1"/"0"), category, title, brand."""
     return f"{PREFIX}:item:{item_id}"
 
 
@@ -123,7 +133,15 @@ PROMOTED = f"{PREFIX}:items:promoted"  # set of item ids
 # ---------------------------------------------------------------- speed layer bookkeeping
 
 SPEED_VERSION = f"{PREFIX}:speed:version"  # model version whose deltas the speed layer now serves
+SPEED_PENDING_VERSION = f"{PREFIX}:speed:pending"  # version being rebuilt: consumers write its deltas too
+TRENDING_TOP = f"{PREFIX}:trend:top"  # sorted set item -> decayed sum of the window's buckets, re-summed often
+TRENDING_REFRESH_LOCK = f"{PREFIX}:trend:lock"  # SET NX PX: one consumer re-sums the buckets at a time
 SPEED_HEARTBEAT = f"{PREFIX}:speed:heartbeat"  # hash consumer -> last beat (epoch ms)
+
+
+def speed_rebuild_lock(model_version: str) -> str:
+    """SET NX with a TTL: the one consumer that replays the events after the version's cutoff."""
+    return f"{PREFIX}:speed:rebuilding:{model_version}"
 
 
 def speed_rebuild_marker(model_version: str) -> str:

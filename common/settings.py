@@ -127,7 +127,16 @@ class SpeedSettings(Section):
     trending_bucket_s: int = Field(300, ge=10)
     trending_half_life_s: int = Field(3600, ge=60)
     trending_window_s: int = Field(6 * 3600, ge=60)
-    covis_top_n: int = Field(50, ge=1)
+    covis_top_n: int = Field(50, ge=1, description="Co-visits kept per item (trimmed when twice as many).")
+    affinity_half_life_s: int = Field(900, ge=10, description="Half-life of a session's category affinity.")
+    history_ttl_s: int = Field(30 * 86400, ge=3600, description="TTL of person_items, purchases and aliases.")
+    purchases_kept: int = Field(50, ge=1)
+    bestsellers_half_life_s: int = Field(7 * 86400, ge=3600)
+    bestsellers_top_n: int = Field(200, ge=1, description="Items kept per category (trimmed when twice as many).")
+    trending_top_n: int = Field(500, ge=1, description="Size of the materialised trending list.")
+    trending_refresh_s: float = Field(5.0, gt=0, description="How often one consumer re-sums the trending buckets.")
+    claim_interval_s: float = Field(5.0, gt=0, description="How often a consumer looks for idle pending entries.")
+    conflict_retries: int = Field(5, ge=1, description="Re-reads of a person's delta after a concurrent write.")
 
 
 class ExperimentSettings(Section):

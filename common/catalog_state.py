@@ -1,0 +1,93 @@
+"""Live item state in Redis (stock, price, promotion, category): written by the API's catalog updates.
+
+Changes take effect at once: serving reads the OUT_OF_STOCK and PROMOTED sets per request, and the
+speed layer reads an item's category for session affinity and bestsellers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import redis
+
+from common import redis_keys
+from common.catalog import Item, ItemUpdate
+
+
+def apply_item_updates(client: redis.Redis, updates: Sequence[ItemUpdate]) -> int:
+    """Write partial item changes in one pipeline and announce them; returns how many were applied."""
+    pipe = client.pipeline(transaction=True)  # readers never see the hash and the sets disagree
+    for update in updates:
+        _queue_fields(pipe, update.item_id, _fields_of_update(update))
+    for update in updates:
+        pipe.publish(redis_keys.CATALOG_CHANNEL, update.model_dump_json(exclude_none=True))
+    pipe.execute()
+    return len(updates)
+
+
+def load_items(client: redis.Redis, items: Iterable[Item], chunk: int = 5000) -> int:
+    """Seed the live state from full catalog records (a snapshot import); returns how many were written."""
+    written = 0
+    pipe = client.pipeline(transaction=False)
+    for item in items:
+        fields = _fields_of_update(
+            ItemUpdate(
+                item_id=item.item_id,
+                price=item.price,
+                in_stock=item.in_stock,
+                promoted=item.promoted,
+                title=item.title,
+                brand=item.brand,
+            )
+        )
+        fields["category"] = item.category
+        _queue_fields(pipe, item.item_id, fields)
+        written += 1
+        if written % chunk == 0:
+            pipe.execute()
+    pipe.execute()
+    return written
+
+
+def item_categories(client: redis.Redis, item_ids: Sequence[str]) -> dict[str, str]:
+    """item -> category for the items whose live state names one."""
+    pipe = client.pipeline(transaction=False)
+    for item_id in item_ids:
+        pipe.hget(redis_keys.item_state(item_id), "category")
+    out = {}
+    for item_id, category in zip(item_ids, pipe.execute(), strict=True):
+        if category:
+            out[item_id] = category.decode() if isinstance(category, bytes) else str(category)
+    return out
+
+
+def _fields_of_update(update: ItemUpdate) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    if update.price is not None:
+        fields["price"] = repr(float(update.price))
+    if update.in_stock is not None:
+        fields["in_stock"] = "1" if update.in_stock else "0"
+    if update.promoted is not None:
+        fields["promoted"] = "1" if update.promoted else "0"
+    if update.title is not None:
+        fields["title"] = update.title
+    if update.brand is not None:
+        fields["brand"] = update.brand
+    if update.category_path:
+        fields["category"] = update.category_path[-1]
+    return fields
+
+
+def _queue_fields(pipe: redis.client.Pipeline, item_id: str, fields: dict[str, str]) -> None:
+    if fields:
+        pipe.hset(redis_keys.item_state(item_id), mapping=fields)  # type: ignore[arg-type]
+    if "in_stock" in fields:
+        if fields["in_stock"] == "1":
+            pipe.srem(redis_keys.OUT_OF_STOCK, item_id)
+        else:
+            pipe.sadd(redis_keys.OUT_OF_STOCK, item_id)
+    if "promoted" in fields:
+        if fields["promoted"] == "1":
+            pipe.sadd(redis_keys.PROMOTED, item_id)
+        else:
+            pipe.srem(redis_keys.PROMOTED, item_id)

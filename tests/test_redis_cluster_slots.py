@@ -1,0 +1,195 @@
+"""All Redis keys of one person hash to one Redis Cluster slot, so the same code runs on a cluster.
+
+The slot is computed as Redis does (CRC16/XMODEM of the hash tag, mod 16384), checked against
+redis-py's implementation, and then confirmed by a real redis-server started in cluster mode:
+its own CLUSTER KEYSLOT, and a multi-key command that a cluster refuses across slots.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.crc import key_slot as redis_py_key_slot
+
+from common import redis_keys
+from common.redis_server import free_port
+
+SLOTS = 16384
+
+# Odd ids on purpose: a brace, a colon, unicode and the empty string must not split a person's keys.
+PEOPLE = ["u42", "anon-7f3c9e", "user:with:colons", "a}b", "{x}", "ünïcode", "", "0" * 64]
+# Values for the non-person parameters of key functions; the slot must not depend on them.
+OTHER_ARGS = {
+    "session_id": ["s1", "sess-{9}"],
+    "event_id": ["e1", "ev:2"],
+    "model_version": ["v1", "20250101T000000"],
+}
+
+
+def crc16_xmodem(data: bytes) -> int:
+    """CRC16-CCITT (XMODEM): polynomial 0x1021, initial value 0, as in Redis' crc16.c."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def key_slot(key: str) -> int:
+    """Redis Cluster's HASH_SLOT: hash only the part between the first `{` and the next `}` if non-empty."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start != -1:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1 : end]
+    return crc16_xmodem(raw) % SLOTS
+
+
+def person_key_functions() -> list[tuple[str, Callable[..., str]]]:
+    """Every public function of common.redis_keys that builds a key for one person."""
+    found = []
+    for name, fn in inspect.getmembers(redis_keys, inspect.isfunction):
+        if name.startswith("_") or fn.__module__ != redis_keys.__name__:
+            continue
+        if "person_id" in inspect.signature(fn).parameters:
+            found.append((name, fn))
+    return found
+
+
+def keys_of(person: str) -> dict[str, str]:
+    """name -> key for every per-person key function, with each other parameter varied."""
+    keys = {}
+    for name, fn in person_key_functions():
+        others = [p for p in inspect.signature(fn).parameters if p != "person_id"]
+        missing = [p for p in others if p not in OTHER_ARGS]
+        assert not missing, f"{name}: add sample values for {missing} to OTHER_ARGS"
+        for variant in range(2):
+            kwargs = {p: OTHER_ARGS[p][variant] for p in others}
+            keys[f"{name}#{variant}"] = fn(person_id=person, **kwargs)
+    return keys
+
+
+def test_crc16_matches_redis_reference_values():
+    # Reference values: the CRC16/XMODEM check value, and slots from the Redis Cluster spec and docs.
+    assert crc16_xmodem(b"123456789") == 0x31C3
+    assert key_slot("foo") == 12182
+    assert key_slot("{user1000}.following") == key_slot("{user1000}.followers")
+    assert key_slot("foo{}{bar}") == crc16_xmodem(b"foo{}{bar}") % SLOTS  # empty tag: whole key hashed
+    assert key_slot("foo{{bar}}zap") == crc16_xmodem(b"{bar") % SLOTS
+    for key in ["", "a", "lr:{u:1}:items", "{}", "x{y}z", "ünï{cödé}"]:
+        assert key_slot(key) == redis_py_key_slot(key.encode())
+
+
+def test_the_module_has_per_person_keys_to_check():
+    # Guards against a vacuous pass if the key functions are renamed away from `person_id`.
+    names = {name for name, _ in person_key_functions()}
+    assert {"session_recent", "person_items", "user_delta", "seen_event"} <= names
+    assert len(names) >= 8
+
+
+@pytest.mark.parametrize("person", PEOPLE)
+def test_all_keys_of_one_person_share_one_slot(person: str):
+    keys = keys_of(person)
+    slots = {name: key_slot(key) for name, key in keys.items()}
+    assert len(set(slots.values())) == 1, f"keys of {person!r} spread over slots: {slots}"
+    for key in keys.values():
+        assert f"{{u:{person}}}" in key, f"{key!r} lacks the person's hash tag"
+
+
+def test_different_people_spread_over_slots():
+    # The tag must carry the person id, not a constant: otherwise every user lands on one node.
+    slots = {key_slot(redis_keys.person_items(f"user-{i}")) for i in range(1000)}
+    assert len(slots) > 900
+
+
+# ---------------------------------------------------------------- a real redis-server in cluster mode
+
+
+def _start_cluster_node(binary: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], redis.Redis]:
+    """Start redis-server in cluster mode on a free port; retry on a new port if one is taken meanwhile."""
+    for attempt in range(3):
+        port = free_port()
+        node_dir = data_dir / f"try{attempt}"
+        node_dir.mkdir()
+        # Not daemonized, so the fixture owns the process and ends exactly it.
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port", str(port),
+                "--bind", "127.0.0.1",
+                "--dir", str(node_dir),
+                "--logfile", str(node_dir / "redis.log"),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--save", "",
+                "--appendonly", "no",
+            ],
+        )  # fmt: skip
+        client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                client.ping()
+                return proc, client
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        client.close()
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+    log = (node_dir / "redis.log").read_text(errors="replace")[-2000:]
+    pytest.fail(f"redis-server in cluster mode did not start:\n{log}")
+
+
+@pytest.fixture(scope="module")
+def cluster_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    """A one-node Redis Cluster owning all 16384 slots, so cross-slot rules are enforced for real."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    proc, client = _start_cluster_node(binary, tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, SLOTS - 1)
+        deadline = time.monotonic() + 30
+        while "cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+            if time.monotonic() > deadline:
+                pytest.fail("the one-node cluster never reached cluster_state:ok")
+            time.sleep(0.05)
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("person", PEOPLE)
+def test_redis_cluster_keyslot_agrees(cluster_node: redis.Redis, person: str):
+    for name, key in keys_of(person).items():
+        assert cluster_node.execute_command("CLUSTER", "KEYSLOT", key) == key_slot(key), name
+
+
+def test_cluster_accepts_multi_key_commands_on_one_person(cluster_node: redis.Redis):
+    # What the speed layer relies on: one MULTI/Lua step may touch all of a person's keys.
+    keys = list(keys_of("u42").values())
+    assert cluster_node.exists(*keys) == 0
+    script = "for i, k in ipairs(KEYS) do redis.call('SET', k, i) end return #KEYS"
+    assert cluster_node.eval(script, len(keys), *keys) == len(keys)
+    assert cluster_node.exists(*keys) == len(keys)
+
+
+def test_cluster_refuses_multi_key_commands_across_people(cluster_node: redis.Redis):
+    # The control: the check above is meaningful only because the node enforces slots.
+    one, other = redis_keys.person_items("u42"), redis_keys.person_items("u43")
+    assert key_slot(one) != key_slot(other)
+    with pytest.raises(redis.ResponseError, match="same slot"):
+        cluster_node.exists(one, other)

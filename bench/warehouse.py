@@ -13,6 +13,7 @@ TIMED_VIEWS = ("daily_kpis", "funnel")
 def run_warehouse_bench(lake: Path, repeat: int = 3) -> dict[str, Any]:
     """Build a throwaway warehouse over `lake` and time a full read of each timed view."""
     import duckdb
+
     from warehouse.build import build_warehouse
 
     with tempfile.TemporaryDirectory(prefix="recs-bench-wh-") as tmp:

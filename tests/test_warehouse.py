@@ -163,9 +163,13 @@ def rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
+def pick(row: dict[str, Any], *names: str) -> tuple[Any, ...]:
+    return tuple(row[name] for name in names)
+
+
 def test_events_view_flattens_context_and_resolves_person(con: duckdb.DuckDBPyConnection) -> None:
     assert con.execute("SELECT count(*) FROM events").fetchone()[0] == len(EVENTS)
-    bob = rows(con, "SELECT person_id, device, country, dt FROM events WHERE anonymous_id = 'a_bob' LIMIT 1")[0]
+    bob = rows(con, "SELECT person_id, device, country, dt FROM events WHERE anonymous_id = 'a_bob'")[0]
     assert bob == {"person_id": "a_bob", "device": "desktop", "country": "FR", "dt": D1}
     assert con.execute("SELECT DISTINCT person_id FROM events WHERE anonymous_id = 'a_alice'").fetchall() == [
         ("u_alice",)
@@ -205,7 +209,7 @@ def test_daily_kpis(con: duckdb.DuckDBPyConnection) -> None:
     kpis = {r["day"]: r for r in rows(con, "SELECT * FROM daily_kpis")}
     assert list(kpis) == [OLD_DAY, D1, D2, D3]
     d1 = kpis[D1]
-    assert (d1["active_users"], d1["sessions"], d1["views"], d1["add_to_carts"], d1["purchases"]) == (2, 3, 4, 2, 2)
+    assert pick(d1, "active_users", "sessions", "views", "add_to_carts", "purchases") == (2, 3, 4, 2, 2)
     assert d1["orders"] == 2
     assert d1["add_to_cart_rate"] == pytest.approx(2 / 3)
     assert d1["conversion_rate"] == pytest.approx(2 / 3)
@@ -216,8 +220,8 @@ def test_daily_kpis(con: duckdb.DuckDBPyConnection) -> None:
     assert d2["add_to_cart_rate"] == pytest.approx(2 / 3)
     assert d2["conversion_rate"] == pytest.approx(1 / 3)
     assert (d2["revenue"], d2["aov"]) == (pytest.approx(10.0), pytest.approx(10.0))
-    assert (kpis[D3]["conversion_rate"], kpis[D3]["revenue"], kpis[D3]["aov"]) == (1.0, 5.0, 5.0)
-    assert (kpis[OLD_DAY]["conversion_rate"], kpis[OLD_DAY]["revenue"], kpis[OLD_DAY]["aov"]) == (0.0, 0.0, None)
+    assert pick(kpis[D3], "conversion_rate", "revenue", "aov") == (1.0, 5.0, 5.0)
+    assert pick(kpis[OLD_DAY], "conversion_rate", "revenue", "aov") == (0.0, 0.0, None)
 
 
 def test_funnel_by_day_device_country(con: duckdb.DuckDBPyConnection) -> None:
@@ -241,11 +245,11 @@ def test_funnel_by_day_device_country(con: duckdb.DuckDBPyConnection) -> None:
 def test_item_stats(con: duckdb.DuckDBPyConnection) -> None:
     stats = {r["item_id"]: r for r in rows(con, "SELECT * FROM item_stats")}
     i1, i2 = stats["i1"], stats["i2"]
-    assert (i1["title"], i1["views"], i1["add_to_carts"], i1["purchases"], i1["revenue"]) == ("Socks", 3, 1, 1, 5.0)
+    assert pick(i1, "title", "views", "add_to_carts", "purchases", "revenue") == ("Socks", 3, 1, 1, 5.0)
     assert i1["conversion"] == pytest.approx(1 / 3)
     # Newest event: D3 09:32. Dave's old view falls in the 7 days before the last 7: 2 vs 1 views.
     assert (i1["views_last_7d"], i1["views_prior_7d"], i1["trend"]) == (2, 1, pytest.approx(1.0))
-    assert (i2["views"], i2["purchases"], i2["units"], i2["revenue"], i2["conversion"]) == (2, 2, 3, 30.0, 1.0)
+    assert pick(i2, "views", "purchases", "units", "revenue", "conversion") == (2, 2, 3, 30.0, 1.0)
     assert i2["trend"] is None
     assert stats["i9"]["title"] is None and stats["i9"]["views"] == 0
 
@@ -287,9 +291,10 @@ def test_recommendation_performance(con: duckdb.DuckDBPyConnection) -> None:
     # Position 2 on D2 in the ranker: r3's i2 (no click) and r5's i1 (clicked, carted).
     assert (row["model_version"], row["impressions"], row["clicks"], row["ctr"]) == ("v2", 2, 1, 0.5)
     assert row["attributed_add_to_carts"] == 1
-    assert rows(con, "SELECT DISTINCT model_version FROM recommendation_performance WHERE variant = 'popular'") == [
-        {"model_version": "none"}
-    ]
+    popular_versions = (
+        "SELECT DISTINCT model_version FROM recommendation_performance WHERE variant = 'popular'"
+    )
+    assert rows(con, popular_versions) == [{"model_version": "none"}]
 
 
 def test_model_runs(con: duckdb.DuckDBPyConnection) -> None:
@@ -320,9 +325,9 @@ def test_experiment_results_against_reference(con: duckdb.DuckDBPyConnection) ->
     results = {r["variant"]: r for r in rows(con, "SELECT * FROM experiment_results")}
     ranker, popular = results["ranker"], results["popular"]
     # ranker: lists r1 r3 r5 r6, clicked r1 r3 r5; users Alice (bought via r1, r5) and Carol.
-    assert (ranker["lists"], ranker["clicked_lists"], ranker["users"], ranker["converted_users"]) == (4, 3, 2, 1)
+    assert pick(ranker, "lists", "clicked_lists", "users", "converted_users") == (4, 3, 2, 1)
     # popular (control): lists r2 r4 r7, clicked r2; users Bob (bought via r2) and Dave.
-    assert (popular["lists"], popular["clicked_lists"], popular["users"], popular["converted_users"]) == (3, 1, 2, 1)
+    assert pick(popular, "lists", "clicked_lists", "users", "converted_users") == (3, 1, 2, 1)
     assert popular["is_control"] and not ranker["is_control"]
     for row, (k, n), (ku, nu) in ((ranker, (3, 4), (1, 2)), (popular, (1, 3), (1, 2))):
         assert row["ctr"] == pytest.approx(k / n)

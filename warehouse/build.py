@@ -55,7 +55,9 @@ class ParquetSource:
 LAKE_SOURCES = (
     ParquetSource("lake_events", (EVENTS, "dt=*", "*.parquet"), "dt", "DATE", EVENT_SCHEMA),
     ParquetSource("lake_impressions", (IMPRESSIONS, "dt=*", "*.parquet"), "dt", "DATE", IMPRESSION_SCHEMA),
-    ParquetSource("lake_catalog", (CATALOG, "snapshot=*", "items.parquet"), "snapshot", "VARCHAR", CATALOG_SCHEMA),
+    ParquetSource(
+        "lake_catalog", (CATALOG, "snapshot=*", "items.parquet"), "snapshot", "VARCHAR", CATALOG_SCHEMA
+    ),
 )
 
 
@@ -73,7 +75,9 @@ def refresh_warehouse(settings: Settings) -> Path:
     )
 
 
-def build_warehouse(db_path: Path, lake_root: str, models_root: str, control_variant: str = "popular") -> Path:
+def build_warehouse(
+    db_path: Path, lake_root: str, models_root: str, control_variant: str = "popular"
+) -> Path:
     """Write a fresh warehouse file, then swap it in, so open readers keep a consistent old copy."""
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,52 @@
+"""Serving's follow-up read for one request, after `speed_state.read_speed_state`: what depends on its answers.
+
+The category bestsellers of the session's preferred categories (known only once the session's
+affinity is read) and the per-day popularity counts of the final candidates (known only once the
+candidates are merged). Each call is one pipeline; a call with nothing to read costs no round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import redis
+
+from common import redis_keys
+from common.features import POP_DAYS, day_index
+from common.speed_state import forward_decay
+
+
+def read_bestsellers(
+    client: redis.Redis, categories: Sequence[str], now_s: float, n: int, half_life_s: float
+) -> dict[str, dict[str, float]]:
+    """category -> item -> bestseller weight decayed to `now_s` (speed_state's scale)."""
+    if not categories or n <= 0:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for category in categories:
+        pipe.zrevrange(redis_keys.category_bestsellers(category), 0, n - 1, withscores=True)
+    scale = 1.0 / forward_decay(now_s, half_life_s)
+    return {
+        category: {_text(m): float(s) * scale for m, s in reply}
+        for category, reply in zip(categories, pipe.execute(), strict=True)
+    }
+
+
+def read_day_counts(client: redis.Redis, item_ids: Sequence[str], now_s: float) -> np.ndarray:
+    """len(item_ids) x POP_DAYS item-event counts per UTC day up to `now_s`'s day, oldest first."""
+    counts = np.zeros((len(item_ids), POP_DAYS), dtype=np.float64)
+    if not item_ids:
+        return counts
+    pipe = client.pipeline(transaction=False)
+    first = day_index(now_s) - POP_DAYS + 1
+    items = list(item_ids)
+    for j in range(POP_DAYS):
+        pipe.zmscore(redis_keys.popularity_day(first + j), items)
+    for j, reply in enumerate(pipe.execute()):
+        counts[:, j] = [float(v) if v is not None else 0.0 for v in reply]
+    return counts
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

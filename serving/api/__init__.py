@@ -1,0 +1,1 @@
+"""HTTP surface of the serving layer: dependencies and one router per resource."""

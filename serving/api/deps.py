@@ -1,0 +1,44 @@
+"""Typed dependencies for route handlers: settings, the serving state, and scope checks."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from common.settings import Scope, Settings, get_settings
+from serving.core.auth import check_scope, key_from_headers
+from serving.core.state import ServingState
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key from RECS_API__KEYS.")
+_bearer = HTTPBearer(auto_error=False, description="The same API key as a bearer token.")
+
+
+def get_state(request: Request) -> ServingState:
+    state: ServingState = request.app.state.serving
+    return state
+
+
+StateDep = Annotated[ServingState, Depends(get_state)]
+
+
+def require(scope: Scope) -> object:
+    """A dependency that lets the request through only with a key holding `scope` (or with auth off)."""
+
+    def dependency(
+        settings: SettingsDep,
+        x_api_key: Annotated[str | None, Security(_api_key)] = None,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+    ) -> None:
+        presented = key_from_headers(x_api_key, f"Bearer {bearer.credentials}" if bearer else None)
+        check_scope(settings, presented, scope)
+
+    return Depends(dependency)
+
+
+EventsWrite = require("events:write")
+RecsRead = require("recs:read")
+Admin = require("admin")

@@ -1,0 +1,1 @@
+"""One APIRouter per resource; `serving.main` mounts them all."""

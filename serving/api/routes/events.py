@@ -1,0 +1,101 @@
+"""Event ingestion: validate with the shared schema, append to the stream, report per event."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import redis
+from fastapi import APIRouter, Body
+from fastapi.responses import JSONResponse
+
+from common.events import validate_events
+from common.stream import append_events
+from serving.api.deps import EventsWrite, StateDep
+from serving.core import metrics
+from serving.core.errors import ERROR_RESPONSES, ApiError, ErrorBody
+from serving.schemas import EVENT_EXAMPLES, EventResult, EventsResponse
+
+router = APIRouter(prefix="/v1/events", tags=["events"])
+
+RETRY_AFTER_S = "5"
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Send one event or a batch",
+    description=(
+        "The body is one event or a JSON array of events (the `Event` contract of `common/events.py`). "
+        "Good events are appended to the stream even when others in the batch are rejected; then the answer "
+        "is 422 and `results` names each bad event's fields. 503 with Retry-After when the speed layer lags "
+        "more than `api.max_stream_lag` entries behind, or Redis is unreachable."
+    ),
+    response_model=EventsResponse,
+    dependencies=[EventsWrite],
+    responses={
+        **ERROR_RESPONSES,
+        413: {"model": ErrorBody, "description": "More events than `api.max_batch`."},
+        422: {"model": EventsResponse, "description": "Some events were rejected; the good ones were kept."},
+        503: {"model": ErrorBody, "description": "Backpressure or Redis down; retry after the header's seconds."},
+    },
+)
+def post_events(
+    state: StateDep,
+    payload: Annotated[dict[str, Any] | list[Any], Body(openapi_examples=EVENT_EXAMPLES)],
+) -> JSONResponse:
+    payloads = payload if isinstance(payload, list) else [payload]
+    max_batch = state.settings.api.max_batch
+    if not payloads:
+        raise ApiError(422, "empty_batch", "the batch holds no events", errors=[{"field": "body", "reason": "empty"}])
+    if len(payloads) > max_batch:
+        raise ApiError(413, "batch_too_large", f"a batch holds at most {max_batch} events, got {len(payloads)}")
+    _refuse_under_backpressure(state)
+
+    accepted, rejected = validate_events(payloads)
+    stamped = [event.received() for event in accepted]
+    try:
+        stream_ids = append_events(
+            state.redis.client, stamped, state.settings.redis.stream, state.settings.redis.stream_maxlen
+        ) if stamped else []
+    except redis.RedisError as exc:
+        state.redis.failed(exc)
+        raise _unavailable() from None
+
+    results: list[EventResult] = []
+    accepted_iter = iter(zip(stamped, stream_ids, strict=True))
+    rejected_by_index = {err.index: err for err in rejected}
+    for index in range(len(payloads)):
+        if index in rejected_by_index:
+            err = rejected_by_index[index]
+            results.append(EventResult(index=index, event_id=err.event_id, status="rejected", errors=err.errors))
+        else:
+            event, stream_id = next(accepted_iter)
+            results.append(EventResult(index=index, event_id=event.event_id, status="accepted", stream_id=stream_id))
+    metrics.EVENTS.labels(outcome="accepted").inc(len(stamped))
+    metrics.EVENTS.labels(outcome="rejected").inc(len(rejected))
+    body = EventsResponse(accepted=len(stamped), rejected=len(rejected), results=results)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=422 if rejected else 202)
+
+
+def _refuse_under_backpressure(state: StateDep) -> None:
+    try:
+        lag = state.stream_lag.read(state)
+    except redis.RedisError as exc:
+        state.redis.failed(exc)
+        raise _unavailable() from None
+    limit = state.settings.api.max_stream_lag
+    if lag > limit:
+        metrics.EVENTS.labels(outcome="refused_backpressure").inc()
+        raise ApiError(
+            503,
+            "backpressure",
+            f"the speed layer is {lag} events behind (limit {limit}); retry later",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+
+
+def _unavailable() -> ApiError:
+    metrics.EVENTS.labels(outcome="refused_redis_down").inc()
+    return ApiError(
+        503, "stream_unavailable", "the event stream (Redis) is unreachable; retry later", headers={"Retry-After": RETRY_AFTER_S}
+    )

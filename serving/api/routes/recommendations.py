@@ -1,0 +1,80 @@
+"""GET /v1/recommendations: the merged, ranked list for a person, logged as an impression."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from serving.api.deps import RecsRead, StateDep
+from serving.core.errors import ERROR_RESPONSES, ApiError
+from serving.core.impressions import Impression
+from serving.core.recommender import RecRequest, RecResult, recommend
+from serving.schemas import Context, RecommendationsResponse, RecommendedItem
+
+router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"], responses=ERROR_RESPONSES)
+
+IdParam = Annotated[str | None, Query(min_length=1, max_length=128)]
+
+
+@router.get(
+    "",
+    summary="Recommendations for a person",
+    description=(
+        "Give `user_id` (logged in) or `anonymous_id` (device), or both. `context=product` needs `item_id` "
+        "(the product on the page); `context=cart` draws on the cart. The answer never fails for a "
+        "missing Redis or model: it says why in `degraded`. Send `request_id` back as `rec_request_id` "
+        "on click events to attribute them."
+    ),
+    response_model=RecommendationsResponse,
+    dependencies=[RecsRead],
+)
+def get_recommendations(
+    state: StateDep,
+    user_id: Annotated[IdParam, Query(examples=["u-7"])] = None,
+    anonymous_id: Annotated[IdParam, Query(examples=["device-42"])] = None,
+    session_id: Annotated[IdParam, Query(examples=["s-1"])] = None,
+    k: Annotated[int, Query(ge=1, le=100, description="How many items.")] = 10,
+    context: Annotated[Context, Query(description="Where the list is shown.")] = Context.home,
+    item_id: Annotated[IdParam, Query(description="The product on the page (context=product).")] = None,
+) -> RecommendationsResponse:
+    if user_id is None and anonymous_id is None:
+        raise ApiError(
+            422, "invalid_request", "give user_id or anonymous_id",
+            errors=[{"field": "user_id", "reason": "user_id or anonymous_id is required"}],
+        )
+    if context is Context.product and item_id is None:
+        raise ApiError(
+            422, "invalid_request", "context=product needs item_id",
+            errors=[{"field": "item_id", "reason": "required when context is product"}],
+        )
+    req = RecRequest(user_id, anonymous_id, session_id, k, context.value, item_id)
+    result = recommend(state, req)
+    state.impressions.log(_impression(req, result))
+    return RecommendationsResponse(
+        request_id=result.request_id,
+        model_version=result.model_version,
+        variant=result.variant,
+        degraded=result.degraded,
+        experiments={"recs": result.variant},
+        items=[RecommendedItem(**vars(item)) for item in result.items],
+    )
+
+
+def _impression(req: RecRequest, result: RecResult) -> Impression:
+    return Impression(
+        request_id=result.request_id,
+        served_at=datetime.now(UTC),
+        person_id=req.person_id,
+        user_id=req.user_id,
+        anonymous_id=req.anonymous_id,
+        session_id=req.session_id,
+        context=req.context,
+        variant=result.variant,
+        model_version=result.model_version,
+        degraded=result.degraded,
+        items=[i.item_id for i in result.items],
+        scores=[i.score for i in result.items],
+        sources=["+".join(i.sources) for i in result.items],
+    )

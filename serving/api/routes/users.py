@@ -1,0 +1,38 @@
+"""DELETE /v1/users/{user_id}: erase a user's live state now and queue the lake erasure (GDPR)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import redis
+from fastapi import APIRouter, Path
+
+from serving.api.deps import Admin, StateDep
+from serving.core.erasure import erase_person
+from serving.core.errors import ERROR_RESPONSES, ApiError, ErrorBody
+from serving.schemas import ErasureResponse
+
+router = APIRouter(prefix="/v1/users", tags=["users"], responses=ERROR_RESPONSES)
+
+
+@router.delete(
+    "/{user_id}",
+    summary="Erase a user",
+    description=(
+        "Deletes the user's session, history and vector deltas from Redis and queues the erasure of "
+        "their events and impressions in the lake for the next batch run. Until a model trained "
+        "without them serves, their batch vector is ignored: later requests treat them as new."
+    ),
+    response_model=ErasureResponse,
+    dependencies=[Admin],
+    responses={503: {"model": ErrorBody, "description": "Redis is unreachable; nothing was erased."}},
+)
+def erase_user(state: StateDep, user_id: Annotated[str, Path(min_length=1, max_length=128)]) -> ErasureResponse:
+    try:
+        deleted = erase_person(state.redis.client, user_id)
+    except redis.RedisError as exc:
+        state.redis.failed(exc)
+        raise ApiError(503, "redis_unavailable", "Redis is unreachable; retry", headers={"Retry-After": "5"}) from None
+    queued = state.lake.queue_erasure(user_id)
+    state.erased.add(user_id)
+    return ErasureResponse(user_id=user_id, redis_keys_deleted=deleted, lake_erasure_queued=queued)

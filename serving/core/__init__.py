@@ -1,0 +1,1 @@
+"""Serving internals: configuration, model holder, rules, experiments, ranking and impression logging."""

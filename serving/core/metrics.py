@@ -1,0 +1,71 @@
+"""Prometheus metrics of the API.
+
+With several uvicorn workers each process keeps its own counters; `recs serve` sets
+PROMETHEUS_MULTIPROC_DIR (emptied at start) before the workers import this module, and
+/metrics then aggregates every worker's files through MultiProcessCollector.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+REQUEST_LATENCY = Histogram(
+    "recs_request_seconds",
+    "Request latency by route template and status class.",
+    ["method", "route", "status"],
+    buckets=(0.002, 0.005, 0.008, 0.012, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+CANDIDATES = Histogram(
+    "recs_candidates_per_request",
+    "Candidates considered per recommendation request (after merging sources).",
+    buckets=(0, 10, 25, 50, 100, 200, 300, 500, 1000),
+)
+FALLBACKS = Counter("recs_fallbacks_total", "Degraded answers by reason.", ["reason"])
+EVENTS = Counter("recs_events_total", "Events received by outcome.", ["outcome"])
+IMPRESSIONS_DROPPED = Counter("recs_impressions_dropped_total", "Impressions that could not be written.")
+MODEL_LOADS = Counter("recs_model_loads_total", "Model loads by outcome.", ["outcome"])
+MODEL_VERSION = Gauge(
+    "recs_model_version_info",
+    "1 for the model version a worker serves (label), 0 for versions it served before.",
+    ["version"],
+    multiprocess_mode="liveall",
+)
+STREAM_LAG = Gauge(
+    "recs_stream_lag", "Speed-layer consumer group lag, as last seen by a worker.", multiprocess_mode="livemax"
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of this process, or of all workers in multiprocess mode."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def mark_worker_exit(pid: int) -> None:
+    """Drop a dead worker's live gauges (called from the server's shutdown)."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+def set_model_version(version: str, previous: str | None) -> None:
+    if previous and previous != version:
+        MODEL_VERSION.labels(version=previous).set(0)
+    MODEL_VERSION.labels(version=version).set(1)

@@ -1,0 +1,509 @@
+"""The lambda merge at request time: speed state + batch model -> candidates -> rules -> rank -> diversify.
+
+One call of `recommend` reads Redis through `common.speed_state` (plus one follow-up pipeline
+for what depends on its answers), never loads anything from disk, and degrades instead of
+failing: without Redis it serves batch-only lists, without a model popular items.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from common.candidate_signals import read_bestsellers, read_day_counts
+from common.candidates import Scored, als_top_n, category_best, covisited, merge_sources
+from common.features import POP_DAYS, SOURCES, Candidates, RequestState, compute_features
+from common.speed_state import SpeedState, read_speed_state
+from common.vectors import fold_in
+from serving.core import metrics
+from serving.core.catalog_view import UNCATEGORISED
+from serving.core.experiments import assign_variant
+from serving.core.model_holder import ServingModel
+from serving.core.rules import Rules
+from serving.core.state import ServingState
+
+log = logging.getLogger(__name__)
+
+DAY_S = 86_400.0
+EXPERIMENT = "recs"
+REDIS_DOWN = "redis_unavailable: batch-only recommendations (no session, trending or stock updates)"
+NO_MODEL = "no_model: popular items from the lake"
+TOP_AFFINITY_CATEGORIES = 3
+
+
+@dataclass(frozen=True)
+class RecRequest:
+    user_id: str | None
+    anonymous_id: str | None
+    session_id: str | None
+    k: int
+    context: str  # home | product | cart
+    item_id: str | None = None
+
+    @property
+    def person_id(self) -> str:
+        person = self.user_id or self.anonymous_id
+        assert person is not None, "the route checks that one id is given"
+        return person
+
+
+@dataclass
+class Recommended:
+    item_id: str
+    score: float
+    reason: str
+    sources: list[str]
+    category: str
+    promoted: bool
+
+
+@dataclass
+class RecResult:
+    request_id: str
+    model_version: str | None
+    variant: str
+    degraded: str | None
+    items: list[Recommended]
+    candidates: int = 0
+
+
+@dataclass
+class _Pool:
+    """Candidates after rules: ids, their sources, and one heuristic score per source."""
+
+    item_ids: list[str]
+    sources: list[set[str]]
+    source_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def recommend(state: ServingState, req: RecRequest) -> RecResult:
+    now_s = time.time()
+    model = state.models.current  # one snapshot for the whole request: a reload cannot mix versions
+    variant = assign_variant(req.person_id, state.settings.experiments.shares)
+    rules = state.rules
+    degraded: list[str] = []
+
+    speed = _read_speed(state, req, model, now_s)
+    if speed is None:
+        degraded.append(REDIS_DOWN)
+    if model is None:
+        degraded.insert(0, NO_MODEL)
+        ranked, n_candidates = _without_model(state, rules, speed, req, now_s)
+        return _finish(state, req, variant, None, degraded, ranked, n_candidates)
+
+    person = speed.person_id if speed else req.person_id
+    vector = _user_vector(state, model, person, speed)
+    lists = _candidate_lists(state, model, rules, req, speed, vector, variant, now_s)
+    pool = _apply_rules(state, rules, req, speed, lists, now_s)
+    if variant == "ranker" and model.artifacts.ranker is not None:
+        scores = _ranker_scores(state, model, pool, speed, vector, now_s)
+    elif variant == "popular":
+        scores = _source_score(pool, "trending") + 1e-3 * _source_score(pool, "new")
+    else:  # als_only, or ranker on a version published without one
+        scores = _heuristic_scores(model, pool, vector)
+    ranked = _boost_and_diversify(state, rules, pool, scores, speed, req.k)
+    return _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
+
+
+# ---------------------------------------------------------------- reads
+
+
+def _read_speed(state: ServingState, req: RecRequest, model: ServingModel | None, now_s: float) -> SpeedState | None:
+    """The speed layer's state for this request, or None when Redis is down (then the breaker skips it)."""
+    if not state.redis.available():
+        metrics.FALLBACKS.labels(reason="redis_unavailable").inc()
+        return None
+    speed_settings = state.settings.speed
+    covis_items = [req.item_id] if req.context == "product" and req.item_id else None
+    try:
+        speed = read_speed_state(
+            state.redis.client,
+            req.person_id,
+            anonymous_id=req.anonymous_id,
+            session_id=req.session_id,
+            model_version=model.version if model else None,
+            covis_items=covis_items,
+            now_s=now_s,
+            trending_n=state.rules.candidates.trending,
+            covis_n=speed_settings.covis_top_n,
+            bestsellers_half_life_s=speed_settings.bestsellers_half_life_s,
+        )
+        affinity = sorted(speed.category_affinity.items(), key=lambda kv: -kv[1])[:TOP_AFFINITY_CATEGORIES]
+        speed.category_bestsellers = read_bestsellers(
+            state.redis.client,
+            [c for c, w in affinity if w > 0],
+            now_s,
+            state.rules.candidates.category,
+            speed_settings.bestsellers_half_life_s,
+        )
+    except redis.RedisError as exc:
+        state.redis.failed(exc)
+        metrics.FALLBACKS.labels(reason="redis_unavailable").inc()
+        return None
+    state.redis.succeeded()
+    return speed
+
+
+def _user_vector(state: ServingState, model: ServingModel, person: str, speed: SpeedState | None) -> np.ndarray | None:
+    """x(u) + δ(u) for a known person; the ALS fold-in of their items for a new or anonymous one."""
+    erased = person in state.erased
+    batch = None if erased else model.artifacts.user_vector(person)
+    if batch is not None:
+        delta = speed.delta if speed is not None and speed.delta_is_current else None
+        if delta is not None and delta.shape == batch.shape:
+            return batch + delta
+        return batch
+    if speed is None or not speed.person_items:
+        return None
+    index = model.artifacts.item_index
+    seen = [(index[i], w) for i, w in speed.person_items.items() if i in index and w > 0]
+    if not seen:
+        return None
+    rows, weights = zip(*seen, strict=True)
+    return fold_in(
+        model.artifacts.item_factors, model.artifacts.yty, rows, weights, model.alpha, model.regularization
+    )
+
+
+# ---------------------------------------------------------------- candidates and rules
+
+
+def _candidate_lists(
+    state: ServingState,
+    model: ServingModel,
+    rules: Rules,
+    req: RecRequest,
+    speed: SpeedState | None,
+    vector: np.ndarray | None,
+    variant: str,
+    now_s: float,
+) -> dict[str, Scored]:
+    sizes = rules.candidates
+    lists: dict[str, Scored] = {}
+    if variant != "popular":
+        if vector is not None:
+            lists["als"] = als_top_n(vector, model.artifacts.item_factors, model.artifacts.item_ids, sizes.als)
+        if req.context == "product" and req.item_id is not None:
+            anchor = model.artifacts.item_vector(req.item_id)
+            if anchor is not None:
+                similar = als_top_n(anchor, model.artifacts.item_factors, model.artifacts.item_ids, sizes.als // 2)
+                lists["als"] = _union(lists.get("als", []), similar)
+        lists["covis"] = covisited(_seeds(req, speed, now_s), _covis_map(model, speed, req), sizes.covis)
+        affinity = speed.category_affinity if speed else {}
+        bestsellers = speed.category_bestsellers if speed else model.category_popular
+        lists["category"] = category_best(affinity, bestsellers, sizes.category)
+    trending = speed.trending if speed and speed.trending else model.popular
+    lists["trending"] = trending[: sizes.trending]
+    since = now_s - rules.new_arrivals.max_age_days * DAY_S
+    lists["new"] = [(i.item_id, i.created_at_s) for i in state.catalog.newest(since, sizes.new_arrivals)]
+    return lists
+
+
+def _seeds(req: RecRequest, speed: SpeedState | None, now_s: float) -> dict[str, float]:
+    """Items whose co-visits become candidates, item -> recency (the product page's item counts as newest)."""
+    seeds = dict(speed.session_items) if speed else {}
+    if req.context == "cart" and speed:
+        seeds.update({item: now_s for item in speed.cart})
+    if req.context == "product" and req.item_id:
+        seeds[req.item_id] = now_s + 1.0
+    return seeds
+
+
+def _covis_map(model: ServingModel, speed: SpeedState | None, req: RecRequest) -> dict[str, dict[str, float]]:
+    """Batch co-visitation with the speed layer's live counts added on top."""
+    seeds = set(speed.session_items) if speed else set()
+    if req.item_id:
+        seeds.add(req.item_id)
+    if speed:
+        seeds |= set(speed.cart)
+    merged: dict[str, dict[str, float]] = {}
+    for seed in seeds:
+        row = dict(model.covis.get(seed, {}))
+        if speed:
+            for other, count in speed.covisitation.get(seed, {}).items():
+                row[other] = row.get(other, 0.0) + count
+        if row:
+            merged[seed] = row
+    return merged
+
+
+def _union(first: Scored, second: Scored) -> Scored:
+    seen = {i for i, _ in first}
+    return first + [(i, s) for i, s in second if i not in seen]
+
+
+def _excluded(state: ServingState, rules: Rules, req: RecRequest, speed: SpeedState | None, now_s: float) -> set[str]:
+    """Items the rules forbid for this request."""
+    out: set[str] = set()
+    if req.item_id:
+        out.add(req.item_id)  # never recommend the page's own product
+    if speed is None:
+        return out
+    if rules.exclude.out_of_stock:
+        out |= speed.out_of_stock
+    window = rules.exclude.purchased_within_days * DAY_S
+    out |= {item for item, at in speed.purchases.items() if at >= now_s - window}
+    if rules.exclude.in_cart:
+        out |= set(speed.cart)
+    if rules.exclude.seen_in_session:
+        out |= set(speed.session_items)
+    return out
+
+
+def _apply_rules(
+    state: ServingState, rules: Rules, req: RecRequest, speed: SpeedState | None, lists: dict[str, Scored], now_s: float
+) -> _Pool:
+    excluded = _excluded(state, rules, req, speed, now_s)
+    check_catalog_stock = rules.exclude.out_of_stock
+    merged = merge_sources(lists)
+    pool = _Pool(item_ids=[], sources=[])
+    for item, sources in merged.items():
+        if item in excluded:
+            continue
+        info = state.catalog.get(item)
+        if check_catalog_stock and info is not None and not info.in_stock:
+            continue  # the catalog's flag also holds while Redis (the live set) is down
+        pool.item_ids.append(item)
+        pool.sources.append(sources)
+    pool.source_scores = {source: _normalised(pairs) for source, pairs in lists.items()}
+    return pool
+
+
+def _normalised(pairs: Scored) -> dict[str, float]:
+    """A source's scores as ranks mapped to (0, 1]: the first item 1, the last close to 0."""
+    n = len(pairs)
+    return {item: 1.0 - rank / n for rank, (item, _) in enumerate(pairs)}
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _source_score(pool: _Pool, source: str) -> np.ndarray:
+    scores = pool.source_scores.get(source, {})
+    return np.array([scores.get(i, 0.0) for i in pool.item_ids], dtype=np.float64)
+
+
+def _heuristic_scores(model: ServingModel, pool: _Pool, vector: np.ndarray | None) -> np.ndarray:
+    """ALS score where there is a vector, plus every source's rank score (als_only and fallbacks)."""
+    total = np.zeros(len(pool.item_ids), dtype=np.float64)
+    for source in SOURCES:
+        total += _source_score(pool, source)
+    if vector is not None and pool.item_ids:
+        vectors = _item_vectors(model, pool.item_ids)
+        total += vectors @ vector.astype(np.float32)
+    return total
+
+
+def _item_vectors(model: ServingModel, item_ids: list[str]) -> np.ndarray:
+    index = model.artifacts.item_index
+    rows = np.array([index.get(i, -1) for i in item_ids], dtype=np.int64)
+    vectors = model.artifacts.item_factors[np.maximum(rows, 0)]
+    vectors[rows < 0] = 0.0  # fancy indexing copied, so the model's factors are untouched
+    return vectors
+
+
+def _ranker_scores(
+    state: ServingState,
+    model: ServingModel,
+    pool: _Pool,
+    speed: SpeedState | None,
+    vector: np.ndarray | None,
+    now_s: float,
+) -> np.ndarray:
+    if not pool.item_ids:
+        return np.zeros(0)
+    features = compute_features(
+        _request_state(state, speed, vector, now_s), _candidates(state, model, pool, speed, now_s)
+    )
+    return np.asarray(model.artifacts.ranker.predict(features), dtype=np.float64)
+
+
+def _request_state(state: ServingState, speed: SpeedState | None, vector: np.ndarray | None, now_s: float) -> RequestState:
+    if speed is None:
+        return RequestState(now_s=now_s, user_vector=vector)
+    engaged = set(speed.person_items) | set(speed.session_items)
+    prices = [info.price for i in engaged if (info := state.catalog.get(i)) is not None and info.price > 0]
+    return RequestState(
+        now_s=now_s,
+        user_vector=vector,
+        session_items=speed.session_items,
+        category_affinity=speed.category_affinity,
+        cart=frozenset(speed.cart),
+        typical_price=float(np.median(prices)) if prices else None,
+    )
+
+
+def _candidates(
+    state: ServingState, model: ServingModel, pool: _Pool, speed: SpeedState | None, now_s: float
+) -> Candidates:
+    infos = [state.catalog.get(i) for i in pool.item_ids]
+    promoted = speed.promoted if speed else frozenset()
+    if speed is not None:
+        try:
+            day_counts = read_day_counts(state.redis.client, pool.item_ids, now_s)
+        except redis.RedisError as exc:
+            state.redis.failed(exc)
+            day_counts = np.zeros((len(pool.item_ids), POP_DAYS))
+    else:
+        day_counts = np.zeros((len(pool.item_ids), POP_DAYS))
+    covis = pool.source_scores.get("covis", {})
+    return Candidates(
+        item_ids=pool.item_ids,
+        sources=pool.sources,
+        item_vectors=_item_vectors(model, pool.item_ids),
+        day_counts=day_counts,
+        covis=np.array([covis.get(i, 0.0) for i in pool.item_ids]),
+        categories=[info.category if info else UNCATEGORISED for info in infos],
+        prices=np.array([info.price if info else 0.0 for info in infos]),
+        created_at_s=np.array([info.created_at_s if info else now_s for info in infos]),
+        promoted=np.array(
+            [i in promoted or bool(info and info.promoted) for i, info in zip(pool.item_ids, infos, strict=True)]
+        ),
+    )
+
+
+# ---------------------------------------------------------------- boosts, quotas, diversity
+
+
+def _boost_and_diversify(
+    state: ServingState, rules: Rules, pool: _Pool, scores: np.ndarray, speed: SpeedState | None, k: int
+) -> list[tuple[str, float, set[str], bool]]:
+    """(item, score, sources, promoted) for the top k: promoted boosted, new arrivals reserved, category cap."""
+    if not pool.item_ids:
+        return []
+    low, high = float(scores.min()), float(scores.max())
+    spread = high - low if high > low else 1.0
+    live_promoted = speed.promoted if speed else frozenset()
+    rows = []
+    for item, sources, score in zip(pool.item_ids, pool.sources, scores, strict=True):
+        info = state.catalog.get(item)
+        promoted = item in live_promoted or bool(info and info.promoted)
+        final = (float(score) - low) / spread + (rules.boost.promoted if promoted else 0.0)
+        rows.append((item, final, sources, promoted))
+    rows.sort(key=lambda r: (-r[1], r[0]))
+    return _pick(state, rules, rows, k)
+
+
+def _pick(
+    state: ServingState, rules: Rules, rows: list[tuple[str, float, set[str], bool]], k: int
+) -> list[tuple[str, float, set[str], bool]]:
+    cap = rules.diversity.max_per_category
+    per_category: dict[str, int] = {}
+    chosen: list[tuple[str, float, set[str], bool]] = []
+    chosen_ids: set[str] = set()
+
+    def take(row: tuple[str, float, set[str], bool]) -> bool:
+        category = state.catalog.category(row[0])
+        if row[0] in chosen_ids or per_category.get(category, 0) >= cap:
+            return False
+        per_category[category] = per_category.get(category, 0) + 1
+        chosen.append(row)
+        chosen_ids.add(row[0])
+        return True
+
+    reserved = min(rules.new_arrivals.reserved_slots, k)
+    for row in rows:  # the best new arrivals first, so the quota holds whatever the scores say
+        if reserved <= 0:
+            break
+        if "new" in row[2] and take(row):
+            reserved -= 1
+    for row in rows:
+        if len(chosen) >= k:
+            break
+        take(row)
+    return sorted(chosen, key=lambda r: (-r[1], r[0]))
+
+
+# ---------------------------------------------------------------- no model
+
+
+def _without_model(
+    state: ServingState, rules: Rules, speed: SpeedState | None, req: RecRequest, now_s: float
+) -> tuple[list[tuple[str, float, set[str], bool]], int]:
+    """Popular items from the lake (then the catalog's newest), under the same rules and diversity."""
+    popular = state.lake_popular or [
+        (i.item_id, i.created_at_s) for i in state.catalog.newest(0.0, rules.candidates.trending)
+    ]
+    lists = {"trending": popular[: max(rules.candidates.trending, req.k * 5)]}
+    pool = _apply_rules(state, rules, req, speed, lists, now_s)
+    ranked = _boost_and_diversify(state, rules, pool, _source_score(pool, "trending"), speed, req.k)
+    return ranked, len(pool.item_ids)
+
+
+# ---------------------------------------------------------------- reasons and the result
+
+
+def _reason(
+    state: ServingState, req: RecRequest, item: str, sources: set[str], speed: SpeedState | None,
+    model: ServingModel | None,
+) -> str:
+    category = state.catalog.category(item)
+    if "covis" in sources and model is not None:
+        seed = _covis_seed(req, item, speed, model)
+        if seed is not None:
+            info = state.catalog.get(seed)
+            label = info.label if info else seed
+            if req.context == "product" and seed == req.item_id:
+                return f"often viewed with {label}"
+            if speed is not None and seed in speed.cart:
+                return f"goes with {label} in your cart"
+            return f"because you viewed {label}"
+    if "als" in sources:
+        if req.context == "product" and req.item_id:
+            return "similar to this item"
+        return "picked for you from your activity"
+    if "category" in sources:
+        return f"bestseller in {category}"
+    if "new" in sources and "trending" not in sources:
+        return f"new in {category}"
+    return f"trending in {category}"
+
+
+def _covis_seed(req: RecRequest, item: str, speed: SpeedState | None, model: ServingModel) -> str | None:
+    """The most recent seed item whose co-visits include `item`."""
+    seeds = sorted(_seeds(req, speed, time.time()).items(), key=lambda kv: -kv[1])
+    for seed, _ in seeds:
+        if item in model.covis.get(seed, {}) or (speed and item in speed.covisitation.get(seed, {})):
+            return seed
+    return None
+
+
+def _finish(
+    state: ServingState,
+    req: RecRequest,
+    variant: str,
+    version: str | None,
+    degraded: list[str],
+    ranked: list[tuple[str, float, set[str], bool]],
+    n_candidates: int,
+    speed: SpeedState | None = None,
+    model: ServingModel | None = None,
+) -> RecResult:
+    items = [
+        Recommended(
+            item_id=item,
+            score=round(score, 6),
+            reason=_reason(state, req, item, sources, speed, model),
+            sources=[s for s in SOURCES if s in sources],
+            category=state.catalog.category(item),
+            promoted=promoted,
+        )
+        for item, score, sources, promoted in ranked
+    ]
+    metrics.CANDIDATES.observe(n_candidates)
+    if model is None:
+        metrics.FALLBACKS.labels(reason="no_model").inc()
+    return RecResult(
+        request_id=uuid.uuid4().hex,
+        model_version=version,
+        variant=variant,
+        degraded="; ".join(degraded) or None,
+        items=items,
+        candidates=n_candidates,
+    )
+

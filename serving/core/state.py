@@ -1,0 +1,187 @@
+"""Process-wide serving state, built once in the app's lifespan: model, catalog, rules, Redis, impressions.
+
+Also runs the listener that hot-reloads the model when the registry publishes a ModelEvent
+on Redis pub/sub, and keeps the erasure list that makes erased users look new.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from common import redis_keys
+from common.catalog import ItemUpdate
+from common.lake import Lake
+from common.messages import ModelEvent
+from common.redis_server import connect
+from common.registry import Registry
+from common.settings import Settings
+from serving.core.catalog_view import CatalogView
+from serving.core.impressions import ImpressionLogger
+from serving.core.model_holder import ModelHolder, lake_popular
+from serving.core.rules import Rules, load_rules
+
+log = logging.getLogger(__name__)
+
+# After a Redis error, requests skip Redis for this long instead of each paying a timeout.
+REDIS_RETRY_AFTER_S = 1.0
+ERASURES_REFRESH_S = 10.0
+
+
+@dataclass
+class RedisGate:
+    """A Redis client with a short circuit breaker: one failure marks it down for a second."""
+
+    client: redis.Redis
+    down_until: float = 0.0
+    last_error: str | None = None
+
+    def available(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def failed(self, exc: Exception) -> None:
+        self.down_until = time.monotonic() + REDIS_RETRY_AFTER_S
+        self.last_error = f"{exc.__class__.__name__}: {exc}"
+
+    def succeeded(self) -> None:
+        self.down_until = 0.0
+        self.last_error = None
+
+
+@dataclass
+class ServingState:
+    settings: Settings
+    lake: Lake
+    registry: Registry
+    rules: Rules
+    catalog: CatalogView
+    models: ModelHolder
+    redis: RedisGate
+    impressions: ImpressionLogger
+    lake_popular: list[tuple[str, float]] = field(default_factory=list)
+    erased: set[str] = field(default_factory=set)
+    stream_lag: StreamLagProbe = field(default_factory=lambda: StreamLagProbe())
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, settings: Settings) -> ServingState:
+        lake = Lake(settings.lake.root)
+        registry = Registry(settings.models.root)
+        catalog = CatalogView.from_lake(lake)
+        state = cls(
+            settings=settings,
+            lake=lake,
+            registry=registry,
+            rules=load_rules(settings.api.rules_file),
+            catalog=catalog,
+            models=ModelHolder(registry, catalog),
+            redis=RedisGate(connect(settings.redis.effective_url, settings.redis.socket_timeout_s)),
+            impressions=ImpressionLogger(lake),
+        )
+        state.models.reload()
+        if state.models.current is None:
+            state.lake_popular = lake_popular(lake)
+        state._refresh_erasures()
+        state._spawn(state._listen_for_models, "model-listener")
+        state._spawn(state._erasures_loop, "erasures-refresh")
+        return state
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.impressions.close()
+        self.redis.client.close()
+
+    def reload_model(self, version: str | None = None) -> None:
+        """Reload (rules too, so a rules edit ships with an activation); refresh the no-model fallback."""
+        try:
+            self.rules = load_rules(self.settings.api.rules_file)
+        except (OSError, ValueError):
+            log.exception("keeping the previous rules: %s is invalid", self.settings.api.rules_file)
+        self.models.reload(version)
+        if self.models.current is None:
+            self.lake_popular = lake_popular(self.lake)
+
+    # ------------------------------------------------------------ background threads
+
+    def _spawn(self, target: object, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self._threads.append(thread)
+
+    def _listen_for_models(self) -> None:
+        """Subscribe to the models and catalog channels; reconnect (and catch up with CURRENT) after Redis outages."""
+        url = self.settings.redis.effective_url
+        while not self._stop.is_set():
+            client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=5)
+            try:
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(redis_keys.MODELS_CHANNEL, redis_keys.CATALOG_CHANNEL)
+                self.reload_model()  # a message may have been missed while disconnected
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is None:
+                        continue
+                    channel = message["channel"].decode()
+                    if channel == redis_keys.MODELS_CHANNEL:
+                        self._on_model_message(message["data"])
+                    else:
+                        self._on_catalog_message(message["data"])
+            except redis.RedisError:
+                self._stop.wait(1.0)
+            finally:
+                client.close()
+
+    def _on_model_message(self, data: bytes) -> None:
+        try:
+            event = ModelEvent.model_validate_json(data)
+        except ValueError:
+            log.warning("ignoring a malformed message on %s", redis_keys.MODELS_CHANNEL)
+            return
+        self.reload_model(event.version)
+
+    def _on_catalog_message(self, data: bytes) -> None:
+        """Another worker applied an item update: mirror titles, prices and categories here too."""
+        try:
+            update = ItemUpdate.model_validate_json(data)
+        except ValueError:
+            log.warning("ignoring a malformed message on %s", redis_keys.CATALOG_CHANNEL)
+            return
+        self.catalog.apply([update])
+
+    def _erasures_loop(self) -> None:
+        while not self._stop.wait(ERASURES_REFRESH_S):
+            self._refresh_erasures()
+
+    def _refresh_erasures(self) -> None:
+        """Users with a queued erasure: their batch vector is ignored until the next model drops them."""
+        try:
+            self.erased |= {e["user_id"] for e in self.lake.pending_erasures()}
+        except Exception:
+            log.exception("could not read the erasure queue")
+
+
+class StreamLagProbe:
+    """The speed layer's consumer-group lag, read at most once a second per worker."""
+
+    def __init__(self, ttl_s: float = 1.0) -> None:
+        self.ttl_s = ttl_s
+        self._value = 0
+        self._read_at = -1e9
+
+    def read(self, state: ServingState) -> int:
+        from common.stream import group_lag
+        from serving.core import metrics
+
+        now = time.monotonic()
+        if now - self._read_at >= self.ttl_s:
+            self._value = group_lag(state.redis.client, state.settings.redis.stream, state.settings.speed.group)
+            self._read_at = now
+            metrics.STREAM_LAG.set(self._value)
+        return self._value

@@ -1,0 +1,103 @@
+"""The FastAPI app factory: routers, error shapes, CORS, latency metrics, and the lifespan that loads the model once.
+
+Run it with `recs serve` (uvicorn, N workers) or `uvicorn serving.main:create_app --factory`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from common.settings import Settings, get_settings
+from serving.api.routes import admin, catalog, events, health, items, recommendations, users
+from serving.core import metrics
+from serving.core.errors import ApiError, api_error_handler, validation_error_handler
+from serving.core.state import ServingState
+
+DESCRIPTION = """
+Real-time product recommendations: the batch ALS model merged with the speed layer's live
+state at request time, ranked by LightGBM, filtered by business rules.
+
+**Auth.** Send an API key as `X-API-Key` (or `Authorization: Bearer`). Scopes: `events:write`
+(storefront events), `recs:read` (recommendations, similar items), `admin` (models, catalog,
+erasure). With no keys configured (`RECS_API__KEYS` unset) auth is off: the embedded demo.
+"""
+
+
+class LatencyMiddleware:
+    """Observe each request's latency under its route template (not the raw path: bounded labels)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            metrics.REQUEST_LATENCY.labels(scope["method"], template, f"{status // 100}xx").observe(
+                time.perf_counter() - start
+            )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; `settings` (tests) override the environment's for every dependency too."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = ServingState.start(settings)
+        app.state.serving = state
+        try:
+            yield
+        finally:
+            state.close()  # flushes buffered impressions to the lake
+
+    app = FastAPI(
+        title="Lambdarec API",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "events", "description": "Storefront events into the stream."},
+            {"name": "recommendations", "description": "Ranked lists for a person."},
+            {"name": "items", "description": "Item-to-item similarity."},
+            {"name": "catalog", "description": "Live item fields (stock, price, promotion)."},
+            {"name": "users", "description": "Erasure (GDPR)."},
+            {"name": "admin", "description": "Model versions."},
+            {"name": "operations", "description": "Health, readiness, metrics."},
+        ],
+    )
+    app.dependency_overrides[get_settings] = lambda: settings
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    if settings.api.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.api.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type"],
+        )
+    app.add_middleware(LatencyMiddleware)
+    for module in (events, recommendations, items, catalog, users, admin, health):
+        app.include_router(module.router)
+    return app

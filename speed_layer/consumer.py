@@ -1,0 +1,269 @@
+"""The speed-layer consumer: reads the event stream in a consumer group and folds each event into Redis.
+
+A batch is acknowledged only after its effects are written; entries a dead consumer left pending
+are claimed after `claim_idle_ms`; malformed entries go to the dead-letter stream with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from common import redis_keys
+from common.events import Event
+from common.lake import Lake
+from common.messages import ModelEvent, RecsChanged
+from common.model import ModelArtifacts, load_model
+from common.registry import Registry, RegistryError
+from common.settings import Settings
+from common.speed_state import trending_decay_weights
+from common.stream import decode_entry
+from speed_layer.effects import Applier, BatchResult
+from speed_layer.switch import stamped, switch_version
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def ensure_group(client: redis.Redis, stream_key: str, group: str) -> None:
+    """Create the consumer group at the stream's start (and the stream), once."""
+    try:
+        client.xgroup_create(stream_key, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class SpeedConsumer:
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        registry: Registry | None = None,
+        lake: Lake | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.speed = settings.speed
+        self.registry = registry or Registry(settings.models.root)
+        self.lake = lake or Lake(settings.lake.root)
+        self.name = name or consumer_name()
+        self.stream_key = redis_keys.stream(settings.redis.stream)
+        self.dead_key = redis_keys.dead_letter(settings.redis.stream)
+        self.applier = Applier(client, settings, seed=os.getpid())
+        self.models: dict[str, ModelArtifacts] = {}
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(redis_keys.MODELS_CHANNEL)
+        self._next_claim = 0.0
+        self._next_registry_check = 0.0
+        self._next_trending = 0.0
+        self._own_pending_done = False
+        ensure_group(client, self.stream_key, self.speed.group)
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        log.info("speed consumer %s reading %s as group %s", self.name, self.stream_key, self.speed.group)
+        while not stop.is_set():
+            try:
+                self.poll_once()
+            except redis.ConnectionError as exc:
+                log.warning("redis unavailable (%s); retrying in 1s", exc)
+                stop.wait(1.0)
+
+    def poll_once(self, block: bool = True) -> int:
+        """Housekeeping, then one batch; returns how many entries it handled."""
+        self._housekeeping()
+        entries = self._read(block)
+        if entries:
+            self.process(entries)
+        return len(entries)
+
+    def _read(self, block: bool) -> list[Entry]:
+        if not self._own_pending_done:  # after a restart under the same name: our unacked entries first
+            entries = self._xreadgroup("0", block=False)
+            if entries:
+                return entries
+            self._own_pending_done = True
+        if time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + self.speed.claim_interval_s
+            claimed = self.claim_idle()
+            if claimed:
+                return claimed
+        return self._xreadgroup(">", block=block)
+
+    def _xreadgroup(self, start: str, block: bool) -> list[Entry]:
+        reply = self.client.xreadgroup(
+            self.speed.group,
+            self.name,
+            {self.stream_key: start},
+            count=self.speed.batch_size,
+            block=self.speed.block_ms if block else None,
+        )
+        if not reply:
+            return []
+        return [(entry_id, fields) for entry_id, fields in reply[0][1] if fields is not None]
+
+    def claim_idle(self) -> list[Entry]:
+        """Take over entries another consumer left unacknowledged for longer than claim_idle_ms."""
+        reply = self.client.xautoclaim(
+            self.stream_key, self.speed.group, self.name,
+            min_idle_time=self.speed.claim_idle_ms, start_id="0-0", count=self.speed.batch_size,
+        )  # fmt: skip
+        entries = [(entry_id, fields) for entry_id, fields in reply[1] if fields is not None]
+        if entries:
+            log.info("claimed %d idle entries", len(entries))
+        return entries
+
+    # ------------------------------------------------------------ one batch
+
+    def process(self, entries: Sequence[Entry]) -> BatchResult:
+        """Apply a batch; ack what is applied (or dead-lettered), leave the rest pending for a retry."""
+        events: list[Event] = []
+        event_ids: list[bytes] = []
+        dead: list[tuple[bytes, dict[bytes, bytes], str]] = []
+        for entry_id, fields in entries:
+            try:
+                events.append(stamped(decode_entry(fields), entry_id))
+                event_ids.append(entry_id)
+            except ValueError as exc:
+                dead.append((entry_id, fields, str(exc)))
+        models = self._active_models()  # read after XREADGROUP: see speed_layer/switch.py
+        result = self.applier.apply(events, models)
+        fields_of = dict(entries)
+        dead += [(event_ids[i], fields_of[event_ids[i]], reason) for i, reason in result.failed.items()]
+        unresolved = {event_ids[i] for i in result.unresolved}
+        acked = [entry_id for entry_id, _ in entries if entry_id not in unresolved]
+
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id, fields, reason in dead:
+            pipe.xadd(self.dead_key, _dead_letter_fields(entry_id, fields, reason, self.speed.group))
+        if acked:
+            pipe.xack(self.stream_key, self.speed.group, *acked)
+        for person, (session, event) in result.changed.items():
+            message = RecsChanged(
+                person_id=person, session_id=session, event_type=event.event_type.value, item_id=event.item_id
+            )
+            pipe.publish(redis_keys.RECS_CHANNEL, message.model_dump_json())
+        pipe.hset(redis_keys.SPEED_HEARTBEAT, self.name, int(time.time() * 1000))
+        pipe.execute()
+        if dead:
+            log.warning("dead-lettered %d entries, first: %s", len(dead), dead[0][2])
+        return result
+
+    # ------------------------------------------------------------ model versions
+
+    def _active_models(self) -> list[ModelArtifacts]:
+        """The current and the pending version's models (whose deltas this batch writes)."""
+        current, pending = self.client.mget([redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION])
+        out = []
+        for raw in (current, pending):
+            if raw is None:
+                continue
+            model = self._model(raw.decode())
+            if model is not None and all(m.version != model.version for m in out):
+                out.append(model)
+        return out
+
+    def _model(self, version: str) -> ModelArtifacts | None:
+        if version not in self.models:
+            try:
+                self.models[version] = load_model(self.registry, version)
+            except RegistryError as exc:
+                log.error("cannot load model %s: %s", version, exc)
+                return None
+            for old in [v for v in self.models if v != version][:-1]:
+                del self.models[old]  # keep at most two versions in memory
+        return self.models[version]
+
+    def _housekeeping(self) -> None:
+        for version in self._announced_versions():
+            self.switch_to(version)
+        now = time.monotonic()
+        if now >= self._next_registry_check:  # covers a missed pub/sub message and the first start
+            self._next_registry_check = now + self.speed.claim_interval_s
+            current = self._registry_current()
+            if current is not None:
+                self.switch_to(current)
+        if now >= self._next_trending:
+            self._next_trending = now + self.speed.trending_refresh_s
+            self.refresh_trending()
+
+    def _announced_versions(self) -> list[str]:
+        versions = []
+        while True:
+            message = self.pubsub.get_message(timeout=0)
+            if message is None:
+                return versions
+            try:
+                versions.append(ModelEvent.model_validate_json(message["data"]).version)
+            except ValueError as exc:
+                log.warning("ignoring a malformed model message: %s", exc)
+
+    def _registry_current(self) -> str | None:
+        try:
+            return self.registry.current()
+        except OSError as exc:
+            log.warning("cannot read the registry: %s", exc)
+            return None
+
+    def switch_to(self, version: str) -> bool:
+        """Rebuild and switch to `version` unless the speed layer serves it already or another consumer does it."""
+        served = self.client.get(redis_keys.SPEED_VERSION)
+        if served is not None and served.decode() == version:
+            return False
+        model = self._model(version)
+        if model is None:
+            return False
+        return switch_version(self.client, self.settings, self.lake, self.applier, model)
+
+    # ------------------------------------------------------------ trending
+
+    def refresh_trending(self, now_s: float | None = None) -> bool:
+        """Re-sum the window's buckets into TRENDING_TOP (one consumer at a time)."""
+        speed = self.speed
+        lock_ms = max(1, int(speed.trending_refresh_s * 1000 * 0.9))
+        if not self.client.set(redis_keys.TRENDING_REFRESH_LOCK, self.name, nx=True, px=lock_ms):
+            return False
+        weights = trending_decay_weights(
+            time.time() if now_s is None else now_s, speed.trending_bucket_s, speed.trending_window_s,
+            speed.trending_half_life_s,
+        )  # fmt: skip
+        buckets = {redis_keys.trending_bucket(start): w for start, w in weights.items()}
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zunionstore(redis_keys.TRENDING_TOP, buckets)
+        pipe.zremrangebyrank(redis_keys.TRENDING_TOP, 0, -(speed.trending_top_n + 1))
+        pipe.execute()
+        return True
+
+
+def _dead_letter_fields(
+    entry_id: bytes, fields: dict[bytes, bytes], reason: str, group: str
+) -> dict[Any, Any]:
+    raw = fields.get(b"e")
+    if raw is None:  # keep whatever the entry held, readable
+        raw = json.dumps(
+            {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
+        ).encode()
+    return {
+        "entry_id": entry_id,
+        "group": group,
+        "reason": reason[:2000],
+        "raw": raw,
+        "at_ms": int(time.time() * 1000),
+    }

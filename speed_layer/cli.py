@@ -1,9 +1,104 @@
-"""Commands of this layer (filled in as the layer lands)."""
+"""Commands of the speed layer: `recs speed run|status` and `recs lake-writer run` (heavy imports inside)."""
 
 from __future__ import annotations
 
+import json
+import logging
+import signal
+import threading
+
 import typer
+
+speed_app = typer.Typer(
+    help="The speed layer: stream consumers that fold events into Redis.", no_args_is_help=True
+)
+lake_writer_app = typer.Typer(
+    help="The lake writer: lands every stream event in the Parquet lake.", no_args_is_help=True
+)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _run_one_consumer(index: int) -> None:
+    """One consumer process (also the body of each child of `--consumers N`)."""
+    from common.redis_server import connect
+    from common.settings import get_settings
+    from speed_layer.consumer import SpeedConsumer, consumer_name
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s speed[{index}] %(levelname)s %(message)s")
+    settings = get_settings()
+    client = connect(settings.redis.effective_url, timeout_s=max(5.0, settings.speed.block_ms / 1000 + 5))
+    SpeedConsumer(client, settings, name=f"{consumer_name()}-{index}").run(_stop_on_signals())
+
+
+@speed_app.command("run")
+def run(
+    consumers: int = typer.Option(1, "--consumers", "-n", min=1, help="Consumer processes in the group."),
+) -> None:
+    """Consume the event stream until SIGINT/SIGTERM; N processes share the group's load."""
+    if consumers == 1:
+        _run_one_consumer(0)
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    children = [
+        context.Process(target=_run_one_consumer, args=(i,), name=f"speed-{i}") for i in range(consumers)
+    ]
+    for child in children:
+        child.start()
+    stop = _stop_on_signals()
+    while not stop.is_set() and all(c.is_alive() for c in children):
+        stop.wait(1.0)
+    for child in children:
+        if child.is_alive():
+            child.terminate()  # SIGTERM: each finishes its batch and exits
+    for child in children:
+        child.join()
+    if any(c.exitcode not in (0, -signal.SIGTERM) for c in children):
+        raise typer.Exit(1)
+
+
+@speed_app.command("status")
+def status() -> None:
+    """Print the groups' lag and the consumers' heartbeats as JSON."""
+    from common import redis_keys
+    from common.redis_server import connect
+    from common.settings import get_settings
+    from common.speed_state import read_heartbeats
+    from common.stream import group_lag
+
+    settings = get_settings()
+    client = connect(settings.redis.effective_url)
+    stream = settings.redis.stream
+    report = {
+        "speed_lag": group_lag(client, stream, settings.speed.group),
+        "lake_writer_lag": group_lag(client, stream, settings.speed.lake_group),
+        "heartbeat_age_s": read_heartbeats(client),
+        "speed_version": (client.get(redis_keys.SPEED_VERSION) or b"").decode() or None,
+    }
+    typer.echo(json.dumps(report, indent=2))
+
+
+@lake_writer_app.command("run")
+def lake_writer_run() -> None:
+    """Land stream events in the lake until SIGINT/SIGTERM (flush by size or seconds, ack after rename)."""
+    from common.redis_server import connect
+    from common.settings import get_settings
+    from speed_layer.lake_writer import LakeWriter
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s lake-writer %(levelname)s %(message)s")
+    settings = get_settings()
+    client = connect(settings.redis.effective_url, timeout_s=max(5.0, settings.lake.flush_seconds + 5))
+    LakeWriter(client, settings).run(_stop_on_signals())
 
 
 def register(app: typer.Typer) -> None:
     """Add this layer's commands to `recs`."""
+    app.add_typer(speed_app, name="speed")
+    app.add_typer(lake_writer_app, name="lake-writer")

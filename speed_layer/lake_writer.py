@@ -1,0 +1,112 @@
+"""The lake writer: a second consumer group that lands every stream event in the Parquet lake.
+
+Entries are acknowledged only after their file is renamed into place, and Lake.write drops rows
+whose event_id the partition already holds, so a `kill -9` at any moment loses nothing
+acknowledged and, on restart, duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+
+from common import redis_keys
+from common.events import Event, events_to_table
+from common.lake import Lake
+from common.settings import Settings
+from common.stream import decode_entry
+from speed_layer.consumer import Entry, consumer_name, ensure_group
+from speed_layer.switch import stamped
+
+log = logging.getLogger(__name__)
+
+
+class LakeWriter:
+    def __init__(
+        self, client: redis.Redis, settings: Settings, lake: Lake | None = None, name: str | None = None
+    ):
+        self.client = client
+        self.settings = settings
+        self.lake = lake or Lake(settings.lake.root)
+        self.group = settings.speed.lake_group
+        self.name = name or consumer_name()
+        self.stream_key = redis_keys.stream(settings.redis.stream)
+        self.buffer: list[tuple[bytes, Event | None]] = []  # None: malformed, acked without a row
+        self.buffer_since = time.monotonic()
+        self._next_claim = 0.0
+        self._own_pending_done = False
+        ensure_group(client, self.stream_key, self.group)
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        log.info("lake writer %s: %s -> %s", self.name, self.stream_key, self.lake.root_url)
+        while not stop.is_set():
+            try:
+                self.poll_once()
+            except redis.ConnectionError as exc:
+                log.warning("redis unavailable (%s); retrying in 1s", exc)
+                stop.wait(1.0)
+        self.flush()
+
+    def poll_once(self) -> int:
+        """Read one batch into the buffer; flush when it is big or old enough. Returns entries read."""
+        lake = self.settings.lake
+        room = max(1, lake.flush_events - len(self.buffer))
+        wait_ms = max(1, int((self.buffer_since + lake.flush_seconds - time.monotonic()) * 1000))
+        entries = self._read(room, wait_ms if self.buffer else int(lake.flush_seconds * 1000))
+        held = {entry_id for entry_id, _ in self.buffer}
+        entries = [
+            (i, f) for i, f in entries if i not in held
+        ]  # a claim may hand back our own buffered entries
+        for entry_id, fields in entries:
+            try:
+                self.buffer.append((entry_id, stamped(decode_entry(fields), entry_id)))
+            except ValueError:
+                self.buffer.append((entry_id, None))  # the speed group dead-letters it with the reason
+        if (
+            len(self.buffer) >= lake.flush_events
+            or time.monotonic() - self.buffer_since >= lake.flush_seconds
+        ):
+            self.flush()
+        return len(entries)
+
+    def flush(self) -> int:
+        """Write the buffer as Parquet (atomic rename), then ack it. Returns the rows written."""
+        if not self.buffer:
+            self.buffer_since = time.monotonic()
+            return 0
+        events = [e for _, e in self.buffer if e is not None]
+        written = self.lake.write_events(events_to_table(events)) if events else []
+        self.client.xack(self.stream_key, self.group, *[entry_id for entry_id, _ in self.buffer])
+        log.debug("flushed %d events into %d files", len(events), len(written))
+        self.buffer = []
+        self.buffer_since = time.monotonic()
+        return len(events)
+
+    def _read(self, count: int, block_ms: int) -> list[Entry]:
+        if not self._own_pending_done:  # restarted under the same name: our unacked entries first
+            entries = self._xreadgroup("0", count, None)
+            if entries:
+                return entries
+            self._own_pending_done = True
+        if time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + self.settings.speed.claim_interval_s
+            reply = self.client.xautoclaim(
+                self.stream_key, self.group, self.name,
+                min_idle_time=self.settings.speed.claim_idle_ms, start_id="0-0", count=count,
+            )  # fmt: skip
+            claimed = [(i, f) for i, f in reply[1] if f is not None]
+            if claimed:
+                return claimed
+        return self._xreadgroup(">", count, block_ms)
+
+    def _xreadgroup(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
+        reply = self.client.xreadgroup(
+            self.group, self.name, {self.stream_key: start}, count=count, block=block_ms
+        )
+        if not reply:
+            return []
+        return [(i, f) for i, f in reply[0][1] if f is not None]

@@ -23,6 +23,18 @@ def warehouse(
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
+@bench_app.command("serve")
+def serve(
+    seconds: float = typer.Option(30.0, min=1, help="Seconds at the base rate (200 req/s)."),
+    as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
+) -> None:
+    """API latency: 2 workers on a 50k-item, 64-factor synthetic model, fixed-rate load from another process."""
+    from bench.serve import bench_serve
+
+    result = bench_serve(seconds=seconds)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
 def register(app: typer.Typer) -> None:
     """Add this layer's commands to `recs`."""
     app.add_typer(bench_app, name="bench")

@@ -1,9 +1,55 @@
-"""Commands of this layer (filled in as the layer lands)."""
+"""`recs serve`: run the API under uvicorn with N workers (also `python -m serving.cli`)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import typer
+
+from common.settings import SettingsError, get_settings
+
+
+def serve(
+    workers: int = typer.Option(
+        None, "--workers", "-w", help="Worker processes (default: settings.api.workers)."
+    ),
+    port: int = typer.Option(None, "--port", "-p", help="Port (default: settings.api.port)."),
+    host: str = typer.Option(None, "--host", help="Interface (default: settings.api.host)."),
+) -> None:
+    """Serve the recommendations API (model loaded once per worker; hot reload on activation)."""
+    import uvicorn
+
+    from serving.core.metrics import MULTIPROC_ENV
+
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+    workers = workers or settings.api.workers
+    if workers > 1 and not os.environ.get(MULTIPROC_ENV):
+        # Each worker writes its metrics under this directory and /metrics sums them; it must be
+        # set (and empty) before any worker imports prometheus_client.
+        directory = settings.var_dir / "prometheus"
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        os.environ[MULTIPROC_ENV] = str(directory)
+    uvicorn.run(
+        "serving.main:create_app",
+        factory=True,
+        host=host or settings.api.host,
+        port=port or settings.api.port,
+        workers=workers,
+        access_log=False,  # request lines carry query strings; keys travel in headers and are never logged
+        log_level="warning",
+    )
 
 
 def register(app: typer.Typer) -> None:
     """Add this layer's commands to `recs`."""
+    app.command("serve")(serve)
+
+
+if __name__ == "__main__":
+    typer.run(serve)

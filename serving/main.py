@@ -5,6 +5,7 @@ Run it with `recs serve` (uvicorn, N workers) or `uvicorn serving.main:create_ap
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             state.close()  # flushes buffered impressions to the lake
+            metrics.mark_worker_exit(os.getpid())
 
     app = FastAPI(
         title="Lambdarec API",

@@ -100,7 +100,9 @@ class RecommendedItem(BaseModel):
     item_id: str
     score: float
     reason: str = Field(description="A short human explanation, e.g. 'because you viewed Trail Runner 2'.")
-    sources: list[str] = Field(description="Generators that proposed the item: als, covis, trending, category, new.")
+    sources: list[str] = Field(
+        description="Generators that proposed the item: als, covis, trending, category, new."
+    )
     category: str
     promoted: bool = False
 
@@ -193,7 +195,9 @@ class ActivateResponse(BaseModel):
     version: str
     previous: str | None
     serving: str
-    notified_workers: int = Field(description="Subscribers that heard the pub/sub message (other workers, speed layer).")
+    notified_workers: int = Field(
+        description="Subscribers that heard the pub/sub message (other workers, speed layer)."
+    )
 
 
 class Readiness(BaseModel):

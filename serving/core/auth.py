@@ -40,7 +40,9 @@ def check_scope(settings: Settings, presented: str | None, scope: Scope) -> None
         if hmac.compare_digest(key.encode(), presented.encode()):
             scopes = key_scopes
     if scopes is None:
-        raise ApiError(401, "invalid_api_key", "the API key is not recognised", headers={"WWW-Authenticate": "ApiKey"})
+        raise ApiError(
+            401, "invalid_api_key", "the API key is not recognised", headers={"WWW-Authenticate": "ApiKey"}
+        )
     if scope not in scopes:
         raise ApiError(
             403,

@@ -42,7 +42,9 @@ MODEL_VERSION = Gauge(
     multiprocess_mode="liveall",
 )
 STREAM_LAG = Gauge(
-    "recs_stream_lag", "Speed-layer consumer group lag, as last seen by a worker.", multiprocess_mode="livemax"
+    "recs_stream_lag",
+    "Speed-layer consumer group lag, as last seen by a worker.",
+    multiprocess_mode="livemax",
 )
 
 

@@ -113,7 +113,9 @@ def recommend(state: ServingState, req: RecRequest) -> RecResult:
 # ---------------------------------------------------------------- reads
 
 
-def _read_speed(state: ServingState, req: RecRequest, model: ServingModel | None, now_s: float) -> SpeedState | None:
+def _read_speed(
+    state: ServingState, req: RecRequest, model: ServingModel | None, now_s: float
+) -> SpeedState | None:
     """The speed layer's state for this request, or None when Redis is down (then the breaker skips it)."""
     if not state.redis.available():
         metrics.FALLBACKS.labels(reason="redis_unavailable").inc()
@@ -149,7 +151,9 @@ def _read_speed(state: ServingState, req: RecRequest, model: ServingModel | None
     return speed
 
 
-def _user_vector(state: ServingState, model: ServingModel, person: str, speed: SpeedState | None) -> np.ndarray | None:
+def _user_vector(
+    state: ServingState, model: ServingModel, person: str, speed: SpeedState | None
+) -> np.ndarray | None:
     """x(u) + δ(u) for a known person; the ALS fold-in of their items for a new or anonymous one."""
     erased = person in state.erased
     batch = None if erased else model.artifacts.user_vector(person)
@@ -187,11 +191,15 @@ def _candidate_lists(
     lists: dict[str, Scored] = {}
     if variant != "popular":
         if vector is not None:
-            lists["als"] = als_top_n(vector, model.artifacts.item_factors, model.artifacts.item_ids, sizes.als)
+            lists["als"] = als_top_n(
+                vector, model.artifacts.item_factors, model.artifacts.item_ids, sizes.als
+            )
         if req.context == "product" and req.item_id is not None:
             anchor = model.artifacts.item_vector(req.item_id)
             if anchor is not None:
-                similar = als_top_n(anchor, model.artifacts.item_factors, model.artifacts.item_ids, sizes.als // 2)
+                similar = als_top_n(
+                    anchor, model.artifacts.item_factors, model.artifacts.item_ids, sizes.als // 2
+                )
                 lists["als"] = _union(lists.get("als", []), similar)
         lists["covis"] = covisited(_seeds(req, speed, now_s), _covis_map(model, speed, req), sizes.covis)
         affinity = speed.category_affinity if speed else {}
@@ -237,7 +245,9 @@ def _union(first: Scored, second: Scored) -> Scored:
     return first + [(i, s) for i, s in second if i not in seen]
 
 
-def _excluded(state: ServingState, rules: Rules, req: RecRequest, speed: SpeedState | None, now_s: float) -> set[str]:
+def _excluded(
+    state: ServingState, rules: Rules, req: RecRequest, speed: SpeedState | None, now_s: float
+) -> set[str]:
     """Items the rules forbid for this request."""
     out: set[str] = set()
     if req.item_id:
@@ -256,7 +266,12 @@ def _excluded(state: ServingState, rules: Rules, req: RecRequest, speed: SpeedSt
 
 
 def _apply_rules(
-    state: ServingState, rules: Rules, req: RecRequest, speed: SpeedState | None, lists: dict[str, Scored], now_s: float
+    state: ServingState,
+    rules: Rules,
+    req: RecRequest,
+    speed: SpeedState | None,
+    lists: dict[str, Scored],
+    now_s: float,
 ) -> _Pool:
     excluded = _excluded(state, rules, req, speed, now_s)
     check_catalog_stock = rules.exclude.out_of_stock
@@ -323,7 +338,9 @@ def _ranker_scores(
     return np.asarray(model.artifacts.ranker.predict(features), dtype=np.float64)
 
 
-def _request_state(state: ServingState, speed: SpeedState | None, vector: np.ndarray | None, now_s: float) -> RequestState:
+def _request_state(
+    state: ServingState, speed: SpeedState | None, vector: np.ndarray | None, now_s: float
+) -> RequestState:
     if speed is None:
         return RequestState(now_s=now_s, user_vector=vector)
     engaged = set(speed.person_items) | set(speed.session_items)
@@ -362,7 +379,10 @@ def _candidates(
         prices=np.array([info.price if info else 0.0 for info in infos]),
         created_at_s=np.array([info.created_at_s if info else now_s for info in infos]),
         promoted=np.array(
-            [i in promoted or bool(info and info.promoted) for i, info in zip(pool.item_ids, infos, strict=True)]
+            [
+                i in promoted or bool(info and info.promoted)
+                for i, info in zip(pool.item_ids, infos, strict=True)
+            ]
         ),
     )
 
@@ -439,7 +459,11 @@ def _without_model(
 
 
 def _reason(
-    state: ServingState, req: RecRequest, item: str, sources: set[str], speed: SpeedState | None,
+    state: ServingState,
+    req: RecRequest,
+    item: str,
+    sources: set[str],
+    speed: SpeedState | None,
     model: ServingModel | None,
 ) -> str:
     category = state.catalog.category(item)
@@ -506,4 +530,3 @@ def _finish(
         items=items,
         candidates=n_candidates,
     )
-

@@ -181,7 +181,9 @@ class StreamLagProbe:
 
         now = time.monotonic()
         if now - self._read_at >= self.ttl_s:
-            self._value = group_lag(state.redis.client, state.settings.redis.stream, state.settings.speed.group)
+            self._value = group_lag(
+                state.redis.client, state.settings.redis.stream, state.settings.speed.group
+            )
             self._read_at = now
             metrics.STREAM_LAG.set(self._value)
         return self._value

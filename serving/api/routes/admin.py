@@ -63,4 +63,6 @@ def activate(state: StateDep, version: str = Path(examples=["20250610T020000Z"])
         heard = publish_model_event(state.redis.client, event)
     except redis.RedisError:
         heard = 0  # other workers catch up with CURRENT when their listener reconnects
-    return ActivateResponse(version=version, previous=event.previous, serving=loaded.version, notified_workers=heard)
+    return ActivateResponse(
+        version=version, previous=event.previous, serving=loaded.version, notified_workers=heard
+    )

@@ -42,12 +42,16 @@ def put_items(
     state: StateDep, updates: Annotated[list[ItemUpdate], Body(openapi_examples=EXAMPLES, max_length=5000)]
 ) -> CatalogUpdateResponse:
     if not updates:
-        raise ApiError(422, "empty_batch", "no item updates given", errors=[{"field": "body", "reason": "empty"}])
+        raise ApiError(
+            422, "empty_batch", "no item updates given", errors=[{"field": "body", "reason": "empty"}]
+        )
     try:
         apply_item_updates(state.redis.client, updates)
     except redis.RedisError as exc:
         state.redis.failed(exc)
-        raise ApiError(503, "redis_unavailable", "Redis is unreachable; retry", headers={"Retry-After": "5"}) from None
+        raise ApiError(
+            503, "redis_unavailable", "Redis is unreachable; retry", headers={"Retry-After": "5"}
+        ) from None
     state.catalog.apply(updates)
     return CatalogUpdateResponse(
         updated=len(updates),

@@ -36,7 +36,10 @@ RETRY_AFTER_S = "5"
         **ERROR_RESPONSES,
         413: {"model": ErrorBody, "description": "More events than `api.max_batch`."},
         422: {"model": EventsResponse, "description": "Some events were rejected; the good ones were kept."},
-        503: {"model": ErrorBody, "description": "Backpressure or Redis down; retry after the header's seconds."},
+        503: {
+            "model": ErrorBody,
+            "description": "Backpressure or Redis down; retry after the header's seconds.",
+        },
     },
 )
 def post_events(
@@ -46,17 +49,25 @@ def post_events(
     payloads = payload if isinstance(payload, list) else [payload]
     max_batch = state.settings.api.max_batch
     if not payloads:
-        raise ApiError(422, "empty_batch", "the batch holds no events", errors=[{"field": "body", "reason": "empty"}])
+        raise ApiError(
+            422, "empty_batch", "the batch holds no events", errors=[{"field": "body", "reason": "empty"}]
+        )
     if len(payloads) > max_batch:
-        raise ApiError(413, "batch_too_large", f"a batch holds at most {max_batch} events, got {len(payloads)}")
+        raise ApiError(
+            413, "batch_too_large", f"a batch holds at most {max_batch} events, got {len(payloads)}"
+        )
     _refuse_under_backpressure(state)
 
     accepted, rejected = validate_events(payloads)
     stamped = [event.received() for event in accepted]
     try:
-        stream_ids = append_events(
-            state.redis.client, stamped, state.settings.redis.stream, state.settings.redis.stream_maxlen
-        ) if stamped else []
+        stream_ids = (
+            append_events(
+                state.redis.client, stamped, state.settings.redis.stream, state.settings.redis.stream_maxlen
+            )
+            if stamped
+            else []
+        )
     except redis.RedisError as exc:
         state.redis.failed(exc)
         raise _unavailable() from None
@@ -67,10 +78,14 @@ def post_events(
     for index in range(len(payloads)):
         if index in rejected_by_index:
             err = rejected_by_index[index]
-            results.append(EventResult(index=index, event_id=err.event_id, status="rejected", errors=err.errors))
+            results.append(
+                EventResult(index=index, event_id=err.event_id, status="rejected", errors=err.errors)
+            )
         else:
             event, stream_id = next(accepted_iter)
-            results.append(EventResult(index=index, event_id=event.event_id, status="accepted", stream_id=stream_id))
+            results.append(
+                EventResult(index=index, event_id=event.event_id, status="accepted", stream_id=stream_id)
+            )
     metrics.EVENTS.labels(outcome="accepted").inc(len(stamped))
     metrics.EVENTS.labels(outcome="rejected").inc(len(rejected))
     body = EventsResponse(accepted=len(stamped), rejected=len(rejected), results=results)
@@ -97,5 +112,8 @@ def _refuse_under_backpressure(state: StateDep) -> None:
 def _unavailable() -> ApiError:
     metrics.EVENTS.labels(outcome="refused_redis_down").inc()
     return ApiError(
-        503, "stream_unavailable", "the event stream (Redis) is unreachable; retry later", headers={"Retry-After": RETRY_AFTER_S}
+        503,
+        "stream_unavailable",
+        "the event stream (Redis) is unreachable; retry later",
+        headers={"Retry-After": RETRY_AFTER_S},
     )

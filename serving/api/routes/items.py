@@ -52,7 +52,11 @@ def similar_items(
         info = state.catalog.get(other)
         if other in out_of_stock or (info is not None and not info.in_stock) or not np.isfinite(scores[i]):
             continue
-        items.append(SimilarItem(item_id=other, score=round(float(scores[i]), 6), category=state.catalog.category(other)))
+        items.append(
+            SimilarItem(
+                item_id=other, score=round(float(scores[i]), 6), category=state.catalog.category(other)
+            )
+        )
         if len(items) == k:
             break
     return SimilarResponse(item_id=item_id, model_version=model.version, degraded=degraded, items=items)

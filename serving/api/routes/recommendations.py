@@ -41,12 +41,16 @@ def get_recommendations(
 ) -> RecommendationsResponse:
     if user_id is None and anonymous_id is None:
         raise ApiError(
-            422, "invalid_request", "give user_id or anonymous_id",
+            422,
+            "invalid_request",
+            "give user_id or anonymous_id",
             errors=[{"field": "user_id", "reason": "user_id or anonymous_id is required"}],
         )
     if context is Context.product and item_id is None:
         raise ApiError(
-            422, "invalid_request", "context=product needs item_id",
+            422,
+            "invalid_request",
+            "context=product needs item_id",
             errors=[{"field": "item_id", "reason": "required when context is product"}],
         )
     req = RecRequest(user_id, anonymous_id, session_id, k, context.value, item_id)

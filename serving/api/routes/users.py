@@ -27,12 +27,16 @@ router = APIRouter(prefix="/v1/users", tags=["users"], responses=ERROR_RESPONSES
     dependencies=[Admin],
     responses={503: {"model": ErrorBody, "description": "Redis is unreachable; nothing was erased."}},
 )
-def erase_user(state: StateDep, user_id: Annotated[str, Path(min_length=1, max_length=128)]) -> ErasureResponse:
+def erase_user(
+    state: StateDep, user_id: Annotated[str, Path(min_length=1, max_length=128)]
+) -> ErasureResponse:
     try:
         deleted = erase_person(state.redis.client, user_id)
     except redis.RedisError as exc:
         state.redis.failed(exc)
-        raise ApiError(503, "redis_unavailable", "Redis is unreachable; retry", headers={"Retry-After": "5"}) from None
+        raise ApiError(
+            503, "redis_unavailable", "Redis is unreachable; retry", headers={"Retry-After": "5"}
+        ) from None
     queued = state.lake.queue_erasure(user_id)
     state.erased.add(user_id)
     return ErasureResponse(user_id=user_id, redis_keys_deleted=deleted, lake_erasure_queued=queued)

@@ -208,7 +208,7 @@ def _online_retail_rows(chunk: pd.DataFrame, line_base: dict[str, int], report: 
     ]
     for bad, why in checks:
         reason = reason.where(reason.notna() | ~bad, why)
-    reason = reason.fillna(_non_product_reason(chunk["StockCode"]))
+    reason = reason.where(reason.notna(), _non_product_reason(chunk["StockCode"]))
     more = [
         (chunk["unit_price"] <= 0, "zero or negative UnitPrice"),
         (chunk["qty"] == 0, "zero Quantity"),
@@ -445,7 +445,8 @@ def _csv_rows(chunk: pd.DataFrame, columns: dict[str, str], fmt: CsvFormat, repo
         return chunk[columns[name]].str.strip() if name in columns else pd.Series("", index=chunk.index)
 
     raw_type = col("type")
-    mapped = raw_type.map(fmt.type_map).fillna(raw_type.where(raw_type.isin([t.value for t in EventType])))
+    mapped = raw_type.map(fmt.type_map)
+    mapped = mapped.where(mapped.notna(), raw_type.where(raw_type.isin([t.value for t in EventType])))
     event_type = mapped.where(raw_type != "", fmt.default_type)
     ts = _parse_ts(col("ts"), fmt.ts_unit)
     quantity = pd.to_numeric(col("quantity").replace("", None), errors="coerce")

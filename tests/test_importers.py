@@ -1,0 +1,235 @@
+"""Importers: a real slice of Online Retail gives exactly the expected events; the CSV importer maps any export."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from common.events import table_to_events
+from common.lake import Lake
+from recs import data_cli
+from recs.importers import (
+    CsvFormat,
+    category_of,
+    import_csv,
+    import_online_retail,
+    parse_mapping,
+    parse_type_map,
+)
+
+SAMPLE = Path(__file__).parent / "fixtures" / "online_retail_sample.csv"
+NOT_PRODUCTS = {"POST", "DOT", "M", "C2", "D", "S", "B", "BANK CHARGES", "AMAZONFEE", "CRUK", "PADS"}
+
+
+def _expected() -> dict[str, object]:
+    """What the import rules say the sample should give, computed straight from the CSV lines."""
+    kept, dropped = [], Counter()
+    with SAMPLE.open(newline="") as f:
+        for line in csv.DictReader(f):
+            if line["StockCode"] in NOT_PRODUCTS or line["StockCode"].startswith("gift_"):
+                dropped["non-product"] += 1
+            elif float(line["UnitPrice"]) <= 0:
+                dropped["price"] += 1
+            else:
+                kept.append(line)
+    sales = [x for x in kept if not x["InvoiceNo"].startswith("C")]
+    returns = [x for x in kept if x["InvoiceNo"].startswith("C")]
+    return {
+        "kept": kept,
+        "dropped": dropped,
+        "sales": sales,
+        "returns": returns,
+        "sessions": {x["InvoiceNo"] for x in kept},
+        "users": {str(int(float(x["CustomerID"]))) for x in kept if x["CustomerID"]},
+        "guest_invoices": {x["InvoiceNo"] for x in kept if not x["CustomerID"]},
+        "products": {x["StockCode"] for x in kept},
+    }
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory):
+    lake = Lake(str(tmp_path_factory.mktemp("or") / "lake"))
+    report = import_online_retail(SAMPLE, lake, chunk_rows=64)  # small chunks: invoices span chunk borders
+    return lake, report, lake.read_events()
+
+
+def test_online_retail_counts_match_the_rules(imported) -> None:
+    _, report, events = imported
+    want = _expected()
+    types = Counter(events["event_type"].to_pylist())
+    assert types == {"add_to_cart": len(want["sales"]), "purchase": len(want["sales"]), "remove_from_cart": len(want["returns"])}
+    assert want["returns"] and want["guest_invoices"]  # the sample covers both
+    assert report.rows_read == len(want["kept"]) + sum(want["dropped"].values())
+    assert sum(n for r, n in report.dropped.items() if r.startswith("non-product")) == want["dropped"]["non-product"]
+    assert report.dropped["zero or negative UnitPrice"] == want["dropped"]["price"] == 1
+    assert report.dropped["non-product code POST"] == 1 and report.dropped["non-product code gift_* (voucher)"] == 1
+    assert set(events["session_id"].to_pylist()) == {f"invoice-{i}" for i in want["sessions"]}
+    assert set(events["user_id"].drop_null().to_pylist()) == want["users"]
+    guests = events.filter(pc.is_null(events["user_id"]))
+    assert set(guests["anonymous_id"].to_pylist()) == {f"guest-{i}" for i in want["guest_invoices"]}
+    assert len(table_to_events(events)) == events.num_rows  # every event passes the schema
+
+
+def test_an_invoice_is_carts_in_line_order_then_purchases(imported) -> None:
+    events = imported[2]
+    invoice = events.filter(pc.equal(events["session_id"], "invoice-536365")).sort_by("ts").to_pylist()
+    lines = [x for x in _expected()["sales"] if x["InvoiceNo"] == "536365"]
+    assert [e["event_type"] for e in invoice] == ["add_to_cart"] * len(lines) + ["purchase"] * len(lines)
+    for part in (invoice[: len(lines)], invoice[len(lines) :]):
+        assert [e["item_id"] for e in part] == [x["StockCode"] for x in lines]
+        assert [e["quantity"] for e in part] == [int(float(x["Quantity"])) for x in lines]
+        assert [e["price"] for e in part] == [float(x["UnitPrice"]) for x in lines]
+    assert {e["user_id"] for e in invoice} == {"17850"}
+    assert invoice[0]["ts"] == invoice[0]["received_at"] == datetime(2010, 12, 1, 8, 26, tzinfo=UTC)
+    assert invoice[0]["context"]["country"] == "GB"
+
+
+def test_a_cancellation_is_a_return_with_a_positive_quantity(imported) -> None:
+    events = imported[2]
+    returns = events.filter(pc.equal(events["session_id"], "invoice-C536391")).to_pylist()
+    assert sorted((e["item_id"], e["quantity"]) for e in returns) == sorted(
+        (x["StockCode"], -int(float(x["Quantity"]))) for x in _expected()["returns"] if x["InvoiceNo"] == "C536391"
+    )
+    assert {e["event_type"] for e in returns} == {"remove_from_cart"}
+    assert {e["context"]["page"] for e in returns} == {"return"}
+
+
+def test_online_retail_catalog_and_reimport(imported, tmp_path: Path) -> None:
+    lake, _, events = imported
+    catalog = lake.read_catalog()
+    assert set(catalog["item_id"].to_pylist()) == _expected()["products"]
+    titles = dict(zip(catalog["item_id"].to_pylist(), catalog["title"].to_pylist(), strict=True))
+    assert titles["82567"] == "AIRLINE LOUNGE,METAL SIGN"  # a quoted comma survives
+    again = import_online_retail(SAMPLE, lake)  # one chunk this time: same ids, nothing new
+    assert again.files == 0
+    assert lake.read_events().num_rows == events.num_rows
+
+
+def test_category_rule() -> None:
+    assert category_of("WHITE HANGING HEART T-LIGHT HOLDER") == "Candles and Lights"
+    assert category_of("JUMBO BAG RED RETROSPOT") == "Bags"
+    assert category_of("ASSORTED COLOUR BIRD ORNAMENT") == "Garden"
+    assert category_of("SOMETHING ELSE") == "uncategorised"
+
+
+# ---------------------------------------------------------------- generic CSV
+
+
+def _csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def test_headerless_epoch_seconds_with_derived_sessions_and_bad_rows(tmp_path: Path) -> None:
+    s = int(T0.timestamp())
+    rows = [
+        f"{s},alice,sku1,pv",
+        f"{s + 600},alice,sku2,pv",
+        f"{s + 700},alice,sku2,order",
+        f"{s + 700 + 31 * 60},alice,sku3,pv",  # 31 minutes later: a new session
+        f"{s + 60},bob,sku1,pv",
+        "yesterday,bob,sku1,pv",  # bad time
+        f"{s},,sku1,pv",  # nobody
+        f"{s},bob,,pv",  # no item
+        f"{s},bob,sku1,refund",  # unmapped type
+    ]
+    path = _csv(tmp_path / "export.csv", "\n".join(rows) + "\n")
+    fmt = CsvFormat(
+        mapping=parse_mapping("ts=1,user=2,item=3,type=4"), ts_unit="s", header=False,
+        type_map=parse_type_map("view=pv,purchase=order"),
+    )  # fmt: skip
+    lake = Lake(str(tmp_path / "lake"))
+    report = import_csv(path, lake, fmt, chunk_rows=3)
+    assert report.rows_read == 9
+    assert report.dropped == {
+        "ts is not epoch s": 1,
+        "no user or anonymous id": 1,
+        "missing item for an item event": 1,
+        "unknown event type (add it to --type-map)": 1,
+    }
+    events = lake.read_events().sort_by("ts").to_pylist()
+    assert [(e["user_id"], e["item_id"], e["event_type"]) for e in events if e["user_id"] == "alice"] == [
+        ("alice", "sku1", "view"), ("alice", "sku2", "view"), ("alice", "sku2", "purchase"), ("alice", "sku3", "view"),
+    ]  # fmt: skip
+    alice_sessions = [e["session_id"] for e in events if e["user_id"] == "alice"]
+    assert alice_sessions[0] == alice_sessions[1] == alice_sessions[2] != alice_sessions[3]
+    assert report.sessions == 3
+    assert events[0]["ts"] == T0 and events[0]["received_at"] == T0
+    assert len(table_to_events(lake.read_events())) == 5
+    assert import_csv(path, lake, fmt).files == 0  # re-import dedups
+
+
+@pytest.mark.parametrize(
+    ("unit", "value"),
+    [("s", str(int(T0.timestamp()))), ("ms", str(int(T0.timestamp() * 1000))), ("iso", "2025-06-01T14:00:00+02:00"),
+     ("iso", "2025-06-01 12:00:00")],
+)  # fmt: skip
+def test_time_units_all_read_as_utc(tmp_path: Path, unit: str, value: str) -> None:
+    path = _csv(tmp_path / "e.csv", f"when;who;what;sess\n{value};u1;i1;S9\n")
+    fmt = CsvFormat(mapping=parse_mapping("ts=when,user=who,item=what,session=sess"), sep=";", ts_unit=unit)
+    lake = Lake(str(tmp_path / "lake"))
+    import_csv(path, lake, fmt)
+    (event,) = lake.read_events().to_pylist()
+    assert event["ts"] == T0
+    assert event["session_id"] == "S9" and event["event_type"] == "view"
+
+
+def test_quantity_price_and_future_rows_are_checked(tmp_path: Path) -> None:
+    future = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    path = _csv(
+        tmp_path / "e.csv",
+        "ts,user,item,qty,price\n"
+        "2025-06-01T12:00:00Z,u1,i1,2,9.5\n"
+        "2025-06-01T12:00:00Z,u1,i2,0,9.5\n"
+        "2025-06-01T12:00:00Z,u1,i3,1.5,9.5\n"
+        "2025-06-01T12:00:00Z,u1,i4,1,-3\n"
+        f"{future},u1,i5,1,1\n",
+    )
+    fmt = CsvFormat(mapping=parse_mapping("ts=ts,user=user,item=item,quantity=qty,price=price"), default_type="add_to_cart")
+    lake = Lake(str(tmp_path / "lake"))
+    report = import_csv(path, lake, fmt)
+    assert report.dropped == {
+        "quantity outside 1..10,000": 1,
+        "quantity is not a whole number": 1,
+        "price outside 0..1,000,000": 1,
+        "ts before 2000 or in the future": 1,
+    }
+    (event,) = lake.read_events().to_pylist()
+    assert (event["item_id"], event["quantity"], event["price"], event["event_type"]) == ("i1", 2, 9.5, "add_to_cart")
+
+
+def test_mapping_errors_name_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="missing item"):
+        parse_mapping("ts=a,user=b")
+    with pytest.raises(ValueError, match="'colour' is not one of"):
+        parse_mapping("ts=a,user=b,item=c,colour=d")
+    with pytest.raises(ValueError, match="'viewed' is not an event type"):
+        parse_type_map("viewed=pv")
+    with pytest.raises(ValueError, match="positions counted from 1"):
+        CsvFormat(mapping=parse_mapping("ts=a,user=2,item=3"), header=False)
+    path = _csv(tmp_path / "e.csv", "time,user,item\n2025-06-01T12:00:00Z,u,i\n")
+    with pytest.raises(ValueError, match=r"ts=ts .*the file has: time, user, item"):
+        import_csv(path, Lake(str(tmp_path / "lake")), CsvFormat(mapping=parse_mapping("ts=ts,user=user,item=item")))
+
+
+def test_cli_import_csv_prints_the_report(tmp_path: Path) -> None:
+    app = typer.Typer()
+    data_cli.register(app)
+    path = _csv(tmp_path / "e.csv", "t,u,i\n1748779200,u1,i1\nnope,u1,i1\n")
+    out = tmp_path / "lake"
+    result = CliRunner().invoke(app, ["import", "csv", str(path), "--map", "ts=t,user=u,item=i", "--ts-unit", "s", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "imported 1 events from 2 rows" in result.output
+    assert "ts is not epoch s" in result.output
+    bad = CliRunner().invoke(app, ["import", "csv", str(path), "--map", "ts=t,user=u", "--out", str(out)])
+    assert bad.exit_code != 0 and "missing item" in bad.output

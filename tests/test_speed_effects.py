@@ -1,0 +1,186 @@
+"""Speed-layer effects on a real redis-server: exactly once, dead letters, sessions, identify, SGD, catalog."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from common import redis_keys
+from common.catalog import ItemUpdate
+from common.catalog_state import apply_item_updates
+from common.events import EventType
+from common.messages import RecsChanged
+from common.model import load_model
+from common.redis_server import RedisServer
+from common.registry import Registry
+from common.speed_state import read_speed_state
+from speed_layer.consumer import SpeedConsumer
+from tests.speed_factories import add_events, make_event, publish_model, set_categories, speed_settings
+
+HOUR = timedelta(hours=1)
+
+
+def drain(consumer: SpeedConsumer) -> None:
+    while consumer.poll_once(block=False):
+        pass
+
+
+def test_duplicate_delivery_applies_once(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url)
+    registry = Registry(settings.models.root)
+    rng = np.random.default_rng(1)
+    publish_model(
+        registry, "v1", datetime.now(UTC) - HOUR, rng.normal(size=(20, 8)).astype(np.float32), ["u1"]
+    )
+    set_categories(redis_client, {"i1": "shoes", "i2": "hats"})
+    consumer = SpeedConsumer(redis_client, settings, registry, name="c1")
+    events = [
+        make_event(EventType.VIEW, "i1", user_id="u1"),
+        make_event(EventType.ADD_TO_CART, "i2", user_id="u1", quantity=2),
+        make_event(EventType.PURCHASE, "i2", user_id="u1"),
+    ]
+    add_events(redis_client, settings, events)
+    add_events(redis_client, settings, events)  # the producer retried: every event arrives twice
+    drain(consumer)
+    entries = redis_client.xrange(redis_keys.stream())
+    consumer.process(entries)  # and a redelivery of everything after the ack
+
+    state = read_speed_state(
+        redis_client, "u1", session_id="s1", model_version="v1", candidate_items=["i1", "i2"]
+    )
+    assert state.session_counts == {"view": 1, "add_to_cart": 1, "purchase": 1}
+    assert state.person_items == {"i1": 1.0, "i2": 8.0}  # view 1; cart 3 + purchase 5
+    assert state.cart == {}  # bought
+    assert set(state.purchases) == {"i2"}
+    assert state.delta_events == 3
+    assert state.day_counts[:, -1].tolist() == [1.0, 2.0]
+    assert state.covisitation == {"i1": {"i2": 1.0}, "i2": {"i1": 1.0}}
+    assert redis_client.xpending(redis_keys.stream(), settings.speed.group)["pending"] == 0
+    redis_client.delete(redis_keys.TRENDING_REFRESH_LOCK)  # taken by the drain's first poll
+    assert consumer.refresh_trending()
+    trending = dict(read_speed_state(redis_client, "u1", session_id="s1").trending)
+    assert trending == {"i1": 1.0, "i2": 8.0}
+
+
+def test_malformed_entry_goes_to_dead_letter_and_the_group_goes_on(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url)
+    consumer = SpeedConsumer(redis_client, settings, name="c1")
+    stream = redis_keys.stream()
+    redis_client.xadd(stream, {"e": b'{"event_type": "view"}'})
+    redis_client.xadd(stream, {"other": b"x"})
+    add_events(redis_client, settings, [make_event(EventType.VIEW, "i1", anonymous_id="a1")])
+    drain(consumer)
+
+    dead = redis_client.xrange(redis_keys.dead_letter())
+    assert len(dead) == 2
+    assert b"event_id" in dead[0][1][b"reason"] and dead[0][1][b"raw"] == b'{"event_type": "view"}'
+    assert b"no 'e' field" in dead[1][1][b"reason"]
+    assert read_speed_state(redis_client, "a1", session_id="s1").session_counts == {"view": 1}
+    assert redis_client.xpending(stream, settings.speed.group)["pending"] == 0
+
+
+def test_session_expires_and_identify_merges_the_device_into_the_user(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url, session_ttl_s=60)
+    set_categories(redis_client, {"i1": "shoes", "i2": "hats"})
+    consumer = SpeedConsumer(redis_client, settings, name="c1")
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(redis_keys.RECS_CHANNEL)
+    add_events(
+        redis_client,
+        settings,
+        [
+            make_event(EventType.VIEW, "i1", anonymous_id="dev"),
+            make_event(EventType.ADD_TO_CART, "i2", anonymous_id="dev"),
+            make_event(EventType.VIEW, "i9", anonymous_id="old", user_id="u7", session_id="s0"),
+        ],
+    )
+    drain(consumer)
+    recent_key = redis_keys.session_recent("dev", "s1")
+    assert 0 < redis_client.ttl(recent_key) <= 60  # the session TTL, refreshed on activity
+    heard = set()
+    deadline = time.monotonic() + 2
+    while len(heard) < 2 and time.monotonic() < deadline:  # the first reply is the (ignored) subscribe
+        message = pubsub.get_message(timeout=0.2)
+        if message:
+            heard.add(RecsChanged.model_validate_json(message["data"]).person_id)
+    assert heard == {"dev", "u7"}
+
+    add_events(
+        redis_client, settings, [make_event(EventType.IDENTIFY, None, anonymous_id="dev", user_id="u7")]
+    )
+    add_events(redis_client, settings, [make_event(EventType.VIEW, "i3", anonymous_id="dev")])  # no user_id
+    drain(consumer)
+
+    user = read_speed_state(redis_client, "dev", session_id="s1")  # the device resolves to its user
+    assert user.person_id == "u7"
+    assert set(user.session_items) == {"i1", "i2", "i3"}
+    assert user.cart == {"i2": 1}
+    assert set(user.category_affinity) == {"shoes", "hats"}
+    assert user.person_items == {"i1": 1.0, "i2": 3.0, "i3": 1.0, "i9": 1.0}
+    assert redis_client.exists(recent_key) == 0  # moved, not copied
+    assert read_speed_state(redis_client, "u7").session_id in {"s0", "s1"}
+
+    redis_client.pexpire(redis_keys.session_recent("u7", "s1"), 1)  # let the TTL run out
+    time.sleep(0.01)
+    assert read_speed_state(redis_client, "u7", session_id="s1").session_items == {}
+
+
+def test_sgd_moves_scores_toward_the_engaged_category(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(3)
+    k, per_category, categories = 16, 20, 5
+    centroids = rng.normal(size=(categories, k))
+    item_factors = np.vstack([c + 0.3 * rng.normal(size=(per_category, k)) for c in centroids]).astype(
+        np.float32
+    )
+    item_factors *= 0.3
+    user = (rng.normal(size=(1, k)) * 0.3).astype(np.float32)
+    settings = speed_settings(tmp_path, redis_server.url)
+    registry = Registry(settings.models.root)
+    publish_model(registry, "v1", datetime.now(UTC) - HOUR, item_factors, ["u1"], user)
+    model = load_model(registry, "v1")
+
+    def category_rank(vector: np.ndarray, category: int) -> int:
+        means = (item_factors @ vector).reshape(categories, per_category).mean(axis=1)
+        return int((means > means[category]).sum())
+
+    target = int(np.argmin((item_factors @ user[0]).reshape(categories, per_category).mean(axis=1)))
+    assert category_rank(user[0], target) == categories - 1  # starts last
+    items = [f"i{target * per_category + j}" for j in range(per_category)]
+    add_events(
+        redis_client, settings, [make_event(EventType.VIEW, items[j % 10], user_id="u1") for j in range(30)]
+    )
+    drain(SpeedConsumer(redis_client, settings, registry, name="c1"))
+
+    state = read_speed_state(redis_client, "u1", model_version="v1")
+    assert state.delta is not None and state.delta_events == 30
+    assert np.linalg.norm(state.delta) <= settings.speed.max_delta_norm + 1e-5
+    merged = model.user_factors[0] + state.delta
+    assert category_rank(merged, target) == 0
+    unseen = item_factors[
+        target * per_category + 10 :
+    ]  # the category's items the user never touched rise too
+    assert (unseen @ merged).mean() > (unseen @ user[0]).mean()
+
+
+def test_catalog_updates_take_effect_at_once(redis_client: redis.Redis) -> None:
+    apply_item_updates(
+        redis_client,
+        [ItemUpdate(item_id="i1", in_stock=False, price=9.5), ItemUpdate(item_id="i2", promoted=True)],
+    )
+    state = read_speed_state(redis_client, "anyone")
+    assert state.out_of_stock == {"i1"} and state.promoted == {"i2"}
+    assert redis_client.hget(redis_keys.item_state("i1"), "price") == b"9.5"
+    apply_item_updates(redis_client, [ItemUpdate(item_id="i1", in_stock=True)])
+    assert read_speed_state(redis_client, "anyone").out_of_stock == frozenset()

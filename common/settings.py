@@ -109,6 +109,10 @@ class TrainingSettings(Section):
     iterations: int = Field(15, ge=1)
     seed: int = 42
     eval_days: int = Field(2, ge=1, description="Days before the cutoff held out for ranker validation and evaluation.")
+    max_requests: int = Field(4000, ge=10, description="Sessions sampled per ranker/evaluation window.")
+    volume_factor: float = Field(
+        5.0, gt=1, description="A day with more than this factor more or fewer events than the trailing week fails validation."
+    )
 
 
 class SpeedSettings(Section):

@@ -1,0 +1,300 @@
+"""The batch run as plain functions, one per DAG task: validate, erase, interactions, ALS, ranker,
+evaluate, gate/publish, notify. The DAG calls them; `recs batch train` calls them in a row.
+
+Steps hand over through files (the run's work directory and the registry version), so each one
+can be retried alone. A version that the gate already decided is never rebuilt: re-running a date
+changes nothing (`force` rebuilds it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from common.lake import Lake
+from common.model import load_model, save_factors, save_ranker, save_table
+from common.registry import COVISITATION, POPULARITY, Manifest, Registry
+from common.settings import PROJECT_ROOT, Settings
+from spark_jobs import tables
+from spark_jobs.plan import DEV_MODEL, STAGES, Plan
+
+log = logging.getLogger(__name__)
+DONE = ("published", "rejected")
+
+
+def registry_of(settings: Settings) -> Registry:
+    return Registry(settings.models.root)
+
+
+def lake_of(settings: Settings) -> Lake:
+    return Lake(settings.lake.root)
+
+
+def decided(plan: Plan, settings: Settings) -> Manifest | None:
+    """The version's manifest if the gate has already published or rejected it."""
+    registry = registry_of(settings)
+    if plan.version not in registry.versions():
+        return None
+    manifest = registry.read_manifest(plan.version)
+    return manifest if manifest.status in DONE else None
+
+
+def reset(plan: Plan, settings: Settings) -> None:
+    """Forget a version and its work files, so the next run rebuilds it (`--force`)."""
+    registry = registry_of(settings)
+    if registry.fs.exists(registry.version_dir(plan.version)):
+        if registry.current() == plan.version:
+            raise RuntimeError(f"{plan.version} is serving; activate another version before rebuilding it")
+        registry.fs.rm(registry.version_dir(plan.version), recursive=True)
+    shutil.rmtree(plan.work_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def validate(settings: Settings, cutoff: datetime) -> dict[str, Any]:
+    from spark_jobs.quality import validate_events
+
+    reports = validate_events(lake_of(settings), cutoff, settings.training.volume_factor)
+    return {"partitions": len(reports), "events": sum(r.rows for r in reports)}
+
+
+def erase(settings: Settings) -> dict[str, Any]:
+    from spark_jobs.erasure import apply_erasures
+
+    report = apply_erasures(lake_of(settings))
+    return {"users": len(report.users), "rows_removed": report.rows_removed, "partitions": report.partitions_rewritten}
+
+
+def build_interactions(plan: Plan, settings: Settings) -> dict[str, Any]:
+    if decided(plan, settings):
+        return {"skipped": f"{plan.version} already decided"}
+    clock = time.perf_counter()
+    if plan.engine == "spark":
+        spark_submit(plan, settings, "interactions")
+    else:
+        from spark_jobs.interactions import local_interactions
+
+        for stage in STAGES:
+            table = local_interactions(lake_of(settings), plan.stage_cutoff(stage), settings.training)
+            target = plan.interactions_dir(stage)
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            pq.write_table(table, target / "part-0.parquet")
+    rows = {f"{s}_interactions": pq.read_table(plan.interactions_dir(s)).num_rows for s in STAGES}
+    _record(plan, {**rows, "interactions_s": round(time.perf_counter() - clock, 2)})
+    return rows
+
+
+def train_als(plan: Plan, settings: Settings) -> dict[str, Any]:
+    """Fit the dev and the final ALS; also writes the popularity and co-visitation tables."""
+    if decided(plan, settings):
+        return {"skipped": f"{plan.version} already decided"}
+    registry = registry_of(settings)
+    clock = time.perf_counter()
+    if plan.engine == "spark":
+        spark_submit(plan, settings, "als")
+    else:
+        from spark_jobs.als import fit_implicit
+
+        for stage in STAGES:
+            factors = fit_implicit(pq.read_table(plan.interactions_dir(stage)), settings.training)
+            target, version = (Registry(str(plan.dev_registry)), DEV_MODEL) if stage == "dev" else (registry, plan.version)
+            save_factors(target, version, factors.user_ids, factors.user_factors, factors.item_ids, factors.item_factors)
+    fit_s = round(time.perf_counter() - clock, 2)
+    _write_dev_manifest(plan)
+    events = lake_of(settings).read_events(end=plan.cutoff, columns=["session_id", "anonymous_id", "item_id"])
+    save_table(registry, plan.version, POPULARITY, tables.popularity(events))
+    save_table(registry, plan.version, COVISITATION, tables.covisitation(events, settings.speed.covis_top_n))
+    _record(plan, {"als_fit_s": fit_s, "events": events.num_rows})
+    return {"version": plan.version, "als_fit_s": fit_s}
+
+
+def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
+    if decided(plan, settings):
+        return {"skipped": f"{plan.version} already decided"}
+    from spark_jobs.ranker import feature_rows
+    from spark_jobs.ranker import train_ranker as fit
+    from spark_jobs.replay import PointInTime, build_requests, load_log
+
+    clock = time.perf_counter()
+    training = settings.training
+    log_ = load_log(lake_of(settings), plan.cutoff, training)
+    dev = load_model(Registry(str(plan.dev_registry)), DEV_MODEL)
+    rows = {}
+    for name, (start, end) in (("train", plan.train_window), ("valid", plan.valid_window)):
+        pit = PointInTime.at(log_, dev, training, start.timestamp(), settings.speed.covis_top_n)
+        requests = build_requests(log_, start.timestamp(), end.timestamp(), training.max_requests, training.seed)
+        rows[name] = feature_rows(pit, requests)
+    booster = fit(rows["train"], rows["valid"], training.seed)
+    save_ranker(registry_of(settings), plan.version, booster)
+    save_ranker(Registry(str(plan.dev_registry)), DEV_MODEL, booster)
+    summary = {
+        "ranker_requests": rows["train"].requests,
+        "ranker_rows": len(rows["train"].labels),
+        "valid_requests": rows["valid"].requests,
+        "ranker_best_iteration": int(booster.best_iteration or booster.current_iteration()),
+        "ranker_s": round(time.perf_counter() - clock, 2),
+    }
+    _record(plan, summary)
+    return summary
+
+
+def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
+    """Metrics of popularity, ALS and ALS + ranker on the held-out window, into a candidate manifest."""
+    if decided(plan, settings):
+        return {"skipped": f"{plan.version} already decided"}
+    from spark_jobs.evaluate import evaluate as measure
+    from spark_jobs.ranker import PARAMS
+    from spark_jobs.replay import PointInTime, build_requests, load_log
+
+    clock = time.perf_counter()
+    training = settings.training
+    start, end = plan.eval_window
+    log_ = load_log(lake_of(settings), plan.cutoff, training)
+    dev = load_model(Registry(str(plan.dev_registry)), DEV_MODEL)
+    pit = PointInTime.at(log_, dev, training, start.timestamp(), settings.speed.covis_top_n)
+    requests = build_requests(log_, start.timestamp(), end.timestamp(), training.max_requests, training.seed + 1)
+    metrics = measure(pit, requests, dev.ranker)
+    state = {**_state(plan), "eval_requests": len(requests), "evaluate_s": round(time.perf_counter() - clock, 2)}
+    registry = registry_of(settings)
+    manifest = Manifest(
+        version=plan.version,
+        created_at=datetime.now(UTC),
+        cutoff=plan.cutoff,
+        engine=plan.engine,
+        parameters={
+            "training": training.model_dump(),
+            "windows": plan.windows(),
+            "ranker": {k: v for k, v in PARAMS.items() if k != "verbose"},
+            "spark_master": settings.spark.master if plan.engine == "spark" else None,
+        },
+        metrics=metrics,
+        counts={k: int(v) for k, v in state.items() if isinstance(v, int)},
+    )
+    registry.write_manifest(manifest)
+    _record(plan, {"eval_requests": len(requests)})
+    return {"version": plan.version, "metrics": metrics}
+
+
+def gate_and_publish(plan: Plan, settings: Settings) -> dict[str, Any]:
+    """Publish (switch CURRENT) or reject the candidate; returns the decision and the event to send."""
+    from spark_jobs.gate import decide
+
+    registry = registry_of(settings)
+    done = decided(plan, settings)
+    if done is not None:
+        return {"version": plan.version, "published": done.status == "published", "decision": done.decision, "event": None}
+    manifest = registry.read_manifest(plan.version)
+    registry.verify(plan.version)
+    current = registry.current()
+    baseline = registry.read_manifest(current).metrics if current else None
+    decision = decide(manifest.metrics, baseline, current, settings.models.gate_tolerance)
+    if not decision.publish:
+        registry.reject(plan.version, decision.reason)
+        log.warning("gate: %s", decision.reason)
+        return {"version": plan.version, "published": False, "decision": decision.reason, "event": None}
+    registry.write_bytes(
+        registry.path(plan.version, "manifest.json"),
+        manifest.model_copy(update={"decision": decision.reason}).model_dump_json(indent=2).encode(),
+    )
+    event = registry.activate(plan.version, kind="published")
+    log.info("gate: %s", decision.reason)
+    return {"version": plan.version, "published": True, "decision": decision.reason, "event": event.model_dump_json()}
+
+
+def notify(settings: Settings, event_json: str | None) -> bool:
+    """Publish the model event on Redis pub/sub; a Redis that is down is logged, never fatal."""
+    if not event_json:
+        return False
+    import redis
+
+    from common.messages import ModelEvent
+    from common.redis_server import connect
+    from common.registry import publish_model_event
+
+    try:
+        client = connect(settings.redis.effective_url, timeout_s=settings.redis.socket_timeout_s)
+        heard = publish_model_event(client, ModelEvent.model_validate_json(event_json))
+        log.info("model event sent to %d subscriber(s)", heard)
+        return True
+    except redis.RedisError as exc:
+        log.warning("could not tell serving about the new model (Redis at %s): %s", settings.redis.effective_url, exc)
+        return False
+
+
+def run_all(settings: Settings, plan: Plan, force: bool = False, notify_redis: bool = True) -> dict[str, Any]:
+    """The whole nightly run without Airflow (dev and tests); same functions, same order."""
+    if force:
+        reset(plan, settings)
+    out: dict[str, Any] = {"validate": validate(settings, plan.cutoff), "erase": erase(settings)}
+    for name, step in (
+        ("interactions", build_interactions),
+        ("als", train_als),
+        ("ranker", train_ranker),
+        ("evaluate", evaluate),
+        ("gate", gate_and_publish),
+    ):
+        out[name] = step(plan, settings)
+    if notify_redis:
+        out["notified"] = notify(settings, out["gate"]["event"])
+    return out
+
+
+# ---------------------------------------------------------------- Spark and bookkeeping
+
+
+def spark_submit(plan: Plan, settings: Settings, stage: str) -> None:
+    """Run one stage of spark_jobs/train_als.py under spark-submit on settings.spark.master."""
+    binary = Path(sys.executable).with_name("spark-submit")
+    command = [
+        str(binary if binary.exists() else shutil.which("spark-submit") or "spark-submit"),
+        "--master", settings.spark.master,
+        "--driver-memory", settings.spark.driver_memory,
+        "--conf", f"spark.sql.shuffle.partitions={settings.spark.shuffle_partitions}",
+        str(PROJECT_ROOT / "spark_jobs" / "train_als.py"),
+        "--stage", stage,
+        "--cutoff", plan.cutoff.isoformat(),
+        "--work", str(plan.work_dir),
+        "--lake", settings.lake.root,
+        "--models", settings.models.root,
+        "--training", settings.training.model_dump_json(),
+        "--spark", settings.spark.model_dump_json(),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    plan.work_dir.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).splitlines()[-40:])
+        raise RuntimeError(f"spark-submit {stage} failed (exit {done.returncode}):\n{tail}")
+
+
+def _write_dev_manifest(plan: Plan) -> None:
+    dev = Registry(str(plan.dev_registry))
+    dev.write_manifest(
+        Manifest(version=DEV_MODEL, created_at=datetime.now(UTC), cutoff=plan.dev_cutoff, engine=plan.engine)
+    )
+
+
+def _state(plan: Plan) -> dict[str, Any]:
+    return json.loads(plan.state_file.read_text()) if plan.state_file.exists() else {}
+
+
+def _record(plan: Plan, values: dict[str, Any]) -> None:
+    plan.work_dir.mkdir(parents=True, exist_ok=True)
+    plan.state_file.write_text(json.dumps({**_state(plan), **values}, indent=2))

@@ -39,6 +39,7 @@ MANIFEST_COLUMNS = {
     "decision": "VARCHAR",
     "counts": "JSON",
 }
+MANIFEST_PATTERN = ("*", "manifest.json")
 
 
 @dataclass(frozen=True)
@@ -121,42 +122,55 @@ def view_files() -> list[tuple[str, str]]:
 
 def _create_lake_source(con: duckdb.DuckDBPyConnection, lake_root: str, source: ParquetSource) -> bool:
     """A view over the dataset's files; an empty view of its schema when it has none. True if live."""
-    fs, root = fsspec.core.url_to_fs(lake_root)
-    pattern = "/".join([root.rstrip("/"), *source.pattern])
-    if fs.glob(pattern):
-        location = _duckdb_location(fs, pattern)
-        con.execute(
-            f"CREATE OR REPLACE VIEW {source.view} AS SELECT * FROM read_parquet({_literal(location)}, "
-            f"hive_partitioning = true, union_by_name = true, "
-            f"hive_types = {{'{source.partition}': {source.partition_type}}})"
-        )
-        return True
-    _create_empty_view(con, source.view, source.schema, {source.partition: source.partition_type})
-    return False
+    location = _files_location(lake_root, source.pattern)
+    if location is None:
+        _create_empty_view(con, source.view, source.schema, {source.partition: source.partition_type})
+        return False
+    con.execute(
+        f"CREATE OR REPLACE VIEW {source.view} AS SELECT * FROM read_parquet({_literal(location)}, "
+        f"hive_partitioning = true, union_by_name = true, "
+        f"hive_types = {{'{source.partition}': {source.partition_type}}})"
+    )
+    return True
 
 
 def _create_registry_sources(con: duckdb.DuckDBPyConnection, models_root: str) -> bool:
     """Views over every version's manifest.json and the CURRENT pointer. True if any manifest exists."""
     fs, root = fsspec.core.url_to_fs(models_root)
-    root = root.rstrip("/")
     # read_text yields no row (not an error) when CURRENT is missing, so this view is always live.
-    current = _duckdb_location(fs, f"{root}/CURRENT")
+    current = _duckdb_location(fs, f"{root.rstrip('/')}/CURRENT")
     con.execute(
         f"CREATE OR REPLACE VIEW registry_current AS "
         f"SELECT trim(content) AS version FROM read_text({_literal(current)})"
     )
-    pattern = f"{root}/*/manifest.json"
+    location = _files_location(models_root, MANIFEST_PATTERN)
+    if location is None:
+        nulls = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in MANIFEST_COLUMNS.items())
+        con.execute(f"CREATE OR REPLACE VIEW registry_manifests AS SELECT {nulls} WHERE false")
+        return False
     columns = ", ".join(f"{name}: '{kind}'" for name, kind in MANIFEST_COLUMNS.items())
-    if fs.glob(pattern):
-        location = _duckdb_location(fs, pattern)
-        con.execute(
-            f"CREATE OR REPLACE VIEW registry_manifests AS SELECT * FROM read_json({_literal(location)}, "
-            f"columns = {{{columns}}}, format = 'auto')"
-        )
-        return True
-    nulls = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in MANIFEST_COLUMNS.items())
-    con.execute(f"CREATE OR REPLACE VIEW registry_manifests AS SELECT {nulls} WHERE false")
-    return False
+    con.execute(
+        f"CREATE OR REPLACE VIEW registry_manifests AS SELECT * FROM read_json({_literal(location)}, "
+        f"columns = {{{columns}}}, format = 'auto')"
+    )
+    return True
+
+
+def sources_filled_since_build(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Sources that were empty at build time but have files now: a rebuild makes them live."""
+    lake_root, models_root, empty = con.execute(
+        "SELECT lake_root, models_root, empty_sources FROM warehouse_info"
+    ).fetchone() or (None, None, [])
+    patterns = {source.view: (lake_root, source.pattern) for source in LAKE_SOURCES}
+    patterns["registry_manifests"] = (models_root, MANIFEST_PATTERN)
+    return [view for view in empty if view in patterns and _files_location(*patterns[view]) is not None]
+
+
+def _files_location(root_url: str, pattern: tuple[str, ...]) -> str | None:
+    """The glob DuckDB should read for `pattern` below `root_url`, or None when it matches no file."""
+    fs, root = fsspec.core.url_to_fs(root_url)
+    path = "/".join([root.rstrip("/"), *pattern])
+    return _duckdb_location(fs, path) if fs.glob(path) else None
 
 
 def _create_empty_view(

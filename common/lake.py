@@ -241,9 +241,15 @@ class Lake:
         directory, name = target.rsplit("/", 1)
         tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
         self.fs.makedirs(directory, exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-        self.fs.mv(tmp, target)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+            self.fs.mv(tmp, target)
+        except BaseException:
+            # A failed write leaves no litter; readers never saw the dot-file anyway.
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
 
     def _atomic_write_bytes(self, data: bytes, target: str) -> None:
         directory, name = target.rsplit("/", 1)

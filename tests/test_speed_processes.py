@@ -1,0 +1,129 @@
+"""Real process kills: a dead consumer's pending entries are claimed; the lake writer survives kill -9."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from common import redis_keys
+from common.events import EventType
+from common.lake import Lake
+from common.redis_server import RedisServer
+from common.speed_state import read_speed_state
+from common.stream import group_lag
+from speed_layer.consumer import SpeedConsumer
+from tests.speed_factories import add_events, make_event, speed_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Reads one batch as the real consumer does, then hangs as if stuck mid-batch until it is killed.
+VICTIM = """
+import sys, time
+from common.redis_server import connect
+from tests.speed_factories import speed_settings
+from speed_layer.consumer import SpeedConsumer
+from pathlib import Path
+settings = speed_settings(Path(sys.argv[2]), sys.argv[1])
+consumer = SpeedConsumer(connect(sys.argv[1], timeout_s=5), settings, name="victim")
+entries = consumer._read(block=True)
+print(len(entries), flush=True)
+time.sleep(60)
+"""
+
+
+def test_killed_consumer_pending_entries_are_claimed_and_applied(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url)
+    events = [make_event(EventType.VIEW, f"i{j}", anonymous_id="a1") for j in range(5)]
+    add_events(redis_client, settings, events)
+    victim = subprocess.Popen(
+        [sys.executable, "-c", VICTIM, redis_server.url, str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert victim.stdout is not None and victim.stdout.readline().strip() == "5"
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    pending = redis_client.xpending(redis_keys.stream(), settings.speed.group)
+    assert pending["pending"] == 5 and pending["consumers"][0]["name"] == b"victim"
+
+    survivor = SpeedConsumer(redis_client, settings, name="survivor")
+    deadline = time.monotonic() + 10
+    while (
+        redis_client.xpending(redis_keys.stream(), settings.speed.group)["pending"]
+        and time.monotonic() < deadline
+    ):
+        survivor.poll_once(block=False)
+        time.sleep(0.05)
+    state = read_speed_state(redis_client, "a1", session_id="s1")
+    assert state.session_counts == {"view": 5}
+    assert set(state.session_items) == {f"i{j}" for j in range(5)}
+
+
+def test_lake_writer_survives_kill_9_without_loss_or_duplicates(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RECS_REDIS__URL": redis_server.url,
+        "RECS_LAKE__ROOT": settings.lake.root,
+        "RECS_LAKE__FLUSH_EVENTS": "40",
+        "RECS_LAKE__FLUSH_SECONDS": "0.1",
+        "RECS_SPEED__CLAIM_IDLE_MS": "200",
+        "RECS_SPEED__CLAIM_INTERVAL_S": "0.1",
+    }
+    command = [sys.executable, "-c", "from speed_layer.cli import lake_writer_run; lake_writer_run()"]
+    lake = Lake(settings.lake.root)
+    rng = random.Random(5)
+    sent: list[str] = []
+
+    def send(n: int) -> None:
+        batch = [
+            make_event(EventType.VIEW, f"i{rng.randrange(50)}", anonymous_id=f"a{len(sent) + j}")
+            for j in range(n)
+        ]
+        add_events(redis_client, settings, batch)
+        sent.extend(e.event_id for e in batch)
+
+    for _round in range(2):
+        writer = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+        landed_before = lake.read_events(columns=["event_id"]).num_rows
+        deadline = time.monotonic() + 20
+        while (
+            lake.read_events(columns=["event_id"]).num_rows == landed_before and time.monotonic() < deadline
+        ):
+            send(10)  # until the writer is up and has landed a file
+            time.sleep(0.02)
+        kill_at = time.monotonic() + rng.uniform(0.05, 0.4)
+        while time.monotonic() < kill_at:
+            send(10)
+            time.sleep(0.005)
+        writer.send_signal(signal.SIGKILL)  # at whatever point it has reached: mid-write, mid-ack, idle
+        writer.wait()
+
+    final = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while (
+            group_lag(redis_client, settings.redis.stream, settings.speed.lake_group)
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+    finally:
+        final.send_signal(signal.SIGTERM)
+        final.wait(timeout=10)
+    assert group_lag(redis_client, settings.redis.stream, settings.speed.lake_group) == 0
+    landed = lake.read_events(columns=["event_id"])["event_id"].to_pylist()
+    assert len(landed) == len(set(landed))  # no duplicate
+    assert sorted(landed) == sorted(sent)  # no loss

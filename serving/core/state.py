@@ -125,7 +125,7 @@ class ServingState:
                 pubsub.subscribe(redis_keys.MODELS_CHANNEL, redis_keys.CATALOG_CHANNEL)
                 self.reload_model()  # a message may have been missed while disconnected
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=0.5)
+                    message = pubsub.get_message(timeout=0.2)
                     if message is None:
                         continue
                     channel = message["channel"].decode()

@@ -11,17 +11,15 @@ from fastapi.testclient import TestClient
 from bench.serve import SyntheticModel
 from common import redis_keys
 from serving.core.experiments import assign_variant
-from tests.test_serving_support import (  # noqa: F401  (fixtures)
-    client,
-    ids,
-    model_template,
-    published,
-    recs,
-    seed_session_view,
-)
+from tests.test_serving_support import ids, recs, seed_session_view
+
+# The fixtures (model_template, published, client) live in the support module.
+pytest_plugins = ["tests.test_serving_support"]
 
 
-def test_known_user_gets_k_items_with_reasons_and_metadata(client: TestClient, published: SyntheticModel) -> None:
+def test_known_user_gets_k_items_with_reasons_and_metadata(
+    client: TestClient, published: SyntheticModel
+) -> None:
     body = recs(client, user_id="u3", k=10)
     assert len(body["items"]) == 10
     assert body["model_version"] == "v1"
@@ -80,7 +78,9 @@ def test_cart_items_are_excluded_and_drive_cart_context(
     assert any(i["reason"] == "goes with Item 10 in your cart" for i in body["items"])
 
 
-def test_product_context_excludes_the_product_and_explains_covisits(client: TestClient, published: SyntheticModel) -> None:
+def test_product_context_excludes_the_product_and_explains_covisits(
+    client: TestClient, published: SyntheticModel
+) -> None:
     body = recs(client, anonymous_id="anon-pdp", context="product", item_id="i4", k=10)
     assert "i4" not in ids(body)
     assert "i12" in ids(body)
@@ -107,13 +107,17 @@ def test_promoted_items_are_boosted(client: TestClient, published: SyntheticMode
     assert next(i for i in boosted["items"] if i["item_id"] == last)["promoted"] is True
 
 
-def test_variants_are_stable_per_person_and_close_to_shares(client: TestClient, published: SyntheticModel) -> None:
+def test_variants_are_stable_per_person_and_close_to_shares(
+    client: TestClient, published: SyntheticModel
+) -> None:
     shares = {"ranker": 0.8, "als_only": 0.1, "popular": 0.1}
     people = [f"person-{n}" for n in range(20_000)]
     counts = Counter(assign_variant(p, shares) for p in people)
     for variant, share in shares.items():
         assert abs(counts[variant] / len(people) - share) < 0.01, counts
-    assert [assign_variant(p, shares) for p in people[:500]] == [assign_variant(p, shares) for p in people[:500]]
+    assert [assign_variant(p, shares) for p in people[:500]] == [
+        assign_variant(p, shares) for p in people[:500]
+    ]
     seen = {recs(client, user_id="u9")["variant"] for _ in range(5)}
     assert seen == {assign_variant("u9", shares)}
 

@@ -1,0 +1,211 @@
+"""Speed-layer benchmark: events/s one consumer sustains with all effects on, and XADD-to-readable freshness.
+
+Starts its own redis-server on a free port and publishes a synthetic model (items x factors) to a
+temporary registry, so it measures the layer itself and touches nothing of the running system.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import redis_keys
+from common.catalog import Item
+from common.catalog_state import load_items
+from common.events import Event, EventType, new_event_id
+from common.messages import RecsChanged
+from common.model import save_factors
+from common.redis_server import RedisServer, free_port
+from common.registry import Manifest, Registry
+from common.settings import Settings
+from common.stream import append_events, group_lag
+
+VERSION = "bench-v1"
+TYPES = [EventType.VIEW] * 14 + [EventType.CLICK] * 3 + [EventType.ADD_TO_CART] * 2 + [EventType.PURCHASE]
+
+
+def run_speed_bench(
+    events: int = 50_000,
+    items: int = 50_000,
+    users: int = 20_000,
+    factors: int = 64,
+    offered_per_s: float = 2_000.0,
+    freshness_s: float = 5.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="recs-bench-speed-") as tmp:
+        root = Path(tmp)
+        server = RedisServer(data_dir=root / "redis", port=free_port(), persist=False)
+        server.start()
+        try:
+            settings = _settings(root, server.url)
+            client = server.client()
+            _publish_model(settings, items, users, factors, seed)
+            load_items(client, (Item(item_id=f"i{j}", category_path=[f"c{j % 200}"]) for j in range(items)))
+            client.set(redis_keys.SPEED_VERSION, VERSION)  # as if the switch had run: measure live work only
+            throughput = _throughput(client, settings, events, items, users, seed)
+            client.flushall()
+            client.set(redis_keys.SPEED_VERSION, VERSION)
+            load_items(client, (Item(item_id=f"i{j}", category_path=[f"c{j % 200}"]) for j in range(items)))
+            freshness = _freshness(server.url, root, settings, offered_per_s, freshness_s, items, users, seed)
+        finally:
+            server.stop()
+    return {
+        **throughput,
+        **freshness,
+        "items": items,
+        "factors": factors,
+        "users_with_vectors": users,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def _settings(root: Path, url: str) -> Settings:
+    return Settings(
+        var_dir=root,
+        redis={"url": url},  # type: ignore[arg-type]
+        lake={"root": str(root / "lake")},  # type: ignore[arg-type]
+        models={"root": str(root / "models")},  # type: ignore[arg-type]
+    )
+
+
+def _publish_model(settings: Settings, items: int, users: int, factors: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    registry = Registry(settings.models.root)
+    save_factors(
+        registry, VERSION,
+        [f"u{j}" for j in range(users)], (rng.normal(size=(users, factors)) * 0.1).astype(np.float32),
+        [f"i{j}" for j in range(items)], (rng.normal(size=(items, factors)) * 0.1).astype(np.float32),
+    )  # fmt: skip
+    now = datetime.now(UTC)
+    registry.write_manifest(
+        Manifest(version=VERSION, created_at=now, cutoff=now - timedelta(days=1), engine="bench")
+    )
+    registry.activate(VERSION)
+
+
+def _event(rng: np.random.Generator, n: int, items: int, users: int, person: str | None = None) -> Event:
+    """A storefront-like event: 70% logged-in users with a batch vector, sessions of about 10 events."""
+    now = datetime.now(UTC)
+    session = n // 10
+    if person is None:
+        person = f"u{session % users}" if session % 10 < 7 else f"anon{session}"
+    kind = TYPES[int(rng.integers(len(TYPES)))]
+    return Event(
+        event_id=new_event_id(),
+        event_type=kind,
+        ts=now,
+        received_at=now,
+        anonymous_id=f"dev-{person}",
+        user_id=person if person.startswith("u") else None,
+        session_id=f"s{session}",
+        item_id=f"i{min(items - 1, int(rng.zipf(1.3)) - 1)}",
+        dwell_ms=int(rng.integers(0, 60_000)),
+    )
+
+
+def _throughput(
+    client: Any, settings: Settings, events: int, items: int, users: int, seed: int
+) -> dict[str, Any]:
+    from speed_layer.consumer import SpeedConsumer
+
+    rng = np.random.default_rng(seed)
+    batch = [_event(rng, n, items, users) for n in range(events)]
+    for start in range(0, events, 5000):
+        append_events(
+            client, batch[start : start + 5000], settings.redis.stream, settings.redis.stream_maxlen
+        )
+    consumer = SpeedConsumer(client, settings, name="bench")
+    consumer.poll_once(block=False)  # warm up: loads the model, registers scripts
+    started = time.perf_counter()
+    while consumer.poll_once(block=False):
+        pass
+    elapsed = time.perf_counter() - started
+    assert group_lag(client, settings.redis.stream, settings.speed.group) == 0
+    return {
+        "events_per_s": round(events / elapsed),
+        "throughput_events": events,
+        "batch_size": settings.speed.batch_size,
+    }
+
+
+def _consume_forever(url: str, root: str) -> None:
+    from common.redis_server import connect
+    from speed_layer.consumer import SpeedConsumer
+
+    settings = _settings(Path(root), url)
+    SpeedConsumer(connect(url, timeout_s=5), settings, name="fresh").run()
+
+
+def _freshness(
+    url: str,
+    root: Path,
+    settings: Settings,
+    offered: float,
+    seconds: float,
+    items: int,
+    users: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Offer `offered` events/s to a consumer process; latency from XADD to its RecsChanged message."""
+    from common.redis_server import connect
+
+    client = connect(url, timeout_s=5)
+    consumer = multiprocessing.get_context("spawn").Process(target=_consume_forever, args=(url, str(root)))
+    consumer.start()
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(redis_keys.RECS_CHANNEL)
+    done = threading.Event()
+
+    def listen() -> None:
+        while not done.is_set():
+            message = pubsub.get_message(timeout=0.1)
+            if message:
+                heard = time.perf_counter()
+                person = RecsChanged.model_validate_json(message["data"]).person_id
+                if person in sent_at:
+                    latencies.append(heard - sent_at.pop(person))
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        time.sleep(3.0)  # the consumer process starts and loads the model
+        rng = np.random.default_rng(seed + 1)
+        total = int(offered * seconds)
+        per_tick = max(1, round(offered * 0.005))  # one pipeline every 5 ms
+        started = time.perf_counter()
+        for n in range(0, total, per_tick):
+            batch = [
+                _event(rng, 10 * (n + j), items, users, person=f"u{(n + j) % users}") for j in range(per_tick)
+            ]
+            now = time.perf_counter()
+            for event in batch:
+                sent_at[event.person_id] = now
+            append_events(client, batch, settings.redis.stream, settings.redis.stream_maxlen)
+            time.sleep(max(0.0, started + (n + per_tick) / offered - time.perf_counter()))
+        time.sleep(1.0)
+    finally:
+        done.set()
+        listener.join()
+        consumer.terminate()
+        consumer.join()
+    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return {
+        "freshness_p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "freshness_p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "freshness_max_ms": round(float(ms.max()), 2),
+        "freshness_offered_events_per_s": offered,
+        "freshness_events": int(offered * seconds),
+        "freshness_measured": len(latencies),
+    }

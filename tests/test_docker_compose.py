@@ -283,6 +283,17 @@ def test_service_command_is_a_real_recs_verb(service: str):
     assert error is None, f"{service}: `recs {' '.join(args)}` is not a valid command: {error}"
 
 
+README_EXAMPLES = re.findall(
+    r"^\s*docker compose run --rm recs (.+)$", (DOCKER / "README.md").read_text(), re.MULTILINE
+)
+
+
+@pytest.mark.parametrize("example", README_EXAMPLES)
+def test_readme_one_off_jobs_are_real_recs_verbs(example: str):
+    error = recs_usage_error(example.split())
+    assert error is None, f"docker/README.md shows `recs {example}`: {error}"
+
+
 @pytest.mark.parametrize(
     "service", sorted(n for n in SERVICES if (health_command(SERVICES[n]) or [""])[0] == "recs")
 )
@@ -356,6 +367,13 @@ def test_spark_services_run_pyspark_spark_class():
     )
     for name in RECS_SERVICES + AIRFLOW_SERVICES:
         assert environment_of(SERVICES[name]).get("RECS_SPARK__MASTER") == worker[1], name
+    # Driver (Airflow tasks), master and workers share one spark-defaults.conf (S3A for the lake).
+    for name in SPARK_SERVICES + AIRFLOW_SERVICES:
+        conf_dir = environment_of(SERVICES[name]).get("SPARK_CONF_DIR")
+        mounts = {
+            str(spec).split(":")[1]: str(spec).split(":")[0] for spec in SERVICES[name].get("volumes", [])
+        }
+        assert conf_dir and (DOCKER / mounts[conf_dir] / "spark-defaults.conf").exists(), name
 
 
 # ---------------------------------------------------------------- settings are real

@@ -29,7 +29,7 @@ from speed_layer.scripts import APPLY_EVENT, MERGE_IDENTITY
 log = logging.getLogger(__name__)
 
 NO_SESSION = "_"  # session id of events sent without one
-COVIS_WINDOW = 10  # co-visit pairs are formed with at most this many recent session items
+COVIS_WINDOW = 5  # co-visit pairs are formed with the 5 latest session items: bounds the script's work
 BESTSELLER_EVENTS = {EventType.PURCHASE: True, EventType.ADD_TO_CART: True}
 
 

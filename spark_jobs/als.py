@@ -34,20 +34,23 @@ def fit_implicit(interactions: pa.Table, training: TrainingSettings) -> Factors:
     """Fit with `implicit` (CPU, conjugate gradient), the single-machine engine."""
     from implicit.cpu.als import AlternatingLeastSquares
     from scipy.sparse import csr_matrix
+    from threadpoolctl import threadpool_limits
 
     user_ids, users = _codes(interactions["person_id"])
     item_ids, items = _codes(interactions["item_id"])
     values = interactions["value"].to_numpy().astype(np.float64)
     # implicit uses c = alpha*r; feeding r + 1/alpha gives Spark's c = 1 + alpha*r.
     matrix = csr_matrix((values + 1.0 / training.alpha, (users, items)), shape=(len(user_ids), len(item_ids)))
-    model = AlternatingLeastSquares(
-        factors=training.factors,
-        regularization=training.regularization,
-        alpha=training.alpha,
-        iterations=training.iterations,
-        random_state=training.seed,
-    )
-    model.fit(matrix.astype(np.float32), show_progress=False)
+    # implicit parallelises itself; a BLAS thread pool on top of it only contends (implicit warns).
+    with threadpool_limits(1, "blas"):
+        model = AlternatingLeastSquares(
+            factors=training.factors,
+            regularization=training.regularization,
+            alpha=training.alpha,
+            iterations=training.iterations,
+            random_state=training.seed,
+        )
+        model.fit(matrix.astype(np.float32), show_progress=False)
     return Factors(user_ids, np.asarray(model.user_factors), item_ids, np.asarray(model.item_factors))
 
 

@@ -14,7 +14,7 @@ PARAMS: dict[str, Any] = {
     "objective": "lambdarank",
     "metric": "ndcg",
     "eval_at": [20],
-    "learning_rate": 0.05,
+    "learning_rate": 0.1,
     "num_leaves": 31,
     "min_data_in_leaf": 20,
     "feature_fraction": 0.9,
@@ -24,8 +24,8 @@ PARAMS: dict[str, Any] = {
     "verbose": -1,
     "num_threads": 2,
 }
-MAX_ROUNDS = 300
-EARLY_STOPPING = 30
+MAX_ROUNDS = 200
+EARLY_STOPPING = 20
 
 
 @dataclass

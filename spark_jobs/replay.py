@@ -16,7 +16,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from common.candidates import als_top_n, category_best, covisited, merge_sources, top_scored
+from common.candidates import als_top_n, category_best, covisited, merge_sources
 from common.features import DAY_S, POP_DAYS, Candidates, RequestState, day_index, implicit_weight
 from common.lake import Lake
 from common.model import ModelArtifacts
@@ -27,8 +27,9 @@ from spark_jobs import tables
 LABELS = {"purchase": 3, "add_to_cart": 2, "click": 1, "view": 1, "wishlist": 1}
 LOG_COLUMNS = ["event_id", "event_type", "ts", "anonymous_id", "user_id", "session_id", "item_id", "dwell_ms"]
 # How many candidates each generator proposes (serving's defaults are of the same order).
-N_ALS, N_COVIS, N_TRENDING, N_CATEGORY = 50, 30, 20, 20
+N_ALS, N_COVIS, N_TRENDING, N_CATEGORY = 40, 20, 10, 10
 TRENDING_WINDOW_S = DAY_S
+ITEM_KEY = 10**13  # > any epoch time in ms until the year 2286; items up to 900k fit in int64
 
 
 @dataclass
@@ -56,14 +57,15 @@ class EventLog:
     created_s: np.ndarray  # per item
     promoted: np.ndarray  # per item
     index: dict[str, int] = field(init=False)  # item id -> position in item_ids
-    _by_item: tuple[np.ndarray, np.ndarray] = field(init=False)  # ts sorted by item; item start offsets
+    _id_rank: np.ndarray = field(init=False)  # rank of each item id in string order (deterministic ties)
+    _item_time: np.ndarray = field(init=False)
     _by_person: dict[str, np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
         self.index = {item: i for i, item in enumerate(self.item_ids)}
-        order = np.lexsort((self.ts_s, self.item))
-        starts = np.searchsorted(self.item[order], np.arange(len(self.item_ids) + 1))
-        self._by_item = (self.ts_s[order], starts)
+        self._id_rank = np.argsort(np.argsort(np.asarray(self.item_ids, dtype=object)))
+        # One sorted int64 key per event, item then time in ms, so a single searchsorted counts any window.
+        self._item_time = np.sort(self.item * ITEM_KEY + np.floor(self.ts_s * 1000).astype(np.int64))
         self._by_person = {}
         order = np.lexsort((self.ts_s, self.person))
         persons = self.person[order]
@@ -80,20 +82,18 @@ class EventLog:
     def day_counts(self, items: np.ndarray, now_s: float) -> np.ndarray:
         """len(items) x POP_DAYS event counts per UTC day, day(now)-7 .. day(now), only events before now."""
         first_day = day_index(now_s) - (POP_DAYS - 1)
-        bounds = np.append(np.arange(first_day, first_day + POP_DAYS) * DAY_S, now_s)
-        ts, starts = self._by_item
-        out = np.zeros((len(items), POP_DAYS), dtype=np.float64)
-        for row, i in enumerate(items):
-            cuts = np.searchsorted(ts[starts[i] : starts[i + 1]], bounds)
-            out[row] = np.diff(cuts)
-        return out
+        bounds_ms = np.append(np.arange(first_day, first_day + POP_DAYS) * int(DAY_S) * 1000, int(np.ceil(now_s * 1000)))
+        keys = items[:, None] * ITEM_KEY + bounds_ms[None, :]
+        cuts = np.searchsorted(self._item_time, keys.ravel()).reshape(keys.shape)
+        return np.diff(cuts, axis=1).astype(np.float64)
 
     def trending(self, now_s: float, n: int) -> list[tuple[str, float]]:
-        """The items with the most events in the 24 h before now."""
+        """The items with the most events in the 24 h before now (ties by item id)."""
         lo, hi = np.searchsorted(self.ts_s, [now_s - TRENDING_WINDOW_S, now_s])
         counts = np.bincount(self.item[lo:hi], minlength=len(self.item_ids))
         top = np.flatnonzero(counts)
-        return top_scored({self.item_ids[i]: float(counts[i]) for i in top}, n)
+        top = top[np.lexsort((self._id_rank[top], -counts[top]))[:n]]
+        return [(self.item_ids[i], float(counts[i])) for i in top]
 
     def person_rows(self, person: str, start_s: float, end_s: float) -> np.ndarray:
         rows = self._by_person.get(person)

@@ -1,9 +1,131 @@
-"""Commands of this layer (filled in as the layer lands)."""
+"""`recs batch run|train` and `recs model list|activate|rollback`: the batch layer's commands."""
 
 from __future__ import annotations
 
+import json
+import logging
+from datetime import UTC, date, datetime
+from typing import Annotated, Any
+
 import typer
+
+batch_app = typer.Typer(help="Batch layer: the nightly retrain (Spark or implicit ALS, LightGBM ranker, gate).")
+model_app = typer.Typer(help="Model registry: list versions, activate one, roll back.")
+
+
+def _settings() -> Any:
+    from common.settings import SettingsError, get_settings
+
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+def _parse_moment(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a date or timestamp like 2026-11-01", param_hint="--cutoff") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+@batch_app.command("run")
+def run(
+    day: Annotated[str, typer.Option("--date", help="Logical date YYYY-MM-DD; the run trains on events received before it.")],
+) -> None:
+    """Run the real nightly_retrain DAG once through `airflow dags test` (Airflow home under var/airflow)."""
+    from spark_jobs.airflow_run import dags_test
+
+    try:
+        logical = date.fromisoformat(day)
+    except ValueError:
+        raise typer.BadParameter(f"{day!r} is not a date like 2026-11-01", param_hint="--date") from None
+    done = dags_test(_settings(), logical)
+    raise typer.Exit(done.returncode)
+
+
+@batch_app.command("train")
+def train(
+    cutoff: Annotated[str, typer.Option(help="Train on events received before this date or UTC timestamp.")],
+    engine: Annotated[str | None, typer.Option(help="spark or implicit (default: settings.training.engine).")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild the version even if the gate already decided it.")] = False,
+) -> None:
+    """The whole nightly pipeline without Airflow (for development): same steps, same artifacts."""
+    from spark_jobs.als import ENGINES
+    from spark_jobs.pipeline import run_all
+    from spark_jobs.plan import make_plan
+    from spark_jobs.quality import DataQualityError
+
+    if engine is not None and engine not in ENGINES:
+        raise typer.BadParameter(f"{engine!r} is not one of {', '.join(ENGINES)}", param_hint="--engine")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = _settings()
+    try:
+        result = run_all(settings, make_plan(settings, _parse_moment(cutoff), engine), force=force)
+    except DataQualityError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    gate = result["gate"]
+    typer.echo(json.dumps(result.get("evaluate", {}).get("metrics", {}), indent=2))
+    colour = "green" if gate["published"] else "yellow"
+    typer.secho(f"{gate['version']}: {gate['decision']}", fg=colour)
+
+
+@model_app.command("list")
+def list_versions() -> None:
+    """Every version with its status, cutoff, engine and NDCG@20 (the serving one is starred)."""
+    from common.registry import Registry
+
+    registry = Registry(_settings().models.root)
+    current = registry.current()
+    for manifest in registry.manifests():
+        ndcg = manifest.metrics.get("als_ranker", {}).get("ndcg_at_20")
+        mark = "*" if manifest.version == current else " "
+        score = f"{ndcg:.4f}" if ndcg is not None else "  -   "
+        typer.echo(
+            f"{mark} {manifest.version:<30} {manifest.status:<10} cutoff {manifest.cutoff:%Y-%m-%d %H:%M} "
+            f"{manifest.engine:<8} ndcg@20 {score}  {manifest.decision or ''}"
+        )
+
+
+@model_app.command("activate")
+def activate(version: Annotated[str, typer.Argument(help="The version to serve.")]) -> None:
+    """Point CURRENT at a version and tell serving and the speed layer to reload."""
+    from common.registry import Registry, RegistryError
+
+    settings = _settings()
+    try:
+        event = Registry(settings.models.root).activate(version, kind="activated")
+    except RegistryError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    _announce(settings, event.model_dump_json(), f"serving {version}")
+
+
+@model_app.command("rollback")
+def rollback() -> None:
+    """Re-activate the version that served before the current one, and tell serving."""
+    from common.registry import Registry, RegistryError
+
+    settings = _settings()
+    try:
+        event = Registry(settings.models.root).rollback()
+    except RegistryError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    _announce(settings, event.model_dump_json(), f"rolled back from {event.previous} to {event.version}")
+
+
+def _announce(settings: Any, event_json: str, message: str) -> None:
+    from spark_jobs.pipeline import notify
+
+    heard = notify(settings, event_json)
+    typer.echo(message + ("" if heard else " (Redis unreachable: serving picks it up on its next reload)"))
 
 
 def register(app: typer.Typer) -> None:
     """Add this layer's commands to `recs`."""
+    app.add_typer(batch_app, name="batch")
+    app.add_typer(model_app, name="model")

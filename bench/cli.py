@@ -49,6 +49,22 @@ def speed(
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
+@bench_app.command("train")
+def train(
+    engine: str = typer.Option("implicit", help="spark or implicit."),
+    lake: str | None = typer.Option(None, "--lake", help="Lake root; default: generate the synthetic small set."),
+    as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
+) -> None:
+    """ALS fit time, peak RSS and Recall@20 of one engine on the same interactions."""
+    from bench.train import bench_train
+    from common.settings import get_settings
+
+    if engine not in ("spark", "implicit"):
+        raise typer.BadParameter(f"{engine!r} is not spark or implicit", param_hint="--engine")
+    result = bench_train(get_settings(), engine, lake)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
 def register(app: typer.Typer) -> None:
     """Add this layer's commands to `recs`."""
     app.add_typer(bench_app, name="bench")

@@ -51,7 +51,7 @@ def _devices_of(lake: Lake, users: pa.Array) -> pa.Array:
     """Every anonymous_id seen together with one of the users."""
     events = lake.read_events(columns=["anonymous_id", "user_id"])
     mine = events.filter(pc.is_in(events["user_id"], value_set=users))
-    return pc.unique(mine["anonymous_id"]).combine_chunks() if mine.num_rows else pa.array([], pa.string())
+    return pc.unique(mine["anonymous_id"].combine_chunks()) if mine.num_rows else pa.array([], pa.string())
 
 
 def _belongs_to(table: pa.Table, users: pa.Array, devices: pa.Array) -> pa.ChunkedArray:

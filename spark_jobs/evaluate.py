@@ -87,3 +87,32 @@ def _pad(ranked: list[str], popular: list[str]) -> list[str]:
 
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else 0.0
+
+
+def holdout_recall(
+    user_ids: Sequence[str],
+    user_factors: np.ndarray,
+    item_ids: Sequence[str],
+    item_factors: np.ndarray,
+    seen: dict[str, set[str]],
+    future: dict[str, set[str]],
+    k: int = K,
+) -> float:
+    """ALS alone, per known person: of the new items they engaged with later, the share in their top k
+    (seen items excluded; at most k can be found). Engine-neutral: it reads only factors."""
+    index = {item: i for i, item in enumerate(item_ids)}
+    users = {u: i for i, u in enumerate(user_ids)}
+    recalls = []
+    for person, wanted in future.items():
+        row = users.get(person)
+        relevant = {i for i in wanted if i in index} - seen.get(person, set())
+        if row is None or not relevant:
+            continue
+        scores = item_factors @ user_factors[row]
+        for item in seen.get(person, ()):
+            if item in index:
+                scores[index[item]] = -np.inf
+        top = np.argpartition(-scores, k)[:k] if len(scores) > k else np.arange(len(scores))
+        hits = sum(1 for i in top if item_ids[i] in relevant)
+        recalls.append(hits / min(len(relevant), k))
+    return _mean(recalls)

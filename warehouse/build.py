@@ -13,7 +13,6 @@ import os
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 
 import duckdb
@@ -26,6 +25,7 @@ from common.lake import CATALOG, EVENTS, IMPRESSION_SCHEMA, IMPRESSIONS
 from common.settings import Settings
 
 WAREHOUSE_FILE = "warehouse.duckdb"
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 
 # Column types of a manifest.json (common.registry.Manifest); metrics is strategy -> metric -> value.
 MANIFEST_COLUMNS = {
@@ -115,9 +115,9 @@ def apply_warehouse(
 
 def view_files() -> list[tuple[str, str]]:
     """(file name, SQL) of every analyst view file, in the order they are applied."""
-    folder = resources.files("warehouse") / "sql"
-    files = sorted((entry.name, entry) for entry in folder.iterdir() if entry.name.endswith(".sql"))
-    return [(name, entry.read_text(encoding="utf-8")) for name, entry in files]
+    # A plain path next to this module: importlib.resources trips over the editable install's
+    # namespace-package mapping, and the sql/ folder ships beside the module either way.
+    return [(path.name, path.read_text(encoding="utf-8")) for path in sorted(SQL_DIR.glob("*.sql"))]
 
 
 def _create_lake_source(con: duckdb.DuckDBPyConnection, lake_root: str, source: ParquetSource) -> bool:

@@ -2,29 +2,35 @@
 -- session (a gap of exactly 30 minutes does not). Built from ts, not the client's session_id,
 -- so every source of events (tracker, importer, generator) is sessionised the same way.
 -- A session's day, device and country are those of its first event.
+--
+-- Speed: this is the one window over every event. Comparing integer microseconds instead of
+-- timestamp intervals, and partitioning by a 64-bit hash of the person before the person
+-- itself (so the sort compares integers and only falls back to strings on a hash tie), keeps
+-- daily_kpis and funnel near a second on a million events without materialising anything.
 CREATE OR REPLACE VIEW sessions AS
-WITH marked AS (
+WITH keyed AS (
     SELECT
         person_id,
-        event_id,
+        hash(person_id) AS person_key,
+        epoch_us(ts) AS t,
         ts,
         event_type,
         device,
         country,
-        CASE WHEN event_type = 'purchase' THEN price * coalesce(quantity, 1) END AS purchase_value,
-        CASE
-            WHEN lag(ts) OVER by_person IS NULL THEN 1
-            WHEN ts - lag(ts) OVER by_person > INTERVAL 30 MINUTE THEN 1
-            ELSE 0
-        END AS opens_session
+        CASE WHEN event_type = 'purchase' THEN price * coalesce(quantity, 1) END AS purchase_value
     FROM events
-    WINDOW by_person AS (PARTITION BY person_id ORDER BY ts, event_id)
 ),
-numbered AS (
+marked AS (
     SELECT
         *,
-        sum(opens_session) OVER (PARTITION BY person_id ORDER BY ts, event_id ROWS UNBOUNDED PRECEDING)
-            AS session_number
+        -- 1 opens a session: the person's first event, or one more than 30 minutes after the last.
+        CASE WHEN t - lag(t) OVER by_person <= 30 * 60 * 1000000 THEN 0 ELSE 1 END AS opens_session
+    FROM keyed
+    WINDOW by_person AS (PARTITION BY person_key, person_id ORDER BY t)
+),
+numbered AS (
+    -- The default RANGE frame gives events at the same instant the same number.
+    SELECT *, sum(opens_session) OVER (PARTITION BY person_key, person_id ORDER BY t) AS session_number
     FROM marked
 )
 SELECT
@@ -34,13 +40,13 @@ SELECT
     min(ts) AS started_at,
     max(ts) AS ended_at,
     utc_day(min(ts)) AS day,
-    epoch(max(ts) - min(ts)) AS duration_s,
-    arg_min(device, ts) AS device,
-    arg_min(country, ts) AS country,
+    (max(t) - min(t)) / 1e6 AS duration_s,
+    arg_min(device, t) AS device,
+    arg_min(country, t) AS country,
     count(*) AS events,
     count(*) FILTER (WHERE event_type = 'view') AS views,
     count(*) FILTER (WHERE event_type = 'add_to_cart') AS add_to_carts,
     count(*) FILTER (WHERE event_type = 'purchase') AS purchases,
     coalesce(sum(purchase_value), 0) AS revenue
 FROM numbered
-GROUP BY person_id, session_number;
+GROUP BY person_key, person_id, session_number;

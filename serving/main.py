@@ -60,12 +60,22 @@ class LatencyMiddleware:
             )
 
 
+def _single_threaded_blas() -> None:
+    """One BLAS thread per worker (as `recs serve` sets by environment), also under a bare uvicorn."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: installed with scipy's stack; the env vars cover `recs serve`
+        return
+    threadpool_limits(1)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; `settings` (tests) override the environment's for every dependency too."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _single_threaded_blas()
         state = ServingState.start(settings)
         app.state.serving = state
         try:

@@ -21,7 +21,7 @@ from common.features import POP_DAYS, SOURCES, Candidates, RequestState, compute
 from common.speed_state import SpeedState, read_speed_state
 from common.vectors import fold_in
 from serving.core import metrics
-from serving.core.catalog_view import UNCATEGORISED
+from serving.core.catalog_view import UNCATEGORISED, ItemInfo
 from serving.core.experiments import assign_variant
 from serving.core.model_holder import ServingModel
 from serving.core.rules import Rules
@@ -78,6 +78,7 @@ class _Pool:
 
     item_ids: list[str]
     sources: list[set[str]]
+    infos: list[ItemInfo | None] = field(default_factory=list)  # catalog entries, looked up once
     source_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -285,6 +286,7 @@ def _apply_rules(
             continue  # the catalog's flag also holds while Redis (the live set) is down
         pool.item_ids.append(item)
         pool.sources.append(sources)
+        pool.infos.append(info)
     pool.source_scores = {source: _normalised(pairs) for source, pairs in lists.items()}
     return pool
 
@@ -335,7 +337,8 @@ def _ranker_scores(
     features = compute_features(
         _request_state(state, speed, vector, now_s), _candidates(state, model, pool, speed, now_s)
     )
-    return np.asarray(model.artifacts.ranker.predict(features), dtype=np.float64)
+    # One thread: requests run concurrently, and OpenMP fan-out per call only adds contention.
+    return np.asarray(model.artifacts.ranker.predict(features, num_threads=1), dtype=np.float64)
 
 
 def _request_state(
@@ -358,7 +361,7 @@ def _request_state(
 def _candidates(
     state: ServingState, model: ServingModel, pool: _Pool, speed: SpeedState | None, now_s: float
 ) -> Candidates:
-    infos = [state.catalog.get(i) for i in pool.item_ids]
+    infos = pool.infos
     promoted = speed.promoted if speed else frozenset()
     if speed is not None:
         try:
@@ -400,25 +403,26 @@ def _boost_and_diversify(
     spread = high - low if high > low else 1.0
     live_promoted = speed.promoted if speed else frozenset()
     rows = []
-    for item, sources, score in zip(pool.item_ids, pool.sources, scores, strict=True):
-        info = state.catalog.get(item)
+    for item, sources, score, info in zip(pool.item_ids, pool.sources, scores, pool.infos, strict=True):
         promoted = item in live_promoted or bool(info and info.promoted)
         final = (float(score) - low) / spread + (rules.boost.promoted if promoted else 0.0)
-        rows.append((item, final, sources, promoted))
+        rows.append((item, final, sources, promoted, info.category if info else UNCATEGORISED))
     rows.sort(key=lambda r: (-r[1], r[0]))
-    return _pick(state, rules, rows, k)
+    return [row[:4] for row in _pick(rules, rows, k)]
 
 
-def _pick(
-    state: ServingState, rules: Rules, rows: list[tuple[str, float, set[str], bool]], k: int
-) -> list[tuple[str, float, set[str], bool]]:
+_Row = tuple[str, float, set[str], bool, str]  # item, score, sources, promoted, category
+
+
+def _pick(rules: Rules, rows: list[_Row], k: int) -> list[_Row]:
+    """The top k under the category cap, the best new arrivals placed first so the quota holds."""
     cap = rules.diversity.max_per_category
     per_category: dict[str, int] = {}
-    chosen: list[tuple[str, float, set[str], bool]] = []
+    chosen: list[_Row] = []
     chosen_ids: set[str] = set()
 
-    def take(row: tuple[str, float, set[str], bool]) -> bool:
-        category = state.catalog.category(row[0])
+    def take(row: _Row) -> bool:
+        category = row[4]
         if row[0] in chosen_ids or per_category.get(category, 0) >= cap:
             return False
         per_category[category] = per_category.get(category, 0) + 1

@@ -63,7 +63,7 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], max_rows
     shown = [[_cell(v) for v in row] for row in rows[:max_rows]]
     widths = [max([len(c), *(len(r[i]) for r in shown)]) for i, c in enumerate(columns)]
     lines = [
-        "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
+        "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip(),
         "  ".join("-" * w for w in widths),
     ]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in shown]
@@ -124,7 +124,7 @@ def _plain(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, float):
         return float(f"{value:.10g}")
-    if isinstance(value, list | dict | tuple | set):
+    if isinstance(value, list | dict | tuple):
         return value
     if value is None or isinstance(value, bool | int | str):
         return value

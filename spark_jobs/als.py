@@ -76,6 +76,9 @@ def fit_spark(spark: SparkSession, interactions: DataFrame, training: TrainingSe
         itemCol="iid",
         ratingCol="value",
         coldStartStrategy="drop",
+        # One block per core: MLlib's default of 10 blocks is for clusters and only adds tasks on a laptop.
+        numUserBlocks=max(2, spark.sparkContext.defaultParallelism),
+        numItemBlocks=max(2, spark.sparkContext.defaultParallelism),
     )
     model = als.fit(ratings.select("uid", "iid", "value"))
     user_factors = _dense(model.userFactors.collect(), len(user_ids), training.factors)

@@ -64,6 +64,8 @@ def env(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> 
         mp.setenv("RECS_REDIS__URL", redis_server.url)
         mp.setenv("RECS_TRAINING__ENGINE", "spark")
         mp.setenv("RECS_SPARK__MASTER", "local[2]")
+        mp.setenv("RECS_TRAINING__FACTORS", "32")  # CI has 2 cores: a smaller model keeps the run short
+        mp.setenv("RECS_TRAINING__ITERATIONS", "10")
         get_settings.cache_clear()
         settings = load_settings()
         client = redis_server.client()

@@ -13,11 +13,11 @@ class _Strict(BaseModel):
 
 
 class CandidateSizes(_Strict):
-    als: int = Field(200, ge=0, le=5000)
-    covis: int = Field(100, ge=0, le=5000)
-    trending: int = Field(50, ge=0, le=5000)
-    category: int = Field(50, ge=0, le=5000)
-    new_arrivals: int = Field(30, ge=0, le=5000)
+    als: int = Field(100, ge=0, le=5000)
+    covis: int = Field(50, ge=0, le=5000)
+    trending: int = Field(30, ge=0, le=5000)
+    category: int = Field(30, ge=0, le=5000)
+    new_arrivals: int = Field(20, ge=0, le=5000)
 
 
 class Exclusions(_Strict):

@@ -49,6 +49,15 @@ def load_items(client: redis.Redis, items: Iterable[Item], chunk: int = 5000) ->
     return written
 
 
+def seed_missing_items(client: redis.Redis, items: Sequence[Item]) -> int:
+    """Load snapshot items that have no live state yet, so a restart never undoes a live update."""
+    pipe = client.pipeline(transaction=False)
+    for item in items:
+        pipe.exists(redis_keys.item_state(item.item_id))
+    missing = [item for item, present in zip(items, pipe.execute(), strict=True) if not present]
+    return load_items(client, missing) if missing else 0
+
+
 def item_categories(client: redis.Redis, item_ids: Sequence[str]) -> dict[str, str]:
     """item -> category for the items whose live state names one."""
     pipe = client.pipeline(transaction=False)

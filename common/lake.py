@@ -166,6 +166,9 @@ class Lake:
 
     # ------------------------------------------------------------ events and impressions
 
+    def event_days(self) -> list[date]:
+        return self.partitions(EVENTS_DATASET)
+
     def write_events(self, table: pa.Table) -> list[str]:
         return self.write(EVENTS_DATASET, table)
 

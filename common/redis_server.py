@@ -140,7 +140,7 @@ def embedded_server(settings_redis: object) -> RedisServer:
     from common.settings import RedisSettings
 
     assert isinstance(settings_redis, RedisSettings)
-    return RedisServer(data_dir=settings_redis.data_dir, port=settings_redis.port or free_port(), host=settings_redis.host)
+    return RedisServer(data_dir=settings_redis.data_dir or Path("var/redis"), port=settings_redis.port or free_port(), host=settings_redis.host)
 
 
 def connect(url: str, timeout_s: float = 0.5) -> redis.Redis:

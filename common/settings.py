@@ -37,7 +37,7 @@ class RedisSettings(Section):
     )
     host: str = "127.0.0.1"
     port: int = Field(6391, ge=0, le=65535, description="Port of the private redis-server; 0 picks a free one.")
-    data_dir: Path = DEFAULT_VAR / "redis"
+    data_dir: Path | None = Field(None, description="Default: <var_dir>/redis.")
     stream: str = "events"
     expected_events_per_s: float = Field(
         50.0, gt=0, description="Sizes the stream's MAXLEN so it holds at least `retention_hours` of events."
@@ -55,13 +55,13 @@ class RedisSettings(Section):
 
 
 class LakeSettings(Section):
-    root: str = Field(str(DEFAULT_VAR / "lake"), description="Local path or any fsspec URL (s3://bucket/lake).")
+    root: str = Field("", description="Local path or any fsspec URL (s3://bucket/lake). Default: <var_dir>/lake.")
     flush_events: int = Field(5000, ge=1, description="Lake writer flushes after this many events ...")
     flush_seconds: float = Field(10.0, gt=0, description="... or after this many seconds, whichever comes first.")
 
 
 class ModelsSettings(Section):
-    root: str = Field(str(DEFAULT_VAR / "models"), description="Model registry root (local path or fsspec URL).")
+    root: str = Field("", description="Model registry root (local path or fsspec URL). Default: <var_dir>/models.")
     gate_tolerance: float = Field(
         0.02, ge=0, le=1, description="A new version is published unless its NDCG@20 is worse by more than this share."
     )
@@ -175,6 +175,17 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     speed: SpeedSettings = SpeedSettings()
     experiments: ExperimentSettings = ExperimentSettings()
+
+    @model_validator(mode="after")
+    def _paths_under_var_dir(self) -> Settings:
+        """Places left unset live under var_dir, so RECS_VAR_DIR alone moves everything."""
+        if self.redis.data_dir is None:
+            object.__setattr__(self, "redis", self.redis.model_copy(update={"data_dir": self.var_dir / "redis"}))
+        if not self.lake.root:
+            object.__setattr__(self, "lake", self.lake.model_copy(update={"root": str(self.var_dir / "lake")}))
+        if not self.models.root:
+            object.__setattr__(self, "models", self.models.model_copy(update={"root": str(self.var_dir / "models")}))
+        return self
 
 
 def _unknown_env_keys(environ: dict[str, str]) -> list[str]:

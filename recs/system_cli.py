@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from common.settings import SettingsError, dump_settings, get_settings
@@ -61,6 +63,34 @@ def redis_status() -> None:
         raise typer.Exit(1) from None
 
 
+def demo(
+    data: str = typer.Option("synthetic", help="synthetic, or online-retail (the real UCI file in ../shared/data)."),
+    size: str = typer.Option("small", help="Synthetic size: tiny, small, medium, large."),
+    seed: int = typer.Option(42, help="Generator seed."),
+    csv: Path | None = typer.Option(None, help="Online Retail file (default: ../shared/data/online_retail/...)."),
+    retrain: bool = typer.Option(False, help="Run the DAG even if the serving model already has this cutoff."),
+    max_live_events: int | None = typer.Option(None, help="Stream at most this many live events."),
+    as_json: bool = typer.Option(False, "--json", help="Print what the demo did as one JSON object at the end."),
+) -> None:
+    """The whole lambda loop: data, the nightly DAG, Redis + speed layer + API, a live day, the report."""
+    from recs.demo import result_json, run_demo
+
+    if data not in ("synthetic", "online-retail"):
+        raise typer.BadParameter(f"{data!r} is not synthetic or online-retail", param_hint="--data")
+    from recs.generate import SIZES
+
+    if size not in SIZES:
+        raise typer.BadParameter(f"{size!r} is not one of {', '.join(SIZES)}", param_hint="--size")
+    try:
+        result = run_demo(settings_or_exit(), data, size, seed, csv, retrain, max_live_events)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; everything the demo started has been stopped")
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(result_json(result))
+
+
 def register(app: typer.Typer) -> None:
     app.command("config")(config)
+    app.command("demo")(demo)
     app.add_typer(redis_app, name="redis")

@@ -36,11 +36,26 @@ def _run_one_consumer(index: int) -> None:
     SpeedConsumer(client, settings, name=f"{consumer_name()}-{index}").run(_stop_on_signals())
 
 
+def _seed_catalog() -> None:
+    """Give items of the lake's newest catalog snapshot a live state (category, stock) if they lack one."""
+    from common.catalog import table_to_items
+    from common.catalog_state import seed_missing_items
+    from common.lake import Lake
+    from common.redis_server import connect
+    from common.settings import get_settings
+
+    settings = get_settings()
+    items = table_to_items(Lake(settings.lake.root).read_catalog())
+    seeded = seed_missing_items(connect(settings.redis.effective_url, timeout_s=30), items)
+    logging.getLogger(__name__).info("catalog: %d of %d items seeded into Redis", seeded, len(items))
+
+
 @speed_app.command("run")
 def run(
     consumers: int = typer.Option(1, "--consumers", "-n", min=1, help="Consumer processes in the group."),
 ) -> None:
     """Consume the event stream until SIGINT/SIGTERM; N processes share the group's load."""
+    _seed_catalog()
     if consumers == 1:
         _run_one_consumer(0)
         return

@@ -72,7 +72,8 @@ class Plan:
 def make_plan(settings: Settings, cutoff: datetime, engine: str | None = None) -> Plan:
     if cutoff.tzinfo is None:
         cutoff = cutoff.replace(tzinfo=UTC)
-    cutoff = cutoff.astimezone(UTC)
+    # A plain UTC datetime, whatever came in (Airflow hands over pendulum DateTimes).
+    cutoff = datetime.fromtimestamp(cutoff.timestamp(), UTC)
     engine = engine or settings.training.engine
     plan = Plan(cutoff, engine, settings.training.eval_days, Path())
     return Plan(cutoff, engine, settings.training.eval_days, settings.var_dir / "batch" / plan.version)

@@ -257,6 +257,30 @@ def _workers_rss_mb(server_pid: int) -> float:
     return max(rss) / 2**20
 
 
+def _keeps_up(step: dict[str, Any], rate: float) -> bool:
+    return bool(step["p99_ms"] <= 50 and step["errors"] == 0 and step["rps"] >= 0.95 * rate)
+
+
+def _highest_rate_under_50ms(
+    port: int, paths: list[str], base_rate: float, base: dict[str, Any], step_seconds: float, max_rate: float
+) -> float:
+    """Step the rate up by 1.5x from the base while p99 <= 50 ms, or down from it until it holds."""
+    if _keeps_up(base, base_rate):
+        best = rate = base_rate
+        while rate < max_rate:
+            rate *= 1.5
+            if not _keeps_up(run_load(port, rate, step_seconds, paths), rate):
+                break
+            best = rate
+        return best
+    rate = base_rate
+    while rate > 10:
+        rate /= 1.5
+        if _keeps_up(run_load(port, rate, step_seconds, paths), rate):
+            return rate
+    return 0.0
+
+
 def bench_serve(
     n_items: int = 50_000,
     n_users: int = 100_000,
@@ -304,13 +328,7 @@ def bench_serve(
             paths = request_paths(model)
             run_load(port, 50, 3, paths)  # warm-up: imports, first LightGBM calls, connections
             base = run_load(port, base_rate, seconds, paths)
-            best = base_rate if base["p99_ms"] <= 50 else 0.0
-            rate = base_rate
-            while best == rate and rate < max_rate:
-                rate = rate * 1.5
-                step = run_load(port, rate, step_seconds, paths)
-                if step["p99_ms"] <= 50 and step["errors"] == 0 and step["rps"] >= 0.95 * rate:
-                    best = rate
+            best = _highest_rate_under_50ms(port, paths, base_rate, base, step_seconds, max_rate)
             rss = _workers_rss_mb(server.pid)
         finally:
             server.terminate()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -25,7 +25,7 @@ def get_state(request: Request) -> ServingState:
 StateDep = Annotated[ServingState, Depends(get_state)]
 
 
-def require(scope: Scope) -> object:
+def require(scope: Scope) -> Any:
     """A dependency that lets the request through only with a key holding `scope` (or with auth off)."""
 
     def dependency(
@@ -36,7 +36,7 @@ def require(scope: Scope) -> object:
         presented = key_from_headers(x_api_key, f"Bearer {bearer.credentials}" if bearer else None)
         check_scope(settings, presented, scope)
 
-    return Depends(dependency)
+    return Depends(dependency)  # typed Any: FastAPI's `dependencies=[...]` wants its private Depends class
 
 
 EventsWrite = require("events:write")

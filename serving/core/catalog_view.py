@@ -66,7 +66,7 @@ class CatalogView:
 
     def newest(self, since_s: float, n: int) -> list[ItemInfo]:
         """In-stock items created after `since_s`, newest first."""
-        out = []
+        out: list[ItemInfo] = []
         for info in self._newest:
             if info.created_at_s < since_s or len(out) >= n:
                 break

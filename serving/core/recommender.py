@@ -338,7 +338,9 @@ def _ranker_scores(
         _request_state(state, speed, vector, now_s), _candidates(state, model, pool, speed, now_s)
     )
     # One thread: requests run concurrently, and OpenMP fan-out per call only adds contention.
-    return np.asarray(model.artifacts.ranker.predict(features, num_threads=1), dtype=np.float64)
+    ranker = model.artifacts.ranker
+    assert ranker is not None, "the caller checks the version has a ranker"
+    return np.asarray(ranker.predict(features, num_threads=1), dtype=np.float64)
 
 
 def _request_state(

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from common.events import deterministic_event_id
 from common.lake import Lake
-from common.redis_server import embedded_server, free_port
+from common.redis_server import connect, embedded_server, free_port
 from common.registry import Registry
 from common.settings import Settings
 
@@ -50,6 +50,8 @@ class DemoResult:
     person_id: str | None = None
     before: list[str] = field(default_factory=list)
     after: list[str] = field(default_factory=list)
+    browsed_category: str | None = None
+    after_categories: list[str] = field(default_factory=list)
     freshness_ms: float | None = None
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
@@ -110,15 +112,17 @@ def split_history(source: Lake, lake: Lake) -> tuple[date, pa.Table, int]:
 
 
 @contextmanager
-def services(settings: Settings, port: int) -> Iterator[str]:
+def services(settings: Settings, port: int) -> Iterator[tuple[str, str]]:
     """Redis (unless external), one speed consumer, the lake writer and the API; stopped on exit."""
     server = None
+    redis_url = settings.redis.effective_url
     if not settings.redis.url:
         server = embedded_server(settings.redis)
         server.start()
+        redis_url = server.url  # the port may have been picked free
     env = {
         **os.environ,
-        "RECS_REDIS__URL": settings.redis.effective_url,
+        "RECS_REDIS__URL": redis_url,
         "RECS_VAR_DIR": str(settings.var_dir),
         "RECS_LAKE__ROOT": settings.lake.root,
         "RECS_MODELS__ROOT": settings.models.root,
@@ -139,8 +143,8 @@ def services(settings: Settings, port: int) -> Iterator[str]:
             procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://{settings.api.host}:{port}"
         wait_ready(base, procs["api"], logs / "api.log")
-        console.print(f"services up: Redis {settings.redis.effective_url}, speed layer, lake writer, API {base}")
-        yield base
+        console.print(f"services up: Redis {redis_url}, speed layer, lake writer, API {base}")
+        yield base, redis_url
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -200,6 +204,19 @@ def stream_events(client: httpx.Client, payloads: list[dict[str, Any]]) -> int:
     return accepted
 
 
+def wait_drained(settings: Settings, redis_url: str, timeout_s: float = 60) -> None:
+    """Wait until the speed layer has applied everything streamed so far."""
+    from common.stream import group_lag
+
+    client = connect(redis_url, timeout_s=2)
+    deadline = time.monotonic() + timeout_s
+    while group_lag(client, settings.redis.stream, settings.speed.group) > 0:
+        if time.monotonic() > deadline:
+            console.print("[yellow]the speed layer is still catching up; going on[/yellow]")
+            return
+        time.sleep(0.1)
+
+
 def recommend(client: httpx.Client, person: str, session: str, k: int = 10) -> dict[str, Any]:
     response = client.get("/v1/recommendations", params={"user_id": person, "session_id": session, "k": k})
     response.raise_for_status()
@@ -233,8 +250,10 @@ def browse_a_category(
     catalog = lake.read_catalog()
     categories = [c for c in pc.unique(catalog["category"]).to_pylist() if c not in shown]
     target = sorted(categories)[0] if categories else catalog["category"][0].as_py()
-    items = catalog.filter(pc.equal(catalog["category"], target))["item_id"].to_pylist()[:3]
+    in_category = set(catalog.filter(pc.equal(catalog["category"], target))["item_id"].to_pylist())
+    items = [i for i in most_viewed(lake) if i in in_category][:3]
     console.print(f"{person} now views 3 items in [bold]{target}[/bold]: {', '.join(items)}")
+    before["browsed_category"] = target
     events = [
         {
             "event_id": str(uuid.uuid4()),
@@ -254,10 +273,17 @@ def browse_a_category(
     after = before
     while time.perf_counter() < deadline:
         after = recommend(client, person, session)
-        if [i["item_id"] for i in after["items"]] != [i["item_id"] for i in before["items"]]:
+        if any(item["category"] == target for item in after["items"]):
             return after, (time.perf_counter() - sent) * 1000
         time.sleep(0.01)
     return after, None
+
+
+def most_viewed(lake: Lake) -> list[str]:
+    """Item ids by number of events in the lake, most first (popular items have co-visitation data)."""
+    counts = lake.read_events(columns=["item_id"])["item_id"].drop_null().value_counts()
+    ranked = sorted(counts.to_pylist(), key=lambda c: (-c["counts"], c["values"]))
+    return [c["values"] for c in ranked]
 
 
 def measure_latency(client: httpx.Client, registry: Registry, n: int = 200) -> tuple[float, float]:
@@ -322,7 +348,7 @@ def run_demo(
     manifest = registry.read_manifest(result.model_version)
     result.metrics = manifest.metrics
 
-    with services(settings, free_port()) as base, httpx.Client(base_url=base, timeout=10) as client:
+    with services(settings, free_port()) as (base, redis_url), httpx.Client(base_url=base, timeout=10) as client:
         person = pick_person(registry)
         session = f"demo-{uuid.uuid4().hex[:8]}"
         before = recommend(client, person, session)
@@ -331,12 +357,15 @@ def run_demo(
         payloads = live_payloads(live, datetime.now(UTC).strftime("%Y-%m-%d"))[:max_live_events]
         result.live_events_sent = len(payloads)
         result.live_events_accepted = stream_events(client, payloads)
+        wait_drained(settings, redis_url)
 
         after, result.freshness_ms = browse_a_category(client, lake, person, session, before)
         show(f"Recommendations for {person} after", after)
         result.person_id = person
         result.before = [i["item_id"] for i in before["items"]]
         result.after = [i["item_id"] for i in after["items"]]
+        result.browsed_category = before.get("browsed_category")
+        result.after_categories = [i["category"] for i in after["items"]]
         result.degraded = after.get("degraded")
         result.latency_p50_ms, result.latency_p99_ms = measure_latency(client, registry)
         time.sleep(3)  # the lake writer flushes every 2 s in the demo
@@ -372,8 +401,8 @@ def print_summary(result: DemoResult) -> None:
     for strategy, metrics in result.metrics.items():
         table.add_row(strategy, *(f"{metrics.get(n, float('nan')):.4f}" for n in names))
     console.print(table)
-    freshness = f"{result.freshness_ms:.0f} ms" if result.freshness_ms is not None else "no change seen within 10 s"
-    console.print(f"freshness (POST /v1/events to changed recommendations): {freshness}")
+    freshness = f"{result.freshness_ms:.0f} ms" if result.freshness_ms is not None else "not seen within 10 s"
+    console.print(f"freshness (POST /v1/events to the browsed category in the list): {freshness}")
     console.print(f"GET /v1/recommendations latency: p50 {result.latency_p50_ms:.1f} ms, p99 {result.latency_p99_ms:.1f} ms")
     console.print(f"live events accepted: {result.live_events_accepted:,} of {result.live_events_sent:,}")
     console.print(f"warehouse report: {result.report}")

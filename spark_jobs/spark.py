@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -30,4 +31,6 @@ def spark_session(settings: SparkSettings, master: str | None = None, app_name: 
         builder = builder.master(master)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    # py4j logs every connection close at INFO, even from __del__ after logging has shut down.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     return spark

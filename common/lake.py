@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from fsspec import AbstractFileSystem
 
 from common.events import EVENT_SCHEMA
+from common.storage import Store
 
 EVENTS = "events"
 IMPRESSIONS = "impressions"
@@ -67,17 +65,8 @@ EVENTS_DATASET = Dataset(EVENTS, "event_id", "received_at", EVENT_SCHEMA)
 IMPRESSIONS_DATASET = Dataset(IMPRESSIONS, "request_id", "served_at", IMPRESSION_SCHEMA)
 
 
-class Lake:
+class Lake(Store):
     """Read and write the lake under one root URL (a local path by default)."""
-
-    def __init__(self, root: str) -> None:
-        self.root_url = str(root)
-        fs, path = fsspec.core.url_to_fs(self.root_url)
-        self.fs: AbstractFileSystem = fs
-        self.root = path.rstrip("/")
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
 
     # ------------------------------------------------------------ partitioned datasets
 
@@ -216,7 +205,7 @@ class Lake:
         name = hashlib.sha256(user_id.encode()).hexdigest()[:24] + ".json"
         target = self.path(ERASURES, name)
         body = json.dumps({"user_id": user_id, "requested_at": (requested_at or datetime.now(UTC)).isoformat()})
-        self._atomic_write_bytes(body.encode(), target)
+        self.write_bytes(target, body.encode())
         return target
 
     def pending_erasures(self) -> list[dict[str, str]]:
@@ -241,26 +230,7 @@ class Lake:
         return part.filter(pc.invert(seen))
 
     def _atomic_write(self, table: pa.Table, target: str) -> None:
-        directory, name = target.rsplit("/", 1)
-        tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
-        self.fs.makedirs(directory, exist_ok=True)
-        try:
-            with self.fs.open(tmp, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-            self.fs.mv(tmp, target)
-        except BaseException:
-            # A failed write leaves no litter; readers never saw the dot-file anyway.
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp)
-            raise
-
-    def _atomic_write_bytes(self, data: bytes, target: str) -> None:
-        directory, name = target.rsplit("/", 1)
-        tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
-        self.fs.makedirs(directory, exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        self.fs.mv(tmp, target)
+        self.write_atomic(target, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
 def _hidden(path: str) -> bool:

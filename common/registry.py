@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import fsspec
-from fsspec import AbstractFileSystem
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.messages import ModelEvent
+from common.storage import Store
 
 # Artifact file names inside a version directory (every engine writes the same ones).
 USER_FACTORS = "user_factors.npy"
@@ -54,15 +52,8 @@ class RegistryError(RuntimeError):
     pass
 
 
-class Registry:
-    def __init__(self, root: str) -> None:
-        self.root_url = str(root)
-        fs, path = fsspec.core.url_to_fs(self.root_url)
-        self.fs: AbstractFileSystem = fs
-        self.root = path.rstrip("/")
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+class Registry(Store):
+    """Model versions under one root URL (a local path by default)."""
 
     # ------------------------------------------------------------ versions
 
@@ -160,15 +151,6 @@ class Registry:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         return h.hexdigest()
-
-    def write_bytes(self, target: str, data: bytes) -> None:
-        """Write a file atomically (temp name, then rename)."""
-        directory, name = target.rsplit("/", 1)
-        self.fs.makedirs(directory, exist_ok=True)
-        tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        self.fs.mv(tmp, target)
 
 
 def publish_model_event(redis_client: Any, event: ModelEvent) -> int:

@@ -42,8 +42,19 @@ def run(
         logical = date.fromisoformat(day)
     except ValueError:
         raise typer.BadParameter(f"{day!r} is not a date like 2026-11-01", param_hint="--date") from None
-    done = dags_test(_settings(), logical)
-    raise typer.Exit(done.returncode)
+    settings = _settings()
+    done = dags_test(settings, logical)
+    if done.returncode != 0:
+        raise typer.Exit(done.returncode)
+    # `dags test` also "succeeds" when it created no task instances; a run must leave a decided version.
+    from common.registry import Registry
+
+    cutoff = datetime.combine(logical, datetime.min.time(), tzinfo=UTC)
+    decided = [m for m in Registry(settings.models.root).manifests() if m.cutoff == cutoff]
+    if not decided:
+        typer.secho(f"the DAG run for {logical} finished but no model version has cutoff {cutoff:%Y-%m-%d}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{decided[-1].version}: {decided[-1].status} ({decided[-1].decision})")
 
 
 @batch_app.command("train")

@@ -136,7 +136,20 @@ def _announce(settings: Any, event_json: str, message: str) -> None:
     typer.echo(message + ("" if heard else " (Redis unreachable: serving picks it up on its next reload)"))
 
 
+def airflow_ui() -> None:
+    """Start `airflow standalone` (UI, scheduler, SQLite) on this project's DAGs, Airflow home under var/."""
+    import os
+
+    from spark_jobs.airflow_run import airflow_binary, airflow_env, ensure_db
+
+    settings = _settings()
+    ensure_db(settings)
+    typer.echo(f"Airflow home {settings.var_dir / 'airflow'}; the admin password is printed below and kept there.")
+    os.execvpe(airflow_binary(), [airflow_binary(), "standalone"], airflow_env(settings))
+
+
 def register(app: typer.Typer) -> None:
     """Add this layer's commands to `recs`."""
+    app.command("airflow")(airflow_ui)
     app.add_typer(batch_app, name="batch")
     app.add_typer(model_app, name="model")

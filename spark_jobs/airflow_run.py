@@ -29,6 +29,8 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "RECS_LAKE__ROOT": settings.lake.root,
         "RECS_MODELS__ROOT": settings.models.root,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+        # Airflow's own subprocesses (standalone's components) call `airflow` by name.
+        "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")])),
     }
 
 

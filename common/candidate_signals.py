@@ -1,19 +1,16 @@
 """Serving's follow-up read for one request, after `speed_state.read_speed_state`: what depends on its answers.
 
-The category bestsellers of the session's preferred categories (known only once the session's
-affinity is read) and the per-day popularity counts of the final candidates (known only once the
-candidates are merged). Each call is one pipeline; a call with nothing to read costs no round trip.
+The category bestsellers of the session's preferred categories, known only once the session's
+affinity is read. One pipeline; a call with nothing to read costs no round trip.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import redis
 
 from common import redis_keys
-from common.features import POP_DAYS, day_index
 from common.speed_state import forward_decay
 
 
@@ -31,21 +28,6 @@ def read_bestsellers(
         category: {_text(m): float(s) * scale for m, s in reply}
         for category, reply in zip(categories, pipe.execute(), strict=True)
     }
-
-
-def read_day_counts(client: redis.Redis, item_ids: Sequence[str], now_s: float) -> np.ndarray:
-    """len(item_ids) x POP_DAYS item-event counts per UTC day up to `now_s`'s day, oldest first."""
-    counts = np.zeros((len(item_ids), POP_DAYS), dtype=np.float64)
-    if not item_ids:
-        return counts
-    pipe = client.pipeline(transaction=False)
-    first = day_index(now_s) - POP_DAYS + 1
-    items = list(item_ids)
-    for j in range(POP_DAYS):
-        pipe.zmscore(redis_keys.popularity_day(first + j), items)
-    for j, reply in enumerate(pipe.execute()):
-        counts[:, j] = [float(v) if v is not None else 0.0 for v in reply]
-    return counts
 
 
 def _text(value: bytes | str) -> str:

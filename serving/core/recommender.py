@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from common.candidate_signals import read_bestsellers, read_day_counts
+from common.candidate_signals import read_bestsellers
 from common.candidates import Scored, als_top_n, category_best, covisited, merge_sources
 from common.features import POP_DAYS, SOURCES, Candidates, RequestState, compute_features
 from common.speed_state import SpeedState, read_speed_state
@@ -367,7 +367,7 @@ def _candidates(
     promoted = speed.promoted if speed else frozenset()
     if speed is not None:
         try:
-            day_counts = read_day_counts(state.redis.client, pool.item_ids, now_s)
+            day_counts = state.day_counts.read(state.redis.client, pool.item_ids, now_s)
         except redis.RedisError as exc:
             state.redis.failed(exc)
             day_counts = np.zeros((len(pool.item_ids), POP_DAYS))

@@ -21,6 +21,7 @@ from common.redis_server import connect
 from common.registry import Registry
 from common.settings import Settings
 from serving.core.catalog_view import CatalogView
+from serving.core.day_counts import DayCounts
 from serving.core.impressions import ImpressionLogger
 from serving.core.model_holder import ModelHolder, lake_popular
 from serving.core.rules import Rules, load_rules
@@ -65,6 +66,7 @@ class ServingState:
     lake_popular: list[tuple[str, float]] = field(default_factory=list)
     erased: set[str] = field(default_factory=set)
     stream_lag: StreamLagProbe = field(default_factory=lambda: StreamLagProbe())
+    day_counts: DayCounts = field(default_factory=DayCounts)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 

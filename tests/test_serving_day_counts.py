@@ -1,0 +1,50 @@
+"""Per-day popularity counts: serving's worker cache reads today live and past days once."""
+
+from __future__ import annotations
+
+import redis
+
+from common import redis_keys
+from common.features import DAY_S, POP_DAYS, day_index
+from serving.core.day_counts import DayCounts
+
+NOW_S = 1_780_000_000.0
+
+
+def seed(client: redis.Redis, day_offset: int, item: str, count: float) -> None:
+    client.zadd(redis_keys.popularity_day(day_index(NOW_S) + day_offset), {item: count})
+
+
+def test_counts_are_laid_out_oldest_first_today_last(redis_client: redis.Redis) -> None:
+    seed(redis_client, 0, "a", 5)
+    seed(redis_client, -1, "a", 3)
+    seed(redis_client, -(POP_DAYS - 1), "b", 2)
+    seed(redis_client, -POP_DAYS, "b", 99)  # outside the window
+    counts = DayCounts().read(redis_client, ["a", "b", "c"], NOW_S)
+    assert counts.shape == (3, POP_DAYS)
+    assert counts[0].tolist() == [0] * (POP_DAYS - 2) + [3, 5]
+    assert counts[1].tolist() == [2] + [0] * (POP_DAYS - 1)
+    assert counts[2].sum() == 0
+
+
+def test_today_is_read_live_and_past_days_come_from_the_cache(redis_client: redis.Redis) -> None:
+    cache = DayCounts(past_ttl_s=300)
+    seed(redis_client, 0, "a", 1)
+    seed(redis_client, -1, "a", 10)
+    cache.read(redis_client, ["a"], NOW_S)
+    seed(redis_client, 0, "a", 2)
+    seed(redis_client, -1, "a", 20)  # a late event on a past day: served from cache until the TTL
+    counts = cache.read(redis_client, ["a"], NOW_S)
+    assert counts[0, -1] == 2
+    assert counts[0, -2] == 10
+    assert DayCounts(past_ttl_s=0).read(redis_client, ["a"], NOW_S)[0, -2] == 20
+
+
+def test_a_new_day_shifts_the_window(redis_client: redis.Redis) -> None:
+    cache = DayCounts()
+    seed(redis_client, 0, "a", 4)
+    cache.read(redis_client, ["a"], NOW_S)
+    seed(redis_client, 1, "a", 1)
+    counts = cache.read(redis_client, ["a"], NOW_S + DAY_S)
+    assert counts[0, -1] == 1
+    assert counts[0, -2] == 4  # yesterday is now a past day, read once and cached

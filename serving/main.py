@@ -9,17 +9,21 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import Settings, get_settings
-from serving.api.routes import admin, catalog, events, health, items, recommendations, users
+from serving.api.routes import admin, catalog, events, health, items, recommendations, stream, users
 from serving.core import metrics
 from serving.core.errors import ApiError, api_error_handler, validation_error_handler
 from serving.core.state import ServingState
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"  # the demo storefront
 
 DESCRIPTION = """
 Real-time product recommendations: the batch ALS model merged with the speed layer's live
@@ -110,6 +114,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["X-API-Key", "Authorization", "Content-Type"],
         )
     app.add_middleware(LatencyMiddleware)
-    for module in (events, recommendations, items, catalog, users, admin, health):
+    for module in (events, recommendations, stream, items, catalog, users, admin, health):
         app.include_router(module.router)
+    app.include_router(stream.demo_router)  # before the mount: /demo/catalog is an endpoint, the rest files
+    app.mount("/demo", StaticFiles(directory=STATIC_DIR, html=True), name="demo")
     return app

@@ -1,0 +1,140 @@
+"""Live recommendations by Server-Sent Events, and the demo storefront's small catalog endpoint.
+
+GET /v1/stream/recommendations subscribes to the speed layer's RECS_CHANNEL; each time the speed
+layer says this person's (or session's) state changed, the list is recomputed by the very route
+function GET /v1/recommendations runs (same ranking, same impression log) and sent as one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Query, Request
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from common import redis_keys
+from common.messages import RecsChanged
+from serving.api.deps import RecsRead, StateDep
+from serving.api.routes.recommendations import IdParam, get_recommendations
+from serving.core.errors import ERROR_RESPONSES, ApiError
+from serving.core.state import ServingState
+from serving.schemas import Context
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/stream", tags=["recommendations"], responses=ERROR_RESPONSES)
+demo_router = APIRouter(prefix="/demo", include_in_schema=False)
+
+PING_S = 15
+POLL_S = 1.0
+
+
+@router.get(
+    "/recommendations",
+    summary="Recommendations pushed when the speed layer changes them (SSE)",
+    description=(
+        "A `text/event-stream`: one `recommendations` event at once, then one each time the speed layer "
+        "applies an event of this person or session (the same body as GET /v1/recommendations). "
+        "Comment pings keep idle connections open."
+    ),
+    dependencies=[RecsRead],
+)
+async def stream_recommendations(
+    request: Request,
+    state: StateDep,
+    user_id: IdParam = None,
+    anonymous_id: IdParam = None,
+    session_id: IdParam = None,
+    k: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> EventSourceResponse:
+    if user_id is None and anonymous_id is None:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "give user_id or anonymous_id",
+            errors=[{"field": "user_id", "reason": "user_id or anonymous_id is required"}],
+        )
+    people = {p for p in (user_id, anonymous_id) if p}
+
+    def compute() -> str:
+        body = get_recommendations(
+            state,
+            user_id=user_id,
+            anonymous_id=anonymous_id,
+            session_id=session_id,
+            k=k,
+            context=Context.home,
+        )
+        return body.model_dump_json()
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        client = aioredis.Redis.from_url(state.settings.redis.effective_url, socket_connect_timeout=1.0)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(redis_keys.RECS_CHANNEL)
+            yield {"event": "recommendations", "data": await run_in_threadpool(compute)}
+            while not await request.is_disconnected():
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL_S)
+                if message is None or not _concerns(message["data"], people, session_id):
+                    continue
+                # Coalesce a burst (one batch of the speed layer publishes once per person).
+                while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01) is not None:
+                    pass
+                yield {"event": "recommendations", "data": await run_in_threadpool(compute)}
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("recommendation stream ends: %s", exc)
+            yield {"event": "error", "data": json.dumps({"error": "redis_unavailable"})}
+        except asyncio.CancelledError:
+            raise
+        finally:
+            try:
+                await pubsub.aclose()
+                await client.aclose()
+            except Exception:  # the connection may already be gone
+                log.debug("closing the stream's Redis connection failed", exc_info=True)
+
+    return EventSourceResponse(
+        events(), ping=PING_S, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+def _concerns(data: bytes | str, people: set[str], session_id: str | None) -> bool:
+    try:
+        message = RecsChanged.model_validate_json(data)
+    except ValueError:
+        return False
+    if message.person_id in people:
+        return True
+    return session_id is not None and message.session_id == session_id
+
+
+@demo_router.get("/catalog")
+def demo_catalog(state: StateDep, per_category: Annotated[int, Query(ge=1, le=100)] = 12) -> dict[str, Any]:
+    """The storefront's grid: in-stock items grouped by category, a few per category."""
+    return {"categories": _grouped(state, per_category)}
+
+
+def _grouped(state: ServingState, per_category: int) -> list[dict[str, Any]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for row in state.lake.read_catalog().to_pylist():
+        if row.get("in_stock") is False:
+            continue
+        category = row.get("category") or "uncategorised"
+        shelf = grouped.setdefault(category, [])
+        if len(shelf) < per_category:
+            shelf.append(
+                {
+                    "item_id": row["item_id"],
+                    "title": row.get("title") or row["item_id"],
+                    "category": category,
+                    "price": float(row.get("price") or 0.0),
+                    "promoted": bool(row.get("promoted")),
+                }
+            )
+    return [{"category": c, "items": grouped[c]} for c in sorted(grouped)]

@@ -1,0 +1,113 @@
+/* Lambdarec tracker: batches storefront events to POST /v1/events.
+ * - each event gets a client-made UUID once; a failed batch is retried as is (same event_id),
+ *   so the speed layer's dedup counts it once;
+ * - a batch goes after `flushMs` or when `maxBatch` events wait;
+ * - on pagehide what is left goes with navigator.sendBeacon. */
+(function (global) {
+  "use strict";
+
+  function uuid() {
+    if (global.crypto && typeof global.crypto.randomUUID === "function") return global.crypto.randomUUID();
+    const b = new Uint8Array(16);
+    global.crypto.getRandomValues(b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+  }
+
+  class Tracker {
+    constructor(opts) {
+      this.endpoint = opts.endpoint || "/v1/events";
+      this.anonymousId = opts.anonymousId;
+      this.sessionId = opts.sessionId;
+      this.userId = opts.userId || null;
+      this.flushMs = opts.flushMs ?? 150;
+      this.maxBatch = opts.maxBatch ?? 20;
+      this.backoffMs = opts.backoffMs || [200, 500, 1000, 2000, 5000];
+      this.queue = [];
+      this.inflight = null;
+      this.failures = 0;
+      this.timer = null;
+      this.stats = { posts: 0, failed: 0, sent: 0, beacons: 0 };
+      global.addEventListener("pagehide", () => this.beacon());
+      document.addEventListener("visibilitychange", () => {
+        if (document.visibilityState === "hidden") this.beacon();
+      });
+    }
+
+    track(eventType, fields) {
+      const event = {
+        event_id: uuid(),
+        event_type: eventType,
+        ts: new Date().toISOString(),
+        anonymous_id: this.anonymousId,
+        session_id: this.sessionId,
+        ...fields,
+      };
+      if (this.userId) event.user_id = this.userId;
+      this.queue.push(event);
+      this.schedule(this.queue.length >= this.maxBatch ? 0 : this.flushMs);
+      return event;
+    }
+
+    schedule(delayMs) {
+      if (this.timer !== null || this.inflight) return;
+      this.timer = setTimeout(() => {
+        this.timer = null;
+        this.flush();
+      }, delayMs);
+    }
+
+    async flush() {
+      if (this.inflight || this.queue.length === 0) return this.inflight;
+      const batch = this.queue.splice(0, this.maxBatch);
+      this.inflight = this.post(batch);
+      try {
+        await this.inflight;
+      } finally {
+        this.inflight = null;
+      }
+      if (this.queue.length) this.schedule(this.failures ? this.delay() : 0);
+    }
+
+    delay() {
+      return this.backoffMs[Math.min(this.failures - 1, this.backoffMs.length - 1)];
+    }
+
+    async post(batch) {
+      this.stats.posts += 1;
+      let retry = false;
+      try {
+        const response = await fetch(this.endpoint, {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify(batch),
+          keepalive: true,
+        });
+        // 5xx (backpressure, Redis down) and 429 are worth retrying; other 4xx would fail again.
+        retry = response.status >= 500 || response.status === 429;
+      } catch (err) {
+        retry = true; // network error: the server may or may not have the batch; the event_id dedups it
+      }
+      if (retry) {
+        this.stats.failed += 1;
+        this.failures += 1;
+        this.queue.unshift(...batch); // the same objects, so the same event_id values
+      } else {
+        this.failures = 0;
+        this.stats.sent += batch.length;
+      }
+    }
+
+    beacon() {
+      if (!this.queue.length || !navigator.sendBeacon) return;
+      const batch = this.queue.splice(0, this.queue.length);
+      const blob = new Blob([JSON.stringify(batch)], { type: "application/json" });
+      if (navigator.sendBeacon(this.endpoint, blob)) this.stats.beacons += 1;
+      else this.queue.unshift(...batch);
+    }
+  }
+
+  global.LambdarecTracker = { Tracker, uuid };
+})(window);

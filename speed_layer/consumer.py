@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -32,6 +32,16 @@ from speed_layer.switch import stamped, switch_version
 log = logging.getLogger(__name__)
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def poll_until_stopped(poll_once: Callable[[], int], stop: threading.Event) -> None:
+    """Call `poll_once` until `stop` is set; a lost Redis is waited out, not fatal."""
+    while not stop.is_set():
+        try:
+            poll_once()
+        except redis.ConnectionError as exc:
+            log.warning("redis unavailable (%s); retrying in 1s", exc)
+            stop.wait(1.0)
 
 
 def consumer_name() -> str:
@@ -79,12 +89,7 @@ class SpeedConsumer:
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         log.info("speed consumer %s reading %s as group %s", self.name, self.stream_key, self.speed.group)
-        while not stop.is_set():
-            try:
-                self.poll_once()
-            except redis.ConnectionError as exc:
-                log.warning("redis unavailable (%s); retrying in 1s", exc)
-                stop.wait(1.0)
+        poll_until_stopped(self.poll_once, stop)
 
     def poll_once(self, block: bool = True) -> int:
         """Housekeeping, then one batch; returns how many entries it handled."""

@@ -18,7 +18,7 @@ from common.events import Event, events_to_table
 from common.lake import Lake
 from common.settings import Settings
 from common.stream import decode_entry
-from speed_layer.consumer import Entry, consumer_name, ensure_group
+from speed_layer.consumer import Entry, consumer_name, ensure_group, poll_until_stopped
 from speed_layer.switch import stamped
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,7 @@ class LakeWriter:
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         log.info("lake writer %s: %s -> %s", self.name, self.stream_key, self.lake.root_url)
-        while not stop.is_set():
-            try:
-                self.poll_once()
-            except redis.ConnectionError as exc:
-                log.warning("redis unavailable (%s); retrying in 1s", exc)
-                stop.wait(1.0)
+        poll_until_stopped(self.poll_once, stop)
         self.flush()
 
     def poll_once(self) -> int:

@@ -82,8 +82,9 @@ class _Pool:
     source_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def recommend(state: ServingState, req: RecRequest) -> RecResult:
-    now_s = time.time()
+def recommend(state: ServingState, req: RecRequest, now_s: float | None = None) -> RecResult:
+    # now_s: the moment the list is for; a replay (evaluation/) passes the replayed event's time.
+    now_s = time.time() if now_s is None else now_s
     model = state.models.current  # one snapshot for the whole request: a reload cannot mix versions
     variant = assign_variant(req.person_id, state.settings.experiments.shares)
     rules = state.rules

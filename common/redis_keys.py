@@ -46,7 +46,7 @@ def session_recent(person_id: str, session_id: str) -> str:
 
 
 def session_categories(person_id: str, session_id: str) -> str:
-    """Hash category -> decayed affinity, plus `_ts` the time it was last decayed."""
+    """Hash category -> weight·2^((ts − _t0)/half-life) summed (forward decay), plus `_t0` its reference time."""
     return f"{_person(person_id)}:s:{session_id}:cats"
 
 

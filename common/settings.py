@@ -19,6 +19,7 @@ ENV_PREFIX = "RECS_"
 NESTED_DELIMITER = "__"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VAR = PROJECT_ROOT / "var"
+LOOPBACK = "127.0.0.1"
 
 Scope = Literal["events:write", "recs:read", "admin"]
 
@@ -70,7 +71,27 @@ class ModelsSettings(Section):
 class SparkSettings(Section):
     master: str = "local[*]"
     driver_memory: str = "2g"
+    executor_memory: str = Field("1g", description="Per executor on a cluster; must fit in one worker's memory.")
     shuffle_partitions: int = Field(4, ge=1)
+    conf: dict[str, str] = Field(
+        default_factory=dict,
+        description='Any other Spark option, as JSON: {"spark.driver.host": "127.0.0.1", "spark.eventLog.enabled": "true"}.',
+    )
+
+
+class ClusterSettings(Section):
+    """`recs cluster up`: every role of a deployment as local processes on loopback."""
+
+    spark_port: int = Field(7077, ge=1, le=65535)
+    spark_ui_port: int = Field(8090, ge=1, le=65535, description="Master web UI and its /json/ status (8080 is Airflow's).")
+    spark_workers: int = Field(2, ge=1)
+    worker_cores: int = Field(1, ge=1)
+    worker_memory: str = Field("1g", description="What each worker offers its executors (>= spark.executor_memory).")
+    speed_consumers: int = Field(2, ge=1, description="Speed-layer processes, one group member each.")
+
+    @property
+    def spark_master_url(self) -> str:
+        return f"spark://{LOOPBACK}:{self.spark_port}"
 
 
 class ApiSettings(Section):
@@ -141,6 +162,7 @@ class SpeedSettings(Section):
     trending_refresh_s: float = Field(5.0, gt=0, description="How often one consumer re-sums the trending buckets.")
     claim_interval_s: float = Field(5.0, gt=0, description="How often a consumer looks for idle pending entries.")
     conflict_retries: int = Field(5, ge=1, description="Re-reads of a person's delta after a concurrent write.")
+    script_chunk: int = Field(50, ge=1, description="Events applied per script call (calls overlap with planning).")
 
 
 class ExperimentSettings(Section):
@@ -175,6 +197,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     speed: SpeedSettings = SpeedSettings()
     experiments: ExperimentSettings = ExperimentSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     @model_validator(mode="after")
     def _paths_under_var_dir(self) -> Settings:

@@ -45,7 +45,7 @@ class SpeedState:
     person_id: str  # after alias resolution
     session_id: str | None  # the given one, else the person's latest live session
     session_items: dict[str, float] = field(default_factory=dict)  # item -> last event time (epoch s)
-    category_affinity: dict[str, float] = field(default_factory=dict)  # session, decayed to its last event
+    category_affinity: dict[str, float] = field(default_factory=dict)  # session, forward-decayed (any scale)
     cart: dict[str, int] = field(default_factory=dict)  # item -> quantity
     session_counts: dict[str, int] = field(default_factory=dict)  # event_type -> count in the session
     person_items: dict[str, float] = field(default_factory=dict)  # item -> implicit weight, for fold-in
@@ -202,7 +202,7 @@ def _fill_person(state: SpeedState, replies: list[Any]) -> None:
     recent, cats, cart, counts, items, purchases, delta, n = replies
     if state.session_id is not None:
         state.session_items = dict(_pairs(recent))
-        state.category_affinity = {k: float(v) for k, v in _text_map(cats).items() if k != "_ts"}
+        state.category_affinity = {k: float(v) for k, v in _text_map(cats).items() if not k.startswith("_")}
         state.cart = {k: int(float(v)) for k, v in _text_map(cart).items()}
         state.session_counts = {k: int(v) for k, v in _text_map(counts).items()}
     state.person_items = {k: float(v) for k, v in _text_map(items).items()}

@@ -57,12 +57,33 @@ def sgd_step(
     δ ← δ + η·[c·(1 − xᵀyᵢ)·yᵢ − Σⱼ (xᵀyⱼ)·yⱼ − λ·δ], x = x(u) + δ, then ‖δ‖ ≤ max_norm.
     The L2 term pulls δ toward zero, i.e. the user vector toward the batch one.
     """
-    x = batch_vector + delta
-    grad = confidence * (1.0 - float(x @ positive)) * positive - l2 * delta
-    if len(negatives):
-        grad -= (negatives @ x) @ negatives
-    updated = delta + learning_rate * grad
-    norm = float(np.linalg.norm(updated))
-    if norm > max_norm:
-        updated *= max_norm / norm
-    return updated.astype(np.float32)
+    return sgd_steps(
+        batch_vector[None, :], delta[None, :], positive[None, :], negatives[None, :, :],
+        np.array([confidence]), learning_rate, l2, max_norm,
+    )[0]  # fmt: skip
+
+
+def sgd_steps(
+    batch_vectors: np.ndarray,
+    deltas: np.ndarray,
+    positives: np.ndarray,
+    negatives: np.ndarray,
+    confidences: np.ndarray,
+    learning_rate: float,
+    l2: float,
+    max_norm: float,
+) -> np.ndarray:
+    """`sgd_step` for n different users at once: rows of (n, k) arrays, negatives (n, m, k).
+
+    One row per user: a user's second event must start from the delta of their first.
+    """
+    x = batch_vectors + deltas
+    errors = 1.0 - np.einsum("nk,nk->n", x, positives)
+    grads = (confidences * errors)[:, None] * positives - l2 * deltas
+    if negatives.shape[1]:
+        negative_scores = np.einsum("nmk,nk->nm", negatives, x)
+        grads -= np.einsum("nm,nmk->nk", negative_scores, negatives)
+    updated = deltas + learning_rate * grads
+    norms = np.sqrt(np.einsum("nk,nk->n", updated, updated))
+    scale = np.minimum(1.0, max_norm / np.maximum(norms, 1e-30))
+    return (updated * scale[:, None]).astype(np.float32)

@@ -12,9 +12,11 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import zip_longest
 
 import numpy as np
 import redis
+from redis.exceptions import NoScriptError
 
 from common import redis_keys
 from common.catalog_state import item_categories
@@ -23,8 +25,9 @@ from common.features import DAY_S, POP_DAYS, day_index, implicit_weight
 from common.model import ModelArtifacts
 from common.settings import Settings
 from common.speed_state import forward_decay
-from common.vectors import sgd_step
-from speed_layer.scripts import APPLY_EVENT, MERGE_IDENTITY
+from common.vectors import sgd_steps
+from speed_layer.scripts import APPLY_EVENTS, MERGE_IDENTITY
+from speed_layer.sender import OverlappedCalls
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ def received_s(event: Event) -> float:
 
 
 class Applier:
-    """Applies events' effects exactly once; see APPLY_EVENT for the atomic part."""
+    """Applies events' effects exactly once; see APPLY_EVENTS for the atomic part."""
 
     def __init__(self, client: redis.Redis, settings: Settings, seed: int = 0) -> None:
         self.client = client
@@ -82,7 +85,7 @@ class Applier:
         self.speed = settings.speed
         self.categories = CategoryCache(client)
         self.rng = np.random.default_rng(seed)
-        self.apply_script = client.register_script(APPLY_EVENT)
+        self.apply_sha = client.script_load(APPLY_EVENTS)
         self.merge_script = client.register_script(MERGE_IDENTITY)
 
     # ------------------------------------------------------------ batches
@@ -130,157 +133,55 @@ class Applier:
         now_s: float | None,
         result: BatchResult,
     ) -> list[int]:
-        """One pipelined pass; returns the indices to retry because a delta moved underneath."""
+        """One overlapped pass; returns the indices to retry: a delta moved underneath, the script was
+        not loaded, or an earlier event of the chunk failed."""
         now = time.time() if now_s is None else now_s
         batch = [events[i] for i in todo]
         aliases = self._aliases(batch)
         persons = [person_of(e, aliases) for e in batch]
         sessions = [e.session_id or NO_SESSION for e in batch]
         categories = self.categories.lookup({e.item_id for e in batch if e.item_id})
-        deltas = self._read_deltas(batch, persons, models)
-        recent = self._read_recent(persons, sessions) if base else {}
+        deltas, recent = self._pre_read(batch, persons, sessions, models, base)
+        planner = _Planner(self, batch, persons, sessions, categories, recent, base, now)
+        planner.plan_deltas(models, deltas)
 
-        pipe = self.client.pipeline(transaction=False)
-        for event, person, session in zip(batch, persons, sessions, strict=True):
-            keys, args = self._plan(event, person, session, categories, deltas, recent, models, base, now)
-            self.apply_script(keys=keys, args=args, client=pipe)
-        replies = pipe.execute(raise_on_error=False)
+        chunk = self.speed.script_chunk
+        calls = OverlappedCalls(self.client)
+        for start in range(0, len(batch), chunk):
+            part = range(start, min(start + chunk, len(batch)))
+            keys: list[str] = []
+            args: list[object] = [*self._chunk_constants(len(part), base)]
+            for j in part:
+                planner.plan(j, keys, args)
+            calls.send("EVALSHA", self.apply_sha, len(keys), *keys, *args)
 
-        retry = []
-        for index, event, person, session, reply in zip(todo, batch, persons, sessions, replies, strict=True):
-            if isinstance(reply, Exception):
-                result.failed[index] = f"effects failed: {reply}"
-            elif reply == -1:
-                retry.append(index)
-            elif reply == 0:
-                result.duplicates += 1
-            else:
-                result.applied += 1
-                result.changed[person] = (session, event)
+        retry: list[int] = []
+        for start, reply in zip(range(0, len(batch), chunk), calls.replies(), strict=True):
+            part = range(start, min(start + chunk, len(batch)))
+            if isinstance(reply, NoScriptError):  # Redis restarted and lost its scripts: nothing ran
+                self.apply_sha = self.client.script_load(APPLY_EVENTS)
+                reply = []
+            elif isinstance(reply, Exception):  # the call itself was refused: nothing ran
+                reply = [str(reply).encode()] + [-1] * (len(part) - 1)
+            for j, code in zip_longest(part, reply):
+                if code is None or code == -1:  # not reached, or its delta moved: plan it again
+                    retry.append(todo[j])
+                elif isinstance(code, bytes):
+                    result.failed[todo[j]] = code.decode(errors="replace")
+                elif code == 0:
+                    result.duplicates += 1
+                else:
+                    result.applied += 1
+                    result.changed[persons[j]] = (sessions[j], batch[j])
         return retry
 
-    # ------------------------------------------------------------ planning one event
-
-    def _plan(
-        self,
-        event: Event,
-        person: str,
-        session: str,
-        categories: dict[str, str],
-        deltas: dict[tuple[str, str], tuple[np.ndarray, int]],
-        recent: dict[tuple[str, str], list[str]],
-        models: Sequence[ModelArtifacts],
-        base: bool,
-        now: float,
-    ) -> tuple[list[str], list[object]]:
+    def _chunk_constants(self, events: int, base: bool) -> tuple[object, ...]:
         speed = self.speed
-        item = event.item_id or ""
-        ts = event.ts.timestamp()
-        weight = implicit_weight(event.event_type.value, event.dwell_ms, self.settings.training)
-        category = categories.get(item, "") if item else ""
-        quantity = event.quantity or 1
-
-        version_args: list[object] = []
-        version_keys: list[str] = []
-        for slot in range(2):
-            model = models[slot] if slot < len(models) else None
-            planned = self._plan_delta(event, person, weight, model, deltas) if model else None
-            if planned is None:
-                version_args += ["", b"", 0]
-                version_keys += [redis_keys.user_delta(person, "-"), redis_keys.user_event_count(person, "-")]
-            else:
-                assert model is not None
-                delta, expected = planned
-                version_args += [model.version, delta.astype("<f4").tobytes(), expected]
-                version_keys += [
-                    redis_keys.user_delta(person, model.version),
-                    redis_keys.user_event_count(person, model.version),
-                ]
-
-        others: list[str] = []
-        if base and item:
-            seen_items = recent.setdefault((person, session), [])
-            if item not in seen_items:
-                others = seen_items[:COVIS_WINDOW]
-                seen_items.insert(0, item)
-                del seen_items[speed.recent_items :]
-
-        bucket = int(ts // speed.trending_bucket_s) * speed.trending_bucket_s
-        trend_expire = bucket + speed.trending_window_s + speed.trending_bucket_s
-        day = day_index(ts)
-        pop_expire = int((day + POP_DAYS + 1) * DAY_S)
-        best = 0.0
-        if category and event.event_type in BESTSELLER_EVENTS:
-            best = weight * quantity * forward_decay(ts, speed.bestsellers_half_life_s)
-
-        keys = [
-            redis_keys.seen_event(person, event.event_id),
-            redis_keys.session_recent(person, session),
-            redis_keys.session_categories(person, session),
-            redis_keys.session_cart(person, session),
-            redis_keys.session_counts(person, session),
-            redis_keys.person_sessions(person),
-            redis_keys.person_items(person),
-            redis_keys.person_purchases(person),
-            redis_keys.trending_bucket(bucket),
-            redis_keys.popularity_day(day),
-            redis_keys.category_bestsellers(category or "-"),
-            *version_keys,
-            redis_keys.covisitation(item or "-"),
-            *(redis_keys.covisitation(o) for o in others),
-        ]
-        args: list[object] = [
-            "1" if base else "0",
-            event.event_type.value,
-            item,
-            session,
-            repr(ts),
-            repr(weight),
-            quantity,
-            category,
-            *version_args,
-            speed.session_ttl_s,
-            speed.recent_items,
-            speed.dedup_ttl_s,
-            speed.affinity_half_life_s,
-            speed.history_ttl_s,
-            speed.purchases_kept,
-            trend_expire if trend_expire > now else 0,
-            pop_expire if pop_expire > now else 0,
-            repr(best),
-            speed.bestsellers_top_n,
-            speed.covis_top_n,
-            speed.dedup_ttl_s,
-            *others,
-        ]
-        return keys, args
-
-    def _plan_delta(
-        self,
-        event: Event,
-        person: str,
-        weight: float,
-        model: ModelArtifacts,
-        deltas: dict[tuple[str, str], tuple[np.ndarray, int]],
-    ) -> tuple[np.ndarray, int] | None:
-        """The person's new delta for this version and the event count it must replace, or None."""
-        if weight <= 0 or event.item_id is None or received_s(event) < model.cutoff_s:
-            return None  # before the cutoff the batch vector already holds the event
-        batch_vector = model.user_vector(person)
-        item_index = model.item_index.get(event.item_id)
-        if batch_vector is None or item_index is None:
-            return None
-        key = (person, model.version)
-        delta, count = deltas.get(key) or (np.zeros(model.factors, dtype=np.float32), 0)
-        speed = self.speed
-        negatives = model.item_factors[self.rng.integers(0, len(model.item_ids), size=speed.negatives)]
-        confidence = 1.0 + self.settings.training.alpha * weight
-        updated = sgd_step(
-            batch_vector, delta, model.item_factors[item_index], negatives,
-            confidence, speed.learning_rate, speed.l2, speed.max_delta_norm,
+        return (
+            events, 1 if base else 0, speed.session_ttl_s, speed.recent_items, speed.dedup_ttl_s,
+            speed.affinity_half_life_s, speed.history_ttl_s, speed.purchases_kept, speed.bestsellers_top_n,
+            speed.covis_top_n, speed.dedup_ttl_s,
         )  # fmt: skip
-        deltas[key] = (updated, count + 1)  # later events of this person in the batch chain on it
-        return updated, count
 
     # ------------------------------------------------------------ pre-reads (one pipeline each)
 
@@ -291,36 +192,41 @@ class Applier:
         values = self.client.mget([redis_keys.alias(d) for d in devices])
         return {d: v.decode() for d, v in zip(devices, values, strict=True) if v}
 
-    def _read_deltas(
-        self, batch: Sequence[Event], persons: Sequence[str], models: Sequence[ModelArtifacts]
-    ) -> dict[tuple[str, str], tuple[np.ndarray, int]]:
+    def _pre_read(
+        self,
+        batch: Sequence[Event],
+        persons: Sequence[str],
+        sessions: Sequence[str],
+        models: Sequence[ModelArtifacts],
+        base: bool,
+    ) -> tuple[dict[tuple[str, str], tuple[np.ndarray, int]], dict[tuple[str, str], list[str]]]:
+        """In one round trip: each person's delta and event count per version, and each session's
+        latest items (when version-free effects are applied)."""
         wanted = sorted({(p, m.version) for p in persons for m in models if m.user_index.get(p) is not None})
-        if not wanted:
-            return {}
+        pairs = sorted(set(zip(persons, sessions, strict=True))) if base else []
         pipe = self.client.pipeline(transaction=False)
         for person, version in wanted:
             pipe.get(redis_keys.user_delta(person, version))
             pipe.get(redis_keys.user_event_count(person, version))
-        replies = pipe.execute()
-        by_version = {m.version: m for m in models}
-        out = {}
-        for j, (person, version) in enumerate(wanted):
-            raw, count = replies[2 * j], replies[2 * j + 1]
-            k = by_version[version].factors
-            delta = np.frombuffer(raw, dtype="<f4").copy() if raw else np.zeros(k, dtype=np.float32)
-            out[(person, version)] = (delta, int(count or 0))
-        return out
-
-    def _read_recent(
-        self, persons: Sequence[str], sessions: Sequence[str]
-    ) -> dict[tuple[str, str], list[str]]:
-        pairs = sorted(set(zip(persons, sessions, strict=True)))
-        pipe = self.client.pipeline(transaction=False)
         for person, session in pairs:
             pipe.zrevrange(redis_keys.session_recent(person, session), 0, self.speed.recent_items - 1)
-        return {
-            pair: [m.decode() for m in members] for pair, members in zip(pairs, pipe.execute(), strict=True)
+        replies = pipe.execute() if wanted or pairs else []
+
+        factors = {m.version: m.factors for m in models}
+        deltas = {}
+        for j, (person, version) in enumerate(wanted):
+            raw, count = replies[2 * j], replies[2 * j + 1]
+            delta = (
+                np.frombuffer(raw, dtype="<f4").copy()
+                if raw
+                else np.zeros(factors[version], dtype=np.float32)
+            )
+            deltas[(person, version)] = (delta, int(count or 0))
+        recent_replies = replies[2 * len(wanted) :]
+        recent = {
+            pair: [m.decode() for m in members] for pair, members in zip(pairs, recent_replies, strict=True)
         }
+        return deltas, recent
 
     # ------------------------------------------------------------ identify
 
@@ -352,7 +258,14 @@ class Applier:
         speed = self.speed
         try:
             merged = self.merge_script(
-                keys=keys, args=[user, speed.history_ttl_s, speed.session_ttl_s, speed.dedup_ttl_s]
+                keys=keys,
+                args=[
+                    user,
+                    speed.history_ttl_s,
+                    speed.session_ttl_s,
+                    speed.dedup_ttl_s,
+                    speed.affinity_half_life_s,
+                ],
             )
         except redis.ResponseError as exc:
             result.failed[index] = f"identify merge failed: {exc}"
@@ -362,3 +275,167 @@ class Applier:
             result.changed[user] = (event.session_id, event)
         else:
             result.duplicates += 1
+
+
+class _Planner:
+    """Plans one batch's events into the script's key and value blocks (see APPLY_EVENTS).
+
+    Deltas and session items chain in memory through the batch: a person's second event plans on
+    the delta their first one will write. Key names are built once per person, session and item.
+    """
+
+    def __init__(
+        self,
+        applier: Applier,
+        batch: Sequence[Event],
+        persons: Sequence[str],
+        sessions: Sequence[str],
+        categories: dict[str, str],
+        recent: dict[tuple[str, str], list[str]],
+        base: bool,
+        now: float,
+    ) -> None:
+        self.speed = applier.speed
+        self.training = applier.settings.training
+        self.rng = applier.rng
+        self.batch, self.persons, self.sessions = batch, persons, sessions
+        self.weights = [implicit_weight(e.event_type.value, e.dwell_ms, self.training) for e in batch]
+        self.categories = categories
+        self.recent = recent
+        self.base = base
+        self.now = now
+        # Per version slot (at most two): the model and event index -> (new delta, count it replaces).
+        self.deltas: list[tuple[ModelArtifacts, dict[int, tuple[np.ndarray, int]]]] = []
+        self.person_keys: dict[tuple[str, str], list[str]] = {}
+        self.item_keys: dict[str, str] = {}
+
+    def plan_deltas(
+        self, models: Sequence[ModelArtifacts], stored: dict[tuple[str, str], tuple[np.ndarray, int]]
+    ) -> None:
+        """SGD steps for every event with a delta, vectorised over the people in the batch."""
+        for model in models[:2]:
+            self.deltas.append((model, self._model_deltas(model, stored)))
+
+    def _model_deltas(
+        self, model: ModelArtifacts, stored: dict[tuple[str, str], tuple[np.ndarray, int]]
+    ) -> dict[int, tuple[np.ndarray, int]]:
+        # Round r takes each person's r-th event: a person's steps chain, and a round is one matrix step.
+        rounds: list[list[tuple[int, int, int]]] = []  # (event index, user row, item row)
+        seen_per_person: dict[str, int] = {}
+        for j, (event, person, weight) in enumerate(zip(self.batch, self.persons, self.weights, strict=True)):
+            if weight <= 0 or event.item_id is None or received_s(event) < model.cutoff_s:
+                continue  # before the cutoff the batch vector already holds the event
+            user_row, item_row = model.user_index.get(person), model.item_index.get(event.item_id)
+            if user_row is None or item_row is None:
+                continue
+            r = seen_per_person.get(person, 0)
+            seen_per_person[person] = r + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append((j, user_row, item_row))
+
+        speed, k = self.speed, model.factors
+        current = dict(stored)
+        out: dict[int, tuple[np.ndarray, int]] = {}
+        for steps in rounds:
+            index = [j for j, _, _ in steps]
+            keys = [(self.persons[j], model.version) for j in index]
+            before = [current.get(key) or (np.zeros(k, dtype=np.float32), 0) for key in keys]
+            negatives = self.rng.integers(0, len(model.item_ids), size=(len(steps), speed.negatives))
+            confidences = 1.0 + self.training.alpha * np.array([self.weights[j] for j in index])
+            updated = sgd_steps(
+                model.user_factors[[u for _, u, _ in steps]], np.stack([d for d, _ in before]),
+                model.item_factors[[i for _, _, i in steps]], model.item_factors[negatives], confidences,
+                speed.learning_rate, speed.l2, speed.max_delta_norm,
+            )  # fmt: skip
+            for row, (j, key, (_, count)) in enumerate(zip(index, keys, before, strict=True)):
+                current[key] = (updated[row], count + 1)
+                out[j] = (updated[row], count)
+        return out
+
+    def plan(self, j: int, keys: list[str], args: list[object]) -> None:
+        """Append event j's blocks to `keys` and `args`."""
+        event, person, session, weight = self.batch[j], self.persons[j], self.sessions[j], self.weights[j]
+        speed = self.speed
+        item = event.item_id or ""
+        ts = event.ts.timestamp()
+        category = self.categories.get(item, "") if item else ""
+
+        version_keys: list[str] = []
+        version_args: list[object] = []
+        for slot in range(2):
+            model, step = (
+                (self.deltas[slot][0], self.deltas[slot][1].get(j))
+                if slot < len(self.deltas)
+                else (None, None)
+            )
+            if model is None or step is None:
+                version_keys += [redis_keys.user_delta(person, "-"), redis_keys.user_event_count(person, "-")]
+                version_args += ["", b"", 0]
+            else:
+                delta, expected = step
+                version_keys += [
+                    redis_keys.user_delta(person, model.version), redis_keys.user_event_count(person, model.version),
+                ]  # fmt: skip
+                version_args += [model.version, delta.astype("<f4").tobytes(), expected]
+
+        others = self._session_others(person, session, item)
+        bucket = int(ts // speed.trending_bucket_s) * speed.trending_bucket_s
+        trend_expire = bucket + speed.trending_window_s + speed.trending_bucket_s
+        day = day_index(ts)
+        pop_expire = int((day + POP_DAYS + 1) * DAY_S)
+        best = 0.0
+        if category and event.event_type in BESTSELLER_EVENTS:
+            best = weight * (event.quantity or 1) * forward_decay(ts, speed.bestsellers_half_life_s)
+
+        keys += [
+            redis_keys.seen_event(person, event.event_id),
+            *self._person_keys(person, session),
+            redis_keys.trending_bucket(bucket),
+            redis_keys.popularity_day(day),
+            redis_keys.category_bestsellers(category or "-"),
+            *version_keys,
+            self._covis_key(item or "-"),
+            *(self._covis_key(o) for o in others),
+        ]
+        args += [
+            len(others), event.event_type.value, item, session, repr(ts), repr(weight), event.quantity or 1, category,
+            *version_args,
+            trend_expire if trend_expire > self.now else 0,
+            pop_expire if pop_expire > self.now else 0,
+            repr(best),
+            *others,
+        ]  # fmt: skip
+
+    def _person_keys(self, person: str, session: str) -> list[str]:
+        """recent, cats, cart, counts, sessions, person_items, purchases (the script's keys 2..8)."""
+        found = self.person_keys.get((person, session))
+        if found is None:
+            found = self.person_keys[(person, session)] = [
+                redis_keys.session_recent(person, session),
+                redis_keys.session_categories(person, session),
+                redis_keys.session_cart(person, session),
+                redis_keys.session_counts(person, session),
+                redis_keys.person_sessions(person),
+                redis_keys.person_items(person),
+                redis_keys.person_purchases(person),
+            ]
+        return found
+
+    def _covis_key(self, item: str) -> str:
+        found = self.item_keys.get(item)
+        if found is None:
+            found = self.item_keys[item] = redis_keys.covisitation(item)
+        return found
+
+    def _session_others(self, person: str, session: str, item: str) -> list[str]:
+        """The session's latest items to pair `item` with, when it first enters the session."""
+        if not (self.base and item):
+            return []
+        seen_items = self.recent.setdefault((person, session), [])
+        if item in seen_items:
+            return []
+        others = seen_items[:COVIS_WINDOW]
+        seen_items.insert(0, item)
+        del seen_items[self.speed.recent_items :]
+        return others

@@ -1,139 +1,206 @@
-"""Lua scripts that apply one event's effects atomically with its dedup marker (exactly-once effects).
+"""Lua scripts that apply events' effects atomically with their dedup markers (exactly-once effects).
 
 On one Redis the whole script is atomic, so the dedup decision guards the per-person keys and the
 global counters together. On Redis Cluster a script may only touch one slot: the per-person part
-(all keys tagged {u:<person>}) stays one script, and the global counters (trending, popularity,
-bestsellers, co-visitation) must move to a second script per item slot guarded by its own marker
-(e.g. `{i:<item>}:seen:<event_id>`); see speed_layer/README section in the report.
+(all keys tagged {u:<person>}) would stay one script per person, and the global counters
+(trending, popularity, bestsellers, co-visitation) would move to a second script per item slot
+guarded by its own marker (e.g. `{i:<item>}:seen:<event_id>`).
 """
 
 from __future__ import annotations
 
-# KEYS: 1 seen  2 recent  3 cats  4 cart  5 counts  6 sessions  7 person_items  8 purchases
-#       9 trend bucket  10 popularity day  11 category bestsellers  12 delta A  13 n A  14 delta B
-#       15 n B  16 covis(item)  17.. covis(other) aligned with ARGV[27..]
-# ARGV: 1 apply_base  2 event_type  3 item  4 session  5 ts  6 weight  7 quantity  8 category
-#       9 version A  10 delta A  11 expected n A  12 version B  13 delta B  14 expected n B
-#       15 session_ttl  16 recent_n  17 dedup_ttl  18 affinity_half_life  19 history_ttl
-#       20 purchases_kept  21 trend expireat (0: skip)  22 popularity expireat (0: skip)
-#       23 bestseller increment (0: skip)  24 bestsellers kept  25 covis kept  26 delta ttl  27.. others
-# Returns -1 when a delta's event count moved since the caller read it (nothing applied; re-read and
-# retry), else a bit mask of what was applied: 1 version-free effects, 2 delta A, 4 delta B.
-APPLY_EVENT = r"""
-local seen = KEYS[1]
-local version_a, version_b = ARGV[9], ARGV[12]
-local need_base = ARGV[1] == '1' and redis.call('HEXISTS', seen, '_') == 0
-local need_a = version_a ~= '' and redis.call('HEXISTS', seen, version_a) == 0
-local need_b = version_b ~= '' and redis.call('HEXISTS', seen, version_b) == 0
-if need_a and tonumber(redis.call('GET', KEYS[13]) or '0') ~= tonumber(ARGV[11]) then return -1 end
-if need_b and tonumber(redis.call('GET', KEYS[15]) or '0') ~= tonumber(ARGV[14]) then return -1 end
+# One call applies a chunk of events in order; per event it does what a one-event script would.
+# ARGV starts with the chunk's constants:
+#   1 event count  2 apply_base (1/0)  3 session_ttl  4 recent_n  5 dedup_ttl  6 affinity_half_life
+#   7 history_ttl  8 purchases_kept  9 bestsellers kept  10 covis kept  11 delta ttl
+# then one block per event, EVENT_ARGS fixed values followed by n_others item ids:
+#   1 n_others  2 event_type  3 item  4 session  5 ts  6 weight  7 quantity  8 category
+#   9 version A  10 delta A  11 expected n A  12 version B  13 delta B  14 expected n B
+#   15 trend expireat (0: skip)  16 popularity expireat (0: skip)  17 bestseller increment (0: skip)
+#   18.. the session's latest items, for co-visitation.
+# KEYS holds one block per event, EVENT_KEYS fixed keys followed by one covis key per other item:
+#   1 seen  2 recent  3 cats  4 cart  5 counts  6 sessions  7 person_items  8 purchases
+#   9 trend bucket  10 popularity day  11 category bestsellers  12 delta A  13 n A  14 delta B
+#   15 n B  16 covis(item)  17.. covis(other).
+# Returns one reply per event, in order: -1 when a delta's event count moved since the caller read
+# it (nothing of that event applied; re-read and retry), else a bit mask: 1 version-free effects,
+# 2 delta A, 4 delta B (0: a duplicate). An event whose effects raised an error gets the error text
+# and ends the list: the events after it were not applied and are to be retried.
+#
+# Counters nobody reads inside the script (trending, popularity, bestsellers, co-visitation, person
+# items) and all TTLs are summed per key and written once at the end of the chunk: popular items and
+# busy sessions repeat within a chunk, and one write instead of several is most of the script's cost.
+CHUNK_CONSTANTS = 11
+EVENT_ARGS = 17
+EVENT_KEYS = 16
+APPLY_EVENTS = r"""
+local n_events, apply_base = tonumber(ARGV[1]), ARGV[2] == '1'
+local session_ttl, recent_n, dedup_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local half_life, history_ttl, purchases_kept = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local best_kept, covis_kept, delta_ttl = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
 
-local function trim(key, keep)
-  if redis.call('ZCARD', key) > 2 * keep then redis.call('ZREMRANGEBYRANK', key, 0, -(keep + 1)) end
+-- Deferred writes: key -> member -> increment, key -> ttl / unix time, key -> members kept.
+local zincr, hincr, expire_in, expire_at, trims = {}, {}, {}, {}, {}
+local function add(map, key, member, by)
+  local t = map[key]
+  if not t then t = {}; map[key] = t end
+  t[member] = (t[member] or 0) + by
 end
 
-local applied = 0
-if need_base then
-  local etype, item, session = ARGV[2], ARGV[3], ARGV[4]
-  local ts, weight, quantity, category = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-  local session_ttl, history_ttl = tonumber(ARGV[15]), tonumber(ARGV[19])
+-- k, a: the offsets just before this event's blocks, so KEYS[k + i] and ARGV[a + i] are field i.
+local function apply_base_effects(k, a, n_others)
+  local etype, item, session = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local ts, weight, quantity, category = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), ARGV[a + 8]
 
-  redis.call('HINCRBY', KEYS[5], etype, 1)
-  redis.call('EXPIRE', KEYS[5], session_ttl)
-  local last_active = redis.call('ZSCORE', KEYS[6], session)
-  if not last_active or tonumber(last_active) < ts then redis.call('ZADD', KEYS[6], ts, session) end
-  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', '(' .. (ts - session_ttl))
-  redis.call('EXPIRE', KEYS[6], session_ttl)
+  redis.call('HINCRBY', KEYS[k + 5], etype, 1)
+  expire_in[KEYS[k + 5]] = session_ttl
+  local sessions = KEYS[k + 6]
+  local last_active = redis.call('ZSCORE', sessions, session)
+  if not last_active or tonumber(last_active) < ts then redis.call('ZADD', sessions, ts, session) end
+  redis.call('ZREMRANGEBYSCORE', sessions, '-inf', '(' .. (ts - session_ttl))
+  expire_in[sessions] = session_ttl
+  if item == '' then return end
 
-  if item ~= '' then
-    local previous = redis.call('ZSCORE', KEYS[2], item)
-    if etype ~= 'remove_from_cart' then
-      if not previous then
-        -- A pair counts once, when the item first enters the session (still there: authoritative check).
-        local keep = tonumber(ARGV[25])
-        for k = 17, #KEYS do
-          local other = ARGV[k + 10]
-          if other ~= item and redis.call('ZSCORE', KEYS[2], other) then
-            redis.call('ZINCRBY', KEYS[16], 1, other)
-            redis.call('ZINCRBY', KEYS[k], 1, item)
-            trim(KEYS[k], keep)
-          end
+  local recent = KEYS[k + 2]
+  local previous = redis.call('ZSCORE', recent, item)
+  if etype ~= 'remove_from_cart' then
+    if not previous then
+      -- A pair counts once, when the item first enters the session (still there: authoritative check).
+      for j = 1, n_others do
+        local other = ARGV[a + 17 + j]
+        if other ~= item and redis.call('ZSCORE', recent, other) then
+          add(zincr, KEYS[k + 16], other, 1)
+          add(zincr, KEYS[k + 16 + j], item, 1)
+          trims[KEYS[k + 16 + j]] = covis_kept
         end
-        trim(KEYS[16], keep)
       end
-      if not previous or tonumber(previous) < ts then redis.call('ZADD', KEYS[2], ts, item) end
-      redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[16]) + 1))
-      redis.call('EXPIRE', KEYS[2], session_ttl)
+      trims[KEYS[k + 16]] = covis_kept
     end
+    if not previous or tonumber(previous) < ts then redis.call('ZADD', recent, ts, item) end
+    redis.call('ZREMRANGEBYRANK', recent, 0, -(recent_n + 1))
+    expire_in[recent] = session_ttl
+  end
 
-    if etype == 'add_to_cart' then
-      redis.call('HINCRBY', KEYS[4], item, quantity)
-    elseif etype == 'remove_from_cart' then
-      if redis.call('HINCRBY', KEYS[4], item, -quantity) <= 0 then redis.call('HDEL', KEYS[4], item) end
-    elseif etype == 'purchase' then
-      redis.call('HDEL', KEYS[4], item)
-      redis.call('ZADD', KEYS[8], ts, item)
-      redis.call('ZREMRANGEBYRANK', KEYS[8], 0, -(tonumber(ARGV[20]) + 1))
-      redis.call('EXPIRE', KEYS[8], history_ttl)
-    end
-    redis.call('EXPIRE', KEYS[4], session_ttl)
+  local cart, purchases = KEYS[k + 4], KEYS[k + 8]
+  if etype == 'add_to_cart' then
+    redis.call('HINCRBY', cart, item, quantity)
+  elseif etype == 'remove_from_cart' then
+    if redis.call('HINCRBY', cart, item, -quantity) <= 0 then redis.call('HDEL', cart, item) end
+  elseif etype == 'purchase' then
+    redis.call('HDEL', cart, item)
+    redis.call('ZADD', purchases, ts, item)
+    redis.call('ZREMRANGEBYRANK', purchases, 0, -(purchases_kept + 1))
+    expire_in[purchases] = history_ttl
+  end
+  expire_in[cart] = session_ttl
 
-    if category ~= '' and weight > 0 then
-      -- Decay the whole affinity hash to the newest event time; an older event adds a decayed weight.
-      local half_life = tonumber(ARGV[18])
-      local last = tonumber(redis.call('HGET', KEYS[3], '_ts') or ts)
-      if ts > last then
-        local factor = 2 ^ (-(ts - last) / half_life)
-        local fields = redis.call('HGETALL', KEYS[3])
-        for i = 1, #fields, 2 do
-          if fields[i] ~= '_ts' then redis.call('HSET', KEYS[3], fields[i], tonumber(fields[i + 1]) * factor) end
-        end
-        last = ts
+  if category ~= '' and weight > 0 then
+    -- Forward decay: weights are stored scaled by 2^((ts - _t0) / half_life), so an event adds one
+    -- field instead of re-decaying them all; readers only compare categories of one session.
+    local cats = KEYS[k + 3]
+    local t0 = tonumber(redis.call('HGET', cats, '_t0') or '')
+    if not t0 then
+      t0 = ts
+      redis.call('HSET', cats, '_t0', ts)
+    elseif (ts - t0) / half_life > 64 then  -- a day-long session: rebase before the scale overflows
+      local shrink = 2 ^ (-(ts - t0) / half_life)
+      local fields = redis.call('HGETALL', cats)
+      for i = 1, #fields, 2 do
+        if fields[i] ~= '_t0' then redis.call('HSET', cats, fields[i], tonumber(fields[i + 1]) * shrink) end
       end
-      redis.call('HSET', KEYS[3], '_ts', last)
-      redis.call('HINCRBYFLOAT', KEYS[3], category, weight * 2 ^ (-(last - ts) / half_life))
-      redis.call('EXPIRE', KEYS[3], session_ttl)
+      t0 = ts
+      redis.call('HSET', cats, '_t0', ts)
     end
+    redis.call('HINCRBYFLOAT', cats, category, weight * 2 ^ ((ts - t0) / half_life))
+    expire_in[cats] = session_ttl
+  end
 
-    if weight > 0 then
-      redis.call('HINCRBYFLOAT', KEYS[7], item, weight)
-      redis.call('EXPIRE', KEYS[7], history_ttl)
-      if tonumber(ARGV[21]) > 0 then
-        redis.call('ZINCRBY', KEYS[9], weight, item)
-        redis.call('EXPIREAT', KEYS[9], ARGV[21])
-      end
-    end
-    if tonumber(ARGV[22]) > 0 then
-      redis.call('ZINCRBY', KEYS[10], 1, item)
-      redis.call('EXPIREAT', KEYS[10], ARGV[22])
-    end
-    if tonumber(ARGV[23]) > 0 then
-      redis.call('ZINCRBY', KEYS[11], ARGV[23], item)
-      trim(KEYS[11], tonumber(ARGV[24]))
+  if weight > 0 then
+    add(hincr, KEYS[k + 7], item, weight)
+    expire_in[KEYS[k + 7]] = history_ttl
+    if tonumber(ARGV[a + 15]) > 0 then
+      add(zincr, KEYS[k + 9], item, weight)
+      expire_at[KEYS[k + 9]] = ARGV[a + 15]
     end
   end
-  redis.call('HSET', seen, '_', 1)
-  applied = applied + 1
+  if tonumber(ARGV[a + 16]) > 0 then
+    add(zincr, KEYS[k + 10], item, 1)
+    expire_at[KEYS[k + 10]] = ARGV[a + 16]
+  end
+  local best = tonumber(ARGV[a + 17])
+  if best > 0 then
+    add(zincr, KEYS[k + 11], item, best)
+    trims[KEYS[k + 11]] = best_kept
+  end
 end
 
-local delta_ttl = ARGV[26]
-if need_a then
-  redis.call('SET', KEYS[12], ARGV[10], 'EX', delta_ttl)
-  redis.call('INCR', KEYS[13])
-  redis.call('EXPIRE', KEYS[13], delta_ttl)
-  redis.call('HSET', seen, version_a, 1)
-  applied = applied + 2
+local function write_delta(seen, version, delta_key, count_key, delta)
+  redis.call('SET', delta_key, delta, 'EX', delta_ttl)
+  redis.call('INCR', count_key)
+  expire_in[count_key] = delta_ttl
+  redis.call('HSET', seen, version, 1)
 end
-if need_b then
-  redis.call('SET', KEYS[14], ARGV[13], 'EX', delta_ttl)
-  redis.call('INCR', KEYS[15])
-  redis.call('EXPIRE', KEYS[15], delta_ttl)
-  redis.call('HSET', seen, version_b, 1)
-  applied = applied + 4
+
+local function apply_event(k, a, n_others)
+  local seen = KEYS[k + 1]
+  local version_a, version_b = ARGV[a + 9], ARGV[a + 12]
+  local need_base = apply_base and redis.call('HEXISTS', seen, '_') == 0
+  local need_a = version_a ~= '' and redis.call('HEXISTS', seen, version_a) == 0
+  local need_b = version_b ~= '' and redis.call('HEXISTS', seen, version_b) == 0
+  if need_a and tonumber(redis.call('GET', KEYS[k + 13]) or '0') ~= tonumber(ARGV[a + 11]) then return -1 end
+  if need_b and tonumber(redis.call('GET', KEYS[k + 15]) or '0') ~= tonumber(ARGV[a + 14]) then return -1 end
+
+  local applied = 0
+  if need_base then
+    apply_base_effects(k, a, n_others)
+    redis.call('HSET', seen, '_', 1)
+    applied = applied + 1
+  end
+  if need_a then
+    write_delta(seen, version_a, KEYS[k + 12], KEYS[k + 13], ARGV[a + 10])
+    applied = applied + 2
+  end
+  if need_b then
+    write_delta(seen, version_b, KEYS[k + 14], KEYS[k + 15], ARGV[a + 13])
+    applied = applied + 4
+  end
+  if applied > 0 then expire_in[seen] = dedup_ttl end
+  return applied
 end
-if applied > 0 then redis.call('EXPIRE', seen, ARGV[17]) end
-return applied
+
+local results = {}
+local k, a = 0, tonumber('CHUNK_CONSTANTS')
+for e = 1, n_events do
+  local n_others = tonumber(ARGV[a + 1])
+  local ok, reply = pcall(apply_event, k, a, n_others)
+  if not ok then  -- keep what the earlier events did (their markers are set): flush, then stop here
+    results[e] = 'effects failed: ' .. (type(reply) == 'table' and (reply.err or '?') or tostring(reply))
+    break
+  end
+  results[e] = reply
+  k = k + tonumber('EVENT_KEYS') + n_others
+  a = a + tonumber('EVENT_ARGS') + n_others
+end
+
+for key, members in pairs(zincr) do
+  for member, by in pairs(members) do redis.call('ZINCRBY', key, by, member) end
+end
+for key, members in pairs(hincr) do
+  for member, by in pairs(members) do redis.call('HINCRBYFLOAT', key, member, by) end
+end
+for key, keep in pairs(trims) do
+  if redis.call('ZCARD', key) > 2 * keep then redis.call('ZREMRANGEBYRANK', key, 0, -(keep + 1)) end
+end
+for key, ttl in pairs(expire_in) do redis.call('EXPIRE', key, ttl) end
+for key, at in pairs(expire_at) do redis.call('EXPIREAT', key, at) end
+return results
 """
+for _name, _value in (
+    ("CHUNK_CONSTANTS", CHUNK_CONSTANTS),
+    ("EVENT_KEYS", EVENT_KEYS),
+    ("EVENT_ARGS", EVENT_ARGS),
+):
+    APPLY_EVENTS = APPLY_EVENTS.replace(f"tonumber('{_name}')", str(_value))
 
 # Identify: move an anonymous device's state into the user's, and alias the device to the user.
 # Crosses two persons' slots, so on Redis Cluster it would run as a copy in the user's slot followed
@@ -141,10 +208,11 @@ return applied
 # KEYS: 1 seen(user)  2 alias(device)  3 sessions(device)  4 sessions(user)  5 items(device)
 #       6 items(user)  7 purchases(device)  8 purchases(user), then per session 4 device keys
 #       (recent, cats, cart, counts) followed by the same 4 user keys.
-# ARGV: 1 user_id  2 history_ttl  3 session_ttl  4 dedup_ttl.  Returns 1 when merged, 0 if seen.
+# ARGV: 1 user_id  2 history_ttl  3 session_ttl  4 dedup_ttl  5 affinity_half_life.
+# Returns 1 when merged, 0 if seen.
 MERGE_IDENTITY = r"""
 if redis.call('HEXISTS', KEYS[1], '_') == 1 then return 0 end
-local history_ttl, session_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+local history_ttl, session_ttl, half_life = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', history_ttl)
 
 local function union_max(from, into, ttl)
@@ -156,15 +224,25 @@ local function union_max(from, into, ttl)
 end
 local function add_hash(from, into, ttl)
   local fields = redis.call('HGETALL', from)
-  for i = 1, #fields, 2 do
-    if fields[i] == '_ts' then
-      local mine = tonumber(redis.call('HGET', into, '_ts') or '0')
-      if tonumber(fields[i + 1]) > mine then redis.call('HSET', into, '_ts', fields[i + 1]) end
-    else
-      redis.call('HINCRBYFLOAT', into, fields[i], fields[i + 1])
-    end
-  end
+  for i = 1, #fields, 2 do redis.call('HINCRBYFLOAT', into, fields[i], fields[i + 1]) end
   if #fields > 0 then redis.call('EXPIRE', into, ttl) end
+  redis.call('DEL', from)
+end
+-- Forward-decayed affinities (see APPLY_EVENTS) are rescaled to the target's reference time first.
+local function add_affinity(from, into, ttl)
+  local from_t0 = tonumber(redis.call('HGET', from, '_t0') or '')
+  if not from_t0 then return add_hash(from, into, ttl) end
+  local into_t0 = tonumber(redis.call('HGET', into, '_t0') or '')
+  if not into_t0 then
+    into_t0 = from_t0
+    redis.call('HSET', into, '_t0', from_t0)
+  end
+  local factor = 2 ^ ((from_t0 - into_t0) / half_life)
+  local fields = redis.call('HGETALL', from)
+  for i = 1, #fields, 2 do
+    if fields[i] ~= '_t0' then redis.call('HINCRBYFLOAT', into, fields[i], tonumber(fields[i + 1]) * factor) end
+  end
+  redis.call('EXPIRE', into, ttl)
   redis.call('DEL', from)
 end
 
@@ -173,7 +251,7 @@ add_hash(KEYS[5], KEYS[6], history_ttl)
 union_max(KEYS[7], KEYS[8], history_ttl)
 for base = 9, #KEYS, 8 do
   union_max(KEYS[base], KEYS[base + 4], session_ttl)
-  add_hash(KEYS[base + 1], KEYS[base + 5], session_ttl)
+  add_affinity(KEYS[base + 1], KEYS[base + 5], session_ttl)
   add_hash(KEYS[base + 2], KEYS[base + 6], session_ttl)
   add_hash(KEYS[base + 3], KEYS[base + 7], session_ttl)
 end

@@ -1,0 +1,165 @@
+"""The chunked effects script on a real redis-server: a chunk of events leaves exactly the state that
+applying them one by one leaves; a failing event costs only itself; affinities decay forward."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from common import redis_keys
+from common.events import Event, EventType
+from common.model import load_model
+from common.redis_server import RedisServer
+from common.registry import Registry
+from common.speed_state import read_speed_state
+from common.vectors import sgd_step
+from speed_layer.effects import Applier
+from tests.speed_factories import make_event, publish_model, set_categories, speed_settings
+
+ITEMS = 12
+
+
+def _events(rng: np.random.Generator, n: int) -> list[Event]:
+    """Interleaved sessions of three users and a guest, with popular items repeating."""
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    kinds = [EventType.VIEW] * 6 + [EventType.CLICK, EventType.ADD_TO_CART, EventType.PURCHASE]
+    people = [("u1", "u1"), ("u2", "u2"), ("u3", "u3"), (None, "guest")]
+    out = []
+    for j in range(n):
+        user, device = people[int(rng.integers(len(people)))]
+        out.append(
+            make_event(
+                kinds[int(rng.integers(len(kinds)))],
+                f"i{min(ITEMS - 1, int(rng.zipf(1.5)) - 1)}",
+                anonymous_id=device,
+                user_id=user,
+                session_id=f"s-{device}-{j // 25}",
+                ts=start + timedelta(seconds=j),
+                received_at=start + timedelta(seconds=j),
+            )  # fmt: skip
+        )
+    return out
+
+
+def _dump(client: redis.Redis) -> dict[str, object]:
+    """Every key's value in comparable form (sorted sets and float hashes rounded)."""
+    out: dict[str, object] = {}
+    for key in sorted(k.decode() for k in client.keys("*")):
+        kind = client.type(key).decode()
+        if kind == "zset":
+            out[key] = {m.decode(): _significant(s) for m, s in client.zrange(key, 0, -1, withscores=True)}
+        elif kind == "hash":
+            out[key] = {f.decode(): _number_or_text(v) for f, v in client.hgetall(key).items()}
+        elif ":delta:" in key and not key.endswith(":n"):
+            out[key] = np.round(np.frombuffer(client.get(key), dtype="<f4"), 5).tolist()
+        elif kind == "string":
+            out[key] = client.get(key)
+    return out
+
+
+def _significant(x: float) -> float:
+    """12 significant digits: summing the same increments in another order may differ in the last bits."""
+    return float(f"{x:.12g}")
+
+
+def _number_or_text(value: bytes) -> object:
+    try:
+        return _significant(float(value))
+    except ValueError:
+        return value
+
+
+def test_a_chunk_leaves_the_state_one_by_one_application_leaves(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(3)
+    registry = Registry(str(tmp_path / "models"))
+    k = 8
+    publish_model(
+        registry, "v1", datetime.now(UTC) - timedelta(hours=1), rng.normal(size=(ITEMS, k)).astype(np.float32),
+        ["u1", "u2", "u3"], rng.normal(size=(3, k)).astype(np.float32),
+    )  # fmt: skip
+    model = load_model(registry, "v1")
+    events = _events(rng, 120)
+    categories = {f"i{j}": f"c{j % 3}" for j in range(ITEMS)}
+    states = []
+    for chunk, per_call in ((50, 120), (1, 1)):  # negatives off: the SGD steps are deterministic
+        settings = speed_settings(tmp_path, redis_server.url, script_chunk=chunk, negatives=0)
+        redis_client.flushall()
+        set_categories(redis_client, categories)
+        applier = Applier(redis_client, settings)
+        for start in range(0, len(events), per_call):
+            result = applier.apply(events[start : start + per_call], [model], now_s=events[-1].ts.timestamp())
+            assert not result.failed and not result.unresolved
+        states.append(_dump(redis_client))
+    chunked, one_by_one = states
+    assert chunked == one_by_one
+    assert any(
+        key.endswith(":delta:v1") or ":delta" in key for key in chunked
+    )  # the comparison covered deltas
+    assert any(":covis:" in key for key in chunked)
+
+
+def test_vectorised_sgd_chains_a_persons_steps_like_single_steps(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(5)
+    registry = Registry(str(tmp_path / "models"))
+    items = rng.normal(size=(ITEMS, 8)).astype(np.float32)
+    users = rng.normal(size=(1, 8)).astype(np.float32)
+    publish_model(registry, "v1", datetime.now(UTC) - timedelta(hours=1), items, ["u1"], users)
+    settings = speed_settings(tmp_path, redis_server.url, negatives=0)
+    events = [make_event(EventType.VIEW, f"i{j}", anonymous_id="u1", user_id="u1") for j in (1, 4, 1, 7)]
+    Applier(redis_client, settings).apply(events, [load_model(registry, "v1")])
+
+    expected = np.zeros(8, dtype=np.float32)
+    speed, alpha = settings.speed, settings.training.alpha
+    for j in (1, 4, 1, 7):  # a view's weight is 1 (no dwell)
+        expected = sgd_step(
+            users[0], expected, items[j], np.zeros((0, 8), dtype=np.float32), 1.0 + alpha * 1.0,
+            speed.learning_rate, speed.l2, speed.max_delta_norm,
+        )  # fmt: skip
+    stored = np.frombuffer(redis_client.get(redis_keys.user_delta("u1", "v1")), dtype="<f4")
+    np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6)
+    assert int(redis_client.get(redis_keys.user_event_count("u1", "v1"))) == 4
+
+
+def test_a_failing_event_is_reported_and_the_rest_of_its_chunk_still_applies_once(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url, script_chunk=50)
+    set_categories(redis_client, {"i1": "shoes", "i2": "hats", "i3": "bags"})
+    redis_client.set(redis_keys.session_cart("bad", "s1"), "not a hash")  # HINCRBY on it raises WRONGTYPE
+    events = [
+        make_event(EventType.VIEW, "i1", anonymous_id="a"),
+        make_event(EventType.ADD_TO_CART, "i2", anonymous_id="bad"),
+        make_event(EventType.VIEW, "i3", anonymous_id="b"),
+    ]
+    result = Applier(redis_client, settings).apply(events, [])
+
+    assert list(result.failed) == [1] and "WRONGTYPE" in result.failed[1]
+    assert result.applied == 2 and not result.unresolved
+    day = read_speed_state(redis_client, "a", session_id="s1", candidate_items=["i1", "i2", "i3"]).day_counts
+    assert day[:, -1].tolist() == [1.0, 0.0, 1.0]  # the first event's deferred counters were written once
+    again = Applier(redis_client, settings).apply([events[0], events[2]], [])
+    assert again.duplicates == 2 and again.applied == 0
+
+
+def test_session_affinity_weighs_a_half_life_older_event_half(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url)
+    set_categories(redis_client, {"i1": "shoes", "i2": "hats"})
+    half_life = timedelta(seconds=settings.speed.affinity_half_life_s)
+    late = datetime.now(UTC) - timedelta(seconds=5)
+    events = [  # out of order on purpose: the older event arrives second
+        make_event(EventType.VIEW, "i2", anonymous_id="a", ts=late),
+        make_event(EventType.VIEW, "i1", anonymous_id="a", ts=late - half_life),
+    ]
+    Applier(redis_client, settings).apply(events, [])
+    affinity = read_speed_state(redis_client, "a", session_id="s1").category_affinity
+    assert affinity["hats"] / affinity["shoes"] == pytest.approx(2.0, rel=1e-6)

@@ -125,17 +125,29 @@ def _throughput(
             client, batch[start : start + 5000], settings.redis.stream, settings.redis.stream_maxlen
         )
     consumer = SpeedConsumer(client, settings, name="bench")
-    consumer.poll_once(block=False)  # warm up: loads the model, registers scripts
+    warm_up = consumer.poll_once(block=False)  # loads the model, registers scripts
+    redis_cpu, consumer_cpu = _redis_cpu_s(client), time.process_time()
     started = time.perf_counter()
     while consumer.poll_once(block=False):
         pass
     elapsed = time.perf_counter() - started
+    timed = events - warm_up
+    # CPU seconds per event say where the time goes even when other work shares the machine.
+    consumer_cpu, redis_cpu = time.process_time() - consumer_cpu, _redis_cpu_s(client) - redis_cpu
     assert group_lag(client, settings.redis.stream, settings.speed.group) == 0
     return {
-        "events_per_s": round(events / elapsed),
-        "throughput_events": events,
+        "events_per_s": round(timed / elapsed),
+        "throughput_events": timed,
+        "consumer_cpu_us_per_event": round(consumer_cpu / timed * 1e6, 1),
+        "redis_cpu_us_per_event": round(redis_cpu / timed * 1e6, 1),
         "batch_size": settings.speed.batch_size,
+        "script_chunk": settings.speed.script_chunk,
     }
+
+
+def _redis_cpu_s(client: Any) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _consume_forever(url: str, root: str) -> None:

@@ -20,12 +20,15 @@ def als_top_n(
     item_ids: Sequence[str],
     n: int,
 ) -> Scored:
-    """Top-n items by dot product (brute force: fine up to a few hundred thousand items)."""
+    """Top-n items by dot product (brute force: fine up to a few hundred thousand items).
+
+    Pass `ModelArtifacts.scoring_factors` (column-major) for speed; any layout gives the same result.
+    """
     if n <= 0 or len(item_ids) == 0:
         return []
-    scores = item_factors @ user_vector
+    scores = item_factors @ user_vector.astype(item_factors.dtype, copy=False)
     n = min(n, len(scores))
-    top = np.argpartition(-scores, n - 1)[:n]
+    top = np.argpartition(scores, len(scores) - n)[len(scores) - n :]
     top = top[np.argsort(-scores[top], kind="stable")]
     return [(item_ids[i], float(scores[i])) for i in top]
 

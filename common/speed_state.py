@@ -1,13 +1,14 @@
 """Serving's read of the speed layer's Redis state for one request, and the speed layer's health.
 
 The speed layer writes these keys (speed_layer/); serving reads them only through
-`read_speed_state`, which gathers what a request needs in one pipeline (a second one only
-for what depends on the first answers: an aliased device, the latest session, and the
-co-visitation of the session's own items).
+`read_speed_state`, which gathers what a request needs in one round trip: a read-only script
+follows what depends on earlier answers (the latest session, its items' co-visits, its preferred
+categories' bestsellers) inside Redis. Only a device that has logged in costs a second read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from redis.exceptions import NoScriptError
 
 from common import redis_keys
 from common.features import POP_DAYS, day_index
@@ -78,6 +80,7 @@ def read_speed_state(
     model_version: str | None = None,
     covis_items: Sequence[str] | None = None,
     categories: Sequence[str] = (),
+    top_categories: int = 0,
     candidate_items: Sequence[str] = (),
     now_s: float | None = None,
     trending_n: int = 100,
@@ -85,71 +88,70 @@ def read_speed_state(
     bestsellers_n: int = 50,
     bestsellers_half_life_s: float = 7 * 86400,
 ) -> SpeedState:
-    """Read one request's speed-layer state; raises redis.RedisError when Redis is down (serving degrades).
+    """Read one request's speed-layer state in one round trip; raises redis.RedisError when Redis is down.
 
     `person_id` is the user id when known, else the anonymous id; a device that has logged in is
     resolved to its user through the alias. `covis_items` None means the session's own items.
+    Bestsellers come for `categories` and the session's `top_categories` preferred ones.
     `candidate_items` get per-day popularity counts for the POP_DAYS days up to `now_s`'s day.
     Pass settings.speed.bestsellers_half_life_s so bestseller weights come back decayed to `now_s`.
     """
     now_s = time.time() if now_s is None else now_s
-    pipe = client.pipeline(transaction=False)
-    pipe.get(redis_keys.alias(anonymous_id or person_id))
-    pipe.zrevrange(redis_keys.person_sessions(person_id), 0, 0)
-    _queue_person(pipe, person_id, session_id, model_version)
-    pipe.get(redis_keys.SPEED_VERSION)
-    pipe.zrevrange(redis_keys.TRENDING_TOP, 0, trending_n - 1, withscores=True)
-    for category in categories:
-        pipe.zrevrange(redis_keys.category_bestsellers(category), 0, bestsellers_n - 1, withscores=True)
-    days = [day_index(now_s) - POP_DAYS + 1 + i for i in range(POP_DAYS)]
-    for day in days:
-        if candidate_items:
-            pipe.zmscore(redis_keys.popularity_day(day), list(candidate_items))
-        else:
-            pipe.echo("")
-    for item in covis_items or ():
-        pipe.zrevrange(redis_keys.covisitation(item), 0, covis_n - 1, withscores=True)
-    pipe.smembers(redis_keys.OUT_OF_STOCK)
-    pipe.smembers(redis_keys.PROMOTED)
-    replies = iter(pipe.execute())
-
-    alias = _text(next(replies))
-    latest = [_text(s) for s in next(replies)]
-    person_replies = [next(replies) for _ in range(_PERSON_READS)]
-    state = SpeedState(person_id=person_id, session_id=session_id, model_version=model_version)
-    state.speed_version = _text(next(replies))
-    state.trending = _pairs(next(replies))
+    days = [day_index(now_s) - POP_DAYS + 1 + i for i in range(POP_DAYS)] if candidate_items else []
+    reply, day_replies = _run_read(
+        client, person_id, anonymous_id, session_id, model_version, covis_items, categories,
+        top_categories, trending_n, covis_n, bestsellers_n, days, candidate_items,
+    )  # fmt: skip
+    alias = _text(reply[0])
+    if alias and alias != person_id:  # a device that logged in: read again as its user (rare)
+        return read_speed_state(
+            client, alias, session_id=session_id, model_version=model_version, covis_items=covis_items,
+            categories=categories, top_categories=top_categories, candidate_items=candidate_items,
+            now_s=now_s, trending_n=trending_n, covis_n=covis_n, bestsellers_n=bestsellers_n,
+            bestsellers_half_life_s=bestsellers_half_life_s,
+        )  # fmt: skip
+    (
+        _,
+        session,
+        recent,
+        cats,
+        cart,
+        counts,
+        items,
+        purchases,
+        delta,
+        n,
+        version,
+        trending,
+        covis,
+        best,
+        oos,
+        promo,
+    ) = reply
+    state = SpeedState(person_id=person_id, session_id=_text(session), model_version=model_version)
+    if state.session_id is not None:
+        state.session_items = dict(_flat_pairs(recent))
+        state.category_affinity = {k: float(v) for k, v in _flat_pairs_text(cats) if not k.startswith("_")}
+        state.cart = {k: int(float(v)) for k, v in _flat_pairs_text(cart)}
+        state.session_counts = {k: int(v) for k, v in _flat_pairs_text(counts)}
+    state.person_items = dict(_flat_pairs(items))
+    state.purchases = dict(_flat_pairs(purchases))
+    if isinstance(delta, bytes) and delta:
+        state.delta = np.frombuffer(delta, dtype="<f4").copy()
+        state.delta_events = int(n or 0)
+    state.speed_version = _text(version)
+    state.trending = _flat_pairs(trending)
+    state.covisitation = {_text(item) or "": dict(_flat_pairs(pairs)) for item, pairs in covis}
     scale = 1.0 / forward_decay(now_s, bestsellers_half_life_s)
-    for category in categories:
-        state.category_bestsellers[category] = {i: w * scale for i, w in _pairs(next(replies))}
+    state.category_bestsellers = {
+        _text(category) or "": {i: w * scale for i, w in _flat_pairs(pairs)} for category, pairs in best
+    }
+    state.out_of_stock = frozenset(_text(m) or "" for m in oos)
+    state.promoted = frozenset(_text(m) or "" for m in promo)
     state.candidate_items = list(candidate_items)
-    counts = np.zeros((len(candidate_items), POP_DAYS), dtype=np.float64)
-    for j in range(POP_DAYS):
-        reply = next(replies)
-        if candidate_items:
-            counts[:, j] = [float(v) if v is not None else 0.0 for v in reply]
-    state.day_counts = counts
-    for item in covis_items or ():
-        state.covisitation[item] = dict(_pairs(next(replies)))
-    state.out_of_stock = frozenset(_text(m) or "" for m in next(replies))
-    state.promoted = frozenset(_text(m) or "" for m in next(replies))
-
-    # What depended on the first answers: the aliased user, the latest session, the session's co-visits.
-    if alias and alias != person_id:
-        state.person_id = alias
-        session_id = session_id or _latest_session(client, alias)
-        person_replies = _read_person(client, alias, session_id, model_version)
-    elif session_id is None and latest:
-        session_id = latest[0]
-        person_replies = _read_person(client, person_id, session_id, model_version)
-    state.session_id = session_id
-    _fill_person(state, person_replies)
-    if covis_items is None and state.session_items:
-        pipe = client.pipeline(transaction=False)
-        for item in state.session_items:
-            pipe.zrevrange(redis_keys.covisitation(item), 0, covis_n - 1, withscores=True)
-        for item, reply in zip(state.session_items, pipe.execute(), strict=True):
-            state.covisitation[item] = dict(_pairs(reply))
+    state.day_counts = np.zeros((len(candidate_items), POP_DAYS), dtype=np.float64)
+    for j, day_reply in enumerate(day_replies):
+        state.day_counts[:, j] = [float(v) if v is not None else 0.0 for v in day_reply]
     return state
 
 
@@ -160,70 +162,141 @@ def read_heartbeats(client: redis.Redis) -> dict[str, float]:
     return {(_text(k) or ""): max(0.0, (now_ms - float(v)) / 1000) for k, v in beats.items()}
 
 
-# ---------------------------------------------------------------- per-person reads
+# ---------------------------------------------------------------- the read script
 
-_PERSON_READS = 8
+# One read-only script gathers what depends on earlier answers (the alias, the latest session, the
+# session's items and preferred categories) without more round trips. Key names come from
+# redis_keys as prefix/suffix templates, so this file stays the only place that spells them.
+# KEYS: 1 alias  2 person sessions  3 person items  4 purchases  5 delta  6 delta count  7 speed version
+#       8 trending top  9 out of stock  10 promoted
+# ARGV: 1 session ('' = the latest)  2 trending_n  3 covis_n  4 bestsellers_n  5 top categories
+#       6..13 prefix/suffix of the session's recent, cats, cart, counts keys  14/15 covis key
+#       16/17 bestsellers key  18 number of explicit covis items (-1: the session's items)
+#       then those items, then the explicit categories.
+# Returns: alias, session, recent, cats, cart, counts, person items, purchases, delta, delta count,
+# speed version, trending, {item, covis}..., {category, bestsellers}..., out of stock, promoted.
+READ_STATE = r"""
+local alias = redis.call('GET', KEYS[1])
+local session = ARGV[1]
+if session == '' then session = redis.call('ZREVRANGE', KEYS[2], 0, 0)[1] or false end
+local function session_key(i)
+  return ARGV[4 + 2 * i] .. session .. ARGV[5 + 2 * i]
+end
+local recent, cats, cart, counts = {}, {}, {}, {}
+if session then
+  recent = redis.call('ZRANGE', session_key(1), 0, -1, 'WITHSCORES')
+  cats = redis.call('HGETALL', session_key(2))
+  cart = redis.call('HGETALL', session_key(3))
+  counts = redis.call('HGETALL', session_key(4))
+end
+
+local covis_n, n_items = tonumber(ARGV[3]), tonumber(ARGV[18])
+local seeds = {}
+if n_items < 0 then
+  for i = 1, #recent, 2 do seeds[#seeds + 1] = recent[i] end
+else
+  for i = 1, n_items do seeds[#seeds + 1] = ARGV[18 + i] end
+end
+local covis = {}
+for _, item in ipairs(seeds) do
+  covis[#covis + 1] = {item, redis.call('ZREVRANGE', ARGV[14] .. item .. ARGV[15], 0, covis_n - 1, 'WITHSCORES')}
+end
+
+local wanted, chosen = {}, {}
+for i = 19 + math.max(n_items, 0), #ARGV do
+  if not chosen[ARGV[i]] then chosen[ARGV[i]] = true; wanted[#wanted + 1] = ARGV[i] end
+end
+local preferred = {}
+for i = 1, #cats, 2 do
+  local weight = tonumber(cats[i + 1])
+  if string.sub(cats[i], 1, 1) ~= '_' and weight and weight > 0 then preferred[#preferred + 1] = {cats[i], weight} end
+end
+table.sort(preferred, function(x, y) return x[2] > y[2] end)
+for i = 1, math.min(tonumber(ARGV[5]), #preferred) do
+  local category = preferred[i][1]
+  if not chosen[category] then chosen[category] = true; wanted[#wanted + 1] = category end
+end
+local best, best_n = {}, tonumber(ARGV[4])
+for _, category in ipairs(wanted) do
+  best[#best + 1] = {category, redis.call('ZREVRANGE', ARGV[16] .. category .. ARGV[17], 0, best_n - 1, 'WITHSCORES')}
+end
+
+return {
+  alias, session, recent, cats, cart, counts,
+  redis.call('HGETALL', KEYS[3]), redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES'),
+  redis.call('GET', KEYS[5]), redis.call('GET', KEYS[6]), redis.call('GET', KEYS[7]),
+  redis.call('ZREVRANGE', KEYS[8], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES'),
+  covis, best, redis.call('SMEMBERS', KEYS[9]), redis.call('SMEMBERS', KEYS[10]),
+}
+"""
+_READ_STATE_SHA = hashlib.sha1(READ_STATE.encode()).hexdigest()
+_MARK = "\x00"  # stands for the varying part of a key name in a template
 
 
-def _queue_person(pipe: Any, person_id: str, session_id: str | None, model_version: str | None) -> None:
-    """Queue exactly _PERSON_READS commands (placeholders where a key is unknown, to keep positions)."""
-    if session_id is not None:
-        pipe.zrange(redis_keys.session_recent(person_id, session_id), 0, -1, withscores=True)
-        pipe.hgetall(redis_keys.session_categories(person_id, session_id))
-        pipe.hgetall(redis_keys.session_cart(person_id, session_id))
-        pipe.hgetall(redis_keys.session_counts(person_id, session_id))
-    else:
-        for _ in range(4):
-            pipe.echo("")
-    pipe.hgetall(redis_keys.person_items(person_id))
-    pipe.zrange(redis_keys.person_purchases(person_id), 0, -1, withscores=True)
-    if model_version is not None:
-        pipe.get(redis_keys.user_delta(person_id, model_version))
-        pipe.get(redis_keys.user_event_count(person_id, model_version))
-    else:
-        pipe.echo("")
-        pipe.echo("")
+def _template(key_with_mark: str) -> list[str]:
+    prefix, suffix = key_with_mark.split(_MARK)
+    return [prefix, suffix]
 
 
-def _read_person(
-    client: redis.Redis, person_id: str, session_id: str | None, model_version: str | None
-) -> list[Any]:
-    pipe = client.pipeline(transaction=False)
-    _queue_person(pipe, person_id, session_id, model_version)
-    return list(pipe.execute())
+def _run_read(
+    client: redis.Redis,
+    person_id: str,
+    anonymous_id: str | None,
+    session_id: str | None,
+    model_version: str | None,
+    covis_items: Sequence[str] | None,
+    categories: Sequence[str],
+    top_categories: int,
+    trending_n: int,
+    covis_n: int,
+    bestsellers_n: int,
+    days: Sequence[int],
+    candidate_items: Sequence[str],
+) -> tuple[list[Any], list[Any]]:
+    """The script's reply and the day counts' replies, in one pipeline (loading the script once if needed)."""
+    version = model_version or ""  # no version: a delta key that never exists
+    keys = [
+        redis_keys.alias(anonymous_id or person_id), redis_keys.person_sessions(person_id),
+        redis_keys.person_items(person_id), redis_keys.person_purchases(person_id),
+        redis_keys.user_delta(person_id, version), redis_keys.user_event_count(person_id, version),
+        redis_keys.SPEED_VERSION, redis_keys.TRENDING_TOP, redis_keys.OUT_OF_STOCK, redis_keys.PROMOTED,
+    ]  # fmt: skip
+    args: list[Any] = [session_id or "", trending_n, covis_n, bestsellers_n, top_categories]
+    for key_of in (redis_keys.session_recent, redis_keys.session_categories, redis_keys.session_cart,
+                   redis_keys.session_counts):  # fmt: skip
+        args += _template(key_of(person_id, _MARK))
+    args += _template(redis_keys.covisitation(_MARK)) + _template(redis_keys.category_bestsellers(_MARK))
+    args += [-1] if covis_items is None else [len(covis_items), *covis_items]
+    args += list(categories)
+
+    for attempt in range(2):
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command("EVALSHA_RO", _READ_STATE_SHA, len(keys), *keys, *args)
+        for day in days:
+            pipe.zmscore(redis_keys.popularity_day(day), list(candidate_items))
+        replies = pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], NoScriptError) and attempt == 0:
+            client.script_load(READ_STATE)  # a restarted Redis forgot it
+            continue
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies[0], replies[1:]
+    raise AssertionError("unreachable: the second attempt returns or raises")
 
 
-def _latest_session(client: redis.Redis, person_id: str) -> str | None:
-    latest = client.zrevrange(redis_keys.person_sessions(person_id), 0, 0)
-    return _text(latest[0]) if latest else None
+def _flat_pairs(reply: Any) -> list[tuple[str, float]]:
+    """[member, score, member, score, ...] (a script's WITHSCORES reply) as (member, score) pairs."""
+    return [(_text(reply[i]) or "", float(reply[i + 1])) for i in range(0, len(reply or []), 2)]
 
 
-def _fill_person(state: SpeedState, replies: list[Any]) -> None:
-    recent, cats, cart, counts, items, purchases, delta, n = replies
-    if state.session_id is not None:
-        state.session_items = dict(_pairs(recent))
-        state.category_affinity = {k: float(v) for k, v in _text_map(cats).items() if not k.startswith("_")}
-        state.cart = {k: int(float(v)) for k, v in _text_map(cart).items()}
-        state.session_counts = {k: int(v) for k, v in _text_map(counts).items()}
-    state.person_items = {k: float(v) for k, v in _text_map(items).items()}
-    state.purchases = dict(_pairs(purchases))
-    if isinstance(delta, bytes) and delta:
-        state.delta = np.frombuffer(delta, dtype="<f4").copy()
-        state.delta_events = int(n or 0)
-
-
-def _pairs(reply: Any) -> list[tuple[str, float]]:
-    return [(_text(m) or "", float(s)) for m, s in reply or []]
-
-
-def _text_map(reply: Any) -> dict[str, str]:
-    if not isinstance(reply, dict):
-        return {}
-    return {(_text(k) or ""): (_text(v) or "") for k, v in reply.items()}
+def _flat_pairs_text(reply: Any) -> list[tuple[str, str]]:
+    """A script's HGETALL reply as (field, value) text pairs."""
+    return [(_text(reply[i]) or "", _text(reply[i + 1]) or "") for i in range(0, len(reply or []), 2)]
 
 
 def _text(value: Any) -> str | None:
-    if value is None:
+    if value is None or value is False:
         return None
     if isinstance(value, bytes):
         return value.decode() or None

@@ -261,7 +261,7 @@ class PointInTime:
     def candidates(self, state: RequestState) -> Candidates:
         lists = {}
         if state.user_vector is not None:
-            lists["als"] = als_top_n(state.user_vector, self.model.item_factors, self.model.item_ids, N_ALS)
+            lists["als"] = als_top_n(state.user_vector, self.model.scoring_factors, self.model.item_ids, N_ALS)
         lists["covis"] = covisited(state.session_items, self.covis, N_COVIS)
         lists["trending"] = self.log.trending(state.now_s, N_TRENDING)
         lists["category"] = category_best(state.category_affinity, self.bestsellers, N_CATEGORY)

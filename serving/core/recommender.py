@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from common.candidate_signals import read_bestsellers
 from common.candidates import Scored, als_top_n, category_best, covisited, merge_sources
 from common.features import POP_DAYS, SOURCES, Candidates, RequestState, compute_features
 from common.speed_state import SpeedState, read_speed_state
@@ -132,18 +131,12 @@ def _read_speed(
             session_id=req.session_id,
             model_version=model.version if model else None,
             covis_items=covis_items,
+            top_categories=TOP_AFFINITY_CATEGORIES,
             now_s=now_s,
             trending_n=state.rules.candidates.trending,
             covis_n=speed_settings.covis_top_n,
+            bestsellers_n=state.rules.candidates.category,
             bestsellers_half_life_s=speed_settings.bestsellers_half_life_s,
-        )
-        affinity = sorted(speed.category_affinity.items(), key=lambda kv: -kv[1])[:TOP_AFFINITY_CATEGORIES]
-        speed.category_bestsellers = read_bestsellers(
-            state.redis.client,
-            [c for c, w in affinity if w > 0],
-            now_s,
-            state.rules.candidates.category,
-            speed_settings.bestsellers_half_life_s,
         )
     except redis.RedisError as exc:
         state.redis.failed(exc)
@@ -194,13 +187,13 @@ def _candidate_lists(
     if variant != "popular":
         if vector is not None:
             lists["als"] = als_top_n(
-                vector, model.artifacts.item_factors, model.artifacts.item_ids, sizes.als
+                vector, model.artifacts.scoring_factors, model.artifacts.item_ids, sizes.als
             )
         if req.context == "product" and req.item_id is not None:
             anchor = model.artifacts.item_vector(req.item_id)
             if anchor is not None:
                 similar = als_top_n(
-                    anchor, model.artifacts.item_factors, model.artifacts.item_ids, sizes.als // 2
+                    anchor, model.artifacts.scoring_factors, model.artifacts.item_ids, sizes.als // 2
                 )
                 lists["als"] = _union(lists.get("als", []), similar)
         lists["covis"] = covisited(_seeds(req, speed, now_s), _covis_map(model, speed, req), sizes.covis)

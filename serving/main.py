@@ -103,7 +103,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "operations", "description": "Health, readiness, metrics."},
         ],
     )
-    app.dependency_overrides[get_settings] = lambda: settings
+    async def the_settings() -> Settings:  # async: see serving/api/deps.py
+        return settings
+
+    app.dependency_overrides[get_settings] = the_settings
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     if settings.api.cors_origins:

@@ -17,7 +17,10 @@ _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API 
 _bearer = HTTPBearer(auto_error=False, description="The same API key as a bearer token.")
 
 
-def get_state(request: Request) -> ServingState:
+# Dependencies and the hot routes are `async def` though they never await: a plain `def` runs in
+# FastAPI's thread pool, and tens of request threads taking turns on the GIL cost more (and
+# stretch the tail) than running each request to completion on the event loop.
+async def get_state(request: Request) -> ServingState:
     state: ServingState = request.app.state.serving
     return state
 
@@ -28,7 +31,7 @@ StateDep = Annotated[ServingState, Depends(get_state)]
 def require(scope: Scope) -> Any:
     """A dependency that lets the request through only with a key holding `scope` (or with auth off)."""
 
-    def dependency(
+    async def dependency(
         settings: SettingsDep,
         x_api_key: Annotated[str | None, Security(_api_key)] = None,
         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,

@@ -42,7 +42,7 @@ RETRY_AFTER_S = "5"
         },
     },
 )
-def post_events(
+async def post_events(
     state: StateDep,
     payload: Annotated[dict[str, Any] | list[Any], Body(openapi_examples=EVENT_EXAMPLES)],
 ) -> JSONResponse:

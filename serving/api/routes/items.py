@@ -28,7 +28,7 @@ router = APIRouter(prefix="/v1/items", tags=["items"], responses=ERROR_RESPONSES
         503: {"model": ErrorBody, "description": "No model is loaded yet."},
     },
 )
-def similar_items(
+async def similar_items(
     state: StateDep,
     item_id: Annotated[str, Path(min_length=1, max_length=128, examples=["sku-123"])],
     k: Annotated[int, Query(ge=1, le=100)] = 10,

@@ -30,7 +30,7 @@ IdParam = Annotated[str | None, Query(min_length=1, max_length=128)]
     response_model=RecommendationsResponse,
     dependencies=[RecsRead],
 )
-def get_recommendations(
+async def get_recommendations(
     state: StateDep,
     user_id: Annotated[IdParam, Query(examples=["u-7"])] = None,
     anonymous_id: Annotated[IdParam, Query(examples=["device-42"])] = None,

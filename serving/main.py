@@ -103,10 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "operations", "description": "Health, readiness, metrics."},
         ],
     )
-    async def the_settings() -> Settings:  # async: see serving/api/deps.py
-        return settings
-
-    app.dependency_overrides[get_settings] = the_settings
+    app.state.settings = settings  # what SettingsDep hands out (dependency_overrides would cost a
+    # signature inspection per dependency per request)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     if settings.api.cors_origins:

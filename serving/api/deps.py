@@ -7,11 +7,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from common.settings import Scope, Settings, get_settings
+from common.settings import Scope, Settings
 from serving.core.auth import check_scope, key_from_headers
 from serving.core.state import ServingState
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key from RECS_API__KEYS.")
 _bearer = HTTPBearer(auto_error=False, description="The same API key as a bearer token.")
@@ -25,7 +23,14 @@ async def get_state(request: Request) -> ServingState:
     return state
 
 
+async def app_settings(request: Request) -> Settings:
+    """The settings `create_app` was built with (the environment's, or a test's)."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
 StateDep = Annotated[ServingState, Depends(get_state)]
+SettingsDep = Annotated[Settings, Depends(app_settings)]
 
 
 def require(scope: Scope) -> Any:

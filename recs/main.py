@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from bench import cli as bench_cli
+from evaluation import cli as evaluate_cli
 from recs import data_cli, system_cli
 from serving import cli as serving_cli
 from spark_jobs import cli as batch_cli
@@ -24,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for module in (system_cli, data_cli, batch_cli, speed_cli, serving_cli, warehouse_cli, bench_cli):
+for module in (system_cli, data_cli, batch_cli, speed_cli, serving_cli, warehouse_cli, evaluate_cli, bench_cli):
     module.register(app)
 
 

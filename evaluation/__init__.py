@@ -1,0 +1,1 @@
+"""Evaluation of the whole system on recorded traffic: `recs evaluate replay` (composes every layer)."""

@@ -1,0 +1,534 @@
+"""`recs evaluate replay`: train the batch layer before a test window, replay the window through the real
+stream, speed layer and serving code, and score every served list against the session's next item.
+
+Time: the speed layer keys trending and popularity counters by event time and lets Redis expire them
+by the wall clock, so history cannot be replayed at its own dates. The whole replay (events, catalog
+creation dates) is moved forward by a whole number of weeks to start just after now, which keeps
+weekdays, times of day and every interval; serving is asked at each event's moved time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import redis
+
+from common import events as event_contract
+from common import redis_keys
+from common.catalog import table_to_items
+from common.catalog_state import load_items
+from common.events import Event, table_to_events
+from common.features import POP_DAYS
+from common.lake import Lake
+from common.model import load_model
+from common.redis_server import RedisServer, free_port
+from common.registry import Registry
+from common.settings import Settings
+from common.stream import append_events
+from evaluation.metrics import Scoreboard, popularity_percentiles
+from evaluation.protocol import PROTOCOL_COLUMNS, Protocol, TestSet, sample_sessions, select_targets
+from evaluation.strategies import (
+    DEFAULT_STRATEGIES,
+    SERVE_COST,
+    STRATEGIES,
+    Strategy,
+    strategy_settings,
+    write_plain_rules,
+)
+from serving.core.catalog_view import CatalogView
+from serving.core.impressions import ImpressionLogger
+from serving.core.model_holder import ModelHolder
+from serving.core.recommender import RecRequest, recommend
+from serving.core.rules import load_rules
+from serving.core.state import RedisGate, ServingState
+from speed_layer.consumer import SpeedConsumer
+from speed_layer.effects import Applier
+
+log = logging.getLogger(__name__)
+
+DAY_S = 86_400.0
+WEEK_S = 7 * DAY_S
+SPEED_DB, EMPTY_DB = 0, 1  # the speed layer's state; an always-empty database for batch-only serving
+REDIS_TIMEOUT_S = 30.0  # a loaded machine must slow the replay down, never degrade a served list
+CONTEXT = "home"  # the list that follows the session (storefront shelf), not a product page
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    lake: str
+    test_days: int = 7
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    engine: str = "implicit"
+    seed: int = 42
+    k: int = 20
+    warmup_days: int = POP_DAYS  # fills the speed layer's trending and per-day popularity before the window
+    max_sessions: int | None = None  # score a seeded sample of test sessions (every event is still replayed)
+    chunk_span_s: float = 60.0  # events of other people within this much event time share a speed batch
+    workers: int = 1  # processes; each replays the whole window for its share of the strategies
+    protocol: Protocol = field(default_factory=Protocol)
+
+
+def run_replay(
+    config: ReplayConfig, settings: Settings, work_dir: Path, say: Callable[[str], None] = log.info
+) -> dict[str, Any]:
+    """Train, replay, score; returns the report (see README "Replay evaluation")."""
+    clock = time.perf_counter()
+    unknown = [s for s in config.strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    lake = Lake(config.lake)
+    cutoff, end = test_window(lake, config.test_days)
+    settings = _run_settings(settings, config, work_dir)
+
+    say(f"training the batch layer ({config.engine}) on events before {cutoff:%Y-%m-%d}")
+    train_clock = time.perf_counter()
+    version = train(settings, cutoff, config.engine)
+    train_s = time.perf_counter() - train_clock
+    model = load_model(Registry(settings.models.root), version)
+
+    test = select_targets(protocol_events(lake, end), cutoff.timestamp(), model.item_ids, config.protocol)
+    test = sample_sessions(test, config.max_sessions, config.seed)
+    start = cutoff - timedelta(days=config.warmup_days)
+    groups = split_strategies(config.strategies, config.workers)
+    jobs = [
+        WindowJob(
+            config,
+            settings,
+            version,
+            cutoff,
+            end,
+            time_offset(start.timestamp(), time.time()),
+            group,
+            test,
+            popularity_percentiles(_popularity(model.popularity)),
+            work_dir / f"replay-{i}",
+        )  # fmt: skip
+        for i, group in enumerate(groups)
+    ]
+    say(
+        f"{test.counts['targets']} next items to predict in {test.counts['test_sessions_scored']} sessions; "
+        f"replaying {' | '.join(', '.join(g) for g in groups)}"
+    )
+    replay_clock = time.perf_counter()
+    if len(jobs) == 1:
+        results = [replay_window(jobs[0])]
+    else:  # one process per group of strategies, each with its own Redis and speed consumer
+        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(replay_window, jobs))
+    replay_s = time.perf_counter() - replay_clock
+
+    by_name = {name: row for result in results for name, row in result["strategies"].items()}
+    predictions = test.counts["targets"]
+    requests = predictions * len(by_name)
+    return {
+        "lake": config.lake,
+        "test_days": config.test_days,
+        "cutoff": cutoff.isoformat(),
+        "window_end": end.isoformat(),
+        "engine": config.engine,
+        "model_version": version,
+        "seed": config.seed,
+        "k": config.k,
+        "protocol": test.counts,
+        "repeats_scored": config.protocol.repeats,
+        "events_replayed": results[0]["events_replayed"],
+        "warmup_events": results[0]["warmup_events"],
+        "strategies": {name: by_name[name] for name in config.strategies},
+        "predictions": predictions,
+        "requests": requests,
+        "workers": len(jobs),
+        "train_s": round(train_s, 1),
+        "replay_s": round(replay_s, 1),
+        "predictions_per_s": round(requests / replay_s, 1) if replay_s else 0.0,
+        "wall_s": round(time.perf_counter() - clock, 1),
+    }
+
+
+@dataclass(frozen=True)
+class WindowJob:
+    """What one replay process needs (picklable): the trained version, the test set, its strategies."""
+
+    config: ReplayConfig
+    settings: Settings
+    version: str
+    cutoff: datetime
+    end: datetime
+    offset_s: float
+    strategies: tuple[str, ...]
+    test: TestSet
+    percentile: dict[str, float]
+    work_dir: Path
+
+
+def replay_window(job: WindowJob) -> dict[str, Any]:
+    """Warm the speed layer up, replay the window, and score the job's strategies."""
+    config, lake = job.config, Lake(job.config.lake)
+    start = job.cutoff - timedelta(days=config.warmup_days)
+    skew = timedelta(seconds=job.end.timestamp() + job.offset_s - time.time()) + timedelta(days=1)
+    with _future_events_accepted(skew):
+        history = moved_events(replay_events(lake, start, job.end), job.offset_s)
+        moved_cutoff_s = job.cutoff.timestamp() + job.offset_s
+        split = next((i for i, e in enumerate(history) if _arrival_s(e) >= moved_cutoff_s), len(history))
+        strategies = [STRATEGIES[name] for name in job.strategies]
+        registry = Registry(job.settings.models.root)
+        server = RedisServer(data_dir=job.work_dir / "redis", port=free_port(), persist=False)
+        server.start()
+        try:
+            replayer = Replayer(
+                job.settings, server.url, registry, job.version, strategies, config, job.work_dir
+            )
+            servable = replayer.load_catalog(lake, job.cutoff.timestamp(), job.offset_s)
+            servable |= set(load_model(registry, job.version).item_ids)
+            boards = {s.name: Scoreboard(config.k, len(servable), job.percentile) for s in strategies}
+            replayer.warm_up(history[:split])
+            replayer.replay(history[split:], job.test, boards)
+            serve_ms = replayer.serve_ms()
+            replayer.close()
+        finally:
+            server.stop()
+    return {
+        "strategies": {
+            name: {**board.summary(), "serve_ms": serve_ms[name]} for name, board in boards.items()
+        },
+        "events_replayed": len(history) - split,
+        "warmup_events": split,
+    }
+
+
+def split_strategies(names: Sequence[str], workers: int) -> list[tuple[str, ...]]:
+    """Strategies grouped for `workers` processes, the costliest first onto the least loaded group."""
+    groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(names))))]
+    load = [0.0] * len(groups)
+    for name in sorted(names, key=lambda n: -SERVE_COST[n]):
+        i = load.index(min(load))
+        groups[i].append(name)
+        load[i] += SERVE_COST[name]
+    return [tuple(n for n in names if n in group) for group in groups]
+
+
+# ---------------------------------------------------------------- window, training, data
+
+
+def test_window(lake: Lake, test_days: int) -> tuple[datetime, datetime]:
+    """(cutoff, end): the last `test_days` whole UTC days of the lake's events."""
+    days = lake.event_days()
+    if not days:
+        raise ValueError(f"the lake at {lake.root} holds no events")
+    end = datetime.combine(days[-1] + timedelta(days=1), datetime.min.time(), UTC)
+    return end - timedelta(days=test_days), end
+
+
+def train(settings: Settings, cutoff: datetime, engine: str) -> str:
+    """The nightly DAG's steps (less the erasure step, so the lake stays read-only); returns the version."""
+    from spark_jobs import pipeline
+    from spark_jobs.plan import make_plan
+
+    plan = make_plan(settings, cutoff, engine)
+    pipeline.validate(settings, plan.cutoff)
+    for step in (pipeline.build_interactions, pipeline.train_als, pipeline.train_ranker, pipeline.evaluate):
+        step(plan, settings)
+    gate = pipeline.gate_and_publish(plan, settings)
+    if not gate["published"]:
+        raise RuntimeError(f"the gate did not publish {plan.version}: {gate['decision']}")
+    return plan.version
+
+
+def protocol_events(lake: Lake, end: datetime) -> pd.DataFrame:
+    """Every event before `end` in replay order, with the protocol's columns."""
+    table = lake.read_events(
+        end=end, columns=["event_id", "event_type", "session_id", "item_id", "received_at", "ts"]
+    )
+    table = table.sort_by([("received_at", "ascending"), ("ts", "ascending"), ("event_id", "ascending")])
+    frame = table.select(["event_id", "event_type", "session_id", "item_id"]).to_pandas()
+    frame["t"] = table["received_at"].cast(pa.int64()).to_numpy() / 1e6
+    return frame[PROTOCOL_COLUMNS]
+
+
+def replay_events(lake: Lake, start: datetime, end: datetime) -> pa.Table:
+    """The events received in [start, end), in replay order."""
+    table = lake.read_events(start=start, end=end)
+    return table.sort_by([("received_at", "ascending"), ("ts", "ascending"), ("event_id", "ascending")])
+
+
+def time_offset(first_s: float, now_s: float) -> float:
+    """Whole weeks that move `first_s` to at least an hour after `now_s` (weekday and time of day kept)."""
+    return max(0, math.ceil((now_s + 3600.0 - first_s) / WEEK_S)) * WEEK_S
+
+
+def moved_events(table: pa.Table, offset_s: float) -> list[Event]:
+    """The events with ts and received_at moved by `offset_s`."""
+    shift = pa.scalar(int(offset_s * 1e6), pa.duration("us"))
+    for name in ("ts", "received_at"):
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, pc.add(table[name], shift))
+    return table_to_events(table)
+
+
+@contextmanager
+def _future_events_accepted(skew: timedelta) -> Iterator[None]:
+    """Let the ingestion check accept the moved events (it refuses clocks more than an hour ahead)."""
+    saved = event_contract.MAX_CLOCK_SKEW
+    event_contract.MAX_CLOCK_SKEW = max(saved, skew)
+    try:
+        yield
+    finally:
+        event_contract.MAX_CLOCK_SKEW = saved
+
+
+def _run_settings(settings: Settings, config: ReplayConfig, work_dir: Path) -> Settings:
+    """The base settings with the lake to read and a private var dir and registry under `work_dir`."""
+    return settings.model_copy(
+        update={
+            "var_dir": work_dir / "var",
+            "lake": settings.lake.model_copy(update={"root": config.lake}),
+            "models": settings.models.model_copy(update={"root": str(work_dir / "models")}),
+            "training": settings.training.model_copy(update={"seed": config.seed, "engine": config.engine}),
+        }
+    )
+
+
+def _popularity(table: pa.Table | None) -> dict[str, float]:
+    if table is None:
+        return {}
+    return dict(zip(table["item_id"].to_pylist(), map(float, table["count"].to_pylist()), strict=True))
+
+
+def _arrival_s(event: Event) -> float:
+    assert event.received_at is not None  # lake events are always received
+    return event.received_at.timestamp()
+
+
+# ---------------------------------------------------------------- batching
+
+
+def chunk_bounds(
+    events: Sequence[Event], scored: set[str], span_s: float, max_events: int
+) -> Iterator[tuple[int, int]]:
+    """[start, end) ranges of consecutive events that one speed-layer batch can apply together.
+
+    Lists for a range's scored events are served before the range is applied, so a range is closed
+    before a scored event whose person or session already has an event in it: every list sees all
+    earlier events of its own person and session. Other people's events of the same range (at most
+    `span_s` of event time) are seen one batch late, as a live consumer's batching would.
+    """
+    start, touched = 0, set[tuple[str, str]]()
+    first_s = _arrival_s(events[0]) if events else 0.0
+    for i, event in enumerate(events):
+        keys = _identity(event)
+        full = i - start >= max_events or _arrival_s(event) - first_s > span_s
+        if i > start and (full or (event.event_id in scored and not keys.isdisjoint(touched))):
+            yield start, i
+            start, touched, first_s = i, set(), _arrival_s(event)
+        touched |= keys
+    if start < len(events):
+        yield start, len(events)
+
+
+def _identity(event: Event) -> set[tuple[str, str]]:
+    keys = {("anonymous", event.anonymous_id)}
+    if event.user_id:
+        keys.add(("user", event.user_id))
+    if event.session_id:
+        keys.add(("session", event.session_id))
+    return keys
+
+
+# ---------------------------------------------------------------- the replay
+
+
+class Replayer:
+    """One Redis, one in-process speed consumer, one serving state per strategy; events applied in order."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_url: str,
+        registry: Registry,
+        version: str,
+        strategies: Sequence[Strategy],
+        config: ReplayConfig,
+        work_dir: Path,
+    ) -> None:
+        self.settings = settings.model_copy(
+            update={"redis": settings.redis.model_copy(update={"url": _db(redis_url, SPEED_DB)})}
+        )
+        self.redis_url = redis_url
+        self.registry = registry
+        self.version = version
+        self.strategies = list(strategies)
+        self.boards: dict[str, Scoreboard] = {}
+        self.config = config
+        self.work_dir = work_dir
+        self.client = redis.Redis.from_url(_db(redis_url, SPEED_DB), socket_timeout=REDIS_TIMEOUT_S)
+        self.stream_key = redis_keys.stream(self.settings.redis.stream)
+        self.consumer: SpeedConsumer | None = None
+        if any(s.speed for s in self.strategies):
+            # An empty lake: the version switch must find no history to rebuild deltas from (see switch_version).
+            self.consumer = SpeedConsumer(
+                self.client, self.settings, registry, Lake(str(work_dir / "empty-lake")), name="replay"
+            )
+            self.consumer.applier = Applier(self.client, self.settings, seed=config.seed)  # seeded negatives
+        self.states: dict[str, ServingState] = {}
+        self.serve_s: dict[str, float] = {s.name: 0.0 for s in self.strategies}
+        self.last_trending_s = -math.inf
+
+    # ------------------------------------------------------------ set-up
+
+    def load_catalog(self, lake: Lake, cutoff_s: float, offset_s: float) -> set[str]:
+        """Seed the live item state (categories, stock) and build serving's catalog and model; returns its items.
+
+        Serving's catalog holds the items created before the cutoff (the snapshot is newer than the
+        window, and its later items would be offered before they exist), their dates moved too.
+        """
+        table = lake.read_catalog()
+        if self.consumer is not None:
+            load_items(self.client, table_to_items(table))
+        full = CatalogView.from_lake(lake)
+        items = {
+            item_id: replace(info, created_at_s=info.created_at_s + offset_s)
+            for item_id in table["item_id"].to_pylist()
+            if (info := full.get(item_id)) is not None and info.created_at_s < cutoff_s
+        }
+        catalog = CatalogView(items)
+        models = ModelHolder(self.registry, catalog)  # one loaded model, shared read-only by the strategies
+        models.reload(self.version)
+        plain_rules = write_plain_rules(self.settings.api.rules_file, self.work_dir / "rules-plain.yaml")
+        for strategy in self.strategies:
+            url = _db(self.redis_url, SPEED_DB if strategy.speed else EMPTY_DB)
+            self.states[strategy.name] = _serving_state(
+                strategy_settings(self.settings, strategy, plain_rules, url), self.registry, catalog, models,
+                self.work_dir / "impressions",
+            )  # fmt: skip
+        return set(items)
+
+    def warm_up(self, events: Sequence[Event]) -> None:
+        """Apply the events before the window with no model in the speed layer, then switch to the version.
+
+        The batch model already holds these events, so they must not become deltas: the speed layer
+        has no version while they go in, and the stream is emptied before the switch reads it.
+        """
+        if self.consumer is None:
+            return
+        size = self.settings.speed.batch_size
+        for start in range(0, len(events), size):
+            self._apply(events[start : start + size])
+        self.client.xtrim(self.stream_key, maxlen=0)
+        self.consumer.switch_to(self.version)
+        if events:
+            self._refresh_trending(_arrival_s(events[-1]))
+
+    # ------------------------------------------------------------ the window
+
+    def replay(self, events: Sequence[Event], test: TestSet, boards: dict[str, Scoreboard]) -> None:
+        """Serve and score the test set's moments while applying `events` (the window) in order."""
+        self.boards = boards
+        targets = {
+            row.event_id: (row.item_id, bool(row.purchased)) for row in test.targets.itertuples(index=False)
+        }
+        for start, end in chunk_bounds(
+            events, set(targets), self.config.chunk_span_s, self.settings.speed.batch_size
+        ):
+            for event in events[start:end]:
+                if event.event_id in targets:
+                    self._ask(event, *targets[event.event_id])
+            self._apply(events[start:end])
+
+    def _ask(self, event: Event, item: str, purchased: bool) -> None:
+        """Ask every strategy for a list at the moment just before `event`, and score it."""
+        now_s = _arrival_s(event)
+        if self.consumer is not None:
+            self._refresh_trending(now_s)
+        request = RecRequest(event.user_id, event.anonymous_id, event.session_id, self.config.k, CONTEXT)
+        for name, state in self.states.items():
+            clock = time.perf_counter()
+            result = recommend(state, request, now_s=now_s)
+            self.serve_s[name] += time.perf_counter() - clock
+            self.boards[name].add(
+                [i.item_id for i in result.items], item, purchased, result.degraded is not None
+            )
+
+    def _apply(self, events: Sequence[Event]) -> None:
+        """Append to the stream and let the consumer process exactly these entries (its batch code)."""
+        if self.consumer is None or not events:
+            return
+        append_events(self.client, events, self.settings.redis.stream, self.settings.redis.stream_maxlen)
+        left = len(events)
+        while left > 0:
+            reply = self.client.xreadgroup(
+                self.settings.speed.group, self.consumer.name, {self.stream_key: ">"}, count=left
+            )
+            entries = [(entry_id, fields) for entry_id, fields in reply[0][1]] if reply else []
+            if not entries:
+                raise RuntimeError(f"the stream gave {len(events) - left} of {len(events)} appended events")
+            result = self.consumer.process(entries)
+            if result.failed or result.unresolved:
+                raise RuntimeError(
+                    f"the speed layer refused replayed events: {result.failed or result.unresolved}"
+                )
+            left -= len(entries)
+
+    def _refresh_trending(self, now_s: float) -> None:
+        """Re-sum trending as a live consumer does every trending_refresh_s, on the replay's clock."""
+        if now_s - self.last_trending_s < self.settings.speed.trending_refresh_s:
+            return
+        assert self.consumer is not None
+        self.client.delete(
+            redis_keys.TRENDING_REFRESH_LOCK
+        )  # the lock guards against other consumers: none here
+        self.consumer.refresh_trending(now_s=now_s)
+        self.last_trending_s = now_s
+
+    # ------------------------------------------------------------ the end
+
+    def serve_ms(self) -> dict[str, float]:
+        """Mean serving time per list, by strategy."""
+        asked = {name: len(board.ranks) for name, board in self.boards.items()}
+        return {
+            name: round(1000 * s / asked[name], 2) if asked[name] else 0.0 for name, s in self.serve_s.items()
+        }
+
+    def close(self) -> None:
+        for state in self.states.values():
+            state.close()
+        if self.consumer is not None:
+            self.consumer.pubsub.close()
+        self.client.close()
+
+
+def _serving_state(
+    settings: Settings, registry: Registry, catalog: CatalogView, models: ModelHolder, impressions: Path
+) -> ServingState:
+    """What the API's lifespan builds (ServingState.start), less its listeners: the replay activates the version."""
+    lake = Lake(str(impressions))
+    return ServingState(
+        settings=settings,
+        lake=lake,
+        registry=registry,
+        rules=load_rules(settings.api.rules_file),
+        catalog=catalog,
+        models=models,
+        redis=RedisGate(redis.Redis.from_url(settings.redis.effective_url, socket_timeout=REDIS_TIMEOUT_S)),
+        impressions=ImpressionLogger(lake),
+    )
+
+
+def _db(url: str, db: int) -> str:
+    return f"{url.rsplit('/', 1)[0]}/{db}"
+
+
+def cleanup(work_dir: Path) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)

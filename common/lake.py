@@ -41,6 +41,10 @@ class Dataset:
     key: str
     time_column: str
     schema: pa.Schema
+    # Check each write against the partition's existing keys. Events need it (a consumer may redeliver
+    # after a crash); impressions do not (a request id is served once, and a retried flush of the same
+    # rows lands under the same content-named file), and the check would re-read the whole day each flush.
+    drop_existing_keys: bool = True
 
 
 IMPRESSION_SCHEMA = pa.schema(
@@ -62,7 +66,7 @@ IMPRESSION_SCHEMA = pa.schema(
 )
 
 EVENTS_DATASET = Dataset(EVENTS, "event_id", "received_at", EVENT_SCHEMA)
-IMPRESSIONS_DATASET = Dataset(IMPRESSIONS, "request_id", "served_at", IMPRESSION_SCHEMA)
+IMPRESSIONS_DATASET = Dataset(IMPRESSIONS, "request_id", "served_at", IMPRESSION_SCHEMA, drop_existing_keys=False)
 
 
 class Lake(Store):
@@ -101,7 +105,8 @@ class Lake(Store):
         for day_str in sorted(set(days.to_pylist())):
             day = date.fromisoformat(day_str)
             part = table.filter(pc.equal(days, day_str))
-            part = self._drop_existing(dataset, day, part)
+            if dataset.drop_existing_keys:
+                part = self._drop_existing(dataset, day, part)
             if part.num_rows == 0:
                 continue
             part = part.sort_by([(dataset.time_column, "ascending"), (dataset.key, "ascending")])

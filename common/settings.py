@@ -102,6 +102,9 @@ class ApiSettings(Section):
     keys: dict[str, list[Scope]] = Field(default_factory=dict)
     cors_origins: list[str] = Field(default_factory=list)
     max_batch: int = Field(500, ge=1)
+    impressions_flush_s: float = Field(
+        10.0, gt=0, description="How often a worker writes its served lists to the lake (one file each time)."
+    )
     max_stream_lag: int = Field(100_000, ge=1, description="Above this consumer-group lag, POST /v1/events answers 503.")
     rules_file: Path = PROJECT_ROOT / "serving" / "rules.yaml"
 

@@ -83,7 +83,7 @@ class ServingState:
             catalog=catalog,
             models=ModelHolder(registry, catalog),
             redis=RedisGate(connect(settings.redis.effective_url, settings.redis.socket_timeout_s)),
-            impressions=ImpressionLogger(lake),
+            impressions=ImpressionLogger(lake, flush_seconds=settings.api.impressions_flush_s),
         )
         state.models.reload()
         if state.models.current is None:

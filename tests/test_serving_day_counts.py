@@ -27,24 +27,32 @@ def test_counts_are_laid_out_oldest_first_today_last(redis_client: redis.Redis) 
     assert counts[2].sum() == 0
 
 
-def test_today_is_read_live_and_past_days_come_from_the_cache(redis_client: redis.Redis) -> None:
+def test_today_is_read_live_and_past_days_come_from_the_loaded_copy(redis_client: redis.Redis) -> None:
     cache = DayCounts(past_ttl_s=300)
     seed(redis_client, 0, "a", 1)
     seed(redis_client, -1, "a", 10)
-    cache.read(redis_client, ["a"], NOW_S)
+    assert cache.refresh(redis_client, NOW_S) == POP_DAYS - 1
     seed(redis_client, 0, "a", 2)
-    seed(redis_client, -1, "a", 20)  # a late event on a past day: served from cache until the TTL
+    seed(redis_client, -1, "a", 20)  # a late event on a past day: the copy serves 10 until it is reloaded
     counts = cache.read(redis_client, ["a"], NOW_S)
     assert counts[0, -1] == 2
     assert counts[0, -2] == 10
-    assert DayCounts(past_ttl_s=0).read(redis_client, ["a"], NOW_S)[0, -2] == 20
+    assert cache.refresh(redis_client, NOW_S) == 0  # still fresh
+    reloaded = DayCounts(past_ttl_s=0)
+    reloaded.refresh(redis_client, NOW_S)
+    assert reloaded.read(redis_client, ["a"], NOW_S)[0, -2] == 20
 
 
-def test_a_new_day_shifts_the_window(redis_client: redis.Redis) -> None:
+def test_a_new_day_is_read_live_until_loaded_and_old_days_are_dropped(redis_client: redis.Redis) -> None:
     cache = DayCounts()
     seed(redis_client, 0, "a", 4)
-    cache.read(redis_client, ["a"], NOW_S)
+    seed(redis_client, -(POP_DAYS - 1), "a", 7)
+    cache.refresh(redis_client, NOW_S)
     seed(redis_client, 1, "a", 1)
     counts = cache.read(redis_client, ["a"], NOW_S + DAY_S)
     assert counts[0, -1] == 1
-    assert counts[0, -2] == 4  # yesterday is now a past day, read once and cached
+    assert counts[0, -2] == 4  # yesterday: not in the copy yet, read live
+    assert counts[0].sum() == 5  # the day that left the window is gone
+    assert cache.refresh(redis_client, NOW_S + DAY_S) == 1  # only the new past day loads
+    seed(redis_client, 0, "a", 9)
+    assert cache.read(redis_client, ["a"], NOW_S + DAY_S)[0, -2] == 4  # now from the copy

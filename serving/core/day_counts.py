@@ -1,7 +1,9 @@
-"""Per-day popularity counts of candidates, with the past days cached in the worker.
+"""Per-day popularity counts of candidates: past days from a per-worker copy, today read live.
 
-Past days change only by late events, so each worker keeps them for a few minutes and reads
-only today's counts (and cache misses) from Redis: one ZMSCORE per request instead of eight.
+Past days change only by late events, so each worker keeps a whole copy of each past day's sorted
+set, refreshed in the background every `past_ttl_s`; a request then costs one ZMSCORE (today) and
+dictionary lookups. A past day not loaded yet (a worker's first moments, a new day) is read live
+for the request's candidates instead.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ from common import redis_keys
 from common.features import POP_DAYS, day_index
 
 
+def _past_days(now_s: float) -> list[int]:
+    today = day_index(now_s)
+    return [today - POP_DAYS + 1 + j for j in range(POP_DAYS - 1)]
+
+
 class DayCounts:
     def __init__(self, past_ttl_s: float = 300.0) -> None:
         self.past_ttl_s = past_ttl_s
-        self._past: dict[int, dict[str, float]] = {}  # day -> item -> count
+        self._past: dict[int, dict[str, float]] = {}  # day -> item -> count (whole days)
         self._loaded_at: dict[int, float] = {}
         self._lock = threading.Lock()
 
@@ -30,38 +37,41 @@ class DayCounts:
         if not item_ids:
             return counts
         items = list(item_ids)
-        today = day_index(now_s)
-        past_days = [today - POP_DAYS + 1 + j for j in range(POP_DAYS - 1)]
-        missing = self._missing(past_days, items)
-        pipe = client.pipeline(transaction=False)
-        pipe.zmscore(redis_keys.popularity_day(today), items)
-        for day, absent in missing.items():
-            pipe.zmscore(redis_keys.popularity_day(day), absent)
-        replies = pipe.execute()
-        counts[:, -1] = [float(v) if v is not None else 0.0 for v in replies[0]]
         with self._lock:
-            for (day, absent), reply in zip(missing.items(), replies[1:], strict=True):
-                cached = self._past.setdefault(day, {})
-                cached.update((item, float(v) if v is not None else 0.0) for item, v in zip(absent, reply, strict=True))
-            for j, day in enumerate(past_days):
-                cached = self._past.get(day, {})
+            loaded = [self._past.get(day) for day in _past_days(now_s)]
+        live = [day_index(now_s)] + [
+            day for day, c in zip(_past_days(now_s), loaded, strict=True) if c is None
+        ]
+        pipe = client.pipeline(transaction=False)
+        for day in live:
+            pipe.zmscore(redis_keys.popularity_day(day), items)
+        by_day = dict(zip(live, pipe.execute(), strict=True))
+        counts[:, -1] = [float(v) if v is not None else 0.0 for v in by_day[day_index(now_s)]]
+        for j, (day, cached) in enumerate(zip(_past_days(now_s), loaded, strict=True)):
+            if cached is not None:
                 counts[:, j] = [cached.get(item, 0.0) for item in items]
+            else:
+                counts[:, j] = [float(v) if v is not None else 0.0 for v in by_day[day]]
         return counts
 
-    def _missing(self, past_days: list[int], items: list[str]) -> dict[int, list[str]]:
-        """Per past day, the items not cached; stale or out-of-window days are dropped first."""
-        now = time.monotonic()
+    def refresh(self, client: redis.Redis, now_s: float | None = None) -> int:
+        """Load each past day of the window not loaded within past_ttl_s; returns how many were loaded."""
+        now_s = time.time() if now_s is None else now_s
+        wanted = _past_days(now_s)
+        loaded = 0
+        for day in wanted:
+            if time.monotonic() - self._loaded_at.get(day, -np.inf) < self.past_ttl_s:
+                continue
+            values = {
+                (m.decode() if isinstance(m, bytes) else str(m)): float(s)
+                for m, s in client.zrange(redis_keys.popularity_day(day), 0, -1, withscores=True)
+            }
+            with self._lock:
+                self._past[day] = values
+                self._loaded_at[day] = time.monotonic()
+            loaded += 1
         with self._lock:
-            for day in list(self._past):
-                if day not in past_days or now - self._loaded_at.get(day, 0.0) > self.past_ttl_s:
-                    self._past.pop(day, None)
-                    self._loaded_at.pop(day, None)
-            missing = {}
-            for day in past_days:
-                if day not in self._past:
-                    self._loaded_at[day] = now
-                cached = self._past.get(day, {})
-                absent = [item for item in items if item not in cached]
-                if absent:
-                    missing[day] = absent
-            return missing
+            for day in [d for d in self._past if d not in wanted]:
+                del self._past[day]
+                self._loaded_at.pop(day, None)
+        return loaded

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # After a Redis error, requests skip Redis for this long instead of each paying a timeout.
 REDIS_RETRY_AFTER_S = 1.0
 ERASURES_REFRESH_S = 10.0
+DAY_COUNTS_CHECK_S = 15.0  # how often a worker looks for a stale or new past day (each reloads every 5 min)
 
 
 @dataclass
@@ -89,8 +90,10 @@ class ServingState:
         if state.models.current is None:
             state.lake_popular = lake_popular(lake)
         state._refresh_erasures()
+        state._refresh_day_counts()  # before the first request: past days then never cost a request
         state._spawn(state._listen_for_models, "model-listener")
         state._spawn(state._erasures_loop, "erasures-refresh")
+        state._spawn(state._day_counts_loop, "day-counts-refresh")
         return state
 
     def close(self) -> None:
@@ -156,6 +159,16 @@ class ServingState:
             log.warning("ignoring a malformed message on %s", redis_keys.CATALOG_CHANNEL)
             return
         self.catalog.apply([update])
+
+    def _day_counts_loop(self) -> None:
+        while not self._stop.wait(DAY_COUNTS_CHECK_S):
+            self._refresh_day_counts()
+
+    def _refresh_day_counts(self) -> None:
+        try:
+            self.day_counts.refresh(self.redis.client)
+        except redis.RedisError as exc:  # requests read past days live meanwhile
+            log.info("could not refresh the past days' counts: %s", exc)
 
     def _erasures_loop(self) -> None:
         while not self._stop.wait(ERASURES_REFRESH_S):

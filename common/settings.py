@@ -109,6 +109,16 @@ class ApiSettings(Section):
     rules_file: Path = PROJECT_ROOT / "serving" / "rules.yaml"
 
 
+class CandidatePool(Section):
+    """How many items each generator proposes. The ranker learns on pools of these sizes, the version's
+    manifest records them, and serving builds its pools the same way for that version."""
+
+    als: int = Field(40, ge=0, le=5000)
+    covis: int = Field(20, ge=0, le=5000)
+    trending: int = Field(10, ge=0, le=5000)
+    category: int = Field(10, ge=0, le=5000)
+
+
 class TrainingSettings(Section):
     engine: Literal["spark", "implicit"] = "implicit"
     # Implicit-feedback weight per event type (view < add_to_cart < purchase).
@@ -134,6 +144,7 @@ class TrainingSettings(Section):
     seed: int = 42
     eval_days: int = Field(2, ge=1, description="Days before the cutoff held out for ranker validation and evaluation.")
     max_requests: int = Field(4000, ge=10, description="Sessions sampled per ranker/evaluation window.")
+    candidates: CandidatePool = CandidatePool()
     volume_factor: float = Field(
         5.0, gt=1, description="A day with more than this factor more or fewer events than the trailing week fails validation."
     )

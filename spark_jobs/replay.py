@@ -26,8 +26,6 @@ from spark_jobs import tables
 
 LABELS = {"purchase": 3, "add_to_cart": 2, "click": 1, "view": 1, "wishlist": 1}
 LOG_COLUMNS = ["event_id", "event_type", "ts", "anonymous_id", "user_id", "session_id", "item_id", "dwell_ms"]
-# How many candidates each generator proposes (serving's defaults are of the same order).
-N_ALS, N_COVIS, N_TRENDING, N_CATEGORY = 40, 20, 10, 10
 TRENDING_WINDOW_S = DAY_S
 ITEM_KEY = 10**13  # > any epoch time in ms until the year 2286; items up to 900k fit in int64
 
@@ -260,11 +258,12 @@ class PointInTime:
 
     def candidates(self, state: RequestState) -> Candidates:
         lists = {}
+        sizes = self.training.candidates  # recorded in the manifest: serving builds the same pools
         if state.user_vector is not None:
-            lists["als"] = als_top_n(state.user_vector, self.model.scoring_factors, self.model.item_ids, N_ALS)
-        lists["covis"] = covisited(state.session_items, self.covis, N_COVIS)
-        lists["trending"] = self.log.trending(state.now_s, N_TRENDING)
-        lists["category"] = category_best(state.category_affinity, self.bestsellers, N_CATEGORY)
+            lists["als"] = als_top_n(state.user_vector, self.model.scoring_factors, self.model.item_ids, sizes.als)
+        lists["covis"] = covisited(state.session_items, self.covis, sizes.covis)
+        lists["trending"] = self.log.trending(state.now_s, sizes.trending)
+        lists["category"] = category_best(state.category_affinity, self.bestsellers, sizes.category)
         merged = merge_sources(lists)
         return self.describe(list(merged), [merged[i] for i in merged], state)
 

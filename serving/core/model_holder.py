@@ -11,6 +11,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 from common.lake import Lake
 from common.model import ModelArtifacts, load_model
 from common.registry import Registry, RegistryError
+from common.settings import CandidatePool
 from serving.core import metrics
 from serving.core.catalog_view import CatalogView
 
@@ -41,11 +43,22 @@ class ServingModel:
 
     @property
     def alpha(self) -> float:
-        return float(self.artifacts.manifest.parameters.get("alpha", 10.0))
+        return float(self._parameter("alpha", 10.0))
 
     @property
     def regularization(self) -> float:
-        return float(self.artifacts.manifest.parameters.get("regularization", 0.05))
+        return float(self._parameter("regularization", 0.05))
+
+    @property
+    def candidate_pool(self) -> CandidatePool | None:
+        """The pool sizes the version's ranker was trained on (None: a version that did not record them)."""
+        recorded = self._parameter("candidates", None)
+        return CandidatePool.model_validate(recorded) if recorded is not None else None
+
+    def _parameter(self, name: str, default: Any) -> Any:
+        """A training parameter from the manifest (the pipeline nests them under "training")."""
+        parameters = self.artifacts.manifest.parameters
+        return parameters.get("training", {}).get(name, parameters.get(name, default))
 
 
 def build_serving_model(artifacts: ModelArtifacts, catalog: CatalogView) -> ServingModel:

@@ -17,6 +17,7 @@ import redis
 
 from common.candidates import Scored, als_top_n, category_best, covisited, merge_sources
 from common.features import POP_DAYS, SOURCES, Candidates, RequestState, compute_features
+from common.settings import CandidatePool
 from common.speed_state import SpeedState, read_speed_state
 from common.vectors import fold_in
 from serving.core import metrics
@@ -33,6 +34,10 @@ EXPERIMENT = "recs"
 REDIS_DOWN = "redis_unavailable: batch-only recommendations (no session, trending or stock updates)"
 NO_MODEL = "no_model: popular items from the lake"
 TOP_AFFINITY_CATEGORIES = 3
+# Candidates per requested item, at least, from the sources that may have to fill a list alone
+# (ALS; trending for the popular variant and people with no history): a long list needs a deeper
+# pool, or the per-category cap cannot fill it.
+ALS_PER_SLOT, TRENDING_PER_SLOT = 5, 3
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ def _read_speed(
         metrics.FALLBACKS.labels(reason="redis_unavailable").inc()
         return None
     speed_settings = state.settings.speed
+    sizes = pool_sizes(model, state.rules)
     covis_items = [req.item_id] if req.context == "product" and req.item_id else None
     try:
         speed = read_speed_state(
@@ -133,9 +139,9 @@ def _read_speed(
             covis_items=covis_items,
             top_categories=TOP_AFFINITY_CATEGORIES,
             now_s=now_s,
-            trending_n=state.rules.candidates.trending,
+            trending_n=max(sizes.trending, TRENDING_PER_SLOT * req.k),
             covis_n=speed_settings.covis_top_n,
-            bestsellers_n=state.rules.candidates.category,
+            bestsellers_n=sizes.category,
             bestsellers_half_life_s=speed_settings.bestsellers_half_life_s,
         )
     except redis.RedisError as exc:
@@ -182,13 +188,12 @@ def _candidate_lists(
     variant: str,
     now_s: float,
 ) -> dict[str, Scored]:
-    sizes = rules.candidates
+    sizes = pool_sizes(model, rules)
     lists: dict[str, Scored] = {}
     if variant != "popular":
         if vector is not None:
-            lists["als"] = als_top_n(
-                vector, model.artifacts.scoring_factors, model.artifacts.item_ids, sizes.als
-            )
+            als_n = max(sizes.als, ALS_PER_SLOT * req.k)
+            lists["als"] = als_top_n(vector, model.artifacts.scoring_factors, model.artifacts.item_ids, als_n)
         if req.context == "product" and req.item_id is not None:
             anchor = model.artifacts.item_vector(req.item_id)
             if anchor is not None:
@@ -201,10 +206,19 @@ def _candidate_lists(
         bestsellers = speed.category_bestsellers if speed else model.category_popular
         lists["category"] = category_best(affinity, bestsellers, sizes.category)
     trending = speed.trending if speed and speed.trending else model.popular
-    lists["trending"] = trending[: sizes.trending]
+    lists["trending"] = trending[: max(sizes.trending, TRENDING_PER_SLOT * req.k)]
     since = now_s - rules.new_arrivals.max_age_days * DAY_S
-    lists["new"] = [(i.item_id, i.created_at_s) for i in state.catalog.newest(since, sizes.new_arrivals)]
+    lists["new"] = [(i.item_id, i.created_at_s) for i in state.catalog.newest(since, rules.candidates.new_arrivals)]
     return lists
+
+
+def pool_sizes(model: ServingModel | None, rules: Rules) -> CandidatePool:
+    """The version's own pool sizes (what its ranker learned on), else the rules file's."""
+    recorded = model.candidate_pool if model is not None else None
+    if recorded is not None:
+        return recorded
+    c = rules.candidates
+    return CandidatePool(als=c.als, covis=c.covis, trending=c.trending, category=c.category)
 
 
 def _seeds(req: RecRequest, speed: SpeedState | None, now_s: float) -> dict[str, float]:

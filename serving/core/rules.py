@@ -13,10 +13,11 @@ class _Strict(BaseModel):
 
 
 class CandidateSizes(_Strict):
-    als: int = Field(100, ge=0, le=5000)
-    covis: int = Field(50, ge=0, le=5000)
-    trending: int = Field(30, ge=0, le=5000)
-    category: int = Field(30, ge=0, le=5000)
+    # als..category apply only to versions that do not record their own pool (training.candidates).
+    als: int = Field(40, ge=0, le=5000)
+    covis: int = Field(20, ge=0, le=5000)
+    trending: int = Field(10, ge=0, le=5000)
+    category: int = Field(10, ge=0, le=5000)
     new_arrivals: int = Field(20, ge=0, le=5000)
 
 

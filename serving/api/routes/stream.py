@@ -16,7 +16,6 @@ from typing import Annotated, Any
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Query, Request
 from sse_starlette.sse import EventSourceResponse
-from starlette.concurrency import run_in_threadpool
 
 from common import redis_keys
 from common.messages import RecsChanged
@@ -62,8 +61,8 @@ async def stream_recommendations(
         )
     people = {p for p in (user_id, anonymous_id) if p}
 
-    def compute() -> str:
-        body = get_recommendations(
+    async def compute() -> str:
+        body = await get_recommendations(
             state,
             user_id=user_id,
             anonymous_id=anonymous_id,
@@ -78,7 +77,7 @@ async def stream_recommendations(
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(redis_keys.RECS_CHANNEL)
-            yield {"event": "recommendations", "data": await run_in_threadpool(compute)}
+            yield {"event": "recommendations", "data": await compute()}
             while not await request.is_disconnected():
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL_S)
                 if message is None or not _concerns(message["data"], people, session_id):
@@ -86,7 +85,7 @@ async def stream_recommendations(
                 # Coalesce a burst (one batch of the speed layer publishes once per person).
                 while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01) is not None:
                     pass
-                yield {"event": "recommendations", "data": await run_in_threadpool(compute)}
+                yield {"event": "recommendations", "data": await compute()}
         except (aioredis.RedisError, OSError) as exc:
             log.warning("recommendation stream ends: %s", exc)
             yield {"event": "error", "data": json.dumps({"error": "redis_unavailable"})}

@@ -1,7 +1,8 @@
-"""System commands: configuration and the embedded Redis."""
+"""System commands: configuration, the embedded Redis and the local cluster."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -9,6 +10,11 @@ import typer
 from common.settings import SettingsError, dump_settings, get_settings
 
 redis_app = typer.Typer(help="The embedded redis-server (skipped when RECS_REDIS__URL points elsewhere).")
+cluster_app = typer.Typer(
+    help="Every role of a deployment as local processes on loopback: Spark master + workers, Redis, "
+    "speed consumers, lake writer, API (pids and logs in var/cluster).",
+    no_args_is_help=True,
+)
 
 
 def settings_or_exit():
@@ -63,6 +69,45 @@ def redis_status() -> None:
         raise typer.Exit(1) from None
 
 
+@cluster_app.command("up")
+def cluster_up(
+    timeout: float = typer.Option(120.0, help="Seconds to wait for the workers and the API to answer."),
+) -> None:
+    """Start what is not running yet (a second `up` starts nothing), wait until it answers, print the status."""
+    from recs.cluster import ClusterError, batch_settings, status, up
+
+    settings = settings_or_exit()
+    try:
+        started = up(settings, timeout)
+    except ClusterError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"started: {', '.join(started) or 'nothing (all running)'}", err=True)
+    exports = " ".join(f"{name}='{value}'" for name, value in batch_settings(settings).items())
+    typer.echo(f"send the nightly Spark jobs here with: export {exports}", err=True)
+    typer.echo(json.dumps(status(settings), indent=2))
+
+
+@cluster_app.command("down")
+def cluster_down() -> None:
+    """Stop every process `recs cluster up` started (and nothing else)."""
+    from recs.cluster import down
+
+    stopped = down(settings_or_exit())
+    typer.echo(f"stopped: {', '.join(stopped) or 'nothing (none running)'}")
+
+
+@cluster_app.command("status")
+def cluster_status() -> None:
+    """Print what is up as JSON (exit 1 unless everything is)."""
+    from recs.cluster import status
+
+    report = status(settings_or_exit())
+    typer.echo(json.dumps(report, indent=2))
+    if not report["all_up"]:
+        raise typer.Exit(1)
+
+
 def demo(
     data: str = typer.Option("synthetic", help="synthetic, or online-retail (the real UCI file in ../shared/data)."),
     size: str = typer.Option("small", help="Synthetic size: tiny, small, medium, large."),
@@ -94,3 +139,4 @@ def register(app: typer.Typer) -> None:
     app.command("config")(config)
     app.command("demo")(demo)
     app.add_typer(redis_app, name="redis")
+    app.add_typer(cluster_app, name="cluster")

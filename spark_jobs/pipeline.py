@@ -261,7 +261,10 @@ def spark_submit(plan: Plan, settings: Settings, stage: str) -> None:
         str(binary if binary.exists() else shutil.which("spark-submit") or "spark-submit"),
         "--master", settings.spark.master,
         "--driver-memory", settings.spark.driver_memory,
+        "--executor-memory", settings.spark.executor_memory,
         "--conf", f"spark.sql.shuffle.partitions={settings.spark.shuffle_partitions}",
+        # Also here, not only in the session: driver JVM options and jars take effect only at launch.
+        *[arg for key, value in settings.spark.conf.items() for arg in ("--conf", f"{key}={value}")],
         str(PROJECT_ROOT / "spark_jobs" / "train_als.py"),
         "--stage", stage,
         "--cutoff", plan.cutoff.isoformat(),

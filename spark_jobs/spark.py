@@ -1,4 +1,5 @@
-"""One place that builds the SparkSession the batch jobs use (memory, partitions and time zone from settings)."""
+"""One place that builds the SparkSession the batch jobs use (memory, partitions, time zone and any extra
+option from settings), in-process or under spark-submit alike."""
 
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ def spark_session(settings: SparkSettings, master: str | None = None, app_name: 
     builder = (
         SparkSession.builder.appName(app_name)
         .config("spark.driver.memory", settings.driver_memory)
+        .config("spark.executor.memory", settings.executor_memory)
         .config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions))
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
     )
+    for key, value in settings.conf.items():  # last, so a deployment can override any of the above
+        builder = builder.config(key, value)
     if master:
         builder = builder.master(master)
     spark = builder.getOrCreate()

@@ -468,7 +468,7 @@ class Replayer:
         append_events(self.client, events, self.settings.redis.stream, self.settings.redis.stream_maxlen)
         left = len(events)
         while left > 0:
-            reply = self.client.xreadgroup(
+            reply: Any = self.client.xreadgroup(  # redis-py's reply types are unions of every shape
                 self.settings.speed.group, self.consumer.name, {self.stream_key: ">"}, count=left
             )
             entries = [(entry_id, fields) for entry_id, fields in reply[0][1]] if reply else []

@@ -150,7 +150,7 @@ class Applier:
         for start in range(0, len(batch), chunk):
             part = range(start, min(start + chunk, len(batch)))
             keys: list[str] = []
-            args: list[object] = [*self._chunk_constants(len(part), base)]
+            args: list[object] = [*self._chunk_constants(len(part), base, models[:2])]
             for j in part:
                 planner.plan(j, keys, args)
             calls.send("EVALSHA", self.apply_sha, len(keys), *keys, *args)
@@ -175,15 +175,15 @@ class Applier:
                     result.changed[persons[j]] = (sessions[j], batch[j])
         return retry
 
-    def _chunk_constants(self, events: int, base: bool) -> tuple[object, ...]:
+    def _chunk_constants(
+        self, events: int, base: bool, models: Sequence[ModelArtifacts]
+    ) -> tuple[object, ...]:
         speed = self.speed
         return (
             events, 1 if base else 0, speed.session_ttl_s, speed.recent_items, speed.dedup_ttl_s,
             speed.affinity_half_life_s, speed.history_ttl_s, speed.purchases_kept, speed.bestsellers_top_n,
-            speed.covis_top_n, speed.dedup_ttl_s,
+            speed.covis_top_n, speed.dedup_ttl_s, len(models), *(m.version for m in models),
         )  # fmt: skip
-
-    # ------------------------------------------------------------ pre-reads (one pipeline each)
 
     def _aliases(self, batch: Sequence[Event]) -> dict[str, str]:
         devices = sorted({e.anonymous_id for e in batch if e.user_id is None})
@@ -363,21 +363,13 @@ class _Planner:
 
         version_keys: list[str] = []
         version_args: list[object] = []
-        for slot in range(2):
-            model, step = (
-                (self.deltas[slot][0], self.deltas[slot][1].get(j))
-                if slot < len(self.deltas)
-                else (None, None)
-            )
-            if model is None or step is None:
-                version_keys += [redis_keys.user_delta(person, "-"), redis_keys.user_event_count(person, "-")]
-                version_args += ["", b"", 0]
-            else:
-                delta, expected = step
-                version_keys += [
-                    redis_keys.user_delta(person, model.version), redis_keys.user_event_count(person, model.version),
-                ]  # fmt: skip
-                version_args += [model.version, delta.astype("<f4").tobytes(), expected]
+        for model, steps in self.deltas:
+            step = steps.get(j)
+            version_keys += [
+                redis_keys.user_delta(person, model.version),
+                redis_keys.user_event_count(person, model.version),
+            ]
+            version_args += ["", 0] if step is None else [step[0].astype("<f4").tobytes(), step[1]]
 
         others = self._session_others(person, session, item)
         bucket = int(ts // speed.trending_bucket_s) * speed.trending_bucket_s
@@ -394,16 +386,16 @@ class _Planner:
             redis_keys.trending_bucket(bucket),
             redis_keys.popularity_day(day),
             redis_keys.category_bestsellers(category or "-"),
-            *version_keys,
             self._covis_key(item or "-"),
+            *version_keys,
             *(self._covis_key(o) for o in others),
         ]
         args += [
             len(others), event.event_type.value, item, session, repr(ts), repr(weight), event.quantity or 1, category,
-            *version_args,
             trend_expire if trend_expire > self.now else 0,
             pop_expire if pop_expire > self.now else 0,
             repr(best),
+            *version_args,
             *others,
         ]  # fmt: skip
 

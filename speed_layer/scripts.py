@@ -13,31 +13,36 @@ from __future__ import annotations
 # ARGV starts with the chunk's constants:
 #   1 event count  2 apply_base (1/0)  3 session_ttl  4 recent_n  5 dedup_ttl  6 affinity_half_life
 #   7 history_ttl  8 purchases_kept  9 bestsellers kept  10 covis kept  11 delta ttl
-# then one block per event, EVENT_ARGS fixed values followed by n_others item ids:
+#   12 nv, the number of model versions whose deltas the chunk updates (0-2)  13.. their names
+# then one block per event: EVENT_ARGS fixed values, two per version, then n_others item ids:
 #   1 n_others  2 event_type  3 item  4 session  5 ts  6 weight  7 quantity  8 category
-#   9 version A  10 delta A  11 expected n A  12 version B  13 delta B  14 expected n B
-#   15 trend expireat (0: skip)  16 popularity expireat (0: skip)  17 bestseller increment (0: skip)
-#   18.. the session's latest items, for co-visitation.
-# KEYS holds one block per event, EVENT_KEYS fixed keys followed by one covis key per other item:
+#   9 trend expireat (0: skip)  10 popularity expireat (0: skip)  11 bestseller increment (0: skip)
+#   per version: the new delta ('' : none for this event) and the event count it replaces
+#   then the session's latest items, for co-visitation.
+# KEYS holds one block per event: EVENT_KEYS fixed keys, two per version, then one per other item:
 #   1 seen  2 recent  3 cats  4 cart  5 counts  6 sessions  7 person_items  8 purchases
-#   9 trend bucket  10 popularity day  11 category bestsellers  12 delta A  13 n A  14 delta B
-#   15 n B  16 covis(item)  17.. covis(other).
+#   9 trend bucket  10 popularity day  11 category bestsellers  12 covis(item)
+#   per version: delta, delta count   then covis(other) for each other item.
 # Returns one reply per event, in order: -1 when a delta's event count moved since the caller read
 # it (nothing of that event applied; re-read and retry), else a bit mask: 1 version-free effects,
-# 2 delta A, 4 delta B (0: a duplicate). An event whose effects raised an error gets the error text
-# and ends the list: the events after it were not applied and are to be retried.
+# 2 the first version's delta, 4 the second's (0: a duplicate). An event whose effects raised an
+# error gets the error text and ends the list: the events after it were not applied (retry them).
 #
 # Counters nobody reads inside the script (trending, popularity, bestsellers, co-visitation, person
 # items) and all TTLs are summed per key and written once at the end of the chunk: popular items and
 # busy sessions repeat within a chunk, and one write instead of several is most of the script's cost.
-CHUNK_CONSTANTS = 11
-EVENT_ARGS = 17
-EVENT_KEYS = 16
+CHUNK_CONSTANTS = 12
+EVENT_ARGS = 11
+EVENT_KEYS = 12
 APPLY_EVENTS = r"""
 local n_events, apply_base = tonumber(ARGV[1]), ARGV[2] == '1'
 local session_ttl, recent_n, dedup_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local half_life, history_ttl, purchases_kept = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local best_kept, covis_kept, delta_ttl = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
+local n_versions = tonumber(ARGV[12])
+local versions = {}
+for v = 1, n_versions do versions[v] = ARGV[12 + v] end
+local event_args, event_keys = tonumber('EVENT_ARGS') + 2 * n_versions, tonumber('EVENT_KEYS') + 2 * n_versions
 
 -- Deferred writes: key -> member -> increment, key -> ttl / unix time, key -> members kept.
 local zincr, hincr, expire_in, expire_at, trims = {}, {}, {}, {}, {}
@@ -67,14 +72,15 @@ local function apply_base_effects(k, a, n_others)
     if not previous then
       -- A pair counts once, when the item first enters the session (still there: authoritative check).
       for j = 1, n_others do
-        local other = ARGV[a + 17 + j]
+        local other = ARGV[a + event_args + j]
         if other ~= item and redis.call('ZSCORE', recent, other) then
-          add(zincr, KEYS[k + 16], other, 1)
-          add(zincr, KEYS[k + 16 + j], item, 1)
-          trims[KEYS[k + 16 + j]] = covis_kept
+          local other_key = KEYS[k + event_keys + j]
+          add(zincr, KEYS[k + 12], other, 1)
+          add(zincr, other_key, item, 1)
+          trims[other_key] = covis_kept
         end
       end
-      trims[KEYS[k + 16]] = covis_kept
+      trims[KEYS[k + 12]] = covis_kept
     end
     if not previous or tonumber(previous) < ts then redis.call('ZADD', recent, ts, item) end
     redis.call('ZREMRANGEBYRANK', recent, 0, -(recent_n + 1))
@@ -118,37 +124,31 @@ local function apply_base_effects(k, a, n_others)
   if weight > 0 then
     add(hincr, KEYS[k + 7], item, weight)
     expire_in[KEYS[k + 7]] = history_ttl
-    if tonumber(ARGV[a + 15]) > 0 then
+    if tonumber(ARGV[a + 9]) > 0 then
       add(zincr, KEYS[k + 9], item, weight)
-      expire_at[KEYS[k + 9]] = ARGV[a + 15]
+      expire_at[KEYS[k + 9]] = ARGV[a + 9]
     end
   end
-  if tonumber(ARGV[a + 16]) > 0 then
+  if tonumber(ARGV[a + 10]) > 0 then
     add(zincr, KEYS[k + 10], item, 1)
-    expire_at[KEYS[k + 10]] = ARGV[a + 16]
+    expire_at[KEYS[k + 10]] = ARGV[a + 10]
   end
-  local best = tonumber(ARGV[a + 17])
+  local best = tonumber(ARGV[a + 11])
   if best > 0 then
     add(zincr, KEYS[k + 11], item, best)
     trims[KEYS[k + 11]] = best_kept
   end
 end
 
-local function write_delta(seen, version, delta_key, count_key, delta)
-  redis.call('SET', delta_key, delta, 'EX', delta_ttl)
-  redis.call('INCR', count_key)
-  expire_in[count_key] = delta_ttl
-  redis.call('HSET', seen, version, 1)
-end
-
 local function apply_event(k, a, n_others)
   local seen = KEYS[k + 1]
-  local version_a, version_b = ARGV[a + 9], ARGV[a + 12]
   local need_base = apply_base and redis.call('HEXISTS', seen, '_') == 0
-  local need_a = version_a ~= '' and redis.call('HEXISTS', seen, version_a) == 0
-  local need_b = version_b ~= '' and redis.call('HEXISTS', seen, version_b) == 0
-  if need_a and tonumber(redis.call('GET', KEYS[k + 13]) or '0') ~= tonumber(ARGV[a + 11]) then return -1 end
-  if need_b and tonumber(redis.call('GET', KEYS[k + 15]) or '0') ~= tonumber(ARGV[a + 14]) then return -1 end
+  local need = {}
+  for v = 1, n_versions do
+    local delta_at, count_key = a + tonumber('EVENT_ARGS') + 2 * v - 1, KEYS[k + tonumber('EVENT_KEYS') + 2 * v]
+    need[v] = ARGV[delta_at] ~= '' and redis.call('HEXISTS', seen, versions[v]) == 0
+    if need[v] and tonumber(redis.call('GET', count_key) or '0') ~= tonumber(ARGV[delta_at + 1]) then return -1 end
+  end
 
   local applied = 0
   if need_base then
@@ -156,20 +156,22 @@ local function apply_event(k, a, n_others)
     redis.call('HSET', seen, '_', 1)
     applied = applied + 1
   end
-  if need_a then
-    write_delta(seen, version_a, KEYS[k + 12], KEYS[k + 13], ARGV[a + 10])
-    applied = applied + 2
-  end
-  if need_b then
-    write_delta(seen, version_b, KEYS[k + 14], KEYS[k + 15], ARGV[a + 13])
-    applied = applied + 4
+  for v = 1, n_versions do
+    if need[v] then
+      local delta_key, count_key = KEYS[k + tonumber('EVENT_KEYS') + 2 * v - 1], KEYS[k + tonumber('EVENT_KEYS') + 2 * v]
+      redis.call('SET', delta_key, ARGV[a + tonumber('EVENT_ARGS') + 2 * v - 1], 'EX', delta_ttl)
+      redis.call('INCR', count_key)
+      expire_in[count_key] = delta_ttl
+      redis.call('HSET', seen, versions[v], 1)
+      applied = applied + 2 ^ v
+    end
   end
   if applied > 0 then expire_in[seen] = dedup_ttl end
   return applied
 end
 
 local results = {}
-local k, a = 0, tonumber('CHUNK_CONSTANTS')
+local k, a = 0, tonumber('CHUNK_CONSTANTS') + n_versions
 for e = 1, n_events do
   local n_others = tonumber(ARGV[a + 1])
   local ok, reply = pcall(apply_event, k, a, n_others)
@@ -178,8 +180,8 @@ for e = 1, n_events do
     break
   end
   results[e] = reply
-  k = k + tonumber('EVENT_KEYS') + n_others
-  a = a + tonumber('EVENT_ARGS') + n_others
+  k = k + event_keys + n_others
+  a = a + event_args + n_others
 end
 
 for key, members in pairs(zincr) do

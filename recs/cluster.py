@@ -91,10 +91,16 @@ def api_url(settings: Settings) -> str:
 
 def batch_settings(settings: Settings) -> dict[str, str]:
     """The variables that send the nightly DAG's Spark jobs to this cluster."""
+    conf = {
+        # Else the driver takes a non-loopback interface when the hostname resolves to 127.0.0.1.
+        "spark.driver.host": LOOPBACK,
+        # ALS checkpoints its lineage here; on one machine every executor sees this directory.
+        "spark.checkpoint.dir": str(cluster_dir(settings) / "spark-checkpoints"),
+    }
     return {
         "RECS_SPARK__MASTER": settings.cluster.spark_master_url,
         "RECS_TRAINING__ENGINE": "spark",
-        "RECS_SPARK__CONF": json.dumps({"spark.driver.host": LOOPBACK}),
+        "RECS_SPARK__CONF": json.dumps(conf),
     }
 
 
@@ -103,20 +109,13 @@ def batch_settings(settings: Settings) -> dict[str, str]:
 
 def up(settings: Settings, timeout_s: float = 120.0) -> list[str]:
     """Start whatever is not running yet and wait until it answers; returns the names started."""
-    started = []
-    redis_url = settings.redis.effective_url
-    if not settings.redis.url:
-        server = _redis(settings)
-        if not server.is_running():
-            server.start()
-            _write_record(_record_path(settings, REDIS), psutil.Process(int(server.pid_file.read_text())))
-            started.append(REDIS)
+    started = [REDIS] if _start_redis(settings) else []
     env = {
         **os.environ,
         "RECS_VAR_DIR": str(settings.var_dir),
         "RECS_LAKE__ROOT": settings.lake.root,
         "RECS_MODELS__ROOT": settings.models.root,
-        "RECS_REDIS__URL": redis_url,
+        "RECS_REDIS__URL": settings.redis.effective_url,
     }
     cluster_dir(settings).mkdir(parents=True, exist_ok=True)
     for service in services(settings):
@@ -272,6 +271,18 @@ def _wait_ready(settings: Settings, timeout_s: float) -> None:
 
 
 # ------------------------------------------------------------------ probes
+
+
+def _start_redis(settings: Settings) -> bool:
+    """Start the private Redis unless it answers already or RECS_REDIS__URL points elsewhere."""
+    if settings.redis.url:
+        return False
+    server = _redis(settings)
+    if server.is_running():
+        return False  # an earlier `up` recorded it, or someone else runs it (then `down` leaves it)
+    server.start()
+    _write_record(_record_path(settings, REDIS), psutil.Process(int(server.pid_file.read_text())))
+    return True
 
 
 def _redis(settings: Settings) -> RedisServer:

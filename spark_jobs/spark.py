@@ -3,9 +3,12 @@ option from settings), in-process or under spark-submit alike."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from typing import TYPE_CHECKING
 
 from common.settings import SparkSettings
@@ -35,6 +38,13 @@ def spark_session(settings: SparkSettings, master: str | None = None, app_name: 
         builder = builder.master(master)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    if spark.sparkContext.getCheckpointDir() is None and spark.sparkContext.master.startswith("local"):
+        # ALS's lineage grows with every iteration and, uncut, can overflow a task thread's stack
+        # (seen at 15 iterations on the medium set). A cluster sets spark.checkpoint.dir (RECS_SPARK__CONF)
+        # on storage that every executor sees.
+        directory = tempfile.mkdtemp(prefix="lambdarec-checkpoints-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        spark.sparkContext.setCheckpointDir(directory)
     # py4j logs every connection close at INFO, even from __del__ after logging has shut down.
     logging.getLogger("py4j").setLevel(logging.WARNING)
     return spark

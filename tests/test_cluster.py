@@ -33,7 +33,7 @@ from common.registry import Manifest, Registry
 from common.settings import Settings, load_settings
 from common.speed_state import read_speed_state
 from common.stream import group_lag
-from recs.cluster import master_json
+from recs.cluster import batch_settings, master_json
 from spark_jobs.evaluate import holdout_recall
 from spark_jobs.interactions import local_interactions
 from spark_jobs.pipeline import train_als
@@ -191,7 +191,7 @@ def test_nightly_als_runs_on_both_workers_and_matches_local_mode(
     event_log = tmp_path / "spark-events"
     event_log.mkdir()
     conf = {
-        "spark.driver.host": "127.0.0.1",
+        **json.loads(batch_settings(cluster)["RECS_SPARK__CONF"]),  # what `recs cluster up` prints
         # Wait for both executors before the first task, so the first one up cannot take every task.
         "spark.cores.max": "2",
         "spark.scheduler.minRegisteredResourcesRatio": "1.0",
@@ -206,8 +206,7 @@ def test_nightly_als_runs_on_both_workers_and_matches_local_mode(
     on_cluster = settings_with(
         {
             **cluster_env,
-            "RECS_SPARK__MASTER": cluster.cluster.spark_master_url,
-            "RECS_TRAINING__ENGINE": "spark",
+            **batch_settings(cluster),
             "RECS_SPARK__CONF": json.dumps(conf),
         }
     )

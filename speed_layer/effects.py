@@ -86,6 +86,8 @@ class Applier:
         self.categories = CategoryCache(client)
         self.rng = np.random.default_rng(seed)
         self.apply_sha = client.script_load(APPLY_EVENTS)
+        # The script builds the co-visitation keys of a session's other items from this template.
+        self.covis_template = redis_keys.covisitation("\x00").split("\x00")
         self.merge_script = client.register_script(MERGE_IDENTITY)
 
     # ------------------------------------------------------------ batches
@@ -141,9 +143,8 @@ class Applier:
         persons = [person_of(e, aliases) for e in batch]
         sessions = [e.session_id or NO_SESSION for e in batch]
         categories = self.categories.lookup({e.item_id for e in batch if e.item_id})
-        deltas, recent = self._pre_read(batch, persons, sessions, models, base)
-        planner = _Planner(self, batch, persons, sessions, categories, recent, base, now)
-        planner.plan_deltas(models, deltas)
+        planner = _Planner(self, batch, persons, sessions, categories, now)
+        planner.plan_deltas(models, self._read_deltas(persons, models))
 
         chunk = self.speed.script_chunk
         calls = OverlappedCalls(self.client)
@@ -182,7 +183,8 @@ class Applier:
         return (
             events, 1 if base else 0, speed.session_ttl_s, speed.recent_items, speed.dedup_ttl_s,
             speed.affinity_half_life_s, speed.history_ttl_s, speed.purchases_kept, speed.bestsellers_top_n,
-            speed.covis_top_n, speed.dedup_ttl_s, len(models), *(m.version for m in models),
+            speed.covis_top_n, speed.dedup_ttl_s, *self.covis_template, COVIS_WINDOW,
+            len(models), *(m.version for m in models),
         )  # fmt: skip
 
     def _aliases(self, batch: Sequence[Event]) -> dict[str, str]:
@@ -192,26 +194,17 @@ class Applier:
         values = self.client.mget([redis_keys.alias(d) for d in devices])
         return {d: v.decode() for d, v in zip(devices, values, strict=True) if v}
 
-    def _pre_read(
-        self,
-        batch: Sequence[Event],
-        persons: Sequence[str],
-        sessions: Sequence[str],
-        models: Sequence[ModelArtifacts],
-        base: bool,
-    ) -> tuple[dict[tuple[str, str], tuple[np.ndarray, int]], dict[tuple[str, str], list[str]]]:
-        """In one round trip: each person's delta and event count per version, and each session's
-        latest items (when version-free effects are applied)."""
+    def _read_deltas(
+        self, persons: Sequence[str], models: Sequence[ModelArtifacts]
+    ) -> dict[tuple[str, str], tuple[np.ndarray, int]]:
+        """Each person's stored delta and event count per version, in one MGET."""
         wanted = sorted({(p, m.version) for p in persons for m in models if m.user_index.get(p) is not None})
-        pairs = sorted(set(zip(persons, sessions, strict=True))) if base else []
-        pipe = self.client.pipeline(transaction=False)
+        if not wanted:
+            return {}
+        keys = []
         for person, version in wanted:
-            pipe.get(redis_keys.user_delta(person, version))
-            pipe.get(redis_keys.user_event_count(person, version))
-        for person, session in pairs:
-            pipe.zrevrange(redis_keys.session_recent(person, session), 0, self.speed.recent_items - 1)
-        replies = pipe.execute() if wanted or pairs else []
-
+            keys += [redis_keys.user_delta(person, version), redis_keys.user_event_count(person, version)]
+        replies = self.client.mget(keys)
         factors = {m.version: m.factors for m in models}
         deltas = {}
         for j, (person, version) in enumerate(wanted):
@@ -222,11 +215,7 @@ class Applier:
                 else np.zeros(factors[version], dtype=np.float32)
             )
             deltas[(person, version)] = (delta, int(count or 0))
-        recent_replies = replies[2 * len(wanted) :]
-        recent = {
-            pair: [m.decode() for m in members] for pair, members in zip(pairs, recent_replies, strict=True)
-        }
-        return deltas, recent
+        return deltas
 
     # ------------------------------------------------------------ identify
 
@@ -280,8 +269,8 @@ class Applier:
 class _Planner:
     """Plans one batch's events into the script's key and value blocks (see APPLY_EVENTS).
 
-    Deltas and session items chain in memory through the batch: a person's second event plans on
-    the delta their first one will write. Key names are built once per person, session and item.
+    Deltas chain in memory through the batch: a person's second event plans on the delta their
+    first one will write. Key names are built once per person, session and item.
     """
 
     def __init__(
@@ -291,8 +280,6 @@ class _Planner:
         persons: Sequence[str],
         sessions: Sequence[str],
         categories: dict[str, str],
-        recent: dict[tuple[str, str], list[str]],
-        base: bool,
         now: float,
     ) -> None:
         self.speed = applier.speed
@@ -301,8 +288,6 @@ class _Planner:
         self.batch, self.persons, self.sessions = batch, persons, sessions
         self.weights = [implicit_weight(e.event_type.value, e.dwell_ms, self.training) for e in batch]
         self.categories = categories
-        self.recent = recent
-        self.base = base
         self.now = now
         # Per version slot (at most two): the model and event index -> (new delta, count it replaces).
         self.deltas: list[tuple[ModelArtifacts, dict[int, tuple[np.ndarray, int]]]] = []
@@ -371,7 +356,6 @@ class _Planner:
             ]
             version_args += ["", 0] if step is None else [step[0].astype("<f4").tobytes(), step[1]]
 
-        others = self._session_others(person, session, item)
         bucket = int(ts // speed.trending_bucket_s) * speed.trending_bucket_s
         trend_expire = bucket + speed.trending_window_s + speed.trending_bucket_s
         day = day_index(ts)
@@ -388,15 +372,13 @@ class _Planner:
             redis_keys.category_bestsellers(category or "-"),
             self._covis_key(item or "-"),
             *version_keys,
-            *(self._covis_key(o) for o in others),
         ]
         args += [
-            len(others), event.event_type.value, item, session, repr(ts), repr(weight), event.quantity or 1, category,
+            event.event_type.value, item, session, repr(ts), repr(weight), event.quantity or 1, category,
             trend_expire if trend_expire > self.now else 0,
             pop_expire if pop_expire > self.now else 0,
             repr(best),
             *version_args,
-            *others,
         ]  # fmt: skip
 
     def _person_keys(self, person: str, session: str) -> list[str]:
@@ -419,15 +401,3 @@ class _Planner:
         if found is None:
             found = self.item_keys[item] = redis_keys.covisitation(item)
         return found
-
-    def _session_others(self, person: str, session: str, item: str) -> list[str]:
-        """The session's latest items to pair `item` with, when it first enters the session."""
-        if not (self.base and item):
-            return []
-        seen_items = self.recent.setdefault((person, session), [])
-        if item in seen_items:
-            return []
-        others = seen_items[:COVIS_WINDOW]
-        seen_items.insert(0, item)
-        del seen_items[self.speed.recent_items :]
-        return others

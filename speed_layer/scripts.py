@@ -13,16 +13,18 @@ from __future__ import annotations
 # ARGV starts with the chunk's constants:
 #   1 event count  2 apply_base (1/0)  3 session_ttl  4 recent_n  5 dedup_ttl  6 affinity_half_life
 #   7 history_ttl  8 purchases_kept  9 bestsellers kept  10 covis kept  11 delta ttl
-#   12 nv, the number of model versions whose deltas the chunk updates (0-2)  13.. their names
-# then one block per event: EVENT_ARGS fixed values, two per version, then n_others item ids:
-#   1 n_others  2 event_type  3 item  4 session  5 ts  6 weight  7 quantity  8 category
-#   9 trend expireat (0: skip)  10 popularity expireat (0: skip)  11 bestseller increment (0: skip)
-#   per version: the new delta ('' : none for this event) and the event count it replaces
-#   then the session's latest items, for co-visitation.
-# KEYS holds one block per event: EVENT_KEYS fixed keys, two per version, then one per other item:
+#   12/13 prefix and suffix of a co-visitation key (around the item id)  14 covis window
+#   15 nv, the number of model versions whose deltas the chunk updates (0-2)  16.. their names
+# then one block per event: EVENT_ARGS fixed values, then two per version:
+#   1 event_type  2 item  3 session  4 ts  5 weight  6 quantity  7 category
+#   8 trend expireat (0: skip)  9 popularity expireat (0: skip)  10 bestseller increment (0: skip)
+#   per version: the new delta ('' : none for this event) and the event count it replaces.
+# KEYS holds one block per event: EVENT_KEYS fixed keys, then two per version:
 #   1 seen  2 recent  3 cats  4 cart  5 counts  6 sessions  7 person_items  8 purchases
 #   9 trend bucket  10 popularity day  11 category bestsellers  12 covis(item)
-#   per version: delta, delta count   then covis(other) for each other item.
+#   per version: delta, delta count.
+# The co-visitation keys of the session's other items are built from the template: which items
+# those are is only known here, from the session's live recent items.
 # Returns one reply per event, in order: -1 when a delta's event count moved since the caller read
 # it (nothing of that event applied; re-read and retry), else a bit mask: 1 version-free effects,
 # 2 the first version's delta, 4 the second's (0: a duplicate). An event whose effects raised an
@@ -31,17 +33,18 @@ from __future__ import annotations
 # Counters nobody reads inside the script (trending, popularity, bestsellers, co-visitation, person
 # items) and all TTLs are summed per key and written once at the end of the chunk: popular items and
 # busy sessions repeat within a chunk, and one write instead of several is most of the script's cost.
-CHUNK_CONSTANTS = 12
-EVENT_ARGS = 11
+CHUNK_CONSTANTS = 15
+EVENT_ARGS = 10
 EVENT_KEYS = 12
 APPLY_EVENTS = r"""
 local n_events, apply_base = tonumber(ARGV[1]), ARGV[2] == '1'
 local session_ttl, recent_n, dedup_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local half_life, history_ttl, purchases_kept = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local best_kept, covis_kept, delta_ttl = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
-local n_versions = tonumber(ARGV[12])
+local covis_prefix, covis_suffix, covis_window = ARGV[12], ARGV[13], tonumber(ARGV[14])
+local n_versions = tonumber(ARGV[15])
 local versions = {}
-for v = 1, n_versions do versions[v] = ARGV[12 + v] end
+for v = 1, n_versions do versions[v] = ARGV[15 + v] end
 local event_args, event_keys = tonumber('EVENT_ARGS') + 2 * n_versions, tonumber('EVENT_KEYS') + 2 * n_versions
 
 -- Deferred writes: key -> member -> increment, key -> ttl / unix time, key -> members kept.
@@ -52,38 +55,41 @@ local function add(map, key, member, by)
   t[member] = (t[member] or 0) + by
 end
 
+-- A new item in the session pairs once with the session's latest other items.
+local function covisit(recent, item, item_key)
+  local paired = 0
+  for _, other in ipairs(redis.call('ZREVRANGE', recent, 0, covis_window)) do
+    if other ~= item and paired < covis_window then
+      paired = paired + 1
+      local other_key = covis_prefix .. other .. covis_suffix
+      add(zincr, item_key, other, 1)
+      add(zincr, other_key, item, 1)
+      trims[other_key] = covis_kept
+    end
+  end
+  trims[item_key] = covis_kept
+end
+
 -- k, a: the offsets just before this event's blocks, so KEYS[k + i] and ARGV[a + i] are field i.
-local function apply_base_effects(k, a, n_others)
-  local etype, item, session = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local ts, weight, quantity, category = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), ARGV[a + 8]
+local function apply_base_effects(k, a)
+  local etype, item, session = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local ts, weight, quantity, category = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), ARGV[a + 7]
 
   redis.call('HINCRBY', KEYS[k + 5], etype, 1)
   expire_in[KEYS[k + 5]] = session_ttl
   local sessions = KEYS[k + 6]
-  local last_active = redis.call('ZSCORE', sessions, session)
-  if not last_active or tonumber(last_active) < ts then redis.call('ZADD', sessions, ts, session) end
-  redis.call('ZREMRANGEBYSCORE', sessions, '-inf', '(' .. (ts - session_ttl))
+  if redis.call('ZADD', sessions, 'GT', ts, session) == 1 then  -- a new session: forget expired ones
+    redis.call('ZREMRANGEBYSCORE', sessions, '-inf', '(' .. (ts - session_ttl))
+  end
   expire_in[sessions] = session_ttl
   if item == '' then return end
 
-  local recent = KEYS[k + 2]
-  local previous = redis.call('ZSCORE', recent, item)
   if etype ~= 'remove_from_cart' then
-    if not previous then
-      -- A pair counts once, when the item first enters the session (still there: authoritative check).
-      for j = 1, n_others do
-        local other = ARGV[a + event_args + j]
-        if other ~= item and redis.call('ZSCORE', recent, other) then
-          local other_key = KEYS[k + event_keys + j]
-          add(zincr, KEYS[k + 12], other, 1)
-          add(zincr, other_key, item, 1)
-          trims[other_key] = covis_kept
-        end
-      end
-      trims[KEYS[k + 12]] = covis_kept
+    local recent = KEYS[k + 2]
+    if redis.call('ZADD', recent, 'GT', ts, item) == 1 then
+      covisit(recent, item, KEYS[k + 12])
+      redis.call('ZREMRANGEBYRANK', recent, 0, -(recent_n + 1))
     end
-    if not previous or tonumber(previous) < ts then redis.call('ZADD', recent, ts, item) end
-    redis.call('ZREMRANGEBYRANK', recent, 0, -(recent_n + 1))
     expire_in[recent] = session_ttl
   end
 
@@ -124,36 +130,41 @@ local function apply_base_effects(k, a, n_others)
   if weight > 0 then
     add(hincr, KEYS[k + 7], item, weight)
     expire_in[KEYS[k + 7]] = history_ttl
-    if tonumber(ARGV[a + 9]) > 0 then
+    if tonumber(ARGV[a + 8]) > 0 then
       add(zincr, KEYS[k + 9], item, weight)
-      expire_at[KEYS[k + 9]] = ARGV[a + 9]
+      expire_at[KEYS[k + 9]] = ARGV[a + 8]
     end
   end
-  if tonumber(ARGV[a + 10]) > 0 then
+  if tonumber(ARGV[a + 9]) > 0 then
     add(zincr, KEYS[k + 10], item, 1)
-    expire_at[KEYS[k + 10]] = ARGV[a + 10]
+    expire_at[KEYS[k + 10]] = ARGV[a + 9]
   end
-  local best = tonumber(ARGV[a + 11])
+  local best = tonumber(ARGV[a + 10])
   if best > 0 then
     add(zincr, KEYS[k + 11], item, best)
     trims[KEYS[k + 11]] = best_kept
   end
 end
 
-local function apply_event(k, a, n_others)
+local seen_fields = {'_'}
+for v = 1, n_versions do seen_fields[v + 1] = versions[v] end
+
+local function apply_event(k, a)
   local seen = KEYS[k + 1]
-  local need_base = apply_base and redis.call('HEXISTS', seen, '_') == 0
+  local marks = redis.call('HMGET', seen, unpack(seen_fields))
+  local need_base = apply_base and not marks[1]
   local need = {}
   for v = 1, n_versions do
     local delta_at, count_key = a + tonumber('EVENT_ARGS') + 2 * v - 1, KEYS[k + tonumber('EVENT_KEYS') + 2 * v]
-    need[v] = ARGV[delta_at] ~= '' and redis.call('HEXISTS', seen, versions[v]) == 0
+    need[v] = ARGV[delta_at] ~= '' and not marks[v + 1]
     if need[v] and tonumber(redis.call('GET', count_key) or '0') ~= tonumber(ARGV[delta_at + 1]) then return -1 end
   end
 
-  local applied = 0
+  local applied, marked = 0, {}
   if need_base then
-    apply_base_effects(k, a, n_others)
-    redis.call('HSET', seen, '_', 1)
+    apply_base_effects(k, a)
+    marked[#marked + 1] = '_'
+    marked[#marked + 1] = 1
     applied = applied + 1
   end
   for v = 1, n_versions do
@@ -162,26 +173,29 @@ local function apply_event(k, a, n_others)
       redis.call('SET', delta_key, ARGV[a + tonumber('EVENT_ARGS') + 2 * v - 1], 'EX', delta_ttl)
       redis.call('INCR', count_key)
       expire_in[count_key] = delta_ttl
-      redis.call('HSET', seen, versions[v], 1)
+      marked[#marked + 1] = versions[v]
+      marked[#marked + 1] = 1
       applied = applied + 2 ^ v
     end
   end
-  if applied > 0 then expire_in[seen] = dedup_ttl end
+  if applied > 0 then
+    redis.call('HSET', seen, unpack(marked))
+    expire_in[seen] = dedup_ttl
+  end
   return applied
 end
 
 local results = {}
 local k, a = 0, tonumber('CHUNK_CONSTANTS') + n_versions
 for e = 1, n_events do
-  local n_others = tonumber(ARGV[a + 1])
-  local ok, reply = pcall(apply_event, k, a, n_others)
+  local ok, reply = pcall(apply_event, k, a)
   if not ok then  -- keep what the earlier events did (their markers are set): flush, then stop here
     results[e] = 'effects failed: ' .. (type(reply) == 'table' and (reply.err or '?') or tostring(reply))
     break
   end
   results[e] = reply
-  k = k + event_keys + n_others
-  a = a + event_args + n_others
+  k = k + event_keys
+  a = a + event_args
 end
 
 for key, members in pairs(zincr) do

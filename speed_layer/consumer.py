@@ -89,6 +89,10 @@ class SpeedConsumer:
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         log.info("speed consumer %s reading %s as group %s", self.name, self.stream_key, self.speed.group)
+        try:  # load the served versions now: the first batch should not wait for the model (~0.1 s)
+            self._active_models()
+        except redis.ConnectionError:
+            pass  # the loop below waits Redis out
         poll_until_stopped(self.poll_once, stop)
 
     def poll_once(self, block: bool = True) -> int:

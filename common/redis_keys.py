@@ -8,6 +8,8 @@ slot and a Lua script may touch them together. Values that depend on a model ver
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 PREFIX = "lr"
 
 # Pub/sub channels.
@@ -147,3 +149,13 @@ def speed_rebuild_lock(model_version: str) -> str:
 def speed_rebuild_marker(model_version: str) -> str:
     """Set when the deltas of `model_version` have been rebuilt from its cutoff."""
     return f"{PREFIX}:speed:rebuilt:{model_version}"
+
+
+def template(key_of: Callable[..., str], *fixed: str) -> list[str]:
+    """[prefix, suffix] of the keys `key_of(*fixed, x)` around their last part x, for Lua scripts
+    that build keys they only learn inside Redis (a session's items, its preferred categories)."""
+    prefix, suffix = key_of(*fixed, _MARK).split(_MARK)
+    return [prefix, suffix]
+
+
+_MARK = "\x00"  # never part of an id

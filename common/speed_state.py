@@ -230,12 +230,6 @@ return {
 }
 """
 _READ_STATE_SHA = hashlib.sha1(READ_STATE.encode()).hexdigest()
-_MARK = "\x00"  # stands for the varying part of a key name in a template
-
-
-def _template(key_with_mark: str) -> list[str]:
-    prefix, suffix = key_with_mark.split(_MARK)
-    return [prefix, suffix]
 
 
 def _run_read(
@@ -264,8 +258,9 @@ def _run_read(
     args: list[Any] = [session_id or "", trending_n, covis_n, bestsellers_n, top_categories]
     for key_of in (redis_keys.session_recent, redis_keys.session_categories, redis_keys.session_cart,
                    redis_keys.session_counts):  # fmt: skip
-        args += _template(key_of(person_id, _MARK))
-    args += _template(redis_keys.covisitation(_MARK)) + _template(redis_keys.category_bestsellers(_MARK))
+        args += redis_keys.template(key_of, person_id)
+    args += redis_keys.template(redis_keys.covisitation)
+    args += redis_keys.template(redis_keys.category_bestsellers)
     args += [-1] if covis_items is None else [len(covis_items), *covis_items]
     args += list(categories)
 

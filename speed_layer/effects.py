@@ -87,7 +87,7 @@ class Applier:
         self.rng = np.random.default_rng(seed)
         self.apply_sha = client.script_load(APPLY_EVENTS)
         # The script builds the co-visitation keys of a session's other items from this template.
-        self.covis_template = redis_keys.covisitation("\x00").split("\x00")
+        self.covis_template = redis_keys.template(redis_keys.covisitation)
         self.merge_script = client.register_script(MERGE_IDENTITY)
 
     # ------------------------------------------------------------ batches

@@ -11,7 +11,6 @@ from typing import Any
 
 import hiredis
 import redis
-from redis.exceptions import NoScriptError
 
 
 class OverlappedCalls:
@@ -39,7 +38,7 @@ class OverlappedCalls:
             for _ in range(self.sent):
                 try:
                     out.append(self.connection.read_response())
-                except (redis.ResponseError, NoScriptError) as exc:
+                except redis.ResponseError as exc:
                     out.append(exc)
         except BaseException:
             self._drop()

@@ -11,6 +11,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,7 @@ class ServingModel:
     def regularization(self) -> float:
         return float(self._parameter("regularization", 0.05))
 
-    @property
+    @cached_property  # read on every request: validated once per loaded version
     def candidate_pool(self) -> CandidatePool | None:
         """The pool sizes the version's ranker was trained on (None: a version that did not record them)."""
         recorded = self._parameter("candidates", None)

@@ -128,7 +128,7 @@ def _throughput(
     warm_up = consumer.poll_once(block=False)  # loads the model, registers scripts
     redis_cpu, consumer_cpu = _redis_cpu_s(client), time.process_time()
     started = time.perf_counter()
-    while consumer.poll_once(block=False):
+    while consumer.pump(block=False):  # the overlapped loop `run` uses
         pass
     elapsed = time.perf_counter() - started
     timed = events - warm_up

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -26,7 +27,7 @@ from common.registry import Registry, RegistryError
 from common.settings import Settings
 from common.speed_state import trending_decay_weights
 from common.stream import decode_entry
-from speed_layer.effects import Applier, BatchResult
+from speed_layer.effects import Applier, BatchResult, Started
 from speed_layer.switch import stamped, switch_version
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ def ensure_group(client: redis.Redis, stream_key: str, group: str) -> None:
             raise
 
 
+@dataclass
+class _Batch:
+    """Stream entries being applied: decoded events, entries to dead-letter, the applier's batch."""
+
+    entries: Sequence[Entry]
+    event_ids: list[bytes] = field(default_factory=list)  # of the decoded events, in order
+    dead: list[tuple[bytes, dict[bytes, bytes], str]] = field(default_factory=list)
+    started: Started | None = None
+
+
 class SpeedConsumer:
     def __init__(
         self,
@@ -82,6 +93,8 @@ class SpeedConsumer:
         self._next_registry_check = 0.0
         self._next_trending = 0.0
         self._own_pending_done = False
+        self._announced: list[str] = []
+        self._in_flight: _Batch | None = None  # started, not yet finished (pump)
         ensure_group(client, self.stream_key, self.speed.group)
 
     # ------------------------------------------------------------ the loop
@@ -93,14 +106,32 @@ class SpeedConsumer:
             self._active_models()
         except redis.ConnectionError:
             pass  # the loop below waits Redis out
-        poll_until_stopped(self.poll_once, stop)
+        try:
+            poll_until_stopped(self.pump, stop)
+        finally:
+            if self._in_flight is not None:
+                self._finish(self._in_flight)  # what Redis applied is acknowledged before exit
 
     def poll_once(self, block: bool = True) -> int:
-        """Housekeeping, then one batch; returns how many entries it handled."""
+        """Housekeeping, then one batch from read to acknowledgement; returns how many entries it handled."""
+        self._finish_in_flight()
         self._housekeeping()
         entries = self._read(block)
         if entries:
             self.process(entries)
+        return len(entries)
+
+    def pump(self, block: bool = True) -> int:
+        """One step of the overlapped loop: read and start the next batch, then finish the one before
+        it, whose scripts Redis ran meanwhile. Returns how many entries it started; after a 0 nothing
+        is in flight."""
+        if self._in_flight is None or self._housekeeping_due():
+            self._finish_in_flight()  # a version switch replays through the same lane
+            self._housekeeping()
+        entries = self._read(block and self._in_flight is None)
+        started = self._start(entries) if entries else None
+        self._finish_in_flight()
+        self._in_flight = started
         return len(entries)
 
     def _read(self, block: bool) -> list[Entry]:
@@ -143,21 +174,35 @@ class SpeedConsumer:
 
     def process(self, entries: Sequence[Entry]) -> BatchResult:
         """Apply a batch; ack what is applied (or dead-lettered), leave the rest pending for a retry."""
+        self._finish_in_flight()
+        return self._finish(self._start(entries))
+
+    def _start(self, entries: Sequence[Entry]) -> _Batch:
+        batch = _Batch(entries)
         events: list[Event] = []
-        event_ids: list[bytes] = []
-        dead: list[tuple[bytes, dict[bytes, bytes], str]] = []
         for entry_id, fields in entries:
             try:
                 events.append(stamped(decode_entry(fields), entry_id))
-                event_ids.append(entry_id)
+                batch.event_ids.append(entry_id)
             except ValueError as exc:
-                dead.append((entry_id, fields, str(exc)))
+                batch.dead.append((entry_id, fields, str(exc)))
         models = self._active_models()  # read after XREADGROUP: see speed_layer/switch.py
-        result = self.applier.apply(events, models)
-        fields_of = dict(entries)
-        dead += [(event_ids[i], fields_of[event_ids[i]], reason) for i, reason in result.failed.items()]
+        batch.started = self.applier.start(events, models)
+        return batch
+
+    def _finish_in_flight(self) -> None:
+        batch, self._in_flight = self._in_flight, None
+        if batch is not None:
+            self._finish(batch)
+
+    def _finish(self, batch: _Batch) -> BatchResult:
+        """Wait for the batch's effects, then acknowledge, dead-letter and announce in one pipeline."""
+        assert batch.started is not None
+        result = self.applier.finish(batch.started)
+        event_ids, fields_of = batch.event_ids, dict(batch.entries)
+        dead = batch.dead + [(event_ids[i], fields_of[event_ids[i]], reason) for i, reason in result.failed.items()]
         unresolved = {event_ids[i] for i in result.unresolved}
-        acked = [entry_id for entry_id, _ in entries if entry_id not in unresolved]
+        acked = [entry_id for entry_id, _ in batch.entries if entry_id not in unresolved]
 
         pipe = self.client.pipeline(transaction=False)
         for entry_id, fields, reason in dead:
@@ -200,8 +245,15 @@ class SpeedConsumer:
                 del self.models[old]  # keep at most two versions in memory
         return self.models[version]
 
+    def _housekeeping_due(self) -> bool:
+        self._announced += self._announced_versions()
+        now = time.monotonic()
+        return bool(self._announced) or now >= self._next_registry_check or now >= self._next_trending
+
     def _housekeeping(self) -> None:
-        for version in self._announced_versions():
+        """Version switches and the trending re-sum; run with no batch in flight."""
+        announced, self._announced = self._announced + self._announced_versions(), []
+        for version in announced:
             self.switch_to(version)
         now = time.monotonic()
         if now >= self._next_registry_check:  # covers a missed pub/sub message and the first start

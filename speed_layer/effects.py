@@ -27,7 +27,7 @@ from common.settings import Settings
 from common.speed_state import forward_decay
 from common.vectors import sgd_steps
 from speed_layer.scripts import APPLY_EVENTS, MERGE_IDENTITY
-from speed_layer.sender import OverlappedCalls
+from speed_layer.sender import ScriptLane
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,38 @@ def received_s(event: Event) -> float:
     return event.received_at.timestamp()
 
 
+@dataclass
+class _Sent:
+    """One attempt's script calls, written to the lane; their replies are read by `_collect`."""
+
+    todo: list[int]  # batch indices of the events sent, in order
+    persons: list[str]
+    sessions: list[str]
+    expected: dict[tuple[str, str], tuple[np.ndarray, int]]  # (person, version) -> delta, count once applied
+
+
+@dataclass(eq=False)
+class Started:
+    """A batch whose script calls may still be running in Redis; `Applier.finish` completes it."""
+
+    events: Sequence[Event]
+    models: Sequence[ModelArtifacts]
+    base: bool
+    now_s: float | None
+    result: BatchResult = field(default_factory=BatchResult)
+    sent: _Sent | None = None
+
+
 class Applier:
-    """Applies events' effects exactly once; see APPLY_EVENTS for the atomic part."""
+    """Applies events' effects exactly once; see APPLY_EVENTS for the atomic part.
+
+    `apply` does a batch from start to end. The consumer's loop overlaps batches instead: `start`
+    plans a batch and writes its script calls, `finish` reads their replies later, so Python plans
+    batch n+1 while Redis applies batch n. All calls go through one connection (the lane), so Redis
+    applies batches in the order they were started. A batch is planned on the deltas the batches in
+    flight will leave; when that guess fails (another consumer wrote the same person, or an event
+    failed), everything in flight is read first and the conflicts are retried in order, sequentially.
+    """
 
     def __init__(self, client: redis.Redis, settings: Settings, seed: int = 0) -> None:
         self.client = client
@@ -85,6 +115,8 @@ class Applier:
         self.speed = settings.speed
         self.categories = CategoryCache(client)
         self.rng = np.random.default_rng(seed)
+        self.lane = ScriptLane(client)
+        self.in_flight: list[Started] = []
         self.apply_sha = client.script_load(APPLY_EVENTS)
         # The script builds the co-visitation keys of a session's other items from this template.
         self.covis_template = redis_keys.template(redis_keys.covisitation)
@@ -100,80 +132,131 @@ class Applier:
         now_s: float | None = None,
     ) -> BatchResult:
         """Apply events in order; `models` are the versions whose deltas to update (at most two)."""
-        result = BatchResult()
-        start = 0
-        for i, event in enumerate(events):
-            if event.event_type is EventType.IDENTIFY and base:
-                self._apply_plain(events, range(start, i), models, base, now_s, result)
-                self._identify(i, event, result)
-                start = i + 1
-        self._apply_plain(events, range(start, len(events)), models, base, now_s, result)
-        return result
+        return self.finish(self.start(events, models, base, now_s))
 
-    def _apply_plain(
+    def start(
         self,
         events: Sequence[Event],
-        indices: range,
         models: Sequence[ModelArtifacts],
-        base: bool,
-        now_s: float | None,
-        result: BatchResult,
-    ) -> None:
-        todo = list(indices)
+        base: bool = True,
+        now_s: float | None = None,
+    ) -> Started:
+        """Plan the batch and write its script calls without waiting for them.
+
+        A batch with an identify is applied at once instead: the merge must see every earlier event
+        applied, and the events after it must see the device's new alias."""
+        started = Started(events, models, base, now_s)
+        if base and any(e.event_type is EventType.IDENTIFY for e in events):
+            self.drain()
+            self._apply_around_identifies(started)
+            return started
+        try:
+            started.sent = self._send(started, list(range(len(events))))
+        except BaseException:
+            self.reset()
+            raise
+        self.in_flight.append(started)
+        return started
+
+    def finish(self, started: Started) -> BatchResult:
+        """Read the replies of the batch and of the batches started before it; retry conflicts."""
+        try:
+            while any(b is started for b in self.in_flight):
+                oldest = self.in_flight.pop(0)
+                assert oldest.sent is not None
+                retry = self._collect(oldest, oldest.sent)
+                if retry:
+                    self._retry_in_order([(oldest, retry)])
+        except BaseException:
+            self.reset()
+            raise
+        return started.result
+
+    def drain(self) -> None:
+        """Finish every started batch."""
+        if self.in_flight:
+            self.finish(self.in_flight[-1])
+
+    def reset(self) -> None:
+        """Forget the batches in flight (their events stay unacknowledged) and drop the lane."""
+        self.in_flight.clear()
+        self.lane.reset()
+
+    def _retry_in_order(self, conflicts: list[tuple[Started, list[int]]]) -> None:
+        """Later batches were planned on the deltas of the conflicting ones: read their replies too,
+        then retry everything in the order it was started, with nothing in flight."""
+        while self.in_flight:
+            later = self.in_flight.pop(0)
+            assert later.sent is not None
+            conflicts.append((later, self._collect(later, later.sent)))
+        for started, todo in conflicts:
+            self._apply_now(started, todo)
+
+    def _apply_around_identifies(self, started: Started) -> None:
+        first = 0
+        for i, event in enumerate(started.events):
+            if event.event_type is EventType.IDENTIFY:
+                self._apply_now(started, list(range(first, i)))
+                self._identify(i, event, started.result)
+                first = i + 1
+        self._apply_now(started, list(range(first, len(started.events))))
+
+    def _apply_now(self, started: Started, todo: list[int]) -> None:
+        """Apply `todo` with nothing else in flight, retrying conflicts up to speed.conflict_retries times."""
         for _ in range(self.speed.conflict_retries):
             if not todo:
                 return
-            todo = self._attempt(events, todo, models, base, now_s, result)
-        result.unresolved.extend(todo)
+            todo = self._collect(started, self._send(started, todo))
+        started.result.unresolved.extend(todo)
 
-    def _attempt(
-        self,
-        events: Sequence[Event],
-        todo: list[int],
-        models: Sequence[ModelArtifacts],
-        base: bool,
-        now_s: float | None,
-        result: BatchResult,
-    ) -> list[int]:
-        """One overlapped pass; returns the indices to retry: a delta moved underneath, the script was
-        not loaded, or an earlier event of the chunk failed."""
-        now = time.time() if now_s is None else now_s
-        batch = [events[i] for i in todo]
+    def _send(self, started: Started, todo: list[int]) -> _Sent:
+        """Plan the events `todo` of the batch on the deltas Redis will hold once the batches in
+        flight are applied, and write their script calls to the lane, a chunk at a time."""
+        now = time.time() if started.now_s is None else started.now_s
+        models = started.models
+        batch = [started.events[i] for i in todo]
         aliases = self._aliases(batch)
         persons = [person_of(e, aliases) for e in batch]
         sessions = [e.session_id or NO_SESSION for e in batch]
         categories = self.categories.lookup({e.item_id for e in batch if e.item_id})
         planner = _Planner(self, batch, persons, sessions, categories, now)
-        planner.plan_deltas(models, self._read_deltas(persons, models))
+        expected = planner.plan_deltas(models, self._read_deltas(persons, models))
 
         chunk = self.speed.script_chunk
-        calls = OverlappedCalls(self.client)
-        for start in range(0, len(batch), chunk):
-            part = range(start, min(start + chunk, len(batch)))
+        for first in range(0, len(batch), chunk):
+            part = range(first, min(first + chunk, len(batch)))
             keys: list[str] = []
-            args: list[object] = [*self._chunk_constants(len(part), base, models[:2])]
+            args: list[object] = [*self._chunk_constants(len(part), started.base, models[:2])]
             for j in part:
                 planner.plan(j, keys, args)
-            calls.send("EVALSHA", self.apply_sha, len(keys), *keys, *args)
+            self.lane.send("EVALSHA", self.apply_sha, len(keys), *keys, *args)
+        return _Sent(todo, persons, sessions, expected)
 
+    def _collect(self, started: Started, sent: _Sent) -> list[int]:
+        """Read an attempt's replies into the batch's result; returns the indices to retry: a delta
+        moved underneath, the script was not loaded, or an earlier event of the chunk failed."""
+        chunk, result = self.speed.script_chunk, started.result
+        parts = [range(first, min(first + chunk, len(sent.todo))) for first in range(0, len(sent.todo), chunk)]
         retry: list[int] = []
-        for start, reply in zip(range(0, len(batch), chunk), calls.replies(), strict=True):
-            part = range(start, min(start + chunk, len(batch)))
+        for part, reply in zip(parts, self.lane.read(len(parts)), strict=True):
             if isinstance(reply, NoScriptError):  # Redis restarted and lost its scripts: nothing ran
                 self.apply_sha = self.client.script_load(APPLY_EVENTS)
                 reply = []
             elif isinstance(reply, Exception):  # the call itself was refused: nothing ran
                 reply = [str(reply).encode()] + [-1] * (len(part) - 1)
+            if reply and isinstance(reply[-1], list):  # some deferred writes failed; the events applied
+                log.error("chunk applied, but %s", reply.pop()[0].decode(errors="replace"))
             for j, code in zip_longest(part, reply):
+                index = sent.todo[j]
                 if code is None or code == -1:  # not reached, or its delta moved: plan it again
-                    retry.append(todo[j])
+                    retry.append(index)
                 elif isinstance(code, bytes):
-                    result.failed[todo[j]] = code.decode(errors="replace")
+                    result.failed[index] = code.decode(errors="replace")
                 elif code == 0:
                     result.duplicates += 1
                 else:
                     result.applied += 1
-                    result.changed[persons[j]] = (sessions[j], batch[j])
+                    result.changed[sent.persons[j]] = (sent.sessions[j], started.events[index])
         return retry
 
     def _chunk_constants(
@@ -197,17 +280,22 @@ class Applier:
     def _read_deltas(
         self, persons: Sequence[str], models: Sequence[ModelArtifacts]
     ) -> dict[tuple[str, str], tuple[np.ndarray, int]]:
-        """Each person's stored delta and event count per version, in one MGET."""
-        wanted = sorted({(p, m.version) for p in persons for m in models if m.user_index.get(p) is not None})
-        if not wanted:
-            return {}
+        """Each person's delta and event count per version: as the batches in flight will leave them,
+        else as stored (one MGET)."""
+        wanted = {(p, m.version) for p in persons for m in models if m.user_index.get(p) is not None}
+        deltas: dict[tuple[str, str], tuple[np.ndarray, int]] = {}
+        for started in self.in_flight:
+            assert started.sent is not None
+            deltas.update((key, value) for key, value in started.sent.expected.items() if key in wanted)
+        stored = sorted(wanted - deltas.keys())
+        if not stored:
+            return deltas
         keys = []
-        for person, version in wanted:
+        for person, version in stored:
             keys += [redis_keys.user_delta(person, version), redis_keys.user_event_count(person, version)]
         replies = self.client.mget(keys)
         factors = {m.version: m.factors for m in models}
-        deltas = {}
-        for j, (person, version) in enumerate(wanted):
+        for j, (person, version) in enumerate(stored):
             raw, count = replies[2 * j], replies[2 * j + 1]
             delta = (
                 np.frombuffer(raw, dtype="<f4").copy()
@@ -227,7 +315,7 @@ class Applier:
             return
         sessions = [s.decode() for s in self.client.zrange(redis_keys.person_sessions(device), 0, -1)]
         keys = [
-            redis_keys.seen_event(user, event.event_id),
+            redis_keys.seen_events(user, day_index(event.ts.timestamp())),
             redis_keys.alias(device),
             redis_keys.person_sessions(device),
             redis_keys.person_sessions(user),
@@ -254,6 +342,7 @@ class Applier:
                     speed.session_ttl_s,
                     speed.dedup_ttl_s,
                     speed.affinity_half_life_s,
+                    redis_keys.seen_field(event.event_id),
                 ],
             )
         except redis.ResponseError as exc:
@@ -292,17 +381,24 @@ class _Planner:
         # Per version slot (at most two): the model and event index -> (new delta, count it replaces).
         self.deltas: list[tuple[ModelArtifacts, dict[int, tuple[np.ndarray, int]]]] = []
         self.person_keys: dict[tuple[str, str], list[str]] = {}
+        self.seen_keys: dict[tuple[str, int], str] = {}
         self.item_keys: dict[str, str] = {}
 
     def plan_deltas(
         self, models: Sequence[ModelArtifacts], stored: dict[tuple[str, str], tuple[np.ndarray, int]]
-    ) -> None:
-        """SGD steps for every event with a delta, vectorised over the people in the batch."""
+    ) -> dict[tuple[str, str], tuple[np.ndarray, int]]:
+        """SGD steps for every event with a delta, vectorised over the people in the batch; returns
+        the (person, version) deltas and counts the batch leaves once applied."""
+        after: dict[tuple[str, str], tuple[np.ndarray, int]] = {}
         for model in models[:2]:
-            self.deltas.append((model, self._model_deltas(model, stored)))
+            self.deltas.append((model, self._model_deltas(model, stored, after)))
+        return after
 
     def _model_deltas(
-        self, model: ModelArtifacts, stored: dict[tuple[str, str], tuple[np.ndarray, int]]
+        self,
+        model: ModelArtifacts,
+        stored: dict[tuple[str, str], tuple[np.ndarray, int]],
+        after: dict[tuple[str, str], tuple[np.ndarray, int]],
     ) -> dict[int, tuple[np.ndarray, int]]:
         # Round r takes each person's r-th event: a person's steps chain, and a round is one matrix step.
         rounds: list[list[tuple[int, int, int]]] = []  # (event index, user row, item row)
@@ -320,12 +416,12 @@ class _Planner:
             rounds[r].append((j, user_row, item_row))
 
         speed, k = self.speed, model.factors
-        current = dict(stored)
+        current = after  # starts empty for this version; what is not there yet is as stored
         out: dict[int, tuple[np.ndarray, int]] = {}
         for steps in rounds:
             index = [j for j, _, _ in steps]
             keys = [(self.persons[j], model.version) for j in index]
-            before = [current.get(key) or (np.zeros(k, dtype=np.float32), 0) for key in keys]
+            before = [current.get(key) or stored.get(key) or (np.zeros(k, dtype=np.float32), 0) for key in keys]
             negatives = self.rng.integers(0, len(model.item_ids), size=(len(steps), speed.negatives))
             confidences = 1.0 + self.training.alpha * np.array([self.weights[j] for j in index])
             updated = sgd_steps(
@@ -365,7 +461,7 @@ class _Planner:
             best = weight * (event.quantity or 1) * forward_decay(ts, speed.bestsellers_half_life_s)
 
         keys += [
-            redis_keys.seen_event(person, event.event_id),
+            self._seen_key(person, day),
             *self._person_keys(person, session),
             redis_keys.trending_bucket(bucket),
             redis_keys.popularity_day(day),
@@ -377,7 +473,7 @@ class _Planner:
             event.event_type.value, item, session, repr(ts), repr(weight), event.quantity or 1, category,
             trend_expire if trend_expire > self.now else 0,
             pop_expire if pop_expire > self.now else 0,
-            repr(best),
+            repr(best), event.event_id,
             *version_args,
         ]  # fmt: skip
 
@@ -394,6 +490,12 @@ class _Planner:
                 redis_keys.person_items(person),
                 redis_keys.person_purchases(person),
             ]
+        return found
+
+    def _seen_key(self, person: str, day: int) -> str:
+        found = self.seen_keys.get((person, day))
+        if found is None:
+            found = self.seen_keys[(person, day)] = redis_keys.seen_events(person, day)
         return found
 
     def _covis_key(self, item: str) -> str:

@@ -18,10 +18,11 @@ from __future__ import annotations
 # then one block per event: EVENT_ARGS fixed values, then two per version:
 #   1 event_type  2 item  3 session  4 ts  5 weight  6 quantity  7 category
 #   8 trend expireat (0: skip)  9 popularity expireat (0: skip)  10 bestseller increment (0: skip)
+#   11 event_id
 #   per version: the new delta ('' : none for this event) and the event count it replaces.
 # KEYS holds one block per event: EVENT_KEYS fixed keys, then two per version:
-#   1 seen  2 recent  3 cats  4 cart  5 counts  6 sessions  7 person_items  8 purchases
-#   9 trend bucket  10 popularity day  11 category bestsellers  12 covis(item)
+#   1 seen (the person's markers of the event's day)  2 recent  3 cats  4 cart  5 counts  6 sessions
+#   7 person_items  8 purchases  9 trend bucket  10 popularity day  11 category bestsellers  12 covis(item)
 #   per version: delta, delta count.
 # The co-visitation keys of the session's other items are built from the template: which items
 # those are is only known here, from the session's live recent items.
@@ -29,12 +30,16 @@ from __future__ import annotations
 # it (nothing of that event applied; re-read and retry), else a bit mask: 1 version-free effects,
 # 2 the first version's delta, 4 the second's (0: a duplicate). An event whose effects raised an
 # error gets the error text and ends the list: the events after it were not applied (retry them).
+# When some of the chunk's deferred writes failed, the list ends with a one-element list saying
+# which (the events are applied; only those keys' shares are lost).
 #
-# Counters nobody reads inside the script (trending, popularity, bestsellers, co-visitation, person
-# items) and all TTLs are summed per key and written once at the end of the chunk: popular items and
-# busy sessions repeat within a chunk, and one write instead of several is most of the script's cost.
+# Every write that nothing later in the chunk reads back is deferred and written once per key at
+# the end: counters are summed, a delta and its count keep their last value, markers are gathered
+# per hash, sessions keep their latest time, TTLs are set once. Events of one person and one
+# session come in runs, so this turns ~20 commands per event into ~10, and a command inside a
+# script costs more than the work it does.
 CHUNK_CONSTANTS = 15
-EVENT_ARGS = 10
+EVENT_ARGS = 11
 EVENT_KEYS = 12
 APPLY_EVENTS = r"""
 local n_events, apply_base = tonumber(ARGV[1]), ARGV[2] == '1'
@@ -47,8 +52,12 @@ local versions = {}
 for v = 1, n_versions do versions[v] = ARGV[15 + v] end
 local event_args, event_keys = tonumber('EVENT_ARGS') + 2 * n_versions, tonumber('EVENT_KEYS') + 2 * n_versions
 
--- Deferred writes: key -> member -> increment, key -> ttl / unix time, key -> members kept.
-local zincr, hincr, expire_in, expire_at, trims = {}, {}, {}, {}, {}
+-- Deferred writes. zincr/hincr/hcount: key -> member -> increment; expire_in/expire_at: key -> TTL /
+-- unix time; trims: key -> members kept (when twice as many); recent_trims: session recents to cut.
+local zincr, hincr, hcount, expire_in, expire_at, trims, recent_trims = {}, {}, {}, {}, {}, {}, {}
+-- Read-through state of this chunk: marks set (seen key -> field -> true), delta counts and values,
+-- sessions' latest times ({key, session, written, latest}), affinity reference times.
+local marks_now, counts, count_dirty, deltas, sessions_now, cats_t0 = {}, {}, {}, {}, {}, {}
 local function add(map, key, member, by)
   local t = map[key]
   if not t then t = {}; map[key] = t end
@@ -70,25 +79,68 @@ local function covisit(recent, item, item_key)
   trims[item_key] = covis_kept
 end
 
+-- The session's latest activity; a session new to the person also drops the person's expired ones.
+local function touch_session(sessions, session, ts)
+  local id = sessions .. '\0' .. session
+  local known = sessions_now[id]
+  if known then
+    if ts > known[4] then known[4] = ts end
+  else
+    if redis.call('ZADD', sessions, 'GT', ts, session) == 1 then
+      redis.call('ZREMRANGEBYSCORE', sessions, '-inf', '(' .. (ts - session_ttl))
+    end
+    sessions_now[id] = {sessions, session, ts, ts}
+  end
+  expire_in[sessions] = session_ttl
+end
+
+-- Forward decay: weights are stored scaled by 2^((ts - _t0) / half_life), so an event adds to one
+-- field instead of re-decaying them all; readers only compare categories of one session.
+local function add_affinity(cats, category, weight, ts)
+  local t0 = cats_t0[cats]
+  if not t0 then
+    t0 = tonumber(redis.call('HGET', cats, '_t0') or '')
+    if not t0 then
+      t0 = ts
+      redis.call('HSET', cats, '_t0', ts)
+    end
+  end
+  if (ts - t0) / half_life > 64 then  -- a day-long session: rebase before the scale overflows
+    local pending = hincr[cats] or {}
+    hincr[cats] = nil
+    local shrink = 2 ^ (-(ts - t0) / half_life)
+    local fields = redis.call('HGETALL', cats)
+    for i = 1, #fields, 2 do
+      local name = fields[i]
+      if name ~= '_t0' then
+        redis.call('HSET', cats, name, (tonumber(fields[i + 1]) + (pending[name] or 0)) * shrink)
+        pending[name] = nil
+      end
+    end
+    for name, by in pairs(pending) do redis.call('HSET', cats, name, by * shrink) end
+    t0 = ts
+    redis.call('HSET', cats, '_t0', ts)
+  end
+  cats_t0[cats] = t0
+  add(hincr, cats, category, weight * 2 ^ ((ts - t0) / half_life))
+  expire_in[cats] = session_ttl
+end
+
 -- k, a: the offsets just before this event's blocks, so KEYS[k + i] and ARGV[a + i] are field i.
 local function apply_base_effects(k, a)
   local etype, item, session = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local ts, weight, quantity, category = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), ARGV[a + 7]
 
-  redis.call('HINCRBY', KEYS[k + 5], etype, 1)
+  add(hcount, KEYS[k + 5], etype, 1)
   expire_in[KEYS[k + 5]] = session_ttl
-  local sessions = KEYS[k + 6]
-  if redis.call('ZADD', sessions, 'GT', ts, session) == 1 then  -- a new session: forget expired ones
-    redis.call('ZREMRANGEBYSCORE', sessions, '-inf', '(' .. (ts - session_ttl))
-  end
-  expire_in[sessions] = session_ttl
+  touch_session(KEYS[k + 6], session, ts)
   if item == '' then return end
 
   if etype ~= 'remove_from_cart' then
     local recent = KEYS[k + 2]
     if redis.call('ZADD', recent, 'GT', ts, item) == 1 then
       covisit(recent, item, KEYS[k + 12])
-      redis.call('ZREMRANGEBYRANK', recent, 0, -(recent_n + 1))
+      recent_trims[recent] = true
     end
     expire_in[recent] = session_ttl
   end
@@ -106,26 +158,7 @@ local function apply_base_effects(k, a)
   end
   expire_in[cart] = session_ttl
 
-  if category ~= '' and weight > 0 then
-    -- Forward decay: weights are stored scaled by 2^((ts - _t0) / half_life), so an event adds one
-    -- field instead of re-decaying them all; readers only compare categories of one session.
-    local cats = KEYS[k + 3]
-    local t0 = tonumber(redis.call('HGET', cats, '_t0') or '')
-    if not t0 then
-      t0 = ts
-      redis.call('HSET', cats, '_t0', ts)
-    elseif (ts - t0) / half_life > 64 then  -- a day-long session: rebase before the scale overflows
-      local shrink = 2 ^ (-(ts - t0) / half_life)
-      local fields = redis.call('HGETALL', cats)
-      for i = 1, #fields, 2 do
-        if fields[i] ~= '_t0' then redis.call('HSET', cats, fields[i], tonumber(fields[i + 1]) * shrink) end
-      end
-      t0 = ts
-      redis.call('HSET', cats, '_t0', ts)
-    end
-    redis.call('HINCRBYFLOAT', cats, category, weight * 2 ^ ((ts - t0) / half_life))
-    expire_in[cats] = session_ttl
-  end
+  if category ~= '' and weight > 0 then add_affinity(KEYS[k + 3], category, weight, ts) end
 
   if weight > 0 then
     add(hincr, KEYS[k + 7], item, weight)
@@ -146,40 +179,49 @@ local function apply_base_effects(k, a)
   end
 end
 
-local seen_fields = {'_'}
-for v = 1, n_versions do seen_fields[v + 1] = versions[v] end
+-- The delta count the event was planned on, read once per chunk and then followed here.
+local function delta_count(count_key)
+  local n = counts[count_key]
+  if n == nil then
+    n = tonumber(redis.call('GET', count_key) or '0')
+    counts[count_key] = n
+  end
+  return n
+end
 
 local function apply_event(k, a)
-  local seen = KEYS[k + 1]
-  local marks = redis.call('HMGET', seen, unpack(seen_fields))
-  local need_base = apply_base and not marks[1]
+  local seen, event_id = KEYS[k + 1], ARGV[a + 11]
+  local fields = {event_id}
+  for v = 1, n_versions do fields[v + 1] = event_id .. ':' .. versions[v] end
+  local marks = redis.call('HMGET', seen, unpack(fields))
+  local set_now = marks_now[seen] or {}
+  local need_base = apply_base and not marks[1] and not set_now[fields[1]]
   local need = {}
   for v = 1, n_versions do
     local delta_at, count_key = a + tonumber('EVENT_ARGS') + 2 * v - 1, KEYS[k + tonumber('EVENT_KEYS') + 2 * v]
-    need[v] = ARGV[delta_at] ~= '' and not marks[v + 1]
-    if need[v] and tonumber(redis.call('GET', count_key) or '0') ~= tonumber(ARGV[delta_at + 1]) then return -1 end
+    need[v] = ARGV[delta_at] ~= '' and not marks[v + 1] and not set_now[fields[v + 1]]
+    if need[v] and delta_count(count_key) ~= tonumber(ARGV[delta_at + 1]) then return -1 end
   end
 
   local applied, marked = 0, {}
   if need_base then
     apply_base_effects(k, a)
-    marked[#marked + 1] = '_'
-    marked[#marked + 1] = 1
+    marked[1] = fields[1]
     applied = applied + 1
   end
   for v = 1, n_versions do
     if need[v] then
       local delta_key, count_key = KEYS[k + tonumber('EVENT_KEYS') + 2 * v - 1], KEYS[k + tonumber('EVENT_KEYS') + 2 * v]
-      redis.call('SET', delta_key, ARGV[a + tonumber('EVENT_ARGS') + 2 * v - 1], 'EX', delta_ttl)
-      redis.call('INCR', count_key)
-      expire_in[count_key] = delta_ttl
-      marked[#marked + 1] = versions[v]
-      marked[#marked + 1] = 1
+      deltas[delta_key] = ARGV[a + tonumber('EVENT_ARGS') + 2 * v - 1]
+      counts[count_key] = counts[count_key] + 1
+      count_dirty[count_key] = true
+      marked[#marked + 1] = fields[v + 1]
       applied = applied + 2 ^ v
     end
   end
   if applied > 0 then
-    redis.call('HSET', seen, unpack(marked))
+    for _, field in ipairs(marked) do set_now[field] = true end
+    marks_now[seen] = set_now
     expire_in[seen] = dedup_ttl
   end
   return applied
@@ -198,17 +240,44 @@ for e = 1, n_events do
   a = a + event_args
 end
 
+-- The deferred writes. The events are applied now (their markers are among these writes), so a
+-- write that fails (a key of the wrong type) must not stop the others: it is reported after the
+-- events' replies, and that key's share is lost rather than the chunk counted twice on a retry.
+local flush_errors = {}
+local function write(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then flush_errors[#flush_errors + 1] = reply.err end
+  return reply
+end
+for key, set_now in pairs(marks_now) do
+  local flat = {}
+  for field in pairs(set_now) do flat[#flat + 1] = field; flat[#flat + 1] = 1 end
+  write('HSET', key, unpack(flat))
+end
 for key, members in pairs(zincr) do
-  for member, by in pairs(members) do redis.call('ZINCRBY', key, by, member) end
+  for member, by in pairs(members) do write('ZINCRBY', key, by, member) end
 end
 for key, members in pairs(hincr) do
-  for member, by in pairs(members) do redis.call('HINCRBYFLOAT', key, member, by) end
+  for member, by in pairs(members) do write('HINCRBYFLOAT', key, member, by) end
 end
+for key, members in pairs(hcount) do
+  for member, by in pairs(members) do write('HINCRBY', key, member, by) end
+end
+for _, s in pairs(sessions_now) do
+  if s[4] > s[3] then write('ZADD', s[1], 'GT', s[4], s[2]) end
+end
+for key in pairs(recent_trims) do write('ZREMRANGEBYRANK', key, 0, -(recent_n + 1)) end
 for key, keep in pairs(trims) do
-  if redis.call('ZCARD', key) > 2 * keep then redis.call('ZREMRANGEBYRANK', key, 0, -(keep + 1)) end
+  local size = write('ZCARD', key)
+  if type(size) == 'number' and size > 2 * keep then write('ZREMRANGEBYRANK', key, 0, -(keep + 1)) end
 end
-for key, ttl in pairs(expire_in) do redis.call('EXPIRE', key, ttl) end
-for key, at in pairs(expire_at) do redis.call('EXPIREAT', key, at) end
+for key, value in pairs(deltas) do write('SET', key, value, 'EX', delta_ttl) end
+for key in pairs(count_dirty) do write('SET', key, counts[key], 'EX', delta_ttl) end
+for key, ttl in pairs(expire_in) do write('EXPIRE', key, ttl) end
+for key, at in pairs(expire_at) do write('EXPIREAT', key, at) end
+if #flush_errors > 0 then
+  results[#results + 1] = {'deferred writes failed: ' .. table.concat(flush_errors, '; ', 1, math.min(#flush_errors, 5))}
+end
 return results
 """
 for _name, _value in (
@@ -221,13 +290,13 @@ for _name, _value in (
 # Identify: move an anonymous device's state into the user's, and alias the device to the user.
 # Crosses two persons' slots, so on Redis Cluster it would run as a copy in the user's slot followed
 # by a delete in the device's slot (the dedup marker sits in the user's slot).
-# KEYS: 1 seen(user)  2 alias(device)  3 sessions(device)  4 sessions(user)  5 items(device)
+# KEYS: 1 seen(user, the event's day)  2 alias(device)  3 sessions(device)  4 sessions(user)  5 items(device)
 #       6 items(user)  7 purchases(device)  8 purchases(user), then per session 4 device keys
 #       (recent, cats, cart, counts) followed by the same 4 user keys.
-# ARGV: 1 user_id  2 history_ttl  3 session_ttl  4 dedup_ttl  5 affinity_half_life.
+# ARGV: 1 user_id  2 history_ttl  3 session_ttl  4 dedup_ttl  5 affinity_half_life  6 the event's marker field.
 # Returns 1 when merged, 0 if seen.
 MERGE_IDENTITY = r"""
-if redis.call('HEXISTS', KEYS[1], '_') == 1 then return 0 end
+if redis.call('HEXISTS', KEYS[1], ARGV[6]) == 1 then return 0 end
 local history_ttl, session_ttl, half_life = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', history_ttl)
 
@@ -271,7 +340,7 @@ for base = 9, #KEYS, 8 do
   add_hash(KEYS[base + 2], KEYS[base + 6], session_ttl)
   add_hash(KEYS[base + 3], KEYS[base + 7], session_ttl)
 end
-redis.call('HSET', KEYS[1], '_', 1)
+redis.call('HSET', KEYS[1], ARGV[6], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """

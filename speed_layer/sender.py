@@ -1,8 +1,9 @@
-"""Overlapped script calls: send each chunk as soon as it is planned, read every reply at the end.
+"""A lane for script calls: write each call at once, read the replies later, in order.
 
 A redis-py pipeline writes nothing until `execute`, so Redis would sit idle while Python plans and
 Python would sit idle while Redis runs. Writing each call to the socket at once lets Redis apply
-chunk n while Python plans chunk n+1: on two cores a batch costs the slower of the two, not the sum.
+chunk n while Python plans chunk n+1, and batch n while Python reads and plans batch n+1: on two
+cores a batch costs the slower of the two, not the sum. One connection keeps the calls in order.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import hiredis
 import redis
 
 
-class OverlappedCalls:
-    """One connection of `client`'s pool, held from the first `send` to `replies`."""
+class ScriptLane:
+    """One connection of `client`'s pool, held while replies are unread."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.pool = client.connection_pool
         self.connection: Any = None
-        self.sent = 0
+        self.unread = 0
 
     def send(self, *args: str | bytes | int | float) -> None:
         if self.connection is None:
@@ -27,32 +28,33 @@ class OverlappedCalls:
         try:
             self.connection.send_packed_command([hiredis.pack_command(args)], check_health=False)
         except BaseException:
-            self._drop()
+            self.reset()
             raise
-        self.sent += 1
+        self.unread += 1
 
-    def replies(self) -> list[Any]:
-        """Every call's reply in order; a failed call's reply is its ResponseError (NoScriptError too)."""
+    def read(self, calls: int) -> list[Any]:
+        """The next `calls` replies in order; a failed call's reply is its ResponseError (NoScriptError too)."""
+        assert calls <= self.unread, f"reading {calls} replies, {self.unread} unread"
         out: list[Any] = []
         try:
-            for _ in range(self.sent):
+            for _ in range(calls):
                 try:
                     out.append(self.connection.read_response())
                 except redis.ResponseError as exc:
                     out.append(exc)
+                self.unread -= 1
         except BaseException:
-            self._drop()
+            self.reset()
             raise
-        if self.connection is not None:
+        if self.unread == 0 and self.connection is not None:  # idle: lend it back to the pool
             self.pool.release(self.connection)
             self.connection = None
-        self.sent = 0
         return out
 
-    def _drop(self) -> None:
+    def reset(self) -> None:
         """A broken exchange leaves unread replies behind: the connection must not be reused."""
         if self.connection is not None:
             self.connection.disconnect()
             self.pool.release(self.connection)
             self.connection = None
-        self.sent = 0
+        self.unread = 0

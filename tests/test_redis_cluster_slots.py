@@ -29,6 +29,7 @@ PEOPLE = ["u42", "anon-7f3c9e", "user:with:colons", "a}b", "{x}", "ünïcode", "
 OTHER_ARGS = {
     "session_id": ["s1", "sess-{9}"],
     "event_id": ["e1", "ev:2"],
+    "day": [20415, "*"],
     "model_version": ["v1", "20250101T000000"],
 }
 
@@ -93,7 +94,7 @@ def test_crc16_matches_redis_reference_values():
 def test_the_module_has_per_person_keys_to_check():
     # Guards against a vacuous pass if the key functions are renamed away from `person_id`.
     names = {name for name, _ in person_key_functions()}
-    assert {"session_recent", "person_items", "user_delta", "seen_event"} <= names
+    assert {"session_recent", "person_items", "user_delta", "seen_events"} <= names
     assert len(names) >= 8
 
 

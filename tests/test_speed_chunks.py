@@ -12,6 +12,7 @@ import redis
 
 from common import redis_keys
 from common.events import Event, EventType
+from common.features import day_index
 from common.model import load_model
 from common.redis_server import RedisServer
 from common.registry import Registry
@@ -86,6 +87,7 @@ def test_a_chunk_leaves_the_state_one_by_one_application_leaves(
     model = load_model(registry, "v1")
     events = _events(rng, 120)
     categories = {f"i{j}": f"c{j % 3}" for j in range(ITEMS)}
+    now_s = events[-1].ts.timestamp()
     states = []
     for chunk, per_call in ((50, 120), (1, 1)):  # negatives off: the SGD steps are deterministic
         settings = speed_settings(tmp_path, redis_server.url, script_chunk=chunk, negatives=0)
@@ -93,11 +95,24 @@ def test_a_chunk_leaves_the_state_one_by_one_application_leaves(
         set_categories(redis_client, categories)
         applier = Applier(redis_client, settings)
         for start in range(0, len(events), per_call):
-            result = applier.apply(events[start : start + per_call], [model], now_s=events[-1].ts.timestamp())
+            result = applier.apply(events[start : start + per_call], [model], now_s=now_s)
             assert not result.failed and not result.unresolved
         states.append(_dump(redis_client))
-    chunked, one_by_one = states
-    assert chunked == one_by_one
+
+    # Overlapped, as the consumer's loop runs: each batch planned while the ones before are in flight.
+    settings = speed_settings(tmp_path, redis_server.url, script_chunk=7, negatives=0)
+    redis_client.flushall()
+    set_categories(redis_client, categories)
+    applier = Applier(redis_client, settings)
+    started = [applier.start(events[start : start + 30], [model], now_s=now_s) for start in range(0, 120, 30)]
+    assert len(applier.in_flight) == 4
+    for batch in started:
+        result = applier.finish(batch)
+        assert not result.failed and not result.unresolved and result.applied == 30
+    states.append(_dump(redis_client))
+
+    chunked, one_by_one, overlapped = states
+    assert chunked == one_by_one == overlapped
     assert any(
         key.endswith(":delta:v1") or ":delta" in key for key in chunked
     )  # the comparison covered deltas
@@ -163,3 +178,30 @@ def test_session_affinity_weighs_a_half_life_older_event_half(
     Applier(redis_client, settings).apply(events, [])
     affinity = read_speed_state(redis_client, "a", session_id="s1").category_affinity
     assert affinity["hats"] / affinity["shoes"] == pytest.approx(2.0, rel=1e-6)
+
+
+def test_a_conflict_with_another_consumer_in_flight_is_retried_and_counts_every_event_once(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(7)
+    registry = Registry(str(tmp_path / "models"))
+    publish_model(
+        registry, "v1", datetime.now(UTC) - timedelta(hours=1), rng.normal(size=(ITEMS, 8)).astype(np.float32),
+        ["u1"], rng.normal(size=(1, 8)).astype(np.float32),
+    )  # fmt: skip
+    model = load_model(registry, "v1")
+    settings = speed_settings(tmp_path, redis_server.url, script_chunk=3)
+    mine, other = Applier(redis_client, settings), Applier(redis_client, settings)
+    views = [make_event(EventType.VIEW, f"i{j % ITEMS}", anonymous_id="u1", user_id="u1") for j in range(30)]
+
+    first = mine.start(views[:10], [model])
+    assert other.apply(views[10:20], [model]).applied == 10  # moves u1's delta under the batch in flight
+    second = mine.start(views[20:], [model])  # planned on what `first` will leave: a guess that can fail
+    results = [mine.finish(first), mine.finish(second)]
+
+    assert [r.applied for r in results] == [10, 10] and not any(r.unresolved or r.failed for r in results)
+    assert int(redis_client.get(redis_keys.user_event_count("u1", "v1"))) == 30
+    day = day_index(views[0].ts.timestamp())
+    marks = redis_client.hgetall(redis_keys.seen_events("u1", day))
+    assert len(marks) == 60  # each event once for its base effects and once in v1's delta
+    assert not mine.in_flight

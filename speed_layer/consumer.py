@@ -28,11 +28,13 @@ from common.settings import Settings
 from common.speed_state import trending_decay_weights
 from common.stream import decode_entry
 from speed_layer.effects import Applier, BatchResult, Started
+from speed_layer.sender import Lane
 from speed_layer.switch import stamped, switch_version
 
 log = logging.getLogger(__name__)
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+Versions = list[bytes | None]  # the served and the pending version, as stored
 
 
 def poll_until_stopped(poll_once: Callable[[], int], stop: threading.Event) -> None:
@@ -86,6 +88,7 @@ class SpeedConsumer:
         self.stream_key = redis_keys.stream(settings.redis.stream)
         self.dead_key = redis_keys.dead_letter(settings.redis.stream)
         self.applier = Applier(client, settings, seed=os.getpid())
+        self.acks = Lane(client)
         self.models: dict[str, ModelArtifacts] = {}
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(redis_keys.MODELS_CHANNEL)
@@ -109,55 +112,73 @@ class SpeedConsumer:
         try:
             poll_until_stopped(self.pump, stop)
         finally:
-            if self._in_flight is not None:
-                self._finish(self._in_flight)  # what Redis applied is acknowledged before exit
+            try:  # what Redis applied is acknowledged before exit
+                self._finish_in_flight()
+                self._settle_acks()
+            except redis.ConnectionError:
+                pass  # left pending: another consumer claims it, dedup skips what was applied
 
     def poll_once(self, block: bool = True) -> int:
         """Housekeeping, then one batch from read to acknowledgement; returns how many entries it handled."""
         self._finish_in_flight()
         self._housekeeping()
-        entries = self._read(block)
+        entries, versions = self._read(block)
         if entries:
-            self.process(entries)
+            self._finish(self._start(entries, versions))
+        self._settle_acks()
         return len(entries)
 
     def pump(self, block: bool = True) -> int:
         """One step of the overlapped loop: read and start the next batch, then finish the one before
         it, whose scripts Redis ran meanwhile. Returns how many entries it started; after a 0 nothing
-        is in flight."""
-        if self._in_flight is None or self._housekeeping_due():
-            self._finish_in_flight()  # a version switch replays through the same lane
-            self._housekeeping()
-        entries = self._read(block and self._in_flight is None)
-        started = self._start(entries) if entries else None
-        self._finish_in_flight()
-        self._in_flight = started
+        is in flight, acknowledgements included."""
+        try:
+            if self._in_flight is None or self._housekeeping_due():
+                self._finish_in_flight()  # a version switch replays through the same lane
+                self._housekeeping()
+            entries, versions = self._read(block and self._in_flight is None)
+            started = self._start(entries, versions) if entries else None
+            self._finish_in_flight()
+            self._in_flight = started
+            if started is None:
+                self._settle_acks()
+        except BaseException:
+            # Whatever was in flight stays unacknowledged: claimed later, and dedup skips what applied.
+            self._in_flight = None
+            self.applier.reset()
+            self.acks.reset()
+            raise
         return len(entries)
 
-    def _read(self, block: bool) -> list[Entry]:
+    def _read(self, block: bool) -> tuple[list[Entry], Versions | None]:
+        """The next entries, and the served versions when they were read right after them."""
         if not self._own_pending_done:  # after a restart under the same name: our unacked entries first
-            entries = self._xreadgroup("0", block=False)
+            entries, versions = self._xreadgroup("0", block=False)
             if entries:
-                return entries
+                return entries, versions
             self._own_pending_done = True
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self.speed.claim_interval_s
             claimed = self.claim_idle()
             if claimed:
-                return claimed
+                return claimed, None
         return self._xreadgroup(">", block=block)
 
-    def _xreadgroup(self, start: str, block: bool) -> list[Entry]:
-        reply = self.client.xreadgroup(
+    def _xreadgroup(self, start: str, block: bool) -> tuple[list[Entry], Versions]:
+        """Entries, and the versions to apply them to, read after them in the same round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xreadgroup(
             self.speed.group,
             self.name,
             {self.stream_key: start},
             count=self.speed.batch_size,
             block=self.speed.block_ms if block else None,
         )
+        pipe.mget([redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION])
+        reply, versions = pipe.execute()
         if not reply:
-            return []
-        return [(entry_id, fields) for entry_id, fields in reply[0][1] if fields is not None]
+            return [], versions
+        return [(entry_id, fields) for entry_id, fields in reply[0][1] if fields is not None], versions
 
     def claim_idle(self) -> list[Entry]:
         """Take over entries another consumer left unacknowledged for longer than claim_idle_ms."""
@@ -175,9 +196,13 @@ class SpeedConsumer:
     def process(self, entries: Sequence[Entry]) -> BatchResult:
         """Apply a batch; ack what is applied (or dead-lettered), leave the rest pending for a retry."""
         self._finish_in_flight()
-        return self._finish(self._start(entries))
+        result = self._finish(self._start(entries))
+        self._settle_acks()
+        return result
 
-    def _start(self, entries: Sequence[Entry]) -> _Batch:
+    def _start(self, entries: Sequence[Entry], versions: Versions | None = None) -> _Batch:
+        """Decode the entries and start applying them to the served versions (read after the entries:
+        see speed_layer/switch.py)."""
         batch = _Batch(entries)
         events: list[Event] = []
         for entry_id, fields in entries:
@@ -186,8 +211,7 @@ class SpeedConsumer:
                 batch.event_ids.append(entry_id)
             except ValueError as exc:
                 batch.dead.append((entry_id, fields, str(exc)))
-        models = self._active_models()  # read after XREADGROUP: see speed_layer/switch.py
-        batch.started = self.applier.start(events, models)
+        batch.started = self.applier.start(events, self._active_models(versions))
         return batch
 
     def _finish_in_flight(self) -> None:
@@ -196,37 +220,52 @@ class SpeedConsumer:
             self._finish(batch)
 
     def _finish(self, batch: _Batch) -> BatchResult:
-        """Wait for the batch's effects, then acknowledge, dead-letter and announce in one pipeline."""
+        """Wait for the batch's effects, then acknowledge, dead-letter and announce.
+
+        Those writes go down their own lane and their replies are read at the next batch: the
+        effects are written, so a lost acknowledgement only means a redelivery, which dedup skips."""
         assert batch.started is not None
         result = self.applier.finish(batch.started)
         event_ids, fields_of = batch.event_ids, dict(batch.entries)
-        dead = batch.dead + [(event_ids[i], fields_of[event_ids[i]], reason) for i, reason in result.failed.items()]
+        dead = batch.dead + [
+            (event_ids[i], fields_of[event_ids[i]], reason) for i, reason in result.failed.items()
+        ]
         unresolved = {event_ids[i] for i in result.unresolved}
         acked = [entry_id for entry_id, _ in batch.entries if entry_id not in unresolved]
 
-        pipe = self.client.pipeline(transaction=False)
+        self._settle_acks()
+        calls: list[tuple[Any, ...]] = []
         for entry_id, fields, reason in dead:
-            pipe.xadd(self.dead_key, _dead_letter_fields(entry_id, fields, reason, self.speed.group))
+            letter = _dead_letter_fields(entry_id, fields, reason, self.speed.group)
+            calls.append(("XADD", self.dead_key, "*", *_flat(letter)))
         if acked:
-            pipe.xack(self.stream_key, self.speed.group, *acked)
+            calls.append(("XACK", self.stream_key, self.speed.group, *acked))
         for person, (session, event) in result.changed.items():
             message = RecsChanged(
                 person_id=person, session_id=session, event_type=event.event_type.value, item_id=event.item_id
             )
-            pipe.publish(redis_keys.RECS_CHANNEL, message.model_dump_json())
-        pipe.hset(redis_keys.SPEED_HEARTBEAT, self.name, int(time.time() * 1000))
-        pipe.execute()
+            calls.append(("PUBLISH", redis_keys.RECS_CHANNEL, message.model_dump_json()))
+        calls.append(("HSET", redis_keys.SPEED_HEARTBEAT, self.name, int(time.time() * 1000)))
+        for call in calls:
+            self.acks.send(*call)
         if dead:
             log.warning("dead-lettered %d entries, first: %s", len(dead), dead[0][2])
         return result
 
+    def _settle_acks(self) -> None:
+        """Read the replies of the acknowledgements sent; a failed one leaves its entries pending."""
+        for reply in self.acks.read(self.acks.unread):
+            if isinstance(reply, Exception):
+                log.error("acknowledging or dead-lettering failed: %s", reply)
+
     # ------------------------------------------------------------ model versions
 
-    def _active_models(self) -> list[ModelArtifacts]:
+    def _active_models(self, versions: Versions | None = None) -> list[ModelArtifacts]:
         """The current and the pending version's models (whose deltas this batch writes)."""
-        current, pending = self.client.mget([redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION])
-        out = []
-        for raw in (current, pending):
+        if versions is None:
+            versions = self.client.mget([redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION])
+        out: list[ModelArtifacts] = []
+        for raw in versions:
             if raw is None:
                 continue
             model = self._model(raw.decode())
@@ -311,6 +350,10 @@ class SpeedConsumer:
         pipe.zremrangebyrank(redis_keys.TRENDING_TOP, 0, -(speed.trending_top_n + 1))
         pipe.execute()
         return True
+
+
+def _flat(fields: dict[Any, Any]) -> list[Any]:
+    return [part for pair in fields.items() for part in pair]
 
 
 def _dead_letter_fields(

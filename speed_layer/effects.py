@@ -27,7 +27,7 @@ from common.settings import Settings
 from common.speed_state import forward_decay
 from common.vectors import sgd_steps
 from speed_layer.scripts import APPLY_EVENTS, MERGE_IDENTITY
-from speed_layer.sender import ScriptLane
+from speed_layer.sender import Lane
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,31 @@ class BatchResult:
     changed: dict[str, tuple[str | None, Event]] = field(
         default_factory=dict
     )  # person -> (session, last event)
+
+
+Deltas = dict[tuple[str, str], tuple[np.ndarray, int]]  # (person, version) -> delta, event count
+
+
+def _delta_keys(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    keys = []
+    for person, version in pairs:
+        keys += [redis_keys.user_delta(person, version), redis_keys.user_event_count(person, version)]
+    return keys
+
+
+def _parse_deltas(
+    pairs: Sequence[tuple[str, str]], replies: Sequence[bytes | None], models: Sequence[ModelArtifacts]
+) -> Deltas:
+    """The MGET of `_delta_keys(pairs)` as deltas; a missing delta is zeros."""
+    factors = {m.version: m.factors for m in models}
+    out: Deltas = {}
+    for j, (person, version) in enumerate(pairs):
+        raw, count = replies[2 * j], replies[2 * j + 1]
+        delta = (
+            np.frombuffer(raw, dtype="<f4").copy() if raw else np.zeros(factors[version], dtype=np.float32)
+        )
+        out[(person, version)] = (delta, int(count or 0))
+    return out
 
 
 class CategoryCache:
@@ -83,7 +108,7 @@ class _Sent:
     todo: list[int]  # batch indices of the events sent, in order
     persons: list[str]
     sessions: list[str]
-    expected: dict[tuple[str, str], tuple[np.ndarray, int]]  # (person, version) -> delta, count once applied
+    expected: Deltas  # (person, version) -> delta, count once applied
 
 
 @dataclass(eq=False)
@@ -96,6 +121,7 @@ class Started:
     now_s: float | None
     result: BatchResult = field(default_factory=BatchResult)
     sent: _Sent | None = None
+    done: bool = False  # every reply read and every conflict retried
 
 
 class Applier:
@@ -115,7 +141,7 @@ class Applier:
         self.speed = settings.speed
         self.categories = CategoryCache(client)
         self.rng = np.random.default_rng(seed)
-        self.lane = ScriptLane(client)
+        self.lane = Lane(client)
         self.in_flight: list[Started] = []
         self.apply_sha = client.script_load(APPLY_EVENTS)
         # The script builds the co-visitation keys of a session's other items from this template.
@@ -149,6 +175,7 @@ class Applier:
         if base and any(e.event_type is EventType.IDENTIFY for e in events):
             self.drain()
             self._apply_around_identifies(started)
+            started.done = True
             return started
         try:
             started.sent = self._send(started, list(range(len(events))))
@@ -161,12 +188,15 @@ class Applier:
     def finish(self, started: Started) -> BatchResult:
         """Read the replies of the batch and of the batches started before it; retry conflicts."""
         try:
-            while any(b is started for b in self.in_flight):
+            while not started.done:
+                if not self.in_flight:
+                    raise RuntimeError("the batch was dropped by a reset: its events are not all applied")
                 oldest = self.in_flight.pop(0)
                 assert oldest.sent is not None
                 retry = self._collect(oldest, oldest.sent)
                 if retry:
                     self._retry_in_order([(oldest, retry)])
+                oldest.done = True
         except BaseException:
             self.reset()
             raise
@@ -191,6 +221,7 @@ class Applier:
             conflicts.append((later, self._collect(later, later.sent)))
         for started, todo in conflicts:
             self._apply_now(started, todo)
+            started.done = True
 
     def _apply_around_identifies(self, started: Started) -> None:
         first = 0
@@ -215,12 +246,11 @@ class Applier:
         now = time.time() if started.now_s is None else started.now_s
         models = started.models
         batch = [started.events[i] for i in todo]
-        aliases = self._aliases(batch)
-        persons = [person_of(e, aliases) for e in batch]
+        persons, deltas = self._people_and_deltas(batch, models)
         sessions = [e.session_id or NO_SESSION for e in batch]
         categories = self.categories.lookup({e.item_id for e in batch if e.item_id})
         planner = _Planner(self, batch, persons, sessions, categories, now)
-        expected = planner.plan_deltas(models, self._read_deltas(persons, models))
+        expected = planner.plan_deltas(models, deltas)
 
         chunk = self.speed.script_chunk
         for first in range(0, len(batch), chunk):
@@ -236,7 +266,9 @@ class Applier:
         """Read an attempt's replies into the batch's result; returns the indices to retry: a delta
         moved underneath, the script was not loaded, or an earlier event of the chunk failed."""
         chunk, result = self.speed.script_chunk, started.result
-        parts = [range(first, min(first + chunk, len(sent.todo))) for first in range(0, len(sent.todo), chunk)]
+        parts = [
+            range(first, min(first + chunk, len(sent.todo))) for first in range(0, len(sent.todo), chunk)
+        ]
         retry: list[int] = []
         for part, reply in zip(parts, self.lane.read(len(parts)), strict=True):
             if isinstance(reply, NoScriptError):  # Redis restarted and lost its scripts: nothing ran
@@ -270,40 +302,55 @@ class Applier:
             len(models), *(m.version for m in models),
         )  # fmt: skip
 
-    def _aliases(self, batch: Sequence[Event]) -> dict[str, str]:
+    def _people_and_deltas(
+        self, batch: Sequence[Event], models: Sequence[ModelArtifacts]
+    ) -> tuple[list[str], Deltas]:
+        """Each event's person, and the deltas to plan on: signed-in users' deltas are read with the
+        devices' aliases in one round trip; people reached through an alias need a second one."""
         devices = sorted({e.anonymous_id for e in batch if e.user_id is None})
-        if not devices:
-            return {}
-        values = self.client.mget([redis_keys.alias(d) for d in devices])
-        return {d: v.decode() for d, v in zip(devices, values, strict=True) if v}
+        users = {e.user_id for e in batch if e.user_id is not None}
+        deltas = self._in_flight_deltas(users, models)
+        stored = self._stored_to_read(users, models, deltas)
+        pipe = self.client.pipeline(transaction=False)
+        if devices:
+            pipe.mget([redis_keys.alias(d) for d in devices])
+        if stored:
+            pipe.mget(_delta_keys(stored))
+        replies = pipe.execute()
+        aliases = (
+            {d: v.decode() for d, v in zip(devices, replies.pop(0), strict=True) if v} if devices else {}
+        )
+        if stored:
+            deltas.update(_parse_deltas(stored, replies.pop(0), models))
 
-    def _read_deltas(
-        self, persons: Sequence[str], models: Sequence[ModelArtifacts]
-    ) -> dict[tuple[str, str], tuple[np.ndarray, int]]:
-        """Each person's delta and event count per version: as the batches in flight will leave them,
-        else as stored (one MGET)."""
-        wanted = {(p, m.version) for p in persons for m in models if m.user_index.get(p) is not None}
-        deltas: dict[tuple[str, str], tuple[np.ndarray, int]] = {}
+        persons = [person_of(e, aliases) for e in batch]
+        others = {p for p in persons if p not in users}
+        deltas.update(self._in_flight_deltas(others, models))
+        stored = self._stored_to_read(others, models, deltas)
+        if stored:
+            deltas.update(_parse_deltas(stored, self.client.mget(_delta_keys(stored)), models))
+        return persons, deltas
+
+    def _in_flight_deltas(self, persons: set[str], models: Sequence[ModelArtifacts]) -> Deltas:
+        """The persons' deltas as the batches in flight will leave them."""
+        versions = {m.version for m in models}
+        out: Deltas = {}
         for started in self.in_flight:
             assert started.sent is not None
-            deltas.update((key, value) for key, value in started.sent.expected.items() if key in wanted)
-        stored = sorted(wanted - deltas.keys())
-        if not stored:
-            return deltas
-        keys = []
-        for person, version in stored:
-            keys += [redis_keys.user_delta(person, version), redis_keys.user_event_count(person, version)]
-        replies = self.client.mget(keys)
-        factors = {m.version: m.factors for m in models}
-        for j, (person, version) in enumerate(stored):
-            raw, count = replies[2 * j], replies[2 * j + 1]
-            delta = (
-                np.frombuffer(raw, dtype="<f4").copy()
-                if raw
-                else np.zeros(factors[version], dtype=np.float32)
+            out.update(
+                (key, value)
+                for key, value in started.sent.expected.items()
+                if key[0] in persons and key[1] in versions
             )
-            deltas[(person, version)] = (delta, int(count or 0))
-        return deltas
+        return out
+
+    @staticmethod
+    def _stored_to_read(
+        persons: set[str], models: Sequence[ModelArtifacts], known: Deltas
+    ) -> list[tuple[str, str]]:
+        """(person, version) pairs with a batch vector whose delta is not known yet."""
+        wanted = {(p, m.version) for p in persons for m in models if m.user_index.get(p) is not None}
+        return sorted(wanted - known.keys())
 
     # ------------------------------------------------------------ identify
 
@@ -384,12 +431,10 @@ class _Planner:
         self.seen_keys: dict[tuple[str, int], str] = {}
         self.item_keys: dict[str, str] = {}
 
-    def plan_deltas(
-        self, models: Sequence[ModelArtifacts], stored: dict[tuple[str, str], tuple[np.ndarray, int]]
-    ) -> dict[tuple[str, str], tuple[np.ndarray, int]]:
+    def plan_deltas(self, models: Sequence[ModelArtifacts], stored: Deltas) -> Deltas:
         """SGD steps for every event with a delta, vectorised over the people in the batch; returns
         the (person, version) deltas and counts the batch leaves once applied."""
-        after: dict[tuple[str, str], tuple[np.ndarray, int]] = {}
+        after: Deltas = {}
         for model in models[:2]:
             self.deltas.append((model, self._model_deltas(model, stored, after)))
         return after
@@ -397,8 +442,8 @@ class _Planner:
     def _model_deltas(
         self,
         model: ModelArtifacts,
-        stored: dict[tuple[str, str], tuple[np.ndarray, int]],
-        after: dict[tuple[str, str], tuple[np.ndarray, int]],
+        stored: Deltas,
+        after: Deltas,
     ) -> dict[int, tuple[np.ndarray, int]]:
         # Round r takes each person's r-th event: a person's steps chain, and a round is one matrix step.
         rounds: list[list[tuple[int, int, int]]] = []  # (event index, user row, item row)
@@ -421,7 +466,9 @@ class _Planner:
         for steps in rounds:
             index = [j for j, _, _ in steps]
             keys = [(self.persons[j], model.version) for j in index]
-            before = [current.get(key) or stored.get(key) or (np.zeros(k, dtype=np.float32), 0) for key in keys]
+            before = [
+                current.get(key) or stored.get(key) or (np.zeros(k, dtype=np.float32), 0) for key in keys
+            ]
             negatives = self.rng.integers(0, len(model.item_ids), size=(len(steps), speed.negatives))
             confidences = 1.0 + self.training.alpha * np.array([self.weights[j] for j in index])
             updated = sgd_steps(

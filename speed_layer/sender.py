@@ -1,4 +1,4 @@
-"""A lane for script calls: write each call at once, read the replies later, in order.
+"""A lane of calls: write each call at once, read the replies later, in order.
 
 A redis-py pipeline writes nothing until `execute`, so Redis would sit idle while Python plans and
 Python would sit idle while Redis runs. Writing each call to the socket at once lets Redis apply
@@ -14,7 +14,7 @@ import hiredis
 import redis
 
 
-class ScriptLane:
+class Lane:
     """One connection of `client`'s pool, held while replies are unread."""
 
     def __init__(self, client: redis.Redis) -> None:

@@ -32,7 +32,7 @@ from speed_layer.consumer import SpeedConsumer
 from pathlib import Path
 settings = speed_settings(Path(sys.argv[2]), sys.argv[1])
 consumer = SpeedConsumer(connect(sys.argv[1], timeout_s=5), settings, name="victim")
-entries = consumer._read(block=True)
+entries, _ = consumer._read(block=True)
 print(len(entries), flush=True)
 time.sleep(60)
 """

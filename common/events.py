@@ -6,6 +6,8 @@ module, so a field is added or limited in exactly one place.
 
 from __future__ import annotations
 
+import re
+import time
 import types
 import typing
 import uuid
@@ -29,6 +31,9 @@ SCHEMA_VERSION = 1
 MAX_CLOCK_SKEW = timedelta(hours=1)
 EARLIEST_TS = datetime(2000, 1, 1, tzinfo=UTC)
 EVENT_ID_NAMESPACE = uuid.UUID("6f0c1d2e-8a4b-4e0f-9c3d-2b7a5e1f4c60")
+EARLIEST_TS_S = EARLIEST_TS.timestamp()
+MAX_CLOCK_SKEW_S = MAX_CLOCK_SKEW.total_seconds()
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
@@ -96,6 +101,8 @@ class Event(BaseModel):
     @field_validator("event_id")
     @classmethod
     def _event_id_is_uuid(cls, value: str) -> str:
+        if _CANONICAL_UUID.fullmatch(value):  # the usual form, already canonical: skip the parse
+            return value
         try:
             return str(uuid.UUID(value))
         except (ValueError, AttributeError, TypeError):
@@ -107,19 +114,22 @@ class Event(BaseModel):
         if value is None:
             return None
         value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        if value < EARLIEST_TS:
+        epoch_s = value.timestamp()
+        if epoch_s < EARLIEST_TS_S:
             raise ValueError(f"is before {EARLIEST_TS:%Y-%m-%d}")
-        if value > datetime.now(UTC) + MAX_CLOCK_SKEW:
+        if epoch_s > time.time() + MAX_CLOCK_SKEW_S:
             raise ValueError("is in the future (more than 1 hour ahead of the server clock)")
         return value
 
     @model_validator(mode="after")
     def _required_by_type(self) -> Event:
-        if self.event_type in ITEM_EVENTS and self.item_id is None:
-            raise ValueError(f"item_id is required for {self.event_type.value} events")
-        if self.event_type is EventType.IDENTIFY and self.user_id is None:
+        kind = self.event_type
+        # Identity tests: hashing an enum member runs Python code, and this runs for every event.
+        if self.item_id is None and any(kind is k for k in ITEM_EVENTS):
+            raise ValueError(f"item_id is required for {kind.value} events")
+        if kind is EventType.IDENTIFY and self.user_id is None:
             raise ValueError("user_id is required for identify events")
-        if self.event_type is EventType.SEARCH and not self.query:
+        if kind is EventType.SEARCH and not self.query:
             raise ValueError("query is required for search events")
         return self
 

@@ -88,7 +88,8 @@ class SpeedConsumer:
         self.stream_key = redis_keys.stream(settings.redis.stream)
         self.dead_key = redis_keys.dead_letter(settings.redis.stream)
         self.applier = Applier(client, settings, seed=os.getpid())
-        self.acks = Lane(client)
+        self.acks = Lane(client)  # acknowledgements, read back at the next batch
+        self.reads = Lane(client)  # the next batch's XREADGROUP, sent while this one runs
         self.models: dict[str, ModelArtifacts] = {}
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(redis_keys.MODELS_CHANNEL)
@@ -112,8 +113,12 @@ class SpeedConsumer:
         try:
             poll_until_stopped(self.pump, stop)
         finally:
-            try:  # what Redis applied is acknowledged before exit
+            try:  # what was read is applied and acknowledged before exit
                 self._finish_in_flight()
+                if self.reads.unread:
+                    entries, versions = self._take_prefetched()
+                    if entries:
+                        self._finish(self._start(entries, versions))
                 self._settle_acks()
             except redis.ConnectionError:
                 pass  # left pending: another consumer claims it, dedup skips what was applied
@@ -138,6 +143,8 @@ class SpeedConsumer:
                 self._housekeeping()
             entries, versions = self._read(block and self._in_flight is None)
             started = self._start(entries, versions) if entries else None
+            if started is not None:
+                self._prefetch()
             self._finish_in_flight()
             self._in_flight = started
             if started is None:
@@ -147,11 +154,16 @@ class SpeedConsumer:
             self._in_flight = None
             self.applier.reset()
             self.acks.reset()
+            self.reads.reset()
             raise
         return len(entries)
 
     def _read(self, block: bool) -> tuple[list[Entry], Versions | None]:
         """The next entries, and the served versions when they were read right after them."""
+        if self.reads.unread:
+            entries, versions = self._take_prefetched()
+            if entries:
+                return entries, versions
         if not self._own_pending_done:  # after a restart under the same name: our unacked entries first
             entries, versions = self._xreadgroup("0", block=False)
             if entries:
@@ -179,6 +191,22 @@ class SpeedConsumer:
         if not reply:
             return [], versions
         return [(entry_id, fields) for entry_id, fields in reply[0][1] if fields is not None], versions
+
+    def _prefetch(self) -> None:
+        """Ask for the next entries now: Redis answers between the scripts of the batch just started,
+        and the answer waits in the socket instead of the consumer waiting for a script to end."""
+        self.reads.send(
+            "XREADGROUP", "GROUP", self.speed.group, self.name, "COUNT", self.speed.batch_size,
+            "STREAMS", self.stream_key, ">",
+        )  # fmt: skip
+        self.reads.send("MGET", redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION)
+
+    def _take_prefetched(self) -> tuple[list[Entry], Versions]:
+        reply, versions = self.reads.read(2)
+        for part in (reply, versions):
+            if isinstance(part, Exception):
+                raise part
+        return _stream_entries(reply), versions
 
     def claim_idle(self) -> list[Entry]:
         """Take over entries another consumer left unacknowledged for longer than claim_idle_ms."""
@@ -350,6 +378,21 @@ class SpeedConsumer:
         pipe.zremrangebyrank(redis_keys.TRENDING_TOP, 0, -(speed.trending_top_n + 1))
         pipe.execute()
         return True
+
+
+def _stream_entries(reply: Any) -> list[Entry]:
+    """The entries of a raw one-stream XREADGROUP reply (RESP2 list or RESP3 map; None when empty)."""
+    if not reply:
+        return []
+    _, entries = next(iter(reply.items())) if isinstance(reply, dict) else reply[0]
+    out = []
+    for entry_id, fields in entries:
+        if fields is None:  # deleted from the stream since it was delivered
+            continue
+        if not isinstance(fields, dict):  # a flat [field, value, ...] list
+            fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        out.append((entry_id, fields))
+    return out
 
 
 def _flat(fields: dict[Any, Any]) -> list[Any]:

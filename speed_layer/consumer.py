@@ -135,19 +135,22 @@ class SpeedConsumer:
 
     def pump(self, block: bool = True) -> int:
         """One step of the overlapped loop: read and start the next batch, then finish the one before
-        it, whose scripts Redis ran meanwhile. Returns how many entries it started; after a 0 nothing
-        is in flight, acknowledgements included."""
+        it, whose scripts Redis ran meanwhile. Overlap only pays when the consumer is behind (it read
+        a full batch); otherwise the batch is finished at once, for freshness. Returns how many
+        entries it started; after a 0 nothing is in flight, acknowledgements included."""
         try:
             if self._in_flight is None or self._housekeeping_due():
                 self._finish_in_flight()  # a version switch replays through the same lane
                 self._housekeeping()
             entries, versions = self._read(block and self._in_flight is None)
             started = self._start(entries, versions) if entries else None
-            if started is not None:
+            behind = len(entries) >= self.speed.batch_size  # a full batch: more is waiting
+            if behind:
                 self._prefetch()
             self._finish_in_flight()
             self._in_flight = started
-            if started is None:
+            if not behind:  # caught up: finish now, freshness matters more than overlap
+                self._finish_in_flight()
                 self._settle_acks()
         except BaseException:
             # Whatever was in flight stays unacknowledged: claimed later, and dedup skips what applied.

@@ -58,18 +58,6 @@ def seed_missing_items(client: redis.Redis, items: Sequence[Item]) -> int:
     return load_items(client, missing) if missing else 0
 
 
-def item_categories(client: redis.Redis, item_ids: Sequence[str]) -> dict[str, str]:
-    """item -> category for the items whose live state names one."""
-    pipe = client.pipeline(transaction=False)
-    for item_id in item_ids:
-        pipe.hget(redis_keys.item_state(item_id), "category")
-    out = {}
-    for item_id, category in zip(item_ids, pipe.execute(), strict=True):
-        if category:
-            out[item_id] = category.decode() if isinstance(category, bytes) else str(category)
-    return out
-
-
 def _fields_of_update(update: ItemUpdate) -> dict[str, str]:
     fields: dict[str, str] = {}
     if update.price is not None:

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from common import redis_keys
+from common.catalog import ItemUpdate
 from common.events import Event
 from common.lake import Lake
 from common.messages import ModelEvent, RecsChanged
@@ -34,6 +35,7 @@ from speed_layer.switch import stamped, switch_version
 log = logging.getLogger(__name__)
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+CATALOG_CHANNEL = redis_keys.CATALOG_CHANNEL.encode()
 Versions = list[bytes | None]  # the served and the pending version, as stored
 
 
@@ -92,7 +94,7 @@ class SpeedConsumer:
         self.reads = Lane(client)  # the next batch's XREADGROUP, sent while this one runs
         self.models: dict[str, ModelArtifacts] = {}
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(redis_keys.MODELS_CHANNEL)
+        self.pubsub.subscribe(redis_keys.MODELS_CHANNEL, redis_keys.CATALOG_CHANNEL)
         self._next_claim = 0.0
         self._next_registry_check = 0.0
         self._next_trending = 0.0
@@ -100,6 +102,8 @@ class SpeedConsumer:
         self._announced: list[str] = []
         self._in_flight: _Batch | None = None  # started, not yet finished (pump)
         ensure_group(client, self.stream_key, self.speed.group)
+        for lane in (self.applier.lane, self.acks, self.reads):
+            lane.open()
 
     # ------------------------------------------------------------ the loop
 
@@ -336,15 +340,21 @@ class SpeedConsumer:
             self.refresh_trending()
 
     def _announced_versions(self) -> list[str]:
+        """Model versions announced since the last look; forgets the categories of moved items."""
         versions = []
         while True:
             message = self.pubsub.get_message(timeout=0)
             if message is None:
                 return versions
             try:
-                versions.append(ModelEvent.model_validate_json(message["data"]).version)
+                if message["channel"] == CATALOG_CHANNEL:
+                    update = ItemUpdate.model_validate_json(message["data"])
+                    if update.category_path:
+                        self.applier.categories.forget(update.item_id)
+                else:
+                    versions.append(ModelEvent.model_validate_json(message["data"]).version)
             except ValueError as exc:
-                log.warning("ignoring a malformed model message: %s", exc)
+                log.warning("ignoring a malformed message on %s: %s", message["channel"], exc)
 
     def _registry_current(self) -> str | None:
         try:

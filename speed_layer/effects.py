@@ -19,7 +19,6 @@ import redis
 from redis.exceptions import NoScriptError
 
 from common import redis_keys
-from common.catalog_state import item_categories
 from common.events import Event, EventType
 from common.features import DAY_S, POP_DAYS, day_index, implicit_weight
 from common.model import ModelArtifacts
@@ -73,22 +72,29 @@ def _parse_deltas(
 
 
 class CategoryCache:
-    """item -> category, from the live item state; refilled for misses in one pipeline per batch."""
+    """item -> category, from the live item state. Misses are read with the batch's other reads;
+    an item without a category yet is not cached (its catalog record may come later), and a catalog
+    update that moves an item is forgotten at once (`forget`)."""
 
-    def __init__(self, client: redis.Redis, max_size: int = 500_000) -> None:
-        self.client = client
+    def __init__(self, max_size: int = 500_000) -> None:
         self.max_size = max_size
         self.known: dict[str, str] = {}
 
-    def lookup(self, items: set[str]) -> dict[str, str]:
-        missing = [i for i in items if i not in self.known]
-        if missing:
-            if len(self.known) > self.max_size:
-                self.known.clear()  # bounded memory; categories rarely change, so a refill is cheap
-            found = item_categories(self.client, missing)
-            for item in missing:
-                self.known[item] = found.get(item, "")
-        return {i: self.known[i] for i in items}
+    def missing(self, items: set[str]) -> list[str]:
+        return [i for i in items if i not in self.known]
+
+    def fill(self, items: Sequence[str], categories: Sequence[bytes | None]) -> None:
+        if len(self.known) + len(items) > self.max_size:
+            self.known.clear()  # bounded memory; a refill costs one read per item
+        for item, category in zip(items, categories, strict=True):
+            if category:
+                self.known[item] = category.decode()
+
+    def get(self, item: str) -> str:
+        return self.known.get(item, "")
+
+    def forget(self, item: str) -> None:
+        self.known.pop(item, None)
 
 
 def person_of(event: Event, aliases: dict[str, str]) -> str:
@@ -139,7 +145,7 @@ class Applier:
         self.client = client
         self.settings = settings
         self.speed = settings.speed
-        self.categories = CategoryCache(client)
+        self.categories = CategoryCache()
         self.rng = np.random.default_rng(seed)
         self.lane = Lane(client)
         self.in_flight: list[Started] = []
@@ -246,10 +252,9 @@ class Applier:
         now = time.time() if started.now_s is None else started.now_s
         models = started.models
         batch = [started.events[i] for i in todo]
-        persons, deltas = self._people_and_deltas(batch, models)
+        persons, deltas = self._read_batch_state(batch, models)
         sessions = [e.session_id or NO_SESSION for e in batch]
-        categories = self.categories.lookup({e.item_id for e in batch if e.item_id})
-        planner = _Planner(self, batch, persons, sessions, categories, now)
+        planner = _Planner(self, batch, persons, sessions, self.categories, now)
         expected = planner.plan_deltas(models, deltas)
 
         chunk = self.speed.script_chunk
@@ -302,21 +307,29 @@ class Applier:
             len(models), *(m.version for m in models),
         )  # fmt: skip
 
-    def _people_and_deltas(
+    def _read_batch_state(
         self, batch: Sequence[Event], models: Sequence[ModelArtifacts]
     ) -> tuple[list[str], Deltas]:
-        """Each event's person, and the deltas to plan on: signed-in users' deltas are read with the
-        devices' aliases in one round trip; people reached through an alias need a second one."""
+        """Each event's person, and the deltas to plan on; fills the category cache. One round trip
+        reads the devices' aliases, the signed-in users' deltas and the uncached categories: a read
+        waits behind the script Redis is running, so each round trip costs a few ms. People reached
+        through an alias need a second one."""
         devices = sorted({e.anonymous_id for e in batch if e.user_id is None})
         users = {e.user_id for e in batch if e.user_id is not None}
         deltas = self._in_flight_deltas(users, models)
         stored = self._stored_to_read(users, models, deltas)
+        uncached = self.categories.missing({e.item_id for e in batch if e.item_id})
         pipe = self.client.pipeline(transaction=False)
         if devices:
             pipe.mget([redis_keys.alias(d) for d in devices])
         if stored:
             pipe.mget(_delta_keys(stored))
+        for item in uncached:
+            pipe.hget(redis_keys.item_state(item), "category")
         replies = pipe.execute()
+        if uncached:
+            self.categories.fill(uncached, replies[-len(uncached) :])
+            del replies[-len(uncached) :]
         aliases = (
             {d: v.decode() for d, v in zip(devices, replies.pop(0), strict=True) if v} if devices else {}
         )
@@ -415,7 +428,7 @@ class _Planner:
         batch: Sequence[Event],
         persons: Sequence[str],
         sessions: Sequence[str],
-        categories: dict[str, str],
+        categories: CategoryCache,
         now: float,
     ) -> None:
         self.speed = applier.speed
@@ -487,7 +500,7 @@ class _Planner:
         speed = self.speed
         item = event.item_id or ""
         ts = event.ts.timestamp()
-        category = self.categories.get(item, "") if item else ""
+        category = self.categories.get(item) if item else ""
 
         version_keys: list[str] = []
         version_args: list[object] = []

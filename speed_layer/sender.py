@@ -15,16 +15,21 @@ import redis
 
 
 class Lane:
-    """One connection of `client`'s pool, held while replies are unread."""
+    """One connection of `client`'s pool, held until `reset`."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.pool = client.connection_pool
         self.connection: Any = None
         self.unread = 0
 
-    def send(self, *args: str | bytes | int | float) -> None:
+    def open(self) -> None:
+        """Connect now: a connection opened later waits for its handshake behind the scripts queued
+        in Redis (tens of ms under load)."""
         if self.connection is None:
             self.connection = self.pool.get_connection()
+
+    def send(self, *args: str | bytes | int | float) -> None:
+        self.open()
         try:
             self.connection.send_packed_command([hiredis.pack_command(args)], check_health=False)
         except BaseException:
@@ -46,9 +51,6 @@ class Lane:
         except BaseException:
             self.reset()
             raise
-        if self.unread == 0 and self.connection is not None:  # idle: lend it back to the pool
-            self.pool.release(self.connection)
-            self.connection = None
         return out
 
     def reset(self) -> None:

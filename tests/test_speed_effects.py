@@ -184,3 +184,26 @@ def test_catalog_updates_take_effect_at_once(redis_client: redis.Redis) -> None:
     assert redis_client.hget(redis_keys.item_state("i1"), "price") == b"9.5"
     apply_item_updates(redis_client, [ItemUpdate(item_id="i1", in_stock=True)])
     assert read_speed_state(redis_client, "anyone").out_of_stock == frozenset()
+
+
+def test_an_items_category_counts_from_its_first_catalog_record_and_follows_a_move(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url)
+    consumer = SpeedConsumer(redis_client, settings, name="c1")
+
+    def view_and_affinity() -> dict[str, float]:
+        add_events(redis_client, settings, [make_event(EventType.VIEW, "i1", anonymous_id="a1")])
+        drain(consumer)
+        affinity = read_speed_state(redis_client, "a1", session_id="s1").category_affinity
+        return {c: round(w, 6) for c, w in affinity.items()}
+
+    assert view_and_affinity() == {}  # no catalog record yet: no category to credit
+    set_categories(redis_client, {"i1": "shoes"})
+    assert set(view_and_affinity()) == {"shoes"}  # the unknown item was not cached as category-less
+
+    set_categories(redis_client, {"i1": "hats"})  # the consumer hears the move on the catalog channel
+    deadline = time.monotonic() + 5
+    while "i1" in consumer.applier.categories.known and time.monotonic() < deadline:
+        consumer._announced_versions()
+    assert set(view_and_affinity()) == {"shoes", "hats"}

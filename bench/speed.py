@@ -119,13 +119,13 @@ def _throughput(
     from speed_layer.consumer import SpeedConsumer
 
     rng = np.random.default_rng(seed)
-    batch = [_event(rng, n, items, users) for n in range(events)]
-    for start in range(0, events, 5000):
-        append_events(
-            client, batch[start : start + 5000], settings.redis.stream, settings.redis.stream_maxlen
-        )
+    for start in range(0, events, 5000):  # generated a chunk at a time: the consumer's heap is its own
+        chunk = [_event(rng, n, items, users) for n in range(start, min(events, start + 5000))]
+        append_events(client, chunk, settings.redis.stream, settings.redis.stream_maxlen)
+    del chunk
     consumer = SpeedConsumer(client, settings, name="bench")
-    warm_up = consumer.poll_once(block=False)  # loads the model, registers scripts
+    consumer.warm_up()  # as `run` does
+    warm_up = consumer.poll_once(block=False)  # registers scripts, fills the category cache a little
     redis_cpu, consumer_cpu = _redis_cpu_s(client), time.process_time()
     started = time.perf_counter()
     while consumer.pump(block=False):  # the overlapped loop `run` uses

@@ -6,6 +6,7 @@ are claimed after `claim_idle_ms`; malformed entries go to the dead-letter strea
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from common.registry import Registry, RegistryError
 from common.settings import Settings
 from common.speed_state import trending_decay_weights
 from common.stream import decode_entry
-from speed_layer.effects import Applier, BatchResult, Started
+from speed_layer.effects import Applier, BatchResult, Started, StateRead
 from speed_layer.sender import Lane
 from speed_layer.switch import stamped, switch_version
 
@@ -67,8 +68,11 @@ class _Batch:
     """Stream entries being applied: decoded events, entries to dead-letter, the applier's batch."""
 
     entries: Sequence[Entry]
+    events: list[Event] = field(default_factory=list)
     event_ids: list[bytes] = field(default_factory=list)  # of the decoded events, in order
     dead: list[tuple[bytes, dict[bytes, bytes], str]] = field(default_factory=list)
+    models: list[ModelArtifacts] = field(default_factory=list)
+    state: StateRead | None = None  # its reads, sent ahead
     started: Started | None = None
 
 
@@ -100,6 +104,7 @@ class SpeedConsumer:
         self._next_trending = 0.0
         self._own_pending_done = False
         self._announced: list[str] = []
+        self._prepared: _Batch | None = None  # decoded, its reads sent, not started yet (pump)
         self._in_flight: _Batch | None = None  # started, not yet finished (pump)
         ensure_group(client, self.stream_key, self.speed.group)
         for lane in (self.applier.lane, self.acks, self.reads):
@@ -110,15 +115,12 @@ class SpeedConsumer:
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         log.info("speed consumer %s reading %s as group %s", self.name, self.stream_key, self.speed.group)
-        try:  # load the served versions now: the first batch should not wait for the model (~0.1 s)
-            self._active_models()
-        except redis.ConnectionError:
-            pass  # the loop below waits Redis out
+        self.warm_up()
         try:
             poll_until_stopped(self.pump, stop)
         finally:
             try:  # what was read is applied and acknowledged before exit
-                self._finish_in_flight()
+                self._drain()
                 if self.reads.unread:
                     entries, versions = self._take_prefetched()
                     if entries:
@@ -127,9 +129,20 @@ class SpeedConsumer:
             except redis.ConnectionError:
                 pass  # left pending: another consumer claims it, dedup skips what was applied
 
+    def warm_up(self) -> None:
+        """Load the served versions now, so the first batch does not wait for them (~0.1 s), then
+        freeze the heap: what is alive now (modules, the model's id maps) lives as long as the
+        process, and full garbage collections that walk it cost more than the batches they pause."""
+        try:
+            self._active_models()
+        except redis.ConnectionError:
+            pass  # the loop waits Redis out
+        gc.collect()
+        gc.freeze()
+
     def poll_once(self, block: bool = True) -> int:
         """Housekeeping, then one batch from read to acknowledgement; returns how many entries it handled."""
-        self._finish_in_flight()
+        self._drain()
         self._housekeeping()
         entries, versions = self._read(block)
         if entries:
@@ -138,32 +151,47 @@ class SpeedConsumer:
         return len(entries)
 
     def pump(self, block: bool = True) -> int:
-        """One step of the overlapped loop: read and start the next batch, then finish the one before
-        it, whose scripts Redis ran meanwhile. Overlap only pays when the consumer is behind (it read
-        a full batch); otherwise the batch is finished at once, for freshness. Returns how many
-        entries it started; after a 0 nothing is in flight, acknowledgements included."""
+        """One step of the overlapped loop, when the consumer is behind (it read a full batch):
+        read batch n+1 and send its reads, start batch n (whose reads were sent one step ago,
+        ahead of the scripts now running), then finish batch n-1, whose scripts Redis ran meanwhile.
+        A consumer that has caught up finishes each batch at once instead, for freshness.
+        Returns how many entries it read; after a 0 nothing is in flight, acknowledgements included."""
         try:
-            if self._in_flight is None or self._housekeeping_due():
-                self._finish_in_flight()  # a version switch replays through the same lane
+            if (self._prepared is None and self._in_flight is None) or self._housekeeping_due():
+                self._drain()  # a version switch replays through the same lanes
                 self._housekeeping()
-            entries, versions = self._read(block and self._in_flight is None)
-            started = self._start(entries, versions) if entries else None
-            behind = len(entries) >= self.speed.batch_size  # a full batch: more is waiting
+            idle = self._prepared is None and self._in_flight is None
+            entries, versions = self._read(block and idle)
+            upcoming = self._prepare(entries, versions) if entries else None
+            behind = len(entries) >= self.speed.batch_size
             if behind:
                 self._prefetch()
-            self._finish_in_flight()
-            self._in_flight = started
-            if not behind:  # caught up: finish now, freshness matters more than overlap
-                self._finish_in_flight()
-                self._settle_acks()
+            self._advance()
+            self._prepared = upcoming
+            if not behind:
+                self._drain()
         except BaseException:
-            # Whatever was in flight stays unacknowledged: claimed later, and dedup skips what applied.
-            self._in_flight = None
+            # Whatever was read stays unacknowledged: claimed later, and dedup skips what applied.
+            self._prepared = self._in_flight = None
             self.applier.reset()
             self.acks.reset()
             self.reads.reset()
             raise
         return len(entries)
+
+    def _advance(self) -> None:
+        """Start the prepared batch, then finish the one before it."""
+        if self._prepared is None:
+            return
+        self._launch(self._prepared)
+        self._finish_in_flight()
+        self._in_flight, self._prepared = self._prepared, None
+
+    def _drain(self) -> None:
+        """Start the prepared batch and finish everything, acknowledgements included."""
+        self._advance()
+        self._finish_in_flight()
+        self._settle_acks()
 
     def _read(self, block: bool) -> tuple[list[Entry], Versions | None]:
         """The next entries, and the served versions when they were read right after them."""
@@ -230,23 +258,31 @@ class SpeedConsumer:
 
     def process(self, entries: Sequence[Entry]) -> BatchResult:
         """Apply a batch; ack what is applied (or dead-lettered), leave the rest pending for a retry."""
-        self._finish_in_flight()
+        self._drain()
         result = self._finish(self._start(entries))
         self._settle_acks()
         return result
 
     def _start(self, entries: Sequence[Entry], versions: Versions | None = None) -> _Batch:
-        """Decode the entries and start applying them to the served versions (read after the entries:
-        see speed_layer/switch.py)."""
+        return self._launch(self._prepare(entries, versions))
+
+    def _prepare(self, entries: Sequence[Entry], versions: Versions | None = None) -> _Batch:
+        """Decode the entries and send the reads they will be planned on. The versions they apply
+        to are read after the entries (see speed_layer/switch.py)."""
         batch = _Batch(entries)
-        events: list[Event] = []
         for entry_id, fields in entries:
             try:
-                events.append(stamped(decode_entry(fields), entry_id))
+                batch.events.append(stamped(decode_entry(fields), entry_id))
                 batch.event_ids.append(entry_id)
             except ValueError as exc:
                 batch.dead.append((entry_id, fields, str(exc)))
-        batch.started = self.applier.start(events, self._active_models(versions))
+        batch.models = self._active_models(versions)
+        batch.state = self.applier.read_state(batch.events, batch.models)
+        return batch
+
+    def _launch(self, batch: _Batch) -> _Batch:
+        """Plan the batch and write its script calls."""
+        batch.started = self.applier.start(batch.events, batch.models, state=batch.state)
         return batch
 
     def _finish_in_flight(self) -> None:

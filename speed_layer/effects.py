@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -121,6 +122,7 @@ class _Sent:
 class Started:
     """A batch whose script calls may still be running in Redis; `Applier.finish` completes it."""
 
+    number: int  # in start order
     events: Sequence[Event]
     models: Sequence[ModelArtifacts]
     base: bool
@@ -130,15 +132,30 @@ class Started:
     done: bool = False  # every reply read and every conflict retried
 
 
+@dataclass
+class StateRead:
+    """The reads a batch is planned on, written to a lane: the devices' aliases, the signed-in users'
+    deltas and the uncached categories. Batches numbered `since` and later may change what was read,
+    so their planned deltas override it."""
+
+    lane: Lane
+    devices: list[str]
+    stored: list[tuple[str, str]]
+    uncached: list[str]
+    since: int
+
+
 class Applier:
     """Applies events' effects exactly once; see APPLY_EVENTS for the atomic part.
 
     `apply` does a batch from start to end. The consumer's loop overlaps batches instead: `start`
     plans a batch and writes its script calls, `finish` reads their replies later, so Python plans
     batch n+1 while Redis applies batch n. All calls go through one connection (the lane), so Redis
-    applies batches in the order they were started. A batch is planned on the deltas the batches in
-    flight will leave; when that guess fails (another consumer wrote the same person, or an event
-    failed), everything in flight is read first and the conflicts are retried in order, sequentially.
+    applies batches in the order they were started. A batch's reads can be sent ahead (`read_state`,
+    before the batch in front of it is written): a read sent behind a batch's scripts waits for them.
+    A batch is planned on the deltas the batches started before it will leave; when that guess fails
+    (another consumer wrote the same person, or an event failed), everything in flight is read first
+    and the conflicts are retried in order, sequentially, on fresh reads.
     """
 
     def __init__(self, client: redis.Redis, settings: Settings, seed: int = 0) -> None:
@@ -147,8 +164,12 @@ class Applier:
         self.speed = settings.speed
         self.categories = CategoryCache()
         self.rng = np.random.default_rng(seed)
-        self.lane = Lane(client)
+        self.lane = Lane(client)  # the script calls
+        self.reads = Lane(client)  # reads sent ahead, taken in order by `start`
+        self.reads_now = Lane(client)  # reads taken at once (retries, `apply`)
         self.in_flight: list[Started] = []
+        self.recent: deque[Started] = deque(maxlen=4)  # started batches, finished or not, for overlays
+        self.started = 0
         self.apply_sha = client.script_load(APPLY_EVENTS)
         # The script builds the co-visitation keys of a session's other items from this template.
         self.covis_template = redis_keys.template(redis_keys.covisitation)
@@ -172,24 +193,34 @@ class Applier:
         models: Sequence[ModelArtifacts],
         base: bool = True,
         now_s: float | None = None,
+        state: StateRead | None = None,
     ) -> Started:
-        """Plan the batch and write its script calls without waiting for them.
+        """Plan the batch (on `state`, its reads sent ahead, if given) and write its script calls
+        without waiting for them.
 
         A batch with an identify is applied at once instead: the merge must see every earlier event
         applied, and the events after it must see the device's new alias."""
-        started = Started(events, models, base, now_s)
+        started = Started(self.started, events, models, base, now_s)
+        self.started += 1
+        self.recent.append(started)
         if base and any(e.event_type is EventType.IDENTIFY for e in events):
+            if state is not None:
+                self._receive_state(events, models, state)  # its replies are next in the lane
             self.drain()
             self._apply_around_identifies(started)
             started.done = True
             return started
         try:
-            started.sent = self._send(started, list(range(len(events))))
+            started.sent = self._send(started, list(range(len(events))), state)
         except BaseException:
             self.reset()
             raise
         self.in_flight.append(started)
         return started
+
+    def read_state(self, events: Sequence[Event], models: Sequence[ModelArtifacts]) -> StateRead:
+        """Send the reads that `start` will plan these events on; `start` must get them in order."""
+        return self._send_state_reads(events, models, self.reads)
 
     def finish(self, started: Started) -> BatchResult:
         """Read the replies of the batch and of the batches started before it; retry conflicts."""
@@ -214,9 +245,10 @@ class Applier:
             self.finish(self.in_flight[-1])
 
     def reset(self) -> None:
-        """Forget the batches in flight (their events stay unacknowledged) and drop the lane."""
+        """Forget the batches in flight (their events stay unacknowledged) and drop the lanes."""
         self.in_flight.clear()
-        self.lane.reset()
+        for lane in (self.lane, self.reads, self.reads_now):
+            lane.reset()
 
     def _retry_in_order(self, conflicts: list[tuple[Started, list[int]]]) -> None:
         """Later batches were planned on the deltas of the conflicting ones: read their replies too,
@@ -243,16 +275,21 @@ class Applier:
         for _ in range(self.speed.conflict_retries):
             if not todo:
                 return
-            todo = self._collect(started, self._send(started, todo))
+            sent = self._send(started, todo)
+            if started.sent is not None:  # later batches' reads overlay what this one now leaves
+                started.sent.expected.update(sent.expected)
+            todo = self._collect(started, sent)
         started.result.unresolved.extend(todo)
 
-    def _send(self, started: Started, todo: list[int]) -> _Sent:
-        """Plan the events `todo` of the batch on the deltas Redis will hold once the batches in
-        flight are applied, and write their script calls to the lane, a chunk at a time."""
+    def _send(self, started: Started, todo: list[int], state: StateRead | None = None) -> _Sent:
+        """Plan the events `todo` of the batch on the deltas Redis will hold once the batches started
+        before are applied, and write their script calls to the lane, a chunk at a time."""
         now = time.time() if started.now_s is None else started.now_s
         models = started.models
         batch = [started.events[i] for i in todo]
-        persons, deltas = self._read_batch_state(batch, models)
+        if state is None:
+            state = self._send_state_reads(batch, models, self.reads_now)
+        persons, deltas = self._receive_state(batch, models, state)
         sessions = [e.session_id or NO_SESSION for e in batch]
         planner = _Planner(self, batch, persons, sessions, self.categories, now)
         expected = planner.plan_deltas(models, deltas)
@@ -307,54 +344,60 @@ class Applier:
             len(models), *(m.version for m in models),
         )  # fmt: skip
 
-    def _read_batch_state(
-        self, batch: Sequence[Event], models: Sequence[ModelArtifacts]
-    ) -> tuple[list[str], Deltas]:
-        """Each event's person, and the deltas to plan on; fills the category cache. One round trip
-        reads the devices' aliases, the signed-in users' deltas and the uncached categories: a read
-        waits behind the script Redis is running, so each round trip costs a few ms. People reached
-        through an alias need a second one."""
+    def _send_state_reads(
+        self, batch: Sequence[Event], models: Sequence[ModelArtifacts], lane: Lane
+    ) -> StateRead:
         devices = sorted({e.anonymous_id for e in batch if e.user_id is None})
         users = {e.user_id for e in batch if e.user_id is not None}
-        deltas = self._in_flight_deltas(users, models)
-        stored = self._stored_to_read(users, models, deltas)
+        since = self.in_flight[0].number if self.in_flight else self.started
+        stored = self._stored_to_read(users, models, {})
         uncached = self.categories.missing({e.item_id for e in batch if e.item_id})
-        pipe = self.client.pipeline(transaction=False)
         if devices:
-            pipe.mget([redis_keys.alias(d) for d in devices])
+            lane.send("MGET", *[redis_keys.alias(d) for d in devices])
         if stored:
-            pipe.mget(_delta_keys(stored))
+            lane.send("MGET", *_delta_keys(stored))
         for item in uncached:
-            pipe.hget(redis_keys.item_state(item), "category")
-        replies = pipe.execute()
+            lane.send("HGET", redis_keys.item_state(item), "category")
+        return StateRead(lane, devices, stored, uncached, since)
+
+    def _receive_state(
+        self, batch: Sequence[Event], models: Sequence[ModelArtifacts], state: StateRead
+    ) -> tuple[list[str], Deltas]:
+        """Each event's person, and the deltas to plan on; fills the category cache. People reached
+        through an alias need one more read (rare: a device's events after its login)."""
+        devices, stored, uncached = state.devices, state.stored, state.uncached
+        replies = state.lane.read(bool(devices) + bool(stored) + len(uncached))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
         if uncached:
             self.categories.fill(uncached, replies[-len(uncached) :])
             del replies[-len(uncached) :]
         aliases = (
             {d: v.decode() for d, v in zip(devices, replies.pop(0), strict=True) if v} if devices else {}
         )
-        if stored:
-            deltas.update(_parse_deltas(stored, replies.pop(0), models))
+        deltas = _parse_deltas(stored, replies.pop(0), models) if stored else {}
 
         persons = [person_of(e, aliases) for e in batch]
-        others = {p for p in persons if p not in users}
-        deltas.update(self._in_flight_deltas(others, models))
-        stored = self._stored_to_read(others, models, deltas)
-        if stored:
-            deltas.update(_parse_deltas(stored, self.client.mget(_delta_keys(stored)), models))
+        deltas.update(self._planned_since(state.since, set(persons), models))
+        read = set(stored)
+        others = {p for p in persons if all((p, m.version) not in read for m in models)}
+        more = self._stored_to_read(others, models, deltas)
+        if more:
+            deltas.update(_parse_deltas(more, self.client.mget(_delta_keys(more)), models))
         return persons, deltas
 
-    def _in_flight_deltas(self, persons: set[str], models: Sequence[ModelArtifacts]) -> Deltas:
-        """The persons' deltas as the batches in flight will leave them."""
+    def _planned_since(self, since: int, persons: set[str], models: Sequence[ModelArtifacts]) -> Deltas:
+        """The persons' deltas as the batches numbered `since` and later planned to leave them."""
         versions = {m.version for m in models}
         out: Deltas = {}
-        for started in self.in_flight:
-            assert started.sent is not None
-            out.update(
-                (key, value)
-                for key, value in started.sent.expected.items()
-                if key[0] in persons and key[1] in versions
-            )
+        for started in self.recent:
+            if started.number >= since and started.sent is not None:
+                out.update(
+                    (key, value)
+                    for key, value in started.sent.expected.items()
+                    if key[0] in persons and key[1] in versions
+                )
         return out
 
     @staticmethod

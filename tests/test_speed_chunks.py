@@ -17,9 +17,11 @@ from common.model import load_model
 from common.redis_server import RedisServer
 from common.registry import Registry
 from common.speed_state import read_speed_state
+from common.stream import group_lag
 from common.vectors import sgd_step
+from speed_layer.consumer import SpeedConsumer
 from speed_layer.effects import Applier
-from tests.speed_factories import make_event, publish_model, set_categories, speed_settings
+from tests.speed_factories import add_events, make_event, publish_model, set_categories, speed_settings
 
 ITEMS = 12
 
@@ -205,3 +207,34 @@ def test_a_conflict_with_another_consumer_in_flight_is_retried_and_counts_every_
     marks = redis_client.hgetall(redis_keys.seen_events("u1", day))
     assert len(marks) == 60  # each event once for its base effects and once in v1's delta
     assert not mine.in_flight
+
+
+def test_the_overlapped_loop_leaves_the_state_one_batch_at_a_time_leaves(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """`pump` (reads sent a step ahead, batches in flight) against `poll_once` (one batch at a time)."""
+    rng = np.random.default_rng(11)
+    registry = Registry(str(tmp_path / "models"))
+    k = 8
+    publish_model(
+        registry, "v1", datetime.now(UTC) - timedelta(hours=1), rng.normal(size=(ITEMS, k)).astype(np.float32),
+        ["u1", "u2", "u3"], rng.normal(size=(3, k)).astype(np.float32),
+    )  # fmt: skip
+    events = _events(rng, 150)
+    settings = speed_settings(tmp_path, redis_server.url, batch_size=7, script_chunk=3, negatives=0)
+    states = []
+    for overlapped in (True, False):
+        redis_client.flushall()
+        set_categories(redis_client, {f"i{j}": f"c{j % 3}" for j in range(ITEMS)})
+        redis_client.set(redis_keys.SPEED_VERSION, "v1")  # served already: no rebuild, live deltas only
+        add_events(redis_client, settings, events)
+        consumer = SpeedConsumer(redis_client, settings, name="c1")
+        step = consumer.pump if overlapped else consumer.poll_once
+        in_flight_after_a_step = []
+        while step(block=False):
+            in_flight_after_a_step.append(consumer._in_flight is not None)
+        assert any(in_flight_after_a_step) == overlapped  # a full batch each time: the loop was behind
+        assert group_lag(redis_client, settings.redis.stream, settings.speed.group) == 0
+        states.append({key: value for key, value in _dump(redis_client).items() if ":speed:" not in key})
+    assert states[0] == states[1]
+    assert int(redis_client.get(redis_keys.user_event_count("u1", "v1"))) > 10

@@ -32,7 +32,6 @@ MAX_CLOCK_SKEW = timedelta(hours=1)
 EARLIEST_TS = datetime(2000, 1, 1, tzinfo=UTC)
 EVENT_ID_NAMESPACE = uuid.UUID("6f0c1d2e-8a4b-4e0f-9c3d-2b7a5e1f4c60")
 EARLIEST_TS_S = EARLIEST_TS.timestamp()
-MAX_CLOCK_SKEW_S = MAX_CLOCK_SKEW.total_seconds()
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
@@ -117,7 +116,7 @@ class Event(BaseModel):
         epoch_s = value.timestamp()
         if epoch_s < EARLIEST_TS_S:
             raise ValueError(f"is before {EARLIEST_TS:%Y-%m-%d}")
-        if epoch_s > time.time() + MAX_CLOCK_SKEW_S:
+        if epoch_s > time.time() + MAX_CLOCK_SKEW.total_seconds():
             raise ValueError("is in the future (more than 1 hour ahead of the server clock)")
         return value
 

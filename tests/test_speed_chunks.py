@@ -13,7 +13,7 @@ import redis
 from common import redis_keys
 from common.events import Event, EventType
 from common.features import day_index
-from common.model import load_model
+from common.model import ModelArtifacts, load_model
 from common.redis_server import RedisServer
 from common.registry import Registry
 from common.speed_state import read_speed_state
@@ -76,17 +76,21 @@ def _number_or_text(value: bytes) -> object:
         return value
 
 
+def _publish_v1(tmp_path: Path, rng: np.random.Generator) -> ModelArtifacts:
+    """Version v1, active: ITEMS items and users u1..u3 with random 8-factor vectors."""
+    registry = Registry(str(tmp_path / "models"))
+    publish_model(
+        registry, "v1", datetime.now(UTC) - timedelta(hours=1), rng.normal(size=(ITEMS, 8)).astype(np.float32),
+        ["u1", "u2", "u3"], rng.normal(size=(3, 8)).astype(np.float32),
+    )  # fmt: skip
+    return load_model(registry, "v1")
+
+
 def test_a_chunk_leaves_the_state_one_by_one_application_leaves(
     redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     rng = np.random.default_rng(3)
-    registry = Registry(str(tmp_path / "models"))
-    k = 8
-    publish_model(
-        registry, "v1", datetime.now(UTC) - timedelta(hours=1), rng.normal(size=(ITEMS, k)).astype(np.float32),
-        ["u1", "u2", "u3"], rng.normal(size=(3, k)).astype(np.float32),
-    )  # fmt: skip
-    model = load_model(registry, "v1")
+    model = _publish_v1(tmp_path, rng)
     events = _events(rng, 120)
     categories = {f"i{j}": f"c{j % 3}" for j in range(ITEMS)}
     now_s = events[-1].ts.timestamp()
@@ -214,12 +218,7 @@ def test_the_overlapped_loop_leaves_the_state_one_batch_at_a_time_leaves(
 ) -> None:
     """`pump` (reads sent a step ahead, batches in flight) against `poll_once` (one batch at a time)."""
     rng = np.random.default_rng(11)
-    registry = Registry(str(tmp_path / "models"))
-    k = 8
-    publish_model(
-        registry, "v1", datetime.now(UTC) - timedelta(hours=1), rng.normal(size=(ITEMS, k)).astype(np.float32),
-        ["u1", "u2", "u3"], rng.normal(size=(3, k)).astype(np.float32),
-    )  # fmt: skip
+    _publish_v1(tmp_path, rng)
     events = _events(rng, 150)
     settings = speed_settings(tmp_path, redis_server.url, batch_size=7, script_chunk=3, negatives=0)
     states = []

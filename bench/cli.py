@@ -40,12 +40,13 @@ def speed(
     events: int = typer.Option(50_000, min=1000, help="Events drained by one consumer for the throughput figure."),
     offered: float = typer.Option(2000.0, min=1, help="Events/s offered for the freshness figure."),
     seconds: float = typer.Option(5.0, min=1, help="Seconds of offered load."),
+    repeats: int = typer.Option(3, min=1, help="Throughput runs, each on a fresh Redis; the median is reported."),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
     """Speed layer: events/s of one consumer with all effects on; XADD-to-readable freshness p50/p99."""
     from bench.speed import run_speed_bench
 
-    result = run_speed_bench(events=events, offered_per_s=offered, freshness_s=seconds)
+    result = run_speed_bench(events=events, offered_per_s=offered, freshness_s=seconds, repeats=repeats)
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 

@@ -228,8 +228,8 @@ class SpeedConsumer:
         return [(entry_id, fields) for entry_id, fields in reply[0][1] if fields is not None], versions
 
     def _prefetch(self) -> None:
-        """Ask for the next entries now: Redis answers between the scripts of the batch just started,
-        and the answer waits in the socket instead of the consumer waiting for a script to end."""
+        """Ask for the next entries before the next batch's scripts are written: Redis answers at once,
+        and the answer waits in the socket until the consumer wants it."""
         self.reads.send(
             "XREADGROUP", "GROUP", self.speed.group, self.name, "COUNT", self.speed.batch_size,
             "STREAMS", self.stream_key, ">",

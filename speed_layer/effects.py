@@ -504,8 +504,9 @@ class _Planner:
         # Round r takes each person's r-th event: a person's steps chain, and a round is one matrix step.
         rounds: list[list[tuple[int, int, int]]] = []  # (event index, user row, item row)
         seen_per_person: dict[str, int] = {}
+        cutoff_s = model.cutoff_s
         for j, (event, person, weight) in enumerate(zip(self.batch, self.persons, self.weights, strict=True)):
-            if weight <= 0 or event.item_id is None or received_s(event) < model.cutoff_s:
+            if weight <= 0 or event.item_id is None or received_s(event) < cutoff_s:
                 continue  # before the cutoff the batch vector already holds the event
             user_row, item_row = model.user_index.get(person), model.item_index.get(event.item_id)
             if user_row is None or item_row is None:

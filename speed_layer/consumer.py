@@ -122,7 +122,7 @@ class SpeedConsumer:
             try:  # what was read is applied and acknowledged before exit
                 self._drain()
                 if self.reads.unread:
-                    entries, versions = self._take_prefetched()
+                    entries, versions = self._take_entries()
                     if entries:
                         self._finish(self._start(entries, versions))
                 self._settle_acks()
@@ -196,7 +196,7 @@ class SpeedConsumer:
     def _read(self, block: bool) -> tuple[list[Entry], Versions | None]:
         """The next entries, and the served versions when they were read right after them."""
         if self.reads.unread:
-            entries, versions = self._take_prefetched()
+            entries, versions = self._take_entries()
             if entries:
                 return entries, versions
         if not self._own_pending_done:  # after a restart under the same name: our unacked entries first
@@ -213,30 +213,25 @@ class SpeedConsumer:
 
     def _xreadgroup(self, start: str, block: bool) -> tuple[list[Entry], Versions]:
         """Entries, and the versions to apply them to, read after them in the same round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xreadgroup(
-            self.speed.group,
-            self.name,
-            {self.stream_key: start},
-            count=self.speed.batch_size,
-            block=self.speed.block_ms if block else None,
-        )
-        pipe.mget([redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION])
-        reply, versions = pipe.execute()
-        if not reply:
-            return [], versions
-        return [(entry_id, fields) for entry_id, fields in reply[0][1] if fields is not None], versions
+        self._request_entries(start, block)
+        return self._take_entries()
 
     def _prefetch(self) -> None:
         """Ask for the next entries before the next batch's scripts are written: Redis answers at once,
         and the answer waits in the socket until the consumer wants it."""
+        self._request_entries(">", block=False)
+
+    def _request_entries(self, start: str, block: bool) -> None:
+        """XREADGROUP and the served versions after it, on the reads lane (replies: `_take_entries`)."""
+        speed = self.speed
+        blocking = ("BLOCK", speed.block_ms) if block else ()
         self.reads.send(
-            "XREADGROUP", "GROUP", self.speed.group, self.name, "COUNT", self.speed.batch_size,
-            "STREAMS", self.stream_key, ">",
+            "XREADGROUP", "GROUP", speed.group, self.name, "COUNT", speed.batch_size, *blocking,
+            "STREAMS", self.stream_key, start,
         )  # fmt: skip
         self.reads.send("MGET", redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION)
 
-    def _take_prefetched(self) -> tuple[list[Entry], Versions]:
+    def _take_entries(self) -> tuple[list[Entry], Versions]:
         reply, versions = self.reads.read(2)
         for part in (reply, versions):
             if isinstance(part, Exception):

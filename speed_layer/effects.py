@@ -380,9 +380,7 @@ class Applier:
 
         persons = [person_of(e, aliases) for e in batch]
         deltas.update(self._planned_since(state.since, set(persons), models))
-        read = set(stored)
-        others = {p for p in persons if all((p, m.version) not in read for m in models)}
-        more = self._stored_to_read(others, models, deltas)
+        more = self._stored_to_read(set(persons), models, deltas)
         if more:
             deltas.update(_parse_deltas(more, self.client.mget(_delta_keys(more)), models))
         return persons, deltas

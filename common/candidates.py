@@ -38,17 +38,26 @@ def covisited(
     covisitation: Mapping[str, Mapping[str, float]],
     n: int,
 ) -> Scored:
-    """Items co-visited with the session's items, summed, the most recent session item weighted most."""
-    if not session_items or n <= 0:
-        return []
-    # Rank session items by recency: the last one weighs 1, the one before 1/2, ...
-    ordered = sorted(session_items.items(), key=lambda kv: kv[1], reverse=True)
+    """Items that followed the session's items, summed, the most recent session item weighted most."""
+    return top_scored(covisited_scores(session_items, covisitation), n)
+
+
+def covisited_scores(
+    session_items: Mapping[str, float], covisitation: Mapping[str, Mapping[str, float]]
+) -> dict[str, float]:
+    """item -> sum over the session's items of (1 / recency rank) x the item's ordered co-visit weight.
+
+    The last item weighs 1, the one before 1/2, ...: with ordered co-visits this generalises
+    sequential rules (which read the last item alone) to the whole session.
+    """
+    # Ties in time broken by item id, so both sides of the gatherer rank seeds the same way.
+    ordered = sorted(session_items.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
     totals: dict[str, float] = defaultdict(float)
     for rank, (item, _) in enumerate(ordered):
         weight = 1.0 / (rank + 1)
         for other, count in covisitation.get(item, {}).items():
             totals[other] += weight * count
-    return top_scored(totals, n)
+    return dict(totals)
 
 
 def category_best(

@@ -26,6 +26,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "pop_7d",
     "trend",
     "covis",
+    "covis_last",
+    "session_items",
     "category_affinity",
     "price_ratio",
     "item_age_days",
@@ -58,7 +60,8 @@ class Candidates:
     sources: list[set[str]]
     item_vectors: np.ndarray | None  # N x k; rows of zeros for items the model does not know
     day_counts: np.ndarray  # N x POP_DAYS event counts per UTC day, only events before now
-    covis: np.ndarray  # N: co-visitation count summed over the session's items
+    covis: np.ndarray  # N: ordered co-visits of the session's items, recency-weighted (candidates.covisited_scores)
+    covis_last: np.ndarray  # N: ordered co-visit weight from the session's most recent item alone
     categories: list[str]
     prices: np.ndarray  # N
     created_at_s: np.ndarray  # N, epoch seconds
@@ -86,6 +89,8 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
     out[:, col["pop_7d"]] = np.log1p(pop_7d)
     out[:, col["trend"]] = pop_1d / (pop_7d / 7.0 + 1.0)
     out[:, col["covis"]] = np.log1p(cands.covis)
+    out[:, col["covis_last"]] = np.log1p(cands.covis_last)
+    out[:, col["session_items"]] = len(state.session_items)
 
     affinity = normalised_affinity(state.category_affinity)
     out[:, col["category_affinity"]] = [affinity.get(c, 0.0) for c in cands.categories]

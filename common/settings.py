@@ -114,9 +114,11 @@ class CandidatePool(Section):
     manifest records them, and serving builds its pools the same way for that version."""
 
     als: int = Field(40, ge=0, le=5000)
-    covis: int = Field(20, ge=0, le=5000)
-    trending: int = Field(10, ge=0, le=5000)
+    covis: int = Field(30, ge=0, le=5000)
+    trending: int = Field(20, ge=0, le=5000)
     category: int = Field(10, ge=0, le=5000)
+    new_arrivals: int = Field(20, ge=0, le=5000)
+    new_max_age_days: float = Field(14.0, ge=0, description="An item created this recently is a new arrival.")
 
 
 class TrainingSettings(Section):
@@ -167,6 +169,9 @@ class SpeedSettings(Section):
     trending_half_life_s: int = Field(3600, ge=60)
     trending_window_s: int = Field(6 * 3600, ge=60)
     covis_top_n: int = Field(50, ge=1, description="Co-visits kept per item (trimmed when twice as many).")
+    covis_steps: int = Field(
+        10, ge=1, le=50, description="Ordered co-visitation: b counts for a when it follows within this many items."
+    )
     affinity_half_life_s: int = Field(900, ge=10, description="Half-life of a session's category affinity.")
     history_ttl_s: int = Field(30 * 86400, ge=3600, description="TTL of person_items, purchases and aliases.")
     purchases_kept: int = Field(50, ge=1)

@@ -86,19 +86,23 @@ def train(
 
 @model_app.command("list")
 def list_versions() -> None:
-    """Every version with its status, cutoff, engine and NDCG@20 (the serving one is starred)."""
+    """Every version with its status, cutoff, engine, MRR@20 with and without the ranker (the serving one is starred)."""
     from common.registry import Registry
 
     registry = Registry(_settings().models.root)
     current = registry.current()
     for manifest in registry.manifests():
-        ndcg = manifest.metrics.get("als_ranker", {}).get("ndcg_at_20")
         mark = "*" if manifest.version == current else " "
-        score = f"{ndcg:.4f}" if ndcg is not None else "  -   "
+        ranked, plain = (_metric(manifest.metrics, s, "mrr_at_20") for s in ("als_ranker", "heuristic"))
         typer.echo(
             f"{mark} {manifest.version:<30} {manifest.status:<10} cutoff {manifest.cutoff:%Y-%m-%d %H:%M} "
-            f"{manifest.engine:<8} ndcg@20 {score}  {manifest.decision or ''}"
+            f"{manifest.engine:<8} mrr@20 ranker {ranked} pool {plain}  {manifest.decision or ''}"
         )
+
+
+def _metric(metrics: dict[str, dict[str, float]], strategy: str, name: str) -> str:
+    value = metrics.get(strategy, {}).get(name)
+    return f"{value:.4f}" if value is not None else "  -   "
 
 
 @model_app.command("activate")

@@ -1,7 +1,10 @@
-"""Offline evaluation on a held-out window: popularity, ALS alone and ALS + ranker, at 20 items.
+"""Offline evaluation on a held-out window, at 20 items: popularity, ALS alone, the candidate pool
+scored without the ranker (`heuristic`, serving's als_only) and with it (`als_ranker`).
 
-Each request's relevant set is what the person acted on in the rest of the session; metrics
-are averaged over requests, coverage is the share of the catalog that any list recommended.
+Each request is a moment before a session's next new item (spark_jobs/replay.py), the one relevant
+item, as `recs evaluate replay` scores; the pool comes from the gatherer serving uses. Metrics are
+averaged over requests; coverage is the share of the catalog that any list recommended. Per-request
+reciprocal ranks are kept so the gate can compare two strategies request by request.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import numpy as np
 
 from common.candidates import als_top_n
 from common.features import FEATURE_NAMES, compute_features
+from common.gatherer import heuristic_scores
 from spark_jobs.replay import PointInTime, Request
 
 K = 20
-STRATEGIES = ("popular", "als", "als_ranker")
+STRATEGIES = ("popular", "als", "heuristic", "als_ranker")
 
 
 def recall_at_k(ranked: Sequence[str], relevant: set[str], k: int = K) -> float:
@@ -49,7 +53,9 @@ def ranked_lists(pit: PointInTime, requests: list[Request], ranker: Any | None) 
             als = [i for i, _ in als_top_n(state.user_vector, pit.model.scoring_factors, pit.model.item_ids, K)]
         lists["popular"].append(pit.popular[:K])
         lists["als"].append(_pad(als, pit.popular))
-        cands = pit.candidates(state)
+        gathered, cands = pit.gather(request, state)
+        heuristic = heuristic_scores(pit.model, gathered.lists, cands.item_ids, state.user_vector)
+        lists["heuristic"].append(_pad(_top(cands.item_ids, heuristic), pit.popular))
         pool.append(cands.item_ids)
         blocks.append(compute_features(state, cands))
     # One predict call for all requests: LightGBM's per-call start-up dwarfs a single request's work.
@@ -57,27 +63,36 @@ def ranked_lists(pit: PointInTime, requests: list[Request], ranker: Any | None) 
     scores = ranker.predict(features) if ranker is not None and len(features) else np.zeros(len(features))
     offset = 0
     for items in pool:
-        order = np.argsort(-scores[offset : offset + len(items)], kind="stable")[:K]
-        lists["als_ranker"].append(_pad([items[i] for i in order], pit.popular))
+        lists["als_ranker"].append(_pad(_top(items, scores[offset : offset + len(items)]), pit.popular))
         offset += len(items)
     return lists
 
 
-def evaluate(pit: PointInTime, requests: list[Request], ranker: Any | None) -> dict[str, dict[str, float]]:
-    """strategy -> {recall_at_20, ndcg_at_20, mrr_at_20, coverage, requests}."""
+def evaluate(pit: PointInTime, requests: list[Request], ranker: Any | None) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    """(strategy -> {recall_at_20 (= HR@20: one target), mrr_at_20, ndcg_at_20, coverage, requests}, strategy -> per-request reciprocal rank)."""
     lists = ranked_lists(pit, requests, ranker)
-    relevant = [set(r.labels) for r in requests]
+    relevant = [{r.target} for r in requests]
     catalog = max(len(pit.log.item_ids), 1)
-    return {
+    reciprocal = {
+        strategy: [mrr_at_k(ranked, rel) for ranked, rel in zip(lists[strategy], relevant, strict=True)]
+        for strategy in STRATEGIES
+    }
+    metrics = {
         strategy: {
             "recall_at_20": _mean([recall_at_k(ranked, rel) for ranked, rel in zip(lists[strategy], relevant, strict=True)]),
+            "mrr_at_20": _mean(reciprocal[strategy]),
             "ndcg_at_20": _mean([ndcg_at_k(ranked, rel) for ranked, rel in zip(lists[strategy], relevant, strict=True)]),
-            "mrr_at_20": _mean([mrr_at_k(ranked, rel) for ranked, rel in zip(lists[strategy], relevant, strict=True)]),
             "coverage": len({i for ranked in lists[strategy] for i in ranked[:K]}) / catalog,
             "requests": float(len(requests)),
         }
         for strategy in STRATEGIES
     }
+    return metrics, reciprocal
+
+
+def _top(items: list[str], scores: np.ndarray) -> list[str]:
+    order = np.argsort(-np.asarray(scores), kind="stable")[:K]
+    return [items[i] for i in order]
 
 
 def _pad(ranked: list[str], popular: list[str]) -> list[str]:

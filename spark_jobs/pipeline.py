@@ -113,9 +113,11 @@ def train_als(plan: Plan, settings: Settings) -> dict[str, Any]:
             save_factors(target, version, factors.user_ids, factors.user_factors, factors.item_ids, factors.item_factors)
     fit_s = round(time.perf_counter() - clock, 2)
     _write_dev_manifest(plan)
-    events = lake_of(settings).read_events(end=plan.cutoff, columns=["session_id", "anonymous_id", "item_id"])
+    events = lake_of(settings).read_events(end=plan.cutoff, columns=tables.SEQUENCE_COLUMNS)
     save_table(registry, plan.version, POPULARITY, tables.popularity(events))
-    save_table(registry, plan.version, COVISITATION, tables.covisitation(events, settings.speed.covis_top_n))
+    speed = settings.speed
+    covis = tables.covisitation(events, speed.covis_top_n, speed.covis_steps, speed.recent_items)
+    save_table(registry, plan.version, COVISITATION, covis)
     _record(plan, {"als_fit_s": fit_s, "events": events.num_rows})
     return {"version": plan.version, "als_fit_s": fit_s}
 
@@ -133,7 +135,7 @@ def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
     dev = load_model(Registry(str(plan.dev_registry)), DEV_MODEL)
     rows = {}
     for name, (start, end) in (("train", plan.train_window), ("valid", plan.valid_window)):
-        pit = PointInTime.at(log_, dev, training, start.timestamp(), settings.speed.covis_top_n)
+        pit = PointInTime.at(log_, dev, training, settings.speed, start.timestamp())
         requests = build_requests(log_, start.timestamp(), end.timestamp(), training.max_requests, training.seed)
         rows[name] = feature_rows(pit, requests)
     booster = fit(rows["train"], rows["valid"], training.seed)
@@ -151,10 +153,12 @@ def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
 
 
 def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
-    """Metrics of popularity, ALS and ALS + ranker on the held-out window, into a candidate manifest."""
+    """Metrics of popularity, ALS, the pool without and with the ranker on the held-out window, and the
+    paired comparison the gate reads, into a candidate manifest."""
     if decided(plan, settings):
         return {"skipped": f"{plan.version} already decided"}
     from spark_jobs.evaluate import evaluate as measure
+    from spark_jobs.gate import GATE_BASELINE, GATE_STRATEGY, PAIRED, paired_bootstrap
     from spark_jobs.ranker import PARAMS
     from spark_jobs.replay import PointInTime, build_requests, load_log
 
@@ -163,9 +167,11 @@ def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
     start, end = plan.eval_window
     log_ = load_log(lake_of(settings), plan.cutoff, training)
     dev = load_model(Registry(str(plan.dev_registry)), DEV_MODEL)
-    pit = PointInTime.at(log_, dev, training, start.timestamp(), settings.speed.covis_top_n)
+    pit = PointInTime.at(log_, dev, training, settings.speed, start.timestamp())
     requests = build_requests(log_, start.timestamp(), end.timestamp(), training.max_requests, training.seed + 1)
-    metrics = measure(pit, requests, dev.ranker)
+    metrics, reciprocal = measure(pit, requests, dev.ranker)
+    sessions = [str(log_.session[r.at]) for r in requests]
+    metrics[PAIRED] = paired_bootstrap(reciprocal[GATE_STRATEGY], reciprocal[GATE_BASELINE], sessions, training.seed)
     state = {**_state(plan), "eval_requests": len(requests), "evaluate_s": round(time.perf_counter() - clock, 2)}
     registry = registry_of(settings)
     manifest = Manifest(

@@ -40,11 +40,12 @@ class Rows:
 
 
 def feature_rows(pit: PointInTime, requests: list[Request]) -> Rows:
-    """Candidates and features of each request; requests where no candidate was acted on teach nothing."""
+    """Candidates and features of each request (in log order); requests whose pool misses every
+    labelled item teach nothing and are left out."""
     blocks, labels, groups = [], [], []
     for request in requests:
         state = pit.state(request)
-        cands = pit.candidates(state)
+        _, cands = pit.gather(request, state)
         y = np.asarray([request.labels.get(i, 0) for i in cands.item_ids], dtype=np.int32)
         if len(y) < 2 or y.max() == 0:
             continue

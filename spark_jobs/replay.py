@@ -1,14 +1,17 @@
 """Point-in-time replay of lake events: ranker requests, their candidates and feature rows.
 
-A request is a moment in a real session (half-way through it): what was known before that moment
-fills `common.features.RequestState` and `Candidates`, candidates come from the generators
-serving uses (`common.candidates`), and what the person did in the rest of the session labels
-them (purchase 3 > add_to_cart 2 > click/view/wishlist 1 > nothing 0). The same requests drive
-ranker training, early stopping and the offline evaluation.
+A request is a moment inside a real session, just before an event whose item is new to the session
+(what `recs evaluate replay` scores). What was known before that moment fills
+`common.features.RequestState`, and `common.gatherer` (the code serving runs) builds the candidate
+pool and its feature inputs from lookups backed by the event log (`EventLogLookups`). Labels: the
+next new item 2 (3 when the session buys it), the session's next few new items after it 1, every
+other candidate 0, repeats included: what the person already has is a feature, not a label.
+The same requests drive ranker training, early stopping and the offline evaluation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -16,15 +19,19 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from common.candidates import als_top_n, category_best, covisited, merge_sources
+from common.candidates import Scored
 from common.features import DAY_S, POP_DAYS, Candidates, RequestState, day_index, implicit_weight
+from common.gatherer import Gathered, ItemColumns, describe, gather_lists, pool
 from common.lake import Lake
 from common.model import ModelArtifacts
-from common.settings import TrainingSettings
+from common.sequence import SEQUENCE_EXCLUDED_TYPES, SequenceCounter
+from common.settings import SpeedSettings, TrainingSettings
 from common.vectors import fold_in
 from spark_jobs import tables
 
-LABELS = {"purchase": 3, "add_to_cart": 2, "click": 1, "view": 1, "wishlist": 1}
+NEXT_ITEM, NEXT_ITEM_BOUGHT, LATER_ITEM = 2, 3, 1
+LATER_ITEMS = 5  # the session's new items after the next one that are labelled LATER_ITEM
+SCORED_TYPES = frozenset({"view", "click", "add_to_cart", "purchase", "wishlist"})  # as evaluation/protocol.py
 LOG_COLUMNS = ["event_id", "event_type", "ts", "anonymous_id", "user_id", "session_id", "item_id", "dwell_ms"]
 TRENDING_WINDOW_S = DAY_S
 ITEM_KEY = 10**13  # > any epoch time in ms until the year 2286; items up to 900k fit in int64
@@ -35,7 +42,9 @@ class Request:
     person: str
     session_rows: np.ndarray  # event log rows of the session before the moment, oldest first
     now_s: float
-    labels: dict[str, int]  # item -> best thing the person did with it after the moment
+    at: int  # log row of the event just after the moment: the log before it is what may be known
+    target: str  # the next new item of the session (what the replay evaluation scores)
+    labels: dict[str, int]  # item -> relevance (module docstring)
 
 
 @dataclass
@@ -52,7 +61,7 @@ class EventLog:
     raw: pa.Table  # the events as read (for the tables module)
     category: np.ndarray  # per item
     price: np.ndarray  # per item
-    created_s: np.ndarray  # per item
+    created_s: np.ndarray  # per item; inf for items missing from the catalog
     promoted: np.ndarray  # per item
     index: dict[str, int] = field(init=False)  # item id -> position in item_ids
     _id_rank: np.ndarray = field(init=False)  # rank of each item id in string order (deterministic ties)
@@ -144,90 +153,117 @@ def load_log(lake: Lake, end: datetime, training: TrainingSettings) -> EventLog:
         raw=events.filter(pa.array([i is not None for i in events["item_id"].to_pylist()])),
         category=np.asarray(catalog["category"].fill_null("uncategorised").to_pylist() + ["uncategorised"] * n_extra),
         price=np.append(catalog["price"].fill_null(0.0).to_numpy(), np.zeros(n_extra)),
-        created_s=np.append(created, np.zeros(n_extra)),
+        created_s=np.append(created, np.full(n_extra, np.inf)),  # not in the catalog: no creation time
         promoted=np.append(catalog["promoted"].fill_null(False).to_numpy(zero_copy_only=False), np.zeros(n_extra, bool)),
     )
 
 
 def build_requests(log: EventLog, start_s: float, end_s: float, limit: int, seed: int) -> list[Request]:
-    """One request per session whose half-way moment falls in [start_s, end_s) and that goes on after it."""
-    order = np.lexsort((log.ts_s, log.session))
+    """The moments before each event in [start_s, end_s) whose item is new to its session (never a
+    session's first event), a seeded sample of `limit` of them, in log order."""
+    order = np.lexsort((np.arange(len(log.ts_s)), log.session))  # by session, then log order
     sessions = log.session[order]
     cuts = np.flatnonzero(sessions[1:] != sessions[:-1]) + 1 if len(sessions) else np.zeros(0, dtype=np.int64)
     requests = []
     for rows in np.split(order, cuts):
+        rows = rows[[str(log.event_type[r]) in SCORED_TYPES for r in rows]]
         if len(rows) < 2:
             continue
-        k = len(rows) // 2
-        now_s = float(log.ts_s[rows[k]])
-        if not start_s <= now_s < end_s:
-            continue
-        before = rows[log.ts_s[rows] < now_s]
-        if len(before) == 0:
-            continue
-        labels: dict[str, int] = {}
-        for r in rows[k:]:
-            label = LABELS.get(str(log.event_type[r]), 0)
-            item = log.item_ids[log.item[r]]
-            if label > labels.get(item, 0):
-                labels[item] = label
-        if labels:
-            requests.append(Request(str(log.person[rows[0]]), before, now_s, labels))
+        bought = {int(log.item[r]) for r in rows if log.event_type[r] == "purchase"}
+        first_at: dict[int, int] = {}
+        for position, r in enumerate(rows):
+            first_at.setdefault(int(log.item[r]), position)
+        new_positions = sorted(first_at.values())
+        for n, position in enumerate(new_positions):
+            r = rows[position]
+            if position == 0 or not start_s <= log.ts_s[r] < end_s:
+                continue
+            item = int(log.item[r])
+            labels = {log.item_ids[int(log.item[rows[p]])]: LATER_ITEM for p in new_positions[n + 1 : n + 1 + LATER_ITEMS]}
+            labels[log.item_ids[item]] = NEXT_ITEM_BOUGHT if item in bought else NEXT_ITEM
+            requests.append(
+                Request(str(log.person[r]), rows[:position], float(log.ts_s[r]), int(r), log.item_ids[item], labels)
+            )
     if len(requests) > limit:
         picked = np.random.default_rng(seed).choice(len(requests), size=limit, replace=False)
-        requests = [requests[i] for i in sorted(picked)]
-    return requests
+        requests = [requests[i] for i in picked]
+    return sorted(requests, key=lambda request: request.at)
 
 
 @dataclass
 class PointInTime:
-    """What a request may see: the event log, the dev model, and tables as of the window start."""
+    """What a request may see: the event log up to its moment, the dev model, and tables as of the window start.
+
+    Requests must be asked in log order (`build_requests` returns them so): the ordered co-visits
+    (`common.sequence`, the speed layer's rule) are counted forward through the log as they go.
+    """
 
     log: EventLog
     model: ModelArtifacts
     training: TrainingSettings
-    covis: dict[str, dict[str, float]]
+    speed: SpeedSettings
     bestsellers: dict[str, dict[str, float]]
     popular: list[str]  # most popular items in the 7 days before the window (the baseline)
+    sequences: SequenceCounter = field(init=False)
+    _cursor: int = field(default=0, init=False)  # log rows before this one are counted
+
+    def __post_init__(self) -> None:
+        speed = self.speed
+        self.sequences = SequenceCounter(steps=speed.covis_steps, recent_n=speed.recent_items, top_n=speed.covis_top_n)
 
     @classmethod
-    def at(cls, log: EventLog, model: ModelArtifacts, training: TrainingSettings, start_s: float, top_n: int) -> PointInTime:
+    def at(
+        cls, log: EventLog, model: ModelArtifacts, training: TrainingSettings, speed: SpeedSettings, start_s: float
+    ) -> PointInTime:
         history = log.before(start_s)
         catalog_table = pa.table({"item_id": log.item_ids, "category": log.category.tolist()})
-        recent = log.before(start_s).filter(
+        recent = history.filter(
             pa.array(np.asarray(history["ts"].cast(pa.int64()).to_numpy()) / 1e6 >= start_s - 7 * DAY_S)
         )
-        popular = tables.popularity(recent)["item_id"].to_pylist()
         return cls(
             log=log,
             model=model,
             training=training,
-            covis=tables.nested(tables.covisitation(history, top_n), "item_id", "other_id", "count"),
+            speed=speed,
             bestsellers=tables.nested(tables.bestsellers(history, catalog_table, training), "category", "item_id", "score"),
-            popular=popular,
+            popular=tables.popularity(recent)["item_id"].to_pylist(),
         )
 
-    def state(self, request: Request) -> RequestState:
+    def advance(self, to_row: int) -> None:
+        """Count the log's events before `to_row` into the ordered co-visits."""
         log = self.log
+        for r in range(self._cursor, to_row):
+            if str(log.event_type[r]) not in SEQUENCE_EXCLUDED_TYPES:
+                self.sequences.add(str(log.session[r]), log.item_ids[log.item[r]], float(log.ts_s[r]))
+        self._cursor = max(self._cursor, to_row)
+
+    def state(self, request: Request) -> RequestState:
+        """What the speed layer would hold for the request (recent items, decayed affinity, cart)."""
+        log, speed = self.log, self.speed
         session_items: dict[str, float] = {}
         affinity: dict[str, float] = {}
         cart: set[str] = set()
         for r in request.session_rows:
             item = log.item_ids[log.item[r]]
-            session_items[item] = float(log.ts_s[r])
-            affinity[str(log.category[log.item[r]])] = affinity.get(str(log.category[log.item[r]]), 0.0) + float(log.weight[r])
+            if log.event_type[r] not in SEQUENCE_EXCLUDED_TYPES:
+                session_items[item] = max(session_items.get(item, -np.inf), float(log.ts_s[r]))
+            category = str(log.category[log.item[r]])
+            if log.weight[r] > 0 and category:
+                decay = 2.0 ** ((float(log.ts_s[r]) - request.now_s) / speed.affinity_half_life_s)
+                affinity[category] = affinity.get(category, 0.0) + float(log.weight[r]) * decay
             if log.event_type[r] == "add_to_cart":
                 cart.add(item)
-            elif log.event_type[r] == "remove_from_cart":
+            elif log.event_type[r] in ("remove_from_cart", "purchase"):
                 cart.discard(item)
-        history = log.person_rows(request.person, -np.inf, request.now_s)
-        engaged = history[log.weight[history] > 0]
-        prices = log.price[log.item[engaged]]
+        recent = dict(sorted(session_items.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: speed.recent_items])
+        history = log.person_rows(request.person, request.now_s - speed.history_ttl_s, request.now_s)
+        engaged = {int(log.item[r]) for r in history if log.weight[r] > 0} | {log.index[i] for i in recent}
+        prices = log.price[sorted(engaged)] if engaged else np.zeros(0)
         prices = prices[prices > 0]
         return RequestState(
             now_s=request.now_s,
             user_vector=self.user_vector(request),
-            session_items=session_items,
+            session_items=recent,
             category_affinity=affinity,
             cart=frozenset(cart),
             typical_price=float(np.median(prices)) if len(prices) else None,
@@ -256,39 +292,53 @@ class PointInTime:
             self.training.regularization,
         )
 
-    def candidates(self, state: RequestState) -> Candidates:
-        lists = {}
-        sizes = self.training.candidates  # recorded in the manifest: serving builds the same pools
-        if state.user_vector is not None:
-            lists["als"] = als_top_n(state.user_vector, self.model.scoring_factors, self.model.item_ids, sizes.als)
-        lists["covis"] = covisited(state.session_items, self.covis, sizes.covis)
-        lists["trending"] = self.log.trending(state.now_s, sizes.trending)
-        lists["category"] = category_best(state.category_affinity, self.bestsellers, sizes.category)
-        merged = merge_sources(lists)
-        return self.describe(list(merged), [merged[i] for i in merged], state)
+    def gather(self, request: Request, state: RequestState) -> tuple[Gathered, Candidates]:
+        """The request's candidate lists and the whole pool's feature inputs, as serving builds them."""
+        self.advance(request.at)
+        lookups = EventLogLookups(self, request.now_s)
+        gathered = gather_lists(self.model, lookups, state, self.training.candidates, state.session_items)
+        item_ids, sources = pool(gathered)
+        return gathered, describe(self.model, lookups, gathered, item_ids, sources)
 
-    def describe(self, item_ids: list[str], sources: list[set[str]], state: RequestState) -> Candidates:
-        log, model = self.log, self.model
-        rows = np.asarray([log.index.get(i, -1) for i in item_ids], dtype=np.int64)
+
+@dataclass
+class EventLogLookups:
+    """Training's backend of `common.gatherer.Lookups`: the event log before one moment."""
+
+    pit: PointInTime
+    now_s: float
+
+    def covisitation(self, seeds: Collection[str]) -> Mapping[str, Mapping[str, float]]:
+        rows = {seed: self.pit.sequences.top_row(seed) for seed in seeds}
+        return {seed: row for seed, row in rows.items() if row}
+
+    def trending(self, n: int) -> Scored:
+        return self.pit.log.trending(self.now_s, n)
+
+    def bestsellers(self) -> Mapping[str, Mapping[str, float]]:
+        return self.pit.bestsellers
+
+    def new_arrivals(self, since_s: float, n: int) -> Scored:
+        log = self.pit.log
+        fresh = np.flatnonzero((log.created_s >= since_s) & (log.created_s < self.now_s))
+        fresh = fresh[np.lexsort((-log._id_rank[fresh], -log.created_s[fresh]))][:n]
+        return [(log.item_ids[i], float(log.created_s[i])) for i in fresh]
+
+    def day_counts(self, items: Sequence[str]) -> np.ndarray:
+        log = self.pit.log
+        return _counts(log, np.asarray([log.index.get(i, -1) for i in items], dtype=np.int64), self.now_s)
+
+    def items(self, items: Sequence[str]) -> ItemColumns:
+        log = self.pit.log
+        rows = np.asarray([log.index.get(i, -1) for i in items], dtype=np.int64)
         known = rows >= 0
-        vectors = np.zeros((len(item_ids), model.factors), dtype=np.float32)
-        for n, item in enumerate(item_ids):
-            j = model.item_index.get(item)
-            if j is not None:
-                vectors[n] = model.item_factors[j]
-        covis = np.asarray(
-            [sum(self.covis.get(s, {}).get(item, 0.0) for s in state.session_items) for item in item_ids]
-        )
         safe = np.where(known, rows, 0)
-        return Candidates(
-            item_ids=item_ids,
-            sources=sources,
-            item_vectors=vectors,
-            day_counts=_counts(log, rows, state.now_s),
-            covis=covis,
+        created = log.created_s[safe]
+        return ItemColumns(
             categories=[str(log.category[r]) if ok else "uncategorised" for r, ok in zip(safe, known, strict=True)],
             prices=np.where(known, log.price[safe], 0.0),
-            created_at_s=np.where(known, log.created_s[safe], 0.0),
+            # Serving dates an item missing from its catalog now; so does training.
+            created_at_s=np.where(known & np.isfinite(created), created, self.now_s),
             promoted=np.where(known, log.promoted[safe], False),
         )
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
+from common.sequence import SEQUENCE_EXCLUDED_TYPES, SequenceCounter
 from common.settings import TrainingSettings
 
 POPULARITY_SCHEMA = pa.schema([pa.field("item_id", pa.string()), pa.field("count", pa.int64())])
 COVISITATION_SCHEMA = pa.schema(
-    [pa.field("item_id", pa.string()), pa.field("other_id", pa.string()), pa.field("count", pa.int64())]
+    [pa.field("item_id", pa.string()), pa.field("other_id", pa.string()), pa.field("count", pa.float64())]
 )
+SEQUENCE_COLUMNS = ["event_id", "event_type", "session_id", "anonymous_id", "item_id", "ts", "received_at"]
 BESTSELLER_EVENTS = ("purchase", "add_to_cart")
 
 
@@ -27,24 +29,33 @@ def popularity(events: pa.Table) -> pa.Table:
         return con.sql(sql).to_arrow_table().cast(POPULARITY_SCHEMA)
 
 
-def covisitation(events: pa.Table, top_n: int) -> pa.Table:
-    """item_id, other_id, count: sessions holding both items, the top_n others per item."""
+def covisitation(events: pa.Table, top_n: int, steps: int, recent_n: int) -> pa.Table:
+    """item_id, other_id, count: ordered co-visits (`common.sequence`: `other` followed `item` within
+    `steps` items, weighted by the gap), the top_n others per item, in arrival order as the speed layer."""
+    counter = SequenceCounter(steps=steps, recent_n=recent_n, top_n=top_n)
+    counter.add_all(sequence_events(events))
+    rows = [(item, other, weight) for item, others in sorted(counter.top().items()) for other, weight in others.items()]
+    return pa.table(
+        {
+            "item_id": [r[0] for r in rows],
+            "other_id": [r[1] for r in rows],
+            "count": [r[2] for r in rows],
+        },
+        schema=COVISITATION_SCHEMA,
+    )
+
+
+def sequence_events(events: pa.Table) -> list[tuple[str, str, float]]:
+    """(session, item, ts_s) of the item events that enter a session's recent items, in arrival order."""
     with duckdb.connect() as con:
-        con.register("events", events.select(["session_id", "anonymous_id", "item_id"]))
+        con.register("events", events.select(SEQUENCE_COLUMNS))
+        excluded = ", ".join(f"'{t}'" for t in sorted(SEQUENCE_EXCLUDED_TYPES))
         sql = f"""
-            WITH s AS (
-                SELECT DISTINCT coalesce(session_id, anonymous_id) AS sid, item_id
-                FROM events WHERE item_id IS NOT NULL
-            ),
-            pairs AS (
-                SELECT a.item_id, b.item_id AS other_id, count(*) AS count
-                FROM s a JOIN s b ON a.sid = b.sid AND a.item_id <> b.item_id
-                GROUP BY a.item_id, b.item_id
-            )
-            SELECT item_id, other_id, count FROM pairs
-            QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY count DESC, other_id) <= {int(top_n)}
-            ORDER BY item_id, count DESC, other_id"""
-        return con.sql(sql).to_arrow_table().cast(COVISITATION_SCHEMA)
+            SELECT coalesce(session_id, anonymous_id) AS sid, item_id, epoch_us(ts) / 1e6 AS ts_s
+            FROM events WHERE item_id IS NOT NULL AND event_type NOT IN ({excluded})
+            ORDER BY received_at, ts, event_id"""
+        table = con.sql(sql).to_arrow_table()
+    return list(zip(table["sid"].to_pylist(), table["item_id"].to_pylist(), table["ts_s"].to_pylist(), strict=True))
 
 
 def bestsellers(events: pa.Table, catalog: pa.Table, training: TrainingSettings, top_n: int = 20) -> pa.Table:

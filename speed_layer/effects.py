@@ -32,7 +32,6 @@ from speed_layer.sender import Lane
 log = logging.getLogger(__name__)
 
 NO_SESSION = "_"  # session id of events sent without one
-COVIS_WINDOW = 5  # co-visit pairs are formed with the 5 latest session items: bounds the script's work
 BESTSELLER_EVENTS = {EventType.PURCHASE: True, EventType.ADD_TO_CART: True}
 
 
@@ -340,7 +339,7 @@ class Applier:
         return (
             events, 1 if base else 0, speed.session_ttl_s, speed.recent_items, speed.dedup_ttl_s,
             speed.affinity_half_life_s, speed.history_ttl_s, speed.purchases_kept, speed.bestsellers_top_n,
-            speed.covis_top_n, speed.dedup_ttl_s, *self.covis_template, COVIS_WINDOW,
+            speed.covis_top_n, speed.dedup_ttl_s, *self.covis_template, speed.covis_steps,
             len(models), *(m.version for m in models),
         )  # fmt: skip
 

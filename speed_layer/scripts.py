@@ -13,7 +13,7 @@ from __future__ import annotations
 # ARGV starts with the chunk's constants:
 #   1 event count  2 apply_base (1/0)  3 session_ttl  4 recent_n  5 dedup_ttl  6 affinity_half_life
 #   7 history_ttl  8 purchases_kept  9 bestsellers kept  10 covis kept  11 delta ttl
-#   12/13 prefix and suffix of a co-visitation key (around the item id)  14 covis window
+#   12/13 prefix and suffix of a co-visitation key (around the item id)  14 covis window (steps)
 #   15 nv, the number of model versions whose deltas the chunk updates (0-2)  16.. their names
 # then one block per event: EVENT_ARGS fixed values, then two per version:
 #   1 event_type  2 item  3 session  4 ts  5 weight  6 quantity  7 category
@@ -22,7 +22,8 @@ from __future__ import annotations
 #   per version: the new delta ('' : none for this event) and the event count it replaces.
 # KEYS holds one block per event: EVENT_KEYS fixed keys, then two per version:
 #   1 seen (the person's markers of the event's day)  2 recent  3 cats  4 cart  5 counts  6 sessions
-#   7 person_items  8 purchases  9 trend bucket  10 popularity day  11 category bestsellers  12 covis(item)
+#   7 person_items  8 purchases  9 trend bucket  10 popularity day  11 category bestsellers
+#   12 covis(item) (declared for Redis Cluster slot planning; the rule writes earlier items' rows)
 #   per version: delta, delta count.
 # The co-visitation keys of the session's other items are built from the template: which items
 # those are is only known here, from the session's live recent items.
@@ -64,19 +65,18 @@ local function add(map, key, member, by)
   t[member] = (t[member] or 0) + by
 end
 
--- A new item in the session pairs once with the session's latest other items.
-local function covisit(recent, item, item_key)
-  local paired = 0
+-- Ordered co-visitation (common/sequence.py is the definition): a new item in the session is
+-- added to the rows of the session's `covis_window` latest other items, the g-th latest by 1/g.
+local function covisit(recent, item)
+  local gap = 0
   for _, other in ipairs(redis.call('ZREVRANGE', recent, 0, covis_window)) do
-    if other ~= item and paired < covis_window then
-      paired = paired + 1
+    if other ~= item and gap < covis_window then
+      gap = gap + 1
       local other_key = covis_prefix .. other .. covis_suffix
-      add(zincr, item_key, other, 1)
-      add(zincr, other_key, item, 1)
+      add(zincr, other_key, item, 1 / gap)
       trims[other_key] = covis_kept
     end
   end
-  trims[item_key] = covis_kept
 end
 
 -- The session's latest activity; a session new to the person also drops the person's expired ones.
@@ -139,7 +139,7 @@ local function apply_base_effects(k, a)
   if etype ~= 'remove_from_cart' then
     local recent = KEYS[k + 2]
     if redis.call('ZADD', recent, 'GT', ts, item) == 1 then
-      covisit(recent, item, KEYS[k + 12])
+      covisit(recent, item)
       recent_trims[recent] = true
     end
     expire_in[recent] = session_ttl

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +15,7 @@ from common.lake import EVENTS_DATASET, Lake
 from common.settings import TrainingSettings
 from spark_jobs.erasure import apply_erasures
 from spark_jobs.evaluate import mrr_at_k, ndcg_at_k, recall_at_k
-from spark_jobs.gate import decide
+from spark_jobs.gate import PAIRED, decide, paired_bootstrap
 from spark_jobs.interactions import local_interactions
 from spark_jobs.quality import DataQualityError, validate_events
 
@@ -149,12 +150,37 @@ def test_ranking_metrics() -> None:
     assert 0 < ndcg_at_k(ranked, {"a", "b"}) < 1
 
 
+def _measured(mrr: float, heuristic: float, low: float, high: float) -> dict[str, dict[str, float]]:
+    paired = {"mean": mrr - heuristic, "low": low, "high": high, "sessions": 40.0}
+    return {"als_ranker": {"mrr_at_20": mrr}, "heuristic": {"mrr_at_20": heuristic}, PAIRED: paired}
+
+
 def test_gate_publishes_within_tolerance_and_rejects_beyond() -> None:
-    current = {"als_ranker": {"ndcg_at_20": 0.40}}
-    assert decide({"als_ranker": {"ndcg_at_20": 0.10}}, None, None, 0.02).publish
-    assert decide({"als_ranker": {"ndcg_at_20": 0.395}}, current, "v1", 0.02).publish
-    worse = decide({"als_ranker": {"ndcg_at_20": 0.38}}, current, "v1", 0.02)
+    current = {"als_ranker": {"mrr_at_20": 0.40}}
+    assert decide(_measured(0.10, 0.09, -0.01, 0.03), None, None, 0.02).publish
+    assert decide(_measured(0.395, 0.30, 0.05, 0.14), current, "v1", 0.02).publish
+    worse = decide(_measured(0.38, 0.30, 0.04, 0.12), current, "v1", 0.02)
     assert not worse.publish and "-5.0%" in worse.reason and "v1" in worse.reason
+
+
+def test_gate_refuses_a_ranker_that_is_worse_than_its_own_candidates() -> None:
+    """Clearly worse than the pool without the ranker (the whole interval below 0): refused, even as the first version."""
+    refused = decide(_measured(0.20, 0.30, -0.14, -0.06), None, None, 0.02)
+    assert not refused.publish and "worse than its candidates" in refused.reason
+    # Within noise (the interval holds 0), it may publish.
+    assert decide(_measured(0.29, 0.30, -0.04, 0.02), None, None, 0.02).publish
+    # Nothing measured: never published.
+    assert not decide({"als_ranker": {"mrr_at_20": 0.3}}, None, None, 0.02).publish
+
+
+def test_paired_bootstrap_resamples_sessions() -> None:
+    sessions = [f"s{i // 4}" for i in range(200)]  # 50 sessions of 4 requests
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 1, 200)
+    better = paired_bootstrap(base + 0.1, base, sessions, seed=1)
+    assert better["low"] > 0 and better["mean"] == pytest.approx(0.1) and better["sessions"] == 50
+    noise = paired_bootstrap(base + rng.normal(0, 0.3, 200), base, sessions, seed=1)
+    assert noise["low"] < 0 < noise["high"]
 
 
 def test_partitions_are_days(lake: Lake) -> None:

@@ -12,8 +12,6 @@ from common.model import load_model
 from common.registry import Registry
 from common.settings import CandidatePool, TrainingSettings
 from serving.core.model_holder import ServingModel
-from serving.core.recommender import pool_sizes
-from serving.core.rules import Rules
 
 
 def _serving_model(tmp_path: Path, parameters: dict[str, object]) -> ServingModel:
@@ -28,12 +26,11 @@ def test_a_trained_version_serves_with_its_own_constants_and_pool(tmp_path: Path
     training = TrainingSettings(alpha=3.0, regularization=0.2, candidates=CandidatePool(als=7, covis=5))
     model = _serving_model(tmp_path, {"training": training.model_dump()})  # as the pipeline records it
     assert (model.alpha, model.regularization) == (3.0, 0.2)
-    assert pool_sizes(model, Rules()) == CandidatePool(als=7, covis=5, trending=10, category=10)
+    assert model.candidate_pool == CandidatePool(als=7, covis=5)
+    assert model.candidate_pool.als != CandidatePool().als  # the recorded size, not the default
 
 
-def test_a_version_without_a_recorded_pool_uses_the_rules_file(tmp_path: Path) -> None:
+def test_a_version_without_a_recorded_pool_uses_the_default_pool(tmp_path: Path) -> None:
     model = _serving_model(tmp_path, {"alpha": 12.0})
-    rules = Rules.model_validate({"candidates": {"als": 9, "covis": 8, "trending": 7, "category": 6}})
     assert model.alpha == 12.0 and model.regularization == 0.05
-    assert pool_sizes(model, rules) == CandidatePool(als=9, covis=8, trending=7, category=6)
-    assert pool_sizes(None, rules).als == 9
+    assert model.candidate_pool == CandidatePool()

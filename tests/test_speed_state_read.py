@@ -43,7 +43,7 @@ def test_one_read_follows_the_latest_session_to_its_covisits_and_preferred_categ
     assert set(state.session_items) == {"a1", "b1", "a2"}
     assert state.cart == {"a2": 1}
     assert set(state.covisitation) == {"a1", "b1", "a2"}  # the session's own items' co-visits
-    assert state.covisitation["a1"] == {"b1": 1.0, "a2": 1.0}
+    assert state.covisitation["a1"] == {"b1": 1.0, "a2": 0.5}  # ordered: b1 next (1/1), a2 two steps on (1/2)
     assert set(state.category_bestsellers) == {"A", "B"}  # the two preferred categories, not C
     assert set(state.category_bestsellers["A"]) == {"a1", "a2"}
     assert all(0 < w < 100 for w in state.category_bestsellers["A"].values())  # decayed back to now's scale

@@ -51,10 +51,9 @@ class ServingModel:
         return float(self._parameter("regularization", 0.05))
 
     @cached_property  # read on every request: validated once per loaded version
-    def candidate_pool(self) -> CandidatePool | None:
-        """The pool sizes the version's ranker was trained on (None: a version that did not record them)."""
-        recorded = self._parameter("candidates", None)
-        return CandidatePool.model_validate(recorded) if recorded is not None else None
+    def candidate_pool(self) -> CandidatePool:
+        """The pool sizes the version's ranker was trained on (the defaults for a version that recorded none)."""
+        return CandidatePool.model_validate(self._parameter("candidates", {}))
 
     def _parameter(self, name: str, default: Any) -> Any:
         """A training parameter from the manifest (the pipeline nests them under "training")."""

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from common.candidates import Scored, als_top_n, category_best, covisited, merge_sources
-from common.features import POP_DAYS, SOURCES, Candidates, RequestState, compute_features
-from common.settings import CandidatePool
+from common.candidates import Scored, merge_sources
+from common.features import SOURCES, RequestState, compute_features
+from common.gatherer import Gathered, describe, gather_lists, heuristic_scores, rank_scores
 from common.speed_state import SpeedState, read_speed_state
 from common.vectors import fold_in
 from serving.core import metrics
 from serving.core.catalog_view import UNCATEGORISED, ItemInfo
 from serving.core.experiments import assign_variant
+from serving.core.lookups import ServingLookups
 from serving.core.model_holder import ServingModel
 from serving.core.rules import Rules
 from serving.core.state import ServingState
@@ -34,10 +35,6 @@ EXPERIMENT = "recs"
 REDIS_DOWN = "redis_unavailable: batch-only recommendations (no session, trending or stock updates)"
 NO_MODEL = "no_model: popular items from the lake"
 TOP_AFFINITY_CATEGORIES = 3
-# Candidates per requested item, at least, from the sources that may have to fill a list alone
-# (ALS; trending for the popular variant and people with no history): a long list needs a deeper
-# pool, or the per-category cap cannot fill it.
-ALS_PER_SLOT, TRENDING_PER_SLOT = 5, 3
 
 
 @dataclass(frozen=True)
@@ -104,14 +101,20 @@ def recommend(state: ServingState, req: RecRequest, now_s: float | None = None) 
 
     person = speed.person_id if speed else req.person_id
     vector = _user_vector(state, model, person, speed)
-    lists = _candidate_lists(state, model, rules, req, speed, vector, variant, now_s)
-    pool = _apply_rules(state, rules, req, speed, lists, now_s)
+    moment = _request_state(state, speed, vector, now_s)
+    lookups = ServingLookups(state, model, speed, now_s)
+    anchor = req.item_id if req.context == "product" else None
+    gathered = gather_lists(
+        model.artifacts, lookups, moment, model.candidate_pool, _seeds(req, speed, now_s),
+        anchor=anchor, personal=variant != "popular",
+    )  # fmt: skip
+    pool = _apply_rules(state, rules, req, speed, gathered.lists, now_s)
     if variant == "ranker" and model.artifacts.ranker is not None:
-        scores = _ranker_scores(state, model, pool, speed, vector, now_s)
+        scores = _ranker_scores(model, lookups, gathered, pool, moment)
     elif variant == "popular":
         scores = _source_score(pool, "trending") + 1e-3 * _source_score(pool, "new")
     else:  # als_only, or ranker on a version published without one
-        scores = _heuristic_scores(model, pool, vector)
+        scores = heuristic_scores(model.artifacts, gathered.lists, pool.item_ids, vector)
     ranked = _boost_and_diversify(state, rules, pool, scores, speed, req.k)
     return _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
 
@@ -127,7 +130,7 @@ def _read_speed(
         metrics.FALLBACKS.labels(reason="redis_unavailable").inc()
         return None
     speed_settings = state.settings.speed
-    sizes = pool_sizes(model, state.rules)
+    sizes = model.candidate_pool if model is not None else state.settings.training.candidates
     covis_items = [req.item_id] if req.context == "product" and req.item_id else None
     try:
         speed = read_speed_state(
@@ -139,7 +142,7 @@ def _read_speed(
             covis_items=covis_items,
             top_categories=TOP_AFFINITY_CATEGORIES,
             now_s=now_s,
-            trending_n=max(sizes.trending, TRENDING_PER_SLOT * req.k),
+            trending_n=sizes.trending,
             covis_n=speed_settings.covis_top_n,
             bestsellers_n=sizes.category,
             bestsellers_half_life_s=speed_settings.bestsellers_half_life_s,
@@ -178,49 +181,6 @@ def _user_vector(
 # ---------------------------------------------------------------- candidates and rules
 
 
-def _candidate_lists(
-    state: ServingState,
-    model: ServingModel,
-    rules: Rules,
-    req: RecRequest,
-    speed: SpeedState | None,
-    vector: np.ndarray | None,
-    variant: str,
-    now_s: float,
-) -> dict[str, Scored]:
-    sizes = pool_sizes(model, rules)
-    lists: dict[str, Scored] = {}
-    if variant != "popular":
-        if vector is not None:
-            als_n = max(sizes.als, ALS_PER_SLOT * req.k)
-            lists["als"] = als_top_n(vector, model.artifacts.scoring_factors, model.artifacts.item_ids, als_n)
-        if req.context == "product" and req.item_id is not None:
-            anchor = model.artifacts.item_vector(req.item_id)
-            if anchor is not None:
-                similar = als_top_n(
-                    anchor, model.artifacts.scoring_factors, model.artifacts.item_ids, sizes.als // 2
-                )
-                lists["als"] = _union(lists.get("als", []), similar)
-        lists["covis"] = covisited(_seeds(req, speed, now_s), _covis_map(model, speed, req), sizes.covis)
-        affinity = speed.category_affinity if speed else {}
-        bestsellers = speed.category_bestsellers if speed else model.category_popular
-        lists["category"] = category_best(affinity, bestsellers, sizes.category)
-    trending = speed.trending if speed and speed.trending else model.popular
-    lists["trending"] = trending[: max(sizes.trending, TRENDING_PER_SLOT * req.k)]
-    since = now_s - rules.new_arrivals.max_age_days * DAY_S
-    lists["new"] = [(i.item_id, i.created_at_s) for i in state.catalog.newest(since, rules.candidates.new_arrivals)]
-    return lists
-
-
-def pool_sizes(model: ServingModel | None, rules: Rules) -> CandidatePool:
-    """The version's own pool sizes (what its ranker learned on), else the rules file's."""
-    recorded = model.candidate_pool if model is not None else None
-    if recorded is not None:
-        return recorded
-    c = rules.candidates
-    return CandidatePool(als=c.als, covis=c.covis, trending=c.trending, category=c.category)
-
-
 def _seeds(req: RecRequest, speed: SpeedState | None, now_s: float) -> dict[str, float]:
     """Items whose co-visits become candidates, item -> recency (the product page's item counts as newest)."""
     seeds = dict(speed.session_items) if speed else {}
@@ -229,29 +189,6 @@ def _seeds(req: RecRequest, speed: SpeedState | None, now_s: float) -> dict[str,
     if req.context == "product" and req.item_id:
         seeds[req.item_id] = now_s + 1.0
     return seeds
-
-
-def _covis_map(model: ServingModel, speed: SpeedState | None, req: RecRequest) -> dict[str, dict[str, float]]:
-    """Batch co-visitation with the speed layer's live counts added on top."""
-    seeds = set(speed.session_items) if speed else set()
-    if req.item_id:
-        seeds.add(req.item_id)
-    if speed:
-        seeds |= set(speed.cart)
-    merged: dict[str, dict[str, float]] = {}
-    for seed in seeds:
-        row = dict(model.covis.get(seed, {}))
-        if speed:
-            for other, count in speed.covisitation.get(seed, {}).items():
-                row[other] = row.get(other, 0.0) + count
-        if row:
-            merged[seed] = row
-    return merged
-
-
-def _union(first: Scored, second: Scored) -> Scored:
-    seen = {i for i, _ in first}
-    return first + [(i, s) for i, s in second if i not in seen]
 
 
 def _excluded(
@@ -295,14 +232,8 @@ def _apply_rules(
         pool.item_ids.append(item)
         pool.sources.append(sources)
         pool.infos.append(info)
-    pool.source_scores = {source: _normalised(pairs) for source, pairs in lists.items()}
+    pool.source_scores = {source: rank_scores(pairs) for source, pairs in lists.items()}
     return pool
-
-
-def _normalised(pairs: Scored) -> dict[str, float]:
-    """A source's scores as ranks mapped to (0, 1]: the first item 1, the last close to 0."""
-    n = len(pairs)
-    return {item: 1.0 - rank / n for rank, (item, _) in enumerate(pairs)}
 
 
 # ---------------------------------------------------------------- scoring
@@ -313,38 +244,12 @@ def _source_score(pool: _Pool, source: str) -> np.ndarray:
     return np.array([scores.get(i, 0.0) for i in pool.item_ids], dtype=np.float64)
 
 
-def _heuristic_scores(model: ServingModel, pool: _Pool, vector: np.ndarray | None) -> np.ndarray:
-    """ALS score where there is a vector, plus every source's rank score (als_only and fallbacks)."""
-    total = np.zeros(len(pool.item_ids), dtype=np.float64)
-    for source in SOURCES:
-        total += _source_score(pool, source)
-    if vector is not None and pool.item_ids:
-        vectors = _item_vectors(model, pool.item_ids)
-        total += vectors @ vector.astype(np.float32)
-    return total
-
-
-def _item_vectors(model: ServingModel, item_ids: list[str]) -> np.ndarray:
-    index = model.artifacts.item_index
-    rows = np.array([index.get(i, -1) for i in item_ids], dtype=np.int64)
-    vectors = model.artifacts.item_factors[np.maximum(rows, 0)]
-    vectors[rows < 0] = 0.0  # fancy indexing copied, so the model's factors are untouched
-    return vectors
-
-
 def _ranker_scores(
-    state: ServingState,
-    model: ServingModel,
-    pool: _Pool,
-    speed: SpeedState | None,
-    vector: np.ndarray | None,
-    now_s: float,
+    model: ServingModel, lookups: ServingLookups, gathered: Gathered, pool: _Pool, moment: RequestState
 ) -> np.ndarray:
     if not pool.item_ids:
         return np.zeros(0)
-    features = compute_features(
-        _request_state(state, speed, vector, now_s), _candidates(state, model, pool, speed, now_s)
-    )
+    features = compute_features(moment, describe(model.artifacts, lookups, gathered, pool.item_ids, pool.sources))
     # One thread: requests run concurrently, and OpenMP fan-out per call only adds contention.
     ranker = model.artifacts.ranker
     assert ranker is not None, "the caller checks the version has a ranker"
@@ -365,38 +270,6 @@ def _request_state(
         category_affinity=speed.category_affinity,
         cart=frozenset(speed.cart),
         typical_price=float(np.median(prices)) if prices else None,
-    )
-
-
-def _candidates(
-    state: ServingState, model: ServingModel, pool: _Pool, speed: SpeedState | None, now_s: float
-) -> Candidates:
-    infos = pool.infos
-    promoted = speed.promoted if speed else frozenset()
-    if speed is not None:
-        try:
-            day_counts = state.day_counts.read(state.redis.client, pool.item_ids, now_s)
-        except redis.RedisError as exc:
-            state.redis.failed(exc)
-            day_counts = np.zeros((len(pool.item_ids), POP_DAYS))
-    else:
-        day_counts = np.zeros((len(pool.item_ids), POP_DAYS))
-    covis = pool.source_scores.get("covis", {})
-    return Candidates(
-        item_ids=pool.item_ids,
-        sources=pool.sources,
-        item_vectors=_item_vectors(model, pool.item_ids),
-        day_counts=day_counts,
-        covis=np.array([covis.get(i, 0.0) for i in pool.item_ids]),
-        categories=[info.category if info else UNCATEGORISED for info in infos],
-        prices=np.array([info.price if info else 0.0 for info in infos]),
-        created_at_s=np.array([info.created_at_s if info else now_s for info in infos]),
-        promoted=np.array(
-            [
-                i in promoted or bool(info and info.promoted)
-                for i, info in zip(pool.item_ids, infos, strict=True)
-            ]
-        ),
     )
 
 
@@ -425,15 +298,16 @@ _Row = tuple[str, float, set[str], bool, str]  # item, score, sources, promoted,
 
 
 def _pick(rules: Rules, rows: list[_Row], k: int) -> list[_Row]:
-    """The top k under the category cap, the best new arrivals placed first so the quota holds."""
-    cap = rules.diversity.max_per_category
+    """The top k under the category cap (items without a category are not capped), the best new
+    arrivals placed first so the quota holds."""
+    cap = rules.diversity.cap(k)
     per_category: dict[str, int] = {}
     chosen: list[_Row] = []
     chosen_ids: set[str] = set()
 
     def take(row: _Row) -> bool:
         category = row[4]
-        if row[0] in chosen_ids or per_category.get(category, 0) >= cap:
+        if row[0] in chosen_ids or (category != UNCATEGORISED and per_category.get(category, 0) >= cap):
             return False
         per_category[category] = per_category.get(category, 0) + 1
         chosen.append(row)
@@ -460,10 +334,9 @@ def _without_model(
     state: ServingState, rules: Rules, speed: SpeedState | None, req: RecRequest, now_s: float
 ) -> tuple[list[tuple[str, float, set[str], bool]], int]:
     """Popular items from the lake (then the catalog's newest), under the same rules and diversity."""
-    popular = state.lake_popular or [
-        (i.item_id, i.created_at_s) for i in state.catalog.newest(0.0, rules.candidates.trending)
-    ]
-    lists = {"trending": popular[: max(rules.candidates.trending, req.k * 5)]}
+    n = state.settings.training.candidates.trending
+    popular = state.lake_popular or [(i.item_id, i.created_at_s) for i in state.catalog.newest(0.0, n)]
+    lists = {"trending": popular[:n]}
     pool = _apply_rules(state, rules, req, speed, lists, now_s)
     ranked = _boost_and_diversify(state, rules, pool, _source_score(pool, "trending"), speed, req.k)
     return ranked, len(pool.item_ids)

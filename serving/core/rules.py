@@ -12,15 +12,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class CandidateSizes(_Strict):
-    # als..category apply only to versions that do not record their own pool (training.candidates).
-    als: int = Field(40, ge=0, le=5000)
-    covis: int = Field(20, ge=0, le=5000)
-    trending: int = Field(10, ge=0, le=5000)
-    category: int = Field(10, ge=0, le=5000)
-    new_arrivals: int = Field(20, ge=0, le=5000)
-
-
 class Exclusions(_Strict):
     out_of_stock: bool = True
     purchased_within_days: float = Field(30, ge=0)
@@ -33,16 +24,21 @@ class Boosts(_Strict):
 
 
 class NewArrivals(_Strict):
-    max_age_days: float = Field(14, ge=0)
+    # Which items are new arrivals (how recent, how many proposed) is part of the version's candidate
+    # pool (settings.training.candidates); this only reserves them places in the list.
     reserved_slots: int = Field(1, ge=0, le=50)
 
 
 class Diversity(_Strict):
-    max_per_category: int = Field(3, ge=1)
+    # At most this share of a list's k places for one category (at least one place). Items without a
+    # category are never capped: on a catalog without categories the cap must not empty the list.
+    max_share_per_category: float = Field(0.5, gt=0, le=1)
+
+    def cap(self, k: int) -> int:
+        return max(1, int(self.max_share_per_category * k))
 
 
 class Rules(_Strict):
-    candidates: CandidateSizes = CandidateSizes()
     exclude: Exclusions = Exclusions()
     boost: Boosts = Boosts()
     new_arrivals: NewArrivals = NewArrivals()

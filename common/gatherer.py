@@ -1,0 +1,166 @@
+"""The one candidate and feature gatherer: serving, ranker training and the offline evaluation all call it.
+
+Candidate sources, pool sizes and the feature inputs are computed here, from a small set of
+lookups (`Lookups`) that each side backs with its own store: serving with Redis and the model
+files (serving/core/recommender.py), training with the event log at a moment (spark_jobs/replay.py).
+Only the lookups differ, so what the ranker learns on is what it ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from common.candidates import Scored, als_top_n, category_best, covisited_scores, merge_sources, top_scored
+from common.features import DAY_S, Candidates, RequestState
+from common.model import ModelArtifacts
+from common.settings import CandidatePool
+
+
+@dataclass(frozen=True)
+class ItemColumns:
+    """Catalog columns of N items, aligned by position."""
+
+    categories: list[str]
+    prices: np.ndarray
+    created_at_s: np.ndarray
+    promoted: np.ndarray  # bool
+
+
+class Lookups(Protocol):
+    """What the gatherer reads at one moment."""
+
+    def covisitation(self, seeds: Collection[str]) -> Mapping[str, Mapping[str, float]]:
+        """seed -> other -> ordered co-visit weight (common/sequence.py), each row its top covis_top_n."""
+        ...
+
+    def trending(self, n: int) -> Scored: ...
+
+    def bestsellers(self) -> Mapping[str, Mapping[str, float]]:
+        """category -> item -> weight."""
+        ...
+
+    def new_arrivals(self, since_s: float, n: int) -> Scored:
+        """Items created at or after since_s, newest first (score: creation time)."""
+        ...
+
+    def day_counts(self, items: Sequence[str]) -> np.ndarray:
+        """len(items) x POP_DAYS event counts per UTC day up to the moment (features.Candidates.day_counts)."""
+        ...
+
+    def items(self, items: Sequence[str]) -> ItemColumns: ...
+
+
+@dataclass
+class Gathered:
+    """The candidate lists of one request, and the co-visit scores every feature row reads."""
+
+    lists: dict[str, Scored]
+    covis_scores: dict[str, float]  # item -> recency-weighted ordered co-visits of the seeds
+    covis_last: dict[str, float]  # item -> ordered co-visit weight from the most recent seed alone
+
+
+def gather_lists(
+    model: ModelArtifacts,
+    lookups: Lookups,
+    state: RequestState,
+    sizes: CandidatePool,
+    seeds: Mapping[str, float],
+    *,
+    anchor: str | None = None,
+    personal: bool = True,
+) -> Gathered:
+    """Every source's list, each of its fixed pool size.
+
+    `seeds`: item -> recency, the items whose followers become candidates (the session's items, and
+    the product page's or the cart's where serving asks for those). `anchor`: a product page's item,
+    whose ALS neighbours join the ALS list. `personal` False gives the non-personal pool (trending
+    and new arrivals only).
+    """
+    lists: dict[str, Scored] = {}
+    covis_scores: dict[str, float] = {}
+    covis_last: dict[str, float] = {}
+    if personal:
+        if state.user_vector is not None:
+            lists["als"] = als_top_n(state.user_vector, model.scoring_factors, model.item_ids, sizes.als)
+        if anchor is not None:
+            anchor_vector = model.item_vector(anchor)
+            if anchor_vector is not None:
+                similar = als_top_n(anchor_vector, model.scoring_factors, model.item_ids, sizes.als // 2)
+                lists["als"] = _union(lists.get("als", []), similar)
+        rows = lookups.covisitation(list(seeds))
+        covis_scores = covisited_scores(seeds, rows)
+        if seeds:
+            covis_last = dict(rows.get(max(seeds, key=lambda i: (seeds[i], i)), {}))
+        lists["covis"] = top_scored(covis_scores, sizes.covis)
+        lists["category"] = category_best(state.category_affinity, lookups.bestsellers(), sizes.category)
+    lists["trending"] = lookups.trending(sizes.trending)
+    since = state.now_s - sizes.new_max_age_days * DAY_S
+    lists["new"] = lookups.new_arrivals(since, sizes.new_arrivals)
+    return Gathered(lists, covis_scores, covis_last)
+
+
+def describe(
+    model: ModelArtifacts,
+    lookups: Lookups,
+    gathered: Gathered,
+    item_ids: list[str],
+    sources: list[set[str]],
+) -> Candidates:
+    """The feature inputs of the pool `item_ids` (after serving's rules, or all of `gathered` in training)."""
+    info = lookups.items(item_ids)
+    return Candidates(
+        item_ids=item_ids,
+        sources=sources,
+        item_vectors=item_vectors(model, item_ids),
+        day_counts=lookups.day_counts(item_ids),
+        covis=np.array([gathered.covis_scores.get(i, 0.0) for i in item_ids], dtype=np.float64),
+        covis_last=np.array([gathered.covis_last.get(i, 0.0) for i in item_ids], dtype=np.float64),
+        categories=info.categories,
+        prices=info.prices,
+        created_at_s=info.created_at_s,
+        promoted=info.promoted,
+    )
+
+
+def rank_scores(pairs: Scored) -> dict[str, float]:
+    """A source's list as ranks mapped to (0, 1]: the first item 1, the last close to 0."""
+    n = len(pairs)
+    return {item: 1.0 - rank / n for rank, (item, _) in enumerate(pairs)}
+
+
+def heuristic_scores(
+    model: ModelArtifacts, lists: Mapping[str, Scored], item_ids: Sequence[str], vector: np.ndarray | None
+) -> np.ndarray:
+    """The ranker-free score of a pool: every source's rank score summed, plus the ALS score where
+    there is a vector (serving's als_only variant; the yardstick the ranker must beat)."""
+    total = np.zeros(len(item_ids), dtype=np.float64)
+    for pairs in lists.values():
+        ranks = rank_scores(pairs)
+        total += np.array([ranks.get(i, 0.0) for i in item_ids], dtype=np.float64)
+    if vector is not None and len(item_ids):
+        total += item_vectors(model, item_ids) @ vector.astype(np.float32)
+    return total
+
+
+def pool(gathered: Gathered) -> tuple[list[str], list[set[str]]]:
+    """Every candidate once, with the sources that proposed it (training's pool: no rules)."""
+    merged = merge_sources(gathered.lists)
+    return list(merged), list(merged.values())
+
+
+def item_vectors(model: ModelArtifacts, item_ids: Sequence[str]) -> np.ndarray:
+    """N x factors; rows of zeros for items the model does not know."""
+    index = model.item_index
+    rows = np.array([index.get(i, -1) for i in item_ids], dtype=np.int64)
+    vectors = model.item_factors[np.maximum(rows, 0)] if len(rows) else np.zeros((0, model.factors), np.float32)
+    vectors[rows < 0] = 0.0  # fancy indexing copied, so the model's factors are untouched
+    return vectors
+
+
+def _union(first: Scored, second: Scored) -> Scored:
+    seen = {i for i, _ in first}
+    return first + [(i, s) for i, s in second if i not in seen]

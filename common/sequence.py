@@ -1,0 +1,80 @@
+"""Ordered co-visitation ("a followed by b within n steps, weighted by the gap"), the one definition.
+
+The speed layer's event script (speed_layer/scripts.py, `covisit`) applies this rule in Redis; the
+batch layer and ranker training apply it here, in Python, over the event log in arrival order. A
+test holds the two to the same numbers.
+
+The rule, per session: when an item enters the session's recent items for the first time, it is
+paired with the session's `steps` most recent other items (most recent first, by their latest
+event time). The g-th of them gets `follow_weight(g)` added to its row for the new item: the
+sequential-rules weight of Ludewig and Jannach (2018), "a followed by b at gap g counts 1/g".
+Items that leave the session's recent items (it keeps `recent_n`) can enter again.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+# Event types that put an item into the session's recent items (remove_from_cart does not).
+SEQUENCE_EXCLUDED_TYPES = frozenset({"remove_from_cart"})
+
+
+def follow_weight(gap: int) -> float:
+    """Weight of "b followed a, `gap` distinct items later" (gap >= 1)."""
+    return 1.0 / gap
+
+
+@dataclass
+class _Recent:
+    """One session's recent items: item -> latest event time, as the speed layer's sorted set."""
+
+    items: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SequenceCounter:
+    """Ordered co-visits over sessions, fed event by event in arrival order (the speed layer's rule)."""
+
+    steps: int
+    recent_n: int
+    top_n: int = 50  # followers kept per item where a row is read (speed.covis_top_n)
+    follows: defaultdict[str, defaultdict[str, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
+    )
+    _sessions: dict[str, _Recent] = field(default_factory=dict)
+    _top: dict[str, dict[str, float]] = field(default_factory=dict)  # rows' tops, until the row changes
+
+    def add(self, session: str, item: str, ts_s: float) -> None:
+        """One item event of `session` at `ts_s` (epoch seconds)."""
+        recent = self._sessions.setdefault(session, _Recent()).items
+        if item in recent:
+            recent[item] = max(recent[item], ts_s)  # ZADD GT: only a later time moves it
+            return
+        # Most recent first; Redis's ZREVRANGE breaks equal scores by member, descending.
+        others = sorted(recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: self.steps]
+        for gap, (other, _) in enumerate(others, start=1):
+            self.follows[other][item] += follow_weight(gap)
+            self._top.pop(other, None)
+        recent[item] = ts_s
+        if len(recent) > self.recent_n:  # keep the newest recent_n, as the script's trim does
+            kept = sorted(recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: self.recent_n]
+            self._sessions[session].items = dict(kept)
+
+    def add_all(self, events: Iterable[tuple[str, str, float]]) -> None:
+        """(session, item, ts_s) triples, in arrival order."""
+        for session, item, ts_s in events:
+            self.add(session, item, ts_s)
+
+    def top(self) -> dict[str, Mapping[str, float]]:
+        """item -> its top_n followers by weight (ties by item id), the shape serving reads."""
+        return {item: self.top_row(item) for item in self.follows}
+
+    def top_row(self, item: str) -> Mapping[str, float]:
+        """One item's top_n followers (what serving reads of a co-visitation key), cached until it changes."""
+        cached = self._top.get(item)
+        if cached is None:
+            row: Mapping[str, float] = self.follows.get(item, {})
+            cached = self._top[item] = dict(sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top_n])
+        return cached

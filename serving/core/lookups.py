@@ -1,0 +1,74 @@
+"""Serving's backend of the gatherer's lookups (`common.gatherer.Lookups`): the speed layer's Redis
+state of the request, merged with the model version's batch tables, and the live catalog."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+
+from common.candidates import Scored
+from common.features import POP_DAYS
+from common.gatherer import ItemColumns
+from common.speed_state import SpeedState
+from serving.core.catalog_view import UNCATEGORISED, ItemInfo
+from serving.core.model_holder import ServingModel
+from serving.core.state import ServingState
+
+
+@dataclass
+class ServingLookups:
+    state: ServingState
+    model: ServingModel
+    speed: SpeedState | None  # None when Redis is down: batch tables only
+    now_s: float
+
+    def covisitation(self, seeds: Collection[str]) -> Mapping[str, Mapping[str, float]]:
+        """The batch table's rows with the speed layer's live weights added on top."""
+        live = self.speed.covisitation if self.speed else {}
+        merged: dict[str, dict[str, float]] = {}
+        for seed in seeds:
+            row = dict(self.model.covis.get(seed, {}))
+            for other, weight in live.get(seed, {}).items():
+                row[other] = row.get(other, 0.0) + weight
+            if row:
+                merged[seed] = row
+        return merged
+
+    def trending(self, n: int) -> Scored:
+        live = self.speed.trending if self.speed else []
+        return (live or self.model.popular)[:n]
+
+    def bestsellers(self) -> Mapping[str, Mapping[str, float]]:
+        return self.speed.category_bestsellers if self.speed else self.model.category_popular
+
+    def new_arrivals(self, since_s: float, n: int) -> Scored:
+        return [(i.item_id, i.created_at_s) for i in self.state.catalog.newest(since_s, n)]
+
+    def day_counts(self, items: Sequence[str]) -> np.ndarray:
+        if self.speed is None:
+            return np.zeros((len(items), POP_DAYS))
+        try:
+            return self.state.day_counts.read(self.state.redis.client, items, self.now_s)
+        except redis.RedisError as exc:
+            self.state.redis.failed(exc)
+            return np.zeros((len(items), POP_DAYS))
+
+    def items(self, items: Sequence[str]) -> ItemColumns:
+        infos = [self.state.catalog.get(i) for i in items]
+        return item_columns(items, infos, self.speed.promoted if self.speed else frozenset(), self.now_s)
+
+
+def item_columns(
+    items: Sequence[str], infos: Sequence[ItemInfo | None], live_promoted: frozenset[str], now_s: float
+) -> ItemColumns:
+    return ItemColumns(
+        categories=[info.category if info else UNCATEGORISED for info in infos],
+        prices=np.array([info.price if info else 0.0 for info in infos]),
+        created_at_s=np.array([info.created_at_s if info else now_s for info in infos]),
+        promoted=np.array(
+            [i in live_promoted or bool(info and info.promoted) for i, info in zip(items, infos, strict=True)]
+        ),
+    )

@@ -1,0 +1,42 @@
+"""Business rules on a catalog without categories (a store importing bare click logs): every rule
+still lets a list fill its k places when the pool holds k items."""
+
+from __future__ import annotations
+
+from serving.core.catalog_view import UNCATEGORISED
+from serving.core.recommender import _pick
+from serving.core.rules import Diversity, NewArrivals, Rules
+
+K = 20
+
+
+def rows(n: int, category: str = UNCATEGORISED, new: set[int] | None = None) -> list[tuple[str, float, set[str], bool, str]]:
+    """n pool rows, best first; `new` marks positions proposed as new arrivals."""
+    return [
+        (f"i{j}", 1.0 - j / n, {"new"} if new and j in new else {"covis"}, False, category) for j in range(n)
+    ]
+
+
+def test_the_category_cap_skips_items_without_a_category() -> None:
+    picked = _pick(Rules(), rows(50), K)
+    assert len(picked) == K
+    assert [r[0] for r in picked] == [f"i{j}" for j in range(K)]  # the best k, in order
+
+
+def test_the_cap_is_a_share_of_k_for_categorised_items() -> None:
+    one_category = rows(50, category="shoes")
+    assert len(_pick(Rules(), one_category, K)) == Diversity().cap(K) == 10
+    strict = Rules(diversity=Diversity(max_share_per_category=0.15))
+    assert len(_pick(strict, one_category, K)) == 3
+    assert len(_pick(strict, one_category + rows(50)[:30], K)) == K  # uncategorised items fill the rest
+
+
+def test_the_new_arrival_quota_keeps_k_items_on_a_catalog_without_categories() -> None:
+    pool = rows(40, new={35, 36})
+    picked = _pick(Rules(new_arrivals=NewArrivals(reserved_slots=2)), pool, K)
+    assert len(picked) == K
+    assert {"i35", "i36"} <= {r[0] for r in picked}
+
+
+def test_a_short_pool_gives_every_item_it_has() -> None:
+    assert len(_pick(Rules(), rows(7), K)) == 7

@@ -19,6 +19,10 @@ from common.features import DAY_S, Candidates, RequestState
 from common.model import ModelArtifacts
 from common.settings import CandidatePool
 
+# Bestsellers are read for the session's this many preferred categories (serving's one Redis read
+# fetches exactly these).
+TOP_AFFINITY_CATEGORIES = 3
+
 
 @dataclass(frozen=True)
 class ItemColumns:
@@ -39,8 +43,8 @@ class Lookups(Protocol):
 
     def trending(self, n: int) -> Scored: ...
 
-    def bestsellers(self) -> Mapping[str, Mapping[str, float]]:
-        """category -> item -> weight."""
+    def bestsellers(self, categories: Sequence[str], n: int) -> Mapping[str, Mapping[str, float]]:
+        """category -> its top n items -> weight, for the given categories."""
         ...
 
     def new_arrivals(self, since_s: float, n: int) -> Scored:
@@ -96,7 +100,9 @@ def gather_lists(
         if seeds:
             covis_last = dict(rows.get(max(seeds, key=lambda i: (seeds[i], i)), {}))
         lists["covis"] = top_scored(covis_scores, sizes.covis)
-        lists["category"] = category_best(state.category_affinity, lookups.bestsellers(), sizes.category)
+        preferred = preferred_categories(state.category_affinity)
+        bestsellers = lookups.bestsellers(preferred, sizes.category) if preferred else {}
+        lists["category"] = category_best(state.category_affinity, bestsellers, sizes.category)
     lists["trending"] = lookups.trending(sizes.trending)
     since = state.now_s - sizes.new_max_age_days * DAY_S
     lists["new"] = lookups.new_arrivals(since, sizes.new_arrivals)
@@ -124,6 +130,12 @@ def describe(
         created_at_s=info.created_at_s,
         promoted=info.promoted,
     )
+
+
+def preferred_categories(affinity: Mapping[str, float]) -> list[str]:
+    """The categories with the highest positive affinity, best first (ties by name)."""
+    positive = [(c, w) for c, w in affinity.items() if w > 0]
+    return [c for c, _ in sorted(positive, key=lambda cw: (-cw[1], cw[0]))[:TOP_AFFINITY_CATEGORIES]]
 
 
 def rank_scores(pairs: Scored) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""The compared strategies: each one a configuration of the same serving code (variant, rules, speed state)."""
+"""The compared strategies: each one a configuration of the same serving code (variant, rules, speed state),
+and the reference algorithms scored next to them (evaluation/references.py), which are not served."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from common.settings import ExperimentSettings, Settings
+from evaluation.references import REFERENCES
 from serving.core.rules import Boosts, Diversity, Exclusions, NewArrivals, Rules, load_rules
 
 
@@ -30,19 +32,22 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("batch+speed+ranker", "ranker", speed=True, business_rules=False),
     )
 }
-DEFAULT_STRATEGIES = ("popular", "batch", "batch+speed", "full")
+# Not served: fitted on the training sessions and scored on the same targets in the main process.
+REFERENCE_NAMES = tuple(REFERENCES)  # sknn (session-kNN), sr (sequential rules)
+STRATEGY_NAMES = (*STRATEGIES, *REFERENCE_NAMES)  # what --strategies accepts
+DEFAULT_STRATEGIES = ("popular", "batch", "batch+speed", "full", "sknn", "sr")
 # Relative serving cost of one list (measured on Online Retail), to balance strategies over processes.
 SERVE_COST = {"popular": 2.0, "batch": 1.0, "batch+speed": 3.0, "full": 4.0, "batch+speed+ranker": 4.0}
 
 
 def without_business_rules(rules: Rules) -> Rules:
-    """The candidate sizes of `rules` and nothing else: no exclusions, boosts, new-arrival slots or cap."""
+    """No business rules: no exclusions, boosts, new-arrival slots or category cap (the candidate pool
+    belongs to the model version, so it is the same with and without rules)."""
     return Rules(
-        candidates=rules.candidates,
         exclude=Exclusions(out_of_stock=False, purchased_within_days=0, in_cart=False, seen_in_session=False),
         boost=Boosts(promoted=0.0),
         new_arrivals=NewArrivals(reserved_slots=0),
-        diversity=Diversity(max_per_category=10_000),
+        diversity=Diversity(max_share_per_category=1.0),
     )
 
 

@@ -11,6 +11,7 @@ The same requests drive ranker training, early stopping and the offline evaluati
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,14 +27,15 @@ from common.lake import Lake
 from common.model import ModelArtifacts
 from common.sequence import SEQUENCE_EXCLUDED_TYPES, SequenceCounter
 from common.settings import SpeedSettings, TrainingSettings
+from common.speed_state import forward_decay, trending_decay_weights
 from common.vectors import fold_in
 from spark_jobs import tables
 
 NEXT_ITEM, NEXT_ITEM_BOUGHT, LATER_ITEM = 2, 3, 1
 LATER_ITEMS = 5  # the session's new items after the next one that are labelled LATER_ITEM
+BESTSELLER_TYPES = frozenset({"add_to_cart", "purchase"})  # as speed_layer/effects.py
 SCORED_TYPES = frozenset({"view", "click", "add_to_cart", "purchase", "wishlist"})  # as evaluation/protocol.py
-LOG_COLUMNS = ["event_id", "event_type", "ts", "anonymous_id", "user_id", "session_id", "item_id", "dwell_ms"]
-TRENDING_WINDOW_S = DAY_S
+LOG_COLUMNS = ["event_id", "event_type", "ts", "anonymous_id", "user_id", "session_id", "item_id", "dwell_ms", "quantity"]
 ITEM_KEY = 10**13  # > any epoch time in ms until the year 2286; items up to 900k fit in int64
 
 
@@ -58,8 +60,9 @@ class EventLog:
     event_type: np.ndarray  # str
     ts_s: np.ndarray  # float64 epoch seconds
     weight: np.ndarray  # implicit weight r per event
+    quantity: np.ndarray  # per event (1 where none was sent)
     raw: pa.Table  # the events as read (for the tables module)
-    category: np.ndarray  # per item
+    category: np.ndarray  # per item; '' where the catalog has none (the speed layer's category then)
     price: np.ndarray  # per item
     created_s: np.ndarray  # per item; inf for items missing from the catalog
     promoted: np.ndarray  # per item
@@ -89,18 +92,22 @@ class EventLog:
     def day_counts(self, items: np.ndarray, now_s: float) -> np.ndarray:
         """len(items) x POP_DAYS event counts per UTC day, day(now)-7 .. day(now), only events before now."""
         first_day = day_index(now_s) - (POP_DAYS - 1)
-        bounds_ms = np.append(np.arange(first_day, first_day + POP_DAYS) * int(DAY_S) * 1000, int(np.ceil(now_s * 1000)))
+        bounds_ms = np.append(np.arange(first_day, first_day + POP_DAYS) * int(DAY_S) * 1000, int(np.floor(now_s * 1000)))  # events before now: not the one at now
         keys = items[:, None] * ITEM_KEY + bounds_ms[None, :]
         cuts = np.searchsorted(self._item_time, keys.ravel()).reshape(keys.shape)
         return np.diff(cuts, axis=1).astype(np.float64)
 
-    def trending(self, now_s: float, n: int) -> list[tuple[str, float]]:
-        """The items with the most events in the 24 h before now (ties by item id)."""
-        lo, hi = np.searchsorted(self.ts_s, [now_s - TRENDING_WINDOW_S, now_s])
-        counts = np.bincount(self.item[lo:hi], minlength=len(self.item_ids))
-        top = np.flatnonzero(counts)
-        top = top[np.lexsort((self._id_rank[top], -counts[top]))[:n]]
-        return [(self.item_ids[i], float(counts[i])) for i in top]
+    def trending(self, now_s: float, n: int, speed: SpeedSettings) -> list[tuple[str, float]]:
+        """The speed layer's trending list at `now_s`: implicit weights per time bucket, buckets decayed
+        by age (`common.speed_state.trending_decay_weights`); ties as Redis's ZREVRANGE (id descending)."""
+        weights = trending_decay_weights(now_s, speed.trending_bucket_s, speed.trending_window_s, speed.trending_half_life_s)
+        lo, hi = np.searchsorted(self.ts_s, [min(weights), now_s])
+        starts = (self.ts_s[lo:hi] // speed.trending_bucket_s) * speed.trending_bucket_s
+        per_event = self.weight[lo:hi] * np.array([weights.get(int(b), 0.0) for b in starts])
+        scores = np.bincount(self.item[lo:hi], weights=per_event, minlength=len(self.item_ids))
+        top = np.flatnonzero(scores > 0)
+        top = top[np.lexsort((-self._id_rank[top], -scores[top]))[:n]]
+        return [(self.item_ids[i], float(scores[i])) for i in top]
 
     def person_rows(self, person: str, start_s: float, end_s: float) -> np.ndarray:
         rows = self._by_person.get(person)
@@ -127,7 +134,8 @@ def load_log(lake: Lake, end: datetime, training: TrainingSettings) -> EventLog:
             )
             SELECT coalesce(e.user_id, a.user_id, e.anonymous_id) AS person_id,
                    coalesce(e.session_id, e.anonymous_id) AS sid,
-                   e.item_id, e.event_type, epoch_us(e.ts) / 1e6 AS ts_s, e.dwell_ms
+                   e.item_id, e.event_type, epoch_us(e.ts) / 1e6 AS ts_s, e.dwell_ms,
+                   coalesce(e.quantity, 1) AS quantity
             FROM events e LEFT JOIN alias a USING (anonymous_id)
             WHERE e.item_id IS NOT NULL
             ORDER BY ts_s, e.event_id
@@ -150,8 +158,9 @@ def load_log(lake: Lake, end: datetime, training: TrainingSettings) -> EventLog:
         event_type=types,
         ts_s=resolved["ts_s"].to_numpy().astype(np.float64),
         weight=np.asarray([implicit_weight(t, d, training) for t, d in zip(types, dwell, strict=True)]),
+        quantity=resolved["quantity"].to_numpy().astype(np.float64),
         raw=events.filter(pa.array([i is not None for i in events["item_id"].to_pylist()])),
-        category=np.asarray(catalog["category"].fill_null("uncategorised").to_pylist() + ["uncategorised"] * n_extra),
+        category=np.asarray(catalog["category"].fill_null("").to_pylist() + [""] * n_extra),
         price=np.append(catalog["price"].fill_null(0.0).to_numpy(), np.zeros(n_extra)),
         created_s=np.append(created, np.full(n_extra, np.inf)),  # not in the catalog: no creation time
         promoted=np.append(catalog["promoted"].fill_null(False).to_numpy(zero_copy_only=False), np.zeros(n_extra, bool)),
@@ -192,50 +201,57 @@ def build_requests(log: EventLog, start_s: float, end_s: float, limit: int, seed
 
 @dataclass
 class PointInTime:
-    """What a request may see: the event log up to its moment, the dev model, and tables as of the window start.
+    """What a request may see: the event log up to its moment and the dev model.
 
-    Requests must be asked in log order (`build_requests` returns them so): the ordered co-visits
-    (`common.sequence`, the speed layer's rule) are counted forward through the log as they go.
+    Requests must be asked in log order (`build_requests` returns them so): what the speed layer
+    keeps live (ordered co-visits, `common.sequence`; forward-decayed category bestsellers) is
+    counted forward through the log as they go, by the speed layer's rules.
     """
 
     log: EventLog
     model: ModelArtifacts
     training: TrainingSettings
     speed: SpeedSettings
-    bestsellers: dict[str, dict[str, float]]
     popular: list[str]  # most popular items in the 7 days before the window (the baseline)
     sequences: SequenceCounter = field(init=False)
+    # category -> item -> forward-decayed weight (`common.speed_state.forward_decay`), as the speed layer's sets
+    _bestsellers: defaultdict[str, defaultdict[str, float]] = field(init=False)
     _cursor: int = field(default=0, init=False)  # log rows before this one are counted
 
     def __post_init__(self) -> None:
         speed = self.speed
         self.sequences = SequenceCounter(steps=speed.covis_steps, recent_n=speed.recent_items, top_n=speed.covis_top_n)
+        self._bestsellers = defaultdict(lambda: defaultdict(float))
 
     @classmethod
     def at(
         cls, log: EventLog, model: ModelArtifacts, training: TrainingSettings, speed: SpeedSettings, start_s: float
     ) -> PointInTime:
         history = log.before(start_s)
-        catalog_table = pa.table({"item_id": log.item_ids, "category": log.category.tolist()})
         recent = history.filter(
             pa.array(np.asarray(history["ts"].cast(pa.int64()).to_numpy()) / 1e6 >= start_s - 7 * DAY_S)
         )
-        return cls(
-            log=log,
-            model=model,
-            training=training,
-            speed=speed,
-            bestsellers=tables.nested(tables.bestsellers(history, catalog_table, training), "category", "item_id", "score"),
-            popular=tables.popularity(recent)["item_id"].to_pylist(),
-        )
+        return cls(log=log, model=model, training=training, speed=speed, popular=tables.popularity(recent)["item_id"].to_pylist())
 
     def advance(self, to_row: int) -> None:
-        """Count the log's events before `to_row` into the ordered co-visits."""
-        log = self.log
+        """Count the log's events before `to_row` as the speed layer would have applied them."""
+        log, half_life = self.log, self.speed.bestsellers_half_life_s
         for r in range(self._cursor, to_row):
-            if str(log.event_type[r]) not in SEQUENCE_EXCLUDED_TYPES:
-                self.sequences.add(str(log.session[r]), log.item_ids[log.item[r]], float(log.ts_s[r]))
+            kind, item = str(log.event_type[r]), int(log.item[r])
+            if kind not in SEQUENCE_EXCLUDED_TYPES:
+                self.sequences.add(str(log.session[r]), log.item_ids[item], float(log.ts_s[r]))
+            category = str(log.category[item])
+            if kind in BESTSELLER_TYPES and category:
+                weight = log.weight[r] * log.quantity[r] * forward_decay(float(log.ts_s[r]), half_life)
+                self._bestsellers[category][log.item_ids[item]] += float(weight)
         self._cursor = max(self._cursor, to_row)
+
+    def bestsellers(self, category: str, n: int, now_s: float) -> dict[str, float]:
+        """A category's top n items, decayed to `now_s` (ties as Redis's ZREVRANGE: id descending)."""
+        row = self._bestsellers.get(category, {})
+        scale = 1.0 / forward_decay(now_s, self.speed.bestsellers_half_life_s)
+        top = sorted(row.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:n]
+        return {item: weight * scale for item, weight in top if weight > 0}
 
     def state(self, request: Request) -> RequestState:
         """What the speed layer would hold for the request (recent items, decayed affinity, cart)."""
@@ -313,15 +329,16 @@ class EventLogLookups:
         return {seed: row for seed, row in rows.items() if row}
 
     def trending(self, n: int) -> Scored:
-        return self.pit.log.trending(self.now_s, n)
+        return self.pit.log.trending(self.now_s, n, self.pit.speed)
 
-    def bestsellers(self) -> Mapping[str, Mapping[str, float]]:
-        return self.pit.bestsellers
+    def bestsellers(self, categories: Sequence[str], n: int) -> Mapping[str, Mapping[str, float]]:
+        found = {c: self.pit.bestsellers(c, n, self.now_s) for c in categories}
+        return {c: row for c, row in found.items() if row}
 
     def new_arrivals(self, since_s: float, n: int) -> Scored:
         log = self.pit.log
         fresh = np.flatnonzero((log.created_s >= since_s) & (log.created_s < self.now_s))
-        fresh = fresh[np.lexsort((-log._id_rank[fresh], -log.created_s[fresh]))][:n]
+        fresh = fresh[np.lexsort((log._id_rank[fresh], -log.created_s[fresh]))][:n]  # ties by id, as serving
         return [(log.item_ids[i], float(log.created_s[i])) for i in fresh]
 
     def day_counts(self, items: Sequence[str]) -> np.ndarray:
@@ -335,7 +352,8 @@ class EventLogLookups:
         safe = np.where(known, rows, 0)
         created = log.created_s[safe]
         return ItemColumns(
-            categories=[str(log.category[r]) if ok else "uncategorised" for r, ok in zip(safe, known, strict=True)],
+            # Serving's catalog view names a missing category so (serving.core.catalog_view.UNCATEGORISED).
+            categories=[str(log.category[r]) or "uncategorised" if ok else "uncategorised" for r, ok in zip(safe, known, strict=True)],
             prices=np.where(known, log.price[safe], 0.0),
             # Serving dates an item missing from its catalog now; so does training.
             created_at_s=np.where(known & np.isfinite(created), created, self.now_s),

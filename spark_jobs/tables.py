@@ -1,4 +1,4 @@
-"""Batch-side tables shared with serving: item popularity, co-visitation and category bestsellers.
+"""Batch-side tables shared with serving: item popularity and ordered co-visitation.
 
 Computed with DuckDB over Arrow event tables, both for the published artifacts (everything
 before the cutoff) and point-in-time for ranker training (everything before a window starts).
@@ -10,14 +10,12 @@ import duckdb
 import pyarrow as pa
 
 from common.sequence import SEQUENCE_EXCLUDED_TYPES, SequenceCounter
-from common.settings import TrainingSettings
 
 POPULARITY_SCHEMA = pa.schema([pa.field("item_id", pa.string()), pa.field("count", pa.int64())])
 COVISITATION_SCHEMA = pa.schema(
     [pa.field("item_id", pa.string()), pa.field("other_id", pa.string()), pa.field("count", pa.float64())]
 )
 SEQUENCE_COLUMNS = ["event_id", "event_type", "session_id", "anonymous_id", "item_id", "ts", "received_at"]
-BESTSELLER_EVENTS = ("purchase", "add_to_cart")
 
 
 def popularity(events: pa.Table) -> pa.Table:
@@ -56,24 +54,6 @@ def sequence_events(events: pa.Table) -> list[tuple[str, str, float]]:
             ORDER BY received_at, ts, event_id"""
         table = con.sql(sql).to_arrow_table()
     return list(zip(table["sid"].to_pylist(), table["item_id"].to_pylist(), table["ts_s"].to_pylist(), strict=True))
-
-
-def bestsellers(events: pa.Table, catalog: pa.Table, training: TrainingSettings, top_n: int = 20) -> pa.Table:
-    """category, item_id, score: carts and purchases weighted by type, the top_n items per category."""
-    weights = ", ".join(f"('{t}', {float(training.weights.get(t, 0.0))!r})" for t in BESTSELLER_EVENTS)
-    with duckdb.connect() as con:
-        con.register("events", events.select(["event_type", "item_id"]))
-        con.register("catalog", catalog.select(["item_id", "category"]))
-        sql = f"""
-            WITH w(event_type, weight) AS (VALUES {weights}),
-            scored AS (
-                SELECT c.category, e.item_id, sum(w.weight) AS score
-                FROM events e JOIN w USING (event_type) JOIN catalog c USING (item_id)
-                GROUP BY c.category, e.item_id
-            )
-            SELECT category, item_id, score FROM scored
-            QUALIFY row_number() OVER (PARTITION BY category ORDER BY score DESC, item_id) <= {int(top_n)}"""
-        return con.sql(sql).to_arrow_table()
 
 
 def nested(table: pa.Table, key: str, other: str, value: str) -> dict[str, dict[str, float]]:

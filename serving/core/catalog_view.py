@@ -96,4 +96,5 @@ class CatalogView:
             self._reindex()
 
     def _reindex(self) -> None:
-        self._newest = sorted(self._items.values(), key=lambda i: i.created_at_s, reverse=True)[:2000]
+        # Newest first, ties by item id: the order ranker training gives new arrivals (spark_jobs/replay.py).
+        self._newest = sorted(self._items.values(), key=lambda i: (-i.created_at_s, i.item_id))[:2000]

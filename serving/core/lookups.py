@@ -41,8 +41,10 @@ class ServingLookups:
         live = self.speed.trending if self.speed else []
         return (live or self.model.popular)[:n]
 
-    def bestsellers(self) -> Mapping[str, Mapping[str, float]]:
-        return self.speed.category_bestsellers if self.speed else self.model.category_popular
+    def bestsellers(self, categories: Sequence[str], n: int) -> Mapping[str, Mapping[str, float]]:
+        """The speed layer read the preferred categories' top n already; the batch table when Redis is down."""
+        source = self.speed.category_bestsellers if self.speed else self.model.category_popular
+        return {c: dict(list(source[c].items())[:n]) for c in categories if c in source}
 
     def new_arrivals(self, since_s: float, n: int) -> Scored:
         return [(i.item_id, i.created_at_s) for i in self.state.catalog.newest(since_s, n)]

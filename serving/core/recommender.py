@@ -16,8 +16,15 @@ import numpy as np
 import redis
 
 from common.candidates import Scored, merge_sources
-from common.features import SOURCES, RequestState, compute_features
-from common.gatherer import Gathered, describe, gather_lists, heuristic_scores, rank_scores
+from common.features import SOURCES, Candidates, RequestState, compute_features
+from common.gatherer import (
+    TOP_AFFINITY_CATEGORIES,
+    Gathered,
+    describe,
+    gather_lists,
+    heuristic_scores,
+    rank_scores,
+)
 from common.speed_state import SpeedState, read_speed_state
 from common.vectors import fold_in
 from serving.core import metrics
@@ -34,7 +41,6 @@ DAY_S = 86_400.0
 EXPERIMENT = "recs"
 REDIS_DOWN = "redis_unavailable: batch-only recommendations (no session, trending or stock updates)"
 NO_MODEL = "no_model: popular items from the lake"
-TOP_AFFINITY_CATEGORIES = 3
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ def recommend(state: ServingState, req: RecRequest, now_s: float | None = None) 
     rules = state.rules
     degraded: list[str] = []
 
-    speed = _read_speed(state, req, model, now_s)
+    speed = read_speed(state, req, model, now_s)
     if speed is None:
         degraded.append(REDIS_DOWN)
     if model is None:
@@ -99,6 +105,37 @@ def recommend(state: ServingState, req: RecRequest, now_s: float | None = None) 
         ranked, n_candidates = _without_model(state, rules, speed, req, now_s)
         return _finish(state, req, variant, None, degraded, ranked, n_candidates)
 
+    request = gather_request(state, model, req, speed, personal=variant != "popular", now_s=now_s)
+    pool = _apply_rules(state, rules, req, speed, request.gathered.lists, now_s)
+    if variant == "ranker" and model.artifacts.ranker is not None:
+        scores = _ranker_scores(model, request, pool)
+    elif variant == "popular":
+        scores = _source_score(pool, "trending") + 1e-3 * _source_score(pool, "new")
+    else:  # als_only, or ranker on a version published without one
+        scores = heuristic_scores(model.artifacts, request.gathered.lists, pool.item_ids, request.moment.user_vector)
+    ranked = _boost_and_diversify(state, rules, pool, scores, speed, req.k)
+    return _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
+
+
+@dataclass
+class GatheredRequest:
+    """One request's candidate lists and what its feature rows are built from (before the rules)."""
+
+    moment: RequestState
+    lookups: ServingLookups
+    gathered: Gathered
+
+
+def gather_request(
+    state: ServingState,
+    model: ServingModel,
+    req: RecRequest,
+    speed: SpeedState | None,
+    *,
+    personal: bool,
+    now_s: float,
+) -> GatheredRequest:
+    """The gatherer (common/gatherer.py) on serving's lookups: what ranker training builds from the log."""
     person = speed.person_id if speed else req.person_id
     vector = _user_vector(state, model, person, speed)
     moment = _request_state(state, speed, vector, now_s)
@@ -106,23 +143,19 @@ def recommend(state: ServingState, req: RecRequest, now_s: float | None = None) 
     anchor = req.item_id if req.context == "product" else None
     gathered = gather_lists(
         model.artifacts, lookups, moment, model.candidate_pool, _seeds(req, speed, now_s),
-        anchor=anchor, personal=variant != "popular",
+        anchor=anchor, personal=personal,
     )  # fmt: skip
-    pool = _apply_rules(state, rules, req, speed, gathered.lists, now_s)
-    if variant == "ranker" and model.artifacts.ranker is not None:
-        scores = _ranker_scores(model, lookups, gathered, pool, moment)
-    elif variant == "popular":
-        scores = _source_score(pool, "trending") + 1e-3 * _source_score(pool, "new")
-    else:  # als_only, or ranker on a version published without one
-        scores = heuristic_scores(model.artifacts, gathered.lists, pool.item_ids, vector)
-    ranked = _boost_and_diversify(state, rules, pool, scores, speed, req.k)
-    return _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
+    return GatheredRequest(moment, lookups, gathered)
+
+
+def feature_inputs(model: ServingModel, request: GatheredRequest, item_ids: list[str], sources: list[set[str]]) -> Candidates:
+    return describe(model.artifacts, request.lookups, request.gathered, item_ids, sources)
 
 
 # ---------------------------------------------------------------- reads
 
 
-def _read_speed(
+def read_speed(
     state: ServingState, req: RecRequest, model: ServingModel | None, now_s: float
 ) -> SpeedState | None:
     """The speed layer's state for this request, or None when Redis is down (then the breaker skips it)."""
@@ -244,12 +277,10 @@ def _source_score(pool: _Pool, source: str) -> np.ndarray:
     return np.array([scores.get(i, 0.0) for i in pool.item_ids], dtype=np.float64)
 
 
-def _ranker_scores(
-    model: ServingModel, lookups: ServingLookups, gathered: Gathered, pool: _Pool, moment: RequestState
-) -> np.ndarray:
+def _ranker_scores(model: ServingModel, request: GatheredRequest, pool: _Pool) -> np.ndarray:
     if not pool.item_ids:
         return np.zeros(0)
-    features = compute_features(moment, describe(model.artifacts, lookups, gathered, pool.item_ids, pool.sources))
+    features = compute_features(request.moment, feature_inputs(model, request, pool.item_ids, pool.sources))
     # One thread: requests run concurrently, and OpenMP fan-out per call only adds contention.
     ranker = model.artifacts.ranker
     assert ranker is not None, "the caller checks the version has a ranker"

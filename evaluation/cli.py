@@ -32,9 +32,10 @@ def replay(
     strategies: Annotated[
         str,
         typer.Option(
-            help="Comma-separated: popular, batch, batch+speed, full (the default), batch+speed+ranker."
+            help="Comma-separated: popular, batch, batch+speed, full, sknn, sr (the default), batch+speed+ranker. "
+            "sknn (session-kNN) and sr (sequential rules) are reference algorithms, not served."
         ),
-    ] = "popular,batch,batch+speed,full",
+    ] = "popular,batch,batch+speed,full,sknn,sr",
     engine: Annotated[
         str, typer.Option(help="ALS engine of the batch layer: implicit or spark.")
     ] = "implicit",
@@ -64,11 +65,11 @@ def replay(
     from common.settings import SettingsError, get_settings
     from evaluation.protocol import Protocol
     from evaluation.replay import ReplayConfig, run_replay
-    from evaluation.strategies import STRATEGIES
+    from evaluation.strategies import STRATEGY_NAMES
 
     names = tuple(s.strip() for s in strategies.split(",") if s.strip())
-    if not names or any(s not in STRATEGIES for s in names):
-        raise typer.BadParameter(f"choose from {', '.join(STRATEGIES)}", param_hint="--strategies")
+    if not names or any(s not in STRATEGY_NAMES for s in names):
+        raise typer.BadParameter(f"choose from {', '.join(STRATEGY_NAMES)}", param_hint="--strategies")
     if engine not in ("implicit", "spark"):
         raise typer.BadParameter("implicit or spark", param_hint="--engine")
     if not lake.exists():
@@ -94,6 +95,12 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"{'strategy':<20}" + "".join(f"{header:>10}" for header in COLUMNS.values())]
     for name, row in report["strategies"].items():
         lines.append(f"{name:<20}" + "".join(f"{row[key]:>10}" for key in COLUMNS))
+    references = report.get("reference_strategies") or []
+    if references:
+        lines.append(
+            f"{', '.join(references)}: reference algorithms, not the product "
+            "(evaluation/references.py: never served, scored on the same targets)"
+        )
     counts = report["protocol"]
     lines += [
         "",
@@ -105,7 +112,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['events_replayed']} events replayed after {report['warmup_events']} warm-up events",
         f"train {report['train_s']} s, replay {report['replay_s']} s in {report['workers']} process(es) "
         f"({report['predictions_per_s']} lists/s), "
-        f"wall {report['wall_s']} s",
+        + (f"references {report['references_s']} s, " if references else "")
+        + f"wall {report['wall_s']} s",
     ]
     return "\n".join(lines)
 

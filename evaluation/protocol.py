@@ -53,23 +53,7 @@ def select_targets(
     items the batch model was trained on.
     """
     counts: dict[str, int] = {}
-    data = events[events["event_type"].isin(SCORED_TYPES) & events["session_id"].notna()]
-    data = data[["event_id", "event_type", "session_id", "item_id", "t"]].reset_index(drop=True)
-    counts["item_events"] = len(data)
-    counts["sessions"] = data["session_id"].nunique()
-
-    data = _keep_sessions_with(data, protocol.min_session_events)
-    data = _keep_items_with(data, protocol.min_item_events)
-    data = _keep_sessions_with(data, protocol.min_session_events)
-    counts["sessions_after_filters"] = data["session_id"].nunique()
-
-    starts = data.groupby("session_id", sort=False)["t"].transform("min")
-    test = data[starts >= cutoff_s]
-    counts["test_sessions"] = test["session_id"].nunique()
-    test = test[test["item_id"].isin(set(train_items))]
-    test = _keep_sessions_with(test, protocol.min_session_events)
-    counts["test_sessions_scored"] = test["session_id"].nunique()
-    counts["test_events"] = len(test)
+    test = _test_events(_filtered(events, protocol, counts), cutoff_s, train_items, protocol, counts)
 
     repeat = test.duplicated(["session_id", "item_id"], keep="first")
     first = ~test["session_id"].duplicated(keep="first")
@@ -94,6 +78,71 @@ def sample_sessions(test: TestSet, max_sessions: int | None, seed: int) -> TestS
     counts["test_sessions_eligible"] = test.counts["test_sessions_scored"]
     counts["purchase_targets"] = int(targets["purchased"].sum())
     return TestSet(targets=targets, counts=counts)
+
+
+def training_sessions(events: pd.DataFrame, cutoff_s: float, protocol: Protocol = Protocol()) -> list[list[str]]:
+    """The item sequences of the sessions whose protocol events all arrived before the cutoff.
+
+    `events` as for `select_targets`. Each session is its items in arrival order, repeats kept; the
+    sessions are ordered by their last event, oldest first (ties keep the order they started in).
+    """
+    data = _filtered(events, protocol, {})
+    train = data[data.groupby("session_id", sort=False)["t"].transform("max") < cutoff_s]
+    grouped = train.groupby("session_id", sort=False)
+    last = grouped["t"].max().sort_values(kind="stable")
+    items = grouped["item_id"].agg(list).to_dict()
+    return [items[session] for session in last.index]
+
+
+def target_prefixes(
+    events: pd.DataFrame,
+    test: TestSet,
+    cutoff_s: float,
+    train_items: Collection[str],
+    protocol: Protocol = Protocol(),
+) -> list[list[str]]:
+    """Per row of `test.targets`, in order: the items of its session's protocol events before it.
+
+    The protocol events of a test session are those `select_targets` kept (known, frequent items),
+    repeats included; `events`, `cutoff_s`, `train_items` and `protocol` must be the ones `test` came from.
+    """
+    kept = _test_events(_filtered(events, protocol, {}), cutoff_s, train_items, protocol, {})
+    position = kept.groupby("session_id", sort=False).cumcount()
+    where = dict(zip(kept["event_id"], zip(kept["session_id"], position, strict=True), strict=True))
+    items = kept.groupby("session_id", sort=False)["item_id"].agg(list).to_dict()
+    prefixes = []
+    for event_id in test.targets["event_id"]:
+        session, before = where[event_id]
+        prefixes.append(items[session][:before])
+    return prefixes
+
+
+def _filtered(events: pd.DataFrame, protocol: Protocol, counts: dict[str, int]) -> pd.DataFrame:
+    """The item events with a session after GRU4Rec's filters: sessions of 1, rare items, sessions left short."""
+    data = events[events["event_type"].isin(SCORED_TYPES) & events["session_id"].notna()]
+    data = data[["event_id", "event_type", "session_id", "item_id", "t"]].reset_index(drop=True)
+    counts["item_events"] = len(data)
+    counts["sessions"] = data["session_id"].nunique()
+
+    data = _keep_sessions_with(data, protocol.min_session_events)
+    data = _keep_items_with(data, protocol.min_item_events)
+    data = _keep_sessions_with(data, protocol.min_session_events)
+    counts["sessions_after_filters"] = data["session_id"].nunique()
+    return data
+
+
+def _test_events(
+    data: pd.DataFrame, cutoff_s: float, train_items: Collection[str], protocol: Protocol, counts: dict[str, int]
+) -> pd.DataFrame:
+    """The filtered events of sessions starting at or after the cutoff, on known items, sessions of 2+ left."""
+    starts = data.groupby("session_id", sort=False)["t"].transform("min")
+    test = data[starts >= cutoff_s]
+    counts["test_sessions"] = test["session_id"].nunique()
+    test = test[test["item_id"].isin(set(train_items))]
+    test = _keep_sessions_with(test, protocol.min_session_events)
+    counts["test_sessions_scored"] = test["session_id"].nunique()
+    counts["test_events"] = len(test)
+    return test
 
 
 def _keep_sessions_with(data: pd.DataFrame, min_events: int) -> pd.DataFrame:

@@ -14,7 +14,7 @@ import math
 import multiprocessing
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -40,16 +40,26 @@ from common.registry import Registry
 from common.settings import Settings
 from common.stream import append_events
 from evaluation.metrics import Scoreboard, popularity_percentiles
-from evaluation.protocol import PROTOCOL_COLUMNS, Protocol, TestSet, sample_sessions, select_targets
+from evaluation.protocol import (
+    PROTOCOL_COLUMNS,
+    Protocol,
+    TestSet,
+    sample_sessions,
+    select_targets,
+    target_prefixes,
+    training_sessions,
+)
+from evaluation.references import REFERENCES
 from evaluation.strategies import (
     DEFAULT_STRATEGIES,
     SERVE_COST,
     STRATEGIES,
+    STRATEGY_NAMES,
     Strategy,
     strategy_settings,
     write_plain_rules,
 )
-from serving.core.catalog_view import CatalogView
+from serving.core.catalog_view import CatalogView, ItemInfo
 from serving.core.impressions import ImpressionLogger
 from serving.core.model_holder import ModelHolder
 from serving.core.recommender import RecRequest, recommend
@@ -87,9 +97,9 @@ def run_replay(
 ) -> dict[str, Any]:
     """Train, replay, score; returns the report (see README "Replay evaluation")."""
     clock = time.perf_counter()
-    unknown = [s for s in config.strategies if s not in STRATEGIES]
+    unknown = [s for s in config.strategies if s not in STRATEGY_NAMES]
     if unknown:
-        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGY_NAMES)}")
     lake = Lake(config.lake)
     cutoff, end = test_window(lake, config.test_days)
     settings = _run_settings(settings, config, work_dir)
@@ -100,10 +110,25 @@ def run_replay(
     train_s = time.perf_counter() - train_clock
     model = load_model(Registry(settings.models.root), version)
 
-    test = select_targets(protocol_events(lake, end), cutoff.timestamp(), model.item_ids, config.protocol)
+    events = protocol_events(lake, end)
+    test = select_targets(events, cutoff.timestamp(), model.item_ids, config.protocol)
     test = sample_sessions(test, config.max_sessions, config.seed)
+    percentile = popularity_percentiles(_popularity(model.popularity))
+    by_name: dict[str, dict[str, Any]] = {}
+    references = tuple(name for name in config.strategies if name in REFERENCES)
+    references_clock = time.perf_counter()
+    if references:
+        say(f"scoring the reference algorithms {', '.join(references)} (not served) on the same targets")
+        servable = set(catalog_before(lake, cutoff.timestamp())) | set(model.item_ids)
+        by_name |= score_references(
+            references, events, test, cutoff.timestamp(), model.item_ids, config, len(servable), percentile
+        )
+    references_s = time.perf_counter() - references_clock
+    del events
+
+    served = tuple(name for name in config.strategies if name in STRATEGIES)
     start = cutoff - timedelta(days=config.warmup_days)
-    groups = split_strategies(config.strategies, config.workers)
+    groups = split_strategies(served, config.workers) if served else []
     jobs = [
         WindowJob(
             config,
@@ -114,26 +139,26 @@ def run_replay(
             time_offset(start.timestamp(), time.time()),
             group,
             test,
-            popularity_percentiles(_popularity(model.popularity)),
+            percentile,
             work_dir / f"replay-{i}",
         )  # fmt: skip
         for i, group in enumerate(groups)
     ]
     say(
         f"{test.counts['targets']} next items to predict in {test.counts['test_sessions_scored']} sessions; "
-        f"replaying {' | '.join(', '.join(g) for g in groups)}"
+        f"replaying {' | '.join(', '.join(g) for g in groups) or 'nothing (only reference algorithms)'}"
     )
     replay_clock = time.perf_counter()
-    if len(jobs) == 1:
-        results = [replay_window(jobs[0])]
+    if len(jobs) <= 1:
+        results = [replay_window(job) for job in jobs]
     else:  # one process per group of strategies, each with its own Redis and speed consumer
         with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(replay_window, jobs))
     replay_s = time.perf_counter() - replay_clock
 
-    by_name = {name: row for result in results for name, row in result["strategies"].items()}
+    by_name |= {name: row for result in results for name, row in result["strategies"].items()}
     predictions = test.counts["targets"]
-    requests = predictions * len(by_name)
+    requests = predictions * len(served)  # served lists; the references' are not requests
     return {
         "lake": config.lake,
         "test_days": config.test_days,
@@ -145,14 +170,16 @@ def run_replay(
         "k": config.k,
         "protocol": test.counts,
         "repeats_scored": config.protocol.repeats,
-        "events_replayed": results[0]["events_replayed"],
-        "warmup_events": results[0]["warmup_events"],
+        "events_replayed": results[0]["events_replayed"] if results else 0,
+        "warmup_events": results[0]["warmup_events"] if results else 0,
         "strategies": {name: by_name[name] for name in config.strategies},
+        "reference_strategies": list(references),
         "predictions": predictions,
         "requests": requests,
         "workers": len(jobs),
         "train_s": round(train_s, 1),
         "replay_s": round(replay_s, 1),
+        "references_s": round(references_s, 1),
         "predictions_per_s": round(requests / replay_s, 1) if replay_s else 0.0,
         "wall_s": round(time.perf_counter() - clock, 1),
     }
@@ -220,6 +247,42 @@ def split_strategies(names: Sequence[str], workers: int) -> list[tuple[str, ...]
     return [tuple(n for n in names if n in group) for group in groups]
 
 
+def score_references(
+    names: Sequence[str],
+    events: pd.DataFrame,
+    test: TestSet,
+    cutoff_s: float,
+    train_items: Collection[str],
+    config: ReplayConfig,
+    catalog_size: int,
+    percentile: dict[str, float],
+) -> dict[str, dict[str, Any]]:
+    """Fit each reference algorithm on the sessions before the cutoff and score it on the test set's targets.
+
+    Same targets, k and Scoreboard as the served strategies; a list is the reference's answer for the
+    target's session prefix (its protocol events before the target). `serve_ms` is the mean time
+    per list, `fit_s` the training time.
+    """
+    sessions = training_sessions(events, cutoff_s, config.protocol)
+    prefixes = target_prefixes(events, test, cutoff_s, train_items, config.protocol)
+    targets = list(zip(test.targets["item_id"], test.targets["purchased"], strict=True))
+    rows: dict[str, dict[str, Any]] = {}
+    for name in names:
+        clock = time.perf_counter()
+        reference = REFERENCES[name]().fit(sessions)
+        fit_s = time.perf_counter() - clock
+        board = Scoreboard(config.k, catalog_size, percentile)
+        serve_s = 0.0
+        for prefix, (item, purchased) in zip(prefixes, targets, strict=True):
+            clock = time.perf_counter()
+            ranked = reference.recommend(prefix, config.k)
+            serve_s += time.perf_counter() - clock
+            board.add(ranked, item, bool(purchased))
+        serve_ms = round(1000 * serve_s / len(targets), 3) if targets else 0.0
+        rows[name] = {**board.summary(), "serve_ms": serve_ms, "fit_s": round(fit_s, 2)}
+    return rows
+
+
 # ---------------------------------------------------------------- window, training, data
 
 
@@ -245,6 +308,16 @@ def train(settings: Settings, cutoff: datetime, engine: str) -> str:
     if not gate["published"]:
         raise RuntimeError(f"the gate did not publish {plan.version}: {gate['decision']}")
     return plan.version
+
+
+def catalog_before(lake: Lake, cutoff_s: float) -> dict[str, ItemInfo]:
+    """The catalog snapshot's items created before the cutoff: serving's catalog in the replay."""
+    full = CatalogView.from_lake(lake)
+    return {
+        item_id: info
+        for item_id in lake.read_catalog()["item_id"].to_pylist()
+        if (info := full.get(item_id)) is not None and info.created_at_s < cutoff_s
+    }
 
 
 def protocol_events(lake: Lake, end: datetime) -> pd.DataFrame:
@@ -394,14 +467,11 @@ class Replayer:
         Serving's catalog holds the items created before the cutoff (the snapshot is newer than the
         window, and its later items would be offered before they exist), their dates moved too.
         """
-        table = lake.read_catalog()
         if self.consumer is not None:
-            load_items(self.client, table_to_items(table))
-        full = CatalogView.from_lake(lake)
+            load_items(self.client, table_to_items(lake.read_catalog()))
         items = {
             item_id: replace(info, created_at_s=info.created_at_s + offset_s)
-            for item_id in table["item_id"].to_pylist()
-            if (info := full.get(item_id)) is not None and info.created_at_s < cutoff_s
+            for item_id, info in catalog_before(lake, cutoff_s).items()
         }
         catalog = CatalogView(items)
         models = ModelHolder(self.registry, catalog)  # one loaded model, shared read-only by the strategies

@@ -192,12 +192,16 @@ def replayed(shop: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict
 
 def test_the_report_has_every_strategy_and_field(replayed: tuple[dict[str, Any], Path]) -> None:
     report, _ = replayed
-    assert list(report["strategies"]) == ["popular", "batch", "batch+speed", "full"]
-    for row in report["strategies"].values():
+    assert list(report["strategies"]) == ["popular", "batch", "batch+speed", "full", "sknn", "sr"]
+    for name, row in report["strategies"].items():
         assert set(SCORED) <= set(row)
         assert row["predictions"] == report["predictions"] > 100
         assert row["degraded"] == 0  # every list came from the full serving path
-        assert row["mean_list_length"] == 20
+        assert row["mean_list_length"] == 20 or name in report["reference_strategies"]
+    # the reference algorithms (not served) are scored on the same targets as the product
+    assert report["strategies"]["sknn"]["predictions"] == report["strategies"]["sr"]["predictions"] == (
+        report["strategies"]["full"]["predictions"]
+    )
     assert report["events_replayed"] > 500 and report["warmup_events"] > 0
     assert report["predictions_per_s"] > 0 and report["wall_s"] >= report["replay_s"]
     assert report["cutoff"].startswith("2026-10-29") and report["window_end"].startswith("2026-11-01")

@@ -42,8 +42,9 @@ def test_sr_weights_each_pair_by_one_over_its_gap_within_steps() -> None:
     assert rules.weight("b", "p1") == 0.0  # never after b
     wider = SequentialRules(steps=10).fit([session])
     assert wider.weight("a", "b") == pytest.approx(1 / 2 + 1 / 6 + 1)
-    # the last item's own repeat rule is listed as published (nothing excluded)
-    assert "a" in wider.recommend(["a"], 20)
+    # the last item's own repeat rule a -> a exists, but a prefix item is never listed
+    assert wider.recommend(["a"], 20) == ["b", "p1", "p2", "p3"]  # b 1/2 + 1/6 + 1, p1 1, p2 1/3, p3 1/4
+    assert wider.recommend(["b", "a"], 2) == ["p1", "p2"]  # b is in the prefix too; n places still filled
 
 
 # ---------------------------------------------------------------- session-kNN
@@ -58,14 +59,25 @@ def test_sknn_prefers_the_items_of_the_most_similar_sessions() -> None:
     ]
     knn = SessionKnn().fit(sessions)
     neighbours, similarity = knn.neighbours(["a", "b"])
-    # weights: a (position 1 of 2) 1/2, b 1; divided by the 2 distinct prefix items
+    # weights: a (position 1 of 2) 1/2, b 1; cosine: divided by sqrt(2 prefix items * the neighbour's items)
     assert list(neighbours) == [0, 1, 2]
-    assert list(similarity) == pytest.approx([0.75, 0.5, 0.25])
+    assert list(similarity) == pytest.approx([1.5 / 6**0.5, 1 / 2, 0.5 / 2])
     ranked = knn.recommend(["a", "b"], 20)
-    # scores: b 0.75 + 0.5, a 0.75 + 0.25, x 0.75, y 0.5, z 0.25: the prefix's own items are kept
-    assert ranked == ["b", "a", "x", "y", "z"]
+    # scores: x 1.5 / sqrt(6), y 0.5, z 0.25; a and b (1.5 / sqrt(6) + 0.5, + 0.25) are the prefix's own
+    assert ranked == ["x", "y", "z"]
     assert "q" not in ranked and "r" not in ranked
     assert knn.recommend(["nothing-known"], 20) == []
+
+
+def test_sknn_similarity_is_a_cosine_that_discounts_large_neighbours() -> None:
+    sessions = [["a", "b", "x1", "x2", "x3", "x4", "x5", "x6"], ["b", "y"]]
+    knn = SessionKnn().fit(sessions)
+    neighbours, similarity = knn.neighbours(["a", "b"])
+    # dot products 1/2 + 1 = 1.5 and 1; the 8-item session shares more but is 4 times as large:
+    # 1.5 / sqrt(2 * 8) = 0.375 < 1 / sqrt(2 * 2) = 0.5 (vsknn's `vec`, dot / 2, ranks it first: 0.75)
+    assert list(neighbours) == [1, 0]
+    assert list(similarity) == pytest.approx([0.5, 0.375])
+    assert knn.recommend(["a", "b"], 3) == ["y", "x1", "x2"]  # y 0.5, then the x* 0.375 by id
 
 
 def test_sknn_samples_the_most_recent_sessions_then_keeps_the_k_most_similar() -> None:
@@ -91,10 +103,28 @@ def test_sknn_samples_the_most_recent_sessions_then_keeps_the_k_most_similar() -
 
 def test_sknn_weights_a_repeated_prefix_item_by_its_latest_position() -> None:
     knn = SessionKnn().fit([["a", "x"], ["b", "y"]])
-    # [a, b, a]: a's latest position is 3 of 3 (weight 1), b's 2 of 3; 2 distinct items
+    # [a, b, a]: a's latest position is 3 of 3 (weight 1), b's 2 of 3; 2 distinct items, 2 per neighbour
     neighbours, similarity = knn.neighbours(["a", "b", "a"])
     assert list(neighbours) == [0, 1]
-    assert list(similarity) == pytest.approx([1 / 2, (2 / 3) / 2])
+    assert list(similarity) == pytest.approx([1 / (2 * 2) ** 0.5, (2 / 3) / (2 * 2) ** 0.5])
+    assert knn.recommend(["a", "b", "a"], 20) == ["x", "y"]
+
+
+# ---------------------------------------------------------------- both
+
+
+def test_neither_reference_lists_an_item_of_the_prefix() -> None:
+    """The protocol never scores an item the session already holds: a list place spent on one is lost."""
+    sessions = [["a", "b", "c", "a", "d"], ["b", "c", "d", "a"], ["c", "d", "a", "b"], ["d", "a", "b", "c"],
+                ["a", "a", "e"], ["c", "f", "b"]]  # fmt: skip
+    everything = {"a", "b", "c", "d", "e", "f"}
+    for reference in (SequentialRules().fit(sessions), SessionKnn().fit(sessions)):
+        for prefix in (["a"], ["a", "b"], ["b", "a"], ["b", "d", "a", "c"], ["a", "unknown", "c"], ["c", "c"]):
+            listed = reference.recommend(prefix, 20)
+            assert listed, (reference, prefix)  # each last item has a follower outside the prefix
+            assert not set(listed) & set(prefix), (reference, prefix, listed)
+            assert len(listed) == len(set(listed)) and set(listed) <= everything - set(prefix)
+        assert reference.recommend(["a", "b", "c", "d", "e", "f"], 20) == []  # nothing left to list
 
 
 # ---------------------------------------------------------------- what they are trained and asked on

@@ -230,11 +230,13 @@ def test_same_seed_same_scores_whatever_the_process_split(
 def test_the_replay_runs_the_production_rules(
     shop: Path, replayed: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:
-    """Lifting the category cap in the rules file changes `full` (the only strategy with business rules)."""
-    rules = yaml.safe_load((PROJECT_ROOT / "serving" / "rules.yaml").read_text())
-    rules["diversity"]["max_per_category"] = 20
+    """Tightening the category cap in the rules file changes `full` (the only strategy with business rules)."""
+    production = PROJECT_ROOT / "serving" / "rules.yaml"
+    rules = yaml.safe_load(production.read_text())
+    rules["diversity"]["max_share_per_category"] = 0.05  # one place per category in a list of 20
     rules_file = tmp_path / "rules.yaml"
     rules_file.write_text(yaml.safe_dump(rules))
+    assert load_rules(rules_file).diversity.cap(20) == 1 < load_rules(production).diversity.cap(20)
     config = ReplayConfig(
         lake=str(shop),
         test_days=TEST_DAYS,

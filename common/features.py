@@ -33,6 +33,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "item_age_days",
     "seen_in_session",
     "in_cart",
+    "bought_before",
     "promoted",
 )
 
@@ -49,6 +50,7 @@ class RequestState:
     session_items: Mapping[str, float] = field(default_factory=dict)  # item -> last event time (s)
     category_affinity: Mapping[str, float] = field(default_factory=dict)  # decayed, any scale
     cart: frozenset[str] = frozenset()
+    purchases: Mapping[str, float] = field(default_factory=dict)  # item -> last purchase time (s), recent ones
     typical_price: float | None = None  # median price of items the person engaged with
 
 
@@ -101,6 +103,7 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
     out[:, col["item_age_days"]] = np.maximum(0.0, (state.now_s - cands.created_at_s) / DAY_S)
     out[:, col["seen_in_session"]] = [i in state.session_items for i in cands.item_ids]
     out[:, col["in_cart"]] = [i in state.cart for i in cands.item_ids]
+    out[:, col["bought_before"]] = [i in state.purchases for i in cands.item_ids]
     out[:, col["promoted"]] = cands.promoted
     return out
 

@@ -274,6 +274,10 @@ class PointInTime:
         recent = dict(sorted(session_items.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: speed.recent_items])
         history = log.person_rows(request.person, request.now_s - speed.history_ttl_s, request.now_s)
         engaged = {int(log.item[r]) for r in history if log.weight[r] > 0} | {log.index[i] for i in recent}
+        bought: dict[str, float] = {}
+        for r in history[log.event_type[history] == "purchase"]:
+            bought[log.item_ids[log.item[r]]] = float(log.ts_s[r])
+        purchases = dict(sorted(bought.items(), key=lambda kv: (kv[1], kv[0]))[-speed.purchases_kept :])
         prices = log.price[sorted(engaged)] if engaged else np.zeros(0)
         prices = prices[prices > 0]
         return RequestState(
@@ -282,6 +286,7 @@ class PointInTime:
             session_items=recent,
             category_affinity=affinity,
             cart=frozenset(cart),
+            purchases=purchases,
             typical_price=float(np.median(prices)) if len(prices) else None,
         )
 

@@ -300,6 +300,7 @@ def _request_state(
         session_items=speed.session_items,
         category_affinity=speed.category_affinity,
         cart=frozenset(speed.cart),
+        purchases=speed.purchases,
         typical_price=float(np.median(prices)) if prices else None,
     )
 

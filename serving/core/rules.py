@@ -14,7 +14,7 @@ class _Strict(BaseModel):
 
 class Exclusions(_Strict):
     out_of_stock: bool = True
-    purchased_within_days: float = Field(30, ge=0)
+    purchased_within_days: float = Field(1, ge=0)
     in_cart: bool = True
     seen_in_session: bool = False
 

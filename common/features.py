@@ -17,7 +17,7 @@ import numpy as np
 from common.settings import TrainingSettings
 
 # Where a candidate came from; a candidate may come from several generators.
-SOURCES = ("als", "covis", "trending", "category", "new")
+SOURCES = ("als", "covis", "neighbours", "trending", "category", "new")
 
 FEATURE_NAMES: tuple[str, ...] = (
     "als_score",
@@ -27,6 +27,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "trend",
     "covis",
     "covis_last",
+    "neighbours",
     "session_items",
     "category_affinity",
     "price_ratio",
@@ -64,6 +65,7 @@ class Candidates:
     day_counts: np.ndarray  # N x POP_DAYS event counts per UTC day, only events before now
     covis: np.ndarray  # N: ordered co-visits of the session's items, recency-weighted (candidates.covisited_scores)
     covis_last: np.ndarray  # N: ordered co-visit weight from the session's most recent item alone
+    neighbours: np.ndarray  # N: session-kNN score (common/neighbours.py), 0 outside its list
     categories: list[str]
     prices: np.ndarray  # N
     created_at_s: np.ndarray  # N, epoch seconds
@@ -92,6 +94,7 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
     out[:, col["trend"]] = pop_1d / (pop_7d / 7.0 + 1.0)
     out[:, col["covis"]] = np.log1p(cands.covis)
     out[:, col["covis_last"]] = np.log1p(cands.covis_last)
+    out[:, col["neighbours"]] = cands.neighbours
     out[:, col["session_items"]] = len(state.session_items)
 
     affinity = normalised_affinity(state.category_affinity)

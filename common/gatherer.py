@@ -43,6 +43,10 @@ class Lookups(Protocol):
 
     def trending(self, n: int) -> Scored: ...
 
+    def neighbours(self, session_items: Mapping[str, float], n: int) -> Scored:
+        """Session-kNN's list for the session's recent items (common/neighbours.py)."""
+        ...
+
     def bestsellers(self, categories: Sequence[str], n: int) -> Mapping[str, Mapping[str, float]]:
         """category -> its top n items -> weight, for the given categories."""
         ...
@@ -65,6 +69,7 @@ class Gathered:
     lists: dict[str, Scored]
     covis_scores: dict[str, float]  # item -> recency-weighted ordered co-visits of the seeds
     covis_last: dict[str, float]  # item -> ordered co-visit weight from the most recent seed alone
+    neighbour_scores: dict[str, float]  # item -> session-kNN score (its list only)
 
 
 def gather_lists(
@@ -87,6 +92,7 @@ def gather_lists(
     lists: dict[str, Scored] = {}
     covis_scores: dict[str, float] = {}
     covis_last: dict[str, float] = {}
+    neighbour_scores: dict[str, float] = {}
     if personal:
         if state.user_vector is not None:
             lists["als"] = als_top_n(state.user_vector, model.scoring_factors, model.item_ids, sizes.als)
@@ -100,13 +106,16 @@ def gather_lists(
         if seeds:
             covis_last = dict(rows.get(max(seeds, key=lambda i: (seeds[i], i)), {}))
         lists["covis"] = top_scored(covis_scores, sizes.covis)
+        if sizes.neighbours > 0 and state.session_items:
+            lists["neighbours"] = lookups.neighbours(state.session_items, sizes.neighbours)
+            neighbour_scores = dict(lists["neighbours"])
         preferred = preferred_categories(state.category_affinity)
         bestsellers = lookups.bestsellers(preferred, sizes.category) if preferred else {}
         lists["category"] = category_best(state.category_affinity, bestsellers, sizes.category)
     lists["trending"] = lookups.trending(sizes.trending)
     since = state.now_s - sizes.new_max_age_days * DAY_S
     lists["new"] = lookups.new_arrivals(since, sizes.new_arrivals)
-    return Gathered(lists, covis_scores, covis_last)
+    return Gathered(lists, covis_scores, covis_last, neighbour_scores)
 
 
 def describe(
@@ -125,6 +134,7 @@ def describe(
         day_counts=lookups.day_counts(item_ids),
         covis=np.array([gathered.covis_scores.get(i, 0.0) for i in item_ids], dtype=np.float64),
         covis_last=np.array([gathered.covis_last.get(i, 0.0) for i in item_ids], dtype=np.float64),
+        neighbours=np.array([gathered.neighbour_scores.get(i, 0.0) for i in item_ids], dtype=np.float64),
         categories=info.categories,
         prices=info.prices,
         created_at_s=info.created_at_s,

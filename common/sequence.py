@@ -46,12 +46,13 @@ class SequenceCounter:
     _sessions: dict[str, _Recent] = field(default_factory=dict)
     _top: dict[str, dict[str, float]] = field(default_factory=dict)  # rows' tops, until the row changes
 
-    def add(self, session: str, item: str, ts_s: float) -> None:
-        """One item event of `session` at `ts_s` (epoch seconds)."""
+    def add(self, session: str, item: str, ts_s: float) -> bool:
+        """One item event of `session` at `ts_s` (epoch seconds); True when the item is new to the
+        session's recent items (the moment the speed layer also indexes it for session-kNN)."""
         recent = self._sessions.setdefault(session, _Recent()).items
         if item in recent:
             recent[item] = max(recent[item], ts_s)  # ZADD GT: only a later time moves it
-            return
+            return False
         # Most recent first; Redis's ZREVRANGE breaks equal scores by member, descending.
         others = sorted(recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: self.steps]
         for gap, (other, _) in enumerate(others, start=1):
@@ -61,6 +62,7 @@ class SequenceCounter:
         if len(recent) > self.recent_n:  # keep the newest recent_n, as the script's trim does
             kept = sorted(recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: self.recent_n]
             self._sessions[session].items = dict(kept)
+        return True
 
     def add_all(self, events: Iterable[tuple[str, str, float]]) -> None:
         """(session, item, ts_s) triples, in arrival order."""

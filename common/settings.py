@@ -119,6 +119,9 @@ class CandidatePool(Section):
     category: int = Field(10, ge=0, le=5000)
     new_arrivals: int = Field(20, ge=0, le=5000)
     new_max_age_days: float = Field(14.0, ge=0, description="An item created this recently is a new arrival.")
+    neighbours: int = Field(30, ge=0, le=5000, description="Items from the session's nearest sessions (session-kNN).")
+    neighbour_sample: int = Field(500, ge=1, le=5000, description="Session-kNN: the most recent sessions sharing an item.")
+    neighbour_k: int = Field(100, ge=1, le=1000, description="Session-kNN: of those, the most similar ones that vote.")
 
 
 class TrainingSettings(Section):
@@ -169,6 +172,12 @@ class SpeedSettings(Section):
     trending_half_life_s: int = Field(3600, ge=60)
     trending_window_s: int = Field(6 * 3600, ge=60)
     covis_top_n: int = Field(50, ge=1, description="Co-visits kept per item (trimmed when twice as many).")
+    neighbour_sessions_per_item: int = Field(
+        100, ge=1, description="Session-kNN: the most recent sessions indexed per item (trimmed when twice as many)."
+    )
+    neighbour_session_ttl_s: int = Field(
+        2 * 86400, ge=60, description="Session-kNN: how long a session stays a neighbour after its last new item."
+    )
     covis_steps: int = Field(
         10, ge=1, le=50, description="Ordered co-visitation: b counts for a when it follows within this many items."
     )

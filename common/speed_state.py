@@ -40,6 +40,15 @@ def trending_decay_weights(now_s: float, bucket_s: int, window_s: int, half_life
     return {newest - i * bucket_s: math.pow(0.5, i * bucket_s / half_life_s) for i in range(count)}
 
 
+@dataclass(frozen=True)
+class NeighbourQuery:
+    """Session-kNN parameters of a read (settings.training.candidates: neighbour_sample, neighbour_k, neighbours)."""
+
+    sample: int = 500
+    k: int = 100
+    n: int = 0
+
+
 @dataclass
 class SpeedState:
     """What the speed layer knows for one request; empty fields where it knows nothing."""
@@ -64,6 +73,7 @@ class SpeedState:
     day_counts: np.ndarray = field(default_factory=lambda: np.zeros((0, POP_DAYS)))
     out_of_stock: frozenset[str] = frozenset()
     promoted: frozenset[str] = frozenset()
+    neighbours: list[tuple[str, float]] = field(default_factory=list)  # session-kNN items, best first
 
     @property
     def delta_is_current(self) -> bool:
@@ -87,6 +97,7 @@ def read_speed_state(
     covis_n: int = 50,
     bestsellers_n: int = 50,
     bestsellers_half_life_s: float = 7 * 86400,
+    neighbours: NeighbourQuery = NeighbourQuery(),
 ) -> SpeedState:
     """Read one request's speed-layer state in one round trip; raises redis.RedisError when Redis is down.
 
@@ -95,12 +106,13 @@ def read_speed_state(
     Bestsellers come for `categories` and the session's `top_categories` preferred ones.
     `candidate_items` get per-day popularity counts for the POP_DAYS days up to `now_s`'s day.
     Pass settings.speed.bestsellers_half_life_s so bestseller weights come back decayed to `now_s`.
+    `neighbours` asks for the session's session-kNN list (common/neighbours.py); n=0, the default, skips it.
     """
     now_s = time.time() if now_s is None else now_s
     days = [day_index(now_s) - POP_DAYS + 1 + i for i in range(POP_DAYS)] if candidate_items else []
     reply, day_replies = _run_read(
         client, person_id, anonymous_id, session_id, model_version, covis_items, categories,
-        top_categories, trending_n, covis_n, bestsellers_n, days, candidate_items,
+        top_categories, trending_n, covis_n, bestsellers_n, days, candidate_items, neighbours,
     )  # fmt: skip
     alias = _text(reply[0])
     if alias and alias != person_id:  # a device that logged in: read again as its user (rare)
@@ -108,7 +120,7 @@ def read_speed_state(
             client, alias, session_id=session_id, model_version=model_version, covis_items=covis_items,
             categories=categories, top_categories=top_categories, candidate_items=candidate_items,
             now_s=now_s, trending_n=trending_n, covis_n=covis_n, bestsellers_n=bestsellers_n,
-            bestsellers_half_life_s=bestsellers_half_life_s,
+            bestsellers_half_life_s=bestsellers_half_life_s, neighbours=neighbours,
         )  # fmt: skip
     (
         _,
@@ -127,6 +139,7 @@ def read_speed_state(
         best,
         oos,
         promo,
+        nearest,
     ) = reply
     state = SpeedState(person_id=person_id, session_id=_text(session), model_version=model_version)
     if state.session_id is not None:
@@ -148,6 +161,7 @@ def read_speed_state(
     }
     state.out_of_stock = frozenset(_text(m) or "" for m in oos)
     state.promoted = frozenset(_text(m) or "" for m in promo)
+    state.neighbours = _flat_pairs(nearest)
     state.candidate_items = list(candidate_items)
     state.day_counts = np.zeros((len(candidate_items), POP_DAYS), dtype=np.float64)
     for j, day_reply in enumerate(day_replies):
@@ -171,10 +185,12 @@ def read_heartbeats(client: redis.Redis) -> dict[str, float]:
 #       8 trending top  9 out of stock  10 promoted
 # ARGV: 1 session ('' = the latest)  2 trending_n  3 covis_n  4 bestsellers_n  5 top categories
 #       6..13 prefix/suffix of the session's recent, cats, cart, counts keys  14/15 covis key
-#       16/17 bestsellers key  18 number of explicit covis items (-1: the session's items)
-#       then those items, then the explicit categories.
+#       16/17 bestsellers key  18/19 neighbour-session key  20/21 item's neighbour-sessions key
+#       22 the person id (for the session's token)  23 neighbour sample  24 neighbour k  25 neighbours n (0: off)
+#       26 number of explicit covis items (-1: the session's items), then those items, then the explicit categories.
 # Returns: alias, session, recent, cats, cart, counts, person items, purchases, delta, delta count,
-# speed version, trending, {item, covis}..., {category, bestsellers}..., out of stock, promoted.
+# speed version, trending, {item, covis}..., {category, bestsellers}..., out of stock, promoted,
+# neighbours (item, score as text, ...: common/neighbours.py scores the same way).
 READ_STATE = r"""
 local alias = redis.call('GET', KEYS[1])
 local session = ARGV[1]
@@ -190,12 +206,12 @@ if session then
   counts = redis.call('HGETALL', session_key(4))
 end
 
-local covis_n, n_items = tonumber(ARGV[3]), tonumber(ARGV[18])
+local covis_n, n_items = tonumber(ARGV[3]), tonumber(ARGV[26])
 local seeds = {}
 if n_items < 0 then
   for i = 1, #recent, 2 do seeds[#seeds + 1] = recent[i] end
 else
-  for i = 1, n_items do seeds[#seeds + 1] = ARGV[18 + i] end
+  for i = 1, n_items do seeds[#seeds + 1] = ARGV[26 + i] end
 end
 local covis = {}
 for _, item in ipairs(seeds) do
@@ -203,7 +219,7 @@ for _, item in ipairs(seeds) do
 end
 
 local wanted, chosen = {}, {}
-for i = 19 + math.max(n_items, 0), #ARGV do
+for i = 27 + math.max(n_items, 0), #ARGV do
   if not chosen[ARGV[i]] then chosen[ARGV[i]] = true; wanted[#wanted + 1] = ARGV[i] end
 end
 local preferred = {}
@@ -221,12 +237,70 @@ for _, category in ipairs(wanted) do
   best[#best + 1] = {category, redis.call('ZREVRANGE', ARGV[16] .. category .. ARGV[17], 0, best_n - 1, 'WITHSCORES')}
 end
 
+-- Session neighbours of the session's recent items (common/neighbours.py is the definition).
+local function by_then(value)
+  return function(x, y)
+    if value[x] ~= value[y] then return value[x] > value[y] end
+    return x < y
+  end
+end
+local neighbours = {}
+local nb_n = tonumber(ARGV[25])
+if nb_n > 0 and session and #recent > 0 then
+  local size, at, ordered, is_seed = #recent / 2, {}, {}, {}
+  for i = 1, #recent, 2 do
+    at[recent[i]] = tonumber(recent[i + 1]); ordered[#ordered + 1] = recent[i]; is_seed[recent[i]] = true
+  end
+  table.sort(ordered, by_then(at))
+  local own = string.sub(redis.sha1hex(ARGV[22] .. '\0' .. session), 1, 16)
+  local latest, dot, candidates = {}, {}, {}
+  for rank, seed in ipairs(ordered) do
+    local weight = (size - rank + 1) / size
+    local row = redis.call('ZRANGE', ARGV[20] .. seed .. ARGV[21], 0, -1, 'WITHSCORES')
+    for i = 1, #row, 2 do
+      local token, t = row[i], tonumber(row[i + 1])
+      if token ~= own then
+        if latest[token] == nil then candidates[#candidates + 1] = token; dot[token] = 0 end
+        if latest[token] == nil or t > latest[token] then latest[token] = t end
+        dot[token] = dot[token] + weight
+      end
+    end
+  end
+  table.sort(candidates, by_then(latest))
+  local similarity, members, nearest = {}, {}, {}
+  for i = 1, math.min(tonumber(ARGV[23]), #candidates) do
+    local token = candidates[i]
+    local items = redis.call('ZRANGE', ARGV[18] .. token .. ARGV[19], 0, -1)
+    if #items > 0 then
+      members[token] = items
+      similarity[token] = dot[token] / math.sqrt(size * #items)
+      nearest[#nearest + 1] = token
+    end
+  end
+  table.sort(nearest, by_then(similarity))
+  local scores, listed = {}, {}
+  for i = 1, math.min(tonumber(ARGV[24]), #nearest) do
+    local token = nearest[i]
+    for _, item in ipairs(members[token]) do
+      if not is_seed[item] then
+        if scores[item] == nil then scores[item] = 0; listed[#listed + 1] = item end
+        scores[item] = scores[item] + similarity[token]
+      end
+    end
+  end
+  table.sort(listed, by_then(scores))
+  for i = 1, math.min(nb_n, #listed) do
+    neighbours[#neighbours + 1] = listed[i]
+    neighbours[#neighbours + 1] = string.format('%.17g', scores[listed[i]])
+  end
+end
+
 return {
   alias, session, recent, cats, cart, counts,
   redis.call('HGETALL', KEYS[3]), redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES'),
   redis.call('GET', KEYS[5]), redis.call('GET', KEYS[6]), redis.call('GET', KEYS[7]),
   redis.call('ZREVRANGE', KEYS[8], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES'),
-  covis, best, redis.call('SMEMBERS', KEYS[9]), redis.call('SMEMBERS', KEYS[10]),
+  covis, best, redis.call('SMEMBERS', KEYS[9]), redis.call('SMEMBERS', KEYS[10]), neighbours,
 }
 """
 _READ_STATE_SHA = hashlib.sha1(READ_STATE.encode()).hexdigest()
@@ -246,6 +320,7 @@ def _run_read(
     bestsellers_n: int,
     days: Sequence[int],
     candidate_items: Sequence[str],
+    neighbours: NeighbourQuery,
 ) -> tuple[list[Any], list[Any]]:
     """The script's reply and the day counts' replies, in one pipeline (loading the script once if needed)."""
     version = model_version or ""  # no version: a delta key that never exists
@@ -261,6 +336,8 @@ def _run_read(
         args += redis_keys.template(key_of, person_id)
     args += redis_keys.template(redis_keys.covisitation)
     args += redis_keys.template(redis_keys.category_bestsellers)
+    args += redis_keys.template(redis_keys.neighbour_session) + redis_keys.template(redis_keys.item_sessions)
+    args += [person_id, neighbours.sample, neighbours.k, neighbours.n]
     args += [-1] if covis_items is None else [len(covis_items), *covis_items]
     args += list(categories)
 

@@ -25,6 +25,8 @@ from common.features import DAY_S, POP_DAYS, Candidates, RequestState, day_index
 from common.gatherer import Gathered, ItemColumns, describe, gather_lists, pool
 from common.lake import Lake
 from common.model import ModelArtifacts
+from common.neighbours import NeighbourIndex, score_neighbours
+from common.redis_keys import session_token
 from common.sequence import SEQUENCE_EXCLUDED_TYPES, SequenceCounter
 from common.settings import SpeedSettings, TrainingSettings
 from common.speed_state import forward_decay, trending_decay_weights
@@ -55,7 +57,8 @@ class EventLog:
 
     item_ids: list[str]  # vocabulary: catalog items, then any others seen in events
     person: np.ndarray  # str per event
-    session: np.ndarray  # str per event
+    session: np.ndarray  # str per event: the session id, else the device
+    session_id: np.ndarray  # str per event: the session id as the speed layer keys it ("_" when none)
     item: np.ndarray  # int index into item_ids
     event_type: np.ndarray  # str
     ts_s: np.ndarray  # float64 epoch seconds
@@ -134,6 +137,7 @@ def load_log(lake: Lake, end: datetime, training: TrainingSettings) -> EventLog:
             )
             SELECT coalesce(e.user_id, a.user_id, e.anonymous_id) AS person_id,
                    coalesce(e.session_id, e.anonymous_id) AS sid,
+                   coalesce(e.session_id, '_') AS raw_session,
                    e.item_id, e.event_type, epoch_us(e.ts) / 1e6 AS ts_s, e.dwell_ms,
                    coalesce(e.quantity, 1) AS quantity
             FROM events e LEFT JOIN alias a USING (anonymous_id)
@@ -154,6 +158,7 @@ def load_log(lake: Lake, end: datetime, training: TrainingSettings) -> EventLog:
         item_ids=item_ids,
         person=np.asarray(resolved["person_id"].to_pylist(), dtype=object),
         session=np.asarray(resolved["sid"].to_pylist(), dtype=object),
+        session_id=np.asarray(resolved["raw_session"].to_pylist(), dtype=object),
         item=np.asarray([index[i] for i in resolved["item_id"].to_pylist()], dtype=np.int64),
         event_type=types,
         ts_s=resolved["ts_s"].to_numpy().astype(np.float64),
@@ -214,6 +219,7 @@ class PointInTime:
     speed: SpeedSettings
     popular: list[str]  # most popular items in the 7 days before the window (the baseline)
     sequences: SequenceCounter = field(init=False)
+    neighbour_index: NeighbourIndex = field(init=False)
     # category -> item -> forward-decayed weight (`common.speed_state.forward_decay`), as the speed layer's sets
     _bestsellers: defaultdict[str, defaultdict[str, float]] = field(init=False)
     _cursor: int = field(default=0, init=False)  # log rows before this one are counted
@@ -221,6 +227,9 @@ class PointInTime:
     def __post_init__(self) -> None:
         speed = self.speed
         self.sequences = SequenceCounter(steps=speed.covis_steps, recent_n=speed.recent_items, top_n=speed.covis_top_n)
+        self.neighbour_index = NeighbourIndex(
+            speed.neighbour_sessions_per_item, speed.recent_items, speed.neighbour_session_ttl_s
+        )
         self._bestsellers = defaultdict(lambda: defaultdict(float))
 
     @classmethod
@@ -239,7 +248,10 @@ class PointInTime:
         for r in range(self._cursor, to_row):
             kind, item = str(log.event_type[r]), int(log.item[r])
             if kind not in SEQUENCE_EXCLUDED_TYPES:
-                self.sequences.add(str(log.session[r]), log.item_ids[item], float(log.ts_s[r]))
+                # Keyed as the speed layer keys a session's recent items: by person and session.
+                person, session = str(log.person[r]), str(log.session_id[r])
+                if self.sequences.add(f"{person}\x00{session}", log.item_ids[item], float(log.ts_s[r])):
+                    self.neighbour_index.add(session_token(person, session), log.item_ids[item], float(log.ts_s[r]))
             category = str(log.category[item])
             if kind in BESTSELLER_TYPES and category:
                 weight = log.weight[r] * log.quantity[r] * forward_decay(float(log.ts_s[r]), half_life)
@@ -316,7 +328,7 @@ class PointInTime:
     def gather(self, request: Request, state: RequestState) -> tuple[Gathered, Candidates]:
         """The request's candidate lists and the whole pool's feature inputs, as serving builds them."""
         self.advance(request.at)
-        lookups = EventLogLookups(self, request.now_s)
+        lookups = EventLogLookups(self, request.now_s, session_token(request.person, str(self.log.session_id[request.at])))
         gathered = gather_lists(self.model, lookups, state, self.training.candidates, state.session_items)
         item_ids, sources = pool(gathered)
         return gathered, describe(self.model, lookups, gathered, item_ids, sources)
@@ -328,6 +340,7 @@ class EventLogLookups:
 
     pit: PointInTime
     now_s: float
+    own_token: str  # the request's session (redis_keys.session_token), never its own neighbour
 
     def covisitation(self, seeds: Collection[str]) -> Mapping[str, Mapping[str, float]]:
         rows = {seed: self.pit.sequences.top_row(seed) for seed in seeds}
@@ -335,6 +348,13 @@ class EventLogLookups:
 
     def trending(self, n: int) -> Scored:
         return self.pit.log.trending(self.now_s, n, self.pit.speed)
+
+    def neighbours(self, session_items: Mapping[str, float], n: int) -> Scored:
+        index, sizes = self.pit.neighbour_index, self.pit.training.candidates
+        return score_neighbours(
+            session_items, index.rows(session_items, self.now_s), lambda token: index.session(token, self.now_s),
+            self.own_token, sizes.neighbour_sample, sizes.neighbour_k, n,
+        )  # fmt: skip
 
     def bestsellers(self, categories: Sequence[str], n: int) -> Mapping[str, Mapping[str, float]]:
         found = {c: self.pit.bestsellers(c, n, self.now_s) for c in categories}

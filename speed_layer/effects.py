@@ -172,6 +172,9 @@ class Applier:
         self.apply_sha = client.script_load(APPLY_EVENTS)
         # The script builds the co-visitation keys of a session's other items from this template.
         self.covis_template = redis_keys.template(redis_keys.covisitation)
+        self.neighbour_templates = [
+            *redis_keys.template(redis_keys.neighbour_session), *redis_keys.template(redis_keys.item_sessions)
+        ]
         self.merge_script = client.register_script(MERGE_IDENTITY)
 
     # ------------------------------------------------------------ batches
@@ -340,6 +343,7 @@ class Applier:
             events, 1 if base else 0, speed.session_ttl_s, speed.recent_items, speed.dedup_ttl_s,
             speed.affinity_half_life_s, speed.history_ttl_s, speed.purchases_kept, speed.bestsellers_top_n,
             speed.covis_top_n, speed.dedup_ttl_s, *self.covis_template, speed.covis_steps,
+            *self.neighbour_templates, speed.neighbour_sessions_per_item, speed.neighbour_session_ttl_s,
             len(models), *(m.version for m in models),
         )  # fmt: skip
 
@@ -482,6 +486,7 @@ class _Planner:
         self.deltas: list[tuple[ModelArtifacts, dict[int, tuple[np.ndarray, int]]]] = []
         self.person_keys: dict[tuple[str, str], list[str]] = {}
         self.seen_keys: dict[tuple[str, int], str] = {}
+        self.tokens: dict[tuple[str, str], str] = {}
         self.item_keys: dict[str, str] = {}
 
     def plan_deltas(self, models: Sequence[ModelArtifacts], stored: Deltas) -> Deltas:
@@ -574,7 +579,7 @@ class _Planner:
             event.event_type.value, item, session, repr(ts), repr(weight), event.quantity or 1, category,
             trend_expire if trend_expire > self.now else 0,
             pop_expire if pop_expire > self.now else 0,
-            repr(best), event.event_id,
+            repr(best), event.event_id, self._token(person, session),
             *version_args,
         ]  # fmt: skip
 
@@ -591,6 +596,12 @@ class _Planner:
                 redis_keys.person_items(person),
                 redis_keys.person_purchases(person),
             ]
+        return found
+
+    def _token(self, person: str, session: str) -> str:
+        found = self.tokens.get((person, session))
+        if found is None:
+            found = self.tokens[(person, session)] = redis_keys.session_token(person, session)
         return found
 
     def _seen_key(self, person: str, day: int) -> str:

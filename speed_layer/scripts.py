@@ -14,11 +14,14 @@ from __future__ import annotations
 #   1 event count  2 apply_base (1/0)  3 session_ttl  4 recent_n  5 dedup_ttl  6 affinity_half_life
 #   7 history_ttl  8 purchases_kept  9 bestsellers kept  10 covis kept  11 delta ttl
 #   12/13 prefix and suffix of a co-visitation key (around the item id)  14 covis window (steps)
-#   15 nv, the number of model versions whose deltas the chunk updates (0-2)  16.. their names
+#   15/16 prefix and suffix of a neighbour-session key (around the session token)
+#   17/18 prefix and suffix of an item's neighbour-sessions key (around the item id)
+#   19 neighbour sessions kept per item (0: session-kNN off)  20 neighbour keys' TTL
+#   21 nv, the number of model versions whose deltas the chunk updates (0-2)  22.. their names
 # then one block per event: EVENT_ARGS fixed values, then two per version:
 #   1 event_type  2 item  3 session  4 ts  5 weight  6 quantity  7 category
 #   8 trend expireat (0: skip)  9 popularity expireat (0: skip)  10 bestseller increment (0: skip)
-#   11 event_id
+#   11 event_id  12 session token (redis_keys.session_token)
 #   per version: the new delta ('' : none for this event) and the event count it replaces.
 # KEYS holds one block per event: EVENT_KEYS fixed keys, then two per version:
 #   1 seen (the person's markers of the event's day)  2 recent  3 cats  4 cart  5 counts  6 sessions
@@ -39,8 +42,8 @@ from __future__ import annotations
 # per hash, sessions keep their latest time, TTLs are set once. Events of one person and one
 # session come in runs, so this turns ~20 commands per event into ~10, and a command inside a
 # script costs more than the work it does.
-CHUNK_CONSTANTS = 15
-EVENT_ARGS = 11
+CHUNK_CONSTANTS = 21
+EVENT_ARGS = 12
 EVENT_KEYS = 12
 APPLY_EVENTS = r"""
 local n_events, apply_base = tonumber(ARGV[1]), ARGV[2] == '1'
@@ -48,14 +51,18 @@ local session_ttl, recent_n, dedup_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), t
 local half_life, history_ttl, purchases_kept = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local best_kept, covis_kept, delta_ttl = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
 local covis_prefix, covis_suffix, covis_window = ARGV[12], ARGV[13], tonumber(ARGV[14])
-local n_versions = tonumber(ARGV[15])
+local nb_session_prefix, nb_session_suffix = ARGV[15], ARGV[16]
+local nb_item_prefix, nb_item_suffix = ARGV[17], ARGV[18]
+local nb_kept, nb_ttl = tonumber(ARGV[19]), tonumber(ARGV[20])
+local n_versions = tonumber(ARGV[21])
 local versions = {}
-for v = 1, n_versions do versions[v] = ARGV[15 + v] end
+for v = 1, n_versions do versions[v] = ARGV[21 + v] end
 local event_args, event_keys = tonumber('EVENT_ARGS') + 2 * n_versions, tonumber('EVENT_KEYS') + 2 * n_versions
 
--- Deferred writes. zincr/hincr/hcount: key -> member -> increment; expire_in/expire_at: key -> TTL /
--- unix time; trims: key -> members kept (when twice as many); recent_trims: session recents to cut.
-local zincr, hincr, hcount, expire_in, expire_at, trims, recent_trims = {}, {}, {}, {}, {}, {}, {}
+-- Deferred writes. zincr/hincr/hcount: key -> member -> increment; zset: key -> member -> score (the
+-- last one written wins); expire_in/expire_at: key -> TTL / unix time; trims: key -> members kept
+-- (when twice as many); recent_trims: per-session sorted sets cut to their recent_n newest.
+local zincr, hincr, hcount, zset, expire_in, expire_at, trims, recent_trims = {}, {}, {}, {}, {}, {}, {}, {}
 -- Read-through state of this chunk: marks set (seen key -> field -> true), delta counts and values,
 -- sessions' latest times ({key, session, written, latest}), affinity reference times.
 local marks_now, counts, count_dirty, deltas, sessions_now, cats_t0 = {}, {}, {}, {}, {}, {}
@@ -77,6 +84,19 @@ local function covisit(recent, item)
       trims[other_key] = covis_kept
     end
   end
+end
+
+-- Session-kNN's index (common/neighbours.py reads it the same way): the session's new item joins the
+-- session's neighbour set, and the session joins the item's most recent sessions.
+local function index_neighbour(token, item, ts)
+  local session_key = nb_session_prefix .. token .. nb_session_suffix
+  local item_key = nb_item_prefix .. item .. nb_item_suffix
+  local t = zset[session_key] or {}; zset[session_key] = t; t[item] = ts
+  t = zset[item_key] or {}; zset[item_key] = t; t[token] = ts
+  recent_trims[session_key] = true
+  trims[item_key] = nb_kept
+  expire_in[session_key] = nb_ttl
+  expire_in[item_key] = nb_ttl
 end
 
 -- The session's latest activity; a session new to the person also drops the person's expired ones.
@@ -141,6 +161,7 @@ local function apply_base_effects(k, a)
     if redis.call('ZADD', recent, 'GT', ts, item) == 1 then
       covisit(recent, item)
       recent_trims[recent] = true
+      if nb_kept > 0 then index_neighbour(ARGV[a + 12], item, ts) end
     end
     expire_in[recent] = session_ttl
   end
@@ -256,6 +277,9 @@ for key, set_now in pairs(marks_now) do
 end
 for key, members in pairs(zincr) do
   for member, by in pairs(members) do write('ZINCRBY', key, by, member) end
+end
+for key, members in pairs(zset) do
+  for member, score in pairs(members) do write('ZADD', key, score, member) end
 end
 for key, members in pairs(hincr) do
   for member, by in pairs(members) do write('HINCRBYFLOAT', key, member, by) end

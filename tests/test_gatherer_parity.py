@@ -22,7 +22,7 @@ from common.lake import Lake
 from common.model import load_model, save_table
 from common.redis_server import RedisServer
 from common.registry import COVISITATION, Registry
-from common.settings import ApiSettings, Settings
+from common.settings import ApiSettings, CandidatePool, Settings
 from serving.core.catalog_view import CatalogView
 from serving.core.impressions import ImpressionLogger
 from serving.core.model_holder import ModelHolder
@@ -92,11 +92,20 @@ def serving_state(settings: Settings, lake: Lake, registry: Registry, client: re
 def test_serving_and_training_gather_the_same_pool_and_features(
     redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    settings = speed_settings(tmp_path, redis_server.url).model_copy(
-        update={"api": ApiSettings(rules_file=tmp_path / "no-rules.yaml")}
+    base = speed_settings(tmp_path, redis_server.url)
+    # Few neighbours and a small sample, so that which sessions qualify (never the session itself) matters.
+    pool_sizes = CandidatePool(neighbour_sample=4, neighbour_k=2)
+    settings = base.model_copy(
+        update={
+            "api": ApiSettings(rules_file=tmp_path / "no-rules.yaml"),
+            "training": base.training.model_copy(update={"candidates": pool_sizes}),
+        }
     )
     lake, registry = Lake(settings.lake.root), Registry(settings.models.root)
     publish_synthetic_model(registry, lake, n_items=64, n_users=8, factors=8, activate=False)
+    manifest = registry.read_manifest("v1")
+    parameters = {**manifest.parameters, "training": settings.training.model_dump()}  # as the pipeline records it
+    registry.write_manifest(manifest.model_copy(update={"parameters": parameters}))
     # The version saw no sessions (every event below comes after its cutoff): no batch co-visits.
     save_table(registry, "v1", COVISITATION, pa.table({"item_id": [], "other_id": [], "count": []}, schema=_covis_schema()))
     registry.activate("v1", kind="published")
@@ -151,8 +160,8 @@ def test_serving_and_training_gather_the_same_pool_and_features(
         consumer.pubsub.close()
         state.close()
     assert compared == len(requests)
-    # The comparison had content: ordered co-visits, category bestsellers and trending all fed it.
-    assert all(k in trained.lists and trained.lists[k] for k in ("covis", "category", "trending", "als"))
+    # The comparison had content: ordered co-visits, session neighbours, bestsellers and trending all fed it.
+    assert all(k in trained.lists and trained.lists[k] for k in ("covis", "neighbours", "category", "trending", "als"))
 
 
 def _covis_schema() -> pa.Schema:

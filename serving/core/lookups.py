@@ -41,6 +41,10 @@ class ServingLookups:
         live = self.speed.trending if self.speed else []
         return (live or self.model.popular)[:n]
 
+    def neighbours(self, session_items: Mapping[str, float], n: int) -> Scored:
+        """Scored inside the speed-state read, for the session's recent items (which are `session_items`)."""
+        return self.speed.neighbours[:n] if self.speed else []
+
     def bestsellers(self, categories: Sequence[str], n: int) -> Mapping[str, Mapping[str, float]]:
         """The speed layer read the preferred categories' top n already; the batch table when Redis is down."""
         source = self.speed.category_bestsellers if self.speed else self.model.category_popular

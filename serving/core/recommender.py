@@ -25,7 +25,7 @@ from common.gatherer import (
     heuristic_scores,
     rank_scores,
 )
-from common.speed_state import SpeedState, read_speed_state
+from common.speed_state import NeighbourQuery, SpeedState, read_speed_state
 from common.vectors import fold_in
 from serving.core import metrics
 from serving.core.catalog_view import UNCATEGORISED, ItemInfo
@@ -179,6 +179,7 @@ def read_speed(
             covis_n=speed_settings.covis_top_n,
             bestsellers_n=sizes.category,
             bestsellers_half_life_s=speed_settings.bestsellers_half_life_s,
+            neighbours=NeighbourQuery(sizes.neighbour_sample, sizes.neighbour_k, sizes.neighbours),
         )
     except redis.RedisError as exc:
         state.redis.failed(exc)

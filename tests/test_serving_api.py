@@ -144,6 +144,9 @@ def test_erasure_removes_speed_state_queues_lake_erasure_and_forgets_the_user(
     seed_session_view(redis_client, "u4", "s-e", "i12", "cat4", {"i20": 5.0})
     redis_client.set(redis_keys.user_delta("u4", "v1"), b"\0" * 64)
     redis_client.hset(redis_keys.person_items("u40"), "i1", 1.0)  # another person, kept
+    mine, theirs = (redis_keys.neighbour_session(redis_keys.session_token(p, "s-e")) for p in ("u4", "u40"))
+    redis_client.zadd(mine, {"i12": 1.0})  # the session as a session-kNN neighbour
+    redis_client.zadd(theirs, {"i12": 1.0})
     assert any("als" in i["sources"] for i in recs(client, user_id="u4")["items"])
 
     response = client.delete("/v1/users/u4")
@@ -152,6 +155,7 @@ def test_erasure_removes_speed_state_queues_lake_erasure_and_forgets_the_user(
     assert body["redis_keys_deleted"] >= 4
     assert redis_client.keys("lr:{u:u4}:*") == []
     assert redis_client.exists(redis_keys.person_items("u40"))
+    assert not redis_client.exists(mine) and redis_client.exists(theirs)
     pending = Lake(str(serving_state(client).settings.lake.root)).pending_erasures()
     assert [p["user_id"] for p in pending] == ["u4"]
     after = recs(client, user_id="u4")

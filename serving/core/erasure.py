@@ -37,10 +37,19 @@ def person_key_patterns(person_id: str) -> list[str]:
 
 
 def erase_person(client: redis.Redis, person_id: str) -> int:
-    """Delete every speed-layer key of the person; returns how many keys were deleted."""
+    """Delete every speed-layer key of the person, and the session-kNN sets of the sessions still
+    known (redis_keys.neighbour_session); returns how many keys were deleted."""
     keys: set[bytes] = set()
     for pattern in person_key_patterns(person_id):
         keys.update(client.scan_iter(match=pattern, count=1000))
+    keys |= {redis_keys.neighbour_session(redis_keys.session_token(person_id, s)).encode() for s in _sessions(keys, person_id)}
     if not keys:
         return 0
     return int(client.delete(*keys))
+
+
+def _sessions(keys: set[bytes], person_id: str) -> set[str]:
+    """The session ids named by the person's session-recent keys among `keys`."""
+    prefix, suffix = redis_keys.template(redis_keys.session_recent, person_id)
+    names = (k.decode(errors="replace") for k in keys)
+    return {n[len(prefix) : len(n) - len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix)}

@@ -69,6 +69,10 @@ class SequenceCounter:
         for session, item, ts_s in events:
             self.add(session, item, ts_s)
 
+    def row(self, item: str) -> Mapping[str, float]:
+        """One item's whole row of followers."""
+        return self.follows.get(item, {})
+
     def top(self) -> dict[str, Mapping[str, float]]:
         """item -> its top_n followers by weight (ties by item id), the shape serving reads."""
         return {item: self.top_row(item) for item in self.follows}

@@ -1,0 +1,62 @@
+"""The two session rules in `common/` on hand-made sessions: ordered co-visitation (sequential rules'
+1/gap) and session-kNN scoring. The speed layer's Lua side is held to them by test_gatherer_parity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from common.neighbours import NeighbourIndex, score_neighbours, seed_weights
+from common.sequence import SequenceCounter
+
+
+def test_an_item_counts_for_the_items_before_it_by_one_over_the_gap() -> None:
+    counter = SequenceCounter(steps=2, recent_n=20)
+    for t, item in enumerate(["a", "b", "c", "d"]):
+        counter.add("s1", item, float(t))
+    assert dict(counter.row("a")) == {"b": 1.0, "c": 0.5}  # d is 3 steps after a: beyond steps=2
+    assert dict(counter.row("c")) == {"d": 1.0}
+    assert counter.row("d") == {}  # order is kept: nothing followed d
+
+
+def test_a_revisit_is_not_a_new_pair_but_moves_the_item_to_the_front() -> None:
+    counter = SequenceCounter(steps=10, recent_n=20)
+    assert counter.add("s1", "a", 1.0) and counter.add("s1", "b", 2.0)
+    assert not counter.add("s1", "a", 3.0)  # already in the session
+    counter.add("s1", "c", 4.0)  # a is now the latest other item, b the one before
+    assert counter.row("a")["c"] == 1.0 and counter.row("b")["c"] == 0.5
+    assert counter.row("a")["b"] == 1.0  # counted once
+
+
+def test_sessions_do_not_mix_and_rows_keep_their_top_n() -> None:
+    counter = SequenceCounter(steps=1, recent_n=20, top_n=2)
+    for n, follower in enumerate(["x", "y", "y", "z", "z", "z"]):
+        counter.add(f"s{n}", "a", 0.0)
+        counter.add(f"s{n}", follower, 1.0)
+    assert dict(counter.top_row("a")) == {"z": 3.0, "y": 2.0}
+
+
+def test_seeds_weigh_by_position_newest_first() -> None:
+    assert seed_weights({"a": 1.0, "b": 2.0, "c": 3.0}) == pytest.approx({"c": 1.0, "b": 2 / 3, "a": 1 / 3})
+
+
+def test_neighbours_vote_with_their_cosine_similarity_and_never_list_the_seeds() -> None:
+    index = NeighbourIndex(per_item=100, recent_n=20, ttl_s=1e9)
+    for token, items in {"n1": ["a", "b", "x"], "n2": ["b", "y"], "me": ["a", "b"]}.items():
+        for t, item in enumerate(items):
+            index.add(token, item, float(t))
+    seeds = {"a": 1.0, "b": 2.0}  # b newest: weight 1, a: 1/2
+    scored = dict(score_neighbours(seeds, index.rows(seeds, 10.0), lambda t: index.session(t, 10.0), "me", 500, 100, 10))
+    n1 = (1.0 + 0.5) / math.sqrt(2 * 3)
+    n2 = 1.0 / math.sqrt(2 * 2)
+    assert scored == pytest.approx({"x": n1, "y": n2})
+    only_best = score_neighbours(seeds, index.rows(seeds, 10.0), lambda t: index.session(t, 10.0), "me", 500, 1, 10)
+    assert [i for i, _ in only_best] == (["x"] if n1 > n2 else ["y"])
+
+
+def test_expired_sessions_are_not_neighbours() -> None:
+    index = NeighbourIndex(per_item=100, recent_n=20, ttl_s=100.0)
+    index.add("old", "a", 0.0)
+    index.add("old", "x", 1.0)
+    assert score_neighbours({"a": 500.0}, index.rows({"a": 500.0}, 500.0), lambda t: index.session(t, 500.0), "me", 500, 100, 10) == []

@@ -95,8 +95,13 @@ class NeighbourIndex:
         self._item_at[item] = max(self._item_at.get(item, ts_s), ts_s)
 
     def rows(self, seeds: Mapping[str, float], now_s: float) -> dict[str, Mapping[str, float]]:
-        """The seeds' index rows that have not expired at `now_s`."""
-        return {s: self.items[s] for s in seeds if s in self.items and self._item_at[s] > now_s - self.ttl_s}
+        """The seeds' index rows that have not expired at `now_s`, each its per_item newest sessions
+        (what serving reads: the key may hold up to twice as many before its trim)."""
+        return {
+            s: dict(sorted(self.items[s].items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: self.per_item])
+            for s in seeds
+            if s in self.items and self._item_at[s] > now_s - self.ttl_s
+        }
 
     def session(self, token: str, now_s: float) -> Mapping[str, float]:
         if self._session_at.get(token, -math.inf) <= now_s - self.ttl_s:

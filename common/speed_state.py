@@ -47,6 +47,7 @@ class NeighbourQuery:
     sample: int = 500
     k: int = 100
     n: int = 0
+    per_item: int = 100  # each seed's newest sessions read (speed.neighbour_sessions_per_item)
 
 
 @dataclass
@@ -187,7 +188,8 @@ def read_heartbeats(client: redis.Redis) -> dict[str, float]:
 #       6..13 prefix/suffix of the session's recent, cats, cart, counts keys  14/15 covis key
 #       16/17 bestsellers key  18/19 neighbour-session key  20/21 item's neighbour-sessions key
 #       22 the person id (for the session's token)  23 neighbour sample  24 neighbour k  25 neighbours n (0: off)
-#       26 number of explicit covis items (-1: the session's items), then those items, then the explicit categories.
+#       26 number of explicit covis items (-1: the session's items)  27 neighbour sessions read per item
+#       (its newest), then the explicit covis items, then the explicit categories.
 # Returns: alias, session, recent, cats, cart, counts, person items, purchases, delta, delta count,
 # speed version, trending, {item, covis}..., {category, bestsellers}..., out of stock, promoted,
 # neighbours (item, score as text, ...: common/neighbours.py scores the same way).
@@ -211,7 +213,7 @@ local seeds = {}
 if n_items < 0 then
   for i = 1, #recent, 2 do seeds[#seeds + 1] = recent[i] end
 else
-  for i = 1, n_items do seeds[#seeds + 1] = ARGV[26 + i] end
+  for i = 1, n_items do seeds[#seeds + 1] = ARGV[27 + i] end
 end
 local covis = {}
 for _, item in ipairs(seeds) do
@@ -219,7 +221,7 @@ for _, item in ipairs(seeds) do
 end
 
 local wanted, chosen = {}, {}
-for i = 27 + math.max(n_items, 0), #ARGV do
+for i = 28 + math.max(n_items, 0), #ARGV do
   if not chosen[ARGV[i]] then chosen[ARGV[i]] = true; wanted[#wanted + 1] = ARGV[i] end
 end
 local preferred = {}
@@ -256,7 +258,7 @@ if nb_n > 0 and session and #recent > 0 then
   local latest, dot, candidates = {}, {}, {}
   for rank, seed in ipairs(ordered) do
     local weight = (size - rank + 1) / size
-    local row = redis.call('ZRANGE', ARGV[20] .. seed .. ARGV[21], 0, -1, 'WITHSCORES')
+    local row = redis.call('ZREVRANGE', ARGV[20] .. seed .. ARGV[21], 0, tonumber(ARGV[27]) - 1, 'WITHSCORES')
     for i = 1, #row, 2 do
       local token, t = row[i], tonumber(row[i + 1])
       if token ~= own then
@@ -338,7 +340,7 @@ def _run_read(
     args += redis_keys.template(redis_keys.category_bestsellers)
     args += redis_keys.template(redis_keys.neighbour_session) + redis_keys.template(redis_keys.item_sessions)
     args += [person_id, neighbours.sample, neighbours.k, neighbours.n]
-    args += [-1] if covis_items is None else [len(covis_items), *covis_items]
+    args += [-1 if covis_items is None else len(covis_items), neighbours.per_item, *(covis_items or ())]
     args += list(categories)
 
     for attempt in range(2):

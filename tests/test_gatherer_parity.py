@@ -92,7 +92,7 @@ def serving_state(settings: Settings, lake: Lake, registry: Registry, client: re
 def test_serving_and_training_gather_the_same_pool_and_features(
     redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    base = speed_settings(tmp_path, redis_server.url)
+    base = speed_settings(tmp_path, redis_server.url, neighbour_sessions_per_item=2)  # rows read truncated
     # Few neighbours and a small sample, so that which sessions qualify (never the session itself) matters.
     pool_sizes = CandidatePool(neighbour_sample=4, neighbour_k=2)
     settings = base.model_copy(

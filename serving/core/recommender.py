@@ -97,7 +97,7 @@ def recommend(state: ServingState, req: RecRequest, now_s: float | None = None) 
     rules = state.rules
     degraded: list[str] = []
 
-    speed = read_speed(state, req, model, now_s)
+    speed = read_speed(state, req, model, now_s, personal=variant != "popular")
     if speed is None:
         degraded.append(REDIS_DOWN)
     if model is None:
@@ -156,9 +156,10 @@ def feature_inputs(model: ServingModel, request: GatheredRequest, item_ids: list
 
 
 def read_speed(
-    state: ServingState, req: RecRequest, model: ServingModel | None, now_s: float
+    state: ServingState, req: RecRequest, model: ServingModel | None, now_s: float, *, personal: bool = True
 ) -> SpeedState | None:
-    """The speed layer's state for this request, or None when Redis is down (then the breaker skips it)."""
+    """The speed layer's state for this request, or None when Redis is down (then the breaker skips it).
+    `personal` False (the popular variant) skips the session-kNN scoring."""
     if not state.redis.available():
         metrics.FALLBACKS.labels(reason="redis_unavailable").inc()
         return None
@@ -179,7 +180,10 @@ def read_speed(
             covis_n=speed_settings.covis_top_n,
             bestsellers_n=sizes.category,
             bestsellers_half_life_s=speed_settings.bestsellers_half_life_s,
-            neighbours=NeighbourQuery(sizes.neighbour_sample, sizes.neighbour_k, sizes.neighbours),
+            neighbours=NeighbourQuery(
+                sizes.neighbour_sample, sizes.neighbour_k, sizes.neighbours if personal else 0,
+                speed_settings.neighbour_sessions_per_item,
+            ),
         )
     except redis.RedisError as exc:
         state.redis.failed(exc)

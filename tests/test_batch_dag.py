@@ -157,7 +157,9 @@ def test_gate_rejects_a_deliberately_worse_model(env: Env, worse_version: dict[s
     gate = worse_version["gate"]
     manifest = env.registry.read_manifest(gate["version"])
     assert gate["published"] is False and manifest.status == "rejected"
-    assert manifest.decision is not None and manifest.decision.startswith("rejected: mrr_at_20") and VERSION in manifest.decision
+    # Refused either as worse than the serving version or as a ranker worse than its own pool.
+    assert manifest.decision is not None and manifest.decision.startswith("rejected: ")
+    assert VERSION in manifest.decision or "worse than its candidates" in manifest.decision
     assert env.registry.current() == VERSION
 
 

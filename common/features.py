@@ -28,6 +28,10 @@ FEATURE_NAMES: tuple[str, ...] = (
     "covis",
     "covis_last",
     "neighbours",
+    # The same three as shares of the request's best: comparable across sessions and seeds of any popularity.
+    "covis_share",
+    "covis_last_share",
+    "neighbours_share",
     "session_items",
     "category_affinity",
     "price_ratio",
@@ -95,6 +99,8 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
     out[:, col["covis"]] = np.log1p(cands.covis)
     out[:, col["covis_last"]] = np.log1p(cands.covis_last)
     out[:, col["neighbours"]] = cands.neighbours
+    for name, values in (("covis", cands.covis), ("covis_last", cands.covis_last), ("neighbours", cands.neighbours)):
+        out[:, col[f"{name}_share"]] = _share_of_max(values)
     out[:, col["session_items"]] = len(state.session_items)
 
     affinity = normalised_affinity(state.category_affinity)
@@ -109,6 +115,11 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
     out[:, col["bought_before"]] = [i in state.purchases for i in cands.item_ids]
     out[:, col["promoted"]] = cands.promoted
     return out
+
+
+def _share_of_max(values: np.ndarray) -> np.ndarray:
+    best = float(np.max(values)) if len(values) else 0.0
+    return values / best if best > 0 else np.zeros_like(values)
 
 
 def sliding_popularity(day_counts: np.ndarray, now_s: float) -> tuple[np.ndarray, np.ndarray]:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 
 import redis
+import yaml
 from fastapi.testclient import TestClient
 
 from bench.serve import SyntheticModel
 from common import redis_keys
 from serving.core.experiments import assign_variant
-from serving.core.rules import Rules
-from tests.test_serving_support import ids, recs, seed_session_view
+from serving.core.rules import Diversity, Rules
+from serving.main import create_app
+from tests.test_serving_support import ids, make_settings, recs, seed_session_view
 
 # The fixtures (model_template, published, client) live in the support module.
 pytest_plugins = ["tests.test_serving_support"]
@@ -88,14 +91,20 @@ def test_product_context_excludes_the_product_and_explains_covisits(
     assert any(i["reason"] == "often viewed with Item 4" for i in body["items"])
 
 
-def test_diversity_cap_and_new_arrival_quota_hold(client: TestClient, published: SyntheticModel) -> None:
-    for person in ("u1", "u5", "anon-div"):
-        key = "user_id" if person.startswith("u") else "anonymous_id"
-        body = recs(client, **{key: person, "k": 20})
-        per_category = Counter(i["category"] for i in body["items"])
-        assert max(per_category.values()) <= Rules().diversity.cap(20) == 10, per_category
-        assert len(body["items"]) == 20
-        assert set(published.new_items) & set(ids(body)), "one slot is reserved for new arrivals"
+def test_diversity_cap_and_new_arrival_quota_hold(
+    published: SyntheticModel, recs_env: Path, tmp_path: Path
+) -> None:
+    rules = Rules(diversity=Diversity(max_share_per_category=0.15))  # a store that caps categories
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump(rules.model_dump()))
+    with TestClient(create_app(make_settings(rules_file=rules_file))) as client:
+        for person in ("u1", "u5", "anon-div"):
+            key = "user_id" if person.startswith("u") else "anonymous_id"
+            body = recs(client, **{key: person, "k": 20})
+            per_category = Counter(i["category"] for i in body["items"])
+            assert max(per_category.values()) <= rules.diversity.cap(20) == 3, per_category
+            assert len(body["items"]) == 20
+            assert set(published.new_items) & set(ids(body)), "one slot is reserved for new arrivals"
 
 
 def test_promoted_items_are_boosted(client: TestClient, published: SyntheticModel) -> None:
@@ -103,8 +112,10 @@ def test_promoted_items_are_boosted(client: TestClient, published: SyntheticMode
     last = plain["items"][-1]["item_id"]
     client.put("/v1/catalog/items", json=[{"item_id": last, "promoted": True}])
     boosted = recs(client, user_id="u6", k=20)
-    positions = {i["item_id"]: n for n, i in enumerate(boosted["items"])}
-    assert positions[last] < len(plain["items"]) - 1
+    before = {i["item_id"]: (n, i["score"]) for n, i in enumerate(plain["items"])}
+    after = {i["item_id"]: (n, i["score"]) for n, i in enumerate(boosted["items"])}
+    assert after[last][1] >= before[last][1] + Rules().boost.promoted - 1e-6  # the boost is added
+    assert after[last][0] <= before[last][0]  # never down (up past every item it now outscores)
     assert next(i for i in boosted["items"] if i["item_id"] == last)["promoted"] is True
 
 

@@ -18,14 +18,16 @@ def rows(n: int, category: str = UNCATEGORISED, new: set[int] | None = None) -> 
 
 
 def test_the_category_cap_skips_items_without_a_category() -> None:
-    picked = _pick(Rules(), rows(50), K)
+    picked = _pick(Rules(diversity=Diversity(max_share_per_category=0.1)), rows(50), K)
     assert len(picked) == K
     assert [r[0] for r in picked] == [f"i{j}" for j in range(K)]  # the best k, in order
 
 
 def test_the_cap_is_a_share_of_k_for_categorised_items() -> None:
     one_category = rows(50, category="shoes")
-    assert len(_pick(Rules(), one_category, K)) == Diversity().cap(K) == 10
+    assert len(_pick(Rules(), one_category, K)) == K  # the default: no cap
+    half = Rules(diversity=Diversity(max_share_per_category=0.5))
+    assert len(_pick(half, one_category, K)) == half.diversity.cap(K) == 10
     strict = Rules(diversity=Diversity(max_share_per_category=0.15))
     assert len(_pick(strict, one_category, K)) == 3
     assert len(_pick(strict, one_category + rows(50)[:30], K)) == K  # uncategorised items fill the rest

@@ -32,7 +32,7 @@ class NewArrivals(_Strict):
 class Diversity(_Strict):
     # At most this share of a list's k places for one category (at least one place). Items without a
     # category are never capped: on a catalog without categories the cap must not empty the list.
-    max_share_per_category: float = Field(0.5, gt=0, le=1)
+    max_share_per_category: float = Field(1.0, gt=0, le=1)
 
     def cap(self, k: int) -> int:
         return max(1, int(self.max_share_per_category * k))

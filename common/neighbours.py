@@ -1,7 +1,7 @@
 """Session neighbours (session-kNN, V-SKNN style): the one definition of the index and the scoring.
 
 The speed layer keeps the index in Redis (speed_layer/scripts.py, `index_neighbour`): when an item
-enters a session's recent items, the session (by `redis_keys.session_token`) records the item, and
+enters a session's recent items, the session (by `session_token`) records the item, and
 the item records the session, each with the time. Serving scores it inside its one read
 (common/speed_state.py, READ_STATE); ranker training keeps the same index in memory
 (`NeighbourIndex`) and scores it with `score_neighbours`. A parity test holds the two equal.
@@ -18,10 +18,18 @@ Ties break by time, then by token or item id, ascending.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+
+def session_token(person_id: str, session_id: str) -> str:
+    """A session's name in the neighbour keys (redis_keys.neighbour_session, item_sessions): a hash of
+    the person and session, so global keys never hold a person's id and two people's equal session
+    ids never merge. Serving's read script computes the same (common/speed_state.py, `own`)."""
+    return hashlib.sha1(f"{person_id}\x00{session_id}".encode()).hexdigest()[:16]
 
 
 def seed_weights(seeds: Mapping[str, float]) -> dict[str, float]:

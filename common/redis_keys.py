@@ -8,7 +8,6 @@ slot and a Lua script may touch them together. Values that depend on a model ver
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 
 PREFIX = "lr"
@@ -133,7 +132,7 @@ def covisitation(item_id: str) -> str:
 
 
 def neighbour_session(token: str) -> str:
-    """Sorted set item -> time it entered one past or live session (`session_token`), the session as a
+    """Sorted set item -> time it entered one past or live session (`neighbours.session_token`), the session as a
     neighbour candidate for session-kNN; its speed.recent_items newest items, kept
     speed.neighbour_session_ttl_s after its last new item. Pseudonymous: no person id in the name."""
     return f"{PREFIX}:nb:s:{token}"
@@ -143,12 +142,6 @@ def item_sessions(item_id: str) -> str:
     """Sorted set session token -> time the session took the item: the item's most recent sessions
     (speed.neighbour_sessions_per_item, trimmed when twice as many), for session-kNN."""
     return f"{PREFIX}:nb:i:{item_id}"
-
-
-def session_token(person_id: str, session_id: str) -> str:
-    """The session's name in the neighbour keys: a hash of the person and session, so global keys
-    never hold a person's id (and two people's equal session ids never merge)."""
-    return hashlib.sha1(f"{person_id}\x00{session_id}".encode()).hexdigest()[:16]
 
 
 def item_state(item_id: str) -> str:

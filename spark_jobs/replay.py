@@ -25,8 +25,7 @@ from common.features import DAY_S, POP_DAYS, Candidates, RequestState, day_index
 from common.gatherer import Gathered, ItemColumns, describe, gather_lists, pool
 from common.lake import Lake
 from common.model import ModelArtifacts
-from common.neighbours import NeighbourIndex, score_neighbours
-from common.redis_keys import session_token
+from common.neighbours import NeighbourIndex, score_neighbours, session_token
 from common.sequence import SEQUENCE_EXCLUDED_TYPES, SequenceCounter
 from common.settings import SpeedSettings, TrainingSettings
 from common.speed_state import forward_decay, trending_decay_weights
@@ -340,7 +339,7 @@ class EventLogLookups:
 
     pit: PointInTime
     now_s: float
-    own_token: str  # the request's session (redis_keys.session_token), never its own neighbour
+    own_token: str  # the request's session (common.neighbours.session_token), never its own neighbour
 
     def covisitation(self, seeds: Collection[str]) -> Mapping[str, Mapping[str, float]]:
         rows = {seed: self.pit.sequences.top_row(seed) for seed in seeds}

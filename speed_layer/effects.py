@@ -23,6 +23,7 @@ from common import redis_keys
 from common.events import Event, EventType
 from common.features import DAY_S, POP_DAYS, day_index, implicit_weight
 from common.model import ModelArtifacts
+from common.neighbours import session_token
 from common.settings import Settings
 from common.speed_state import forward_decay
 from common.vectors import sgd_steps
@@ -601,7 +602,7 @@ class _Planner:
     def _token(self, person: str, session: str) -> str:
         found = self.tokens.get((person, session))
         if found is None:
-            found = self.tokens[(person, session)] = redis_keys.session_token(person, session)
+            found = self.tokens[(person, session)] = session_token(person, session)
         return found
 
     def _seen_key(self, person: str, day: int) -> str:

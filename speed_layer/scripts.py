@@ -21,7 +21,7 @@ from __future__ import annotations
 # then one block per event: EVENT_ARGS fixed values, then two per version:
 #   1 event_type  2 item  3 session  4 ts  5 weight  6 quantity  7 category
 #   8 trend expireat (0: skip)  9 popularity expireat (0: skip)  10 bestseller increment (0: skip)
-#   11 event_id  12 session token (redis_keys.session_token)
+#   11 event_id  12 session token (common.neighbours.session_token)
 #   per version: the new delta ('' : none for this event) and the event count it replaces.
 # KEYS holds one block per event: EVENT_KEYS fixed keys, then two per version:
 #   1 seen (the person's markers of the event's day)  2 recent  3 cats  4 cart  5 counts  6 sessions

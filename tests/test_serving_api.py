@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from bench.serve import SyntheticModel, publish_synthetic_model
 from common import redis_keys
 from common.lake import Lake
+from common.neighbours import session_token
 from common.stream import decode_entry
 from serving.main import create_app
 from tests.test_serving_support import (
@@ -144,7 +145,7 @@ def test_erasure_removes_speed_state_queues_lake_erasure_and_forgets_the_user(
     seed_session_view(redis_client, "u4", "s-e", "i12", "cat4", {"i20": 5.0})
     redis_client.set(redis_keys.user_delta("u4", "v1"), b"\0" * 64)
     redis_client.hset(redis_keys.person_items("u40"), "i1", 1.0)  # another person, kept
-    mine, theirs = (redis_keys.neighbour_session(redis_keys.session_token(p, "s-e")) for p in ("u4", "u40"))
+    mine, theirs = (redis_keys.neighbour_session(session_token(p, "s-e")) for p in ("u4", "u40"))
     redis_client.zadd(mine, {"i12": 1.0})  # the session as a session-kNN neighbour
     redis_client.zadd(theirs, {"i12": 1.0})
     assert any("als" in i["sources"] for i in recs(client, user_id="u4")["items"])

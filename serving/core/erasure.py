@@ -12,6 +12,7 @@ import re
 import redis
 
 from common import redis_keys
+from common.neighbours import session_token
 
 _GLOB = re.compile(r"([*?\[\]\\])")
 
@@ -42,7 +43,7 @@ def erase_person(client: redis.Redis, person_id: str) -> int:
     keys: set[bytes] = set()
     for pattern in person_key_patterns(person_id):
         keys.update(client.scan_iter(match=pattern, count=1000))
-    keys |= {redis_keys.neighbour_session(redis_keys.session_token(person_id, s)).encode() for s in _sessions(keys, person_id)}
+    keys |= {redis_keys.neighbour_session(session_token(person_id, s)).encode() for s in _sessions(keys, person_id)}
     if not keys:
         return 0
     return int(client.delete(*keys))

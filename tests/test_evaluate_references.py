@@ -13,11 +13,11 @@ import pytest
 
 from common.lake import Lake
 from evaluation.cli import format_table
-from evaluation.protocol import PROTOCOL_COLUMNS, Protocol, select_targets, target_prefixes, training_sessions
+from evaluation.protocol import Protocol, select_targets, target_prefixes, training_sessions
 from evaluation.references import REFERENCES, SequentialRules, SessionKnn
 from evaluation.replay import ReplayConfig, run_replay
 from evaluation.strategies import DEFAULT_STRATEGIES, STRATEGIES, STRATEGY_NAMES
-from tests.test_evaluate_replay import SCORED, TEST_DAYS, WARMUP_DAYS, replay_settings
+from tests.test_evaluate_replay import CUTOFF, SCORED, TEST_DAYS, WARMUP_DAYS, replay_settings, session_frame
 
 # ---------------------------------------------------------------- sequential rules
 
@@ -129,7 +129,6 @@ def test_neither_reference_lists_an_item_of_the_prefix() -> None:
 
 # ---------------------------------------------------------------- what they are trained and asked on
 
-CUTOFF = 100.0
 
 
 def event_log() -> pd.DataFrame:
@@ -139,16 +138,7 @@ def event_log() -> pd.DataFrame:
         "s5": "R A",  # R is rare (2 events): dropped from every session
         "t1": "A B A C:add_to_cart C:purchase D B:remove_from_cart", "t2": "N C D",
     }  # fmt: skip
-    rows = []
-    for n, (session, tokens) in enumerate(sessions.items()):
-        start = (0.0 if session.startswith("s") else CUTOFF) + 10 * n
-        for j, token in enumerate(tokens.split()):
-            item, _, event_type = token.partition(":")
-            rows.append((session, item, event_type or "view", start + j))
-    rows += [("x1", "A", "view", CUTOFF - 5), ("x1", "B", "view", CUTOFF + 5)]  # straddles the cutoff
-    frame = pd.DataFrame(rows, columns=["session_id", "item_id", "event_type", "t"])
-    frame["event_id"] = [f"e{i}" for i in range(len(frame))]
-    return frame.sort_values("t", kind="stable")[PROTOCOL_COLUMNS].reset_index(drop=True)
+    return session_frame(sessions, [])
 
 
 def test_training_sessions_end_before_the_cutoff_and_keep_repeats_in_order() -> None:

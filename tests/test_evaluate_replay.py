@@ -38,14 +38,19 @@ def event_log() -> pd.DataFrame:
         "t1": "A B R E C:add_to_cart C:purchase B:remove_from_cart",
         "t2": "A", "t3": "A N", "t4": "N N N N",
     }  # fmt: skip
-    rows = []
+    return session_frame(sessions, [(None, "B", "view", CUTOFF + 6)])  # no session: never scored
+
+
+def session_frame(sessions: dict[str, str], extra: list[tuple[str | None, str, str, float]]) -> pd.DataFrame:
+    """Protocol events of `sessions` (s* start before CUTOFF, others after it, events 1 s apart;
+    tokens item[:type]), plus x1 straddling the cutoff and the `extra` rows, in replay order."""
+    rows: list[tuple[str | None, str, str, float]] = []
     for n, (session, tokens) in enumerate(sessions.items()):
         start = (0.0 if session.startswith("s") else CUTOFF) + 10 * n
         for j, token in enumerate(tokens.split()):
             item, _, event_type = token.partition(":")
             rows.append((session, item, event_type or "view", start + j))
-    rows += [("x1", "A", "view", CUTOFF - 5), ("x1", "B", "view", CUTOFF + 5)]  # straddles the cutoff
-    rows.append((None, "B", "view", CUTOFF + 6))  # no session: never scored
+    rows += [("x1", "A", "view", CUTOFF - 5), ("x1", "B", "view", CUTOFF + 5), *extra]
     frame = pd.DataFrame(rows, columns=["session_id", "item_id", "event_type", "t"])
     frame["event_id"] = [f"e{i}" for i in range(len(frame))]
     return frame.sort_values("t", kind="stable")[PROTOCOL_COLUMNS].reset_index(drop=True)

@@ -49,6 +49,11 @@ class EventType(StrEnum):
     IDENTIFY = "identify"
 
 
+# Item events that express interest: what the replay scores as a next item and ranker training labels.
+INTEREST_EVENTS = frozenset({"view", "click", "add_to_cart", "purchase", "wishlist"})
+# Item events that count for a category's bestsellers (speed layer and ranker training).
+BESTSELLER_EVENTS = frozenset({"add_to_cart", "purchase"})
+
 ITEM_EVENTS = frozenset(
     {
         EventType.VIEW,

@@ -155,13 +155,16 @@ def rank_scores(pairs: Scored) -> dict[str, float]:
 
 
 def heuristic_scores(
-    model: ModelArtifacts, lists: Mapping[str, Scored], item_ids: Sequence[str], vector: np.ndarray | None
+    model: ModelArtifacts,
+    source_ranks: Mapping[str, Mapping[str, float]],
+    item_ids: Sequence[str],
+    vector: np.ndarray | None,
 ) -> np.ndarray:
-    """The ranker-free score of a pool: every source's rank score summed, plus the ALS score where
-    there is a vector (serving's als_only variant; the yardstick the ranker must beat)."""
+    """The ranker-free score of a pool: every source's rank score (`rank_scores` of its list) summed,
+    plus the ALS score where there is a vector (serving's als_only variant; the yardstick the ranker
+    must beat)."""
     total = np.zeros(len(item_ids), dtype=np.float64)
-    for pairs in lists.values():
-        ranks = rank_scores(pairs)
+    for ranks in source_ranks.values():
         total += np.array([ranks.get(i, 0.0) for i in item_ids], dtype=np.float64)
     if vector is not None and len(item_ids):
         total += item_vectors(model, item_ids) @ vector.astype(np.float32)

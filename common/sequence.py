@@ -27,13 +27,6 @@ def follow_weight(gap: int) -> float:
 
 
 @dataclass
-class _Recent:
-    """One session's recent items: item -> latest event time, as the speed layer's sorted set."""
-
-    items: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
 class SequenceCounter:
     """Ordered co-visits over sessions, fed event by event in arrival order (the speed layer's rule)."""
 
@@ -43,13 +36,13 @@ class SequenceCounter:
     follows: defaultdict[str, defaultdict[str, float]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
     )
-    _sessions: dict[str, _Recent] = field(default_factory=dict)
+    _sessions: dict[str, dict[str, float]] = field(default_factory=dict)  # session -> recent item -> latest time
     _top: dict[str, dict[str, float]] = field(default_factory=dict)  # rows' tops, until the row changes
 
     def add(self, session: str, item: str, ts_s: float) -> bool:
         """One item event of `session` at `ts_s` (epoch seconds); True when the item is new to the
         session's recent items (the moment the speed layer also indexes it for session-kNN)."""
-        recent = self._sessions.setdefault(session, _Recent()).items
+        recent = self._sessions.setdefault(session, {})
         if item in recent:
             recent[item] = max(recent[item], ts_s)  # ZADD GT: only a later time moves it
             return False
@@ -61,7 +54,7 @@ class SequenceCounter:
         recent[item] = ts_s
         if len(recent) > self.recent_n:  # keep the newest recent_n, as the script's trim does
             kept = sorted(recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: self.recent_n]
-            self._sessions[session].items = dict(kept)
+            self._sessions[session] = dict(kept)
         return True
 
     def add_all(self, events: Iterable[tuple[str, str, float]]) -> None:

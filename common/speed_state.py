@@ -42,12 +42,13 @@ def trending_decay_weights(now_s: float, bucket_s: int, window_s: int, half_life
 
 @dataclass(frozen=True)
 class NeighbourQuery:
-    """Session-kNN parameters of a read (settings.training.candidates: neighbour_sample, neighbour_k, neighbours)."""
+    """Session-kNN parameters of a read: settings.training.candidates' neighbour_sample, neighbour_k and
+    neighbours (n), and speed.neighbour_sessions_per_item (each seed's newest sessions read)."""
 
-    sample: int = 500
-    k: int = 100
-    n: int = 0
-    per_item: int = 100  # each seed's newest sessions read (speed.neighbour_sessions_per_item)
+    sample: int
+    k: int
+    n: int
+    per_item: int
 
 
 @dataclass
@@ -98,7 +99,7 @@ def read_speed_state(
     covis_n: int = 50,
     bestsellers_n: int = 50,
     bestsellers_half_life_s: float = 7 * 86400,
-    neighbours: NeighbourQuery = NeighbourQuery(),
+    neighbours: NeighbourQuery | None = None,
 ) -> SpeedState:
     """Read one request's speed-layer state in one round trip; raises redis.RedisError when Redis is down.
 
@@ -107,7 +108,7 @@ def read_speed_state(
     Bestsellers come for `categories` and the session's `top_categories` preferred ones.
     `candidate_items` get per-day popularity counts for the POP_DAYS days up to `now_s`'s day.
     Pass settings.speed.bestsellers_half_life_s so bestseller weights come back decayed to `now_s`.
-    `neighbours` asks for the session's session-kNN list (common/neighbours.py); n=0, the default, skips it.
+    `neighbours` asks for the session's session-kNN list (common/neighbours.py); None or n=0 skips it.
     """
     now_s = time.time() if now_s is None else now_s
     days = [day_index(now_s) - POP_DAYS + 1 + i for i in range(POP_DAYS)] if candidate_items else []
@@ -322,7 +323,7 @@ def _run_read(
     bestsellers_n: int,
     days: Sequence[int],
     candidate_items: Sequence[str],
-    neighbours: NeighbourQuery,
+    neighbours: NeighbourQuery | None,
 ) -> tuple[list[Any], list[Any]]:
     """The script's reply and the day counts' replies, in one pipeline (loading the script once if needed)."""
     version = model_version or ""  # no version: a delta key that never exists
@@ -339,8 +340,9 @@ def _run_read(
     args += redis_keys.template(redis_keys.covisitation)
     args += redis_keys.template(redis_keys.category_bestsellers)
     args += redis_keys.template(redis_keys.neighbour_session) + redis_keys.template(redis_keys.item_sessions)
-    args += [person_id, neighbours.sample, neighbours.k, neighbours.n]
-    args += [-1 if covis_items is None else len(covis_items), neighbours.per_item, *(covis_items or ())]
+    query = neighbours or NeighbourQuery(sample=0, k=0, n=0, per_item=0)
+    args += [person_id, query.sample, query.k, query.n]
+    args += [-1 if covis_items is None else len(covis_items), query.per_item, *(covis_items or ())]
     args += list(categories)
 
     for attempt in range(2):

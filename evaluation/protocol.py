@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from common.events import INTEREST_EVENTS
+
 # Item events that express interest; remove_from_cart is replayed but never a target.
-SCORED_TYPES = ("view", "click", "add_to_cart", "purchase", "wishlist")
+SCORED_TYPES = tuple(sorted(INTEREST_EVENTS))
 PROTOCOL_COLUMNS = ["event_id", "event_type", "session_id", "item_id", "t"]
 
 

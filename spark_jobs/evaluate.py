@@ -17,7 +17,7 @@ import numpy as np
 
 from common.candidates import als_top_n
 from common.features import FEATURE_NAMES, compute_features
-from common.gatherer import heuristic_scores
+from common.gatherer import heuristic_scores, rank_scores
 from spark_jobs.replay import PointInTime, Request
 
 K = 20
@@ -54,7 +54,8 @@ def ranked_lists(pit: PointInTime, requests: list[Request], ranker: Any | None) 
         lists["popular"].append(pit.popular[:K])
         lists["als"].append(_pad(als, pit.popular))
         gathered, cands = pit.gather(request, state)
-        heuristic = heuristic_scores(pit.model, gathered.lists, cands.item_ids, state.user_vector)
+        ranks = {source: rank_scores(pairs) for source, pairs in gathered.lists.items()}
+        heuristic = heuristic_scores(pit.model, ranks, cands.item_ids, state.user_vector)
         lists["heuristic"].append(_pad(_top(cands.item_ids, heuristic), pit.popular))
         pool.append(cands.item_ids)
         blocks.append(compute_features(state, cands))

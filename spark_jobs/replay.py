@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from common.candidates import Scored
+from common.events import BESTSELLER_EVENTS, INTEREST_EVENTS
 from common.features import DAY_S, POP_DAYS, Candidates, RequestState, day_index, implicit_weight
 from common.gatherer import Gathered, ItemColumns, describe, gather_lists, pool
 from common.lake import Lake
@@ -34,8 +35,6 @@ from spark_jobs import tables
 
 NEXT_ITEM, NEXT_ITEM_BOUGHT, LATER_ITEM = 2, 3, 1
 LATER_ITEMS = 5  # the session's new items after the next one that are labelled LATER_ITEM
-BESTSELLER_TYPES = frozenset({"add_to_cart", "purchase"})  # as speed_layer/effects.py
-SCORED_TYPES = frozenset({"view", "click", "add_to_cart", "purchase", "wishlist"})  # as evaluation/protocol.py
 LOG_COLUMNS = ["event_id", "event_type", "ts", "anonymous_id", "user_id", "session_id", "item_id", "dwell_ms", "quantity"]
 ITEM_KEY = 10**13  # > any epoch time in ms until the year 2286; items up to 900k fit in int64
 
@@ -179,7 +178,7 @@ def build_requests(log: EventLog, start_s: float, end_s: float, limit: int, seed
     cuts = np.flatnonzero(sessions[1:] != sessions[:-1]) + 1 if len(sessions) else np.zeros(0, dtype=np.int64)
     requests = []
     for rows in np.split(order, cuts):
-        rows = rows[[str(log.event_type[r]) in SCORED_TYPES for r in rows]]
+        rows = rows[[str(log.event_type[r]) in INTEREST_EVENTS for r in rows]]
         if len(rows) < 2:
             continue
         bought = {int(log.item[r]) for r in rows if log.event_type[r] == "purchase"}
@@ -247,12 +246,12 @@ class PointInTime:
         for r in range(self._cursor, to_row):
             kind, item = str(log.event_type[r]), int(log.item[r])
             if kind not in SEQUENCE_EXCLUDED_TYPES:
-                # Keyed as the speed layer keys a session's recent items: by person and session.
-                person, session = str(log.person[r]), str(log.session_id[r])
-                if self.sequences.add(f"{person}\x00{session}", log.item_ids[item], float(log.ts_s[r])):
-                    self.neighbour_index.add(session_token(person, session), log.item_ids[item], float(log.ts_s[r]))
+                # A session is the speed layer's: one person's session id (its token names it).
+                token = session_token(str(log.person[r]), str(log.session_id[r]))
+                if self.sequences.add(token, log.item_ids[item], float(log.ts_s[r])):
+                    self.neighbour_index.add(token, log.item_ids[item], float(log.ts_s[r]))
             category = str(log.category[item])
-            if kind in BESTSELLER_TYPES and category:
+            if kind in BESTSELLER_EVENTS and category:
                 weight = log.weight[r] * log.quantity[r] * forward_decay(float(log.ts_s[r]), half_life)
                 self._bestsellers[category][log.item_ids[item]] += float(weight)
         self._cursor = max(self._cursor, to_row)

@@ -20,7 +20,7 @@ import redis
 from redis.exceptions import NoScriptError
 
 from common import redis_keys
-from common.events import Event, EventType
+from common.events import BESTSELLER_EVENTS, Event, EventType
 from common.features import DAY_S, POP_DAYS, day_index, implicit_weight
 from common.model import ModelArtifacts
 from common.neighbours import session_token
@@ -33,7 +33,6 @@ from speed_layer.sender import Lane
 log = logging.getLogger(__name__)
 
 NO_SESSION = "_"  # session id of events sent without one
-BESTSELLER_EVENTS = {EventType.PURCHASE: True, EventType.ADD_TO_CART: True}
 
 
 @dataclass
@@ -564,7 +563,7 @@ class _Planner:
         day = day_index(ts)
         pop_expire = int((day + POP_DAYS + 1) * DAY_S)
         best = 0.0
-        if category and event.event_type in BESTSELLER_EVENTS:
+        if category and event.event_type.value in BESTSELLER_EVENTS:
             best = weight * (event.quantity or 1) * forward_decay(ts, speed.bestsellers_half_life_s)
 
         keys += [

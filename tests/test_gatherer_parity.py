@@ -30,6 +30,7 @@ from serving.core.recommender import RecRequest, feature_inputs, gather_request,
 from serving.core.rules import Rules
 from serving.core.state import RedisGate, ServingState
 from spark_jobs.replay import PointInTime, build_requests, load_log
+from spark_jobs.tables import COVISITATION_SCHEMA
 from speed_layer.consumer import SpeedConsumer
 from speed_layer.effects import Applier
 from tests.speed_factories import speed_settings
@@ -107,7 +108,7 @@ def test_serving_and_training_gather_the_same_pool_and_features(
     parameters = {**manifest.parameters, "training": settings.training.model_dump()}  # as the pipeline records it
     registry.write_manifest(manifest.model_copy(update={"parameters": parameters}))
     # The version saw no sessions (every event below comes after its cutoff): no batch co-visits.
-    save_table(registry, "v1", COVISITATION, pa.table({"item_id": [], "other_id": [], "count": []}, schema=_covis_schema()))
+    save_table(registry, "v1", COVISITATION, pa.table({"item_id": [], "other_id": [], "count": []}, schema=COVISITATION_SCHEMA))
     registry.activate("v1", kind="published")
     model = load_model(registry, "v1")
     events = shop_events(model.manifest.cutoff + timedelta(minutes=5))
@@ -164,7 +165,3 @@ def test_serving_and_training_gather_the_same_pool_and_features(
     assert all(k in trained.lists and trained.lists[k] for k in ("covis", "neighbours", "category", "trending", "als"))
 
 
-def _covis_schema() -> pa.Schema:
-    from spark_jobs.tables import COVISITATION_SCHEMA
-
-    return COVISITATION_SCHEMA

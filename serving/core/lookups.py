@@ -13,7 +13,7 @@ from common.candidates import Scored
 from common.features import POP_DAYS
 from common.gatherer import ItemColumns
 from common.speed_state import SpeedState
-from serving.core.catalog_view import UNCATEGORISED, ItemInfo
+from serving.core.catalog_view import UNCATEGORISED
 from serving.core.model_holder import ServingModel
 from serving.core.state import ServingState
 
@@ -64,17 +64,12 @@ class ServingLookups:
 
     def items(self, items: Sequence[str]) -> ItemColumns:
         infos = [self.state.catalog.get(i) for i in items]
-        return item_columns(items, infos, self.speed.promoted if self.speed else frozenset(), self.now_s)
-
-
-def item_columns(
-    items: Sequence[str], infos: Sequence[ItemInfo | None], live_promoted: frozenset[str], now_s: float
-) -> ItemColumns:
-    return ItemColumns(
-        categories=[info.category if info else UNCATEGORISED for info in infos],
-        prices=np.array([info.price if info else 0.0 for info in infos]),
-        created_at_s=np.array([info.created_at_s if info else now_s for info in infos]),
-        promoted=np.array(
-            [i in live_promoted or bool(info and info.promoted) for i, info in zip(items, infos, strict=True)]
-        ),
-    )
+        live_promoted = self.speed.promoted if self.speed else frozenset()
+        return ItemColumns(
+            categories=[info.category if info else UNCATEGORISED for info in infos],
+            prices=np.array([info.price if info else 0.0 for info in infos]),
+            created_at_s=np.array([info.created_at_s if info else self.now_s for info in infos]),
+            promoted=np.array(
+                [i in live_promoted or bool(info and info.promoted) for i, info in zip(items, infos, strict=True)]
+            ),
+        )

@@ -112,7 +112,7 @@ def recommend(state: ServingState, req: RecRequest, now_s: float | None = None) 
     elif variant == "popular":
         scores = _source_score(pool, "trending") + 1e-3 * _source_score(pool, "new")
     else:  # als_only, or ranker on a version published without one
-        scores = heuristic_scores(model.artifacts, request.gathered.lists, pool.item_ids, request.moment.user_vector)
+        scores = heuristic_scores(model.artifacts, pool.source_scores, pool.item_ids, request.moment.user_vector)
     ranked = _boost_and_diversify(state, rules, pool, scores, speed, req.k)
     return _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
 

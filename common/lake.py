@@ -282,4 +282,4 @@ def _dedup_within(table: pa.Table, key: str) -> pa.Table:
     )
     if len(firsts) == table.num_rows:
         return table
-    return table.take(pc.sort_indices(firsts))
+    return table.take(firsts.sort())  # the first rows themselves, in their input order

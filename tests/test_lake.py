@@ -10,10 +10,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import redis
 
 from common.catalog import Item, items_to_table
 from common.events import Event, EventType, deterministic_event_id, events_to_table
 from common.lake import EVENTS_DATASET, Lake
+from common.redis_server import RedisServer
+from speed_layer.lake_writer import LakeWriter
+from tests.speed_factories import add_events, make_event, speed_settings
 
 DAY1 = datetime(2026, 3, 1, 23, 59, 59, tzinfo=UTC)
 
@@ -56,6 +60,32 @@ def test_dedup_by_event_id_within_and_across_batches(tmp_path: Path) -> None:
     ids = lake.read_events()["event_id"].to_pylist()
     assert sorted(ids) == sorted(deterministic_event_id("lake-test", n) for n in (1, 2, 3))
     assert len(lake.partition_files(EVENTS_DATASET, DAY1.date())) == 2  # the second file holds only event 3
+
+
+def test_a_flush_holding_duplicates_keeps_the_first_row_of_each_event(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    a, b, c, d = (event(n, received_at=DAY1 - timedelta(seconds=10 - n)) for n in (1, 2, 3, 4))
+    a_again = a.model_copy(update={"item_id": "p1-retried"})  # shows which of the two copies was kept
+    lake.write_events(events_to_table([a, b, a_again, c, d]))
+    rows = lake.read_events(columns=["event_id", "item_id"]).to_pylist()
+    assert [(r["event_id"], r["item_id"]) for r in rows] == [(e.event_id, e.item_id) for e in (a, b, c, d)]
+
+
+def test_a_batch_retried_into_the_stream_lands_in_the_lake_once(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # The API died after its XADD and the client sent the batch again: one flush reads it twice,
+    # between other batches.
+    settings = speed_settings(tmp_path, redis_server.url)
+    first, retried, last = ([make_event(EventType.VIEW, f"i{n}") for n in range(k, k + 5)] for k in (0, 5, 10))
+    for batch_ in (first, retried, retried, last):
+        add_events(redis_client, settings, batch_)
+    writer = LakeWriter(redis_client, settings, name="w1")
+    while writer.poll_once():
+        pass
+    writer.flush()
+    landed = Lake(settings.lake.root).read_events(columns=["event_id"])["event_id"].to_pylist()
+    assert sorted(landed) == sorted(e.event_id for e in first + retried + last)
 
 
 def test_partitions_follow_received_at_not_ts(tmp_path: Path) -> None:

@@ -36,17 +36,18 @@ def dead_letter(name: str = "events") -> str:
 # ---------------------------------------------------------------- per person (one slot each)
 
 
-def seen_events(person_id: str, day: int | str) -> str:
-    """Dedup markers (hash, TTL speed.dedup_ttl_s from the last write) of the person's events whose
-    client time falls on `day` (features.day_index): field `<event_id>` = the version-free effects were
-    applied, `<event_id>:<model_version>` = the event is in that version's delta (see seen_field).
-    Written atomically with the effects. One hash per person and day instead of one key per event:
-    a chunk marks all of a person's events with one write, and a field costs far less memory than a key."""
-    return f"{_person(person_id)}:seen:{day}"
+def seen_events(person_id: str) -> str:
+    """Dedup markers of the person's events (sorted set member -> the epoch s it was written, Redis
+    time): `<event_id>` = the version-free effects were applied, `<event_id>:<model_version>` = the
+    event is in that version's delta (see seen_field). Written atomically with the effects, keyed
+    by neither the event's time (a retry may carry another `ts`) nor its device (identify moves the
+    device's markers to the user with its state). Members older than speed.dedup_ttl_s are dropped
+    on each write, and the key expires speed.dedup_ttl_s after its last write."""
+    return f"{_person(person_id)}:seen"
 
 
 def seen_field(event_id: str, model_version: str | None = None) -> str:
-    """The field of seen_events that marks the event's version-free effects, or its delta in a version."""
+    """The member of seen_events that marks the event's version-free effects, or its delta in a version."""
     return event_id if model_version is None else f"{event_id}:{model_version}"
 
 

@@ -419,7 +419,8 @@ class Applier:
             return
         sessions = [s.decode() for s in self.client.zrange(redis_keys.person_sessions(device), 0, -1)]
         keys = [
-            redis_keys.seen_events(user, day_index(event.ts.timestamp())),
+            redis_keys.seen_events(user),
+            redis_keys.seen_events(device),
             redis_keys.alias(device),
             redis_keys.person_sessions(device),
             redis_keys.person_sessions(user),
@@ -485,7 +486,7 @@ class _Planner:
         # Per version slot (at most two): the model and event index -> (new delta, count it replaces).
         self.deltas: list[tuple[ModelArtifacts, dict[int, tuple[np.ndarray, int]]]] = []
         self.person_keys: dict[tuple[str, str], list[str]] = {}
-        self.seen_keys: dict[tuple[str, int], str] = {}
+        self.seen_keys: dict[str, str] = {}
         self.tokens: dict[tuple[str, str], str] = {}
         self.item_keys: dict[str, str] = {}
 
@@ -567,7 +568,7 @@ class _Planner:
             best = weight * (event.quantity or 1) * forward_decay(ts, speed.bestsellers_half_life_s)
 
         keys += [
-            self._seen_key(person, day),
+            self._seen_key(person),
             *self._person_keys(person, session),
             redis_keys.trending_bucket(bucket),
             redis_keys.popularity_day(day),
@@ -604,10 +605,10 @@ class _Planner:
             found = self.tokens[(person, session)] = session_token(person, session)
         return found
 
-    def _seen_key(self, person: str, day: int) -> str:
-        found = self.seen_keys.get((person, day))
+    def _seen_key(self, person: str) -> str:
+        found = self.seen_keys.get(person)
         if found is None:
-            found = self.seen_keys[(person, day)] = redis_keys.seen_events(person, day)
+            found = self.seen_keys[person] = redis_keys.seen_events(person)
         return found
 
     def _covis_key(self, item: str) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 #   11 event_id  12 session token (common.neighbours.session_token)
 #   per version: the new delta ('' : none for this event) and the event count it replaces.
 # KEYS holds one block per event: EVENT_KEYS fixed keys, then two per version:
-#   1 seen (the person's markers of the event's day)  2 recent  3 cats  4 cart  5 counts  6 sessions
+#   1 seen (the person's dedup markers)  2 recent  3 cats  4 cart  5 counts  6 sessions
 #   7 person_items  8 purchases  9 trend bucket  10 popularity day  11 category bestsellers
 #   12 covis(item) (declared for Redis Cluster slot planning; the rule writes earlier items' rows)
 #   per version: delta, delta count.
@@ -39,9 +39,9 @@ from __future__ import annotations
 #
 # Every write that nothing later in the chunk reads back is deferred and written once per key at
 # the end: counters are summed, a delta and its count keep their last value, markers are gathered
-# per hash, sessions keep their latest time, TTLs are set once. Events of one person and one
-# session come in runs, so this turns ~20 commands per event into ~10, and a command inside a
-# script costs more than the work it does.
+# per person (stamped with Redis' clock; those older than dedup_ttl are dropped), sessions keep
+# their latest time, TTLs are set once. Events of one person and one session come in runs, so this
+# turns ~20 commands per event into ~10, and a command inside a script costs more than the work it does.
 CHUNK_CONSTANTS = 21
 EVENT_ARGS = 12
 EVENT_KEYS = 12
@@ -58,6 +58,7 @@ local n_versions = tonumber(ARGV[21])
 local versions = {}
 for v = 1, n_versions do versions[v] = ARGV[21 + v] end
 local event_args, event_keys = tonumber('EVENT_ARGS') + 2 * n_versions, tonumber('EVENT_KEYS') + 2 * n_versions
+local now = tonumber(redis.call('TIME')[1])
 
 -- Deferred writes. zincr/hincr/hcount: key -> member -> increment; zset: key -> member -> score (the
 -- last one written wins); expire_in/expire_at: key -> TTL / unix time; trims: key -> members kept
@@ -214,7 +215,7 @@ local function apply_event(k, a)
   local seen, event_id = KEYS[k + 1], ARGV[a + 11]
   local fields = {event_id}
   for v = 1, n_versions do fields[v + 1] = event_id .. ':' .. versions[v] end
-  local marks = redis.call('HMGET', seen, unpack(fields))
+  local marks = redis.call('ZMSCORE', seen, unpack(fields))
   local set_now = marks_now[seen] or {}
   local need_base = apply_base and not marks[1] and not set_now[fields[1]]
   local need = {}
@@ -272,8 +273,9 @@ local function write(...)
 end
 for key, set_now in pairs(marks_now) do
   local flat = {}
-  for field in pairs(set_now) do flat[#flat + 1] = field; flat[#flat + 1] = 1 end
-  write('HSET', key, unpack(flat))
+  for field in pairs(set_now) do flat[#flat + 1] = now; flat[#flat + 1] = field end
+  write('ZADD', key, unpack(flat))
+  write('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - dedup_ttl))
 end
 for key, members in pairs(zincr) do
   for member, by in pairs(members) do write('ZINCRBY', key, by, member) end
@@ -313,16 +315,17 @@ for _name, _value in (
 
 # Identify: move an anonymous device's state into the user's, and alias the device to the user.
 # Crosses two persons' slots, so on Redis Cluster it would run as a copy in the user's slot followed
-# by a delete in the device's slot (the dedup marker sits in the user's slot).
-# KEYS: 1 seen(user, the event's day)  2 alias(device)  3 sessions(device)  4 sessions(user)  5 items(device)
-#       6 items(user)  7 purchases(device)  8 purchases(user), then per session 4 device keys
+# by a delete in the device's slot (the identify's own marker sits in the user's slot).
+# KEYS: 1 seen(user)  2 seen(device)  3 alias(device)  4 sessions(device)  5 sessions(user)  6 items(device)
+#       7 items(user)  8 purchases(device)  9 purchases(user), then per session 4 device keys
 #       (recent, cats, cart, counts) followed by the same 4 user keys.
 # ARGV: 1 user_id  2 history_ttl  3 session_ttl  4 dedup_ttl  5 affinity_half_life  6 the event's marker field.
 # Returns 1 when merged, 0 if seen.
 MERGE_IDENTITY = r"""
-if redis.call('HEXISTS', KEYS[1], ARGV[6]) == 1 then return 0 end
+if redis.call('ZSCORE', KEYS[1], ARGV[6]) then return 0 end
 local history_ttl, session_ttl, half_life = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
-redis.call('SET', KEYS[2], ARGV[1], 'EX', history_ttl)
+local dedup_ttl, now = tonumber(ARGV[4]), tonumber(redis.call('TIME')[1])
+redis.call('SET', KEYS[3], ARGV[1], 'EX', history_ttl)
 
 local function union_max(from, into, ttl)
   if redis.call('EXISTS', from) == 1 then
@@ -355,16 +358,34 @@ local function add_affinity(from, into, ttl)
   redis.call('DEL', from)
 end
 
-union_max(KEYS[3], KEYS[4], session_ttl)
-add_hash(KEYS[5], KEYS[6], history_ttl)
-union_max(KEYS[7], KEYS[8], history_ttl)
-for base = 9, #KEYS, 8 do
+-- The device's state now counts under the user, so do the markers of the events that made it: a
+-- retry of a device event, now resolved to the user, is a duplicate. Its delta markers stay behind
+-- (deltas are not merged, so the user's delta has yet to learn those events) and go with the key.
+local function carry_marks(from, into)
+  local marks = redis.call('ZRANGE', from, 0, -1, 'WITHSCORES')
+  local flat = {}
+  for i = 1, #marks, 2 do
+    if not string.find(marks[i], ':', 1, true) then
+      flat[#flat + 1] = marks[i + 1]; flat[#flat + 1] = marks[i]
+    end
+    if #flat >= 1000 then redis.call('ZADD', into, 'NX', unpack(flat)); flat = {} end  -- bounded unpack
+  end
+  if #flat > 0 then redis.call('ZADD', into, 'NX', unpack(flat)) end
+  redis.call('DEL', from)
+end
+
+carry_marks(KEYS[2], KEYS[1])
+union_max(KEYS[4], KEYS[5], session_ttl)
+add_hash(KEYS[6], KEYS[7], history_ttl)
+union_max(KEYS[8], KEYS[9], history_ttl)
+for base = 10, #KEYS, 8 do
   union_max(KEYS[base], KEYS[base + 4], session_ttl)
   add_affinity(KEYS[base + 1], KEYS[base + 5], session_ttl)
   add_hash(KEYS[base + 2], KEYS[base + 6], session_ttl)
   add_hash(KEYS[base + 3], KEYS[base + 7], session_ttl)
 end
-redis.call('HSET', KEYS[1], ARGV[6], 1)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[1], now, ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - dedup_ttl))
+redis.call('EXPIRE', KEYS[1], dedup_ttl)
 return 1
 """

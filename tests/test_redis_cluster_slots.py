@@ -29,7 +29,6 @@ PEOPLE = ["u42", "anon-7f3c9e", "user:with:colons", "a}b", "{x}", "ünïcode", "
 OTHER_ARGS = {
     "session_id": ["s1", "sess-{9}"],
     "event_id": ["e1", "ev:2"],
-    "day": [20415, "*"],
     "model_version": ["v1", "20250101T000000"],
 }
 

@@ -135,6 +135,57 @@ def test_session_expires_and_identify_merges_the_device_into_the_user(
     assert read_speed_state(redis_client, "u7", session_id="s1").session_items == {}
 
 
+def test_a_retry_after_login_is_applied_once(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url)
+    set_categories(redis_client, {"i2": "hats"})
+    consumer = SpeedConsumer(redis_client, settings, name="c1")
+    cart = make_event(EventType.ADD_TO_CART, "i2", anonymous_id="dev")
+    login = make_event(EventType.IDENTIFY, None, anonymous_id="dev", user_id="u7")
+    signed = cart.model_copy(update={"user_id": "u7"})  # a client that stamps the user on its retries
+    for batch in ([cart], [login], [cart], [signed]):  # the cart's answer was lost: sent again after login
+        add_events(redis_client, settings, batch)
+        drain(consumer)
+
+    state = read_speed_state(redis_client, "u7", session_id="s1", candidate_items=["i2"])
+    assert state.cart == {"i2": 1}
+    assert state.person_items == {"i2": 3.0}
+    assert state.session_counts == {"add_to_cart": 1}
+    assert state.day_counts.sum() == 1.0  # popularity
+
+
+def test_a_retry_whose_ts_moved_a_day_is_applied_once(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url)
+    consumer = SpeedConsumer(redis_client, settings, name="c1")
+    cart = make_event(EventType.ADD_TO_CART, "i2", anonymous_id="dev")
+    add_events(redis_client, settings, [cart, cart.model_copy(update={"ts": cart.ts - timedelta(days=1)})])
+    drain(consumer)
+
+    state = read_speed_state(redis_client, "dev", session_id="s1", candidate_items=["i2"])
+    assert state.cart == {"i2": 1}
+    assert state.person_items == {"i2": 3.0}
+    assert state.day_counts.sum() == 1.0
+
+
+def test_dedup_markers_are_dropped_after_their_ttl(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url, dedup_ttl_s=3600)
+    consumer = SpeedConsumer(redis_client, settings, name="c1")
+    old, new = (make_event(EventType.VIEW, item, anonymous_id="dev") for item in ("i1", "i2"))
+    add_events(redis_client, settings, [old])
+    drain(consumer)
+    seen = redis_keys.seen_events("dev")
+    redis_client.zadd(seen, {old.event_id: time.time() - 3601})  # as if written an hour and a second ago
+    add_events(redis_client, settings, [new])
+    drain(consumer)
+    assert redis_client.zrange(seen, 0, -1) == [new.event_id.encode()]
+    assert 0 < redis_client.ttl(seen) <= 3600
+
+
 def test_sgd_moves_scores_toward_the_engaged_category(
     redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -33,7 +33,7 @@ def person_key_patterns(person_id: str) -> list[str]:
         redis_keys.session_cart(p, "*"),
         redis_keys.session_counts(p, "*"),
         redis_keys.user_delta(p, "*"),  # and the :n counters
-        redis_keys.seen_events(p, "*"),
+        redis_keys.seen_events(p),
     ]
 
 

@@ -1,13 +1,15 @@
 """The Redis keyspace: the only place key strings are formed.
 
 The speed layer writes these keys and serving reads them. All keys of one person (user or
-anonymous device) carry the hash tag `{u:<person>}`, so on Redis Cluster they live in one
+anonymous device) carry the hash tag `{u:<person>}` (the id with `}`, glob characters and `%`
+percent-encoded, so no id can spell another's tag), so on Redis Cluster they live in one
 slot and a Lua script may touch them together. Values that depend on a model version
 (user vector deltas, fold-in vectors) carry the version in the key.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 PREFIX = "lr"
@@ -19,7 +21,24 @@ RECS_CHANNEL = f"{PREFIX}:chan:recs"  # speed layer -> SSE: a person's recommend
 
 
 def _person(person_id: str) -> str:
-    return f"{PREFIX}:{{u:{person_id}}}"
+    return f"{PREFIX}:{{u:{_in_tag(person_id)}}}"
+
+
+# Ids may hold any printable character. In the tag, `}` would end it early (the session keys of
+# person `a}:s:b` would read as person `a`'s), and glob characters would make SCAN patterns match
+# other ids; these and `%` itself are percent-encoded, so distinct ids give distinct tags. Other
+# ids keep their form.
+_TAG_RESERVED = re.compile(r"[%}*?\[\]\\]")
+
+
+def _in_tag(person_id: str) -> str:
+    return _TAG_RESERVED.sub(lambda m: f"%{ord(m.group()):02X}", person_id)
+
+
+def person_keys_match(person_id: str) -> str:
+    """The SCAN pattern that matches every per-person key of the person and no key of anyone else:
+    every such key starts with the person's tag, whose closing brace no id can put inside it."""
+    return f"{_person(person_id)}:*"
 
 
 # ---------------------------------------------------------------- streams

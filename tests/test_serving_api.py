@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -11,10 +13,14 @@ from fastapi.testclient import TestClient
 
 from bench.serve import SyntheticModel, publish_synthetic_model
 from common import redis_keys
+from common.events import EventType
 from common.lake import Lake
 from common.neighbours import session_token
+from common.redis_server import RedisServer
 from common.stream import decode_entry
 from serving.main import create_app
+from speed_layer.consumer import SpeedConsumer
+from tests.speed_factories import add_events, make_event, speed_settings
 from tests.test_serving_support import (
     KEYS,
     make_settings,
@@ -161,6 +167,42 @@ def test_erasure_removes_speed_state_queues_lake_erasure_and_forgets_the_user(
     assert [p["user_id"] for p in pending] == ["u4"]
     after = recs(client, user_id="u4")
     assert not any("als" in i["sources"] for i in after["items"])  # the batch vector is ignored now
+
+
+def test_erasure_deletes_exactly_the_persons_keys_whatever_the_ids_hold(
+    client: TestClient, redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # `a}:s:b` is a person whose keys a pattern built for `a` once matched; the others hold glob characters.
+    people = ["a", "a}:s:b", "a}:delta:x", "a*", "a?", "[a]", "a\\"]
+    settings = speed_settings(tmp_path, redis_server.url)
+    for person in people:  # the state the real speed layer keeps: session, cart, purchases, markers, ...
+        add_events(
+            redis_client,
+            settings,
+            [make_event(kind, item, anonymous_id=person) for kind, item in
+             ((EventType.VIEW, "i1"), (EventType.ADD_TO_CART, "i2"), (EventType.PURCHASE, "i3"))],
+        )  # fmt: skip
+    consumer = SpeedConsumer(redis_client, settings, name="c1")
+    while consumer.poll_once(block=False):
+        pass
+
+    for victim in people:
+        before = set(redis_client.keys("*"))
+        theirs = {
+            key.encode()
+            for key in (
+                redis_keys.person_items(victim), redis_keys.person_purchases(victim),
+                redis_keys.person_sessions(victim), redis_keys.seen_events(victim),
+                redis_keys.session_recent(victim, "s1"), redis_keys.session_categories(victim, "s1"),
+                redis_keys.session_cart(victim, "s1"), redis_keys.session_counts(victim, "s1"),
+                redis_keys.neighbour_session(session_token(victim, "s1")),
+            )
+        } & before  # fmt: skip
+        assert len(theirs) >= 6, victim
+        response = client.delete(f"/v1/users/{quote(victim, safe='')}")
+        assert response.status_code == 200 and response.json()["user_id"] == victim
+        assert set(redis_client.keys("*")) == before - theirs, victim  # every key of everyone else survives
+        assert response.json()["redis_keys_deleted"] == len(theirs)
 
 
 # ---------------------------------------------------------------- admin

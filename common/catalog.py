@@ -9,7 +9,7 @@ from typing import Annotated
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-ItemId = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
+from common.ids import Id
 
 
 class Item(BaseModel):
@@ -17,7 +17,7 @@ class Item(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    item_id: ItemId
+    item_id: Id
     title: Annotated[str, StringConstraints(max_length=256)] = ""
     category_path: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=8
@@ -38,7 +38,7 @@ class ItemUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    item_id: ItemId
+    item_id: Id
     price: float | None = Field(None, ge=0, le=1_000_000)
     in_stock: bool | None = None
     promoted: bool | None = None

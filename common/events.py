@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from common.ids import Id
+
 SCHEMA_VERSION = 1
 MAX_CLOCK_SKEW = timedelta(hours=1)
 EARLIEST_TS = datetime(2000, 1, 1, tzinfo=UTC)
@@ -34,7 +36,6 @@ EVENT_ID_NAMESPACE = uuid.UUID("6f0c1d2e-8a4b-4e0f-9c3d-2b7a5e1f4c60")
 EARLIEST_TS_S = EARLIEST_TS.timestamp()
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 
 

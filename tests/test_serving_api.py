@@ -87,6 +87,38 @@ def test_backpressure_answers_503_with_retry_after(
         assert response.json()["error"] == "backpressure"
 
 
+def test_ids_with_control_characters_are_refused_naming_the_field(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
+    good = view_event("anon-9", "i5")
+    bad = {  # field -> an event whose id in that field holds a control or non-printable character
+        "anonymous_id": view_event("anon\x00", "i5"),
+        "user_id": view_event("anon-9", "i5", user_id="u\x07"),
+        "session_id": view_event("anon-9", "i5", session="s\x1b[0m"),
+        "item_id": view_event("anon-9", "i\x7f"),
+        "rec_request_id": view_event("anon-9", "i5", rec_request_id="r\u2028x"),
+    }
+    response = client.post("/v1/events", json=[good, *bad.values()])
+    assert response.status_code == 422
+    body = response.json()
+    assert body["accepted"] == 1 and redis_client.xlen(STREAM) == 1
+    assert [r["errors"][0]["field"] for r in body["results"][1:]] == list(bad)
+
+    for method, url, params, field in [
+        ("GET", "/v1/recommendations", {"user_id": "u\x00"}, "user_id"),
+        ("GET", "/v1/recommendations", {"anonymous_id": "a\x00b"}, "anonymous_id"),
+        ("GET", "/v1/recommendations", {"user_id": "u1", "session_id": "s\n1"}, "session_id"),
+        ("GET", "/v1/recommendations", {"user_id": "u1", "context": "product", "item_id": "i\x01"}, "item_id"),
+        ("GET", "/v1/items/i9%00/similar", {}, "item_id"),
+        ("DELETE", "/v1/users/u%00", {}, "user_id"),
+    ]:
+        answer = client.request(method, url, params=params)
+        assert answer.status_code == 422, (url, params, answer.text)
+        assert field in {e["field"] for e in answer.json()["errors"]}, answer.text
+    catalog = client.put("/v1/catalog/items", json=[{"item_id": "i\x00", "in_stock": False}])
+    assert catalog.status_code == 422 and catalog.json()["errors"][0]["field"] == "0.item_id"
+
+
 # ---------------------------------------------------------------- recommendation parameters
 
 

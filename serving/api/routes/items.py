@@ -9,6 +9,7 @@ import redis
 from fastapi import APIRouter, Path, Query
 
 from common import redis_keys
+from common.ids import Id
 from serving.api.deps import RecsRead, StateDep
 from serving.core.errors import ERROR_RESPONSES, ApiError, ErrorBody
 from serving.core.recommender import REDIS_DOWN
@@ -30,7 +31,7 @@ router = APIRouter(prefix="/v1/items", tags=["items"], responses=ERROR_RESPONSES
 )
 async def similar_items(
     state: StateDep,
-    item_id: Annotated[str, Path(min_length=1, max_length=128, examples=["sku-123"])],
+    item_id: Annotated[Id, Path(examples=["sku-123"])],
     k: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> SimilarResponse:
     model = state.models.current

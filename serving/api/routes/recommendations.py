@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from common.ids import Id
 from serving.api.deps import RecsRead, StateDep
 from serving.core.errors import ERROR_RESPONSES, ApiError
 from serving.core.impressions import Impression
@@ -15,7 +16,7 @@ from serving.schemas import Context, RecommendationsResponse, RecommendedItem
 
 router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"], responses=ERROR_RESPONSES)
 
-IdParam = Annotated[str | None, Query(min_length=1, max_length=128)]
+IdParam = Annotated[Id | None, Query()]
 
 
 @router.get(

@@ -7,6 +7,7 @@ from typing import Annotated
 import redis
 from fastapi import APIRouter, Path
 
+from common.ids import Id
 from serving.api.deps import Admin, StateDep
 from serving.core.erasure import erase_person
 from serving.core.errors import ERROR_RESPONSES, ApiError, ErrorBody
@@ -28,7 +29,7 @@ router = APIRouter(prefix="/v1/users", tags=["users"], responses=ERROR_RESPONSES
     responses={503: {"model": ErrorBody, "description": "Redis is unreachable; nothing was erased."}},
 )
 def erase_user(
-    state: StateDep, user_id: Annotated[str, Path(min_length=1, max_length=128)]
+    state: StateDep, user_id: Annotated[Id, Path()]
 ) -> ErasureResponse:
     try:
         deleted = erase_person(state.redis.client, user_id)

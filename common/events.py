@@ -118,7 +118,10 @@ class Event(BaseModel):
     def _utc_and_sane(cls, value: datetime | None) -> datetime | None:
         if value is None:
             return None
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        try:
+            value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00+01:00: its UTC time falls outside years 1-9999
+            raise ValueError("is outside the years 1-9999 once converted to UTC") from None
         epoch_s = value.timestamp()
         if epoch_s < EARLIEST_TS_S:
             raise ValueError(f"is before {EARLIEST_TS:%Y-%m-%d}")

@@ -87,6 +87,22 @@ def test_backpressure_answers_503_with_retry_after(
         assert response.json()["error"] == "backpressure"
 
 
+def test_timestamps_beyond_the_calendar_are_refused_per_event(client: TestClient, redis_client: redis.Redis) -> None:
+    good = view_event("anon-8", "i5")
+    bad = [  # valid ISO 8601, but in UTC they fall in year 0 or 10000
+        view_event("anon-8", "i5", ts="0001-01-01T00:00:00+01:00"),
+        view_event("anon-8", "i5", ts="9999-12-31T23:59:59-01:00"),
+        view_event("anon-8", "i5", received_at="0001-01-01T00:00:00+01:00"),
+    ]
+    response = client.post("/v1/events", json=[good, *bad])
+    assert response.status_code == 422
+    body = response.json()
+    assert body["accepted"] == 1 and redis_client.xlen(STREAM) == 1
+    assert [(r["status"], [e["field"] for e in r.get("errors", [])]) for r in body["results"]] == [
+        ("accepted", []), ("rejected", ["ts"]), ("rejected", ["ts"]), ("rejected", ["received_at"]),
+    ]  # fmt: skip
+
+
 def test_ids_with_control_characters_are_refused_naming_the_field(
     client: TestClient, redis_client: redis.Redis
 ) -> None:

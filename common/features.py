@@ -17,7 +17,8 @@ import numpy as np
 from common.settings import TrainingSettings
 
 # Where a candidate came from; a candidate may come from several generators.
-SOURCES = ("als", "covis", "neighbours", "trending", "category", "new")
+# "next": what follows the session's most recent item (sequential rules); "covis": what follows any of its items.
+SOURCES = ("als", "covis", "next", "neighbours", "trending", "category", "new")
 
 FEATURE_NAMES: tuple[str, ...] = (
     "als_score",

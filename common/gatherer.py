@@ -106,6 +106,8 @@ def gather_lists(
         if seeds:
             covis_last = dict(rows.get(max(seeds, key=lambda i: (seeds[i], i)), {}))
         lists["covis"] = top_scored(covis_scores, sizes.covis)
+        if sizes.next > 0:
+            lists["next"] = top_scored(covis_last, sizes.next)
         if sizes.neighbours > 0 and state.session_items:
             lists["neighbours"] = lookups.neighbours(state.session_items, sizes.neighbours)
             neighbour_scores = dict(lists["neighbours"])

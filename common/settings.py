@@ -115,6 +115,7 @@ class CandidatePool(Section):
 
     als: int = Field(40, ge=0, le=5000)
     covis: int = Field(30, ge=0, le=5000)
+    next: int = Field(20, ge=0, le=5000, description="Items that most often follow the session's most recent item.")
     trending: int = Field(20, ge=0, le=5000)
     category: int = Field(10, ge=0, le=5000)
     new_arrivals: int = Field(20, ge=0, le=5000)

@@ -48,6 +48,7 @@ GUEST_SHARE = 0.30  # sessions of visitors who never log in
 IDENTIFY_SHARE = 0.12  # sessions of known users that start anonymous and log in part-way
 NEW_USER_SHARE = 0.25  # users whose first visit falls inside the window
 NEW_ITEM_SHARE = 0.20  # items created inside the window
+OUT_OF_STOCK_SHARE = 0.05  # items sold out (in the catalog, never in events)
 MEAN_VIEWS = 5.0
 MAX_VIEWS = 40
 SEARCH_SHARE = 0.15
@@ -169,6 +170,12 @@ def build_catalog(rng: np.random.Generator, n_items: int, start_us: int, end_us:
     adjective = rng.integers(len(ADJECTIVES), size=n)
     labels = pa.array([f"p{k:06d}" for k in rng.permutation(n) + 1])
     titles = [f"{brand[i]} {ADJECTIVES[adjective[i]]} {leaf_names[leaf[i]]} {local[i] + 1}" for i in range(n)]
+    # Sold-out items stay in the catalog but draw no traffic: the catalog is the shop as it is now, and
+    # a shop whose customers keep viewing and buying what it cannot sell would make the out-of-stock
+    # rule look like a relevance loss. A leaf's head is always in stock, so every leaf can be sampled.
+    in_stock = rng.random(n) > OUT_OF_STOCK_SHARE
+    in_stock[leaf_head] = True
+    weight[~in_stock] = 0.0
     table = pa.table(
         {
             "item_id": labels,
@@ -177,7 +184,7 @@ def build_catalog(rng: np.random.Generator, n_items: int, start_us: int, end_us:
             "category": [leaf_names[lf] for lf in leaf],
             "brand": brand,
             "price": price,
-            "in_stock": rng.random(n) > 0.05,
+            "in_stock": in_stock,
             "promoted": rng.random(n) < 0.05,
             "created_at": pa.array(created, pa.timestamp("us", tz="UTC")),
         },

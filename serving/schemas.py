@@ -101,7 +101,7 @@ class RecommendedItem(BaseModel):
     score: float
     reason: str = Field(description="A short human explanation, e.g. 'because you viewed Trail Runner 2'.")
     sources: list[str] = Field(
-        description="Generators that proposed the item: als, covis, trending, category, new."
+        description="Generators that proposed the item: als, covis, next, neighbours, trending, category, new."
     )
     category: str
     promoted: bool = False

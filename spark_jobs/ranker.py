@@ -31,7 +31,7 @@ EARLY_STOPPING = 20
 @dataclass
 class Rows:
     features: np.ndarray  # rows x len(FEATURE_NAMES)
-    labels: np.ndarray  # int relevance 0..3
+    labels: np.ndarray  # int relevance (spark_jobs.replay: NEXT_ITEM, NEXT_ITEM_BOUGHT, else 0)
     groups: list[int]  # rows per request, in order
 
     @property

@@ -391,7 +391,7 @@ def _reason(
     model: ServingModel | None,
 ) -> str:
     category = state.catalog.category(item)
-    if "covis" in sources and model is not None:
+    if sources & {"covis", "next"} and model is not None:
         seed = _covis_seed(req, item, speed, model)
         if seed is not None:
             info = state.catalog.get(seed)
@@ -401,6 +401,8 @@ def _reason(
             if speed is not None and seed in speed.cart:
                 return f"goes with {label} in your cart"
             return f"because you viewed {label}"
+    if "neighbours" in sources:
+        return "viewed in sessions like yours"
     if "als" in sources:
         if req.context == "product" and req.item_id:
             return "similar to this item"

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.lake import Lake
@@ -97,7 +98,8 @@ def build_interactions(plan: Plan, settings: Settings) -> dict[str, Any]:
 
 
 def train_als(plan: Plan, settings: Settings) -> dict[str, Any]:
-    """Fit the dev and the final ALS; also writes the popularity and co-visitation tables."""
+    """Fit the dev and the final ALS, each with its popularity and co-visitation tables (serving needs
+    them: the gate replays the dev model through serving)."""
     if decided(plan, settings):
         return {"skipped": f"{plan.version} already decided"}
     registry = registry_of(settings)
@@ -112,14 +114,22 @@ def train_als(plan: Plan, settings: Settings) -> dict[str, Any]:
             target, version = (Registry(str(plan.dev_registry)), DEV_MODEL) if stage == "dev" else (registry, plan.version)
             save_factors(target, version, factors.user_ids, factors.user_factors, factors.item_ids, factors.item_factors)
     fit_s = round(time.perf_counter() - clock, 2)
-    _write_dev_manifest(plan)
-    events = lake_of(settings).read_events(end=plan.cutoff, columns=tables.SEQUENCE_COLUMNS)
-    save_table(registry, plan.version, POPULARITY, tables.popularity(events))
-    speed = settings.speed
-    covis = tables.covisitation(events, speed.covis_top_n, speed.covis_steps, speed.recent_items)
-    save_table(registry, plan.version, COVISITATION, covis)
+    lake = lake_of(settings)
+    before_dev = lake.read_events(end=plan.dev_cutoff, columns=tables.SEQUENCE_COLUMNS)
+    _save_tables(Registry(str(plan.dev_registry)), DEV_MODEL, before_dev, settings)
+    _write_dev_manifest(plan, settings)
+    events = lake.read_events(end=plan.cutoff, columns=tables.SEQUENCE_COLUMNS)
+    _save_tables(registry, plan.version, events, settings)
     _record(plan, {"als_fit_s": fit_s, "events": events.num_rows})
     return {"version": plan.version, "als_fit_s": fit_s}
+
+
+def _save_tables(registry: Registry, version: str, events: pa.Table, settings: Settings) -> None:
+    """The popularity and ordered co-visitation tables of `events` (a version's training events)."""
+    save_table(registry, version, POPULARITY, tables.popularity(events))
+    speed = settings.speed
+    covis = tables.covisitation(events, speed.covis_top_n, speed.covis_steps, speed.recent_items)
+    save_table(registry, version, COVISITATION, covis)
 
 
 def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
@@ -293,10 +303,18 @@ def spark_submit(plan: Plan, settings: Settings, stage: str) -> None:
         raise RuntimeError(f"spark-submit {stage} failed (exit {done.returncode}):\n{tail}")
 
 
-def _write_dev_manifest(plan: Plan) -> None:
+def _write_dev_manifest(plan: Plan, settings: Settings) -> None:
+    """The dev model's manifest, with the training parameters serving reads (pool sizes, alpha), as
+    the final version's has: the gate serves the dev model as the final one will be served."""
     dev = Registry(str(plan.dev_registry))
     dev.write_manifest(
-        Manifest(version=DEV_MODEL, created_at=datetime.now(UTC), cutoff=plan.dev_cutoff, engine=plan.engine)
+        Manifest(
+            version=DEV_MODEL,
+            created_at=datetime.now(UTC),
+            cutoff=plan.dev_cutoff,
+            engine=plan.engine,
+            parameters={"training": settings.training.model_dump()},
+        )
     )
 
 

@@ -412,7 +412,7 @@ def print_summary(result: DemoResult) -> None:
         )
     full, own = (result.metrics.get(name, {}).get("mrr_at_20") for name in (REPLAY_FULL, REPLAY_OWN))
     if full is not None and own is not None:
-        console.print(f"the gate's replay of the last day, MRR@20: full {full:.4f}, batch+speed {own:.4f}")
+        console.print(f"the gate's replay of the evaluation window (dev model), MRR@20: full {full:.4f}, batch+speed {own:.4f}")
     freshness = f"{result.freshness_ms:.0f} ms" if result.freshness_ms is not None else "not seen within 10 s"
     console.print(f"freshness (POST /v1/events to the browsed category in the list): {freshness}")
     console.print(f"GET /v1/recommendations latency: p50 {result.latency_p50_ms:.1f} ms, p99 {result.latency_p99_ms:.1f} ms")

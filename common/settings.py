@@ -64,7 +64,17 @@ class LakeSettings(Section):
 class ModelsSettings(Section):
     root: str = Field("", description="Model registry root (local path or fsspec URL). Default: <var_dir>/models.")
     gate_tolerance: float = Field(
-        0.02, ge=0, le=1, description="A new version is published unless its NDCG@20 is worse by more than this share."
+        0.02,
+        ge=0,
+        le=1,
+        description="A new version is refused when its replayed MRR@20 or HR@20 is surely (95 %) below the "
+        "serving version's by more than this share of it.",
+    )
+    gate_sessions: int = Field(
+        1000,
+        ge=1,
+        description="Sessions of the evaluation window the gate's replay scores (a seeded sample); every event "
+        "of the window still goes through the speed layer.",
     )
 
 

@@ -1,7 +1,8 @@
-"""Nightly retrain of the batch layer: orchestration only; every task calls a tested spark_jobs function.
+"""Nightly retrain of the batch layer: orchestration only; every task calls one tested function of
+spark_jobs/pipeline.py, or of evaluation/gate_replay.py for the replay the gate reads.
 
-validate -> apply erasures -> interactions -> ALS -> ranker -> evaluate -> gate/publish ->
-refresh warehouse -> notify. The cutoff is the data interval's end, never now(); XCom carries
+validate -> apply erasures -> interactions -> ALS -> ranker -> evaluate -> replay gate ->
+gate/publish -> refresh warehouse -> notify. The cutoff is the data interval's end, never now(); XCom carries
 small summaries and names, the data itself moves through the lake, work directory and registry.
 """
 
@@ -98,6 +99,13 @@ def nightly_retrain() -> None:
         return pipeline.evaluate(_plan(), get_settings())
 
     @task
+    def replay_gate() -> dict[str, Any]:
+        from common.settings import get_settings
+        from evaluation.gate_replay import replay_gate as replay
+
+        return replay(_plan(), get_settings())
+
+    @task
     def gate_publish() -> dict[str, Any]:
         from common.settings import get_settings
         from spark_jobs import pipeline
@@ -125,8 +133,9 @@ def nightly_retrain() -> None:
     als = train_als()
     ranker = train_ranker()
     measured = evaluate()
+    replayed = replay_gate()
     refreshed = refresh_warehouse()
-    checked >> erased >> built >> als >> ranker >> measured >> decision >> refreshed >> notify(decision)
+    checked >> erased >> built >> als >> ranker >> measured >> replayed >> decision >> refreshed >> notify(decision)
 
 
 nightly_retrain()

@@ -113,7 +113,7 @@ def run_replay(
     events = protocol_events(lake, end)
     test = select_targets(events, cutoff.timestamp(), model.item_ids, config.protocol)
     test = sample_sessions(test, config.max_sessions, config.seed)
-    percentile = popularity_percentiles(_popularity(model.popularity))
+    percentile = training_percentiles(model.popularity)
     by_name: dict[str, dict[str, Any]] = {}
     references = tuple(name for name in config.strategies if name in REFERENCES)
     references_clock = time.perf_counter()
@@ -149,11 +149,7 @@ def run_replay(
         f"replaying {' | '.join(', '.join(g) for g in groups) or 'nothing (only reference algorithms)'}"
     )
     replay_clock = time.perf_counter()
-    if len(jobs) <= 1:
-        results = [replay_window(job) for job in jobs]
-    else:  # one process per group of strategies, each with its own Redis and speed consumer
-        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(replay_window, jobs))
+    results = replay_windows(jobs)
     replay_s = time.perf_counter() - replay_clock
 
     by_name |= {name: row for result in results for name, row in result["strategies"].items()}
@@ -187,7 +183,12 @@ def run_replay(
 
 @dataclass(frozen=True)
 class WindowJob:
-    """What one replay process needs (picklable): the trained version, the test set, its strategies."""
+    """What one replay process needs (picklable): the trained version, the test set, its strategies.
+
+    `cutoff` is the test window's start. `model_cutoff`, when earlier, is the version's own cutoff
+    (the gate replays a model trained days before its window): the warm-up events after it go
+    through the speed layer with the version active and become its deltas, as they would live.
+    """
 
     config: ReplayConfig
     settings: Settings
@@ -199,17 +200,32 @@ class WindowJob:
     test: TestSet
     percentile: dict[str, float]
     work_dir: Path
+    model_cutoff: datetime | None = None
+
+
+def replay_windows(jobs: Sequence[WindowJob]) -> list[dict[str, Any]]:
+    """Each job's `replay_window`: in this process for one job, else one process per job."""
+    if len(jobs) <= 1:
+        return [replay_window(job) for job in jobs]
+    # Each process has its own Redis and speed consumer; spawn, so no forked Redis clients or threads.
+    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(replay_window, jobs))
 
 
 def replay_window(job: WindowJob) -> dict[str, Any]:
-    """Warm the speed layer up, replay the window, and score the job's strategies."""
+    """Warm the speed layer up, replay the window, and score the job's strategies.
+
+    Besides each strategy's summary, returns the scored targets' event ids in the order they were
+    asked (`targets`) and each strategy's rank of every one of them (`ranks`, None when missed), so
+    that two replays of the same test set can be compared target by target.
+    """
     config, lake = job.config, Lake(job.config.lake)
     start = job.cutoff - timedelta(days=config.warmup_days)
     skew = timedelta(seconds=job.end.timestamp() + job.offset_s - time.time()) + timedelta(days=1)
     with _future_events_accepted(skew):
         history = moved_events(replay_events(lake, start, job.end), job.offset_s)
-        moved_cutoff_s = job.cutoff.timestamp() + job.offset_s
-        split = next((i for i, e in enumerate(history) if _arrival_s(e) >= moved_cutoff_s), len(history))
+        window = _first_at(history, job.cutoff.timestamp() + job.offset_s)
+        split = _first_at(history, min(job.cutoff, job.model_cutoff or job.cutoff).timestamp() + job.offset_s)
         strategies = [STRATEGIES[name] for name in job.strategies]
         registry = Registry(job.settings.models.root)
         server = RedisServer(data_dir=job.work_dir / "redis", port=free_port(), persist=False)
@@ -231,9 +247,16 @@ def replay_window(job: WindowJob) -> dict[str, Any]:
         "strategies": {
             name: {**board.summary(), "serve_ms": serve_ms[name]} for name, board in boards.items()
         },
-        "events_replayed": len(history) - split,
-        "warmup_events": split,
+        "targets": replayer.asked,
+        "ranks": {name: board.ranks for name, board in boards.items()},
+        "events_replayed": len(history) - window,
+        "warmup_events": window,
     }
+
+
+def _first_at(events: Sequence[Event], moment_s: float) -> int:
+    """Index of the first event that arrived at or after `moment_s` (len(events) when none did)."""
+    return next((i for i, e in enumerate(events) if _arrival_s(e) >= moment_s), len(events))
 
 
 def split_strategies(names: Sequence[str], workers: int) -> list[tuple[str, ...]]:
@@ -296,7 +319,12 @@ def test_window(lake: Lake, test_days: int) -> tuple[datetime, datetime]:
 
 
 def train(settings: Settings, cutoff: datetime, engine: str) -> str:
-    """The nightly DAG's steps (less the erasure step, so the lake stays read-only); returns the version."""
+    """The nightly DAG's training steps, then the version is made current; returns it.
+
+    Left out: the erasure step (the lake stays read-only) and the gate with its replay, which would
+    replay the day before this window to decide whether to publish: this replay reports on the
+    version the nightly run trains whatever the gate would say about it.
+    """
     from spark_jobs import pipeline
     from spark_jobs.plan import make_plan
 
@@ -304,9 +332,9 @@ def train(settings: Settings, cutoff: datetime, engine: str) -> str:
     pipeline.validate(settings, plan.cutoff)
     for step in (pipeline.build_interactions, pipeline.train_als, pipeline.train_ranker, pipeline.evaluate):
         step(plan, settings)
-    gate = pipeline.gate_and_publish(plan, settings)
-    if not gate["published"]:
-        raise RuntimeError(f"the gate did not publish {plan.version}: {gate['decision']}")
+    registry = Registry(settings.models.root)
+    if registry.current() != plan.version:
+        registry.activate(plan.version)
     return plan.version
 
 
@@ -374,10 +402,12 @@ def _run_settings(settings: Settings, config: ReplayConfig, work_dir: Path) -> S
     )
 
 
-def _popularity(table: pa.Table | None) -> dict[str, float]:
-    if table is None:
+def training_percentiles(popularity: pa.Table | None) -> dict[str, float]:
+    """item -> popularity percentile in a version's popularity table (the Scoreboard's popularity bias)."""
+    if popularity is None:
         return {}
-    return dict(zip(table["item_id"].to_pylist(), map(float, table["count"].to_pylist()), strict=True))
+    counts = zip(popularity["item_id"].to_pylist(), map(float, popularity["count"].to_pylist()), strict=True)
+    return popularity_percentiles(dict(counts))
 
 
 def _arrival_s(event: Event) -> float:
@@ -457,6 +487,7 @@ class Replayer:
             self.consumer.applier = Applier(self.client, self.settings, seed=config.seed)  # seeded negatives
         self.states: dict[str, ServingState] = {}
         self.serve_s: dict[str, float] = {s.name: 0.0 for s in self.strategies}
+        self.asked: list[str] = []  # the scored events' ids, in the order the boards got them
         self.last_trending_s = -math.inf
 
     # ------------------------------------------------------------ set-up
@@ -504,7 +535,8 @@ class Replayer:
     # ------------------------------------------------------------ the window
 
     def replay(self, events: Sequence[Event], test: TestSet, boards: dict[str, Scoreboard]) -> None:
-        """Serve and score the test set's moments while applying `events` (the window) in order."""
+        """Serve and score the test set's moments while applying `events` (the window, after any events
+        between the version's cutoff and the window) in order."""
         self.boards = boards
         targets = {
             row.event_id: (row.item_id, bool(row.purchased)) for row in test.targets.itertuples(index=False)
@@ -523,6 +555,7 @@ class Replayer:
         if self.consumer is not None:
             self._refresh_trending(now_s)
         request = RecRequest(event.user_id, event.anonymous_id, event.session_id, self.config.k, CONTEXT)
+        self.asked.append(event.event_id)
         for name, state in self.states.items():
             clock = time.perf_counter()
             result = recommend(state, request, now_s=now_s)

@@ -11,7 +11,7 @@ import typer
 
 from bench import cli as bench_cli
 from evaluation import cli as evaluate_cli
-from recs import data_cli, system_cli
+from recs import data_cli, nightly, system_cli
 from serving import cli as serving_cli
 from spark_jobs import cli as batch_cli
 from speed_layer import cli as speed_cli
@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for module in (system_cli, data_cli, batch_cli, speed_cli, serving_cli, warehouse_cli, evaluate_cli, bench_cli):
+for module in (system_cli, data_cli, batch_cli, nightly, speed_cli, serving_cli, warehouse_cli, evaluate_cli, bench_cli):
     module.register(app)
 
 

@@ -1,9 +1,8 @@
-"""`recs batch run|train` and `recs model list|activate|rollback`: the batch layer's commands."""
+"""`recs batch run` and `recs model list|activate|rollback`: the batch layer's commands (`recs batch train`,
+which also runs the gate's replay through the other layers, is in recs/nightly.py)."""
 
 from __future__ import annotations
 
-import json
-import logging
 from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
@@ -21,14 +20,6 @@ def _settings() -> Any:
     except SettingsError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
-
-
-def _parse_moment(value: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a date or timestamp like 2026-11-01", param_hint="--cutoff") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 @batch_app.command("run")
@@ -57,46 +48,25 @@ def run(
     typer.echo(f"{decided[-1].version}: {decided[-1].status} ({decided[-1].decision})")
 
 
-@batch_app.command("train")
-def train(
-    cutoff: Annotated[str, typer.Option(help="Train on events received before this date or UTC timestamp.")],
-    engine: Annotated[str | None, typer.Option(help="spark or implicit (default: settings.training.engine).")] = None,
-    force: Annotated[bool, typer.Option(help="Rebuild the version even if the gate already decided it.")] = False,
-) -> None:
-    """The whole nightly pipeline without Airflow (for development): same steps, same artifacts."""
-    from spark_jobs.als import ENGINES
-    from spark_jobs.pipeline import run_all
-    from spark_jobs.plan import make_plan
-    from spark_jobs.quality import DataQualityError
-
-    if engine is not None and engine not in ENGINES:
-        raise typer.BadParameter(f"{engine!r} is not one of {', '.join(ENGINES)}", param_hint="--engine")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = _settings()
-    try:
-        result = run_all(settings, make_plan(settings, _parse_moment(cutoff), engine), force=force)
-    except DataQualityError as exc:
-        typer.secho(str(exc), fg="red", err=True)
-        raise typer.Exit(1) from None
-    gate = result["gate"]
-    typer.echo(json.dumps(result.get("evaluate", {}).get("metrics", {}), indent=2))
-    colour = "green" if gate["published"] else "yellow"
-    typer.secho(f"{gate['version']}: {gate['decision']}", fg=colour)
-
-
 @model_app.command("list")
 def list_versions() -> None:
-    """Every version with its status, cutoff, engine, MRR@20 with and without the ranker (the serving one is starred)."""
+    """Every version with its status, cutoff, engine, the gate's replayed MRR@20 of its full lists and of
+    its batch+speed lists, the offline MRR@20 with and without the ranker, and the gate's decision
+    (the serving version is starred)."""
     from common.registry import Registry
+    from spark_jobs.gate import GATE_METRIC, OFFLINE_POOL, OFFLINE_RANKED, REPLAY_FULL, REPLAY_OWN
 
     registry = Registry(_settings().models.root)
     current = registry.current()
     for manifest in registry.manifests():
         mark = "*" if manifest.version == current else " "
-        ranked, plain = (_metric(manifest.metrics, s, "mrr_at_20") for s in ("als_ranker", "heuristic"))
+        full, own, ranked, plain = (
+            _metric(manifest.metrics, s, GATE_METRIC) for s in (REPLAY_FULL, REPLAY_OWN, OFFLINE_RANKED, OFFLINE_POOL)
+        )
         typer.echo(
             f"{mark} {manifest.version:<30} {manifest.status:<10} cutoff {manifest.cutoff:%Y-%m-%d %H:%M} "
-            f"{manifest.engine:<8} mrr@20 ranker {ranked} pool {plain}  {manifest.decision or ''}"
+            f"{manifest.engine:<8} mrr@20 replay full {full} batch+speed {own} | offline ranker {ranked} pool {plain}  "
+            f"{manifest.decision or ''}"
         )
 
 

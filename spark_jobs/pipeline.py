@@ -1,5 +1,7 @@
-"""The batch run as plain functions, one per DAG task: validate, erase, interactions, ALS, ranker,
-evaluate, gate/publish, notify. The DAG calls them; `recs batch train` calls them in a row.
+"""The batch layer's steps of the nightly run as plain functions, one per DAG task: validate, erase,
+interactions, ALS, ranker, evaluate, gate/publish, notify. The gate's replay step, which serves the
+candidate through the other layers, lives in evaluation/gate_replay.py; the DAG and `recs batch train`
+(recs/nightly.py) run them all in order.
 
 Steps hand over through files (the run's work directory and the registry version), so each one
 can be retried alone. A version that the gate already decided is never rebuilt: re-running a date
@@ -19,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.lake import Lake
@@ -97,7 +100,8 @@ def build_interactions(plan: Plan, settings: Settings) -> dict[str, Any]:
 
 
 def train_als(plan: Plan, settings: Settings) -> dict[str, Any]:
-    """Fit the dev and the final ALS; also writes the popularity and co-visitation tables."""
+    """Fit the dev and the final ALS, each with its popularity and co-visitation tables (serving needs
+    them: the gate replays the dev model through serving)."""
     if decided(plan, settings):
         return {"skipped": f"{plan.version} already decided"}
     registry = registry_of(settings)
@@ -112,14 +116,22 @@ def train_als(plan: Plan, settings: Settings) -> dict[str, Any]:
             target, version = (Registry(str(plan.dev_registry)), DEV_MODEL) if stage == "dev" else (registry, plan.version)
             save_factors(target, version, factors.user_ids, factors.user_factors, factors.item_ids, factors.item_factors)
     fit_s = round(time.perf_counter() - clock, 2)
-    _write_dev_manifest(plan)
-    events = lake_of(settings).read_events(end=plan.cutoff, columns=tables.SEQUENCE_COLUMNS)
-    save_table(registry, plan.version, POPULARITY, tables.popularity(events))
-    speed = settings.speed
-    covis = tables.covisitation(events, speed.covis_top_n, speed.covis_steps, speed.recent_items)
-    save_table(registry, plan.version, COVISITATION, covis)
+    lake = lake_of(settings)
+    before_dev = lake.read_events(end=plan.dev_cutoff, columns=tables.SEQUENCE_COLUMNS)
+    _save_tables(Registry(str(plan.dev_registry)), DEV_MODEL, before_dev, settings)
+    _write_dev_manifest(plan, settings)
+    events = lake.read_events(end=plan.cutoff, columns=tables.SEQUENCE_COLUMNS)
+    _save_tables(registry, plan.version, events, settings)
     _record(plan, {"als_fit_s": fit_s, "events": events.num_rows})
     return {"version": plan.version, "als_fit_s": fit_s}
+
+
+def _save_tables(registry: Registry, version: str, events: pa.Table, settings: Settings) -> None:
+    """The popularity and ordered co-visitation tables of `events` (a version's training events)."""
+    save_table(registry, version, POPULARITY, tables.popularity(events))
+    speed = settings.speed
+    covis = tables.covisitation(events, speed.covis_top_n, speed.covis_steps, speed.recent_items)
+    save_table(registry, version, COVISITATION, covis)
 
 
 def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
@@ -153,12 +165,12 @@ def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
 
 
 def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
-    """Metrics of popularity, ALS, the pool without and with the ranker on the held-out window, and the
-    paired comparison the gate reads, into a candidate manifest."""
+    """Offline metrics of popularity, ALS, the pool without and with the ranker on the held-out window,
+    and their paired comparison, into a candidate manifest (recorded; the replay step's figures decide)."""
     if decided(plan, settings):
         return {"skipped": f"{plan.version} already decided"}
     from spark_jobs.evaluate import evaluate as measure
-    from spark_jobs.gate import GATE_BASELINE, GATE_STRATEGY, PAIRED, paired_bootstrap
+    from spark_jobs.gate import OFFLINE_POOL, OFFLINE_RANKED, PAIRED, paired_bootstrap
     from spark_jobs.ranker import PARAMS
     from spark_jobs.replay import PointInTime, build_requests, load_log
 
@@ -171,7 +183,7 @@ def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
     requests = build_requests(log_, start.timestamp(), end.timestamp(), training.max_requests, training.seed + 1)
     metrics, reciprocal = measure(pit, requests, dev.ranker)
     sessions = [str(log_.session[r.at]) for r in requests]
-    metrics[PAIRED] = paired_bootstrap(reciprocal[GATE_STRATEGY], reciprocal[GATE_BASELINE], sessions, training.seed)
+    metrics[PAIRED] = paired_bootstrap(reciprocal[OFFLINE_RANKED], reciprocal[OFFLINE_POOL], sessions, training.seed)
     state = {**_state(plan), "eval_requests": len(requests), "evaluate_s": round(time.perf_counter() - clock, 2)}
     registry = registry_of(settings)
     manifest = Manifest(
@@ -195,7 +207,7 @@ def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
 
 def gate_and_publish(plan: Plan, settings: Settings) -> dict[str, Any]:
     """Publish (switch CURRENT) or reject the candidate; returns the decision and the event to send."""
-    from spark_jobs.gate import decide
+    from spark_jobs.gate import REPLAY_PARAMETERS, decide
 
     registry = registry_of(settings)
     done = decided(plan, settings)
@@ -205,7 +217,8 @@ def gate_and_publish(plan: Plan, settings: Settings) -> dict[str, Any]:
     registry.verify(plan.version)
     current = registry.current()
     baseline = registry.read_manifest(current).metrics if current else None
-    decision = decide(manifest.metrics, baseline, current, settings.models.gate_tolerance)
+    replayed = manifest.parameters.get(REPLAY_PARAMETERS, {}).get("current")
+    decision = decide(manifest.metrics, baseline, current, settings.models.gate_tolerance, replayed)
     if not decision.publish:
         registry.reject(plan.version, decision.reason)
         log.warning("gate: %s", decision.reason)
@@ -237,24 +250,6 @@ def notify(settings: Settings, event_json: str | None) -> bool:
     except redis.RedisError as exc:
         log.warning("could not tell serving about the new model (Redis at %s): %s", settings.redis.effective_url, exc)
         return False
-
-
-def run_all(settings: Settings, plan: Plan, force: bool = False, notify_redis: bool = True) -> dict[str, Any]:
-    """The whole nightly run without Airflow (dev and tests); same functions, same order."""
-    if force:
-        reset(plan, settings)
-    out: dict[str, Any] = {"validate": validate(settings, plan.cutoff), "erase": erase(settings)}
-    for name, step in (
-        ("interactions", build_interactions),
-        ("als", train_als),
-        ("ranker", train_ranker),
-        ("evaluate", evaluate),
-        ("gate", gate_and_publish),
-    ):
-        out[name] = step(plan, settings)
-    if notify_redis:
-        out["notified"] = notify(settings, out["gate"]["event"])
-    return out
 
 
 # ---------------------------------------------------------------- Spark and bookkeeping
@@ -293,10 +288,18 @@ def spark_submit(plan: Plan, settings: Settings, stage: str) -> None:
         raise RuntimeError(f"spark-submit {stage} failed (exit {done.returncode}):\n{tail}")
 
 
-def _write_dev_manifest(plan: Plan) -> None:
+def _write_dev_manifest(plan: Plan, settings: Settings) -> None:
+    """The dev model's manifest, with the training parameters serving reads (pool sizes, alpha), as
+    the final version's has: the gate serves the dev model as the final one will be served."""
     dev = Registry(str(plan.dev_registry))
     dev.write_manifest(
-        Manifest(version=DEV_MODEL, created_at=datetime.now(UTC), cutoff=plan.dev_cutoff, engine=plan.engine)
+        Manifest(
+            version=DEV_MODEL,
+            created_at=datetime.now(UTC),
+            cutoff=plan.dev_cutoff,
+            engine=plan.engine,
+            parameters={"training": settings.training.model_dump()},
+        )
     )
 
 

@@ -23,6 +23,7 @@ from common.redis_server import RedisServer
 from common.registry import ARTIFACT_FILES, Registry
 from common.settings import PROJECT_ROOT, Settings, get_settings, load_settings
 from spark_jobs.airflow_run import dags_test
+from spark_jobs.gate import REPLAY_CURRENT, REPLAY_FULL, REPLAY_OWN, REPLAY_VS_OWN
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +103,7 @@ def test_dagbag_imports_and_every_task_retries(env: Env) -> None:
     assert dag is not None and dag.catchup is False and "batch" in dag.tags
     assert [t.task_id for t in dag.topological_sort()] == [
         "validate", "apply_erasures", "interactions", "train_als", "train_ranker",
-        "evaluate", "gate_publish", "refresh_warehouse", "notify",
+        "evaluate", "replay_gate", "gate_publish", "refresh_warehouse", "notify",
     ]  # fmt: skip
     for task in dag.tasks:
         assert task.retries >= 1 and task.retry_exponential_backoff, task.task_id
@@ -120,6 +121,14 @@ def test_dag_run_publishes_a_complete_version(env: Env, first_run: dict[str, Any
         assert set(manifest.metrics[strategy]) >= {"recall_at_20", "ndcg_at_20", "mrr_at_20", "coverage"}
     assert set(manifest.metrics["paired_vs_heuristic"]) == {"mean", "low", "high", "sessions"}
     assert manifest.counts["eval_requests"] > 100
+    # The gate's replay of the window through Redis, the speed layer and serving: the dev model's full
+    # and batch+speed lists on the same targets, paired; no serving version yet to replay beside it.
+    full, own = manifest.metrics[REPLAY_FULL], manifest.metrics[REPLAY_OWN]
+    assert full["predictions"] == own["predictions"] == manifest.counts["replay_targets"] > 100
+    assert full["mean_list_length"] == own["mean_list_length"] == 20 and full["degraded"] == own["degraded"] == 0
+    assert set(manifest.metrics[REPLAY_VS_OWN]) == {"mean", "low", "high", "sessions", "hr_mean", "hr_low", "hr_high"}
+    assert REPLAY_CURRENT not in manifest.metrics and manifest.parameters["gate_replay"]["current"] is None
+    assert manifest.decision is not None and manifest.decision.startswith("published: first version; replay full")
     assert (env.var / "warehouse.duckdb").exists() or any(env.var.glob("*.duckdb"))
 
 
@@ -144,7 +153,7 @@ def test_second_run_for_the_same_date_changes_nothing(env: Env, first_run: dict[
 @pytest.fixture(scope="module")
 def worse_version(env: Env, first_run: dict[str, Any]) -> dict[str, Any]:
     """A deliberately worse model: 2 factors, 1 iteration, a ranker fitted on 20 sessions."""
-    from spark_jobs.pipeline import run_all
+    from recs.nightly import run_all
     from spark_jobs.plan import make_plan
 
     training = env.settings.training.model_copy(update={"factors": 2, "iterations": 1, "max_requests": 20})
@@ -157,10 +166,15 @@ def test_gate_rejects_a_deliberately_worse_model(env: Env, worse_version: dict[s
     gate = worse_version["gate"]
     manifest = env.registry.read_manifest(gate["version"])
     assert gate["published"] is False and manifest.status == "rejected"
-    # Refused either as worse than the serving version or as a ranker worse than its own pool.
+    # Refused either as worse than the serving version or as full lists worse than its own batch+speed.
     assert manifest.decision is not None and manifest.decision.startswith("rejected: ")
-    assert VERSION in manifest.decision or "worse than its candidates" in manifest.decision
+    assert VERSION in manifest.decision or "worse than its own batch+speed" in manifest.decision
     assert env.registry.current() == VERSION
+    # The serving version's cutoff (Nov 1) is after this run's window (Oct 30): it was trained on it, so
+    # it is not replayed there, and the manifest says so.
+    assert REPLAY_CURRENT not in manifest.metrics and REPLAY_FULL in manifest.metrics
+    assert manifest.parameters["gate_replay"]["current"] is None
+    assert "trained on the window" in manifest.parameters["gate_replay"]["note"]
 
 
 def test_activate_and_rollback_switch_current_and_announce(env: Env, worse_version: dict[str, Any]) -> None:
@@ -180,6 +194,8 @@ def test_activate_and_rollback_switch_current_and_announce(env: Env, worse_versi
     assert [(e.kind, e.version) for e in env.model_events()] == [("activated", other), ("rolled_back", VERSION)]
     listing = runner.invoke(app, ["model", "list"]).output
     assert f"* {VERSION}" in listing and "rejected" in listing
+    replayed = env.registry.read_manifest(VERSION).metrics[REPLAY_FULL]["mrr_at_20"]
+    assert f"replay full {replayed:.4f}" in listing
 
 
 def test_corrupt_partition_fails_the_run_and_publishes_nothing(env: Env, tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
-"""The gate on a real nightly run (no Airflow): a version whose ranker makes its own candidate pool
-worse is refused, with the paired comparison in its manifest; the same run with its real ranker passes."""
+"""The gate on real nightly runs (no Airflow): the replay serves the candidate's dev model through a real
+redis-server, the speed consumer and serving's `recommend`. A version whose ranker ranks against its
+pool's signals makes `full` worse than its own `batch+speed` and is refused; the same run with its
+trained ranker is published, and a later run is replayed beside it on the same targets."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from common.lake import Lake
 from common.model import save_ranker
 from common.registry import Registry
 from common.settings import Settings, TrainingSettings, load_settings
+from evaluation.gate_replay import replay_gate
 from spark_jobs import pipeline
+from spark_jobs.gate import REPLAY_CURRENT, REPLAY_FULL, REPLAY_OWN, REPLAY_VS_CURRENT, REPLAY_VS_OWN
 from spark_jobs.plan import DEV_MODEL, make_plan
 
 CUTOFF = datetime(2026, 11, 1, tzinfo=UTC)
@@ -54,31 +58,52 @@ def contrary_ranker() -> Any:
     return lightgbm.train({"objective": "lambdarank", "verbose": -1, "num_threads": 1}, train, num_boost_round=20)
 
 
-def run(settings: Settings, sabotage: bool) -> dict[str, Any]:
-    plan = make_plan(settings, CUTOFF, "implicit")
+def run(settings: Settings, cutoff: datetime, sabotage: bool = False, retried: bool = False) -> dict[str, Any]:
+    """The nightly steps of recs/nightly.py's run_all, less erasure and notify. With `sabotage` the dev
+    model (what the replay serves) gets the contrary ranker; with `retried` the replay step runs twice,
+    as a retried task would, and must leave the same manifest."""
+    plan = make_plan(settings, cutoff, "implicit")
     pipeline.validate(settings, plan.cutoff)
     for step in (pipeline.build_interactions, pipeline.train_als, pipeline.train_ranker):
         step(plan, settings)
-    if sabotage:  # the evaluate step scores the dev ranker
+    if sabotage:
         save_ranker(Registry(str(plan.dev_registry)), DEV_MODEL, contrary_ranker())
     pipeline.evaluate(plan, settings)
+    replay_gate(plan, settings)
+    if retried:
+        first = Registry(settings.models.root).read_manifest(plan.version)
+        replay_gate(plan, settings)
+        again = Registry(settings.models.root).read_manifest(plan.version)
+        assert (again.metrics, again.parameters, again.counts) == (first.metrics, first.parameters, first.counts)
     return pipeline.gate_and_publish(plan, settings)
 
 
-def test_a_ranker_worse_than_its_own_pool_is_refused(shop: Path, tmp_path: Path) -> None:
+def test_a_version_whose_full_is_worse_than_its_own_batch_speed_is_refused(shop: Path, tmp_path: Path) -> None:
     settings = settings_for(shop, tmp_path)
-    gate = run(settings, sabotage=True)
+    gate = run(settings, CUTOFF, sabotage=True, retried=True)
     registry = Registry(settings.models.root)
     manifest = registry.read_manifest(gate["version"])
     assert gate["published"] is False and manifest.status == "rejected" and registry.current() is None
-    assert "the ranker makes lists worse than its candidates" in (manifest.decision or "")
-    paired = manifest.metrics["paired_vs_heuristic"]
-    assert paired["high"] < 0 and manifest.metrics["als_ranker"]["mrr_at_20"] < manifest.metrics["heuristic"]["mrr_at_20"]
+    assert (manifest.decision or "").startswith("rejected: its full lists are worse than its own batch+speed")
+    full, own, paired = (manifest.metrics[k] for k in (REPLAY_FULL, REPLAY_OWN, REPLAY_VS_OWN))
+    assert paired["high"] < 0 and full["mrr_at_20"] < own["mrr_at_20"]
+    # Every list of both strategies came from the served path, on the same targets.
+    assert full["predictions"] == own["predictions"] == manifest.counts["replay_targets"] > 50
+    assert full["degraded"] == own["degraded"] == 0 and full["mean_list_length"] == 20
+    assert manifest.parameters["gate_replay"]["current"] is None
 
 
-def test_the_same_run_with_its_trained_ranker_is_published(shop: Path, tmp_path: Path) -> None:
+def test_a_trained_ranker_is_published_and_the_next_run_is_replayed_beside_it(shop: Path, tmp_path: Path) -> None:
+    """The version of Oct 31 is published; the run of Nov 1 replays Oct 31 (cutoff = the window's start,
+    so it never saw the window) next to its own dev model on the same targets."""
     settings = settings_for(shop, tmp_path)
-    gate = run(settings, sabotage=False)
+    first = run(settings, datetime(2026, 10, 31, tzinfo=UTC))
+    assert first["published"] is True, first["decision"]
+    gate = run(settings, CUTOFF)
     manifest = Registry(settings.models.root).read_manifest(gate["version"])
-    assert gate["published"] is True, manifest.decision
-    assert manifest.metrics["paired_vs_heuristic"]["low"] > 0  # the ranker adds to its pool beyond noise
+    metrics = manifest.metrics
+    assert manifest.parameters["gate_replay"]["current"] == first["version"]
+    assert metrics[REPLAY_CURRENT]["predictions"] == metrics[REPLAY_FULL]["predictions"] > 50
+    assert metrics[REPLAY_VS_CURRENT]["sessions"] == metrics[REPLAY_VS_OWN]["sessions"] > 20
+    assert metrics[REPLAY_VS_OWN]["mean"] > 0  # the trained ranker adds to its own pool, as served
+    assert f"replay full vs {first['version']}'s full" in (manifest.decision or ""), manifest.decision

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,17 @@ from common.lake import EVENTS_DATASET, Lake
 from common.settings import TrainingSettings
 from spark_jobs.erasure import apply_erasures
 from spark_jobs.evaluate import mrr_at_k, ndcg_at_k, recall_at_k
-from spark_jobs.gate import PAIRED, decide, paired_bootstrap
+from spark_jobs.gate import (
+    PAIRED,
+    REPLAY_CURRENT,
+    REPLAY_FULL,
+    REPLAY_OWN,
+    REPLAY_VS_CURRENT,
+    REPLAY_VS_OWN,
+    decide,
+    paired_bootstrap,
+    paired_ranks,
+)
 from spark_jobs.interactions import local_interactions
 from spark_jobs.quality import DataQualityError, validate_events
 
@@ -150,27 +161,86 @@ def test_ranking_metrics() -> None:
     assert 0 < ndcg_at_k(ranked, {"a", "b"}) < 1
 
 
-def _measured(mrr: float, heuristic: float, low: float, high: float) -> dict[str, dict[str, float]]:
-    paired = {"mean": mrr - heuristic, "low": low, "high": high, "sessions": 40.0}
-    return {"als_ranker": {"mrr_at_20": mrr}, "heuristic": {"mrr_at_20": heuristic}, PAIRED: paired}
+def _paired(low: float, high: float, hr_low: float = -0.01, hr_high: float = 0.01) -> dict[str, float]:
+    """A REPLAY_VS_* entry: the MRR@20 difference's interval and the HR@20 difference's."""
+    return {
+        "mean": (low + high) / 2, "low": low, "high": high, "sessions": 40.0,
+        "hr_mean": (hr_low + hr_high) / 2, "hr_low": hr_low, "hr_high": hr_high,
+    }  # fmt: skip
 
 
-def test_gate_publishes_within_tolerance_and_rejects_beyond() -> None:
-    current = {"als_ranker": {"mrr_at_20": 0.40}}
-    assert decide(_measured(0.10, 0.09, -0.01, 0.03), None, None, 0.02).publish
-    assert decide(_measured(0.395, 0.30, 0.05, 0.14), current, "v1", 0.02).publish
-    worse = decide(_measured(0.38, 0.30, 0.04, 0.12), current, "v1", 0.02)
-    assert not worse.publish and "-5.0%" in worse.reason and "v1" in worse.reason
+def _replayed(full: float, own: float, versus_own: dict[str, float], **current: Any) -> dict[str, dict[str, float]]:
+    """A candidate's replay metrics: full and batch+speed MRR@20 (HR@20 twice that), optionally the
+    serving version's (current_full=, versus_current=)."""
+    metrics = {
+        REPLAY_FULL: {"mrr_at_20": full, "hr_at_20": 2 * full},
+        REPLAY_OWN: {"mrr_at_20": own, "hr_at_20": 2 * own},
+        REPLAY_VS_OWN: versus_own,
+    }
+    if current:
+        metrics[REPLAY_CURRENT] = {"mrr_at_20": current["current_full"], "hr_at_20": 2 * current["current_full"]}
+        metrics[REPLAY_VS_CURRENT] = current["versus_current"]
+    return metrics
 
 
-def test_gate_refuses_a_ranker_that_is_worse_than_its_own_candidates() -> None:
-    """Clearly worse than the pool without the ranker (the whole interval below 0): refused, even as the first version."""
-    refused = decide(_measured(0.20, 0.30, -0.14, -0.06), None, None, 0.02)
-    assert not refused.publish and "worse than its candidates" in refused.reason
-    # Within noise (the interval holds 0), it may publish.
-    assert decide(_measured(0.29, 0.30, -0.04, 0.02), None, None, 0.02).publish
-    # Nothing measured: never published.
-    assert not decide({"als_ranker": {"mrr_at_20": 0.3}}, None, None, 0.02).publish
+def test_gate_refuses_full_lists_worse_than_their_own_batch_speed() -> None:
+    """Surely worse (the whole 95 % interval below 0) on MRR@20 or on HR@20: refused, even as the first version."""
+    refused = decide(_replayed(0.20, 0.30, _paired(-0.14, -0.06)), None, None, 0.02)
+    assert not refused.publish and "worse than its own batch+speed" in refused.reason
+    fewer_hits = decide(_replayed(0.31, 0.30, _paired(-0.01, 0.03, hr_low=-0.08, hr_high=-0.01)), None, None, 0.02)
+    assert not fewer_hits.publish and "worse than its own batch+speed" in fewer_hits.reason
+    # Within noise (the intervals hold 0), the first version is published.
+    first = decide(_replayed(0.29, 0.30, _paired(-0.04, 0.02)), None, None, 0.02)
+    assert first.publish and first.reason.startswith("published: first version")
+    # No replay measured (only the offline figures): never published.
+    offline = {"als_ranker": {"mrr_at_20": 0.3}, "heuristic": {"mrr_at_20": 0.2}, PAIRED: _paired(0.05, 0.15)}
+    assert not decide(offline, None, None, 0.02).publish
+
+
+def test_the_offline_comparison_no_longer_decides() -> None:
+    """A ranker worse than its pool offline is published when its served lists are not worse."""
+    metrics = {**_replayed(0.30, 0.28, _paired(-0.01, 0.05)), PAIRED: _paired(-0.09, -0.02)}
+    assert decide(metrics, None, None, 0.02).publish
+
+
+def test_gate_compares_with_the_serving_version_on_the_same_targets() -> None:
+    """Refused only when the paired interval's upper end is below -tolerance x the serving version's figure
+    (0.02 x 0.40 = 0.008 of MRR@20, 0.016 of HR@20)."""
+    def verdict(versus_current: dict[str, float]) -> Any:
+        metrics = _replayed(0.39, 0.30, _paired(0.05, 0.13), current_full=0.40, versus_current=versus_current)
+        return decide(metrics, {REPLAY_FULL: {"mrr_at_20": 0.9}}, "v1", 0.02, replayed="v1")
+
+    within = verdict(_paired(-0.03, -0.005))  # surely a little worse, within the tolerance
+    assert within.publish and "v1's full" in within.reason and "tolerance 2%" in within.reason
+    worse = verdict(_paired(-0.03, -0.009))
+    assert not worse.publish and worse.reason.startswith("rejected: replay full vs v1's full")
+    fewer_hits = verdict(_paired(-0.01, 0.01, hr_low=-0.05, hr_high=-0.017))
+    assert not fewer_hits.publish
+
+
+def test_gate_falls_back_to_the_serving_versions_recorded_figure_when_it_was_not_replayed() -> None:
+    """Trained on the window (or current only since the replay): compared with its own recorded replay
+    MRR@20 under the tolerance, and the decision says so; with no recorded figure, not compared."""
+    candidate = _replayed(0.38, 0.30, _paired(0.02, 0.10))
+    recorded = {REPLAY_FULL: {"mrr_at_20": 0.40}}
+    worse = decide(candidate, recorded, "v1", 0.02, replayed=None)
+    assert not worse.publish and "v1 was not replayed on the window" in worse.reason and "-5.0%" in worse.reason
+    assert decide(_replayed(0.395, 0.30, _paired(0.02, 0.10)), recorded, "v1", 0.02, replayed=None).publish
+    # The paired figures against another version do not count for this one.
+    other = _replayed(0.38, 0.30, _paired(0.02, 0.10), current_full=0.30, versus_current=_paired(0.05, 0.10))
+    assert not decide(other, recorded, "v1", 0.02, replayed="v0").publish
+    unmeasured = decide(candidate, {"als_ranker": {"mrr_at_20": 0.5}}, "v1", 0.02, replayed=None)
+    assert unmeasured.publish and "not compared" in unmeasured.reason
+
+
+def test_paired_ranks_pairs_reciprocal_ranks_and_hits() -> None:
+    sessions = [f"s{i // 2}" for i in range(8)]
+    better: list[int | None] = [1, 2, 1, None, 1, 1, 4, 2]
+    worse: list[int | None] = [2, None, 1, None, 3, None, 4, 5]
+    paired = paired_ranks(better, worse, sessions, seed=1)
+    assert paired["mean"] == pytest.approx(np.mean([0.5, 0.5, 0, 0, 2 / 3, 1, 0, 0.3]))
+    assert paired["hr_mean"] == pytest.approx(2 / 8) and paired["sessions"] == 4
+    assert paired["low"] > 0 and paired["hr_low"] >= 0
 
 
 def test_paired_bootstrap_resamples_sessions() -> None:

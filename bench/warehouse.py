@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import duck
+
 TIMED_VIEWS = ("daily_kpis", "funnel")
 
 
 def run_warehouse_bench(lake: Path, repeat: int = 3) -> dict[str, Any]:
     """Build a throwaway warehouse over `lake` and time a full read of each timed view."""
-    import duckdb
 
     from warehouse.build import build_warehouse
 
@@ -22,7 +23,7 @@ def run_warehouse_bench(lake: Path, repeat: int = 3) -> dict[str, Any]:
         # No registry: model_runs stays empty, which the timed views do not touch.
         db_path = build_warehouse(Path(tmp) / "warehouse.duckdb", str(lake), str(Path(tmp) / "no-models"))
         build_s = time.perf_counter() - started
-        con = duckdb.connect(str(db_path), read_only=True)
+        con = duck.connect(str(db_path), read_only=True)
         try:
             result: dict[str, Any] = {
                 "bench": "warehouse",

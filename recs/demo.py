@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from common import duck
 from common.events import deterministic_event_id
 from common.lake import Lake
 from common.redis_server import connect, embedded_server, free_port
@@ -378,12 +379,11 @@ def run_demo(
 
 def write_warehouse_report(settings: Settings) -> Path:
     """Rebuild the warehouse over the lake (now holding the live day) and render its report."""
-    import duckdb
 
     from warehouse.build import refresh_warehouse
     from warehouse.report import render_report
 
-    con = duckdb.connect(str(refresh_warehouse(settings)), read_only=True)
+    con = duck.connect(str(refresh_warehouse(settings)), read_only=True)
     try:
         html = render_report(con)
     finally:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from common import duck
 from common.lake import EVENTS_DATASET, Lake
 from common.settings import TrainingSettings
 
@@ -84,10 +85,9 @@ def event_files(lake: Lake, cutoff: datetime) -> list[str]:
 
 def local_interactions(lake: Lake, cutoff: datetime, training: TrainingSettings) -> pa.Table:
     """The rule on DuckDB over the lake's Arrow data (one machine; the `implicit` engine's path)."""
-    import duckdb
 
     events = lake.read_events(end=cutoff, columns=COLUMNS)
-    with duckdb.connect() as con:
+    with duck.connect() as con:
         con.register("events", events)
         sql = interactions_sql(cutoff, training, "epoch_us") + " ORDER BY person_id, item_id"
         table = con.sql(sql).to_arrow_table()

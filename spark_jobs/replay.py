@@ -17,10 +17,10 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
+from common import duck
 from common.candidates import Scored
 from common.events import BESTSELLER_EVENTS, INTEREST_EVENTS
 from common.features import DAY_S, POP_DAYS, Candidates, RequestState, day_index, implicit_weight
@@ -122,7 +122,7 @@ def load_log(lake: Lake, end: datetime, training: TrainingSettings) -> EventLog:
     """Read item events received before `end`; a device later identified counts for its user."""
     events = lake.read_events(end=end, columns=LOG_COLUMNS)
     catalog = lake.read_catalog()
-    with duckdb.connect() as con:
+    with duck.connect() as con:
         con.register("events", events)
         resolved = con.sql(
             """

@@ -6,9 +6,9 @@ before the cutoff) and point-in-time for ranker training (everything before a wi
 
 from __future__ import annotations
 
-import duckdb
 import pyarrow as pa
 
+from common import duck
 from common.sequence import SEQUENCE_EXCLUDED_TYPES, SequenceCounter
 
 POPULARITY_SCHEMA = pa.schema([pa.field("item_id", pa.string()), pa.field("count", pa.int64())])
@@ -20,7 +20,7 @@ SEQUENCE_COLUMNS = ["event_id", "event_type", "session_id", "anonymous_id", "ite
 
 def popularity(events: pa.Table) -> pa.Table:
     """item_id, count: item events per item (every type), most popular first."""
-    with duckdb.connect() as con:
+    with duck.connect() as con:
         con.register("events", events.select(["item_id"]))
         sql = """SELECT item_id, count(*) AS count FROM events WHERE item_id IS NOT NULL
                  GROUP BY item_id ORDER BY count DESC, item_id"""
@@ -45,7 +45,7 @@ def covisitation(events: pa.Table, top_n: int, steps: int, recent_n: int) -> pa.
 
 def sequence_events(events: pa.Table) -> list[tuple[str, str, float]]:
     """(session, item, ts_s) of the item events that enter a session's recent items, in arrival order."""
-    with duckdb.connect() as con:
+    with duck.connect() as con:
         con.register("events", events.select(SEQUENCE_COLUMNS))
         excluded = ", ".join(f"'{t}'" for t in sorted(SEQUENCE_EXCLUDED_TYPES))
         sql = f"""

@@ -384,3 +384,15 @@ def test_events_without_impressions(tmp_path: Path) -> None:
         assert connection.execute("SELECT sum(sessions) FROM daily_kpis").fetchone()[0] == 8
         assert connection.execute("SELECT count(*) FROM experiment_results").fetchone()[0] == 0
         assert connection.execute("SELECT count(*) FROM recommendation_performance").fetchone()[0] == 0
+
+
+def test_every_duckdb_connection_keeps_stdout_clean(tmp_path: Path) -> None:
+    """DuckDB's progress bar (queries over ~2 s) would land inside `--json` output on a loaded machine."""
+    from common import duck
+
+    path = tmp_path / "w.duckdb"
+    with duck.connect(str(path)) as con:
+        con.execute("CREATE TABLE t AS SELECT 1 AS x")
+        assert con.sql("SELECT current_setting('enable_progress_bar')").fetchall() == [(False,)]
+    with duck.connect(str(path), read_only=True) as con:
+        assert con.sql("SELECT current_setting('enable_progress_bar')").fetchall() == [(False,)]

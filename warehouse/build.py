@@ -19,6 +19,7 @@ import duckdb
 import fsspec
 import pyarrow as pa
 
+from common import duck
 from common.catalog import CATALOG_SCHEMA
 from common.events import EVENT_SCHEMA
 from common.lake import CATALOG, EVENTS, IMPRESSION_SCHEMA, IMPRESSIONS
@@ -84,7 +85,7 @@ def build_warehouse(
     db_path.parent.mkdir(parents=True, exist_ok=True)
     staging = db_path.with_name(f".{db_path.name}.{uuid.uuid4().hex}.building")
     try:
-        con = duckdb.connect(str(staging))
+        con = duck.connect(str(staging))
         try:
             apply_warehouse(con, lake_root, models_root, control_variant)
             con.execute("CHECKPOINT")

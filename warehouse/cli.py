@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from common import duck
+
 if TYPE_CHECKING:
     import duckdb
 
@@ -66,11 +68,9 @@ def _connect(db: Path | None) -> duckdb.DuckDBPyConnection:
 @warehouse_app.command("build")
 def build(db: Path | None = DB_OPTION) -> None:
     """(Re)build the warehouse views over the lake and the model registry."""
-    import duckdb
-
     settings = _settings()
     path = _build(settings, db)
-    with duckdb.connect(str(path), read_only=True) as con:
+    with duck.connect(str(path), read_only=True) as con:
         (empty,) = con.execute("SELECT empty_sources FROM warehouse_info").fetchone() or ([],)
     typer.echo(f"warehouse built at {path} over lake {settings.lake.root} and models {settings.models.root}")
     if empty:

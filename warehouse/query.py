@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 import duckdb
 
+from common import duck
+
 # What a query may be. SHOW, DESCRIBE, SUMMARIZE, FROM-first and VALUES all parse as SELECT.
 ALLOWED_STATEMENTS = frozenset({duckdb.StatementType.SELECT})
 CELL_WIDTH = 40
@@ -30,7 +32,7 @@ def open_read_only(db_path: Path) -> duckdb.DuckDBPyConnection:
     """A read-only connection that shows timestamps in UTC, the lake's clock."""
     if not Path(db_path).exists():
         raise FileNotFoundError(f"no warehouse at {db_path}; run `recs warehouse build` first")
-    con = duckdb.connect(str(db_path), read_only=True)
+    con = duck.connect(str(db_path), read_only=True)
     con.execute("SET TimeZone = 'UTC'")
     return con
 

@@ -112,6 +112,20 @@ class ApiSettings(Section):
     keys: dict[str, list[Scope]] = Field(default_factory=dict)
     cors_origins: list[str] = Field(default_factory=list)
     max_batch: int = Field(500, ge=1)
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=1024,
+        description="A request body over this size is refused (413) before it is read on, parsed or authenticated; "
+        "the default holds a full batch of events with room to spare.",
+    )
+    max_head_bytes: int = Field(64 * 1024, ge=1024, description="Request line and headers over this size: 431.")
+    head_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A request's line and headers must arrive within this time of the connection's opening or "
+        "of the previous response; else the connection is closed (slow or silent clients hold no socket).",
+    )
+    keep_alive_s: int = Field(5, ge=1, description="An idle kept-alive connection is closed after this time.")
     impressions_flush_s: float = Field(
         10.0, gt=0, description="How often a worker writes its served lists to the lake (one file each time)."
     )

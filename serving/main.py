@@ -21,6 +21,7 @@ from common.settings import Settings, get_settings
 from serving.api.routes import admin, catalog, events, health, items, recommendations, stream, users
 from serving.core import metrics
 from serving.core.errors import ApiError, api_error_handler, validation_error_handler
+from serving.core.limits import BodySizeLimit
 from serving.core.state import ServingState
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # the demo storefront
@@ -107,6 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # signature inspection per dependency per request)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    # Middleware added first runs innermost: the 413 still carries CORS headers and is timed.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
     if settings.api.cors_origins:
         app.add_middleware(
             CORSMiddleware,

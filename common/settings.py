@@ -40,15 +40,17 @@ class RedisSettings(Section):
     port: int = Field(6391, ge=0, le=65535, description="Port of the private redis-server; 0 picks a free one.")
     data_dir: Path | None = Field(None, description="Default: <var_dir>/redis.")
     stream: str = "events"
-    expected_events_per_s: float = Field(
-        50.0, gt=0, description="Sizes the stream's MAXLEN so it holds at least `retention_hours` of events."
+    retention_hours: float = Field(
+        48.0,
+        ge=48.0,
+        description="The stream keeps entries this long (a model switch rebuilds from it); older ones go once "
+        "every consumer group has acknowledged them, never before.",
     )
-    retention_hours: float = Field(48.0, ge=48.0)
     socket_timeout_s: float = Field(0.5, gt=0)
 
     @property
-    def stream_maxlen(self) -> int:
-        return int(self.expected_events_per_s * 3600 * self.retention_hours)
+    def stream_retention_ms(self) -> int:
+        return int(self.retention_hours * 3_600_000)
 
     @property
     def effective_url(self) -> str:

@@ -70,12 +70,8 @@ async def post_events(
     accepted, rejected = validate_events(payloads)
     stamped = [event.received() for event in accepted]
     try:
-        stream_ids = (
-            append_events(
-                state.redis.client, stamped, state.settings.redis.stream, state.settings.redis.stream_maxlen
-            )
-            if stamped
-            else []
+        stream_ids = append_events(
+            state.redis.client, stamped, state.settings.redis.stream, state.settings.redis.stream_retention_ms
         )
     except redis.RedisError as exc:
         state.redis.failed(exc)

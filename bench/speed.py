@@ -132,7 +132,7 @@ def _throughput(
     rng = np.random.default_rng(seed)
     for start in range(0, events, 5000):  # generated a chunk at a time: the consumer's heap is its own
         chunk = [_event(rng, n, items, users) for n in range(start, min(events, start + 5000))]
-        append_events(client, chunk, settings.redis.stream, settings.redis.stream_maxlen)
+        append_events(client, chunk, settings.redis.stream, settings.redis.stream_retention_ms)
     del chunk
     consumer = SpeedConsumer(client, settings, name="bench")
     consumer.warm_up()  # as `run` does
@@ -215,7 +215,7 @@ def _freshness(
             now = time.perf_counter()
             for event in batch:
                 sent_at[event.person_id] = now
-            append_events(client, batch, settings.redis.stream, settings.redis.stream_maxlen)
+            append_events(client, batch, settings.redis.stream, settings.redis.stream_retention_ms)
             time.sleep(max(0.0, started + (n + per_tick) / offered - time.perf_counter()))
         time.sleep(1.0)
     finally:

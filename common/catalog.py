@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from common.ids import Id
 
@@ -40,8 +40,9 @@ class ItemUpdate(BaseModel):
 
     item_id: Id
     price: float | None = Field(None, ge=0, le=1_000_000)
-    in_stock: bool | None = None
-    promoted: bool | None = None
+    # Strict: 0, 1, "yes" or "false" are refused, not read as booleans (a wrong client is told, not obeyed).
+    in_stock: StrictBool | None = None
+    promoted: StrictBool | None = None
     title: str | None = None
     category_path: list[str] | None = None
     brand: str | None = None

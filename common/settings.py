@@ -40,15 +40,17 @@ class RedisSettings(Section):
     port: int = Field(6391, ge=0, le=65535, description="Port of the private redis-server; 0 picks a free one.")
     data_dir: Path | None = Field(None, description="Default: <var_dir>/redis.")
     stream: str = "events"
-    expected_events_per_s: float = Field(
-        50.0, gt=0, description="Sizes the stream's MAXLEN so it holds at least `retention_hours` of events."
+    retention_hours: float = Field(
+        48.0,
+        ge=48.0,
+        description="The stream keeps entries this long (a model switch rebuilds from it); older ones go once "
+        "every consumer group has acknowledged them, never before.",
     )
-    retention_hours: float = Field(48.0, ge=48.0)
     socket_timeout_s: float = Field(0.5, gt=0)
 
     @property
-    def stream_maxlen(self) -> int:
-        return int(self.expected_events_per_s * 3600 * self.retention_hours)
+    def stream_retention_ms(self) -> int:
+        return int(self.retention_hours * 3_600_000)
 
     @property
     def effective_url(self) -> str:
@@ -112,6 +114,20 @@ class ApiSettings(Section):
     keys: dict[str, list[Scope]] = Field(default_factory=dict)
     cors_origins: list[str] = Field(default_factory=list)
     max_batch: int = Field(500, ge=1)
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=1024,
+        description="A request body over this size is refused (413) before it is read on, parsed or authenticated; "
+        "the default holds a full batch of events with room to spare.",
+    )
+    max_head_bytes: int = Field(64 * 1024, ge=1024, description="Request line and headers over this size: 431.")
+    head_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A request's line and headers must arrive within this time of the connection's opening or "
+        "of the previous response; else the connection is closed (slow or silent clients hold no socket).",
+    )
+    keep_alive_s: int = Field(5, ge=1, description="An idle kept-alive connection is closed after this time.")
     impressions_flush_s: float = Field(
         10.0, gt=0, description="How often a worker writes its served lists to the lake (one file each time)."
     )

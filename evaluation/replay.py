@@ -568,7 +568,9 @@ class Replayer:
         """Append to the stream and let the consumer process exactly these entries (its batch code)."""
         if self.consumer is None or not events:
             return
-        append_events(self.client, events, self.settings.redis.stream, self.settings.redis.stream_maxlen)
+        append_events(
+            self.client, events, self.settings.redis.stream, self.settings.redis.stream_retention_ms
+        )
         left = len(events)
         while left > 0:
             reply: Any = self.client.xreadgroup(  # redis-py's reply types are unions of every shape

@@ -20,6 +20,7 @@ def serve(
     """Serve the recommendations API (model loaded once per worker; hot reload on activation)."""
     import uvicorn
 
+    from serving.core.limits import uvicorn_limits
     from serving.core.metrics import MULTIPROC_ENV
 
     try:
@@ -47,6 +48,7 @@ def serve(
         workers=workers,
         access_log=False,  # request lines carry query strings; keys travel in headers and are never logged
         log_level="warning",
+        **uvicorn_limits(settings.api),
     )
 
 

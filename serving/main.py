@@ -15,12 +15,20 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import Settings, get_settings
 from serving.api.routes import admin, catalog, events, health, items, recommendations, stream, users
 from serving.core import metrics
-from serving.core.errors import ApiError, api_error_handler, validation_error_handler
+from serving.core.errors import (
+    ApiError,
+    api_error_handler,
+    http_error_handler,
+    internal_error_handler,
+    validation_error_handler,
+)
+from serving.core.limits import BodySizeLimit
 from serving.core.state import ServingState
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # the demo storefront
@@ -107,6 +115,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # signature inspection per dependency per request)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, internal_error_handler)
+    # Middleware added first runs innermost: the 413 still carries CORS headers and is timed.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
     if settings.api.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.events import FieldError
+from serving.core.errors import ErrorBody
 
 
 class Context(StrEnum):
@@ -19,7 +20,7 @@ class Context(StrEnum):
 
 class EventResult(BaseModel):
     index: int
-    event_id: str | None
+    event_id: str | None = Field(None, description="Absent when the event carried none (or an unusable one).")
     status: Literal["accepted", "rejected"]
     stream_id: str | None = Field(None, description="The stream entry id of an accepted event.")
     errors: list[FieldError] | None = Field(None, description="Each field at fault in a rejected event.")
@@ -35,6 +36,33 @@ class EventsResponse(BaseModel):
             "examples": [
                 {
                     "accepted": 1,
+                    "rejected": 0,
+                    "results": [
+                        {
+                            "index": 0,
+                            "event_id": "0b5c1a52-3f1e-4d7a-9a0e-7f1c2d3e4f50",
+                            "status": "accepted",
+                            "stream_id": "1718000000000-0",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+
+class EventsRejected(ErrorBody, EventsResponse):
+    """422 when events of the body were rejected: the error shape (`errors` names "<index>.<field>"),
+    and each event's outcome, since the good ones were kept."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "events_rejected",
+                    "message": "1 of 2 events rejected; the others were kept",
+                    "errors": [{"field": "1.event_id", "reason": "Field required"}],
+                    "accepted": 1,
                     "rejected": 1,
                     "results": [
                         {
@@ -45,7 +73,6 @@ class EventsResponse(BaseModel):
                         },
                         {
                             "index": 1,
-                            "event_id": None,
                             "status": "rejected",
                             "errors": [{"field": "event_id", "reason": "Field required"}],
                         },

@@ -81,4 +81,4 @@ def make_event(
 
 
 def add_events(client: redis.Redis, settings: Settings, events: Sequence[Event]) -> list[str]:
-    return append_events(client, events, settings.redis.stream, settings.redis.stream_maxlen)
+    return append_events(client, events, settings.redis.stream, settings.redis.stream_retention_ms)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
+import jsonschema
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -313,6 +315,60 @@ def test_openapi_documents_every_route_with_examples(client: TestClient) -> None
     events_body = spec["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]
     assert {"single", "batch"} <= set(events_body["examples"])
     assert "examples" in spec["components"]["schemas"]["RecommendationsResponse"]
+
+
+def declared_schema(spec: dict[str, Any], method: str, route: str | None, status: int) -> dict[str, Any]:
+    """The body schema the OpenAPI promises for this status of this route (a miss fails the test)."""
+    if route is None:  # no route matched: all a client can be promised is the error shape
+        return {"$ref": "#/components/schemas/ErrorBody"}
+    responses = spec["paths"][route][method]["responses"]
+    assert str(status) in responses, f"{method.upper()} {route} does not document {status}"
+    schema: dict[str, Any] = responses[str(status)]["content"]["application/json"]["schema"]
+    return schema
+
+
+JSON = {"Content-Type": "application/json"}
+NO_EVENT_ID = {k: v for k, v in view_event("anon-3", "i5").items() if k != "event_id"}
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "route", "sent", "status"),
+    [
+        ("post", "/v1/events", "/v1/events", {"content": b'[{"event_id": ', "headers": JSON}, 422),
+        ("put", "/v1/catalog/items", "/v1/catalog/items", {"content": b'[{"item_id": "\xff"}]', "headers": JSON}, 400),
+        ("get", "/v1/no-such-route", None, {}, 404),
+        ("post", "/v1/events", "/v1/events", {"json": [view_event("anon-3", "i5"), NO_EVENT_ID]}, 422),
+        ("post", "/v1/events", "/v1/events", {"json": "not an event"}, 422),
+        ("put", "/v1/catalog/items", "/v1/catalog/items", {"json": [{"item_id": "i1", "promoted": 0}]}, 422),
+    ],
+    ids=["malformed-json", "undecodable", "unknown-route", "rejected-event",
+         "not-an-event", "promoted-0"],
+)  # fmt: skip
+def test_error_responses_match_the_openapi(
+    client: TestClient, method: str, url: str, route: str | None, sent: dict[str, Any], status: int
+) -> None:
+    spec = client.app.openapi()  # type: ignore[attr-defined]
+    response = client.request(method.upper(), url, **sent)
+    assert response.status_code == status, response.text
+    schema = declared_schema(spec, method, route, status)
+    jsonschema.Draft202012Validator({**schema, "components": spec["components"]}).validate(response.json())
+
+
+def test_every_route_documents_its_client_errors_in_the_error_shape(client: TestClient) -> None:
+    spec = client.app.openapi()  # type: ignore[attr-defined]
+    schemas = spec["components"]["schemas"]
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            declared = {int(s) for s in operation["responses"] if s.startswith("4")}
+            if operation.get("parameters") or operation.get("requestBody"):
+                assert 422 in declared, (method, path)
+            if operation.get("requestBody"):
+                assert {400, 413} <= declared, (method, path)
+            for status in declared:
+                schema = operation["responses"][str(status)]["content"]["application/json"]["schema"]
+                for ref in schema.get("anyOf", [schema]):
+                    required = set(schemas[ref["$ref"].rsplit("/", 1)[1]]["required"])
+                    assert {"error", "message"} <= required, (method, path, status)
 
 
 # ---------------------------------------------------------------- auth

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Body
 
 from common.catalog import ItemUpdate
 from common.catalog_state import apply_item_updates
+from common.events import FieldError
 from serving.api.deps import Admin, StateDep
-from serving.core.errors import ERROR_RESPONSES, ApiError, ErrorBody
+from serving.core.errors import BODY_ERROR_RESPONSES, ERROR_RESPONSES, ApiError, ErrorBody
 from serving.schemas import CatalogUpdateResponse
 
 router = APIRouter(prefix="/v1/catalog", tags=["catalog"], responses=ERROR_RESPONSES)
@@ -36,14 +37,17 @@ EXAMPLES = {
     ),
     response_model=CatalogUpdateResponse,
     dependencies=[Admin],
-    responses={503: {"model": ErrorBody, "description": "Redis is unreachable; nothing was changed."}},
+    responses={
+        **BODY_ERROR_RESPONSES,
+        503: {"model": ErrorBody, "description": "Redis is unreachable; nothing was changed."},
+    },
 )
 def put_items(
     state: StateDep, updates: Annotated[list[ItemUpdate], Body(openapi_examples=EXAMPLES, max_length=5000)]
 ) -> CatalogUpdateResponse:
     if not updates:
         raise ApiError(
-            422, "empty_batch", "no item updates given", errors=[{"field": "body", "reason": "empty"}]
+            422, "empty_batch", "no item updates given", errors=[FieldError(field="body", reason="empty")]
         )
     try:
         apply_item_updates(state.redis.client, updates)

@@ -8,12 +8,12 @@ import redis
 from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse
 
-from common.events import validate_events
+from common.events import FieldError, validate_events
 from common.stream import append_events
 from serving.api.deps import EventsWrite, StateDep
 from serving.core import metrics
-from serving.core.errors import ERROR_RESPONSES, ApiError, ErrorBody
-from serving.schemas import EVENT_EXAMPLES, EventResult, EventsResponse
+from serving.core.errors import BODY_ERROR_RESPONSES, ERROR_RESPONSES, ApiError, ErrorBody
+from serving.schemas import EVENT_EXAMPLES, EventResult, EventsRejected, EventsResponse
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
@@ -34,8 +34,17 @@ RETRY_AFTER_S = "5"
     dependencies=[EventsWrite],
     responses={
         **ERROR_RESPONSES,
-        413: {"model": ErrorBody, "description": "More events than `api.max_batch`."},
-        422: {"model": EventsResponse, "description": "Some events were rejected; the good ones were kept."},
+        **BODY_ERROR_RESPONSES,
+        413: {
+            "model": ErrorBody,
+            "description": "The body is over `api.max_body_bytes`, or holds more than "
+            "`api.max_batch` events.",
+        },
+        422: {
+            "model": EventsRejected | ErrorBody,
+            "description": "Some events were rejected and the good ones kept (`results` says which), or the "
+            "body is not an event or a batch of them.",
+        },
         503: {
             "model": ErrorBody,
             "description": "Backpressure or Redis down; retry after the header's seconds.",
@@ -50,7 +59,7 @@ async def post_events(
     max_batch = state.settings.api.max_batch
     if not payloads:
         raise ApiError(
-            422, "empty_batch", "the batch holds no events", errors=[{"field": "body", "reason": "empty"}]
+            422, "empty_batch", "the batch holds no events", errors=[FieldError(field="body", reason="empty")]
         )
     if len(payloads) > max_batch:
         raise ApiError(
@@ -61,12 +70,8 @@ async def post_events(
     accepted, rejected = validate_events(payloads)
     stamped = [event.received() for event in accepted]
     try:
-        stream_ids = (
-            append_events(
-                state.redis.client, stamped, state.settings.redis.stream, state.settings.redis.stream_maxlen
-            )
-            if stamped
-            else []
+        stream_ids = append_events(
+            state.redis.client, stamped, state.settings.redis.stream, state.settings.redis.stream_retention_ms
         )
     except redis.RedisError as exc:
         state.redis.failed(exc)
@@ -88,8 +93,28 @@ async def post_events(
             )
     metrics.EVENTS.labels(outcome="accepted").inc(len(stamped))
     metrics.EVENTS.labels(outcome="rejected").inc(len(rejected))
-    body = EventsResponse(accepted=len(stamped), rejected=len(rejected), results=results)
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=422 if rejected else 202)
+    if rejected:
+        return _rejected(results, accepted=len(stamped))
+    body = EventsResponse(accepted=len(stamped), rejected=0, results=results)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=202)
+
+
+def _rejected(results: list[EventResult], accepted: int) -> JSONResponse:
+    """The 422 of a batch with rejected events, in the error shape."""
+    errors = [
+        FieldError(field=f"{result.index}.{error.field}", reason=error.reason)
+        for result in results
+        for error in result.errors or []
+    ]
+    body = EventsRejected(
+        error="events_rejected",
+        message=f"{len(results) - accepted} of {len(results)} events rejected; the others were kept",
+        errors=errors,
+        accepted=accepted,
+        rejected=len(results) - accepted,
+        results=results,
+    )
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=422)
 
 
 def _refuse_under_backpressure(state: StateDep) -> None:

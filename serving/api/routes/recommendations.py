@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from common.events import FieldError
 from common.ids import Id
 from serving.api.deps import RecsRead, StateDep
 from serving.core.errors import ERROR_RESPONSES, ApiError
@@ -45,14 +46,14 @@ async def get_recommendations(
             422,
             "invalid_request",
             "give user_id or anonymous_id",
-            errors=[{"field": "user_id", "reason": "user_id or anonymous_id is required"}],
+            errors=[FieldError(field="user_id", reason="user_id or anonymous_id is required")],
         )
     if context is Context.product and item_id is None:
         raise ApiError(
             422,
             "invalid_request",
             "context=product needs item_id",
-            errors=[{"field": "item_id", "reason": "required when context is product"}],
+            errors=[FieldError(field="item_id", reason="required when context is product")],
         )
     req = RecRequest(user_id, anonymous_id, session_id, k, context.value, item_id)
     result = recommend(state, req)

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Query, Request
 from sse_starlette.sse import EventSourceResponse
 
 from common import redis_keys
+from common.events import FieldError
 from common.messages import RecsChanged
 from serving.api.deps import RecsRead, StateDep
 from serving.api.routes.recommendations import IdParam, get_recommendations
@@ -57,7 +58,7 @@ async def stream_recommendations(
             422,
             "invalid_request",
             "give user_id or anonymous_id",
-            errors=[{"field": "user_id", "reason": "user_id or anonymous_id is required"}],
+            errors=[FieldError(field="user_id", reason="user_id or anonymous_id is required")],
         )
     people = {p for p in (user_id, anonymous_id) if p}
 

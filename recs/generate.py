@@ -120,6 +120,7 @@ class Catalog:
     leaf: np.ndarray
     price: np.ndarray
     created_us: np.ndarray
+    in_stock: np.ndarray  # sold-out items draw no traffic (see build_catalog)
     weight_cum: np.ndarray  # cumulative Zipf popularity over all items
     leaf_start: np.ndarray
     leaf_end: np.ndarray
@@ -190,7 +191,7 @@ def build_catalog(rng: np.random.Generator, n_items: int, start_us: int, end_us:
         },
         schema=CATALOG_SCHEMA,
     )
-    return Catalog(labels, leaf, price, created, np.cumsum(weight), leaf_start, leaf_end, leaf_head, leaf_names, leaf_top, table)
+    return Catalog(labels, leaf, price, created, in_stock, np.cumsum(weight), leaf_start, leaf_end, leaf_head, leaf_names, leaf_top, table)
 
 
 def sample_in_leaf(cat: Catalog, rng: np.random.Generator, leaves: np.ndarray) -> np.ndarray:
@@ -216,14 +217,15 @@ def sample_related(cat: Catalog, rng: np.random.Generator, items: np.ndarray) ->
 
 
 def available(cat: Catalog, rng: np.random.Generator, items: np.ndarray, at_us: np.ndarray) -> np.ndarray:
-    """Replace items not yet on sale at `at_us` by others of their leaf (the leaf head at worst)."""
+    """Replace items not on sale at `at_us` (not yet created, or sold out) by others of their leaf (the
+    leaf head at worst)."""
     items = items.copy()
     for _ in range(3):
-        early = np.flatnonzero(cat.created_us[items] > at_us)
+        early = np.flatnonzero((cat.created_us[items] > at_us) | ~cat.in_stock[items])
         if len(early) == 0:
             return items
         items[early] = sample_in_leaf(cat, rng, cat.leaf[items[early]])
-    early = np.flatnonzero(cat.created_us[items] > at_us)
+    early = np.flatnonzero((cat.created_us[items] > at_us) | ~cat.in_stock[items])
     items[early] = cat.leaf_head[cat.leaf[items[early]]]
     return items
 

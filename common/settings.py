@@ -194,6 +194,12 @@ class SpeedSettings(Section):
     )
     affinity_half_life_s: int = Field(900, ge=10, description="Half-life of a session's category affinity.")
     history_ttl_s: int = Field(30 * 86400, ge=3600, description="TTL of person_items, purchases and aliases.")
+    erased_ttl_s: int = Field(
+        30 * 86400,
+        ge=86400,
+        description="How long an erased user's and their devices' ids stay tombstoned: the speed layer and the "
+        "lake writer drop every event naming them meanwhile.",
+    )
     purchases_kept: int = Field(50, ge=1)
     bestsellers_half_life_s: int = Field(7 * 86400, ge=3600)
     bestsellers_top_n: int = Field(200, ge=1, description="Items kept per category (trimmed when twice as many).")

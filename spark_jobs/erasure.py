@@ -1,4 +1,5 @@
-"""Right to erasure: rewrite the lake partitions that hold queued users' events, then clear the queue.
+"""Right to erasure: rewrite the lake partitions that hold queued users' events, then close the requests
+(Lake.close_erasures keeps the id's digest and the time, which serving reads).
 
 A user's events include those of every device (anonymous_id) that identified as the user, so the
 pre-login part of their sessions goes too. Impressions served to them are erased as well.
@@ -23,7 +24,7 @@ class ErasureReport:
 
 
 def apply_erasures(lake: Lake) -> ErasureReport:
-    """Erase every queued user; the queue entry goes only after all their partitions are rewritten."""
+    """Erase every queued user; the requests are closed only after all their partitions are rewritten."""
     pending = lake.pending_erasures()
     report = ErasureReport(users=sorted({p["user_id"] for p in pending}))
     if not pending:
@@ -42,8 +43,7 @@ def apply_erasures(lake: Lake) -> ErasureReport:
                 lake.rewrite_partition(dataset, day, table.filter(pc.invert(erased)))
                 report.rows_removed += removed
                 report.partitions_rewritten.append(f"{dataset.name}/dt={day}")
-    for entry in pending:
-        lake.fs.rm(entry["path"])
+    lake.close_erasures(pending)
     return report
 
 

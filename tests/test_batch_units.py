@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from common.events import Event, EventType, deterministic_event_id, events_to_table
 from common.features import decay, implicit_weight
+from common.ids import id_digest
 from common.lake import EVENTS_DATASET, Lake
 from common.settings import TrainingSettings
 from spark_jobs.erasure import apply_erasures
@@ -147,6 +149,9 @@ def test_erasure_removes_the_user_and_their_devices_then_the_queue(lake: Lake) -
     assert report.users == ["alice"] and report.rows_removed == 3
     assert left["user_id"].to_pylist() == ["bob"]
     assert lake.pending_erasures() == []
+    # The closed request is kept for serving as the id's digest and the time, never the id itself.
+    assert list(lake.erasure_times()) == [id_digest("alice")]
+    assert "alice" not in "".join(p.read_text() for p in Path(lake.path("erasures")).rglob("*") if p.is_file())
     assert apply_erasures(lake).rows_removed == 0  # nothing queued: nothing rewritten
 
 

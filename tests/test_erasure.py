@@ -1,18 +1,23 @@
 """Erasure as a contract, on a real redis-server through the real API, speed consumer and lake writer:
-nothing of the user or their devices is left in Redis or the stream, and nothing comes back."""
+nothing of the user or their devices is left in Redis or the stream, nothing comes back, and their
+batch factors stay unused until a version trained after the erasure serves."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from fastapi.testclient import TestClient
 
+from bench.serve import publish_synthetic_model
 from common import redis_keys
 from common.lake import Lake
+from serving.main import create_app
+from spark_jobs.erasure import apply_erasures
 from speed_layer.consumer import SpeedConsumer
 from speed_layer.lake_writer import LakeWriter
-from tests.test_serving_support import serving_state, view_event
+from tests.test_serving_support import make_settings, recs, serving_state, view_event
 
 pytest_plugins = ["tests.test_serving_support"]
 
@@ -94,3 +99,30 @@ def test_erasure_leaves_nothing_of_the_user_and_their_device_and_nothing_comes_b
     writer.flush()
     events = Lake(settings.lake.root).read_events(columns=["anonymous_id", "user_id"]).to_pylist()
     assert {e["anonymous_id"] for e in events} == {OTHER}
+
+
+def uses_batch_factors(client: TestClient, user: str) -> bool:
+    return any("als" in item["sources"] for item in recs(client, user_id=user)["items"])
+
+
+def test_erased_users_factors_stay_unused_until_a_version_trained_after_the_erasure_serves(
+    client: TestClient,
+) -> None:
+    state = serving_state(client)
+    assert uses_batch_factors(client, "u4")
+    assert client.delete("/v1/users/u4").status_code == 200
+    assert not uses_batch_factors(client, "u4")
+
+    apply_erasures(state.lake)  # the nightly step: the lake is rewritten and the queue cleared
+    assert state.lake.pending_erasures() == []
+    with TestClient(create_app(make_settings())) as restarted:  # a worker that never saw the request
+        assert not uses_batch_factors(restarted, "u4")  # v1 was trained on their events
+        assert uses_batch_factors(restarted, "u5")  # and only theirs are hidden
+
+        # A version trained after the erasure (its cutoff is later) serves them again, as anyone new to it.
+        publish_synthetic_model(state.registry, state.lake, version="v2", activate=False)
+        manifest = state.registry.read_manifest("v2")
+        state.registry.write_manifest(manifest.model_copy(update={"cutoff": datetime.now(UTC)}))
+        assert restarted.post("/v1/admin/models/v2/activate").status_code == 200
+        assert recs(restarted, user_id="u4")["model_version"] == "v2"
+        assert uses_batch_factors(restarted, "u4")

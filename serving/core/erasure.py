@@ -1,5 +1,5 @@
-"""GDPR erasure of a person's live state: their Redis keys and stream entries, and tombstones that keep
-both from coming back.
+"""GDPR erasure of a person's live state (their Redis keys and stream entries, and tombstones that keep
+both from coming back), and the erased people whose batch factors serving must ignore.
 
 What Redis holds of the person and of the devices linked to them is listed by one function,
 redis_keys.holdings; ids that no other id can reproduce in a key make that list exact.
@@ -8,10 +8,12 @@ redis_keys.holdings; ids that no other id can reproduce in a key make that list 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import redis
 
 from common import redis_keys
+from common.ids import id_digest
 from common.settings import Settings
 from common.stream import delete_entries_naming
 
@@ -41,3 +43,26 @@ def _tombstone(client: redis.Redis, ids: tuple[str, ...], ttl_s: int) -> None:
     for person in ids:
         pipe.set(redis_keys.erased(person), now, ex=ttl_s)
     pipe.execute()
+
+
+class ErasedPeople:
+    """Erased people (by id digest) and when: a model version whose cutoff is not after a person's
+    erasure was trained on their events, so serving treats them as unknown to it. Filled from the
+    lake's erasure records (queued and applied), which outlive the queue, and at once by the route."""
+
+    def __init__(self) -> None:
+        self._at: dict[str, datetime] = {}
+
+    def add(self, person_id: str, at: datetime) -> None:
+        self.merge({id_digest(person_id): at})
+
+    def merge(self, times: dict[str, datetime]) -> None:
+        for digest, at in times.items():
+            self._at[digest] = max(self._at.get(digest, at), at)
+
+    def hides(self, person_id: str, cutoff: datetime) -> bool:
+        """Whether the version with this cutoff holds the person's factors from before their erasure."""
+        if not self._at:  # no digest to compute on the usual request
+            return False
+        at = self._at.get(id_digest(person_id))
+        return at is not None and cutoff <= at

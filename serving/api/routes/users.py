@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 import redis
@@ -33,6 +34,7 @@ router = APIRouter(prefix="/v1/users", tags=["users"], responses=ERROR_RESPONSES
 def erase_user(
     state: StateDep, user_id: Annotated[Id, Path()]
 ) -> ErasureResponse:
+    at = datetime.now(UTC)
     try:
         erased = erase_person(state.redis.client, state.settings, user_id)
     except redis.RedisError as exc:
@@ -40,8 +42,8 @@ def erase_user(
         raise ApiError(
             503, "redis_unavailable", "Redis is unreachable; retry", headers={"Retry-After": "5"}
         ) from None
-    queued = state.lake.queue_erasure(user_id)
-    state.erased.add(user_id)
+    queued = state.lake.queue_erasure(user_id, requested_at=at)
+    state.erased.add(user_id, at)
     return ErasureResponse(
         user_id=user_id,
         devices_erased=len(erased.ids) - 1,

@@ -345,6 +345,16 @@ def test_auth_scopes_are_enforced(secured: TestClient) -> None:
     assert secured.get("/healthz").status_code == 200  # probes need no key
 
 
+def test_the_demo_storefront_needs_a_key_once_keys_are_configured(secured: TestClient, client: TestClient) -> None:
+    for path in ("/demo/", "/demo/app.js", "/demo/catalog"):
+        missing = secured.get(path)
+        assert missing.status_code == 401 and missing.json()["error"] == "missing_api_key", path
+        assert secured.get(path, headers={"X-API-Key": "guess"}).status_code == 401, path
+        assert secured.get(path, headers={"X-API-Key": "key-storefront-0001"}).status_code == 403, path
+        assert secured.get(path, headers={"Authorization": "Bearer key-reader-0002"}).status_code == 200, path
+        assert client.get(path).status_code == 200, path  # auth off: the embedded demo stays open
+
+
 def test_cors_allows_configured_origins_only(secured: TestClient) -> None:
     allowed = secured.options(
         "/v1/recommendations",

@@ -55,6 +55,9 @@ INTEREST_EVENTS = frozenset({"view", "click", "add_to_cart", "purchase", "wishli
 # Item events that count for a category's bestsellers (speed layer and ranker training).
 BESTSELLER_EVENTS = frozenset({"add_to_cart", "purchase"})
 
+# The fields that name a person (a device, a user): what erasure looks for in an event's payload.
+PERSON_ID_FIELDS = ("anonymous_id", "user_id")
+
 ITEM_EVENTS = frozenset(
     {
         EventType.VIEW,
@@ -145,6 +148,11 @@ class Event(BaseModel):
     def person_id(self) -> str:
         """The identity recommendations are keyed by: the user once known, else the device."""
         return self.user_id or self.anonymous_id
+
+    @property
+    def person_ids(self) -> list[str]:
+        """Every id of a person the event names (PERSON_ID_FIELDS): an erasure of any of them covers it."""
+        return [self.anonymous_id] if self.user_id is None else [self.anonymous_id, self.user_id]
 
     def received(self, at: datetime | None = None) -> Event:
         """A copy stamped with the server's arrival time."""

@@ -7,6 +7,7 @@ newlines, ...) and other non-printable ones (format, separators, unassigned) are
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
 from pydantic import AfterValidator, StringConstraints
@@ -25,3 +26,9 @@ Id = Annotated[
     StringConstraints(min_length=1, max_length=ID_MAX_LENGTH, strip_whitespace=True),
     AfterValidator(_printable),
 ]
+
+
+def id_digest(value: str) -> str:
+    """A pseudonym of an id for what must outlive the id itself (erasure tombstones and records): it
+    recognises the id when it comes back without storing it."""
+    return hashlib.sha256(value.encode()).hexdigest()[:24]

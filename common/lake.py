@@ -4,7 +4,8 @@ Layout under the lake root:
     events/dt=YYYY-MM-DD/part-<hash>.parquet       partitioned by received_at (UTC day)
     impressions/dt=YYYY-MM-DD/part-<hash>.parquet  every served list, partitioned by served_at
     catalog/snapshot=<UTC stamp>/items.parquet     full catalog snapshots; the newest wins
-    erasures/<user_id>.json                        GDPR erase requests, applied by the batch run
+    erasures/<digest>.json                         GDPR erase requests (user id, time), applied by the batch run
+    erasures/applied.json                          the applied ones: id digest -> request time, never the id
 
 Writes are idempotent and atomic: a batch's file name is a hash of its keys, rows whose key
 is already in the partition are dropped, and each file is written under a dot-name and then
@@ -25,12 +26,14 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from common.events import EVENT_SCHEMA
+from common.ids import id_digest
 from common.storage import Store
 
 EVENTS = "events"
 IMPRESSIONS = "impressions"
 CATALOG = "catalog"
 ERASURES = "erasures"
+APPLIED_ERASURES = "applied.json"
 
 
 @dataclass(frozen=True)
@@ -207,8 +210,7 @@ class Lake(Store):
     # ------------------------------------------------------------ erasure queue
 
     def queue_erasure(self, user_id: str, requested_at: datetime | None = None) -> str:
-        name = hashlib.sha256(user_id.encode()).hexdigest()[:24] + ".json"
-        target = self.path(ERASURES, name)
+        target = self.path(ERASURES, f"{id_digest(user_id)}.json")
         body = json.dumps({"user_id": user_id, "requested_at": (requested_at or datetime.now(UTC)).isoformat()})
         self.write_bytes(target, body.encode())
         return target
@@ -219,10 +221,38 @@ class Lake(Store):
             return []
         out = []
         for p in sorted(self.fs.ls(base, detail=False)):
-            if p.endswith(".json") and not _hidden(p):
+            if p.endswith(".json") and not _hidden(p) and not p.endswith(f"/{APPLIED_ERASURES}"):
                 with self.fs.open(p, "rb") as f:
                     out.append({**json.loads(f.read()), "path": p})
         return out
+
+    def close_erasures(self, applied: list[dict[str, str]]) -> None:
+        """Record the applied requests in erasures/applied.json (the id's digest and the request's time:
+        serving keeps ignoring the person's batch factors until a version with a later cutoff serves),
+        then take them off the queue."""
+        times = self._applied_erasures()
+        for entry in applied:
+            digest = id_digest(entry["user_id"])
+            times[digest] = max(times.get(digest, entry["requested_at"]), entry["requested_at"], key=_instant)
+        self.write_bytes(self.path(ERASURES, APPLIED_ERASURES), json.dumps(times, sort_keys=True).encode())
+        for entry in applied:
+            self.fs.rm(entry["path"])
+
+    def erasure_times(self) -> dict[str, datetime]:
+        """id digest (ids.id_digest) -> when the person's latest erasure was requested, queued or applied."""
+        times = {digest: _instant(at) for digest, at in self._applied_erasures().items()}
+        for entry in self.pending_erasures():
+            digest, at = id_digest(entry["user_id"]), _instant(entry["requested_at"])
+            times[digest] = max(times.get(digest, at), at)
+        return times
+
+    def _applied_erasures(self) -> dict[str, str]:
+        target = self.path(ERASURES, APPLIED_ERASURES)
+        if not self.fs.exists(target):
+            return {}
+        with self.fs.open(target, "rb") as f:
+            times: dict[str, str] = json.loads(f.read())
+        return times
 
     # ------------------------------------------------------------ internals
 
@@ -236,6 +266,11 @@ class Lake(Store):
 
     def _atomic_write(self, table: pa.Table, target: str) -> None:
         self.write_atomic(target, lambda f: pq.write_table(table, f, compression="zstd"))
+
+
+def _instant(iso: str) -> datetime:
+    moment = datetime.fromisoformat(iso)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def _hidden(path: str) -> bool:

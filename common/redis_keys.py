@@ -4,13 +4,21 @@ The speed layer writes these keys and serving reads them. All keys of one person
 anonymous device) carry the hash tag `{u:<person>}` (the id with `}`, glob characters and `%`
 percent-encoded, so no id can spell another's tag), so on Redis Cluster they live in one
 slot and a Lua script may touch them together. Values that depend on a model version
-(user vector deltas, fold-in vectors) carry the version in the key.
+(user vector deltas, fold-in vectors) carry the version in the key. `holdings` lists the keys
+that hold a person and the devices linked to them (what erasure deletes).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import cast
+
+import redis
+
+from common.ids import id_digest
+from common.neighbours import session_token
 
 PREFIX = "lr"
 
@@ -121,6 +129,80 @@ def user_event_count(person_id: str, model_version: str) -> str:
 def alias(anonymous_id: str) -> str:
     """String user_id once the device has logged in (identify); kept speed.history_ttl_s."""
     return f"{PREFIX}:alias:{anonymous_id}"
+
+
+def person_devices(user_id: str) -> str:
+    """Sorted set device -> when it last identified as the user (epoch s, Redis time): the reverse of
+    alias(device), so erasure can find the user's devices. Written with the alias by the identify merge;
+    members older than speed.history_ttl_s are dropped on each write and the key expires with them,
+    as the aliases do."""
+    return f"{_person(user_id)}:devices"
+
+
+def erased(erased_id: str) -> str:
+    """Tombstone of an erased person or device (value: the erasure's epoch s), kept speed.erased_ttl_s:
+    the speed layer and the lake writer drop every event naming the id meanwhile, so nothing of the
+    person is recreated. Named by a digest of the id (ids.id_digest), so no key names an erased id;
+    outside the person's hash tag, as it outlives their keys."""
+    return f"{PREFIX}:erased:{id_digest(erased_id)}"
+
+
+def erased_among(client: redis.Redis, ids: Collection[str]) -> set[str]:
+    """The ids among `ids` that carry a tombstone (`erased`)."""
+    ordered = sorted(set(ids))
+    if not ordered:
+        return set()
+    return {i for i, tomb in zip(ordered, client.mget([erased(i) for i in ordered]), strict=True) if tomb}
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """What Redis holds of one person: `ids`, the person then the devices linked to them, and `keys`,
+    every existing key that holds one of those ids."""
+
+    ids: tuple[str, ...]
+    keys: frozenset[bytes]
+
+
+def holdings(client: redis.Redis, person_id: str) -> Holdings:
+    """The one list of the keys that hold a person and their devices (erasure and tests use it): every
+    key under the tag of the person and of each linked device, the devices' aliases, and the
+    session-kNN sets of the sessions named there. A device whose alias now names another user is that
+    user's, and left out."""
+    ids = person_and_devices(client, person_id)
+    tagged: set[bytes] = set()
+    for person in ids:
+        tagged |= set(client.scan_iter(match=person_keys_match(person), count=1000))
+    sessions = _sessions_named(tagged, ids)
+    named = [alias(p) for p in ids] + [neighbour_session(session_token(p, s)) for p in ids for s in sessions]
+    pipe = client.pipeline(transaction=False)
+    for key in named:
+        pipe.exists(key)
+    present = {key.encode() for key, found in zip(named, pipe.execute(), strict=True) if found}
+    return Holdings(ids, frozenset(tagged | present))
+
+
+def person_and_devices(client: redis.Redis, person_id: str) -> tuple[str, ...]:
+    """The person, then the devices in their reverse index (person_devices) whose alias still names
+    them or has expired."""
+    members = cast(list[bytes], client.zrange(person_devices(person_id), 0, -1))  # clients answer bytes
+    devices = [d.decode() for d in members]
+    if not devices:
+        return (person_id,)
+    owners = cast(list[bytes | None], client.mget([alias(d) for d in devices]))
+    mine = [d for d, owner in zip(devices, owners, strict=True) if owner is None or owner.decode() == person_id]
+    return (person_id, *mine)
+
+
+def _sessions_named(keys: set[bytes], persons: tuple[str, ...]) -> set[str]:
+    """The session ids named by the persons' session-recent keys among `keys` (a device's pre-login
+    session carries on under the user, so every person is paired with every session found)."""
+    names = [k.decode(errors="replace") for k in keys]
+    out: set[str] = set()
+    for person in persons:
+        prefix, suffix = template(session_recent, person)
+        out |= {n[len(prefix) : len(n) - len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix)}
+    return out
 
 
 # ---------------------------------------------------------------- global counters

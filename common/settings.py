@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -210,6 +212,12 @@ class SpeedSettings(Section):
     )
     affinity_half_life_s: int = Field(900, ge=10, description="Half-life of a session's category affinity.")
     history_ttl_s: int = Field(30 * 86400, ge=3600, description="TTL of person_items, purchases and aliases.")
+    erased_ttl_s: int = Field(
+        30 * 86400,
+        ge=86400,
+        description="How long an erased user's and their devices' ids stay tombstoned: the speed layer and the "
+        "lake writer drop every event naming them meanwhile.",
+    )
     purchases_kept: int = Field(50, ge=1)
     bestsellers_half_life_s: int = Field(7 * 86400, ge=3600)
     bestsellers_top_n: int = Field(200, ge=1, description="Items kept per category (trimmed when twice as many).")
@@ -314,7 +322,61 @@ def get_settings() -> Settings:
 
 
 def dump_settings(settings: Settings) -> str:
-    """Settings as JSON with API keys hidden."""
-    data = json.loads(settings.model_dump_json())
-    data["api"]["keys"] = [f"***{key[-4:]}: {','.join(scopes)}" for key, scopes in data["api"]["keys"].items()]
-    return json.dumps(data, indent=2, default=str)
+    """Settings as JSON with every secret hidden (`redacted`)."""
+    return json.dumps(redacted(json.loads(settings.model_dump_json())), indent=2, default=str)
+
+
+# A setting (or an entry of a mapping setting, as spark.conf's) whose name says it holds a secret.
+_SECRET_NAME = re.compile(r"key|secret|passw|token|credential", re.IGNORECASE)
+
+
+def redacted(value: Any, secret: bool = False) -> Any:
+    """`value` (settings as JSON data, or one setting such as a URL) fit to print: every string held by
+    a setting whose name says key, secret, password or token is masked (a mapping there is listed as
+    "<masked key>: <value>" lines, its non-string values shown: API keys -> their scopes), and so is
+    the password of any URL, in its user part or its query. `secret`: the value's name says so."""
+    if isinstance(value, dict):
+        if secret:
+            return [f"{_mask(str(k))}: {_shown(v)}" for k, v in value.items()]
+        return {k: redacted(v, bool(_SECRET_NAME.search(str(k)))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v, secret) for v in value]
+    if isinstance(value, str):
+        return _mask(value) if secret else _url_redacted(value)
+    return value
+
+
+def _mask(text: str) -> str:
+    """A secret as `***` and, when long enough that they give little away, its last four characters
+    (so operators can tell two API keys apart)."""
+    return f"***{text[-4:]}" if len(text) >= 12 else "***"
+
+
+def _shown(value: Any) -> str:
+    """A value under a secret mapping's key: strings are masked, lists of scopes and the like shown."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return _mask(value) if isinstance(value, str) else json.dumps(value)
+
+
+def _url_redacted(text: str) -> str:
+    """The URL with its password, and any query parameter whose name says secret, masked; other text as is."""
+    try:
+        parts = urlsplit(text)
+        password = parts.password
+    except ValueError:
+        return text
+    if not parts.scheme or not parts.netloc:
+        return text
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    secret_query = any(_SECRET_NAME.search(name) for name, _ in query)
+    if password is None and not secret_query:
+        return text
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    if secret_query:
+        masked = [(name, "***" if _SECRET_NAME.search(name) else v) for name, v in query]
+        return urlunsplit((parts.scheme, netloc, parts.path, urlencode(masked, safe="*"), parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

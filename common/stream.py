@@ -1,19 +1,27 @@
-"""The ingestion side of the event stream: append accepted events, trim by age, and read the consumers' lag.
+"""The event stream's entries: append accepted events, trim by age, read the consumers' lag, delete a
+person's entries.
 
 Serving appends through `append_events`; the speed layer consumes the same stream. Each
-entry holds one event as JSON under the field `e`.
+entry holds one event as JSON under the field `e`; a dead letter holds the entry's payload under
+`raw` (with the reason, speed_layer/consumer.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Collection, Sequence
+from typing import cast
 
 import redis
+from pydantic_core import to_json
 
 from common import redis_keys
-from common.events import Event
+from common.events import PERSON_ID_FIELDS, Event
 
 FIELD = "e"
+DEAD_LETTER_FIELD = "raw"
+SCAN_CHUNK = 2000  # entries per XRANGE while looking for a person's entries (a few ms of Redis each)
+Entries = list[tuple[bytes, dict[bytes, bytes]]]  # as XRANGE answers (clients answer bytes)
 
 # KEYS[1] the stream; ARGV[1] the retention in ms. Entry ids are the server's clock in ms, so
 # "older than the retention" is "below now - retention" in id order. No entry a consumer group
@@ -81,3 +89,54 @@ def group_lag(client: redis.Redis, stream: str, group: str) -> int:
                 lag = client.xlen(key)
             return int(lag) + int(info.get("pending", 0))
     return int(client.xlen(key))  # group not created yet: everything is waiting
+
+
+def delete_entries_naming(client: redis.Redis, stream: str, ids: Collection[str]) -> int:
+    """Delete every entry of the stream and of its dead letters whose event names one of `ids` (in a
+    PERSON_ID_FIELDS field); returns how many. They are acknowledged in every group first, so no
+    consumer is left holding a pending entry that no longer exists. One pass over each stream."""
+    deleted = 0
+    for key, field in ((redis_keys.stream(stream), FIELD), (redis_keys.dead_letter(stream), DEAD_LETTER_FIELD)):
+        entry_ids = _entries_naming(client, key, field.encode(), set(ids))
+        for first in range(0, len(entry_ids), SCAN_CHUNK):
+            chunk = entry_ids[first : first + SCAN_CHUNK]
+            for group in _groups(client, key):
+                client.xack(key, group, *chunk)
+            deleted += int(client.xdel(key, *chunk))
+    return deleted
+
+
+def _entries_naming(client: redis.Redis, key: str, field: bytes, ids: set[str]) -> list[bytes]:
+    # Only payloads holding one of the ids as a JSON string are parsed: the pass costs a substring
+    # search per entry. Both spellings: pydantic writes non-ASCII as is, json.dumps escapes it.
+    needles = {spelling for i in ids for spelling in (to_json(i), json.dumps(i).encode())}
+    found: list[bytes] = []
+    start = "-"
+    while True:
+        entries = cast(Entries, client.xrange(key, min=start, max="+", count=SCAN_CHUNK))
+        for entry_id, fields in entries:
+            payload = fields.get(field)
+            if payload and any(n in payload for n in needles) and _names(payload, ids):
+                found.append(entry_id)
+        if len(entries) < SCAN_CHUNK:
+            return found
+        start = "(" + entries[-1][0].decode()
+
+
+def _names(payload: bytes, ids: set[str]) -> bool:
+    """Whether the JSON event names one of the ids as a person (not, say, as an item)."""
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        return False
+    if not isinstance(event, dict):
+        return False
+    return any(isinstance(event.get(f), str) and event[f] in ids for f in PERSON_ID_FIELDS)
+
+
+def _groups(client: redis.Redis, key: str) -> list[str]:
+    try:
+        groups = client.xinfo_groups(key)
+    except redis.ResponseError:
+        return []  # no such stream
+    return [g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups]

@@ -1,8 +1,8 @@
 """Nightly retrain of the batch layer: orchestration only; every task calls one tested function of
 spark_jobs/pipeline.py, or of evaluation/gate_replay.py for the replay the gate reads.
 
-validate -> apply erasures -> interactions -> ALS -> ranker -> evaluate -> replay gate ->
-gate/publish -> refresh warehouse -> notify. The cutoff is the data interval's end, never now(); XCom carries
+validate -> apply erasures (whatever validation found) -> interactions -> ALS -> ranker -> evaluate ->
+replay gate -> gate/publish -> refresh warehouse -> notify. The cutoff is the data interval's end, never now(); XCom carries
 small summaries and names, the data itself moves through the lake, work directory and registry.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import TriggerRule, dag, get_current_context, task
 
 DEFAULT_ARGS = {
     "owner": "recs-platform",
@@ -63,12 +63,20 @@ def nightly_retrain() -> None:
         except DataQualityError as exc:  # bad data does not heal on retry
             raise AirflowFailException(str(exc)) from exc
 
-    @task
+    # Erasure is owed whatever validation found (all_done: after it, so the lake is not rewritten
+    # while it is read); training still needs both to succeed.
+    @task(trigger_rule=TriggerRule.ALL_DONE)
     def apply_erasures() -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowFailException
+
         from common.settings import get_settings
         from spark_jobs import pipeline
+        from spark_jobs.quality import DataQualityError
 
-        return pipeline.erase(get_settings())
+        try:
+            return pipeline.erase(get_settings())
+        except DataQualityError as exc:  # an unreadable partition does not heal on retry
+            raise AirflowFailException(str(exc)) from exc
 
     @task
     def interactions() -> dict[str, Any]:
@@ -135,7 +143,8 @@ def nightly_retrain() -> None:
     measured = evaluate()
     replayed = replay_gate()
     refreshed = refresh_warehouse()
-    checked >> erased >> built >> als >> ranker >> measured >> replayed >> decision >> refreshed >> notify(decision)
+    checked >> erased
+    [checked, erased] >> built >> als >> ranker >> measured >> replayed >> decision >> refreshed >> notify(decision)
 
 
 nightly_retrain()

@@ -24,7 +24,7 @@ import httpx
 import psutil
 
 from common.redis_server import RedisServer, embedded_server
-from common.settings import LOOPBACK, Settings
+from common.settings import LOOPBACK, Settings, redacted
 
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
@@ -161,7 +161,7 @@ def status(settings: Settings) -> dict[str, Any]:
         "all_up": redis_up and all(p["up"] for p in processes.values()),
         "processes": processes,
         "redis": {
-            "url": settings.redis.effective_url,
+            "url": redacted(settings.redis.effective_url),
             "up": redis_up,
             "started_by_cluster": running(settings, REDIS) is not None,
         },

@@ -34,7 +34,7 @@ from common.events import deterministic_event_id
 from common.lake import Lake
 from common.redis_server import connect, embedded_server, free_port
 from common.registry import Registry
-from common.settings import Settings
+from common.settings import Settings, redacted
 from spark_jobs.gate import REPLAY_ENTRIES, REPLAY_FULL, REPLAY_OWN
 
 console = Console()
@@ -145,7 +145,7 @@ def services(settings: Settings, port: int) -> Iterator[tuple[str, str]]:
             procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://{settings.api.host}:{port}"
         wait_ready(base, procs["api"], logs / "api.log")
-        console.print(f"services up: Redis {redis_url}, speed layer, lake writer, API {base}")
+        console.print(f"services up: Redis {redacted(redis_url)}, speed layer, lake writer, API {base}")
         yield base, redis_url
     finally:
         for proc in procs.values():

@@ -24,7 +24,11 @@ def run_all(settings: Settings, plan: Plan, force: bool = False, notify_redis: b
 
     if force:
         pipeline.reset(plan, settings)
-    out: dict[str, Any] = {"validate": pipeline.validate(settings, plan.cutoff), "erase": pipeline.erase(settings)}
+    out: dict[str, Any] = {}
+    try:
+        out["validate"] = pipeline.validate(settings, plan.cutoff)
+    finally:  # as the DAG's apply_erasures (trigger rule all_done): erasure is owed whatever validation found
+        out["erase"] = pipeline.erase(settings)
     for name, step in (
         ("interactions", pipeline.build_interactions),
         ("als", pipeline.train_als),

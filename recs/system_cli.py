@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from common.settings import SettingsError, dump_settings, get_settings
+from common.settings import SettingsError, dump_settings, get_settings, redacted
 
 redis_app = typer.Typer(help="The embedded redis-server (skipped when RECS_REDIS__URL points elsewhere).")
 cluster_app = typer.Typer(
@@ -27,7 +27,7 @@ def settings_or_exit():
 
 
 def config() -> None:
-    """Print the effective settings (API keys hidden)."""
+    """Print the effective settings, secrets hidden (API keys, passwords in URLs, anything named secret)."""
     typer.echo(dump_settings(settings_or_exit()))
 
 
@@ -38,7 +38,7 @@ def redis_start() -> None:
 
     settings = settings_or_exit()
     if settings.redis.url:
-        typer.echo(f"RECS_REDIS__URL is set ({settings.redis.url}); not starting a private Redis.")
+        typer.echo(f"RECS_REDIS__URL is set ({redacted(settings.redis.url)}); not starting a private Redis.")
         return
     server = embedded_server(settings.redis)
     server.start()
@@ -63,9 +63,9 @@ def redis_status() -> None:
     url = settings.redis.effective_url
     try:
         info = connect(url).info("server")
-        typer.echo(f"up: {url} (redis {info['redis_version']})")
+        typer.echo(f"up: {redacted(url)} (redis {info['redis_version']})")
     except Exception as exc:  # any connection failure means "down" here
-        typer.echo(f"down: {url} ({exc.__class__.__name__})")
+        typer.echo(f"down: {redacted(url)} ({exc.__class__.__name__})")
         raise typer.Exit(1) from None
 
 

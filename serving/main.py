@@ -14,7 +14,6 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -130,5 +129,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (events, recommendations, stream, items, catalog, users, admin, health):
         app.include_router(module.router)
     app.include_router(stream.demo_router)  # before the mount: /demo/catalog is an endpoint, the rest files
-    app.mount("/demo", StaticFiles(directory=STATIC_DIR, html=True), name="demo")
+    app.mount("/demo", stream.DemoFiles(settings, STATIC_DIR), name="demo")
     return app

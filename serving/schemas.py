@@ -196,7 +196,9 @@ class CatalogUpdateResponse(BaseModel):
 
 class ErasureResponse(BaseModel):
     user_id: str
+    devices_erased: int = Field(description="Devices linked to the user (by identify) erased with them.")
     redis_keys_deleted: int
+    stream_entries_deleted: int = Field(description="Entries of the event stream and its dead letters naming them.")
     lake_erasure_queued: str = Field(description="Path of the queued request the next batch run applies.")
 
 

@@ -1,4 +1,5 @@
-"""Right to erasure: rewrite the lake partitions that hold queued users' events, then clear the queue.
+"""Right to erasure: rewrite the lake partitions that hold queued users' events, then close the requests
+(Lake.close_erasures keeps the id's digest and the time, which serving reads).
 
 A user's events include those of every device (anonymous_id) that identified as the user, so the
 pre-login part of their sessions goes too. Impressions served to them are erased as well.
@@ -7,12 +8,19 @@ pre-login part of their sessions goes too. Impressions served to them are erased
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from common.lake import EVENTS_DATASET, IMPRESSIONS_DATASET, Lake
+from common.lake import EVENTS_DATASET, IMPRESSIONS_DATASET, Dataset, Lake
+from spark_jobs.quality import DataQualityError
+
+
+class ErasureIncomplete(DataQualityError):
+    """Some partitions could not be read (corrupt or drifted files); the others are erased and the
+    requests stay queued for the next run."""
 
 
 @dataclass
@@ -20,38 +28,64 @@ class ErasureReport:
     users: list[str] = field(default_factory=list)
     rows_removed: int = 0
     partitions_rewritten: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
 
 
 def apply_erasures(lake: Lake) -> ErasureReport:
-    """Erase every queued user; the queue entry goes only after all their partitions are rewritten."""
+    """Erase every queued user from every partition that can be read. The requests are closed only
+    when all could: a partition that validation fails as corrupt or drifted keeps them queued, and
+    ErasureIncomplete names it once the others are rewritten (erasure runs whatever the data's quality)."""
     pending = lake.pending_erasures()
     report = ErasureReport(users=sorted({p["user_id"] for p in pending}))
     if not pending:
         return report
     users = pa.array(report.users, pa.string())
-    devices = _devices_of(lake, users)
+    devices = _devices_of(lake, users, report)
     for dataset in (EVENTS_DATASET, IMPRESSIONS_DATASET):
         for day in lake.partitions(dataset):
-            files = lake.partition_files(dataset, day)
-            if not files:
+            table = _read(lake, dataset, day, report)
+            if table is None:
                 continue
-            table = ds.dataset(files, schema=dataset.schema, format="parquet", filesystem=lake.fs).to_table()
             erased = _belongs_to(table, users, devices)
             removed = pc.sum(erased.cast(pa.int64())).as_py() or 0
             if removed:
                 lake.rewrite_partition(dataset, day, table.filter(pc.invert(erased)))
                 report.rows_removed += removed
                 report.partitions_rewritten.append(f"{dataset.name}/dt={day}")
-    for entry in pending:
-        lake.fs.rm(entry["path"])
+    if report.unreadable:
+        raise ErasureIncomplete(
+            f"erasure of {len(report.users)} user(s) incomplete, kept queued: cannot read {', '.join(report.unreadable)}"
+        )
+    lake.close_erasures(pending)
     return report
 
 
-def _devices_of(lake: Lake, users: pa.Array) -> pa.Array:
-    """Every anonymous_id seen together with one of the users."""
-    events = lake.read_events(columns=["anonymous_id", "user_id"])
-    mine = events.filter(pc.is_in(events["user_id"], value_set=users))
-    return pc.unique(mine["anonymous_id"].combine_chunks()) if mine.num_rows else pa.array([], pa.string())
+def _read(
+    lake: Lake, dataset: Dataset, day: date, report: ErasureReport, columns: list[str] | None = None
+) -> pa.Table | None:
+    """The partition, or None when it is empty or cannot be read (noted in the report)."""
+    files = lake.partition_files(dataset, day)
+    if not files:
+        return None
+    try:
+        data = ds.dataset(files, schema=dataset.schema, format="parquet", filesystem=lake.fs)
+        return data.to_table(columns=columns)
+    except (pa.ArrowException, OSError):
+        name = f"{dataset.name}/dt={day}"
+        if name not in report.unreadable:
+            report.unreadable.append(name)
+        return None
+
+
+def _devices_of(lake: Lake, users: pa.Array, report: ErasureReport) -> pa.Array:
+    """Every anonymous_id seen together with one of the users (in the partitions that can be read)."""
+    found: set[str] = set()
+    for day in lake.partitions(EVENTS_DATASET):
+        events = _read(lake, EVENTS_DATASET, day, report, columns=["anonymous_id", "user_id"])
+        if events is not None:
+            mine = events.filter(pc.is_in(events["user_id"], value_set=users))
+            found.update(mine["anonymous_id"].to_pylist())
+    return pa.array(sorted(found), pa.string())
 
 
 def _belongs_to(table: pa.Table, users: pa.Array, devices: pa.Array) -> pa.ChunkedArray:

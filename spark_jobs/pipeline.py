@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from common.lake import Lake
 from common.model import load_model, save_factors, save_ranker, save_table
 from common.registry import COVISITATION, POPULARITY, Manifest, Registry
-from common.settings import PROJECT_ROOT, Settings
+from common.settings import PROJECT_ROOT, Settings, redacted
 from spark_jobs import tables
 from spark_jobs.plan import DEV_MODEL, STAGES, Plan
 
@@ -248,7 +248,9 @@ def notify(settings: Settings, event_json: str | None) -> bool:
         log.info("model event sent to %d subscriber(s)", heard)
         return True
     except redis.RedisError as exc:
-        log.warning("could not tell serving about the new model (Redis at %s): %s", settings.redis.effective_url, exc)
+        log.warning(
+            "could not tell serving about the new model (Redis at %s): %s", redacted(settings.redis.effective_url), exc
+        )
         return False
 
 

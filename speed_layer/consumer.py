@@ -28,7 +28,7 @@ from common.model import ModelArtifacts, load_model
 from common.registry import Registry, RegistryError
 from common.settings import Settings
 from common.speed_state import trending_decay_weights
-from common.stream import decode_entry
+from common.stream import DEAD_LETTER_FIELD, decode_entry
 from speed_layer.effects import Applier, BatchResult, Started, StateRead
 from speed_layer.sender import Lane
 from speed_layer.switch import stamped, switch_version
@@ -455,6 +455,6 @@ def _dead_letter_fields(
         "entry_id": entry_id,
         "group": group,
         "reason": reason[:2000],
-        "raw": raw,
+        DEAD_LETTER_FIELD: raw,
         "at_ms": int(time.time() * 1000),
     }

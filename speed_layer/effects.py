@@ -39,6 +39,7 @@ NO_SESSION = "_"  # session id of events sent without one
 class BatchResult:
     applied: int = 0  # events whose version-free effects or a delta were written now
     duplicates: int = 0  # events whose effects were all there already
+    erased: int = 0  # events naming an erased person or device (redis_keys.erased): dropped, not applied
     failed: dict[int, str] = field(default_factory=dict)  # index -> reason (script errors)
     unresolved: list[int] = field(default_factory=list)  # still conflicting after the retries
     changed: dict[str, tuple[str | None, Event]] = field(
@@ -133,11 +134,12 @@ class Started:
 
 @dataclass
 class StateRead:
-    """The reads a batch is planned on, written to a lane: the devices' aliases, the signed-in users'
-    deltas and the uncached categories. Batches numbered `since` and later may change what was read,
-    so their planned deltas override it."""
+    """The reads a batch is planned on, written to a lane: the tombstones of the ids it names, the
+    devices' aliases, the signed-in users' deltas and the uncached categories. Batches numbered `since`
+    and later may change what was read, so their planned deltas override it."""
 
     lane: Lane
+    ids: list[str]
     devices: list[str]
     stored: list[tuple[str, str]]
     uncached: list[str]
@@ -291,7 +293,11 @@ class Applier:
         batch = [started.events[i] for i in todo]
         if state is None:
             state = self._send_state_reads(batch, models, self.reads_now)
-        persons, deltas = self._receive_state(batch, models, state)
+        persons, deltas, erased = self._receive_state(batch, models, state)
+        if erased:
+            kept = [j for j, event in enumerate(batch) if erased.isdisjoint(event.person_ids)]
+            started.result.erased += len(batch) - len(kept)
+            todo, batch, persons = [todo[j] for j in kept], [batch[j] for j in kept], [persons[j] for j in kept]
         sessions = [e.session_id or NO_SESSION for e in batch]
         planner = _Planner(self, batch, persons, sessions, self.categories, now)
         expected = planner.plan_deltas(models, deltas)
@@ -350,32 +356,37 @@ class Applier:
     def _send_state_reads(
         self, batch: Sequence[Event], models: Sequence[ModelArtifacts], lane: Lane
     ) -> StateRead:
+        ids = sorted({i for e in batch for i in e.person_ids})
         devices = sorted({e.anonymous_id for e in batch if e.user_id is None})
         users = {e.user_id for e in batch if e.user_id is not None}
         since = self.in_flight[0].number if self.in_flight else self.started
         stored = self._stored_to_read(users, models, {})
         uncached = self.categories.missing({e.item_id for e in batch if e.item_id})
+        if ids:
+            lane.send("MGET", *[redis_keys.erased(i) for i in ids])
         if devices:
             lane.send("MGET", *[redis_keys.alias(d) for d in devices])
         if stored:
             lane.send("MGET", *_delta_keys(stored))
         for item in uncached:
             lane.send("HGET", redis_keys.item_state(item), "category")
-        return StateRead(lane, devices, stored, uncached, since)
+        return StateRead(lane, ids, devices, stored, uncached, since)
 
     def _receive_state(
         self, batch: Sequence[Event], models: Sequence[ModelArtifacts], state: StateRead
-    ) -> tuple[list[str], Deltas]:
-        """Each event's person, and the deltas to plan on; fills the category cache. People reached
-        through an alias need one more read (rare: a device's events after its login)."""
-        devices, stored, uncached = state.devices, state.stored, state.uncached
-        replies = state.lane.read(bool(devices) + bool(stored) + len(uncached))
+    ) -> tuple[list[str], Deltas, set[str]]:
+        """Each event's person, the deltas to plan on, and the ids among the batch's that are erased;
+        fills the category cache. People reached through an alias need one more read (rare: a device's
+        events after its login)."""
+        ids, devices, stored, uncached = state.ids, state.devices, state.stored, state.uncached
+        replies = state.lane.read(bool(ids) + bool(devices) + bool(stored) + len(uncached))
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
         if uncached:
             self.categories.fill(uncached, replies[-len(uncached) :])
             del replies[-len(uncached) :]
+        erased = {i for i, tomb in zip(ids, replies.pop(0), strict=True) if tomb} if ids else set()
         aliases = (
             {d: v.decode() for d, v in zip(devices, replies.pop(0), strict=True) if v} if devices else {}
         )
@@ -386,7 +397,7 @@ class Applier:
         more = self._stored_to_read(set(persons), models, deltas)
         if more:
             deltas.update(_parse_deltas(more, self.client.mget(_delta_keys(more)), models))
-        return persons, deltas
+        return persons, deltas, erased
 
     def _planned_since(self, since: int, persons: set[str], models: Sequence[ModelArtifacts]) -> Deltas:
         """The persons' deltas as the batches numbered `since` and later planned to leave them."""
@@ -417,6 +428,9 @@ class Applier:
         assert user is not None  # the event schema requires it for identify
         if device == user:
             return
+        if redis_keys.erased_among(self.client, event.person_ids):
+            result.erased += 1  # linking an erased user or device would bring their state back
+            return
         sessions = [s.decode() for s in self.client.zrange(redis_keys.person_sessions(device), 0, -1)]
         keys = [
             redis_keys.seen_events(user),
@@ -428,6 +442,7 @@ class Applier:
             redis_keys.person_items(user),
             redis_keys.person_purchases(device),
             redis_keys.person_purchases(user),
+            redis_keys.person_devices(user),
         ]
         for session in sessions:
             for person in (device, user):
@@ -448,6 +463,7 @@ class Applier:
                     speed.dedup_ttl_s,
                     speed.affinity_half_life_s,
                     redis_keys.seen_field(event.event_id),
+                    device,
                 ],
             )
         except redis.ResponseError as exc:

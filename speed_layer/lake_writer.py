@@ -1,4 +1,5 @@
-"""The lake writer: a second consumer group that lands every stream event in the Parquet lake.
+"""The lake writer: a second consumer group that lands every stream event in the Parquet lake, but
+those naming an erased person (redis_keys.erased).
 
 Entries are acknowledged only after their file is renamed into place, and Lake.write drops rows
 whose event_id the partition already holds, so a `kill -9` at any moment loses nothing
@@ -73,13 +74,19 @@ class LakeWriter:
         if not self.buffer:
             self.buffer_since = time.monotonic()
             return 0
-        events = [e for _, e in self.buffer if e is not None]
+        events = self._not_erased([e for _, e in self.buffer if e is not None])
         written = self.lake.write_events(events_to_table(events)) if events else []
         self.client.xack(self.stream_key, self.group, *[entry_id for entry_id, _ in self.buffer])
         log.debug("flushed %d events into %d files", len(events), len(written))
         self.buffer = []
         self.buffer_since = time.monotonic()
         return len(events)
+
+    def _not_erased(self, events: list[Event]) -> list[Event]:
+        """The events that name no erased person or device: an erased person's later events stay out of
+        the lake (acknowledged all the same), as they stay out of the speed layer."""
+        erased = redis_keys.erased_among(self.client, {i for e in events for i in e.person_ids})
+        return [e for e in events if erased.isdisjoint(e.person_ids)] if erased else events
 
     def _read(self, count: int, block_ms: int) -> list[Entry]:
         if not self._own_pending_done:  # restarted under the same name: our unacked entries first

@@ -317,15 +317,20 @@ for _name, _value in (
 # Crosses two persons' slots, so on Redis Cluster it would run as a copy in the user's slot followed
 # by a delete in the device's slot (the identify's own marker sits in the user's slot).
 # KEYS: 1 seen(user)  2 seen(device)  3 alias(device)  4 sessions(device)  5 sessions(user)  6 items(device)
-#       7 items(user)  8 purchases(device)  9 purchases(user), then per session 4 device keys
-#       (recent, cats, cart, counts) followed by the same 4 user keys.
-# ARGV: 1 user_id  2 history_ttl  3 session_ttl  4 dedup_ttl  5 affinity_half_life  6 the event's marker field.
+#       7 items(user)  8 purchases(device)  9 purchases(user)  10 devices(user), then per session 4 device
+#       keys (recent, cats, cart, counts) followed by the same 4 user keys.
+# ARGV: 1 user_id  2 history_ttl  3 session_ttl  4 dedup_ttl  5 affinity_half_life  6 the event's marker field
+#       7 anonymous_id.
 # Returns 1 when merged, 0 if seen.
 MERGE_IDENTITY = r"""
 if redis.call('ZSCORE', KEYS[1], ARGV[6]) then return 0 end
 local history_ttl, session_ttl, half_life = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
 local dedup_ttl, now = tonumber(ARGV[4]), tonumber(redis.call('TIME')[1])
 redis.call('SET', KEYS[3], ARGV[1], 'EX', history_ttl)
+-- The alias's reverse (redis_keys.person_devices): erasure of the user finds the device here.
+redis.call('ZADD', KEYS[10], now, ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', '(' .. (now - history_ttl))
+redis.call('EXPIRE', KEYS[10], history_ttl)
 
 local function union_max(from, into, ttl)
   if redis.call('EXISTS', from) == 1 then
@@ -378,7 +383,7 @@ carry_marks(KEYS[2], KEYS[1])
 union_max(KEYS[4], KEYS[5], session_ttl)
 add_hash(KEYS[6], KEYS[7], history_ttl)
 union_max(KEYS[8], KEYS[9], history_ttl)
-for base = 10, #KEYS, 8 do
+for base = 11, #KEYS, 8 do
   union_max(KEYS[base], KEYS[base + 4], session_ttl)
   add_affinity(KEYS[base + 1], KEYS[base + 5], session_ttl)
   add_hash(KEYS[base + 2], KEYS[base + 6], session_ttl)

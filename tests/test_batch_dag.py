@@ -109,6 +109,21 @@ def test_dagbag_imports_and_every_task_retries(env: Env) -> None:
         assert task.retries >= 1 and task.retry_exponential_backoff, task.task_id
 
 
+def test_erasure_runs_whatever_validation_found_and_training_needs_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))  # if Airflow is first imported here
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import TriggerRule
+
+    dag = DagBag(dag_folder=str(PROJECT_ROOT / "dags")).dags["nightly_retrain"]
+    erase = dag.get_task("apply_erasures")
+    assert erase.upstream_task_ids == {"validate"} and erase.trigger_rule == TriggerRule.ALL_DONE
+    interactions = dag.get_task("interactions")
+    assert interactions.upstream_task_ids == {"validate", "apply_erasures"}
+    assert interactions.trigger_rule == TriggerRule.ALL_SUCCESS
+
+
 def test_dag_run_publishes_a_complete_version(env: Env, first_run: dict[str, Any]) -> None:
     assert env.registry.current() == VERSION
     manifest = env.registry.read_manifest(VERSION)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,8 +13,9 @@ import pytest
 
 from common.events import Event, EventType, deterministic_event_id, events_to_table
 from common.features import decay, implicit_weight
+from common.ids import id_digest
 from common.lake import EVENTS_DATASET, Lake
-from common.settings import TrainingSettings
+from common.settings import Settings, TrainingSettings
 from spark_jobs.erasure import apply_erasures
 from spark_jobs.evaluate import mrr_at_k, ndcg_at_k, recall_at_k
 from spark_jobs.gate import (
@@ -147,7 +149,39 @@ def test_erasure_removes_the_user_and_their_devices_then_the_queue(lake: Lake) -
     assert report.users == ["alice"] and report.rows_removed == 3
     assert left["user_id"].to_pylist() == ["bob"]
     assert lake.pending_erasures() == []
+    # The closed request is kept for serving as the id's digest and the time, never the id itself.
+    assert list(lake.erasure_times()) == [id_digest("alice")]
+    assert "alice" not in "".join(p.read_text() for p in Path(lake.path("erasures")).rglob("*") if p.is_file())
     assert apply_erasures(lake).rows_removed == 0  # nothing queued: nothing rewritten
+
+
+def test_a_run_that_fails_validation_still_erases(lake: Lake, tmp_path: Path) -> None:
+    from recs.nightly import run_all
+    from spark_jobs.plan import make_plan
+
+    t = CUTOFF - timedelta(days=3)  # the last day before the cutoff is missing: validation fails
+    lake.write_events(events_to_table([event("view", t, "dev1", "a", user="alice"), event("view", t, "dev2", "a")]))
+    lake.queue_erasure("alice")
+    settings = Settings(var_dir=tmp_path, lake={"root": lake.root}, models={"root": str(tmp_path / "models")})  # type: ignore[arg-type]
+    with pytest.raises(DataQualityError, match="is missing"):
+        run_all(settings, make_plan(settings, CUTOFF, "implicit"), notify_redis=False)
+    assert lake.pending_erasures() == [] and lake.read_events()["anonymous_id"].to_pylist() == ["dev2"]
+
+
+def test_an_unreadable_partition_keeps_the_erasure_queued_after_erasing_the_rest(lake: Lake) -> None:
+    from spark_jobs.erasure import ErasureIncomplete
+
+    t = CUTOFF - timedelta(days=2)
+    lake.write_events(events_to_table([event("view", t, "dev1", "a", user="alice"), event("view", t, "dev2", "a")]))
+    lake.write_events(events_to_table([event("view", t + timedelta(days=1), "dev1", "b", user="alice")]))
+    corrupt = lake.partition_files(EVENTS_DATASET, (t + timedelta(days=1)).date())[0]
+    Path(corrupt).write_bytes(b"PAR1 not really parquet")
+    lake.queue_erasure("alice")
+    with pytest.raises(ErasureIncomplete, match=rf"cannot read events/dt={(t + timedelta(days=1)).date()}"):
+        apply_erasures(lake)
+    [kept] = lake.partition_files(EVENTS_DATASET, t.date())  # the readable day is erased all the same
+    assert pq.read_table(kept)["anonymous_id"].to_pylist() == ["dev2"]
+    assert [p["user_id"] for p in lake.pending_erasures()] == ["alice"]  # retried by the next run
 
 
 # ---------------------------------------------------------------- metrics and gate

@@ -62,8 +62,9 @@ def person_key_functions() -> list[tuple[str, Callable[..., str]]]:
     for name, fn in inspect.getmembers(redis_keys, inspect.isfunction):
         if name.startswith("_") or fn.__module__ != redis_keys.__name__ or name == "person_keys_match":
             continue  # (a pattern of the person's keys, not a key)
-        if "person_id" in inspect.signature(fn).parameters:
-            found.append((name, fn))
+        signature = inspect.signature(fn)
+        if "person_id" in signature.parameters and "client" not in signature.parameters:
+            found.append((name, fn))  # (functions taking a client read Redis: they build no key)
     return found
 
 

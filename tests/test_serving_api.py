@@ -251,7 +251,8 @@ def test_erasure_deletes_exactly_the_persons_keys_whatever_the_ids_hold(
         assert len(theirs) >= 6, victim
         response = client.delete(f"/v1/users/{quote(victim, safe='')}")
         assert response.status_code == 200 and response.json()["user_id"] == victim
-        assert set(redis_client.keys("*")) == before - theirs, victim  # every key of everyone else survives
+        tombstone = redis_keys.erased(victim).encode()  # named by a digest: it names no one
+        assert set(redis_client.keys("*")) == (before - theirs) | {tombstone}, victim  # everyone else's survive
         assert response.json()["redis_keys_deleted"] == len(theirs)
 
 
@@ -398,6 +399,16 @@ def test_auth_scopes_are_enforced(secured: TestClient) -> None:
     assert secured.delete("/v1/users/u1", headers=reader).status_code == 403
     assert secured.get("/v1/admin/models", headers={"X-API-Key": "key-admin-0003"}).status_code == 200
     assert secured.get("/healthz").status_code == 200  # probes need no key
+
+
+def test_the_demo_storefront_needs_a_key_once_keys_are_configured(secured: TestClient, client: TestClient) -> None:
+    for path in ("/demo/", "/demo/app.js", "/demo/catalog"):
+        missing = secured.get(path)
+        assert missing.status_code == 401 and missing.json()["error"] == "missing_api_key", path
+        assert secured.get(path, headers={"X-API-Key": "guess"}).status_code == 401, path
+        assert secured.get(path, headers={"X-API-Key": "key-storefront-0001"}).status_code == 403, path
+        assert secured.get(path, headers={"Authorization": "Bearer key-reader-0002"}).status_code == 200, path
+        assert client.get(path).status_code == 200, path  # auth off: the embedded demo stays open
 
 
 def test_cors_allows_configured_origins_only(secured: TestClient) -> None:

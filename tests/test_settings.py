@@ -1,12 +1,14 @@
-"""Settings: nested RECS_* variables, unknown keys refused by name, bad values explained."""
+"""Settings: nested RECS_* variables, unknown keys refused by name, bad values explained, secrets never printed."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
+from typer.testing import CliRunner
 
-from common.settings import SettingsError, load_settings
+from common.settings import SettingsError, get_settings, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -59,3 +61,27 @@ def test_retention_below_two_days_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("RECS_REDIS__RETENTION_HOURS", "12")
     with pytest.raises(SettingsError, match="RECS_REDIS__RETENTION_HOURS"):
         load_settings()
+
+
+def test_recs_config_prints_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    from recs.main import app
+
+    secrets = {
+        "RECS_REDIS__URL": "redis://admin:redis-pass-1@cache.example:6379/0?password=query-pass-2",
+        "RECS_API__KEYS": json.dumps({"key-storefront-0001": ["events:write"], "key-reader-0002": ["recs:read"]}),
+        "RECS_SPARK__CONF": json.dumps({"spark.hadoop.fs.s3a.secret.key": "s3-secret-3", "spark.driver.host": "h1"}),
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["config"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    for secret in ("redis-pass-1", "query-pass-2", "key-storefront", "key-reader", "s3-secret-3"):
+        assert secret not in result.output
+    printed = json.loads(result.output)
+    assert printed["redis"]["url"] == "redis://admin:***@cache.example:6379/0?password=***"
+    assert printed["api"]["keys"] == ["***0001: events:write", "***0002: recs:read"]  # told apart, scopes shown
+    assert printed["spark"]["conf"] == {"spark.hadoop.fs.s3a.secret.key": "***", "spark.driver.host": "h1"}

@@ -1,29 +1,68 @@
-"""GDPR erasure of a person's speed-layer state in Redis.
+"""GDPR erasure of a person's live state (their Redis keys and stream entries, and tombstones that keep
+both from coming back), and the erased people whose batch factors serving must ignore.
 
-Every per-person key starts with the person's hash tag, which no other id can reproduce
-(common/redis_keys.py), so one SCAN on redis_keys.person_keys_match finds exactly the person's keys.
+What Redis holds of the person and of the devices linked to them is listed by one function,
+redis_keys.holdings; ids that no other id can reproduce in a key make that list exact.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
+
 import redis
 
 from common import redis_keys
-from common.neighbours import session_token
+from common.ids import id_digest
+from common.settings import Settings
+from common.stream import delete_entries_naming
 
 
-def erase_person(client: redis.Redis, person_id: str) -> int:
-    """Delete every speed-layer key of the person, and the session-kNN sets of the sessions still
-    known (redis_keys.neighbour_session); returns how many keys were deleted."""
-    keys = set(client.scan_iter(match=redis_keys.person_keys_match(person_id), count=1000))
-    keys |= {redis_keys.neighbour_session(session_token(person_id, s)).encode() for s in _sessions(keys, person_id)}
-    if not keys:
-        return 0
-    return int(client.delete(*keys))
+@dataclass(frozen=True)
+class Erased:
+    ids: tuple[str, ...]  # the person, then the devices linked to them
+    keys_deleted: int
+    stream_entries_deleted: int
 
 
-def _sessions(keys: set[bytes], person_id: str) -> set[str]:
-    """The session ids named by the person's session-recent keys among `keys`."""
-    prefix, suffix = redis_keys.template(redis_keys.session_recent, person_id)
-    names = (k.decode(errors="replace") for k in keys)
-    return {n[len(prefix) : len(n) - len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix)}
+def erase_person(client: redis.Redis, settings: Settings, person_id: str) -> Erased:
+    """Tombstone the person and their devices, delete the stream entries naming them, then every key
+    holding them. The tombstones go first and the keys are listed last, so an event applied meanwhile
+    is either dropped (it saw a tombstone) or its writes are among the keys deleted."""
+    ids = redis_keys.person_and_devices(client, person_id)
+    _tombstone(client, ids, settings.speed.erased_ttl_s)
+    entries = delete_entries_naming(client, settings.redis.stream, ids)
+    found = redis_keys.holdings(client, person_id)
+    deleted = int(client.delete(*found.keys)) if found.keys else 0
+    return Erased(found.ids, deleted, entries)
+
+
+def _tombstone(client: redis.Redis, ids: tuple[str, ...], ttl_s: int) -> None:
+    now = int(client.time()[0])
+    pipe = client.pipeline(transaction=False)
+    for person in ids:
+        pipe.set(redis_keys.erased(person), now, ex=ttl_s)
+    pipe.execute()
+
+
+class ErasedPeople:
+    """Erased people (by id digest) and when: a model version whose cutoff is not after a person's
+    erasure was trained on their events, so serving treats them as unknown to it. Filled from the
+    lake's erasure records (queued and applied), which outlive the queue, and at once by the route."""
+
+    def __init__(self) -> None:
+        self._at: dict[str, datetime] = {}
+
+    def add(self, person_id: str, at: datetime) -> None:
+        self.merge({id_digest(person_id): at})
+
+    def merge(self, times: dict[str, datetime]) -> None:
+        for digest, at in times.items():
+            self._at[digest] = max(self._at.get(digest, at), at)
+
+    def hides(self, person_id: str, cutoff: datetime) -> bool:
+        """Whether the version with this cutoff holds the person's factors from before their erasure."""
+        if not self._at:  # no digest to compute on the usual request
+            return False
+        at = self._at.get(id_digest(person_id))
+        return at is not None and cutoff <= at

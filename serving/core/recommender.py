@@ -197,7 +197,7 @@ def _user_vector(
     state: ServingState, model: ServingModel, person: str, speed: SpeedState | None
 ) -> np.ndarray | None:
     """x(u) + δ(u) for a known person; the ALS fold-in of their items for a new or anonymous one."""
-    erased = person in state.erased
+    erased = state.erased.hides(person, model.artifacts.manifest.cutoff)
     batch = None if erased else model.artifacts.user_vector(person)
     if batch is not None:
         delta = speed.delta if speed is not None and speed.delta_is_current else None

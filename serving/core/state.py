@@ -1,7 +1,7 @@
 """Process-wide serving state, built once in the app's lifespan: model, catalog, rules, Redis, impressions.
 
 Also runs the listener that hot-reloads the model when the registry publishes a ModelEvent
-on Redis pub/sub, and keeps the erasure list that makes erased users look new.
+on Redis pub/sub, and keeps the erased users, who look new to a version trained before their erasure.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from common.registry import Registry
 from common.settings import Settings
 from serving.core.catalog_view import CatalogView
 from serving.core.day_counts import DayCounts
+from serving.core.erasure import ErasedPeople
 from serving.core.impressions import ImpressionLogger
 from serving.core.model_holder import ModelHolder, lake_popular
 from serving.core.rules import Rules, load_rules
@@ -65,7 +66,7 @@ class ServingState:
     redis: RedisGate
     impressions: ImpressionLogger
     lake_popular: list[tuple[str, float]] = field(default_factory=list)
-    erased: set[str] = field(default_factory=set)
+    erased: ErasedPeople = field(default_factory=ErasedPeople)
     stream_lag: StreamLagProbe = field(default_factory=lambda: StreamLagProbe())
     day_counts: DayCounts = field(default_factory=DayCounts)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -175,9 +176,10 @@ class ServingState:
             self._refresh_erasures()
 
     def _refresh_erasures(self) -> None:
-        """Users with a queued erasure: their batch vector is ignored until the next model drops them."""
+        """Erased users, queued or applied: their batch vector is ignored until a version trained after
+        their erasure serves."""
         try:
-            self.erased |= {e["user_id"] for e in self.lake.pending_erasures()}
+            self.erased.merge(self.lake.erasure_times())
         except Exception:
             log.exception("could not read the erasure queue")
 

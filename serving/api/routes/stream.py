@@ -1,4 +1,4 @@
-"""Live recommendations by Server-Sent Events, and the demo storefront's small catalog endpoint.
+"""Live recommendations by Server-Sent Events, and the demo storefront: its small catalog endpoint and files.
 
 GET /v1/stream/recommendations subscribes to the speed layer's RECS_CHANNEL; each time the speed
 layer says this person's (or session's) state changed, the list is recomputed by the very route
@@ -11,25 +11,34 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Query, Request
+from fastapi.staticfiles import StaticFiles
 from sse_starlette.sse import EventSourceResponse
+from starlette.datastructures import Headers
+from starlette.types import Receive, Send
+from starlette.types import Scope as AsgiScope
 
 from common import redis_keys
 from common.events import FieldError
 from common.messages import RecsChanged
-from serving.api.deps import RecsRead, StateDep
+from common.settings import Scope, Settings
+from serving.api.deps import RecsRead, StateDep, require
 from serving.api.routes.recommendations import IdParam, get_recommendations
-from serving.core.errors import ERROR_RESPONSES, ApiError
+from serving.core.auth import check_scope, key_from_headers
+from serving.core.errors import ERROR_RESPONSES, ApiError, api_error_handler
 from serving.core.state import ServingState
 from serving.schemas import Context
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/stream", tags=["recommendations"], responses=ERROR_RESPONSES)
-demo_router = APIRouter(prefix="/demo", include_in_schema=False)
+# The storefront reads the catalog and recommendations: with keys configured it needs a recs:read key.
+DEMO_SCOPE: Scope = "recs:read"
+demo_router = APIRouter(prefix="/demo", include_in_schema=False, dependencies=[require(DEMO_SCOPE)])
 
 PING_S = 15
 POLL_S = 1.0
@@ -138,3 +147,23 @@ def _grouped(state: ServingState, per_category: int) -> list[dict[str, Any]]:
                 }
             )
     return [{"category": c, "items": grouped[c]} for c in sorted(grouped)]
+
+
+class DemoFiles(StaticFiles):
+    """The storefront's files (a mount, which takes no dependencies), behind demo_router's key check."""
+
+    def __init__(self, settings: Settings, directory: Path) -> None:
+        super().__init__(directory=directory, html=True)
+        self.settings = settings
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            try:
+                presented = key_from_headers(headers.get("x-api-key"), headers.get("authorization"))
+                check_scope(self.settings, presented, DEMO_SCOPE)
+            except ApiError as exc:
+                response = await api_error_handler(Request(scope), exc)
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)

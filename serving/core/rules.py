@@ -20,7 +20,7 @@ class Exclusions(_Strict):
 
 
 class Boosts(_Strict):
-    promoted: float = Field(0.15, ge=0, le=10)
+    promoted: float = Field(0.05, ge=0, le=10)
 
 
 class NewArrivals(_Strict):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,28 @@ def save_factors(
     _write_npy(registry, version, reg.ITEM_FACTORS, item_factors.astype(np.float32))
     _write_bytes(registry, version, reg.USER_IDS, json.dumps([str(u) for u in user_ids]).encode())
     _write_bytes(registry, version, reg.ITEM_IDS, json.dumps([str(i) for i in item_ids]).encode())
+
+
+# The id an erased person's row is left under: no request can name it (ids are never empty).
+FORGOTTEN_USER = ""
+
+
+def forget_users(registry: Registry, version: str, people: Collection[str]) -> int:
+    """Blank the people's ids and zero their factor rows in one version, then re-hash its manifest;
+    returns the rows forgotten. Rows keep their places, so a reader between the two writes pairs
+    either file with the other and still cannot reach the people's factors."""
+    user_ids = json.loads(_read_bytes(registry, version, reg.USER_IDS))
+    rows = [row for row, user in enumerate(user_ids) if user in people]
+    if not rows:
+        return 0
+    factors = _read_npy(registry, version, reg.USER_FACTORS)
+    factors[rows] = 0.0
+    for row in rows:
+        user_ids[row] = FORGOTTEN_USER
+    _write_npy(registry, version, reg.USER_FACTORS, factors)
+    _write_bytes(registry, version, reg.USER_IDS, json.dumps(user_ids).encode())
+    registry.write_manifest(registry.read_manifest(version))
+    return len(rows)
 
 
 def save_table(registry: Registry, version: str, name: str, table: pa.Table) -> None:

@@ -1,5 +1,6 @@
-"""Right to erasure: rewrite the lake partitions that hold queued users' events, then close the requests
-(Lake.close_erasures keeps the id's digest and the time, which serving reads).
+"""Right to erasure: rewrite the lake partitions that hold queued users' events, forget their factors
+in every model version, then close the requests (Lake.close_erasures keeps the id's digest and the
+time, which serving reads).
 
 A user's events include those of every device (anonymous_id) that identified as the user, so the
 pre-login part of their sessions goes too. Impressions served to them are erased as well.
@@ -7,6 +8,7 @@ pre-login part of their sessions goes too. Impressions served to them are erased
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -15,6 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from common.lake import EVENTS_DATASET, IMPRESSIONS_DATASET, Dataset, Lake
+from common.model import forget_users
+from common.registry import Registry
 from spark_jobs.quality import DataQualityError
 
 
@@ -28,13 +32,15 @@ class ErasureReport:
     users: list[str] = field(default_factory=list)
     rows_removed: int = 0
     partitions_rewritten: list[str] = field(default_factory=list)
+    factor_rows_forgotten: int = 0
     unreadable: list[str] = field(default_factory=list)
 
 
-def apply_erasures(lake: Lake) -> ErasureReport:
-    """Erase every queued user from every partition that can be read. The requests are closed only
-    when all could: a partition that validation fails as corrupt or drifted keeps them queued, and
-    ErasureIncomplete names it once the others are rewritten (erasure runs whatever the data's quality)."""
+def apply_erasures(lake: Lake, registries: Sequence[Registry] = ()) -> ErasureReport:
+    """Erase every queued user from every partition that can be read and from every version of the
+    registries (their factor rows, and their devices'). The requests are closed only when all could:
+    a partition that validation fails as corrupt or drifted keeps them queued, and ErasureIncomplete
+    names it once the others are rewritten (erasure runs whatever the data's quality)."""
     pending = lake.pending_erasures()
     report = ErasureReport(users=sorted({p["user_id"] for p in pending}))
     if not pending:
@@ -52,6 +58,10 @@ def apply_erasures(lake: Lake) -> ErasureReport:
                 lake.rewrite_partition(dataset, day, table.filter(pc.invert(erased)))
                 report.rows_removed += removed
                 report.partitions_rewritten.append(f"{dataset.name}/dt={day}")
+    people = {*report.users, *devices.to_pylist()}
+    for registry in registries:
+        for version in registry.versions():
+            report.factor_rows_forgotten += forget_users(registry, version, people)
     if report.unreadable:
         raise ErasureIncomplete(
             f"erasure of {len(report.users)} user(s) incomplete, kept queued: cannot read {', '.join(report.unreadable)}"

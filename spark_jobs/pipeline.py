@@ -29,7 +29,7 @@ from common.model import load_model, save_factors, save_ranker, save_table
 from common.registry import COVISITATION, POPULARITY, Manifest, Registry
 from common.settings import PROJECT_ROOT, Settings, redacted
 from spark_jobs import tables
-from spark_jobs.plan import DEV_MODEL, STAGES, Plan
+from spark_jobs.plan import DEV_MODEL, STAGES, Plan, work_root
 
 log = logging.getLogger(__name__)
 DONE = ("published", "rejected")
@@ -73,10 +73,20 @@ def validate(settings: Settings, cutoff: datetime) -> dict[str, Any]:
 
 
 def erase(settings: Settings) -> dict[str, Any]:
+    """Erase the queued people from the lake and every model version. The runs' work directories are
+    tables and models derived from the lake, so they go too: a run rebuilds what it needs, and a
+    decided version is never rebuilt."""
     from spark_jobs.erasure import apply_erasures
 
-    report = apply_erasures(lake_of(settings))
-    return {"users": len(report.users), "rows_removed": report.rows_removed, "partitions": report.partitions_rewritten}
+    report = apply_erasures(lake_of(settings), [registry_of(settings)])
+    if report.users:
+        shutil.rmtree(work_root(settings), ignore_errors=True)
+    return {
+        "users": len(report.users),
+        "rows_removed": report.rows_removed,
+        "partitions": report.partitions_rewritten,
+        "factor_rows_forgotten": report.factor_rows_forgotten,
+    }
 
 
 def build_interactions(plan: Plan, settings: Settings) -> dict[str, Any]:

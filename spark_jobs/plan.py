@@ -76,4 +76,9 @@ def make_plan(settings: Settings, cutoff: datetime, engine: str | None = None) -
     cutoff = datetime.fromtimestamp(cutoff.timestamp(), UTC)
     engine = engine or settings.training.engine
     plan = Plan(cutoff, engine, settings.training.eval_days, Path())
-    return Plan(cutoff, engine, settings.training.eval_days, settings.var_dir / "batch" / plan.version)
+    return Plan(cutoff, engine, settings.training.eval_days, work_root(settings) / plan.version)
+
+
+def work_root(settings: Settings) -> Path:
+    """Where the runs' work directories live."""
+    return settings.var_dir / "batch"

@@ -5,6 +5,7 @@ batch factors stay unused until a version trained after the erasure serves."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -13,11 +14,16 @@ from fastapi.testclient import TestClient
 from bench.serve import publish_synthetic_model
 from common import redis_keys
 from common.lake import Lake
+from common.model import load_model
 from serving.main import create_app
+from spark_jobs import pipeline
 from spark_jobs.erasure import apply_erasures
+from spark_jobs.plan import work_root
 from speed_layer.consumer import SpeedConsumer
 from speed_layer.lake_writer import LakeWriter
 from tests.test_serving_support import make_settings, recs, serving_state, view_event
+from warehouse.build import refresh_warehouse
+from warehouse.query import open_read_only
 
 pytest_plugins = ["tests.test_serving_support"]
 
@@ -126,3 +132,64 @@ def test_erased_users_factors_stay_unused_until_a_version_trained_after_the_eras
         assert restarted.post("/v1/admin/models/v2/activate").status_code == 200
         assert recs(restarted, user_id="u4")["model_version"] == "v2"
         assert uses_batch_factors(restarted, "u4")
+
+
+def test_after_the_nightly_erasure_no_store_holds_the_person(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
+    """The audit: Redis and the stream, the lake (events and impressions), every model version, the
+    batch runs' work files and every warehouse view hold nothing of the user or their device."""
+    state = serving_state(client)
+    settings = state.settings
+    consumer = SpeedConsumer(redis_client, settings, name="c1")
+    post(client, view_event(DEVICE, "i5"), {**view_event(DEVICE, "i5"), "event_type": "identify",
+                                            "item_id": None, "user_id": USER})  # fmt: skip
+    post(client, view_event(DEVICE, "i21", user_id=USER), view_event(OTHER, "i5", session="s9"))
+    drain(consumer)
+    recs(client, user_id=USER)
+    state.impressions.flush()
+    writer = LakeWriter(redis_client, settings, name="w1")
+    writer.poll_once()
+    writer.flush()
+    work_file = work_root(settings) / "20260101T000000Z-implicit" / "interactions" / "part-0.parquet"
+    work_file.parent.mkdir(parents=True)
+    work_file.write_text(USER)  # what a run's derived tables hold
+    assert naming_in_lake(state.lake, [USER, DEVICE]) and USER in load_model(state.registry).user_ids
+
+    assert client.delete(f"/v1/users/{USER}").status_code == 200
+    report = pipeline.erase(settings)
+
+    assert report["users"] == 1 and report["factor_rows_forgotten"] == 1
+    assert naming(redis_client, [USER, DEVICE]) == []
+    assert naming_in_lake(state.lake, [USER, DEVICE]) == []
+    for version in state.registry.versions():
+        state.registry.verify(version)  # the rewritten files match their manifest
+        assert {USER, DEVICE}.isdisjoint(load_model(state.registry, version).user_ids)
+    assert not work_root(settings).exists()
+    assert naming_in_warehouse(refresh_warehouse(settings), [USER, DEVICE]) == []
+    assert uses_batch_factors(client, "u5")  # and everyone else's stay
+
+
+def naming_in_lake(lake: Lake, ids: list[str]) -> list[str]:
+    """Every lake row (events, impressions) with a string column holding one of the ids."""
+    found = []
+    for name, table in (("events", lake.read_events()), ("impressions", lake.read_impressions())):
+        for row in table.to_pylist():
+            if any(i in str(value) for value in row.values() for i in ids):
+                found.append(f"{name}: {row}")
+    return found
+
+
+def naming_in_warehouse(db_path: Path, ids: list[str]) -> list[str]:
+    """Every row of every warehouse table or view whose text holds one of the ids."""
+    con = open_read_only(db_path)
+    found = []
+    try:
+        relations = [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()]
+        for relation in relations:
+            for row in con.execute(f'SELECT * FROM "{relation}"').fetchall():
+                if any(i in str(value) for value in row for i in ids):
+                    found.append(f"{relation}: {row}")
+    finally:
+        con.close()
+    return found

@@ -144,7 +144,8 @@ def nightly_retrain() -> None:
     replayed = replay_gate()
     refreshed = refresh_warehouse()
     checked >> erased
-    [checked, erased] >> built >> als >> ranker >> measured >> replayed >> decision >> refreshed >> notify(decision)
+    told = notify(decision)  # type: ignore[arg-type]  # TaskFlow hands the XComArg over, resolved at run time
+    [checked, erased] >> built >> als >> ranker >> measured >> replayed >> decision >> refreshed >> told
 
 
 nightly_retrain()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,7 @@ def train_ranker(train: Rows, valid: Rows, seed: int) -> Any:
         raise ValueError("no ranker training requests: the window before validation holds no usable sessions")
     params = {**PARAMS, "seed": seed, "deterministic": True}
     train_set = lgb.Dataset(train.features, train.labels, group=train.groups, feature_name=list(FEATURE_NAMES))
-    callbacks = [lgb.log_evaluation(0)]
+    callbacks: list[Callable[..., Any]] = [lgb.log_evaluation(0)]
     valid_sets = []
     if valid.requests:
         valid_sets = [lgb.Dataset(valid.features, valid.labels, group=valid.groups, reference=train_set)]

@@ -256,7 +256,7 @@ class PointInTime:
 
     def bestsellers(self, category: str, n: int, now_s: float) -> dict[str, float]:
         """A category's top n items, decayed to `now_s` (ties as Redis's ZREVRANGE: id descending)."""
-        row = self._bestsellers.get(category, {})
+        row: dict[str, float] = self._bestsellers.get(category, {})
         scale = 1.0 / forward_decay(now_s, self.speed.bestsellers_half_life_s)
         top = sorted(row.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:n]
         return {item: weight * scale for item, weight in top if weight > 0}

@@ -38,7 +38,7 @@ def spark_session(settings: SparkSettings, master: str | None = None, app_name: 
         builder = builder.master(master)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    if spark.sparkContext.getCheckpointDir() is None and spark.sparkContext.master.startswith("local"):
+    if spark.sparkContext.getCheckpointDir() is None and (spark.sparkContext.master or "").startswith("local"):
         # ALS's lineage grows with every iteration and, uncut, can overflow a task thread's stack
         # (seen at 15 iterations on the medium set). A cluster sets spark.checkpoint.dir (RECS_SPARK__CONF)
         # on storage that every executor sees.

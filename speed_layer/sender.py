@@ -31,7 +31,7 @@ class Lane:
     def send(self, *args: str | bytes | int | float) -> None:
         self.open()
         try:
-            self.connection.send_packed_command([hiredis.pack_command(args)], check_health=False)
+            self.connection.send_packed_command([hiredis.pack_command(args)], check_health=False)  # type: ignore[arg-type]  # hiredis' stub types a 1-tuple
         except BaseException:
             self.reset()
             raise

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import cast
 
 import redis
 
@@ -24,7 +25,7 @@ from common.events import Event, table_to_events
 from common.lake import Lake
 from common.model import ModelArtifacts
 from common.settings import Settings
-from common.stream import decode_entry
+from common.stream import Entries, decode_entry
 from speed_layer.effects import Applier
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def switch_version(
 ) -> bool:
     """Rebuild `model`'s deltas and make it the speed layer's version; False if another consumer does it."""
     version = model.version
-    current = client.get(redis_keys.SPEED_VERSION)
+    current = cast(bytes | None, client.get(redis_keys.SPEED_VERSION))
     if current is not None and current.decode() == version:
         return False
     if not client.set(redis_keys.speed_rebuild_lock(version), "1", nx=True, ex=LOCK_TTL_S):
@@ -106,7 +107,7 @@ def _stream_events(
     key = redis_keys.stream(settings.redis.stream)
     start = f"{max(0, int(cutoff.timestamp() * 1000) - STREAM_SLACK_MS)}-0"
     while True:
-        entries = client.xrange(key, min=start, max=end_id, count=REPLAY_CHUNK)
+        entries = cast(Entries, client.xrange(key, min=start, max=end_id, count=REPLAY_CHUNK))
         for entry_id, fields in entries:
             try:
                 event = stamped(decode_entry(fields), entry_id)
@@ -120,12 +121,12 @@ def _stream_events(
 
 
 def _stream_end(client: redis.Redis, settings: Settings) -> str | None:
-    last = client.xrevrange(redis_keys.stream(settings.redis.stream), count=1)
+    last = cast(Entries, client.xrevrange(redis_keys.stream(settings.redis.stream), count=1))
     return last[0][0].decode() if last else None
 
 
 def _stream_start(client: redis.Redis, settings: Settings) -> bytes | None:
-    first = client.xrange(redis_keys.stream(settings.redis.stream), count=1)
+    first = cast(Entries, client.xrange(redis_keys.stream(settings.redis.stream), count=1))
     return first[0][0] if first else None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import redis
@@ -64,7 +65,9 @@ class DayCounts:
                 continue
             values = {
                 (m.decode() if isinstance(m, bytes) else str(m)): float(s)
-                for m, s in client.zrange(redis_keys.popularity_day(day), 0, -1, withscores=True)
+                for m, s in cast(
+                    list[tuple[bytes, float]], client.zrange(redis_keys.popularity_day(day), 0, -1, withscores=True)
+                )
             }
             with self._lock:
                 self._past[day] = values

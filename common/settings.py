@@ -49,6 +49,13 @@ class RedisSettings(Section):
         "every consumer group has acknowledged them, never before.",
     )
     socket_timeout_s: float = Field(0.5, gt=0)
+    max_memory_mb: int = Field(
+        4096,
+        ge=1,
+        description="The embedded redis-server's maxmemory. Past it Redis refuses writes (policy noeviction, "
+        "common/redis_server.py): the API answers 503 and consumers retry, nothing is evicted. The TTLs and "
+        "the stream's retention must fit it (README, 'Memory budget'); `recs speed status` shows the use.",
+    )
 
     @property
     def stream_retention_ms(self) -> int:

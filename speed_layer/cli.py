@@ -80,22 +80,36 @@ def run(
 
 
 @speed_app.command("status")
-def status() -> None:
-    """Print the groups' lag and the consumers' heartbeats as JSON."""
+def status(
+    budget_s: float = typer.Option(
+        2.0, min=0, help="Seconds the keyspace pass may take; past it, counts are estimated."
+    ),
+) -> None:
+    """Print as JSON the groups' lag, the consumers' heartbeats, Redis memory, and each key family's keys
+    and bytes."""
     from common import redis_keys
+    from common.key_memory import keyspace_usage
     from common.redis_server import connect
     from common.settings import get_settings
     from common.speed_state import read_heartbeats
     from common.stream import group_lag
 
     settings = get_settings()
-    client = connect(settings.redis.effective_url)
+    client = connect(settings.redis.effective_url, timeout_s=5)
     stream = settings.redis.stream
+    memory = client.info("memory")
     report = {
         "speed_lag": group_lag(client, stream, settings.speed.group),
         "lake_writer_lag": group_lag(client, stream, settings.speed.lake_group),
         "heartbeat_age_s": read_heartbeats(client),
         "speed_version": (client.get(redis_keys.SPEED_VERSION) or b"").decode() or None,
+        "redis": {
+            "used_memory": memory["used_memory"],
+            "maxmemory": memory["maxmemory"],
+            "maxmemory_policy": memory["maxmemory_policy"],
+            "stream_length": client.xlen(redis_keys.stream(stream)),
+        },
+        "keyspace": keyspace_usage(client, budget_s=budget_s).as_json(),
     }
     typer.echo(json.dumps(report, indent=2))
 

@@ -50,7 +50,9 @@ def test_a_full_server_refuses_writes_and_evicts_nothing(tmp_path: Path) -> None
     (which carry TTLs), not the session state. Writes are refused with OOM; acknowledging and deleting,
     which free memory, still work."""
     budget = 4 * 1024 * 1024
-    server = RedisServer(data_dir=tmp_path / "redis", port=free_port(), persist=False, max_memory_bytes=budget)
+    server = RedisServer(
+        data_dir=tmp_path / "redis", port=free_port(), persist=False, max_memory_bytes=budget
+    )
     server.start()
     try:
         client = server.client()

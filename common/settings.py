@@ -231,6 +231,12 @@ class SpeedSettings(Section):
     trending_top_n: int = Field(500, ge=1, description="Size of the materialised trending list.")
     trending_refresh_s: float = Field(5.0, gt=0, description="How often one consumer re-sums the trending buckets.")
     claim_interval_s: float = Field(5.0, gt=0, description="How often a consumer looks for idle pending entries.")
+    dead_consumer_idle_ms: int = Field(
+        600_000,
+        ge=100,
+        description="A group member idle this long and holding no pending entry (a dead process whose entries "
+        "were claimed) is removed from the group by the live ones, after their claim step.",
+    )
     conflict_retries: int = Field(5, ge=1, description="Re-reads of a person's delta after a concurrent write.")
     script_chunk: int = Field(50, ge=1, description="Events applied per script call (calls overlap with planning).")
 

@@ -18,7 +18,7 @@ from common import redis_keys
 from common.events import Event, events_to_table
 from common.lake import Lake
 from common.settings import Settings
-from common.stream import decode_entry
+from common.stream import decode_entry, remove_idle_consumers
 from speed_layer.consumer import Entry, consumer_name, ensure_group, poll_until_stopped
 from speed_layer.switch import stamped
 
@@ -101,9 +101,20 @@ class LakeWriter:
                 min_idle_time=self.settings.speed.claim_idle_ms, start_id="0-0", count=count,
             )  # fmt: skip
             claimed = [(i, f) for i, f in reply[1] if f is not None]
+            self._remove_dead_members()
             if claimed:
                 return claimed
         return self._xreadgroup(">", count, block_ms)
+
+    def _remove_dead_members(self) -> None:
+        """Members idle past dead_consumer_idle_ms with nothing pending (dead writers whose entries were
+        claimed) leave the group."""
+        speed = self.settings.speed
+        removed = remove_idle_consumers(
+            self.client, self.stream_key, self.group, speed.dead_consumer_idle_ms, self.name
+        )
+        if removed:
+            log.info("removed dead lake writers from the group: %s", ", ".join(removed))
 
     def _xreadgroup(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
         reply = self.client.xreadgroup(

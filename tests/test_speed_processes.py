@@ -1,4 +1,5 @@
-"""Real process kills: a dead consumer's pending entries are claimed; the lake writer survives kill -9."""
+"""Real process kills: a dead consumer's pending entries are claimed and it leaves its group; the lake
+writer survives kill -9."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from common.events import EventType
 from common.lake import Lake
 from common.redis_server import RedisServer
 from common.speed_state import read_speed_state
-from common.stream import group_lag
+from common.stream import group_lag, remove_idle_consumers
 from speed_layer.consumer import SpeedConsumer
+from speed_layer.lake_writer import LakeWriter
 from tests.speed_factories import add_events, make_event, speed_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +38,75 @@ entries, _ = consumer._read(block=True)
 print(len(entries), flush=True)
 time.sleep(60)
 """
+
+# The same for the lake writer's group.
+LAKE_VICTIM = """
+import sys, time
+from common.redis_server import connect
+from tests.speed_factories import speed_settings
+from speed_layer.lake_writer import LakeWriter
+from pathlib import Path
+settings = speed_settings(Path(sys.argv[2]), sys.argv[1])
+writer = LakeWriter(connect(sys.argv[1], timeout_s=5), settings, name="lake-victim")
+print(len(writer._read(100, 2000)), flush=True)
+time.sleep(60)
+"""
+
+
+def _members(client: redis.Redis, group: str) -> dict[str, int]:
+    """Member name -> pending entries, as XINFO CONSUMERS says."""
+    return {c["name"].decode(): c["pending"] for c in client.xinfo_consumers(redis_keys.stream(), group)}
+
+
+def _start_victims(url: str, tmp_path: Path) -> list[subprocess.Popen[str]]:
+    """A speed consumer and a lake writer that each read the stream's entries, then hang until killed."""
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", script, url, str(tmp_path)],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        for script in (VICTIM, LAKE_VICTIM)
+    ]
+
+
+def test_a_killed_member_leaves_its_group_once_its_entries_are_claimed(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url, dead_consumer_idle_ms=300)
+    speed, lake_group, stream = settings.speed.group, settings.speed.lake_group, redis_keys.stream()
+    events = [make_event(EventType.VIEW, f"i{j}", anonymous_id="a1") for j in range(5)]
+    add_events(redis_client, settings, events)
+    victims = _start_victims(redis_server.url, tmp_path)
+    try:
+        assert [v.stdout.readline().strip() for v in victims if v.stdout] == ["5", "5"]
+    finally:
+        for victim in victims:
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+    redis_client.hset(redis_keys.SPEED_HEARTBEAT, "victim", 0)  # its beats before it hung
+    assert _members(redis_client, speed) == {"victim": 5}
+    assert _members(redis_client, lake_group) == {"lake-victim": 5}
+    # Holding entries, a member stays however long it has been idle.
+    assert remove_idle_consumers(redis_client, stream, speed, 0, "nobody") == []
+    assert remove_idle_consumers(redis_client, stream, lake_group, 0, "nobody") == []
+
+    survivor = SpeedConsumer(redis_client, settings, name="survivor")
+    writer = LakeWriter(redis_client, settings, name="lake-survivor")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        set(_members(redis_client, speed)) != {"survivor"}
+        or set(_members(redis_client, lake_group)) != {"lake-survivor"}
+    ):
+        survivor.poll_once(block=False)
+        writer.poll_once()
+        time.sleep(0.05)
+    writer.flush()
+
+    assert _members(redis_client, speed) == {"survivor": 0}
+    assert _members(redis_client, lake_group) == {"lake-survivor": 0}
+    assert b"victim" not in redis_client.hgetall(redis_keys.SPEED_HEARTBEAT)
+    assert read_speed_state(redis_client, "a1", session_id="s1").session_counts == {"view": 5}
+    assert Lake(settings.lake.root).read_events(columns=["event_id"]).num_rows == 5
 
 
 def test_killed_consumer_pending_entries_are_claimed_and_applied(

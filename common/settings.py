@@ -231,6 +231,13 @@ class SpeedSettings(Section):
     trending_top_n: int = Field(500, ge=1, description="Size of the materialised trending list.")
     trending_refresh_s: float = Field(5.0, gt=0, description="How often one consumer re-sums the trending buckets.")
     claim_interval_s: float = Field(5.0, gt=0, description="How often a consumer looks for idle pending entries.")
+    restart_backoff_s: float = Field(
+        1.0, gt=0, description="`recs speed run --consumers N` restarts a dead child after this, doubled while it "
+        "keeps dying within a minute of its start (at most 30 s).",
+    )
+    restarts_per_minute: int = Field(
+        10, ge=1, description="Past this many restarts within a minute, `--consumers N` stops every child and exits 1."
+    )
     dead_consumer_idle_ms: int = Field(
         600_000,
         ge=100,

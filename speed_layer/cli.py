@@ -54,29 +54,26 @@ def _seed_catalog() -> None:
 def run(
     consumers: int = typer.Option(1, "--consumers", "-n", min=1, help="Consumer processes in the group."),
 ) -> None:
-    """Consume the event stream until SIGINT/SIGTERM; N processes share the group's load."""
+    """Consume the event stream until SIGINT/SIGTERM; N processes share the group's load, and a dead one
+    is restarted (speed_layer/supervisor.py)."""
     _seed_catalog()
     if consumers == 1:
         _run_one_consumer(0)
         return
     import multiprocessing
 
+    from common.settings import get_settings
+    from speed_layer.supervisor import supervise
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s speed-supervisor %(levelname)s %(message)s")
+    speed = get_settings().speed
     context = multiprocessing.get_context("spawn")
-    children = [
-        context.Process(target=_run_one_consumer, args=(i,), name=f"speed-{i}") for i in range(consumers)
-    ]
-    for child in children:
-        child.start()
-    stop = _stop_on_signals()
-    while not stop.is_set() and all(c.is_alive() for c in children):
-        stop.wait(1.0)
-    for child in children:
-        if child.is_alive():
-            child.terminate()  # SIGTERM: each finishes its batch and exits
-    for child in children:
-        child.join()
-    if any(c.exitcode not in (0, -signal.SIGTERM) for c in children):
-        raise typer.Exit(1)
+    code = supervise(
+        lambda i: context.Process(target=_run_one_consumer, args=(i,), name=f"speed-{i}"),
+        consumers, _stop_on_signals(), speed.restarts_per_minute, speed.restart_backoff_s,
+    )  # fmt: skip
+    if code:
+        raise typer.Exit(code)
 
 
 @speed_app.command("status")

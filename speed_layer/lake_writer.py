@@ -2,8 +2,9 @@
 those naming an erased person (redis_keys.erased).
 
 Entries are acknowledged only after their file is renamed into place, and Lake.write drops rows
-whose event_id the partition already holds, so a `kill -9` at any moment loses nothing
-acknowledged and, on restart, duplicates nothing.
+whose event_id the files written since the buffer's oldest entry (less lake.dedup_window_s) hold, so
+a `kill -9` at any moment loses nothing acknowledged and, on restart, duplicates nothing; each flush
+reads the ids of those files, not the whole day's.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import UTC, datetime
 
 import redis
 
@@ -75,12 +77,19 @@ class LakeWriter:
             self.buffer_since = time.monotonic()
             return 0
         events = self._not_erased([e for _, e in self.buffer if e is not None])
-        written = self.lake.write_events(events_to_table(events)) if events else []
+        written = self.lake.write_events(events_to_table(events), self._written_since()) if events else []
         self.client.xack(self.stream_key, self.group, *[entry_id for entry_id, _ in self.buffer])
         log.debug("flushed %d events into %d files", len(events), len(written))
         self.buffer = []
         self.buffer_since = time.monotonic()
         return len(events)
+
+    def _written_since(self) -> datetime:
+        """No earlier copy of the buffer's events can be in the lake before this: a redelivered entry was
+        first written after its entry was added (entry ids are Redis' clock in ms), and a client's retry
+        comes within lake.dedup_window_s of the first copy (the window also covers clock skew)."""
+        oldest_ms = min(int(entry_id.split(b"-")[0]) for entry_id, _ in self.buffer)
+        return datetime.fromtimestamp(oldest_ms / 1000 - self.settings.lake.dedup_window_s, UTC)
 
     def _not_erased(self, events: list[Event]) -> list[Event]:
         """The events that name no erased person or device: an erased person's later events stay out of

@@ -225,7 +225,7 @@ class SpeedSettings(Section):
         10, ge=1, le=50, description="Ordered co-visitation: b counts for a when it follows within this many items."
     )
     affinity_half_life_s: int = Field(900, ge=10, description="Half-life of a session's category affinity.")
-    history_ttl_s: int = Field(30 * 86400, ge=3600, description="TTL of person_items, purchases and aliases.")
+    history_ttl_s: int = Field(30 * 86400, ge=60, description="TTL of person_items, purchases and aliases.")
     erased_ttl_s: int = Field(
         30 * 86400,
         ge=86400,

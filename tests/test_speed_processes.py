@@ -75,6 +75,7 @@ def _start_victims(url: str, tmp_path: Path) -> list[subprocess.Popen[str]]:
     ]
 
 
+@pytest.mark.slow
 def test_a_killed_member_leaves_its_group_once_its_entries_are_claimed(
     redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -66,6 +66,21 @@ def train(
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
+@bench_app.command("soak")
+def soak(
+    minutes: float = typer.Option(10.0, min=1, help="Length of the run; every TTL is shortened to 40% of it (60 s at least)."),
+    rate: float = typer.Option(200.0, min=1, help="Events/s posted to the API."),
+    consumers: int = typer.Option(1, min=1, help="Speed consumer processes (`recs speed run --consumers`)."),
+    sample_s: float = typer.Option(60.0, min=5, help="Seconds between samples."),
+    as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
+) -> None:
+    """Redis memory, keys, stream length and each process's RSS under a steady load: growth per minute."""
+    from bench.soak import run_soak
+
+    result = run_soak(minutes, rate=rate, consumers=consumers, sample_s=sample_s)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
 def register(app: typer.Typer) -> None:
     """Add this layer's commands to `recs`."""
     app.add_typer(bench_app, name="bench")

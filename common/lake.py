@@ -8,8 +8,9 @@ Layout under the lake root:
     erasures/applied.json                          the applied ones: id digest -> request time, never the id
 
 Writes are idempotent and atomic: a batch's file name is a hash of its keys, rows whose key
-is already in the partition are dropped, and each file is written under a dot-name and then
-renamed, so readers (pyarrow, DuckDB, Spark all skip dot-files) never see half a file.
+is already in the partition (or, for a writer that says since when a row could have been
+written, in the files written since then) are dropped, and each file is written under a dot-name
+and then renamed, so readers (pyarrow, DuckDB, Spark all skip dot-files) never see half a file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -97,8 +99,12 @@ class Lake(Store):
             p for p in self.fs.ls(directory, detail=False) if p.endswith(".parquet") and not _hidden(p)
         )
 
-    def write(self, dataset: Dataset, table: pa.Table) -> list[str]:
-        """Write a batch; returns the files created. Writing the same rows again creates nothing."""
+    def write(self, dataset: Dataset, table: pa.Table, written_since: datetime | None = None) -> list[str]:
+        """Write a batch; returns the files created. Writing the same rows again creates nothing.
+
+        `written_since`: no earlier copy of these rows can have been written before this moment, so
+        they are checked against the files written since (in any partition from that day on), not
+        against their whole partition: the check reads what a retry could repeat, not the whole day."""
         table = _conform(table, dataset.schema)
         table = _dedup_within(table, dataset.key)
         if table.num_rows == 0:
@@ -109,7 +115,7 @@ class Lake(Store):
             day = date.fromisoformat(day_str)
             part = table.filter(pc.equal(days, day_str))
             if dataset.drop_existing_keys:
-                part = self._drop_existing(dataset, day, part)
+                part = self._drop_existing(dataset, day, part, written_since)
             if part.num_rows == 0:
                 continue
             part = part.sort_by([(dataset.time_column, "ascending"), (dataset.key, "ascending")])
@@ -166,8 +172,8 @@ class Lake(Store):
     def event_days(self) -> list[date]:
         return self.partitions(EVENTS_DATASET)
 
-    def write_events(self, table: pa.Table) -> list[str]:
-        return self.write(EVENTS_DATASET, table)
+    def write_events(self, table: pa.Table, written_since: datetime | None = None) -> list[str]:
+        return self.write(EVENTS_DATASET, table, written_since)
 
     def read_events(
         self, start: datetime | None = None, end: datetime | None = None, columns: list[str] | None = None
@@ -256,8 +262,29 @@ class Lake(Store):
 
     # ------------------------------------------------------------ internals
 
-    def _drop_existing(self, dataset: Dataset, day: date, part: pa.Table) -> pa.Table:
-        files = self.partition_files(dataset, day)
+    def files_written_since(self, dataset: Dataset, since: datetime, last_day: date) -> list[str]:
+        """The dataset's files modified at or after `since` in the partitions from since's day (or
+        `last_day`, if earlier) to `last_day`; a file whose store gives no time is included."""
+        first = min(since.astimezone(UTC).date(), last_day)
+        out = []
+        for day in self.partitions(dataset):
+            if not first <= day <= last_day:
+                continue
+            for info in self.fs.ls(self.path(dataset.name, f"dt={day.isoformat()}"), detail=True):
+                path = info["name"]
+                modified = _modified_s(info)
+                recent = modified is None or modified >= since.timestamp()
+                if path.endswith(".parquet") and not _hidden(path) and recent:
+                    out.append(path)
+        return sorted(out)
+
+    def _drop_existing(
+        self, dataset: Dataset, day: date, part: pa.Table, since: datetime | None
+    ) -> pa.Table:
+        if since is None:
+            files = self.partition_files(dataset, day)
+        else:
+            files = self.files_written_since(dataset, since, day)
         if not files:
             return part
         existing = ds.dataset(files, format="parquet", filesystem=self.fs).to_table(columns=[dataset.key])
@@ -271,6 +298,14 @@ class Lake(Store):
 def _instant(iso: str) -> datetime:
     moment = datetime.fromisoformat(iso)
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _modified_s(info: dict[str, Any]) -> float | None:
+    """A listed file's modification time (epoch s): local stores give `mtime`, S3 `LastModified`."""
+    value = info.get("mtime", info.get("LastModified"))
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _hidden(path: str) -> bool:

@@ -5,11 +5,13 @@ anonymous device) carry the hash tag `{u:<person>}` (the id with `}`, glob chara
 percent-encoded, so no id can spell another's tag), so on Redis Cluster they live in one
 slot and a Lua script may touch them together. Values that depend on a model version
 (user vector deltas, fold-in vectors) carry the version in the key. `holdings` lists the keys
-that hold a person and the devices linked to them (what erasure deletes).
+that hold a person and the devices linked to them (what erasure deletes); `FAMILIES` names every
+kind of key, with its SCAN pattern (what `recs speed status` measures memory by).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -282,3 +284,72 @@ def template(key_of: Callable[..., str], *fixed: str) -> list[str]:
 
 
 _MARK = "\x00"  # never part of an id
+
+
+# ---------------------------------------------------------------- key families
+
+
+@dataclass(frozen=True)
+class KeyFamily:
+    """One kind of key: its name, the SCAN patterns of its keys, and what it holds."""
+
+    name: str
+    patterns: tuple[str, ...]
+    holds: str
+
+
+def _pattern(key_of: Callable[..., str], arity: int = 1) -> str:
+    """The glob of every key `key_of` forms: each argument replaced by `*` (the mark passes through the
+    tag's escaping, which would turn a `*` argument into `%2A`)."""
+    return key_of(*[_MARK] * arity).replace(_MARK, "*")
+
+
+# Every key this module forms belongs to exactly one family: a key is counted in the first family that
+# matches it, so a narrower pattern comes before a wider one that also matches (`:delta:V:n` before
+# `:delta:V`, `trend:top` before `trend:<bucket>`). Erasure tombstones are named by a digest, hence the
+# one written pattern.
+FAMILIES: tuple[KeyFamily, ...] = (
+    KeyFamily("stream_dead_letters", (_pattern(dead_letter),), "malformed entries with the reason"),
+    KeyFamily("stream", (_pattern(stream),), "the accepted events, trimmed by age"),
+    KeyFamily("seen", (_pattern(seen_events),), "per person: dedup markers of applied events"),
+    KeyFamily("person_sessions", (_pattern(person_sessions),), "per person: live sessions"),
+    KeyFamily("session_recent", (_pattern(session_recent, 2),), "per session: recent items"),
+    KeyFamily("session_categories", (_pattern(session_categories, 2),), "per session: category affinity"),
+    KeyFamily("session_cart", (_pattern(session_cart, 2),), "per session: cart"),
+    KeyFamily("session_counts", (_pattern(session_counts, 2),), "per session: counts by event type"),
+    KeyFamily("person_items", (_pattern(person_items),), "per person: item weights for the fold-in"),
+    KeyFamily("person_purchases", (_pattern(person_purchases),), "per person: recent purchases"),
+    KeyFamily("delta_counts", (_pattern(user_event_count, 2),), "per user and version: events in the delta"),
+    KeyFamily("deltas", (_pattern(user_delta, 2),), "per user and version: SGD delta to the batch vector"),
+    KeyFamily("person_devices", (_pattern(person_devices),), "per user: devices that identified as them"),
+    KeyFamily("aliases", (_pattern(alias),), "per device: the user it identified as"),
+    KeyFamily("erased", (f"{PREFIX}:erased:*",), "tombstones of erased ids (digests)"),
+    KeyFamily(
+        "trending_top", (TRENDING_TOP, TRENDING_REFRESH_LOCK), "the materialised trending list and its lock"
+    ),
+    KeyFamily("trending_buckets", (_pattern(trending_bucket),), "per time bucket: weighted item counts"),
+    KeyFamily("popularity_days", (_pattern(popularity_day),), "per day: item event counts"),
+    KeyFamily("category_bestsellers", (_pattern(category_bestsellers),), "per category: best sellers"),
+    KeyFamily("covisitation", (_pattern(covisitation),), "per item: ordered co-visits"),
+    KeyFamily("neighbour_sessions", (_pattern(neighbour_session),), "per session: its items (session-kNN)"),
+    KeyFamily("item_sessions", (_pattern(item_sessions),), "per item: its recent sessions (session-kNN)"),
+    KeyFamily("item_state", (_pattern(item_state), OUT_OF_STOCK, PROMOTED), "live item fields and flags"),
+    KeyFamily(
+        "speed_bookkeeping",
+        (SPEED_VERSION, SPEED_PENDING_VERSION, SPEED_HEARTBEAT)
+        + (_pattern(speed_rebuild_lock), _pattern(speed_rebuild_marker)),
+        "served and pending version, heartbeats, rebuild lock and marker",
+    ),
+)
+OTHER_FAMILY = "other"  # a key of none of the families: formed outside this module
+
+
+_FAMILY_MATCHERS = [
+    (f.name, re.compile("|".join(fnmatch.translate(p) for p in f.patterns), re.DOTALL)) for f in FAMILIES
+]
+
+
+def family_of(key: bytes | str) -> str:
+    """The name of the first family whose pattern matches the key, or OTHER_FAMILY."""
+    name = key.decode(errors="surrogateescape") if isinstance(key, bytes) else key
+    return next((family for family, matcher in _FAMILY_MATCHERS if matcher.match(name)), OTHER_FAMILY)

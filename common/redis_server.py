@@ -17,6 +17,14 @@ from pathlib import Path
 
 import redis
 
+# Past maxmemory Redis refuses writes rather than evicting. A volatile-* policy would evict only keys
+# with a TTL, but here keys that must not be lost carry one too: the dedup markers (a redelivered event
+# would count twice), the erasure tombstones (an erased person would come back) and the rebuild lock.
+# Refused writes lose nothing: the API answers 503 and the client retries, a consumer leaves its batch
+# pending, and acknowledgements, trims and expiries (none refused) free memory. TTLs and the stream's
+# retention keep the steady state under the budget (README, "Memory budget").
+MAXMEMORY_POLICY = "noeviction"
+
 
 class RedisServerError(RuntimeError):
     pass
@@ -34,6 +42,7 @@ class RedisServer:
     port: int
     host: str = "127.0.0.1"
     persist: bool = True
+    max_memory_bytes: int = 0  # Redis' 0: no limit (tests); the embedded server takes redis.max_memory_mb
 
     @property
     def url(self) -> str:
@@ -79,6 +88,8 @@ class RedisServer:
             "--appendonly", "yes" if self.persist else "no",
             "--appendfsync", "everysec",
             "--protected-mode", "yes",
+            "--maxmemory", str(self.max_memory_bytes),
+            "--maxmemory-policy", MAXMEMORY_POLICY,
         ]  # fmt: skip
         subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
@@ -140,7 +151,12 @@ def embedded_server(settings_redis: object) -> RedisServer:
     from common.settings import RedisSettings
 
     assert isinstance(settings_redis, RedisSettings)
-    return RedisServer(data_dir=settings_redis.data_dir or Path("var/redis"), port=settings_redis.port or free_port(), host=settings_redis.host)
+    return RedisServer(
+        data_dir=settings_redis.data_dir or Path("var/redis"),
+        port=settings_redis.port or free_port(),
+        host=settings_redis.host,
+        max_memory_bytes=settings_redis.max_memory_mb * 1024 * 1024,
+    )
 
 
 def connect(url: str, timeout_s: float = 0.5) -> redis.Redis:

@@ -49,6 +49,13 @@ class RedisSettings(Section):
         "every consumer group has acknowledged them, never before.",
     )
     socket_timeout_s: float = Field(0.5, gt=0)
+    max_memory_mb: int = Field(
+        4096,
+        ge=1,
+        description="The embedded redis-server's maxmemory. Past it Redis refuses writes (policy noeviction, "
+        "common/redis_server.py): the API answers 503 and consumers retry, nothing is evicted. The TTLs and "
+        "the stream's retention must fit it (README, 'Memory budget'); `recs speed status` shows the use.",
+    )
 
     @property
     def stream_retention_ms(self) -> int:
@@ -63,6 +70,13 @@ class LakeSettings(Section):
     root: str = Field("", description="Local path or any fsspec URL (s3://bucket/lake). Default: <var_dir>/lake.")
     flush_events: int = Field(5000, ge=1, description="Lake writer flushes after this many events ...")
     flush_seconds: float = Field(10.0, gt=0, description="... or after this many seconds, whichever comes first.")
+    dedup_window_s: float = Field(
+        3600.0,
+        gt=0,
+        description="The lake writer drops an event already in the lake if it was written since this long before "
+        "the flush's oldest stream entry: a redelivery after a crash, or a client's retry within the window (the "
+        "check reads those files' event ids, not the whole day's).",
+    )
 
 
 class ModelsSettings(Section):
@@ -211,7 +225,7 @@ class SpeedSettings(Section):
         10, ge=1, le=50, description="Ordered co-visitation: b counts for a when it follows within this many items."
     )
     affinity_half_life_s: int = Field(900, ge=10, description="Half-life of a session's category affinity.")
-    history_ttl_s: int = Field(30 * 86400, ge=3600, description="TTL of person_items, purchases and aliases.")
+    history_ttl_s: int = Field(30 * 86400, ge=60, description="TTL of person_items, purchases and aliases.")
     erased_ttl_s: int = Field(
         30 * 86400,
         ge=86400,
@@ -224,6 +238,19 @@ class SpeedSettings(Section):
     trending_top_n: int = Field(500, ge=1, description="Size of the materialised trending list.")
     trending_refresh_s: float = Field(5.0, gt=0, description="How often one consumer re-sums the trending buckets.")
     claim_interval_s: float = Field(5.0, gt=0, description="How often a consumer looks for idle pending entries.")
+    restart_backoff_s: float = Field(
+        1.0, gt=0, description="`recs speed run --consumers N` restarts a dead child after this, doubled while it "
+        "keeps dying within a minute of its start (at most 30 s).",
+    )
+    restarts_per_minute: int = Field(
+        10, ge=1, description="Past this many restarts within a minute, `--consumers N` stops every child and exits 1."
+    )
+    dead_consumer_idle_ms: int = Field(
+        600_000,
+        ge=100,
+        description="A group member idle this long and holding no pending entry (a dead process whose entries "
+        "were claimed) is removed from the group by the live ones, after their claim step.",
+    )
     conflict_retries: int = Field(5, ge=1, description="Re-reads of a person's delta after a concurrent write.")
     script_chunk: int = Field(50, ge=1, description="Events applied per script call (calls overlap with planning).")
 

@@ -52,6 +52,24 @@ return redis.call('XTRIM', KEYS[1], 'MINID', '~', bound)
 """
 
 
+# KEYS[1] the stream; ARGV[1] the group, ARGV[2] the idle time in ms, ARGV[3] the caller (kept).
+# One script, so no member can read an entry between the check and XGROUP DELCONSUMER, which would
+# drop that entry from the group's pending list. A live member that merely waited is recreated by
+# its next read.
+REMOVE_IDLE_CONSUMERS_SCRIPT = """
+local removed = {}
+for _, flat in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local member = {}
+  for i = 1, #flat, 2 do member[flat[i]] = flat[i + 1] end
+  if member['name'] ~= ARGV[3] and member['pending'] == 0 and member['idle'] >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], member['name'])
+    removed[#removed + 1] = member['name']
+  end
+end
+return removed
+"""
+
+
 def append_events(client: redis.Redis, events: Sequence[Event], stream: str, retention_ms: int) -> list[str]:
     """XADD each event, then trim what is past retention and finished by every group; one round trip."""
     if not events:
@@ -64,6 +82,15 @@ def append_events(client: redis.Redis, events: Sequence[Event], stream: str, ret
     pipe.eval(TRIM_SCRIPT, 1, key, retention_ms)
     *ids, _trimmed = pipe.execute()
     return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+
+def remove_idle_consumers(
+    client: redis.Redis, stream_key: str, group: str, idle_ms: int, caller: str
+) -> list[str]:
+    """Remove from the group every member but `caller` idle `idle_ms` or more with no pending entry;
+    returns their names."""
+    removed = client.eval(REMOVE_IDLE_CONSUMERS_SCRIPT, 1, stream_key, group, idle_ms, caller)
+    return [name.decode() if isinstance(name, bytes) else str(name) for name in removed]
 
 
 def decode_entry(fields: dict[bytes, bytes]) -> Event:

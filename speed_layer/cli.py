@@ -54,48 +54,59 @@ def _seed_catalog() -> None:
 def run(
     consumers: int = typer.Option(1, "--consumers", "-n", min=1, help="Consumer processes in the group."),
 ) -> None:
-    """Consume the event stream until SIGINT/SIGTERM; N processes share the group's load."""
+    """Consume the event stream until SIGINT/SIGTERM; N processes share the group's load, and a dead one
+    is restarted (speed_layer/supervisor.py)."""
     _seed_catalog()
     if consumers == 1:
         _run_one_consumer(0)
         return
     import multiprocessing
 
+    from common.settings import get_settings
+    from speed_layer.supervisor import supervise
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s speed-supervisor %(levelname)s %(message)s")
+    speed = get_settings().speed
     context = multiprocessing.get_context("spawn")
-    children = [
-        context.Process(target=_run_one_consumer, args=(i,), name=f"speed-{i}") for i in range(consumers)
-    ]
-    for child in children:
-        child.start()
-    stop = _stop_on_signals()
-    while not stop.is_set() and all(c.is_alive() for c in children):
-        stop.wait(1.0)
-    for child in children:
-        if child.is_alive():
-            child.terminate()  # SIGTERM: each finishes its batch and exits
-    for child in children:
-        child.join()
-    if any(c.exitcode not in (0, -signal.SIGTERM) for c in children):
-        raise typer.Exit(1)
+    code = supervise(
+        lambda i: context.Process(target=_run_one_consumer, args=(i,), name=f"speed-{i}"),
+        consumers, _stop_on_signals(), speed.restarts_per_minute, speed.restart_backoff_s,
+    )  # fmt: skip
+    if code:
+        raise typer.Exit(code)
 
 
 @speed_app.command("status")
-def status() -> None:
-    """Print the groups' lag and the consumers' heartbeats as JSON."""
+def status(
+    budget_s: float = typer.Option(
+        2.0, min=0, help="Seconds the keyspace pass may take; past it, counts are estimated."
+    ),
+) -> None:
+    """Print as JSON the groups' lag, the consumers' heartbeats, Redis memory, and each key family's keys
+    and bytes."""
     from common import redis_keys
+    from common.key_memory import keyspace_usage
     from common.redis_server import connect
     from common.settings import get_settings
     from common.speed_state import read_heartbeats
     from common.stream import group_lag
 
     settings = get_settings()
-    client = connect(settings.redis.effective_url)
+    client = connect(settings.redis.effective_url, timeout_s=5)
     stream = settings.redis.stream
+    memory = client.info("memory")
     report = {
         "speed_lag": group_lag(client, stream, settings.speed.group),
         "lake_writer_lag": group_lag(client, stream, settings.speed.lake_group),
         "heartbeat_age_s": read_heartbeats(client),
         "speed_version": (client.get(redis_keys.SPEED_VERSION) or b"").decode() or None,
+        "redis": {
+            "used_memory": memory["used_memory"],
+            "maxmemory": memory["maxmemory"],
+            "maxmemory_policy": memory["maxmemory_policy"],
+            "stream_length": client.xlen(redis_keys.stream(stream)),
+        },
+        "keyspace": keyspace_usage(client, budget_s=budget_s).as_json(),
     }
     typer.echo(json.dumps(report, indent=2))
 

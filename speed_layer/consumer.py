@@ -28,7 +28,7 @@ from common.model import ModelArtifacts, load_model
 from common.registry import Registry, RegistryError
 from common.settings import Settings
 from common.speed_state import trending_decay_weights
-from common.stream import DEAD_LETTER_FIELD, decode_entry
+from common.stream import DEAD_LETTER_FIELD, decode_entry, remove_idle_consumers
 from speed_layer.effects import Applier, BatchResult, Started, StateRead
 from speed_layer.sender import Lane
 from speed_layer.switch import stamped, switch_version
@@ -207,6 +207,7 @@ class SpeedConsumer:
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self.speed.claim_interval_s
             claimed = self.claim_idle()
+            self.remove_dead_members()
             if claimed:
                 return claimed, None
         return self._xreadgroup(">", block=block)
@@ -248,6 +249,17 @@ class SpeedConsumer:
         if entries:
             log.info("claimed %d idle entries", len(entries))
         return entries
+
+    def remove_dead_members(self) -> list[str]:
+        """Remove members idle past dead_consumer_idle_ms with nothing pending (dead processes whose
+        entries were claimed), and their heartbeats; returns their names."""
+        removed = remove_idle_consumers(
+            self.client, self.stream_key, self.speed.group, self.speed.dead_consumer_idle_ms, self.name
+        )
+        if removed:
+            self.client.hdel(redis_keys.SPEED_HEARTBEAT, *removed)
+            log.info("removed dead consumers from the group: %s", ", ".join(removed))
+        return removed
 
     # ------------------------------------------------------------ one batch
 

@@ -2,8 +2,9 @@
 those naming an erased person (redis_keys.erased).
 
 Entries are acknowledged only after their file is renamed into place, and Lake.write drops rows
-whose event_id the partition already holds, so a `kill -9` at any moment loses nothing
-acknowledged and, on restart, duplicates nothing.
+whose event_id the files written since the buffer's oldest entry (less lake.dedup_window_s) hold, so
+a `kill -9` at any moment loses nothing acknowledged and, on restart, duplicates nothing; each flush
+reads the ids of those files, not the whole day's.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import UTC, datetime
 
 import redis
 
@@ -18,7 +20,7 @@ from common import redis_keys
 from common.events import Event, events_to_table
 from common.lake import Lake
 from common.settings import Settings
-from common.stream import decode_entry
+from common.stream import decode_entry, remove_idle_consumers
 from speed_layer.consumer import Entry, consumer_name, ensure_group, poll_until_stopped
 from speed_layer.switch import stamped
 
@@ -75,12 +77,19 @@ class LakeWriter:
             self.buffer_since = time.monotonic()
             return 0
         events = self._not_erased([e for _, e in self.buffer if e is not None])
-        written = self.lake.write_events(events_to_table(events)) if events else []
+        written = self.lake.write_events(events_to_table(events), self._written_since()) if events else []
         self.client.xack(self.stream_key, self.group, *[entry_id for entry_id, _ in self.buffer])
         log.debug("flushed %d events into %d files", len(events), len(written))
         self.buffer = []
         self.buffer_since = time.monotonic()
         return len(events)
+
+    def _written_since(self) -> datetime:
+        """No earlier copy of the buffer's events can be in the lake before this: a redelivered entry was
+        first written after its entry was added (entry ids are Redis' clock in ms), and a client's retry
+        comes within lake.dedup_window_s of the first copy (the window also covers clock skew)."""
+        oldest_ms = min(int(entry_id.split(b"-")[0]) for entry_id, _ in self.buffer)
+        return datetime.fromtimestamp(oldest_ms / 1000 - self.settings.lake.dedup_window_s, UTC)
 
     def _not_erased(self, events: list[Event]) -> list[Event]:
         """The events that name no erased person or device: an erased person's later events stay out of
@@ -101,9 +110,20 @@ class LakeWriter:
                 min_idle_time=self.settings.speed.claim_idle_ms, start_id="0-0", count=count,
             )  # fmt: skip
             claimed = [(i, f) for i, f in reply[1] if f is not None]
+            self._remove_dead_members()
             if claimed:
                 return claimed
         return self._xreadgroup(">", count, block_ms)
+
+    def _remove_dead_members(self) -> None:
+        """Members idle past dead_consumer_idle_ms with nothing pending (dead writers whose entries were
+        claimed) leave the group."""
+        speed = self.settings.speed
+        removed = remove_idle_consumers(
+            self.client, self.stream_key, self.group, speed.dead_consumer_idle_ms, self.name
+        )
+        if removed:
+            log.info("removed dead lake writers from the group: %s", ", ".join(removed))
 
     def _xreadgroup(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
         reply = self.client.xreadgroup(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -86,6 +87,24 @@ def test_a_batch_retried_into_the_stream_lands_in_the_lake_once(
     writer.flush()
     landed = Lake(settings.lake.root).read_events(columns=["event_id"])["event_id"].to_pylist()
     assert sorted(landed) == sorted(e.event_id for e in first + retried + last)
+
+
+def test_a_write_since_a_moment_checks_only_the_files_written_since(tmp_path: Path) -> None:
+    """What the lake writer's flush reads stays flat over the day: the files written since its window
+    began, across midnight too, not every file of the partition."""
+    lake = Lake(str(tmp_path))
+    day2 = DAY1 + timedelta(seconds=2)
+    since = DAY1 - timedelta(hours=1)
+    (old,) = lake.write_events(batch(1, 2, received_at=day2))
+    os.utime(old, (since.timestamp() - 60, since.timestamp() - 60))  # written before the window
+    (before_midnight,) = lake.write_events(batch(3))
+    (after_midnight,) = lake.write_events(batch(4, received_at=day2))
+
+    assert lake.files_written_since(EVENTS_DATASET, since, day2.date()) == sorted([before_midnight, after_midnight])
+    # A retry of event 3 accepted after midnight, beside a new event: the retry is dropped.
+    lake.write_events(batch(3, 5, received_at=day2), written_since=since)
+    ids = lake.read_events()["event_id"].to_pylist()
+    assert sorted(ids) == sorted(deterministic_event_id("lake-test", n) for n in (1, 2, 3, 4, 5))
 
 
 def test_partitions_follow_received_at_not_ts(tmp_path: Path) -> None:

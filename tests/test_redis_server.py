@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import redis
 
-from common.redis_server import RedisServer, RedisServerError, free_port
+from common import redis_keys
+from common.redis_server import RedisServer, RedisServerError, embedded_server, free_port
+from common.settings import RedisSettings
 
 
 def test_start_status_stop_on_a_free_port(tmp_path: Path) -> None:
@@ -40,3 +43,46 @@ def test_a_missing_binary_is_explained(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RedisServerError, match="redis-server is not installed"):
         RedisServer(data_dir=tmp_path / "redis", port=free_port()).start()
+
+
+def test_a_full_server_refuses_writes_and_evicts_nothing(tmp_path: Path) -> None:
+    """At maxmemory nothing is evicted, TTL or not: not the stream, not the dedup markers and tombstones
+    (which carry TTLs), not the session state. Writes are refused with OOM; acknowledging and deleting,
+    which free memory, still work."""
+    budget = 4 * 1024 * 1024
+    server = RedisServer(
+        data_dir=tmp_path / "redis", port=free_port(), persist=False, max_memory_bytes=budget
+    )
+    server.start()
+    try:
+        client = server.client()
+        assert client.config_get("maxmemory") == {"maxmemory": str(budget)}
+        stream = redis_keys.stream()
+        client.xgroup_create(stream, "speed", id="0", mkstream=True)
+        entries = [client.xadd(stream, {"e": "x" * 200}) for _ in range(100)]
+        client.xreadgroup("speed", "c1", {stream: ">"}, count=10)
+        client.zadd(redis_keys.seen_events("p1"), {"e1": 1.0})
+        client.expire(redis_keys.seen_events("p1"), 7 * 86400)
+        client.set(redis_keys.erased("gone"), 1, ex=30 * 86400)
+        written = 0
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for n in range(100_000):  # session state with a short TTL, as a volatile-* policy evicts first
+                client.set(redis_keys.session_counts(f"p{n}", "s"), "v" * 1000, ex=1800)
+                written += 1
+        assert written > 1000  # it was the budget that refused, not something else
+        assert client.info("stats")["evicted_keys"] == 0
+        assert client.dbsize() == written + 3
+        assert client.xlen(stream) == len(entries)
+        assert client.zscore(redis_keys.seen_events("p1"), "e1") == 1.0
+        assert client.exists(redis_keys.erased("gone"))
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.xadd(stream, {"e": "x"})  # the API answers 503, the client retries
+        assert client.xack(stream, "speed", *entries[:10]) == 10
+        assert client.delete(redis_keys.session_counts("p0", "s")) == 1
+    finally:
+        server.stop()
+
+
+def test_the_embedded_server_takes_its_budget_from_settings(tmp_path: Path) -> None:
+    server = embedded_server(RedisSettings(port=free_port(), data_dir=tmp_path, max_memory_mb=64))
+    assert server.max_memory_bytes == 64 * 1024 * 1024

@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import threading
+from typing import cast
 
 import typer
 
@@ -99,7 +100,7 @@ def status(
         "speed_lag": group_lag(client, stream, settings.speed.group),
         "lake_writer_lag": group_lag(client, stream, settings.speed.lake_group),
         "heartbeat_age_s": read_heartbeats(client),
-        "speed_version": (client.get(redis_keys.SPEED_VERSION) or b"").decode() or None,
+        "speed_version": (cast(bytes | None, client.get(redis_keys.SPEED_VERSION)) or b"").decode() or None,
         "redis": {
             "used_memory": memory["used_memory"],
             "maxmemory": memory["maxmemory"],

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -341,7 +341,7 @@ class SpeedConsumer:
     def _active_models(self, versions: Versions | None = None) -> list[ModelArtifacts]:
         """The current and the pending version's models (whose deltas this batch writes)."""
         if versions is None:
-            versions = self.client.mget([redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION])
+            versions = cast(Versions, self.client.mget([redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION]))
         out: list[ModelArtifacts] = []
         for raw in versions:
             if raw is None:
@@ -384,7 +384,7 @@ class SpeedConsumer:
 
     def _announced_versions(self) -> list[str]:
         """Model versions announced since the last look; forgets the categories of moved items."""
-        versions = []
+        versions: list[str] = []
         while True:
             message = self.pubsub.get_message(timeout=0)
             if message is None:
@@ -408,7 +408,7 @@ class SpeedConsumer:
 
     def switch_to(self, version: str) -> bool:
         """Rebuild and switch to `version` unless the speed layer serves it already or another consumer does it."""
-        served = self.client.get(redis_keys.SPEED_VERSION)
+        served = cast(bytes | None, self.client.get(redis_keys.SPEED_VERSION))
         if served is not None and served.decode() == version:
             return False
         model = self._model(version)

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime
+from typing import cast
 
 import redis
 
@@ -126,8 +127,9 @@ class LakeWriter:
             log.info("removed dead lake writers from the group: %s", ", ".join(removed))
 
     def _xreadgroup(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
-        reply = self.client.xreadgroup(
-            self.group, self.name, {self.stream_key: start}, count=count, block=block_ms
+        reply = cast(
+            list[tuple[bytes, list[Entry]]],
+            self.client.xreadgroup(self.group, self.name, {self.stream_key: start}, count=count, block=block_ms),
         )
         if not reply:
             return []

@@ -24,7 +24,8 @@ MAX_BACKOFF_S = 30.0
 class Child(Protocol):
     """What the supervisor needs of a process (multiprocessing.Process has it)."""
 
-    pid: int | None
+    @property
+    def pid(self) -> int | None: ...
 
     @property
     def exitcode(self) -> int | None: ...

@@ -56,7 +56,7 @@ class Section:
     """The KEYS or the ARGV of a script: its blocks and a builder for each."""
 
     def __init__(self, script: str, label: str, blocks: Mapping[str | None, Block]) -> None:
-        self.script, self.label = script, label
+        self.label = label
         self.top = blocks.get(None, Block((), ()))
         self.groups = {name: block for name, block in blocks.items() if name is not None}
         repeated = {r.group for block in (self.top, *self.groups.values()) for r in block.repeats}
@@ -82,9 +82,11 @@ class Section:
         return total
 
     def counts(self) -> set[str]:
+        """The names of the counts its repetitions need."""
         return {r.count for block in (self.top, *self.groups.values()) for r in block.repeats}
 
     def lua_sizes(self) -> dict[str, int]:
+        """The locals the Lua reads its offsets from: the top level's and each group's single values."""
         sizes = {f"{self.label}_HEAD": len(self.top.names)}
         sizes.update((f"{self.label}_{name.upper()}", len(b.names)) for name, b in self.groups.items())
         return sizes

@@ -1,9 +1,9 @@
 """Session neighbours (session-kNN, V-SKNN style): the one definition of the index and the scoring.
 
-The speed layer keeps the index in Redis (speed_layer/scripts.py, `index_neighbour`): when an item
+The speed layer keeps the index in Redis (speed_layer/apply_events.lua, `index_neighbour`): when an item
 enters a session's recent items, the session (by `session_token`) records the item, and
 the item records the session, each with the time. Serving scores it inside its one read
-(common/speed_state.py, READ_STATE); ranker training keeps the same index in memory
+(common/read_state.lua); ranker training keeps the same index in memory
 (`NeighbourIndex`) and scores it with `score_neighbours`. A parity test holds the two equal.
 
 Scoring, for the current session's recent items ("seeds"):

@@ -1,6 +1,6 @@
 """Ordered co-visitation ("a followed by b within n steps, weighted by the gap"), the one definition.
 
-The speed layer's event script (speed_layer/scripts.py, `covisit`) applies this rule in Redis; the
+The speed layer's event script (speed_layer/apply_events.lua, `covisit`) applies this rule in Redis; the
 batch layer and ranker training apply it here, in Python, over the event log in arrival order. A
 test holds the two to the same numbers.
 

@@ -8,7 +8,6 @@ categories' bestsellers) inside Redis. Only a device that has logged in costs a 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from redis.exceptions import NoScriptError
 
 from common import redis_keys
 from common.features import POP_DAYS, day_index
+from common.lua import load_script
 
 # Forward decay: scores are stored as w·2^((t − EPOCH)/half-life) so one sorted set ranks by decayed
 # weight at any moment without rewriting old entries. The epoch keeps exponents small (< 2^1000 for
@@ -180,133 +180,8 @@ def read_heartbeats(client: redis.Redis) -> dict[str, float]:
 
 # ---------------------------------------------------------------- the read script
 
-# One read-only script gathers what depends on earlier answers (the alias, the latest session, the
-# session's items and preferred categories) without more round trips. Key names come from
-# redis_keys as prefix/suffix templates, so this file stays the only place that spells them.
-# KEYS: 1 alias  2 person sessions  3 person items  4 purchases  5 delta  6 delta count  7 speed version
-#       8 trending top  9 out of stock  10 promoted
-# ARGV: 1 session ('' = the latest)  2 trending_n  3 covis_n  4 bestsellers_n  5 top categories
-#       6..13 prefix/suffix of the session's recent, cats, cart, counts keys  14/15 covis key
-#       16/17 bestsellers key  18/19 neighbour-session key  20/21 item's neighbour-sessions key
-#       22 the person id (for the session's token)  23 neighbour sample  24 neighbour k  25 neighbours n (0: off)
-#       26 number of explicit covis items (-1: the session's items)  27 neighbour sessions read per item
-#       (its newest), then the explicit covis items, then the explicit categories.
-# Returns: alias, session, recent, cats, cart, counts, person items, purchases, delta, delta count,
-# speed version, trending, {item, covis}..., {category, bestsellers}..., out of stock, promoted,
-# neighbours (item, score as text, ...: common/neighbours.py scores the same way).
-READ_STATE = r"""
-local alias = redis.call('GET', KEYS[1])
-local session = ARGV[1]
-if session == '' then session = redis.call('ZREVRANGE', KEYS[2], 0, 0)[1] or false end
-local function session_key(i)
-  return ARGV[4 + 2 * i] .. session .. ARGV[5 + 2 * i]
-end
-local recent, cats, cart, counts = {}, {}, {}, {}
-if session then
-  recent = redis.call('ZRANGE', session_key(1), 0, -1, 'WITHSCORES')
-  cats = redis.call('HGETALL', session_key(2))
-  cart = redis.call('HGETALL', session_key(3))
-  counts = redis.call('HGETALL', session_key(4))
-end
-
-local covis_n, n_items = tonumber(ARGV[3]), tonumber(ARGV[26])
-local seeds = {}
-if n_items < 0 then
-  for i = 1, #recent, 2 do seeds[#seeds + 1] = recent[i] end
-else
-  for i = 1, n_items do seeds[#seeds + 1] = ARGV[27 + i] end
-end
-local covis = {}
-for _, item in ipairs(seeds) do
-  covis[#covis + 1] = {item, redis.call('ZREVRANGE', ARGV[14] .. item .. ARGV[15], 0, covis_n - 1, 'WITHSCORES')}
-end
-
-local wanted, chosen = {}, {}
-for i = 28 + math.max(n_items, 0), #ARGV do
-  if not chosen[ARGV[i]] then chosen[ARGV[i]] = true; wanted[#wanted + 1] = ARGV[i] end
-end
-local preferred = {}
-for i = 1, #cats, 2 do
-  local weight = tonumber(cats[i + 1])
-  if string.sub(cats[i], 1, 1) ~= '_' and weight and weight > 0 then preferred[#preferred + 1] = {cats[i], weight} end
-end
-table.sort(preferred, function(x, y) return x[2] > y[2] end)
-for i = 1, math.min(tonumber(ARGV[5]), #preferred) do
-  local category = preferred[i][1]
-  if not chosen[category] then chosen[category] = true; wanted[#wanted + 1] = category end
-end
-local best, best_n = {}, tonumber(ARGV[4])
-for _, category in ipairs(wanted) do
-  best[#best + 1] = {category, redis.call('ZREVRANGE', ARGV[16] .. category .. ARGV[17], 0, best_n - 1, 'WITHSCORES')}
-end
-
--- Session neighbours of the session's recent items (common/neighbours.py is the definition).
-local function by_then(value)
-  return function(x, y)
-    if value[x] ~= value[y] then return value[x] > value[y] end
-    return x < y
-  end
-end
-local neighbours = {}
-local nb_n = tonumber(ARGV[25])
-if nb_n > 0 and session and #recent > 0 then
-  local size, at, ordered, is_seed = #recent / 2, {}, {}, {}
-  for i = 1, #recent, 2 do
-    at[recent[i]] = tonumber(recent[i + 1]); ordered[#ordered + 1] = recent[i]; is_seed[recent[i]] = true
-  end
-  table.sort(ordered, by_then(at))
-  local own = string.sub(redis.sha1hex(ARGV[22] .. '\0' .. session), 1, 16)
-  local latest, dot, candidates = {}, {}, {}
-  for rank, seed in ipairs(ordered) do
-    local weight = (size - rank + 1) / size
-    local row = redis.call('ZREVRANGE', ARGV[20] .. seed .. ARGV[21], 0, tonumber(ARGV[27]) - 1, 'WITHSCORES')
-    for i = 1, #row, 2 do
-      local token, t = row[i], tonumber(row[i + 1])
-      if token ~= own then
-        if latest[token] == nil then candidates[#candidates + 1] = token; dot[token] = 0 end
-        if latest[token] == nil or t > latest[token] then latest[token] = t end
-        dot[token] = dot[token] + weight
-      end
-    end
-  end
-  table.sort(candidates, by_then(latest))
-  local similarity, members, nearest = {}, {}, {}
-  for i = 1, math.min(tonumber(ARGV[23]), #candidates) do
-    local token = candidates[i]
-    local items = redis.call('ZRANGE', ARGV[18] .. token .. ARGV[19], 0, -1)
-    if #items > 0 then
-      members[token] = items
-      similarity[token] = dot[token] / math.sqrt(size * #items)
-      nearest[#nearest + 1] = token
-    end
-  end
-  table.sort(nearest, by_then(similarity))
-  local scores, listed = {}, {}
-  for i = 1, math.min(tonumber(ARGV[24]), #nearest) do
-    local token = nearest[i]
-    for _, item in ipairs(members[token]) do
-      if not is_seed[item] then
-        if scores[item] == nil then scores[item] = 0; listed[#listed + 1] = item end
-        scores[item] = scores[item] + similarity[token]
-      end
-    end
-  end
-  table.sort(listed, by_then(scores))
-  for i = 1, math.min(nb_n, #listed) do
-    neighbours[#neighbours + 1] = listed[i]
-    neighbours[#neighbours + 1] = string.format('%.17g', scores[listed[i]])
-  end
-end
-
-return {
-  alias, session, recent, cats, cart, counts,
-  redis.call('HGETALL', KEYS[3]), redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES'),
-  redis.call('GET', KEYS[5]), redis.call('GET', KEYS[6]), redis.call('GET', KEYS[7]),
-  redis.call('ZREVRANGE', KEYS[8], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES'),
-  covis, best, redis.call('SMEMBERS', KEYS[9]), redis.call('SMEMBERS', KEYS[10]), neighbours,
-}
-"""
-_READ_STATE_SHA = hashlib.sha1(READ_STATE.encode()).hexdigest()
+# Serving's one read-only script (read_state.lua beside this file declares its KEYS and ARGV).
+READ_STATE = load_script("common", "read_state.lua")
 
 
 def _run_read(
@@ -327,32 +202,43 @@ def _run_read(
 ) -> tuple[list[Any], list[Any]]:
     """The script's reply and the day counts' replies, in one pipeline (loading the script once if needed)."""
     version = model_version or ""  # no version: a delta key that never exists
-    keys = [
-        redis_keys.alias(anonymous_id or person_id), redis_keys.person_sessions(person_id),
-        redis_keys.person_items(person_id), redis_keys.person_purchases(person_id),
-        redis_keys.user_delta(person_id, version), redis_keys.user_event_count(person_id, version),
-        redis_keys.SPEED_VERSION, redis_keys.TRENDING_TOP, redis_keys.OUT_OF_STOCK, redis_keys.PROMOTED,
-    ]  # fmt: skip
-    args: list[Any] = [session_id or "", trending_n, covis_n, bestsellers_n, top_categories]
-    for key_of in (redis_keys.session_recent, redis_keys.session_categories, redis_keys.session_cart,
-                   redis_keys.session_counts):  # fmt: skip
-        args += redis_keys.template(key_of, person_id)
-    args += redis_keys.template(redis_keys.covisitation)
-    args += redis_keys.template(redis_keys.category_bestsellers)
-    args += redis_keys.template(redis_keys.neighbour_session) + redis_keys.template(redis_keys.item_sessions)
+    keys = READ_STATE.keys.pack(
+        alias=redis_keys.alias(anonymous_id or person_id), person_sessions=redis_keys.person_sessions(person_id),
+        person_items=redis_keys.person_items(person_id), purchases=redis_keys.person_purchases(person_id),
+        delta=redis_keys.user_delta(person_id, version), delta_count=redis_keys.user_event_count(person_id, version),
+        speed_version=redis_keys.SPEED_VERSION, trending_top=redis_keys.TRENDING_TOP,
+        out_of_stock=redis_keys.OUT_OF_STOCK, promoted=redis_keys.PROMOTED,
+    )  # fmt: skip
+    recent = redis_keys.template(redis_keys.session_recent, person_id)
+    cats = redis_keys.template(redis_keys.session_categories, person_id)
+    cart = redis_keys.template(redis_keys.session_cart, person_id)
+    counts = redis_keys.template(redis_keys.session_counts, person_id)
+    covis = redis_keys.template(redis_keys.covisitation)
+    bestsellers = redis_keys.template(redis_keys.category_bestsellers)
+    nb_session = redis_keys.template(redis_keys.neighbour_session)
+    nb_item = redis_keys.template(redis_keys.item_sessions)
     query = neighbours or NeighbourQuery(sample=0, k=0, n=0, per_item=0)
-    args += [person_id, query.sample, query.k, query.n]
-    args += [-1 if covis_items is None else len(covis_items), query.per_item, *(covis_items or ())]
-    args += list(categories)
+    args = READ_STATE.argv.pack(
+        session=session_id or "", trending_n=trending_n, covis_n=covis_n, bestsellers_n=bestsellers_n,
+        top_categories=top_categories, recent_prefix=recent[0], recent_suffix=recent[1], cats_prefix=cats[0],
+        cats_suffix=cats[1], cart_prefix=cart[0], cart_suffix=cart[1], counts_prefix=counts[0],
+        counts_suffix=counts[1], covis_prefix=covis[0], covis_suffix=covis[1], bestsellers_prefix=bestsellers[0],
+        bestsellers_suffix=bestsellers[1], nb_session_prefix=nb_session[0], nb_session_suffix=nb_session[1],
+        nb_item_prefix=nb_item[0], nb_item_suffix=nb_item[1], person=person_id, neighbour_sample=query.sample,
+        neighbour_k=query.k, neighbour_n=query.n,
+        covis_items_given=-1 if covis_items is None else len(covis_items), neighbour_per_item=query.per_item,
+        covis_item=covis_items or (), category=categories,
+    )  # fmt: skip
+    READ_STATE.check(keys, args, covis_items=len(covis_items or ()), categories=len(categories))
 
     for attempt in range(2):
         pipe = client.pipeline(transaction=False)
-        pipe.execute_command("EVALSHA_RO", _READ_STATE_SHA, len(keys), *keys, *args)
+        pipe.execute_command("EVALSHA_RO", READ_STATE.sha, len(keys), *keys, *args)
         for day in days:
             pipe.zmscore(redis_keys.popularity_day(day), list(candidate_items))
         replies = pipe.execute(raise_on_error=False)
         if isinstance(replies[0], NoScriptError) and attempt == 0:
-            client.script_load(READ_STATE)  # a restarted Redis forgot it
+            client.script_load(READ_STATE.source)  # a restarted Redis forgot it
             continue
         for reply in replies:
             if isinstance(reply, Exception):

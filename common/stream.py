@@ -17,39 +17,15 @@ from pydantic_core import to_json
 
 from common import redis_keys
 from common.events import PERSON_ID_FIELDS, Event
+from common.lua import load_script
 
 FIELD = "e"
 DEAD_LETTER_FIELD = "raw"
 SCAN_CHUNK = 2000  # entries per XRANGE while looking for a person's entries (a few ms of Redis each)
 Entries = list[tuple[bytes, dict[bytes, bytes]]]  # as XRANGE answers (clients answer bytes)
 
-# KEYS[1] the stream; ARGV[1] the retention in ms. Entry ids are the server's clock in ms, so
-# "older than the retention" is "below now - retention" in id order. No entry a consumer group
-# still needs goes: for each group, its oldest pending (delivered, unacknowledged) entry, or,
-# with none pending, the last one delivered to it (everything after is undelivered). With no
-# group, age alone decides. MINID ~ frees whole radix-tree nodes only: cheap, and never more.
-TRIM_SCRIPT = """
-local function before(a, b)
-  local a_ms, a_seq = string.match(a, '^(%d+)-(%d+)$')
-  local b_ms, b_seq = string.match(b, '^(%d+)-(%d+)$')
-  a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
-  if a_ms ~= b_ms then return a_ms < b_ms end
-  return tonumber(a_seq) < tonumber(b_seq)
-end
-
-local now = redis.call('TIME')
-local bound = string.format('%d-0', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[1]))
-for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local group = {}
-  for i = 1, #flat, 2 do group[flat[i]] = flat[i + 1] end
-  local needed = group['last-delivered-id']
-  if group['pending'] > 0 then
-    needed = redis.call('XPENDING', KEYS[1], group['name'])[2]
-  end
-  if before(needed, bound) then bound = needed end
-end
-return redis.call('XTRIM', KEYS[1], 'MINID', '~', bound)
-"""
+# Trims by age, never below what a consumer group still needs (trim_stream.lua beside this file).
+TRIM_STREAM = load_script("common", "trim_stream.lua")
 
 
 # KEYS[1] the stream; ARGV[1] the group, ARGV[2] the idle time in ms, ARGV[3] the caller (kept).
@@ -78,8 +54,10 @@ def append_events(client: redis.Redis, events: Sequence[Event], stream: str, ret
     key = redis_keys.stream(stream)
     for event in events:
         pipe.xadd(key, {FIELD: event.model_dump_json(exclude_none=True)})
+    keys, args = TRIM_STREAM.keys.pack(stream=key), TRIM_STREAM.argv.pack(retention_ms=retention_ms)
+    TRIM_STREAM.check(keys, args)
     # EVAL rather than a registered script: a pipeline checks SCRIPT EXISTS first, one more round trip.
-    pipe.eval(TRIM_SCRIPT, 1, key, retention_ms)
+    pipe.eval(TRIM_STREAM.source, len(keys), *keys, *args)
     *ids, _trimmed = pipe.execute()
     return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 

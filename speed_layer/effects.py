@@ -32,6 +32,13 @@ from speed_layer.sender import Lane
 
 log = logging.getLogger(__name__)
 
+# Builders of the scripts' blocks by their declared names (speed_layer/*.lua headers).
+_EVENT_KEYS = APPLY_EVENTS.keys.packer("event")
+_EVENT_ARGS = APPLY_EVENTS.argv.packer("event")
+_VERSION_KEYS = APPLY_EVENTS.keys.packer("per_version")
+_VERSION_ARGS = APPLY_EVENTS.argv.packer("per_version")
+_MERGE_SESSION_KEYS = MERGE_IDENTITY.keys.packer("session")
+
 NO_SESSION = "_"  # session id of events sent without one
 
 
@@ -147,7 +154,7 @@ class StateRead:
 
 
 class Applier:
-    """Applies events' effects exactly once; see APPLY_EVENTS for the atomic part.
+    """Applies events' effects exactly once; see apply_events.lua for the atomic part.
 
     `apply` does a batch from start to end. The consumer's loop overlaps batches instead: `start`
     plans a batch and writes its script calls, `finish` reads their replies later, so Python plans
@@ -171,13 +178,17 @@ class Applier:
         self.in_flight: list[Started] = []
         self.recent: deque[Started] = deque(maxlen=4)  # started batches, finished or not, for overlays
         self.started = 0
-        self.apply_sha = client.script_load(APPLY_EVENTS)
-        # The script builds the co-visitation keys of a session's other items from this template.
-        self.covis_template = redis_keys.template(redis_keys.covisitation)
-        self.neighbour_templates = [
-            *redis_keys.template(redis_keys.neighbour_session), *redis_keys.template(redis_keys.item_sessions)
-        ]
-        self.merge_script = client.register_script(MERGE_IDENTITY)
+        client.script_load(APPLY_EVENTS.source)
+        # The script builds keys it only learns inside Redis (a session's other items) from these.
+        covis, nb_session, nb_item = (
+            redis_keys.template(key_of)
+            for key_of in (redis_keys.covisitation, redis_keys.neighbour_session, redis_keys.item_sessions)
+        )
+        self.key_templates = dict(
+            covis_prefix=covis[0], covis_suffix=covis[1], nb_session_prefix=nb_session[0],
+            nb_session_suffix=nb_session[1], nb_item_prefix=nb_item[0], nb_item_suffix=nb_item[1],
+        )  # fmt: skip
+        self.merge_script = client.register_script(MERGE_IDENTITY.source)
 
     # ------------------------------------------------------------ batches
 
@@ -306,10 +317,14 @@ class Applier:
         for first in range(0, len(batch), chunk):
             part = range(first, min(first + chunk, len(batch)))
             keys: list[str] = []
-            args: list[object] = [*self._chunk_constants(len(part), started.base, models[:2])]
+            event_args: list[object] = []
             for j in part:
-                planner.plan(j, keys, args)
-            self.lane.send("EVALSHA", self.apply_sha, len(keys), *keys, *args)
+                planner.plan(j, keys, event_args)
+            args = APPLY_EVENTS.argv.pack(
+                **self._chunk_constants(len(part), started.base, models[:2]), event=event_args
+            )
+            APPLY_EVENTS.check(keys, args)
+            self.lane.send("EVALSHA", APPLY_EVENTS.sha, len(keys), *keys, *args)
         return _Sent(todo, persons, sessions, expected)
 
     def _collect(self, started: Started, sent: _Sent) -> list[int]:
@@ -322,7 +337,7 @@ class Applier:
         retry: list[int] = []
         for part, reply in zip(parts, self.lane.read(len(parts)), strict=True):
             if isinstance(reply, NoScriptError):  # Redis restarted and lost its scripts: nothing ran
-                self.apply_sha = self.client.script_load(APPLY_EVENTS)
+                self.client.script_load(APPLY_EVENTS.source)
                 reply = []
             elif isinstance(reply, Exception):  # the call itself was refused: nothing ran
                 reply = [str(reply).encode()] + [-1] * (len(part) - 1)
@@ -343,14 +358,17 @@ class Applier:
 
     def _chunk_constants(
         self, events: int, base: bool, models: Sequence[ModelArtifacts]
-    ) -> tuple[object, ...]:
+    ) -> dict[str, object]:
+        """The chunk's ARGV head and version names, by the script's names."""
         speed = self.speed
-        return (
-            events, 1 if base else 0, speed.session_ttl_s, speed.recent_items, speed.dedup_ttl_s,
-            speed.affinity_half_life_s, speed.history_ttl_s, speed.purchases_kept, speed.bestsellers_top_n,
-            speed.covis_top_n, speed.dedup_ttl_s, *self.covis_template, speed.covis_steps,
-            *self.neighbour_templates, speed.neighbour_sessions_per_item, speed.neighbour_session_ttl_s,
-            len(models), *(m.version for m in models),
+        return dict(
+            **self.key_templates,
+            event_count=events, apply_base=1 if base else 0, session_ttl=speed.session_ttl_s,
+            recent_n=speed.recent_items, dedup_ttl=speed.dedup_ttl_s, affinity_half_life=speed.affinity_half_life_s,
+            history_ttl=speed.history_ttl_s, purchases_kept=speed.purchases_kept,
+            bestsellers_kept=speed.bestsellers_top_n, covis_kept=speed.covis_top_n, delta_ttl=speed.dedup_ttl_s,
+            covis_window=speed.covis_steps, nb_kept=speed.neighbour_sessions_per_item, nb_ttl=speed.neighbour_session_ttl_s,
+            n_versions=len(models), version=[m.version for m in models],
         )  # fmt: skip
 
     def _send_state_reads(
@@ -432,40 +450,44 @@ class Applier:
             result.erased += 1  # linking an erased user or device would bring their state back
             return
         sessions = [s.decode() for s in self.client.zrange(redis_keys.person_sessions(device), 0, -1)]
-        keys = [
-            redis_keys.seen_events(user),
-            redis_keys.seen_events(device),
-            redis_keys.alias(device),
-            redis_keys.person_sessions(device),
-            redis_keys.person_sessions(user),
-            redis_keys.person_items(device),
-            redis_keys.person_items(user),
-            redis_keys.person_purchases(device),
-            redis_keys.person_purchases(user),
-            redis_keys.person_devices(user),
-        ]
+        session_keys: list[str] = []
         for session in sessions:
-            for person in (device, user):
-                keys += [
-                    redis_keys.session_recent(person, session),
-                    redis_keys.session_categories(person, session),
-                    redis_keys.session_cart(person, session),
-                    redis_keys.session_counts(person, session),
-                ]
-        speed = self.speed
-        try:
-            merged = self.merge_script(
-                keys=keys,
-                args=[
-                    user,
-                    speed.history_ttl_s,
-                    speed.session_ttl_s,
-                    speed.dedup_ttl_s,
-                    speed.affinity_half_life_s,
-                    redis_keys.seen_field(event.event_id),
-                    device,
-                ],
+            session_keys += _MERGE_SESSION_KEYS(
+                recent_device=redis_keys.session_recent(device, session),
+                cats_device=redis_keys.session_categories(device, session),
+                cart_device=redis_keys.session_cart(device, session),
+                counts_device=redis_keys.session_counts(device, session),
+                recent_user=redis_keys.session_recent(user, session),
+                cats_user=redis_keys.session_categories(user, session),
+                cart_user=redis_keys.session_cart(user, session),
+                counts_user=redis_keys.session_counts(user, session),
             )
+        keys = MERGE_IDENTITY.keys.pack(
+            seen_user=redis_keys.seen_events(user),
+            seen_device=redis_keys.seen_events(device),
+            alias_device=redis_keys.alias(device),
+            sessions_device=redis_keys.person_sessions(device),
+            sessions_user=redis_keys.person_sessions(user),
+            items_device=redis_keys.person_items(device),
+            items_user=redis_keys.person_items(user),
+            purchases_device=redis_keys.person_purchases(device),
+            purchases_user=redis_keys.person_purchases(user),
+            devices_user=redis_keys.person_devices(user),
+            session=session_keys,
+        )
+        speed = self.speed
+        args = MERGE_IDENTITY.argv.pack(
+            user_id=user,
+            history_ttl=speed.history_ttl_s,
+            session_ttl=speed.session_ttl_s,
+            dedup_ttl=speed.dedup_ttl_s,
+            affinity_half_life=speed.affinity_half_life_s,
+            identify_mark=redis_keys.seen_field(event.event_id),
+            anonymous_id=device,
+        )
+        MERGE_IDENTITY.check(keys, args, sessions=len(sessions))
+        try:
+            merged = self.merge_script(keys=keys, args=args)
         except redis.ResponseError as exc:
             result.failed[index] = f"identify merge failed: {exc}"
             return
@@ -477,7 +499,7 @@ class Applier:
 
 
 class _Planner:
-    """Plans one batch's events into the script's key and value blocks (see APPLY_EVENTS).
+    """Plans one batch's events into the script's key and value blocks (see apply_events.lua).
 
     Deltas chain in memory through the batch: a person's second event plans on the delta their
     first one will write. Key names are built once per person, session and item.
@@ -569,11 +591,15 @@ class _Planner:
         version_args: list[object] = []
         for model, steps in self.deltas:
             step = steps.get(j)
-            version_keys += [
-                redis_keys.user_delta(person, model.version),
-                redis_keys.user_event_count(person, model.version),
-            ]
-            version_args += ["", 0] if step is None else [step[0].astype("<f4").tobytes(), step[1]]
+            version_keys += _VERSION_KEYS(
+                delta=redis_keys.user_delta(person, model.version),
+                delta_count=redis_keys.user_event_count(person, model.version),
+            )
+            version_args += (
+                _VERSION_ARGS(delta="", delta_count=0)
+                if step is None
+                else _VERSION_ARGS(delta=step[0].astype("<f4").tobytes(), delta_count=step[1])
+            )
 
         bucket = int(ts // speed.trending_bucket_s) * speed.trending_bucket_s
         trend_expire = bucket + speed.trending_window_s + speed.trending_bucket_s
@@ -583,25 +609,25 @@ class _Planner:
         if category and event.event_type.value in BESTSELLER_EVENTS:
             best = weight * (event.quantity or 1) * forward_decay(ts, speed.bestsellers_half_life_s)
 
-        keys += [
-            self._seen_key(person),
-            *self._person_keys(person, session),
-            redis_keys.trending_bucket(bucket),
-            redis_keys.popularity_day(day),
-            redis_keys.category_bestsellers(category or "-"),
-            self._covis_key(item or "-"),
-            *version_keys,
-        ]
-        args += [
-            event.event_type.value, item, session, repr(ts), repr(weight), event.quantity or 1, category,
-            trend_expire if trend_expire > self.now else 0,
-            pop_expire if pop_expire > self.now else 0,
-            repr(best), event.event_id, self._token(person, session),
-            *version_args,
-        ]  # fmt: skip
+        recent, cats, cart, counts, sessions, person_items, purchases = self._person_keys(person, session)
+        keys += _EVENT_KEYS(
+            seen=self._seen_key(person), recent=recent, cats=cats, cart=cart, counts=counts, sessions=sessions,
+            person_items=person_items, purchases=purchases, trend_bucket=redis_keys.trending_bucket(bucket),
+            popularity_day=redis_keys.popularity_day(day),
+            category_bestsellers=redis_keys.category_bestsellers(category or "-"),
+            covis=self._covis_key(item or "-"), per_version=version_keys,
+        )  # fmt: skip
+        args += _EVENT_ARGS(
+            event_type=event.event_type.value, item=item, session=session, ts=repr(ts), weight=repr(weight),
+            quantity=event.quantity or 1, category=category,
+            trend_expireat=trend_expire if trend_expire > self.now else 0,
+            popularity_expireat=pop_expire if pop_expire > self.now else 0,
+            bestseller_increment=repr(best), event_id=event.event_id, session_token=self._token(person, session),
+            per_version=version_args,
+        )  # fmt: skip
 
     def _person_keys(self, person: str, session: str) -> list[str]:
-        """recent, cats, cart, counts, sessions, person_items, purchases (the script's keys 2..8)."""
+        """recent, cats, cart, counts, sessions, person_items, purchases (as `plan` names them)."""
         found = self.person_keys.get((person, session))
         if found is None:
             found = self.person_keys[(person, session)] = [

@@ -1,0 +1,130 @@
+-- Serving's read of one person's speed state (common/speed_state.py): gathers what depends on earlier
+-- answers (the alias, the latest session, the session's items and preferred categories) without more
+-- round trips. Key names come from redis_keys as prefix/suffix templates, so common/redis_keys.py
+-- stays the only place that spells them.
+--
+-- KEYS: alias person_sessions person_items purchases delta delta_count speed_version trending_top
+--       out_of_stock promoted
+-- ARGV: session trending_n covis_n bestsellers_n top_categories recent_prefix recent_suffix
+--       cats_prefix cats_suffix cart_prefix cart_suffix counts_prefix counts_suffix covis_prefix
+--       covis_suffix bestsellers_prefix bestsellers_suffix nb_session_prefix nb_session_suffix
+--       nb_item_prefix nb_item_suffix person neighbour_sample neighbour_k neighbour_n covis_items_given
+--       neighbour_per_item covis_item*covis_items category*categories
+--
+-- session: '' for the person's latest. covis_items_given: how many covis_item values follow, or -1
+-- for the session's own items (then none follow). neighbour_n: 0 turns session neighbours off;
+-- neighbour_per_item: each seed's newest sessions read. category: explicit categories, read beside
+-- the session's top_categories preferred ones.
+-- Returns: alias, session, recent, cats, cart, counts, person items, purchases, delta, delta count,
+-- speed version, trending, {item, covis}..., {category, bestsellers}..., out of stock, promoted,
+-- neighbours (item, score as text, ...: common/neighbours.py scores the same way).
+local alias = redis.call('GET', KEYS[1])
+local session = ARGV[1]
+if session == '' then session = redis.call('ZREVRANGE', KEYS[2], 0, 0)[1] or false end
+local function session_key(i)
+  return ARGV[4 + 2 * i] .. session .. ARGV[5 + 2 * i]
+end
+local recent, cats, cart, counts = {}, {}, {}, {}
+if session then
+  recent = redis.call('ZRANGE', session_key(1), 0, -1, 'WITHSCORES')
+  cats = redis.call('HGETALL', session_key(2))
+  cart = redis.call('HGETALL', session_key(3))
+  counts = redis.call('HGETALL', session_key(4))
+end
+
+local covis_n, n_items = tonumber(ARGV[3]), tonumber(ARGV[26])
+local seeds = {}
+if n_items < 0 then
+  for i = 1, #recent, 2 do seeds[#seeds + 1] = recent[i] end
+else
+  for i = 1, n_items do seeds[#seeds + 1] = ARGV[ARGV_HEAD + i] end
+end
+local covis = {}
+for _, item in ipairs(seeds) do
+  covis[#covis + 1] = {item, redis.call('ZREVRANGE', ARGV[14] .. item .. ARGV[15], 0, covis_n - 1, 'WITHSCORES')}
+end
+
+local wanted, chosen = {}, {}
+for i = ARGV_HEAD + 1 + math.max(n_items, 0), #ARGV do
+  if not chosen[ARGV[i]] then chosen[ARGV[i]] = true; wanted[#wanted + 1] = ARGV[i] end
+end
+local preferred = {}
+for i = 1, #cats, 2 do
+  local weight = tonumber(cats[i + 1])
+  if string.sub(cats[i], 1, 1) ~= '_' and weight and weight > 0 then preferred[#preferred + 1] = {cats[i], weight} end
+end
+table.sort(preferred, function(x, y) return x[2] > y[2] end)
+for i = 1, math.min(tonumber(ARGV[5]), #preferred) do
+  local category = preferred[i][1]
+  if not chosen[category] then chosen[category] = true; wanted[#wanted + 1] = category end
+end
+local best, best_n = {}, tonumber(ARGV[4])
+for _, category in ipairs(wanted) do
+  best[#best + 1] = {category, redis.call('ZREVRANGE', ARGV[16] .. category .. ARGV[17], 0, best_n - 1, 'WITHSCORES')}
+end
+
+-- Session neighbours of the session's recent items (common/neighbours.py is the definition).
+local function by_then(value)
+  return function(x, y)
+    if value[x] ~= value[y] then return value[x] > value[y] end
+    return x < y
+  end
+end
+local neighbours = {}
+local nb_n = tonumber(ARGV[25])
+if nb_n > 0 and session and #recent > 0 then
+  local size, at, ordered, is_seed = #recent / 2, {}, {}, {}
+  for i = 1, #recent, 2 do
+    at[recent[i]] = tonumber(recent[i + 1]); ordered[#ordered + 1] = recent[i]; is_seed[recent[i]] = true
+  end
+  table.sort(ordered, by_then(at))
+  local own = string.sub(redis.sha1hex(ARGV[22] .. '\0' .. session), 1, 16)
+  local latest, dot, candidates = {}, {}, {}
+  for rank, seed in ipairs(ordered) do
+    local weight = (size - rank + 1) / size
+    local row = redis.call('ZREVRANGE', ARGV[20] .. seed .. ARGV[21], 0, tonumber(ARGV[27]) - 1, 'WITHSCORES')
+    for i = 1, #row, 2 do
+      local token, t = row[i], tonumber(row[i + 1])
+      if token ~= own then
+        if latest[token] == nil then candidates[#candidates + 1] = token; dot[token] = 0 end
+        if latest[token] == nil or t > latest[token] then latest[token] = t end
+        dot[token] = dot[token] + weight
+      end
+    end
+  end
+  table.sort(candidates, by_then(latest))
+  local similarity, members, nearest = {}, {}, {}
+  for i = 1, math.min(tonumber(ARGV[23]), #candidates) do
+    local token = candidates[i]
+    local items = redis.call('ZRANGE', ARGV[18] .. token .. ARGV[19], 0, -1)
+    if #items > 0 then
+      members[token] = items
+      similarity[token] = dot[token] / math.sqrt(size * #items)
+      nearest[#nearest + 1] = token
+    end
+  end
+  table.sort(nearest, by_then(similarity))
+  local scores, listed = {}, {}
+  for i = 1, math.min(tonumber(ARGV[24]), #nearest) do
+    local token = nearest[i]
+    for _, item in ipairs(members[token]) do
+      if not is_seed[item] then
+        if scores[item] == nil then scores[item] = 0; listed[#listed + 1] = item end
+        scores[item] = scores[item] + similarity[token]
+      end
+    end
+  end
+  table.sort(listed, by_then(scores))
+  for i = 1, math.min(nb_n, #listed) do
+    neighbours[#neighbours + 1] = listed[i]
+    neighbours[#neighbours + 1] = string.format('%.17g', scores[listed[i]])
+  end
+end
+
+return {
+  alias, session, recent, cats, cart, counts,
+  redis.call('HGETALL', KEYS[3]), redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES'),
+  redis.call('GET', KEYS[5]), redis.call('GET', KEYS[6]), redis.call('GET', KEYS[7]),
+  redis.call('ZREVRANGE', KEYS[8], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES'),
+  covis, best, redis.call('SMEMBERS', KEYS[9]), redis.call('SMEMBERS', KEYS[10]), neighbours,
+}

@@ -1,0 +1,301 @@
+-- Apply a chunk of events in order, each with its dedup markers, as a one-event script would
+-- (speed_layer/effects.py plans them; speed_layer/scripts.py says why one script).
+--
+-- KEYS: event*event_count
+-- KEYS event: seen recent cats cart counts sessions person_items purchases trend_bucket popularity_day
+--       category_bestsellers covis per_version*n_versions
+-- KEYS per_version: delta delta_count
+-- ARGV: event_count apply_base session_ttl recent_n dedup_ttl affinity_half_life history_ttl purchases_kept
+--       bestsellers_kept covis_kept delta_ttl covis_prefix covis_suffix covis_window nb_session_prefix
+--       nb_session_suffix nb_item_prefix nb_item_suffix nb_kept nb_ttl n_versions
+--       version*n_versions event*event_count
+-- ARGV event: event_type item session ts weight quantity category trend_expireat popularity_expireat
+--       bestseller_increment event_id session_token per_version*n_versions
+-- ARGV per_version: delta delta_count
+--
+-- apply_base: 1 or 0 (a version-switch replay writes deltas only). covis_*: the co-visitation key
+-- around an item id; nb_session_*: a neighbour-session key around a session token; nb_item_*: an
+-- item's neighbour-sessions key around the item id; nb_kept: sessions kept per item (0: session-kNN
+-- off). n_versions (0-2): the model versions whose deltas the chunk updates, named by `version`.
+-- Per event: trend_expireat, popularity_expireat, bestseller_increment (0: skip that counter);
+-- session_token is common.neighbours.session_token; per version the new delta ('': none for this
+-- event) and the delta count it replaces. KEYS' covis is declared for Redis Cluster slot planning
+-- (the rule writes earlier items' rows); the co-visitation keys of the session's other items are
+-- built from the template: which items those are is only known here, from the session's live
+-- recent items.
+-- Returns one reply per event, in order: -1 when a delta's event count moved since the caller read
+-- it (nothing of that event applied; re-read and retry), else a bit mask: 1 version-free effects,
+-- 2 the first version's delta, 4 the second's (0: a duplicate). An event whose effects raised an
+-- error gets the error text and ends the list: the events after it were not applied (retry them).
+-- When some of the chunk's deferred writes failed, the list ends with a one-element list saying
+-- which (the events are applied; only those keys' shares are lost).
+--
+-- Every write that nothing later in the chunk reads back is deferred and written once per key at
+-- the end: counters are summed, a delta and its count keep their last value, markers are gathered
+-- per person (stamped with Redis' clock; those older than dedup_ttl are dropped), sessions keep
+-- their latest time, TTLs are set once. Events of one person and one session come in runs, so this
+-- turns ~20 commands per event into ~10, and a command inside a script costs more than the work it does.
+local n_events, apply_base = tonumber(ARGV[1]), ARGV[2] == '1'
+local session_ttl, recent_n, dedup_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local half_life, history_ttl, purchases_kept = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local best_kept, covis_kept, delta_ttl = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
+local covis_prefix, covis_suffix, covis_window = ARGV[12], ARGV[13], tonumber(ARGV[14])
+local nb_session_prefix, nb_session_suffix = ARGV[15], ARGV[16]
+local nb_item_prefix, nb_item_suffix = ARGV[17], ARGV[18]
+local nb_kept, nb_ttl = tonumber(ARGV[19]), tonumber(ARGV[20])
+local n_versions = tonumber(ARGV[ARGV_HEAD])
+local versions = {}
+for v = 1, n_versions do versions[v] = ARGV[ARGV_HEAD + v] end
+local event_args = ARGV_EVENT + ARGV_PER_VERSION * n_versions
+local event_keys = KEYS_EVENT + KEYS_PER_VERSION * n_versions
+local now = tonumber(redis.call('TIME')[1])
+
+-- Deferred writes. zincr/hincr/hcount: key -> member -> increment; zset: key -> member -> score (the
+-- last one written wins); expire_in/expire_at: key -> TTL / unix time; trims: key -> members kept
+-- (when twice as many); recent_trims: per-session sorted sets cut to their recent_n newest.
+local zincr, hincr, hcount, zset, expire_in, expire_at, trims, recent_trims = {}, {}, {}, {}, {}, {}, {}, {}
+-- Read-through state of this chunk: marks set (seen key -> field -> true), delta counts and values,
+-- sessions' latest times ({key, session, written, latest}), affinity reference times.
+local marks_now, counts, count_dirty, deltas, sessions_now, cats_t0 = {}, {}, {}, {}, {}, {}
+local function add(map, key, member, by)
+  local t = map[key]
+  if not t then t = {}; map[key] = t end
+  t[member] = (t[member] or 0) + by
+end
+
+-- Ordered co-visitation (common/sequence.py is the definition): a new item in the session is
+-- added to the rows of the session's `covis_window` latest other items, the g-th latest by 1/g.
+local function covisit(recent, item)
+  local gap = 0
+  for _, other in ipairs(redis.call('ZREVRANGE', recent, 0, covis_window)) do
+    if other ~= item and gap < covis_window then
+      gap = gap + 1
+      local other_key = covis_prefix .. other .. covis_suffix
+      add(zincr, other_key, item, 1 / gap)
+      trims[other_key] = covis_kept
+    end
+  end
+end
+
+-- Session-kNN's index (common/neighbours.py reads it the same way): the session's new item joins the
+-- session's neighbour set, and the session joins the item's most recent sessions.
+local function index_neighbour(token, item, ts)
+  local session_key = nb_session_prefix .. token .. nb_session_suffix
+  local item_key = nb_item_prefix .. item .. nb_item_suffix
+  local t = zset[session_key] or {}; zset[session_key] = t; t[item] = ts
+  t = zset[item_key] or {}; zset[item_key] = t; t[token] = ts
+  recent_trims[session_key] = true
+  trims[item_key] = nb_kept
+  expire_in[session_key] = nb_ttl
+  expire_in[item_key] = nb_ttl
+end
+
+-- The session's latest activity; a session new to the person also drops the person's expired ones.
+local function touch_session(sessions, session, ts)
+  local id = sessions .. '\0' .. session
+  local known = sessions_now[id]
+  if known then
+    if ts > known[4] then known[4] = ts end
+  else
+    if redis.call('ZADD', sessions, 'GT', ts, session) == 1 then
+      redis.call('ZREMRANGEBYSCORE', sessions, '-inf', '(' .. (ts - session_ttl))
+    end
+    sessions_now[id] = {sessions, session, ts, ts}
+  end
+  expire_in[sessions] = session_ttl
+end
+
+-- Forward decay: weights are stored scaled by 2^((ts - _t0) / half_life), so an event adds to one
+-- field instead of re-decaying them all; readers only compare categories of one session.
+local function add_affinity(cats, category, weight, ts)
+  local t0 = cats_t0[cats]
+  if not t0 then
+    t0 = tonumber(redis.call('HGET', cats, '_t0') or '')
+    if not t0 then
+      t0 = ts
+      redis.call('HSET', cats, '_t0', ts)
+    end
+  end
+  if (ts - t0) / half_life > 64 then  -- a day-long session: rebase before the scale overflows
+    local pending = hincr[cats] or {}
+    hincr[cats] = nil
+    local shrink = 2 ^ (-(ts - t0) / half_life)
+    local fields = redis.call('HGETALL', cats)
+    for i = 1, #fields, 2 do
+      local name = fields[i]
+      if name ~= '_t0' then
+        redis.call('HSET', cats, name, (tonumber(fields[i + 1]) + (pending[name] or 0)) * shrink)
+        pending[name] = nil
+      end
+    end
+    for name, by in pairs(pending) do redis.call('HSET', cats, name, by * shrink) end
+    t0 = ts
+    redis.call('HSET', cats, '_t0', ts)
+  end
+  cats_t0[cats] = t0
+  add(hincr, cats, category, weight * 2 ^ ((ts - t0) / half_life))
+  expire_in[cats] = session_ttl
+end
+
+-- k, a: the offsets just before this event's blocks, so KEYS[k + i] and ARGV[a + i] are field i.
+local function apply_base_effects(k, a)
+  local etype, item, session = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local ts, weight, quantity, category = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), ARGV[a + 7]
+
+  add(hcount, KEYS[k + 5], etype, 1)
+  expire_in[KEYS[k + 5]] = session_ttl
+  touch_session(KEYS[k + 6], session, ts)
+  if item == '' then return end
+
+  if etype ~= 'remove_from_cart' then
+    local recent = KEYS[k + 2]
+    if redis.call('ZADD', recent, 'GT', ts, item) == 1 then
+      covisit(recent, item)
+      recent_trims[recent] = true
+      if nb_kept > 0 then index_neighbour(ARGV[a + 12], item, ts) end
+    end
+    expire_in[recent] = session_ttl
+  end
+
+  local cart, purchases = KEYS[k + 4], KEYS[k + 8]
+  if etype == 'add_to_cart' then
+    redis.call('HINCRBY', cart, item, quantity)
+  elseif etype == 'remove_from_cart' then
+    if redis.call('HINCRBY', cart, item, -quantity) <= 0 then redis.call('HDEL', cart, item) end
+  elseif etype == 'purchase' then
+    redis.call('HDEL', cart, item)
+    redis.call('ZADD', purchases, ts, item)
+    redis.call('ZREMRANGEBYRANK', purchases, 0, -(purchases_kept + 1))
+    expire_in[purchases] = history_ttl
+  end
+  expire_in[cart] = session_ttl
+
+  if category ~= '' and weight > 0 then add_affinity(KEYS[k + 3], category, weight, ts) end
+
+  if weight > 0 then
+    add(hincr, KEYS[k + 7], item, weight)
+    expire_in[KEYS[k + 7]] = history_ttl
+    if tonumber(ARGV[a + 8]) > 0 then
+      add(zincr, KEYS[k + 9], item, weight)
+      expire_at[KEYS[k + 9]] = ARGV[a + 8]
+    end
+  end
+  if tonumber(ARGV[a + 9]) > 0 then
+    add(zincr, KEYS[k + 10], item, 1)
+    expire_at[KEYS[k + 10]] = ARGV[a + 9]
+  end
+  local best = tonumber(ARGV[a + 10])
+  if best > 0 then
+    add(zincr, KEYS[k + 11], item, best)
+    trims[KEYS[k + 11]] = best_kept
+  end
+end
+
+-- The delta count the event was planned on, read once per chunk and then followed here.
+local function delta_count(count_key)
+  local n = counts[count_key]
+  if n == nil then
+    n = tonumber(redis.call('GET', count_key) or '0')
+    counts[count_key] = n
+  end
+  return n
+end
+
+-- The offsets just before version v's values in an event's blocks (delta, then delta_count).
+local function version_keys(k, v) return k + KEYS_EVENT + KEYS_PER_VERSION * (v - 1) end
+local function version_args(a, v) return a + ARGV_EVENT + ARGV_PER_VERSION * (v - 1) end
+
+local function apply_event(k, a)
+  local seen, event_id = KEYS[k + 1], ARGV[a + 11]
+  local fields = {event_id}
+  for v = 1, n_versions do fields[v + 1] = event_id .. ':' .. versions[v] end
+  local marks = redis.call('ZMSCORE', seen, unpack(fields))
+  local set_now = marks_now[seen] or {}
+  local need_base = apply_base and not marks[1] and not set_now[fields[1]]
+  local need = {}
+  for v = 1, n_versions do
+    local delta_at, count_key = version_args(a, v) + 1, KEYS[version_keys(k, v) + 2]
+    need[v] = ARGV[delta_at] ~= '' and not marks[v + 1] and not set_now[fields[v + 1]]
+    if need[v] and delta_count(count_key) ~= tonumber(ARGV[delta_at + 1]) then return -1 end
+  end
+
+  local applied, marked = 0, {}
+  if need_base then
+    apply_base_effects(k, a)
+    marked[1] = fields[1]
+    applied = applied + 1
+  end
+  for v = 1, n_versions do
+    if need[v] then
+      local delta_key, count_key = KEYS[version_keys(k, v) + 1], KEYS[version_keys(k, v) + 2]
+      deltas[delta_key] = ARGV[version_args(a, v) + 1]
+      counts[count_key] = counts[count_key] + 1
+      count_dirty[count_key] = true
+      marked[#marked + 1] = fields[v + 1]
+      applied = applied + 2 ^ v
+    end
+  end
+  if applied > 0 then
+    for _, field in ipairs(marked) do set_now[field] = true end
+    marks_now[seen] = set_now
+    expire_in[seen] = dedup_ttl
+  end
+  return applied
+end
+
+local results = {}
+local k, a = 0, ARGV_HEAD + n_versions
+for e = 1, n_events do
+  local ok, reply = pcall(apply_event, k, a)
+  if not ok then  -- keep what the earlier events did (their markers are set): flush, then stop here
+    results[e] = 'effects failed: ' .. (type(reply) == 'table' and (reply.err or '?') or tostring(reply))
+    break
+  end
+  results[e] = reply
+  k = k + event_keys
+  a = a + event_args
+end
+
+-- The deferred writes. The events are applied now (their markers are among these writes), so a
+-- write that fails (a key of the wrong type) must not stop the others: it is reported after the
+-- events' replies, and that key's share is lost rather than the chunk counted twice on a retry.
+local flush_errors = {}
+local function write(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then flush_errors[#flush_errors + 1] = reply.err end
+  return reply
+end
+for key, set_now in pairs(marks_now) do
+  local flat = {}
+  for field in pairs(set_now) do flat[#flat + 1] = now; flat[#flat + 1] = field end
+  write('ZADD', key, unpack(flat))
+  write('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - dedup_ttl))
+end
+for key, members in pairs(zincr) do
+  for member, by in pairs(members) do write('ZINCRBY', key, by, member) end
+end
+for key, members in pairs(zset) do
+  for member, score in pairs(members) do write('ZADD', key, score, member) end
+end
+for key, members in pairs(hincr) do
+  for member, by in pairs(members) do write('HINCRBYFLOAT', key, member, by) end
+end
+for key, members in pairs(hcount) do
+  for member, by in pairs(members) do write('HINCRBY', key, member, by) end
+end
+for _, s in pairs(sessions_now) do
+  if s[4] > s[3] then write('ZADD', s[1], 'GT', s[4], s[2]) end
+end
+for key in pairs(recent_trims) do write('ZREMRANGEBYRANK', key, 0, -(recent_n + 1)) end
+for key, keep in pairs(trims) do
+  local size = write('ZCARD', key)
+  if type(size) == 'number' and size > 2 * keep then write('ZREMRANGEBYRANK', key, 0, -(keep + 1)) end
+end
+for key, value in pairs(deltas) do write('SET', key, value, 'EX', delta_ttl) end
+for key in pairs(count_dirty) do write('SET', key, counts[key], 'EX', delta_ttl) end
+for key, ttl in pairs(expire_in) do write('EXPIRE', key, ttl) end
+for key, at in pairs(expire_at) do write('EXPIREAT', key, at) end
+if #flush_errors > 0 then
+  results[#results + 1] = {'deferred writes failed: ' .. table.concat(flush_errors, '; ', 1, math.min(#flush_errors, 5))}
+end
+return results

@@ -1,0 +1,82 @@
+-- Identify: move an anonymous device's state into the user's, and alias the device to the user.
+-- Crosses two persons' slots, so on Redis Cluster it would run as a copy in the user's slot followed
+-- by a delete in the device's slot (the identify's own marker sits in the user's slot).
+--
+-- KEYS: seen_user seen_device alias_device sessions_device sessions_user items_device items_user
+--       purchases_device purchases_user devices_user session*sessions
+-- KEYS session: recent_device cats_device cart_device counts_device recent_user cats_user cart_user
+--       counts_user
+-- ARGV: user_id history_ttl session_ttl dedup_ttl affinity_half_life identify_mark anonymous_id
+--
+-- One `session` block per session of the device; identify_mark is the identify event's marker field.
+-- Returns 1 when merged, 0 if seen.
+if redis.call('ZSCORE', KEYS[1], ARGV[6]) then return 0 end
+local history_ttl, session_ttl, half_life = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
+local dedup_ttl, now = tonumber(ARGV[4]), tonumber(redis.call('TIME')[1])
+redis.call('SET', KEYS[3], ARGV[1], 'EX', history_ttl)
+-- The alias's reverse (redis_keys.person_devices): erasure of the user finds the device here.
+redis.call('ZADD', KEYS[10], now, ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', '(' .. (now - history_ttl))
+redis.call('EXPIRE', KEYS[10], history_ttl)
+
+local function union_max(from, into, ttl)
+  if redis.call('EXISTS', from) == 1 then
+    redis.call('ZUNIONSTORE', into, 2, into, from, 'AGGREGATE', 'MAX')
+    redis.call('EXPIRE', into, ttl)
+    redis.call('DEL', from)
+  end
+end
+local function add_hash(from, into, ttl)
+  local fields = redis.call('HGETALL', from)
+  for i = 1, #fields, 2 do redis.call('HINCRBYFLOAT', into, fields[i], fields[i + 1]) end
+  if #fields > 0 then redis.call('EXPIRE', into, ttl) end
+  redis.call('DEL', from)
+end
+-- Forward-decayed affinities (see apply_events.lua) are rescaled to the target's reference time first.
+local function add_affinity(from, into, ttl)
+  local from_t0 = tonumber(redis.call('HGET', from, '_t0') or '')
+  if not from_t0 then return add_hash(from, into, ttl) end
+  local into_t0 = tonumber(redis.call('HGET', into, '_t0') or '')
+  if not into_t0 then
+    into_t0 = from_t0
+    redis.call('HSET', into, '_t0', from_t0)
+  end
+  local factor = 2 ^ ((from_t0 - into_t0) / half_life)
+  local fields = redis.call('HGETALL', from)
+  for i = 1, #fields, 2 do
+    if fields[i] ~= '_t0' then redis.call('HINCRBYFLOAT', into, fields[i], tonumber(fields[i + 1]) * factor) end
+  end
+  redis.call('EXPIRE', into, ttl)
+  redis.call('DEL', from)
+end
+
+-- The device's state now counts under the user, so do the markers of the events that made it: a
+-- retry of a device event, now resolved to the user, is a duplicate. Its delta markers stay behind
+-- (deltas are not merged, so the user's delta has yet to learn those events) and go with the key.
+local function carry_marks(from, into)
+  local marks = redis.call('ZRANGE', from, 0, -1, 'WITHSCORES')
+  local flat = {}
+  for i = 1, #marks, 2 do
+    if not string.find(marks[i], ':', 1, true) then
+      flat[#flat + 1] = marks[i + 1]; flat[#flat + 1] = marks[i]
+    end
+    if #flat >= 1000 then redis.call('ZADD', into, 'NX', unpack(flat)); flat = {} end  -- bounded unpack
+  end
+  if #flat > 0 then redis.call('ZADD', into, 'NX', unpack(flat)) end
+  redis.call('DEL', from)
+end
+
+carry_marks(KEYS[2], KEYS[1])
+union_max(KEYS[4], KEYS[5], session_ttl)
+add_hash(KEYS[6], KEYS[7], history_ttl)
+union_max(KEYS[8], KEYS[9], history_ttl)
+for base = KEYS_HEAD + 1, #KEYS, KEYS_SESSION do
+  union_max(KEYS[base], KEYS[base + 4], session_ttl)
+  add_affinity(KEYS[base + 1], KEYS[base + 5], session_ttl)
+  add_hash(KEYS[base + 2], KEYS[base + 6], session_ttl)
+  add_hash(KEYS[base + 3], KEYS[base + 7], session_ttl)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - dedup_ttl))
+redis.call('EXPIRE', KEYS[1], dedup_ttl)
+return 1

@@ -25,7 +25,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/mypy common
+	$(BIN)/mypy common serving speed_layer spark_jobs dags warehouse recs evaluation bench
 
 test: lint
 	scripts/pytest.sh

@@ -26,24 +26,8 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]  # as XRANGE answers (clients a
 
 # Trims by age, never below what a consumer group still needs (trim_stream.lua beside this file).
 TRIM_STREAM = load_script("common", "trim_stream.lua")
-
-
-# KEYS[1] the stream; ARGV[1] the group, ARGV[2] the idle time in ms, ARGV[3] the caller (kept).
-# One script, so no member can read an entry between the check and XGROUP DELCONSUMER, which would
-# drop that entry from the group's pending list. A live member that merely waited is recreated by
-# its next read.
-REMOVE_IDLE_CONSUMERS_SCRIPT = """
-local removed = {}
-for _, flat in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local member = {}
-  for i = 1, #flat, 2 do member[flat[i]] = flat[i + 1] end
-  if member['name'] ~= ARGV[3] and member['pending'] == 0 and member['idle'] >= tonumber(ARGV[2]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], member['name'])
-    removed[#removed + 1] = member['name']
-  end
-end
-return removed
-"""
+# Removes idle members with nothing pending (remove_idle_consumers.lua beside this file).
+REMOVE_IDLE_CONSUMERS = load_script("common", "remove_idle_consumers.lua")
 
 
 def append_events(client: redis.Redis, events: Sequence[Event], stream: str, retention_ms: int) -> list[str]:
@@ -67,7 +51,10 @@ def remove_idle_consumers(
 ) -> list[str]:
     """Remove from the group every member but `caller` idle `idle_ms` or more with no pending entry;
     returns their names."""
-    removed = client.eval(REMOVE_IDLE_CONSUMERS_SCRIPT, 1, stream_key, group, idle_ms, caller)
+    keys = REMOVE_IDLE_CONSUMERS.keys.pack(stream=stream_key)
+    args = REMOVE_IDLE_CONSUMERS.argv.pack(group=group, idle_ms=idle_ms, caller=caller)
+    REMOVE_IDLE_CONSUMERS.check(keys, args)
+    removed = cast(list[bytes], client.eval(REMOVE_IDLE_CONSUMERS.source, len(keys), *keys, *args))
     return [name.decode() if isinstance(name, bytes) else str(name) for name in removed]
 
 

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import zip_longest
+from typing import cast
 
 import numpy as np
 import redis
@@ -414,7 +415,8 @@ class Applier:
         deltas.update(self._planned_since(state.since, set(persons), models))
         more = self._stored_to_read(set(persons), models, deltas)
         if more:
-            deltas.update(_parse_deltas(more, self.client.mget(_delta_keys(more)), models))
+            stored_deltas = cast(list[bytes | None], self.client.mget(_delta_keys(more)))
+            deltas.update(_parse_deltas(more, stored_deltas, models))
         return persons, deltas, erased
 
     def _planned_since(self, since: int, persons: set[str], models: Sequence[ModelArtifacts]) -> Deltas:
@@ -449,7 +451,8 @@ class Applier:
         if redis_keys.erased_among(self.client, event.person_ids):
             result.erased += 1  # linking an erased user or device would bring their state back
             return
-        sessions = [s.decode() for s in self.client.zrange(redis_keys.person_sessions(device), 0, -1)]
+        stored_sessions = cast(list[bytes], self.client.zrange(redis_keys.person_sessions(device), 0, -1))
+        sessions = [s.decode() for s in stored_sessions]
         session_keys: list[str] = []
         for session in sessions:
             session_keys += _MERGE_SESSION_KEYS(

@@ -17,14 +17,14 @@ from common.lua import LayoutError, Script, load_script
 from common.model import load_model
 from common.registry import Registry
 from common.speed_state import READ_STATE, read_speed_state
-from common.stream import TRIM_STREAM
+from common.stream import REMOVE_IDLE_CONSUMERS, TRIM_STREAM
 from speed_layer import effects
 from speed_layer.effects import Applier
 from speed_layer.scripts import APPLY_EVENTS, MERGE_IDENTITY
 from tests.speed_factories import make_event, publish_model, speed_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = (APPLY_EVENTS, MERGE_IDENTITY, READ_STATE, TRIM_STREAM)
+SCRIPTS = (APPLY_EVENTS, MERGE_IDENTITY, READ_STATE, TRIM_STREAM, REMOVE_IDLE_CONSUMERS)
 
 HEADER = """-- A test script.
 -- KEYS: first block*n
@@ -38,7 +38,7 @@ redis.call('SET', KEYS[1], ARGV[2])
 def test_every_lua_file_is_package_data_and_loads_into_redis(redis_client: redis.Redis) -> None:
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     files = sorted(p.relative_to(ROOT) for p in ROOT.glob("*/*.lua"))
-    assert {f.name for f in files} >= {s.name for s in SCRIPTS}
+    assert {f.name for f in files} == {s.name for s in SCRIPTS}  # every file is loaded by a module
     for path in files:  # an installed package ships them
         package, name = path.parts
         assert any(fnmatch.fnmatch(name, pattern) for pattern in package_data.get(package, [])), path

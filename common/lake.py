@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from common.events import EVENT_SCHEMA
 from common.ids import id_digest
-from common.storage import Store
+from common.storage import TEMP_SUFFIX, Store
 
 EVENTS = "events"
 IMPRESSIONS = "impressions"
@@ -278,6 +278,18 @@ class Lake(Store):
                     out.append(path)
         return sorted(out)
 
+    def remove_stale_temp_files(self, dataset: Dataset, older_than: datetime) -> int:
+        """Remove the temp files that writers killed mid-write left in the dataset's partitions (those
+        last modified before `older_than`, which no write still running can be); returns how many."""
+        removed = 0
+        for day in self.partitions(dataset):
+            for info in self.fs.ls(self.path(dataset.name, f"dt={day.isoformat()}"), detail=True):
+                modified = _modified_s(info)
+                if _is_temp(info["name"]) and modified is not None and modified < older_than.timestamp():
+                    self.fs.rm(info["name"])
+                    removed += 1
+        return removed
+
     def _drop_existing(
         self, dataset: Dataset, day: date, part: pa.Table, since: datetime | None
     ) -> pa.Table:
@@ -306,6 +318,12 @@ def _modified_s(info: dict[str, Any]) -> float | None:
     if isinstance(value, datetime):
         return value.timestamp()
     return float(value) if isinstance(value, int | float) else None
+
+
+def _is_temp(path: str) -> bool:
+    """A file Store.write_atomic is writing, or one a killed writer left."""
+    name = path.rsplit("/", 1)[-1]
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
 
 
 def _hidden(path: str) -> bool:

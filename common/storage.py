@@ -9,6 +9,8 @@ from typing import IO
 import fsspec
 from fsspec import AbstractFileSystem
 
+TEMP_SUFFIX = ".tmp"  # of the dot-named file a write goes through before its rename
+
 
 class Store:
     """Paths under one root URL (a local path by default), written atomically."""
@@ -29,7 +31,7 @@ class Store:
         write removes its temp file.
         """
         directory, name = target.rsplit("/", 1)
-        tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
+        tmp = f"{directory}/.{name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
         self.fs.makedirs(directory, exist_ok=True)
         try:
             with self.fs.open(tmp, "wb") as f:

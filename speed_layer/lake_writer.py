@@ -12,20 +12,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 import redis
 
 from common import redis_keys
 from common.events import Event, events_to_table
-from common.lake import Lake
+from common.lake import EVENTS_DATASET, Lake
 from common.settings import Settings
 from common.stream import decode_entry, remove_idle_consumers
 from speed_layer.consumer import Entry, consumer_name, ensure_group, poll_until_stopped
 from speed_layer.switch import stamped
 
 log = logging.getLogger(__name__)
+# A flush writes one file in seconds; a temp file this old was left by a writer killed mid-flush.
+STALE_TEMP_FILE_S = 3600
 
 
 class LakeWriter:
@@ -47,8 +49,17 @@ class LakeWriter:
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         log.info("lake writer %s: %s -> %s", self.name, self.stream_key, self.lake.root_url)
+        self.remove_stale_temp_files()
         poll_until_stopped(self.poll_once, stop)
         self.flush()
+
+    def remove_stale_temp_files(self) -> int:
+        """Remove what writers killed mid-flush left: temp files older than a flush could take."""
+        older_than = datetime.now(UTC) - timedelta(seconds=STALE_TEMP_FILE_S)
+        removed = self.lake.remove_stale_temp_files(EVENTS_DATASET, older_than)
+        if removed:
+            log.info("removed %d temp files left by killed writers", removed)
+        return removed
 
     def poll_once(self) -> int:
         """Read one batch into the buffer; flush when it is big or old enough. Returns entries read."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -143,6 +144,28 @@ def test_readers_skip_files_being_written(tmp_path: Path) -> None:
     partial.write_bytes(Path(target).read_bytes()[:40])  # half a file under a dot-name
     assert lake.read_events().num_rows == 1
     assert lake.write_events(batch(2))  # and writers are not confused by it either
+
+
+def test_a_starting_lake_writer_removes_the_temp_files_killed_writers_left(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url)
+    lake = Lake(settings.lake.root)
+    [landed] = lake.write_events(batch(1, 2))
+    partition = Path(landed).parent
+    stale, running = partition / ".part-a.parquet.1f.tmp", partition / ".part-b.parquet.2e.tmp"
+    for leftover in (stale, running):
+        leftover.write_bytes(b"half a file")
+    two_hours_ago = (datetime.now(UTC) - timedelta(hours=2)).timestamp()
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    os.utime(landed, (two_hours_ago, two_hours_ago))  # an old data file stays, whatever its age
+
+    stopped = threading.Event()
+    stopped.set()
+    LakeWriter(redis_client, settings, name="w1").run(stopped)
+
+    assert sorted(p.name for p in partition.iterdir()) == sorted([Path(landed).name, running.name])
+    assert lake.read_events().num_rows == 2
 
 
 def test_bad_batches_are_refused_with_the_column_named(tmp_path: Path) -> None:

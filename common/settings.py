@@ -71,11 +71,11 @@ class LakeSettings(Section):
     flush_events: int = Field(5000, ge=1, description="Lake writer flushes after this many events ...")
     flush_seconds: float = Field(10.0, gt=0, description="... or after this many seconds, whichever comes first.")
     dedup_window_s: float = Field(
-        3600.0,
+        600.0,
         gt=0,
         description="The lake writer drops an event already in the lake if it was written since this long before "
-        "the flush's oldest stream entry: a redelivery after a crash, or a client's retry within the window (the "
-        "check reads those files' event ids, not the whole day's).",
+        "the flush's oldest stream entry: a redelivery after a crash (claimed within seconds) or a client's retry "
+        "(tracker.js retries within seconds). It holds the window's event ids in memory (about 250 B each).",
     )
 
 

@@ -48,12 +48,18 @@ class EventType(StrEnum):
     WISHLIST = "wishlist"
     SEARCH = "search"
     IDENTIFY = "identify"
+    HOVER = "hover"
 
 
 # Item events that express interest: what the replay scores as a next item and ranker training labels.
 INTEREST_EVENTS = frozenset({"view", "click", "add_to_cart", "purchase", "wishlist"})
 # Item events that count for a category's bestsellers (speed layer and ranker training).
 BESTSELLER_EVENTS = frozenset({"add_to_cart", "purchase"})
+
+# Item events that record attention only (a product card hovered, with dwell_ms): kept in the lake and
+# counted in the session's counts by type, never an interaction: no training weight, no session items,
+# co-visits, neighbours, popularity or affinity, and no live update of the person's list.
+ATTENTION_EVENTS = frozenset({"hover"})
 
 # The fields that name a person (a device, a user): what erasure looks for in an event's payload.
 PERSON_ID_FIELDS = ("anonymous_id", "user_id")
@@ -66,6 +72,7 @@ ITEM_EVENTS = frozenset(
         EventType.REMOVE_FROM_CART,
         EventType.PURCHASE,
         EventType.WISHLIST,
+        EventType.HOVER,
     }
 )
 

@@ -9,7 +9,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.events import FieldError
+from common.ids import Id
 from serving.core.errors import ErrorBody
+from serving.core.tokens import TokenScope
 
 
 class Context(StrEnum):
@@ -235,3 +237,30 @@ class Readiness(BaseModel):
     model_error: str | None = None
     redis: Literal["up", "down"]
     redis_error: str | None = None
+
+
+class TokenRequest(BaseModel):
+    """Whom a session token is for: the browser's session, its device and, once logged in, its user."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"session_id": "s-1", "anonymous_id": "device-42", "user_id": "u-7"}]},
+    )
+
+    session_id: Id
+    anonymous_id: Id
+    user_id: Id | None = Field(None, description="Only once your server knows the person is logged in as this user.")
+    scopes: list[TokenScope] | None = Field(
+        None, min_length=1, description="Default: those of events:write and recs:read the key holds."
+    )
+
+
+class TokenResponse(BaseModel):
+    token: str = Field(
+        description="Send as `Authorization: Bearer <token>`, or as `?access_token=` where no header can go "
+        "(EventSource, sendBeacon)."
+    )
+    token_type: Literal["Bearer"] = "Bearer"
+    expires_at: datetime
+    expires_in: int = Field(description="Seconds; get a new token before then.")
+    scopes: list[TokenScope]

@@ -21,7 +21,7 @@ import redis
 from redis.exceptions import NoScriptError
 
 from common import redis_keys
-from common.events import BESTSELLER_EVENTS, Event, EventType
+from common.events import ATTENTION_EVENTS, BESTSELLER_EVENTS, Event, EventType
 from common.features import DAY_S, POP_DAYS, day_index, implicit_weight
 from common.model import ModelArtifacts
 from common.neighbours import session_token
@@ -354,7 +354,9 @@ class Applier:
                     result.duplicates += 1
                 else:
                     result.applied += 1
-                    result.changed[sent.persons[j]] = (sent.sessions[j], started.events[index])
+                    event = started.events[index]
+                    if event.event_type.value not in ATTENTION_EVENTS:  # a hover changes no list
+                        result.changed[sent.persons[j]] = (sent.sessions[j], event)
         return retry
 
     def _chunk_constants(
@@ -586,7 +588,8 @@ class _Planner:
         """Append event j's blocks to `keys` and `args`."""
         event, person, session, weight = self.batch[j], self.persons[j], self.sessions[j], self.weights[j]
         speed = self.speed
-        item = event.item_id or ""
+        # An attention event is counted for its session only: planned as an event without an item.
+        item = "" if event.event_type.value in ATTENTION_EVENTS else event.item_id or ""
         ts = event.ts.timestamp()
         category = self.categories.get(item) if item else ""
 

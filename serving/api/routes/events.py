@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse
 
 from common.events import FieldError, validate_events
 from common.stream import append_events
-from serving.api.deps import EventsWrite, StateDep
+from serving.api.deps import PersonEventsWrite, StateDep
 from serving.core import metrics
-from serving.core.errors import BODY_ERROR_RESPONSES, ERROR_RESPONSES, ApiError, ErrorBody
+from serving.core.auth import Grant
+from serving.core.errors import BODY_ERROR_RESPONSES, PERSON_ERROR_RESPONSES, ApiError, ErrorBody
 from serving.schemas import EVENT_EXAMPLES, EventResult, EventsRejected, EventsResponse
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
@@ -28,12 +29,12 @@ RETRY_AFTER_S = "5"
         "The body is one event or a JSON array of events (the `Event` contract of `common/events.py`). "
         "Good events are appended to the stream even when others in the batch are rejected; then the answer "
         "is 422 and `results` names each bad event's fields. 503 with Retry-After when the speed layer lags "
-        "more than `api.max_stream_lag` entries behind, or Redis is unreachable."
+        "more than `api.max_stream_lag` entries behind, or Redis is unreachable. With a session token, every "
+        "event must carry the token's session_id and anonymous_id (and no other user_id), else nothing is kept."
     ),
     response_model=EventsResponse,
-    dependencies=[EventsWrite],
     responses={
-        **ERROR_RESPONSES,
+        **PERSON_ERROR_RESPONSES,
         **BODY_ERROR_RESPONSES,
         413: {
             "model": ErrorBody,
@@ -53,6 +54,7 @@ RETRY_AFTER_S = "5"
 )
 async def post_events(
     state: StateDep,
+    grant: Annotated[Grant, PersonEventsWrite],
     payload: Annotated[dict[str, Any] | list[Any], Body(openapi_examples=EVENT_EXAMPLES)],
 ) -> JSONResponse:
     payloads = payload if isinstance(payload, list) else [payload]
@@ -68,6 +70,8 @@ async def post_events(
     _refuse_under_backpressure(state)
 
     accepted, rejected = validate_events(payloads)
+    for event in accepted:  # a token writes for its own session only: refuse the batch before any of it lands
+        grant.check_person(event.user_id, event.anonymous_id, event.session_id)
     stamped = [event.received() for event in accepted]
     try:
         stream_ids = append_events(

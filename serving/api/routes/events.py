@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import redis
 from fastapi import APIRouter, Body
@@ -13,7 +13,7 @@ from common.stream import append_events
 from serving.api.deps import EventsWrite, StateDep
 from serving.core import metrics
 from serving.core.errors import BODY_ERROR_RESPONSES, ERROR_RESPONSES, ApiError, ErrorBody
-from serving.schemas import EVENT_EXAMPLES, EventResult, EventsRejected, EventsResponse
+from serving.schemas import EVENT_EXAMPLES, EventResult, EventsBody, EventsRejected, EventsResponse
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
@@ -53,7 +53,7 @@ RETRY_AFTER_S = "5"
 )
 async def post_events(
     state: StateDep,
-    payload: Annotated[dict[str, Any] | list[Any], Body(openapi_examples=EVENT_EXAMPLES)],
+    payload: Annotated[EventsBody, Body(openapi_examples=EVENT_EXAMPLES)],
 ) -> JSONResponse:
     payloads = payload if isinstance(payload, list) else [payload]
     max_batch = state.settings.api.max_batch

@@ -8,7 +8,6 @@ function GET /v1/recommendations runs (same ranking, same impression log) and se
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Annotated, Any
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Query, Request
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 from starlette.datastructures import Headers
 from starlette.types import Receive, Send
@@ -29,9 +29,9 @@ from common.settings import Scope, Settings
 from serving.api.deps import RecsRead, StateDep, require
 from serving.api.routes.recommendations import IdParam, get_recommendations
 from serving.core.auth import check_scope, key_from_headers
-from serving.core.errors import ERROR_RESPONSES, ApiError, api_error_handler
+from serving.core.errors import ERROR_RESPONSES, ApiError, ErrorBody, api_error_handler
 from serving.core.state import ServingState
-from serving.schemas import Context
+from serving.schemas import Context, RecommendationsResponse
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,51 @@ PING_S = 15
 POLL_S = 1.0
 
 
+def _sse_event(name: str, data: type[BaseModel]) -> dict[str, Any]:
+    """One kind of event of a `text/event-stream`: its name, and its `data` as JSON of a model."""
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"const": name},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": f"#/components/schemas/{data.__name__}"},
+            },
+        },
+    }
+
+
+# The 200 as OpenAPI 3.2 states an event stream (FastAPI's own SSE routes use the same `itemSchema`).
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "An event stream: `recommendations` events, and an `error` event before it ends.",
+        "content": {
+            "text/event-stream": {
+                "itemSchema": {
+                    "oneOf": [
+                        _sse_event("recommendations", RecommendationsResponse),
+                        _sse_event("error", ErrorBody),
+                    ]
+                }
+            }
+        },
+    }
+}
+
+
 @router.get(
     "/recommendations",
     summary="Recommendations pushed when the speed layer changes them (SSE)",
     description=(
         "A `text/event-stream`: one `recommendations` event at once, then one each time the speed layer "
         "applies an event of this person or session (the same body as GET /v1/recommendations). "
-        "Comment pings keep idle connections open."
+        "Comment pings keep idle connections open. An `error` event (Redis lost) ends the stream."
     ),
     dependencies=[RecsRead],
+    response_class=EventSourceResponse,
+    responses=SSE_RESPONSE,
 )
 async def stream_recommendations(
     request: Request,
@@ -98,7 +134,8 @@ async def stream_recommendations(
                 yield {"event": "recommendations", "data": await compute()}
         except (aioredis.RedisError, OSError) as exc:
             log.warning("recommendation stream ends: %s", exc)
-            yield {"event": "error", "data": json.dumps({"error": "redis_unavailable"})}
+            lost = ErrorBody(error="redis_unavailable", message="Redis is unreachable; reconnect later")
+            yield {"event": "error", "data": lost.model_dump_json(exclude_none=True)}
         except asyncio.CancelledError:
             raise
         finally:

@@ -157,6 +157,13 @@ def test_bad_parameters_are_named(client: TestClient, params: dict[str, object],
     assert field in {e["field"] for e in response.json()["errors"]}
 
 
+def test_a_query_parameter_given_twice_is_refused_naming_it(client: TestClient) -> None:
+    for url in ("/v1/recommendations?user_id=u1&user_id=u2", "/v1/items/i1/similar?k=3&k=4"):
+        response = client.get(url)
+        assert response.status_code == 422, (url, response.text)
+        assert [e["field"] for e in response.json()["errors"]] == [url.rsplit("&", 1)[1].split("=")[0]]
+
+
 # ---------------------------------------------------------------- similar items
 
 

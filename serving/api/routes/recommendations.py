@@ -9,13 +9,18 @@ from fastapi import APIRouter, Query
 
 from common.events import FieldError
 from common.ids import Id
-from serving.api.deps import RecsRead, StateDep
+from serving.api.deps import RecsRead, SingleQueryValues, StateDep
 from serving.core.errors import ERROR_RESPONSES, ApiError
 from serving.core.impressions import Impression
 from serving.core.recommender import RecRequest, RecResult, recommend
 from serving.schemas import Context, RecommendationsResponse, RecommendedItem
 
-router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/recommendations",
+    tags=["recommendations"],
+    responses=ERROR_RESPONSES,
+    dependencies=[SingleQueryValues],
+)
 
 IdParam = Annotated[Id | None, Query()]
 

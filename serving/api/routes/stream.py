@@ -26,7 +26,7 @@ from common import redis_keys
 from common.events import FieldError
 from common.messages import RecsChanged
 from common.settings import Scope, Settings
-from serving.api.deps import RecsRead, StateDep, require
+from serving.api.deps import RecsRead, SingleQueryValues, StateDep, require
 from serving.api.routes.recommendations import IdParam, get_recommendations
 from serving.core.auth import check_scope, key_from_headers
 from serving.core.errors import ERROR_RESPONSES, ApiError, ErrorBody, api_error_handler
@@ -35,7 +35,12 @@ from serving.schemas import Context, RecommendationsResponse
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/stream", tags=["recommendations"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/stream",
+    tags=["recommendations"],
+    responses=ERROR_RESPONSES,
+    dependencies=[SingleQueryValues],
+)
 # The storefront reads the catalog and recommendations: with keys configured it needs a recs:read key.
 DEMO_SCOPE: Scope = "recs:read"
 demo_router = APIRouter(prefix="/demo", include_in_schema=False, dependencies=[require(DEMO_SCOPE)])

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import pyarrow as pa
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -37,6 +38,16 @@ EARLIEST_TS_S = EARLIEST_TS.timestamp()
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 ShortText = Annotated[str, StringConstraints(max_length=256)]
+
+
+def _a_json_number(value: Any) -> Any:
+    # As JSON Schema reads a number: "2" and true are not one; 2.0 is the whole number 2.
+    if isinstance(value, str | bool):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+JsonNumber = BeforeValidator(_a_json_number)
 
 
 class EventType(StrEnum):
@@ -91,27 +102,54 @@ class EventContext(BaseModel):
     )
 
 
+def _rules_by_type(schema: dict[str, Any]) -> None:
+    """State `Event._required_by_type` in the JSON schema (OpenAPI), from the same sets, for clients."""
+    schema["allOf"] = [
+        _requires(sorted(k.value for k in ITEM_EVENTS), "item_id", {"type": "string"}),
+        _requires([EventType.IDENTIFY.value], "user_id", {"type": "string"}),
+        _requires([EventType.SEARCH.value], "query", {"type": "string", "minLength": 1}),
+    ]
+
+
+def _requires(kinds: list[str], field: str, shape: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "if": {"required": ["event_type"], "properties": {"event_type": {"enum": kinds}}},
+        "then": {"required": [field], "properties": {field: shape}},
+    }
+
+
 class Event(BaseModel):
-    """One user interaction, as accepted from a storefront, an importer or the generator."""
+    """One user interaction, as accepted from a storefront, an importer or the generator.
 
-    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+    Every event names the device (`anonymous_id`); once the person has logged in it names them too
+    (`user_id`), and an `identify` event links the two. Item events need `item_id`, `search` needs `query`.
+    """
 
-    event_id: Annotated[str, Field(description="Client-made UUID; the idempotency key.")]
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, json_schema_extra=_rules_by_type)
+
+    event_id: Annotated[
+        str, Field(description="Client-made UUID; the idempotency key.", json_schema_extra={"format": "uuid"})
+    ]
     event_type: EventType
-    ts: datetime = Field(description="Event time on the client, UTC.")
-    received_at: datetime | None = Field(None, description="Server arrival time; set on ingestion.")
-    anonymous_id: Id
-    user_id: Id | None = None
+    ts: datetime = Field(
+        description=f"Event time on the client, UTC; from {EARLIEST_TS:%Y-%m-%d} to at most "
+        f"{MAX_CLOCK_SKEW.total_seconds() / 3600:g} hour ahead of the server clock."
+    )
+    received_at: datetime | None = Field(
+        None, description="Server arrival time; set on ingestion (a client's value is replaced)."
+    )
+    anonymous_id: Id = Field(description="The device (browser, app install): every event names it.")
+    user_id: Id | None = Field(None, description="The logged-in person, once known; required by identify.")
     session_id: Id | None = None
     item_id: Id | None = None
-    quantity: int | None = Field(None, ge=1, le=10_000)
-    price: float | None = Field(None, ge=0, le=1_000_000)
-    dwell_ms: int | None = Field(None, ge=0, le=86_400_000)
-    scroll_depth: float | None = Field(None, ge=0, le=1)
+    quantity: Annotated[int | None, JsonNumber] = Field(None, ge=1, le=10_000)
+    price: Annotated[float | None, JsonNumber] = Field(None, ge=0, le=1_000_000)
+    dwell_ms: Annotated[int | None, JsonNumber] = Field(None, ge=0, le=86_400_000)
+    scroll_depth: Annotated[float | None, JsonNumber] = Field(None, ge=0, le=1)
     query: ShortText | None = None
     context: EventContext = Field(default_factory=EventContext)
     rec_request_id: Id | None = None
-    schema_version: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
+    schema_version: Annotated[int, JsonNumber] = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
 
     @field_validator("event_id")
     @classmethod

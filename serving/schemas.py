@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, TypeAdapter
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
-from common.events import FieldError
+from common.events import Event, FieldError
 from common.ids import Id
 from serving.core.errors import ErrorBody
 from serving.core.tokens import TokenScope
+
+
+@dataclass(frozen=True)
+class DocumentedAs:
+    """Annotation: the OpenAPI shows the body as `shown` (its models land in components/schemas), while
+    the handler takes it as it is, to validate its parts one by one."""
+
+    shown: Any
+
+    def __get_pydantic_json_schema__(self, _: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return handler(TypeAdapter(self.shown).core_schema)
+
+
+# One event or a batch: documented as the `Event` contract, validated per event (a batch keeps its good ones).
+EventsBody = Annotated[
+    dict[str, Any] | list[Any], DocumentedAs(Event | Annotated[list[Event], Field(min_length=1)])
+]
 
 
 class Context(StrEnum):

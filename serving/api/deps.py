@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 
+from common.events import FieldError
 from common.settings import Scope, Settings
 from serving.core.auth import Grant, authorize, check_scope, key_from_headers
+from serving.core.errors import ApiError
 from serving.core.state import ServingState
 
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key from RECS_API__KEYS.")
@@ -78,3 +81,20 @@ Admin = require("admin")
 # The routes of one person, which a browser calls with its session token.
 PersonEventsWrite = require_for_person("events:write")
 PersonRecsRead = require_for_person("recs:read")
+
+
+async def single_valued_query(request: Request) -> None:
+    """Refuse a query parameter given twice: no route takes a list, and which value counts would be a guess."""
+    counts = Counter(name for name, _ in request.query_params.multi_items())
+    repeated = sorted(name for name, n in counts.items() if n > 1)
+    if repeated:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"invalid parameter(s): {', '.join(repeated)}",
+            errors=[FieldError(field=name, reason="given more than once") for name in repeated],
+        )
+
+
+# For the routers of routes with query parameters (their OpenAPI declares the 422).
+SingleQueryValues = Depends(single_valued_query)

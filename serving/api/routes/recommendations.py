@@ -9,14 +9,19 @@ from fastapi import APIRouter, Query
 
 from common.events import FieldError
 from common.ids import Id
-from serving.api.deps import PersonRecsRead, StateDep
+from serving.api.deps import PersonRecsRead, SingleQueryValues, StateDep
 from serving.core.auth import Grant
 from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError
 from serving.core.impressions import Impression
 from serving.core.recommender import RecRequest, RecResult, recommend
 from serving.schemas import Context, RecommendationsResponse, RecommendedItem
 
-router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"], responses=PERSON_ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/recommendations",
+    tags=["recommendations"],
+    responses=PERSON_ERROR_RESPONSES,
+    dependencies=[SingleQueryValues],
+)
 
 IdParam = Annotated[Id | None, Query()]
 

@@ -12,7 +12,6 @@ with keys configured and never sees the key: it gets session tokens from POST /d
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 from starlette.datastructures import Headers
 from starlette.types import Receive, Send
@@ -32,17 +32,22 @@ from common import redis_keys
 from common.events import FieldError
 from common.messages import RecsChanged
 from common.settings import Scope, Settings
-from serving.api.deps import PersonRecsRead, PresentedKey, SettingsDep, StateDep
+from serving.api.deps import PersonRecsRead, PresentedKey, SettingsDep, SingleQueryValues, StateDep
 from serving.api.routes.recommendations import IdParam, get_recommendations
 from serving.api.routes.tokens import issue_token
 from serving.core.auth import Grant, check_scope, held_scopes, key_from_headers
-from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError, api_error_handler
+from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError, ErrorBody, api_error_handler
 from serving.core.state import ServingState
-from serving.schemas import Context, TokenRequest, TokenResponse
+from serving.schemas import Context, RecommendationsResponse, TokenRequest, TokenResponse
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/stream", tags=["recommendations"], responses=PERSON_ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/stream",
+    tags=["recommendations"],
+    responses=PERSON_ERROR_RESPONSES,
+    dependencies=[SingleQueryValues],
+)
 # The storefront reads the catalog and recommendations: with keys configured it needs a recs:read key.
 DEMO_SCOPE: Scope = "recs:read"
 
@@ -67,16 +72,54 @@ PING_S = 15
 POLL_S = 1.0
 
 
+def _sse_event(name: str, data: type[BaseModel]) -> dict[str, Any]:
+    """One kind of event of a `text/event-stream`: its name, and its `data` as JSON of a model."""
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"const": name},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": f"#/components/schemas/{data.__name__}"},
+            },
+        },
+    }
+
+
+# The 200 as OpenAPI 3.2 states an event stream (FastAPI's own SSE routes use the same `itemSchema`).
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "An event stream: `recommendations` events, and an `error` or `token_expired` event "
+        "before it ends.",
+        "content": {
+            "text/event-stream": {
+                "itemSchema": {
+                    "oneOf": [
+                        _sse_event("recommendations", RecommendationsResponse),
+                        _sse_event("error", ErrorBody),
+                        _sse_event("token_expired", ErrorBody),
+                    ]
+                }
+            }
+        },
+    }
+}
+
+
 @router.get(
     "/recommendations",
     summary="Recommendations pushed when the speed layer changes them (SSE)",
     description=(
         "A `text/event-stream`: one `recommendations` event at once, then one each time the speed layer "
         "applies an event of this person or session (the same body as GET /v1/recommendations). "
-        "Comment pings keep idle connections open. A browser sends its session token as `access_token` (its "
-        "session_id must be given); the stream ends with a `token_expired` event when the token expires: "
-        "reconnect with a new one."
+        "Comment pings keep idle connections open. An `error` event (Redis lost) ends the stream. A browser "
+        "sends its session token as `access_token` (its session_id must be given); the stream ends with a "
+        "`token_expired` event when the token expires: reconnect with a new one."
     ),
+    response_class=EventSourceResponse,
+    responses=SSE_RESPONSE,
 )
 async def stream_recommendations(
     request: Request,
@@ -117,7 +160,8 @@ async def stream_recommendations(
             yield {"event": "recommendations", "data": await compute()}
             while not await request.is_disconnected():
                 if grant.expired(time.time()):
-                    yield {"event": "token_expired", "data": json.dumps({"error": "token_expired"})}
+                    expired = ErrorBody(error="token_expired", message="the session token expired; reconnect with a new one")
+                    yield {"event": "token_expired", "data": expired.model_dump_json(exclude_none=True)}
                     return
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL_S)
                 if message is None or not _concerns(message["data"], people, session_id):
@@ -128,7 +172,8 @@ async def stream_recommendations(
                 yield {"event": "recommendations", "data": await compute()}
         except (aioredis.RedisError, OSError) as exc:
             log.warning("recommendation stream ends: %s", exc)
-            yield {"event": "error", "data": json.dumps({"error": "redis_unavailable"})}
+            lost = ErrorBody(error="redis_unavailable", message="Redis is unreachable; reconnect later")
+            yield {"event": "error", "data": lost.model_dump_json(exclude_none=True)}
         except asyncio.CancelledError:
             raise
         finally:

@@ -25,7 +25,7 @@ from common.redis_server import RedisServer
 from common.settings import Settings, get_settings
 from serving.main import create_app
 from tests.test_serving_limits import serving
-from tests.test_serving_support import KEYS, make_settings
+from tests.test_serving_support import KEYS, TOKEN_SECRET, make_settings
 
 pytest_plugins = ["tests.test_serving_support"]
 
@@ -69,7 +69,9 @@ def api(
         env.setenv("RECS_REDIS__URL", redis_server.url)
         get_settings.cache_clear()
         try:
-            with serving(make_settings(keys=KEYS) if secured else make_settings()) as port:
+            # A token secret, so POST /v1/tokens is exercised, not only its 503 for a missing secret.
+            api: dict[str, Any] = {"token_secret": TOKEN_SECRET, **({"keys": KEYS} if secured else {})}
+            with serving(make_settings(**api)) as port:
                 yield f"http://127.0.0.1:{port}", ({"X-API-Key": ADMIN_KEY} if secured else {})
         finally:
             get_settings.cache_clear()

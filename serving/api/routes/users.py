@@ -14,7 +14,7 @@ from common.events import Consent
 from common.ids import Id
 from serving.api.deps import Admin, StateDep
 from serving.core.erasure import erase_person, withdraw_consent
-from serving.core.errors import ERROR_RESPONSES, ApiError, ErrorBody
+from serving.core.errors import BODY_ERROR_RESPONSES, ERROR_RESPONSES, ApiError, ErrorBody
 from serving.schemas import ConsentChange, ConsentResponse, ErasureResponse
 
 router = APIRouter(prefix="/v1/users", tags=["users"], responses=ERROR_RESPONSES)
@@ -67,7 +67,10 @@ def erase_user(
     ),
     response_model=ConsentResponse,
     dependencies=[Admin],
-    responses={503: {"model": ErrorBody, "description": "Redis is unreachable; the change may be partial: retry."}},
+    responses={
+        **BODY_ERROR_RESPONSES,
+        503: {"model": ErrorBody, "description": "Redis is unreachable; the change may be partial: retry."},
+    },
 )
 def change_consent(
     state: StateDep, user_id: Annotated[Id, Path()], change: ConsentChange

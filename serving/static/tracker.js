@@ -2,7 +2,10 @@
  * - each event gets a client-made UUID once; a failed batch is retried as is (same event_id),
  *   so the speed layer's dedup counts it once;
  * - a batch goes after `flushMs` or when `maxBatch` events wait;
- * - on pagehide what is left goes with navigator.sendBeacon. */
+ * - on pagehide what is left goes with navigator.sendBeacon;
+ * - each event carries the page's consent ("none" | "analytics" | "personalisation"): the `consent`
+ *   option, else the page's <html data-consent="...">; the banner calls setConsent() when it changes.
+ *   Unset, the field is left out and the server's default (personalisation) applies. */
 (function (global) {
   "use strict";
 
@@ -22,6 +25,7 @@
       this.anonymousId = opts.anonymousId;
       this.sessionId = opts.sessionId;
       this.userId = opts.userId || null;
+      this.consent = opts.consent || document.documentElement.dataset.consent || null;
       this.flushMs = opts.flushMs ?? 150;
       this.maxBatch = opts.maxBatch ?? 20;
       this.backoffMs = opts.backoffMs || [200, 500, 1000, 2000, 5000];
@@ -46,9 +50,14 @@
         ...fields,
       };
       if (this.userId) event.user_id = this.userId;
+      if (this.consent) event.consent = this.consent; // as it was when the event happened
       this.queue.push(event);
       this.schedule(this.queue.length >= this.maxBatch ? 0 : this.flushMs);
       return event;
+    }
+
+    setConsent(consent) {
+      this.consent = consent;
     }
 
     schedule(delayMs) {

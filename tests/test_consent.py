@@ -53,6 +53,8 @@ def test_each_consent_state_keeps_what_it_allows(client: TestClient, redis_clien
     consumer = SpeedConsumer(redis_client, settings, name="c1")
     drain(consumer)  # switches the speed layer to the published version, so deltas are built
     for consent, user in PERSON_OF.items():
+        login = {**view_event(f"dev-{user}", "i5", f"s-{consent}", consent=consent), "event_type": "identify"}
+        post(client, {**login, "item_id": None, "user_id": user})  # links the device to the user
         post(client, *shopping(user, consent, session=f"s-{consent}"))
     drain(consumer)
 
@@ -60,9 +62,9 @@ def test_each_consent_state_keeps_what_it_allows(client: TestClient, redis_clien
     version = redis_client.get(redis_keys.SPEED_VERSION).decode()
     mine = PERSON_OF["personalisation"]
     assert redis_client.exists(
-        redis_keys.user_delta(mine, version), redis_keys.person_items(mine),
+        redis_keys.user_delta(mine, version), redis_keys.person_items(mine), redis_keys.alias(f"dev-{mine}"),
         redis_keys.person_purchases(mine), redis_keys.session_recent(mine, "s-personalisation"),
-    ) == 4  # fmt: skip
+    ) == 5  # fmt: skip
     # Below it: no key, member or value names the person, their device or their session (the stream
     # holds their entries until retention trims them, as it holds everyone's).
     stream = redis_keys.stream(settings.redis.stream)
@@ -82,6 +84,7 @@ def test_each_consent_state_keeps_what_it_allows(client: TestClient, redis_clien
     assert lake_persons(lake) == {"dev-u31", "dev-u32"}
     rows = lake.read_events(columns=["user_id", "consent"]).to_pylist()
     assert sorted({(r["user_id"], r["consent"]) for r in rows}) == [("u31", "analytics"), ("u32", "personalisation")]
+    assert len(rows) == 8  # each one's identify and three events
 
 
 def test_events_without_a_consent_keep_todays_behaviour(client: TestClient, redis_client: redis.Redis) -> None:

@@ -94,6 +94,7 @@ def _env(root: Path, url: str, horizon_s: int) -> dict[str, str]:
         "RECS_SPEED__NEIGHBOUR_SESSION_TTL_S": ttl,
         "RECS_SPEED__TRENDING_WINDOW_S": ttl,
         "RECS_SPEED__TRENDING_BUCKET_S": str(max(10, horizon_s // 6)),
+        "RECS_LAKE__DEDUP_WINDOW_S": ttl,  # the lake writer holds the window's event ids
     }
 
 
@@ -228,8 +229,8 @@ def _report(
         "devices": devices,
         "speed_consumers": consumers,
         "ttl_horizon_s": horizon_s,
-        "ttl_note": "every speed TTL (session, dedup, history, neighbour sessions, trending window) set to "
-        "ttl_horizon_s through RECS_SPEED__* for this run; the stream keeps its retention (>= 48 h) and grows",
+        "ttl_note": "every speed TTL (session, dedup, history, neighbour sessions, trending window) and the lake "
+        "writer's dedup window set to ttl_horizon_s for this run; the stream keeps its retention (>= 48 h) and grows",
         "growth_per_minute_over_last_half": growth,
         "samples": samples,
         "cpu_count": os.cpu_count(),

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import pyarrow as pa
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -39,6 +40,16 @@ _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 
 
+def _a_json_number(value: Any) -> Any:
+    # As JSON Schema reads a number: "2" and true are not one; 2.0 is the whole number 2.
+    if isinstance(value, str | bool):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+JsonNumber = BeforeValidator(_a_json_number)
+
+
 class EventType(StrEnum):
     VIEW = "view"
     CLICK = "click"
@@ -48,12 +59,18 @@ class EventType(StrEnum):
     WISHLIST = "wishlist"
     SEARCH = "search"
     IDENTIFY = "identify"
+    HOVER = "hover"
 
 
 # Item events that express interest: what the replay scores as a next item and ranker training labels.
 INTEREST_EVENTS = frozenset({"view", "click", "add_to_cart", "purchase", "wishlist"})
 # Item events that count for a category's bestsellers (speed layer and ranker training).
 BESTSELLER_EVENTS = frozenset({"add_to_cart", "purchase"})
+
+# Item events that record attention only (a product card hovered, with dwell_ms): kept in the lake and
+# counted in the session's counts by type, never an interaction: no training weight, no session items,
+# co-visits, neighbours, popularity or affinity, and no live update of the person's list.
+ATTENTION_EVENTS = frozenset({"hover"})
 
 
 class Consent(StrEnum):
@@ -88,6 +105,7 @@ ITEM_EVENTS = frozenset(
         EventType.REMOVE_FROM_CART,
         EventType.PURCHASE,
         EventType.WISHLIST,
+        EventType.HOVER,
     }
 )
 
@@ -106,23 +124,50 @@ class EventContext(BaseModel):
     )
 
 
+def _rules_by_type(schema: dict[str, Any]) -> None:
+    """State `Event._required_by_type` in the JSON schema (OpenAPI), from the same sets, for clients."""
+    schema["allOf"] = [
+        _requires(sorted(k.value for k in ITEM_EVENTS), "item_id", {"type": "string"}),
+        _requires([EventType.IDENTIFY.value], "user_id", {"type": "string"}),
+        _requires([EventType.SEARCH.value], "query", {"type": "string", "minLength": 1}),
+    ]
+
+
+def _requires(kinds: list[str], field: str, shape: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "if": {"required": ["event_type"], "properties": {"event_type": {"enum": kinds}}},
+        "then": {"required": [field], "properties": {field: shape}},
+    }
+
+
 class Event(BaseModel):
-    """One user interaction, as accepted from a storefront, an importer or the generator."""
+    """One user interaction, as accepted from a storefront, an importer or the generator.
 
-    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+    Every event names the device (`anonymous_id`); once the person has logged in it names them too
+    (`user_id`), and an `identify` event links the two. Item events need `item_id`, `search` needs `query`.
+    """
 
-    event_id: Annotated[str, Field(description="Client-made UUID; the idempotency key.")]
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, json_schema_extra=_rules_by_type)
+
+    event_id: Annotated[
+        str, Field(description="Client-made UUID; the idempotency key.", json_schema_extra={"format": "uuid"})
+    ]
     event_type: EventType
-    ts: datetime = Field(description="Event time on the client, UTC.")
-    received_at: datetime | None = Field(None, description="Server arrival time; set on ingestion.")
-    anonymous_id: Id
-    user_id: Id | None = None
+    ts: datetime = Field(
+        description=f"Event time on the client, UTC; from {EARLIEST_TS:%Y-%m-%d} to at most "
+        f"{MAX_CLOCK_SKEW.total_seconds() / 3600:g} hour ahead of the server clock."
+    )
+    received_at: datetime | None = Field(
+        None, description="Server arrival time; set on ingestion (a client's value is replaced)."
+    )
+    anonymous_id: Id = Field(description="The device (browser, app install): every event names it.")
+    user_id: Id | None = Field(None, description="The logged-in person, once known; required by identify.")
     session_id: Id | None = None
     item_id: Id | None = None
-    quantity: int | None = Field(None, ge=1, le=10_000)
-    price: float | None = Field(None, ge=0, le=1_000_000)
-    dwell_ms: int | None = Field(None, ge=0, le=86_400_000)
-    scroll_depth: float | None = Field(None, ge=0, le=1)
+    quantity: Annotated[int | None, JsonNumber] = Field(None, ge=1, le=10_000)
+    price: Annotated[float | None, JsonNumber] = Field(None, ge=0, le=1_000_000)
+    dwell_ms: Annotated[int | None, JsonNumber] = Field(None, ge=0, le=86_400_000)
+    scroll_depth: Annotated[float | None, JsonNumber] = Field(None, ge=0, le=1)
     query: ShortText | None = None
     context: EventContext = Field(default_factory=EventContext)
     rec_request_id: Id | None = None
@@ -132,7 +177,7 @@ class Event(BaseModel):
         "(also stored in the lake with its ids), `personalisation` (also person-level live state). "
         "Default `personalisation`: a client that sends none is treated as before consent existed.",
     )
-    schema_version: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
+    schema_version: Annotated[int, JsonNumber] = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
 
     @field_validator("event_id")
     @classmethod

@@ -77,6 +77,12 @@ IMPRESSIONS_DATASET = Dataset(IMPRESSIONS, "request_id", "served_at", IMPRESSION
 class Lake(Store):
     """Read and write the lake under one root URL (a local path by default)."""
 
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        # The keys of each file a windowed write checked against, while it stays in the window: a
+        # writer reads each file once, and what it holds is bounded by the window, not the day.
+        self._keys_of_file: dict[str, pa.Array] = {}
+
     # ------------------------------------------------------------ partitioned datasets
 
     def partitions(self, dataset: Dataset) -> list[date]:
@@ -295,13 +301,28 @@ class Lake(Store):
     ) -> pa.Table:
         if since is None:
             files = self.partition_files(dataset, day)
+            if not files:
+                return part
+            existing = ds.dataset(files, format="parquet", filesystem=self.fs).to_table(columns=[dataset.key])
+            keys = existing[dataset.key].combine_chunks()
         else:
-            files = self.files_written_since(dataset, since, day)
-        if not files:
-            return part
-        existing = ds.dataset(files, format="parquet", filesystem=self.fs).to_table(columns=[dataset.key])
-        seen = pc.is_in(part[dataset.key], value_set=existing[dataset.key])
+            keys = self._keys_written_since(dataset, since, day)
+        seen = pc.is_in(part[dataset.key], value_set=keys)
         return part.filter(pc.invert(seen))
+
+    def _keys_written_since(self, dataset: Dataset, since: datetime, day: date) -> pa.Array:
+        """The keys of the files written since `since`: those read before come from memory, and the
+        files that left the window leave it."""
+        files = self.files_written_since(dataset, since, day)
+        for path in files:
+            if path not in self._keys_of_file:
+                table = pq.read_table(path, columns=[dataset.key], filesystem=self.fs)
+                self._keys_of_file[path] = table[dataset.key].combine_chunks()
+        window = set(files)
+        for path in [p for p in self._keys_of_file if p not in window]:
+            del self._keys_of_file[path]
+        arrays = [self._keys_of_file[p] for p in files]
+        return pa.concat_arrays(arrays) if arrays else pa.array([], dataset.schema.field(dataset.key).type)
 
     def _atomic_write(self, table: pa.Table, target: str) -> None:
         self.write_atomic(target, lambda f: pq.write_table(table, f, compression="zstd"))

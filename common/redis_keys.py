@@ -229,7 +229,7 @@ def trending_bucket(bucket_start_s: int) -> str:
 
 
 def popularity_day(day_index: int) -> str:
-    """Sorted set item -> count of item events (events.ITEM_EVENTS) by event time `ts` on one UTC day
+    """Sorted set item -> count of item events (events.ITEM_EVENTS but ATTENTION_EVENTS) by event time `ts` on one UTC day
     (features.day_index); kept 8 days."""
     return f"{PREFIX}:pop:{day_index}"
 

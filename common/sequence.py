@@ -17,8 +17,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-# Event types that put an item into the session's recent items (remove_from_cart does not).
-SEQUENCE_EXCLUDED_TYPES = frozenset({"remove_from_cart"})
+from common.events import ATTENTION_EVENTS
+
+# Item event types that do not put their item into the session's recent items.
+SEQUENCE_EXCLUDED_TYPES = frozenset({"remove_from_cart"}) | ATTENTION_EVENTS
 
 
 def follow_weight(gap: int) -> float:

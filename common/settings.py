@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RECS_"
@@ -71,11 +71,11 @@ class LakeSettings(Section):
     flush_events: int = Field(5000, ge=1, description="Lake writer flushes after this many events ...")
     flush_seconds: float = Field(10.0, gt=0, description="... or after this many seconds, whichever comes first.")
     dedup_window_s: float = Field(
-        3600.0,
+        600.0,
         gt=0,
         description="The lake writer drops an event already in the lake if it was written since this long before "
-        "the flush's oldest stream entry: a redelivery after a crash, or a client's retry within the window (the "
-        "check reads those files' event ids, not the whole day's).",
+        "the flush's oldest stream entry: a redelivery after a crash (claimed within seconds) or a client's retry "
+        "(tracker.js retries within seconds). It holds the window's event ids in memory (about 250 B each).",
     )
 
 
@@ -129,6 +129,25 @@ class ApiSettings(Section):
     # key -> scopes. Empty means auth is off (the embedded demo); production sets RECS_API__KEYS.
     keys: dict[str, list[Scope]] = Field(default_factory=dict)
     cors_origins: list[str] = Field(default_factory=list)
+    token_secret: SecretStr | None = Field(
+        None,
+        min_length=32,
+        description="HMAC key of the session tokens POST /v1/tokens issues (a browser's credential for its own "
+        "session: EventSource cannot send a key header). Unset: no tokens are issued.",
+    )
+    token_previous_secret: SecretStr | None = Field(
+        None,
+        min_length=32,
+        description="The secret before a rotation: tokens it signed are still accepted; they all expire within "
+        "token_ttl_s of the rotation, after which it can be dropped.",
+    )
+    token_ttl_s: int = Field(900, ge=30, le=86_400, description="How long a session token is valid.")
+    demo_key: SecretStr | None = Field(
+        None,
+        description="One of `keys` (events:write and recs:read) that the /demo page's server side uses to "
+        "serve the storefront and issue its tokens; it never reaches the browser. Unset with keys configured: "
+        "/demo needs a recs:read key in a header, as every route.",
+    )
     max_batch: int = Field(500, ge=1)
     max_body_bytes: int = Field(
         2 * 1024 * 1024,
@@ -149,6 +168,17 @@ class ApiSettings(Section):
     )
     max_stream_lag: int = Field(100_000, ge=1, description="Above this consumer-group lag, POST /v1/events answers 503.")
     rules_file: Path = PROJECT_ROOT / "serving" / "rules.yaml"
+
+    @model_validator(mode="after")
+    def _tokens_configured(self) -> ApiSettings:
+        if self.token_previous_secret is not None and self.token_secret is None:
+            raise ValueError("token_previous_secret needs token_secret (the one tokens are signed with now)")
+        if self.demo_key is not None:
+            if self.demo_key.get_secret_value() not in self.keys:
+                raise ValueError("demo_key must be one of keys")
+            if self.token_secret is None:
+                raise ValueError("demo_key needs token_secret: the demo page works with session tokens")
+        return self
 
 
 class CandidatePool(Section):

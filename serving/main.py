@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import Settings, get_settings
-from serving.api.routes import admin, catalog, events, health, items, recommendations, stream, users
+from serving.api.routes import admin, catalog, events, health, items, recommendations, stream, tokens, users
 from serving.core import metrics
 from serving.core.errors import (
     ApiError,
@@ -39,6 +39,12 @@ state at request time, ranked by LightGBM, filtered by business rules.
 **Auth.** Send an API key as `X-API-Key` (or `Authorization: Bearer`). Scopes: `events:write`
 (storefront events), `recs:read` (recommendations, similar items), `admin` (models, catalog,
 erasure). With no keys configured (`RECS_API__KEYS` unset) auth is off: the embedded demo.
+
+**Session tokens** let a browser call the routes of its own session without holding a key:
+the storefront's server gets one from `POST /v1/tokens` with its key and hands it to the page,
+which sends it as `Authorization: Bearer <token>`, or as `?access_token=` where no header can go
+(EventSource, sendBeacon). Expired (`token_expired`) or forged (`invalid_token`) tokens get 401;
+a token used for another session or person gets 403 `token_scope`.
 """
 
 
@@ -103,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=[
             {"name": "events", "description": "Storefront events into the stream."},
             {"name": "recommendations", "description": "Ranked lists for a person."},
+            {"name": "tokens", "description": "Session tokens for browsers."},
             {"name": "items", "description": "Item-to-item similarity."},
             {"name": "catalog", "description": "Live item fields (stock, price, promotion)."},
             {"name": "users", "description": "Erasure and consent (GDPR)."},
@@ -126,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["X-API-Key", "Authorization", "Content-Type"],
         )
     app.add_middleware(LatencyMiddleware)
-    for module in (events, recommendations, stream, items, catalog, users, admin, health):
+    for module in (events, recommendations, stream, tokens, items, catalog, users, admin, health):
         app.include_router(module.router)
     app.include_router(stream.demo_router)  # before the mount: /demo/catalog is an endpoint, the rest files
     app.mount("/demo", stream.DemoFiles(settings, STATIC_DIR), name="demo")

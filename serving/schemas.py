@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, TypeAdapter
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
-from common.events import Consent, FieldError
+from common.events import Consent, Event, FieldError
+from common.ids import Id
 from serving.core.errors import ErrorBody
+from serving.core.tokens import TokenScope
+
+
+@dataclass(frozen=True)
+class DocumentedAs:
+    """Annotation: the OpenAPI shows the body as `shown` (its models land in components/schemas), while
+    the handler takes it as it is, to validate its parts one by one."""
+
+    shown: Any
+
+    def __get_pydantic_json_schema__(self, _: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return handler(TypeAdapter(self.shown).core_schema)
+
+
+# One event or a batch: documented as the `Event` contract, validated per event (a batch keeps its good ones).
+EventsBody = Annotated[
+    dict[str, Any] | list[Any], DocumentedAs(Event | Annotated[list[Event], Field(min_length=1)])
+]
 
 
 class Context(StrEnum):
@@ -252,3 +274,30 @@ class Readiness(BaseModel):
     model_error: str | None = None
     redis: Literal["up", "down"]
     redis_error: str | None = None
+
+
+class TokenRequest(BaseModel):
+    """Whom a session token is for: the browser's session, its device and, once logged in, its user."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"session_id": "s-1", "anonymous_id": "device-42", "user_id": "u-7"}]},
+    )
+
+    session_id: Id
+    anonymous_id: Id
+    user_id: Id | None = Field(None, description="Only once your server knows the person is logged in as this user.")
+    scopes: list[TokenScope] | None = Field(
+        None, min_length=1, description="Default: those of events:write and recs:read the key holds."
+    )
+
+
+class TokenResponse(BaseModel):
+    token: str = Field(
+        description="Send as `Authorization: Bearer <token>`, or as `?access_token=` where no header can go "
+        "(EventSource, sendBeacon)."
+    )
+    token_type: Literal["Bearer"] = "Bearer"
+    expires_at: datetime
+    expires_in: int = Field(description="Seconds; get a new token before then.")
+    scopes: list[TokenScope]

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from common import duck
 from common.candidates import Scored
-from common.events import BESTSELLER_EVENTS, INTEREST_EVENTS
+from common.events import ATTENTION_EVENTS, BESTSELLER_EVENTS, INTEREST_EVENTS
 from common.features import DAY_S, POP_DAYS, Candidates, RequestState, day_index, implicit_weight
 from common.gatherer import Gathered, ItemColumns, describe, gather_lists, pool
 from common.lake import Lake
@@ -119,13 +119,15 @@ class EventLog:
 
 
 def load_log(lake: Lake, end: datetime, training: TrainingSettings) -> EventLog:
-    """Read item events received before `end`; a device later identified counts for its user."""
+    """Read item events received before `end` (attention events are none: see ATTENTION_EVENTS); a device
+    later identified counts for its user."""
     events = lake.read_events(end=end, columns=LOG_COLUMNS)
+    attention = ", ".join(f"'{t}'" for t in sorted(ATTENTION_EVENTS))
     catalog = lake.read_catalog()
     with duck.connect() as con:
         con.register("events", events)
         resolved = con.sql(
-            """
+            f"""
             WITH alias AS (
                 SELECT anonymous_id, user_id FROM (
                     SELECT anonymous_id, user_id,
@@ -139,7 +141,7 @@ def load_log(lake: Lake, end: datetime, training: TrainingSettings) -> EventLog:
                    e.item_id, e.event_type, epoch_us(e.ts) / 1e6 AS ts_s, e.dwell_ms,
                    coalesce(e.quantity, 1) AS quantity
             FROM events e LEFT JOIN alias a USING (anonymous_id)
-            WHERE e.item_id IS NOT NULL
+            WHERE e.item_id IS NOT NULL AND e.event_type NOT IN ({attention})
             ORDER BY ts_s, e.event_id
             """
         ).to_arrow_table()
@@ -162,7 +164,9 @@ def load_log(lake: Lake, end: datetime, training: TrainingSettings) -> EventLog:
         ts_s=resolved["ts_s"].to_numpy().astype(np.float64),
         weight=np.asarray([implicit_weight(t, d, training) for t, d in zip(types, dwell, strict=True)]),
         quantity=resolved["quantity"].to_numpy().astype(np.float64),
-        raw=events.filter(pa.array([i is not None for i in events["item_id"].to_pylist()])),
+        raw=events.filter(
+            pa.array([i is not None and t not in ATTENTION_EVENTS for i, t in zip(events["item_id"].to_pylist(), events["event_type"].to_pylist(), strict=True)])
+        ),
         category=np.asarray(catalog["category"].fill_null("").to_pylist() + [""] * n_extra),
         price=np.append(catalog["price"].fill_null(0.0).to_numpy(), np.zeros(n_extra)),
         created_s=np.append(created, np.full(n_extra, np.inf)),  # not in the catalog: no creation time

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from common import duck
+from common.events import ATTENTION_EVENTS
 from common.sequence import SEQUENCE_EXCLUDED_TYPES, SequenceCounter
 
 POPULARITY_SCHEMA = pa.schema([pa.field("item_id", pa.string()), pa.field("count", pa.int64())])
@@ -19,10 +20,12 @@ SEQUENCE_COLUMNS = ["event_id", "event_type", "session_id", "anonymous_id", "ite
 
 
 def popularity(events: pa.Table) -> pa.Table:
-    """item_id, count: item events per item (every type), most popular first."""
+    """item_id, count: item events per item (every type but attention), most popular first."""
     with duck.connect() as con:
-        con.register("events", events.select(["item_id"]))
-        sql = """SELECT item_id, count(*) AS count FROM events WHERE item_id IS NOT NULL
+        con.register("events", events.select(["item_id", "event_type"]))
+        attention = ", ".join(f"'{t}'" for t in sorted(ATTENTION_EVENTS))
+        sql = f"""SELECT item_id, count(*) AS count FROM events
+                 WHERE item_id IS NOT NULL AND event_type NOT IN ({attention})
                  GROUP BY item_id ORDER BY count DESC, item_id"""
         return con.sql(sql).to_arrow_table().cast(POPULARITY_SCHEMA)
 

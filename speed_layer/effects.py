@@ -21,7 +21,7 @@ import redis
 from redis.exceptions import NoScriptError
 
 from common import consent, redis_keys
-from common.events import BESTSELLER_EVENTS, Consent, Event, EventType
+from common.events import ATTENTION_EVENTS, BESTSELLER_EVENTS, Consent, Event, EventType
 from common.features import DAY_S, POP_DAYS, day_index, implicit_weight
 from common.model import ModelArtifacts
 from common.neighbours import session_token
@@ -359,8 +359,10 @@ class Applier:
                     result.duplicates += 1
                 else:
                     result.applied += 1
-                    if sent.personal[j]:  # the others change no one's recommendations
-                        result.changed[sent.persons[j]] = (sent.sessions[j], started.events[index])
+                    event = started.events[index]
+                    # A hover changes no list, nor does an event without personalisation consent.
+                    if sent.personal[j] and event.event_type.value not in ATTENTION_EVENTS:
+                        result.changed[sent.persons[j]] = (sent.sessions[j], event)
         return retry
 
     def _chunk_constants(
@@ -613,7 +615,8 @@ class _Planner:
         event, person, session, weight = self.batch[j], self.persons[j], self.sessions[j], self.weights[j]
         personal = self.personal[j]
         speed = self.speed
-        item = event.item_id or ""
+        # An attention event is counted for its session only: planned as an event without an item.
+        item = "" if event.event_type.value in ATTENTION_EVENTS else event.item_id or ""
         ts = event.ts.timestamp()
         category = self.categories.get(item) if item else ""
 

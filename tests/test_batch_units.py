@@ -23,6 +23,7 @@ from common.features import decay, implicit_weight
 from common.ids import id_digest
 from common.lake import EVENTS_DATASET, Lake
 from common.settings import Settings, TrainingSettings
+from spark_jobs import tables
 from spark_jobs.erasure import apply_erasures
 from spark_jobs.evaluate import mrr_at_k, ndcg_at_k, recall_at_k
 from spark_jobs.gate import (
@@ -38,6 +39,7 @@ from spark_jobs.gate import (
 )
 from spark_jobs.interactions import local_interactions
 from spark_jobs.quality import DataQualityError, validate_events
+from spark_jobs.replay import load_log
 
 CUTOFF = datetime(2026, 3, 10, tzinfo=UTC)
 TRAINING = TrainingSettings()
@@ -81,6 +83,7 @@ def test_interactions_weight_decay_and_identity(lake: Lake) -> None:
                 event("view", t2, "dev2", "hat"),  # never identified: stays the device
                 event("search", t2, "dev2", query="hats"),  # no item: ignored
                 event("remove_from_cart", t2, "dev2", "hat"),  # weight 0: ignored
+                event("hover", t2, "dev2", "scarf", dwell_ms=60_000),  # attention only: ignored
                 event("view", CUTOFF + timedelta(seconds=1), "dev2", "hat"),  # after the cutoff
             ]
         )
@@ -93,6 +96,22 @@ def test_interactions_weight_decay_and_identity(lake: Lake) -> None:
     assert set(got) == {("alice", "shoe"), ("dev2", "hat")}
     assert got[("alice", "shoe")] == pytest.approx(expected_shoe, rel=1e-12)
     assert got[("dev2", "hat")] == pytest.approx(decay(1.0, 86_400, half_life_s), rel=1e-12)
+
+
+def test_a_hover_is_in_no_batch_table_or_event_log(lake: Lake) -> None:
+    at = CUTOFF - timedelta(hours=1)
+    rows = [
+        event("view", at, "dev1", "shoe"),
+        event("hover", at + timedelta(seconds=1), "dev1", "scarf", dwell_ms=4000),
+        event("view", at + timedelta(seconds=2), "dev1", "hat"),
+    ]
+    lake.write_events(events_to_table(rows))
+    events = lake.read_events(end=CUTOFF, columns=tables.SEQUENCE_COLUMNS)
+    assert tables.popularity(events)["item_id"].to_pylist() == ["hat", "shoe"]
+    assert [item for _, item, _ in tables.sequence_events(events)] == ["shoe", "hat"]  # hat follows shoe
+    log = load_log(lake, CUTOFF, TRAINING)
+    assert sorted(log.item_ids[i] for i in log.item) == ["hat", "shoe"]
+    assert log.raw.num_rows == 2
 
 
 # ---------------------------------------------------------------- data quality

@@ -30,7 +30,10 @@ KEYS = {
     "key-storefront-0001": ["events:write"],
     "key-reader-0002": ["recs:read"],
     "key-admin-0003": ["admin", "recs:read", "events:write"],
+    "key-shop-0004": ["events:write", "recs:read"],  # a storefront's server: exchanged for session tokens
 }
+SHOP_KEY = "key-shop-0004"
+TOKEN_SECRET = "test-token-secret-0123456789abcdef"  # settings in tests only; never a default
 
 
 def make_settings(**api: Any) -> Settings:

@@ -258,3 +258,36 @@ def test_an_items_category_counts_from_its_first_catalog_record_and_follows_a_mo
     while "i1" in consumer.applier.categories.known and time.monotonic() < deadline:
         consumer._announced_versions()
     assert set(view_and_affinity()) == {"shoes", "hats"}
+
+
+def test_a_hover_is_counted_for_its_session_and_is_no_interaction(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url)
+    registry = Registry(settings.models.root)
+    publish_model(registry, "v1", datetime.now(UTC) - HOUR, np.random.default_rng(2).normal(size=(20, 8)).astype(np.float32), ["u1"])
+    set_categories(redis_client, {"i1": "shoes", "i2": "hats"})
+    consumer = SpeedConsumer(redis_client, settings, registry, name="c1")
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(redis_keys.RECS_CHANNEL)
+    hover = make_event(EventType.HOVER, "i2", user_id="u1").model_copy(update={"dwell_ms": 30_000})
+    add_events(redis_client, settings, [make_event(EventType.VIEW, "i1", user_id="u1"), hover])
+    add_events(redis_client, settings, [make_event(EventType.HOVER, "i1", anonymous_id="a9")])
+    drain(consumer)
+
+    state = read_speed_state(redis_client, "u1", session_id="s1", model_version="v1", candidate_items=["i1", "i2"])
+    assert state.session_counts == {"view": 1, "hover": 1}
+    assert set(state.session_items) == {"i1"}  # what the session saw is what it viewed
+    assert state.person_items == {"i1": 1.0}
+    assert state.delta_events == 1
+    assert state.day_counts[:, -1].tolist() == [1.0, 0.0]
+    assert state.covisitation == {"i1": {}}  # i2 never followed i1
+    assert set(state.category_affinity) == {"shoes"}
+    hovering = read_speed_state(redis_client, "a9", session_id="s1")
+    assert hovering.session_counts == {"hover": 1} and hovering.session_items == {}
+    heard = []
+    deadline = time.monotonic() + 1  # all published by now; None also answers the (ignored) subscribe
+    while time.monotonic() < deadline:
+        if message := pubsub.get_message(timeout=0.1):
+            heard.append(RecsChanged.model_validate_json(message["data"]).person_id)
+    assert heard == ["u1"]  # the view changed u1's list; a9's hover changes nothing

@@ -1,18 +1,27 @@
-"""Typed dependencies for route handlers: settings, the serving state, and scope checks."""
+"""Typed dependencies for route handlers: settings, the serving state, and scope checks (keys, session tokens)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 
+from common.events import FieldError
 from common.settings import Scope, Settings
-from serving.core.auth import check_scope, key_from_headers
+from serving.core.auth import Grant, authorize, check_scope, key_from_headers
+from serving.core.errors import ApiError
 from serving.core.state import ServingState
 
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key from RECS_API__KEYS.")
-_bearer = HTTPBearer(auto_error=False, description="The same API key as a bearer token.")
+_bearer = HTTPBearer(auto_error=False, description="The same API key, or a session token, as a bearer token.")
+_token_query = APIKeyQuery(
+    name="access_token",
+    scheme_name="SessionToken",
+    auto_error=False,
+    description="A session token (POST /v1/tokens) where no header can go: EventSource, sendBeacon.",
+)
 
 
 # Dependencies and the hot routes are `async def` though they never await: a plain `def` runs in
@@ -33,20 +42,59 @@ StateDep = Annotated[ServingState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 
 
+async def presented_key(
+    x_api_key: Annotated[str | None, Security(_api_key)] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+) -> str | None:
+    """The credential of the request's headers, if any."""
+    return key_from_headers(x_api_key, f"Bearer {bearer.credentials}" if bearer else None)
+
+
+PresentedKey = Annotated[str | None, Depends(presented_key)]
+
+
 def require(scope: Scope) -> Any:
     """A dependency that lets the request through only with a key holding `scope` (or with auth off)."""
 
-    async def dependency(
-        settings: SettingsDep,
-        x_api_key: Annotated[str | None, Security(_api_key)] = None,
-        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
-    ) -> None:
-        presented = key_from_headers(x_api_key, f"Bearer {bearer.credentials}" if bearer else None)
+    async def dependency(settings: SettingsDep, presented: PresentedKey) -> None:
         check_scope(settings, presented, scope)
 
     return Depends(dependency)  # typed Any: FastAPI's `dependencies=[...]` wants its private Depends class
 
 
-EventsWrite = require("events:write")
+def require_for_person(scope: Scope) -> Any:
+    """As `require`, or with a session token holding `scope` (header or `access_token` query); the route
+    checks the returned Grant against the person and session it acts for."""
+
+    async def dependency(
+        settings: SettingsDep,
+        presented: PresentedKey,
+        access_token: Annotated[str | None, Security(_token_query)] = None,
+    ) -> Grant:
+        return authorize(settings, presented or access_token, scope)
+
+    return Depends(dependency)
+
+
 RecsRead = require("recs:read")
 Admin = require("admin")
+# The routes of one person, which a browser calls with its session token.
+PersonEventsWrite = require_for_person("events:write")
+PersonRecsRead = require_for_person("recs:read")
+
+
+async def single_valued_query(request: Request) -> None:
+    """Refuse a query parameter given twice: no route takes a list, and which value counts would be a guess."""
+    counts = Counter(name for name, _ in request.query_params.multi_items())
+    repeated = sorted(name for name, n in counts.items() if n > 1)
+    if repeated:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"invalid parameter(s): {', '.join(repeated)}",
+            errors=[FieldError(field=name, reason="given more than once") for name in repeated],
+        )
+
+
+# For the routers of routes with query parameters (their OpenAPI declares the 422).
+SingleQueryValues = Depends(single_valued_query)

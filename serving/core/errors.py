@@ -85,6 +85,20 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorBody, "description": "The key lacks the scope this route needs."},
     422: {"model": ErrorBody, "description": "A parameter or the body is invalid; `errors` names each one."},
 }
+# ... and of the routes of one person, which also take a session token.
+PERSON_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    401: {
+        "model": ErrorBody,
+        "description": "Missing or unknown API key (`missing_api_key`, `invalid_api_key`), or a session token "
+        "that is forged or malformed (`invalid_token`) or expired (`token_expired`).",
+    },
+    403: {
+        "model": ErrorBody,
+        "description": "The key or token lacks the scope this route needs (`insufficient_scope`), or the token "
+        "is for another session or person (`token_scope`).",
+    },
+}
 # ... and of routes that take a body.
 BODY_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "The body cannot be decoded (it is not UTF-8)."},

@@ -1,5 +1,7 @@
 /* The demo storefront: a grid by category, a product page, a cart, and a shelf of
- * recommendations that the API pushes by Server-Sent Events when the speed layer changes them. */
+ * recommendations that the API pushes by Server-Sent Events when the speed layer changes them.
+ * With keys configured the page holds no key: it gets a session token from its server (/demo/token)
+ * and renews it before it expires. */
 (function () {
   "use strict";
   const { Tracker, uuid } = window.LambdarecTracker;
@@ -16,11 +18,29 @@
   const params = new URLSearchParams(location.search);
   const anonymousId = params.get("anonymous_id") || stored(localStorage, "lr_anonymous_id");
   const sessionId = params.get("session_id") || stored(sessionStorage, "lr_session_id");
-  const tracker = new Tracker({ anonymousId, sessionId });
+  const tracker = new Tracker({ anonymousId, sessionId, refreshToken: () => renewToken() });
   const items = new Map(); // item_id -> catalog row
   const cart = new Map(); // item_id -> quantity
-  const state = { tracker, renders: 0, lastRecs: null, current: null, connected: false };
+  const state = { tracker, renders: 0, lastRecs: null, current: null, connected: false, token: null };
   window.demo = state;
+
+  // ------------------------------------------------------------ the session token (none with auth off)
+
+  let renewal = null;
+  async function renewToken() {
+    const response = await fetch("/demo/token", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ anonymous_id: anonymousId, session_id: sessionId }),
+    });
+    if (!response.ok) throw new Error(`no session token: ${response.status}`);
+    if (response.status === 204) return null; // auth off
+    const body = await response.json();
+    state.token = tracker.token = body.token;
+    clearTimeout(renewal);
+    renewal = setTimeout(renewToken, body.expires_in * 800); // at 80% of its life
+    return body.token;
+  }
   $("who").textContent = `device ${anonymousId.slice(0, 8)} · session ${sessionId.slice(0, 8)}`;
 
   function hue(text) {
@@ -34,6 +54,7 @@
     el.className = "card";
     el.dataset.itemId = item.item_id;
     el.dataset.category = item.category || "";
+    el.dataset.page = extra ? "home" : "category";
     const sw = document.createElement("div");
     sw.className = "swatch";
     sw.style.background = `hsl(${hue(item.category || "")}, 55%, 70%)`;
@@ -192,15 +213,26 @@
   }
 
   function subscribe() {
-    const url = `/v1/stream/recommendations?anonymous_id=${encodeURIComponent(anonymousId)}&session_id=${encodeURIComponent(sessionId)}&k=8`;
+    let url = `/v1/stream/recommendations?anonymous_id=${encodeURIComponent(anonymousId)}&session_id=${encodeURIComponent(sessionId)}&k=8`;
+    if (state.token) url += `&access_token=${encodeURIComponent(state.token)}`; // EventSource sends no headers
     const source = new EventSource(url);
+    const resubscribe = async () => {
+      source.close();
+      await renewToken().catch(() => null);
+      subscribe();
+    };
     source.addEventListener("open", () => { state.connected = true; });
     source.addEventListener("recommendations", (e) => renderShelf(JSON.parse(e.data)));
-    source.addEventListener("error", () => { state.connected = false; }); // EventSource reconnects by itself
+    source.addEventListener("token_expired", resubscribe);
+    source.addEventListener("error", () => {
+      state.connected = false; // EventSource reconnects by itself, but not after a refusal (an expired token)
+      if (source.readyState === EventSource.CLOSED) setTimeout(resubscribe, 1000);
+    });
     state.source = source;
   }
 
-  loadCatalog().then(() => {
+  tracker.watchHover(document.body, ".card[data-item-id]");
+  Promise.all([renewToken(), loadCatalog()]).then(() => {
     show("grid");
     subscribe();
   });

@@ -3,6 +3,10 @@
  *   so the speed layer's dedup counts it once;
  * - a batch goes after `flushMs` or when `maxBatch` events wait;
  * - on pagehide what is left goes with navigator.sendBeacon;
+ * - with auth on, `token` is the session token the storefront's server got (POST /v1/tokens): sent as
+ *   a Bearer header, or as ?access_token= on a beacon (which cannot set headers); on a 401 the tracker
+ *   asks `refreshToken()` for a new one and resends;
+ * - watchHover records a dwell over a product card (a `hover` event with dwell_ms) unless it ends in a click;
  * - each event carries the page's consent ("none" | "analytics" | "personalisation"): the `consent`
  *   option, else the page's <html data-consent="...">; the banner calls setConsent() when it changes.
  *   Unset, the field is left out and the server's default (personalisation) applies. */
@@ -25,6 +29,8 @@
       this.anonymousId = opts.anonymousId;
       this.sessionId = opts.sessionId;
       this.userId = opts.userId || null;
+      this.token = opts.token || null;
+      this.refreshToken = opts.refreshToken || null;
       this.consent = opts.consent || document.documentElement.dataset.consent || null;
       this.flushMs = opts.flushMs ?? 150;
       this.maxBatch = opts.maxBatch ?? 20;
@@ -88,14 +94,20 @@
       this.stats.posts += 1;
       let retry = false;
       try {
+        const headers = { "Content-Type": "application/json" };
+        if (this.token) headers.Authorization = `Bearer ${this.token}`;
         const response = await fetch(this.endpoint, {
           method: "POST",
-          headers: { "Content-Type": "application/json" },
+          headers,
           body: JSON.stringify(batch),
           keepalive: true,
         });
         // 5xx (backpressure, Redis down) and 429 are worth retrying; other 4xx would fail again.
         retry = response.status >= 500 || response.status === 429;
+        if (response.status === 401 && this.refreshToken) {
+          this.token = await this.refreshToken(); // the token expired: the same batch goes with a new one
+          retry = true;
+        }
       } catch (err) {
         retry = true; // network error: the server may or may not have the batch; the event_id dedups it
       }
@@ -113,8 +125,36 @@
       if (!this.queue.length || !navigator.sendBeacon) return;
       const batch = this.queue.splice(0, this.queue.length);
       const blob = new Blob([JSON.stringify(batch)], { type: "application/json" });
-      if (navigator.sendBeacon(this.endpoint, blob)) this.stats.beacons += 1;
+      const url = this.token ? `${this.endpoint}?access_token=${encodeURIComponent(this.token)}` : this.endpoint;
+      if (navigator.sendBeacon(url, blob)) this.stats.beacons += 1;
       else this.queue.unshift(...batch);
+    }
+
+    /* Cards matching `selector` inside `root` carry data-item-id (and data-page for the context). A hover
+     * shorter than minMs is passing over, not dwelling; one that ends in a click is the click's. */
+    watchHover(root, selector, minMs = 500) {
+      let current = null; // { el, since }
+      const end = (clicked) => {
+        if (!current) return;
+        const { el, since } = current;
+        current = null;
+        const dwell = Math.round(performance.now() - since);
+        if (clicked || dwell < minMs || !el.dataset.itemId) return;
+        const fields = { item_id: el.dataset.itemId, dwell_ms: dwell };
+        if (el.dataset.page) fields.context = { page: el.dataset.page };
+        this.track("hover", fields);
+      };
+      root.addEventListener("mouseover", (e) => {
+        const el = e.target.closest(selector);
+        if (current && current.el === el) return;
+        end(false);
+        if (el) current = { el, since: performance.now() };
+      });
+      root.addEventListener("mouseout", (e) => {
+        if (current && !current.el.contains(e.relatedTarget)) end(false);
+      });
+      root.addEventListener("click", () => end(true), { capture: true });
+      global.addEventListener("pagehide", () => end(false), { capture: true }); // before the beacon
     }
   }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import redis
 from fastapi import APIRouter, Body
@@ -10,10 +10,11 @@ from fastapi.responses import JSONResponse
 
 from common.events import FieldError, validate_events
 from common.stream import append_events
-from serving.api.deps import EventsWrite, StateDep
+from serving.api.deps import PersonEventsWrite, StateDep
 from serving.core import metrics
-from serving.core.errors import BODY_ERROR_RESPONSES, ERROR_RESPONSES, ApiError, ErrorBody
-from serving.schemas import EVENT_EXAMPLES, EventResult, EventsRejected, EventsResponse
+from serving.core.auth import Grant
+from serving.core.errors import BODY_ERROR_RESPONSES, PERSON_ERROR_RESPONSES, ApiError, ErrorBody
+from serving.schemas import EVENT_EXAMPLES, EventResult, EventsBody, EventsRejected, EventsResponse
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
@@ -30,12 +31,12 @@ RETRY_AFTER_S = "5"
         "existed) says what the speed layer and the lake may keep of it (`Consent` below; README, 'Consent'). "
         "Good events are appended to the stream even when others in the batch are rejected; then the answer "
         "is 422 and `results` names each bad event's fields. 503 with Retry-After when the speed layer lags "
-        "more than `api.max_stream_lag` entries behind, or Redis is unreachable."
+        "more than `api.max_stream_lag` entries behind, or Redis is unreachable. With a session token, every "
+        "event must carry the token's session_id and anonymous_id (and no other user_id), else nothing is kept."
     ),
     response_model=EventsResponse,
-    dependencies=[EventsWrite],
     responses={
-        **ERROR_RESPONSES,
+        **PERSON_ERROR_RESPONSES,
         **BODY_ERROR_RESPONSES,
         413: {
             "model": ErrorBody,
@@ -55,7 +56,8 @@ RETRY_AFTER_S = "5"
 )
 async def post_events(
     state: StateDep,
-    payload: Annotated[dict[str, Any] | list[Any], Body(openapi_examples=EVENT_EXAMPLES)],
+    grant: Annotated[Grant, PersonEventsWrite],
+    payload: Annotated[EventsBody, Body(openapi_examples=EVENT_EXAMPLES)],
 ) -> JSONResponse:
     payloads = payload if isinstance(payload, list) else [payload]
     max_batch = state.settings.api.max_batch
@@ -70,6 +72,8 @@ async def post_events(
     _refuse_under_backpressure(state)
 
     accepted, rejected = validate_events(payloads)
+    for event in accepted:  # a token writes for its own session only: refuse the batch before any of it lands
+        grant.check_person(event.user_id, event.anonymous_id, event.session_id)
     stamped = [event.received() for event in accepted]
     try:
         stream_ids = append_events(

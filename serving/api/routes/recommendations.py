@@ -9,13 +9,19 @@ from fastapi import APIRouter, Query
 
 from common.events import DEFAULT_CONSENT, Consent, FieldError
 from common.ids import Id
-from serving.api.deps import RecsRead, StateDep
-from serving.core.errors import ERROR_RESPONSES, ApiError
+from serving.api.deps import PersonRecsRead, SingleQueryValues, StateDep
+from serving.core.auth import Grant
+from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError
 from serving.core.impressions import Impression
 from serving.core.recommender import RecRequest, RecResult, recommend
 from serving.schemas import Context, RecommendationsResponse, RecommendedItem
 
-router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/recommendations",
+    tags=["recommendations"],
+    responses=PERSON_ERROR_RESPONSES,
+    dependencies=[SingleQueryValues],
+)
 
 IdParam = Annotated[Id | None, Query()]
 
@@ -27,15 +33,16 @@ IdParam = Annotated[Id | None, Query()]
         "Give `user_id` (logged in) or `anonymous_id` (device), or both. `context=product` needs `item_id` "
         "(the product on the page); `context=cart` draws on the cart. The answer never fails for a "
         "missing Redis or model: it says why in `degraded`. Send `request_id` back as `rec_request_id` "
-        "on click events to attribute them. Send `consent` as the page's events carry it: below "
-        "`personalisation` the list is non-personal (trending and new arrivals; nothing of the person is "
-        "used, and `degraded` says so), below `analytics` the list is not logged as an impression."
+        "on click events to attribute them. With a session token, `session_id` must be the token's and the "
+        "person its device or user. Send `consent` as the page's events carry it: below `personalisation` "
+        "the list is non-personal (trending and new arrivals; nothing of the person is used, and `degraded` "
+        "says so), below `analytics` the list is not logged as an impression."
     ),
     response_model=RecommendationsResponse,
-    dependencies=[RecsRead],
 )
 async def get_recommendations(
     state: StateDep,
+    grant: Annotated[Grant, PersonRecsRead],
     user_id: Annotated[IdParam, Query(examples=["u-7"])] = None,
     anonymous_id: Annotated[IdParam, Query(examples=["device-42"])] = None,
     session_id: Annotated[IdParam, Query(examples=["s-1"])] = None,
@@ -53,6 +60,7 @@ async def get_recommendations(
             "give user_id or anonymous_id",
             errors=[FieldError(field="user_id", reason="user_id or anonymous_id is required")],
         )
+    grant.check_person(user_id, anonymous_id, session_id)
     if context is Context.product and item_id is None:
         raise ApiError(
             422,

@@ -72,6 +72,28 @@ BESTSELLER_EVENTS = frozenset({"add_to_cart", "purchase"})
 # co-visits, neighbours, popularity or affinity, and no live update of the person's list.
 ATTENTION_EVENTS = frozenset({"hover"})
 
+
+class Consent(StrEnum):
+    """What the person agreed to in the store's consent banner. A ladder: each state allows what the
+    one before it does, and more (README, 'Consent')."""
+
+    NONE = "none"  # counted in the live aggregates (trending, popularity, bestsellers) only
+    ANALYTICS = "analytics"  # also kept in the lake with its ids (warehouse, batch training)
+    PERSONALISATION = "personalisation"  # also person-level live state (sessions, history, deltas)
+
+    def allows(self, needed: Consent) -> bool:
+        return _CONSENT_RANK[self] >= _CONSENT_RANK[needed]
+
+    def capped(self, cap: Consent) -> Consent:
+        """The lower of the two: what an event allows once the person withdrew down to `cap`."""
+        return self if cap.allows(self) else cap
+
+
+_CONSENT_RANK = {state: rank for rank, state in enumerate(Consent)}
+# A client that sends no consent keeps the behaviour from before consent existed: everything is kept.
+# A store that must ask (GDPR, CCPA) sends the banner's answer with every event (tracker.js `consent`).
+DEFAULT_CONSENT = Consent.PERSONALISATION
+
 # The fields that name a person (a device, a user): what erasure looks for in an event's payload.
 PERSON_ID_FIELDS = ("anonymous_id", "user_id")
 
@@ -149,6 +171,12 @@ class Event(BaseModel):
     query: ShortText | None = None
     context: EventContext = Field(default_factory=EventContext)
     rec_request_id: Id | None = None
+    consent: Consent = Field(
+        DEFAULT_CONSENT,
+        description="What the person consented to: `none` (counted in live aggregates only), `analytics` "
+        "(also stored in the lake with its ids), `personalisation` (also person-level live state). "
+        "Default `personalisation`: a client that sends none is treated as before consent existed.",
+    )
     schema_version: Annotated[int, JsonNumber] = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
 
     @field_validator("event_id")
@@ -198,6 +226,11 @@ class Event(BaseModel):
     def person_ids(self) -> list[str]:
         """Every id of a person the event names (PERSON_ID_FIELDS): an erasure of any of them covers it."""
         return [self.anonymous_id] if self.user_id is None else [self.anonymous_id, self.user_id]
+
+    @property
+    def personalised(self) -> bool:
+        """Whether the event may build person-level state (identity test: this runs for every event)."""
+        return self.consent is Consent.PERSONALISATION
 
     def received(self, at: datetime | None = None) -> Event:
         """A copy stamped with the server's arrival time."""
@@ -252,11 +285,15 @@ def _event_schema() -> pa.Schema:
 
 EVENT_SCHEMA: pa.Schema = _event_schema()
 EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_SCHEMA.names)
+# Columns added after lake files were first written: a file without one reads it as null, which
+# `table_to_events` takes as the field's default, so such a file is not drift (spark_jobs/quality.py).
+ADDED_COLUMNS = frozenset({"consent"})
 
 
 def _to_row(event: Event) -> dict[str, Any]:
     row = event.model_dump()
     row["event_type"] = event.event_type.value
+    row["consent"] = event.consent.value
     row["context"]["extra"] = list(row["context"]["extra"].items())
     return row
 
@@ -275,6 +312,8 @@ def table_to_events(table: pa.Table) -> list[Event]:
     rows = table.select(list(EVENT_COLUMNS)).to_pylist()
     for row in rows:
         row["context"]["extra"] = dict(row["context"]["extra"] or [])
+        if row["consent"] is None:  # a file from before the column: the default, as for a client's
+            del row["consent"]
     return [Event.model_validate(row) for row in rows]
 
 

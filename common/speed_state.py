@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -76,6 +76,14 @@ class SpeedState:
     out_of_stock: frozenset[str] = frozenset()
     promoted: frozenset[str] = frozenset()
     neighbours: list[tuple[str, float]] = field(default_factory=list)  # session-kNN items, best first
+
+    def impersonal(self) -> SpeedState:
+        """The state without anything of the person or their session (what a request without
+        personalisation consent may use): the item-level lists and flags stay."""
+        return replace(
+            self, session_id=None, session_items={}, category_affinity={}, cart={}, session_counts={},
+            person_items={}, purchases={}, delta=None, delta_events=0, covisitation={}, neighbours=[],
+        )  # fmt: skip
 
     @property
     def delta_is_current(self) -> bool:

@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "tokens", "description": "Session tokens for browsers."},
             {"name": "items", "description": "Item-to-item similarity."},
             {"name": "catalog", "description": "Live item fields (stock, price, promotion)."},
-            {"name": "users", "description": "Erasure (GDPR)."},
+            {"name": "users", "description": "Erasure and consent (GDPR)."},
             {"name": "admin", "description": "Model versions."},
             {"name": "operations", "description": "Health, readiness, metrics."},
         ],

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, TypeAda
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from common.events import Event, FieldError
+from common.events import Consent, Event, FieldError
 from common.ids import Id
 from serving.core.errors import ErrorBody
 from serving.core.tokens import TokenScope
@@ -116,6 +116,7 @@ EVENT_EXAMPLES: dict[str, Any] = {
             "session_id": "s-1",
             "item_id": "sku-123",
             "dwell_ms": 5400,
+            "consent": "analytics",
         },
     },
     "batch": {
@@ -222,6 +223,22 @@ class ErasureResponse(BaseModel):
     redis_keys_deleted: int
     stream_entries_deleted: int = Field(description="Entries of the event stream and its dead letters naming them.")
     lake_erasure_queued: str = Field(description="Path of the queued request the next batch run applies.")
+
+
+class ConsentChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    consent: Consent = Field(description="The person's new consent state.")
+
+
+class ConsentResponse(BaseModel):
+    user_id: str
+    consent: Consent
+    devices: int = Field(description="Devices linked to the user (by identify) the change applies to as well.")
+    redis_keys_deleted: int = Field(description="Their person-level keys, deleted when personalisation was withdrawn.")
+    lake_erasure_queued: str | None = Field(
+        None, description="Path of the queued lake erasure when analytics was withdrawn, else null."
+    )
 
 
 class ModelInfo(BaseModel):

@@ -338,11 +338,14 @@ def test_openapi_documents_every_route_with_examples(client: TestClient) -> None
     expected = {
         "/v1/events", "/v1/recommendations", "/v1/items/{item_id}/similar", "/v1/catalog/items",
         "/v1/users/{user_id}", "/v1/admin/models", "/v1/admin/models/{version}/activate",
-        "/healthz", "/readyz", "/metrics",
+        "/healthz", "/readyz", "/metrics", "/v1/users/{user_id}/consent",
     }  # fmt: skip
     assert expected <= set(spec["paths"])
     events_body = spec["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]
     assert {"single", "batch"} <= set(events_body["examples"])
+    assert spec["components"]["schemas"]["Consent"]["enum"] == ["none", "analytics", "personalisation"]
+    params = {p["name"]: p for p in spec["paths"]["/v1/recommendations"]["get"]["parameters"]}
+    assert params["consent"]["schema"]["default"] == "personalisation"
     assert "examples" in spec["components"]["schemas"]["RecommendationsResponse"]
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import redis
 
 from common.candidates import Scored, merge_sources
+from common.events import DEFAULT_CONSENT, Consent
 from common.features import SOURCES, Candidates, RequestState, compute_features
 from common.gatherer import (
     TOP_AFFINITY_CATEGORIES,
@@ -41,6 +42,7 @@ DAY_S = 86_400.0
 EXPERIMENT = "recs"
 REDIS_DOWN = "redis_unavailable: batch-only recommendations (no session, trending or stock updates)"
 NO_MODEL = "no_model: popular items from the lake"
+NO_CONSENT = "no_personalisation_consent: non-personal items (trending, new arrivals), nothing of the person used"
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class RecRequest:
     k: int
     context: str  # home | product | cart
     item_id: str | None = None
+    consent: Consent = DEFAULT_CONSENT  # the page's, as its events carry it
+
+    @property
+    def personalised(self) -> bool:
+        return self.consent is Consent.PERSONALISATION
 
     @property
     def person_id(self) -> str:
@@ -95,17 +102,20 @@ def recommend(state: ServingState, req: RecRequest, now_s: float | None = None) 
     model = state.models.current  # one snapshot for the whole request: a reload cannot mix versions
     variant = assign_variant(req.person_id, state.settings.experiments.shares)
     rules = state.rules
-    degraded: list[str] = []
+    degraded: list[str] = [] if req.personalised else [NO_CONSENT]
+    personal = variant != "popular" and req.personalised
 
-    speed = read_speed(state, req, model, now_s, personal=variant != "popular")
+    speed = read_speed(state, req, model, now_s, personal=personal)
     if speed is None:
         degraded.append(REDIS_DOWN)
+    elif not req.personalised:
+        speed = speed.impersonal()
     if model is None:
         degraded.insert(0, NO_MODEL)
         ranked, n_candidates = _without_model(state, rules, speed, req, now_s)
         return _finish(state, req, variant, None, degraded, ranked, n_candidates)
 
-    request = gather_request(state, model, req, speed, personal=variant != "popular", now_s=now_s)
+    request = gather_request(state, model, req, speed, personal=personal, now_s=now_s)
     pool = _apply_rules(state, rules, req, speed, request.gathered.lists, now_s)
     if variant == "ranker" and model.artifacts.ranker is not None:
         scores = _ranker_scores(model, request, pool)
@@ -137,7 +147,7 @@ def gather_request(
 ) -> GatheredRequest:
     """The gatherer (common/gatherer.py) on serving's lookups: what ranker training builds from the log."""
     person = speed.person_id if speed else req.person_id
-    vector = _user_vector(state, model, person, speed)
+    vector = _user_vector(state, model, person, speed) if req.personalised else None
     moment = _request_state(state, speed, vector, now_s)
     lookups = ServingLookups(state, model, speed, now_s)
     anchor = req.item_id if req.context == "product" else None

@@ -27,6 +27,8 @@ RETRY_AFTER_S = "5"
     summary="Send one event or a batch",
     description=(
         "The body is one event or a JSON array of events (the `Event` contract of `common/events.py`). "
+        "`consent` (`none`, `analytics`, `personalisation`; default `personalisation`, as before the field "
+        "existed) says what the speed layer and the lake may keep of it (`Consent` below; README, 'Consent'). "
         "Good events are appended to the stream even when others in the batch are rejected; then the answer "
         "is 422 and `results` names each bad event's fields. 503 with Retry-After when the speed layer lags "
         "more than `api.max_stream_lag` entries behind, or Redis is unreachable. With a session token, every "

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from common.events import FieldError
+from common.events import DEFAULT_CONSENT, Consent, FieldError
 from common.ids import Id
 from serving.api.deps import PersonRecsRead, SingleQueryValues, StateDep
 from serving.core.auth import Grant
@@ -34,7 +34,9 @@ IdParam = Annotated[Id | None, Query()]
         "(the product on the page); `context=cart` draws on the cart. The answer never fails for a "
         "missing Redis or model: it says why in `degraded`. Send `request_id` back as `rec_request_id` "
         "on click events to attribute them. With a session token, `session_id` must be the token's and the "
-        "person its device or user."
+        "person its device or user. Send `consent` as the page's events carry it: below `personalisation` "
+        "the list is non-personal (trending and new arrivals; nothing of the person is used, and `degraded` "
+        "says so), below `analytics` the list is not logged as an impression."
     ),
     response_model=RecommendationsResponse,
 )
@@ -47,6 +49,9 @@ async def get_recommendations(
     k: Annotated[int, Query(ge=1, le=100, description="How many items.")] = 10,
     context: Annotated[Context, Query(description="Where the list is shown.")] = Context.home,
     item_id: Annotated[IdParam, Query(description="The product on the page (context=product).")] = None,
+    consent: Annotated[
+        Consent, Query(description="The person's consent, as on their events; default `personalisation`.")
+    ] = DEFAULT_CONSENT,
 ) -> RecommendationsResponse:
     if user_id is None and anonymous_id is None:
         raise ApiError(
@@ -63,9 +68,10 @@ async def get_recommendations(
             "context=product needs item_id",
             errors=[FieldError(field="item_id", reason="required when context is product")],
         )
-    req = RecRequest(user_id, anonymous_id, session_id, k, context.value, item_id)
+    req = RecRequest(user_id, anonymous_id, session_id, k, context.value, item_id, consent)
     result = recommend(state, req)
-    state.impressions.log(_impression(req, result))
+    if consent.allows(Consent.ANALYTICS):  # an impression names the person, as the lake's events do
+        state.impressions.log(_impression(req, result))
     return RecommendationsResponse(
         request_id=result.request_id,
         model_version=result.model_version,

@@ -29,7 +29,7 @@ from starlette.types import Receive, Send
 from starlette.types import Scope as AsgiScope
 
 from common import redis_keys
-from common.events import FieldError
+from common.events import DEFAULT_CONSENT, Consent, FieldError
 from common.messages import RecsChanged
 from common.settings import Scope, Settings
 from serving.api.deps import PersonRecsRead, PresentedKey, SettingsDep, SingleQueryValues, StateDep
@@ -129,6 +129,7 @@ async def stream_recommendations(
     anonymous_id: IdParam = None,
     session_id: IdParam = None,
     k: Annotated[int, Query(ge=1, le=100)] = 10,
+    consent: Annotated[Consent, Query(description="As on GET /v1/recommendations.")] = DEFAULT_CONSENT,
 ) -> EventSourceResponse:
     if user_id is None and anonymous_id is None:
         raise ApiError(
@@ -149,6 +150,7 @@ async def stream_recommendations(
             session_id=session_id,
             k=k,
             context=Context.home,
+            consent=consent,
         )
         return body.model_dump_json()
 

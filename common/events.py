@@ -78,8 +78,8 @@ class Consent(StrEnum):
     one before it does, and more (README, 'Consent')."""
 
     NONE = "none"  # counted in the live aggregates (trending, popularity, bestsellers) only
-    ANALYTICS = "analytics"  # also kept in the lake with its ids (warehouse, batch training)
-    PERSONALISATION = "personalisation"  # also person-level live state (sessions, history, deltas)
+    ANALYTICS = "analytics"  # also kept in the lake with its ids (warehouse, batch aggregates)
+    PERSONALISATION = "personalisation"  # also person-level state: live (sessions, deltas) and batch (factors)
 
     def allows(self, needed: Consent) -> bool:
         return _CONSENT_RANK[self] >= _CONSENT_RANK[needed]

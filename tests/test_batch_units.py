@@ -13,6 +13,7 @@ import pytest
 
 from common.events import (
     DEFAULT_CONSENT,
+    Consent,
     Event,
     EventType,
     deterministic_event_id,
@@ -96,6 +97,29 @@ def test_interactions_weight_decay_and_identity(lake: Lake) -> None:
     assert set(got) == {("alice", "shoe"), ("dev2", "hat")}
     assert got[("alice", "shoe")] == pytest.approx(expected_shoe, rel=1e-12)
     assert got[("dev2", "hat")] == pytest.approx(decay(1.0, 86_400, half_life_s), rel=1e-12)
+
+
+def consent_lake(lake: Lake) -> None:
+    """Events under each consent, and a file from before the consent column (read as the default)."""
+    t = CUTOFF - timedelta(days=1)
+    lake.write_events(
+        events_to_table(
+            [
+                event("purchase", t, "dev-p", "shoe", consent=Consent.PERSONALISATION),
+                event("purchase", t, "dev-a", "shoe", consent=Consent.ANALYTICS),
+                event("purchase", t, "dev-n", "shoe", consent=Consent.NONE),
+            ]
+        )
+    )
+    old = events_to_table([event("view", t, "dev-old", "hat")]).drop_columns(["consent"])
+    target = Path(lake.path("events", f"dt={t.date().isoformat()}", "part-old.parquet"))
+    pq.write_table(old, target)
+
+
+def test_only_personalisation_consent_builds_a_persons_interactions(lake: Lake) -> None:
+    consent_lake(lake)
+    got = {(r["person_id"], r["item_id"]) for r in local_interactions(lake, CUTOFF, TRAINING).to_pylist()}
+    assert got == {("dev-p", "shoe"), ("dev-old", "hat")}
 
 
 def test_a_hover_is_in_no_batch_table_or_event_log(lake: Lake) -> None:

@@ -549,7 +549,9 @@ class _Planner:
         self.batch, self.persons, self.personal, self.sessions = batch, persons, personal, sessions
         # Read once: an enum's `.value` is a descriptor call, and each event needs it three times.
         self.types = [e.event_type.value for e in batch]
-        self.weights = [implicit_weight(t, e.dwell_ms, self.training) for t, e in zip(self.types, batch, strict=True)]
+        self.weights = [
+            implicit_weight(t, e.dwell_ms, self.training) for t, e in zip(self.types, batch, strict=True)
+        ]
         self.categories = categories
         self.now = now
         # Per version slot (at most two): the model and event index -> (new delta, count it replaces).
@@ -627,7 +629,9 @@ class _Planner:
         version_args: list[object] = []
         for model, steps in self.deltas:
             step = steps.get(j)
-            version_keys += self._version_keys(person, model.version) if personal else _UNLINKED_PERSON_KEYS[:2]
+            version_keys += (
+                self._version_keys(person, model.version) if personal else _UNLINKED_PERSON_KEYS[:2]
+            )
             version_args += (
                 _VERSION_ARGS(delta="", delta_count=0)
                 if step is None
@@ -683,7 +687,8 @@ class _Planner:
         found = self.version_keys.get((person, version))
         if found is None:
             found = self.version_keys[(person, version)] = _VERSION_KEYS(
-                delta=redis_keys.user_delta(person, version), delta_count=redis_keys.user_event_count(person, version)
+                delta=redis_keys.user_delta(person, version),
+                delta_count=redis_keys.user_event_count(person, version),
             )
         return found
 

@@ -38,7 +38,9 @@ def serve(
 @bench_app.command("speed")
 def speed(
     events: int = typer.Option(50_000, min=1000, help="Events drained by one consumer for the throughput figure."),
-    offered: float = typer.Option(2000.0, min=1, help="Events/s offered for the freshness figure."),
+    offered: float = typer.Option(
+        10_000.0, "--offered-rate", "--offered", min=1, help="Events/s offered for the freshness figure."
+    ),
     seconds: float = typer.Option(5.0, min=1, help="Seconds of offered load."),
     repeats: int = typer.Option(3, min=1, help="Throughput runs, each on a fresh Redis; the median is reported."),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),

@@ -547,12 +547,17 @@ class _Planner:
         self.training = applier.settings.training
         self.rng = applier.rng
         self.batch, self.persons, self.personal, self.sessions = batch, persons, personal, sessions
-        self.weights = [implicit_weight(e.event_type.value, e.dwell_ms, self.training) for e in batch]
+        # Read once: an enum's `.value` is a descriptor call, and each event needs it three times.
+        self.types = [e.event_type.value for e in batch]
+        self.weights = [
+            implicit_weight(t, e.dwell_ms, self.training) for t, e in zip(self.types, batch, strict=True)
+        ]
         self.categories = categories
         self.now = now
         # Per version slot (at most two): the model and event index -> (new delta, count it replaces).
         self.deltas: list[tuple[ModelArtifacts, dict[int, tuple[np.ndarray, int]]]] = []
         self.person_keys: dict[tuple[str, str], list[str]] = {}
+        self.version_keys: dict[tuple[str, str], list[str]] = {}
         self.seen_keys: dict[str, str] = {}
         self.tokens: dict[tuple[str, str], str] = {}
         self.item_keys: dict[str, str] = {}
@@ -613,10 +618,10 @@ class _Planner:
     def plan(self, j: int, keys: list[str], args: list[object]) -> None:
         """Append event j's blocks to `keys` and `args`."""
         event, person, session, weight = self.batch[j], self.persons[j], self.sessions[j], self.weights[j]
-        personal = self.personal[j]
+        personal, event_type = self.personal[j], self.types[j]
         speed = self.speed
         # An attention event is counted for its session only: planned as an event without an item.
-        item = "" if event.event_type.value in ATTENTION_EVENTS else event.item_id or ""
+        item = "" if event_type in ATTENTION_EVENTS else event.item_id or ""
         ts = event.ts.timestamp()
         category = self.categories.get(item) if item else ""
 
@@ -625,12 +630,7 @@ class _Planner:
         for model, steps in self.deltas:
             step = steps.get(j)
             version_keys += (
-                _VERSION_KEYS(
-                    delta=redis_keys.user_delta(person, model.version),
-                    delta_count=redis_keys.user_event_count(person, model.version),
-                )
-                if personal
-                else _UNLINKED_PERSON_KEYS[:2]
+                self._version_keys(person, model.version) if personal else _UNLINKED_PERSON_KEYS[:2]
             )
             version_args += (
                 _VERSION_ARGS(delta="", delta_count=0)
@@ -643,7 +643,7 @@ class _Planner:
         day = day_index(ts)
         pop_expire = int((day + POP_DAYS + 1) * DAY_S)
         best = 0.0
-        if category and event.event_type.value in BESTSELLER_EVENTS:
+        if category and event_type in BESTSELLER_EVENTS:
             best = weight * (event.quantity or 1) * forward_decay(ts, speed.bestsellers_half_life_s)
 
         if personal:
@@ -660,7 +660,7 @@ class _Planner:
             covis=self._covis_key(item or "-"), per_version=version_keys,
         )  # fmt: skip
         args += _EVENT_ARGS(
-            event_type=event.event_type.value, item=item, session=session, ts=repr(ts), weight=repr(weight),
+            event_type=event_type, item=item, session=session, ts=repr(ts), weight=repr(weight),
             quantity=event.quantity or 1, category=category,
             trend_expireat=trend_expire if trend_expire > self.now else 0,
             popularity_expireat=pop_expire if pop_expire > self.now else 0,
@@ -681,6 +681,15 @@ class _Planner:
                 redis_keys.person_items(person),
                 redis_keys.person_purchases(person),
             ]
+        return found
+
+    def _version_keys(self, person: str, version: str) -> list[str]:
+        found = self.version_keys.get((person, version))
+        if found is None:
+            found = self.version_keys[(person, version)] = _VERSION_KEYS(
+                delta=redis_keys.user_delta(person, version),
+                delta_count=redis_keys.user_event_count(person, version),
+            )
         return found
 
     def _token(self, person: str, session: str) -> str:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from common.events import FieldError
 from common.ids import Id
 from serving.api.deps import RecsRead, StateDep
 from serving.core.errors import ERROR_RESPONSES, ApiError
 from serving.core.impressions import Impression
+from serving.core.metrics import StageClock
 from serving.core.recommender import RecRequest, RecResult, recommend
 from serving.schemas import Context, RecommendationsResponse, RecommendedItem
 
@@ -40,7 +41,7 @@ async def get_recommendations(
     k: Annotated[int, Query(ge=1, le=100, description="How many items.")] = 10,
     context: Annotated[Context, Query(description="Where the list is shown.")] = Context.home,
     item_id: Annotated[IdParam, Query(description="The product on the page (context=product).")] = None,
-) -> RecommendationsResponse:
+) -> Response:
     if user_id is None and anonymous_id is None:
         raise ApiError(
             422,
@@ -56,16 +57,20 @@ async def get_recommendations(
             errors=[FieldError(field="item_id", reason="required when context is product")],
         )
     req = RecRequest(user_id, anonymous_id, session_id, k, context.value, item_id)
-    result = recommend(state, req)
+    clock = StageClock()
+    result = recommend(state, req, clock=clock)
     state.impressions.log(_impression(req, result))
-    return RecommendationsResponse(
+    body = RecommendationsResponse(
         request_id=result.request_id,
         model_version=result.model_version,
         variant=result.variant,
         degraded=result.degraded,
         experiments={"recs": result.variant},
         items=[RecommendedItem(**vars(item)) for item in result.items],
-    )
+    ).model_dump_json()
+    clock.lap("serialisation")
+    clock.observe()
+    return Response(body, media_type="application/json")
 
 
 def _impression(req: RecRequest, result: RecResult) -> Impression:

@@ -117,7 +117,7 @@ def recommend(
     clock.lap("candidates")
     pool = _apply_rules(state, rules, req, speed, request.gathered.lists, now_s)
     clock.lap("rules")
-    if variant == "ranker" and model.artifacts.ranker is not None:
+    if variant == "ranker" and model.scorer is not None:
         scores = _ranker_scores(model, request, pool, clock)
     elif variant == "popular":
         scores = _source_score(pool, "trending") + 1e-3 * _source_score(pool, "new")
@@ -300,10 +300,8 @@ def _ranker_scores(model: ServingModel, request: GatheredRequest, pool: _Pool, c
         return np.zeros(0)
     features = compute_features(request.moment, feature_inputs(model, request, pool.item_ids, pool.sources))
     clock.lap("features")
-    # One thread: requests run concurrently, and OpenMP fan-out per call only adds contention.
-    ranker = model.artifacts.ranker
-    assert ranker is not None, "the caller checks the version has a ranker"
-    return np.asarray(ranker.predict(features, num_threads=1), dtype=np.float64)
+    assert model.scorer is not None, "the caller checks the version has a ranker"
+    return model.scorer(features)
 
 
 def _request_state(

@@ -1,22 +1,27 @@
-"""The request path's fast parts give what they replace: the compiled ranker the booster's scores and lists."""
+"""The request path's fast parts give what they replace: the compiled ranker the booster's scores and lists,
+the msgspec body the documented response model."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
 from bench.serve import SyntheticModel
+from common import redis_keys
 from common.features import FEATURE_NAMES
 from common.model import load_model
 from common.registry import Registry
 from serving.core.compiled_ranker import booster_scorer, compile_ranker
-from serving.core.recommender import RecRequest, recommend
+from serving.core.recommender import Recommended, RecRequest, recommend
+from serving.schemas import RecommendationsResponse, RecommendedItem
 from tests.test_serving_support import seed_session_view, serving_state
 
 pytest_plugins = ["tests.test_serving_support"]
@@ -81,3 +86,26 @@ def test_compiled_ranker_serves_the_boosters_lists(
     for mine, theirs in zip(compiled, booster, strict=True):
         assert [i.item_id for i in mine.items] == [i.item_id for i in theirs.items]
         assert [i.score for i in mine.items] == pytest.approx([i.score for i in theirs.items], abs=1e-6)
+
+
+def test_recommendations_body_is_the_documented_model(
+    client: TestClient, published: SyntheticModel, redis_client: redis.Redis
+) -> None:
+    # The recommender's dataclass is encoded as the schema's item: the same fields, in the same order.
+    assert [f.name for f in dataclasses.fields(Recommended)] == list(RecommendedItem.model_fields)
+    spec = client.app.openapi()  # type: ignore[attr-defined]
+    schema = {"$ref": "#/components/schemas/RecommendationsResponse", "components": spec["components"]}
+    seed_session_view(redis_client, "anon-body", "s1", "i3", "cat3", {"i11": 4.0})
+    redis_client.sadd(redis_keys.PROMOTED, "i11")
+    for params in (
+        {"user_id": "u1", "k": 15},
+        {"anonymous_id": "anon-body", "session_id": "s1"},
+        {"user_id": "u2", "context": "product", "item_id": "i4"},
+        {"anonymous_id": "nobody-known"},
+    ):
+        response = client.get("/v1/recommendations", params=params)
+        assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+        body = response.json()
+        jsonschema.Draft202012Validator(schema).validate(body)
+        assert RecommendationsResponse.model_validate_json(response.content).model_dump(mode="json") == body
+        assert body["items"] and all(isinstance(i["promoted"], bool) for i in body["items"])

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from bench.serve import SyntheticModel
 from common import redis_keys
+from common.candidates import top_n_indices
 from common.features import FEATURE_NAMES
 from common.model import load_model
 from common.registry import Registry
@@ -109,3 +110,19 @@ def test_recommendations_body_is_the_documented_model(
         jsonschema.Draft202012Validator(schema).validate(body)
         assert RecommendationsResponse.model_validate_json(response.content).model_dump(mode="json") == body
         assert body["items"] and all(isinstance(i["promoted"], bool) for i in body["items"])
+
+
+def test_top_n_is_what_a_full_partition_picks() -> None:
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        total = int(rng.integers(10, 80_000))
+        n = int(rng.integers(1, min(total, 120) + 1))
+        scores = rng.normal(0, 1, total).astype(np.float32)
+        if trial % 4 == 1:
+            scores.sort()  # ordered items: a strided sample would see only one end
+        elif trial % 4 == 2:
+            scores = np.zeros(total, np.float32)  # a few high scores the sample most likely misses
+            scores[rng.choice(total, min(total, 5), replace=False)] = 5 + rng.random(min(total, 5))
+            scores += rng.normal(0, 1e-3, total).astype(np.float32)
+        full = np.argpartition(scores, total - n)[total - n :]
+        assert np.array_equal(top_n_indices(scores, n), full[np.argsort(-scores[full], kind="stable")])

@@ -80,7 +80,7 @@ async def stream_recommendations(
             k=k,
             context=Context.home,
         )
-        return body.model_dump_json()
+        return bytes(body.body).decode()  # the route's JSON body, as GET /v1/recommendations sends it
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         client = aioredis.Redis.from_url(state.settings.redis.effective_url, socket_connect_timeout=1.0)

@@ -366,7 +366,7 @@ def _flat_pairs(reply: Any) -> list[tuple[str, float]]:
     if not reply:
         return []
     pairs = iter(reply)  # members are bulk strings (bytes): decoded in place, ~25 per list, ~20 lists a request
-    return [(m.decode() if type(m) is bytes else _text(m) or "", float(score)) for m, score in zip(pairs, pairs)]
+    return [(m.decode() if type(m) is bytes else _text(m) or "", float(score)) for m, score in zip(pairs, pairs, strict=False)]
 
 
 def _flat_pairs_text(reply: Any) -> list[tuple[str, str]]:
@@ -374,7 +374,7 @@ def _flat_pairs_text(reply: Any) -> list[tuple[str, str]]:
     if not reply:
         return []
     pairs = iter(reply)
-    return [(_text(key) or "", _text(value) or "") for key, value in zip(pairs, pairs)]
+    return [(_text(key) or "", _text(value) or "") for key, value in zip(pairs, pairs, strict=False)]
 
 
 def _text(value: Any) -> str | None:

@@ -28,7 +28,8 @@ def serve(
     seconds: float = typer.Option(30.0, min=1, help="Seconds at the base rate (200 req/s)."),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
-    """API latency: 2 workers on a 50k-item, 64-factor synthetic model, fixed-rate load from another process."""
+    """API latency: 2 workers on a 50k-item, 64-factor synthetic model with live speed state, fixed-rate
+    load from another process, beside a no-op route on the same server (ratio_to_noop)."""
     from bench.serve import bench_serve
 
     result = bench_serve(seconds=seconds)

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.serve import _wait_ready, publish_synthetic_model, request_paths
+from bench.serve import _wait_ready, browse, publish_synthetic_model, request_paths
 from common import redis_keys
 from common.key_memory import keyspace_usage
 from common.lake import Lake
@@ -35,6 +35,7 @@ from common.registry import Registry
 from common.settings import RedisSettings
 
 TICK_S = 0.1
+N_CATEGORIES = 50
 
 
 def run_soak(
@@ -56,7 +57,7 @@ def run_soak(
         try:
             model = publish_synthetic_model(
                 Registry(str(root / "models")), Lake(str(root / "lake")), version="soak",
-                n_items=5000, n_users=users, factors=32, n_categories=50, seed=seed,
+                n_items=5000, n_users=users, factors=32, n_categories=N_CATEGORIES, seed=seed,
             )  # fmt: skip
             port = free_port()
             env = _env(root, server.url, horizon_s)
@@ -113,7 +114,7 @@ def _drive(
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Post events at `rate` for `minutes`, sampling every `sample_s`; returns the samples and the load's counts."""
     rng = random.Random(seed)
-    paths = request_paths(model)
+    paths = request_paths(browse(model, 50, 50, N_CATEGORIES, seed=seed)[0])  # the serve bench's mix
     client = server.client()
     load = {"events_sent": 0, "events_refused": 0, "rec_requests": 0, "rec_errors": 0}
     per_tick = max(1, round(rate * TICK_S))

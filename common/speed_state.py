@@ -257,12 +257,18 @@ def _run_read(
 
 def _flat_pairs(reply: Any) -> list[tuple[str, float]]:
     """[member, score, member, score, ...] (a script's WITHSCORES reply) as (member, score) pairs."""
-    return [(_text(reply[i]) or "", float(reply[i + 1])) for i in range(0, len(reply or []), 2)]
+    if not reply:
+        return []
+    pairs = iter(reply)  # members are bulk strings (bytes): decoded in place, ~25 per list, ~20 lists a request
+    return [(m.decode() if type(m) is bytes else _text(m) or "", float(score)) for m, score in zip(pairs, pairs, strict=False)]
 
 
 def _flat_pairs_text(reply: Any) -> list[tuple[str, str]]:
     """A script's HGETALL reply as (field, value) text pairs."""
-    return [(_text(reply[i]) or "", _text(reply[i + 1]) or "") for i in range(0, len(reply or []), 2)]
+    if not reply:
+        return []
+    pairs = iter(reply)
+    return [(_text(key) or "", _text(value) or "") for key, value in zip(pairs, pairs, strict=False)]
 
 
 def _text(value: Any) -> str | None:

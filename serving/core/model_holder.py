@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from common.registry import Registry, RegistryError
 from common.settings import CandidatePool
 from serving.core import metrics
 from serving.core.catalog_view import CatalogView
+from serving.core.compiled_ranker import Scorer, compile_ranker
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class ServingModel:
     covis: dict[str, dict[str, float]]  # batch co-visitation: item -> other -> count
     popular: list[tuple[str, float]]  # batch popularity, best first
     category_popular: dict[str, dict[str, float]] = field(default_factory=dict)
+    scorer: Scorer | None = None  # the ranker's scores (compiled when possible); None without a ranker
 
     @property
     def version(self) -> str:
@@ -61,7 +64,9 @@ class ServingModel:
         return parameters.get("training", {}).get(name, parameters.get(name, default))
 
 
-def build_serving_model(artifacts: ModelArtifacts, catalog: CatalogView) -> ServingModel:
+def build_serving_model(
+    artifacts: ModelArtifacts, catalog: CatalogView, compiled_dir: Path | None = None
+) -> ServingModel:
     factors = np.ascontiguousarray(artifacts.item_factors, dtype=np.float32)
     artifacts.item_factors = factors
     norms = np.linalg.norm(factors, axis=1, keepdims=True)
@@ -78,6 +83,7 @@ def build_serving_model(artifacts: ModelArtifacts, catalog: CatalogView) -> Serv
         covis=_covis(artifacts.covisitation),
         popular=popular[:1000],
         category_popular=dict(by_category),
+        scorer=compile_ranker(artifacts.ranker, compiled_dir) if artifacts.ranker is not None else None,
     )
 
 
@@ -121,9 +127,10 @@ def lake_popular(lake: Lake, days: int = 7, n: int = 1000) -> list[tuple[str, fl
 class ModelHolder:
     """Holds the serving model; reloads are serialised, swaps are one reference assignment."""
 
-    def __init__(self, registry: Registry, catalog: CatalogView) -> None:
+    def __init__(self, registry: Registry, catalog: CatalogView, compiled_dir: Path | None = None) -> None:
         self.registry = registry
         self.catalog = catalog
+        self.compiled_dir = compiled_dir  # compiled rankers, by model hash (None: compiled in memory)
         self.current: ServingModel | None = None
         self.last_error: str | None = None
         self._reload_lock = threading.Lock()
@@ -139,7 +146,7 @@ class ModelHolder:
                 return self.current
             try:
                 artifacts = load_model(self.registry, target)
-                model = build_serving_model(artifacts, self.catalog)
+                model = build_serving_model(artifacts, self.catalog, self.compiled_dir)
             except (RegistryError, OSError, ValueError) as exc:
                 self.last_error = f"could not load model {target}: {exc}"
                 metrics.MODEL_LOADS.labels(outcome="failed").inc()

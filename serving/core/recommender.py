@@ -32,6 +32,7 @@ from serving.core import metrics
 from serving.core.catalog_view import UNCATEGORISED, ItemInfo
 from serving.core.experiments import assign_variant
 from serving.core.lookups import ServingLookups
+from serving.core.metrics import StageClock
 from serving.core.model_holder import ServingModel
 from serving.core.rules import Rules
 from serving.core.state import ServingState
@@ -96,8 +97,12 @@ class _Pool:
     source_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def recommend(state: ServingState, req: RecRequest, now_s: float | None = None) -> RecResult:
+def recommend(
+    state: ServingState, req: RecRequest, now_s: float | None = None, clock: StageClock | None = None
+) -> RecResult:
     # now_s: the moment the list is for; a replay (evaluation/) passes the replayed event's time.
+    # clock: where the route records the time of each stage (metrics.STAGES).
+    clock = clock or StageClock()
     now_s = time.time() if now_s is None else now_s
     model = state.models.current  # one snapshot for the whole request: a reload cannot mix versions
     variant = assign_variant(req.person_id, state.settings.experiments.shares)
@@ -106,6 +111,7 @@ def recommend(state: ServingState, req: RecRequest, now_s: float | None = None) 
     personal = variant != "popular" and req.personalised
 
     speed = read_speed(state, req, model, now_s, personal=personal)
+    clock.lap("reads")
     if speed is None:
         degraded.append(REDIS_DOWN)
     elif not req.personalised:
@@ -113,18 +119,25 @@ def recommend(state: ServingState, req: RecRequest, now_s: float | None = None) 
     if model is None:
         degraded.insert(0, NO_MODEL)
         ranked, n_candidates = _without_model(state, rules, speed, req, now_s)
-        return _finish(state, req, variant, None, degraded, ranked, n_candidates)
+        result = _finish(state, req, variant, None, degraded, ranked, n_candidates)
+        clock.lap("rules")
+        return result
 
     request = gather_request(state, model, req, speed, personal=personal, now_s=now_s)
+    clock.lap("candidates")
     pool = _apply_rules(state, rules, req, speed, request.gathered.lists, now_s)
-    if variant == "ranker" and model.artifacts.ranker is not None:
-        scores = _ranker_scores(model, request, pool)
+    clock.lap("rules")
+    if variant == "ranker" and model.scorer is not None:
+        scores = _ranker_scores(model, request, pool, clock)
     elif variant == "popular":
         scores = _source_score(pool, "trending") + 1e-3 * _source_score(pool, "new")
     else:  # als_only, or ranker on a version published without one
         scores = heuristic_scores(model.artifacts, pool.source_scores, pool.item_ids, request.moment.user_vector)
+    clock.lap("ranker")
     ranked = _boost_and_diversify(state, rules, pool, scores, speed, req.k)
-    return _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
+    result = _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
+    clock.lap("rules")
+    return result
 
 
 @dataclass
@@ -292,14 +305,13 @@ def _source_score(pool: _Pool, source: str) -> np.ndarray:
     return np.array([scores.get(i, 0.0) for i in pool.item_ids], dtype=np.float64)
 
 
-def _ranker_scores(model: ServingModel, request: GatheredRequest, pool: _Pool) -> np.ndarray:
+def _ranker_scores(model: ServingModel, request: GatheredRequest, pool: _Pool, clock: StageClock) -> np.ndarray:
     if not pool.item_ids:
         return np.zeros(0)
     features = compute_features(request.moment, feature_inputs(model, request, pool.item_ids, pool.sources))
-    # One thread: requests run concurrently, and OpenMP fan-out per call only adds contention.
-    ranker = model.artifacts.ranker
-    assert ranker is not None, "the caller checks the version has a ranker"
-    return np.asarray(ranker.predict(features, num_threads=1), dtype=np.float64)
+    clock.lap("features")
+    assert model.scorer is not None, "the caller checks the version has a ranker"
+    return model.scorer(features)
 
 
 def _request_state(

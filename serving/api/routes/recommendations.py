@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+import msgspec
+from fastapi import APIRouter, Query, Response
 
 from common.events import DEFAULT_CONSENT, Consent, FieldError
 from common.ids import Id
@@ -13,8 +14,9 @@ from serving.api.deps import PersonRecsRead, SingleQueryValues, StateDep
 from serving.core.auth import Grant
 from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError
 from serving.core.impressions import Impression
+from serving.core.metrics import StageClock
 from serving.core.recommender import RecRequest, RecResult, recommend
-from serving.schemas import Context, RecommendationsResponse, RecommendedItem
+from serving.schemas import Context, RecommendationsResponse
 
 router = APIRouter(
     prefix="/v1/recommendations",
@@ -24,6 +26,10 @@ router = APIRouter(
 )
 
 IdParam = Annotated[Id | None, Query()]
+
+# The body is RecommendationsResponse (the OpenAPI document's), encoded by msgspec straight from the
+# recommender's dataclasses: building and dumping the pydantic models cost ~35 us a request, this ~6.
+_ENCODER = msgspec.json.Encoder()
 
 
 @router.get(
@@ -52,7 +58,7 @@ async def get_recommendations(
     consent: Annotated[
         Consent, Query(description="The person's consent, as on their events; default `personalisation`.")
     ] = DEFAULT_CONSENT,
-) -> RecommendationsResponse:
+) -> Response:
     if user_id is None and anonymous_id is None:
         raise ApiError(
             422,
@@ -69,17 +75,23 @@ async def get_recommendations(
             errors=[FieldError(field="item_id", reason="required when context is product")],
         )
     req = RecRequest(user_id, anonymous_id, session_id, k, context.value, item_id, consent)
-    result = recommend(state, req)
+    clock = StageClock()
+    result = recommend(state, req, clock=clock)
     if consent.allows(Consent.ANALYTICS):  # an impression names the person, as the lake's events do
         state.impressions.log(_impression(req, result))
-    return RecommendationsResponse(
-        request_id=result.request_id,
-        model_version=result.model_version,
-        variant=result.variant,
-        degraded=result.degraded,
-        experiments={"recs": result.variant},
-        items=[RecommendedItem(**vars(item)) for item in result.items],
+    body = _ENCODER.encode(
+        {
+            "request_id": result.request_id,
+            "model_version": result.model_version,
+            "variant": result.variant,
+            "degraded": result.degraded,
+            "experiments": {"recs": result.variant},
+            "items": result.items,  # dataclasses with RecommendedItem's fields (a test holds them equal)
+        }
     )
+    clock.lap("serialisation")
+    clock.observe()
+    return Response(body, media_type="application/json")
 
 
 def _impression(req: RecRequest, result: RecResult) -> Impression:

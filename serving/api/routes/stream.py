@@ -152,7 +152,7 @@ async def stream_recommendations(
             context=Context.home,
             consent=consent,
         )
-        return body.model_dump_json()
+        return bytes(body.body).decode()  # the route's JSON body, as GET /v1/recommendations sends it
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         client = aioredis.Redis.from_url(state.settings.redis.effective_url, socket_connect_timeout=1.0)

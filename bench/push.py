@@ -65,7 +65,7 @@ class PushClient:
         if self.open_streams:
             opened = [asyncio.Event() for _ in range(self.sessions)]
             streams = [asyncio.create_task(self._stream(n, opened[n])) for n in range(self.sessions)]
-            for event in opened:  # each stream's first list has arrived
+            for event in opened:  # each stream's first list (or its end) has arrived
                 await asyncio.wait_for(event.wait(), 120)
         ready.set()
         await asyncio.get_running_loop().run_in_executor(None, go.wait)
@@ -92,8 +92,10 @@ class PushClient:
                     if opened.is_set():
                         arrived.append(time.perf_counter())
                     opened.set()
-                elif line.startswith(b"event: error"):
+                elif line.startswith(b"event: error"):  # the stream ends (Redis lost)
                     self.stream_errors += 1
+                    opened.set()
+                    return
         finally:
             writer.close()
 

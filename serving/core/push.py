@@ -26,6 +26,8 @@ from serving.core.errors import ErrorBody
 log = logging.getLogger(__name__)
 
 RETRY_S = 1.0  # between attempts to subscribe again after Redis was lost
+# Generous: a loaded worker's loop may lag past a short timeout, and a false "lost" ends every stream.
+CONNECT_TIMEOUT_S = 5.0
 # Before each list: a push has a second of slack, a request none. A timer (not sleep(0), which
 # resumes before the tasks of requests that arrived meanwhile) lets those requests run first.
 YIELD_S = 0.001
@@ -175,7 +177,7 @@ class Fanout:
     async def _listen(self) -> None:
         """Keep one subscription; when Redis is lost, end every open stream (clients reconnect) and retry."""
         while True:
-            client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=1.0)
+            client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=CONNECT_TIMEOUT_S)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(redis_keys.RECS_CHANNEL)

@@ -111,6 +111,22 @@ def test_a_message_reaches_only_the_streams_of_its_person_or_session(
     asyncio.run(scenario())
 
 
+def test_closing_a_stream_twice_or_one_never_opened_counts_nothing(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        fanout = Fanout(redis_server.url)
+        before = REGISTRY.get_sample_value("recs_push_streams", {"transport": "test"}) or 0.0
+        never = LiveStream(stream_keys(["dev-n"], None), Recorder("never"), transport="test")
+        fanout.close(never)  # a WebSocket refused or gone before its stream opened
+        stream, _ = open_stream(fanout, "a", ["dev-a"], "s-a")
+        fanout.close(stream)
+        fanout.close(stream)  # the route's finally after the stream's own end
+        assert fanout.open_streams == 0
+        assert REGISTRY.get_sample_value("recs_push_streams", {"transport": "test"}) == before
+        await fanout.aclose()
+
+    asyncio.run(scenario())
+
+
 def dropped() -> float:
     return REGISTRY.get_sample_value("recs_push_dropped_total", {"transport": "test"}) or 0.0
 

@@ -129,10 +129,10 @@ class Fanout:
         self._mark(stream)
 
     def close(self, stream: LiveStream) -> None:
-        if stream.closed:
-            return
         stream.closed = True
-        self._streams.discard(stream)
+        if stream not in self._streams:  # closed already, or never opened
+            return
+        self._streams.remove(stream)
         for key in stream.keys:
             subscribers = self._index.get(key)
             if subscribers is not None:

@@ -138,7 +138,7 @@ async def stream_recommendations(
     session_id: IdParam = None,
     k: KParam = 10,
 ) -> EventSourceResponse:
-    stream = _open(state, push, grant, user_id, anonymous_id, session_id, k, transport="sse")
+    stream = _stream(state, grant, user_id, anonymous_id, session_id, k, transport="sse")
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         async for name, data in _events(push, stream, grant):
@@ -164,7 +164,7 @@ async def stream_recommendations_ws(
     try:
         presented = key_from_headers(websocket.headers.get("x-api-key"), websocket.headers.get("authorization"))
         grant = authorize(state.settings, presented or access_token, "recs:read")
-        stream = _open(state, push, grant, user_id, anonymous_id, session_id, k, transport="websocket")
+        stream = _stream(state, grant, user_id, anonymous_id, session_id, k, transport="websocket")
     except ApiError as exc:
         await _refuse(websocket, exc)
         return
@@ -189,9 +189,8 @@ async def stream_recommendations_ws(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _open(
+def _stream(
     state: ServingState,
-    push: Fanout,
     grant: Grant,
     user_id: str | None,
     anonymous_id: str | None,
@@ -199,7 +198,7 @@ def _open(
     k: int,
     transport: str,
 ) -> LiveStream:
-    """Check whom the stream is for, and open it on the worker's fan-out (its first list is on the way)."""
+    """Check whom the stream is for (before the response starts: a refusal is an HTTP error); the stream."""
     if user_id is None and anonymous_id is None:
         raise ApiError(
             422,
@@ -222,13 +221,13 @@ def _open(
         return body.model_dump_json()
 
     people = [p for p in (user_id, anonymous_id) if p]
-    stream = LiveStream(stream_keys(people, session_id), compute, transport)
-    push.open(stream)
-    return stream
+    return LiveStream(stream_keys(people, session_id), compute, transport)
 
 
 async def _events(push: Fanout, stream: LiveStream, grant: Grant) -> AsyncIterator[tuple[str, str]]:
-    """(event name, JSON data) of a stream until it ends: its lists, then an `error` or `token_expired`."""
+    """Open the stream on the worker's fan-out and give its (event name, JSON data) until it ends: its lists,
+    then an `error` or `token_expired`. Opened here, by the response, so that whatever ends it closes it."""
+    push.open(stream)
     try:
         while True:
             try:

@@ -48,6 +48,18 @@ STREAM_LAG = Gauge(
     "Speed-layer consumer group lag, as last seen by a worker.",
     multiprocess_mode="livemax",
 )
+PUSH_STREAMS = Gauge(
+    "recs_push_streams",
+    "Open live recommendation streams by transport (sse, websocket).",
+    ["transport"],
+    multiprocess_mode="livesum",
+)
+PUSHED = Counter("recs_pushed_lists_total", "Lists computed for open streams, by transport.", ["transport"])
+PUSH_DROPPED = Counter(
+    "recs_push_dropped_total",
+    "Pushed lists replaced by a newer one before a slow client took them, by transport.",
+    ["transport"],
+)
 
 # Where a recommendation request's time goes (sum and count per stage; `recs bench serve` reads the means).
 STAGES = ("reads", "candidates", "rules", "features", "ranker", "serialisation")

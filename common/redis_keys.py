@@ -149,11 +149,12 @@ def erased(erased_id: str) -> str:
     return f"{PREFIX}:erased:{id_digest(erased_id)}"
 
 
-def consent_withdrawal(person_id: str) -> str:
+def consent_withdrawal(withdrawn_id: str) -> str:
     """The latest consent withdrawal of a person or device through the API (common/consent.py): "<state>
     <epoch s>", kept speed.erased_ttl_s; the events naming the id received before it are applied as if
-    sent with that state. Named by a digest of the id, like the tombstone, and outside the person's tag."""
-    return f"{PREFIX}:consent:{id_digest(person_id)}"
+    sent with that state. Named by a digest of the id, like the tombstone, and outside the person's hash
+    tag, as it outlives the keys the withdrawal deletes (so not a key of the person's: no `person_id`)."""
+    return f"{PREFIX}:consent:{id_digest(withdrawn_id)}"
 
 
 # Dedup markers (as seen_events) of the events applied without personalisation consent: they update

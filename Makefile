@@ -33,7 +33,7 @@ test: lint
 # Re-pin every dependency after changing pyproject.toml (needs network).
 lock:
 	rm -rf /tmp/lambdarec-lock && $(PY) -m venv /tmp/lambdarec-lock
-	/tmp/lambdarec-lock/bin/pip install --quiet -e '.[dev]'
+	/tmp/lambdarec-lock/bin/pip install --quiet -e '.[dev,deploy]'
 	( echo '# The lock: every package pinned. Regenerate with `make lock` after changing pyproject.toml.'; \
 	  /tmp/lambdarec-lock/bin/pip freeze --exclude-editable | grep -v '^-e' ) > constraints.txt
 

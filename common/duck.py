@@ -15,3 +15,17 @@ def connect(database: str = ":memory:", read_only: bool = False) -> duckdb.DuckD
     # DuckDB draws a progress bar on stdout for queries over ~2 s, which corrupts `--json` output and logs.
     con.execute("SET enable_progress_bar = false")
     return con
+
+
+def register_store(con: duckdb.DuckDBPyConnection, root_url: str) -> None:
+    """Let `con` read the files under `root_url` (s3://...) through fsspec, as the lake does.
+
+    DuckDB's own S3 reader (the httpfs extension) is not in the duckdb wheel and is downloaded on first
+    use, which a machine without internet cannot do; a registered fsspec filesystem serves its protocol
+    to read_parquet, read_json and read_text instead. Local paths need nothing."""
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(root_url, use_listings_cache=False)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "file" not in protocols and "local" not in protocols:
+        con.register_filesystem(fs)

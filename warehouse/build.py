@@ -123,9 +123,8 @@ def register_sources(con: duckdb.DuckDBPyConnection, lake_root: str, models_root
 
 def register_built_sources(con: duckdb.DuckDBPyConnection) -> None:
     """The same for a connection to a built warehouse, from the roots it was built over."""
-    row = con.execute("SELECT lake_root, models_root FROM warehouse_info").fetchone()
-    if row:
-        register_sources(con, *row)
+    for lake_root, models_root in con.execute("SELECT lake_root, models_root FROM warehouse_info").fetchall():
+        register_sources(con, lake_root, models_root)
 
 
 def view_files() -> list[tuple[str, str]]:

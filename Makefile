@@ -15,7 +15,7 @@ system:
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,deploy]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

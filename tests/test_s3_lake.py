@@ -198,3 +198,20 @@ def test_the_registry_on_s3_publishes_switches_and_rolls_back(
     done = CliRunner().invoke(app, ["model", "activate", "v2"])
     assert done.exit_code == 0 and registry.current() == "v2"
     get_settings.cache_clear()
+
+
+def test_erasure_rewrites_partitions_on_s3(s3_bucket: S3Bucket) -> None:
+    from spark_jobs.erasure import apply_erasures
+
+    lake = Lake(s3_bucket.url("lake"))
+    lake.write_events(events_to_table([
+        Event(event_id=deterministic_event_id("s3-erase", n), event_type=EventType.VIEW, ts=DAY, received_at=DAY,
+              anonymous_id=f"dev{n}", user_id="alice" if n % 2 else None, item_id=f"p{n}")
+        for n in range(6)
+    ]))  # fmt: skip
+    lake.queue_erasure("alice")
+    report = apply_erasures(lake)
+    assert report.users == ["alice"] and report.rows_removed == 3
+    assert lake.read_events()["anonymous_id"].to_pylist() == ["dev0", "dev2", "dev4"]
+    assert lake.pending_erasures() == []
+    assert len(lake.partition_files(EVENTS_DATASET, DAY.date())) == 1  # the old file went after the new one

@@ -37,6 +37,7 @@ SCORE = "score"
 CATEGORIES = "category mix"
 COLD_START = "cold-start share"
 PLOT_BINS = 30
+RESOLUTION = 1e-3  # values closer than this share of the baseline's scale count as equal
 
 
 @dataclass
@@ -360,16 +361,32 @@ def _stack(samples: Sequence[PoolSample]) -> tuple[np.ndarray, np.ndarray]:
 def _distribution(name: str, base: np.ndarray, served: np.ndarray, bins: int) -> Distribution:
     if len(base) == 0 or len(served) == 0:
         return Distribution(name=name, psi=0.0, ks=0.0)
-    edges = quantile_edges(base, bins)
-    expected, actual = shares(base, edges), shares(served, edges)
+    low, step = _resolution(base)
+    base_q, served_q = np.floor((base - low) / step), np.floor((served - low) / step)
+    # A quantile value closes its own bin one grid step later, so a value holding many rows (0 of a mostly
+    # zero feature) is a bin of its own; and values outside the baseline's range are bins of their own
+    # (else a shift past the top quantile would stay in the open last bin).
+    quantiles = quantile_edges(base_q, bins)
+    edges = np.unique(np.concatenate([quantiles, quantiles + 1, [base_q.min(), base_q.max() + 1]]))
+    expected, actual = shares(base_q, edges), shares(served_q, edges)
     return Distribution(
         name=name,
         psi=psi(expected, actual),
-        ks=ks_statistic(base, served),
-        edges=edges.tolist(),
+        ks=ks_statistic(base_q, served_q),
+        edges=(edges * step + low).tolist(),
         baseline=expected.tolist(),
         served=actual.tolist(),
     )
+
+
+def _resolution(base: np.ndarray) -> tuple[float, float]:
+    """(origin, step) of the grid values are compared on: RESOLUTION of the baseline's scale (its 1-99 %
+    range, or its magnitude where that is larger). A feature whose values sit on one point and creep far
+    less than that (every item's age, seconds later) would else split its quantile edges on the creep
+    and read as a total shift."""
+    low, high = (float(v) for v in np.quantile(base, [0.01, 0.99]))
+    scale = max(high - low, abs(low), abs(high)) or float(np.max(np.abs(base))) or 1.0
+    return low, scale * RESOLUTION
 
 
 def _plot_bins(name: str, base: np.ndarray, served: np.ndarray) -> Distribution:

@@ -130,16 +130,46 @@ def test_the_training_baseline_is_bounded_and_its_hash_is_in_the_manifest(regist
 
 @pytest.fixture
 def drift_env(
-    published: SyntheticModel, recs_env: Path, monkeypatch: pytest.MonkeyPatch
+    published: SyntheticModel, recs_env: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> Iterator[tuple[TestClient, SyntheticModel]]:
-    """The app sampling every ranker-scored list, every person in the ranker variant."""
-    monkeypatch.setenv("RECS_DRIFT__SAMPLE_RATE", "1")
-    monkeypatch.setenv("RECS_DRIFT__MIN_REQUESTS", "100")
-    monkeypatch.setenv("RECS_EXPERIMENTS__SHARES", json.dumps({"ranker": 1.0}))
-    monkeypatch.setenv("RECS_EXPERIMENTS__CONTROL", "ranker")
+    """The app sampling every ranker-scored list, every person in the ranker variant; a test may pass
+    other settings (indirect parametrisation: env name -> value)."""
+    env = {
+        "RECS_DRIFT__SAMPLE_RATE": "1",
+        "RECS_DRIFT__MIN_REQUESTS": "100",
+        "RECS_EXPERIMENTS__SHARES": json.dumps({"ranker": 1.0}),
+        "RECS_EXPERIMENTS__CONTROL": "ranker",
+        **getattr(request, "param", {}),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     with TestClient(create_app(make_settings())) as test_client:
         yield test_client, published
+
+
+HALF_RANKER_CAP_30 = {
+    "RECS_EXPERIMENTS__SHARES": json.dumps({"ranker": 0.5, "popular": 0.5}),
+    "RECS_EXPERIMENTS__CONTROL": "popular",
+    "RECS_DRIFT__SAMPLE_REQUESTS": "30",
+}
+
+
+@pytest.mark.parametrize("drift_env", [HALF_RANKER_CAP_30], indirect=True)
+def test_the_api_samples_ranker_lists_with_analytics_consent_into_the_capped_stream(
+    drift_env: tuple[TestClient, SyntheticModel], redis_client: redis.Redis
+) -> None:
+    client, _ = drift_env
+    variants = [recs(client, anonymous_id=f"cap-{n}", k=10)["variant"] for n in range(100)]
+    assert 30 < variants.count("ranker") < 100  # both variants served, more ranker lists than the cap
+    assert redis_client.xlen(redis_keys.DRIFT_SAMPLE) == 30  # drift.sample_requests, the oldest dropped
+    before = redis_client.xrange(redis_keys.DRIFT_SAMPLE)
+    for n in range(20):  # without analytics consent nothing is logged, as no impression is
+        recs(client, anonymous_id=f"cap-{n}", k=10, consent="none")
+    assert redis_client.xrange(redis_keys.DRIFT_SAMPLE) == before
+    samples = drift.read_served(redis_client)
+    assert all(s.model_version == "v1" and len(s.categories) == 10 and s.cold_start for s in samples)
+    assert all(10 <= len(s.scores) <= 32 and s.features.shape == (len(s.scores), len(FEATURE_NAMES)) for s in samples)
 
 
 def browse_and_ask(

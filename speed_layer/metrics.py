@@ -61,7 +61,11 @@ FRESHNESS = BatchHistogram(
 
 # ---------------------------------------------------------------- lake writer
 
-LAKE_ROWS = Counter("recs_lake_writer_rows", "Event rows written to the lake (after consent and erasure).")
+LAKE_ROWS = Counter(
+    "recs_lake_writer_rows",
+    "Event rows handed to the lake: those with analytics consent and naming no erased person (the lake "
+    "skips a redelivered row it holds already).",
+)
 LAKE_BYTES = Counter("recs_lake_writer_bytes", "Bytes of Parquet files written to the lake.")
 LAKE_FILES = Counter("recs_lake_writer_files", "Parquet files written to the lake.")
 LAKE_FLUSH_SECONDS = Histogram(

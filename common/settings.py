@@ -285,6 +285,22 @@ class SpeedSettings(Section):
     script_chunk: int = Field(50, ge=1, description="Events applied per script call (calls overlap with planning).")
 
 
+class MetricsSettings(Section):
+    """Where the speed layer's processes expose Prometheus metrics (the API serves /metrics on its own port)."""
+
+    host: str = Field("127.0.0.1", description="Interface of the metrics ports; 0.0.0.0 in a container.")
+    speed_port: int = Field(
+        9110,
+        ge=0,
+        le=65535,
+        description="`recs speed run`: its metrics port, one for all of --consumers N (multiprocess mode); 0: none.",
+    )
+    lake_writer_port: int = Field(9109, ge=0, le=65535, description="`recs lake-writer run`: its metrics port; 0: none.")
+    stream_refresh_s: float = Field(
+        5.0, gt=0, description="How often each process reads the stream's group lag, pending and dead letters."
+    )
+
+
 class ExperimentSettings(Section):
     # variant -> share of users; shares must add up to 1.
     shares: dict[str, float] = Field(default_factory=lambda: {"ranker": 0.8, "als_only": 0.1, "popular": 0.1})
@@ -343,6 +359,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     training: TrainingSettings = TrainingSettings()
     speed: SpeedSettings = SpeedSettings()
+    metrics: MetricsSettings = MetricsSettings()
     experiments: ExperimentSettings = ExperimentSettings()
     cluster: ClusterSettings = ClusterSettings()
     drift: DriftSettings = DriftSettings()

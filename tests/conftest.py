@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,11 @@ import redis
 from common.lake import Lake
 from common.redis_server import RedisServer, free_port
 from common.registry import Registry
+
+# The speed consumers and lake writers the tests start expose no metrics port unless a test gives one:
+# the fixed default ports would clash between tests, and between test runs on one machine.
+os.environ.setdefault("RECS_METRICS__SPEED_PORT", "0")
+os.environ.setdefault("RECS_METRICS__LAKE_WRITER_PORT", "0")
 
 
 @pytest.fixture(scope="session")

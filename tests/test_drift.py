@@ -225,6 +225,10 @@ def test_a_shifted_category_mix_marks_the_version_and_an_unchanged_one_does_not(
 
     again = check(settings, tmp_path / "again", since=_at(since))
     assert again.report.drifted and not again.newly_marked  # marked once: one retrain, not one per check
+    from recs.main import app
+
+    listing = CliRunner().invoke(app, ["model", "list"]).output
+    assert re.search(r"^\* v1 .* DRIFTED .*\(category mix: PSI", listing, re.MULTILINE), listing
 
 
 def test_recs_drift_report_prints_the_table_and_writes_beside_the_report(

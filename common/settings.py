@@ -316,6 +316,33 @@ class ExperimentSettings(Section):
         return self
 
 
+class DriftSettings(Section):
+    """Drift monitoring: serving samples its ranked pools, `recs drift report` compares them with training's."""
+
+    sample_rate: float = Field(
+        0.02, ge=0, le=1, description="Share of ranker-scored requests whose pool is logged (0 turns it off)."
+    )
+    sample_requests: int = Field(
+        2000, ge=10, description="Sampled requests kept (a capped Redis stream; the oldest go first)."
+    )
+    rows_per_request: int = Field(
+        32, ge=1, le=1000, description="Pool rows (features and score) kept of each sampled request, drawn at random."
+    )
+    baseline_rows: int = Field(
+        20_000, ge=100, description="Training feature rows kept with a model version as its drift baseline."
+    )
+    bins: int = Field(10, ge=2, le=100, description="Quantile bins of the baseline that PSI compares shares in.")
+    psi_threshold: float = Field(
+        0.25, gt=0, description="PSI of a feature, the score or the category mix above this marks the version drifted."
+    )
+    cold_start_threshold: float = Field(
+        0.2, gt=0, le=1, description="A change of the cold-start share of requests by more than this marks it too."
+    )
+    min_requests: int = Field(
+        100, ge=1, description="Fewer sampled requests than this: the report is written, no version is marked."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -335,6 +362,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     experiments: ExperimentSettings = ExperimentSettings()
     cluster: ClusterSettings = ClusterSettings()
+    drift: DriftSettings = DriftSettings()
 
     @model_validator(mode="after")
     def _paths_under_var_dir(self) -> Settings:

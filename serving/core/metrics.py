@@ -108,3 +108,22 @@ MODEL_AGE = Gauge(
 def set_model_age(cutoff: datetime | None) -> None:
     if cutoff is not None:
         MODEL_AGE.set(time.time() - cutoff.timestamp())
+
+
+# ---------------------------------------------------------------- model drift (the alert rules read these two names)
+
+DRIFT_PSI_MAX = Gauge(
+    "recs_model_drift_psi_max",
+    "Largest PSI over the ranker's features in the latest drift report of the served version (0 before any).",
+    multiprocess_mode="livemostrecent",
+)
+MODEL_DRIFTED = Gauge(
+    "recs_model_drifted",
+    "1 when the served version is marked drifted in the registry (models/<version>/DRIFTED), else 0.",
+    multiprocess_mode="livemostrecent",
+)
+
+
+def set_drift(psi_max: float, drifted: bool) -> None:
+    DRIFT_PSI_MAX.set(psi_max)
+    MODEL_DRIFTED.set(1 if drifted else 0)

@@ -289,6 +289,13 @@ def speed_rebuild_marker(model_version: str) -> str:
     return f"{PREFIX}:speed:rebuilt:{model_version}"
 
 
+# ---------------------------------------------------------------- drift monitoring
+
+# Stream of sampled served pools (common/drift.py), capped at drift.sample_requests entries: one global key
+# written by every API worker at the sample rate, read by `recs drift report`.
+DRIFT_SAMPLE = f"{PREFIX}:drift:sample"
+
+
 def template(key_of: Callable[..., str], *fixed: str) -> list[str]:
     """[prefix, suffix] of the keys `key_of(*fixed, x)` around their last part x, for Lua scripts
     that build keys they only learn inside Redis (a session's items, its preferred categories)."""
@@ -349,6 +356,7 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("neighbour_sessions", (_pattern(neighbour_session),), "per session: its items (session-kNN)"),
     KeyFamily("item_sessions", (_pattern(item_sessions),), "per item: its recent sessions (session-kNN)"),
     KeyFamily("item_state", (_pattern(item_state), OUT_OF_STOCK, PROMOTED), "live item fields and flags"),
+    KeyFamily("drift_sample", (DRIFT_SAMPLE,), "sampled served pools: features, scores, categories"),
     KeyFamily(
         "speed_bookkeeping",
         (SPEED_VERSION, SPEED_PENDING_VERSION, SPEED_HEARTBEAT)

@@ -285,6 +285,22 @@ class SpeedSettings(Section):
     script_chunk: int = Field(50, ge=1, description="Events applied per script call (calls overlap with planning).")
 
 
+class MetricsSettings(Section):
+    """Where the speed layer's processes expose Prometheus metrics (the API serves /metrics on its own port)."""
+
+    host: str = Field("127.0.0.1", description="Interface of the metrics ports; 0.0.0.0 in a container.")
+    speed_port: int = Field(
+        9110,
+        ge=0,
+        le=65535,
+        description="`recs speed run`: its metrics port, one for all of --consumers N (multiprocess mode); 0: none.",
+    )
+    lake_writer_port: int = Field(9109, ge=0, le=65535, description="`recs lake-writer run`: its metrics port; 0: none.")
+    stream_refresh_s: float = Field(
+        5.0, gt=0, description="How often each process reads the stream's group lag, pending and dead letters."
+    )
+
+
 class ExperimentSettings(Section):
     # variant -> share of users; shares must add up to 1.
     shares: dict[str, float] = Field(default_factory=lambda: {"ranker": 0.8, "als_only": 0.1, "popular": 0.1})
@@ -298,6 +314,33 @@ class ExperimentSettings(Section):
         if self.control not in self.shares:
             raise ValueError(f"control variant {self.control!r} is not one of {sorted(self.shares)}")
         return self
+
+
+class DriftSettings(Section):
+    """Drift monitoring: serving samples its ranked pools, `recs drift report` compares them with training's."""
+
+    sample_rate: float = Field(
+        0.02, ge=0, le=1, description="Share of ranker-scored requests whose pool is logged (0 turns it off)."
+    )
+    sample_requests: int = Field(
+        2000, ge=10, description="Sampled requests kept (a capped Redis stream; the oldest go first)."
+    )
+    rows_per_request: int = Field(
+        32, ge=1, le=1000, description="Pool rows (features and score) kept of each sampled request, drawn at random."
+    )
+    baseline_rows: int = Field(
+        20_000, ge=100, description="Training feature rows kept with a model version as its drift baseline."
+    )
+    bins: int = Field(10, ge=2, le=100, description="Quantile bins of the baseline that PSI compares shares in.")
+    psi_threshold: float = Field(
+        0.25, gt=0, description="PSI of a feature, the score or the category mix above this marks the version drifted."
+    )
+    cold_start_threshold: float = Field(
+        0.2, gt=0, le=1, description="A change of the cold-start share of requests by more than this marks it too."
+    )
+    min_requests: int = Field(
+        100, ge=1, description="Fewer sampled requests than this: the report is written, no version is marked."
+    )
 
 
 class Settings(BaseSettings):
@@ -316,8 +359,10 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     training: TrainingSettings = TrainingSettings()
     speed: SpeedSettings = SpeedSettings()
+    metrics: MetricsSettings = MetricsSettings()
     experiments: ExperimentSettings = ExperimentSettings()
     cluster: ClusterSettings = ClusterSettings()
+    drift: DriftSettings = DriftSettings()
 
     @model_validator(mode="after")
     def _paths_under_var_dir(self) -> Settings:

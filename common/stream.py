@@ -68,19 +68,27 @@ def decode_entry(fields: dict[bytes, bytes]) -> Event:
 
 def group_lag(client: redis.Redis, stream: str, group: str) -> int:
     """Entries not yet delivered to the group plus those delivered but not acknowledged."""
+    backlog = groups_backlog(client, stream)
+    if group in backlog:
+        return sum(backlog[group])
+    return int(client.xlen(redis_keys.stream(stream)))  # group not created yet: everything is waiting
+
+
+def groups_backlog(client: redis.Redis, stream: str) -> dict[str, tuple[int, int]]:
+    """Each consumer group of the stream -> (entries not yet delivered to it, delivered but not acknowledged)."""
     key = redis_keys.stream(stream)
     try:
         groups = client.xinfo_groups(key)
     except redis.ResponseError:
-        return 0  # no stream yet
+        return {}  # no stream yet
+    out = {}
     for info in groups:
         name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-        if name == group:
-            lag = info.get("lag")
-            if lag is None:  # Redis cannot tell after trims; fall back to the stream length
-                lag = client.xlen(key)
-            return int(lag) + int(info.get("pending", 0))
-    return int(client.xlen(key))  # group not created yet: everything is waiting
+        lag = info.get("lag")
+        if lag is None:  # Redis cannot tell after trims; fall back to the stream length
+            lag = client.xlen(key)
+        out[name] = (int(lag), int(info.get("pending", 0)))
+    return out
 
 
 def delete_entries_naming(client: redis.Redis, stream: str, ids: Collection[str]) -> int:

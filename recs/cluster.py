@@ -71,10 +71,18 @@ def services(settings: Settings) -> list[Service]:
         argv = [*spark, WORKER_CLASS, cluster.spark_master_url, "--host", LOOPBACK, "--cores", str(cluster.worker_cores),
                 "--memory", cluster.worker_memory, "--webui-port", "0", "--work-dir", str(work_dir)]  # fmt: skip
         workers.append(Service(f"spark-worker-{i}", argv, env=spark_env))
-    speed = [Service(f"speed-{i}", [*recs, "speed", "run"]) for i in range(1, cluster.speed_consumers + 1)]
+    speed = [
+        Service(f"speed-{i}", [*recs, "speed", "run"], env=_metrics_port("SPEED_PORT", settings.metrics.speed_port, i))
+        for i in range(1, cluster.speed_consumers + 1)
+    ]
     writer = Service("lake-writer", [*recs, "lake-writer", "run"])
     serve = [*recs, "serve", "--host", LOOPBACK, "--port", str(api.port), "--workers", str(api.workers)]
     return [master, *workers, *speed, writer, Service("api", serve, port=api.port)]
+
+
+def _metrics_port(name: str, base: int, index: int) -> dict[str, str]:
+    """Processes of one role each take their own metrics port: base, base + 1, ... (0 stays off)."""
+    return {f"RECS_METRICS__{name}": str(base + index - 1 if base else 0)}
 
 
 def cluster_dir(settings: Settings) -> Path:

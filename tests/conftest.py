@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,11 @@ from common.lake import Lake
 from common.redis_server import RedisServer, free_port
 from common.registry import Registry
 from tests.s3_support import MotoServer, s3_env
+
+# The speed consumers and lake writers the tests start expose no metrics port unless a test gives one:
+# the fixed default ports would clash between tests, and between test runs on one machine.
+os.environ.setdefault("RECS_METRICS__SPEED_PORT", "0")
+os.environ.setdefault("RECS_METRICS__LAKE_WRITER_PORT", "0")
 
 
 @pytest.fixture(scope="session")

@@ -88,6 +88,7 @@ def _exact_counts(client: redis.Redis, events: list[Event]) -> dict[str, int]:
         "item_state": n(
             [redis_keys.item_state(i) for i in ITEMS] + [redis_keys.OUT_OF_STOCK, redis_keys.PROMOTED]
         ),
+        "drift_sample": n([redis_keys.DRIFT_SAMPLE]),  # serving writes it, not the consumer
         "speed_bookkeeping": n(
             [redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION, redis_keys.SPEED_HEARTBEAT]
             + [redis_keys.speed_rebuild_lock("v1"), redis_keys.speed_rebuild_marker("v1")]

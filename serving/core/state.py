@@ -22,6 +22,7 @@ from common.registry import Registry
 from common.settings import Settings
 from serving.core.catalog_view import CatalogView
 from serving.core.day_counts import DayCounts
+from serving.core.drift import DriftProbe
 from serving.core.erasure import ErasedPeople
 from serving.core.impressions import ImpressionLogger
 from serving.core.model_holder import ModelHolder, lake_popular
@@ -68,6 +69,7 @@ class ServingState:
     lake_popular: list[tuple[str, float]] = field(default_factory=list)
     erased: ErasedPeople = field(default_factory=ErasedPeople)
     stream_lag: StreamLagProbe = field(default_factory=lambda: StreamLagProbe())
+    drift: DriftProbe = field(default_factory=DriftProbe)
     day_counts: DayCounts = field(default_factory=DayCounts)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)

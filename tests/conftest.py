@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import pytest
 import redis
 
 from common.lake import Lake
 from common.redis_server import RedisServer, free_port
 from common.registry import Registry
+from tests.s3_support import MotoServer, s3_env
 
 # The speed consumers and lake writers the tests start expose no metrics port unless a test gives one:
 # the fixed default ports would clash between tests, and between test runs on one machine.
@@ -62,3 +66,35 @@ def recs_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_server: Redi
     get_settings.cache_clear()
     yield var
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoServer]:
+    """One moto S3 server process for the test session (MinIO's stand-in)."""
+    server = MotoServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    name: str
+    env: dict[str, str]  # what a deployment's process gets (compose): credentials and endpoint
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.name}", *parts])
+
+
+@pytest.fixture
+def s3_bucket(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """A fresh bucket, and this process configured for it the way compose configures a service."""
+    env = s3_env(s3_server.endpoint)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # fsspec reads FSSPEC_S3_* once, at import; a deployed process starts with them set.
+    monkeypatch.setitem(fsspec.config.conf, "s3", {})
+    fsspec.config.set_conf_env(fsspec.config.conf)
+    name = f"lake-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(name)
+    return S3Bucket(name, env)

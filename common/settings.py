@@ -36,7 +36,9 @@ class Section(BaseModel):
 
 class RedisSettings(Section):
     url: str | None = Field(
-        None, description="External Redis URL. Unset: the project runs its own redis-server under var/redis."
+        None,
+        description="External Redis URL. Unset: the project runs its own redis-server under var/redis. "
+        "A Redis Cluster: redis+cluster://host:port[,host:port...] (seed nodes; the client learns the rest).",
     )
     host: str = "127.0.0.1"
     port: int = Field(6391, ge=0, le=65535, description="Port of the private redis-server; 0 picks a free one.")

@@ -12,11 +12,14 @@ import redis
 
 from common import redis_keys
 from common.catalog import Item, ItemUpdate
+from common.redis_server import is_cluster
 
 
 def apply_item_updates(client: redis.Redis, updates: Sequence[ItemUpdate]) -> int:
     """Write partial item changes in one pipeline and announce them; returns how many were applied."""
-    pipe = client.pipeline(transaction=True)  # readers never see the hash and the sets disagree
+    # On one Redis readers never see the hash and the sets disagree; on a cluster they live in other
+    # slots (the item's group and the flags' group), so a reader may see one before the other.
+    pipe = client.pipeline(transaction=not is_cluster(client))
     for update in updates:
         _queue_fields(pipe, update.item_id, _fields_of_update(update))
     for update in updates:

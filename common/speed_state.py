@@ -221,20 +221,22 @@ def _run_read(
     cats = redis_keys.template(redis_keys.session_categories, person_id)
     cart = redis_keys.template(redis_keys.session_cart, person_id)
     counts = redis_keys.template(redis_keys.session_counts, person_id)
-    covis = redis_keys.template(redis_keys.covisitation)
-    bestsellers = redis_keys.template(redis_keys.category_bestsellers)
-    nb_session = redis_keys.template(redis_keys.neighbour_session)
-    nb_item = redis_keys.template(redis_keys.item_sessions)
+    covis = redis_keys.grouped_template(redis_keys.covisitation)
+    bestsellers = redis_keys.grouped_template(redis_keys.category_bestsellers)
+    nb_session = redis_keys.grouped_template(redis_keys.neighbour_session)
+    nb_item = redis_keys.grouped_template(redis_keys.item_sessions)
     query = neighbours or NeighbourQuery(sample=0, k=0, n=0, per_item=0)
     args = READ_STATE.argv.pack(
         session=session_id or "", trending_n=trending_n, covis_n=covis_n, bestsellers_n=bestsellers_n,
         top_categories=top_categories, recent_prefix=recent[0], recent_suffix=recent[1], cats_prefix=cats[0],
         cats_suffix=cats[1], cart_prefix=cart[0], cart_suffix=cart[1], counts_prefix=counts[0],
-        counts_suffix=counts[1], covis_prefix=covis[0], covis_suffix=covis[1], bestsellers_prefix=bestsellers[0],
-        bestsellers_suffix=bestsellers[1], nb_session_prefix=nb_session[0], nb_session_suffix=nb_session[1],
-        nb_item_prefix=nb_item[0], nb_item_suffix=nb_item[1], person=person_id, neighbour_sample=query.sample,
+        counts_suffix=counts[1], covis_prefix=covis[0], covis_suffix=covis[2], bestsellers_prefix=bestsellers[0],
+        bestsellers_suffix=bestsellers[2], nb_session_prefix=nb_session[0], nb_session_suffix=nb_session[2],
+        nb_item_prefix=nb_item[0], nb_item_suffix=nb_item[2], person=person_id, neighbour_sample=query.sample,
         neighbour_k=query.k, neighbour_n=query.n,
-        covis_items_given=-1 if covis_items is None else len(covis_items), neighbour_per_item=query.per_item,
+        covis_items_given=-1 if covis_items is None else len(covis_items), neighbour_per_item=query.per_item, n_groups=redis_keys.SLOT_GROUPS,
+        covis_middle=covis[1], bestsellers_middle=bestsellers[1], nb_session_middle=nb_session[1],
+        nb_item_middle=nb_item[1],
         covis_item=covis_items or (), category=categories,
     )  # fmt: skip
     READ_STATE.check(keys, args, covis_items=len(covis_items or ()), categories=len(categories))

@@ -23,7 +23,8 @@ def apply_item_updates(client: redis.Redis, updates: Sequence[ItemUpdate]) -> in
     for update in updates:
         _queue_fields(pipe, update.item_id, _fields_of_update(update))
     for update in updates:
-        pipe.publish(redis_keys.CATALOG_CHANNEL, update.model_dump_json(exclude_none=True))
+        # As a command: a cluster pipeline refuses its `publish` method (the cluster forwards the message).
+        pipe.execute_command("PUBLISH", redis_keys.CATALOG_CHANNEL, update.model_dump_json(exclude_none=True))
     pipe.execute()
     return len(updates)
 

@@ -405,7 +405,8 @@ class Applier:
                 reply = []
             elif isinstance(reply, Exception):  # the call itself was refused: nothing ran
                 reply = [str(reply).encode()] + [-1] * (len(part) - 1)
-            if reply and isinstance(reply[-1], list):  # some deferred writes failed; the events applied
+            # Some deferred writes failed; the events applied (a split event's reply is a pair).
+            if reply and isinstance(reply[-1], list) and len(reply[-1]) == 1:
                 log.error("chunk applied, but %s", reply.pop()[0].decode(errors="replace"))
             for j, code in zip_longest(part, reply):
                 index = sent.todo[j]

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from common.lake import Lake
-from common.redis_server import RedisServer, free_port
+from common.redis_server import LocalRedisCluster, RedisServer, connect, free_cluster_port, free_port
 from common.registry import Registry
 
 
@@ -28,6 +28,28 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     if not redis_server.is_running():  # a test may have killed it on purpose
         redis_server.start()
     client = redis_server.client()
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """A real Redis Cluster for the test session: 3 masters and 3 replicas on free loopback ports (the
+    same code as `recs cluster up --redis-cluster`), a short node timeout so a failover takes seconds."""
+    cluster = LocalRedisCluster(
+        tmp_path_factory.mktemp("redis-cluster"), tuple(free_cluster_port() for _ in range(6)), node_timeout_ms=1000
+    )
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_client(redis_cluster: LocalRedisCluster) -> Iterator[redis.Redis]:
+    """A cluster client on emptied masters (a test that killed a node leaves its replica promoted)."""
+    redis_cluster.wait_ok()
+    client = connect(redis_cluster.url, timeout_s=5)
     client.flushall()
     yield client
     client.close()

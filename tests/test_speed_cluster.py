@@ -1,0 +1,124 @@
+"""The speed layer on a real Redis Cluster (3 masters, 3 replicas): each event's person effects are one
+script call in the person's slot, its global effects one call per slot group, and the state left is
+the one the one-script path leaves on a single Redis, exactly once through duplicates and crashes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from common import redis_keys
+from common.events import Consent, Event, EventType
+from common.model import ModelArtifacts
+from common.redis_server import RedisServer
+from speed_layer import effects
+from speed_layer.effects import Applier
+from tests.speed_factories import make_event, set_categories, speed_settings
+from tests.test_speed_chunks import ITEMS, _dump, _events, _publish_v1
+
+CATEGORIES = {f"i{j}": f"c{j % 3}" for j in range(ITEMS)}
+# Written only by the split path: its markers and plans (the state they guard is compared).
+SPLIT_BOOKKEEPING = {"group_seen", "global_plans", "seen_unlinked"}
+
+
+def _mixed_events(rng: np.random.Generator, n: int) -> list[Event]:
+    """The chunk test's sessions, with every fifth event sent without personalisation consent."""
+    events = _events(rng, n)
+    return [
+        e.model_copy(update={"consent": Consent.ANALYTICS}) if j % 5 == 4 else e for j, e in enumerate(events)
+    ]
+
+
+def _state(client: redis.Redis) -> dict[str, object]:
+    return {k: v for k, v in _dump(client).items() if redis_keys.family_of(k) not in SPLIT_BOOKKEEPING}
+
+
+def _apply(client: redis.Redis, tmp_path: Path, url: str, events: list[Event], model: ModelArtifacts,
+           batch: int = 40, split: bool | None = None) -> None:  # fmt: skip
+    settings = speed_settings(tmp_path, url, negatives=0, script_chunk=7)
+    applier = Applier(client, settings, split=split)
+    now_s = max(e.ts.timestamp() for e in events)
+    for start in range(0, len(events), batch):
+        result = applier.apply(events[start : start + batch], [model], now_s=now_s)
+        assert not result.failed and not result.unresolved
+
+
+@pytest.fixture
+def reference(redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path) -> tuple[list[Event], ModelArtifacts, dict[str, object]]:  # fmt: skip
+    """Events, the model, and the state the one-script path leaves on a single Redis."""
+    rng = np.random.default_rng(11)
+    model = _publish_v1(tmp_path, rng)
+    events = _mixed_events(rng, 160)
+    set_categories(redis_client, CATEGORIES)
+    _apply(redis_client, tmp_path, redis_server.url, events, model)
+    return events, model, _state(redis_client)
+
+
+def test_the_split_path_on_a_cluster_leaves_the_one_script_state(
+    redis_cluster, cluster_client: redis.Redis, reference, tmp_path: Path
+) -> None:
+    events, model, expected = reference
+    set_categories(cluster_client, CATEGORIES)
+    _apply(cluster_client, tmp_path, redis_cluster.url, events, model)
+    state = _state(cluster_client)
+    assert state == expected
+    assert any(redis_keys.family_of(k) == "covisitation" for k in state)  # co-visits went through plans
+    assert any(redis_keys.family_of(k) == "item_sessions" for k in state)
+    # And the cluster really spread the groups over its masters.
+    primaries = {cluster_client.get_node_from_key(k).name for k in state}  # type: ignore[attr-defined]
+    assert len(primaries) == 3
+
+
+def test_the_split_path_on_one_redis_leaves_the_one_script_state(
+    redis_server: RedisServer, redis_client: redis.Redis, reference, tmp_path: Path
+) -> None:
+    events, model, expected = reference
+    redis_client.flushall()
+    set_categories(redis_client, CATEGORIES)
+    _apply(redis_client, tmp_path, redis_server.url, events, model, split=True)
+    assert _state(redis_client) == expected
+
+
+def test_redelivered_events_on_a_cluster_count_once(
+    redis_cluster, cluster_client: redis.Redis, reference, tmp_path: Path
+) -> None:
+    events, model, expected = reference
+    set_categories(cluster_client, CATEGORIES)
+    # Every batch delivered twice, and then everything once more in one batch.
+    doubled = [e for start in range(0, len(events), 40) for e in events[start : start + 40] * 2]
+    _apply(cluster_client, tmp_path, redis_cluster.url, doubled, model, batch=80)
+    _apply(cluster_client, tmp_path, redis_cluster.url, events, model, batch=len(events))
+    assert _state(cluster_client) == expected
+
+
+@pytest.mark.parametrize("groups_done", [0, 1, 3])
+def test_a_crash_between_the_person_and_the_group_calls_loses_and_doubles_nothing(
+    redis_cluster, cluster_client: redis.Redis, reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    groups_done: int,
+) -> None:  # fmt: skip
+    events, model, expected = reference
+    set_categories(cluster_client, CATEGORIES)
+    real_group_calls = effects._group_calls
+
+    def crash_after_some_groups(planned, speed):  # the process dies after `groups_done` group calls
+        calls = real_group_calls(planned, speed)
+        assert len(calls) > groups_done
+        for keys, args, _ in calls[:groups_done]:
+            cluster_client.evalsha(effects.APPLY_GLOBALS.sha, len(keys), *keys, *args)
+        raise ConnectionError("killed between the calls")
+
+    first, rest = events[:80], events[80:]
+    _apply(cluster_client, tmp_path, redis_cluster.url, events[:40], model)
+    monkeypatch.setattr(effects, "_group_calls", crash_after_some_groups)
+    with pytest.raises(ConnectionError):
+        _apply(cluster_client, tmp_path, redis_cluster.url, first[40:], model)
+    monkeypatch.undo()
+    # The batch was not acknowledged: it comes again, then the stream goes on.
+    _apply(cluster_client, tmp_path, redis_cluster.url, first[40:], model)
+    _apply(cluster_client, tmp_path, redis_cluster.url, rest, model)
+    assert _state(cluster_client) == expected
+

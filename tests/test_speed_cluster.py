@@ -4,7 +4,6 @@ the one the one-script path leaves on a single Redis, exactly once through dupli
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +11,12 @@ import pytest
 import redis
 
 from common import redis_keys
-from common.events import Consent, Event, EventType
+from common.events import Consent, Event
 from common.model import ModelArtifacts
 from common.redis_server import RedisServer
 from speed_layer import effects
 from speed_layer.effects import Applier
-from tests.speed_factories import make_event, set_categories, speed_settings
+from tests.speed_factories import set_categories, speed_settings
 from tests.test_speed_chunks import ITEMS, _dump, _events, _publish_v1
 
 CATEGORIES = {f"i{j}": f"c{j % 3}" for j in range(ITEMS)}

@@ -137,6 +137,12 @@ def global_plans(person_id: str) -> str:
     return f"{_person(person_id)}:plans"
 
 
+def person_placeholder(person_id: str) -> str:
+    """A key in the person's slot that nothing writes: it stands for a script's declared global KEYS
+    where a cluster call may name only the person's slot (an absent key reads as empty)."""
+    return f"{_person(person_id)}:none"
+
+
 def session_recent(person_id: str, session_id: str) -> str:
     """Sorted set item -> last event time (epoch s) in the session."""
     return f"{_person(person_id)}:s:{session_id}:recent"

@@ -55,6 +55,14 @@ def cluster_client(redis_cluster: LocalRedisCluster) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture(params=["single", "cluster"])
+def any_redis(request: pytest.FixtureRequest) -> tuple[redis.Redis, str]:
+    """An emptied single Redis, then an emptied Redis Cluster: (client, its RECS_REDIS__URL)."""
+    if request.param == "single":
+        return request.getfixturevalue("redis_client"), request.getfixturevalue("redis_server").url
+    return request.getfixturevalue("cluster_client"), request.getfixturevalue("redis_cluster").url
+
+
 @pytest.fixture
 def lake(tmp_path: Path) -> Lake:
     return Lake(str(tmp_path / "lake"))

@@ -14,6 +14,7 @@ from common import redis_keys
 from common.events import Consent, Event
 from common.model import ModelArtifacts
 from common.redis_server import RedisServer
+from common.speed_state import NeighbourQuery, read_speed_state
 from speed_layer import effects
 from speed_layer.effects import Applier
 from tests.speed_factories import set_categories, speed_settings
@@ -121,3 +122,44 @@ def test_a_crash_between_the_person_and_the_group_calls_loses_and_doubles_nothin
     _apply(cluster_client, tmp_path, redis_cluster.url, rest, model)
     assert _state(cluster_client) == expected
 
+
+
+def _read(client: redis.Redis, person: str, session: str | None, now_s: float) -> dict[str, object]:
+    state = read_speed_state(
+        client, person, session_id=session, model_version="v1", top_categories=2, categories=["c1"],
+        candidate_items=list(CATEGORIES), now_s=now_s, neighbours=NeighbourQuery(sample=50, k=20, n=10, per_item=30),
+    )  # fmt: skip
+    fields = {k: v for k, v in vars(state).items() if k not in ("delta", "day_counts")}
+    fields["delta"] = None if state.delta is None else np.round(state.delta, 5).tolist()
+    fields["day_counts"] = state.day_counts.tolist()
+    # Sums of the same increments, in another order where the calls are grouped per person (last bits).
+    fields["category_affinity"] = _rounded(state.category_affinity)
+    fields["covisitation"] = {i: _rounded(row) for i, row in state.covisitation.items()}
+    fields["category_bestsellers"] = {c: _rounded(row) for c, row in state.category_bestsellers.items()}
+    return fields
+
+
+def _rounded(row: dict[str, float]) -> dict[str, float]:
+    return {k: float(f"{v:.12g}") for k, v in row.items()}
+
+
+def test_serving_reads_the_same_state_from_a_cluster_as_from_one_redis(
+    redis_cluster, cluster_client: redis.Redis, redis_client: redis.Redis, reference, tmp_path: Path
+) -> None:
+    events, model, _ = reference
+    set_categories(cluster_client, CATEGORIES)
+    _apply(cluster_client, tmp_path, redis_cluster.url, events, model)
+    cluster_client.sadd(redis_keys.OUT_OF_STOCK, "i3")
+    redis_client.sadd(redis_keys.OUT_OF_STOCK, "i3")
+    now_s = max(e.ts.timestamp() for e in events)
+    reads = [
+        (person, session)
+        for person in ("u1", "u2", "u3", "guest", "nobody")
+        for session in (None, *sorted({e.session_id for e in events if e.anonymous_id == person}))
+    ]
+    compared = 0
+    for person, session in reads:
+        single, cluster = _read(redis_client, person, session, now_s), _read(cluster_client, person, session, now_s)
+        assert cluster == single, (person, session)
+        compared += bool(single["neighbours"]) + bool(single["covisitation"])
+    assert compared > 5  # the reads followed sessions to co-visits and neighbours

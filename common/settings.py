@@ -51,6 +51,15 @@ class RedisSettings(Section):
         "every consumer group has acknowledged them, never before.",
     )
     socket_timeout_s: float = Field(0.5, gt=0)
+    cluster_replica_acks: int = Field(
+        1,
+        ge=0,
+        description="Redis Cluster: a speed-layer batch counts as applied (and is acknowledged) once this many "
+        "replicas of every master it wrote have its effects (WAIT); short of that it is retried, which dedup "
+        "makes harmless. 0: no wait, and a failover may lose the effects of batches acknowledged in the "
+        "replication lag before it (README, 'Redis Cluster').",
+    )
+    cluster_replica_timeout_ms: int = Field(1000, ge=1, description="How long that WAIT may take.")
     max_memory_mb: int = Field(
         4096,
         ge=1,

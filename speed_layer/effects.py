@@ -213,7 +213,9 @@ class Applier:
         self.speed = settings.speed
         self.categories = CategoryCache()
         self.rng = np.random.default_rng(seed)
-        self.lane = lane_for(client)  # the script calls
+        redis_settings = settings.redis
+        # The script calls; on a cluster a batch's writes count once on the replicas (failover-safe).
+        self.lane = lane_for(client, redis_settings.cluster_replica_acks, redis_settings.cluster_replica_timeout_ms)
         self.reads = lane_for(client)  # reads sent ahead, taken in order by `start`
         self.reads_now = lane_for(client)  # reads taken at once (retries, `apply`)
         # Global effects per slot group (see the module's docstring): always on a cluster; on one

@@ -4,16 +4,18 @@ the one the one-script path leaves on a single Redis, exactly once through dupli
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
+from redis.exceptions import RedisClusterException
 
 from common import redis_keys
 from common.events import Consent, Event
 from common.model import ModelArtifacts
-from common.redis_server import RedisServer
+from common.redis_server import LocalRedisCluster, RedisServer, connect
 from common.speed_state import NeighbourQuery, read_speed_state
 from speed_layer import effects
 from speed_layer.effects import Applier
@@ -163,3 +165,39 @@ def test_serving_reads_the_same_state_from_a_cluster_as_from_one_redis(
         assert cluster == single, (person, session)
         compared += bool(single["neighbours"]) + bool(single["covisitation"])
     assert compared > 5  # the reads followed sessions to co-visits and neighbours
+
+
+def test_a_master_killed_mid_stream_fails_over_and_the_counts_stay_exact(
+    redis_cluster: LocalRedisCluster, cluster_client: redis.Redis, reference, tmp_path: Path
+) -> None:
+    events, model, expected = reference
+    set_categories(cluster_client, CATEGORIES)
+    settings = speed_settings(tmp_path, redis_cluster.url, negatives=0, script_chunk=7)
+    now_s = max(e.ts.timestamp() for e in events)
+    # The master holding the trending group: every batch writes it.
+    victim_port = cluster_client.get_node_from_key(redis_keys.TRENDING_TOP).port  # type: ignore[attr-defined]
+    victim = next(node for node in redis_cluster.nodes if node.port == victim_port)
+    client, applier = cluster_client, Applier(cluster_client, settings)
+    retried = 0
+    for number, start in enumerate(range(0, len(events), 20)):
+        if number == 3:
+            victim.kill()  # kill -9 between batches: the acknowledged ones must be on its replica
+        deadline = time.monotonic() + 60
+        while True:  # the batch stays pending until applied: a consumer would retry it the same way
+            try:
+                if applier is None:  # a restarted consumer: a new client learns the new slot map
+                    client = connect(redis_cluster.url, timeout_s=5)
+                    applier = Applier(client, settings)
+                result = applier.apply(events[start : start + 20], [model], now_s=now_s)
+                break
+            except (redis.RedisError, RedisClusterException):
+                assert time.monotonic() < deadline, "the cluster did not fail over within a minute"
+                retried += 1
+                applier = None
+                time.sleep(0.5)
+        assert not result.failed and not result.unresolved
+    assert retried > 0  # the kill was seen
+    assert _state(client) == expected
+    assert client.get_node_from_key(redis_keys.TRENDING_TOP).port != victim_port  # type: ignore[attr-defined]
+    victim.start()  # it rejoins as a replica of its old replica
+    redis_cluster.wait_ok()

@@ -218,6 +218,16 @@ def connect(url: str, timeout_s: float = 0.5) -> redis.Redis:
     return cast(redis.Redis, client)
 
 
+def pubsub_url(url: str) -> str:
+    """A plain URL to subscribe with: on a Redis Cluster, its first seed node (a PUBLISH reaches the
+    subscribers of every node), else `url` itself."""
+    if not is_cluster_url(url):
+        return url
+    host, port = cluster_nodes(url)[0]
+    credentials = url[len(CLUSTER_SCHEME) :].split("/", 1)[0].rpartition("@")[0]
+    return f"redis://{credentials + '@' if credentials else ''}{host}:{port}/0"
+
+
 def is_cluster(client: object) -> bool:
     """Whether `client` talks to a Redis Cluster (scripts then touch one slot each)."""
     return isinstance(client, RedisCluster)

@@ -124,6 +124,13 @@ class ClusterSettings(Section):
     spark_port: int = Field(7077, ge=1, le=65535)
     spark_ui_port: int = Field(8090, ge=1, le=65535, description="Master web UI and its /json/ status (8080 is Airflow's).")
     spark_workers: int = Field(2, ge=1)
+    redis_cluster_port: int = Field(
+        7101,
+        ge=1,
+        le=55530,
+        description="`up --redis-cluster`: its 3 masters and 3 replicas listen on this port and the 5 after it "
+        "(each node's cluster bus 10000 above).",
+    )
     worker_cores: int = Field(1, ge=1)
     worker_memory: str = Field("1g", description="What each worker offers its executors (>= spark.executor_memory).")
     speed_consumers: int = Field(2, ge=1, description="Speed-layer processes, one group member each.")

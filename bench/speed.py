@@ -25,6 +25,7 @@ from common import redis_keys
 from common.catalog import Item
 from common.catalog_state import load_items
 from common.events import Event, EventType, new_event_id
+from common.key_memory import keyspace_usage
 from common.messages import RecsChanged
 from common.model import save_factors
 from common.redis_server import LocalRedisCluster, RedisServer, connect, free_cluster_port, free_port
@@ -114,11 +115,13 @@ def run_speed_scaling(
                         append_events(client, chunk, settings.redis.stream, settings.redis.stream_retention_ms)
                     runs.append(round(events / _drain_with(n, url, root, settings, client)))
                 by_n[str(n)] = {"events_per_s": statistics.median(runs), "events_per_s_runs": runs}
+            memory = keyspace_usage(client, budget_s=10).as_json()  # what the last run's events left
         finally:
             stop()
     return {
         "redis": "cluster (3 masters, 3 replicas)" if redis_cluster else "one redis-server",
         "consumers": by_n,
+        "memory_after_last_run": memory,
         "events": events,
         "items": items,
         "factors": factors,

@@ -13,13 +13,13 @@ import redis
 from redis.exceptions import RedisClusterException
 
 from common import redis_keys
-from common.events import Consent, Event
+from common.events import Consent, Event, EventType
 from common.model import ModelArtifacts
 from common.redis_server import LocalRedisCluster, RedisServer, connect
 from common.speed_state import NeighbourQuery, read_speed_state
 from speed_layer import effects
 from speed_layer.effects import Applier
-from tests.speed_factories import set_categories, speed_settings
+from tests.speed_factories import make_event, set_categories, speed_settings
 from tests.test_speed_chunks import ITEMS, _dump, _events, _publish_v1
 
 CATEGORIES = {f"i{j}": f"c{j % 3}" for j in range(ITEMS)}
@@ -201,3 +201,19 @@ def test_a_master_killed_mid_stream_fails_over_and_the_counts_stay_exact(
     assert client.get_node_from_key(redis_keys.TRENDING_TOP).port != victim_port  # type: ignore[attr-defined]
     victim.start()  # it rejoins as a replica of its old replica
     redis_cluster.wait_ok()
+
+
+def test_an_identify_on_a_cluster_is_dead_lettered_and_the_stream_goes_on(
+    redis_cluster: LocalRedisCluster, cluster_client: redis.Redis, tmp_path: Path
+) -> None:
+    # The merge is not built for a cluster (README): the event must fail alone, not block its batch.
+    settings = speed_settings(tmp_path, redis_cluster.url)
+    events = [
+        make_event(EventType.VIEW, "i1", anonymous_id="dev"),
+        make_event(EventType.IDENTIFY, None, anonymous_id="dev", user_id="u9"),
+        make_event(EventType.VIEW, "i2", anonymous_id="dev", user_id="u9"),
+    ]
+    result = Applier(cluster_client, settings).apply(events, [])
+    assert list(result.failed) == [1] and "Redis Cluster" in result.failed[1]
+    assert result.applied == 2
+    assert read_speed_state(cluster_client, "u9", session_id="s1").session_counts == {"view": 1}

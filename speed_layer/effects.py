@@ -216,6 +216,8 @@ class Applier:
         redis_settings = settings.redis
         # The script calls; on a cluster a batch's writes count once on the replicas (failover-safe).
         self.lane = lane_for(client, redis_settings.cluster_replica_acks, redis_settings.cluster_replica_timeout_ms)
+        # Split: the groups' calls, sent and read at once (the script lane may hold later batches' calls).
+        self.globals_lane = lane_for(client, redis_settings.cluster_replica_acks, redis_settings.cluster_replica_timeout_ms)
         self.reads = lane_for(client)  # reads sent ahead, taken in order by `start`
         self.reads_now = lane_for(client)  # reads taken at once (retries, `apply`)
         # Global effects per slot group (see the module's docstring): always on a cluster; on one
@@ -310,7 +312,7 @@ class Applier:
     def reset(self) -> None:
         """Forget the batches in flight (their events stay unacknowledged) and drop the lanes."""
         self.in_flight.clear()
-        for lane in (self.lane, self.reads, self.reads_now):
+        for lane in (self.lane, self.globals_lane, self.reads, self.reads_now):
             lane.reset()
 
     def _retry_in_order(self, conflicts: list[tuple[Started, list[int]]]) -> None:
@@ -443,8 +445,8 @@ class Applier:
         for attempt in range(2):
             for keys, args, _ in calls:
                 APPLY_GLOBALS.check(keys, args)
-                self.lane.send("EVALSHA", APPLY_GLOBALS.sha, len(keys), *keys, *args)
-            replies = self.lane.read(len(calls))
+                self.globals_lane.send("EVALSHA", APPLY_GLOBALS.sha, len(keys), *keys, *args)
+            replies = self.globals_lane.read(len(calls))
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 self.client.script_load(APPLY_GLOBALS.source)  # a restarted or promoted node lacks it
                 continue

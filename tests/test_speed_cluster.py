@@ -40,12 +40,16 @@ def _state(client: redis.Redis) -> dict[str, object]:
 
 
 def _apply(client: redis.Redis, tmp_path: Path, url: str, events: list[Event], model: ModelArtifacts,
-           batch: int = 40, split: bool | None = None) -> None:  # fmt: skip
+           batch: int = 40, split: bool | None = None, overlapped: bool = False) -> None:  # fmt: skip
     settings = speed_settings(tmp_path, url, negatives=0, script_chunk=7)
     applier = Applier(client, settings, split=split)
     now_s = max(e.ts.timestamp() for e in events)
-    for start in range(0, len(events), batch):
-        result = applier.apply(events[start : start + batch], [model], now_s=now_s)
+    if overlapped:  # as the consumer's loop: every batch started before the first is finished
+        started = [applier.start(events[i : i + batch], [model], now_s=now_s) for i in range(0, len(events), batch)]
+        results = [applier.finish(one) for one in started]
+    else:
+        results = [applier.apply(events[i : i + batch], [model], now_s=now_s) for i in range(0, len(events), batch)]
+    for result in results:
         assert not result.failed and not result.unresolved
 
 
@@ -75,14 +79,24 @@ def test_the_split_path_on_a_cluster_leaves_the_one_script_state(
     assert len(primaries) == 3
 
 
+@pytest.mark.parametrize("overlapped", [False, True])
 def test_the_split_path_on_one_redis_leaves_the_one_script_state(
-    redis_server: RedisServer, redis_client: redis.Redis, reference, tmp_path: Path
+    redis_server: RedisServer, redis_client: redis.Redis, reference, tmp_path: Path, overlapped: bool
 ) -> None:
     events, model, expected = reference
     redis_client.flushall()
     set_categories(redis_client, CATEGORIES)
-    _apply(redis_client, tmp_path, redis_server.url, events, model, split=True)
+    _apply(redis_client, tmp_path, redis_server.url, events, model, split=True, overlapped=overlapped)
     assert _state(redis_client) == expected
+
+
+def test_overlapped_batches_on_a_cluster_leave_the_one_script_state(
+    redis_cluster, cluster_client: redis.Redis, reference, tmp_path: Path
+) -> None:
+    events, model, expected = reference
+    set_categories(cluster_client, CATEGORIES)
+    _apply(cluster_client, tmp_path, redis_cluster.url, events, model, overlapped=True)
+    assert _state(cluster_client) == expected
 
 
 def test_redelivered_events_on_a_cluster_count_once(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import statistics
 import tempfile
 import threading
@@ -90,6 +91,8 @@ def run_speed_scaling(
     """events/s of N consumer processes draining one backlog of `events`, for each N in `consumers`: from
     the moment all are warm (model loaded) to the group's lag and pending both 0."""
     stop: Callable[[], object]
+    # A bench stopped with SIGTERM (a timeout) still stops its servers: the servers are daemons.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="recs-bench-speed-") as tmp:
         root = Path(tmp)
         if redis_cluster:
@@ -118,6 +121,7 @@ def run_speed_scaling(
             memory = keyspace_usage(client, budget_s=10).as_json()  # what the last run's events left
         finally:
             stop()
+            signal.signal(signal.SIGTERM, previous)
     return {
         "redis": "cluster (3 masters, 3 replicas)" if redis_cluster else "one redis-server",
         "consumers": by_n,
@@ -130,6 +134,10 @@ def run_speed_scaling(
         "cpu_count": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _drain_with(n: int, url: str, root: Path, settings: Settings, client: Any) -> float:

@@ -82,7 +82,7 @@ def run_speed_scaling(
     consumers: Sequence[int],
     redis_cluster: bool = False,
     events: int = 20_000,
-    items: int = 50_000,
+    items: int = 10_000,  # fewer than the one-consumer bench: loading them into a cluster is slow
     users: int = 20_000,
     factors: int = 64,
     seed: int = 0,

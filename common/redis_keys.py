@@ -21,7 +21,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -29,6 +29,7 @@ import redis
 
 from common.ids import id_digest
 from common.neighbours import session_token
+from common.redis_server import is_cluster
 
 PREFIX = "lr"
 
@@ -225,12 +226,19 @@ def consent_withdrawal(withdrawn_id: str) -> str:
 SEEN_UNLINKED = f"{PREFIX}:seen:unlinked"
 
 
+def get_many(client: redis.Redis, keys: Sequence[str]) -> list[bytes | None]:
+    """MGET, also where the keys live in several slots of a Redis Cluster (then one GET a key, per node)."""
+    if is_cluster(client):
+        return cast(list[bytes | None], client.mget_nonatomic(keys))  # type: ignore[attr-defined]
+    return cast(list[bytes | None], client.mget(keys))
+
+
 def erased_among(client: redis.Redis, ids: Collection[str]) -> set[str]:
     """The ids among `ids` that carry a tombstone (`erased`)."""
     ordered = sorted(set(ids))
     if not ordered:
         return set()
-    return {i for i, tomb in zip(ordered, client.mget([erased(i) for i in ordered]), strict=True) if tomb}
+    return {i for i, tomb in zip(ordered, get_many(client, [erased(i) for i in ordered]), strict=True) if tomb}
 
 
 @dataclass(frozen=True)
@@ -267,7 +275,7 @@ def person_and_devices(client: redis.Redis, person_id: str) -> tuple[str, ...]:
     devices = [d.decode() for d in members]
     if not devices:
         return (person_id,)
-    owners = cast(list[bytes | None], client.mget([alias(d) for d in devices]))
+    owners = get_many(client, [alias(d) for d in devices])
     mine = [d for d, owner in zip(devices, owners, strict=True) if owner is None or owner.decode() == person_id]
     return (person_id, *mine)
 

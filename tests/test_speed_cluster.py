@@ -231,3 +231,12 @@ def test_an_identify_on_a_cluster_is_dead_lettered_and_the_stream_goes_on(
     assert list(result.failed) == [1] and "Redis Cluster" in result.failed[1]
     assert result.applied == 2
     assert read_speed_state(cluster_client, "u9", session_id="s1").session_counts == {"view": 1}
+
+
+def test_reads_of_ids_in_several_slots_work_on_a_cluster(cluster_client: redis.Redis) -> None:
+    # Tombstones and aliases of many ids live in many slots: read per node, not as one MGET.
+    ids = [f"person-{j}" for j in range(20)]
+    cluster_client.set(redis_keys.erased(ids[3]), 1)
+    cluster_client.set(redis_keys.erased(ids[17]), 1)
+    assert redis_keys.erased_among(cluster_client, ids) == {ids[3], ids[17]}
+    assert len({cluster_client.keyslot(redis_keys.erased(i)) for i in ids}) > 1  # type: ignore[attr-defined]

@@ -429,13 +429,13 @@ class Applier:
                     # A hover changes no list, nor does an event without personalisation consent.
                     if sent.personal[j] and event.event_type.value not in ATTENTION_EVENTS:
                         result.changed[sent.persons[j]] = (sent.sessions[j], event)
-        if self.split and started.base:
-            applied = self._apply_globals(sent, planned + [(j, "") for j in sent.unlinked])
+        if self.split:  # events without personalisation count by their global effects
+            applied = self._apply_globals(sent, planned + [(j, "") for j in sent.unlinked]) if started.base else set()
             for j in sent.unlinked:
                 if j in applied:
                     result.applied += 1
                 else:
-                    result.duplicates += 1
+                    result.duplicates += 1  # a version-switch replay writes deltas, which they have none of
         return retry
 
     def _apply_globals(self, sent: _Sent, planned: Sequence[tuple[int, str]]) -> set[int]:

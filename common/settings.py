@@ -36,7 +36,9 @@ class Section(BaseModel):
 
 class RedisSettings(Section):
     url: str | None = Field(
-        None, description="External Redis URL. Unset: the project runs its own redis-server under var/redis."
+        None,
+        description="External Redis URL. Unset: the project runs its own redis-server under var/redis. "
+        "A Redis Cluster: redis+cluster://host:port[,host:port...] (seed nodes; the client learns the rest).",
     )
     host: str = "127.0.0.1"
     port: int = Field(6391, ge=0, le=65535, description="Port of the private redis-server; 0 picks a free one.")
@@ -49,6 +51,15 @@ class RedisSettings(Section):
         "every consumer group has acknowledged them, never before.",
     )
     socket_timeout_s: float = Field(0.5, gt=0)
+    cluster_replica_acks: int = Field(
+        1,
+        ge=0,
+        description="Redis Cluster: a speed-layer batch counts as applied (and is acknowledged) once this many "
+        "replicas of every master it wrote have its effects (WAIT); short of that it is retried, which dedup "
+        "makes harmless. 0: no wait, and a failover may lose the effects of batches acknowledged in the "
+        "replication lag before it (README, 'Redis Cluster').",
+    )
+    cluster_replica_timeout_ms: int = Field(1000, ge=1, description="How long that WAIT may take.")
     max_memory_mb: int = Field(
         4096,
         ge=1,
@@ -113,6 +124,13 @@ class ClusterSettings(Section):
     spark_port: int = Field(7077, ge=1, le=65535)
     spark_ui_port: int = Field(8090, ge=1, le=65535, description="Master web UI and its /json/ status (8080 is Airflow's).")
     spark_workers: int = Field(2, ge=1)
+    redis_cluster_port: int = Field(
+        7101,
+        ge=1,
+        le=55530,
+        description="`up --redis-cluster`: its 3 masters and 3 replicas listen on this port and the 5 after it "
+        "(each node's cluster bus 10000 above).",
+    )
     worker_cores: int = Field(1, ge=1)
     worker_memory: str = Field("1g", description="What each worker offers its executors (>= spark.executor_memory).")
     speed_consumers: int = Field(2, ge=1, description="Speed-layer processes, one group member each.")

@@ -41,7 +41,8 @@ def append_events(client: redis.Redis, events: Sequence[Event], stream: str, ret
     keys, args = TRIM_STREAM.keys.pack(stream=key), TRIM_STREAM.argv.pack(retention_ms=retention_ms)
     TRIM_STREAM.check(keys, args)
     # EVAL rather than a registered script: a pipeline checks SCRIPT EXISTS first, one more round trip.
-    pipe.eval(TRIM_STREAM.source, len(keys), *keys, *args)
+    # (as a command: a cluster pipeline has no `eval` method)
+    pipe.execute_command("EVAL", TRIM_STREAM.source, len(keys), *keys, *args)
     *ids, _trimmed = pipe.execute()
     return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 

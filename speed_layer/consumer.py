@@ -31,7 +31,7 @@ from common.speed_state import trending_decay_weights
 from common.stream import DEAD_LETTER_FIELD, decode_entry, remove_idle_consumers
 from speed_layer import metrics
 from speed_layer.effects import Applier, BatchResult, Started, StateRead
-from speed_layer.sender import Lane
+from speed_layer.sender import lane_for
 from speed_layer.switch import stamped, switch_version
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,8 @@ class SpeedConsumer:
         self.stream_key = redis_keys.stream(settings.redis.stream)
         self.dead_key = redis_keys.dead_letter(settings.redis.stream)
         self.applier = Applier(client, settings, seed=os.getpid())
-        self.acks = Lane(client)  # acknowledgements, read back at the next batch
-        self.reads = Lane(client)  # the next batch's XREADGROUP, sent while this one runs
+        self.acks = lane_for(client)  # acknowledgements, read back at the next batch
+        self.reads = lane_for(client)  # the next batch's XREADGROUP, sent while this one runs
         self.models: dict[str, ModelArtifacts] = {}
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(redis_keys.MODELS_CHANNEL, redis_keys.CATALOG_CHANNEL)

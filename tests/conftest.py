@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from common.lake import Lake
-from common.redis_server import RedisServer, free_port
+from common.redis_server import LocalRedisCluster, RedisServer, connect, free_cluster_port, free_port
 from common.registry import Registry
 from tests.s3_support import MotoServer, s3_env
 
@@ -41,6 +41,36 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """A real Redis Cluster for the test session: 3 masters and 3 replicas on free loopback ports (the
+    same code as `recs cluster up --redis-cluster`), a short node timeout so a failover takes seconds."""
+    cluster = LocalRedisCluster(
+        tmp_path_factory.mktemp("redis-cluster"), tuple(free_cluster_port() for _ in range(6)), node_timeout_ms=1000
+    )
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_client(redis_cluster: LocalRedisCluster) -> Iterator[redis.Redis]:
+    """A cluster client on emptied masters (a test that killed a node leaves its replica promoted)."""
+    redis_cluster.wait_ok()
+    client = connect(redis_cluster.url, timeout_s=5)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(params=["single", "cluster"])
+def any_redis(request: pytest.FixtureRequest) -> tuple[redis.Redis, str]:
+    """An emptied single Redis, then an emptied Redis Cluster: (client, its RECS_REDIS__URL)."""
+    if request.param == "single":
+        return request.getfixturevalue("redis_client"), request.getfixturevalue("redis_server").url
+    return request.getfixturevalue("cluster_client"), request.getfixturevalue("redis_cluster").url
 
 
 @pytest.fixture

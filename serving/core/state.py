@@ -17,7 +17,7 @@ from common import redis_keys
 from common.catalog import ItemUpdate
 from common.lake import Lake
 from common.messages import ModelEvent
-from common.redis_server import connect
+from common.redis_server import connect, pubsub_url
 from common.registry import Registry
 from common.settings import Settings
 from serving.core.catalog_view import CatalogView
@@ -127,7 +127,7 @@ class ServingState:
         """Subscribe to the models and catalog channels; reconnect (and catch up with CURRENT) after Redis outages."""
         url = self.settings.redis.effective_url
         while not self._stop.is_set():
-            client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=5)
+            client = redis.Redis.from_url(pubsub_url(url), socket_connect_timeout=0.5, socket_timeout=5)
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(redis_keys.MODELS_CHANNEL, redis_keys.CATALOG_CHANNEL)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common import registry as reg
+from common.content import ContentMap, ItemContent
 from common.registry import Manifest, Registry, RegistryError
 from common.vectors import gramian
 
@@ -33,6 +34,10 @@ class ModelArtifacts:
     ranker: Any | None = None  # lightgbm.Booster when the version has one
     popularity: pa.Table | None = None  # item_id, count (events in the training window)
     covisitation: pa.Table | None = None  # item_id, other_id, count
+    content_map: ContentMap | None = None  # when the version has one
+    # Rows [0, batch_items) of the item factors are ALS's; rows after them are content vectors of items
+    # new since the cutoff (`with_content_vectors`). -1: all rows are ALS's.
+    batch_items: int = -1
     item_index: dict[str, int] = field(default_factory=dict)
     user_index: dict[str, int] = field(default_factory=dict)
     # The item factors again, column-major: Y @ x reads it in the order BLAS's gemv streams best
@@ -40,6 +45,8 @@ class ModelArtifacts:
     scoring_factors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
 
     def __post_init__(self) -> None:
+        if self.batch_items < 0:
+            self.batch_items = len(self.item_ids)
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
         self.user_index = {user: i for i, user in enumerate(self.user_ids)}
         self.scoring_factors = np.asfortranarray(self.item_factors)
@@ -60,6 +67,41 @@ class ModelArtifacts:
     def item_vector(self, item_id: str) -> np.ndarray | None:
         i = self.item_index.get(item_id)
         return None if i is None else self.item_factors[i]
+
+    def has_batch_vector(self, item_id: str) -> bool:
+        i = self.item_index.get(item_id)
+        return i is not None and i < self.batch_items
+
+    def is_content_vector(self, item_id: str) -> bool:
+        i = self.item_index.get(item_id)
+        return i is not None and i >= self.batch_items
+
+    @property
+    def batch_item_ids(self) -> list[str]:
+        return self.item_ids[: self.batch_items]
+
+    def with_content_vectors(self, contents: Mapping[str, ItemContent]) -> ModelArtifacts:
+        """A copy that also holds the content vectors of the given items that have no batch vector (an
+        item's earlier content vector is replaced); itself when the version has no content map or none
+        of the items needs one. YᵀY stays the batch factors' (the fold-in's prior is the trained model)."""
+        wanted = {
+            item: content
+            for item, content in contents.items()
+            if content.has_text and not self.has_batch_vector(item)
+        }
+        if self.content_map is None or not wanted:
+            return self
+        kept = [i for i in range(self.batch_items, len(self.item_ids)) if self.item_ids[i] not in wanted]
+        added = list(wanted)
+        factors = np.vstack(
+            [
+                self.item_factors[: self.batch_items],
+                self.item_factors[kept],
+                self.content_map.vectors([wanted[i] for i in added]),
+            ]
+        )
+        ids = self.item_ids[: self.batch_items] + [self.item_ids[i] for i in kept] + added
+        return replace(self, item_ids=ids, item_factors=factors)
 
 
 def save_factors(
@@ -107,6 +149,12 @@ def save_table(registry: Registry, version: str, name: str, table: pa.Table) -> 
     _write_bytes(registry, version, name, sink.getvalue())
 
 
+def save_content_map(registry: Registry, version: str, content_map: ContentMap) -> None:
+    sink = io.BytesIO()
+    np.savez_compressed(sink, weights=content_map.weights, mean=content_map.mean)  # mostly unused (zero) buckets
+    _write_bytes(registry, version, reg.CONTENT_MAP, sink.getvalue())
+
+
 def save_ranker(registry: Registry, version: str, booster: Any) -> None:
     _write_bytes(registry, version, reg.RANKER, booster.model_to_string().encode())
 
@@ -134,6 +182,7 @@ def load_model(registry: Registry, version: str | None = None) -> ModelArtifacts
         ranker=ranker,
         popularity=_read_table(registry, version, reg.POPULARITY),
         covisitation=_read_table(registry, version, reg.COVISITATION),
+        content_map=_read_content_map(registry, version),
     )
 
 
@@ -157,6 +206,13 @@ def _write_npy(registry: Registry, version: str, name: str, array: np.ndarray) -
 
 def _read_npy(registry: Registry, version: str, name: str) -> np.ndarray:
     return np.load(io.BytesIO(_read_bytes(registry, version, name)), allow_pickle=False)
+
+
+def _read_content_map(registry: Registry, version: str) -> ContentMap | None:
+    if not registry.fs.exists(registry.path(version, reg.CONTENT_MAP)):
+        return None  # a version trained before content maps existed
+    with np.load(io.BytesIO(_read_bytes(registry, version, reg.CONTENT_MAP)), allow_pickle=False) as data:
+        return ContentMap(weights=data["weights"], mean=data["mean"])
 
 
 def _read_table(registry: Registry, version: str, name: str) -> pa.Table | None:

@@ -27,7 +27,8 @@ ITEM_IDS = "item_ids.json"
 RANKER = "ranker.txt"
 POPULARITY = "popularity.parquet"
 COVISITATION = "covisitation.parquet"
-ARTIFACT_FILES = (USER_FACTORS, ITEM_FACTORS, USER_IDS, ITEM_IDS, RANKER, POPULARITY, COVISITATION)
+CONTENT_MAP = "content_map.npz"  # item content -> item factors (common/content.py), for items new since the cutoff
+ARTIFACT_FILES = (USER_FACTORS, ITEM_FACTORS, USER_IDS, ITEM_IDS, RANKER, POPULARITY, COVISITATION, CONTENT_MAP)
 
 Status = Literal["candidate", "published", "rejected"]
 

@@ -83,7 +83,7 @@ class ServingState:
             registry=registry,
             rules=load_rules(settings.api.rules_file),
             catalog=catalog,
-            models=ModelHolder(registry, catalog),
+            models=ModelHolder(registry, catalog, settings.models.content_vectors),
             redis=RedisGate(connect(settings.redis.effective_url, settings.redis.socket_timeout_s)),
             impressions=ImpressionLogger(lake, flush_seconds=settings.api.impressions_flush_s),
         )
@@ -113,6 +113,11 @@ class ServingState:
         self.models.reload(version)
         if self.models.current is None:
             self.lake_popular = lake_popular(self.lake)
+
+    def apply_catalog(self, updates: list[ItemUpdate]) -> None:
+        """Item updates into this worker's catalog, and content vectors for the items whose content changed."""
+        self.catalog.apply(updates)
+        self.models.add_content_vectors([u.item_id for u in updates if _changes_content(u)])
 
     # ------------------------------------------------------------ background threads
 
@@ -159,7 +164,7 @@ class ServingState:
         except ValueError:
             log.warning("ignoring a malformed message on %s", redis_keys.CATALOG_CHANNEL)
             return
-        self.catalog.apply([update])
+        self.apply_catalog([update])
 
     def _day_counts_loop(self) -> None:
         while not self._stop.wait(DAY_COUNTS_CHECK_S):
@@ -182,6 +187,10 @@ class ServingState:
             self.erased.merge(self.lake.erasure_times())
         except Exception:
             log.exception("could not read the erasure queue")
+
+
+def _changes_content(update: ItemUpdate) -> bool:
+    return any(value is not None for value in (update.title, update.category_path, update.brand, update.price))
 
 
 class StreamLagProbe:

@@ -186,6 +186,11 @@ def load_model(registry: Registry, version: str | None = None) -> ModelArtifacts
     )
 
 
+def load_item_factors(registry: Registry, version: str) -> tuple[list[str], np.ndarray]:
+    """A version's item ids and ALS item factors (readable before its manifest is written)."""
+    return json.loads(_read_bytes(registry, version, reg.ITEM_IDS)), _read_npy(registry, version, reg.ITEM_FACTORS)
+
+
 def _write_bytes(registry: Registry, version: str, name: str, data: bytes) -> None:
     registry.write_bytes(registry.path(version, name), data)
 

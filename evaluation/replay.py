@@ -529,6 +529,8 @@ class Replayer:
             for item_id, info in catalog_before(lake, cutoff_s).items()
         }
         catalog = CatalogView(items)
+        if self.consumer is not None:  # what serving's catalog holds, the speed layer's versions see too
+            self.consumer.add_contents(catalog.contents())
         # One loaded model, shared read-only by the strategies.
         models = ModelHolder(self.registry, catalog, self.settings.models.content_vectors)
         models.reload(self.version)
@@ -587,6 +589,8 @@ class Replayer:
         added, self.arrivals = self.arrivals[:due], self.arrivals[due:]
         self.catalog.add(added)
         self.models.add_content_vectors([info.item_id for info in added])
+        if self.consumer is not None:
+            self.consumer.add_contents({info.item_id: info.content for info in added})
 
     def _ask(self, event: Event, item: str, purchased: bool, new_item: bool) -> None:
         """Ask every strategy for a list at the moment just before `event`, and score it."""

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.lake import Lake
-from common.model import load_model, save_content_map, save_factors, save_ranker, save_table
+from common.model import load_item_factors, load_model, save_content_map, save_factors, save_ranker, save_table
 from common.registry import COVISITATION, POPULARITY, Manifest, Registry
 from common.settings import PROJECT_ROOT, Settings, redacted
 from spark_jobs import tables
@@ -156,10 +156,10 @@ def train_content_map(plan: Plan, settings: Settings) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for stage in STAGES:
         target, version = (Registry(str(plan.dev_registry)), DEV_MODEL) if stage == "dev" else (registry_of(settings), plan.version)
-        model = load_model(target, version)
-        rows = [i for i, item in enumerate(model.item_ids) if item in catalog and catalog[item].has_text]
-        contents = [catalog[model.item_ids[i]] for i in rows]
-        factors = model.item_factors[rows]
+        item_ids, item_factors = load_item_factors(target, version)
+        rows = [i for i, item in enumerate(item_ids) if item in catalog and catalog[item].has_text]
+        contents = [catalog[item_ids[i]] for i in rows]
+        factors = item_factors[rows]
         if stage == "final":
             summary = {"content_items": len(rows), **held_out_cosines(contents, factors, settings.training.seed)}
         save_content_map(target, version, fit_content_map(contents, factors))

@@ -117,7 +117,7 @@ class ServingState:
     def apply_catalog(self, updates: list[ItemUpdate]) -> None:
         """Item updates into this worker's catalog, and content vectors for the items whose content changed."""
         self.catalog.apply(updates)
-        self.models.add_content_vectors([u.item_id for u in updates if _changes_content(u)])
+        self.models.add_content_vectors([u.item_id for u in updates if u.changes_content])
 
     # ------------------------------------------------------------ background threads
 
@@ -187,10 +187,6 @@ class ServingState:
             self.erased.merge(self.lake.erasure_times())
         except Exception:
             log.exception("could not read the erasure queue")
-
-
-def _changes_content(update: ItemUpdate) -> bool:
-    return any(value is not None for value in (update.title, update.category_path, update.brand, update.price))
 
 
 class StreamLagProbe:

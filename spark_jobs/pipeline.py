@@ -25,7 +25,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.lake import Lake
-from common.model import load_item_factors, load_model, save_content_map, save_factors, save_ranker, save_table
+from common.model import (
+    load_item_factors,
+    load_model,
+    save_content_map,
+    save_factors,
+    save_ranker,
+    save_table,
+)
 from common.registry import COVISITATION, POPULARITY, Manifest, Registry
 from common.settings import PROJECT_ROOT, Settings, redacted
 from spark_jobs import tables

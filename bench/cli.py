@@ -28,17 +28,35 @@ def serve(
     seconds: float = typer.Option(30.0, min=1, help="Seconds at the base rate (200 req/s)."),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
-    """API latency: 2 workers on a 50k-item, 64-factor synthetic model, fixed-rate load from another process."""
+    """API latency: 2 workers on a 50k-item, 64-factor synthetic model with live speed state, fixed-rate
+    load from another process, beside a no-op route on the same server (ratio_to_noop)."""
     from bench.serve import bench_serve
 
     result = bench_serve(seconds=seconds)
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
+@bench_app.command("push")
+def push(
+    streams: int = typer.Option(200, min=1, help="SSE streams opened, one per session."),
+    events_per_s: float = typer.Option(200.0, "--events-per-s", min=1, help="Events/s posted for those sessions."),
+    seconds: float = typer.Option(20.0, min=5, help="Seconds of each phase (without, then with the streams)."),
+    get_rate: float = typer.Option(100.0, "--get-rate", min=1, help="GET /v1/recommendations per second."),
+    as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
+) -> None:
+    """Live pushes: delivery latency and share within 1 s, GET latency with and without the open streams."""
+    from bench.push import bench_push
+
+    result = bench_push(streams=streams, events_per_s=events_per_s, seconds=seconds, get_rate=get_rate)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
 @bench_app.command("speed")
 def speed(
     events: int = typer.Option(50_000, min=1000, help="Events drained by one consumer for the throughput figure."),
-    offered: float = typer.Option(2000.0, min=1, help="Events/s offered for the freshness figure."),
+    offered: float = typer.Option(
+        10_000.0, "--offered-rate", "--offered", min=1, help="Events/s offered for the freshness figure."
+    ),
     seconds: float = typer.Option(5.0, min=1, help="Seconds of offered load."),
     repeats: int = typer.Option(3, min=1, help="Throughput runs, each on a fresh Redis; the median is reported."),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),

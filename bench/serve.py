@@ -1,8 +1,13 @@
-"""`recs bench serve`: the API (2 workers) on a medium synthetic model, driven at fixed rates by a separate process.
+"""`recs bench serve`: the API (2 workers) on a medium synthetic model with live speed state, driven at
+fixed rates by a separate process, beside a no-op route on the same server settings.
 
-Prints one JSON object: p50/p99 latency and achieved rate at the base rate, errors, the highest
-stepped rate whose p99 stays under 50 ms, and the API workers' resident memory. The synthetic
-model factory here is also what the serving tests publish (small), so both run the same shapes.
+Before the load, the people of the request mix browse: their events go through the real speed
+consumer, so sessions, deltas, affinities, co-visits, neighbour sessions and live counts are what
+a request reads. Prints one JSON object: p50/p99 latency and achieved rate at the base rate, errors,
+the highest rate whose p99 stays under 50 ms for the API and for the no-op route (and their ratio),
+the workers' CPU per request and resident memory, and the mean time per stage inside the workers.
+The synthetic model factory here is also what the serving tests publish (small), so both run the
+same shapes.
 """
 
 from __future__ import annotations
@@ -140,6 +145,105 @@ def train_toy_ranker(seed: int) -> Any:
     return lightgbm.train(params, data, num_boost_round=20)
 
 
+# ---------------------------------------------------------------- live state: the mix's people browse
+
+
+@dataclass(frozen=True)
+class Visitor:
+    """One person of the request mix with a live session: a known user (with a batch vector) or a device."""
+
+    user_id: str | None
+    anonymous_id: str
+    session_id: str
+    category: int  # the category they browse
+    items: list[str]  # what they viewed, oldest first
+
+
+TYPES = ["view"] * 14 + ["click"] * 3 + ["add_to_cart"] * 2 + ["purchase"]
+
+
+def browse(
+    model: SyntheticModel, n_users: int, n_devices: int, n_categories: int, events_each: int = 20, seed: int = 3
+) -> tuple[list[Visitor], list[Any]]:
+    """Sessions of `events_each` events for `n_users` known users and `n_devices` anonymous devices, each in
+    the category the person leans to, items drawn by a Zipf law inside it (so sessions share items:
+    co-visits and neighbour sessions), events interleaved as they would arrive over the last minutes."""
+    from common.events import Event, EventType, new_event_id
+
+    rng = np.random.default_rng(seed)
+    per_category = len(model.item_ids) // n_categories
+    n_users = min(n_users, len(model.user_ids))
+    users = rng.choice(len(model.user_ids), n_users, replace=False)
+    visitors = []
+    for n in range(n_users + n_devices):
+        if n < n_users:
+            user: str | None = model.user_ids[int(users[n])]
+            category = int(users[n]) % n_categories  # the synthetic user leans to this one
+        else:
+            user, category = None, int(rng.integers(n_categories))
+        ranks = np.minimum(rng.zipf(1.4, events_each), per_category) - 1
+        items = [model.item_ids[category + n_categories * int(r)] for r in ranks]
+        visitors.append(Visitor(user, f"dev-{n}", f"s-{n}", category, items))
+    now = datetime.now(UTC)
+    events = []
+    for step in range(events_each):  # step by step across everyone, as a busy store's stream looks
+        at = now - timedelta(seconds=(events_each - step) * 15)
+        for visitor in visitors:
+            kind = EventType(TYPES[int(rng.integers(len(TYPES)))])
+            events.append(
+                Event(
+                    event_id=new_event_id(), event_type=kind, ts=at, received_at=at,
+                    anonymous_id=visitor.anonymous_id, user_id=visitor.user_id, session_id=visitor.session_id,
+                    item_id=visitor.items[step], dwell_ms=int(rng.integers(0, 60_000)),
+                )
+            )  # fmt: skip
+    return visitors, events
+
+
+def fold_into_speed_state(client: Any, settings: Any, model: SyntheticModel, lake: Lake, events: list[Any]) -> int:
+    """Run the events through the real speed consumer (as `recs speed run` would); returns how many it applied."""
+    from common import redis_keys
+    from common.catalog import table_to_items
+    from common.catalog_state import load_items
+    from common.stream import append_events
+    from speed_layer.consumer import SpeedConsumer
+
+    load_items(client, table_to_items(lake.read_catalog()))  # the live catalog: categories for affinities
+    client.set(redis_keys.SPEED_VERSION, model.version)  # as if the switch had run for this version
+    for start in range(0, len(events), 5000):
+        append_events(client, events[start : start + 5000], settings.redis.stream, settings.redis.stream_retention_ms)
+    consumer = SpeedConsumer(client, settings, name="bench-serve")
+    consumer.warm_up()
+    applied = 0
+    while handled := consumer.pump(block=False):
+        applied += handled
+    consumer.refresh_trending()
+    return applied
+
+
+def request_paths(visitors: list[Visitor], n: int = 2000, seed: int = 1) -> list[str]:
+    """The mix: known users (home page), anonymous devices mid-session, product pages (of items in the
+    person's category), every person with a live session."""
+    rng = random.Random(seed)
+    users = [v for v in visitors if v.user_id]
+    devices = [v for v in visitors if not v.user_id]
+    paths = []
+    for i in range(n):
+        kind = i % 4
+        if kind in (0, 1):
+            paths.append(f"/v1/recommendations?user_id={rng.choice(users).user_id}&k=10")
+        elif kind == 2:
+            device = rng.choice(devices)
+            paths.append(
+                f"/v1/recommendations?anonymous_id={device.anonymous_id}&session_id={device.session_id}&k=10"
+            )
+        else:
+            visitor = rng.choice(visitors)
+            person = f"user_id={visitor.user_id}" if visitor.user_id else f"anonymous_id={visitor.anonymous_id}"
+            paths.append(f"/v1/recommendations?{person}&context=product&item_id={rng.choice(visitor.items)}&k=10")
+    return paths
+
+
 # ---------------------------------------------------------------- the load process
 
 
@@ -200,6 +304,7 @@ async def _drive(
         "p50_ms": _percentile(latencies, 50),
         "p99_ms": _percentile(latencies, 99),
         "rps": len(latencies) / elapsed,
+        "requests": len(latencies),
         "errors": errors,
     }
 
@@ -219,24 +324,6 @@ def run_load(port: int, rate: float, seconds: float, paths: list[str]) -> dict[s
     return dict(result)
 
 
-def request_paths(model: SyntheticModel, n: int = 2000, seed: int = 1) -> list[str]:
-    """A mix: known users, anonymous devices, product pages."""
-    rng = random.Random(seed)
-    paths = []
-    for i in range(n):
-        kind = i % 4
-        if kind in (0, 1):
-            paths.append(f"/v1/recommendations?user_id={rng.choice(model.user_ids)}&k=10")
-        elif kind == 2:
-            paths.append(f"/v1/recommendations?anonymous_id=anon-{rng.randrange(10**6)}&k=10")
-        else:
-            item = rng.choice(model.item_ids)
-            paths.append(
-                f"/v1/recommendations?user_id={rng.choice(model.user_ids)}&context=product&item_id={item}&k=10"
-            )
-    return paths
-
-
 def _wait_ready(port: int, timeout_s: float = 120.0) -> None:
     import httpx
 
@@ -251,38 +338,116 @@ def _wait_ready(port: int, timeout_s: float = 120.0) -> None:
     raise RuntimeError(f"the API did not become ready on port {port}")
 
 
-def _workers_rss_mb(server_pid: int) -> float:
-    """Largest resident set among the uvicorn worker processes (children of the server)."""
+def _workers(server_pid: int) -> list[Any]:
+    """The uvicorn worker processes (children of the server), or the server itself with one worker."""
     import psutil
 
     parent = psutil.Process(server_pid)
-    children = parent.children(recursive=True)
-    rss = [c.memory_info().rss for c in children] or [parent.memory_info().rss]
-    return max(rss) / 2**20
+    return parent.children(recursive=True) or [parent]
+
+
+def _workers_rss_mb(server_pid: int) -> float:
+    """Largest resident set among the worker processes."""
+    return max(p.memory_info().rss for p in _workers(server_pid)) / 2**20
+
+
+def _workers_cpu_s(server_pid: int) -> float:
+    return sum(t.user + t.system for t in (p.cpu_times() for p in _workers(server_pid)))
+
+
+def _redis_cpu_s(client: Any) -> float:
+    """The bench's redis-server's CPU seconds so far: its reads' cost, which the workers' CPU leaves out."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _stage_seconds(port: int) -> dict[str, tuple[float, float]]:
+    """stage -> (sum of seconds, count) from the workers' `recs_stage_seconds` summary on /metrics."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0).text
+    out: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        for suffix, slot in (("_sum", 0), ("_count", 1)):
+            prefix = f"recs_stage_seconds{suffix}{{"
+            if line.startswith(prefix):
+                stage = line[len(prefix) :].split('stage="', 1)[1].split('"', 1)[0]
+                out.setdefault(stage, [0.0, 0.0])[slot] += float(line.rsplit(" ", 1)[1])
+    return {stage: (total, count) for stage, (total, count) in out.items()}
+
+
+def _stage_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Mean milliseconds per request of each stage between two reads of /metrics."""
+    split = {}
+    for stage, (total, count) in after.items():
+        total0, count0 = before.get(stage, (0.0, 0.0))
+        if count > count0:
+            split[stage] = round((total - total0) / (count - count0) * 1000, 3)
+    return split
 
 
 def _keeps_up(step: dict[str, Any], rate: float) -> bool:
     return bool(step["p99_ms"] <= 50 and step["errors"] == 0 and step["rps"] >= 0.95 * rate)
 
 
-def _highest_rate_under_50ms(
-    port: int, paths: list[str], base_rate: float, base: dict[str, Any], step_seconds: float, max_rate: float
-) -> float:
-    """Step the rate up by 1.5x from the base while p99 <= 50 ms, or down from it until it holds."""
-    if _keeps_up(base, base_rate):
-        best = rate = base_rate
-        while rate < max_rate:
+def highest_rate_under_50ms(
+    port: int, paths: list[str], start_rate: float, step_seconds: float, max_rate: float, bisections: int = 3
+) -> tuple[float, list[dict[str, Any]]]:
+    """The highest rate whose p99 stays <= 50 ms: up by 1.5x from `start_rate` until a step fails (or down
+    until one holds), then `bisections` halvings of the gap between the last rate held and the first
+    failed. Returns it with every step run (rate, p99, rps, held)."""
+    steps: list[dict[str, Any]] = []
+
+    def holds(rate: float) -> bool:
+        result = run_load(port, rate, step_seconds, paths)
+        held = _keeps_up(result, rate)
+        steps.append({"rate": round(rate, 1), "p99_ms": round(result["p99_ms"], 2), "rps": round(result["rps"], 1),
+                      "held": held})  # fmt: skip
+        return held
+
+    good, bad = 0.0, None
+    rate = start_rate
+    if holds(rate):
+        good = rate
+        while rate * 1.5 <= max_rate:
             rate *= 1.5
-            if not _keeps_up(run_load(port, rate, step_seconds, paths), rate):
+            if not holds(rate):
+                bad = rate
                 break
-            best = rate
-        return best
-    rate = base_rate
-    while rate > 10:
-        rate /= 1.5
-        if _keeps_up(run_load(port, rate, step_seconds, paths), rate):
-            return rate
-    return 0.0
+            good = rate
+    else:
+        bad = rate
+        while rate > 10:
+            rate /= 1.5
+            if holds(rate):
+                good = rate
+                break
+            bad = rate
+    if bad is None or good <= 0:
+        return good, steps
+    for _ in range(bisections):
+        middle = (good + bad) / 2
+        if holds(middle):
+            good = middle
+        else:
+            bad = middle
+    return good, steps
+
+
+def _start_server(module: str, workers: int, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen(
+        [sys.executable, "-m", module, "--workers", str(workers), "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_ready(port)
+    return server
+
+
+def _stop_server(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    server.wait(timeout=30)
 
 
 def bench_serve(
@@ -291,12 +456,15 @@ def bench_serve(
     factors: int = 64,
     base_rate: float = 200.0,
     seconds: float = 30.0,
-    step_seconds: float = 10.0,
-    max_rate: float = 2000.0,
+    step_seconds: float = 6.0,
+    max_rate: float = 20_000.0,
     workers: int = 2,
+    visitors: int = 2000,
 ) -> dict[str, Any]:
     from common.redis_server import RedisServer, free_port
+    from common.settings import Settings
 
+    n_categories = 200
     with tempfile.TemporaryDirectory(prefix="recs-bench-serve-") as tmp:
         root = Path(tmp)
         redis_server = RedisServer(data_dir=root / "redis", port=free_port(), persist=False)
@@ -309,11 +477,10 @@ def bench_serve(
             n_items=n_items,
             n_users=n_users,
             factors=factors,
-            n_categories=200,
+            n_categories=n_categories,
             n_new=50,
             seed=11,
         )
-        port = free_port()
         env = {
             **os.environ,
             "RECS_VAR_DIR": str(root / "var"),
@@ -321,22 +488,45 @@ def bench_serve(
             "RECS_MODELS__ROOT": str(root / "models"),
             "RECS_REDIS__URL": redis_server.url,
         }
-        server = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "--workers", str(workers), "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        settings = Settings(
+            var_dir=root / "var",
+            redis={"url": redis_server.url},  # type: ignore[arg-type]
+            lake={"root": str(root / "lake")},  # type: ignore[arg-type]
+            models={"root": str(root / "models")},  # type: ignore[arg-type]
         )
+        people, events = browse(model, visitors // 2, visitors - visitors // 2, n_categories)
+        client = redis_server.client()
+        folded = fold_into_speed_state(client, settings, model, lake, events)
+        paths = request_paths(people)
         try:
-            _wait_ready(port)
-            paths = request_paths(model)
-            run_load(port, 50, 3, paths)  # warm-up: imports, first LightGBM calls, connections
-            base = run_load(port, base_rate, seconds, paths)
-            best = _highest_rate_under_50ms(port, paths, base_rate, base, step_seconds, max_rate)
-            rss = _workers_rss_mb(server.pid)
+            port = free_port()
+            server = _start_server("serving.cli", workers, port, env)
+            try:
+                run_load(port, 50, 3, paths)  # warm-up: imports, first LightGBM calls, connections
+                stages_before, cpu_before = _stage_seconds(port), _workers_cpu_s(server.pid)
+                redis_before = _redis_cpu_s(client)
+                base = run_load(port, base_rate, seconds, paths)
+                cpu_s = _workers_cpu_s(server.pid) - cpu_before
+                redis_cpu_s = _redis_cpu_s(client) - redis_before
+                stages = _stage_ms(stages_before, _stage_seconds(port))
+                start = base_rate * 1.5 if _keeps_up(base, base_rate) else base_rate / 1.5
+                best, steps = highest_rate_under_50ms(port, paths, start, step_seconds, max_rate)
+                rss = _workers_rss_mb(server.pid)
+            finally:
+                _stop_server(server)
+            noop_port = free_port()
+            noop = _start_server("bench.noop_app", workers, noop_port, env)
+            try:
+                noop_paths = ["/noop"]
+                run_load(noop_port, 200, 2, noop_paths)
+                # From well above the API's rate (the no-op's ceiling was ~4,500/s here): fewer steps.
+                noop_best, noop_steps = highest_rate_under_50ms(
+                    noop_port, noop_paths, max(best * 2, base_rate * 10), step_seconds, max_rate
+                )
+            finally:
+                _stop_server(noop)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            client.close()
             redis_server.stop()
     return {
         "p50_ms": round(base["p50_ms"], 2),
@@ -345,4 +535,16 @@ def bench_serve(
         "errors": base["errors"],
         "max_rps_p99_under_50ms": round(best, 1),
         "rss_mb": round(rss, 1),
+        "noop_max_rps_p99_under_50ms": round(noop_best, 1),
+        "ratio_to_noop": round(best / noop_best, 3) if noop_best else None,
+        "cpu_ms_per_request": round(cpu_s / max(1, base["requests"]) * 1000, 3),
+        "redis_cpu_ms_per_request": round(redis_cpu_s / max(1, base["requests"]) * 1000, 3),
+        "stage_ms": stages,
+        "steps": steps,
+        "noop_steps": noop_steps,
+        "speed_events_folded": folded,
+        "visitors": visitors,
+        "workers": workers,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }

@@ -26,7 +26,8 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.serve import _wait_ready, publish_synthetic_model, request_paths
+from bench.serve import _wait_ready, browse, publish_synthetic_model, request_paths
+from common import redis_keys
 from common.key_memory import keyspace_usage
 from common.lake import Lake
 from common.redis_server import RedisServer, free_port
@@ -34,6 +35,7 @@ from common.registry import Registry
 from common.settings import RedisSettings
 
 TICK_S = 0.1
+N_CATEGORIES = 50
 
 
 def run_soak(
@@ -55,7 +57,7 @@ def run_soak(
         try:
             model = publish_synthetic_model(
                 Registry(str(root / "models")), Lake(str(root / "lake")), version="soak",
-                n_items=5000, n_users=users, factors=32, n_categories=50, seed=seed,
+                n_items=5000, n_users=users, factors=32, n_categories=N_CATEGORIES, seed=seed,
             )  # fmt: skip
             port = free_port()
             env = _env(root, server.url, horizon_s)
@@ -112,7 +114,7 @@ def _drive(
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Post events at `rate` for `minutes`, sampling every `sample_s`; returns the samples and the load's counts."""
     rng = random.Random(seed)
-    paths = request_paths(model)
+    paths = request_paths(browse(model, 50, 50, N_CATEGORIES, seed=seed)[0])  # the serve bench's mix
     client = server.client()
     load = {"events_sent": 0, "events_refused": 0, "rec_requests": 0, "rec_errors": 0}
     per_tick = max(1, round(rate * TICK_S))
@@ -161,8 +163,10 @@ def _event(rng: random.Random, sessions: dict[str, str], users: int, devices: in
 
 def _sample(client: Any, processes: dict[str, subprocess.Popen[bytes]], minute: float) -> dict[str, Any]:
     memory = client.info("memory")
-    usage = keyspace_usage(client, budget_s=1.0)
-    stream_bytes = usage.families["stream"].bytes
+    # A pass long enough to go round the keyspace: a cut one can miss the few-key families.
+    usage = keyspace_usage(client, budget_s=30.0)
+    stream_key = redis_keys.stream(RedisSettings().stream)
+    stream_bytes = int(client.memory_usage(stream_key, samples=0) or 0)  # exact: the largest key
     return {
         "minute": round(minute, 2),
         "redis_used_memory": int(memory["used_memory"]),
@@ -170,7 +174,8 @@ def _sample(client: Any, processes: dict[str, subprocess.Popen[bytes]], minute: 
         "stream_bytes": stream_bytes,
         "families_bytes_without_stream": sum(f.bytes for name, f in usage.families.items() if name != "stream"),
         "keys": int(client.dbsize()),
-        "stream_length": int(client.xlen("lr:stream:events")),
+        "stream_length": int(client.xlen(stream_key)),
+        "keyspace_pass_complete": usage.complete,
         "rss_mb": {role: round(_tree_rss(p.pid) / 2**20, 1) for role, p in processes.items()},
         "families_bytes": {name: f.bytes for name, f in usage.families.items() if f.keys},
         "families_keys": {name: f.keys for name, f in usage.families.items() if f.keys},

@@ -37,7 +37,7 @@ def run_speed_bench(
     items: int = 50_000,
     users: int = 20_000,
     factors: int = 64,
-    offered_per_s: float = 2_000.0,
+    offered_per_s: float = 10_000.0,
     freshness_s: float = 5.0,
     seed: int = 0,
     repeats: int = 3,
@@ -137,6 +137,7 @@ def _throughput(
     consumer = SpeedConsumer(client, settings, name="bench")
     consumer.warm_up()  # as `run` does
     warm_up = consumer.poll_once(block=False)  # registers scripts, fills the category cache a little
+    client.config_resetstat()  # the bench's own server: the counts below are the timed drain's
     redis_cpu, consumer_cpu = _redis_cpu_s(client), time.process_time()
     started = time.perf_counter()
     while consumer.pump(block=False):  # the overlapped loop `run` uses
@@ -146,14 +147,29 @@ def _throughput(
     # CPU seconds per event say where the time goes even when other work shares the machine.
     consumer_cpu, redis_cpu = time.process_time() - consumer_cpu, _redis_cpu_s(client) - redis_cpu
     assert group_lag(client, settings.redis.stream, settings.speed.group) == 0
+    commands = _commands(client)
     return {
         "events_per_s": round(timed / elapsed),
         "throughput_events": timed,
         "consumer_cpu_us_per_event": round(consumer_cpu / timed * 1e6, 1),
         "redis_cpu_us_per_event": round(redis_cpu / timed * 1e6, 1),
+        # Counted, not timed, so they compare across runs on a busy machine: the commands Redis ran per
+        # event (those inside the scripts included), the most frequent first.
+        "redis_commands_per_event": round(sum(commands.values()) / timed, 2),
+        "redis_commands_per_event_by_name": {
+            name: round(calls / timed, 2)
+            for name, calls in sorted(commands.items(), key=lambda kv: -kv[1])[:8]
+        },
         "batch_size": settings.speed.batch_size,
         "script_chunk": settings.speed.script_chunk,
     }
+
+
+def _commands(client: Any) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT, the statistics commands themselves left out."""
+    stats = client.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): int(stat["calls"]) for name, stat in stats.items()}
+    return {name: n for name, n in calls.items() if name not in ("info", "config|resetstat")}
 
 
 def _redis_cpu_s(client: Any) -> float:
@@ -217,6 +233,7 @@ def _freshness(
                 sent_at[event.person_id] = now
             append_events(client, batch, settings.redis.stream, settings.redis.stream_retention_ms)
             time.sleep(max(0.0, started + (n + per_tick) / offered - time.perf_counter()))
+        sending_s = time.perf_counter() - started
         time.sleep(1.0)
     finally:
         done.set()
@@ -229,6 +246,8 @@ def _freshness(
         "freshness_p99_ms": round(float(np.percentile(ms, 99)), 2),
         "freshness_max_ms": round(float(ms.max()), 2),
         "freshness_offered_events_per_s": offered,
+        # What this process managed to send: below the offered rate, the sender (not the consumer) fell short.
+        "freshness_sent_events_per_s": round(total / sending_s),
         "freshness_events": int(offered * seconds),
         "freshness_measured": len(latencies),
     }

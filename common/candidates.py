@@ -6,6 +6,7 @@ model, training point-in-time from the lake) and returns (item_id, score) pairs,
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -27,10 +28,38 @@ def als_top_n(
     if n <= 0 or len(item_ids) == 0:
         return []
     scores = item_factors @ user_vector.astype(item_factors.dtype, copy=False)
-    n = min(n, len(scores))
-    top = np.argpartition(scores, len(scores) - n)[len(scores) - n :]
-    top = top[np.argsort(-scores[top], kind="stable")]
-    return [(item_ids[i], float(scores[i])) for i in top]
+    return [(item_ids[i], float(scores[i])) for i in top_n_indices(scores, min(n, len(scores)))]
+
+
+PREFILTER_SAMPLE = 2048  # scores sampled to bound the n-th highest from below
+
+
+def top_n_indices(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n highest scores, best first: what a partition of every score gives, at a fraction
+    of its cost for a few dozen of 50k (0.6 -> 0.06 ms).
+
+    A high value of a fixed random sample is a lower bound of the n-th highest score whenever at least
+    n scores reach it; the partition then runs over those few hundred. When fewer reach it (scores
+    bunched in a few items the sample missed), over all of them.
+    """
+    total = len(scores)
+    if total >= 8 * PREFILTER_SAMPLE:
+        sample = scores[_sample_rows(total)]
+        above = min(len(sample) - 1, 8 * n * len(sample) // total)  # about 8n scores expected at or over it
+        bound = np.partition(sample, len(sample) - 1 - above)[len(sample) - 1 - above]
+        candidates = np.flatnonzero(scores >= bound)
+        if len(candidates) >= n:
+            picked = np.argpartition(scores[candidates], len(candidates) - n)[len(candidates) - n :]
+            top = candidates[picked]
+            return top[np.argsort(-scores[top], kind="stable")]
+    top = np.argpartition(scores, total - n)[total - n :]
+    return top[np.argsort(-scores[top], kind="stable")]
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_rows(total: int) -> np.ndarray:
+    """A fixed random sample of row positions (random, not strided: item order may follow categories)."""
+    return np.sort(np.random.default_rng(0).choice(total, PREFILTER_SAMPLE, replace=False))
 
 
 def covisited(

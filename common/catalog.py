@@ -11,6 +11,22 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from common.ids import Id
 
+# An item's bounded fields, shared by the catalog record and the live update (and so by the OpenAPI).
+MAX_TITLE = 256
+MAX_CATEGORY_NAME = 64
+MAX_CATEGORY_DEPTH = 8
+MAX_BRAND = 128
+MAX_PRICE = 1_000_000
+
+Title = Annotated[str, StringConstraints(max_length=MAX_TITLE)]
+CategoryPath = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_CATEGORY_NAME)]],
+    Field(max_length=MAX_CATEGORY_DEPTH, description="From the top category to the leaf."),
+]
+Brand = Annotated[str, StringConstraints(max_length=MAX_BRAND)]
+# Strict: true/false are refused as prices (lax parsing would read them as 1.0/0.0).
+Price = Annotated[float, Field(ge=0, le=MAX_PRICE, strict=True)]
+
 
 class Item(BaseModel):
     """A sellable item. `category` is the leaf of `category_path` and the unit of diversity and affinity."""
@@ -18,12 +34,10 @@ class Item(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     item_id: Id
-    title: Annotated[str, StringConstraints(max_length=256)] = ""
-    category_path: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
-        default_factory=list, max_length=8
-    )
-    brand: Annotated[str, StringConstraints(max_length=128)] | None = None
-    price: float = Field(0.0, ge=0, le=1_000_000)
+    title: Title = ""
+    category_path: CategoryPath = Field(default_factory=list)
+    brand: Brand | None = None
+    price: Price = 0.0
     in_stock: bool = True
     promoted: bool = False
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
@@ -39,13 +53,13 @@ class ItemUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     item_id: Id
-    price: float | None = Field(None, ge=0, le=1_000_000)
+    price: Price | None = None
     # Strict: 0, 1, "yes" or "false" are refused, not read as booleans (a wrong client is told, not obeyed).
     in_stock: StrictBool | None = None
     promoted: StrictBool | None = None
-    title: str | None = None
-    category_path: list[str] | None = None
-    brand: str | None = None
+    title: Title | None = None
+    category_path: CategoryPath | None = None
+    brand: Brand | None = None
 
     @property
     def changes_content(self) -> bool:

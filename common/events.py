@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import pyarrow as pa
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -37,6 +38,16 @@ EARLIEST_TS_S = EARLIEST_TS.timestamp()
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 ShortText = Annotated[str, StringConstraints(max_length=256)]
+
+
+def _a_json_number(value: Any) -> Any:
+    # As JSON Schema reads a number: "2" and true are not one; 2.0 is the whole number 2.
+    if isinstance(value, str | bool):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+JsonNumber = BeforeValidator(_a_json_number)
 
 
 class EventType(StrEnum):
@@ -60,6 +71,28 @@ BESTSELLER_EVENTS = frozenset({"add_to_cart", "purchase"})
 # counted in the session's counts by type, never an interaction: no training weight, no session items,
 # co-visits, neighbours, popularity or affinity, and no live update of the person's list.
 ATTENTION_EVENTS = frozenset({"hover"})
+
+
+class Consent(StrEnum):
+    """What the person agreed to in the store's consent banner. A ladder: each state allows what the
+    one before it does, and more (README, 'Consent')."""
+
+    NONE = "none"  # counted in the live aggregates (trending, popularity, bestsellers) only
+    ANALYTICS = "analytics"  # also kept in the lake with its ids (warehouse, batch aggregates)
+    PERSONALISATION = "personalisation"  # also person-level state: live (sessions, deltas) and batch (factors)
+
+    def allows(self, needed: Consent) -> bool:
+        return _CONSENT_RANK[self] >= _CONSENT_RANK[needed]
+
+    def capped(self, cap: Consent) -> Consent:
+        """The lower of the two: what an event allows once the person withdrew down to `cap`."""
+        return self if cap.allows(self) else cap
+
+
+_CONSENT_RANK = {state: rank for rank, state in enumerate(Consent)}
+# A client that sends no consent keeps the behaviour from before consent existed: everything is kept.
+# A store that must ask (GDPR, CCPA) sends the banner's answer with every event (tracker.js `consent`).
+DEFAULT_CONSENT = Consent.PERSONALISATION
 
 # The fields that name a person (a device, a user): what erasure looks for in an event's payload.
 PERSON_ID_FIELDS = ("anonymous_id", "user_id")
@@ -91,27 +124,60 @@ class EventContext(BaseModel):
     )
 
 
+def _rules_by_type(schema: dict[str, Any]) -> None:
+    """State `Event._required_by_type` in the JSON schema (OpenAPI), from the same sets, for clients."""
+    schema["allOf"] = [
+        _requires(sorted(k.value for k in ITEM_EVENTS), "item_id", {"type": "string"}),
+        _requires([EventType.IDENTIFY.value], "user_id", {"type": "string"}),
+        _requires([EventType.SEARCH.value], "query", {"type": "string", "minLength": 1}),
+    ]
+
+
+def _requires(kinds: list[str], field: str, shape: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "if": {"required": ["event_type"], "properties": {"event_type": {"enum": kinds}}},
+        "then": {"required": [field], "properties": {field: shape}},
+    }
+
+
 class Event(BaseModel):
-    """One user interaction, as accepted from a storefront, an importer or the generator."""
+    """One user interaction, as accepted from a storefront, an importer or the generator.
 
-    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+    Every event names the device (`anonymous_id`); once the person has logged in it names them too
+    (`user_id`), and an `identify` event links the two. Item events need `item_id`, `search` needs `query`.
+    """
 
-    event_id: Annotated[str, Field(description="Client-made UUID; the idempotency key.")]
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, json_schema_extra=_rules_by_type)
+
+    event_id: Annotated[
+        str, Field(description="Client-made UUID; the idempotency key.", json_schema_extra={"format": "uuid"})
+    ]
     event_type: EventType
-    ts: datetime = Field(description="Event time on the client, UTC.")
-    received_at: datetime | None = Field(None, description="Server arrival time; set on ingestion.")
-    anonymous_id: Id
-    user_id: Id | None = None
+    ts: datetime = Field(
+        description=f"Event time on the client, UTC; from {EARLIEST_TS:%Y-%m-%d} to at most "
+        f"{MAX_CLOCK_SKEW.total_seconds() / 3600:g} hour ahead of the server clock."
+    )
+    received_at: datetime | None = Field(
+        None, description="Server arrival time; set on ingestion (a client's value is replaced)."
+    )
+    anonymous_id: Id = Field(description="The device (browser, app install): every event names it.")
+    user_id: Id | None = Field(None, description="The logged-in person, once known; required by identify.")
     session_id: Id | None = None
     item_id: Id | None = None
-    quantity: int | None = Field(None, ge=1, le=10_000)
-    price: float | None = Field(None, ge=0, le=1_000_000)
-    dwell_ms: int | None = Field(None, ge=0, le=86_400_000)
-    scroll_depth: float | None = Field(None, ge=0, le=1)
+    quantity: Annotated[int | None, JsonNumber] = Field(None, ge=1, le=10_000)
+    price: Annotated[float | None, JsonNumber] = Field(None, ge=0, le=1_000_000)
+    dwell_ms: Annotated[int | None, JsonNumber] = Field(None, ge=0, le=86_400_000)
+    scroll_depth: Annotated[float | None, JsonNumber] = Field(None, ge=0, le=1)
     query: ShortText | None = None
     context: EventContext = Field(default_factory=EventContext)
     rec_request_id: Id | None = None
-    schema_version: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
+    consent: Consent = Field(
+        DEFAULT_CONSENT,
+        description="What the person consented to: `none` (counted in live aggregates only), `analytics` "
+        "(also stored in the lake with its ids), `personalisation` (also person-level live state). "
+        "Default `personalisation`: a client that sends none is treated as before consent existed.",
+    )
+    schema_version: Annotated[int, JsonNumber] = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
 
     @field_validator("event_id")
     @classmethod
@@ -160,6 +226,11 @@ class Event(BaseModel):
     def person_ids(self) -> list[str]:
         """Every id of a person the event names (PERSON_ID_FIELDS): an erasure of any of them covers it."""
         return [self.anonymous_id] if self.user_id is None else [self.anonymous_id, self.user_id]
+
+    @property
+    def personalised(self) -> bool:
+        """Whether the event may build person-level state (identity test: this runs for every event)."""
+        return self.consent is Consent.PERSONALISATION
 
     def received(self, at: datetime | None = None) -> Event:
         """A copy stamped with the server's arrival time."""
@@ -214,11 +285,15 @@ def _event_schema() -> pa.Schema:
 
 EVENT_SCHEMA: pa.Schema = _event_schema()
 EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_SCHEMA.names)
+# Columns added after lake files were first written: a file without one reads it as null, which
+# `table_to_events` takes as the field's default, so such a file is not drift (spark_jobs/quality.py).
+ADDED_COLUMNS = frozenset({"consent"})
 
 
 def _to_row(event: Event) -> dict[str, Any]:
     row = event.model_dump()
     row["event_type"] = event.event_type.value
+    row["consent"] = event.consent.value
     row["context"]["extra"] = list(row["context"]["extra"].items())
     return row
 
@@ -237,6 +312,8 @@ def table_to_events(table: pa.Table) -> list[Event]:
     rows = table.select(list(EVENT_COLUMNS)).to_pylist()
     for row in rows:
         row["context"]["extra"] = dict(row["context"]["extra"] or [])
+        if row["consent"] is None:  # a file from before the column: the default, as for a client's
+            del row["consent"]
     return [Event.model_validate(row) for row in rows]
 
 

@@ -97,9 +97,8 @@ def gather_lists(
         if state.user_vector is not None:
             lists["als"] = als_top_n(state.user_vector, model.scoring_factors, model.item_ids, sizes.als)
         if anchor is not None:
-            anchor_vector = model.item_vector(anchor)
-            if anchor_vector is not None:
-                similar = als_top_n(anchor_vector, model.scoring_factors, model.item_ids, sizes.als // 2)
+            similar = model.similar_items(anchor, sizes.als // 2)
+            if similar is not None:
                 lists["als"] = _union(lists.get("als", []), similar)
         rows = lookups.covisitation(list(seeds))
         covis_scores = covisited_scores(seeds, rows)

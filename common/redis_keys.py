@@ -149,6 +149,19 @@ def erased(erased_id: str) -> str:
     return f"{PREFIX}:erased:{id_digest(erased_id)}"
 
 
+def consent_withdrawal(withdrawn_id: str) -> str:
+    """The latest consent withdrawal of a person or device through the API (common/consent.py): "<state>
+    <epoch s>", kept speed.erased_ttl_s; the events naming the id received before it are applied as if
+    sent with that state. Named by a digest of the id, like the tombstone, and outside the person's hash
+    tag, as it outlives the keys the withdrawal deletes (so not a key of the person's: no `person_id`)."""
+    return f"{PREFIX}:consent:{id_digest(withdrawn_id)}"
+
+
+# Dedup markers (as seen_events) of the events applied without personalisation consent: they update
+# aggregates only, so no key of the person may hold them. Members are event ids, linked to no one.
+SEEN_UNLINKED = f"{PREFIX}:seen:unlinked"
+
+
 def erased_among(client: redis.Redis, ids: Collection[str]) -> set[str]:
     """The ids among `ids` that carry a tombstone (`erased`)."""
     ordered = sorted(set(ids))
@@ -312,6 +325,7 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("stream_dead_letters", (_pattern(dead_letter),), "malformed entries with the reason"),
     KeyFamily("stream", (_pattern(stream),), "the accepted events, trimmed by age"),
     KeyFamily("seen", (_pattern(seen_events),), "per person: dedup markers of applied events"),
+    KeyFamily("seen_unlinked", (SEEN_UNLINKED,), "dedup markers of events applied without personalisation"),
     KeyFamily("person_sessions", (_pattern(person_sessions),), "per person: live sessions"),
     KeyFamily("session_recent", (_pattern(session_recent, 2),), "per session: recent items"),
     KeyFamily("session_categories", (_pattern(session_categories, 2),), "per session: category affinity"),
@@ -324,6 +338,7 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("person_devices", (_pattern(person_devices),), "per user: devices that identified as them"),
     KeyFamily("aliases", (_pattern(alias),), "per device: the user it identified as"),
     KeyFamily("erased", (f"{PREFIX}:erased:*",), "tombstones of erased ids (digests)"),
+    KeyFamily("consent_withdrawals", (f"{PREFIX}:consent:*",), "consent withdrawals by id (digests)"),
     KeyFamily(
         "trending_top", (TRENDING_TOP, TRENDING_REFRESH_LOCK), "the materialised trending list and its lock"
     ),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -76,6 +76,14 @@ class SpeedState:
     out_of_stock: frozenset[str] = frozenset()
     promoted: frozenset[str] = frozenset()
     neighbours: list[tuple[str, float]] = field(default_factory=list)  # session-kNN items, best first
+
+    def impersonal(self) -> SpeedState:
+        """The state without anything of the person or their session (what a request without
+        personalisation consent may use): the item-level lists and flags stay."""
+        return replace(
+            self, session_id=None, session_items={}, category_affinity={}, cart={}, session_counts={},
+            person_items={}, purchases={}, delta=None, delta_events=0, covisitation={}, neighbours=[],
+        )  # fmt: skip
 
     @property
     def delta_is_current(self) -> bool:
@@ -249,12 +257,18 @@ def _run_read(
 
 def _flat_pairs(reply: Any) -> list[tuple[str, float]]:
     """[member, score, member, score, ...] (a script's WITHSCORES reply) as (member, score) pairs."""
-    return [(_text(reply[i]) or "", float(reply[i + 1])) for i in range(0, len(reply or []), 2)]
+    if not reply:
+        return []
+    pairs = iter(reply)  # members are bulk strings (bytes): decoded in place, ~25 per list, ~20 lists a request
+    return [(m.decode() if type(m) is bytes else _text(m) or "", float(score)) for m, score in zip(pairs, pairs, strict=False)]
 
 
 def _flat_pairs_text(reply: Any) -> list[tuple[str, str]]:
     """A script's HGETALL reply as (field, value) text pairs."""
-    return [(_text(reply[i]) or "", _text(reply[i + 1]) or "") for i in range(0, len(reply or []), 2)]
+    if not reply:
+        return []
+    pairs = iter(reply)
+    return [(_text(key) or "", _text(value) or "") for key, value in zip(pairs, pairs, strict=False)]
 
 
 def _text(value: Any) -> str | None:

@@ -532,7 +532,7 @@ class Replayer:
         if self.consumer is not None:  # what serving's catalog holds, the speed layer's versions see too
             self.consumer.add_contents(catalog.contents())
         # One loaded model, shared read-only by the strategies.
-        models = ModelHolder(self.registry, catalog, self.settings.models.content_vectors)
+        models = ModelHolder(self.registry, catalog, content_vectors=self.settings.models.content_vectors)
         models.reload(self.version)
         self.catalog, self.models = catalog, models
         plain_rules = write_plain_rules(self.settings.api.rules_file, self.work_dir / "rules-plain.yaml")

@@ -7,7 +7,9 @@ import shutil
 
 import typer
 
-from common.settings import SettingsError, get_settings
+from common.settings import Settings, SettingsError, get_settings
+
+APP = "serving.main:create_app"
 
 
 def serve(
@@ -18,16 +20,24 @@ def serve(
     host: str = typer.Option(None, "--host", help="Interface (default: settings.api.host)."),
 ) -> None:
     """Serve the recommendations API (model loaded once per worker; hot reload on activation)."""
-    import uvicorn
-
-    from serving.core.limits import uvicorn_limits
-    from serving.core.metrics import MULTIPROC_ENV
-
     try:
         settings = get_settings()
     except SettingsError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
+    run_server(APP, settings, workers=workers, port=port, host=host)
+
+
+def run_server(
+    app: str, settings: Settings, *, workers: int | None = None, port: int | None = None, host: str | None = None
+) -> None:
+    """Run the ASGI app factory `app` ("module:function") as `recs serve` does: the one set of server
+    settings, which `recs bench serve` also gives its no-op app to measure the same server's ceiling."""
+    import uvicorn
+
+    from serving.core.limits import uvicorn_limits
+    from serving.core.metrics import MULTIPROC_ENV
+
     workers = workers or settings.api.workers
     # Requests run concurrently in each worker; multi-threaded BLAS per matrix product only contends
     # (a 50k x 64 product takes ~7 ms with a thread per core on a busy box, ~0.7 ms with one).
@@ -41,7 +51,7 @@ def serve(
         directory.mkdir(parents=True)
         os.environ[MULTIPROC_ENV] = str(directory)
     uvicorn.run(
-        "serving.main:create_app",
+        app,
         factory=True,
         host=host or settings.api.host,
         port=port or settings.api.port,

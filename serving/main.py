@@ -28,6 +28,7 @@ from serving.core.errors import (
     validation_error_handler,
 )
 from serving.core.limits import BodySizeLimit
+from serving.core.push import Fanout
 from serving.core.state import ServingState
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # the demo storefront
@@ -95,9 +96,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _single_threaded_blas()
         state = ServingState.start(settings)
         app.state.serving = state
+        app.state.push = Fanout(settings.redis.effective_url)
         try:
             yield
         finally:
+            await app.state.push.aclose()
             state.close()  # flushes buffered impressions to the lake
             metrics.mark_worker_exit(os.getpid())
 
@@ -112,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "tokens", "description": "Session tokens for browsers."},
             {"name": "items", "description": "Item-to-item similarity."},
             {"name": "catalog", "description": "Live item fields (stock, price, promotion)."},
-            {"name": "users", "description": "Erasure (GDPR)."},
+            {"name": "users", "description": "Erasure and consent (GDPR)."},
             {"name": "admin", "description": "Model versions."},
             {"name": "operations", "description": "Health, readiness, metrics."},
         ],
@@ -135,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(LatencyMiddleware)
     for module in (events, recommendations, stream, tokens, items, catalog, users, admin, health):
         app.include_router(module.router)
+    app.include_router(stream.ws_router)
     app.include_router(stream.demo_router)  # before the mount: /demo/catalog is an endpoint, the rest files
     app.mount("/demo", stream.DemoFiles(settings, STATIC_DIR), name="demo")
     return app

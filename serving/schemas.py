@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, TypeAdapter
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
-from common.events import FieldError
+from common.events import Consent, Event, FieldError
 from common.ids import Id
 from serving.core.errors import ErrorBody
 from serving.core.tokens import TokenScope
+
+
+@dataclass(frozen=True)
+class DocumentedAs:
+    """Annotation: the OpenAPI shows the body as `shown` (its models land in components/schemas), while
+    the handler takes it as it is, to validate its parts one by one."""
+
+    shown: Any
+
+    def __get_pydantic_json_schema__(self, _: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return handler(TypeAdapter(self.shown).core_schema)
+
+
+# One event or a batch: documented as the `Event` contract, validated per event (a batch keeps its good ones).
+EventsBody = Annotated[
+    dict[str, Any] | list[Any], DocumentedAs(Event | Annotated[list[Event], Field(min_length=1)])
+]
 
 
 class Context(StrEnum):
@@ -96,6 +116,7 @@ EVENT_EXAMPLES: dict[str, Any] = {
             "session_id": "s-1",
             "item_id": "sku-123",
             "dwell_ms": 5400,
+            "consent": "analytics",
         },
     },
     "batch": {
@@ -207,6 +228,22 @@ class ErasureResponse(BaseModel):
     redis_keys_deleted: int
     stream_entries_deleted: int = Field(description="Entries of the event stream and its dead letters naming them.")
     lake_erasure_queued: str = Field(description="Path of the queued request the next batch run applies.")
+
+
+class ConsentChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    consent: Consent = Field(description="The person's new consent state.")
+
+
+class ConsentResponse(BaseModel):
+    user_id: str
+    consent: Consent
+    devices: int = Field(description="Devices linked to the user (by identify) the change applies to as well.")
+    redis_keys_deleted: int = Field(description="Their person-level keys, deleted when personalisation was withdrawn.")
+    lake_erasure_queued: str | None = Field(
+        None, description="Path of the queued lake erasure when analytics was withdrawn, else null."
+    )
 
 
 class ModelInfo(BaseModel):

@@ -5,6 +5,8 @@ path of the `implicit` engine). Both read the same lake files, so the two engine
 numbers; a test holds them to it. Per event: r = type weight + capped dwell bonus (the rule of
 `common.features.implicit_weight`), decayed by event age at the cutoff; summed per (person, item).
 Identity: events of an anonymous_id that later identified as a user count for that user.
+Consent: only events sent with personalisation consent build a person's interactions (a file from
+before the column holds events sent with the default, personalisation).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from common import duck
+from common.events import EVENT_SCHEMA, Consent
 from common.lake import EVENTS_DATASET, Lake
 from common.settings import TrainingSettings
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-COLUMNS = ["event_type", "ts", "received_at", "anonymous_id", "user_id", "item_id", "dwell_ms"]
+COLUMNS = ["event_type", "ts", "received_at", "anonymous_id", "user_id", "item_id", "dwell_ms", "consent"]
 INTERACTIONS_SCHEMA = pa.schema(
     [
         pa.field("person_id", pa.string(), nullable=False),
@@ -46,6 +49,7 @@ WITH ev AS (
     SELECT event_type, {epoch_us}(ts) / {_lit(1e6)} AS ts_s, anonymous_id, user_id, item_id, dwell_ms
     FROM events
     WHERE {epoch_us}(received_at) < {cutoff_us}
+      AND coalesce(consent, '{Consent.PERSONALISATION.value}') = '{Consent.PERSONALISATION.value}'
 ),
 alias AS (  -- each device's most recent login before the cutoff
     SELECT anonymous_id, user_id FROM (
@@ -99,7 +103,11 @@ def spark_interactions(spark: SparkSession, lake: Lake, cutoff: datetime, traini
     files = event_files(lake, cutoff)
     if not files:
         return spark.createDataFrame([], "person_id string, item_id string, value double")
-    events = spark.read.parquet(*[_spark_path(lake, f) for f in files]).select(*COLUMNS)
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    # The lake's schema, not a file's: a file from before a column was added reads it as null.
+    schema = from_arrow_schema(pa.schema([EVENT_SCHEMA.field(c) for c in COLUMNS]))
+    events = spark.read.schema(schema).parquet(*[_spark_path(lake, f) for f in files])
     events.createOrReplaceTempView("events")
     return spark.sql(interactions_sql(cutoff, training, "unix_micros"))
 

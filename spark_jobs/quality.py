@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.events import EVENT_SCHEMA
+from common.events import ADDED_COLUMNS, EVENT_SCHEMA
 from common.lake import EVENTS_DATASET, Lake
 
 TRAILING_DAYS = 7
@@ -77,6 +77,8 @@ def _schema_drift(schema: pa.Schema) -> str:
     diffs = []
     for field in EVENT_SCHEMA:
         if field.name not in schema.names:
+            if field.name in ADDED_COLUMNS:
+                continue
             diffs.append(f"missing column {field.name}")
         elif not schema.field(field.name).type.equals(field.type):
             diffs.append(f"column {field.name} is {schema.field(field.name).type}, expected {field.type}")

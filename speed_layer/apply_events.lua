@@ -10,7 +10,7 @@
 --       nb_session_suffix nb_item_prefix nb_item_suffix nb_kept nb_ttl n_versions
 --       version*n_versions event*event_count
 -- ARGV event: event_type item session ts weight quantity category trend_expireat popularity_expireat
---       bestseller_increment event_id session_token per_version*n_versions
+--       bestseller_increment event_id session_token personal per_version*n_versions
 -- ARGV per_version: delta delta_count
 --
 -- apply_base: 1 or 0 (a version-switch replay writes deltas only). covis_*: the co-visitation key
@@ -18,8 +18,10 @@
 -- item's neighbour-sessions key around the item id; nb_kept: sessions kept per item (0: session-kNN
 -- off). n_versions (0-2): the model versions whose deltas the chunk updates, named by `version`.
 -- Per event: trend_expireat, popularity_expireat, bestseller_increment (0: skip that counter);
--- session_token is common.neighbours.session_token; per version the new delta ('': none for this
--- event) and the delta count it replaces. KEYS' covis is declared for Redis Cluster slot planning
+-- session_token is common.neighbours.session_token; personal: 1 when the event has personalisation
+-- consent, 0 when it updates the aggregates (trending, popularity, bestsellers) only: then its person
+-- keys are all the unlinked marker set (redis_keys.SEEN_UNLINKED), of which only `seen` is touched, and
+-- it carries no delta. Per version the new delta ('': none for this event) and the delta count it replaces. KEYS' covis is declared for Redis Cluster slot planning
 -- (the rule writes earlier items' rows); the co-visitation keys of the session's other items are
 -- built from the template: which items those are is only known here, from the session's live
 -- recent items.
@@ -138,7 +140,8 @@ local function add_affinity(cats, category, weight, ts)
 end
 
 -- k, a: the offsets just before this event's blocks, so KEYS[k + i] and ARGV[a + i] are field i.
-local function apply_base_effects(k, a)
+-- The session's and the person's state (co-visits and session-kNN too: they follow the session's items).
+local function apply_person_effects(k, a)
   local etype, item, session = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local ts, weight, quantity, category = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), ARGV[a + 7]
 
@@ -175,10 +178,15 @@ local function apply_base_effects(k, a)
   if weight > 0 then
     add(hincr, KEYS[k + 7], item, weight)
     expire_in[KEYS[k + 7]] = history_ttl
-    if tonumber(ARGV[a + 8]) > 0 then
-      add(zincr, KEYS[k + 9], item, weight)
-      expire_at[KEYS[k + 9]] = ARGV[a + 8]
-    end
+  end
+end
+
+-- The counters of items, linked to no one: trending, popularity per day, category bestsellers.
+local function apply_aggregates(k, a)
+  local item, weight = ARGV[a + 2], tonumber(ARGV[a + 5])
+  if weight > 0 and tonumber(ARGV[a + 8]) > 0 then
+    add(zincr, KEYS[k + 9], item, weight)
+    expire_at[KEYS[k + 9]] = ARGV[a + 8]
   end
   if tonumber(ARGV[a + 9]) > 0 then
     add(zincr, KEYS[k + 10], item, 1)
@@ -189,6 +197,11 @@ local function apply_base_effects(k, a)
     add(zincr, KEYS[k + 11], item, best)
     trims[KEYS[k + 11]] = best_kept
   end
+end
+
+local function apply_base_effects(k, a)
+  if ARGV[a + 13] == '1' then apply_person_effects(k, a) end
+  if ARGV[a + 2] ~= '' then apply_aggregates(k, a) end
 end
 
 -- The delta count the event was planned on, read once per chunk and then followed here.

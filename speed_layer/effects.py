@@ -20,8 +20,8 @@ import numpy as np
 import redis
 from redis.exceptions import NoScriptError
 
-from common import redis_keys
-from common.events import ATTENTION_EVENTS, BESTSELLER_EVENTS, Event, EventType
+from common import consent, redis_keys
+from common.events import ATTENTION_EVENTS, BESTSELLER_EVENTS, Consent, Event, EventType
 from common.features import DAY_S, POP_DAYS, day_index, implicit_weight
 from common.model import ModelArtifacts
 from common.neighbours import session_token
@@ -41,6 +41,9 @@ _VERSION_ARGS = APPLY_EVENTS.argv.packer("per_version")
 _MERGE_SESSION_KEYS = MERGE_IDENTITY.keys.packer("session")
 
 NO_SESSION = "_"  # session id of events sent without one
+# The person keys of an event applied without personalisation consent: the script touches only the
+# first (its dedup marker), so no key of the person is named.
+_UNLINKED_PERSON_KEYS = [redis_keys.SEEN_UNLINKED] * 7
 
 
 @dataclass
@@ -123,6 +126,7 @@ class _Sent:
     todo: list[int]  # batch indices of the events sent, in order
     persons: list[str]
     sessions: list[str]
+    personal: list[bool]  # whether each may build person-level state (consent)
     expected: Deltas  # (person, version) -> delta, count once applied
 
 
@@ -142,8 +146,8 @@ class Started:
 
 @dataclass
 class StateRead:
-    """The reads a batch is planned on, written to a lane: the tombstones of the ids it names, the
-    devices' aliases, the signed-in users' deltas and the uncached categories. Batches numbered `since`
+    """The reads a batch is planned on, written to a lane: the tombstones and consent withdrawals of the
+    ids it names, the devices' aliases, the signed-in users' deltas and the uncached categories. Batches numbered `since`
     and later may change what was read, so their planned deltas override it."""
 
     lane: Lane
@@ -219,7 +223,7 @@ class Applier:
         started = Started(self.started, events, models, base, now_s)
         self.started += 1
         self.recent.append(started)
-        if base and any(e.event_type is EventType.IDENTIFY for e in events):
+        if base and any(e.event_type is EventType.IDENTIFY and e.personalised for e in events):
             if state is not None:
                 self._receive_state(events, models, state)  # its replies are next in the lane
             self.drain()
@@ -305,13 +309,14 @@ class Applier:
         batch = [started.events[i] for i in todo]
         if state is None:
             state = self._send_state_reads(batch, models, self.reads_now)
-        persons, deltas, erased = self._receive_state(batch, models, state)
+        persons, personal, deltas, erased = self._receive_state(batch, models, state)
         if erased:
             kept = [j for j, event in enumerate(batch) if erased.isdisjoint(event.person_ids)]
             started.result.erased += len(batch) - len(kept)
-            todo, batch, persons = [todo[j] for j in kept], [batch[j] for j in kept], [persons[j] for j in kept]
+            todo, batch = [todo[j] for j in kept], [batch[j] for j in kept]
+            persons, personal = [persons[j] for j in kept], [personal[j] for j in kept]
         sessions = [e.session_id or NO_SESSION for e in batch]
-        planner = _Planner(self, batch, persons, sessions, self.categories, now)
+        planner = _Planner(self, batch, persons, personal, sessions, self.categories, now)
         expected = planner.plan_deltas(models, deltas)
 
         chunk = self.speed.script_chunk
@@ -326,7 +331,7 @@ class Applier:
             )
             APPLY_EVENTS.check(keys, args)
             self.lane.send("EVALSHA", APPLY_EVENTS.sha, len(keys), *keys, *args)
-        return _Sent(todo, persons, sessions, expected)
+        return _Sent(todo, persons, sessions, personal, expected)
 
     def _collect(self, started: Started, sent: _Sent) -> list[int]:
         """Read an attempt's replies into the batch's result; returns the indices to retry: a delta
@@ -355,7 +360,8 @@ class Applier:
                 else:
                     result.applied += 1
                     event = started.events[index]
-                    if event.event_type.value not in ATTENTION_EVENTS:  # a hover changes no list
+                    # A hover changes no list, nor does an event without personalisation consent.
+                    if sent.personal[j] and event.event_type.value not in ATTENTION_EVENTS:
                         result.changed[sent.persons[j]] = (sent.sessions[j], event)
         return retry
 
@@ -378,13 +384,15 @@ class Applier:
         self, batch: Sequence[Event], models: Sequence[ModelArtifacts], lane: Lane
     ) -> StateRead:
         ids = sorted({i for e in batch for i in e.person_ids})
-        devices = sorted({e.anonymous_id for e in batch if e.user_id is None})
-        users = {e.user_id for e in batch if e.user_id is not None}
+        devices = sorted({e.anonymous_id for e in batch if e.user_id is None and e.personalised})
+        users = {e.user_id for e in batch if e.user_id is not None and e.personalised}
         since = self.in_flight[0].number if self.in_flight else self.started
         stored = self._stored_to_read(users, models, {})
         uncached = self.categories.missing({e.item_id for e in batch if e.item_id})
-        if ids:
-            lane.send("MGET", *[redis_keys.erased(i) for i in ids])
+        if ids:  # one command: tombstones, then withdrawals
+            lane.send(
+                "MGET", *[redis_keys.erased(i) for i in ids], *[redis_keys.consent_withdrawal(i) for i in ids]
+            )
         if devices:
             lane.send("MGET", *[redis_keys.alias(d) for d in devices])
         if stored:
@@ -395,9 +403,10 @@ class Applier:
 
     def _receive_state(
         self, batch: Sequence[Event], models: Sequence[ModelArtifacts], state: StateRead
-    ) -> tuple[list[str], Deltas, set[str]]:
-        """Each event's person, the deltas to plan on, and the ids among the batch's that are erased;
-        fills the category cache. People reached through an alias need one more read (rare: a device's
+    ) -> tuple[list[str], list[bool], Deltas, set[str]]:
+        """Each event's person and whether it may build person-level state (its consent, capped by the
+        withdrawals recorded after it), the deltas to plan on, and the ids among the batch's that are
+        erased; fills the category cache. People reached through an alias need one more read (rare: a device's
         events after its login)."""
         ids, devices, stored, uncached = state.ids, state.devices, state.stored, state.uncached
         replies = state.lane.read(bool(ids) + bool(devices) + bool(stored) + len(uncached))
@@ -407,19 +416,30 @@ class Applier:
         if uncached:
             self.categories.fill(uncached, replies[-len(uncached) :])
             del replies[-len(uncached) :]
-        erased = {i for i, tomb in zip(ids, replies.pop(0), strict=True) if tomb} if ids else set()
+        erased: set[str] = set()
+        personal = [e.personalised for e in batch]
+        if ids:
+            marks = replies.pop(0)
+            erased = {i for i, tomb in zip(ids, marks[: len(ids)], strict=True) if tomb}
+            withdrawals = consent.parse_many(ids, marks[len(ids) :])
+            if withdrawals:  # rare: a person withdrew while their earlier events were on their way
+                personal = [
+                    p and consent.applied_consent(e, withdrawals) is Consent.PERSONALISATION
+                    for p, e in zip(personal, batch, strict=True)
+                ]
         aliases = (
             {d: v.decode() for d, v in zip(devices, replies.pop(0), strict=True) if v} if devices else {}
         )
         deltas = _parse_deltas(stored, replies.pop(0), models) if stored else {}
 
         persons = [person_of(e, aliases) for e in batch]
-        deltas.update(self._planned_since(state.since, set(persons), models))
-        more = self._stored_to_read(set(persons), models, deltas)
+        linked = {p for p, mine in zip(persons, personal, strict=True) if mine}
+        deltas.update(self._planned_since(state.since, linked, models))
+        more = self._stored_to_read(linked, models, deltas)
         if more:
             stored_deltas = cast(list[bytes | None], self.client.mget(_delta_keys(more)))
             deltas.update(_parse_deltas(more, stored_deltas, models))
-        return persons, deltas, erased
+        return persons, personal, deltas, erased
 
     def _planned_since(self, since: int, persons: set[str], models: Sequence[ModelArtifacts]) -> Deltas:
         """The persons' deltas as the batches numbered `since` and later planned to leave them."""
@@ -453,6 +473,9 @@ class Applier:
         if redis_keys.erased_among(self.client, event.person_ids):
             result.erased += 1  # linking an erased user or device would bring their state back
             return
+        withdrawals = consent.read_withdrawals(self.client, event.person_ids)
+        if consent.applied_consent(event, withdrawals) is not Consent.PERSONALISATION:
+            return  # an alias and a merged history are person-level state
         stored_sessions = cast(list[bytes], self.client.zrange(redis_keys.person_sessions(device), 0, -1))
         sessions = [s.decode() for s in stored_sessions]
         session_keys: list[str] = []
@@ -515,6 +538,7 @@ class _Planner:
         applier: Applier,
         batch: Sequence[Event],
         persons: Sequence[str],
+        personal: Sequence[bool],
         sessions: Sequence[str],
         categories: CategoryCache,
         now: float,
@@ -522,13 +546,18 @@ class _Planner:
         self.speed = applier.speed
         self.training = applier.settings.training
         self.rng = applier.rng
-        self.batch, self.persons, self.sessions = batch, persons, sessions
-        self.weights = [implicit_weight(e.event_type.value, e.dwell_ms, self.training) for e in batch]
+        self.batch, self.persons, self.personal, self.sessions = batch, persons, personal, sessions
+        # Read once: an enum's `.value` is a descriptor call, and each event needs it three times.
+        self.types = [e.event_type.value for e in batch]
+        self.weights = [
+            implicit_weight(t, e.dwell_ms, self.training) for t, e in zip(self.types, batch, strict=True)
+        ]
         self.categories = categories
         self.now = now
         # Per version slot (at most two): the model and event index -> (new delta, count it replaces).
         self.deltas: list[tuple[ModelArtifacts, dict[int, tuple[np.ndarray, int]]]] = []
         self.person_keys: dict[tuple[str, str], list[str]] = {}
+        self.version_keys: dict[tuple[str, str], list[str]] = {}
         self.seen_keys: dict[str, str] = {}
         self.tokens: dict[tuple[str, str], str] = {}
         self.item_keys: dict[str, str] = {}
@@ -554,6 +583,8 @@ class _Planner:
         for j, (event, person, weight) in enumerate(zip(self.batch, self.persons, self.weights, strict=True)):
             if weight <= 0 or event.item_id is None or received_s(event) < cutoff_s:
                 continue  # before the cutoff the batch vector already holds the event
+            if not self.personal[j]:
+                continue  # a delta is person-level state
             user_row, item_row = model.user_index.get(person), model.item_index.get(event.item_id)
             if user_row is None or item_row is None:
                 continue
@@ -587,9 +618,10 @@ class _Planner:
     def plan(self, j: int, keys: list[str], args: list[object]) -> None:
         """Append event j's blocks to `keys` and `args`."""
         event, person, session, weight = self.batch[j], self.persons[j], self.sessions[j], self.weights[j]
+        personal, event_type = self.personal[j], self.types[j]
         speed = self.speed
         # An attention event is counted for its session only: planned as an event without an item.
-        item = "" if event.event_type.value in ATTENTION_EVENTS else event.item_id or ""
+        item = "" if event_type in ATTENTION_EVENTS else event.item_id or ""
         ts = event.ts.timestamp()
         category = self.categories.get(item) if item else ""
 
@@ -597,9 +629,8 @@ class _Planner:
         version_args: list[object] = []
         for model, steps in self.deltas:
             step = steps.get(j)
-            version_keys += _VERSION_KEYS(
-                delta=redis_keys.user_delta(person, model.version),
-                delta_count=redis_keys.user_event_count(person, model.version),
+            version_keys += (
+                self._version_keys(person, model.version) if personal else _UNLINKED_PERSON_KEYS[:2]
             )
             version_args += (
                 _VERSION_ARGS(delta="", delta_count=0)
@@ -612,24 +643,29 @@ class _Planner:
         day = day_index(ts)
         pop_expire = int((day + POP_DAYS + 1) * DAY_S)
         best = 0.0
-        if category and event.event_type.value in BESTSELLER_EVENTS:
+        if category and event_type in BESTSELLER_EVENTS:
             best = weight * (event.quantity or 1) * forward_decay(ts, speed.bestsellers_half_life_s)
 
-        recent, cats, cart, counts, sessions, person_items, purchases = self._person_keys(person, session)
+        if personal:
+            recent, cats, cart, counts, sessions, person_items, purchases = self._person_keys(person, session)
+            seen, token = self._seen_key(person), self._token(person, session)
+        else:
+            recent, cats, cart, counts, sessions, person_items, purchases = _UNLINKED_PERSON_KEYS
+            seen, token, session = redis_keys.SEEN_UNLINKED, "", ""
         keys += _EVENT_KEYS(
-            seen=self._seen_key(person), recent=recent, cats=cats, cart=cart, counts=counts, sessions=sessions,
+            seen=seen, recent=recent, cats=cats, cart=cart, counts=counts, sessions=sessions,
             person_items=person_items, purchases=purchases, trend_bucket=redis_keys.trending_bucket(bucket),
             popularity_day=redis_keys.popularity_day(day),
             category_bestsellers=redis_keys.category_bestsellers(category or "-"),
             covis=self._covis_key(item or "-"), per_version=version_keys,
         )  # fmt: skip
         args += _EVENT_ARGS(
-            event_type=event.event_type.value, item=item, session=session, ts=repr(ts), weight=repr(weight),
+            event_type=event_type, item=item, session=session, ts=repr(ts), weight=repr(weight),
             quantity=event.quantity or 1, category=category,
             trend_expireat=trend_expire if trend_expire > self.now else 0,
             popularity_expireat=pop_expire if pop_expire > self.now else 0,
-            bestseller_increment=repr(best), event_id=event.event_id, session_token=self._token(person, session),
-            per_version=version_args,
+            bestseller_increment=repr(best), event_id=event.event_id, session_token=token,
+            personal=1 if personal else 0, per_version=version_args,
         )  # fmt: skip
 
     def _person_keys(self, person: str, session: str) -> list[str]:
@@ -645,6 +681,15 @@ class _Planner:
                 redis_keys.person_items(person),
                 redis_keys.person_purchases(person),
             ]
+        return found
+
+    def _version_keys(self, person: str, version: str) -> list[str]:
+        found = self.version_keys.get((person, version))
+        if found is None:
+            found = self.version_keys[(person, version)] = _VERSION_KEYS(
+                delta=redis_keys.user_delta(person, version),
+                delta_count=redis_keys.user_event_count(person, version),
+            )
         return found
 
     def _token(self, person: str, session: str) -> str:

@@ -1,5 +1,8 @@
 """The lake writer: a second consumer group that lands every stream event in the Parquet lake, but
-those naming an erased person (redis_keys.erased).
+those naming an erased person (redis_keys.erased) and those without analytics consent (events.Consent,
+capped by the withdrawals recorded after them): the speed layer counted those in its aggregates, and
+no row of theirs, with or without ids, reaches the lake, so the warehouse's KPIs are those of the
+visitors who consented, each session whole.
 
 Entries are acknowledged only after their file is renamed into place, and Lake.write drops rows
 whose event_id the files written since the buffer's oldest entry (less lake.dedup_window_s) hold, so
@@ -17,8 +20,8 @@ from typing import cast
 
 import redis
 
-from common import redis_keys
-from common.events import Event, events_to_table
+from common import consent, redis_keys
+from common.events import Consent, Event, events_to_table
 from common.lake import EVENTS_DATASET, Lake
 from common.settings import Settings
 from common.stream import decode_entry, remove_idle_consumers
@@ -88,7 +91,7 @@ class LakeWriter:
         if not self.buffer:
             self.buffer_since = time.monotonic()
             return 0
-        events = self._not_erased([e for _, e in self.buffer if e is not None])
+        events = self._landing([e for _, e in self.buffer if e is not None])
         written = self.lake.write_events(events_to_table(events), self._written_since()) if events else []
         self.client.xack(self.stream_key, self.group, *[entry_id for entry_id, _ in self.buffer])
         log.debug("flushed %d events into %d files", len(events), len(written))
@@ -103,11 +106,17 @@ class LakeWriter:
         oldest_ms = min(int(entry_id.split(b"-")[0]) for entry_id, _ in self.buffer)
         return datetime.fromtimestamp(oldest_ms / 1000 - self.settings.lake.dedup_window_s, UTC)
 
-    def _not_erased(self, events: list[Event]) -> list[Event]:
-        """The events that name no erased person or device: an erased person's later events stay out of
-        the lake (acknowledged all the same), as they stay out of the speed layer."""
-        erased = redis_keys.erased_among(self.client, {i for e in events for i in e.person_ids})
-        return [e for e in events if erased.isdisjoint(e.person_ids)] if erased else events
+    def _landing(self, events: list[Event]) -> list[Event]:
+        """The events that name no erased person or device and have analytics consent; the others stay
+        out of the lake (acknowledged all the same), as an erased person's stay out of the speed layer."""
+        ids = {i for e in events for i in e.person_ids}
+        erased = redis_keys.erased_among(self.client, ids)
+        withdrawals = consent.read_withdrawals(self.client, ids)
+        return [
+            e
+            for e in events
+            if erased.isdisjoint(e.person_ids) and consent.applied_consent(e, withdrawals).allows(Consent.ANALYTICS)
+        ]
 
     def _read(self, count: int, block_ms: int) -> list[Entry]:
         if not self._own_pending_done:  # restarted under the same name: our unacked entries first

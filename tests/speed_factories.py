@@ -11,7 +11,7 @@ import redis
 
 from common.catalog import ItemUpdate
 from common.catalog_state import apply_item_updates
-from common.events import Event, EventType, new_event_id
+from common.events import DEFAULT_CONSENT, Consent, Event, EventType, new_event_id
 from common.model import save_factors
 from common.registry import Manifest, Registry
 from common.settings import Settings, SpeedSettings
@@ -64,6 +64,7 @@ def make_event(
     ts: datetime | None = None,
     received_at: datetime | None = None,
     quantity: int | None = None,
+    consent: Consent = DEFAULT_CONSENT,
 ) -> Event:
     now = datetime.now(UTC)
     return Event(
@@ -77,6 +78,7 @@ def make_event(
         item_id=item_id if event_type != EventType.IDENTIFY and event_type != EventType.SEARCH else None,
         query="shoes" if event_type == EventType.SEARCH else None,
         quantity=quantity,
+        consent=consent,
     )
 
 

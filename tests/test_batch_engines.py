@@ -116,3 +116,16 @@ def test_engines_recall_within_ten_percent(fitted: dict[str, Factors], small_lak
         engine: holdout_recall(f.user_ids, f.user_factors, f.item_ids, f.item_factors, seen, later) for engine, f in fitted.items()
     }
     assert abs(recall["spark"] - recall["implicit"]) <= 0.10 * max(recall.values()), recall
+
+
+def test_both_engines_keep_only_personalisation_consent_and_read_files_from_before_the_column(
+    spark: Any, tmp_path: Path
+) -> None:
+    from tests.test_batch_units import CUTOFF, consent_lake
+
+    lake = Lake(str(tmp_path / "lake"))
+    consent_lake(lake)
+    from_duckdb = local_interactions(lake, CUTOFF, TRAINING)
+    from_spark = spark_to_arrow(spark_interactions(spark, lake, CUTOFF, TRAINING))
+    assert from_spark.equals(from_duckdb)
+    assert set(from_spark["person_id"].to_pylist()) == {"dev-p", "dev-old"}

@@ -11,7 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from common.events import Event, EventType, deterministic_event_id, events_to_table
+from common.events import (
+    DEFAULT_CONSENT,
+    Consent,
+    Event,
+    EventType,
+    deterministic_event_id,
+    events_to_table,
+    table_to_events,
+)
 from common.features import decay, implicit_weight
 from common.ids import id_digest
 from common.lake import EVENTS_DATASET, Lake
@@ -91,6 +99,29 @@ def test_interactions_weight_decay_and_identity(lake: Lake) -> None:
     assert got[("dev2", "hat")] == pytest.approx(decay(1.0, 86_400, half_life_s), rel=1e-12)
 
 
+def consent_lake(lake: Lake) -> None:
+    """Events under each consent, and a file from before the consent column (read as the default)."""
+    t = CUTOFF - timedelta(days=1)
+    lake.write_events(
+        events_to_table(
+            [
+                event("purchase", t, "dev-p", "shoe", consent=Consent.PERSONALISATION),
+                event("purchase", t, "dev-a", "shoe", consent=Consent.ANALYTICS),
+                event("purchase", t, "dev-n", "shoe", consent=Consent.NONE),
+            ]
+        )
+    )
+    old = events_to_table([event("view", t, "dev-old", "hat")]).drop_columns(["consent"])
+    target = Path(lake.path("events", f"dt={t.date().isoformat()}", "part-old.parquet"))
+    pq.write_table(old, target)
+
+
+def test_only_personalisation_consent_builds_a_persons_interactions(lake: Lake) -> None:
+    consent_lake(lake)
+    got = {(r["person_id"], r["item_id"]) for r in local_interactions(lake, CUTOFF, TRAINING).to_pylist()}
+    assert got == {("dev-p", "shoe"), ("dev-old", "hat")}
+
+
 def test_a_hover_is_in_no_batch_table_or_event_log(lake: Lake) -> None:
     at = CUTOFF - timedelta(hours=1)
     rows = [
@@ -139,6 +170,16 @@ def test_validation_names_schema_drift_and_volume(lake: Lake) -> None:
     daily_events(other, days=1, per_day=200)  # ten times the trailing average
     with pytest.raises(DataQualityError, match=rf"events/dt={CUTOFF.date() - timedelta(days=1)} has 200 events, far off"):
         validate_events(other, CUTOFF, volume_factor=5)
+
+
+def test_a_file_from_before_the_consent_column_is_valid_and_reads_as_the_default(lake: Lake) -> None:
+    daily_events(lake, days=8, per_day=20)
+    day = CUTOFF - timedelta(days=2)
+    older = events_to_table([event("view", day, "a-old", "i1")]).drop_columns(["consent"])
+    pq.write_table(older, f"{lake.path('events', f'dt={day.date()}')}/part-old.parquet")
+    validate_events(lake, CUTOFF, volume_factor=5)  # not drift: the column was added since
+    (read,) = [e for e in table_to_events(lake.read_events()) if e.anonymous_id == "a-old"]
+    assert read.consent is DEFAULT_CONSENT
 
 
 def test_validation_fails_when_the_last_day_is_missing(lake: Lake) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import sys
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +23,7 @@ from common.events import (
     table_to_events,
     validate_events,
 )
+from common.ids import NOT_PRINTABLE
 from common.lake import Lake
 
 TS = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -64,6 +68,11 @@ def errors_of(data: dict[str, Any]) -> dict[str, str]:
         ({"context": {"country": "United Kingdom"}}, "context.country", "at most 8 characters"),
         ({"query": "q" * 257}, "query", "at most 256 characters"),
         ({"schema_version": 99}, "schema_version", "less than or equal to 1"),
+        ({"quantity": "2"}, "quantity", "must be a JSON number"),
+        ({"scroll_depth": True}, "scroll_depth", "must be a JSON number"),
+        ({"quantity": 1.5}, "quantity", "fractional part"),
+        ({"anonymous_id": " anon-1"}, "anonymous_id", "without control characters or surrounding spaces"),
+        ({"item_id": "p\u202e1"}, "item_id", "printable"),  # a bidi override
         ({"item_id": None}, "event", "item_id is required for view events"),
         ({"event_type": "identify", "item_id": None}, "event", "user_id is required for identify events"),
         ({"event_type": "search", "item_id": None}, "event", "query is required for search events"),
@@ -73,6 +82,22 @@ def test_each_kind_of_bad_event_is_named(changes: dict[str, Any], field: str, re
     errors = errors_of(payload(**changes))
     assert field in errors, errors
     assert reason in errors[field]
+
+
+def test_a_whole_number_may_come_as_a_float_as_json_schema_reads_it() -> None:
+    assert Event.model_validate(payload(event_type="purchase", quantity=2.0, price=3)).quantity == 2
+
+
+def test_the_id_pattern_refuses_exactly_the_control_format_and_separator_characters() -> None:
+    """NOT_PRINTABLE is written out (computing it costs every process a scan of Unicode): hold it to unicodedata."""
+    refused = {
+        c for c in range(sys.maxunicode + 1)
+        if unicodedata.category(chr(c)) in {"Cc", "Cf", "Zl", "Zp", "Zs"} and chr(c) != " "
+    }  # fmt: skip
+    class_re = re.compile(f"[{NOT_PRINTABLE}]")
+    listed = {c for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF and class_re.match(chr(c))}
+    assert listed == refused
+    assert unicodedata.unidata_version == "14.0.0", "a new Unicode: regenerate NOT_PRINTABLE from it"
 
 
 def test_missing_required_fields_are_each_named() -> None:

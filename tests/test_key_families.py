@@ -13,7 +13,8 @@ import redis
 from typer.testing import CliRunner
 
 from common import redis_keys
-from common.events import Event, EventType
+from common.consent import record_withdrawal
+from common.events import Consent, Event, EventType
 from common.features import day_index
 from common.key_memory import keyspace_usage
 from common.neighbours import session_token
@@ -43,6 +44,8 @@ def _events(rng: np.random.Generator) -> list[Event]:
                 for kind, item in zip(kinds, items, strict=True)
             ]
     out.append(make_event(EventType.IDENTIFY, None, anonymous_id="d-u0", user_id="u0", session_id="s-u0-1"))
+    # A visitor without personalisation consent: aggregates and the unlinked markers only, no key of theirs.
+    out.append(make_event(EventType.PURCHASE, ITEMS[0], anonymous_id="d-declined", consent=Consent.ANALYTICS))
     return out
 
 
@@ -72,7 +75,9 @@ def _exact_counts(client: redis.Redis, events: list[Event]) -> dict[str, int]:
         "deltas": n([redis_keys.user_delta(u, "v1") for u in USERS]),
         "person_devices": n([redis_keys.person_devices(p) for p in persons]),
         "aliases": n([redis_keys.alias(d) for d in devices]),
+        "seen_unlinked": n([redis_keys.SEEN_UNLINKED]),
         "erased": n([redis_keys.erased("someone-erased")]),
+        "consent_withdrawals": n([redis_keys.consent_withdrawal("someone-withdrawn")]),
         "trending_top": n([redis_keys.TRENDING_TOP, redis_keys.TRENDING_REFRESH_LOCK]),
         "trending_buckets": n([redis_keys.trending_bucket(int(t // bucket_s) * bucket_s) for t in times]),
         "popularity_days": n([redis_keys.popularity_day(d) for d in {day_index(t) for t in times}]),
@@ -100,6 +105,7 @@ def consumed(redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Pat
     publish_model(registry, "v1", datetime.now(UTC) - timedelta(hours=1), factors, USERS)
     set_categories(redis_client, CATEGORIES)
     redis_client.set(redis_keys.erased("someone-erased"), 1)
+    record_withdrawal(redis_client, ["someone-withdrawn"], Consent.NONE, 0.0, ttl_s=60)
     events = _events(rng)
     add_events(redis_client, settings, events)
     redis_client.xadd(redis_keys.stream(), {"e": b"{}"})  # malformed: dead-lettered
@@ -120,7 +126,7 @@ def test_each_family_counts_exactly_the_keys_the_consumer_wrote(
     expected = _exact_counts(redis_client, consumed)
     assert counted == expected
     assert sum(counted.values()) == usage.total_keys  # no key counted in two families
-    for name in ("seen", "session_recent", "deltas", "aliases", "covisitation", "stream"):
+    for name in ("seen", "seen_unlinked", "session_recent", "deltas", "aliases", "covisitation", "stream"):
         assert counted[name] > 0 and usage.families[name].bytes > 0, name
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import redis
 
 from common import redis_keys
@@ -56,3 +57,15 @@ def test_a_new_day_is_read_live_until_loaded_and_old_days_are_dropped(redis_clie
     assert cache.refresh(redis_client, NOW_S + DAY_S) == 1  # only the new past day loads
     seed(redis_client, 0, "a", 9)
     assert cache.read(redis_client, ["a"], NOW_S + DAY_S)[0, -2] == 4  # now from the copy
+
+
+def test_the_loaded_copy_reads_what_redis_holds(redis_client: redis.Redis) -> None:
+    rng = np.random.default_rng(3)
+    items = [f"i{j}" for j in range(300)]
+    for offset in range(-POP_DAYS, 1):
+        for item in rng.choice(items, 120, replace=False):
+            seed(redis_client, offset, str(item), float(rng.integers(1, 50)))
+    asked = [*items[::3], "never-counted", items[0]]
+    cache = DayCounts()
+    cache.refresh(redis_client, NOW_S)
+    assert np.array_equal(cache.read(redis_client, asked, NOW_S), DayCounts().read(redis_client, asked, NOW_S))

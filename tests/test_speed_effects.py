@@ -291,3 +291,36 @@ def test_a_hover_is_counted_for_its_session_and_is_no_interaction(
         if message := pubsub.get_message(timeout=0.1):
             heard.append(RecsChanged.model_validate_json(message["data"]).person_id)
     assert heard == ["u1"]  # the view changed u1's list; a9's hover changes nothing
+
+
+def test_trimmed_sets_stay_bounded_as_they_grow_over_many_script_calls(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # One session per device: "a", then a new item bought. Two events a script call, so item a's
+    # co-visits, its neighbour sessions and the category's bestsellers each grow by one member a call.
+    settings = speed_settings(
+        tmp_path, redis_server.url, covis_top_n=2, covis_steps=1, neighbour_sessions_per_item=2,
+        bestsellers_top_n=2, script_chunk=2,
+    )  # fmt: skip
+    followers = [f"x{k}" for k in range(5)]
+    set_categories(redis_client, {"a": "C", **{x: "C" for x in followers}})
+    consumer = SpeedConsumer(redis_client, settings, Registry(settings.models.root), name="c1")
+    sizes: list[tuple[int, int, int]] = []
+    for k, item in enumerate(followers):
+        device, session = f"d{k}", f"s{k}"
+        add_events(
+            redis_client, settings,
+            [make_event(EventType.VIEW, "a", device, session_id=session),
+             make_event(EventType.PURCHASE, item, device, session_id=session)],
+        )  # fmt: skip
+        drain(consumer)
+        sizes.append(
+            (
+                redis_client.zcard(redis_keys.covisitation("a")),
+                redis_client.zcard(redis_keys.item_sessions("a")),
+                redis_client.zcard(redis_keys.category_bestsellers("C")),
+            )
+        )
+    # Kept whole up to twice the bound; the call that takes a set past it cuts it to the bound.
+    assert sizes == [(1, 1, 1), (2, 2, 2), (3, 3, 3), (4, 4, 4), (2, 2, 2)]
+    assert set(redis_client.zrange(redis_keys.covisitation("a"), 0, -1)) <= {x.encode() for x in followers}

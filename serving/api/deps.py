@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
+from fastapi.requests import HTTPConnection
 from fastapi.security import APIKeyHeader, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 
+from common.events import FieldError
 from common.settings import Scope, Settings
 from serving.core.auth import Grant, authorize, check_scope, key_from_headers
+from serving.core.errors import ApiError
+from serving.core.push import Fanout
 from serving.core.state import ServingState
 
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key from RECS_API__KEYS.")
@@ -24,19 +29,26 @@ _token_query = APIKeyQuery(
 # Dependencies and the hot routes are `async def` though they never await: a plain `def` runs in
 # FastAPI's thread pool, and tens of request threads taking turns on the GIL cost more (and
 # stretch the tail) than running each request to completion on the event loop.
-async def get_state(request: Request) -> ServingState:
-    state: ServingState = request.app.state.serving
+# They take an HTTPConnection, which FastAPI hands to WebSocket routes too.
+async def get_state(connection: HTTPConnection) -> ServingState:
+    state: ServingState = connection.app.state.serving
     return state
 
 
-async def app_settings(request: Request) -> Settings:
+async def app_settings(connection: HTTPConnection) -> Settings:
     """The settings `create_app` was built with (the environment's, or a test's)."""
-    settings: Settings = request.app.state.settings
+    settings: Settings = connection.app.state.settings
     return settings
+
+
+async def get_push(connection: HTTPConnection) -> Fanout:
+    push: Fanout = connection.app.state.push
+    return push
 
 
 StateDep = Annotated[ServingState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(app_settings)]
+PushDep = Annotated[Fanout, Depends(get_push)]
 
 
 async def presented_key(
@@ -78,3 +90,20 @@ Admin = require("admin")
 # The routes of one person, which a browser calls with its session token.
 PersonEventsWrite = require_for_person("events:write")
 PersonRecsRead = require_for_person("recs:read")
+
+
+async def single_valued_query(request: Request) -> None:
+    """Refuse a query parameter given twice: no route takes a list, and which value counts would be a guess."""
+    counts = Counter(name for name, _ in request.query_params.multi_items())
+    repeated = sorted(name for name, n in counts.items() if n > 1)
+    if repeated:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"invalid parameter(s): {', '.join(repeated)}",
+            errors=[FieldError(field=name, reason="given more than once") for name in repeated],
+        )
+
+
+# For the routers of routes with query parameters (their OpenAPI declares the 422).
+SingleQueryValues = Depends(single_valued_query)

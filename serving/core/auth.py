@@ -30,8 +30,9 @@ class Grant:
         if self.token is not None:
             tokens.check_person(self.token, user_id, anonymous_id, session_id)
 
-    def expired(self, now: float) -> bool:
-        return self.token is not None and self.token.expires_at <= now
+    def seconds_left(self, now: float) -> float | None:
+        """Until a token expires (never below 0); None for a key, which does not."""
+        return None if self.token is None else max(0.0, self.token.expires_at - now)
 
 
 ANYONE = Grant()

@@ -1,9 +1,9 @@
 """Per-day popularity counts of candidates: past days from a per-worker copy, today read live.
 
 Past days change only by late events, so each worker keeps a whole copy of each past day's sorted
-set, refreshed in the background every `past_ttl_s`; a request then costs one ZMSCORE (today) and
-dictionary lookups. A past day not loaded yet (a worker's first moments, a new day) is read live
-for the request's candidates instead.
+set, refreshed in the background every `past_ttl_s` and laid out as one matrix with a row per item;
+a request then costs one ZMSCORE (today) and one lookup per item. A past day not loaded yet (a
+worker's first moments, a new day) is read live for the request's candidates instead.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -30,6 +31,7 @@ class DayCounts:
         self.past_ttl_s = past_ttl_s
         self._past: dict[int, dict[str, float]] = {}  # day -> item -> count (whole days)
         self._loaded_at: dict[int, float] = {}
+        self._window: _PastWindow | None = None  # the loaded days as one matrix, when all are loaded
         self._lock = threading.Lock()
 
     def read(self, client: redis.Redis, item_ids: Sequence[str], now_s: float) -> np.ndarray:
@@ -38,17 +40,23 @@ class DayCounts:
         if not item_ids:
             return counts
         items = list(item_ids)
+        past_days = _past_days(now_s)
         with self._lock:
-            loaded = [self._past.get(day) for day in _past_days(now_s)]
-        live = [day_index(now_s)] + [
-            day for day, c in zip(_past_days(now_s), loaded, strict=True) if c is None
-        ]
+            loaded = [self._past.get(day) for day in past_days]
+            window = self._window
+        live = [day_index(now_s)] + [day for day, c in zip(past_days, loaded, strict=True) if c is None]
         pipe = client.pipeline(transaction=False)
         for day in live:
             pipe.zmscore(redis_keys.popularity_day(day), items)
         by_day = dict(zip(live, pipe.execute(), strict=True))
         counts[:, -1] = [float(v) if v is not None else 0.0 for v in by_day[day_index(now_s)]]
-        for j, (day, cached) in enumerate(zip(_past_days(now_s), loaded, strict=True)):
+        if window is not None and window.days == past_days:
+            # One lookup per item for every past day (not one per item and day).
+            absent = len(window.rows) - 1
+            rows = np.fromiter((window.index.get(item, absent) for item in items), np.intp, len(items))
+            counts[:, :-1] = window.rows[rows]
+            return counts
+        for j, (day, cached) in enumerate(zip(past_days, loaded, strict=True)):
             if cached is not None:
                 counts[:, j] = [cached.get(item, 0.0) for item in items]
             else:
@@ -77,4 +85,29 @@ class DayCounts:
             for day in [d for d in self._past if d not in wanted]:
                 del self._past[day]
                 self._loaded_at.pop(day, None)
+            if all(day in self._past for day in wanted) and (
+                loaded or self._window is None or self._window.days != wanted
+            ):
+                self._window = _PastWindow.of(wanted, [self._past[day] for day in wanted])
         return loaded
+
+
+@dataclass(frozen=True)
+class _PastWindow:
+    """Every loaded past day of one window as a matrix: item -> row of counts, oldest day first; the
+    last row is zeros, for items that no past day counted."""
+
+    days: list[int]
+    index: dict[str, int]
+    rows: np.ndarray
+
+    @classmethod
+    def of(cls, days: list[int], per_day: list[dict[str, float]]) -> _PastWindow:
+        index: dict[str, int] = {}
+        for counts in per_day:
+            for item in counts:
+                index.setdefault(item, len(index))
+        rows = np.zeros((len(index) + 1, len(days)), dtype=np.float64)
+        for j, counts in enumerate(per_day):
+            rows[[index[item] for item in counts], j] = list(counts.values())
+        return cls(days, index, rows)

@@ -1,5 +1,6 @@
 """GDPR erasure of a person's live state (their Redis keys and stream entries, and tombstones that keep
-both from coming back), and the erased people whose batch factors serving must ignore.
+both from coming back), the same deletion of their keys on a withdrawal of personalisation consent, and
+the erased people whose batch factors serving must ignore.
 
 What Redis holds of the person and of the devices linked to them is listed by one function,
 redis_keys.holdings; ids that no other id can reproduce in a key make that list exact.
@@ -13,6 +14,8 @@ from datetime import datetime
 import redis
 
 from common import redis_keys
+from common.consent import record_withdrawal
+from common.events import Consent
 from common.ids import id_digest
 from common.settings import Settings
 from common.stream import delete_entries_naming
@@ -32,9 +35,28 @@ def erase_person(client: redis.Redis, settings: Settings, person_id: str) -> Era
     ids = redis_keys.person_and_devices(client, person_id)
     _tombstone(client, ids, settings.speed.erased_ttl_s)
     entries = delete_entries_naming(client, settings.redis.stream, ids)
-    found = redis_keys.holdings(client, person_id)
-    deleted = int(client.delete(*found.keys)) if found.keys else 0
+    found, deleted = _delete_holdings(client, person_id)
     return Erased(found.ids, deleted, entries)
+
+
+def withdraw_consent(
+    client: redis.Redis, settings: Settings, person_id: str, consent: Consent, at_s: float
+) -> Erased:
+    """A withdrawal to `consent` (below personalisation): record it for the person and their devices
+    (common/consent.py), then delete every key holding them as erasure does. The record goes first, so
+    an event applied meanwhile is either capped (it saw the record) or its writes are among the keys
+    deleted. No tombstone and no stream deletion: the person's later events still count, as their
+    consent allows."""
+    ids = redis_keys.person_and_devices(client, person_id)
+    record_withdrawal(client, ids, consent, at_s, settings.speed.erased_ttl_s)
+    found, deleted = _delete_holdings(client, person_id)
+    return Erased(found.ids, deleted, 0)
+
+
+def _delete_holdings(client: redis.Redis, person_id: str) -> tuple[redis_keys.Holdings, int]:
+    """Delete every key holding the person and their devices, listed last (redis_keys.holdings)."""
+    found = redis_keys.holdings(client, person_id)
+    return found, int(client.delete(*found.keys)) if found.keys else 0
 
 
 def _tombstone(client: redis.Redis, ids: tuple[str, ...], ttl_s: int) -> None:

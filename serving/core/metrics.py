@@ -8,6 +8,7 @@ PROMETHEUS_MULTIPROC_DIR (emptied at start) before the workers import this modul
 from __future__ import annotations
 
 import os
+import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -15,6 +16,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Summary,
     generate_latest,
 )
 
@@ -46,6 +48,43 @@ STREAM_LAG = Gauge(
     "Speed-layer consumer group lag, as last seen by a worker.",
     multiprocess_mode="livemax",
 )
+PUSH_STREAMS = Gauge(
+    "recs_push_streams",
+    "Open live recommendation streams by transport (sse, websocket).",
+    ["transport"],
+    multiprocess_mode="livesum",
+)
+PUSHED = Counter("recs_pushed_lists_total", "Lists computed for open streams, by transport.", ["transport"])
+PUSH_DROPPED = Counter(
+    "recs_push_dropped_total",
+    "Pushed lists replaced by a newer one before a slow client took them, by transport.",
+    ["transport"],
+)
+
+# Where a recommendation request's time goes (sum and count per stage; `recs bench serve` reads the means).
+STAGES = ("reads", "candidates", "rules", "features", "ranker", "serialisation")
+STAGE_SECONDS = Summary("recs_stage_seconds", "Time spent per stage of GET /v1/recommendations.", ["stage"])
+_STAGE_CHILDREN = {stage: STAGE_SECONDS.labels(stage) for stage in STAGES}  # labels() looked up once
+
+
+class StageClock:
+    """One request's time split into STAGES: `lap(stage)` adds the time since the previous lap."""
+
+    __slots__ = ("_last", "spent")
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.spent = dict.fromkeys(STAGES, 0.0)
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.spent[stage] += now - self._last
+        self._last = now
+
+    def observe(self) -> None:
+        """Every stage, zero where the request skipped it, so each mean is per request."""
+        for stage, seconds in self.spent.items():
+            _STAGE_CHILDREN[stage].observe(seconds)
 
 
 def render() -> tuple[bytes, str]:

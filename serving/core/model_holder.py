@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from common.registry import Registry, RegistryError
 from common.settings import CandidatePool
 from serving.core import metrics
 from serving.core.catalog_view import CatalogView
+from serving.core.compiled_ranker import Scorer, compile_ranker
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class ServingModel:
     covis: dict[str, dict[str, float]]  # batch co-visitation: item -> other -> count
     popular: list[tuple[str, float]]  # batch popularity, best first
     category_popular: dict[str, dict[str, float]] = field(default_factory=dict)
+    scorer: Scorer | None = None  # the ranker's scores (compiled when possible); None without a ranker
 
     @property
     def version(self) -> str:
@@ -62,7 +65,9 @@ class ServingModel:
         return parameters.get("training", {}).get(name, parameters.get(name, default))
 
 
-def build_serving_model(artifacts: ModelArtifacts, catalog: CatalogView) -> ServingModel:
+def build_serving_model(
+    artifacts: ModelArtifacts, catalog: CatalogView, compiled_dir: Path | None = None
+) -> ServingModel:
     factors = np.ascontiguousarray(artifacts.item_factors, dtype=np.float32)
     artifacts.item_factors = factors
     popular = _popular(artifacts.popularity)
@@ -77,6 +82,7 @@ def build_serving_model(artifacts: ModelArtifacts, catalog: CatalogView) -> Serv
         covis=_covis(artifacts.covisitation),
         popular=popular[:1000],
         category_popular=dict(by_category),
+        scorer=compile_ranker(artifacts.ranker, compiled_dir) if artifacts.ranker is not None else None,
     )
 
 
@@ -135,9 +141,16 @@ def lake_popular(lake: Lake, days: int = 7, n: int = 1000) -> list[tuple[str, fl
 class ModelHolder:
     """Holds the serving model; reloads are serialised, swaps are one reference assignment."""
 
-    def __init__(self, registry: Registry, catalog: CatalogView, content_vectors: bool = True) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        catalog: CatalogView,
+        compiled_dir: Path | None = None,
+        content_vectors: bool = True,
+    ) -> None:
         self.registry = registry
         self.catalog = catalog
+        self.compiled_dir = compiled_dir  # compiled rankers, by model hash (None: compiled in memory)
         self.content_vectors = content_vectors
         self.current: ServingModel | None = None
         self.last_error: str | None = None
@@ -154,7 +167,7 @@ class ModelHolder:
                 return self.current
             try:
                 artifacts = load_model(self.registry, target)
-                model = build_serving_model(artifacts, self.catalog)
+                model = build_serving_model(artifacts, self.catalog, self.compiled_dir)
                 if self.content_vectors:
                     model = with_content_vectors(model, self.catalog)
             except (RegistryError, OSError, ValueError) as exc:

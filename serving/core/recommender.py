@@ -16,6 +16,7 @@ import numpy as np
 import redis
 
 from common.candidates import Scored, merge_sources
+from common.events import DEFAULT_CONSENT, Consent
 from common.features import SOURCES, Candidates, RequestState, compute_features
 from common.gatherer import (
     TOP_AFFINITY_CATEGORIES,
@@ -31,6 +32,7 @@ from serving.core import metrics
 from serving.core.catalog_view import UNCATEGORISED, ItemInfo
 from serving.core.experiments import assign_variant
 from serving.core.lookups import ServingLookups
+from serving.core.metrics import StageClock
 from serving.core.model_holder import ServingModel
 from serving.core.rules import Rules
 from serving.core.state import ServingState
@@ -41,6 +43,7 @@ DAY_S = 86_400.0
 EXPERIMENT = "recs"
 REDIS_DOWN = "redis_unavailable: batch-only recommendations (no session, trending or stock updates)"
 NO_MODEL = "no_model: popular items from the lake"
+NO_CONSENT = "no_personalisation_consent: non-personal items (trending, new arrivals), nothing of the person used"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,11 @@ class RecRequest:
     k: int
     context: str  # home | product | cart
     item_id: str | None = None
+    consent: Consent = DEFAULT_CONSENT  # the page's, as its events carry it
+
+    @property
+    def personalised(self) -> bool:
+        return self.consent is Consent.PERSONALISATION
 
     @property
     def person_id(self) -> str:
@@ -89,32 +97,47 @@ class _Pool:
     source_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def recommend(state: ServingState, req: RecRequest, now_s: float | None = None) -> RecResult:
+def recommend(
+    state: ServingState, req: RecRequest, now_s: float | None = None, clock: StageClock | None = None
+) -> RecResult:
     # now_s: the moment the list is for; a replay (evaluation/) passes the replayed event's time.
+    # clock: where the route records the time of each stage (metrics.STAGES).
+    clock = clock or StageClock()
     now_s = time.time() if now_s is None else now_s
     model = state.models.current  # one snapshot for the whole request: a reload cannot mix versions
     variant = assign_variant(req.person_id, state.settings.experiments.shares)
     rules = state.rules
-    degraded: list[str] = []
+    degraded: list[str] = [] if req.personalised else [NO_CONSENT]
+    personal = variant != "popular" and req.personalised
 
-    speed = read_speed(state, req, model, now_s, personal=variant != "popular")
+    speed = read_speed(state, req, model, now_s, personal=personal)
+    clock.lap("reads")
     if speed is None:
         degraded.append(REDIS_DOWN)
+    elif not req.personalised:
+        speed = speed.impersonal()
     if model is None:
         degraded.insert(0, NO_MODEL)
         ranked, n_candidates = _without_model(state, rules, speed, req, now_s)
-        return _finish(state, req, variant, None, degraded, ranked, n_candidates)
+        result = _finish(state, req, variant, None, degraded, ranked, n_candidates)
+        clock.lap("rules")
+        return result
 
-    request = gather_request(state, model, req, speed, personal=variant != "popular", now_s=now_s)
+    request = gather_request(state, model, req, speed, personal=personal, now_s=now_s)
+    clock.lap("candidates")
     pool = _apply_rules(state, rules, req, speed, request.gathered.lists, now_s)
-    if variant == "ranker" and model.artifacts.ranker is not None:
-        scores = _ranker_scores(model, request, pool)
+    clock.lap("rules")
+    if variant == "ranker" and model.scorer is not None:
+        scores = _ranker_scores(model, request, pool, clock)
     elif variant == "popular":
         scores = _source_score(pool, "trending") + 1e-3 * _source_score(pool, "new")
     else:  # als_only, or ranker on a version published without one
         scores = heuristic_scores(model.artifacts, pool.source_scores, pool.item_ids, request.moment.user_vector)
+    clock.lap("ranker")
     ranked = _boost_and_diversify(state, rules, pool, scores, speed, req.k)
-    return _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
+    result = _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
+    clock.lap("rules")
+    return result
 
 
 @dataclass
@@ -137,7 +160,7 @@ def gather_request(
 ) -> GatheredRequest:
     """The gatherer (common/gatherer.py) on serving's lookups: what ranker training builds from the log."""
     person = speed.person_id if speed else req.person_id
-    vector = _user_vector(state, model, person, speed)
+    vector = _user_vector(state, model, person, speed) if req.personalised else None
     moment = _request_state(state, speed, vector, now_s)
     lookups = ServingLookups(state, model, speed, now_s)
     anchor = req.item_id if req.context == "product" else None
@@ -282,14 +305,13 @@ def _source_score(pool: _Pool, source: str) -> np.ndarray:
     return np.array([scores.get(i, 0.0) for i in pool.item_ids], dtype=np.float64)
 
 
-def _ranker_scores(model: ServingModel, request: GatheredRequest, pool: _Pool) -> np.ndarray:
+def _ranker_scores(model: ServingModel, request: GatheredRequest, pool: _Pool, clock: StageClock) -> np.ndarray:
     if not pool.item_ids:
         return np.zeros(0)
     features = compute_features(request.moment, feature_inputs(model, request, pool.item_ids, pool.sources))
-    # One thread: requests run concurrently, and OpenMP fan-out per call only adds contention.
-    ranker = model.artifacts.ranker
-    assert ranker is not None, "the caller checks the version has a ranker"
-    return np.asarray(ranker.predict(features, num_threads=1), dtype=np.float64)
+    clock.lap("features")
+    assert model.scorer is not None, "the caller checks the version has a ranker"
+    return model.scorer(features)
 
 
 def _request_state(

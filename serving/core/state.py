@@ -83,7 +83,9 @@ class ServingState:
             registry=registry,
             rules=load_rules(settings.api.rules_file),
             catalog=catalog,
-            models=ModelHolder(registry, catalog, settings.models.content_vectors),
+            models=ModelHolder(
+                registry, catalog, settings.var_dir / "compiled-rankers", settings.models.content_vectors
+            ),
             redis=RedisGate(connect(settings.redis.effective_url, settings.redis.socket_timeout_s)),
             impressions=ImpressionLogger(lake, flush_seconds=settings.api.impressions_flush_s),
         )

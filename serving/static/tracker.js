@@ -6,7 +6,10 @@
  * - with auth on, `token` is the session token the storefront's server got (POST /v1/tokens): sent as
  *   a Bearer header, or as ?access_token= on a beacon (which cannot set headers); on a 401 the tracker
  *   asks `refreshToken()` for a new one and resends;
- * - watchHover records a dwell over a product card (a `hover` event with dwell_ms) unless it ends in a click. */
+ * - watchHover records a dwell over a product card (a `hover` event with dwell_ms) unless it ends in a click;
+ * - each event carries the page's consent ("none" | "analytics" | "personalisation"): the `consent`
+ *   option, else the page's <html data-consent="...">; the banner calls setConsent() when it changes.
+ *   Unset, the field is left out and the server's default (personalisation) applies. */
 (function (global) {
   "use strict";
 
@@ -28,6 +31,7 @@
       this.userId = opts.userId || null;
       this.token = opts.token || null;
       this.refreshToken = opts.refreshToken || null;
+      this.consent = opts.consent || document.documentElement.dataset.consent || null;
       this.flushMs = opts.flushMs ?? 150;
       this.maxBatch = opts.maxBatch ?? 20;
       this.backoffMs = opts.backoffMs || [200, 500, 1000, 2000, 5000];
@@ -52,9 +56,14 @@
         ...fields,
       };
       if (this.userId) event.user_id = this.userId;
+      if (this.consent) event.consent = this.consent; // as it was when the event happened
       this.queue.push(event);
       this.schedule(this.queue.length >= this.maxBatch ? 0 : this.flushMs);
       return event;
+    }
+
+    setConsent(consent) {
+      this.consent = consent;
     }
 
     schedule(delayMs) {

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Body
 
 from common.catalog import ItemUpdate
 from common.catalog_state import apply_item_updates
-from common.events import FieldError
 from serving.api.deps import Admin, StateDep
 from serving.core.errors import BODY_ERROR_RESPONSES, ERROR_RESPONSES, ApiError, ErrorBody
 from serving.schemas import CatalogUpdateResponse
@@ -43,12 +42,9 @@ EXAMPLES = {
     },
 )
 def put_items(
-    state: StateDep, updates: Annotated[list[ItemUpdate], Body(openapi_examples=EXAMPLES, max_length=5000)]
+    state: StateDep,
+    updates: Annotated[list[ItemUpdate], Body(openapi_examples=EXAMPLES, min_length=1, max_length=5000)],
 ) -> CatalogUpdateResponse:
-    if not updates:
-        raise ApiError(
-            422, "empty_batch", "no item updates given", errors=[FieldError(field="body", reason="empty")]
-        )
     try:
         apply_item_updates(state.redis.client, updates)
     except redis.RedisError as exc:

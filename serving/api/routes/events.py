@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import redis
 from fastapi import APIRouter, Body
@@ -14,7 +14,7 @@ from serving.api.deps import PersonEventsWrite, StateDep
 from serving.core import metrics
 from serving.core.auth import Grant
 from serving.core.errors import BODY_ERROR_RESPONSES, PERSON_ERROR_RESPONSES, ApiError, ErrorBody
-from serving.schemas import EVENT_EXAMPLES, EventResult, EventsRejected, EventsResponse
+from serving.schemas import EVENT_EXAMPLES, EventResult, EventsBody, EventsRejected, EventsResponse
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
@@ -27,6 +27,8 @@ RETRY_AFTER_S = "5"
     summary="Send one event or a batch",
     description=(
         "The body is one event or a JSON array of events (the `Event` contract of `common/events.py`). "
+        "`consent` (`none`, `analytics`, `personalisation`; default `personalisation`, as before the field "
+        "existed) says what the speed layer and the lake may keep of it (`Consent` below; README, 'Consent'). "
         "Good events are appended to the stream even when others in the batch are rejected; then the answer "
         "is 422 and `results` names each bad event's fields. 503 with Retry-After when the speed layer lags "
         "more than `api.max_stream_lag` entries behind, or Redis is unreachable. With a session token, every "
@@ -55,7 +57,7 @@ RETRY_AFTER_S = "5"
 async def post_events(
     state: StateDep,
     grant: Annotated[Grant, PersonEventsWrite],
-    payload: Annotated[dict[str, Any] | list[Any], Body(openapi_examples=EVENT_EXAMPLES)],
+    payload: Annotated[EventsBody, Body(openapi_examples=EVENT_EXAMPLES)],
 ) -> JSONResponse:
     payloads = payload if isinstance(payload, list) else [payload]
     max_batch = state.settings.api.max_batch

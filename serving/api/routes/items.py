@@ -9,14 +9,19 @@ from fastapi import APIRouter, Path, Query
 
 from common import redis_keys
 from common.ids import Id
-from serving.api.deps import RecsRead, StateDep
+from serving.api.deps import RecsRead, SingleQueryValues, StateDep
 from serving.core.errors import ERROR_RESPONSES, ApiError, ErrorBody
 from serving.core.recommender import REDIS_DOWN
 from serving.core.similar import merged_covisits
 from serving.core.similar import similar_items as similar
 from serving.schemas import SimilarItem, SimilarResponse
 
-router = APIRouter(prefix="/v1/items", tags=["items"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/items",
+    tags=["items"],
+    responses=ERROR_RESPONSES,
+    dependencies=[SingleQueryValues],
+)
 COVIS_READ = 100  # live co-visits read per request (the batch rows hold as many)
 
 

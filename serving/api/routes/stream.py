@@ -1,9 +1,10 @@
-"""Live recommendations by Server-Sent Events, and the demo storefront: its small catalog endpoint and files.
+"""Live recommendations by Server-Sent Events or WebSocket, and the demo storefront: its catalog endpoint and files.
 
-GET /v1/stream/recommendations subscribes to the speed layer's RECS_CHANNEL; each time the speed
-layer says this person's (or session's) state changed, the list is recomputed by the very route
-function GET /v1/recommendations runs (same ranking, same impression log) and sent as one event.
-A browser's EventSource sends no headers, so it authenticates with its session token in the query.
+GET /v1/stream/recommendations (and /ws beside it) opens a stream on the worker's fan-out
+(serving/core/push.py): each time the speed layer says this person's (or session's) state
+changed, the list is recomputed by the very route function GET /v1/recommendations runs (same
+ranking, same impression log) and sent as one event. A browser's EventSource (or WebSocket) sends
+no headers, so it authenticates with its session token in the query.
 
 With `api.demo_key` set the demo's server side presents that key for the page, which then works
 with keys configured and never sees the key: it gets session tokens from POST /demo/token.
@@ -12,37 +13,40 @@ with keys configured and never sees the key: it gets session tokens from POST /d
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import redis.asyncio as aioredis
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import Response
+from fastapi import APIRouter, Depends, Query, Request, WebSocket, status
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 from starlette.datastructures import Headers
 from starlette.types import Receive, Send
 from starlette.types import Scope as AsgiScope
 
-from common import redis_keys
-from common.events import FieldError
-from common.messages import RecsChanged
+from common.events import DEFAULT_CONSENT, Consent, FieldError
 from common.settings import Scope, Settings
-from serving.api.deps import PersonRecsRead, PresentedKey, SettingsDep, StateDep
+from serving.api.deps import PersonRecsRead, PresentedKey, PushDep, SettingsDep, SingleQueryValues, StateDep
 from serving.api.routes.recommendations import IdParam, get_recommendations
 from serving.api.routes.tokens import issue_token
-from serving.core.auth import Grant, check_scope, held_scopes, key_from_headers
-from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError, api_error_handler
+from serving.core.auth import Grant, authorize, check_scope, held_scopes, key_from_headers
+from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError, ErrorBody, api_error_handler
+from serving.core.push import Fanout, LiveStream, StreamEnded, stream_keys
 from serving.core.state import ServingState
-from serving.schemas import Context, TokenRequest, TokenResponse
+from serving.schemas import Context, RecommendationsResponse, TokenRequest, TokenResponse
 
-log = logging.getLogger(__name__)
-
-router = APIRouter(prefix="/v1/stream", tags=["recommendations"], responses=PERSON_ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/stream",
+    tags=["recommendations"],
+    responses=PERSON_ERROR_RESPONSES,
+    dependencies=[SingleQueryValues],
+)
+# WebSocket routes are not in the OpenAPI (the SSE route's description documents this one), and
+# take no HTTP dependencies: the handler checks auth itself, to refuse the handshake in the error shape.
+ws_router = APIRouter(prefix="/v1/stream")
 # The storefront reads the catalog and recommendations: with keys configured it needs a recs:read key.
 DEMO_SCOPE: Scope = "recs:read"
 
@@ -64,29 +68,141 @@ DemoKey = Annotated[str | None, Depends(demo_access)]
 demo_router = APIRouter(prefix="/demo", include_in_schema=False)
 
 PING_S = 15
-POLL_S = 1.0
+KParam = Annotated[int, Query(ge=1, le=100)]
+ConsentParam = Annotated[Consent, Query(description="As on GET /v1/recommendations.")]
+
+
+def _sse_event(name: str, data: type[BaseModel]) -> dict[str, Any]:
+    """One kind of event of a `text/event-stream`: its name, and its `data` as JSON of a model."""
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"const": name},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": f"#/components/schemas/{data.__name__}"},
+            },
+        },
+    }
+
+
+# The 200 as OpenAPI 3.2 states an event stream (FastAPI's own SSE routes use the same `itemSchema`).
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "An event stream: `recommendations` events, and an `error` or `token_expired` event "
+        "before it ends.",
+        "content": {
+            "text/event-stream": {
+                "itemSchema": {
+                    "oneOf": [
+                        _sse_event("recommendations", RecommendationsResponse),
+                        _sse_event("error", ErrorBody),
+                        _sse_event("token_expired", ErrorBody),
+                    ]
+                }
+            }
+        },
+    }
+}
+
+
+STREAM_DESCRIPTION = (
+    "A `text/event-stream`: one `recommendations` event at once, then one each time the speed layer "
+    "applies an event of this person or session (the same body as GET /v1/recommendations). A client "
+    "that reads slowly gets the latest list only: a newer one replaces a list not yet sent. Comment "
+    "pings keep idle connections open. An `error` event (Redis lost) ends the stream. A browser sends "
+    "its session token as `access_token` (its session_id must be given); the stream ends with a "
+    "`token_expired` event when the token expires: reconnect with a new one.\n\n"
+    "**WebSocket**: `GET /v1/stream/recommendations/ws` with the same query parameters and the same "
+    "auth (`X-API-Key` or `Authorization: Bearer` header, or `access_token`) sends the same events as "
+    'text messages `{"event": "recommendations" | "error" | "token_expired", "data": {...}}`, `data` '
+    "being the JSON object of the SSE event, and closes after an `error` or `token_expired`. A refused "
+    "handshake gets this route's 401, 403 or 422 with its error body; messages from the client are ignored."
+)
 
 
 @router.get(
     "/recommendations",
-    summary="Recommendations pushed when the speed layer changes them (SSE)",
-    description=(
-        "A `text/event-stream`: one `recommendations` event at once, then one each time the speed layer "
-        "applies an event of this person or session (the same body as GET /v1/recommendations). "
-        "Comment pings keep idle connections open. A browser sends its session token as `access_token` (its "
-        "session_id must be given); the stream ends with a `token_expired` event when the token expires: "
-        "reconnect with a new one."
-    ),
+    summary="Recommendations pushed when the speed layer changes them (SSE; WebSocket beside it)",
+    description=STREAM_DESCRIPTION,
+    response_class=EventSourceResponse,
+    responses=SSE_RESPONSE,
 )
 async def stream_recommendations(
-    request: Request,
     state: StateDep,
+    push: PushDep,
     grant: Annotated[Grant, PersonRecsRead],
     user_id: IdParam = None,
     anonymous_id: IdParam = None,
     session_id: IdParam = None,
-    k: Annotated[int, Query(ge=1, le=100)] = 10,
+    k: KParam = 10,
+    consent: ConsentParam = DEFAULT_CONSENT,
 ) -> EventSourceResponse:
+    stream = _stream(state, grant, user_id, anonymous_id, session_id, k, consent, transport="sse")
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        async for name, data in _events(push, stream, grant):
+            yield {"event": name, "data": data}
+
+    return EventSourceResponse(
+        events(), ping=PING_S, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+@ws_router.websocket("/recommendations/ws")
+async def stream_recommendations_ws(
+    websocket: WebSocket,
+    state: StateDep,
+    push: PushDep,
+    user_id: IdParam = None,
+    anonymous_id: IdParam = None,
+    session_id: IdParam = None,
+    k: KParam = 10,
+    consent: ConsentParam = DEFAULT_CONSENT,
+    access_token: Annotated[str | None, Query()] = None,
+) -> None:
+    """The stream's events as JSON text messages (documented in the SSE route's description)."""
+    try:
+        presented = key_from_headers(websocket.headers.get("x-api-key"), websocket.headers.get("authorization"))
+        grant = authorize(state.settings, presented or access_token, "recs:read")
+        stream = _stream(state, grant, user_id, anonymous_id, session_id, k, consent, transport="websocket")
+    except ApiError as exc:
+        await _refuse(websocket, exc)
+        return
+    await websocket.accept()
+
+    async def send() -> None:
+        async for name, data in _events(push, stream, grant):
+            await websocket.send_text(f'{{"event":"{name}","data":{data}}}')
+        await websocket.close()
+
+    async def until_disconnected() -> None:
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+    tasks = [asyncio.create_task(send()), asyncio.create_task(until_disconnected())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        push.close(stream)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _stream(
+    state: ServingState,
+    grant: Grant,
+    user_id: str | None,
+    anonymous_id: str | None,
+    session_id: str | None,
+    k: int,
+    consent: Consent,
+    transport: str,
+) -> LiveStream:
+    """Check whom the stream is for (before the response starts: a refusal is an HTTP error); the stream."""
     if user_id is None and anonymous_id is None:
         raise ApiError(
             422,
@@ -95,7 +211,6 @@ async def stream_recommendations(
             errors=[FieldError(field="user_id", reason="user_id or anonymous_id is required")],
         )
     grant.check_person(user_id, anonymous_id, session_id)
-    people = {p for p in (user_id, anonymous_id) if p}
 
     async def compute() -> str:
         body = await get_recommendations(
@@ -106,51 +221,40 @@ async def stream_recommendations(
             session_id=session_id,
             k=k,
             context=Context.home,
+            consent=consent,
         )
-        return body.model_dump_json()
+        return bytes(body.body).decode()  # the route's JSON body, as GET /v1/recommendations sends it
 
-    async def events() -> AsyncIterator[dict[str, Any]]:
-        client = aioredis.Redis.from_url(state.settings.redis.effective_url, socket_connect_timeout=1.0)
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(redis_keys.RECS_CHANNEL)
-            yield {"event": "recommendations", "data": await compute()}
-            while not await request.is_disconnected():
-                if grant.expired(time.time()):
-                    yield {"event": "token_expired", "data": json.dumps({"error": "token_expired"})}
-                    return
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL_S)
-                if message is None or not _concerns(message["data"], people, session_id):
-                    continue
-                # Coalesce a burst (one batch of the speed layer publishes once per person).
-                while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01) is not None:
-                    pass
-                yield {"event": "recommendations", "data": await compute()}
-        except (aioredis.RedisError, OSError) as exc:
-            log.warning("recommendation stream ends: %s", exc)
-            yield {"event": "error", "data": json.dumps({"error": "redis_unavailable"})}
-        except asyncio.CancelledError:
-            raise
-        finally:
-            try:
-                await pubsub.aclose()
-                await client.aclose()
-            except Exception:  # the connection may already be gone
-                log.debug("closing the stream's Redis connection failed", exc_info=True)
-
-    return EventSourceResponse(
-        events(), ping=PING_S, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    people = [p for p in (user_id, anonymous_id) if p]
+    return LiveStream(stream_keys(people, session_id), compute, transport)
 
 
-def _concerns(data: bytes | str, people: set[str], session_id: str | None) -> bool:
+async def _events(push: Fanout, stream: LiveStream, grant: Grant) -> AsyncIterator[tuple[str, str]]:
+    """Open the stream on the worker's fan-out and give its (event name, JSON data) until it ends: its lists,
+    then an `error` or `token_expired`. Opened here, by the response, so that whatever ends it closes it."""
+    push.open(stream)
     try:
-        message = RecsChanged.model_validate_json(data)
-    except ValueError:
-        return False
-    if message.person_id in people:
-        return True
-    return session_id is not None and message.session_id == session_id
+        while True:
+            try:
+                body = await asyncio.wait_for(stream.next(), timeout=grant.seconds_left(time.time()))
+            except TimeoutError:
+                expired = ErrorBody(error="token_expired", message="the session token expired; reconnect with a new one")
+                yield "token_expired", expired.model_dump_json(exclude_none=True)
+                return
+            yield "recommendations", body
+    except StreamEnded as ended:
+        yield "error", ended.error.model_dump_json(exclude_none=True)
+    finally:
+        push.close(stream)
+
+
+async def _refuse(websocket: WebSocket, exc: ApiError) -> None:
+    """Answer a refused handshake as the HTTP routes would (status and error body), where the server can."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        body = exc.body.model_dump(exclude_none=True)
+        await websocket.send_denial_response(JSONResponse(body, status_code=exc.status, headers=exc.headers))
+    else:
+        await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=exc.body.error)
 
 
 @demo_router.get("/catalog", dependencies=[Depends(demo_access)])

@@ -93,7 +93,7 @@ def publish_synthetic_model(
         save_ranker(registry, version, train_toy_ranker(seed))
     # The catalog's content below, so items added later get content vectors (common/content.py).
     contents = [ItemContent(f"Item {j}", ("Root", item_category(j, n_categories)), "", float(10 + j % 50)) for j in range(n_items)]
-    save_content_map(registry, version, fit_content_map(contents, item_factors))
+    save_content_map(registry, version, fit_content_map(contents, item_factors, seed)[0])
 
     now = datetime.now(UTC)
     cutoff = now - timedelta(hours=1)

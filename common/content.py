@@ -13,7 +13,7 @@ import math
 import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ import scipy.sparse as sp
 DIMENSION = 1 << 15  # hashed feature buckets (the map is DIMENSION x factors float32: 8 MB at 64 factors)
 DAMPING = 2.0  # ridge strength sqrt(lambda): chosen on held-out items (README "Content vectors")
 HOLDOUT_SHARE = 0.1
+NORM_QUANTILES = 101  # points of the norm map (ContentMap)
 # Each group of features is scaled to this norm, so a long title does not outweigh the category.
 GROUP_WEIGHTS = {"word": 1.0, "pair": 0.5, "char": 0.5, "category": 1.0, "brand": 0.5, "price": 0.3}
 _WORD = re.compile(r"[^\W\d_]+")  # letters only: sizes and numbering say little about an item
@@ -94,21 +95,68 @@ def feature_matrix(contents: Iterable[ItemContent]) -> sp.csr_matrix:
 
 @dataclass(frozen=True)
 class ContentMap:
-    """vector = mean + features @ weights: the ALS item vector a content predicts."""
+    """vector = mean + features @ weights, rescaled to a batch item's norm: the ALS item vector a content predicts.
+
+    Ridge shrinks predictions toward the mean, so unscaled a new item's vector is shorter than nearly
+    every batch vector and never reaches an ALS top n (norm carries popularity in implicit ALS). The
+    norm of a prediction is mapped quantile to quantile onto the batch vectors' norms: a new item ranks
+    among batch items by length as its prediction ranks among predictions for items the map never saw.
+    """
 
     weights: np.ndarray  # float32, DIMENSION x factors
     mean: np.ndarray  # float32, factors: the mean item vector (what an item of unseen words gets)
+    predicted_norms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # NORM_QUANTILES
+    batch_norms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # at the same quantiles
 
     def vectors(self, contents: Sequence[ItemContent]) -> np.ndarray:
         if not contents:
             return np.zeros((0, len(self.mean)), dtype=np.float32)
-        return (feature_matrix(contents) @ self.weights + self.mean).astype(np.float32)
+        raw = feature_matrix(contents) @ self.weights + self.mean
+        if len(self.predicted_norms) == 0:  # a map saved before norms were kept
+            return raw.astype(np.float32)
+        norms = np.linalg.norm(raw, axis=1)
+        target = np.interp(norms, self.predicted_norms, self.batch_norms)
+        return (raw * (target / np.maximum(norms, 1e-12))[:, None]).astype(np.float32)
 
 
-def fit_content_map(contents: Sequence[ItemContent], factors: np.ndarray, damping: float = DAMPING) -> ContentMap:
-    """Ridge regression of the items' factors (rows of `factors`) on their content features:
-    (XᵀX + damping²·I) W = Xᵀ(Y − mean), by conjugate gradients over the features that occur, all
-    factors at once (each step two sparse products; XᵀX is never formed)."""
+def fit_content_map(
+    contents: Sequence[ItemContent], factors: np.ndarray, seed: int = 0, damping: float = DAMPING
+) -> tuple[ContentMap, dict[str, float]]:
+    """The map from the items' contents to their factors (rows of `factors`), and its held-out figures.
+
+    A first fit on 90 % of the items predicts the rest: their mean cosine to the true vectors against
+    the mean vector's (the map earns its place only if it beats the mean), and the norms its predictions
+    have for unseen items, which the final map (fitted on all items) rescales to the batch norms."""
+    test = np.random.default_rng(seed).random(len(contents)) < HOLDOUT_SHARE
+    train_rows, test_rows = np.flatnonzero(~test).tolist(), np.flatnonzero(test).tolist()
+    weights, mean = _fit(contents, factors, damping)
+    batch_norms = _quantiles(np.linalg.norm(factors.astype(np.float64), axis=1))
+    if not train_rows or not test_rows:
+        return ContentMap(weights, mean), {"holdout_items": 0}
+    held_out = ContentMap(*_fit([contents[i] for i in train_rows], factors[train_rows], damping))
+    test_contents = [contents[i] for i in test_rows]
+    raw = held_out.vectors(test_contents).astype(np.float64)
+    predicted_norms = _quantiles(np.linalg.norm(raw, axis=1))
+    truth = factors[test_rows].astype(np.float64)
+    true_norms = np.linalg.norm(truth, axis=1)
+    scaled = replace(held_out, predicted_norms=predicted_norms, batch_norms=batch_norms).vectors(test_contents)
+    figures = {
+        "holdout_items": len(test_rows),
+        "holdout_cosine": round(float(_cosines(raw, truth).mean()), 4),
+        "mean_vector_cosine": round(float(_cosines(np.broadcast_to(held_out.mean, truth.shape), truth).mean()), 4),
+        # Median length of a held-out prediction over its true vector's, before and after the rescale.
+        "holdout_norm_ratio": round(float(np.median(np.linalg.norm(raw, axis=1) / np.maximum(true_norms, 1e-12))), 4),
+        "holdout_scaled_norm_ratio": round(
+            float(np.median(np.linalg.norm(scaled, axis=1) / np.maximum(true_norms, 1e-12))), 4
+        ),
+    }
+    return ContentMap(weights, mean, predicted_norms, batch_norms), figures
+
+
+def _fit(contents: Sequence[ItemContent], factors: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge regression of the factors on the content features: (XᵀX + damping²·I) W = Xᵀ(Y − mean), by
+    conjugate gradients over the features that occur, all factors at once (each step two sparse
+    products; XᵀX is never formed). Returns (W, mean) in float32."""
     x = feature_matrix(contents)
     y = factors.astype(np.float64)
     mean = y.mean(axis=0) if len(y) else np.zeros(factors.shape[1])
@@ -116,7 +164,14 @@ def fit_content_map(contents: Sequence[ItemContent], factors: np.ndarray, dampin
     used = np.unique(x.indices)
     if len(y) and len(used):
         weights[used] = _ridge_cg(x[:, used].tocsr(), y - mean, damping**2)
-    return ContentMap(weights, mean.astype(np.float32))
+    return weights, mean.astype(np.float32)
+
+
+def _quantiles(values: np.ndarray) -> np.ndarray:
+    """The values at NORM_QUANTILES evenly spaced quantiles (non-decreasing, as np.interp needs)."""
+    if len(values) == 0:
+        return np.zeros(0, np.float32)
+    return np.quantile(values, np.linspace(0.0, 1.0, NORM_QUANTILES)).astype(np.float32)
 
 
 def _ridge_cg(x: sp.csr_matrix, y: np.ndarray, lam: float, tol: float = 1e-5, max_steps: int = 500) -> np.ndarray:
@@ -139,27 +194,6 @@ def _ridge_cg(x: sp.csr_matrix, y: np.ndarray, lam: float, tol: float = 1e-5, ma
         p = r + p * (rr_next / np.maximum(rr, 1e-30))
         rr = rr_next
     return w
-
-
-def held_out_cosines(
-    contents: Sequence[ItemContent], factors: np.ndarray, seed: int, damping: float = DAMPING
-) -> dict[str, float]:
-    """Fit on 90 % of the items, and on the rest compare the mean cosine of the predicted vector and of the
-    mean vector to their true vectors (the map earns its place only if it beats the mean)."""
-    n = len(contents)
-    test = np.random.default_rng(seed).random(n) < HOLDOUT_SHARE
-    train_rows, test_rows = np.flatnonzero(~test).tolist(), np.flatnonzero(test).tolist()
-    if len(train_rows) == 0 or len(test_rows) == 0:
-        return {"holdout_items": 0}
-    fitted = fit_content_map([contents[i] for i in train_rows], factors[train_rows], damping)
-    truth = factors[test_rows].astype(np.float64)
-    predicted = fitted.vectors([contents[i] for i in test_rows]).astype(np.float64)
-    mean = np.broadcast_to(fitted.mean.astype(np.float64), truth.shape)
-    return {
-        "holdout_items": len(test_rows),
-        "holdout_cosine": round(float(_cosines(predicted, truth).mean()), 4),
-        "mean_vector_cosine": round(float(_cosines(mean, truth).mean()), 4),
-    }
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -171,7 +171,13 @@ def save_table(registry: Registry, version: str, name: str, table: pa.Table) -> 
 
 def save_content_map(registry: Registry, version: str, content_map: ContentMap) -> None:
     sink = io.BytesIO()
-    np.savez_compressed(sink, weights=content_map.weights, mean=content_map.mean)  # mostly unused (zero) buckets
+    np.savez_compressed(  # the weights are mostly unused (zero) buckets
+        sink,
+        weights=content_map.weights,
+        mean=content_map.mean,
+        predicted_norms=content_map.predicted_norms,
+        batch_norms=content_map.batch_norms,
+    )
     _write_bytes(registry, version, reg.CONTENT_MAP, sink.getvalue())
 
 
@@ -237,7 +243,8 @@ def _read_content_map(registry: Registry, version: str) -> ContentMap | None:
     if not registry.fs.exists(registry.path(version, reg.CONTENT_MAP)):
         return None  # a version trained before content maps existed
     with np.load(io.BytesIO(_read_bytes(registry, version, reg.CONTENT_MAP)), allow_pickle=False) as data:
-        return ContentMap(weights=data["weights"], mean=data["mean"])
+        norms = {name: data[name] for name in ("predicted_norms", "batch_norms") if name in data}
+        return ContentMap(weights=data["weights"], mean=data["mean"], **norms)
 
 
 def _read_table(registry: Registry, version: str, name: str) -> pa.Table | None:

@@ -156,7 +156,7 @@ def train_content_map(plan: Plan, settings: Settings) -> dict[str, Any]:
     after measuring it on held-out items; items new since a cutoff get their vectors from it."""
     if decided(plan, settings):
         return {"skipped": f"{plan.version} already decided"}
-    from common.content import content_of_row, fit_content_map, held_out_cosines
+    from common.content import content_of_row, fit_content_map
 
     clock = time.perf_counter()
     catalog = {row["item_id"]: content_of_row(row) for row in lake_of(settings).read_catalog().to_pylist()}
@@ -167,9 +167,10 @@ def train_content_map(plan: Plan, settings: Settings) -> dict[str, Any]:
         rows = [i for i, item in enumerate(item_ids) if item in catalog and catalog[item].has_text]
         contents = [catalog[item_ids[i]] for i in rows]
         factors = item_factors[rows]
+        content_map, figures = fit_content_map(contents, factors, settings.training.seed)
         if stage == "final":
-            summary = {"content_items": len(rows), **held_out_cosines(contents, factors, settings.training.seed)}
-        save_content_map(target, version, fit_content_map(contents, factors))
+            summary = {"content_items": len(rows), **figures}
+        save_content_map(target, version, content_map)
         if stage == "dev":
             target.write_manifest(target.read_manifest(version))  # its hashes now cover the map
     summary["content_map_s"] = round(time.perf_counter() - clock, 2)
@@ -190,7 +191,7 @@ def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
     dev = load_model(Registry(str(plan.dev_registry)), DEV_MODEL)
     rows = {}
     for name, (start, end) in (("train", plan.train_window), ("valid", plan.valid_window)):
-        pit = PointInTime.at(log_, dev, training, settings.speed, start.timestamp())
+        pit = PointInTime.at(log_, dev, training, settings.speed, start.timestamp(), settings.models.content_vectors)
         requests = build_requests(log_, start.timestamp(), end.timestamp(), training.max_requests, training.seed)
         rows[name] = feature_rows(pit, requests)
     booster = fit(rows["train"], rows["valid"], training.seed)
@@ -222,7 +223,7 @@ def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
     start, end = plan.eval_window
     log_ = load_log(lake_of(settings), plan.cutoff, training)
     dev = load_model(Registry(str(plan.dev_registry)), DEV_MODEL)
-    pit = PointInTime.at(log_, dev, training, settings.speed, start.timestamp())
+    pit = PointInTime.at(log_, dev, training, settings.speed, start.timestamp(), settings.models.content_vectors)
     requests = build_requests(log_, start.timestamp(), end.timestamp(), training.max_requests, training.seed + 1)
     metrics, reciprocal = measure(pit, requests, dev.ranker)
     sessions = [str(log_.session[r.at]) for r in requests]
@@ -350,7 +351,7 @@ def _write_dev_manifest(plan: Plan, settings: Settings) -> None:
 
 def _content_metrics(state: dict[str, Any]) -> dict[str, dict[str, float]]:
     """The content map's held-out figures (train_content_map), beside the offline metrics."""
-    names = ("holdout_cosine", "mean_vector_cosine", "holdout_items")
+    names = ("holdout_cosine", "mean_vector_cosine", "holdout_items", "holdout_norm_ratio", "holdout_scaled_norm_ratio")
     found = {name: float(state[name]) for name in names if name in state}
     return {"content_map": found} if found else {}
 

@@ -9,8 +9,8 @@ from common.content import (
     DIMENSION,
     ItemContent,
     content_features,
+    feature_matrix,
     fit_content_map,
-    held_out_cosines,
 )
 from common.model import ModelArtifacts
 from common.registry import Manifest
@@ -40,9 +40,26 @@ def catalog(n: int, factors: int, seed: int) -> tuple[list[ItemContent], np.ndar
 
 def test_the_map_recovers_held_out_vectors_better_than_the_mean_vector() -> None:
     contents, vectors = catalog(600, 16, seed=3)
-    scores = held_out_cosines(contents, vectors, seed=1)
+    _, scores = fit_content_map(contents, vectors, seed=1)
     assert scores["holdout_items"] > 30
     assert scores["holdout_cosine"] > 0.8 > scores["mean_vector_cosine"] + 0.3, scores
+
+
+def test_predicted_vectors_are_rescaled_to_the_batch_vectors_norms() -> None:
+    """Ridge shrinks predictions toward the mean; rescaled, unseen items are as long as batch items are."""
+    contents, vectors = catalog(600, 16, seed=3)
+    vectors *= np.random.default_rng(4).lognormal(0.0, 0.5, (len(vectors), 1)).astype(np.float32)  # norms vary
+    content_map, scores = fit_content_map(contents, vectors, seed=1, damping=8.0)
+    assert scores["holdout_norm_ratio"] < 0.8 and 0.85 < scores["holdout_scaled_norm_ratio"] < 1.15, scores
+    fresh, _ = catalog(300, 16, seed=9)  # the same vocabulary, items the map never saw
+    predicted = np.linalg.norm(content_map.vectors(fresh), axis=1)
+    batch = np.linalg.norm(vectors, axis=1)
+    assert 0.8 < np.median(predicted) / np.median(batch) < 1.25
+    # Only lengths change, in order: a longer prediction stays longer, and directions are kept.
+    raw = feature_matrix(fresh) @ content_map.weights + content_map.mean
+    assert np.all(np.diff(predicted[np.argsort(np.linalg.norm(raw, axis=1))]) >= -1e-4)
+    cosines = np.einsum("nk,nk->n", raw, content_map.vectors(fresh)) / (np.linalg.norm(raw, axis=1) * predicted)
+    np.testing.assert_allclose(cosines, 1.0, rtol=1e-4)
 
 
 def test_features_are_hashed_into_a_fixed_dimension_the_same_way_every_time() -> None:
@@ -55,7 +72,7 @@ def test_features_are_hashed_into_a_fixed_dimension_the_same_way_every_time() ->
 
 def test_a_version_adds_content_vectors_only_for_items_without_a_batch_vector() -> None:
     contents, vectors = catalog(200, 8, seed=5)
-    content_map = fit_content_map(contents, vectors)
+    content_map, _ = fit_content_map(contents, vectors)
     ids = [f"i{j}" for j in range(200)]
     model = ModelArtifacts(
         version="v1", manifest=Manifest.model_construct(version="v1"), item_ids=ids, item_factors=vectors,

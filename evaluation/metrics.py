@@ -74,6 +74,7 @@ class Scoreboard:
             "predictions": len(self.ranks),
             "purchase_predictions": len(self.purchase_ranks),
             f"new_item_hr_at_{self.k}": round(hit_rate(self.new_item_ranks), 4),
+            f"new_item_mrr_at_{self.k}": round(mean_reciprocal_rank(self.new_item_ranks), 4),
             "new_item_predictions": len(self.new_item_ranks),
             "mean_list_length": round(slots / len(self.ranks), 2) if self.ranks else 0.0,
             "degraded": self.degraded,

@@ -112,6 +112,9 @@ def test_scoreboard_summary_by_hand() -> None:
     assert (summary["new_item_hr_at_20"], summary["new_item_predictions"]) == (0.0, 1)
     assert (summary["hr_at_20"], summary["mrr_at_20"], summary["purchase_hr_at_20"]) == (0.5, 0.25, 1.0)
     assert summary["coverage"] == 0.3  # a, b, c of 10
+    board.add(["a", "b", "c", "n"], "n", purchased=False, new_item=True)  # a new item found 4th
+    summary = board.summary()
+    assert (summary["new_item_hr_at_20"], summary["new_item_mrr_at_20"]) == (0.5, 0.125)
     assert summary["popularity_percentile"] == 0.25  # (0 + .5 + 0 + .5) / 4 slots
 
 

@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow as pa
 
 from common.catalog import Item, items_to_table
+from common.content import ItemContent, fit_content_map
 from common.features import FEATURE_NAMES
 from common.lake import Lake
-from common.model import save_factors, save_ranker, save_table
+from common.model import save_content_map, save_factors, save_ranker, save_table
 from common.registry import COVISITATION, POPULARITY, Manifest, Registry
 
 
@@ -90,6 +91,9 @@ def publish_synthetic_model(
     save_table(registry, version, COVISITATION, pa.table({"item_id": src, "other_id": dst, "count": cnt}))
     if with_ranker:
         save_ranker(registry, version, train_toy_ranker(seed))
+    # The catalog's content below, so items added later get content vectors (common/content.py).
+    contents = [ItemContent(f"Item {j}", ("Root", item_category(j, n_categories)), "", float(10 + j % 50)) for j in range(n_items)]
+    save_content_map(registry, version, fit_content_map(contents, item_factors, seed)[0])
 
     now = datetime.now(UTC)
     cutoff = now - timedelta(hours=1)

@@ -61,6 +61,11 @@ class ItemUpdate(BaseModel):
     category_path: CategoryPath | None = None
     brand: Brand | None = None
 
+    @property
+    def changes_content(self) -> bool:
+        """Whether the item's content vector (common/content.py) may change."""
+        return any(v is not None for v in (self.title, self.category_path, self.brand, self.price))
+
 
 CATALOG_SCHEMA = pa.schema(
     [

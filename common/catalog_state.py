@@ -6,12 +6,14 @@ speed layer reads an item's category for session affinity and bestsellers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 
 import redis
 
 from common import redis_keys
 from common.catalog import Item, ItemUpdate
+from common.content import ItemContent
 from common.redis_server import is_cluster
 
 
@@ -42,6 +44,7 @@ def load_items(client: redis.Redis, items: Iterable[Item], chunk: int = 5000) ->
                 promoted=item.promoted,
                 title=item.title,
                 brand=item.brand,
+                category_path=item.category_path,
             )
         )
         fields["category"] = item.category
@@ -76,7 +79,27 @@ def _fields_of_update(update: ItemUpdate) -> dict[str, str]:
         fields["brand"] = update.brand
     if update.category_path:
         fields["category"] = update.category_path[-1]
+        fields["category_path"] = json.dumps(update.category_path)
     return fields
+
+
+def read_contents(client: redis.Redis, item_ids: Sequence[str]) -> dict[str, ItemContent]:
+    """item -> its content as the live state holds it (items with no live state are left out)."""
+    pipe = client.pipeline(transaction=False)
+    for item in item_ids:
+        pipe.hgetall(redis_keys.item_state(item))
+    return {item: _content(fields) for item, fields in zip(item_ids, pipe.execute(), strict=True) if fields}
+
+
+def _content(fields: Mapping[bytes, bytes]) -> ItemContent:
+    text = {k.decode(): v.decode() for k, v in fields.items()}
+    path = json.loads(text["category_path"]) if "category_path" in text else [text.get("category", "")]
+    return ItemContent(
+        title=text.get("title", ""),
+        category_path=tuple(p for p in path if p),
+        brand=text.get("brand", ""),
+        price=float(text.get("price", 0.0)),
+    )
 
 
 def _queue_fields(pipe: redis.client.Pipeline, item_id: str, fields: dict[str, str]) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from common import registry as reg
 from common.candidates import Scored, als_top_n
+from common.content import ContentMap, ItemContent
 from common.registry import Manifest, Registry, RegistryError
 from common.vectors import gramian
 
@@ -36,6 +37,10 @@ class ModelArtifacts:
     ranker: Any | None = None  # lightgbm.Booster when the version has one
     popularity: pa.Table | None = None  # item_id, count (events in the training window)
     covisitation: pa.Table | None = None  # item_id, other_id, count
+    content_map: ContentMap | None = None  # when the version has one
+    # Rows [0, batch_items) of the item factors are ALS's; rows after them are content vectors of items
+    # new since the cutoff (`with_content_vectors`). -1: all rows are ALS's.
+    batch_items: int = -1
     item_index: dict[str, int] = field(default_factory=dict)
     user_index: dict[str, int] = field(default_factory=dict)
     # The item factors again, column-major: Y @ x reads it in the order BLAS's gemv streams best
@@ -44,6 +49,8 @@ class ModelArtifacts:
     _similar: dict[tuple[str, int], Scored] = field(default_factory=dict, repr=False)  # similar_items' answers
 
     def __post_init__(self) -> None:
+        if self.batch_items < 0:
+            self.batch_items = len(self.item_ids)
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
         self.user_index = {user: i for i, user in enumerate(self.user_ids)}
         self.scoring_factors = np.asfortranarray(self.item_factors)
@@ -64,6 +71,42 @@ class ModelArtifacts:
     def item_vector(self, item_id: str) -> np.ndarray | None:
         i = self.item_index.get(item_id)
         return None if i is None else self.item_factors[i]
+
+    def has_batch_vector(self, item_id: str) -> bool:
+        i = self.item_index.get(item_id)
+        return i is not None and i < self.batch_items
+
+    def is_content_vector(self, item_id: str) -> bool:
+        i = self.item_index.get(item_id)
+        return i is not None and i >= self.batch_items
+
+    @property
+    def batch_item_ids(self) -> list[str]:
+        return self.item_ids[: self.batch_items]
+
+    def with_content_vectors(self, contents: Mapping[str, ItemContent]) -> ModelArtifacts:
+        """A copy that also holds the content vectors of the given items that have no batch vector (an
+        item's earlier content vector is replaced); itself when the version has no content map or none
+        of the items needs one. YᵀY stays the batch factors' (the fold-in's prior is the trained model)."""
+        wanted = {
+            item: content
+            for item, content in contents.items()
+            if content.has_text and not self.has_batch_vector(item)
+        }
+        if self.content_map is None or not wanted:
+            return self
+        kept = [i for i in range(self.batch_items, len(self.item_ids)) if self.item_ids[i] not in wanted]
+        added = list(wanted)
+        factors = np.vstack(
+            [
+                self.item_factors[: self.batch_items],
+                self.item_factors[kept],
+                self.content_map.vectors([wanted[i] for i in added]),
+            ]
+        )
+        ids = self.item_ids[: self.batch_items] + [self.item_ids[i] for i in kept] + added
+        # A cache of its own: the added vectors change other items' neighbours.
+        return replace(self, item_ids=ids, item_factors=factors, _similar={})
 
     def similar_items(self, item_id: str, n: int) -> Scored | None:
         """The ALS top n for the item's own vector (None for an unknown item). Cached: a version's answer
@@ -126,6 +169,18 @@ def save_table(registry: Registry, version: str, name: str, table: pa.Table) -> 
     _write_bytes(registry, version, name, sink.getvalue())
 
 
+def save_content_map(registry: Registry, version: str, content_map: ContentMap) -> None:
+    sink = io.BytesIO()
+    np.savez_compressed(  # the weights are mostly unused (zero) buckets
+        sink,
+        weights=content_map.weights,
+        mean=content_map.mean,
+        predicted_norms=content_map.predicted_norms,
+        batch_norms=content_map.batch_norms,
+    )
+    _write_bytes(registry, version, reg.CONTENT_MAP, sink.getvalue())
+
+
 def save_ranker(registry: Registry, version: str, booster: Any) -> None:
     _write_bytes(registry, version, reg.RANKER, booster.model_to_string().encode())
 
@@ -153,7 +208,13 @@ def load_model(registry: Registry, version: str | None = None) -> ModelArtifacts
         ranker=ranker,
         popularity=_read_table(registry, version, reg.POPULARITY),
         covisitation=_read_table(registry, version, reg.COVISITATION),
+        content_map=_read_content_map(registry, version),
     )
+
+
+def load_item_factors(registry: Registry, version: str) -> tuple[list[str], np.ndarray]:
+    """A version's item ids and ALS item factors (readable before its manifest is written)."""
+    return json.loads(_read_bytes(registry, version, reg.ITEM_IDS)), _read_npy(registry, version, reg.ITEM_FACTORS)
 
 
 def _write_bytes(registry: Registry, version: str, name: str, data: bytes) -> None:
@@ -176,6 +237,14 @@ def _write_npy(registry: Registry, version: str, name: str, array: np.ndarray) -
 
 def _read_npy(registry: Registry, version: str, name: str) -> np.ndarray:
     return np.load(io.BytesIO(_read_bytes(registry, version, name)), allow_pickle=False)
+
+
+def _read_content_map(registry: Registry, version: str) -> ContentMap | None:
+    if not registry.fs.exists(registry.path(version, reg.CONTENT_MAP)):
+        return None  # a version trained before content maps existed
+    with np.load(io.BytesIO(_read_bytes(registry, version, reg.CONTENT_MAP)), allow_pickle=False) as data:
+        norms = {name: data[name] for name in ("predicted_norms", "batch_norms") if name in data}
+        return ContentMap(weights=data["weights"], mean=data["mean"], **norms)
 
 
 def _read_table(registry: Registry, version: str, name: str) -> pa.Table | None:

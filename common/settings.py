@@ -99,6 +99,11 @@ class ModelsSettings(Section):
         description="A new version is refused when its replayed MRR@20 or HR@20 is surely (95 %) below the "
         "serving version's by more than this share of it.",
     )
+    content_vectors: bool = Field(
+        True,
+        description="Give an item with no batch vector (new since the cutoff) a vector from its title, category, "
+        "brand and price through the version's content map, so ALS scoring, fold-in and similar items reach it.",
+    )
     gate_sessions: int = Field(
         1000,
         ge=1,

@@ -93,6 +93,13 @@ def nightly_retrain() -> None:
         return pipeline.train_als(_plan(), get_settings())
 
     @task
+    def train_content_map() -> dict[str, Any]:
+        from common.settings import get_settings
+        from spark_jobs import pipeline
+
+        return pipeline.train_content_map(_plan(), get_settings())
+
+    @task
     def train_ranker() -> dict[str, Any]:
         from common.settings import get_settings
         from spark_jobs import pipeline
@@ -139,13 +146,14 @@ def nightly_retrain() -> None:
     erased = apply_erasures()
     built = interactions()
     als = train_als()
+    content = train_content_map()
     ranker = train_ranker()
     measured = evaluate()
     replayed = replay_gate()
     refreshed = refresh_warehouse()
     checked >> erased
     told = notify(decision)  # type: ignore[arg-type]  # TaskFlow hands the XComArg over, resolved at run time
-    [checked, erased] >> built >> als >> ranker >> measured >> replayed >> decision >> refreshed >> told
+    [checked, erased] >> built >> als >> content >> ranker >> measured >> replayed >> decision >> refreshed >> told
 
 
 nightly_retrain()

@@ -57,6 +57,10 @@ def replay(
         Path | None,
         typer.Option(help="Keep the model, Redis and work files here (default: a temporary dir)."),
     ] = None,
+    content_vectors: Annotated[
+        bool,
+        typer.Option(help="Give items without a batch vector their content vector (settings.models.content_vectors)."),
+    ] = True,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
     ] = False,
@@ -79,6 +83,9 @@ def replay(
     except SettingsError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
+    settings = settings.model_copy(
+        update={"models": settings.models.model_copy(update={"content_vectors": content_vectors})}
+    )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = ReplayConfig(
         lake=str(lake.resolve()), test_days=test_days, strategies=names, engine=engine, seed=seed,

@@ -27,7 +27,7 @@ from common.lake import Lake
 from common.model import ModelArtifacts, load_model
 from common.registry import Registry
 from common.settings import Settings
-from evaluation.protocol import TestSet, sample_sessions, select_targets
+from evaluation.protocol import TestSet, mark_new_items, sample_sessions, select_targets
 from evaluation.replay import (
     ReplayConfig,
     WindowJob,
@@ -164,7 +164,7 @@ def gate_targets(lake: Lake, window: tuple[datetime, datetime], models: list[Mod
     start, end = window
     known = set.intersection(*(set(m.item_ids) for m in models))
     test = select_targets(protocol_events(lake, end), start.timestamp(), known, config.protocol)
-    return sample_sessions(test, config.max_sessions, config.seed)
+    return mark_new_items(sample_sessions(test, config.max_sessions, config.seed), known)
 
 
 def _ranks_by_target(result: dict[str, Any], test: TestSet) -> dict[str, list[int | None]]:

@@ -46,14 +46,19 @@ class Scoreboard:
     percentile: Mapping[str, float]  # item -> popularity percentile in training
     ranks: list[int | None] = field(default_factory=list)
     purchase_ranks: list[int | None] = field(default_factory=list)
+    new_item_ranks: list[int | None] = field(default_factory=list)  # targets with no batch vector at the cutoff
     shown: Counter[str] = field(default_factory=Counter)
     degraded: int = 0
 
-    def add(self, ranked: Sequence[str], target: str, purchased: bool, degraded: bool = False) -> None:
+    def add(
+        self, ranked: Sequence[str], target: str, purchased: bool, degraded: bool = False, new_item: bool = False
+    ) -> None:
         rank = rank_of(target, ranked, self.k)
         self.ranks.append(rank)
         if purchased:
             self.purchase_ranks.append(rank)
+        if new_item:
+            self.new_item_ranks.append(rank)
         self.shown.update(ranked[: self.k])
         self.degraded += degraded
 
@@ -68,6 +73,9 @@ class Scoreboard:
             "popularity_percentile": round(pop, 4),
             "predictions": len(self.ranks),
             "purchase_predictions": len(self.purchase_ranks),
+            f"new_item_hr_at_{self.k}": round(hit_rate(self.new_item_ranks), 4),
+            f"new_item_mrr_at_{self.k}": round(mean_reciprocal_rank(self.new_item_ranks), 4),
+            "new_item_predictions": len(self.new_item_ranks),
             "mean_list_length": round(slots / len(self.ranks), 2) if self.ranks else 0.0,
             "degraded": self.degraded,
         }

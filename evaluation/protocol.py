@@ -52,7 +52,8 @@ def select_targets(
     """The targets among `events` (columns PROTOCOL_COLUMNS, t = arrival in epoch seconds).
 
     `events` holds every event up to the window's end, in replay order; `train_items` are the
-    items the batch model was trained on.
+    items the system can know of: the batch model's, and the catalog's (which includes items new
+    since the cutoff, see `mark_new_items`).
     """
     counts: dict[str, int] = {}
     test = _test_events(_filtered(events, protocol, counts), cutoff_s, train_items, protocol, counts)
@@ -67,6 +68,13 @@ def select_targets(
     counts["targets"] = len(targets)
     counts["purchase_targets"] = int(targets["purchased"].sum())
     return TestSet(targets=targets[["event_id", "session_id", "item_id", "purchased"]], counts=counts)
+
+
+def mark_new_items(test: TestSet, batch_items: Collection[str]) -> TestSet:
+    """The targets with a `new_item` column: True where the batch model has no vector for the item (it
+    reaches the lists through content vectors, co-visits, trending or new arrivals only)."""
+    targets = test.targets.assign(new_item=~test.targets["item_id"].isin(set(batch_items)))
+    return TestSet(targets=targets, counts={**test.counts, "new_item_targets": int(targets["new_item"].sum())})
 
 
 def sample_sessions(test: TestSet, max_sessions: int | None, seed: int) -> TestSet:

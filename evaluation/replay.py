@@ -44,6 +44,7 @@ from evaluation.protocol import (
     PROTOCOL_COLUMNS,
     Protocol,
     TestSet,
+    mark_new_items,
     sample_sessions,
     select_targets,
     target_prefixes,
@@ -111,8 +112,10 @@ def run_replay(
     model = load_model(Registry(settings.models.root), version)
 
     events = protocol_events(lake, end)
-    test = select_targets(events, cutoff.timestamp(), model.item_ids, config.protocol)
-    test = sample_sessions(test, config.max_sessions, config.seed)
+    # Items new since the cutoff are targets too (counted apart: `new_item_*`): the catalog names them.
+    known = set(model.item_ids) | set(lake.read_catalog()["item_id"].to_pylist())
+    test = select_targets(events, cutoff.timestamp(), known, config.protocol)
+    test = mark_new_items(sample_sessions(test, config.max_sessions, config.seed), model.item_ids)
     percentile = training_percentiles(model.popularity)
     by_name: dict[str, dict[str, Any]] = {}
     references = tuple(name for name in config.strategies if name in REFERENCES)
@@ -121,7 +124,7 @@ def run_replay(
         say(f"scoring the reference algorithms {', '.join(references)} (not served) on the same targets")
         servable = set(catalog_before(lake, cutoff.timestamp())) | set(model.item_ids)
         by_name |= score_references(
-            references, events, test, cutoff.timestamp(), model.item_ids, config, len(servable), percentile
+            references, events, test, cutoff.timestamp(), known, config, len(servable), percentile
         )
     references_s = time.perf_counter() - references_clock
     del events
@@ -164,6 +167,7 @@ def run_replay(
         "model_version": version,
         "seed": config.seed,
         "k": config.k,
+        "content_vectors": settings.models.content_vectors,
         "protocol": test.counts,
         "repeats_scored": config.protocol.repeats,
         "events_replayed": results[0]["events_replayed"] if results else 0,
@@ -234,7 +238,7 @@ def replay_window(job: WindowJob) -> dict[str, Any]:
             replayer = Replayer(
                 job.settings, server.url, registry, job.version, strategies, config, job.work_dir
             )
-            servable = replayer.load_catalog(lake, job.cutoff.timestamp(), job.offset_s)
+            servable = replayer.load_catalog(lake, job.cutoff.timestamp(), job.end.timestamp(), job.offset_s)
             servable |= set(load_model(registry, job.version).item_ids)
             boards = {s.name: Scoreboard(config.k, len(servable), job.percentile) for s in strategies}
             replayer.warm_up(history[:split])
@@ -284,11 +288,11 @@ def score_references(
 
     Same targets, k and Scoreboard as the served strategies; a list is the reference's answer for the
     target's session prefix (its protocol events before the target). `serve_ms` is the mean time
-    per list, `fit_s` the training time.
+    per list, `fit_s` the training time. `train_items`: the items `test` was selected with.
     """
     sessions = training_sessions(events, cutoff_s, config.protocol)
     prefixes = target_prefixes(events, test, cutoff_s, train_items, config.protocol)
-    targets = list(zip(test.targets["item_id"], test.targets["purchased"], strict=True))
+    targets = list(zip(test.targets["item_id"], test.targets["purchased"], test.targets["new_item"], strict=True))
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
         clock = time.perf_counter()
@@ -296,11 +300,11 @@ def score_references(
         fit_s = time.perf_counter() - clock
         board = Scoreboard(config.k, catalog_size, percentile)
         serve_s = 0.0
-        for prefix, (item, purchased) in zip(prefixes, targets, strict=True):
+        for prefix, (item, purchased, new_item) in zip(prefixes, targets, strict=True):
             clock = time.perf_counter()
             ranked = reference.recommend(prefix, config.k)
             serve_s += time.perf_counter() - clock
-            board.add(ranked, item, bool(purchased))
+            board.add(ranked, item, bool(purchased), new_item=bool(new_item))
         serve_ms = round(1000 * serve_s / len(targets), 3) if targets else 0.0
         rows[name] = {**board.summary(), "serve_ms": serve_ms, "fit_s": round(fit_s, 2)}
     return rows
@@ -330,7 +334,8 @@ def train(settings: Settings, cutoff: datetime, engine: str) -> str:
 
     plan = make_plan(settings, cutoff, engine)
     pipeline.validate(settings, plan.cutoff)
-    for step in (pipeline.build_interactions, pipeline.train_als, pipeline.train_ranker, pipeline.evaluate):
+    steps = (pipeline.build_interactions, pipeline.train_als, pipeline.train_content_map, pipeline.train_ranker, pipeline.evaluate)
+    for step in steps:
         step(plan, settings)
     registry = Registry(settings.models.root)
     if registry.current() != plan.version:
@@ -340,11 +345,22 @@ def train(settings: Settings, cutoff: datetime, engine: str) -> str:
 
 def catalog_before(lake: Lake, cutoff_s: float) -> dict[str, ItemInfo]:
     """The catalog snapshot's items created before the cutoff: serving's catalog in the replay."""
+    return {item_id: info for item_id, info in _catalog(lake).items() if info.created_at_s < cutoff_s}
+
+
+def catalog_arrivals(lake: Lake, cutoff_s: float, end_s: float) -> list[ItemInfo]:
+    """The catalog's items created in [cutoff, end), oldest first: put into serving's catalog as they
+    are created, as a store's `PUT /v1/catalog/items` would."""
+    created = [info for info in _catalog(lake).values() if cutoff_s <= info.created_at_s < end_s]
+    return sorted(created, key=lambda info: (info.created_at_s, info.item_id))
+
+
+def _catalog(lake: Lake) -> dict[str, ItemInfo]:
     full = CatalogView.from_lake(lake)
     return {
         item_id: info
         for item_id in lake.read_catalog()["item_id"].to_pylist()
-        if (info := full.get(item_id)) is not None and info.created_at_s < cutoff_s
+        if (info := full.get(item_id)) is not None
     }
 
 
@@ -489,15 +505,23 @@ class Replayer:
         self.serve_s: dict[str, float] = {s.name: 0.0 for s in self.strategies}
         self.asked: list[str] = []  # the scored events' ids, in the order the boards got them
         self.last_trending_s = -math.inf
+        self.arrivals: list[ItemInfo] = []  # catalog items created in the window, oldest first
+        self.catalog: CatalogView | None = None
+        self.models: ModelHolder | None = None
 
     # ------------------------------------------------------------ set-up
 
-    def load_catalog(self, lake: Lake, cutoff_s: float, offset_s: float) -> set[str]:
+    def load_catalog(self, lake: Lake, cutoff_s: float, end_s: float, offset_s: float) -> set[str]:
         """Seed the live item state (categories, stock) and build serving's catalog and model; returns its items.
 
         Serving's catalog holds the items created before the cutoff (the snapshot is newer than the
-        window, and its later items would be offered before they exist), their dates moved too.
+        window, and its later items would be offered before they exist), their dates moved too; the
+        items created in the window join it at their creation (`_add_arrivals`).
         """
+        self.arrivals = [
+            replace(info, created_at_s=info.created_at_s + offset_s)
+            for info in catalog_arrivals(lake, cutoff_s, end_s)
+        ]
         if self.consumer is not None:
             load_items(self.client, table_to_items(lake.read_catalog()))
         items = {
@@ -505,8 +529,12 @@ class Replayer:
             for item_id, info in catalog_before(lake, cutoff_s).items()
         }
         catalog = CatalogView(items)
-        models = ModelHolder(self.registry, catalog)  # one loaded model, shared read-only by the strategies
+        if self.consumer is not None:  # what serving's catalog holds, the speed layer's versions see too
+            self.consumer.add_contents(catalog.contents())
+        # One loaded model, shared read-only by the strategies.
+        models = ModelHolder(self.registry, catalog, content_vectors=self.settings.models.content_vectors)
         models.reload(self.version)
+        self.catalog, self.models = catalog, models
         plain_rules = write_plain_rules(self.settings.api.rules_file, self.work_dir / "rules-plain.yaml")
         for strategy in self.strategies:
             url = _db(self.redis_url, SPEED_DB if strategy.speed else EMPTY_DB)
@@ -539,17 +567,32 @@ class Replayer:
         between the version's cutoff and the window) in order."""
         self.boards = boards
         targets = {
-            row.event_id: (row.item_id, bool(row.purchased)) for row in test.targets.itertuples(index=False)
+            row.event_id: (row.item_id, bool(row.purchased), bool(row.new_item))
+            for row in test.targets.itertuples(index=False)
         }
         for start, end in chunk_bounds(
             events, set(targets), self.config.chunk_span_s, self.settings.speed.batch_size
         ):
+            self._add_arrivals(_arrival_s(events[start]))
             for event in events[start:end]:
                 if event.event_id in targets:
                     self._ask(event, *targets[event.event_id])
             self._apply(events[start:end])
 
-    def _ask(self, event: Event, item: str, purchased: bool) -> None:
+    def _add_arrivals(self, now_s: float) -> None:
+        """The items created by `now_s` join serving's catalog, with their content vectors (as after a PUT)."""
+        due = 0
+        while due < len(self.arrivals) and self.arrivals[due].created_at_s <= now_s:
+            due += 1
+        if due == 0 or self.catalog is None or self.models is None:
+            return
+        added, self.arrivals = self.arrivals[:due], self.arrivals[due:]
+        self.catalog.add(added)
+        self.models.add_content_vectors([info.item_id for info in added])
+        if self.consumer is not None:
+            self.consumer.add_contents({info.item_id: info.content for info in added})
+
+    def _ask(self, event: Event, item: str, purchased: bool, new_item: bool) -> None:
         """Ask every strategy for a list at the moment just before `event`, and score it."""
         now_s = _arrival_s(event)
         if self.consumer is not None:
@@ -561,7 +604,7 @@ class Replayer:
             result = recommend(state, request, now_s=now_s)
             self.serve_s[name] += time.perf_counter() - clock
             self.boards[name].add(
-                [i.item_id for i in result.items], item, purchased, result.degraded is not None
+                [i.item_id for i in result.items], item, purchased, result.degraded is not None, new_item
             )
 
     def _apply(self, events: Sequence[Event]) -> None:

@@ -37,6 +37,10 @@ CATEGORY_TREE: dict[str, list[str]] = {
 MEDIAN_PRICE = {"Women": 45, "Men": 50, "Electronics": 220, "Home": 60, "Beauty": 25, "Sports": 55, "Toys": 30, "Books": 15}
 BRAND_SYLLABLES = ["ar", "bel", "cor", "dan", "el", "fin", "gal", "hav", "ion", "jur", "kel", "lum", "mor", "nov", "or", "pra"]
 ADJECTIVES = ["Classic", "Urban", "Essential", "Premium", "Eco", "Smart", "Vintage", "Compact", "Deluxe", "Everyday"]
+# Title words: each leaf draws its own vocabulary from these syllables; a cluster of related items
+# shares a product-line word of its leaf, so a title says which leaf and line an item is in, not exactly.
+WORD_SYLLABLES = ["ka", "lo", "mi", "ter", "va", "sen", "ru", "dex", "pol", "an", "zi", "bor", "fle", "nu", "qua", "sto"]
+LEAF_WORDS = 12
 COUNTRIES = (["GB", "DE", "FR", "US", "NL", "ES", "IT", "PL"], [0.40, 0.12, 0.11, 0.15, 0.06, 0.06, 0.06, 0.04])
 DEVICES = (["mobile", "desktop", "tablet"], [0.55, 0.35, 0.10])
 REFERRERS = (["direct", "google", "email", "social", "ads"], [0.35, 0.30, 0.12, 0.13, 0.10])
@@ -130,7 +134,10 @@ class Catalog:
     table: pa.Table
 
 
-def build_catalog(rng: np.random.Generator, n_items: int, start_us: int, end_us: int) -> Catalog:
+def build_catalog(
+    rng: np.random.Generator, n_items: int, start_us: int, end_us: int, text_rng: np.random.Generator
+) -> Catalog:
+    """The items; `text_rng` draws only their title words, so titles leave every other draw as it was."""
     tops = list(CATEGORY_TREE)
     leaf_names = [leaf for top in tops for leaf in CATEGORY_TREE[top]]
     leaf_top = [top for top in tops for _ in CATEGORY_TREE[top]]
@@ -170,7 +177,7 @@ def build_catalog(rng: np.random.Generator, n_items: int, start_us: int, end_us:
     brand = [brands_per_top[top_of_leaf[leaf[i]]][int(rng.integers(len(brands_per_top[top_of_leaf[leaf[i]]])))] for i in range(n)]
     adjective = rng.integers(len(ADJECTIVES), size=n)
     labels = pa.array([f"p{k:06d}" for k in rng.permutation(n) + 1])
-    titles = [f"{brand[i]} {ADJECTIVES[adjective[i]]} {leaf_names[leaf[i]]} {local[i] + 1}" for i in range(n)]
+    titles = _titles(text_rng, leaf, local, brand, [ADJECTIVES[a] for a in adjective], n_leaves)
     # Sold-out items stay in the catalog but draw no traffic: the catalog is the shop as it is now, and
     # a shop whose customers keep viewing and buying what it cannot sell would make the out-of-stock
     # rule look like a relevance loss. A leaf's head is always in stock, so every leaf can be sampled.
@@ -192,6 +199,18 @@ def build_catalog(rng: np.random.Generator, n_items: int, start_us: int, end_us:
         schema=CATALOG_SCHEMA,
     )
     return Catalog(labels, leaf, price, created, in_stock, np.cumsum(weight), leaf_start, leaf_end, leaf_head, leaf_names, leaf_top, table)
+
+
+def _titles(
+    rng: np.random.Generator, leaf: np.ndarray, local: np.ndarray, brand: list[str], noise: list[str], n_leaves: int
+) -> list[str]:
+    """brand, a shared noise word, the cluster's product-line word and a random word of the leaf's vocabulary."""
+    vocab = [
+        sorted({"".join(rng.choice(WORD_SYLLABLES, size=3)) for _ in range(LEAF_WORDS)}) for _ in range(n_leaves)
+    ]
+    line = [vocab[leaf[i]][(local[i] // CLUSTER) % len(vocab[leaf[i]])] for i in range(len(leaf))]
+    extra = [vocab[leaf[i]][int(rng.integers(len(vocab[leaf[i]])))] for i in range(len(leaf))]
+    return [f"{brand[i]} {noise[i]} {line[i].capitalize()} {extra[i]}" for i in range(len(leaf))]
 
 
 def sample_in_leaf(cat: Catalog, rng: np.random.Generator, leaves: np.ndarray) -> np.ndarray:
@@ -550,7 +569,7 @@ def generate(size: str, seed: int, lake: Lake, end_date: date | None = None) -> 
     end_us = int(end.timestamp()) * US_PER_S
 
     rng = np.random.default_rng([seed, 1])
-    cat = build_catalog(rng, spec.items, start_us, end_us)
+    cat = build_catalog(rng, spec.items, start_us, end_us, np.random.default_rng([seed, 3]))
     users = build_users(rng, spec.users, len(cat.leaf_names))
     sessions = build_sessions(rng, users, int(spec.events / EVENTS_PER_SESSION), len(cat.leaf_names), start_us, spec.days)
 

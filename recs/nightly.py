@@ -32,6 +32,7 @@ def run_all(settings: Settings, plan: Plan, force: bool = False, notify_redis: b
     for name, step in (
         ("interactions", pipeline.build_interactions),
         ("als", pipeline.train_als),
+        ("content", pipeline.train_content_map),
         ("ranker", pipeline.train_ranker),
         ("evaluate", pipeline.evaluate),
         ("replay", replay_gate),

@@ -200,8 +200,13 @@ class RecommendationsResponse(BaseModel):
 
 class SimilarItem(BaseModel):
     item_id: str
-    score: float
+    score: float = Field(description="Cosine of the item vectors plus the co-visit share (co-visits over the row's most).")
     category: str
+    source: Literal["covis", "content", "als"] = Field(
+        description="What found the item: co-visits, a content vector (an item new since the model's cutoff) "
+        "or two ALS vectors."
+    )
+    reason: str = Field(description="The source in words.")
 
 
 class SimilarResponse(BaseModel):

@@ -26,7 +26,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.lake import Lake
-from common.model import load_model, save_factors, save_ranker, save_table
+from common.model import (
+    load_item_factors,
+    load_model,
+    save_content_map,
+    save_factors,
+    save_ranker,
+    save_table,
+)
 from common.registry import COVISITATION, POPULARITY, Manifest, Registry
 from common.settings import PROJECT_ROOT, Settings, redacted
 from spark_jobs import tables
@@ -148,6 +155,33 @@ def _save_tables(registry: Registry, version: str, events: pa.Table, settings: S
     save_table(registry, version, COVISITATION, covis)
 
 
+def train_content_map(plan: Plan, settings: Settings) -> dict[str, Any]:
+    """Fit the map from item content to item factors for the dev and the final ALS (common/content.py),
+    after measuring it on held-out items; items new since a cutoff get their vectors from it."""
+    if decided(plan, settings):
+        return {"skipped": f"{plan.version} already decided"}
+    from common.content import content_of_row, fit_content_map
+
+    clock = time.perf_counter()
+    catalog = {row["item_id"]: content_of_row(row) for row in lake_of(settings).read_catalog().to_pylist()}
+    summary: dict[str, Any] = {}
+    for stage in STAGES:
+        target, version = (Registry(str(plan.dev_registry)), DEV_MODEL) if stage == "dev" else (registry_of(settings), plan.version)
+        item_ids, item_factors = load_item_factors(target, version)
+        rows = [i for i, item in enumerate(item_ids) if item in catalog and catalog[item].has_text]
+        contents = [catalog[item_ids[i]] for i in rows]
+        factors = item_factors[rows]
+        content_map, figures = fit_content_map(contents, factors, settings.training.seed)
+        if stage == "final":
+            summary = {"content_items": len(rows), **figures}
+        save_content_map(target, version, content_map)
+        if stage == "dev":
+            target.write_manifest(target.read_manifest(version))  # its hashes now cover the map
+    summary["content_map_s"] = round(time.perf_counter() - clock, 2)
+    _record(plan, summary)
+    return summary
+
+
 def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
     if decided(plan, settings):
         return {"skipped": f"{plan.version} already decided"}
@@ -161,7 +195,7 @@ def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
     dev = load_model(Registry(str(plan.dev_registry)), DEV_MODEL)
     rows = {}
     for name, (start, end) in (("train", plan.train_window), ("valid", plan.valid_window)):
-        pit = PointInTime.at(log_, dev, training, settings.speed, start.timestamp())
+        pit = PointInTime.at(log_, dev, training, settings.speed, start.timestamp(), settings.models.content_vectors)
         requests = build_requests(log_, start.timestamp(), end.timestamp(), training.max_requests, training.seed)
         rows[name] = feature_rows(pit, requests)
     booster = fit(rows["train"], rows["valid"], training.seed)
@@ -206,7 +240,7 @@ def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
     start, end = plan.eval_window
     log_ = load_log(lake_of(settings), plan.cutoff, training)
     dev = load_model(Registry(str(plan.dev_registry)), DEV_MODEL)
-    pit = PointInTime.at(log_, dev, training, settings.speed, start.timestamp())
+    pit = PointInTime.at(log_, dev, training, settings.speed, start.timestamp(), settings.models.content_vectors)
     requests = build_requests(log_, start.timestamp(), end.timestamp(), training.max_requests, training.seed + 1)
     metrics, reciprocal = measure(pit, requests, dev.ranker)
     sessions = [str(log_.session[r.at]) for r in requests]
@@ -224,7 +258,7 @@ def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
             "ranker": {k: v for k, v in PARAMS.items() if k != "verbose"},
             "spark_master": settings.spark.master if plan.engine == "spark" else None,
         },
-        metrics=metrics,
+        metrics={**metrics, **_content_metrics(state)},
         counts={k: int(v) for k, v in state.items() if isinstance(v, int)},
     )
     registry.write_manifest(manifest)
@@ -330,6 +364,13 @@ def _write_dev_manifest(plan: Plan, settings: Settings) -> None:
             parameters={"training": settings.training.model_dump()},
         )
     )
+
+
+def _content_metrics(state: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The content map's held-out figures (train_content_map), beside the offline metrics."""
+    names = ("holdout_cosine", "mean_vector_cosine", "holdout_items", "holdout_norm_ratio", "holdout_scaled_norm_ratio")
+    found = {name: float(state[name]) for name in names if name in state}
+    return {"content_map": found} if found else {}
 
 
 def _state(plan: Plan) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from common import duck
 from common.candidates import Scored
+from common.content import ItemContent, content_of_row
 from common.events import ATTENTION_EVENTS, BESTSELLER_EVENTS, INTEREST_EVENTS
 from common.features import DAY_S, POP_DAYS, Candidates, RequestState, day_index, implicit_weight
 from common.gatherer import Gathered, ItemColumns, describe, gather_lists, pool
@@ -67,6 +68,7 @@ class EventLog:
     price: np.ndarray  # per item
     created_s: np.ndarray  # per item; inf for items missing from the catalog
     promoted: np.ndarray  # per item
+    contents: dict[str, ItemContent] = field(default_factory=dict)  # catalog items with text (common/content.py)
     index: dict[str, int] = field(init=False)  # item id -> position in item_ids
     _id_rank: np.ndarray = field(init=False)  # rank of each item id in string order (deterministic ties)
     _item_time: np.ndarray = field(init=False)
@@ -171,6 +173,7 @@ def load_log(lake: Lake, end: datetime, training: TrainingSettings) -> EventLog:
         price=np.append(catalog["price"].fill_null(0.0).to_numpy(), np.zeros(n_extra)),
         created_s=np.append(created, np.full(n_extra, np.inf)),  # not in the catalog: no creation time
         promoted=np.append(catalog["promoted"].fill_null(False).to_numpy(zero_copy_only=False), np.zeros(n_extra, bool)),
+        contents={row["item_id"]: c for row in catalog.to_pylist() if (c := content_of_row(row)).has_text},
     )
 
 
@@ -210,7 +213,10 @@ class PointInTime:
 
     Requests must be asked in log order (`build_requests` returns them so): what the speed layer
     keeps live (ordered co-visits, `common.sequence`; forward-decayed category bestsellers) is
-    counted forward through the log as they go, by the speed layer's rules.
+    counted forward through the log as they go, by the speed layer's rules. With `content_vectors`,
+    a catalog item the model has no batch vector for gets its content vector once it is created, as
+    serving's catalog gives it one (`ModelArtifacts.with_content_vectors`, the same code): its ALS
+    score, the fold-in of its events and its candidacy in the ALS list are then serving's.
     """
 
     log: EventLog
@@ -218,11 +224,13 @@ class PointInTime:
     training: TrainingSettings
     speed: SpeedSettings
     popular: list[str]  # most popular items in the 7 days before the window (the baseline)
+    content_vectors: bool = False
     sequences: SequenceCounter = field(init=False)
     neighbour_index: NeighbourIndex = field(init=False)
     # category -> item -> forward-decayed weight (`common.speed_state.forward_decay`), as the speed layer's sets
     _bestsellers: defaultdict[str, defaultdict[str, float]] = field(init=False)
     _cursor: int = field(default=0, init=False)  # log rows before this one are counted
+    _arrivals: list[int] = field(default_factory=list, init=False)  # log items due a content vector, oldest first
 
     def __post_init__(self) -> None:
         speed = self.speed
@@ -231,16 +239,27 @@ class PointInTime:
             speed.neighbour_sessions_per_item, speed.recent_items, speed.neighbour_session_ttl_s
         )
         self._bestsellers = defaultdict(lambda: defaultdict(float))
+        if self.content_vectors and self.model.content_map is not None:
+            log = self.log
+            due = [log.index[item] for item in log.contents if not self.model.has_batch_vector(item)]
+            self._arrivals = sorted(due, key=lambda i: (log.created_s[i], log.item_ids[i]))
 
     @classmethod
     def at(
-        cls, log: EventLog, model: ModelArtifacts, training: TrainingSettings, speed: SpeedSettings, start_s: float
+        cls,
+        log: EventLog,
+        model: ModelArtifacts,
+        training: TrainingSettings,
+        speed: SpeedSettings,
+        start_s: float,
+        content_vectors: bool = False,
     ) -> PointInTime:
         history = log.before(start_s)
         recent = history.filter(
             pa.array(np.asarray(history["ts"].cast(pa.int64()).to_numpy()) / 1e6 >= start_s - 7 * DAY_S)
         )
-        return cls(log=log, model=model, training=training, speed=speed, popular=tables.popularity(recent)["item_id"].to_pylist())
+        popular = tables.popularity(recent)["item_id"].to_pylist()
+        return cls(log=log, model=model, training=training, speed=speed, popular=popular, content_vectors=content_vectors)
 
     def advance(self, to_row: int) -> None:
         """Count the log's events before `to_row` as the speed layer would have applied them."""
@@ -258,6 +277,15 @@ class PointInTime:
                 self._bestsellers[category][log.item_ids[item]] += float(weight)
         self._cursor = max(self._cursor, to_row)
 
+    def add_arrivals(self, now_s: float) -> None:
+        """Content vectors for the catalog items created by `now_s` (serving adds them at their PUT)."""
+        log, due = self.log, 0
+        while due < len(self._arrivals) and log.created_s[self._arrivals[due]] <= now_s:
+            due += 1
+        if due:
+            added, self._arrivals = self._arrivals[:due], self._arrivals[due:]
+            self.model = self.model.with_content_vectors({log.item_ids[i]: log.contents[log.item_ids[i]] for i in added})
+
     def bestsellers(self, category: str, n: int, now_s: float) -> dict[str, float]:
         """A category's top n items, decayed to `now_s` (ties as Redis's ZREVRANGE: id descending)."""
         row: dict[str, float] = self._bestsellers.get(category, {})
@@ -267,6 +295,7 @@ class PointInTime:
 
     def state(self, request: Request) -> RequestState:
         """What the speed layer would hold for the request (recent items, decayed affinity, cart)."""
+        self.add_arrivals(request.now_s)  # before the fold-in: a new item's events fold in its content vector
         log, speed = self.log, self.speed
         session_items: dict[str, float] = {}
         affinity: dict[str, float] = {}
@@ -328,6 +357,7 @@ class PointInTime:
     def gather(self, request: Request, state: RequestState) -> tuple[Gathered, Candidates]:
         """The request's candidate lists and the whole pool's feature inputs, as serving builds them."""
         self.advance(request.at)
+        self.add_arrivals(request.now_s)
         lookups = EventLogLookups(self, request.now_s, session_token(request.person, str(self.log.session_id[request.at])))
         gathered = gather_lists(self.model, lookups, state, self.training.candidates, state.session_items)
         item_ids, sources = pool(gathered)

@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -21,6 +21,8 @@ import redis
 
 from common import redis_keys
 from common.catalog import ItemUpdate
+from common.catalog_state import read_contents
+from common.content import ItemContent, content_of_row
 from common.events import Event
 from common.lake import Lake
 from common.messages import ModelEvent, RecsChanged
@@ -109,6 +111,10 @@ class SpeedConsumer:
         self._prepared: _Batch | None = None  # decoded, its reads sent, not started yet (pump)
         self._in_flight: _Batch | None = None  # started, not yet finished (pump)
         self.stream_gauges = metrics.StreamGauges(client, settings.redis.stream, settings.metrics.stream_refresh_s)
+        self.content_vectors = settings.models.content_vectors
+        # Catalog items (the lake's newest snapshot, then live updates): a loaded version gives those it
+        # has no batch vector for their content vectors.
+        self._contents: dict[str, ItemContent] = self._catalog_contents() if self.content_vectors else {}
         ensure_group(client, self.stream_key, self.speed.group)
         for lane in (self.applier.lane, self.acks, self.reads):
             lane.open()
@@ -360,13 +366,22 @@ class SpeedConsumer:
     def _model(self, version: str) -> ModelArtifacts | None:
         if version not in self.models:
             try:
-                self.models[version] = load_model(self.registry, version)
+                model = load_model(self.registry, version)
             except RegistryError as exc:
                 log.error("cannot load model %s: %s", version, exc)
                 return None
+            self.models[version] = model.with_content_vectors(self._contents) if self.content_vectors else model
             for old in [v for v in self.models if v != version][:-1]:
                 del self.models[old]  # keep at most two versions in memory
         return self.models[version]
+
+    def _catalog_contents(self) -> dict[str, ItemContent]:
+        try:
+            table = self.lake.read_catalog()
+        except Exception:  # the speed layer runs on without; live catalog updates still add items
+            log.exception("cannot read the catalog from the lake")
+            return {}
+        return {row["item_id"]: content_of_row(row) for row in table.to_pylist()}
 
     def _housekeeping_due(self) -> bool:
         self._announced += self._announced_versions()
@@ -397,13 +412,29 @@ class SpeedConsumer:
                 return versions
             try:
                 if message["channel"] == CATALOG_CHANNEL:
-                    update = ItemUpdate.model_validate_json(message["data"])
-                    if update.category_path:
-                        self.applier.categories.forget(update.item_id)
+                    self.apply_catalog([ItemUpdate.model_validate_json(message["data"])])
                 else:
                     versions.append(ModelEvent.model_validate_json(message["data"]).version)
             except ValueError as exc:
                 log.warning("ignoring a malformed message on %s: %s", message["channel"], exc)
+
+    def apply_catalog(self, updates: Sequence[ItemUpdate]) -> None:
+        """Item updates: forget the categories of moved items; give items whose content changed their
+        content vector from the live state (which the update was written to before it was announced)."""
+        for update in updates:
+            if update.category_path:
+                self.applier.categories.forget(update.item_id)
+        changed = [u.item_id for u in updates if u.changes_content]
+        if self.content_vectors and changed:
+            self.add_contents(read_contents(self.client, changed))
+
+    def add_contents(self, contents: Mapping[str, ItemContent]) -> None:
+        """Items' content (new or changed): the loaded versions give those they have no batch vector for
+        their content vectors."""
+        if not self.content_vectors:
+            return
+        self._contents.update(contents)
+        self.models = {version: model.with_content_vectors(contents) for version, model in self.models.items()}
 
     def _registry_current(self) -> str | None:
         try:

@@ -102,7 +102,8 @@ def test_dagbag_imports_and_every_task_retries(env: Env) -> None:
     dag = bag.dags.get("nightly_retrain")  # get_dag() would consult the metadata DB
     assert dag is not None and dag.catchup is False and "batch" in dag.tags
     assert [t.task_id for t in dag.topological_sort()] == [
-        "validate", "apply_erasures", "interactions", "train_als", "train_ranker",
+        "validate", "apply_erasures", "interactions", "train_als", "train_content_map",
+        "train_ranker",
         "evaluate", "replay_gate", "gate_publish", "refresh_warehouse", "notify",
     ]  # fmt: skip
     for task in dag.tasks:

@@ -65,7 +65,7 @@ def run(settings: Settings, cutoff: datetime, sabotage: bool = False, retried: b
     as a retried task would, and must leave the same manifest."""
     plan = make_plan(settings, cutoff, "implicit")
     pipeline.validate(settings, plan.cutoff)
-    for step in (pipeline.build_interactions, pipeline.train_als, pipeline.train_ranker):
+    for step in (pipeline.build_interactions, pipeline.train_als, pipeline.train_content_map, pipeline.train_ranker):
         step(plan, settings)
     if sabotage:
         save_ranker(Registry(str(plan.dev_registry)), DEV_MODEL, contrary_ranker())

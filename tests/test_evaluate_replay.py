@@ -107,10 +107,14 @@ def test_popularity_percentiles_share_ties() -> None:
 def test_scoreboard_summary_by_hand() -> None:
     board = Scoreboard(k=20, catalog_size=10, percentile={"a": 0.0, "b": 0.5, "c": 0.5})
     board.add(["a", "b"], "b", purchased=True)
-    board.add(["a", "c"], "x", purchased=False)
+    board.add(["a", "c"], "x", purchased=False, new_item=True)
     summary = board.summary()
+    assert (summary["new_item_hr_at_20"], summary["new_item_predictions"]) == (0.0, 1)
     assert (summary["hr_at_20"], summary["mrr_at_20"], summary["purchase_hr_at_20"]) == (0.5, 0.25, 1.0)
     assert summary["coverage"] == 0.3  # a, b, c of 10
+    board.add(["a", "b", "c", "n"], "n", purchased=False, new_item=True)  # a new item found 4th
+    summary = board.summary()
+    assert (summary["new_item_hr_at_20"], summary["new_item_mrr_at_20"]) == (0.5, 0.125)
     assert summary["popularity_percentile"] == 0.25  # (0 + .5 + 0 + .5) / 4 slots
 
 
@@ -210,6 +214,17 @@ def test_the_report_has_every_strategy_and_field(replayed: tuple[dict[str, Any],
     assert report["events_replayed"] > 500 and report["warmup_events"] > 0
     assert report["predictions_per_s"] > 0 and report["wall_s"] >= report["replay_s"]
     assert report["cutoff"].startswith("2026-10-29") and report["window_end"].startswith("2026-11-01")
+
+
+def test_items_new_in_the_window_are_targets_counted_apart(replayed: tuple[dict[str, Any], Path]) -> None:
+    """The tiny shop creates items inside the window: their events are targets, and each strategy reports
+    its hit rate on them; serving met them through the catalog as they were created."""
+    report, _ = replayed
+    new = report["protocol"]["new_item_targets"]
+    assert 0 < new < report["predictions"] and report["content_vectors"] is True
+    for row in report["strategies"].values():
+        assert row["new_item_predictions"] == new and 0 <= row["new_item_hr_at_20"] <= 1
+    assert report["strategies"]["batch+speed"]["new_item_hr_at_20"] > 0
 
 
 def test_the_speed_layer_adds_to_the_batch_model_on_planted_sessions(

@@ -1,6 +1,7 @@
 """One path for training and serving: at the same moments, the serving side (the real speed layer in a
 real Redis, read by serving's request code) and the training side (the event log at that moment,
-spark_jobs/replay.py) gather the same candidate pool and the same feature matrix."""
+spark_jobs/replay.py) gather the same candidate pool and the same feature matrix, items new since the
+model's cutoff (content vectors) included."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import redis
 
 from bench.serve import publish_synthetic_model
 from common import redis_keys
-from common.catalog import table_to_items
+from common.catalog import Item, items_to_table, table_to_items
 from common.catalog_state import load_items
 from common.events import Event, EventType, deterministic_event_id, events_to_table
 from common.features import FEATURE_NAMES, compute_features
@@ -36,11 +37,12 @@ from speed_layer.effects import Applier
 from tests.speed_factories import speed_settings
 
 # Sessions that share item sequences, so ordered co-visits, bestsellers and trending all have content.
+# n1 and n2 are new since the model's cutoff: they have content vectors only.
 PATHS = [
     ("u1", None, ["i1", "i9", "i17", "i25", "i2"]),
-    ("u2", None, ["i1", "i9", "i33", "i17", "i41"]),
-    (None, "guest-a", ["i9", "i17", "i25", "i49", "i3"]),
-    ("u3", None, ["i1", "i17", "i9", "i25", "i57"]),
+    ("u2", None, ["i1", "n1", "i33", "i17", "i41"]),
+    (None, "guest-a", ["i9", "i17", "n1", "i49", "i3"]),
+    ("u3", None, ["i1", "i17", "n2", "i25", "i57"]),
     (None, "guest-b", ["i4", "i12", "i1", "i9", "i17"]),
     ("u1", None, ["i9", "i25", "i2", "i10", "i18"]),
 ]
@@ -111,6 +113,12 @@ def test_serving_and_training_gather_the_same_pool_and_features(
     save_table(registry, "v1", COVISITATION, pa.table({"item_id": [], "other_id": [], "count": []}, schema=COVISITATION_SCHEMA))
     registry.activate("v1", kind="published")
     model = load_model(registry, "v1")
+    new_items = [
+        Item(item_id=f"n{n}", title=f"Item {64 + n}", category_path=["Root", "cat1"], price=11.0 * n,
+             created_at=model.manifest.cutoff + timedelta(minutes=1))
+        for n in (1, 2)
+    ]  # fmt: skip
+    lake.write_catalog(pa.concat_tables([lake.read_catalog(), items_to_table(new_items)]))
     events = shop_events(model.manifest.cutoff + timedelta(minutes=5))
     assert events[-1].ts < datetime.now(UTC)
     lake.write_events(events_to_table(events))
@@ -118,7 +126,7 @@ def test_serving_and_training_gather_the_same_pool_and_features(
 
     # Training side: the log up to each moment.
     log = load_log(lake, datetime.now(UTC) + timedelta(hours=1), settings.training)
-    pit = PointInTime.at(log, model, settings.training, settings.speed, events[0].ts.timestamp())
+    pit = PointInTime.at(log, model, settings.training, settings.speed, events[0].ts.timestamp(), content_vectors=True)
     requests = build_requests(log, -np.inf, np.inf, limit=1000, seed=1)
     assert len(requests) >= 15
 
@@ -127,9 +135,10 @@ def test_serving_and_training_gather_the_same_pool_and_features(
     consumer = SpeedConsumer(redis_client, settings, registry, lake, name="parity")
     applier = Applier(redis_client, settings)
     served_model = state.models.current
-    assert served_model is not None
+    assert served_model is not None and served_model.artifacts.is_content_vector("n1")
     applied = 0
     compared = 0
+    new_in_als = 0
     try:
         for request in requests:
             applier.apply(events[applied : request.at], [])  # no version: batch vectors only, as training
@@ -157,10 +166,13 @@ def test_serving_and_training_gather_the_same_pool_and_features(
                 err_msg=f"features differ at {request.now_s} ({list(FEATURE_NAMES)})",
             )  # fmt: skip
             compared += 1
+            new_in_als += any(i in ("n1", "n2") for i, _ in trained.lists.get("als", []))
     finally:
         consumer.pubsub.close()
         state.close()
     assert compared == len(requests)
+    # New items were candidates by their content vectors, on both sides (with batch vectors only they never are).
+    assert pit.model.is_content_vector("n2") and new_in_als > 0
     # The comparison had content: ordered co-visits, session neighbours, bestsellers and trending all fed it.
     assert all(k in trained.lists and trained.lists[k] for k in ("covis", "neighbours", "category", "trending", "als"))
 

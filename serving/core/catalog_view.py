@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from common.catalog import ItemUpdate
+from common.content import ItemContent, content_of_row
 from common.lake import Lake
 
 UNCATEGORISED = "uncategorised"
@@ -21,6 +22,12 @@ class ItemInfo:
     created_at_s: float
     in_stock: bool
     promoted: bool
+    category_path: tuple[str, ...] = ()
+    brand: str = ""
+
+    @property
+    def content(self) -> ItemContent:
+        return ItemContent(self.title, self.category_path, self.brand, self.price)
 
     @property
     def label(self) -> str:
@@ -51,6 +58,8 @@ class CatalogView:
                 created_at_s=created.timestamp() if created else 0.0,
                 in_stock=row.get("in_stock") is not False,
                 promoted=bool(row.get("promoted")),
+                category_path=content_of_row(row).category_path,
+                brand=row.get("brand") or "",
             )
         return cls(items)
 
@@ -74,6 +83,18 @@ class CatalogView:
                 out.append(info)
         return out
 
+    def add(self, infos: list[ItemInfo]) -> None:
+        """Add or replace whole entries (the replay's items as they are created)."""
+        with self._lock:
+            self._items.update({info.item_id: info for info in infos})
+            self._reindex()
+
+    def contents(self, item_ids: list[str] | None = None) -> dict[str, ItemContent]:
+        """item -> its content, for `item_ids` (default: every item)."""
+        with self._lock:
+            ids = list(self._items) if item_ids is None else item_ids
+            return {i: info.content for i in ids if (info := self._items.get(i)) is not None}
+
     def apply(self, updates: list[ItemUpdate]) -> None:
         """Apply partial updates (unknown items are added) so this worker sees them at once."""
         with self._lock:
@@ -92,6 +113,9 @@ class CatalogView:
                     changes["title"] = update.title
                 if update.category_path:
                     changes["category"] = update.category_path[-1]
+                    changes["category_path"] = tuple(update.category_path)
+                if update.brand is not None:
+                    changes["brand"] = update.brand
                 self._items[update.item_id] = replace(current, **changes)  # type: ignore[arg-type]
             self._reindex()
 

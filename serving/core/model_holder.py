@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -69,8 +70,6 @@ def build_serving_model(
 ) -> ServingModel:
     factors = np.ascontiguousarray(artifacts.item_factors, dtype=np.float32)
     artifacts.item_factors = factors
-    norms = np.linalg.norm(factors, axis=1, keepdims=True)
-    unit = factors / np.maximum(norms, 1e-12)
     popular = _popular(artifacts.popularity)
     by_category: dict[str, dict[str, float]] = defaultdict(dict)
     for item, count in popular:
@@ -79,12 +78,27 @@ def build_serving_model(
             bucket[item] = count
     return ServingModel(
         artifacts=artifacts,
-        unit_factors=unit.astype(np.float32),
+        unit_factors=unit_rows(factors),
         covis=_covis(artifacts.covisitation),
         popular=popular[:1000],
         category_popular=dict(by_category),
         scorer=compile_ranker(artifacts.ranker, compiled_dir) if artifacts.ranker is not None else None,
     )
+
+
+def with_content_vectors(model: ServingModel, catalog: CatalogView, item_ids: Sequence[str] | None = None) -> ServingModel:
+    """The model with content vectors for the catalog's items (`item_ids`, default all) that have no batch
+    vector; the same object when none needs one."""
+    artifacts = model.artifacts.with_content_vectors(catalog.contents(None if item_ids is None else list(item_ids)))
+    if artifacts is model.artifacts:
+        return model
+    return replace(model, artifacts=artifacts, unit_factors=unit_rows(artifacts.item_factors))
+
+
+def unit_rows(factors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (cosine similarity as a dot product)."""
+    norms = np.linalg.norm(factors, axis=1, keepdims=True)
+    return (factors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _popular(table: pa.Table | None) -> list[tuple[str, float]]:
@@ -127,10 +141,17 @@ def lake_popular(lake: Lake, days: int = 7, n: int = 1000) -> list[tuple[str, fl
 class ModelHolder:
     """Holds the serving model; reloads are serialised, swaps are one reference assignment."""
 
-    def __init__(self, registry: Registry, catalog: CatalogView, compiled_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        catalog: CatalogView,
+        compiled_dir: Path | None = None,
+        content_vectors: bool = True,
+    ) -> None:
         self.registry = registry
         self.catalog = catalog
         self.compiled_dir = compiled_dir  # compiled rankers, by model hash (None: compiled in memory)
+        self.content_vectors = content_vectors
         self.current: ServingModel | None = None
         self.last_error: str | None = None
         self._reload_lock = threading.Lock()
@@ -147,6 +168,8 @@ class ModelHolder:
             try:
                 artifacts = load_model(self.registry, target)
                 model = build_serving_model(artifacts, self.catalog, self.compiled_dir)
+                if self.content_vectors:
+                    model = with_content_vectors(model, self.catalog)
             except (RegistryError, OSError, ValueError) as exc:
                 self.last_error = f"could not load model {target}: {exc}"
                 metrics.MODEL_LOADS.labels(outcome="failed").inc()
@@ -160,3 +183,12 @@ class ModelHolder:
             metrics.set_model_age(artifacts.manifest.cutoff)
             log.info("serving model %s (was %s)", model.version, previous)
             return model
+
+    def add_content_vectors(self, item_ids: Sequence[str]) -> None:
+        """New or changed catalog items: (re)compute their content vectors and swap the model in, so the next
+        request scores them (one copy of the factors per call: batch the items of one update together)."""
+        if not self.content_vectors or not item_ids:
+            return
+        with self._reload_lock:  # a reload in between would drop the vectors
+            if self.current is not None:
+                self.current = with_content_vectors(self.current, self.catalog, item_ids)

@@ -85,7 +85,9 @@ class ServingState:
             registry=registry,
             rules=load_rules(settings.api.rules_file),
             catalog=catalog,
-            models=ModelHolder(registry, catalog, settings.var_dir / "compiled-rankers"),
+            models=ModelHolder(
+                registry, catalog, settings.var_dir / "compiled-rankers", settings.models.content_vectors
+            ),
             redis=RedisGate(connect(settings.redis.effective_url, settings.redis.socket_timeout_s)),
             impressions=ImpressionLogger(lake, flush_seconds=settings.api.impressions_flush_s),
         )
@@ -115,6 +117,11 @@ class ServingState:
         self.models.reload(version)
         if self.models.current is None:
             self.lake_popular = lake_popular(self.lake)
+
+    def apply_catalog(self, updates: list[ItemUpdate]) -> None:
+        """Item updates into this worker's catalog, and content vectors for the items whose content changed."""
+        self.catalog.apply(updates)
+        self.models.add_content_vectors([u.item_id for u in updates if u.changes_content])
 
     # ------------------------------------------------------------ background threads
 
@@ -161,7 +168,7 @@ class ServingState:
         except ValueError:
             log.warning("ignoring a malformed message on %s", redis_keys.CATALOG_CHANNEL)
             return
-        self.catalog.apply([update])
+        self.apply_catalog([update])
 
     def _day_counts_loop(self) -> None:
         while not self._stop.wait(DAY_COUNTS_CHECK_S):

@@ -52,7 +52,7 @@ def put_items(
         raise ApiError(
             503, "redis_unavailable", "Redis is unreachable; retry", headers={"Retry-After": "5"}
         ) from None
-    state.catalog.apply(updates)
+    state.apply_catalog(updates)
     return CatalogUpdateResponse(
         updated=len(updates),
         out_of_stock=[u.item_id for u in updates if u.in_stock is False],

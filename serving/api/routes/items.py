@@ -1,10 +1,9 @@
-"""GET /v1/items/{item_id}/similar: nearest items by ALS item factors (cosine), in stock only."""
+"""GET /v1/items/{item_id}/similar: co-visits blended with item-vector similarity (serving/core/similar.py)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-import numpy as np
 import redis
 from fastapi import APIRouter, Path, Query
 
@@ -13,6 +12,8 @@ from common.ids import Id
 from serving.api.deps import RecsRead, SingleQueryValues, StateDep
 from serving.core.errors import ERROR_RESPONSES, ApiError, ErrorBody
 from serving.core.recommender import REDIS_DOWN
+from serving.core.similar import merged_covisits
+from serving.core.similar import similar_items as similar
 from serving.schemas import SimilarItem, SimilarResponse
 
 router = APIRouter(
@@ -21,16 +22,21 @@ router = APIRouter(
     responses=ERROR_RESPONSES,
     dependencies=[SingleQueryValues],
 )
+COVIS_READ = 100  # live co-visits read per request (the batch rows hold as many)
 
 
 @router.get(
     "/{item_id}/similar",
     summary="Items similar to one item",
-    description="Brute-force cosine over the ALS item factors (fine to a few hundred thousand items).",
+    description=(
+        "Co-visits (batch and live) blended with cosine similarity of item vectors: ALS factors, or the "
+        "content vector (title, category, brand, price band) of an item new since the model's cutoff. "
+        "Each item says which found it (`source`, `reason`). In stock only."
+    ),
     response_model=SimilarResponse,
     dependencies=[RecsRead],
     responses={
-        404: {"model": ErrorBody, "description": "The model does not know the item."},
+        404: {"model": ErrorBody, "description": "The item has neither a vector nor co-visits."},
         503: {"model": ErrorBody, "description": "No model is loaded yet."},
     },
 )
@@ -42,38 +48,40 @@ async def similar_items(
     model = state.models.current
     if model is None:
         raise ApiError(503, "no_model", "no model is loaded yet", headers={"Retry-After": "30"})
-    row = model.artifacts.item_index.get(item_id)
-    if row is None:
-        raise ApiError(404, "unknown_item", f"model {model.version} does not know item {item_id!r}")
-    out_of_stock, degraded = _out_of_stock(state)
-    scores = model.unit_factors @ model.unit_factors[row]
-    scores[row] = -np.inf
-    # Over-fetch so that out-of-stock items can be dropped without a second pass.
-    n = min(len(scores), k + len(out_of_stock) + 1)
-    top = np.argpartition(-scores, n - 1)[:n]
-    top = top[np.argsort(-scores[top], kind="stable")]
-    items = []
-    for i in top:
-        other = model.artifacts.item_ids[i]
+    out_of_stock, live, degraded = _live_state(state, item_id)
+
+    def excluded(other: str) -> bool:
         info = state.catalog.get(other)
-        if other in out_of_stock or (info is not None and not info.in_stock) or not np.isfinite(scores[i]):
-            continue
-        items.append(
-            SimilarItem(
-                item_id=other, score=round(float(scores[i]), 6), category=state.catalog.category(other)
-            )
-        )
-        if len(items) == k:
-            break
+        return other in out_of_stock or (info is not None and not info.in_stock)
+
+    covisits = merged_covisits(model.covis.get(item_id, {}), live)
+    found = similar(model, item_id, covisits, excluded, k)
+    if found is None:
+        raise ApiError(404, "unknown_item", f"model {model.version} does not know item {item_id!r}")
+    items = [
+        SimilarItem(
+            item_id=s.item_id, score=round(s.score, 6), category=state.catalog.category(s.item_id),
+            source=s.source, reason=s.reason,
+        )  # fmt: skip
+        for s in found
+    ]
     return SimilarResponse(item_id=item_id, model_version=model.version, degraded=degraded, items=items)
 
 
-def _out_of_stock(state: StateDep) -> tuple[set[str], str | None]:
+def _live_state(state: StateDep, item_id: str) -> tuple[set[str], list[tuple[str, float]], str | None]:
+    """The out-of-stock set and the item's live co-visits, in one round trip; empty when Redis is down."""
     if not state.redis.available():
-        return set(), REDIS_DOWN
+        return set(), [], REDIS_DOWN
     try:
-        members = state.redis.client.smembers(redis_keys.OUT_OF_STOCK)
+        pipe = state.redis.client.pipeline(transaction=False)
+        pipe.smembers(redis_keys.OUT_OF_STOCK)
+        pipe.zrevrange(redis_keys.covisitation(item_id), 0, COVIS_READ - 1, withscores=True)
+        members, pairs = pipe.execute()
     except redis.RedisError as exc:
         state.redis.failed(exc)
-        return set(), REDIS_DOWN
-    return {m.decode() if isinstance(m, bytes) else str(m) for m in members}, None
+        return set(), [], REDIS_DOWN
+    return {_text(m) for m in members}, [(_text(m), float(c)) for m, c in pairs], None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -100,6 +100,18 @@ def session_counts(person_id: str, session_id: str) -> str:
     return f"{_person(person_id)}:s:{session_id}:counts"
 
 
+def session_arms(person_id: str, session_id: str) -> str:
+    """Hash `<experiment>:<version>:<context>` -> the bandit arm the person was given in the session, so
+    it stays theirs (serving writes it, with the session TTL)."""
+    return f"{_person(person_id)}:s:{session_id}:arms"
+
+
+def session_clicked(person_id: str, session_id: str) -> str:
+    """String: the served-list record (bandit_served's value) of the session's last clicked list whose
+    purchase reward is still open; the speed layer sets it on the click and takes it on a purchase."""
+    return f"{_person(person_id)}:s:{session_id}:clicked"
+
+
 def person_sessions(person_id: str) -> str:
     """Sorted set session_id -> last activity (epoch s): live sessions, for identify-merge and the reader."""
     return f"{_person(person_id)}:sessions"
@@ -267,6 +279,25 @@ def item_state(item_id: str) -> str:
     return f"{PREFIX}:item:{item_id}"
 
 
+def bandit_counts(experiment: str, version: str) -> str:
+    """Hash bandit.count_field(context, arm, n|click|purchase) -> count: served lists and their rewards,
+    the Beta posteriors of one experiment's arm set (version: bandit.experiment_version). The speed layer
+    writes it; it expires experiments.posterior_ttl_s after the last impression counted."""
+    return f"{PREFIX}:bandit:{experiment}:{version}:counts"
+
+
+def bandit_served(request_id: str) -> str:
+    """String "<counts key>\\n<click field>\\n<purchase field>": where a served list's rewards are counted,
+    written by serving in bandit mode with the session TTL; the speed layer takes it on the list's first
+    click (so a list is rewarded once). Names no person."""
+    return f"{PREFIX}:bandit:served:{request_id}"
+
+
+# Stream of served lists in bandit mode (fields: counts key, served field), trimmed to about
+# experiments.impressions_kept; the speed layer counts each entry once (acknowledged in the same script).
+BANDIT_IMPRESSIONS = f"{PREFIX}:bandit:impressions"
+BANDIT_GROUP = "bandit"
+
 OUT_OF_STOCK = f"{PREFIX}:items:out_of_stock"  # set of item ids, read once per request
 PROMOTED = f"{PREFIX}:items:promoted"  # set of item ids
 
@@ -331,6 +362,8 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("session_categories", (_pattern(session_categories, 2),), "per session: category affinity"),
     KeyFamily("session_cart", (_pattern(session_cart, 2),), "per session: cart"),
     KeyFamily("session_counts", (_pattern(session_counts, 2),), "per session: counts by event type"),
+    KeyFamily("session_arms", (_pattern(session_arms, 2),), "per session: the bandit arms given"),
+    KeyFamily("session_clicked", (_pattern(session_clicked, 2),), "per session: a clicked list awaiting a purchase"),
     KeyFamily("person_items", (_pattern(person_items),), "per person: item weights for the fold-in"),
     KeyFamily("person_purchases", (_pattern(person_purchases),), "per person: recent purchases"),
     KeyFamily("delta_counts", (_pattern(user_event_count, 2),), "per user and version: events in the delta"),
@@ -349,6 +382,9 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("neighbour_sessions", (_pattern(neighbour_session),), "per session: its items (session-kNN)"),
     KeyFamily("item_sessions", (_pattern(item_sessions),), "per item: its recent sessions (session-kNN)"),
     KeyFamily("item_state", (_pattern(item_state), OUT_OF_STOCK, PROMOTED), "live item fields and flags"),
+    KeyFamily("bandit_served", (_pattern(bandit_served),), "per served list (bandit mode): where its rewards go"),
+    KeyFamily("bandit_impressions", (BANDIT_IMPRESSIONS,), "served lists (bandit mode) to count"),
+    KeyFamily("bandit_counts", (_pattern(bandit_counts, 2),), "per experiment version: the arms' posteriors"),
     KeyFamily(
         "speed_bookkeeping",
         (SPEED_VERSION, SPEED_PENDING_VERSION, SPEED_HEARTBEAT)

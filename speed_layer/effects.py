@@ -43,7 +43,7 @@ _MERGE_SESSION_KEYS = MERGE_IDENTITY.keys.packer("session")
 NO_SESSION = "_"  # session id of events sent without one
 # The person keys of an event applied without personalisation consent: the script touches only the
 # first (its dedup marker), so no key of the person is named.
-_UNLINKED_PERSON_KEYS = [redis_keys.SEEN_UNLINKED] * 7
+_UNLINKED_PERSON_KEYS = [redis_keys.SEEN_UNLINKED] * 8
 
 
 @dataclass
@@ -647,17 +647,19 @@ class _Planner:
             best = weight * (event.quantity or 1) * forward_decay(ts, speed.bestsellers_half_life_s)
 
         if personal:
-            recent, cats, cart, counts, sessions, person_items, purchases = self._person_keys(person, session)
+            recent, cats, cart, counts, sessions, person_items, purchases, clicked = self._person_keys(
+                person, session
+            )
             seen, token = self._seen_key(person), self._token(person, session)
         else:
-            recent, cats, cart, counts, sessions, person_items, purchases = _UNLINKED_PERSON_KEYS
+            recent, cats, cart, counts, sessions, person_items, purchases, clicked = _UNLINKED_PERSON_KEYS
             seen, token, session = redis_keys.SEEN_UNLINKED, "", ""
         keys += _EVENT_KEYS(
             seen=seen, recent=recent, cats=cats, cart=cart, counts=counts, sessions=sessions,
             person_items=person_items, purchases=purchases, trend_bucket=redis_keys.trending_bucket(bucket),
             popularity_day=redis_keys.popularity_day(day),
             category_bestsellers=redis_keys.category_bestsellers(category or "-"),
-            covis=self._covis_key(item or "-"), per_version=version_keys,
+            covis=self._covis_key(item or "-"), clicked=clicked, per_version=version_keys,
         )  # fmt: skip
         args += _EVENT_ARGS(
             event_type=event_type, item=item, session=session, ts=repr(ts), weight=repr(weight),
@@ -665,11 +667,13 @@ class _Planner:
             trend_expireat=trend_expire if trend_expire > self.now else 0,
             popularity_expireat=pop_expire if pop_expire > self.now else 0,
             bestseller_increment=repr(best), event_id=event.event_id, session_token=token,
-            personal=1 if personal else 0, per_version=version_args,
+            personal=1 if personal else 0,
+            served=redis_keys.bandit_served(event.rec_request_id) if event.rec_request_id else "",
+            per_version=version_args,
         )  # fmt: skip
 
     def _person_keys(self, person: str, session: str) -> list[str]:
-        """recent, cats, cart, counts, sessions, person_items, purchases (as `plan` names them)."""
+        """recent, cats, cart, counts, sessions, person_items, purchases, clicked (as `plan` names them)."""
         found = self.person_keys.get((person, session))
         if found is None:
             found = self.person_keys[(person, session)] = [
@@ -680,6 +684,7 @@ class _Planner:
                 redis_keys.person_sessions(person),
                 redis_keys.person_items(person),
                 redis_keys.person_purchases(person),
+                redis_keys.session_clicked(person, session),
             ]
         return found
 

@@ -110,3 +110,25 @@ def set_model_version(version: str, previous: str | None) -> None:
     if previous and previous != version:
         MODEL_VERSION.labels(version=previous).set(0)
     MODEL_VERSION.labels(version=version).set(1)
+
+
+# ---------------------------------------------------------------- bandit (issue 16)
+
+BANDIT_ALPHA = Gauge(
+    "recs_bandit_alpha",
+    "Bandit mode: alpha of an arm's Beta posterior (1 + rewarded lists), by experiment, context, arm and reward.",
+    ["experiment", "context", "arm", "reward"],
+    multiprocess_mode="livemostrecent",
+)
+BANDIT_BETA = Gauge(
+    "recs_bandit_beta",
+    "Bandit mode: beta of an arm's Beta posterior (1 + served lists not rewarded).",
+    ["experiment", "context", "arm", "reward"],
+    multiprocess_mode="livemostrecent",
+)
+BANDIT_SHARE = Gauge(
+    "recs_bandit_share",
+    "Bandit mode: the share of new assignments an arm gets now (Thompson probability plus the floor).",
+    ["experiment", "context", "arm"],
+    multiprocess_mode="livemostrecent",
+)

@@ -48,5 +48,10 @@ def prometheus_metrics(state: StateDep) -> Response:
         state.stream_lag.read(state)  # refreshes the lag gauge
     except redis.RedisError:
         pass  # the gauge keeps its last value; the fallback counter shows Redis trouble
+    if state.bandit is not None:
+        try:
+            state.bandit.export(state.redis.client)  # the posteriors as the speed layer left them now
+        except redis.RedisError:
+            pass
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)

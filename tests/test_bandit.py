@@ -23,6 +23,7 @@ from common.events import Consent, Event, EventType
 from common.redis_server import RedisServer
 from common.registry import Registry
 from common.settings import ExperimentSettings, Settings
+from evaluation.bandit import ReplayBandit
 from serving.core.erasure import erase_person
 from serving.core.experiments import Bandit
 from serving.main import create_app
@@ -162,10 +163,9 @@ def test_a_restart_loses_no_posterior(redis_client: redis.Redis, settings: Setti
     add_events(redis_client, settings, [click(f"p{n}", f"s{n}", ids[n]) for n in range(0, 40, 4)])
 
     fresh = consumer(redis_client, settings, "c2")  # a new process on the same Redis
-    drain(fresh)  # the clicks; the dead one's entries are not idle long enough to be claimed yet
-    assert stored_counts(redis_client, settings).get("home", "popular", bandit.SERVED) == 0
+    drain(fresh)  # the clicks
     time.sleep(settings.speed.claim_idle_ms / 1000 + 0.05)
-    drain(fresh)  # now they are
+    drain(fresh)  # the dead one's entries, idle past claim_idle_ms by now, claimed and counted
 
     counts = stored_counts(redis_client, settings)
     assert counts.get("home", "popular", bandit.SERVED) == 20
@@ -314,3 +314,18 @@ def test_the_api_serves_an_arm_and_the_speed_layer_counts_its_list(
     assert sum(
         v for (name, context, _, _), v in samples.items() if name == "recs_bandit_share" and context == "cart"
     ) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- the replay's bandit
+
+
+def test_the_replay_bandit_counts_regret_against_the_best_fixed_arm() -> None:
+    learner = ReplayBandit(("good", "bad"), k=3, floor=0.05, seed=1)
+    lists = {"good": ["t", "x", "y"], "bad": ["x", "y", "z"]}
+    for _ in range(400):  # "good" always holds the next item, "bad" never
+        learner.step(lists, "t")
+    summary = learner.summary()
+    assert summary["best_fixed_arm"] == "good"
+    assert summary["arms"]["good"]["fixed_hits"] == 400 and summary["arms"]["bad"]["fixed_hits"] == 0
+    assert summary["regret"] == 400 - summary["hits"] == summary["arms"]["bad"]["share"] * 400
+    assert 0.025 <= summary["arms"]["bad"]["share"] <= 0.1  # explored at about its floor, no more

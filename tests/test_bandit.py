@@ -329,3 +329,16 @@ def test_the_replay_bandit_counts_regret_against_the_best_fixed_arm() -> None:
     assert summary["arms"]["good"]["fixed_hits"] == 400 and summary["arms"]["bad"]["fixed_hits"] == 0
     assert summary["regret"] == 400 - summary["hits"] == summary["arms"]["bad"]["share"] * 400
     assert 0.025 <= summary["arms"]["bad"]["share"] <= 0.1  # explored at about its floor, no more
+
+
+def test_a_click_without_personalisation_consent_counts_but_keeps_nothing_of_the_person(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    serving = Bandit(settings.experiments, settings.speed.session_ttl_s, seed=1)
+    request_id = uuid.uuid4().hex
+    serving.record(redis_client, request_id, "home", "popular")
+    add_events(redis_client, settings, [click("p1", "s1", request_id, consent=Consent.NONE)])
+    drain(consumer(redis_client, settings, "c1"))
+
+    assert stored_counts(redis_client, settings).get("home", "popular", "click") == 1
+    assert redis_client.keys(redis_keys.person_keys_match("p1")) == []  # no clicked list waits for a purchase

@@ -15,7 +15,7 @@ system:
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,deploy]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -33,7 +33,7 @@ test: lint
 # Re-pin every dependency after changing pyproject.toml (needs network).
 lock:
 	rm -rf /tmp/lambdarec-lock && $(PY) -m venv /tmp/lambdarec-lock
-	/tmp/lambdarec-lock/bin/pip install --quiet -e '.[dev]'
+	/tmp/lambdarec-lock/bin/pip install --quiet -e '.[dev,deploy]'
 	( echo '# The lock: every package pinned. Regenerate with `make lock` after changing pyproject.toml.'; \
 	  /tmp/lambdarec-lock/bin/pip freeze --exclude-editable | grep -v '^-e' ) > constraints.txt
 

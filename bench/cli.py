@@ -59,11 +59,24 @@ def speed(
     ),
     seconds: float = typer.Option(5.0, min=1, help="Seconds of offered load."),
     repeats: int = typer.Option(3, min=1, help="Throughput runs, each on a fresh Redis; the median is reported."),
+    consumers: list[int] = typer.Option(
+        [], "--consumers", min=1, help="Instead: events/s of this many consumer processes (repeatable: 1 2 4)."
+    ),
+    redis_cluster: bool = typer.Option(
+        False, "--redis-cluster", help="With --consumers: on a 3-master 3-replica Redis Cluster."
+    ),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
-    """Speed layer: events/s of one consumer with all effects on; XADD-to-readable freshness p50/p99."""
-    from bench.speed import run_speed_bench
+    """Speed layer: events/s of one consumer with all effects on; XADD-to-readable freshness p50/p99.
+    With --consumers N (repeatable): events/s of N consumer processes draining `events`."""
+    from bench.speed import run_speed_bench, run_speed_scaling
 
+    if consumers:
+        scaling = run_speed_scaling(consumers, redis_cluster=redis_cluster, events=events, repeats=repeats)
+        typer.echo(json.dumps(scaling) if as_json else json.dumps(scaling, indent=2))
+        return
+    if redis_cluster:
+        raise typer.BadParameter("--redis-cluster goes with --consumers")
     result = run_speed_bench(events=events, offered_per_s=offered, freshness_s=seconds, repeats=repeats)
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 

@@ -1,16 +1,21 @@
-"""Speed-layer benchmark: events/s one consumer sustains with all effects on, and XADD-to-readable freshness.
+"""Speed-layer benchmark: events/s one consumer sustains with all effects on, and XADD-to-readable freshness;
+with `consumers`, events/s of 1, 2, 4... consumer processes sharing the stream, on one Redis or a Redis Cluster.
 
-Starts its own redis-server on a free port and publishes a synthetic model (items x factors) to a
-temporary registry, so it measures the layer itself and touches nothing of the running system.
+Starts its own redis-server on a free port (or a 3-master 3-replica cluster) and publishes a synthetic
+model (items x factors) to a temporary registry, so it measures the layer itself and touches nothing
+of the running system.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,9 +26,10 @@ from common import redis_keys
 from common.catalog import Item
 from common.catalog_state import load_items
 from common.events import Event, EventType, new_event_id
+from common.key_memory import keyspace_usage
 from common.messages import RecsChanged
 from common.model import save_factors
-from common.redis_server import RedisServer, free_port
+from common.redis_server import LocalRedisCluster, RedisServer, connect, free_cluster_port, free_port
 from common.registry import Manifest, Registry
 from common.settings import Settings
 from common.stream import append_events, group_lag
@@ -70,6 +76,104 @@ def run_speed_bench(
         "cpu_count": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
+
+
+def run_speed_scaling(
+    consumers: Sequence[int],
+    redis_cluster: bool = False,
+    events: int = 20_000,
+    items: int = 10_000,  # fewer than the one-consumer bench: loading them into a cluster is slow
+    users: int = 20_000,
+    factors: int = 64,
+    seed: int = 0,
+    repeats: int = 1,
+) -> dict[str, Any]:
+    """events/s of N consumer processes draining one backlog of `events`, for each N in `consumers`: from
+    the moment all are warm (model loaded) to the group's lag and pending both 0."""
+    stop: Callable[[], object]
+    # A bench stopped with SIGTERM (a timeout) still stops its servers: the servers are daemons.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    with tempfile.TemporaryDirectory(prefix="recs-bench-speed-") as tmp:
+        root = Path(tmp)
+        if redis_cluster:
+            cluster = LocalRedisCluster(root / "redis", tuple(free_cluster_port() for _ in range(6)))
+            cluster.start()
+            url, stop = cluster.url, cluster.stop
+        else:
+            server = RedisServer(data_dir=root / "redis", port=free_port(), persist=False)
+            server.start()
+            url, stop = server.url, server.stop
+        try:
+            settings = _settings(root, url)
+            client = connect(url, timeout_s=30)
+            _publish_model(settings, items, users, factors, seed)
+            by_n: dict[str, Any] = {}
+            for n in consumers:
+                runs = []
+                for _ in range(repeats):
+                    _fresh_state(client, items)
+                    rng = np.random.default_rng(seed)
+                    for start in range(0, events, 5000):
+                        chunk = [_event(rng, j, items, users) for j in range(start, min(events, start + 5000))]
+                        append_events(client, chunk, settings.redis.stream, settings.redis.stream_retention_ms)
+                    runs.append(round(events / _drain_with(n, url, root, settings, client)))
+                by_n[str(n)] = {"events_per_s": statistics.median(runs), "events_per_s_runs": runs}
+            memory = keyspace_usage(client, budget_s=10).as_json()  # what the last run's events left
+        finally:
+            stop()
+            signal.signal(signal.SIGTERM, previous)
+    return {
+        "redis": "cluster (3 masters, 3 replicas)" if redis_cluster else "one redis-server",
+        "consumers": by_n,
+        "memory_after_last_run": memory,
+        "events": events,
+        "items": items,
+        "factors": factors,
+        "users_with_vectors": users,
+        "batch_size": settings.speed.batch_size,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _drain_with(n: int, url: str, root: Path, settings: Settings, client: Any) -> float:
+    """Seconds n consumer processes take to drain the stream once all of them are ready."""
+    context = multiprocessing.get_context("spawn")
+    ready, go = context.Semaphore(0), context.Event()
+    workers = [
+        context.Process(target=_drain_when_told, args=(url, str(root), f"bench-{j}", ready, go)) for j in range(n)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in workers:
+            if not ready.acquire(timeout=120):
+                raise RuntimeError("a bench consumer did not start within 2 minutes")
+        started = time.perf_counter()
+        go.set()
+        stream, group = settings.redis.stream, settings.speed.group
+        while group_lag(client, stream, group) > 0 or client.xpending(redis_keys.stream(stream), group)["pending"]:
+            time.sleep(0.01)
+        return time.perf_counter() - started
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.join()
+
+
+def _drain_when_told(url: str, root: str, name: str, ready: Any, go: Any) -> None:
+    from speed_layer.consumer import SpeedConsumer
+
+    consumer = SpeedConsumer(connect(url, timeout_s=30), _settings(Path(root), url), name=name)
+    consumer.warm_up()
+    ready.release()
+    go.wait()
+    while True:  # until the parent has seen the stream drained and ends the process
+        consumer.pump(block=True)
 
 
 def _fresh_state(client: Any, items: int) -> None:

@@ -12,15 +12,19 @@ import redis
 
 from common import redis_keys
 from common.catalog import Item, ItemUpdate
+from common.redis_server import is_cluster
 
 
 def apply_item_updates(client: redis.Redis, updates: Sequence[ItemUpdate]) -> int:
     """Write partial item changes in one pipeline and announce them; returns how many were applied."""
-    pipe = client.pipeline(transaction=True)  # readers never see the hash and the sets disagree
+    # On one Redis readers never see the hash and the sets disagree; on a cluster they live in other
+    # slots (the item's group and the flags' group), so a reader may see one before the other.
+    pipe = client.pipeline(transaction=not is_cluster(client))
     for update in updates:
         _queue_fields(pipe, update.item_id, _fields_of_update(update))
     for update in updates:
-        pipe.publish(redis_keys.CATALOG_CHANNEL, update.model_dump_json(exclude_none=True))
+        # As a command: a cluster pipeline refuses its `publish` method (the cluster forwards the message).
+        pipe.execute_command("PUBLISH", redis_keys.CATALOG_CHANNEL, update.model_dump_json(exclude_none=True))
     pipe.execute()
     return len(updates)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import redis
 
@@ -42,7 +41,7 @@ def read_withdrawals(client: redis.Redis, ids: Collection[str]) -> dict[str, Wit
     ordered = sorted(set(ids))
     if not ordered:
         return {}
-    replies = cast(list[bytes | None], client.mget([redis_keys.consent_withdrawal(i) for i in ordered]))
+    replies = redis_keys.get_many(client, [redis_keys.consent_withdrawal(i) for i in ordered])
     return parse_many(ordered, replies)
 
 

@@ -3,7 +3,8 @@
 One SCAN pass over the keyspace sorts each key into its family; MEMORY USAGE is asked of at most
 `samples` keys a family and the mean scaled to the family's count. A pass cut short by its time
 budget has seen a fraction of the keyspace (SCAN's order spreads over it), and its counts are
-scaled by DBSIZE to what it saw.
+scaled by DBSIZE to what it saw. On Redis Cluster each master is measured so (its share of the budget)
+and the families summed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import redis
 
 from common.redis_keys import FAMILIES, OTHER_FAMILY, family_of
+from common.redis_server import is_cluster
 
 SCAN_COUNT = 1000
 
@@ -47,6 +49,25 @@ class KeyspaceUsage:
 
 def keyspace_usage(client: redis.Redis, budget_s: float = 2.0, samples: int = 50) -> KeyspaceUsage:
     """Per family: key count and bytes, from one SCAN pass of at most `budget_s` (plus the samples)."""
+    if not is_cluster(client):
+        return _node_usage(client, budget_s, samples)
+    masters = client.get_primaries()  # type: ignore[attr-defined]
+    parts = [_node_usage(node.redis_connection, budget_s / len(masters), samples) for node in masters]
+    names = list(dict.fromkeys(name for part in parts for name in part.families))
+    families = {
+        name: FamilyUsage(
+            keys=sum(p.families[name].keys for p in parts if name in p.families),
+            bytes=sum(p.families[name].bytes for p in parts if name in p.families),
+            sampled=sum(p.families[name].sampled for p in parts if name in p.families),
+        )
+        for name in names
+    }
+    return KeyspaceUsage(
+        families, sum(p.total_keys for p in parts), sum(p.scanned for p in parts), all(p.complete for p in parts)
+    )
+
+
+def _node_usage(client: redis.Redis, budget_s: float, samples: int) -> KeyspaceUsage:
     total = int(client.dbsize())
     counts: Counter[str] = Counter()
     sampled: dict[str, list[bytes | str]] = {}

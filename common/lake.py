@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -272,6 +273,9 @@ class Lake(Store):
         """The dataset's files modified at or after `since` in the partitions from since's day (or
         `last_day`, if earlier) to `last_day`; a file whose store gives no time is included."""
         first = min(since.astimezone(UTC).date(), last_day)
+        # Object stores list modification times in whole seconds (S3's LastModified): a file written in
+        # since's second may show an earlier time.
+        since_s = math.floor(since.timestamp())
         out = []
         for day in self.partitions(dataset):
             if not first <= day <= last_day:
@@ -279,7 +283,7 @@ class Lake(Store):
             for info in self.fs.ls(self.path(dataset.name, f"dt={day.isoformat()}"), detail=True):
                 path = info["name"]
                 modified = _modified_s(info)
-                recent = modified is None or modified >= since.timestamp()
+                recent = modified is None or modified >= since_s
                 if path.endswith(".parquet") and not _hidden(path) and recent:
                     out.append(path)
         return sorted(out)

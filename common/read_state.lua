@@ -9,15 +9,21 @@
 --       cats_prefix cats_suffix cart_prefix cart_suffix counts_prefix counts_suffix covis_prefix
 --       covis_suffix bestsellers_prefix bestsellers_suffix nb_session_prefix nb_session_suffix
 --       nb_item_prefix nb_item_suffix person neighbour_sample neighbour_k neighbour_n covis_items_given
---       neighbour_per_item covis_item*covis_items category*categories
+--       neighbour_per_item n_groups covis_middle bestsellers_middle nb_session_middle nb_item_middle
+--       covis_item*covis_items category*categories
 --
 -- session: '' for the person's latest. covis_items_given: how many covis_item values follow, or -1
 -- for the session's own items (then none follow). neighbour_n: 0 turns session neighbours off;
 -- neighbour_per_item: each seed's newest sessions read. category: explicit categories, read beside
--- the session's top_categories preferred ones.
+-- the session's top_categories preferred ones. The global keys are tagged by their id's slot group
+-- (redis_keys.grouped_template): <family>_prefix .. group(id) .. <family>_middle .. id .. <family>_suffix.
 -- Returns: alias, session, recent, cats, cart, counts, person items, purchases, delta, delta count,
 -- speed version, trending, {item, covis}..., {category, bestsellers}..., out of stock, promoted,
 -- neighbours (item, score as text, ...: common/neighbours.py scores the same way).
+local n_groups = tonumber(ARGV[28])
+local function grouped(at, middle_at, id)
+  return ARGV[at] .. (tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups) .. ARGV[middle_at] .. id .. ARGV[at + 1]
+end
 local alias = redis.call('GET', KEYS[1])
 local session = ARGV[1]
 if session == '' then session = redis.call('ZREVRANGE', KEYS[2], 0, 0)[1] or false end
@@ -41,7 +47,7 @@ else
 end
 local covis = {}
 for _, item in ipairs(seeds) do
-  covis[#covis + 1] = {item, redis.call('ZREVRANGE', ARGV[14] .. item .. ARGV[15], 0, covis_n - 1, 'WITHSCORES')}
+  covis[#covis + 1] = {item, redis.call('ZREVRANGE', grouped(14, 29, item), 0, covis_n - 1, 'WITHSCORES')}
 end
 
 local wanted, chosen = {}, {}
@@ -60,7 +66,7 @@ for i = 1, math.min(tonumber(ARGV[5]), #preferred) do
 end
 local best, best_n = {}, tonumber(ARGV[4])
 for _, category in ipairs(wanted) do
-  best[#best + 1] = {category, redis.call('ZREVRANGE', ARGV[16] .. category .. ARGV[17], 0, best_n - 1, 'WITHSCORES')}
+  best[#best + 1] = {category, redis.call('ZREVRANGE', grouped(16, 30, category), 0, best_n - 1, 'WITHSCORES')}
 end
 
 -- Session neighbours of the session's recent items (common/neighbours.py is the definition).
@@ -82,7 +88,7 @@ if nb_n > 0 and session and #recent > 0 then
   local latest, dot, candidates = {}, {}, {}
   for rank, seed in ipairs(ordered) do
     local weight = (size - rank + 1) / size
-    local row = redis.call('ZREVRANGE', ARGV[20] .. seed .. ARGV[21], 0, tonumber(ARGV[27]) - 1, 'WITHSCORES')
+    local row = redis.call('ZREVRANGE', grouped(20, 32, seed), 0, tonumber(ARGV[27]) - 1, 'WITHSCORES')
     for i = 1, #row, 2 do
       local token, t = row[i], tonumber(row[i + 1])
       if token ~= own then
@@ -96,7 +102,7 @@ if nb_n > 0 and session and #recent > 0 then
   local similarity, members, nearest = {}, {}, {}
   for i = 1, math.min(tonumber(ARGV[23]), #candidates) do
     local token = candidates[i]
-    local items = redis.call('ZRANGE', ARGV[18] .. token .. ARGV[19], 0, -1)
+    local items = redis.call('ZRANGE', grouped(18, 31, token), 0, -1)
     if #items > 0 then
       members[token] = items
       similarity[token] = dot[token] / math.sqrt(size * #items)

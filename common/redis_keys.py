@@ -7,13 +7,21 @@ slot and a Lua script may touch them together. Values that depend on a model ver
 (user vector deltas, fold-in vectors) carry the version in the key. `holdings` lists the keys
 that hold a person and the devices linked to them (what erasure deletes); `FAMILIES` names every
 kind of key, with its SCAN pattern (what `recs speed status` measures memory by).
+
+Keys linked to no person (trending, popularity, bestsellers, co-visits, session-kNN, item state, the
+speed layer's bookkeeping) carry a slot-group tag `{g:<n>}`: n = `slot_group` of the key's own id,
+one of SLOT_GROUPS, or a fixed group for keys read or written together (the trend buckets with the
+list summed from them, the item flag sets, the bookkeeping). On Redis Cluster each group is one slot,
+so the speed layer writes a group's keys in one script call and serving reads them per node; on one
+Redis the tags change nothing, so both run on this one layout.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -21,6 +29,7 @@ import redis
 
 from common.ids import id_digest
 from common.neighbours import session_token
+from common.redis_server import is_cluster
 
 PREFIX = "lr"
 
@@ -51,6 +60,48 @@ def person_keys_match(person_id: str) -> str:
     return f"{_person(person_id)}:*"
 
 
+# ---------------------------------------------------------------- slot groups (keys of no person)
+
+# How many slot groups the global keys are spread over: the most Redis Cluster masters that share their
+# load (a group is one slot). Changing it renames every global key: a one-time migration, not a setting.
+SLOT_GROUPS = 16
+
+
+def slot_group(key_id: str) -> int:
+    """The slot group of a global key named by `key_id`: the first 32 bits of its SHA-1 mod SLOT_GROUPS.
+    Lua computes the same from redis.sha1hex (speed_layer/apply_events.lua, common/read_state.lua)."""
+    return int(hashlib.sha1(key_id.encode()).hexdigest()[:8], 16) % SLOT_GROUPS
+
+
+def _group(group: int) -> str:
+    return f"{PREFIX}:{{g:{group}}}"
+
+
+def _in_group(family: str, key_id: str) -> str:
+    return f"{_group(slot_group(key_id))}:{family}:{key_id}"
+
+
+_GROUP_TAG = re.compile(r"\{g:(\d+)\}")
+# Keys read or written together share one group: a fixed one, named by what they hold.
+_TREND_GROUP = _group(slot_group("trend"))
+_ITEM_FLAGS_GROUP = _group(slot_group("item-flags"))
+_SPEED_GROUP = _group(slot_group("speed"))
+_BANDIT_GROUP = _group(slot_group("bandit"))
+
+
+def group_of_key(key: str) -> int | None:
+    """The slot group a key's tag names, or None for a key outside the groups."""
+    found = _GROUP_TAG.search(key)
+    return int(found[1]) if found and key.startswith(f"{PREFIX}:{{g:") else None
+
+
+def group_seen(group: int) -> str:
+    """Dedup markers of events' global effects in one slot group (sorted set `<event_id>` -> epoch s,
+    Redis time), written atomically with them by apply_globals.lua where the global effects are applied
+    per group (Redis Cluster); members older than speed.dedup_ttl_s are dropped on each write."""
+    return f"{_group(group)}:seen"
+
+
 # ---------------------------------------------------------------- streams
 
 
@@ -78,6 +129,20 @@ def seen_events(person_id: str) -> str:
 def seen_field(event_id: str, model_version: str | None = None) -> str:
     """The member of seen_events that marks the event's version-free effects, or its delta in a version."""
     return event_id if model_version is None else f"{event_id}:{model_version}"
+
+
+def global_plans(person_id: str) -> str:
+    """Hash event_id -> the global effects the person's state gave the event (the session's earlier items
+    it co-visits, whether it entered the session), where global effects are applied per slot group:
+    kept as long as the event's marker in seen_events, so a retry after a crash between the person's
+    script and the groups' scripts re-sends the same effects."""
+    return f"{_person(person_id)}:plans"
+
+
+def person_placeholder(person_id: str) -> str:
+    """A key in the person's slot that nothing writes: it stands for a script's declared global KEYS
+    where a cluster call may name only the person's slot (an absent key reads as empty)."""
+    return f"{_person(person_id)}:none"
 
 
 def session_recent(person_id: str, session_id: str) -> str:
@@ -174,12 +239,19 @@ def consent_withdrawal(withdrawn_id: str) -> str:
 SEEN_UNLINKED = f"{PREFIX}:seen:unlinked"
 
 
+def get_many(client: redis.Redis, keys: Sequence[str]) -> list[bytes | None]:
+    """MGET, also where the keys live in several slots of a Redis Cluster (then one GET a key, per node)."""
+    if is_cluster(client):
+        return cast(list[bytes | None], client.mget_nonatomic(keys))  # type: ignore[attr-defined]
+    return cast(list[bytes | None], client.mget(keys))
+
+
 def erased_among(client: redis.Redis, ids: Collection[str]) -> set[str]:
     """The ids among `ids` that carry a tombstone (`erased`)."""
     ordered = sorted(set(ids))
     if not ordered:
         return set()
-    return {i for i, tomb in zip(ordered, client.mget([erased(i) for i in ordered]), strict=True) if tomb}
+    return {i for i, tomb in zip(ordered, get_many(client, [erased(i) for i in ordered]), strict=True) if tomb}
 
 
 @dataclass(frozen=True)
@@ -216,7 +288,7 @@ def person_and_devices(client: redis.Redis, person_id: str) -> tuple[str, ...]:
     devices = [d.decode() for d in members]
     if not devices:
         return (person_id,)
-    owners = cast(list[bytes | None], client.mget([alias(d) for d in devices]))
+    owners = get_many(client, [alias(d) for d in devices])
     mine = [d for d, owner in zip(devices, owners, strict=True) if owner is None or owner.decode() == person_id]
     return (person_id, *mine)
 
@@ -238,86 +310,94 @@ def _sessions_named(keys: set[bytes], persons: tuple[str, ...]) -> set[str]:
 def trending_bucket(bucket_start_s: int) -> str:
     """Sorted set item -> implicit-weighted count in one bucket of speed.trending_bucket_s, keyed by its start
     (event time); expires when it leaves speed.trending_window_s."""
-    return f"{PREFIX}:trend:{bucket_start_s}"
+    return f"{_TREND_GROUP}:trend:{bucket_start_s}"
 
 
 def popularity_day(day_index: int) -> str:
     """Sorted set item -> count of item events (events.ITEM_EVENTS but ATTENTION_EVENTS) by event time `ts` on one UTC day
     (features.day_index); kept 8 days."""
-    return f"{PREFIX}:pop:{day_index}"
+    return _in_group("pop", str(day_index))
 
 
 def category_bestsellers(category: str) -> str:
     """Sorted set item -> purchase (and cart) weight within a category, forward-decayed: each event adds
     w·2^((ts − 2024-01-01)/speed.bestsellers_half_life_s) (speed_state.forward_decay), so scores
     compare directly at any moment; trimmed to speed.bestsellers_top_n."""
-    return f"{PREFIX}:catbest:{category}"
+    return _in_group("catbest", category)
 
 
 def covisitation(item_id: str) -> str:
     """Sorted set other item -> co-visit count within sessions (a pair counts when an item first enters
     a session's recent items); trimmed to speed.covis_top_n once it holds twice as many."""
-    return f"{PREFIX}:covis:{item_id}"
+    return _in_group("covis", item_id)
 
 
 def neighbour_session(token: str) -> str:
     """Sorted set item -> time it entered one past or live session (`neighbours.session_token`), the session as a
     neighbour candidate for session-kNN; its speed.recent_items newest items, kept
     speed.neighbour_session_ttl_s after its last new item. Pseudonymous: no person id in the name."""
-    return f"{PREFIX}:nb:s:{token}"
+    return _in_group("nb:s", token)
 
 
 def item_sessions(item_id: str) -> str:
     """Sorted set session token -> time the session took the item: the item's most recent sessions
     (speed.neighbour_sessions_per_item, trimmed when twice as many), for session-kNN."""
-    return f"{PREFIX}:nb:i:{item_id}"
+    return _in_group("nb:i", item_id)
 
 
 def item_state(item_id: str) -> str:
     """Hash of the live item fields that change at once (catalog_state.apply_item_updates): price,
     in_stock ("1"/"0"), promoted ("1"/"0"), category, title, brand."""
-    return f"{PREFIX}:item:{item_id}"
+    return _in_group("item", item_id)
 
 
 def bandit_counts(experiment: str, version: str) -> str:
     """Hash bandit.count_field(context, arm, n|click|purchase) -> count: served lists and their rewards,
     the Beta posteriors of one experiment's arm set (version: bandit.experiment_version). The speed layer
-    writes it; it expires experiments.posterior_ttl_s after the last impression counted."""
-    return f"{PREFIX}:bandit:{experiment}:{version}:counts"
+    writes it; it expires experiments.posterior_ttl_s after the last impression counted. In the bandit's
+    fixed group, with BANDIT_IMPRESSIONS: count_impressions.lua acknowledges and counts in one call."""
+    return f"{_BANDIT_GROUP}:bandit:{experiment}:{version}:counts"
 
 
 def bandit_served(request_id: str) -> str:
     """String "<counts key>\\n<click field>\\n<purchase field>": where a served list's rewards are counted,
     written by serving in bandit mode with the session TTL; the speed layer takes it on the list's first
-    click (so a list is rewarded once). Names no person."""
-    return f"{PREFIX}:bandit:served:{request_id}"
+    click (so a list is rewarded once). Names no person; grouped by its request id."""
+    return _in_group("bandit:served", request_id)
 
 
 # Stream of served lists in bandit mode (fields: counts key, served field), trimmed to about
 # experiments.impressions_kept; the speed layer counts each entry once (acknowledged in the same script).
-BANDIT_IMPRESSIONS = f"{PREFIX}:bandit:impressions"
+BANDIT_IMPRESSIONS = f"{_BANDIT_GROUP}:bandit:impressions"
 BANDIT_GROUP = "bandit"
 
-OUT_OF_STOCK = f"{PREFIX}:items:out_of_stock"  # set of item ids, read once per request
-PROMOTED = f"{PREFIX}:items:promoted"  # set of item ids
+OUT_OF_STOCK = f"{_ITEM_FLAGS_GROUP}:items:out_of_stock"  # set of item ids, read once per request
+PROMOTED = f"{_ITEM_FLAGS_GROUP}:items:promoted"  # set of item ids
 
 # ---------------------------------------------------------------- speed layer bookkeeping
 
-SPEED_VERSION = f"{PREFIX}:speed:version"  # model version whose deltas the speed layer now serves
-SPEED_PENDING_VERSION = f"{PREFIX}:speed:pending"  # version being rebuilt: consumers write its deltas too
-TRENDING_TOP = f"{PREFIX}:trend:top"  # sorted set item -> decayed sum of the window's buckets, re-summed often
-TRENDING_REFRESH_LOCK = f"{PREFIX}:trend:lock"  # SET NX PX: one consumer re-sums the buckets at a time
-SPEED_HEARTBEAT = f"{PREFIX}:speed:heartbeat"  # hash consumer -> last beat (epoch ms)
+SPEED_VERSION = f"{_SPEED_GROUP}:speed:version"  # model version whose deltas the speed layer now serves
+SPEED_PENDING_VERSION = f"{_SPEED_GROUP}:speed:pending"  # version being rebuilt: consumers write its deltas too
+TRENDING_TOP = f"{_TREND_GROUP}:trend:top"  # sorted set item -> decayed sum of the window's buckets, re-summed often
+TRENDING_REFRESH_LOCK = f"{_TREND_GROUP}:trend:lock"  # SET NX PX: one consumer re-sums the buckets at a time
+SPEED_HEARTBEAT = f"{_SPEED_GROUP}:speed:heartbeat"  # hash consumer -> last beat (epoch ms)
 
 
 def speed_rebuild_lock(model_version: str) -> str:
     """SET NX with a TTL: the one consumer that replays the events after the version's cutoff."""
-    return f"{PREFIX}:speed:rebuilding:{model_version}"
+    return f"{_SPEED_GROUP}:speed:rebuilding:{model_version}"
 
 
 def speed_rebuild_marker(model_version: str) -> str:
     """Set when the deltas of `model_version` have been rebuilt from its cutoff."""
-    return f"{PREFIX}:speed:rebuilt:{model_version}"
+    return f"{_SPEED_GROUP}:speed:rebuilt:{model_version}"
+
+
+# ---------------------------------------------------------------- drift monitoring
+
+# Stream of sampled served pools (common/drift.py), capped at drift.sample_requests entries: one global key
+# written by every API worker at the sample rate, read by `recs drift report`.
+DRIFT_SAMPLE = f"{PREFIX}:drift:sample"
 
 
 def template(key_of: Callable[..., str], *fixed: str) -> list[str]:
@@ -325,6 +405,14 @@ def template(key_of: Callable[..., str], *fixed: str) -> list[str]:
     that build keys they only learn inside Redis (a session's items, its preferred categories)."""
     prefix, suffix = key_of(*fixed, _MARK).split(_MARK)
     return [prefix, suffix]
+
+
+def grouped_template(key_of: Callable[..., str]) -> list[str]:
+    """[head, middle, suffix] of the keys `key_of(x)` of a family tagged by x's slot group: the key is
+    head .. slot_group(x) .. middle .. x .. suffix (Lua computes the group as slot_group does)."""
+    head, rest = _GROUP_TAG.split(key_of(_MARK), maxsplit=1)[::2]
+    middle, suffix = rest.split(_MARK)
+    return [head + "{g:", "}" + middle, suffix]
 
 
 _MARK = "\x00"  # never part of an id
@@ -345,7 +433,7 @@ class KeyFamily:
 def _pattern(key_of: Callable[..., str], arity: int = 1) -> str:
     """The glob of every key `key_of` forms: each argument replaced by `*` (the mark passes through the
     tag's escaping, which would turn a `*` argument into `%2A`)."""
-    return key_of(*[_MARK] * arity).replace(_MARK, "*")
+    return _GROUP_TAG.sub("{g:*}", key_of(*[_MARK] * arity)).replace(_MARK, "*")
 
 
 # Every key this module forms belongs to exactly one family: a key is counted in the first family that
@@ -357,6 +445,8 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("stream", (_pattern(stream),), "the accepted events, trimmed by age"),
     KeyFamily("seen", (_pattern(seen_events),), "per person: dedup markers of applied events"),
     KeyFamily("seen_unlinked", (SEEN_UNLINKED,), "dedup markers of events applied without personalisation"),
+    KeyFamily("global_plans", (_pattern(global_plans),), "per person: applied events' global effects (cluster)"),
+    KeyFamily("group_seen", (_pattern(group_seen),), "per slot group: dedup markers of global effects"),
     KeyFamily("person_sessions", (_pattern(person_sessions),), "per person: live sessions"),
     KeyFamily("session_recent", (_pattern(session_recent, 2),), "per session: recent items"),
     KeyFamily("session_categories", (_pattern(session_categories, 2),), "per session: category affinity"),
@@ -385,6 +475,7 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("bandit_served", (_pattern(bandit_served),), "per served list (bandit mode): where its rewards go"),
     KeyFamily("bandit_impressions", (BANDIT_IMPRESSIONS,), "served lists (bandit mode) to count"),
     KeyFamily("bandit_counts", (_pattern(bandit_counts, 2),), "per experiment version: the arms' posteriors"),
+    KeyFamily("drift_sample", (DRIFT_SAMPLE,), "sampled served pools: features, scores, categories"),
     KeyFamily(
         "speed_bookkeeping",
         (SPEED_VERSION, SPEED_PENDING_VERSION, SPEED_HEARTBEAT)

@@ -14,8 +14,11 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
+from urllib.parse import unquote
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 
 # Past maxmemory Redis refuses writes rather than evicting. A volatile-* policy would evict only keys
 # with a TTL, but here keys that must not be lost carry one too: the dedup markers (a redelivered event
@@ -36,6 +39,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port for a cluster node: Redis puts its cluster bus 10000 above, so that must be free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 @dataclass
 class RedisServer:
     data_dir: Path
@@ -43,6 +60,7 @@ class RedisServer:
     host: str = "127.0.0.1"
     persist: bool = True
     max_memory_bytes: int = 0  # Redis' 0: no limit (tests); the embedded server takes redis.max_memory_mb
+    extra_args: tuple[str, ...] = ()  # more redis-server options (a cluster node's)
 
     @property
     def url(self) -> str:
@@ -90,6 +108,7 @@ class RedisServer:
             "--protected-mode", "yes",
             "--maxmemory", str(self.max_memory_bytes),
             "--maxmemory-policy", MAXMEMORY_POLICY,
+            *self.extra_args,
         ]  # fmt: skip
         subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
@@ -159,6 +178,130 @@ def embedded_server(settings_redis: object) -> RedisServer:
     )
 
 
+CLUSTER_SCHEME = "redis+cluster://"  # RECS_REDIS__URL=redis+cluster://host:port[,host:port...]
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEME)
+
+
+def cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """The seed nodes of a `redis+cluster://[user:password@]host:port[,host:port...][/0]` URL."""
+    netloc = url[len(CLUSTER_SCHEME) :].split("/", 1)[0].rpartition("@")[2]
+    nodes = []
+    for part in netloc.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"a cluster node must be host:port, got {part!r} in {url!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes
+
+
 def connect(url: str, timeout_s: float = 0.5) -> redis.Redis:
-    """A client with short timeouts, so a dead Redis degrades a request instead of hanging it."""
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    """A client with short timeouts, so a dead Redis degrades a request instead of hanging it.
+
+    A `redis+cluster://` URL gives a redis.cluster.RedisCluster seeded with its nodes (it learns the
+    others and the slot map from them). It is typed as redis.Redis because callers use the commands
+    both share; the code paths that differ (scripts across slots, lanes on one connection) ask
+    `is_cluster`. Both speak the client library's default protocol, so replies parse alike."""
+    if not is_cluster_url(url):
+        return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    credentials = url[len(CLUSTER_SCHEME) :].split("/", 1)[0].rpartition("@")[0]
+    username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+    )
+    return cast(redis.Redis, client)
+
+
+def pubsub_url(url: str) -> str:
+    """A plain URL to subscribe with: on a Redis Cluster, its first seed node (a PUBLISH reaches the
+    subscribers of every node), else `url` itself."""
+    if not is_cluster_url(url):
+        return url
+    host, port = cluster_nodes(url)[0]
+    credentials = url[len(CLUSTER_SCHEME) :].split("/", 1)[0].rpartition("@")[0]
+    return f"redis://{credentials + '@' if credentials else ''}{host}:{port}/0"
+
+
+def is_cluster(client: object) -> bool:
+    """Whether `client` talks to a Redis Cluster (scripts then touch one slot each)."""
+    return isinstance(client, RedisCluster)
+
+
+@dataclass
+class LocalRedisCluster:
+    """A Redis Cluster on loopback from the same redis-server binary: `masters` masters with `replicas`
+    replicas each, one RedisServer (a process, its data under data_dir/<port>) per node, joined by
+    `redis-cli --cluster create`. `recs cluster up --redis-cluster` and the test fixture use it."""
+
+    data_dir: Path
+    ports: tuple[int, ...]
+    replicas: int = 1
+    host: str = "127.0.0.1"
+    node_timeout_ms: int = 2000  # how long a master may be silent before its replica takes over
+    persist: bool = False
+
+    @property
+    def nodes(self) -> list[RedisServer]:
+        return [
+            RedisServer(
+                data_dir=self.data_dir / str(port), port=port, host=self.host, persist=self.persist,
+                extra_args=(
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", str(self.node_timeout_ms),
+                ),
+            )  # fmt: skip
+            for port in self.ports
+        ]
+
+    @property
+    def url(self) -> str:
+        masters = len(self.ports) // (1 + self.replicas)
+        return CLUSTER_SCHEME + ",".join(f"{self.host}:{port}" for port in self.ports[:masters])
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start every node, then join them (once: a cluster whose nodes know each other stays formed)."""
+        for node in self.nodes:
+            node.start()
+        if not self.is_ok():
+            binary = shutil.which("redis-cli")
+            if binary is None:
+                raise RedisServerError("redis-cli is not installed (Debian: apt-get install redis-tools)")
+            addresses = [f"{self.host}:{port}" for port in self.ports]
+            subprocess.run(
+                [binary, "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                check=True, stdout=subprocess.DEVNULL, timeout=timeout_s,
+            )  # fmt: skip
+        self.wait_ok(timeout_s)
+
+    def is_ok(self) -> bool:
+        """Every node answers, sees cluster_state:ok and all slots served, and every replica is linked."""
+        try:
+            for node in self.nodes:
+                client = node.client(socket_timeout=1, decode_responses=True)
+                info = client.execute_command("CLUSTER", "INFO")
+                text = info if isinstance(info, str) else str(info)
+                if "cluster_state:ok" not in text or "cluster_slots_ok:16384" not in text:
+                    return False
+                replication = client.info("replication")
+                if replication["role"] == "slave" and replication.get("master_link_status") != "up":
+                    return False
+        except redis.RedisError:
+            return False
+        return True
+
+    def wait_ok(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.is_ok():
+            if time.monotonic() > deadline:
+                raise RedisServerError(f"the Redis Cluster on {self.ports} did not reach state ok")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

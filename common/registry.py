@@ -3,6 +3,8 @@
 Layout under the registry root:
     <version>/manifest.json   version, cutoff, parameters, metrics, gate decision, file hashes
     <version>/...             artifacts (names in ARTIFACT_FILES)
+    <version>/drift.json      the latest drift check of the version (common/drift.py)
+    <version>/DRIFTED         written once, by the first check that found it drifted
     CURRENT                   the serving version's name, replaced atomically
     HISTORY.jsonl             one line per activation, for rollback
 """
@@ -27,7 +29,11 @@ ITEM_IDS = "item_ids.json"
 RANKER = "ranker.txt"
 POPULARITY = "popularity.parquet"
 COVISITATION = "covisitation.parquet"
-ARTIFACT_FILES = (USER_FACTORS, ITEM_FACTORS, USER_IDS, ITEM_IDS, RANKER, POPULARITY, COVISITATION)
+DRIFT_BASELINE = "drift_baseline.parquet"  # a bounded sample of the ranker's training rows (common/drift.py)
+ARTIFACT_FILES = (USER_FACTORS, ITEM_FACTORS, USER_IDS, ITEM_IDS, RANKER, POPULARITY, COVISITATION, DRIFT_BASELINE)
+# Beside the manifest, never in it: a drift check must not rewrite what the gate decided on.
+DRIFT_LATEST = "drift.json"
+DRIFT_MARKER = "DRIFTED"
 
 Status = Literal["candidate", "published", "rejected"]
 
@@ -46,6 +52,19 @@ class Manifest(BaseModel):
     status: Status = "candidate"
     decision: str | None = Field(None, description="Why the gate published or rejected it.")
     counts: dict[str, int] = Field(default_factory=dict)
+
+
+class DriftCheck(BaseModel):
+    """The outcome of one drift check of a version (the report itself lives beside the warehouse report)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+    checked_at: datetime
+    psi_max: float = Field(description="The largest PSI over the ranker's features.")
+    drifted: bool
+    reasons: list[str] = Field(default_factory=list)
+    requests: int = Field(description="Sampled served requests the check compared.")
 
 
 class RegistryError(RuntimeError):
@@ -101,6 +120,29 @@ class Registry(Store):
         manifest = self.read_manifest(version).model_copy(update={"status": "rejected", "decision": reason})
         self.write_bytes(self.path(version, "manifest.json"), manifest.model_dump_json(indent=2).encode())
         return manifest
+
+    # ------------------------------------------------------------ drift
+
+    def record_drift(self, check: DriftCheck) -> None:
+        """Keep the latest check; the first drifted one also leaves the marker, which later checks keep."""
+        body = check.model_dump_json(indent=2).encode()
+        self.write_bytes(self.path(check.version, DRIFT_LATEST), body)
+        if check.drifted and self.drift_marker(check.version) is None:
+            self.write_bytes(self.path(check.version, DRIFT_MARKER), body)
+
+    def latest_drift(self, version: str) -> DriftCheck | None:
+        return self._read_check(version, DRIFT_LATEST)
+
+    def drift_marker(self, version: str) -> DriftCheck | None:
+        """The check that first found the version drifted, or None while it has not."""
+        return self._read_check(version, DRIFT_MARKER)
+
+    def _read_check(self, version: str, name: str) -> DriftCheck | None:
+        p = self.path(version, name)
+        if not self.fs.exists(p):
+            return None
+        with self.fs.open(p, "rb") as f:
+            return DriftCheck.model_validate_json(f.read())
 
     # ------------------------------------------------------------ CURRENT and history
 

@@ -36,7 +36,9 @@ class Section(BaseModel):
 
 class RedisSettings(Section):
     url: str | None = Field(
-        None, description="External Redis URL. Unset: the project runs its own redis-server under var/redis."
+        None,
+        description="External Redis URL. Unset: the project runs its own redis-server under var/redis. "
+        "A Redis Cluster: redis+cluster://host:port[,host:port...] (seed nodes; the client learns the rest).",
     )
     host: str = "127.0.0.1"
     port: int = Field(6391, ge=0, le=65535, description="Port of the private redis-server; 0 picks a free one.")
@@ -49,6 +51,15 @@ class RedisSettings(Section):
         "every consumer group has acknowledged them, never before.",
     )
     socket_timeout_s: float = Field(0.5, gt=0)
+    cluster_replica_acks: int = Field(
+        1,
+        ge=0,
+        description="Redis Cluster: a speed-layer batch counts as applied (and is acknowledged) once this many "
+        "replicas of every master it wrote have its effects (WAIT); short of that it is retried, which dedup "
+        "makes harmless. 0: no wait, and a failover may lose the effects of batches acknowledged in the "
+        "replication lag before it (README, 'Redis Cluster').",
+    )
+    cluster_replica_timeout_ms: int = Field(1000, ge=1, description="How long that WAIT may take.")
     max_memory_mb: int = Field(
         4096,
         ge=1,
@@ -113,6 +124,13 @@ class ClusterSettings(Section):
     spark_port: int = Field(7077, ge=1, le=65535)
     spark_ui_port: int = Field(8090, ge=1, le=65535, description="Master web UI and its /json/ status (8080 is Airflow's).")
     spark_workers: int = Field(2, ge=1)
+    redis_cluster_port: int = Field(
+        7101,
+        ge=1,
+        le=55530,
+        description="`up --redis-cluster`: its 3 masters and 3 replicas listen on this port and the 5 after it "
+        "(each node's cluster bus 10000 above).",
+    )
     worker_cores: int = Field(1, ge=1)
     worker_memory: str = Field("1g", description="What each worker offers its executors (>= spark.executor_memory).")
     speed_consumers: int = Field(2, ge=1, description="Speed-layer processes, one group member each.")
@@ -285,6 +303,22 @@ class SpeedSettings(Section):
     script_chunk: int = Field(50, ge=1, description="Events applied per script call (calls overlap with planning).")
 
 
+class MetricsSettings(Section):
+    """Where the speed layer's processes expose Prometheus metrics (the API serves /metrics on its own port)."""
+
+    host: str = Field("127.0.0.1", description="Interface of the metrics ports; 0.0.0.0 in a container.")
+    speed_port: int = Field(
+        9110,
+        ge=0,
+        le=65535,
+        description="`recs speed run`: its metrics port, one for all of --consumers N (multiprocess mode); 0: none.",
+    )
+    lake_writer_port: int = Field(9109, ge=0, le=65535, description="`recs lake-writer run`: its metrics port; 0: none.")
+    stream_refresh_s: float = Field(
+        5.0, gt=0, description="How often each process reads the stream's group lag, pending and dead letters."
+    )
+
+
 class ExperimentSettings(Section):
     # variant -> share of users; shares must add up to 1. In bandit mode the variants are the arms and
     # the shares are only the fallback while Redis is down.
@@ -329,6 +363,33 @@ class ExperimentSettings(Section):
         return self
 
 
+class DriftSettings(Section):
+    """Drift monitoring: serving samples its ranked pools, `recs drift report` compares them with training's."""
+
+    sample_rate: float = Field(
+        0.02, ge=0, le=1, description="Share of ranker-scored requests whose pool is logged (0 turns it off)."
+    )
+    sample_requests: int = Field(
+        2000, ge=10, description="Sampled requests kept (a capped Redis stream; the oldest go first)."
+    )
+    rows_per_request: int = Field(
+        32, ge=1, le=1000, description="Pool rows (features and score) kept of each sampled request, drawn at random."
+    )
+    baseline_rows: int = Field(
+        20_000, ge=100, description="Training feature rows kept with a model version as its drift baseline."
+    )
+    bins: int = Field(10, ge=2, le=100, description="Quantile bins of the baseline that PSI compares shares in.")
+    psi_threshold: float = Field(
+        0.25, gt=0, description="PSI of a feature, the score or the category mix above this marks the version drifted."
+    )
+    cold_start_threshold: float = Field(
+        0.2, gt=0, le=1, description="A change of the cold-start share of requests by more than this marks it too."
+    )
+    min_requests: int = Field(
+        100, ge=1, description="Fewer sampled requests than this: the report is written, no version is marked."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -345,8 +406,10 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     training: TrainingSettings = TrainingSettings()
     speed: SpeedSettings = SpeedSettings()
+    metrics: MetricsSettings = MetricsSettings()
     experiments: ExperimentSettings = ExperimentSettings()
     cluster: ClusterSettings = ClusterSettings()
+    drift: DriftSettings = DriftSettings()
 
     @model_validator(mode="after")
     def _paths_under_var_dir(self) -> Settings:

@@ -4,13 +4,19 @@ The speed layer writes these keys (speed_layer/); serving reads them only throug
 `read_speed_state`, which gathers what a request needs in one round trip: a read-only script
 follows what depends on earlier answers (the latest session, its items' co-visits, its preferred
 categories' bestsellers) inside Redis. Only a device that has logged in costs a second read.
+
+On Redis Cluster a script reads one slot: the same script reads the person's keys (the global ones it
+declares stand in as an absent key of the person's), and the keys of no person are read by pipelines,
+one round trip per node each: the flags, trending and day counts beside the script, then what
+depends on its answer (co-visits, bestsellers, the session neighbours' index rows), then the
+neighbour sessions' items, scored by common/neighbours.py as the script scores them.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +27,8 @@ from redis.exceptions import NoScriptError
 from common import redis_keys
 from common.features import POP_DAYS, day_index
 from common.lua import load_script
+from common.neighbours import score_neighbours, session_token
+from common.redis_server import is_cluster
 
 # Forward decay: scores are stored as w·2^((t − EPOCH)/half-life) so one sorted set ranks by decayed
 # weight at any moment without rewriting old entries. The epoch keeps exponents small (< 2^1000 for
@@ -209,36 +217,15 @@ def _run_read(
     neighbours: NeighbourQuery | None,
 ) -> tuple[list[Any], list[Any]]:
     """The script's reply and the day counts' replies, in one pipeline (loading the script once if needed)."""
-    version = model_version or ""  # no version: a delta key that never exists
-    keys = READ_STATE.keys.pack(
-        alias=redis_keys.alias(anonymous_id or person_id), person_sessions=redis_keys.person_sessions(person_id),
-        person_items=redis_keys.person_items(person_id), purchases=redis_keys.person_purchases(person_id),
-        delta=redis_keys.user_delta(person_id, version), delta_count=redis_keys.user_event_count(person_id, version),
-        speed_version=redis_keys.SPEED_VERSION, trending_top=redis_keys.TRENDING_TOP,
-        out_of_stock=redis_keys.OUT_OF_STOCK, promoted=redis_keys.PROMOTED,
+    if is_cluster(client):
+        return _run_read_on_cluster(
+            client, person_id, anonymous_id, session_id, model_version, covis_items, categories,
+            top_categories, trending_n, covis_n, bestsellers_n, days, candidate_items, neighbours,
+        )  # fmt: skip
+    keys, args = _read_call(
+        person_id, anonymous_id, session_id, model_version, covis_items, categories, top_categories,
+        trending_n, covis_n, bestsellers_n, neighbours,
     )  # fmt: skip
-    recent = redis_keys.template(redis_keys.session_recent, person_id)
-    cats = redis_keys.template(redis_keys.session_categories, person_id)
-    cart = redis_keys.template(redis_keys.session_cart, person_id)
-    counts = redis_keys.template(redis_keys.session_counts, person_id)
-    covis = redis_keys.template(redis_keys.covisitation)
-    bestsellers = redis_keys.template(redis_keys.category_bestsellers)
-    nb_session = redis_keys.template(redis_keys.neighbour_session)
-    nb_item = redis_keys.template(redis_keys.item_sessions)
-    query = neighbours or NeighbourQuery(sample=0, k=0, n=0, per_item=0)
-    args = READ_STATE.argv.pack(
-        session=session_id or "", trending_n=trending_n, covis_n=covis_n, bestsellers_n=bestsellers_n,
-        top_categories=top_categories, recent_prefix=recent[0], recent_suffix=recent[1], cats_prefix=cats[0],
-        cats_suffix=cats[1], cart_prefix=cart[0], cart_suffix=cart[1], counts_prefix=counts[0],
-        counts_suffix=counts[1], covis_prefix=covis[0], covis_suffix=covis[1], bestsellers_prefix=bestsellers[0],
-        bestsellers_suffix=bestsellers[1], nb_session_prefix=nb_session[0], nb_session_suffix=nb_session[1],
-        nb_item_prefix=nb_item[0], nb_item_suffix=nb_item[1], person=person_id, neighbour_sample=query.sample,
-        neighbour_k=query.k, neighbour_n=query.n,
-        covis_items_given=-1 if covis_items is None else len(covis_items), neighbour_per_item=query.per_item,
-        covis_item=covis_items or (), category=categories,
-    )  # fmt: skip
-    READ_STATE.check(keys, args, covis_items=len(covis_items or ()), categories=len(categories))
-
     for attempt in range(2):
         pipe = client.pipeline(transaction=False)
         pipe.execute_command("EVALSHA_RO", READ_STATE.sha, len(keys), *keys, *args)
@@ -253,6 +240,152 @@ def _run_read(
                 raise reply
         return replies[0], replies[1:]
     raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+def _read_call(
+    person_id: str,
+    anonymous_id: str | None,
+    session_id: str | None,
+    model_version: str | None,
+    covis_items: Sequence[str] | None,
+    categories: Sequence[str],
+    top_categories: int,
+    trending_n: int,
+    covis_n: int,
+    bestsellers_n: int,
+    neighbours: NeighbourQuery | None,
+) -> tuple[list[Any], list[Any]]:
+    """KEYS and ARGV of the read script."""
+    version = model_version or ""  # no version: a delta key that never exists
+    keys = READ_STATE.keys.pack(
+        alias=redis_keys.alias(anonymous_id or person_id), person_sessions=redis_keys.person_sessions(person_id),
+        person_items=redis_keys.person_items(person_id), purchases=redis_keys.person_purchases(person_id),
+        delta=redis_keys.user_delta(person_id, version), delta_count=redis_keys.user_event_count(person_id, version),
+        speed_version=redis_keys.SPEED_VERSION, trending_top=redis_keys.TRENDING_TOP,
+        out_of_stock=redis_keys.OUT_OF_STOCK, promoted=redis_keys.PROMOTED,
+    )  # fmt: skip
+    recent = redis_keys.template(redis_keys.session_recent, person_id)
+    cats = redis_keys.template(redis_keys.session_categories, person_id)
+    cart = redis_keys.template(redis_keys.session_cart, person_id)
+    counts = redis_keys.template(redis_keys.session_counts, person_id)
+    covis = redis_keys.grouped_template(redis_keys.covisitation)
+    bestsellers = redis_keys.grouped_template(redis_keys.category_bestsellers)
+    nb_session = redis_keys.grouped_template(redis_keys.neighbour_session)
+    nb_item = redis_keys.grouped_template(redis_keys.item_sessions)
+    query = neighbours or NeighbourQuery(sample=0, k=0, n=0, per_item=0)
+    args = READ_STATE.argv.pack(
+        session=session_id or "", trending_n=trending_n, covis_n=covis_n, bestsellers_n=bestsellers_n,
+        top_categories=top_categories, recent_prefix=recent[0], recent_suffix=recent[1], cats_prefix=cats[0],
+        cats_suffix=cats[1], cart_prefix=cart[0], cart_suffix=cart[1], counts_prefix=counts[0],
+        counts_suffix=counts[1], covis_prefix=covis[0], covis_suffix=covis[2], bestsellers_prefix=bestsellers[0],
+        bestsellers_suffix=bestsellers[2], nb_session_prefix=nb_session[0], nb_session_suffix=nb_session[2],
+        nb_item_prefix=nb_item[0], nb_item_suffix=nb_item[2], person=person_id, neighbour_sample=query.sample,
+        neighbour_k=query.k, neighbour_n=query.n,
+        covis_items_given=-1 if covis_items is None else len(covis_items), neighbour_per_item=query.per_item, n_groups=redis_keys.SLOT_GROUPS,
+        covis_middle=covis[1], bestsellers_middle=bestsellers[1], nb_session_middle=nb_session[1],
+        nb_item_middle=nb_item[1],
+        covis_item=covis_items or (), category=categories,
+    )  # fmt: skip
+    READ_STATE.check(keys, args, covis_items=len(covis_items or ()), categories=len(categories))
+    return keys, args
+
+
+def _run_read_on_cluster(
+    client: redis.Redis,
+    person_id: str,
+    anonymous_id: str | None,
+    session_id: str | None,
+    model_version: str | None,
+    covis_items: Sequence[str] | None,
+    categories: Sequence[str],
+    top_categories: int,
+    trending_n: int,
+    covis_n: int,
+    bestsellers_n: int,
+    days: Sequence[int],
+    candidate_items: Sequence[str],
+    neighbours: NeighbourQuery | None,
+) -> tuple[list[Any], list[Any]]:
+    """`_run_read`'s replies on Redis Cluster, in the script's shape (see the module's docstring)."""
+    # The script's person part: no seeds, categories or neighbours, its global KEYS an absent key.
+    keys, args = _read_call(
+        person_id, anonymous_id, session_id, model_version, (), (), 0, trending_n, covis_n, bestsellers_n, None
+    )
+    absent = redis_keys.person_placeholder(person_id)
+    global_keys = {redis_keys.SPEED_VERSION, redis_keys.TRENDING_TOP, redis_keys.OUT_OF_STOCK, redis_keys.PROMOTED}
+    keys = [absent if k in global_keys or k == redis_keys.alias(anonymous_id or person_id) else k for k in keys]
+    first = _cluster_round(client, [
+        ("EVALSHA_RO", READ_STATE.sha, len(keys), *keys, *args),
+        ("GET", redis_keys.alias(anonymous_id or person_id)), ("GET", redis_keys.SPEED_VERSION),
+        ("ZREVRANGE", redis_keys.TRENDING_TOP, 0, trending_n - 1, "WITHSCORES"),
+        ("SMEMBERS", redis_keys.OUT_OF_STOCK), ("SMEMBERS", redis_keys.PROMOTED),
+        *(("ZMSCORE", redis_keys.popularity_day(day), *candidate_items) for day in days),
+    ])  # fmt: skip
+    person, alias, version, trending, oos, promo = first[:6]
+    session, recent, cats = person[1], _flat(person[2]), _flat(person[3])
+    recent_pairs = _flat_pairs(recent)
+    seeds = [item for item, _ in recent_pairs] if covis_items is None else list(covis_items)
+    wanted = list(dict.fromkeys(categories))
+    preferred = sorted(
+        ((name, float(w)) for name, w in _flat_pairs_text(cats) if not name.startswith("_") and float(w) > 0),
+        key=lambda kv: (-kv[1], kv[0]),
+    )
+    wanted += [name for name, _ in preferred[:top_categories] if name not in wanted]
+    query = neighbours or NeighbourQuery(sample=0, k=0, n=0, per_item=0)
+    nb_seeds = dict(recent_pairs) if query.n > 0 and _text(session) and recent_pairs else {}
+    second = _cluster_round(client, [
+        *(("ZREVRANGE", redis_keys.covisitation(i), 0, covis_n - 1, "WITHSCORES") for i in seeds),
+        *(("ZREVRANGE", redis_keys.category_bestsellers(c), 0, bestsellers_n - 1, "WITHSCORES") for c in wanted),
+        *(("ZREVRANGE", redis_keys.item_sessions(i), 0, query.per_item - 1, "WITHSCORES") for i in nb_seeds),
+    ])  # fmt: skip
+    covis = [[item, _flat(row)] for item, row in zip(seeds, second, strict=False)]
+    best = [[name, _flat(row)] for name, row in zip(wanted, second[len(seeds) :], strict=False)]
+    nearest: list[Any] = []
+    if nb_seeds:
+        rows = {s: dict(_flat_pairs(_flat(row))) for s, row in zip(nb_seeds, second[len(seeds) + len(wanted) :], strict=True)}
+        own = session_token(person_id, _text(session) or "")
+        asked: list[str] = []  # the candidates the scoring reads, in its order: read them, then score
+
+        def ask(token: str) -> Mapping[str, float]:
+            asked.append(token)
+            return {}
+
+        score_neighbours(nb_seeds, rows, ask, own, query.sample, query.k, query.n)
+        members = _cluster_round(client, [("ZRANGE", redis_keys.neighbour_session(t), 0, -1) for t in asked])
+        items = {t: dict.fromkeys((_text(m) or "" for m in found), 0.0) for t, found in zip(asked, members, strict=True)}
+        scored = score_neighbours(nb_seeds, rows, lambda t: items.get(t, {}), own, query.sample, query.k, query.n)
+        nearest = [x for item, score in scored for x in (item, score)]
+    reply = [alias, *person[1:10], version, _flat(trending), covis, best, oos, promo, nearest]
+    return reply, first[6:]
+
+
+def _cluster_round(client: redis.Redis, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """One pipeline of the cluster client (one round trip per node); loads the read script where a
+    node lacks it (a restarted or newly promoted master) and asks once more."""
+    if not calls:
+        return []
+    for attempt in range(2):
+        pipe = client.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command(*call)
+        replies = pipe.execute(raise_on_error=False)
+        if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+            client.script_load(READ_STATE.source)
+            continue
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return list(replies)
+    raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+def _flat(reply: Any) -> list[Any]:
+    """A sorted-set reply WITHSCORES as the script gives it ([member, score, ...]): RESP3 nests pairs."""
+    if not reply:
+        return []
+    if isinstance(reply[0], list | tuple):
+        return [x for pair in reply for x in pair]
+    return list(reply)
 
 
 def _flat_pairs(reply: Any) -> list[tuple[str, float]]:

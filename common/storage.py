@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 from collections.abc import Callable
 from typing import IO
@@ -11,25 +13,41 @@ from fsspec import AbstractFileSystem
 
 TEMP_SUFFIX = ".tmp"  # of the dot-named file a write goes through before its rename
 
+# Object stores publish an upload whole when it completes (S3's PUT and CompleteMultipartUpload), and
+# have no rename: their `mv` is a copy then a delete.
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az"})
+
 
 class Store:
     """Paths under one root URL (a local path by default), written atomically."""
 
     def __init__(self, root: str) -> None:
         self.root_url = str(root)
-        fs, path = fsspec.core.url_to_fs(self.root_url)
+        # No listings cache: other processes write here too (a second lake writer, the DAG publishing a
+        # version), and a cached listing would hide their files from dedup, CURRENT and the readers.
+        fs, path = fsspec.core.url_to_fs(self.root_url, use_listings_cache=False)
         self.fs: AbstractFileSystem = fs
         self.root = path.rstrip("/")
+
+    @property
+    def is_object_store(self) -> bool:
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        return not OBJECT_STORE_PROTOCOLS.isdisjoint(protocols)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
     def write_atomic(self, target: str, write: Callable[[IO[bytes]], object]) -> None:
-        """Write through `write` into a dot-named temp file, then rename it into place.
+        """Write through `write` so that readers see the whole file at `target` or nothing.
 
-        Readers (pyarrow, DuckDB, Spark) skip dot-files, so they never see half a file; a failed
-        write removes its temp file.
+        On a filesystem: into a dot-named temp file, then renamed into place (readers, pyarrow, DuckDB
+        and Spark, skip dot-files); a failed write removes its temp file. On an object store: into a
+        local temp file, then uploaded, since the object appears only when its upload completes; a
+        write that fails, or a process killed, before that leaves no object.
         """
+        if self.is_object_store:
+            self._upload_whole(target, write)
+            return
         directory, name = target.rsplit("/", 1)
         tmp = f"{directory}/.{name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
         self.fs.makedirs(directory, exist_ok=True)
@@ -44,3 +62,13 @@ class Store:
 
     def write_bytes(self, target: str, data: bytes) -> None:
         self.write_atomic(target, lambda f: f.write(data))
+
+    def _upload_whole(self, target: str, write: Callable[[IO[bytes]], object]) -> None:
+        # Not fs.open(target, "wb"): closing it on an exception would complete the upload of half a file.
+        fd, local = tempfile.mkstemp(prefix="lambdarec-upload-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            self.fs.put_file(local, target)
+        finally:
+            os.unlink(local)

@@ -41,7 +41,8 @@ def append_events(client: redis.Redis, events: Sequence[Event], stream: str, ret
     keys, args = TRIM_STREAM.keys.pack(stream=key), TRIM_STREAM.argv.pack(retention_ms=retention_ms)
     TRIM_STREAM.check(keys, args)
     # EVAL rather than a registered script: a pipeline checks SCRIPT EXISTS first, one more round trip.
-    pipe.eval(TRIM_STREAM.source, len(keys), *keys, *args)
+    # (as a command: a cluster pipeline has no `eval` method)
+    pipe.execute_command("EVAL", TRIM_STREAM.source, len(keys), *keys, *args)
     *ids, _trimmed = pipe.execute()
     return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
@@ -68,19 +69,27 @@ def decode_entry(fields: dict[bytes, bytes]) -> Event:
 
 def group_lag(client: redis.Redis, stream: str, group: str) -> int:
     """Entries not yet delivered to the group plus those delivered but not acknowledged."""
+    backlog = groups_backlog(client, stream)
+    if group in backlog:
+        return sum(backlog[group])
+    return int(client.xlen(redis_keys.stream(stream)))  # group not created yet: everything is waiting
+
+
+def groups_backlog(client: redis.Redis, stream: str) -> dict[str, tuple[int, int]]:
+    """Each consumer group of the stream -> (entries not yet delivered to it, delivered but not acknowledged)."""
     key = redis_keys.stream(stream)
     try:
         groups = client.xinfo_groups(key)
     except redis.ResponseError:
-        return 0  # no stream yet
+        return {}  # no stream yet
+    out = {}
     for info in groups:
         name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-        if name == group:
-            lag = info.get("lag")
-            if lag is None:  # Redis cannot tell after trims; fall back to the stream length
-                lag = client.xlen(key)
-            return int(lag) + int(info.get("pending", 0))
-    return int(client.xlen(key))  # group not created yet: everything is waiting
+        lag = info.get("lag")
+        if lag is None:  # Redis cannot tell after trims; fall back to the stream length
+            lag = client.xlen(key)
+        out[name] = (int(lag), int(info.get("pending", 0)))
+    return out
 
 
 def delete_entries_naming(client: redis.Redis, stream: str, ids: Collection[str]) -> int:

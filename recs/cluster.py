@@ -1,7 +1,9 @@
 """`recs cluster up|down|status`: every role of a deployment as processes on this machine, on loopback.
 
 A Spark standalone master and workers (the `spark-class` that ships in the pyspark wheel), the
-private Redis, the speed-layer consumers, the lake writer and the API. Each process's pid file and
+private Redis (or, with `--redis-cluster`, a Redis Cluster of 3 masters and 3 replicas from the same
+redis-server binary, which every other process is then pointed at), the speed-layer consumers, the
+lake writer and the API. Each process's pid file and
 log live in var/cluster/; `down` signals only processes whose pid file `up` wrote, matched by start
 time as well, so a recycled pid is never touched.
 """
@@ -23,12 +25,13 @@ from typing import Any
 import httpx
 import psutil
 
-from common.redis_server import RedisServer, embedded_server
+from common.redis_server import LocalRedisCluster, RedisServer, embedded_server
 from common.settings import LOOPBACK, Settings, redacted
 
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
 REDIS = "redis"
+REDIS_CLUSTER = "redis-cluster"
 
 
 class ClusterError(RuntimeError):
@@ -71,10 +74,18 @@ def services(settings: Settings) -> list[Service]:
         argv = [*spark, WORKER_CLASS, cluster.spark_master_url, "--host", LOOPBACK, "--cores", str(cluster.worker_cores),
                 "--memory", cluster.worker_memory, "--webui-port", "0", "--work-dir", str(work_dir)]  # fmt: skip
         workers.append(Service(f"spark-worker-{i}", argv, env=spark_env))
-    speed = [Service(f"speed-{i}", [*recs, "speed", "run"]) for i in range(1, cluster.speed_consumers + 1)]
+    speed = [
+        Service(f"speed-{i}", [*recs, "speed", "run"], env=_metrics_port("SPEED_PORT", settings.metrics.speed_port, i))
+        for i in range(1, cluster.speed_consumers + 1)
+    ]
     writer = Service("lake-writer", [*recs, "lake-writer", "run"])
     serve = [*recs, "serve", "--host", LOOPBACK, "--port", str(api.port), "--workers", str(api.workers)]
     return [master, *workers, *speed, writer, Service("api", serve, port=api.port)]
+
+
+def _metrics_port(name: str, base: int, index: int) -> dict[str, str]:
+    """Processes of one role each take their own metrics port: base, base + 1, ... (0 stays off)."""
+    return {f"RECS_METRICS__{name}": str(base + index - 1 if base else 0)}
 
 
 def cluster_dir(settings: Settings) -> Path:
@@ -107,15 +118,21 @@ def batch_settings(settings: Settings) -> dict[str, str]:
 # ------------------------------------------------------------------ up, down, status
 
 
-def up(settings: Settings, timeout_s: float = 120.0) -> list[str]:
-    """Start whatever is not running yet and wait until it answers; returns the names started."""
-    started = [REDIS] if _start_redis(settings) else []
+def up(settings: Settings, timeout_s: float = 120.0, redis_cluster: bool = False) -> list[str]:
+    """Start whatever is not running yet and wait until it answers; returns the names started.
+    `redis_cluster`: a local Redis Cluster instead of the private Redis (kept until `down`)."""
+    if redis_cluster:
+        _redis_cluster(settings).start(timeout_s)
+        _redis_cluster_record(settings).write_text(_redis_cluster(settings).url)
+        started = [REDIS_CLUSTER]
+    else:
+        started = [REDIS] if _start_redis(settings) else []
     env = {
         **os.environ,
         "RECS_VAR_DIR": str(settings.var_dir),
         "RECS_LAKE__ROOT": settings.lake.root,
         "RECS_MODELS__ROOT": settings.models.root,
-        "RECS_REDIS__URL": settings.redis.effective_url,
+        "RECS_REDIS__URL": redis_url(settings),
     }
     cluster_dir(settings).mkdir(parents=True, exist_ok=True)
     for service in services(settings):
@@ -143,6 +160,10 @@ def down(settings: Settings, timeout_s: float = 30.0) -> list[str]:
         _redis(settings).stop()
         stopped.append(REDIS)
     _record_path(settings, REDIS).unlink(missing_ok=True)
+    if _redis_cluster_record(settings).exists():
+        _redis_cluster(settings).stop()
+        _redis_cluster_record(settings).unlink()
+        stopped.append(REDIS_CLUSTER)
     return stopped
 
 
@@ -156,14 +177,14 @@ def status(settings: Settings) -> dict[str, Any]:
             "pid": process.pid if process else None,
             "log": str(_log_path(settings, service.name)),
         }
-    redis_up = _redis_answers(settings)
+    redis_up = _redis_answers(redis_url(settings))
     return {
         "all_up": redis_up and all(p["up"] for p in processes.values()),
         "processes": processes,
         "redis": {
-            "url": redacted(settings.redis.effective_url),
+            "url": redacted(redis_url(settings)),
             "up": redis_up,
-            "started_by_cluster": running(settings, REDIS) is not None,
+            "started_by_cluster": running(settings, REDIS) is not None or _redis_cluster_record(settings).exists(),
         },
         "spark": {
             "master": settings.cluster.spark_master_url,
@@ -291,11 +312,27 @@ def _redis(settings: Settings) -> RedisServer:
     return embedded_server(settings.redis)
 
 
-def _redis_answers(settings: Settings) -> bool:
+def redis_url(settings: Settings) -> str:
+    """The Redis the deployment uses: the Redis Cluster `up --redis-cluster` started, else the settings'."""
+    record = _redis_cluster_record(settings)
+    return record.read_text().strip() if record.exists() else settings.redis.effective_url
+
+
+def _redis_cluster(settings: Settings) -> LocalRedisCluster:
+    base = settings.cluster.redis_cluster_port
+    return LocalRedisCluster(cluster_dir(settings) / "redis-cluster", tuple(range(base, base + 6)))
+
+
+def _redis_cluster_record(settings: Settings) -> Path:
+    """Written by `up --redis-cluster`: the cluster's URL, while it runs."""
+    return cluster_dir(settings) / "redis-cluster.url"
+
+
+def _redis_answers(url: str) -> bool:
     from common.redis_server import connect
 
     try:
-        return bool(connect(settings.redis.effective_url, timeout_s=0.5).ping())
+        return bool(connect(url, timeout_s=0.5).ping())
     except Exception:  # any connection failure means "down" here
         return False
 

@@ -29,7 +29,6 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from common import duck
 from common.events import deterministic_event_id
 from common.lake import Lake
 from common.redis_server import connect, embedded_server, free_port
@@ -381,9 +380,10 @@ def write_warehouse_report(settings: Settings) -> Path:
     """Rebuild the warehouse over the lake (now holding the live day) and render its report."""
 
     from warehouse.build import refresh_warehouse
+    from warehouse.query import open_read_only
     from warehouse.report import render_report
 
-    con = duck.connect(str(refresh_warehouse(settings)), read_only=True)
+    con = open_read_only(refresh_warehouse(settings))  # reads a lake on s3:// too
     try:
         html = render_report(con)
     finally:

@@ -72,13 +72,16 @@ def redis_status() -> None:
 @cluster_app.command("up")
 def cluster_up(
     timeout: float = typer.Option(120.0, help="Seconds to wait for the workers and the API to answer."),
+    redis_cluster: bool = typer.Option(
+        False, "--redis-cluster", help="A Redis Cluster (3 masters, 3 replicas on loopback) instead of one Redis."
+    ),
 ) -> None:
     """Start what is not running yet (a second `up` starts nothing), wait until it answers, print the status."""
     from recs.cluster import ClusterError, batch_settings, status, up
 
     settings = settings_or_exit()
     try:
-        started = up(settings, timeout)
+        started = up(settings, timeout, redis_cluster=redis_cluster)
     except ClusterError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None

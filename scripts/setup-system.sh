@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs the system pieces Lambdarec needs where they are missing: redis-server, a Java 17+
-# runtime (Spark 4), a native BLAS (Spark ALS, implicit) and Python's venv module.
+# runtime (Spark 4), a native BLAS (Spark ALS, implicit), Python's venv module and Prometheus
+# (promtool and a short-lived prometheus check docker/alerts.yml in tests/test_alerts.py).
 # Uses apt-get on Debian/Ubuntu; elsewhere prints what to install and stops.
 set -euo pipefail
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1 || true)
 if [ -z "${java_major}" ] || [ "${java_major}" -lt 17 ]; then missing+=(openjdk-17-jre-headless); fi
 ldconfig -p 2>/dev/null | grep -q 'libblas\.so\.3 ' || missing+=(libopenblas0-pthread)
@@ -28,9 +30,14 @@ if command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian's prometheus package enables a system service; the tests start their own on free ports.
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1; then
+    $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 else
   echo "setup: missing system packages: ${missing[*]}" >&2
   echo "setup: install them with your package manager (Redis 7+, Java 17+ runtime, OpenBLAS," >&2
-  echo "       Python 3.11 with venv, Chromium for the browser test), then run make again." >&2
+  echo "       Python 3.11 with venv, Prometheus 2.x with promtool, Chromium for the browser test)," >&2
+  echo "       then run make again." >&2
   exit 1
 fi

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import typer
 
@@ -35,8 +34,8 @@ def run_server(
     settings, which `recs bench serve` also gives its no-op app to measure the same server's ceiling."""
     import uvicorn
 
+    from common.metrics import MULTIPROC_ENV, multiprocess_dir
     from serving.core.limits import uvicorn_limits
-    from serving.core.metrics import MULTIPROC_ENV
 
     workers = workers or settings.api.workers
     # Requests run concurrently in each worker; multi-threaded BLAS per matrix product only contends
@@ -46,10 +45,7 @@ def run_server(
     if workers > 1 and not os.environ.get(MULTIPROC_ENV):
         # Each worker writes its metrics under this directory and /metrics sums them; it must be
         # set (and empty) before any worker imports prometheus_client.
-        directory = settings.var_dir / "prometheus"
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
-        os.environ[MULTIPROC_ENV] = str(directory)
+        multiprocess_dir(settings.var_dir / "prometheus")
     uvicorn.run(
         app,
         factory=True,

@@ -1,4 +1,5 @@
-"""Run the real `nightly_retrain` DAG in-process with `airflow dags test`, Airflow's home under var/."""
+"""Run the real `nightly_retrain` DAG (or another of dags/) in-process with `airflow dags test`, Airflow's home
+under var/."""
 
 from __future__ import annotations
 
@@ -50,11 +51,13 @@ def ensure_db(settings: Settings) -> None:
     marker.touch()
 
 
-def dags_test(settings: Settings, day: date, capture: bool = False) -> subprocess.CompletedProcess[str]:
+def dags_test(
+    settings: Settings, day: date, capture: bool = False, dag_id: str = DAG_ID
+) -> subprocess.CompletedProcess[str]:
     """One whole DAG run for the logical date `day` (cutoff = day 00:00 UTC). Returns the finished process."""
     ensure_db(settings)
     return subprocess.run(
-        [airflow_binary(), "dags", "test", DAG_ID, day.isoformat()],
+        [airflow_binary(), "dags", "test", dag_id, day.isoformat()],
         env=airflow_env(settings),
         capture_output=capture,
         text=True,

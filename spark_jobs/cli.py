@@ -51,8 +51,8 @@ def run(
 @model_app.command("list")
 def list_versions() -> None:
     """Every version with its status, cutoff, engine, the gate's replayed MRR@20 of its full lists and of
-    its batch+speed lists, the offline MRR@20 with and without the ranker, and the gate's decision
-    (the serving version is starred)."""
+    its batch+speed lists, the offline MRR@20 with and without the ranker, a drift mark (`recs drift report`)
+    and the gate's decision (the serving version is starred)."""
     from common.registry import Registry
     from spark_jobs.gate import GATE_METRIC, OFFLINE_POOL, OFFLINE_RANKED, REPLAY_FULL, REPLAY_OWN
 
@@ -63,10 +63,12 @@ def list_versions() -> None:
         full, own, ranked, plain = (
             _metric(manifest.metrics, s, GATE_METRIC) for s in (REPLAY_FULL, REPLAY_OWN, OFFLINE_RANKED, OFFLINE_POOL)
         )
+        drifted = registry.drift_marker(manifest.version)
+        drift = f"DRIFTED {drifted.checked_at:%Y-%m-%d %H:%M} ({'; '.join(drifted.reasons)})  " if drifted else ""
         typer.echo(
             f"{mark} {manifest.version:<30} {manifest.status:<10} cutoff {manifest.cutoff:%Y-%m-%d %H:%M} "
             f"{manifest.engine:<8} mrr@20 replay full {full} batch+speed {own} | offline ranker {ranked} pool {plain}  "
-            f"{manifest.decision or ''}"
+            f"{drift}{manifest.decision or ''}"
         )
 
 

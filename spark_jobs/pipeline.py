@@ -19,8 +19,9 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -30,6 +31,9 @@ from common.registry import COVISITATION, POPULARITY, Manifest, Registry
 from common.settings import PROJECT_ROOT, Settings, redacted
 from spark_jobs import tables
 from spark_jobs.plan import DEV_MODEL, STAGES, Plan, work_root
+
+if TYPE_CHECKING:
+    from spark_jobs.ranker import Rows
 
 log = logging.getLogger(__name__)
 DONE = ("published", "rejected")
@@ -162,6 +166,7 @@ def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
         rows[name] = feature_rows(pit, requests)
     booster = fit(rows["train"], rows["valid"], training.seed)
     save_ranker(registry_of(settings), plan.version, booster)
+    _save_drift_baseline(registry_of(settings), plan.version, rows["train"], booster, settings)
     save_ranker(Registry(str(plan.dev_registry)), DEV_MODEL, booster)
     summary = {
         "ranker_requests": rows["train"].requests,
@@ -172,6 +177,18 @@ def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
     }
     _record(plan, summary)
     return summary
+
+
+def _save_drift_baseline(registry: Registry, version: str, train: Rows, booster: Any, settings: Settings) -> None:
+    """A bounded sample of the training rows, scored by the new ranker: what drift reports compare serving with."""
+    from common.drift import save_baseline, training_sample
+
+    scores = booster.predict(train.features) if train.requests else np.zeros(0)
+    samples = training_sample(
+        train.features, scores, train.groups, train.categories, train.cold_start, train.at_s,
+        settings.drift, settings.training.seed,
+    )  # fmt: skip
+    save_baseline(registry, version, samples)
 
 
 def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:

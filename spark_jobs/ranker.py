@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,10 @@ class Rows:
     features: np.ndarray  # rows x len(FEATURE_NAMES)
     labels: np.ndarray  # int relevance (spark_jobs.replay: NEXT_ITEM, NEXT_ITEM_BOUGHT, else 0)
     groups: list[int]  # rows per request, in order
+    # What the drift baseline (common/drift.py) keeps beside the features:
+    categories: list[str] = field(default_factory=list)  # per row: the candidate's category
+    cold_start: list[bool] = field(default_factory=list)  # per request: no batch vector of the person
+    at_s: list[float] = field(default_factory=list)  # per request: its moment
 
     @property
     def requests(self) -> int:
@@ -44,6 +48,9 @@ def feature_rows(pit: PointInTime, requests: list[Request]) -> Rows:
     """Candidates and features of each request (in log order); requests whose pool misses every
     labelled item teach nothing and are left out."""
     blocks, labels, groups = [], [], []
+    categories: list[str] = []
+    cold_start: list[bool] = []
+    at_s: list[float] = []
     for request in requests:
         state = pit.state(request)
         _, cands = pit.gather(request, state)
@@ -53,9 +60,12 @@ def feature_rows(pit: PointInTime, requests: list[Request]) -> Rows:
         blocks.append(compute_features(state, cands))
         labels.append(y)
         groups.append(len(y))
+        categories.extend(cands.categories)
+        cold_start.append(pit.model.user_vector(request.person) is None)  # as serving counts it
+        at_s.append(request.now_s)
     if not blocks:
         return Rows(np.zeros((0, len(FEATURE_NAMES)), np.float32), np.zeros(0, np.int32), [])
-    return Rows(np.vstack(blocks), np.concatenate(labels), groups)
+    return Rows(np.vstack(blocks), np.concatenate(labels), groups, categories, cold_start, at_s)
 
 
 def train_ranker(train: Rows, valid: Rows, seed: int) -> Any:

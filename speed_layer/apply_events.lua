@@ -3,11 +3,12 @@
 --
 -- KEYS: event*event_count
 -- KEYS event: seen recent cats cart counts sessions person_items purchases trend_bucket popularity_day
---       category_bestsellers covis clicked per_version*n_versions
+--       category_bestsellers covis plans clicked per_version*n_versions
 -- KEYS per_version: delta delta_count
 -- ARGV: event_count apply_base session_ttl recent_n dedup_ttl affinity_half_life history_ttl purchases_kept
 --       bestsellers_kept covis_kept delta_ttl covis_prefix covis_suffix covis_window nb_session_prefix
---       nb_session_suffix nb_item_prefix nb_item_suffix nb_kept nb_ttl n_versions
+--       nb_session_suffix nb_item_prefix nb_item_suffix nb_kept nb_ttl split n_groups covis_middle
+--       nb_session_middle nb_item_middle n_versions
 --       version*n_versions event*event_count
 -- ARGV event: event_type item session ts weight quantity category trend_expireat popularity_expireat
 --       bestseller_increment event_id session_token personal served per_version*n_versions
@@ -15,7 +16,8 @@
 --
 -- apply_base: 1 or 0 (a version-switch replay writes deltas only). covis_*: the co-visitation key
 -- around an item id; nb_session_*: a neighbour-session key around a session token; nb_item_*: an
--- item's neighbour-sessions key around the item id; nb_kept: sessions kept per item (0: session-kNN
+-- item's neighbour-sessions key around the item id; each is prefix .. group(id) .. middle .. id ..
+-- suffix, group the id's slot group out of n_groups (redis_keys.grouped_template); nb_kept: sessions kept per item (0: session-kNN
 -- off). n_versions (0-2): the model versions whose deltas the chunk updates, named by `version`.
 -- Per event: trend_expireat, popularity_expireat, bestseller_increment (0: skip that counter);
 -- session_token is common.neighbours.session_token; personal: 1 when the event has personalisation
@@ -27,6 +29,13 @@
 -- (the rule writes earlier items' rows); the co-visitation keys of the session's other items are
 -- built from the template: which items those are is only known here, from the session's live
 -- recent items.
+-- split: 1 where the keys of no person are written by apply_globals.lua, one call per slot group
+-- (Redis Cluster: a script touches one slot). Then this script applies the person's effects only
+-- (every KEYS of the call is in the person's slot; the declared global ones are not touched) and
+-- returns, per applied event, {mask, plan}: plan the global effects the person's state gave it ('' none;
+-- else '+' then, each after a '\0', the session's earlier items it co-visits, nearest first), kept in
+-- `plans` beside its marker so a duplicate gets the same plan back (effects.py applies it per group).
+-- The bandit's rewards are not counted when split (their count hash is global; not in the plan yet).
 -- Returns one reply per event, in order: -1 when a delta's event count moved since the caller read
 -- it (nothing of that event applied; re-read and retry), else a bit mask: 1 version-free effects,
 -- 2 the first version's delta, 4 the second's (0: a duplicate). An event whose effects raised an
@@ -47,6 +56,8 @@ local covis_prefix, covis_suffix, covis_window = ARGV[12], ARGV[13], tonumber(AR
 local nb_session_prefix, nb_session_suffix = ARGV[15], ARGV[16]
 local nb_item_prefix, nb_item_suffix = ARGV[17], ARGV[18]
 local nb_kept, nb_ttl = tonumber(ARGV[19]), tonumber(ARGV[20])
+local split, n_groups = ARGV[21] == '1', tonumber(ARGV[22])
+local covis_middle, nb_session_middle, nb_item_middle = ARGV[23], ARGV[24], ARGV[25]
 local n_versions = tonumber(ARGV[ARGV_HEAD])
 local versions = {}
 for v = 1, n_versions do versions[v] = ARGV[ARGV_HEAD + v] end
@@ -61,10 +72,17 @@ local zincr, hincr, hcount, zset, expire_in, expire_at, trims, recent_trims = {}
 -- Read-through state of this chunk: marks set (seen key -> field -> true), delta counts and values,
 -- sessions' latest times ({key, session, written, latest}), affinity reference times.
 local marks_now, counts, count_dirty, deltas, sessions_now, cats_t0 = {}, {}, {}, {}, {}, {}
+-- Split only: plans set now (plans key -> event id -> plan), each seen key's plans key, and the plan
+-- of the event being applied ({item newly in the session, the items it co-visits}).
+local plans_now, plans_of_seen, plan = {}, {}, nil
 local function add(map, key, member, by)
   local t = map[key]
   if not t then t = {}; map[key] = t end
   t[member] = (t[member] or 0) + by
+end
+
+local function grouped(prefix, middle, suffix, id)
+  return prefix .. (tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups) .. middle .. id .. suffix
 end
 
 -- Ordered co-visitation (common/sequence.py is the definition): a new item in the session is
@@ -74,9 +92,13 @@ local function covisit(recent, item)
   for _, other in ipairs(redis.call('ZREVRANGE', recent, 0, covis_window)) do
     if other ~= item and gap < covis_window then
       gap = gap + 1
-      local other_key = covis_prefix .. other .. covis_suffix
-      add(zincr, other_key, item, 1 / gap)
-      trims[other_key] = covis_kept
+      if split then
+        plan[#plan + 1] = other
+      else
+        local other_key = grouped(covis_prefix, covis_middle, covis_suffix, other)
+        add(zincr, other_key, item, 1 / gap)
+        trims[other_key] = covis_kept
+      end
     end
   end
 end
@@ -84,8 +106,8 @@ end
 -- Session-kNN's index (common/neighbours.py reads it the same way): the session's new item joins the
 -- session's neighbour set, and the session joins the item's most recent sessions.
 local function index_neighbour(token, item, ts)
-  local session_key = nb_session_prefix .. token .. nb_session_suffix
-  local item_key = nb_item_prefix .. item .. nb_item_suffix
+  local session_key = grouped(nb_session_prefix, nb_session_middle, nb_session_suffix, token)
+  local item_key = grouped(nb_item_prefix, nb_item_middle, nb_item_suffix, item)
   local t = zset[session_key] or {}; zset[session_key] = t; t[item] = ts
   t = zset[item_key] or {}; zset[item_key] = t; t[token] = ts
   recent_trims[session_key] = true
@@ -155,9 +177,10 @@ local function apply_person_effects(k, a)
   if etype ~= 'remove_from_cart' then
     local recent = KEYS[k + 2]
     if redis.call('ZADD', recent, 'GT', ts, item) == 1 then
+      if split then plan = {} end
       covisit(recent, item)
       recent_trims[recent] = true
-      if nb_kept > 0 then index_neighbour(ARGV[a + 12], item, ts) end
+      if nb_kept > 0 and not split then index_neighbour(ARGV[a + 12], item, ts) end
     end
     expire_in[recent] = session_ttl
   end
@@ -206,7 +229,7 @@ end
 -- reward; the record then waits in the session (person-level state: with personalisation only) for a
 -- purchase, which takes it for the purchase reward.
 local function apply_bandit(k, a)
-  local served_key, personal, clicked_key = ARGV[a + 14], ARGV[a + 13] == '1', KEYS[k + 13]
+  local served_key, personal, clicked_key = ARGV[a + 14], ARGV[a + 13] == '1', KEYS[k + 14]
   if served_key ~= '' then
     local served = redis.call('GET', served_key)
     if served then
@@ -228,8 +251,8 @@ end
 
 local function apply_base_effects(k, a)
   if ARGV[a + 13] == '1' then apply_person_effects(k, a) end
-  if ARGV[a + 2] ~= '' then apply_aggregates(k, a) end
-  apply_bandit(k, a)
+  if ARGV[a + 2] ~= '' and not split then apply_aggregates(k, a) end
+  if not split then apply_bandit(k, a) end
 end
 
 -- The delta count the event was planned on, read once per chunk and then followed here.
@@ -261,6 +284,7 @@ local function apply_event(k, a)
   end
 
   local applied, marked = 0, {}
+  plan = nil
   if need_base then
     apply_base_effects(k, a)
     marked[1] = fields[1]
@@ -281,7 +305,19 @@ local function apply_event(k, a)
     marks_now[seen] = set_now
     expire_in[seen] = dedup_ttl
   end
-  return applied
+  if not split then return applied end
+  local plans = KEYS[k + 13]
+  local stored = plans_now[plans] or {}
+  plans_now[plans], plans_of_seen[seen] = stored, plans
+  local text
+  if need_base then
+    text = ''
+    if plan then text = '+' .. (#plan > 0 and '\0' .. table.concat(plan, '\0') or '') end
+    if text ~= '' then stored[event_id] = text end
+  else  -- applied before (or earlier in this chunk): the plan it was given then
+    text = stored[event_id] or redis.call('HGET', plans, event_id) or ''
+  end
+  return {applied, text}
 end
 
 local results = {}
@@ -310,7 +346,20 @@ for key, set_now in pairs(marks_now) do
   local flat = {}
   for field in pairs(set_now) do flat[#flat + 1] = now; flat[#flat + 1] = field end
   write('ZADD', key, unpack(flat))
+  local plans = plans_of_seen[key]
+  if plans then  -- a plan goes with its event's marker
+    local old = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. (now - dedup_ttl))
+    for i = 1, #old, 1000 do write('HDEL', plans, unpack(old, i, math.min(i + 999, #old))) end
+  end
   write('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - dedup_ttl))
+end
+for key, stored in pairs(plans_now) do
+  local flat = {}
+  for field, text in pairs(stored) do flat[#flat + 1] = field; flat[#flat + 1] = text end
+  if #flat > 0 then
+    write('HSET', key, unpack(flat))
+    expire_in[key] = dedup_ttl
+  end
 end
 for key, members in pairs(zincr) do
   for member, by in pairs(members) do write('ZINCRBY', key, by, member) end

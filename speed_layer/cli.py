@@ -25,14 +25,17 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _run_one_consumer(index: int) -> None:
-    """One consumer process (also the body of each child of `--consumers N`)."""
+def _run_one_consumer(index: int, serve_metrics: bool = False) -> None:
+    """One consumer process (also the body of each child of `--consumers N`, whose metrics the parent serves)."""
+    from common.metrics import serve_metrics as serve
     from common.redis_server import connect
     from common.settings import get_settings
     from speed_layer.consumer import SpeedConsumer, consumer_name
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s speed[{index}] %(levelname)s %(message)s")
     settings = get_settings()
+    if serve_metrics:
+        serve(settings.metrics.host, settings.metrics.speed_port)
     client = connect(settings.redis.effective_url, timeout_s=max(5.0, settings.speed.block_ms / 1000 + 5))
     SpeedConsumer(client, settings, name=f"{consumer_name()}-{index}").run(_stop_on_signals())
 
@@ -59,19 +62,27 @@ def run(
     is restarted (speed_layer/supervisor.py)."""
     _seed_catalog()
     if consumers == 1:
-        _run_one_consumer(0)
+        _run_one_consumer(0, serve_metrics=True)
         return
     import multiprocessing
 
+    from common.metrics import mark_process_dead, multiprocess_dir, serve_metrics
     from common.settings import get_settings
     from speed_layer.supervisor import supervise
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s speed-supervisor %(levelname)s %(message)s")
-    speed = get_settings().speed
+    settings = get_settings()
+    speed, port = settings.speed, settings.metrics.speed_port
+    if port:
+        # One port for the N children: they write their metrics to files the supervisor's port sums, so
+        # the target does not change with N and stays up while a child restarts (common/metrics.py).
+        multiprocess_dir(settings.var_dir / "prometheus-speed")
+        serve_metrics(settings.metrics.host, port)
     context = multiprocessing.get_context("spawn")
     code = supervise(
         lambda i: context.Process(target=_run_one_consumer, args=(i,), name=f"speed-{i}"),
         consumers, _stop_on_signals(), speed.restarts_per_minute, speed.restart_backoff_s,
+        on_exit=mark_process_dead,
     )  # fmt: skip
     if code:
         raise typer.Exit(code)
@@ -115,12 +126,14 @@ def status(
 @lake_writer_app.command("run")
 def lake_writer_run() -> None:
     """Land stream events in the lake until SIGINT/SIGTERM (flush by size or seconds, ack after rename)."""
+    from common.metrics import serve_metrics
     from common.redis_server import connect
     from common.settings import get_settings
     from speed_layer.lake_writer import LakeWriter
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s lake-writer %(levelname)s %(message)s")
     settings = get_settings()
+    serve_metrics(settings.metrics.host, settings.metrics.lake_writer_port)
     client = connect(settings.redis.effective_url, timeout_s=max(5.0, settings.lake.flush_seconds + 5))
     LakeWriter(client, settings).run(_stop_on_signals())
 

@@ -29,9 +29,10 @@ from common.registry import Registry, RegistryError
 from common.settings import Settings
 from common.speed_state import trending_decay_weights
 from common.stream import DEAD_LETTER_FIELD, decode_entry, remove_idle_consumers
+from speed_layer import metrics
 from speed_layer.bandit import ImpressionCounter
 from speed_layer.effects import Applier, BatchResult, Started, StateRead
-from speed_layer.sender import Lane
+from speed_layer.sender import lane_for
 from speed_layer.switch import stamped, switch_version
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class _Batch:
     models: list[ModelArtifacts] = field(default_factory=list)
     state: StateRead | None = None  # its reads, sent ahead
     started: Started | None = None
+    read_at: float = field(default_factory=time.perf_counter)  # made right after its entries were read
 
 
 class SpeedConsumer:
@@ -95,8 +97,8 @@ class SpeedConsumer:
         self.stream_key = redis_keys.stream(settings.redis.stream)
         self.dead_key = redis_keys.dead_letter(settings.redis.stream)
         self.applier = Applier(client, settings, seed=os.getpid())
-        self.acks = Lane(client)  # acknowledgements, read back at the next batch
-        self.reads = Lane(client)  # the next batch's XREADGROUP, sent while this one runs
+        self.acks = lane_for(client)  # acknowledgements, read back at the next batch
+        self.reads = lane_for(client)  # the next batch's XREADGROUP, sent while this one runs
         self.models: dict[str, ModelArtifacts] = {}
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(redis_keys.MODELS_CHANNEL, redis_keys.CATALOG_CHANNEL)
@@ -108,6 +110,7 @@ class SpeedConsumer:
         self._announced: list[str] = []
         self._prepared: _Batch | None = None  # decoded, its reads sent, not started yet (pump)
         self._in_flight: _Batch | None = None  # started, not yet finished (pump)
+        self.stream_gauges = metrics.StreamGauges(client, settings.redis.stream, settings.metrics.stream_refresh_s)
         ensure_group(client, self.stream_key, self.speed.group)
         self.impressions = ImpressionCounter(client, settings, self.name)
         for lane in (self.applier.lane, self.acks, self.reads):
@@ -147,6 +150,7 @@ class SpeedConsumer:
         """Housekeeping, then one batch from read to acknowledgement; returns how many entries it handled."""
         self._drain()
         self._housekeeping()
+        self.stream_gauges.refresh_if_due()
         entries, versions = self._read(block)
         if entries:
             self._finish(self._start(entries, versions))
@@ -163,6 +167,7 @@ class SpeedConsumer:
             if (self._prepared is None and self._in_flight is None) or self._housekeeping_due():
                 self._drain()  # a version switch replays through the same lanes
                 self._housekeeping()
+            self.stream_gauges.refresh_if_due()
             idle = self._prepared is None and self._in_flight is None
             entries, versions = self._read(block and idle)
             upcoming = self._prepare(entries, versions) if entries else None
@@ -312,6 +317,7 @@ class SpeedConsumer:
             (event_ids[i], fields_of[event_ids[i]], reason) for i, reason in result.failed.items()
         ]
         unresolved = {event_ids[i] for i in result.unresolved}
+        _observe(batch, result, len(dead))
         acked = [entry_id for entry_id, _ in batch.entries if entry_id not in unresolved]
 
         self._settle_acks()
@@ -440,6 +446,14 @@ class SpeedConsumer:
         pipe.zremrangebyrank(redis_keys.TRENDING_TOP, 0, -(speed.trending_top_n + 1))
         pipe.execute()
         return True
+
+
+def _observe(batch: _Batch, result: BatchResult, dead: int) -> None:
+    """The batch's metrics, once its effects are written: outcomes, latency, each handled event's freshness."""
+    metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.read_at)
+    metrics.count_batch(result.applied, result.duplicates, result.erased, dead, len(result.unresolved))
+    left = result.failed.keys() | set(result.unresolved)
+    metrics.observe_freshness([e for i, e in enumerate(batch.events) if i not in left] if left else batch.events)
 
 
 def _stream_entries(reply: Any) -> list[Entry]:

@@ -7,7 +7,8 @@
 -- An entry is counted only by the call that acknowledges it: XACK answers 1 once per entry and group,
 -- so an entry read again (a consumer died after reading it and another claimed it) is not counted
 -- twice, and one whose count was lost never is acknowledged. counts: the experiment's count hash
--- (redis_keys.bandit_counts, named by the entry: its key depends on the serving side's arm set); ttl:
+-- (redis_keys.bandit_counts, named by the entry: its key depends on the serving side's arm set; in the
+-- stream's slot group, so on Redis Cluster this one call may touch it); ttl:
 -- the hash expires this long after its last impression; '' for an entry that names none (acknowledged
 -- only). Returns how many entries were counted.
 local stream, group, ttl, n = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])

@@ -4,6 +4,19 @@ Python computes what needs the model (SGD deltas) and what needs lookups (catego
 the session's other items); the Lua script applies it with the dedup marker in one atomic step.
 The same applier serves the live consumers (version-free effects plus the deltas of the current
 and pending versions) and the version-switch replay (one version's deltas only).
+
+On Redis Cluster (`split`) a script touches one slot, so an event's effects take two steps: its
+person's effects in one apply_events.lua call in the person's slot, with the person's dedup marker,
+which also records and returns the event's global plan (the items it co-visits, whether it entered
+its session); then its global effects (trending, popularity, bestsellers, co-visits, session-kNN),
+one apply_globals.lua call per slot group, each with the group's own marker of the event. The
+guarantee: an event's person effects and its effects in each group are each applied exactly once.
+A crash between the calls leaves the event unacknowledged; its retry finds the person's marker set
+and gets the stored plan back (nothing counted twice there), and re-sends the global calls, which
+apply in each group only what its marker says is missing (nothing lost, nothing twice). Until that
+retry, the global effects lag the person's: readers may see one without the other meanwhile. The
+calls of a batch are pipelined, so it costs one round trip per node for the persons' calls and one
+for the groups' calls.
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import zip_longest
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -25,11 +38,12 @@ from common.events import ATTENTION_EVENTS, BESTSELLER_EVENTS, Consent, Event, E
 from common.features import DAY_S, POP_DAYS, day_index, implicit_weight
 from common.model import ModelArtifacts
 from common.neighbours import session_token
-from common.settings import Settings
+from common.redis_server import is_cluster
+from common.settings import Settings, SpeedSettings
 from common.speed_state import forward_decay
 from common.vectors import sgd_steps
-from speed_layer.scripts import APPLY_EVENTS, MERGE_IDENTITY
-from speed_layer.sender import Lane
+from speed_layer.scripts import APPLY_EVENTS, APPLY_GLOBALS, MERGE_IDENTITY
+from speed_layer.sender import ClusterLane, Lane, lane_for
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +53,7 @@ _EVENT_ARGS = APPLY_EVENTS.argv.packer("event")
 _VERSION_KEYS = APPLY_EVENTS.keys.packer("per_version")
 _VERSION_ARGS = APPLY_EVENTS.argv.packer("per_version")
 _MERGE_SESSION_KEYS = MERGE_IDENTITY.keys.packer("session")
+_GLOBAL_OP = APPLY_GLOBALS.argv.packer("op")
 
 NO_SESSION = "_"  # session id of events sent without one
 # The person keys of an event applied without personalisation consent: the script touches only the
@@ -128,6 +143,27 @@ class _Sent:
     sessions: list[str]
     personal: list[bool]  # whether each may build person-level state (consent)
     expected: Deltas  # (person, version) -> delta, count once applied
+    parts: list[list[int]]  # positions in `todo` of each script call, in the order sent
+    globals: dict[int, EventGlobals] = field(default_factory=dict)  # split: position -> its global effects
+    unlinked: list[int] = field(default_factory=list)  # split: positions with global effects only
+
+
+@dataclass(frozen=True)
+class EventGlobals:
+    """What an event adds to keys of no person, as apply_events.lua's aggregates and co-visits would:
+    planned in Python, applied per slot group by apply_globals.lua (split)."""
+
+    event_id: str
+    item: str
+    ts: str  # repr of the event time (epoch s)
+    weight: float
+    trend_key: str
+    trend_expireat: int  # 0: not counted (its bucket has left the window)
+    popularity_key: str
+    popularity_expireat: int
+    bestsellers_key: str
+    bestseller_increment: float  # 0: none
+    token: str  # the session's neighbour token ('' without personalisation)
 
 
 @dataclass(eq=False)
@@ -150,7 +186,7 @@ class StateRead:
     ids it names, the devices' aliases, the signed-in users' deltas and the uncached categories. Batches numbered `since`
     and later may change what was read, so their planned deltas override it."""
 
-    lane: Lane
+    lane: Lane | ClusterLane
     ids: list[str]
     devices: list[str]
     stored: list[tuple[str, str]]
@@ -171,27 +207,36 @@ class Applier:
     and the conflicts are retried in order, sequentially, on fresh reads.
     """
 
-    def __init__(self, client: redis.Redis, settings: Settings, seed: int = 0) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, seed: int = 0, split: bool | None = None) -> None:
         self.client = client
         self.settings = settings
         self.speed = settings.speed
         self.categories = CategoryCache()
         self.rng = np.random.default_rng(seed)
-        self.lane = Lane(client)  # the script calls
-        self.reads = Lane(client)  # reads sent ahead, taken in order by `start`
-        self.reads_now = Lane(client)  # reads taken at once (retries, `apply`)
+        redis_settings = settings.redis
+        # The script calls; on a cluster a batch's writes count once on the replicas (failover-safe).
+        self.lane = lane_for(client, redis_settings.cluster_replica_acks, redis_settings.cluster_replica_timeout_ms)
+        # Split: the groups' calls, sent and read at once (the script lane may hold later batches' calls).
+        self.globals_lane = lane_for(client, redis_settings.cluster_replica_acks, redis_settings.cluster_replica_timeout_ms)
+        self.reads = lane_for(client)  # reads sent ahead, taken in order by `start`
+        self.reads_now = lane_for(client)  # reads taken at once (retries, `apply`)
+        # Global effects per slot group (see the module's docstring): always on a cluster; on one
+        # Redis only when asked (the one-script path is faster there).
+        self.split = is_cluster(client) if split is None else split
         self.in_flight: list[Started] = []
         self.recent: deque[Started] = deque(maxlen=4)  # started batches, finished or not, for overlays
         self.started = 0
         client.script_load(APPLY_EVENTS.source)
+        client.script_load(APPLY_GLOBALS.source)
         # The script builds keys it only learns inside Redis (a session's other items) from these.
         covis, nb_session, nb_item = (
-            redis_keys.template(key_of)
+            redis_keys.grouped_template(key_of)
             for key_of in (redis_keys.covisitation, redis_keys.neighbour_session, redis_keys.item_sessions)
         )
         self.key_templates = dict(
-            covis_prefix=covis[0], covis_suffix=covis[1], nb_session_prefix=nb_session[0],
-            nb_session_suffix=nb_session[1], nb_item_prefix=nb_item[0], nb_item_suffix=nb_item[1],
+            covis_prefix=covis[0], covis_middle=covis[1], covis_suffix=covis[2], nb_session_prefix=nb_session[0],
+            nb_session_middle=nb_session[1], nb_session_suffix=nb_session[2], nb_item_prefix=nb_item[0],
+            nb_item_middle=nb_item[1], nb_item_suffix=nb_item[2], n_groups=redis_keys.SLOT_GROUPS,
         )  # fmt: skip
         self.merge_script = client.register_script(MERGE_IDENTITY.source)
 
@@ -267,7 +312,7 @@ class Applier:
     def reset(self) -> None:
         """Forget the batches in flight (their events stay unacknowledged) and drop the lanes."""
         self.in_flight.clear()
-        for lane in (self.lane, self.reads, self.reads_now):
+        for lane in (self.lane, self.globals_lane, self.reads, self.reads_now):
             lane.reset()
 
     def _retry_in_order(self, conflicts: list[tuple[Started, list[int]]]) -> None:
@@ -319,9 +364,8 @@ class Applier:
         planner = _Planner(self, batch, persons, personal, sessions, self.categories, now)
         expected = planner.plan_deltas(models, deltas)
 
-        chunk = self.speed.script_chunk
-        for first in range(0, len(batch), chunk):
-            part = range(first, min(first + chunk, len(batch)))
+        parts, unlinked = self._parts(persons, personal)
+        for part in parts:
             keys: list[str] = []
             event_args: list[object] = []
             for j in part:
@@ -331,26 +375,48 @@ class Applier:
             )
             APPLY_EVENTS.check(keys, args)
             self.lane.send("EVALSHA", APPLY_EVENTS.sha, len(keys), *keys, *args)
-        return _Sent(todo, persons, sessions, personal, expected)
+        if self.split:
+            for j in unlinked:
+                planner.plan(j, [], [])  # plans its global effects only
+        return _Sent(todo, persons, sessions, personal, expected, parts, planner.globals, unlinked)
+
+    def _parts(self, persons: Sequence[str], personal: Sequence[bool]) -> tuple[list[list[int]], list[int]]:
+        """The script calls of a batch (positions, in order within each) and, split, the positions that
+        have no person call: consecutive chunks on one Redis; split, each person's events (their one
+        slot), chunked, while events without personalisation go to the groups' calls only."""
+        chunk = self.speed.script_chunk
+        if not self.split:
+            return [list(range(first, min(first + chunk, len(persons)))) for first in range(0, len(persons), chunk)], []
+        by_person: dict[str, list[int]] = {}
+        unlinked = []
+        for j, (person, mine) in enumerate(zip(persons, personal, strict=True)):
+            if mine:
+                by_person.setdefault(person, []).append(j)
+            else:
+                unlinked.append(j)
+        parts = [events[first : first + chunk] for events in by_person.values() for first in range(0, len(events), chunk)]
+        return parts, unlinked
 
     def _collect(self, started: Started, sent: _Sent) -> list[int]:
         """Read an attempt's replies into the batch's result; returns the indices to retry: a delta
         moved underneath, the script was not loaded, or an earlier event of the chunk failed."""
-        chunk, result = self.speed.script_chunk, started.result
-        parts = [
-            range(first, min(first + chunk, len(sent.todo))) for first in range(0, len(sent.todo), chunk)
-        ]
+        result = started.result
         retry: list[int] = []
-        for part, reply in zip(parts, self.lane.read(len(parts)), strict=True):
+        planned: list[tuple[int, str]] = []  # split: (position, plan) of the events whose globals to apply
+        for part, reply in zip(sent.parts, self.lane.read(len(sent.parts)), strict=True):
             if isinstance(reply, NoScriptError):  # Redis restarted and lost its scripts: nothing ran
                 self.client.script_load(APPLY_EVENTS.source)
                 reply = []
             elif isinstance(reply, Exception):  # the call itself was refused: nothing ran
                 reply = [str(reply).encode()] + [-1] * (len(part) - 1)
-            if reply and isinstance(reply[-1], list):  # some deferred writes failed; the events applied
+            # Some deferred writes failed; the events applied (a split event's reply is a pair).
+            if reply and isinstance(reply[-1], list) and len(reply[-1]) == 1:
                 log.error("chunk applied, but %s", reply.pop()[0].decode(errors="replace"))
             for j, code in zip_longest(part, reply):
                 index = sent.todo[j]
+                if isinstance(code, list):  # split: the mask, and the global effects to apply
+                    planned.append((j, code[1].decode()))
+                    code = code[0]
                 if code is None or code == -1:  # not reached, or its delta moved: plan it again
                     retry.append(index)
                 elif isinstance(code, bytes):
@@ -363,7 +429,36 @@ class Applier:
                     # A hover changes no list, nor does an event without personalisation consent.
                     if sent.personal[j] and event.event_type.value not in ATTENTION_EVENTS:
                         result.changed[sent.persons[j]] = (sent.sessions[j], event)
+        if self.split:  # events without personalisation count by their global effects
+            applied = self._apply_globals(sent, planned + [(j, "") for j in sent.unlinked]) if started.base else set()
+            for j in sent.unlinked:
+                if j in applied:
+                    result.applied += 1
+                else:
+                    result.duplicates += 1  # a version-switch replay writes deltas, which they have none of
         return retry
+
+    def _apply_globals(self, sent: _Sent, planned: Sequence[tuple[int, str]]) -> set[int]:
+        """Apply the global effects of the events `planned` ((position, plan)), one apply_globals.lua call
+        per slot group, pipelined; returns the positions applied now in at least one group."""
+        calls = _group_calls([(j, sent.globals[j], plan) for j, plan in planned if j in sent.globals], self.speed)
+        for attempt in range(2):
+            for keys, args, _ in calls:
+                APPLY_GLOBALS.check(keys, args)
+                self.globals_lane.send("EVALSHA", APPLY_GLOBALS.sha, len(keys), *keys, *args)
+            replies = self.globals_lane.read(len(calls))
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                self.client.script_load(APPLY_GLOBALS.source)  # a restarted or promoted node lacks it
+                continue
+            break
+        applied: set[int] = set()
+        for (_, _, positions), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply  # nothing of the call ran: the batch stays unacknowledged and is retried
+            if reply and isinstance(reply[-1], list):
+                log.error("globals applied, but %s", reply.pop()[0].decode(errors="replace"))
+            applied |= {j for j, code in zip(positions, reply, strict=True) if code == 1}
+        return applied
 
     def _chunk_constants(
         self, events: int, base: bool, models: Sequence[ModelArtifacts]
@@ -372,7 +467,7 @@ class Applier:
         speed = self.speed
         return dict(
             **self.key_templates,
-            event_count=events, apply_base=1 if base else 0, session_ttl=speed.session_ttl_s,
+            event_count=events, apply_base=1 if base else 0, split=1 if self.split else 0, session_ttl=speed.session_ttl_s,
             recent_n=speed.recent_items, dedup_ttl=speed.dedup_ttl_s, affinity_half_life=speed.affinity_half_life_s,
             history_ttl=speed.history_ttl_s, purchases_kept=speed.purchases_kept,
             bestsellers_kept=speed.bestsellers_top_n, covis_kept=speed.covis_top_n, delta_ttl=speed.dedup_ttl_s,
@@ -381,7 +476,7 @@ class Applier:
         )  # fmt: skip
 
     def _send_state_reads(
-        self, batch: Sequence[Event], models: Sequence[ModelArtifacts], lane: Lane
+        self, batch: Sequence[Event], models: Sequence[ModelArtifacts], lane: Lane | ClusterLane
     ) -> StateRead:
         ids = sorted({i for e in batch for i in e.person_ids})
         devices = sorted({e.anonymous_id for e in batch if e.user_id is None and e.personalised})
@@ -469,6 +564,11 @@ class Applier:
         user, device = event.user_id, event.anonymous_id
         assert user is not None  # the event schema requires it for identify
         if device == user:
+            return
+        if is_cluster(self.client):
+            # The merge moves the device's keys into the user's slot in one script, which a cluster
+            # refuses; failing the event (dead-lettered) keeps it from blocking the stream.
+            result.failed[index] = "identify merge is not supported on Redis Cluster yet"
             return
         if redis_keys.erased_among(self.client, event.person_ids):
             result.erased += 1  # linking an erased user or device would bring their state back
@@ -561,6 +661,8 @@ class _Planner:
         self.seen_keys: dict[str, str] = {}
         self.tokens: dict[tuple[str, str], str] = {}
         self.item_keys: dict[str, str] = {}
+        self.split = applier.split
+        self.globals: dict[int, EventGlobals] = {}  # split: event index -> its global effects
 
     def plan_deltas(self, models: Sequence[ModelArtifacts], stored: Deltas) -> Deltas:
         """SGD steps for every event with a delta, vectorised over the people in the batch; returns
@@ -650,25 +752,36 @@ class _Planner:
             recent, cats, cart, counts, sessions, person_items, purchases, clicked = self._person_keys(
                 person, session
             )
-            seen, token = self._seen_key(person), self._token(person, session)
+            seen, token, plans = self._seen_key(person), self._token(person, session), self._plans_key(person)
         else:
             recent, cats, cart, counts, sessions, person_items, purchases, clicked = _UNLINKED_PERSON_KEYS
-            seen, token, session = redis_keys.SEEN_UNLINKED, "", ""
+            seen, token, session, plans = redis_keys.SEEN_UNLINKED, "", "", redis_keys.SEEN_UNLINKED
+        trend_key, pop_key = redis_keys.trending_bucket(bucket), redis_keys.popularity_day(day)
+        best_key, covis_key = redis_keys.category_bestsellers(category or "-"), self._covis_key(item or "-")
+        trend_expireat = trend_expire if trend_expire > self.now else 0
+        pop_expireat = pop_expire if pop_expire > self.now else 0
+        if self.split:
+            if item:
+                self.globals[j] = EventGlobals(
+                    event.event_id, item, repr(ts), weight, trend_key, trend_expireat, pop_key, pop_expireat,
+                    best_key, best, token,
+                )  # fmt: skip
+            # The person's script touches its person's slot only: the global KEYS name its marker key.
+            # The bandit's rewards are not counted here yet (README, Redis Cluster): no served record.
+            trend_key = pop_key = best_key = covis_key = seen
         keys += _EVENT_KEYS(
             seen=seen, recent=recent, cats=cats, cart=cart, counts=counts, sessions=sessions,
-            person_items=person_items, purchases=purchases, trend_bucket=redis_keys.trending_bucket(bucket),
-            popularity_day=redis_keys.popularity_day(day),
-            category_bestsellers=redis_keys.category_bestsellers(category or "-"),
-            covis=self._covis_key(item or "-"), clicked=clicked, per_version=version_keys,
+            person_items=person_items, purchases=purchases, trend_bucket=trend_key, popularity_day=pop_key,
+            category_bestsellers=best_key, covis=covis_key, plans=plans, clicked=clicked,
+            per_version=version_keys,
         )  # fmt: skip
         args += _EVENT_ARGS(
             event_type=event_type, item=item, session=session, ts=repr(ts), weight=repr(weight),
             quantity=event.quantity or 1, category=category,
-            trend_expireat=trend_expire if trend_expire > self.now else 0,
-            popularity_expireat=pop_expire if pop_expire > self.now else 0,
+            trend_expireat=trend_expireat, popularity_expireat=pop_expireat,
             bestseller_increment=repr(best), event_id=event.event_id, session_token=token,
             personal=1 if personal else 0,
-            served=redis_keys.bandit_served(event.rec_request_id) if event.rec_request_id else "",
+            served=self._served_key(event.rec_request_id),
             per_version=version_args,
         )  # fmt: skip
 
@@ -703,6 +816,13 @@ class _Planner:
             found = self.tokens[(person, session)] = session_token(person, session)
         return found
 
+    def _served_key(self, rec_request_id: str | None) -> str:
+        # Split: the served record and the count hash are global keys the person's script may not touch.
+        return redis_keys.bandit_served(rec_request_id) if rec_request_id and not self.split else ""
+
+    def _plans_key(self, person: str) -> str:
+        return redis_keys.global_plans(person)
+
     def _seen_key(self, person: str) -> str:
         found = self.seen_keys.get(person)
         if found is None:
@@ -714,3 +834,65 @@ class _Planner:
         if found is None:
             found = self.item_keys[item] = redis_keys.covisitation(item)
         return found
+
+
+def _global_ops(effects: EventGlobals, plan: str, speed: SpeedSettings) -> list[tuple[str, str, str, object]]:
+    """(kind, key, member, value) of an event's global effects (apply_globals.lua's kinds), as
+    apply_events.lua applies them on one Redis: its aggregates, then what its plan (`+` and the
+    session's earlier items, nearest first) adds: co-visits and the session-kNN index."""
+    item, weight = effects.item, effects.weight
+    ops: list[tuple[str, str, str, object]] = []
+    if weight > 0 and effects.trend_expireat > 0:
+        ops += [("zincr", effects.trend_key, item, repr(weight)), ("expireat", effects.trend_key, "", effects.trend_expireat)]
+    if effects.popularity_expireat > 0:
+        ops += [("zincr", effects.popularity_key, item, 1), ("expireat", effects.popularity_key, "", effects.popularity_expireat)]
+    if effects.bestseller_increment > 0:
+        ops += [
+            ("zincr", effects.bestsellers_key, item, repr(effects.bestseller_increment)),
+            ("trim", effects.bestsellers_key, "", speed.bestsellers_top_n),
+        ]
+    if not plan.startswith("+"):
+        return ops
+    for gap, other in enumerate(plan.split("\0")[1:], start=1):
+        covis = redis_keys.covisitation(other)
+        ops += [("zincr", covis, item, repr(1 / gap)), ("trim", covis, "", speed.covis_top_n)]
+    if speed.neighbour_sessions_per_item > 0:
+        session_key, item_key = redis_keys.neighbour_session(effects.token), redis_keys.item_sessions(item)
+        ops += [
+            ("zadd", session_key, item, effects.ts), ("zadd", item_key, effects.token, effects.ts),
+            ("keep", session_key, "", speed.recent_items), ("trim", item_key, "", speed.neighbour_sessions_per_item),
+            ("expire", session_key, "", speed.neighbour_session_ttl_s), ("expire", item_key, "", speed.neighbour_session_ttl_s),
+        ]  # fmt: skip
+    return ops
+
+
+def _group_calls(
+    planned: Sequence[tuple[int, EventGlobals, str]], speed: SpeedSettings
+) -> list[tuple[list[str], list[Any], list[int]]]:
+    """One apply_globals.lua call per slot group the events touch: (KEYS, ARGV, the positions of its
+    events in order)."""
+    groups: dict[int, tuple[dict[str, int], dict[str, int], list[object], list[int]]] = {}
+    taken: set[str] = set()
+    for position, effects, plan in planned:
+        if effects.event_id in taken:
+            continue  # the same event twice in a batch: its first copy carries its effects
+        taken.add(effects.event_id)
+        for kind, key, member, value in _global_ops(effects, plan, speed):
+            group = redis_keys.group_of_key(key)
+            assert group is not None, f"{key!r} is in no slot group"
+            key_index, events, ops, positions = groups.setdefault(group, ({}, {}, [], []))
+            event = events.get(effects.event_id)
+            if event is None:
+                event = events[effects.event_id] = len(events) + 1
+                positions.append(position)
+            index = key_index.setdefault(key, len(key_index))
+            ops += _GLOBAL_OP(event=event, kind=kind, key=index + 1, member=member, value=value)
+    calls = []
+    for group, (key_index, events, ops, positions) in sorted(groups.items()):
+        keys = APPLY_GLOBALS.keys.pack(seen=redis_keys.group_seen(group), key=list(key_index))
+        args = APPLY_GLOBALS.argv.pack(
+            key_count=len(key_index), event_count=len(events), op_count=len(ops) // 5, dedup_ttl=speed.dedup_ttl_s,
+            event_id=list(events), op=ops,
+        )  # fmt: skip
+        calls.append((keys, args, positions))
+    return calls

@@ -25,6 +25,7 @@ from common.events import Consent, Event, events_to_table
 from common.lake import EVENTS_DATASET, Lake
 from common.settings import Settings
 from common.stream import decode_entry, remove_idle_consumers
+from speed_layer import metrics
 from speed_layer.consumer import Entry, consumer_name, ensure_group, poll_until_stopped
 from speed_layer.switch import stamped
 
@@ -47,6 +48,7 @@ class LakeWriter:
         self.buffer_since = time.monotonic()
         self._next_claim = 0.0
         self._own_pending_done = False
+        self.stream_gauges = metrics.StreamGauges(client, settings.redis.stream, settings.metrics.stream_refresh_s)
         ensure_group(client, self.stream_key, self.group)
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -67,6 +69,7 @@ class LakeWriter:
     def poll_once(self) -> int:
         """Read one batch into the buffer; flush when it is big or old enough. Returns entries read."""
         lake = self.settings.lake
+        self.stream_gauges.refresh_if_due()
         room = max(1, lake.flush_events - len(self.buffer))
         wait_ms = max(1, int((self.buffer_since + lake.flush_seconds - time.monotonic()) * 1000))
         entries = self._read(room, wait_ms if self.buffer else int(lake.flush_seconds * 1000))
@@ -90,14 +93,24 @@ class LakeWriter:
         """Write the buffer as Parquet (atomic rename), then ack it. Returns the rows written."""
         if not self.buffer:
             self.buffer_since = time.monotonic()
+            metrics.LAKE_LAST_FLUSH.set(time.time())  # nothing to write is not a stall
             return 0
+        started = time.perf_counter()
         events = self._landing([e for _, e in self.buffer if e is not None])
         written = self.lake.write_events(events_to_table(events), self._written_since()) if events else []
         self.client.xack(self.stream_key, self.group, *[entry_id for entry_id, _ in self.buffer])
         log.debug("flushed %d events into %d files", len(events), len(written))
         self.buffer = []
         self.buffer_since = time.monotonic()
+        self._observe_flush(started, len(events), written)
         return len(events)
+
+    def _observe_flush(self, started: float, rows: int, files: list[str]) -> None:
+        metrics.LAKE_FLUSH_SECONDS.observe(time.perf_counter() - started)
+        metrics.LAKE_LAST_FLUSH.set(time.time())
+        metrics.LAKE_ROWS.inc(rows)
+        metrics.LAKE_FILES.inc(len(files))
+        metrics.LAKE_BYTES.inc(sum(self.lake.fs.size(path) for path in files))
 
     def _written_since(self) -> datetime:
         """No earlier copy of the buffer's events can be in the lake before this: a redelivered entry was

@@ -4,6 +4,9 @@ A redis-py pipeline writes nothing until `execute`, so Redis would sit idle whil
 Python would sit idle while Redis runs. Writing each call to the socket at once lets Redis apply
 chunk n while Python plans chunk n+1, and batch n while Python reads and plans batch n+1: on two
 cores a batch costs the slower of the two, not the sum. One connection keeps the calls in order.
+
+A Redis Cluster has no one connection: there `ClusterLane` keeps the calls until their replies are
+read, then sends them as one pipeline, which redis-py splits per node (one round trip each).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Any
 
 import hiredis
 import redis
+
+from common.redis_server import is_cluster
 
 
 class Lane:
@@ -60,3 +65,78 @@ class Lane:
             self.pool.release(self.connection)
             self.connection = None
         self.unread = 0
+
+
+class ClusterLane:
+    """A Lane's calls on a Redis Cluster: held until read, then sent as one pipeline of the cluster
+    client (per node, in order within each node). An MGET is sent as one GET a key (its keys may
+    live on several nodes) and its reply put back together as one list."""
+
+    def __init__(self, client: redis.Redis, replicas: int = 0, timeout_ms: int = 1000) -> None:
+        self.client = client
+        # Scripts' writes count once `replicas` replicas of each master written have them (WAIT).
+        self.replicas, self.timeout_ms = replicas, timeout_ms
+        self.calls: list[tuple[Any, ...]] = []
+        self.replies: list[Any] = []
+        self.unread = 0
+
+    def open(self) -> None:
+        """Nothing to connect ahead: the cluster client keeps a pool per node."""
+
+    def send(self, *args: str | bytes | int | float) -> None:
+        self.calls.append(args)
+        self.unread += 1
+
+    def read(self, calls: int) -> list[Any]:
+        assert calls <= self.unread, f"reading {calls} replies, {self.unread} unread"
+        if len(self.replies) < calls:
+            self._flush()
+        out, self.replies = self.replies[:calls], self.replies[calls:]
+        self.unread -= calls
+        return out
+
+    def _flush(self) -> None:
+        pending, self.calls = self.calls, []
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            written: dict[str, Any] = {}  # node name -> node, of the masters the scripts wrote
+            for call in pending:
+                if call[0] == "MGET":
+                    for key in call[1:]:
+                        pipe.execute_command("GET", key)
+                else:
+                    pipe.execute_command(*call)
+                    if call[0] == "EVALSHA" and self.replicas:
+                        node = self.client.get_node_from_key(call[3])  # type: ignore[attr-defined]
+                        written[node.name] = node
+            for node in written.values():  # last on the node's connection: waits for the writes before it
+                pipe.execute_command("WAIT", self.replicas, self.timeout_ms, target_nodes=node)
+            replies = pipe.execute(raise_on_error=False)
+        except BaseException:
+            self.reset()
+            raise
+        acks = replies[len(replies) - len(written) :]
+        short = [node for node, n in zip(written.values(), acks, strict=True) if not isinstance(n, int) or n < self.replicas]
+        if short and any(self._has_replicas(node) for node in short):
+            self.reset()
+            raise redis.ConnectionError(f"writes not on {self.replicas} replica(s) of each master: {acks}")
+        flat = iter(replies)
+        for call in pending:
+            self.replies.append([next(flat) for _ in call[1:]] if call[0] == "MGET" else next(flat))
+
+    def _has_replicas(self, node: Any) -> bool:
+        """Whether a master that did not confirm the writes has a replica linked, which a failover could
+        promote without them (a master without one has nothing to lose its writes to: it needs no wait)."""
+        info = self.client.info("replication", target_nodes=node)  # type: ignore[call-arg]
+        return int(info.get("connected_slaves", 0)) > 0
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.replies.clear()
+        self.unread = 0
+
+
+def lane_for(client: redis.Redis, replicas: int = 0, timeout_ms: int = 1000) -> Lane | ClusterLane:
+    """The lane for `client`: one held connection, or a pipeline per read on a Redis Cluster (whose
+    scripts' writes wait for `replicas` replicas there)."""
+    return ClusterLane(client, replicas, timeout_ms) if is_cluster(client) else Lane(client)

@@ -42,9 +42,11 @@ def supervise(
     restarts_per_minute: int,
     backoff_s: float,
     poll_s: float = 0.2,
+    on_exit: Callable[[int], None] = lambda pid: None,
 ) -> int:
     """Run children 0..count-1 until `stop` is set, restarting the dead; returns the exit code (0: all
-    stopped cleanly, 1: a child failed to stop cleanly or the restarts went past their bound)."""
+    stopped cleanly, 1: a child failed to stop cleanly or the restarts went past their bound).
+    `on_exit(pid)` is called once for each child seen dead (its metrics' live gauges are dropped)."""
     children = {i: _started(make_child(i)) for i in range(count)}
     born = dict.fromkeys(children, time.monotonic())
     young_deaths = dict.fromkeys(children, 0)
@@ -60,6 +62,8 @@ def supervise(
             young_deaths[i] = 0 if lived >= STABLE_S else young_deaths[i] + 1
             delay = min(MAX_BACKOFF_S, backoff_s * 2 ** max(0, young_deaths[i] - 1))
             due[i] = now + delay
+            if child.pid is not None:
+                on_exit(child.pid)
             log.warning(
                 "consumer %d (pid %s) exited with %s after %.1f s; restarting it in %.1f s",
                 i, child.pid, child.exitcode, lived, delay,
@@ -77,7 +81,11 @@ def supervise(
             children[i], born[i] = _started(make_child(i)), now
             log.info("consumer %d restarted (pid %s)", i, children[i].pid)
         stop.wait(poll_s)
-    return max(code, _stop_all(list(children.values())))
+    code = max(code, _stop_all(list(children.values())))
+    for i, child in children.items():
+        if i not in due and child.pid is not None:  # those in `due` were reported when they died
+            on_exit(child.pid)
+    return code
 
 
 def _started(child: Child) -> Child:

@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from common.drift import load_baseline
 from common.features import FEATURE_NAMES
 from common.lake import Lake
 from common.model import save_ranker
-from common.registry import Registry
+from common.registry import DRIFT_BASELINE, Registry
 from common.settings import Settings, TrainingSettings, load_settings
 from evaluation.gate_replay import replay_gate
 from spark_jobs import pipeline
@@ -111,3 +112,10 @@ def test_a_trained_ranker_is_published_and_the_next_run_is_replayed_beside_it(sh
         assert paired["low"] <= paired["mean"] <= paired["high"]
     assert "its own batch+speed" in (manifest.decision or ""), manifest.decision
     assert f"replay full vs {first['version']}'s full" in (manifest.decision or ""), manifest.decision
+    # The ranker's training rows, scored by it, are kept (bounded, hashed) as the version's drift baseline.
+    baseline = load_baseline(Registry(settings.models.root), gate["version"])
+    assert DRIFT_BASELINE in manifest.files and baseline is not None and len(baseline) > 20
+    rows = sum(len(s.scores) for s in baseline)
+    assert rows < settings.drift.baseline_rows + settings.drift.rows_per_request
+    assert all(s.features.shape == (len(s.scores), len(FEATURE_NAMES)) and s.categories for s in baseline)
+    assert 0 < np.mean([s.cold_start for s in baseline]) < 1  # guests and known users both train it

@@ -499,9 +499,38 @@ def test_proxy_upstreams_are_real_services_and_ports():
     assert published <= listen, "the proxy publishes a port nginx does not listen on"
 
 
-def test_grafana_dashboard_uses_provisioned_datasource_and_real_metrics():
-    from serving.core import metrics
+# The drift monitor (issue 16, item 2) exports these; the alert rules and the dashboard name them already.
+DRIFT_METRICS = {"recs_model_drift_psi_max", "recs_model_drifted"}
+PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "max", "count", "le", "label_values",
+                "without", "time", "printf", "humanizePercentage", "humanizeDuration"}  # fmt: skip
 
+
+def exported_sample_names() -> set[str]:
+    """Sample names the processes expose (histograms: _bucket/_sum/_count; counters: _total), with `up`."""
+    from serving.core import metrics as api_metrics
+    from speed_layer import metrics as speed_metrics
+
+    exposed = {"up"} | DRIFT_METRICS
+    for module in (api_metrics, speed_metrics):
+        for metric in vars(module).values():
+            kind, name = getattr(metric, "_type", None), getattr(metric, "_name", None)
+            if kind == "histogram":
+                exposed |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+            elif kind == "counter":
+                exposed |= {name, f"{name}_total"}
+            elif kind in ("gauge", "summary", "info"):
+                exposed.add(name)
+    return exposed
+
+
+def metric_names(expr: str) -> set[str]:
+    """The recs_* and `up` series an expression reads."""
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", "", expr)  # drop selectors, ranges, strings
+    names = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr)) - PROMQL_WORDS
+    return {n for n in names if n.startswith("recs_") or n == "up"}
+
+
+def test_grafana_dashboard_uses_provisioned_datasource_and_real_metrics():
     provisioning = DOCKER / "grafana" / "provisioning"
     datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
     uids = {ds["uid"] for ds in datasources}
@@ -514,29 +543,47 @@ def test_grafana_dashboard_uses_provisioned_datasource_and_real_metrics():
 
     dashboard = json.loads((DOCKER / "grafana" / "lambdarec.json").read_text())
     titles = " | ".join(panel["title"].lower() for panel in dashboard["panels"])
-    for topic in ["latency", "fallback", "stream lag", "model version"]:
+    for topic in ["latency", "fallback", "stream lag", "model version", "consumer group lag", "dead letters",
+                  "freshness", "lake writer", "error rate", "model age", "drift", "alerts firing"]:  # fmt: skip
         assert topic in titles, f"the dashboard lacks a {topic} panel"
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
 
-    # Sample names each metric of the API exposes (histograms: _bucket/_sum/_count; counters: _total).
-    exposed = {"up"}
-    for metric in vars(metrics).values():
-        kind, name = getattr(metric, "_type", None), getattr(metric, "_name", None)
-        if kind == "histogram":
-            exposed |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
-        elif kind == "counter":
-            exposed |= {name, f"{name}_total"}
-        elif kind in ("gauge", "summary", "info"):
-            exposed.add(name)
-    functions = {"sum", "by", "rate", "histogram_quantile", "max", "count", "le", "label_values", "without"}
+    exposed = exported_sample_names()
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] in uids, panel["title"]
         for target in panel["targets"]:
-            expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", "", target["expr"])  # drop selectors and ranges
-            names = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr)) - functions
-            names = {n for n in names if n.startswith("recs_") or n == "up"}
-            assert names and names <= exposed, (
-                f"{panel['title']}: {sorted(names - exposed)} not exported by the API"
-            )
+            if target["expr"].startswith("ALERTS{"):  # Prometheus' own series of the rules' alerts
+                continue
+            names = metric_names(target["expr"])
+            assert names and names <= exposed, f"{panel['title']}: {sorted(names - exposed)} not exported"
+
+
+def test_prometheus_loads_the_alert_rules_on_real_metrics():
+    mounts = dict(str(spec).split(":")[:2] for spec in SERVICES["prometheus"]["volumes"])
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    assert mounts["./alerts.yml"] == str(Path(mounts["./prometheus.yml"]).parent / "alerts.yml")
+    jobs = {job["job_name"] for job in config["scrape_configs"]}
+    assert {"api", "speed", "lake-writer"} <= jobs, "every Lambdarec process is scraped"
+
+    exposed = exported_sample_names()
+    rules = yaml.safe_load((DOCKER / "alerts.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            names = metric_names(rule["expr"])
+            assert names and names <= exposed, f"{rule['alert']}: {sorted(names - exposed)} not exported"
+            jobs_named = set(re.findall(r"job=~?\"([^\"]+)\"", rule["expr"]))
+            assert all(set(j.split("|")) <= jobs for j in jobs_named), f"{rule['alert']} names an unscraped job"
+
+
+def test_metrics_ports_of_the_speed_layer_are_the_scraped_ones():
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    ports = {job["job_name"]: job["dns_sd_configs"][0]["port"] for job in config["scrape_configs"] if "dns_sd_configs" in job}
+    for service, variable in (("speed", "RECS_METRICS__SPEED_PORT"), ("lake-writer", "RECS_METRICS__LAKE_WRITER_PORT")):
+        environment = SERVICES[service]["environment"]
+        assert int(environment[variable]) == ports[service], f"{service} listens where prometheus looks"
+        assert environment["RECS_METRICS__HOST"] == "0.0.0.0", f"{service}'s metrics must be reachable from prometheus"
 
 
 # ---------------------------------------------------------------- the Dockerfile

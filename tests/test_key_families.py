@@ -68,6 +68,9 @@ def _exact_counts(client: redis.Redis, events: list[Event]) -> dict[str, int]:
         "stream_dead_letters": n([redis_keys.dead_letter()]),
         "stream": n([redis_keys.stream()]),
         "seen": n([redis_keys.seen_events(p) for p in persons + devices]),
+        # Written where global effects are applied per slot group (Redis Cluster): none on one Redis.
+        "global_plans": n([redis_keys.global_plans(p) for p in persons + devices]),
+        "group_seen": n([redis_keys.group_seen(g) for g in range(redis_keys.SLOT_GROUPS)]),
         "person_sessions": n([redis_keys.person_sessions(p) for p in persons + devices]),
         "session_recent": n([redis_keys.session_recent(p, s) for p, s in sessions]),
         "session_categories": n([redis_keys.session_categories(p, s) for p, s in sessions]),
@@ -97,6 +100,7 @@ def _exact_counts(client: redis.Redis, events: list[Event]) -> dict[str, int]:
         "bandit_served": n([redis_keys.bandit_served(e.rec_request_id) for e in events if e.rec_request_id]),
         "bandit_impressions": n([redis_keys.BANDIT_IMPRESSIONS]),  # the consumers' group made it
         "bandit_counts": n([redis_keys.bandit_counts(EXPERIMENT.name, BANDIT_VERSION)]),
+        "drift_sample": n([redis_keys.DRIFT_SAMPLE]),  # serving writes it, not the consumer
         "speed_bookkeeping": n(
             [redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION, redis_keys.SPEED_HEARTBEAT]
             + [redis_keys.speed_rebuild_lock("v1"), redis_keys.speed_rebuild_marker("v1")]

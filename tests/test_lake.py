@@ -108,6 +108,17 @@ def test_a_write_since_a_moment_checks_only_the_files_written_since(tmp_path: Pa
     assert sorted(ids) == sorted(deterministic_event_id("lake-test", n) for n in (1, 2, 3, 4, 5))
 
 
+def test_a_file_listed_in_whole_seconds_counts_as_written_in_the_window_it_began(tmp_path: Path) -> None:
+    """S3 lists LastModified in whole seconds: a file written 0.5 s after the window opened may show a
+    time 0.5 s before it, and must still be checked."""
+    lake = Lake(str(tmp_path))
+    (landed,) = lake.write_events(batch(1))
+    since = datetime(2026, 3, 2, 12, 0, 0, 500_000, tzinfo=UTC)
+    os.utime(landed, (since.timestamp() - 0.5, since.timestamp() - 0.5))  # as S3 would list it
+    assert lake.files_written_since(EVENTS_DATASET, since, DAY1.date()) == [landed]
+    assert lake.write_events(batch(1), written_since=since) == []
+
+
 def test_partitions_follow_received_at_not_ts(tmp_path: Path) -> None:
     lake = Lake(str(tmp_path))
     late = event(7, received_at=DAY1 + timedelta(seconds=2), ts=DAY1 - timedelta(days=3))

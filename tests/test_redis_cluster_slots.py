@@ -195,3 +195,67 @@ def test_cluster_refuses_multi_key_commands_across_people(cluster_node: redis.Re
     assert key_slot(one) != key_slot(other)
     with pytest.raises(redis.ResponseError, match="same slot"):
         cluster_node.exists(one, other)
+
+
+# ---------------------------------------------------------------- slot groups of the keys of no person
+
+IDS = ["i1", "item:with:colons", "a}b", "{x}", "ünïcode", "", "0" * 64, "shoes/running"]
+# Each family named by its own id, and the id the group is computed from.
+GROUPED: dict[str, Callable[[str], str]] = {
+    "covisitation": redis_keys.covisitation,
+    "item_sessions": redis_keys.item_sessions,
+    "item_state": redis_keys.item_state,
+    "category_bestsellers": redis_keys.category_bestsellers,
+    "neighbour_sessions": redis_keys.neighbour_session,
+    "bandit_served": redis_keys.bandit_served,
+    "popularity_days": lambda day: redis_keys.popularity_day(int(day) if day.isdigit() else 20000),
+}
+# Keys used together: one group each.
+TOGETHER = {
+    "trend": [redis_keys.TRENDING_TOP, redis_keys.TRENDING_REFRESH_LOCK]
+    + [redis_keys.trending_bucket(start) for start in (0, 300, 1_800_000_000)],
+    "item flags": [redis_keys.OUT_OF_STOCK, redis_keys.PROMOTED],
+    "bookkeeping": [redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION, redis_keys.SPEED_HEARTBEAT]
+    + [redis_keys.speed_rebuild_lock("v1"), redis_keys.speed_rebuild_marker("v2")],
+    # count_impressions.lua acknowledges a stream entry and counts it in the experiment's hash in one call.
+    "bandit": [redis_keys.BANDIT_IMPRESSIONS]
+    + [redis_keys.bandit_counts(experiment, version) for experiment in ("home", "pdp") for version in ("a1", "b2")],
+}
+
+
+@pytest.mark.parametrize("family", sorted(GROUPED))
+@pytest.mark.parametrize("key_id", IDS)
+def test_a_global_key_is_in_the_slot_group_of_its_own_id(family: str, key_id: str) -> None:
+    key = GROUPED[family](key_id)
+    assert redis_keys.family_of(key) == family
+    group = redis_keys.group_of_key(key)
+    named_by = key_id if family != "popularity_days" else str(int(key_id) if key_id.isdigit() else 20000)
+    assert group == redis_keys.slot_group(named_by)
+    assert key_slot(key) == key_slot(f"{{g:{group}}}")  # the tag decides the slot, whatever the id holds
+
+
+@pytest.mark.parametrize("name", sorted(TOGETHER))
+def test_keys_used_together_share_one_group(name: str) -> None:
+    groups = {redis_keys.group_of_key(key) for key in TOGETHER[name]}
+    assert len(groups) == 1 and None not in groups, groups
+    assert len({key_slot(key) for key in TOGETHER[name]}) == 1
+
+
+def test_every_grouped_family_is_checked_and_the_groups_spread():
+    # Guards against a new global family outside this test: every family whose keys carry a group tag.
+    tagged = {f.name for f in redis_keys.FAMILIES if any(p.startswith(f"{redis_keys.PREFIX}:{{g:") for p in f.patterns)}
+    assert tagged == set(GROUPED) | {
+        "group_seen", "trending_top", "trending_buckets", "speed_bookkeeping", "bandit_impressions", "bandit_counts"
+    }
+    groups = {redis_keys.slot_group(f"i{j}") for j in range(1000)}
+    assert groups == set(range(redis_keys.SLOT_GROUPS))
+    assert len({key_slot(redis_keys.group_seen(g)) for g in groups}) == redis_keys.SLOT_GROUPS
+
+
+def test_lua_computes_the_slot_group_as_python_does(cluster_node: redis.Redis):
+    # The scripts build grouped keys from templates (redis_keys.grouped_template) with this expression.
+    script = "return tonumber(string.sub(redis.sha1hex(ARGV[1]), 1, 8), 16) % tonumber(ARGV[2])"
+    for key_id in IDS:
+        assert cluster_node.eval(script, 0, key_id, redis_keys.SLOT_GROUPS) == redis_keys.slot_group(key_id)
+        head, middle, suffix = redis_keys.grouped_template(redis_keys.covisitation)
+        assert f"{head}{redis_keys.slot_group(key_id)}{middle}{key_id}{suffix}" == redis_keys.covisitation(key_id)

@@ -86,3 +86,23 @@ def test_a_full_server_refuses_writes_and_evicts_nothing(tmp_path: Path) -> None
 def test_the_embedded_server_takes_its_budget_from_settings(tmp_path: Path) -> None:
     server = embedded_server(RedisSettings(port=free_port(), data_dir=tmp_path, max_memory_mb=64))
     assert server.max_memory_bytes == 64 * 1024 * 1024
+
+
+def test_a_cluster_url_names_its_seed_nodes_and_one_of_them_for_subscribers() -> None:
+    from common.redis_server import cluster_nodes, is_cluster_url, pubsub_url
+
+    url = "redis+cluster://app:s%40cret@10.0.0.1:7001,10.0.0.2:7002/0"
+    assert is_cluster_url(url) and not is_cluster_url("redis://127.0.0.1:6379/0")
+    assert cluster_nodes(url) == [("10.0.0.1", 7001), ("10.0.0.2", 7002)]
+    assert pubsub_url(url) == "redis://app:s%40cret@10.0.0.1:7001/0"
+    assert pubsub_url("redis://h:1/0") == "redis://h:1/0"
+    with pytest.raises(ValueError, match="host:port"):
+        cluster_nodes("redis+cluster://10.0.0.1")
+
+
+def test_connect_gives_a_cluster_client_for_a_cluster_url(redis_cluster) -> None:
+    from common.redis_server import connect, is_cluster
+
+    client = connect(redis_cluster.url, timeout_s=5)
+    assert is_cluster(client) and len(client.get_primaries()) == 3  # type: ignore[attr-defined]
+    assert client.set("k", "v") and client.get("k") == b"v"

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from common import redis_keys
 from common.events import Event, EventType
 from common.model import ModelArtifacts, load_model
-from common.redis_server import RedisServer
+from common.redis_server import RedisServer, is_cluster
 from common.registry import Registry
 from common.speed_state import read_speed_state
 from common.stream import group_lag
@@ -50,7 +51,9 @@ def _events(rng: np.random.Generator, n: int) -> list[Event]:
 def _dump(client: redis.Redis) -> dict[str, object]:
     """Every key's value in comparable form (sorted sets and float hashes rounded)."""
     out: dict[str, object] = {}
-    for key in sorted(k.decode() for k in client.keys("*")):
+    # A cluster client sends KEYS to one node unless told to ask every master.
+    found = client.keys("*", target_nodes=RedisCluster.PRIMARIES) if is_cluster(client) else client.keys("*")  # type: ignore[call-arg]
+    for key in sorted(k.decode() for k in found):
         kind = client.type(key).decode()
         if key.endswith(":seen"):  # dedup markers: which events, not when (scored by Redis' clock)
             out[key] = sorted(m.decode() for m in client.zrange(key, 0, -1))

@@ -29,10 +29,9 @@ def drain(consumer: SpeedConsumer) -> None:
         pass
 
 
-def test_duplicate_delivery_applies_once(
-    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
-) -> None:
-    settings = speed_settings(tmp_path, redis_server.url)
+def test_duplicate_delivery_applies_once(any_redis: tuple[redis.Redis, str], tmp_path: Path) -> None:
+    redis_client, url = any_redis
+    settings = speed_settings(tmp_path, url)
     registry = Registry(settings.models.root)
     rng = np.random.default_rng(1)
     publish_model(

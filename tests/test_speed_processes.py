@@ -294,8 +294,12 @@ def test_a_crash_loop_stops_after_the_bounded_restarts() -> None:
         made.append(context.Process(target=_die_at_once))
         return made[-1]
 
-    code = supervise(make, 2, threading.Event(), restarts_per_minute=3, backoff_s=0.01, poll_s=0.01)
+    exited: list[int] = []
+    code = supervise(
+        make, 2, threading.Event(), restarts_per_minute=3, backoff_s=0.01, poll_s=0.01, on_exit=exited.append
+    )
 
     assert code == 1
     assert len(made) == 2 + 3  # the first two, then three restarts within the minute
     assert all(p.exitcode == 3 for p in made)
+    assert sorted(exited) == sorted(p.pid for p in made)  # each dead child reported once (its live gauges dropped)

@@ -8,16 +8,16 @@ from pathlib import Path
 import redis
 
 from common.events import EventType
-from common.redis_server import RedisServer
 from common.speed_state import read_speed_state
 from speed_layer.effects import Applier
 from tests.speed_factories import make_event, set_categories, speed_settings
 
 
 def test_one_read_follows_the_latest_session_to_its_covisits_and_preferred_categories(
-    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+    any_redis: tuple[redis.Redis, str], tmp_path: Path
 ) -> None:
-    settings = speed_settings(tmp_path, redis_server.url)
+    redis_client, url = any_redis
+    settings = speed_settings(tmp_path, url)
     set_categories(redis_client, {"a1": "A", "a2": "A", "b1": "B", "c1": "C", "c2": "C"})
     now = datetime.now(UTC)
     shoppers = [  # other people's purchases make every category's bestsellers

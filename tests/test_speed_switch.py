@@ -12,7 +12,7 @@ import redis
 from common import redis_keys
 from common.events import Event, EventType, events_to_table
 from common.lake import Lake
-from common.redis_server import RedisServer
+from common.redis_server import connect
 from common.registry import Registry, publish_model_event
 from speed_layer.consumer import SpeedConsumer
 from tests.speed_factories import add_events, make_event, publish_model, speed_settings
@@ -24,11 +24,10 @@ def marked(client: redis.Redis, person: str, event: Event, version: str) -> bool
     return client.zscore(redis_keys.seen_events(person), redis_keys.seen_field(event.event_id, version)) is not None
 
 
-def test_switch_replays_exactly_the_events_after_the_cutoff(
-    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
-) -> None:
+def test_switch_replays_exactly_the_events_after_the_cutoff(any_redis: tuple[redis.Redis, str], tmp_path: Path) -> None:
+    redis_client, url = any_redis
     now = datetime.now(UTC)
-    settings = speed_settings(tmp_path, redis_server.url)
+    settings = speed_settings(tmp_path, url)
     registry = Registry(settings.models.root)
     lake = Lake(settings.lake.root)
     factors = np.random.default_rng(2).normal(scale=0.3, size=(40, 8)).astype(np.float32)
@@ -55,7 +54,7 @@ def test_switch_replays_exactly_the_events_after_the_cutoff(
     publish_model(registry, "v2", cutoff_v2, factors, USERS, activate=False)
     stop = threading.Event()
     during: list = []
-    other = SpeedConsumer(redis_server.client(), settings, registry, lake, name="c2")
+    other = SpeedConsumer(connect(url, timeout_s=5), settings, registry, lake, name="c2")
 
     def produce_and_consume() -> None:
         for round_ in range(20):

@@ -102,6 +102,7 @@ def apply_warehouse(
     con: duckdb.DuckDBPyConnection, lake_root: str, models_root: str, control_variant: str
 ) -> list[str]:
     """Create every source and analyst view on `con`; returns the sources that are empty stubs."""
+    register_sources(con, lake_root, models_root)
     empty = [source.view for source in LAKE_SOURCES if not _create_lake_source(con, lake_root, source)]
     if not _create_registry_sources(con, models_root):
         empty.append("registry_manifests")
@@ -112,6 +113,18 @@ def apply_warehouse(
         except duckdb.Error as exc:
             raise RuntimeError(f"warehouse/sql/{name} failed: {exc}") from exc
     return empty
+
+
+def register_sources(con: duckdb.DuckDBPyConnection, lake_root: str, models_root: str) -> None:
+    """Let `con` read the lake and the registry wherever they are (the views name their files by URL)."""
+    for root in (lake_root, models_root):
+        duck.register_store(con, root)
+
+
+def register_built_sources(con: duckdb.DuckDBPyConnection) -> None:
+    """The same for a connection to a built warehouse, from the roots it was built over."""
+    for lake_root, models_root in con.execute("SELECT lake_root, models_root FROM warehouse_info").fetchall():
+        register_sources(con, lake_root, models_root)
 
 
 def view_files() -> list[tuple[str, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -140,6 +141,57 @@ def report(
     typer.echo(f"report written to {out} ({len(html) // 1024} KiB)")
 
 
+drift_app = typer.Typer(
+    help="Drift monitoring: serving's sampled feature rows, scores and categories against the training baseline.",
+    no_args_is_help=True,
+)
+
+
+@drift_app.command("report")
+def drift_report(
+    since: str | None = typer.Option(
+        None, "--since", help="Only samples served since: a duration back from now (30m, 24h, 7d) or an ISO time."
+    ),
+    out: Path = typer.Option(Path("."), "--out", help="Directory for drift.json and drift.html (beside report.html)."),
+    version: str | None = typer.Option(None, "--version", help="Model version (default: the serving one)."),
+) -> None:
+    """Print PSI and KS per feature, the score, the category mix and the cold-start share; write JSON and HTML.
+    A drift past drift.psi_threshold marks the version in the registry (models/<version>/DRIFTED)."""
+    from common.registry import RegistryError
+    from warehouse.drift import check, table_rows
+    from warehouse.query import format_table
+
+    settings = _settings()
+    try:
+        outcome = check(settings, out, _since(since), version)
+    except (RegistryError, RuntimeError) as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    report = outcome.report
+    typer.echo(format_table(["quantity", "PSI", "KS", "flag"], table_rows(report)))
+    verdict = "DRIFT: " + "; ".join(report.reasons) if report.drifted else report.note or "no drift"
+    typer.secho(f"{report.version}: {verdict}", fg="red" if report.drifted else None)
+    if outcome.newly_marked:
+        typer.echo(f"marked {report.version} drifted in the registry")
+    typer.echo(f"written {outcome.json_path} and {outcome.html_path}")
+
+
+def _since(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    units = {"m": 60, "h": 3600, "d": 86_400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return datetime.now(UTC) - timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is neither a duration (30m, 24h, 7d) nor an ISO time", param_hint="--since"
+        ) from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
 def register(app: typer.Typer) -> None:
     """Add this layer's commands to `recs`."""
     app.add_typer(warehouse_app, name="warehouse")
+    app.add_typer(drift_app, name="drift")

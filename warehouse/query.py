@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import duckdb
 
 from common import duck
+from warehouse.build import register_built_sources
 
 # What a query may be. SHOW, DESCRIBE, SUMMARIZE, FROM-first and VALUES all parse as SELECT.
 ALLOWED_STATEMENTS = frozenset({duckdb.StatementType.SELECT})
@@ -34,6 +35,7 @@ def open_read_only(db_path: Path) -> duckdb.DuckDBPyConnection:
         raise FileNotFoundError(f"no warehouse at {db_path}; run `recs warehouse build` first")
     con = duck.connect(str(db_path), read_only=True)
     con.execute("SET TimeZone = 'UTC'")
+    register_built_sources(con)  # views over s3:// read through fsspec
     return con
 
 

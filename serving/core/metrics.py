@@ -7,20 +7,12 @@ PROMETHEUS_MULTIPROC_DIR (emptied at start) before the workers import this modul
 
 from __future__ import annotations
 
-import os
 import time
+from datetime import datetime
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Summary,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, Summary, generate_latest
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from common.metrics import exposition_registry, mark_process_dead
 
 REQUEST_LATENCY = Histogram(
     "recs_request_seconds",
@@ -89,27 +81,52 @@ class StageClock:
 
 def render() -> tuple[bytes, str]:
     """The exposition text of this process, or of all workers in multiprocess mode."""
-    if os.environ.get(MULTIPROC_ENV):
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+    return generate_latest(exposition_registry()), CONTENT_TYPE_LATEST
 
 
 def mark_worker_exit(pid: int) -> None:
     """Drop a dead worker's live gauges (called from the server's shutdown)."""
-    if os.environ.get(MULTIPROC_ENV):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid)
+    mark_process_dead(pid)
 
 
 def set_model_version(version: str, previous: str | None) -> None:
     if previous and previous != version:
         MODEL_VERSION.labels(version=previous).set(0)
     MODEL_VERSION.labels(version=version).set(1)
+
+
+# ---------------------------------------------------------------- model age (issue 16: metrics and alerts)
+
+MODEL_AGE = Gauge(
+    "recs_model_age_seconds",
+    "Now minus the served version's data cutoff: how old the newest event the batch layer learnt from is. "
+    "Set at each load and each scrape; across workers the most recently set value.",
+    multiprocess_mode="livemostrecent",
+)
+
+
+def set_model_age(cutoff: datetime | None) -> None:
+    if cutoff is not None:
+        MODEL_AGE.set(time.time() - cutoff.timestamp())
+
+
+# ---------------------------------------------------------------- model drift (the alert rules read these two names)
+
+DRIFT_PSI_MAX = Gauge(
+    "recs_model_drift_psi_max",
+    "Largest PSI over the ranker's features in the latest drift report of the served version (0 before any).",
+    multiprocess_mode="livemostrecent",
+)
+MODEL_DRIFTED = Gauge(
+    "recs_model_drifted",
+    "1 when the served version is marked drifted in the registry (models/<version>/DRIFTED), else 0.",
+    multiprocess_mode="livemostrecent",
+)
+
+
+def set_drift(psi_max: float, drifted: bool) -> None:
+    DRIFT_PSI_MAX.set(psi_max)
+    MODEL_DRIFTED.set(1 if drifted else 0)
 
 
 # ---------------------------------------------------------------- bandit (issue 16)

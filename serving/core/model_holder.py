@@ -157,5 +157,6 @@ class ModelHolder:
             self.last_error = None
             metrics.MODEL_LOADS.labels(outcome="loaded").inc()
             metrics.set_model_version(model.version, previous)
+            metrics.set_model_age(artifacts.manifest.cutoff)
             log.info("serving model %s (was %s)", model.version, previous)
             return model

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from common import redis_keys
 from common.messages import RecsChanged
+from common.redis_server import pubsub_url
 from serving.core import metrics
 from serving.core.errors import ErrorBody
 
@@ -177,7 +178,7 @@ class Fanout:
     async def _listen(self) -> None:
         """Keep one subscription; when Redis is lost, end every open stream (clients reconnect) and retry."""
         while True:
-            client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=CONNECT_TIMEOUT_S)
+            client = aioredis.Redis.from_url(pubsub_url(self.redis_url), socket_connect_timeout=CONNECT_TIMEOUT_S)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(redis_keys.RECS_CHANNEL)

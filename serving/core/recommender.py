@@ -17,7 +17,7 @@ import redis
 
 from common.candidates import Scored, merge_sources
 from common.events import DEFAULT_CONSENT, Consent
-from common.features import SOURCES, Candidates, RequestState, compute_features
+from common.features import FEATURE_NAMES, SOURCES, Candidates, RequestState, compute_features
 from common.gatherer import (
     TOP_AFFINITY_CATEGORIES,
     Gathered,
@@ -78,6 +78,15 @@ class Recommended:
 
 
 @dataclass
+class RankedPool:
+    """What the ranker saw and said for the pool after rules (drift monitoring samples it)."""
+
+    features: np.ndarray  # pool x FEATURE_NAMES
+    scores: np.ndarray  # pool
+    cold_start: bool  # no batch vector of the person was used: new, anonymous, erased or not consenting
+
+
+@dataclass
 class RecResult:
     request_id: str
     model_version: str | None
@@ -85,6 +94,7 @@ class RecResult:
     degraded: str | None
     items: list[Recommended]
     candidates: int = 0
+    ranked_pool: RankedPool | None = None  # set when the ranker scored the pool
 
 
 @dataclass
@@ -128,8 +138,9 @@ def recommend(
     clock.lap("candidates")
     pool = _apply_rules(state, rules, req, speed, request.gathered.lists, now_s)
     clock.lap("rules")
+    features = None
     if variant == "ranker" and model.scorer is not None:
-        scores = _ranker_scores(model, request, pool, clock)
+        features, scores = _ranker_scores(model, request, pool, clock)
     elif variant == "popular":
         scores = _source_score(pool, "trending") + 1e-3 * _source_score(pool, "new")
     else:  # als_only, or ranker on a version published without one
@@ -137,6 +148,8 @@ def recommend(
     clock.lap("ranker")
     ranked = _boost_and_diversify(state, rules, pool, scores, speed, req.k)
     result = _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
+    if features is not None:
+        result.ranked_pool = RankedPool(features, scores, cold_start=_cold_start(state, model, req, speed))
     _record_arm(state, req, result, bandit_arm)
     clock.lap("rules")
     return result
@@ -331,13 +344,24 @@ def _source_score(pool: _Pool, source: str) -> np.ndarray:
     return np.array([scores.get(i, 0.0) for i in pool.item_ids], dtype=np.float64)
 
 
-def _ranker_scores(model: ServingModel, request: GatheredRequest, pool: _Pool, clock: StageClock) -> np.ndarray:
+def _ranker_scores(
+    model: ServingModel, request: GatheredRequest, pool: _Pool, clock: StageClock
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pool's feature matrix and the ranker's scores of it."""
     if not pool.item_ids:
-        return np.zeros(0)
+        return np.zeros((0, len(FEATURE_NAMES)), np.float32), np.zeros(0)
     features = compute_features(request.moment, feature_inputs(model, request, pool.item_ids, pool.sources))
     clock.lap("features")
     assert model.scorer is not None, "the caller checks the version has a ranker"
-    return model.scorer(features)
+    return features, model.scorer(features)
+
+
+def _cold_start(state: ServingState, model: ServingModel, req: RecRequest, speed: SpeedState | None) -> bool:
+    """As training counts it (spark_jobs/ranker.py): the list used no batch vector of the person."""
+    person = speed.person_id if speed else req.person_id
+    if not req.personalised or state.erased.hides(person, model.artifacts.manifest.cutoff):
+        return True
+    return model.artifacts.user_vector(person) is None
 
 
 def _request_state(

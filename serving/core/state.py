@@ -17,11 +17,12 @@ from common import redis_keys
 from common.catalog import ItemUpdate
 from common.lake import Lake
 from common.messages import ModelEvent
-from common.redis_server import connect
+from common.redis_server import connect, pubsub_url
 from common.registry import Registry
 from common.settings import Settings
 from serving.core.catalog_view import CatalogView
 from serving.core.day_counts import DayCounts
+from serving.core.drift import DriftProbe
 from serving.core.erasure import ErasedPeople
 from serving.core.experiments import Bandit
 from serving.core.impressions import ImpressionLogger
@@ -69,6 +70,7 @@ class ServingState:
     lake_popular: list[tuple[str, float]] = field(default_factory=list)
     erased: ErasedPeople = field(default_factory=ErasedPeople)
     stream_lag: StreamLagProbe = field(default_factory=lambda: StreamLagProbe())
+    drift: DriftProbe = field(default_factory=DriftProbe)
     day_counts: DayCounts = field(default_factory=DayCounts)
     bandit: Bandit | None = None  # set from the settings in bandit mode
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -132,7 +134,7 @@ class ServingState:
         """Subscribe to the models and catalog channels; reconnect (and catch up with CURRENT) after Redis outages."""
         url = self.settings.redis.effective_url
         while not self._stop.is_set():
-            client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=5)
+            client = redis.Redis.from_url(pubsub_url(url), socket_connect_timeout=0.5, socket_timeout=5)
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(redis_keys.MODELS_CHANNEL, redis_keys.CATALOG_CHANNEL)

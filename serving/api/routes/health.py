@@ -48,6 +48,9 @@ def prometheus_metrics(state: StateDep) -> Response:
         state.stream_lag.read(state)  # refreshes the lag gauge
     except redis.RedisError:
         pass  # the gauge keeps its last value; the fallback counter shows Redis trouble
+    served = state.models.current
+    metrics.set_model_age(served.artifacts.manifest.cutoff if served is not None else None)
+    state.drift.refresh(state)  # the served version's drift gauges, from the registry
     if state.bandit is not None:
         try:
             state.bandit.export(state.redis.client)  # the posteriors as the speed layer left them now

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Response
 from common.events import DEFAULT_CONSENT, Consent, FieldError
 from common.ids import Id
 from serving.api.deps import PersonRecsRead, SingleQueryValues, StateDep
+from serving.core import drift
 from serving.core.auth import Grant
 from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError
 from serving.core.impressions import Impression
@@ -79,6 +80,7 @@ async def get_recommendations(
     result = recommend(state, req, clock=clock)
     if consent.allows(Consent.ANALYTICS):  # an impression names the person, as the lake's events do
         state.impressions.log(_impression(req, result))
+        drift.offer(state, req, result)
     body = _ENCODER.encode(
         {
             "request_id": result.request_id,

@@ -1,0 +1,242 @@
+"""The speed layer on a real Redis Cluster (3 masters, 3 replicas): each event's person effects are one
+script call in the person's slot, its global effects one call per slot group, and the state left is
+the one the one-script path leaves on a single Redis, exactly once through duplicates and crashes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from redis.exceptions import RedisClusterException
+
+from common import redis_keys
+from common.events import Consent, Event, EventType
+from common.model import ModelArtifacts
+from common.redis_server import LocalRedisCluster, RedisServer, connect
+from common.speed_state import NeighbourQuery, read_speed_state
+from speed_layer import effects
+from speed_layer.effects import Applier
+from tests.speed_factories import make_event, set_categories, speed_settings
+from tests.test_speed_chunks import ITEMS, _dump, _events, _publish_v1
+
+CATEGORIES = {f"i{j}": f"c{j % 3}" for j in range(ITEMS)}
+# Written only by the split path: its markers and plans (the state they guard is compared).
+SPLIT_BOOKKEEPING = {"group_seen", "global_plans", "seen_unlinked"}
+
+
+def _mixed_events(rng: np.random.Generator, n: int) -> list[Event]:
+    """The chunk test's sessions, with every fifth event sent without personalisation consent."""
+    events = _events(rng, n)
+    return [
+        e.model_copy(update={"consent": Consent.ANALYTICS}) if j % 5 == 4 else e for j, e in enumerate(events)
+    ]
+
+
+def _state(client: redis.Redis) -> dict[str, object]:
+    return {k: v for k, v in _dump(client).items() if redis_keys.family_of(k) not in SPLIT_BOOKKEEPING}
+
+
+def _apply(client: redis.Redis, tmp_path: Path, url: str, events: list[Event], model: ModelArtifacts,
+           batch: int = 40, split: bool | None = None, overlapped: bool = False) -> None:  # fmt: skip
+    settings = speed_settings(tmp_path, url, negatives=0, script_chunk=7)
+    applier = Applier(client, settings, split=split)
+    now_s = max(e.ts.timestamp() for e in events)
+    if overlapped:  # as the consumer's loop: every batch started before the first is finished
+        started = [applier.start(events[i : i + batch], [model], now_s=now_s) for i in range(0, len(events), batch)]
+        results = [applier.finish(one) for one in started]
+    else:
+        results = [applier.apply(events[i : i + batch], [model], now_s=now_s) for i in range(0, len(events), batch)]
+    for result in results:
+        assert not result.failed and not result.unresolved
+
+
+@pytest.fixture
+def reference(redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path) -> tuple[list[Event], ModelArtifacts, dict[str, object]]:  # fmt: skip
+    """Events, the model, and the state the one-script path leaves on a single Redis."""
+    rng = np.random.default_rng(11)
+    model = _publish_v1(tmp_path, rng)
+    events = _mixed_events(rng, 160)
+    set_categories(redis_client, CATEGORIES)
+    _apply(redis_client, tmp_path, redis_server.url, events, model)
+    return events, model, _state(redis_client)
+
+
+def test_the_split_path_on_a_cluster_leaves_the_one_script_state(
+    redis_cluster, cluster_client: redis.Redis, reference, tmp_path: Path
+) -> None:
+    events, model, expected = reference
+    set_categories(cluster_client, CATEGORIES)
+    _apply(cluster_client, tmp_path, redis_cluster.url, events, model)
+    state = _state(cluster_client)
+    assert state == expected
+    assert any(redis_keys.family_of(k) == "covisitation" for k in state)  # co-visits went through plans
+    assert any(redis_keys.family_of(k) == "item_sessions" for k in state)
+    # And the cluster really spread the groups over its masters.
+    primaries = {cluster_client.get_node_from_key(k).name for k in state}  # type: ignore[attr-defined]
+    assert len(primaries) == 3
+
+
+@pytest.mark.parametrize("overlapped", [False, True])
+def test_the_split_path_on_one_redis_leaves_the_one_script_state(
+    redis_server: RedisServer, redis_client: redis.Redis, reference, tmp_path: Path, overlapped: bool
+) -> None:
+    events, model, expected = reference
+    redis_client.flushall()
+    set_categories(redis_client, CATEGORIES)
+    _apply(redis_client, tmp_path, redis_server.url, events, model, split=True, overlapped=overlapped)
+    assert _state(redis_client) == expected
+
+
+def test_overlapped_batches_on_a_cluster_leave_the_one_script_state(
+    redis_cluster, cluster_client: redis.Redis, reference, tmp_path: Path
+) -> None:
+    events, model, expected = reference
+    set_categories(cluster_client, CATEGORIES)
+    _apply(cluster_client, tmp_path, redis_cluster.url, events, model, overlapped=True)
+    assert _state(cluster_client) == expected
+
+
+def test_redelivered_events_on_a_cluster_count_once(
+    redis_cluster, cluster_client: redis.Redis, reference, tmp_path: Path
+) -> None:
+    events, model, expected = reference
+    set_categories(cluster_client, CATEGORIES)
+    # Every batch delivered twice, and then everything once more in one batch.
+    doubled = [e for start in range(0, len(events), 40) for e in events[start : start + 40] * 2]
+    _apply(cluster_client, tmp_path, redis_cluster.url, doubled, model, batch=80)
+    _apply(cluster_client, tmp_path, redis_cluster.url, events, model, batch=len(events))
+    assert _state(cluster_client) == expected
+
+
+@pytest.mark.parametrize("groups_done", [0, 1, 3])
+def test_a_crash_between_the_person_and_the_group_calls_loses_and_doubles_nothing(
+    redis_cluster, cluster_client: redis.Redis, reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    groups_done: int,
+) -> None:  # fmt: skip
+    events, model, expected = reference
+    set_categories(cluster_client, CATEGORIES)
+    real_group_calls = effects._group_calls
+
+    def crash_after_some_groups(planned, speed):  # the process dies after `groups_done` group calls
+        calls = real_group_calls(planned, speed)
+        assert len(calls) > groups_done
+        for keys, args, _ in calls[:groups_done]:
+            cluster_client.evalsha(effects.APPLY_GLOBALS.sha, len(keys), *keys, *args)
+        raise ConnectionError("killed between the calls")
+
+    first, rest = events[:80], events[80:]
+    _apply(cluster_client, tmp_path, redis_cluster.url, events[:40], model)
+    monkeypatch.setattr(effects, "_group_calls", crash_after_some_groups)
+    with pytest.raises(ConnectionError):
+        _apply(cluster_client, tmp_path, redis_cluster.url, first[40:], model)
+    monkeypatch.undo()
+    # The batch was not acknowledged: it comes again, then the stream goes on.
+    _apply(cluster_client, tmp_path, redis_cluster.url, first[40:], model)
+    _apply(cluster_client, tmp_path, redis_cluster.url, rest, model)
+    assert _state(cluster_client) == expected
+
+
+
+def _read(client: redis.Redis, person: str, session: str | None, now_s: float) -> dict[str, object]:
+    state = read_speed_state(
+        client, person, session_id=session, model_version="v1", top_categories=2, categories=["c1"],
+        candidate_items=list(CATEGORIES), now_s=now_s, neighbours=NeighbourQuery(sample=50, k=20, n=10, per_item=30),
+    )  # fmt: skip
+    fields = {k: v for k, v in vars(state).items() if k not in ("delta", "day_counts")}
+    fields["delta"] = None if state.delta is None else np.round(state.delta, 5).tolist()
+    fields["day_counts"] = state.day_counts.tolist()
+    # Sums of the same increments, in another order where the calls are grouped per person (last bits).
+    fields["category_affinity"] = _rounded(state.category_affinity)
+    fields["covisitation"] = {i: _rounded(row) for i, row in state.covisitation.items()}
+    fields["category_bestsellers"] = {c: _rounded(row) for c, row in state.category_bestsellers.items()}
+    return fields
+
+
+def _rounded(row: dict[str, float]) -> dict[str, float]:
+    return {k: float(f"{v:.12g}") for k, v in row.items()}
+
+
+def test_serving_reads_the_same_state_from_a_cluster_as_from_one_redis(
+    redis_cluster, cluster_client: redis.Redis, redis_client: redis.Redis, reference, tmp_path: Path
+) -> None:
+    events, model, _ = reference
+    set_categories(cluster_client, CATEGORIES)
+    _apply(cluster_client, tmp_path, redis_cluster.url, events, model)
+    cluster_client.sadd(redis_keys.OUT_OF_STOCK, "i3")
+    redis_client.sadd(redis_keys.OUT_OF_STOCK, "i3")
+    now_s = max(e.ts.timestamp() for e in events)
+    reads = [
+        (person, session)
+        for person in ("u1", "u2", "u3", "guest", "nobody")
+        for session in (None, *sorted({e.session_id for e in events if e.anonymous_id == person}))
+    ]
+    compared = 0
+    for person, session in reads:
+        single, cluster = _read(redis_client, person, session, now_s), _read(cluster_client, person, session, now_s)
+        assert cluster == single, (person, session)
+        compared += bool(single["neighbours"]) + bool(single["covisitation"])
+    assert compared > 5  # the reads followed sessions to co-visits and neighbours
+
+
+def test_a_master_killed_mid_stream_fails_over_and_the_counts_stay_exact(
+    redis_cluster: LocalRedisCluster, cluster_client: redis.Redis, reference, tmp_path: Path
+) -> None:
+    events, model, expected = reference
+    set_categories(cluster_client, CATEGORIES)
+    settings = speed_settings(tmp_path, redis_cluster.url, negatives=0, script_chunk=7)
+    now_s = max(e.ts.timestamp() for e in events)
+    # The master holding the trending group: every batch writes it.
+    victim_port = cluster_client.get_node_from_key(redis_keys.TRENDING_TOP).port  # type: ignore[attr-defined]
+    victim = next(node for node in redis_cluster.nodes if node.port == victim_port)
+    client, applier = cluster_client, Applier(cluster_client, settings)
+    retried = 0
+    for number, start in enumerate(range(0, len(events), 20)):
+        if number == 3:
+            victim.kill()  # kill -9 between batches: the acknowledged ones must be on its replica
+        deadline = time.monotonic() + 60
+        while True:  # the batch stays pending until applied: a consumer would retry it the same way
+            try:
+                if applier is None:  # a restarted consumer: a new client learns the new slot map
+                    client = connect(redis_cluster.url, timeout_s=5)
+                    applier = Applier(client, settings)
+                result = applier.apply(events[start : start + 20], [model], now_s=now_s)
+                break
+            except (redis.RedisError, RedisClusterException):
+                assert time.monotonic() < deadline, "the cluster did not fail over within a minute"
+                retried += 1
+                applier = None
+                time.sleep(0.5)
+        assert not result.failed and not result.unresolved
+    assert retried > 0  # the kill was seen
+    assert _state(client) == expected
+    assert client.get_node_from_key(redis_keys.TRENDING_TOP).port != victim_port  # type: ignore[attr-defined]
+    victim.start()  # it rejoins as a replica of its old replica
+    redis_cluster.wait_ok()
+
+
+def test_an_identify_on_a_cluster_is_dead_lettered_and_the_stream_goes_on(
+    redis_cluster: LocalRedisCluster, cluster_client: redis.Redis, tmp_path: Path
+) -> None:
+    # The merge is not built for a cluster (README): the event must fail alone, not block its batch.
+    settings = speed_settings(tmp_path, redis_cluster.url)
+    events = [
+        make_event(EventType.VIEW, "i1", anonymous_id="dev"),
+        make_event(EventType.IDENTIFY, None, anonymous_id="dev", user_id="u9"),
+        make_event(EventType.VIEW, "i2", anonymous_id="dev", user_id="u9"),
+    ]
+    result = Applier(cluster_client, settings).apply(events, [])
+    assert list(result.failed) == [1] and "Redis Cluster" in result.failed[1]
+    assert result.applied == 2
+    assert read_speed_state(cluster_client, "u9", session_id="s1").session_counts == {"view": 1}
+
+
+def test_reads_of_ids_in_several_slots_work_on_a_cluster(cluster_client: redis.Redis) -> None:
+    # Tombstones and aliases of many ids live in many slots: read per node, not as one MGET.
+    ids = [f"person-{j}" for j in range(20)]
+    cluster_client.set(redis_keys.erased(ids[3]), 1)
+    cluster_client.set(redis_keys.erased(ids[17]), 1)
+    assert redis_keys.erased_among(cluster_client, ids) == {ids[3], ids[17]}
+    assert len({cluster_client.keyslot(redis_keys.erased(i)) for i in ids}) > 1  # type: ignore[attr-defined]

@@ -20,9 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common import bandit, redis_keys
 from common.events import Consent, Event, EventType
-from common.redis_server import RedisServer
+from common.redis_server import LocalRedisCluster, RedisServer
 from common.registry import Registry
 from common.settings import ExperimentSettings, Settings
+from common.speed_state import read_speed_state
 from evaluation.bandit import ReplayBandit
 from serving.core.erasure import erase_person
 from serving.core.experiments import Bandit
@@ -342,3 +343,26 @@ def test_a_click_without_personalisation_consent_counts_but_keeps_nothing_of_the
 
     assert stored_counts(redis_client, settings).get("home", "popular", "click") == 1
     assert redis_client.keys(redis_keys.person_keys_match("p1")) == []  # no clicked list waits for a purchase
+
+
+# ---------------------------------------------------------------- Redis Cluster
+
+
+def test_on_a_cluster_clicks_on_served_lists_are_applied_and_lists_counted_but_not_rewarded(
+    redis_cluster: LocalRedisCluster, cluster_client: redis.Redis, tmp_path: Path
+) -> None:
+    # The split path leaves the rewards out (README, Redis Cluster); the events and impressions go through.
+    settings = speed_settings(tmp_path, redis_cluster.url).model_copy(update={"experiments": experiment()})
+    serving = Bandit(settings.experiments, settings.speed.session_ttl_s, seed=1)
+    request_ids = [uuid.uuid4().hex for _ in range(3)]
+    for request_id in request_ids:
+        serving.record(cluster_client, request_id, "home", "ranker")
+    add_events(cluster_client, settings, [click(f"p{j}", f"s{j}", rid) for j, rid in enumerate(request_ids)])
+    drain(consumer(cluster_client, settings, "c1"))
+
+    for j in range(len(request_ids)):
+        assert read_speed_state(cluster_client, f"p{j}", session_id=f"s{j}").session_counts == {"click": 1}
+    counts = stored_counts(cluster_client, settings)
+    assert counts.get("home", "ranker", bandit.SERVED) == len(request_ids)
+    assert counts.get("home", "ranker", "click") == 0
+    assert all(cluster_client.exists(redis_keys.bandit_served(rid)) for rid in request_ids)  # left untaken

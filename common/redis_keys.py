@@ -86,6 +86,7 @@ _GROUP_TAG = re.compile(r"\{g:(\d+)\}")
 _TREND_GROUP = _group(slot_group("trend"))
 _ITEM_FLAGS_GROUP = _group(slot_group("item-flags"))
 _SPEED_GROUP = _group(slot_group("speed"))
+_BANDIT_GROUP = _group(slot_group("bandit"))
 
 
 def group_of_key(key: str) -> int | None:
@@ -162,6 +163,18 @@ def session_cart(person_id: str, session_id: str) -> str:
 def session_counts(person_id: str, session_id: str) -> str:
     """Hash event_type -> count in the session."""
     return f"{_person(person_id)}:s:{session_id}:counts"
+
+
+def session_arms(person_id: str, session_id: str) -> str:
+    """Hash `<experiment>:<version>:<context>` -> the bandit arm the person was given in the session, so
+    it stays theirs (serving writes it, with the session TTL)."""
+    return f"{_person(person_id)}:s:{session_id}:arms"
+
+
+def session_clicked(person_id: str, session_id: str) -> str:
+    """String: the served-list record (bandit_served's value) of the session's last clicked list whose
+    purchase reward is still open; the speed layer sets it on the click and takes it on a purchase."""
+    return f"{_person(person_id)}:s:{session_id}:clicked"
 
 
 def person_sessions(person_id: str) -> str:
@@ -338,6 +351,26 @@ def item_state(item_id: str) -> str:
     return _in_group("item", item_id)
 
 
+def bandit_counts(experiment: str, version: str) -> str:
+    """Hash bandit.count_field(context, arm, n|click|purchase) -> count: served lists and their rewards,
+    the Beta posteriors of one experiment's arm set (version: bandit.experiment_version). The speed layer
+    writes it; it expires experiments.posterior_ttl_s after the last impression counted. In the bandit's
+    fixed group, with BANDIT_IMPRESSIONS: count_impressions.lua acknowledges and counts in one call."""
+    return f"{_BANDIT_GROUP}:bandit:{experiment}:{version}:counts"
+
+
+def bandit_served(request_id: str) -> str:
+    """String "<counts key>\\n<click field>\\n<purchase field>": where a served list's rewards are counted,
+    written by serving in bandit mode with the session TTL; the speed layer takes it on the list's first
+    click (so a list is rewarded once). Names no person; grouped by its request id."""
+    return _in_group("bandit:served", request_id)
+
+
+# Stream of served lists in bandit mode (fields: counts key, served field), trimmed to about
+# experiments.impressions_kept; the speed layer counts each entry once (acknowledged in the same script).
+BANDIT_IMPRESSIONS = f"{_BANDIT_GROUP}:bandit:impressions"
+BANDIT_GROUP = "bandit"
+
 OUT_OF_STOCK = f"{_ITEM_FLAGS_GROUP}:items:out_of_stock"  # set of item ids, read once per request
 PROMOTED = f"{_ITEM_FLAGS_GROUP}:items:promoted"  # set of item ids
 
@@ -419,6 +452,8 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("session_categories", (_pattern(session_categories, 2),), "per session: category affinity"),
     KeyFamily("session_cart", (_pattern(session_cart, 2),), "per session: cart"),
     KeyFamily("session_counts", (_pattern(session_counts, 2),), "per session: counts by event type"),
+    KeyFamily("session_arms", (_pattern(session_arms, 2),), "per session: the bandit arms given"),
+    KeyFamily("session_clicked", (_pattern(session_clicked, 2),), "per session: a clicked list awaiting a purchase"),
     KeyFamily("person_items", (_pattern(person_items),), "per person: item weights for the fold-in"),
     KeyFamily("person_purchases", (_pattern(person_purchases),), "per person: recent purchases"),
     KeyFamily("delta_counts", (_pattern(user_event_count, 2),), "per user and version: events in the delta"),
@@ -437,6 +472,9 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("neighbour_sessions", (_pattern(neighbour_session),), "per session: its items (session-kNN)"),
     KeyFamily("item_sessions", (_pattern(item_sessions),), "per item: its recent sessions (session-kNN)"),
     KeyFamily("item_state", (_pattern(item_state), OUT_OF_STOCK, PROMOTED), "live item fields and flags"),
+    KeyFamily("bandit_served", (_pattern(bandit_served),), "per served list (bandit mode): where its rewards go"),
+    KeyFamily("bandit_impressions", (BANDIT_IMPRESSIONS,), "served lists (bandit mode) to count"),
+    KeyFamily("bandit_counts", (_pattern(bandit_counts, 2),), "per experiment version: the arms' posteriors"),
     KeyFamily("drift_sample", (DRIFT_SAMPLE,), "sampled served pools: features, scores, categories"),
     KeyFamily(
         "speed_bookkeeping",

@@ -325,9 +325,33 @@ class MetricsSettings(Section):
 
 
 class ExperimentSettings(Section):
-    # variant -> share of users; shares must add up to 1.
+    # variant -> share of users; shares must add up to 1. In bandit mode the variants are the arms and
+    # the shares are only the fallback while Redis is down.
     shares: dict[str, float] = Field(default_factory=lambda: {"ranker": 0.8, "als_only": 0.1, "popular": 0.1})
     control: str = "popular"
+    name: str = Field("recs", pattern=r"^[A-Za-z0-9_.-]{1,40}$", description="Names the experiment's keys and metrics.")
+    mode: Literal["ab", "bandit"] = Field(
+        "ab",
+        description="ab: a person's variant is a fixed hash share. bandit: Thompson sampling over the variants "
+        "per context, sticky per person and session, learning from the served lists' clicks (common/bandit.py).",
+    )
+    reward: Literal["click", "purchase"] = Field(
+        "click", description="The posterior the bandit samples: a click on the list, or a purchase in the session after one."
+    )
+    floor: float = Field(0.05, ge=0.0, description="Bandit mode: the least share of traffic each arm keeps.")
+    epoch: int = Field(
+        1, ge=1, description="Part of the posteriors' version (with the arm set): raise it to start the bandit afresh."
+    )
+    posterior_ttl_s: int = Field(
+        30 * 86_400, ge=3600, description="A posterior without an impression this long expires (an abandoned version)."
+    )
+    cache_s: float = Field(1.0, ge=0.0, description="How long a serving worker reuses the posteriors it read.")
+    count_interval_s: float = Field(
+        2.0, gt=0, description="How often each speed consumer counts the bandit's served lists (its housekeeping)."
+    )
+    impressions_kept: int = Field(
+        100_000, ge=100, description="The bandit's impression stream is trimmed to about this many entries."
+    )
 
     @model_validator(mode="after")
     def _shares_add_up(self) -> ExperimentSettings:
@@ -336,6 +360,11 @@ class ExperimentSettings(Section):
             raise ValueError(f"experiment shares must add up to 1, got {total:g}")
         if self.control not in self.shares:
             raise ValueError(f"control variant {self.control!r} is not one of {sorted(self.shares)}")
+        if self.floor * len(self.shares) > 1.0:
+            raise ValueError(f"a floor of {self.floor:g} for {len(self.shares)} arms exceeds the whole traffic")
+        bad = [v for v in self.shares if not re.fullmatch(r"[A-Za-z0-9_.+-]{1,40}", v)]
+        if bad:
+            raise ValueError(f"variant names must be 1-40 of [A-Za-z0-9_.+-]: {bad}")
         return self
 
 

@@ -32,8 +32,9 @@ def replay(
     strategies: Annotated[
         str,
         typer.Option(
-            help="Comma-separated: popular, batch, batch+speed, full, sknn, sr (the default), batch+speed+ranker. "
-            "sknn (session-kNN) and sr (sequential rules) are reference algorithms, not served."
+            help="Comma-separated: popular, batch, batch+speed, full, sknn, sr (the default), batch+speed+ranker, "
+            "bandit. sknn (session-kNN) and sr (sequential rules) are reference algorithms, not served; bandit "
+            "shows one of full, batch+speed, popular per moment (Thompson sampling) and reports its regret."
         ),
     ] = "popular,batch,batch+speed,full,sknn,sr",
     engine: Annotated[

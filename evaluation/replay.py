@@ -39,6 +39,7 @@ from common.redis_server import RedisServer, free_port
 from common.registry import Registry
 from common.settings import Settings
 from common.stream import append_events
+from evaluation.bandit import ReplayBandit
 from evaluation.metrics import Scoreboard, popularity_percentiles
 from evaluation.protocol import (
     PROTOCOL_COLUMNS,
@@ -52,6 +53,8 @@ from evaluation.protocol import (
 )
 from evaluation.references import REFERENCES
 from evaluation.strategies import (
+    BANDIT,
+    BANDIT_ARMS,
     DEFAULT_STRATEGIES,
     SERVE_COST,
     STRATEGIES,
@@ -129,7 +132,7 @@ def run_replay(
     references_s = time.perf_counter() - references_clock
     del events
 
-    served = tuple(name for name in config.strategies if name in STRATEGIES)
+    served = tuple(name for name in config.strategies if name in STRATEGIES or name == BANDIT)
     start = cutoff - timedelta(days=config.warmup_days)
     groups = split_strategies(served, config.workers) if served else []
     jobs = [
@@ -230,17 +233,21 @@ def replay_window(job: WindowJob) -> dict[str, Any]:
         history = moved_events(replay_events(lake, start, job.end), job.offset_s)
         window = _first_at(history, job.cutoff.timestamp() + job.offset_s)
         split = _first_at(history, min(job.cutoff, job.model_cutoff or job.cutoff).timestamp() + job.offset_s)
-        strategies = [STRATEGIES[name] for name in job.strategies]
+        # The bandit's process serves each of its arms, listed or not (an unlisted one gets no scoreboard).
+        arms = BANDIT_ARMS if BANDIT in job.strategies else ()
+        served = [name for name in job.strategies if name in STRATEGIES]
+        strategies = [STRATEGIES[name] for name in (*served, *(a for a in arms if a not in served))]
+        learner = ReplayBandit(arms, config.k, seed=config.seed) if arms else None
         registry = Registry(job.settings.models.root)
         server = RedisServer(data_dir=job.work_dir / "redis", port=free_port(), persist=False)
         server.start()
         try:
             replayer = Replayer(
-                job.settings, server.url, registry, job.version, strategies, config, job.work_dir
+                job.settings, server.url, registry, job.version, strategies, config, job.work_dir, learner
             )
             servable = replayer.load_catalog(lake, job.cutoff.timestamp(), job.end.timestamp(), job.offset_s)
             servable |= set(load_model(registry, job.version).item_ids)
-            boards = {s.name: Scoreboard(config.k, len(servable), job.percentile) for s in strategies}
+            boards = {name: Scoreboard(config.k, len(servable), job.percentile) for name in job.strategies}
             replayer.warm_up(history[:split])
             replayer.replay(history[split:], job.test, boards)
             serve_ms = replayer.serve_ms()
@@ -249,7 +256,9 @@ def replay_window(job: WindowJob) -> dict[str, Any]:
             server.stop()
     return {
         "strategies": {
-            name: {**board.summary(), "serve_ms": serve_ms[name]} for name, board in boards.items()
+            name: {**board.summary(), "serve_ms": serve_ms[name]}
+            | (learner.summary() if name == BANDIT and learner else {})
+            for name, board in boards.items()
         },
         "targets": replayer.asked,
         "ranks": {name: board.ranks for name, board in boards.items()},
@@ -481,6 +490,7 @@ class Replayer:
         strategies: Sequence[Strategy],
         config: ReplayConfig,
         work_dir: Path,
+        bandit: ReplayBandit | None = None,
     ) -> None:
         self.settings = settings.model_copy(
             update={"redis": settings.redis.model_copy(update={"url": _db(redis_url, SPEED_DB)})}
@@ -502,7 +512,8 @@ class Replayer:
             )
             self.consumer.applier = Applier(self.client, self.settings, seed=config.seed)  # seeded negatives
         self.states: dict[str, ServingState] = {}
-        self.serve_s: dict[str, float] = {s.name: 0.0 for s in self.strategies}
+        self.bandit = bandit  # shows one of its arms' lists at each moment, as the `bandit` strategy
+        self.serve_s: dict[str, float] = {s.name: 0.0 for s in self.strategies} | {BANDIT: 0.0}
         self.asked: list[str] = []  # the scored events' ids, in the order the boards got them
         self.last_trending_s = -math.inf
         self.arrivals: list[ItemInfo] = []  # catalog items created in the window, oldest first
@@ -599,13 +610,21 @@ class Replayer:
             self._refresh_trending(now_s)
         request = RecRequest(event.user_id, event.anonymous_id, event.session_id, self.config.k, CONTEXT)
         self.asked.append(event.event_id)
+        lists: dict[str, list[str]] = {}
+        degraded: dict[str, bool] = {}
+        spent: dict[str, float] = {}
         for name, state in self.states.items():
             clock = time.perf_counter()
             result = recommend(state, request, now_s=now_s)
-            self.serve_s[name] += time.perf_counter() - clock
-            self.boards[name].add(
-                [i.item_id for i in result.items], item, purchased, result.degraded is not None, new_item
-            )
+            spent[name] = time.perf_counter() - clock
+            self.serve_s[name] += spent[name]
+            lists[name], degraded[name] = [i.item_id for i in result.items], result.degraded is not None
+            if name in self.boards:
+                self.boards[name].add(lists[name], item, purchased, degraded[name], new_item)
+        if self.bandit is not None:
+            arm = self.bandit.step(lists, item)
+            self.serve_s[BANDIT] += spent[arm]
+            self.boards[BANDIT].add(lists[arm], item, purchased, degraded[arm], new_item)
 
     def _apply(self, events: Sequence[Event]) -> None:
         """Append to the stream and let the consumer process exactly these entries (its batch code)."""
@@ -645,9 +664,7 @@ class Replayer:
     def serve_ms(self) -> dict[str, float]:
         """Mean serving time per list, by strategy."""
         asked = {name: len(board.ranks) for name, board in self.boards.items()}
-        return {
-            name: round(1000 * s / asked[name], 2) if asked[name] else 0.0 for name, s in self.serve_s.items()
-        }
+        return {name: round(1000 * self.serve_s[name] / n, 2) if n else 0.0 for name, n in asked.items()}
 
     def close(self) -> None:
         for state in self.states.values():

@@ -32,12 +32,17 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("batch+speed+ranker", "ranker", speed=True, business_rules=False),
     )
 }
+# Thompson sampling over these served strategies (common/bandit.py): at each moment it shows one arm's
+# list; a click is the next item in it. Its process serves every arm, to learn and to measure regret.
+BANDIT = "bandit"
+BANDIT_ARMS = ("full", "batch+speed", "popular")
 # Not served: fitted on the training sessions and scored on the same targets in the main process.
 REFERENCE_NAMES = tuple(REFERENCES)  # sknn (session-kNN), sr (sequential rules)
-STRATEGY_NAMES = (*STRATEGIES, *REFERENCE_NAMES)  # what --strategies accepts
+STRATEGY_NAMES = (*STRATEGIES, BANDIT, *REFERENCE_NAMES)  # what --strategies accepts
 DEFAULT_STRATEGIES = ("popular", "batch", "batch+speed", "full", "sknn", "sr")
 # Relative serving cost of one list (measured on Online Retail), to balance strategies over processes.
 SERVE_COST = {"popular": 2.0, "batch": 1.0, "batch+speed": 3.0, "full": 4.0, "batch+speed+ranker": 4.0}
+SERVE_COST[BANDIT] = sum(SERVE_COST[arm] for arm in BANDIT_ARMS)
 
 
 def without_business_rules(rules: Rules) -> Rules:

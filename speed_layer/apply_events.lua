@@ -3,7 +3,7 @@
 --
 -- KEYS: event*event_count
 -- KEYS event: seen recent cats cart counts sessions person_items purchases trend_bucket popularity_day
---       category_bestsellers covis plans per_version*n_versions
+--       category_bestsellers covis plans clicked per_version*n_versions
 -- KEYS per_version: delta delta_count
 -- ARGV: event_count apply_base session_ttl recent_n dedup_ttl affinity_half_life history_ttl purchases_kept
 --       bestsellers_kept covis_kept delta_ttl covis_prefix covis_suffix covis_window nb_session_prefix
@@ -11,7 +11,7 @@
 --       nb_session_middle nb_item_middle n_versions
 --       version*n_versions event*event_count
 -- ARGV event: event_type item session ts weight quantity category trend_expireat popularity_expireat
---       bestseller_increment event_id session_token personal per_version*n_versions
+--       bestseller_increment event_id session_token personal served per_version*n_versions
 -- ARGV per_version: delta delta_count
 --
 -- apply_base: 1 or 0 (a version-switch replay writes deltas only). covis_*: the co-visitation key
@@ -23,7 +23,9 @@
 -- session_token is common.neighbours.session_token; personal: 1 when the event has personalisation
 -- consent, 0 when it updates the aggregates (trending, popularity, bestsellers) only: then its person
 -- keys are all the unlinked marker set (redis_keys.SEEN_UNLINKED), of which only `seen` is touched, and
--- it carries no delta. Per version the new delta ('': none for this event) and the delta count it replaces. KEYS' covis is declared for Redis Cluster slot planning
+-- it carries no delta. served: the served-list record key (redis_keys.bandit_served) of the event's
+-- rec_request_id, '' without one; clicked: the session's clicked-list key (redis_keys.session_clicked).
+-- Per version the new delta ('': none for this event) and the delta count it replaces. KEYS' covis is declared for Redis Cluster slot planning
 -- (the rule writes earlier items' rows); the co-visitation keys of the session's other items are
 -- built from the template: which items those are is only known here, from the session's live
 -- recent items.
@@ -33,6 +35,7 @@
 -- returns, per applied event, {mask, plan}: plan the global effects the person's state gave it ('' none;
 -- else '+' then, each after a '\0', the session's earlier items it co-visits, nearest first), kept in
 -- `plans` beside its marker so a duplicate gets the same plan back (effects.py applies it per group).
+-- The bandit's rewards are not counted when split (their count hash is global; not in the plan yet).
 -- Returns one reply per event, in order: -1 when a delta's event count moved since the caller read
 -- it (nothing of that event applied; re-read and retry), else a bit mask: 1 version-free effects,
 -- 2 the first version's delta, 4 the second's (0: a duplicate). An event whose effects raised an
@@ -221,9 +224,35 @@ local function apply_aggregates(k, a)
   end
 end
 
+-- The bandit's rewards (common/bandit.py; the record is bandit.served_record: counts key, click field,
+-- purchase field). The first event naming a served list takes its record, so a list earns one click
+-- reward; the record then waits in the session (person-level state: with personalisation only) for a
+-- purchase, which takes it for the purchase reward.
+local function apply_bandit(k, a)
+  local served_key, personal, clicked_key = ARGV[a + 14], ARGV[a + 13] == '1', KEYS[k + 14]
+  if served_key ~= '' then
+    local served = redis.call('GET', served_key)
+    if served then
+      redis.call('DEL', served_key)
+      local counts, click = string.match(served, '^([^\n]*)\n([^\n]*)\n')
+      if counts then add(hcount, counts, click, 1) end
+      if personal then redis.call('SET', clicked_key, served, 'EX', session_ttl) end
+    end
+  end
+  if personal and ARGV[a + 1] == 'purchase' then
+    local clicked = redis.call('GET', clicked_key)
+    if clicked then
+      redis.call('DEL', clicked_key)
+      local counts, purchase = string.match(clicked, '^([^\n]*)\n[^\n]*\n([^\n]*)$')
+      if counts then add(hcount, counts, purchase, 1) end
+    end
+  end
+end
+
 local function apply_base_effects(k, a)
   if ARGV[a + 13] == '1' then apply_person_effects(k, a) end
   if ARGV[a + 2] ~= '' and not split then apply_aggregates(k, a) end
+  if not split then apply_bandit(k, a) end
 end
 
 -- The delta count the event was planned on, read once per chunk and then followed here.

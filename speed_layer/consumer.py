@@ -32,6 +32,7 @@ from common.settings import Settings
 from common.speed_state import trending_decay_weights
 from common.stream import DEAD_LETTER_FIELD, decode_entry, remove_idle_consumers
 from speed_layer import metrics
+from speed_layer.bandit import ImpressionCounter
 from speed_layer.effects import Applier, BatchResult, Started, StateRead
 from speed_layer.sender import lane_for
 from speed_layer.switch import stamped, switch_version
@@ -106,6 +107,7 @@ class SpeedConsumer:
         self._next_claim = 0.0
         self._next_registry_check = 0.0
         self._next_trending = 0.0
+        self._next_impressions = 0.0
         self._own_pending_done = False
         self._announced: list[str] = []
         self._prepared: _Batch | None = None  # decoded, its reads sent, not started yet (pump)
@@ -116,6 +118,7 @@ class SpeedConsumer:
         # has no batch vector for their content vectors.
         self._contents: dict[str, ItemContent] = self._catalog_contents() if self.content_vectors else {}
         ensure_group(client, self.stream_key, self.speed.group)
+        self.impressions = ImpressionCounter(client, settings, self.name)
         for lane in (self.applier.lane, self.acks, self.reads):
             lane.open()
 
@@ -386,10 +389,10 @@ class SpeedConsumer:
     def _housekeeping_due(self) -> bool:
         self._announced += self._announced_versions()
         now = time.monotonic()
-        return bool(self._announced) or now >= self._next_registry_check or now >= self._next_trending
+        return bool(self._announced) or now >= min(self._next_registry_check, self._next_trending, self._next_impressions)
 
     def _housekeeping(self) -> None:
-        """Version switches and the trending re-sum; run with no batch in flight."""
+        """Version switches, the trending re-sum and the bandit's impressions; run with no batch in flight."""
         announced, self._announced = self._announced + self._announced_versions(), []
         for version in announced:
             self.switch_to(version)
@@ -402,6 +405,9 @@ class SpeedConsumer:
         if now >= self._next_trending:
             self._next_trending = now + self.speed.trending_refresh_s
             self.refresh_trending()
+        if now >= self._next_impressions:
+            self._next_impressions = now + self.settings.experiments.count_interval_s
+            self.impressions.count()
 
     def _announced_versions(self) -> list[str]:
         """Model versions announced since the last look; forgets the categories of moved items."""

@@ -58,7 +58,7 @@ _GLOBAL_OP = APPLY_GLOBALS.argv.packer("op")
 NO_SESSION = "_"  # session id of events sent without one
 # The person keys of an event applied without personalisation consent: the script touches only the
 # first (its dedup marker), so no key of the person is named.
-_UNLINKED_PERSON_KEYS = [redis_keys.SEEN_UNLINKED] * 7
+_UNLINKED_PERSON_KEYS = [redis_keys.SEEN_UNLINKED] * 8
 
 
 @dataclass
@@ -749,10 +749,12 @@ class _Planner:
             best = weight * (event.quantity or 1) * forward_decay(ts, speed.bestsellers_half_life_s)
 
         if personal:
-            recent, cats, cart, counts, sessions, person_items, purchases = self._person_keys(person, session)
+            recent, cats, cart, counts, sessions, person_items, purchases, clicked = self._person_keys(
+                person, session
+            )
             seen, token, plans = self._seen_key(person), self._token(person, session), self._plans_key(person)
         else:
-            recent, cats, cart, counts, sessions, person_items, purchases = _UNLINKED_PERSON_KEYS
+            recent, cats, cart, counts, sessions, person_items, purchases, clicked = _UNLINKED_PERSON_KEYS
             seen, token, session, plans = redis_keys.SEEN_UNLINKED, "", "", redis_keys.SEEN_UNLINKED
         trend_key, pop_key = redis_keys.trending_bucket(bucket), redis_keys.popularity_day(day)
         best_key, covis_key = redis_keys.category_bestsellers(category or "-"), self._covis_key(item or "-")
@@ -765,22 +767,26 @@ class _Planner:
                     best_key, best, token,
                 )  # fmt: skip
             # The person's script touches its person's slot only: the global KEYS name its marker key.
+            # The bandit's rewards are not counted here yet (README, Redis Cluster): no served record.
             trend_key = pop_key = best_key = covis_key = seen
         keys += _EVENT_KEYS(
             seen=seen, recent=recent, cats=cats, cart=cart, counts=counts, sessions=sessions,
             person_items=person_items, purchases=purchases, trend_bucket=trend_key, popularity_day=pop_key,
-            category_bestsellers=best_key, covis=covis_key, plans=plans, per_version=version_keys,
+            category_bestsellers=best_key, covis=covis_key, plans=plans, clicked=clicked,
+            per_version=version_keys,
         )  # fmt: skip
         args += _EVENT_ARGS(
             event_type=event_type, item=item, session=session, ts=repr(ts), weight=repr(weight),
             quantity=event.quantity or 1, category=category,
             trend_expireat=trend_expireat, popularity_expireat=pop_expireat,
             bestseller_increment=repr(best), event_id=event.event_id, session_token=token,
-            personal=1 if personal else 0, per_version=version_args,
+            personal=1 if personal else 0,
+            served=self._served_key(event.rec_request_id),
+            per_version=version_args,
         )  # fmt: skip
 
     def _person_keys(self, person: str, session: str) -> list[str]:
-        """recent, cats, cart, counts, sessions, person_items, purchases (as `plan` names them)."""
+        """recent, cats, cart, counts, sessions, person_items, purchases, clicked (as `plan` names them)."""
         found = self.person_keys.get((person, session))
         if found is None:
             found = self.person_keys[(person, session)] = [
@@ -791,6 +797,7 @@ class _Planner:
                 redis_keys.person_sessions(person),
                 redis_keys.person_items(person),
                 redis_keys.person_purchases(person),
+                redis_keys.session_clicked(person, session),
             ]
         return found
 
@@ -808,6 +815,10 @@ class _Planner:
         if found is None:
             found = self.tokens[(person, session)] = session_token(person, session)
         return found
+
+    def _served_key(self, rec_request_id: str | None) -> str:
+        # Split: the served record and the count hash are global keys the person's script may not touch.
+        return redis_keys.bandit_served(rec_request_id) if rec_request_id and not self.split else ""
 
     def _plans_key(self, person: str) -> str:
         return redis_keys.global_plans(person)

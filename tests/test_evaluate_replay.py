@@ -292,3 +292,29 @@ def test_cli_prints_json_and_the_table_formats_a_report(
     assert "HR@20" in table and all(f"\n{name} " in table for name in report["strategies"])
     bad = CliRunner().invoke(app, ["evaluate", "replay", "--lake", str(shop), "--strategies", "nope"])
     assert bad.exit_code != 0
+
+
+def test_the_bandit_strategy_learns_from_simulated_clicks_and_reports_its_regret(
+    shop: Path, replayed: tuple[dict[str, Any], Path]
+) -> None:
+    """`bandit` shows one of full, batch+speed and popular at each moment (Thompson sampling, common/bandit.py);
+    its process serves all three, so every arm's hits over the same moments give its regret."""
+    report, work = replayed
+    config = ReplayConfig(
+        lake=str(shop), test_days=TEST_DAYS, warmup_days=WARMUP_DAYS, seed=3, strategies=("popular", "bandit")
+    )
+    again = run_replay(config, replay_settings(), work)  # reuses the model
+    row = again["strategies"]["bandit"]
+    predictions = again["predictions"]
+    assert row["predictions"] == predictions == report["predictions"]
+    fixed = {arm: facts["fixed_hits"] for arm, facts in row["arms"].items()}
+    for arm in ("full", "batch+speed", "popular"):  # each arm's lists are those the fixed strategy served
+        assert fixed[arm] == round(report["strategies"][arm]["hr_at_20"] * predictions), arm
+    assert row["best_fixed_arm"] == max(fixed, key=fixed.__getitem__)
+    assert row["hits"] == round(row["hr_at_20"] * predictions)
+    assert row["regret"] == fixed[row["best_fixed_arm"]] - row["hits"]
+    assert row["regret_per_target"] == round(row["regret"] / predictions, 4)
+    assert sum(arm["share"] for arm in row["arms"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert min(arm["share"] for arm in row["arms"].values()) >= 0.02  # the floor (0.05) keeps every arm shown
+    assert row["arms"]["popular"]["share"] < 0.3  # the worst arm lost most of its traffic
+    assert row["hits"] > fixed["popular"]

@@ -13,6 +13,7 @@ import redis
 from typer.testing import CliRunner
 
 from common import redis_keys
+from common.bandit import experiment_version
 from common.consent import record_withdrawal
 from common.events import Consent, Event, EventType
 from common.features import day_index
@@ -21,6 +22,7 @@ from common.neighbours import session_token
 from common.redis_keys import FAMILIES, OTHER_FAMILY, family_of
 from common.redis_server import RedisServer
 from common.registry import Registry
+from common.settings import ExperimentSettings
 from speed_layer.consumer import SpeedConsumer
 from tests.speed_factories import add_events, make_event, publish_model, set_categories, speed_settings
 
@@ -28,6 +30,8 @@ USERS = ["u0", "u1", "u2", "u3"]
 GUESTS = ["g0", "g1"]
 ITEMS = [f"i{j}" for j in range(10)]
 CATEGORIES = {item: f"c{j % 3}" for j, item in enumerate(ITEMS)}
+EXPERIMENT = ExperimentSettings()
+BANDIT_VERSION = experiment_version(EXPERIMENT.shares, EXPERIMENT.epoch)
 
 
 def _events(rng: np.random.Generator) -> list[Event]:
@@ -72,6 +76,8 @@ def _exact_counts(client: redis.Redis, events: list[Event]) -> dict[str, int]:
         "session_categories": n([redis_keys.session_categories(p, s) for p, s in sessions]),
         "session_cart": n([redis_keys.session_cart(p, s) for p, s in sessions]),
         "session_counts": n([redis_keys.session_counts(p, s) for p, s in sessions]),
+        "session_arms": n([redis_keys.session_arms(p, s) for p, s in sessions]),
+        "session_clicked": n([redis_keys.session_clicked(p, s) for p, s in sessions]),
         "person_items": n([redis_keys.person_items(p) for p in persons + devices]),
         "person_purchases": n([redis_keys.person_purchases(p) for p in persons + devices]),
         "delta_counts": n([redis_keys.user_event_count(u, "v1") for u in USERS]),
@@ -91,6 +97,9 @@ def _exact_counts(client: redis.Redis, events: list[Event]) -> dict[str, int]:
         "item_state": n(
             [redis_keys.item_state(i) for i in ITEMS] + [redis_keys.OUT_OF_STOCK, redis_keys.PROMOTED]
         ),
+        "bandit_served": n([redis_keys.bandit_served(e.rec_request_id) for e in events if e.rec_request_id]),
+        "bandit_impressions": n([redis_keys.BANDIT_IMPRESSIONS]),  # the consumers' group made it
+        "bandit_counts": n([redis_keys.bandit_counts(EXPERIMENT.name, BANDIT_VERSION)]),
         "drift_sample": n([redis_keys.DRIFT_SAMPLE]),  # serving writes it, not the consumer
         "speed_bookkeeping": n(
             [redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION, redis_keys.SPEED_HEARTBEAT]

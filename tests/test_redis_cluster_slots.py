@@ -20,7 +20,7 @@ import redis
 from redis.crc import key_slot as redis_py_key_slot
 
 from common import redis_keys
-from common.redis_server import free_port
+from common.redis_server import free_cluster_port
 
 SLOTS = 16384
 
@@ -120,7 +120,7 @@ def test_different_people_spread_over_slots():
 def _start_cluster_node(binary: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], redis.Redis]:
     """Start redis-server in cluster mode on a free port; retry on a new port if one is taken meanwhile."""
     for attempt in range(3):
-        port = free_port()
+        port = free_cluster_port()
         node_dir = data_dir / f"try{attempt}"
         node_dir.mkdir()
         # Not daemonized, so the fixture owns the process and ends exactly it.
@@ -207,6 +207,7 @@ GROUPED: dict[str, Callable[[str], str]] = {
     "item_state": redis_keys.item_state,
     "category_bestsellers": redis_keys.category_bestsellers,
     "neighbour_sessions": redis_keys.neighbour_session,
+    "bandit_served": redis_keys.bandit_served,
     "popularity_days": lambda day: redis_keys.popularity_day(int(day) if day.isdigit() else 20000),
 }
 # Keys used together: one group each.
@@ -216,6 +217,9 @@ TOGETHER = {
     "item flags": [redis_keys.OUT_OF_STOCK, redis_keys.PROMOTED],
     "bookkeeping": [redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION, redis_keys.SPEED_HEARTBEAT]
     + [redis_keys.speed_rebuild_lock("v1"), redis_keys.speed_rebuild_marker("v2")],
+    # count_impressions.lua acknowledges a stream entry and counts it in the experiment's hash in one call.
+    "bandit": [redis_keys.BANDIT_IMPRESSIONS]
+    + [redis_keys.bandit_counts(experiment, version) for experiment in ("home", "pdp") for version in ("a1", "b2")],
 }
 
 
@@ -240,7 +244,9 @@ def test_keys_used_together_share_one_group(name: str) -> None:
 def test_every_grouped_family_is_checked_and_the_groups_spread():
     # Guards against a new global family outside this test: every family whose keys carry a group tag.
     tagged = {f.name for f in redis_keys.FAMILIES if any(p.startswith(f"{redis_keys.PREFIX}:{{g:") for p in f.patterns)}
-    assert tagged == set(GROUPED) | {"group_seen", "trending_top", "trending_buckets", "speed_bookkeeping"}
+    assert tagged == set(GROUPED) | {
+        "group_seen", "trending_top", "trending_buckets", "speed_bookkeeping", "bandit_impressions", "bandit_counts"
+    }
     groups = {redis_keys.slot_group(f"i{j}") for j in range(1000)}
     assert groups == set(range(redis_keys.SLOT_GROUPS))
     assert len({key_slot(redis_keys.group_seen(g)) for g in groups}) == redis_keys.SLOT_GROUPS

@@ -297,6 +297,24 @@ def test_recommendation_performance(con: duckdb.DuckDBPyConnection) -> None:
     assert rows(con, popular_versions) == [{"model_version": "none"}]
 
 
+def test_bandit_arms_sum_each_arms_posteriors_over_days(con: duckdb.DuckDBPyConnection) -> None:
+    got = rows(
+        con,
+        "SELECT day, context, arm, lists, clicked_lists, purchase_lists, share, click_alpha, click_beta, "
+        "purchase_alpha, purchase_beta FROM bandit_arms",
+    )
+    assert [tuple(r.values()) for r in got] == [
+        # r1: Alice clicks at 10:10 and buys at 10:40 (the purchase reward); r2: Bob clicks and buys.
+        (D1, "home", "ranker", 1, 1, 1, 1.0, 2.0, 1.0, 2.0, 1.0),
+        (D1, "pdp", "popular", 1, 1, 1, 1.0, 2.0, 1.0, 2.0, 1.0),
+        (D2, "home", "popular", 2, 0, 0, 0.4, 1.0, 3.0, 1.0, 3.0),  # r4, r7: no click
+        # r3 (Carol clicks, buys nothing), r5 (Alice clicks, buys at 9:40), r6; summed with D1's r1.
+        (D2, "home", "ranker", 3, 2, 1, 0.6, 4.0, 2.0, 3.0, 3.0),
+    ]
+    means = rows(con, "SELECT click_mean FROM bandit_arms WHERE day = DATE '2024-03-05' AND arm = 'ranker'")
+    assert means == [{"click_mean": 4 / 6}]
+
+
 def test_model_runs(con: duckdb.DuckDBPyConnection) -> None:
     runs = rows(con, "SELECT version, status, decision, is_current, strategy, metric, value FROM model_runs")
     assert len(runs) == 6
@@ -368,6 +386,7 @@ def test_empty_lake_still_has_every_view(tmp_path: Path) -> None:
     views = [
         "events", "catalog", "impressions", "impression_items", "sessions", "daily_kpis", "funnel",
         "item_stats", "recommendation_items", "recommendation_performance", "model_runs", "experiment_results",
+        "bandit_arms",
     ]  # fmt: skip
     with duckdb.connect(str(db), read_only=True) as connection:
         for view in views:

@@ -127,3 +127,25 @@ MODEL_DRIFTED = Gauge(
 def set_drift(psi_max: float, drifted: bool) -> None:
     DRIFT_PSI_MAX.set(psi_max)
     MODEL_DRIFTED.set(1 if drifted else 0)
+
+
+# ---------------------------------------------------------------- bandit (issue 16)
+
+BANDIT_ALPHA = Gauge(
+    "recs_bandit_alpha",
+    "Bandit mode: alpha of an arm's Beta posterior (1 + rewarded lists), by experiment, context, arm and reward.",
+    ["experiment", "context", "arm", "reward"],
+    multiprocess_mode="livemostrecent",
+)
+BANDIT_BETA = Gauge(
+    "recs_bandit_beta",
+    "Bandit mode: beta of an arm's Beta posterior (1 + served lists not rewarded).",
+    ["experiment", "context", "arm", "reward"],
+    multiprocess_mode="livemostrecent",
+)
+BANDIT_SHARE = Gauge(
+    "recs_bandit_share",
+    "Bandit mode: the share of new assignments an arm gets now (Thompson probability plus the floor).",
+    ["experiment", "context", "arm"],
+    multiprocess_mode="livemostrecent",
+)

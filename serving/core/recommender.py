@@ -115,7 +115,7 @@ def recommend(
     clock = clock or StageClock()
     now_s = time.time() if now_s is None else now_s
     model = state.models.current  # one snapshot for the whole request: a reload cannot mix versions
-    variant = assign_variant(req.person_id, state.settings.experiments.shares)
+    variant, bandit_arm = choose_variant(state, req)
     rules = state.rules
     degraded: list[str] = [] if req.personalised else [NO_CONSENT]
     personal = variant != "popular" and req.personalised
@@ -130,6 +130,7 @@ def recommend(
         degraded.insert(0, NO_MODEL)
         ranked, n_candidates = _without_model(state, rules, speed, req, now_s)
         result = _finish(state, req, variant, None, degraded, ranked, n_candidates)
+        _record_arm(state, req, result, bandit_arm)
         clock.lap("rules")
         return result
 
@@ -149,8 +150,33 @@ def recommend(
     result = _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
     if features is not None:
         result.ranked_pool = RankedPool(features, scores, cold_start=_cold_start(state, model, req, speed))
+    _record_arm(state, req, result, bandit_arm)
     clock.lap("rules")
     return result
+
+
+def choose_variant(state: ServingState, req: RecRequest) -> tuple[str, bool]:
+    """The request's variant, and whether the bandit chose it (then the list is recorded for it). The
+    fixed hash share in A/B mode, and in bandit mode while Redis is down."""
+    if state.bandit is not None and state.redis.available():
+        try:
+            arm = state.bandit.arm(
+                state.redis.client, req.person_id, req.session_id, req.context, sticky=req.personalised
+            )
+        except redis.RedisError as exc:
+            state.redis.failed(exc)
+        else:
+            return arm, True
+    return assign_variant(req.person_id, state.settings.experiments.shares), False
+
+
+def _record_arm(state: ServingState, req: RecRequest, result: RecResult, bandit_arm: bool) -> None:
+    if not bandit_arm or state.bandit is None or not state.redis.available():
+        return
+    try:
+        state.bandit.record(state.redis.client, result.request_id, req.context, result.variant)
+    except redis.RedisError as exc:  # the list is served all the same; the bandit misses one impression
+        state.redis.failed(exc)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from serving.core.catalog_view import CatalogView
 from serving.core.day_counts import DayCounts
 from serving.core.drift import DriftProbe
 from serving.core.erasure import ErasedPeople
+from serving.core.experiments import Bandit
 from serving.core.impressions import ImpressionLogger
 from serving.core.model_holder import ModelHolder, lake_popular
 from serving.core.rules import Rules, load_rules
@@ -71,8 +72,14 @@ class ServingState:
     stream_lag: StreamLagProbe = field(default_factory=lambda: StreamLagProbe())
     drift: DriftProbe = field(default_factory=DriftProbe)
     day_counts: DayCounts = field(default_factory=DayCounts)
+    bandit: Bandit | None = None  # set from the settings in bandit mode
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        experiments = self.settings.experiments
+        if self.bandit is None and experiments.mode == "bandit":
+            self.bandit = Bandit(experiments, self.settings.speed.session_ttl_s)
 
     @classmethod
     def start(cls, settings: Settings) -> ServingState:

@@ -51,5 +51,10 @@ def prometheus_metrics(state: StateDep) -> Response:
     served = state.models.current
     metrics.set_model_age(served.artifacts.manifest.cutoff if served is not None else None)
     state.drift.refresh(state)  # the served version's drift gauges, from the registry
+    if state.bandit is not None:
+        try:
+            state.bandit.export(state.redis.client)  # the posteriors as the speed layer left them now
+        except redis.RedisError:
+            pass
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)

@@ -122,7 +122,7 @@ class ClusterLane:
             raise redis.ConnectionError(f"writes not on {self.replicas} replica(s) of each master: {acks}")
         flat = iter(replies)
         for call in pending:
-            self.replies.append([next(flat) for _ in call[1:]] if call[0] == "MGET" else next(flat))
+            self.replies.append(_mget_reply([next(flat) for _ in call[1:]]) if call[0] == "MGET" else next(flat))
 
     def _has_replicas(self, node: Any) -> bool:
         """Whether a master that did not confirm the writes has a replica linked, which a failover could
@@ -140,3 +140,9 @@ def lane_for(client: redis.Redis, replicas: int = 0, timeout_ms: int = 1000) -> 
     """The lane for `client`: one held connection, or a pipeline per read on a Redis Cluster (whose
     scripts' writes wait for `replicas` replicas there)."""
     return ClusterLane(client, replicas, timeout_ms) if is_cluster(client) else Lane(client)
+
+
+def _mget_reply(parts: list[Any]) -> list[Any] | Exception:
+    """An MGET sent as one GET a key (a cluster's keys live in several slots) answers as MGET would:
+    the values, or the first error as the whole reply, which callers check for as for any other call."""
+    return next((part for part in parts if isinstance(part, Exception)), parts)

@@ -87,6 +87,7 @@ _TREND_GROUP = _group(slot_group("trend"))
 _ITEM_FLAGS_GROUP = _group(slot_group("item-flags"))
 _SPEED_GROUP = _group(slot_group("speed"))
 _BANDIT_GROUP = _group(slot_group("bandit"))
+_DRIFT_GROUP = _group(slot_group("drift"))
 
 
 def group_of_key(key: str) -> int | None:
@@ -396,8 +397,8 @@ def speed_rebuild_marker(model_version: str) -> str:
 # ---------------------------------------------------------------- drift monitoring
 
 # Stream of sampled served pools (common/drift.py), capped at drift.sample_requests entries: one global key
-# written by every API worker at the sample rate, read by `recs drift report`.
-DRIFT_SAMPLE = f"{PREFIX}:drift:sample"
+# written by every API worker at the sample rate, read by `recs drift report`; in its own fixed group.
+DRIFT_SAMPLE = f"{_DRIFT_GROUP}:drift:sample"
 
 
 def template(key_of: Callable[..., str], *fixed: str) -> list[str]:

@@ -245,7 +245,8 @@ def test_every_grouped_family_is_checked_and_the_groups_spread():
     # Guards against a new global family outside this test: every family whose keys carry a group tag.
     tagged = {f.name for f in redis_keys.FAMILIES if any(p.startswith(f"{redis_keys.PREFIX}:{{g:") for p in f.patterns)}
     assert tagged == set(GROUPED) | {
-        "group_seen", "trending_top", "trending_buckets", "speed_bookkeeping", "bandit_impressions", "bandit_counts"
+        "group_seen", "trending_top", "trending_buckets", "speed_bookkeeping", "bandit_impressions", "bandit_counts",
+        "drift_sample",
     }
     groups = {redis_keys.slot_group(f"i{j}") for j in range(1000)}
     assert groups == set(range(redis_keys.SLOT_GROUPS))

@@ -211,6 +211,20 @@ def alias(anonymous_id: str) -> str:
     return f"{PREFIX}:alias:{anonymous_id}"
 
 
+def identify_stash(person_id: str, event_id: str) -> str:
+    """Hash part -> DUMP payload: the state of a device that an identify (event_id) moves into its user's,
+    detached from the device's keys by the merge's first step where the two persons' slots differ (Redis
+    Cluster; speed_layer/detach_device.lua names the parts); also that step's marker. Deleted once the
+    merge is done, else it expires after speed.dedup_ttl_s."""
+    return f"{_person(person_id)}:detached:{event_id}"
+
+
+def identify_scratch(person_id: str, part: str) -> str:
+    """A device's key (`part`, as identify_stash names it) restored into its user's slot by the merge's
+    second step (merge_identity.lua on Redis Cluster), merged and deleted within that one script call."""
+    return f"{_person(person_id)}:merging:{part}"
+
+
 def person_devices(user_id: str) -> str:
     """Sorted set device -> when it last identified as the user (epoch s, Redis time): the reverse of
     alias(device), so erasure can find the user's devices. Written with the alias by the identify merge;
@@ -460,6 +474,8 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("delta_counts", (_pattern(user_event_count, 2),), "per user and version: events in the delta"),
     KeyFamily("deltas", (_pattern(user_delta, 2),), "per user and version: SGD delta to the batch vector"),
     KeyFamily("person_devices", (_pattern(person_devices),), "per user: devices that identified as them"),
+    KeyFamily("identify_stash", (_pattern(identify_stash, 2),), "per device: state detached by an identify (cluster)"),
+    KeyFamily("identify_scratch", (_pattern(identify_scratch, 2),), "per user: a device's key inside a merge (cluster)"),
     KeyFamily("aliases", (_pattern(alias),), "per device: the user it identified as"),
     KeyFamily("erased", (f"{PREFIX}:erased:*",), "tombstones of erased ids (digests)"),
     KeyFamily("consent_withdrawals", (f"{PREFIX}:consent:*",), "consent withdrawals by id (digests)"),

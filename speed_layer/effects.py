@@ -16,7 +16,8 @@ and gets the stored plan back (nothing counted twice there), and re-sends the gl
 apply in each group only what its marker says is missing (nothing lost, nothing twice). Until that
 retry, the global effects lag the person's: readers may see one without the other meanwhile. The
 calls of a batch are pipelined, so it costs one round trip per node for the persons' calls and one
-for the groups' calls.
+for the groups' calls. An identify's merge spans the device's and the user's slots: there it runs as
+steps that each apply once (`Applier._merge_in_steps`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from common.redis_server import is_cluster
 from common.settings import Settings, SpeedSettings
 from common.speed_state import forward_decay
 from common.vectors import sgd_steps
-from speed_layer.scripts import APPLY_EVENTS, APPLY_GLOBALS, MERGE_IDENTITY
+from speed_layer.scripts import APPLY_EVENTS, APPLY_GLOBALS, DETACH_DEVICE, MERGE_IDENTITY
 from speed_layer.sender import ClusterLane, Lane, lane_for
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,32 @@ _EVENT_ARGS = APPLY_EVENTS.argv.packer("event")
 _VERSION_KEYS = APPLY_EVENTS.keys.packer("per_version")
 _VERSION_ARGS = APPLY_EVENTS.argv.packer("per_version")
 _MERGE_SESSION_KEYS = MERGE_IDENTITY.keys.packer("session")
+_RESTORE = MERGE_IDENTITY.argv.packer("restore")
 _GLOBAL_OP = APPLY_GLOBALS.argv.packer("op")
 
 NO_SESSION = "_"  # session id of events sent without one
 # The person keys of an event applied without personalisation consent: the script touches only the
 # first (its dedup marker), so no key of the person is named.
 _UNLINKED_PERSON_KEYS = [redis_keys.SEEN_UNLINKED] * 8
+# The device's keys an identify merges into the user's, by part name (detach_device.lua stashes them
+# under it): the person's, then each session's as "<part>:<session>".
+_PERSON_PARTS = {
+    "seen": redis_keys.seen_events, "sessions": redis_keys.person_sessions, "items": redis_keys.person_items,
+    "purchases": redis_keys.person_purchases,
+}  # fmt: skip
+_SESSION_PARTS = {
+    "recent": redis_keys.session_recent, "cats": redis_keys.session_categories, "cart": redis_keys.session_cart,
+    "counts": redis_keys.session_counts,
+}  # fmt: skip
+
+
+def _device_parts(sessions: Sequence[str]) -> list[str]:
+    return [*_PERSON_PARTS, *(f"{part}:{session}" for session in sessions for part in _SESSION_PARTS)]
+
+
+def _device_key(device: str, part: str) -> str:
+    name, _, session = part.partition(":")
+    return _PERSON_PARTS[name](device) if name in _PERSON_PARTS else _SESSION_PARTS[name](device, session)
 
 
 @dataclass
@@ -239,6 +260,7 @@ class Applier:
             nb_item_middle=nb_item[1], nb_item_suffix=nb_item[2], n_groups=redis_keys.SLOT_GROUPS,
         )  # fmt: skip
         self.merge_script = client.register_script(MERGE_IDENTITY.source)
+        self.detach_script = client.register_script(DETACH_DEVICE.source)
 
     # ------------------------------------------------------------ batches
 
@@ -565,26 +587,79 @@ class Applier:
         assert user is not None  # the event schema requires it for identify
         if device == user:
             return
-        if is_cluster(self.client):
-            # The merge moves the device's keys into the user's slot in one script, which a cluster
-            # refuses; failing the event (dead-lettered) keeps it from blocking the stream.
-            result.failed[index] = "identify merge is not supported on Redis Cluster yet"
-            return
         if redis_keys.erased_among(self.client, event.person_ids):
             result.erased += 1  # linking an erased user or device would bring their state back
             return
         withdrawals = consent.read_withdrawals(self.client, event.person_ids)
         if consent.applied_consent(event, withdrawals) is not Consent.PERSONALISATION:
             return  # an alias and a merged history are person-level state
+        try:
+            merged = self._merge_in_steps(event, user, device) if self.split else self._merge_at_once(event, user, device)
+        except redis.ResponseError as exc:
+            result.failed[index] = f"identify merge failed: {exc}"
+            return
+        if merged:
+            result.applied += 1
+            result.changed[user] = (event.session_id, event)
+        else:
+            result.duplicates += 1
+
+    def _merge_at_once(self, event: Event, user: str, device: str) -> bool:
+        """One merge_identity.lua call on the device's keys and the user's (one Redis)."""
         stored_sessions = cast(list[bytes], self.client.zrange(redis_keys.person_sessions(device), 0, -1))
         sessions = [s.decode() for s in stored_sessions]
+        return self._merge(event, user, device, sessions, {})
+
+    def _merge_in_steps(self, event: Event, user: str, device: str) -> bool:
+        """The merge where a script touches one slot (Redis Cluster), in steps that each apply once:
+        detach_device.lua stashes the device's keys in its slot (the stash is its marker) and deletes them
+        but its markers; merge_identity.lua restores them in the user's slot and merges them under the
+        identify's marker there, carrying the markers; then the alias is set (a plain SET, its own slot)
+        and the device's markers and the stash go. Until the alias, the device's events resolve to the
+        device, whose markers answer their retries; after it, to the user, who has them. A crash between
+        the steps leaves the identify unacknowledged; its retry finds the stash (the same state) or the
+        user's marker and finishes the rest, so nothing is merged twice or lost. Meanwhile the device's
+        state is in neither person's keys, and an event naming the device alone (no user id) applied by
+        another consumer in that window stays with the device."""
+        stash_key = redis_keys.identify_stash(device, event.event_id)
+        merged = False
+        if self.client.zscore(redis_keys.seen_events(user), redis_keys.seen_field(event.event_id)) is None:
+            stash = self._detach(device, stash_key)
+            sessions = sorted({part.partition(":")[2] for part in stash if part.partition(":")[0] in _SESSION_PARTS})
+            merged = self._merge(event, user, device, sessions, stash)
+        elif not self.client.exists(stash_key):
+            return False  # merged and finished before
+        self.client.set(redis_keys.alias(device), user, ex=self.speed.history_ttl_s)
+        self.client.delete(redis_keys.seen_events(device), stash_key)
+        return merged
+
+    def _detach(self, device: str, stash_key: str) -> dict[str, bytes]:
+        """detach_device.lua: the device's parts (part name -> DUMP payload) that exist."""
+        stored_sessions = cast(list[bytes], self.client.zrange(redis_keys.person_sessions(device), 0, -1))
+        parts = _device_parts([s.decode() for s in stored_sessions])  # the markers ("seen") first
+        keys = DETACH_DEVICE.keys.pack(stash=stash_key, part=[_device_key(device, p) for p in parts])
+        args = DETACH_DEVICE.argv.pack(stash_ttl=self.speed.dedup_ttl_s, parts=len(parts), kept=1, name=parts)
+        DETACH_DEVICE.check(keys, args)
+        reply = cast(list[bytes], self.detach_script(keys=keys, args=args))
+        stash = {name.decode(): payload for name, payload in zip(reply[::2], reply[1::2], strict=True)}
+        stash.pop("", None)
+        return stash
+
+    def _merge(self, event: Event, user: str, device: str, sessions: Sequence[str], stash: dict[str, bytes]) -> bool:
+        """merge_identity.lua on the device's keys, or (`stash`, from `_detach`) on those parts restored
+        into the user's slot; True when merged now."""
+        split = self.split
+
+        def device_key(part: str) -> str:
+            return redis_keys.identify_scratch(user, part) if split else _device_key(device, part)
+
         session_keys: list[str] = []
         for session in sessions:
             session_keys += _MERGE_SESSION_KEYS(
-                recent_device=redis_keys.session_recent(device, session),
-                cats_device=redis_keys.session_categories(device, session),
-                cart_device=redis_keys.session_cart(device, session),
-                counts_device=redis_keys.session_counts(device, session),
+                recent_device=device_key(f"recent:{session}"),
+                cats_device=device_key(f"cats:{session}"),
+                cart_device=device_key(f"cart:{session}"),
+                counts_device=device_key(f"counts:{session}"),
                 recent_user=redis_keys.session_recent(user, session),
                 cats_user=redis_keys.session_categories(user, session),
                 cart_user=redis_keys.session_cart(user, session),
@@ -592,17 +667,19 @@ class Applier:
             )
         keys = MERGE_IDENTITY.keys.pack(
             seen_user=redis_keys.seen_events(user),
-            seen_device=redis_keys.seen_events(device),
-            alias_device=redis_keys.alias(device),
-            sessions_device=redis_keys.person_sessions(device),
+            seen_device=device_key("seen"),
+            alias_device=redis_keys.person_placeholder(user) if split else redis_keys.alias(device),
+            sessions_device=device_key("sessions"),
             sessions_user=redis_keys.person_sessions(user),
-            items_device=redis_keys.person_items(device),
+            items_device=device_key("items"),
             items_user=redis_keys.person_items(user),
-            purchases_device=redis_keys.person_purchases(device),
+            purchases_device=device_key("purchases"),
             purchases_user=redis_keys.person_purchases(user),
             devices_user=redis_keys.person_devices(user),
             session=session_keys,
         )
+        position = {key: i + 1 for i, key in enumerate(keys)}
+        restores = [v for part, payload in stash.items() for v in _RESTORE(key=position[device_key(part)], payload=payload)]
         speed = self.speed
         args = MERGE_IDENTITY.argv.pack(
             user_id=user,
@@ -612,18 +689,12 @@ class Applier:
             affinity_half_life=speed.affinity_half_life_s,
             identify_mark=redis_keys.seen_field(event.event_id),
             anonymous_id=device,
+            set_alias=0 if split else 1,
+            restores=len(stash),
+            restore=restores,
         )
         MERGE_IDENTITY.check(keys, args, sessions=len(sessions))
-        try:
-            merged = self.merge_script(keys=keys, args=args)
-        except redis.ResponseError as exc:
-            result.failed[index] = f"identify merge failed: {exc}"
-            return
-        if merged:
-            result.applied += 1
-            result.changed[user] = (event.session_id, event)
-        else:
-            result.duplicates += 1
+        return bool(self.merge_script(keys=keys, args=args))
 
 
 class _Planner:

@@ -1,19 +1,30 @@
 -- Identify: move an anonymous device's state into the user's, and alias the device to the user.
--- Crosses two persons' slots, so on Redis Cluster it would run as a copy in the user's slot followed
--- by a delete in the device's slot (the identify's own marker sits in the user's slot).
 --
 -- KEYS: seen_user seen_device alias_device sessions_device sessions_user items_device items_user
 --       purchases_device purchases_user devices_user session*sessions
 -- KEYS session: recent_device cats_device cart_device counts_device recent_user cats_user cart_user
 --       counts_user
--- ARGV: user_id history_ttl session_ttl dedup_ttl affinity_half_life identify_mark anonymous_id
+-- ARGV: user_id history_ttl session_ttl dedup_ttl affinity_half_life identify_mark anonymous_id set_alias
+--       restores restore*restores
+-- ARGV restore: key payload
 --
 -- One `session` block per session of the device; identify_mark is the identify event's marker field.
+-- On one Redis the device's KEYS are its own keys, set_alias is 1 and there are no restores. On Redis
+-- Cluster a script touches one slot, so the merge is the second of two steps (speed_layer/effects.py):
+-- detach_device.lua took the device's keys as DUMP payloads in its slot; here each `restore` puts one
+-- back (key: the 1-based index of a device KEYS, named in the user's slot by redis_keys.identify_scratch)
+-- to be merged and deleted as on one Redis; set_alias is 0 (the caller set the alias, a key of its own
+-- slot) and alias_device a key of the user's that is not written.
 -- Returns 1 when merged, 0 if seen.
 if redis.call('ZSCORE', KEYS[1], ARGV[6]) then return 0 end
 local history_ttl, session_ttl, half_life = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
 local dedup_ttl, now = tonumber(ARGV[4]), tonumber(redis.call('TIME')[1])
-redis.call('SET', KEYS[3], ARGV[1], 'EX', history_ttl)
+for r = 0, tonumber(ARGV[9]) - 1 do
+  local at = ARGV_HEAD + r * ARGV_RESTORE
+  -- Merged and deleted below; the TTL (ms) only bounds a key left behind by a failing write.
+  redis.call('RESTORE', KEYS[tonumber(ARGV[at + 1])], 60000, ARGV[at + 2], 'REPLACE')
+end
+if ARGV[8] == '1' then redis.call('SET', KEYS[3], ARGV[1], 'EX', history_ttl) end
 -- The alias's reverse (redis_keys.person_devices): erasure of the user finds the device here.
 redis.call('ZADD', KEYS[10], now, ARGV[7])
 redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', '(' .. (now - history_ttl))

@@ -84,6 +84,9 @@ def _exact_counts(client: redis.Redis, events: list[Event]) -> dict[str, int]:
         "deltas": n([redis_keys.user_delta(u, "v1") for u in USERS]),
         "person_devices": n([redis_keys.person_devices(p) for p in persons]),
         "aliases": n([redis_keys.alias(d) for d in devices]),
+        # The cluster's identify merge in steps: the stash goes at its end, the scratch keys inside its script.
+        "identify_stash": n([redis_keys.identify_stash(d, e.event_id) for d in devices for e in events]),
+        "identify_scratch": n([redis_keys.identify_scratch(u, "seen") for u in persons]),
         "seen_unlinked": n([redis_keys.SEEN_UNLINKED]),
         "erased": n([redis_keys.erased("someone-erased")]),
         "consent_withdrawals": n([redis_keys.consent_withdrawal("someone-withdrawn")]),

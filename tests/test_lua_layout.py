@@ -21,12 +21,12 @@ from common.stream import REMOVE_IDLE_CONSUMERS, TRIM_STREAM
 from speed_layer import effects
 from speed_layer.bandit import COUNT_IMPRESSIONS
 from speed_layer.effects import Applier
-from speed_layer.scripts import APPLY_EVENTS, APPLY_GLOBALS, MERGE_IDENTITY
+from speed_layer.scripts import APPLY_EVENTS, APPLY_GLOBALS, DETACH_DEVICE, MERGE_IDENTITY
 from tests.speed_factories import make_event, publish_model, speed_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = (
-    APPLY_EVENTS, APPLY_GLOBALS, MERGE_IDENTITY, READ_STATE, TRIM_STREAM, REMOVE_IDLE_CONSUMERS, COUNT_IMPRESSIONS
+    APPLY_EVENTS, APPLY_GLOBALS, MERGE_IDENTITY, DETACH_DEVICE, READ_STATE, TRIM_STREAM, REMOVE_IDLE_CONSUMERS, COUNT_IMPRESSIONS
 )
 
 HEADER = """-- A test script.

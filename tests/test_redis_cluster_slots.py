@@ -31,6 +31,7 @@ OTHER_ARGS = {
     "session_id": ["s1", "sess-{9}"],
     "event_id": ["e1", "ev:2"],
     "model_version": ["v1", "20250101T000000"],
+    "part": ["seen", "recent:s:{1}"],
 }
 
 

@@ -219,20 +219,61 @@ def test_a_master_killed_mid_stream_fails_over_and_the_counts_stay_exact(
         redis_cluster.wait_ok()
 
 
-def test_an_identify_on_a_cluster_is_dead_lettered_and_the_stream_goes_on(
-    redis_cluster: LocalRedisCluster, cluster_client: redis.Redis, tmp_path: Path
-) -> None:
-    # The merge is not built for a cluster (README): the event must fail alone, not block its batch.
-    settings = speed_settings(tmp_path, redis_cluster.url)
-    events = [
-        make_event(EventType.VIEW, "i1", anonymous_id="dev"),
-        make_event(EventType.IDENTIFY, None, anonymous_id="dev", user_id="u9"),
-        make_event(EventType.VIEW, "i2", anonymous_id="dev", user_id="u9"),
-    ]
-    result = Applier(cluster_client, settings).apply(events, [])
-    assert list(result.failed) == [1] and "Redis Cluster" in result.failed[1]
-    assert result.applied == 2
-    assert read_speed_state(cluster_client, "u9", session_id="s1").session_counts == {"view": 1}
+def _identify_events(rng: np.random.Generator) -> list[Event]:
+    """The chunk test's sessions where the guest's device logs in as u2 part way (batch 40-79): the
+    device's sessions, items, purchases and markers merge into u2's, a session both have included."""
+    events = _events(rng, 100)
+    at = 60
+    session, ts = f"s-guest-{at // 25}", events[at].ts
+    both = make_event(EventType.VIEW, "i2", anonymous_id="guest", user_id="u2", session_id=session, ts=ts, received_at=ts)
+    login = make_event(EventType.IDENTIFY, None, anonymous_id="guest", user_id="u2", session_id=session, ts=ts, received_at=ts)
+    return [*events[:at], both, login, *events[at:]]
+
+
+def _merged_state(client: redis.Redis) -> dict[str, object]:
+    state = _state(client)
+    # The user's devices are scored by Redis' clock at the merge: which devices, not when.
+    return {k: sorted(v) if redis_keys.family_of(k) == "person_devices" else v for k, v in state.items()}  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("crash", ["none", "delivered twice", "after the detach", "after the merge"])
+def test_an_identify_on_a_cluster_merges_as_on_one_redis_exactly_once(
+    redis_server: RedisServer, redis_client: redis.Redis, redis_cluster, cluster_client: redis.Redis, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, crash: str,
+) -> None:  # fmt: skip
+    rng = np.random.default_rng(5)
+    model = _publish_v1(tmp_path, rng)
+    events = _identify_events(rng)
+    # The identify is in the second batch. A batch delivered again after the merge teaches the user's delta
+    # the device's earlier events (their delta markers are not carried), on one Redis too: same deliveries.
+    batches = [events[:40], events[40:80], *([events[40:80]] if crash == "delivered twice" else []), events[80:]]
+    set_categories(redis_client, CATEGORIES)
+    for batch in batches:  # the one-script merge on a single Redis
+        _apply(redis_client, tmp_path, redis_server.url, batch, model)
+    assert redis_client.get(redis_keys.alias("guest")) == b"u2" and not redis_client.exists(redis_keys.person_items("guest"))
+    expected = _merged_state(redis_client)
+
+    set_categories(cluster_client, CATEGORIES)
+    url = redis_cluster.url
+    _apply(cluster_client, tmp_path, url, batches[0], model)
+    if crash.startswith("after"):
+        real_merge = Applier._merge
+
+        def merge_then_die(self, event, user, device, sessions, stash):  # the process dies around the merge
+            if crash == "after the merge":
+                assert real_merge(self, event, user, device, sessions, stash)
+            raise ConnectionError(f"killed {crash}")
+
+        monkeypatch.setattr(Applier, "_merge", merge_then_die)
+        with pytest.raises(ConnectionError):
+            _apply(cluster_client, tmp_path, url, batches[1], model)
+        monkeypatch.undo()
+        login = next(e for e in events if e.event_type is EventType.IDENTIFY)
+        assert cluster_client.exists(redis_keys.identify_stash("guest", login.event_id))  # waits for the retry
+        assert not cluster_client.exists(redis_keys.person_items("guest"), redis_keys.alias("guest"))
+    for batch in batches[1:]:  # an unacknowledged batch comes again, then the stream goes on
+        _apply(cluster_client, tmp_path, url, batch, model)
+    assert _merged_state(cluster_client) == expected
 
 
 def test_reads_of_ids_in_several_slots_work_on_a_cluster(cluster_client: redis.Redis) -> None:

@@ -174,7 +174,9 @@ def session_arms(person_id: str, session_id: str) -> str:
 
 def session_clicked(person_id: str, session_id: str) -> str:
     """String: the served-list record (bandit_served's value) of the session's last clicked list whose
-    purchase reward is still open; the speed layer sets it on the click and takes it on a purchase."""
+    purchase reward is still open; the speed layer sets it on the click and takes it on a purchase. On
+    Redis Cluster instead the bandit_served keys of the lists the session clicked since its last purchase,
+    newest first, one a line (apply_events.lua `claim_rewards`)."""
     return f"{_person(person_id)}:s:{session_id}:clicked"
 
 
@@ -377,8 +379,11 @@ def bandit_counts(experiment: str, version: str) -> str:
 def bandit_served(request_id: str) -> str:
     """String "<counts key>\\n<click field>\\n<purchase field>": where a served list's rewards are counted,
     written by serving in bandit mode with the session TTL; the speed layer takes it on the list's first
-    click (so a list is rewarded once). Names no person; grouped by its request id."""
-    return _in_group("bandit:served", request_id)
+    click (so a list is rewarded once). Names no person. In the bandit's fixed group with the count hash,
+    so on Redis Cluster a reward is one call there (apply_globals.lua); there the first click marks it
+    with the clicking session's token ("\\n<token>") for the session TTL instead of taking it, and the
+    session's purchase takes it."""
+    return f"{_BANDIT_GROUP}:bandit:served:{request_id}"
 
 
 # Stream of served lists in bandit mode (fields: counts key, served field), trimmed to about

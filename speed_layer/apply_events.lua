@@ -33,9 +33,10 @@
 -- (Redis Cluster: a script touches one slot). Then this script applies the person's effects only
 -- (every KEYS of the call is in the person's slot; the declared global ones are not touched) and
 -- returns, per applied event, {mask, plan}: plan the global effects the person's state gave it ('' none;
--- else '+' then, each after a '\0', the session's earlier items it co-visits, nearest first), kept in
--- `plans` beside its marker so a duplicate gets the same plan back (effects.py applies it per group).
--- The bandit's rewards are not counted when split (their count hash is global; not in the plan yet).
+-- else '+' then, each after a '\0', the session's earlier items it co-visits, nearest first; then, for a
+-- purchase that claims the bandit's purchase reward, '\1' and the served records it claims, see
+-- `claim_rewards`), kept in `plans` beside its marker so a duplicate gets the same plan back (effects.py
+-- applies it per group, the rewards in the served records' group).
 -- Returns one reply per event, in order: -1 when a delta's event count moved since the caller read
 -- it (nothing of that event applied; re-read and retry), else a bit mask: 1 version-free effects,
 -- 2 the first version's delta, 4 the second's (0: a duplicate). An event whose effects raised an
@@ -75,6 +76,7 @@ local marks_now, counts, count_dirty, deltas, sessions_now, cats_t0 = {}, {}, {}
 -- Split only: plans set now (plans key -> event id -> plan), each seen key's plans key, and the plan
 -- of the event being applied ({item newly in the session, the items it co-visits}).
 local plans_now, plans_of_seen, plan = {}, {}, nil
+local claims = nil  -- split: the served records the event's purchase claims ('\n'-separated), or nil
 local function add(map, key, member, by)
   local t = map[key]
   if not t then t = {}; map[key] = t end
@@ -249,10 +251,34 @@ local function apply_bandit(k, a)
   end
 end
 
+-- Split: the rewards are counted where the served records are (apply_globals.lua's take and claim), and
+-- which list a purchase rewards is only known there. Here the session keeps (in `clicked`) the records
+-- of the lists it clicked since its last purchase, by first click, newest first, at most 20; a purchase
+-- takes them as its claims.
+local function claim_rewards(k, a)
+  local served_key, clicked_key = ARGV[a + 14], KEYS[k + 14]
+  if ARGV[a + 13] ~= '1' then return end
+  if served_key ~= '' then
+    local clicked = redis.call('GET', clicked_key) or ''
+    if not string.find('\n' .. clicked .. '\n', '\n' .. served_key .. '\n', 1, true) then
+      local kept = {served_key}
+      for key in string.gmatch(clicked, '[^\n]+') do
+        if #kept < 20 then kept[#kept + 1] = key end
+      end
+      clicked = table.concat(kept, '\n')
+    end
+    redis.call('SET', clicked_key, clicked, 'EX', session_ttl)
+  end
+  if ARGV[a + 1] == 'purchase' then
+    claims = redis.call('GET', clicked_key) or nil
+    if claims then redis.call('DEL', clicked_key) end
+  end
+end
+
 local function apply_base_effects(k, a)
   if ARGV[a + 13] == '1' then apply_person_effects(k, a) end
   if ARGV[a + 2] ~= '' and not split then apply_aggregates(k, a) end
-  if not split then apply_bandit(k, a) end
+  if split then claim_rewards(k, a) else apply_bandit(k, a) end
 end
 
 -- The delta count the event was planned on, read once per chunk and then followed here.
@@ -284,7 +310,7 @@ local function apply_event(k, a)
   end
 
   local applied, marked = 0, {}
-  plan = nil
+  plan, claims = nil, nil
   if need_base then
     apply_base_effects(k, a)
     marked[1] = fields[1]
@@ -313,6 +339,7 @@ local function apply_event(k, a)
   if need_base then
     text = ''
     if plan then text = '+' .. (#plan > 0 and '\0' .. table.concat(plan, '\0') or '') end
+    if claims then text = text .. '\1' .. claims end
     if text ~= '' then stored[event_id] = text end
   else  -- applied before (or earlier in this chunk): the plan it was given then
     text = stored[event_id] or redis.call('HGET', plans, event_id) or ''

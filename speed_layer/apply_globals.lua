@@ -10,7 +10,13 @@
 -- op: event is the 1-based index of its event; key the 1-based index among the `key` KEYS; kind one of
 -- zincr (ZINCRBY by value, summed per key and member), zadd (score value; the last one wins),
 -- trim (cut to the value's top members once it holds twice as many), keep (cut to the value's top
--- members), expire (TTL value), expireat (unix time value); member '' where the kind takes none.
+-- members), expire (TTL value), expireat (unix time value), take and claim (the bandit's rewards, in
+-- the order given; key: a served record, redis_keys.bandit_served; member: the session's
+-- neighbours.session_token, '' without personalisation): take is a click on the list (value: the
+-- session TTL): the first counts the click reward and, with a token, marks the record as the session's
+-- for that long (else deletes it); claim is a purchase claiming the list: the event's first claimed
+-- record marked as its session's counts the purchase reward, and every one so marked goes. Both count
+-- in the hash the record names (the record's slot group). member '' where the kind takes none.
 -- Returns per event 1 (applied now) or 0 (its marker was there: a duplicate), then, if some writes
 -- failed (a key of the wrong type), a one-element list saying which (the events are marked applied).
 local n_events, n_ops, dedup_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -34,7 +40,7 @@ for e = 1, n_events do
   end
 end
 
-local zincr, zset, trims, keeps, expire_in, expire_at = {}, {}, {}, {}, {}, {}
+local zincr, zset, trims, keeps, expire_in, expire_at, rewards = {}, {}, {}, {}, {}, {}, {}
 local function member_map(map, key)
   local t = map[key]
   if not t then t = {}; map[key] = t end
@@ -53,6 +59,7 @@ for o = 0, n_ops - 1 do
     elseif kind == 'keep' then keeps[key] = tonumber(value)
     elseif kind == 'expire' then expire_in[key] = value
     elseif kind == 'expireat' then expire_at[key] = value
+    elseif kind == 'take' or kind == 'claim' then rewards[#rewards + 1] = {ARGV[at + 1], kind, key, member, value}
     else error('unknown op kind ' .. kind) end
   end
 end
@@ -80,6 +87,25 @@ for key, keep in pairs(keeps) do write('ZREMRANGEBYRANK', key, 0, -(keep + 1)) e
 for key, keep in pairs(trims) do
   local size = write('ZCARD', key)
   if type(size) == 'number' and size > 2 * keep then write('ZREMRANGEBYRANK', key, 0, -(keep + 1)) end
+end
+-- The rewards, in order (apply_events.lua's apply_bandit is the one-script rule). A record is
+-- "<counts key>\n<click field>\n<purchase field>", then "\n<token>" once taken by a session.
+local rewarded = {}
+for _, r in ipairs(rewards) do
+  local event, kind, key, token = r[1], r[2], r[3], r[4]
+  local record = write('GET', key)
+  local counts, click, purchase, taker
+  if type(record) == 'string' then
+    counts, click, purchase, taker = string.match(record, '^([^\n]*)\n([^\n]*)\n([^\n]*)\n?(.*)$')
+  end
+  if counts and kind == 'take' and taker == '' then
+    write('HINCRBY', counts, click, 1)
+    if token ~= '' then write('SET', key, record .. '\n' .. token, 'EX', r[5]) else write('DEL', key) end
+  elseif counts and kind == 'claim' and taker ~= '' and taker == token then
+    if not rewarded[event] then write('HINCRBY', counts, purchase, 1) end
+    rewarded[event] = true
+    write('DEL', key)
+  end
 end
 for key, ttl in pairs(expire_in) do write('EXPIRE', key, ttl) end
 for key, at in pairs(expire_at) do write('EXPIREAT', key, at) end

@@ -185,6 +185,7 @@ class EventGlobals:
     bestsellers_key: str
     bestseller_increment: float  # 0: none
     token: str  # the session's neighbour token ('' without personalisation)
+    served: str  # the served list's record the event names (redis_keys.bandit_served), '' none
 
 
 @dataclass(eq=False)
@@ -463,7 +464,8 @@ class Applier:
     def _apply_globals(self, sent: _Sent, planned: Sequence[tuple[int, str]]) -> set[int]:
         """Apply the global effects of the events `planned` ((position, plan)), one apply_globals.lua call
         per slot group, pipelined; returns the positions applied now in at least one group."""
-        calls = _group_calls([(j, sent.globals[j], plan) for j, plan in planned if j in sent.globals], self.speed)
+        # In the batch's order: the first click on a served list takes its reward.
+        calls = _group_calls([(j, sent.globals[j], plan) for j, plan in sorted(planned) if j in sent.globals], self.speed)
         for attempt in range(2):
             for keys, args, _ in calls:
                 APPLY_GLOBALS.check(keys, args)
@@ -831,14 +833,14 @@ class _Planner:
         best_key, covis_key = redis_keys.category_bestsellers(category or "-"), self._covis_key(item or "-")
         trend_expireat = trend_expire if trend_expire > self.now else 0
         pop_expireat = pop_expire if pop_expire > self.now else 0
+        served = self._served_key(event.rec_request_id)
         if self.split:
-            if item:
+            if item or served:
                 self.globals[j] = EventGlobals(
                     event.event_id, item, repr(ts), weight, trend_key, trend_expireat, pop_key, pop_expireat,
-                    best_key, best, token,
+                    best_key, best, token, served,
                 )  # fmt: skip
             # The person's script touches its person's slot only: the global KEYS name its marker key.
-            # The bandit's rewards are not counted here yet (README, Redis Cluster): no served record.
             trend_key = pop_key = best_key = covis_key = seen
         keys += _EVENT_KEYS(
             seen=seen, recent=recent, cats=cats, cart=cart, counts=counts, sessions=sessions,
@@ -852,7 +854,7 @@ class _Planner:
             trend_expireat=trend_expireat, popularity_expireat=pop_expireat,
             bestseller_increment=repr(best), event_id=event.event_id, session_token=token,
             personal=1 if personal else 0,
-            served=self._served_key(event.rec_request_id),
+            served=served,
             per_version=version_args,
         )  # fmt: skip
 
@@ -888,8 +890,7 @@ class _Planner:
         return found
 
     def _served_key(self, rec_request_id: str | None) -> str:
-        # Split: the served record and the count hash are global keys the person's script may not touch.
-        return redis_keys.bandit_served(rec_request_id) if rec_request_id and not self.split else ""
+        return redis_keys.bandit_served(rec_request_id) if rec_request_id else ""
 
     def _plans_key(self, person: str) -> str:
         return redis_keys.global_plans(person)
@@ -909,22 +910,27 @@ class _Planner:
 
 def _global_ops(effects: EventGlobals, plan: str, speed: SpeedSettings) -> list[tuple[str, str, str, object]]:
     """(kind, key, member, value) of an event's global effects (apply_globals.lua's kinds), as
-    apply_events.lua applies them on one Redis: its aggregates, then what its plan (`+` and the
+    apply_events.lua applies them on one Redis: its aggregates, the bandit's rewards (a click on the
+    list it names, then the lists its plan claims after a '\1'), then what its plan (`+` and the
     session's earlier items, nearest first) adds: co-visits and the session-kNN index."""
     item, weight = effects.item, effects.weight
+    entered, _, claims = plan.partition("\1")
     ops: list[tuple[str, str, str, object]] = []
-    if weight > 0 and effects.trend_expireat > 0:
+    if item and weight > 0 and effects.trend_expireat > 0:
         ops += [("zincr", effects.trend_key, item, repr(weight)), ("expireat", effects.trend_key, "", effects.trend_expireat)]
-    if effects.popularity_expireat > 0:
+    if item and effects.popularity_expireat > 0:
         ops += [("zincr", effects.popularity_key, item, 1), ("expireat", effects.popularity_key, "", effects.popularity_expireat)]
-    if effects.bestseller_increment > 0:
+    if item and effects.bestseller_increment > 0:
         ops += [
             ("zincr", effects.bestsellers_key, item, repr(effects.bestseller_increment)),
             ("trim", effects.bestsellers_key, "", speed.bestsellers_top_n),
         ]
-    if not plan.startswith("+"):
+    if effects.served:
+        ops.append(("take", effects.served, effects.token, speed.session_ttl_s))
+    ops += [("claim", served, effects.token, "") for served in claims.split("\n") if served]
+    if not entered.startswith("+"):
         return ops
-    for gap, other in enumerate(plan.split("\0")[1:], start=1):
+    for gap, other in enumerate(entered.split("\0")[1:], start=1):
         covis = redis_keys.covisitation(other)
         ops += [("zincr", covis, item, repr(1 / gap)), ("trim", covis, "", speed.covis_top_n)]
     if speed.neighbour_sessions_per_item > 0:

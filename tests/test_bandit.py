@@ -23,7 +23,6 @@ from common.events import Consent, Event, EventType
 from common.redis_server import LocalRedisCluster, RedisServer
 from common.registry import Registry
 from common.settings import ExperimentSettings, Settings
-from common.speed_state import read_speed_state
 from evaluation.bandit import ReplayBandit
 from serving.core.erasure import erase_person
 from serving.core.experiments import Bandit
@@ -348,21 +347,49 @@ def test_a_click_without_personalisation_consent_counts_but_keeps_nothing_of_the
 # ---------------------------------------------------------------- Redis Cluster
 
 
-def test_on_a_cluster_clicks_on_served_lists_are_applied_and_lists_counted_but_not_rewarded(
-    redis_cluster: LocalRedisCluster, cluster_client: redis.Redis, tmp_path: Path
-) -> None:
-    # The split path leaves the rewards out (README, Redis Cluster); the events and impressions go through.
-    settings = speed_settings(tmp_path, redis_cluster.url).model_copy(update={"experiments": experiment()})
+def _rewarded(client: redis.Redis, url: str, tmp_path: Path) -> bandit.Counts:
+    """Lists served, the clicks and purchases of six sessions that reward them or not (every event
+    delivered twice), counted by the speed consumer."""
+    settings = speed_settings(tmp_path, url).model_copy(update={"experiments": experiment()})
     serving = Bandit(settings.experiments, settings.speed.session_ttl_s, seed=1)
-    request_ids = [uuid.uuid4().hex for _ in range(3)]
-    for request_id in request_ids:
-        serving.record(cluster_client, request_id, "home", "ranker")
-    add_events(cluster_client, settings, [click(f"p{j}", f"s{j}", rid) for j, rid in enumerate(request_ids)])
-    drain(consumer(cluster_client, settings, "c1"))
+    lists = {name: uuid.uuid4().hex for name in "abcde"}
+    for name, arm in zip("abcde", ["ranker", "popular", "als_only", "ranker", "popular"], strict=True):
+        serving.record(client, lists[name], "home", arm)
 
-    for j in range(len(request_ids)):
-        assert read_speed_state(cluster_client, f"p{j}", session_id=f"s{j}").session_counts == {"click": 1}
-    counts = stored_counts(cluster_client, settings)
-    assert counts.get("home", "ranker", bandit.SERVED) == len(request_ids)
-    assert counts.get("home", "ranker", "click") == 0
-    assert all(cluster_client.exists(redis_keys.bandit_served(rid)) for rid in request_ids)  # left untaken
+    def buy(person: str, session: str, **extra: Any) -> Event:
+        return make_event(EventType.PURCHASE, "i2", anonymous_id=person, session_id=session, quantity=1, **extra)
+
+    events = [
+        click("p1", "s1", lists["a"]),  # takes a
+        click("p1", "s1", lists["a"]),  # a second click on a earns nothing
+        click("p1", "s1", lists["b"]),  # takes b: the session's list awaiting a purchase
+        click("p2", "s2", lists["b"]),  # b is taken: nothing
+        click("p6", "s6", lists["e"]),  # takes e (never bought)
+        click("p2", "s2", lists["e"]),  # e is taken, after p2's first event: the batch's order decides
+        buy("p2", "s2"),  # p2 took no list: nothing
+        buy("p1", "s1"),  # rewards b, the last list p1 took
+        buy("p1", "s1"),  # nothing is left to reward
+        click("p3", "s3", lists["c"], consent=Consent.ANALYTICS),  # counts, keeps nothing for a purchase
+        buy("p3", "s3", consent=Consent.ANALYTICS),
+        click("p4", "s4", lists["d"]),
+        click("p4", "s4", "not-served"),  # took nothing, so it does not hide d from the purchase
+        buy("p4", "s4"),  # rewards d
+        buy("p5", "s5"),  # no click
+    ]
+    speed = consumer(client, settings, "c1")
+    for _ in range(2):
+        add_events(client, settings, events)
+        drain(speed)
+    return stored_counts(client, settings)
+
+
+def test_on_a_cluster_the_rewards_are_counted_once_as_on_one_redis(
+    redis_server: RedisServer, redis_client: redis.Redis, redis_cluster: LocalRedisCluster,
+    cluster_client: redis.Redis, tmp_path: Path,
+) -> None:  # fmt: skip
+    single = _rewarded(redis_client, redis_server.url, tmp_path)
+    cluster = _rewarded(cluster_client, redis_cluster.url, tmp_path)
+    assert cluster.raw == single.raw
+    assert single.get("home", "ranker", "click") == 2 and single.get("home", "ranker", "purchase") == 1  # a, d
+    assert single.get("home", "popular", "click") == 2 and single.get("home", "popular", "purchase") == 1  # b, e
+    assert single.get("home", "als_only", "click") == 1 and single.get("home", "als_only", "purchase") == 0  # c

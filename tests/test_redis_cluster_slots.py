@@ -208,7 +208,6 @@ GROUPED: dict[str, Callable[[str], str]] = {
     "item_state": redis_keys.item_state,
     "category_bestsellers": redis_keys.category_bestsellers,
     "neighbour_sessions": redis_keys.neighbour_session,
-    "bandit_served": redis_keys.bandit_served,
     "popularity_days": lambda day: redis_keys.popularity_day(int(day) if day.isdigit() else 20000),
 }
 # Keys used together: one group each.
@@ -218,8 +217,9 @@ TOGETHER = {
     "item flags": [redis_keys.OUT_OF_STOCK, redis_keys.PROMOTED],
     "bookkeeping": [redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION, redis_keys.SPEED_HEARTBEAT]
     + [redis_keys.speed_rebuild_lock("v1"), redis_keys.speed_rebuild_marker("v2")],
-    # count_impressions.lua acknowledges a stream entry and counts it in the experiment's hash in one call.
-    "bandit": [redis_keys.BANDIT_IMPRESSIONS]
+    # count_impressions.lua acknowledges a stream entry and counts it in the experiment's hash in one call;
+    # apply_globals.lua counts a served list's reward in the hash its record names.
+    "bandit": [redis_keys.BANDIT_IMPRESSIONS, redis_keys.bandit_served("r1"), redis_keys.bandit_served("{x}")]
     + [redis_keys.bandit_counts(experiment, version) for experiment in ("home", "pdp") for version in ("a1", "b2")],
 }
 
@@ -247,7 +247,7 @@ def test_every_grouped_family_is_checked_and_the_groups_spread():
     tagged = {f.name for f in redis_keys.FAMILIES if any(p.startswith(f"{redis_keys.PREFIX}:{{g:") for p in f.patterns)}
     assert tagged == set(GROUPED) | {
         "group_seen", "trending_top", "trending_buckets", "speed_bookkeeping", "bandit_impressions", "bandit_counts",
-        "drift_sample",
+        "bandit_served", "drift_sample",
     }
     groups = {redis_keys.slot_group(f"i{j}") for j in range(1000)}
     assert groups == set(range(redis_keys.SLOT_GROUPS))

@@ -3,7 +3,8 @@
 Serving appends a served list in bandit mode to redis_keys.BANDIT_IMPRESSIONS; every consumer drains
 that stream in its housekeeping, as one consumer group (redis_keys.BANDIT_GROUP). The rewards (a click
 on a served list, a purchase after it in the session) are counted by the event script with the
-event's own dedup marker (apply_events.lua, `apply_bandit`).
+event's own dedup marker (apply_events.lua, `apply_bandit`); on Redis Cluster by apply_globals.lua in
+the bandit's group, under that group's marker of the event (effects.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 -- Identify on Redis Cluster, the merge's first step (speed_layer/effects.py): detach, in the device's
 -- own slot, the device's keys that merge_identity.lua then merges into the user's in the user's slot.
 -- Each existing key is kept as its DUMP payload in `stash` under its part name, and deleted, but for
--- the first `kept` parts (the device's markers: until the alias is set, a retry of the device's events
--- must still find them here; the last step deletes them). The stash is the step's marker: a retry gets
+-- the first `kept` parts (the device's markers and plans: until the alias is set, a retry of the
+-- device's events must still find them here; the last step deletes them). The stash is the step's marker: a retry gets
 -- the same payloads back, whatever the device holds by then.
 --
 -- KEYS: stash part*parts

@@ -62,11 +62,13 @@ NO_SESSION = "_"  # session id of events sent without one
 # first (its dedup marker), so no key of the person is named.
 _UNLINKED_PERSON_KEYS = [redis_keys.SEEN_UNLINKED] * 8
 # The device's keys an identify merges into the user's, by part name (detach_device.lua stashes them
-# under it): the person's, then each session's as "<part>:<session>".
+# under it): the person's, then each session's as "<part>:<session>". The first _KEPT stay with the
+# device until the alias is set (`Applier._merge_in_steps`).
 _PERSON_PARTS = {
-    "seen": redis_keys.seen_events, "sessions": redis_keys.person_sessions, "items": redis_keys.person_items,
-    "purchases": redis_keys.person_purchases,
+    "seen": redis_keys.seen_events, "plans": redis_keys.global_plans, "sessions": redis_keys.person_sessions,
+    "items": redis_keys.person_items, "purchases": redis_keys.person_purchases,
 }  # fmt: skip
+_KEPT = 2
 _SESSION_PARTS = {
     "recent": redis_keys.session_recent, "cats": redis_keys.session_categories, "cart": redis_keys.session_cart,
     "counts": redis_keys.session_counts,
@@ -615,10 +617,11 @@ class Applier:
     def _merge_in_steps(self, event: Event, user: str, device: str) -> bool:
         """The merge where a script touches one slot (Redis Cluster), in steps that each apply once:
         detach_device.lua stashes the device's keys in its slot (the stash is its marker) and deletes them
-        but its markers; merge_identity.lua restores them in the user's slot and merges them under the
-        identify's marker there, carrying the markers; then the alias is set (a plain SET, its own slot)
-        and the device's markers and the stash go. Until the alias, the device's events resolve to the
-        device, whose markers answer their retries; after it, to the user, who has them. A crash between
+        but its markers and plans; merge_identity.lua restores them in the user's slot and merges them
+        under the identify's marker there, carrying the markers and plans; then the alias is set (a plain
+        SET, its own slot) and the device's markers, plans and stash go. Until the alias, the device's
+        events resolve to the device, whose markers and plans answer their retries; after it, to the
+        user, who has them. A crash between
         the steps leaves the identify unacknowledged; its retry finds the stash (the same state) or the
         user's marker and finishes the rest, so nothing is merged twice or lost. Meanwhile the device's
         state is in neither person's keys, and an event naming the device alone (no user id) applied by
@@ -632,15 +635,15 @@ class Applier:
         elif not self.client.exists(stash_key):
             return False  # merged and finished before
         self.client.set(redis_keys.alias(device), user, ex=self.speed.history_ttl_s)
-        self.client.delete(redis_keys.seen_events(device), stash_key)
+        self.client.delete(*[_device_key(device, part) for part in list(_PERSON_PARTS)[:_KEPT]], stash_key)
         return merged
 
     def _detach(self, device: str, stash_key: str) -> dict[str, bytes]:
         """detach_device.lua: the device's parts (part name -> DUMP payload) that exist."""
         stored_sessions = cast(list[bytes], self.client.zrange(redis_keys.person_sessions(device), 0, -1))
-        parts = _device_parts([s.decode() for s in stored_sessions])  # the markers ("seen") first
+        parts = _device_parts([s.decode() for s in stored_sessions])
         keys = DETACH_DEVICE.keys.pack(stash=stash_key, part=[_device_key(device, p) for p in parts])
-        args = DETACH_DEVICE.argv.pack(stash_ttl=self.speed.dedup_ttl_s, parts=len(parts), kept=1, name=parts)
+        args = DETACH_DEVICE.argv.pack(stash_ttl=self.speed.dedup_ttl_s, parts=len(parts), kept=_KEPT, name=parts)
         DETACH_DEVICE.check(keys, args)
         reply = cast(list[bytes], self.detach_script(keys=keys, args=args))
         stash = {name.decode(): payload for name, payload in zip(reply[::2], reply[1::2], strict=True)}
@@ -678,6 +681,8 @@ class Applier:
             purchases_device=device_key("purchases"),
             purchases_user=redis_keys.person_purchases(user),
             devices_user=redis_keys.person_devices(user),
+            plans_device=device_key("plans"),
+            plans_user=redis_keys.global_plans(user),
             session=session_keys,
         )
         position = {key: i + 1 for i, key in enumerate(keys)}

@@ -1,7 +1,7 @@
 -- Identify: move an anonymous device's state into the user's, and alias the device to the user.
 --
 -- KEYS: seen_user seen_device alias_device sessions_device sessions_user items_device items_user
---       purchases_device purchases_user devices_user session*sessions
+--       purchases_device purchases_user devices_user plans_device plans_user session*sessions
 -- KEYS session: recent_device cats_device cart_device counts_device recent_user cats_user cart_user
 --       counts_user
 -- ARGV: user_id history_ttl session_ttl dedup_ttl affinity_half_life identify_mark anonymous_id set_alias
@@ -10,7 +10,7 @@
 --
 -- One `session` block per session of the device; identify_mark is the identify event's marker field.
 -- On one Redis the device's KEYS are its own keys, set_alias is 1 and there are no restores. On Redis
--- Cluster a script touches one slot, so the merge is the second of two steps (speed_layer/effects.py):
+-- Cluster a script touches one slot, so the merge is a step of several (speed_layer/effects.py):
 -- detach_device.lua took the device's keys as DUMP payloads in its slot; here each `restore` puts one
 -- back (key: the 1-based index of a device KEYS, named in the user's slot by redis_keys.identify_scratch)
 -- to be merged and deleted as on one Redis; set_alias is 0 (the caller set the alias, a key of its own
@@ -78,6 +78,12 @@ local function carry_marks(from, into)
 end
 
 carry_marks(KEYS[2], KEYS[1])
+-- The plans kept beside the markers (Redis Cluster's split path; none on one Redis) go with them: a
+-- retry of a device event whose group calls did not all run gets its plan back from the user's.
+local plans = redis.call('HGETALL', KEYS[11])
+for i = 1, #plans, 2 do redis.call('HSETNX', KEYS[12], plans[i], plans[i + 1]) end
+if #plans > 0 then redis.call('EXPIRE', KEYS[12], dedup_ttl) end
+redis.call('DEL', KEYS[11])
 union_max(KEYS[4], KEYS[5], session_ttl)
 add_hash(KEYS[6], KEYS[7], history_ttl)
 union_max(KEYS[8], KEYS[9], history_ttl)

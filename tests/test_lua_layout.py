@@ -57,7 +57,7 @@ def test_sizes_come_from_the_declaration() -> None:
     # The speed scripts' constants, as the Lua reads them.
     assert APPLY_EVENTS.argv.lua_sizes() == {"ARGV_HEAD": 26, "ARGV_EVENT": 14, "ARGV_PER_VERSION": 2}
     assert APPLY_EVENTS.keys.size({"event_count": 2, "n_versions": 1}) == 2 * (14 + 2)
-    assert MERGE_IDENTITY.keys.lua_sizes() == {"KEYS_HEAD": 10, "KEYS_SESSION": 8}
+    assert MERGE_IDENTITY.keys.lua_sizes() == {"KEYS_HEAD": 12, "KEYS_SESSION": 8}
 
 
 def test_a_call_is_checked_against_the_counts_it_carries() -> None:

@@ -276,6 +276,27 @@ def test_an_identify_on_a_cluster_merges_as_on_one_redis_exactly_once(
     assert _merged_state(cluster_client) == expected
 
 
+def test_a_device_event_retried_after_its_identify_gets_its_plan_from_the_user(
+    redis_cluster, cluster_client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The device's events died between their person call and their group calls; the identify came first.
+    settings = speed_settings(tmp_path, redis_cluster.url)
+    browse = [make_event(EventType.VIEW, item, anonymous_id="dev", session_id="s1") for item in ("i1", "i2")]
+    login = make_event(EventType.IDENTIFY, None, anonymous_id="dev", user_id="u9", session_id="s1")
+
+    def die(planned, speed):
+        raise ConnectionError("killed between the calls")
+
+    monkeypatch.setattr(effects, "_group_calls", die)
+    with pytest.raises(ConnectionError):
+        Applier(cluster_client, settings).apply(browse, [])
+    monkeypatch.undo()
+    assert Applier(cluster_client, settings).apply([login], []).applied == 1
+    retried = Applier(cluster_client, settings).apply(browse, [])  # now the user's, and duplicates there
+    assert retried.duplicates == 2
+    assert cluster_client.zscore(redis_keys.covisitation("i1"), "i2") == 1.0  # the carried plan's co-visit
+
+
 def test_reads_of_ids_in_several_slots_work_on_a_cluster(cluster_client: redis.Redis) -> None:
     # Tombstones and aliases of many ids live in many slots: read per node, not as one MGET.
     ids = [f"person-{j}" for j in range(20)]

@@ -37,6 +37,7 @@ from redis.exceptions import NoScriptError
 from common import consent, redis_keys
 from common.events import ATTENTION_EVENTS, BESTSELLER_EVENTS, Consent, Event, EventType
 from common.features import DAY_S, POP_DAYS, day_index, implicit_weight
+from common.lua import Script
 from common.model import ModelArtifacts
 from common.neighbours import session_token
 from common.redis_server import is_cluster
@@ -240,7 +241,8 @@ class Applier:
         redis_settings = settings.redis
         # The script calls; on a cluster a batch's writes count once on the replicas (failover-safe).
         self.lane = lane_for(client, redis_settings.cluster_replica_acks, redis_settings.cluster_replica_timeout_ms)
-        # Split: the groups' calls, sent and read at once (the script lane may hold later batches' calls).
+        # Split: the groups' calls and an identify's steps, sent and read at once (the script lane may
+        # hold later batches' calls).
         self.globals_lane = lane_for(client, redis_settings.cluster_replica_acks, redis_settings.cluster_replica_timeout_ms)
         self.reads = lane_for(client)  # reads sent ahead, taken in order by `start`
         self.reads_now = lane_for(client)  # reads taken at once (retries, `apply`)
@@ -263,7 +265,6 @@ class Applier:
             nb_item_middle=nb_item[1], nb_item_suffix=nb_item[2], n_groups=redis_keys.SLOT_GROUPS,
         )  # fmt: skip
         self.merge_script = client.register_script(MERGE_IDENTITY.source)
-        self.detach_script = client.register_script(DETACH_DEVICE.source)
 
     # ------------------------------------------------------------ batches
 
@@ -634,9 +635,26 @@ class Applier:
             merged = self._merge(event, user, device, sessions, stash)
         elif not self.client.exists(stash_key):
             return False  # merged and finished before
-        self.client.set(redis_keys.alias(device), user, ex=self.speed.history_ttl_s)
-        self.client.delete(*[_device_key(device, part) for part in list(_PERSON_PARTS)[:_KEPT]], stash_key)
+        self._write_now("SET", redis_keys.alias(device), user, "EX", self.speed.history_ttl_s)
+        self._write_now("DEL", *[_device_key(device, part) for part in list(_PERSON_PARTS)[:_KEPT]], stash_key)
         return merged
+
+    def _write_now(self, *call: str | bytes | int) -> Any:
+        """A step of the merge in steps: on a cluster it counts once its master's replicas have it (as the
+        batches' scripts do), so a failover after the identify is acknowledged loses none of it."""
+        self.globals_lane.send(*call)
+        reply = self.globals_lane.read(1)[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def _script_now(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """A script step of the merge in steps (`_write_now`); a node that lacks the script loads it."""
+        try:
+            return self._write_now("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.client.script_load(script.source)
+            return self._write_now("EVALSHA", script.sha, len(keys), *keys, *args)
 
     def _detach(self, device: str, stash_key: str) -> dict[str, bytes]:
         """detach_device.lua: the device's parts (part name -> DUMP payload) that exist."""
@@ -645,7 +663,7 @@ class Applier:
         keys = DETACH_DEVICE.keys.pack(stash=stash_key, part=[_device_key(device, p) for p in parts])
         args = DETACH_DEVICE.argv.pack(stash_ttl=self.speed.dedup_ttl_s, parts=len(parts), kept=_KEPT, name=parts)
         DETACH_DEVICE.check(keys, args)
-        reply = cast(list[bytes], self.detach_script(keys=keys, args=args))
+        reply = cast(list[bytes], self._script_now(DETACH_DEVICE, keys, args))
         stash = {name.decode(): payload for name, payload in zip(reply[::2], reply[1::2], strict=True)}
         stash.pop("", None)
         return stash
@@ -701,6 +719,8 @@ class Applier:
             restore=restores,
         )
         MERGE_IDENTITY.check(keys, args, sessions=len(sessions))
+        if split:
+            return bool(self._script_now(MERGE_IDENTITY, keys, args))
         return bool(self.merge_script(keys=keys, args=args))
 
 

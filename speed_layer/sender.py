@@ -106,8 +106,8 @@ class ClusterLane:
                         pipe.execute_command("GET", key)
                 else:
                     pipe.execute_command(*call)
-                    if call[0] == "EVALSHA" and self.replicas:
-                        node = self.client.get_node_from_key(call[3])  # type: ignore[attr-defined]
+                    if call[0] in _WRITTEN_KEY_AT and self.replicas:
+                        node = self.client.get_node_from_key(call[_WRITTEN_KEY_AT[call[0]]])  # type: ignore[attr-defined]
                         written[node.name] = node
             for node in written.values():  # last on the node's connection: waits for the writes before it
                 pipe.execute_command("WAIT", self.replicas, self.timeout_ms, target_nodes=node)
@@ -134,6 +134,10 @@ class ClusterLane:
         self.calls.clear()
         self.replies.clear()
         self.unread = 0
+
+
+# The writes whose masters a lane waits for, and where each names its (first) key.
+_WRITTEN_KEY_AT = {"EVALSHA": 3, "SET": 1, "DEL": 1}
 
 
 def lane_for(client: redis.Redis, replicas: int = 0, timeout_ms: int = 1000) -> Lane | ClusterLane:

@@ -268,7 +268,7 @@ class LocalRedisCluster:
         """Start every node, then join them (once: a cluster whose nodes know each other stays formed)."""
         for node in self.nodes:
             node.start()
-        if not self.is_ok():
+        if not self.is_formed():
             binary = shutil.which("redis-cli")
             if binary is None:
                 raise RedisServerError("redis-cli is not installed (Debian: apt-get install redis-tools)")
@@ -278,6 +278,18 @@ class LocalRedisCluster:
                 check=True, stdout=subprocess.DEVNULL, timeout=timeout_s,
             )  # fmt: skip
         self.wait_ok(timeout_s)
+
+    def is_formed(self) -> bool:
+        """Every node knows who serves each slot: joined before (nodes.conf, kept when a node restarts), so
+        the nodes find each other again by themselves, where another `--cluster create` would fail."""
+        try:
+            for node in self.nodes:
+                info = node.client(socket_timeout=1, decode_responses=True).execute_command("CLUSTER", "INFO")
+                if "cluster_slots_assigned:16384" not in (info if isinstance(info, str) else str(info)):
+                    return False
+        except redis.RedisError:
+            return False
+        return True
 
     def is_ok(self) -> bool:
         """Every node answers, sees cluster_state:ok and all slots served, and every replica is linked."""

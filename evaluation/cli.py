@@ -62,6 +62,13 @@ def replay(
         bool,
         typer.Option(help="Give items without a batch vector their content vector (settings.models.content_vectors)."),
     ] = True,
+    redis_cluster: Annotated[
+        bool,
+        typer.Option(
+            help="Replay each window on a Redis Cluster of its own (3 masters and 3 replicas on loopback, as "
+            "`recs cluster up --redis-cluster` starts) instead of one redis-server."
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
     ] = False,
@@ -91,6 +98,7 @@ def replay(
     config = ReplayConfig(
         lake=str(lake.resolve()), test_days=test_days, strategies=names, engine=engine, seed=seed,
         warmup_days=warmup_days, max_sessions=max_sessions, protocol=Protocol(repeats=repeats), workers=workers,
+        redis_cluster=redis_cluster,
     )  # fmt: skip
     say = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
     with tempfile.TemporaryDirectory(prefix="recs-replay-") as scratch:

@@ -25,7 +25,6 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import redis
 
 from common import events as event_contract
 from common import redis_keys
@@ -35,7 +34,14 @@ from common.events import Event, table_to_events
 from common.features import POP_DAYS
 from common.lake import Lake
 from common.model import load_model
-from common.redis_server import RedisServer, free_port
+from common.redis_server import (
+    LocalRedisCluster,
+    RedisServer,
+    connect,
+    free_cluster_port,
+    free_port,
+    is_cluster,
+)
 from common.registry import Registry
 from common.settings import Settings
 from common.stream import append_events
@@ -76,7 +82,7 @@ log = logging.getLogger(__name__)
 
 DAY_S = 86_400.0
 WEEK_S = 7 * DAY_S
-SPEED_DB, EMPTY_DB = 0, 1  # the speed layer's state; an always-empty database for batch-only serving
+SPEED_DB, EMPTY_DB = 0, 1  # on one redis-server: the speed layer's state; an always-empty database for batch-only serving
 REDIS_TIMEOUT_S = 30.0  # a loaded machine must slow the replay down, never degrade a served list
 CONTEXT = "home"  # the list that follows the session (storefront shelf), not a product page
 
@@ -93,6 +99,7 @@ class ReplayConfig:
     max_sessions: int | None = None  # score a seeded sample of test sessions (every event is still replayed)
     chunk_span_s: float = 60.0  # events of other people within this much event time share a speed batch
     workers: int = 1  # processes; each replays the whole window for its share of the strategies
+    redis_cluster: bool = False  # each window on a Redis Cluster of its own (3 masters, 3 replicas)
     protocol: Protocol = field(default_factory=Protocol)
 
 
@@ -171,6 +178,7 @@ def run_replay(
         "seed": config.seed,
         "k": config.k,
         "content_vectors": settings.models.content_vectors,
+        "redis_masters": results[0]["redis_masters"] if results else 0,
         "protocol": test.counts,
         "repeats_scored": config.protocol.repeats,
         "events_replayed": results[0]["events_replayed"] if results else 0,
@@ -239,11 +247,10 @@ def replay_window(job: WindowJob) -> dict[str, Any]:
         strategies = [STRATEGIES[name] for name in (*served, *(a for a in arms if a not in served))]
         learner = ReplayBandit(arms, config.k, seed=config.seed) if arms else None
         registry = Registry(job.settings.models.root)
-        server = RedisServer(data_dir=job.work_dir / "redis", port=free_port(), persist=False)
-        server.start()
-        try:
+        batch_only = any(not strategy.speed for strategy in strategies)
+        with window_stores(job.work_dir / "redis", config.redis_cluster, batch_only) as (speed_url, empty_url):
             replayer = Replayer(
-                job.settings, server.url, registry, job.version, strategies, config, job.work_dir, learner
+                job.settings, speed_url, empty_url, registry, job.version, strategies, config, job.work_dir, learner
             )
             servable = replayer.load_catalog(lake, job.cutoff.timestamp(), job.end.timestamp(), job.offset_s)
             servable |= set(load_model(registry, job.version).item_ids)
@@ -251,9 +258,8 @@ def replay_window(job: WindowJob) -> dict[str, Any]:
             replayer.warm_up(history[:split])
             replayer.replay(history[split:], job.test, boards)
             serve_ms = replayer.serve_ms()
+            masters = len(replayer.client.get_primaries()) if is_cluster(replayer.client) else 1  # type: ignore[attr-defined]
             replayer.close()
-        finally:
-            server.stop()
     return {
         "strategies": {
             name: {**board.summary(), "serve_ms": serve_ms[name]}
@@ -264,7 +270,35 @@ def replay_window(job: WindowJob) -> dict[str, Any]:
         "ranks": {name: board.ranks for name, board in boards.items()},
         "events_replayed": len(history) - window,
         "warmup_events": window,
+        "redis_masters": masters,  # the speed layer's Redis: 1, or the Redis Cluster's masters
     }
+
+
+@contextmanager
+def window_stores(data_dir: Path, cluster: bool, batch_only: bool) -> Iterator[tuple[str, str]]:
+    """(speed URL, empty URL) of a window's private Redis, stopped on exit: the speed layer's state, and
+    an always-empty store for the batch-only strategies. One redis-server holds both as two databases.
+    A Redis Cluster has database 0 only, so there the speed layer gets a cluster as `recs cluster up
+    --redis-cluster` starts it and the empty store is a second one of 3 masters, started only when a
+    batch-only strategy is replayed (else the empty URL is the speed one's, and nothing reads it)."""
+    if not cluster:
+        server = RedisServer(data_dir=data_dir, port=free_port(), persist=False)
+        server.start()
+        try:
+            yield _db(server.url, SPEED_DB), _db(server.url, EMPTY_DB)
+        finally:
+            server.stop()
+        return
+    clusters = [LocalRedisCluster(data_dir / "speed", tuple(free_cluster_port() for _ in range(6)))]
+    if batch_only:
+        clusters.append(LocalRedisCluster(data_dir / "empty", tuple(free_cluster_port() for _ in range(3)), replicas=0))
+    try:
+        for store in clusters:
+            store.start()
+        yield clusters[0].url, clusters[-1].url
+    finally:
+        for store in clusters:
+            store.stop()
 
 
 def _first_at(events: Sequence[Event], moment_s: float) -> int:
@@ -479,12 +513,14 @@ def _identity(event: Event) -> set[tuple[str, str]]:
 
 
 class Replayer:
-    """One Redis, one in-process speed consumer, one serving state per strategy; events applied in order."""
+    """One Redis, one in-process speed consumer, one serving state per strategy; events applied in order.
+    `speed_url` holds the speed layer's state; batch-only strategies read the always-empty `empty_url`."""
 
     def __init__(
         self,
         settings: Settings,
-        redis_url: str,
+        speed_url: str,
+        empty_url: str,
         registry: Registry,
         version: str,
         strategies: Sequence[Strategy],
@@ -492,17 +528,15 @@ class Replayer:
         work_dir: Path,
         bandit: ReplayBandit | None = None,
     ) -> None:
-        self.settings = settings.model_copy(
-            update={"redis": settings.redis.model_copy(update={"url": _db(redis_url, SPEED_DB)})}
-        )
-        self.redis_url = redis_url
+        self.settings = settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": speed_url})})
+        self.urls = {True: speed_url, False: empty_url}  # by Strategy.speed
         self.registry = registry
         self.version = version
         self.strategies = list(strategies)
         self.boards: dict[str, Scoreboard] = {}
         self.config = config
         self.work_dir = work_dir
-        self.client = redis.Redis.from_url(_db(redis_url, SPEED_DB), socket_timeout=REDIS_TIMEOUT_S)
+        self.client = connect(speed_url, timeout_s=REDIS_TIMEOUT_S)
         self.stream_key = redis_keys.stream(self.settings.redis.stream)
         self.consumer: SpeedConsumer | None = None
         if any(s.speed for s in self.strategies):
@@ -548,9 +582,9 @@ class Replayer:
         self.catalog, self.models = catalog, models
         plain_rules = write_plain_rules(self.settings.api.rules_file, self.work_dir / "rules-plain.yaml")
         for strategy in self.strategies:
-            url = _db(self.redis_url, SPEED_DB if strategy.speed else EMPTY_DB)
             self.states[strategy.name] = _serving_state(
-                strategy_settings(self.settings, strategy, plain_rules, url), self.registry, catalog, models,
+                strategy_settings(self.settings, strategy, plain_rules, self.urls[strategy.speed]), self.registry,
+                catalog, models,
                 self.work_dir / "impressions",
             )  # fmt: skip
         return set(items)
@@ -686,7 +720,7 @@ def _serving_state(
         rules=load_rules(settings.api.rules_file),
         catalog=catalog,
         models=models,
-        redis=RedisGate(redis.Redis.from_url(settings.redis.effective_url, socket_timeout=REDIS_TIMEOUT_S)),
+        redis=RedisGate(connect(settings.redis.effective_url, timeout_s=REDIS_TIMEOUT_S)),
         impressions=ImpressionLogger(lake),
     )
 

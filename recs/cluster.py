@@ -122,8 +122,9 @@ def up(settings: Settings, timeout_s: float = 120.0, redis_cluster: bool = False
     """Start whatever is not running yet and wait until it answers; returns the names started.
     `redis_cluster`: a local Redis Cluster instead of the private Redis (kept until `down`)."""
     if redis_cluster:
+        cluster_dir(settings).mkdir(parents=True, exist_ok=True)
+        _redis_cluster_record(settings).write_text(_redis_cluster(settings).url)  # first: `down` stops a failed start
         _redis_cluster(settings).start(timeout_s)
-        _redis_cluster_record(settings).write_text(_redis_cluster(settings).url)
         started = [REDIS_CLUSTER]
     else:
         started = [REDIS] if _start_redis(settings) else []

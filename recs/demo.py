@@ -30,7 +30,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from common.events import deterministic_event_id
-from common.lake import Lake
+from common.lake import CATALOG, Lake
 from common.redis_server import connect, embedded_server, free_port
 from common.registry import Registry
 from common.settings import Settings, redacted
@@ -157,6 +157,44 @@ def services(settings: Settings, port: int) -> Iterator[tuple[str, str]]:
         if server is not None:
             server.stop()
         console.print("stopped everything the demo started")
+
+
+@contextmanager
+def cluster_services(settings: Settings, lake: Lake) -> Iterator[tuple[str, str]]:
+    """The API, speed consumers and lake writer `recs cluster up` runs, on its Redis or Redis Cluster; the
+    demo stops none of them."""
+    from recs import cluster
+
+    state = cluster.status(settings)
+    if not state["all_up"]:
+        down = [name for name, process in state["processes"].items() if not process["up"]]
+        raise RuntimeError(
+            f"`recs cluster up` is not running ({', '.join(down) or 'Redis'} down): start it first, with the "
+            "same RECS_VAR_DIR"
+        )
+    # The API and the speed layer read the lake's catalog when they start (a model reaches them later
+    # over pub/sub, a catalog snapshot does not), so ones started before the demo wrote it lack it.
+    stale = [name for name in state["processes"] if name.startswith(("api", "speed")) and
+             _started_before_catalog(settings, lake, name)]  # fmt: skip
+    if stale:
+        raise RuntimeError(
+            f"{', '.join(stale)} started before the demo wrote the lake's catalog and serve without it: run "
+            "`recs cluster down`, `recs cluster up` (with the same options) and this demo again (the data "
+            "and the model are kept)"
+        )
+    base, redis_url = cluster.api_url(settings), cluster.redis_url(settings)
+    console.print(f"using `recs cluster`: Redis {redacted(redis_url)}, its speed layer, lake writer and API {base}")
+    yield base, redis_url
+
+
+def _started_before_catalog(settings: Settings, lake: Lake, name: str) -> bool:
+    from recs.cluster import running
+
+    stamps, process = lake.catalog_snapshots(), running(settings, name)
+    if not stamps or process is None:
+        return False
+    written = lake.fs.modified(lake.path(CATALOG, f"snapshot={stamps[-1]}", "items.parquet"))
+    return bool(process.create_time() < written.timestamp())
 
 
 def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> None:
@@ -337,7 +375,15 @@ def run_demo(
     csv_path: Path | None = None,
     retrain: bool = False,
     max_live_events: int | None = None,
+    on_cluster: bool = False,
 ) -> DemoResult:
+    """`on_cluster`: the live part runs against the processes of `recs cluster up` (its Redis, or the Redis
+    Cluster of `--redis-cluster`) instead of starting its own; a model the DAG publishes reaches them."""
+    if on_cluster:
+        from recs import cluster
+
+        url = cluster.redis_url(settings)
+        settings = settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": url})})
     result = DemoResult()
     lake = Lake(settings.lake.root)
     registry = Registry(settings.models.root)
@@ -349,7 +395,8 @@ def run_demo(
     manifest = registry.read_manifest(result.model_version)
     result.metrics = manifest.metrics
 
-    with services(settings, free_port()) as (base, redis_url), httpx.Client(base_url=base, timeout=10) as client:
+    live_services = cluster_services(settings, lake) if on_cluster else services(settings, free_port())
+    with live_services as (base, redis_url), httpx.Client(base_url=base, timeout=10) as client:
         person = pick_person(registry)
         session = f"demo-{uuid.uuid4().hex[:8]}"
         before = recommend(client, person, session)

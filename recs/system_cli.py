@@ -118,6 +118,9 @@ def demo(
     csv: Path | None = typer.Option(None, help="Online Retail file (default: ../shared/data/online_retail/...)."),
     retrain: bool = typer.Option(False, help="Run the DAG even if the serving model already has this cutoff."),
     max_live_events: int | None = typer.Option(None, help="Stream at most this many live events."),
+    on_cluster: bool = typer.Option(
+        False, "--cluster", help="Run the live part against `recs cluster up` (its API, speed layer and Redis)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print what the demo did as one JSON object at the end."),
 ) -> None:
     """The whole lambda loop: data, the nightly DAG, Redis + speed layer + API, a live day, the report."""
@@ -130,7 +133,7 @@ def demo(
     if size not in SIZES:
         raise typer.BadParameter(f"{size!r} is not one of {', '.join(SIZES)}", param_hint="--size")
     try:
-        result = run_demo(settings_or_exit(), data, size, seed, csv, retrain, max_live_events)
+        result = run_demo(settings_or_exit(), data, size, seed, csv, retrain, max_live_events, on_cluster)
     except KeyboardInterrupt:
         typer.echo("interrupted; everything the demo started has been stopped")
         raise typer.Exit(130) from None

@@ -29,6 +29,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "RECS_VAR_DIR": str(settings.var_dir),
         "RECS_LAKE__ROOT": settings.lake.root,
         "RECS_MODELS__ROOT": settings.models.root,
+        **({"RECS_REDIS__URL": settings.redis.url} if settings.redis.url else {}),  # the model event's Redis
         "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
         # Airflow's own subprocesses (standalone's components) call `airflow` by name.
         "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")])),

@@ -201,19 +201,23 @@ def test_kills_during_retries_lose_nothing_and_count_nothing_twice(tmp_path: Pat
         server.stop()
 
 
-def _run_chaos(tmp_path: Path, server: RedisServer) -> None:
-    settings = speed_settings(tmp_path, server.url)
-    client = server.client()
+def chaos_settings(tmp_path: Path, url: str) -> Settings:
+    """The settings of a chaos run on the Redis at `url`, with version v1 published."""
+    settings = speed_settings(tmp_path, url)
     items = np.random.default_rng(0).normal(0, 0.1, size=(ITEMS, 8)).astype(np.float32)
     publish_model(Registry(settings.models.root), VERSION, datetime.now(UTC) - timedelta(hours=1), items,
                   list(USERS_WITH_VECTORS))  # fmt: skip
-    port = free_port()
-    env = {
+    return settings
+
+
+def chaos_env(tmp_path: Path, settings: Settings, url: str) -> dict[str, str]:
+    """What the killed and restarted processes run with: these settings, on the Redis at `url`."""
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith("RECS_")},
         "PYTHONPATH": str(ROOT),
         "OPENBLAS_NUM_THREADS": "1",
         "RECS_VAR_DIR": str(tmp_path / "var"),
-        "RECS_REDIS__URL": server.url,
+        "RECS_REDIS__URL": url,
         "RECS_LAKE__ROOT": settings.lake.root,
         "RECS_MODELS__ROOT": settings.models.root,
         # Flushes longer than an API restart, so a batch and its retry often land in one flush.
@@ -223,6 +227,13 @@ def _run_chaos(tmp_path: Path, server: RedisServer) -> None:
         "RECS_SPEED__CLAIM_IDLE_MS": "300",
         "RECS_SPEED__CLAIM_INTERVAL_S": "0.1",
     }
+
+
+def _run_chaos(tmp_path: Path, server: RedisServer) -> None:
+    settings = chaos_settings(tmp_path, server.url)
+    client = server.client()
+    port = free_port()
+    env = chaos_env(tmp_path, settings, server.url)
     logs = tmp_path / "logs"
     logs.mkdir()
     api = Role("api", ["serve", "--workers", "1", "--port", str(port)], env, logs)

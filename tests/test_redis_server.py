@@ -106,3 +106,25 @@ def test_connect_gives_a_cluster_client_for_a_cluster_url(redis_cluster) -> None
     client = connect(redis_cluster.url, timeout_s=5)
     assert is_cluster(client) and len(client.get_primaries()) == 3  # type: ignore[attr-defined]
     assert client.set("k", "v") and client.get("k") == b"v"
+
+
+def test_a_stopped_local_cluster_starts_again_as_the_same_cluster(tmp_path: Path) -> None:
+    """`recs cluster down` then `up --redis-cluster`: the nodes come back from their nodes.conf and find each
+    other again, where a second `redis-cli --cluster create` would fail on nodes that are not empty."""
+    from common.redis_server import LocalRedisCluster, connect, free_cluster_port
+
+    cluster = LocalRedisCluster(tmp_path, tuple(free_cluster_port() for _ in range(3)), replicas=0)
+    cluster.start()
+    try:
+        ids = {node.port: node.client().execute_command("CLUSTER", "MYID") for node in cluster.nodes}
+        cluster.stop()
+        assert not any(node.is_running() for node in cluster.nodes)
+        assert cluster.is_formed() is False  # nothing answers
+        cluster.start()
+        assert cluster.is_ok()
+        assert {node.port: node.client().execute_command("CLUSTER", "MYID") for node in cluster.nodes} == ids
+        client = connect(cluster.url, timeout_s=5)
+        assert client.set("k", "v") and client.get("k") == b"v"
+        client.close()
+    finally:
+        cluster.stop()

@@ -23,9 +23,6 @@ from tests.test_cluster import recs, settings_with
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-# Until the identify merge works on a cluster (README, Redis Cluster, "Not yet") the consumer refuses it
-# with this reason; every other live event must be applied.
-IDENTIFY_REFUSED = b"identify merge is not supported on Redis Cluster yet"
 
 
 def free_port_run(n: int) -> int:
@@ -108,7 +105,7 @@ def test_the_demos_live_part_runs_against_the_redis_cluster(
     assert result["changed"] and result["browsed_category"] in result["after_categories"]
     assert result["freshness_ms"] is not None
 
-    # The cluster's consumer applied every live event: nothing waits, and only refused identifies were
+    # The cluster's consumer applied every live event, identifies included: nothing waits, nothing was
     # set aside; the person's state lives on the cluster.
     client = connect(url, timeout_s=5)
     assert is_cluster(client)
@@ -116,7 +113,7 @@ def test_the_demos_live_part_runs_against_the_redis_cluster(
     assert group_lag(client, settings.redis.stream, settings.speed.group) == 0
     assert client.xpending(stream, settings.speed.group)["pending"] == 0
     dead: Any = client.xrange(redis_keys.dead_letter(settings.redis.stream))  # redis-py types every reply shape
-    assert {fields[b"reason"] for _, fields in dead} <= {IDENTIFY_REFUSED}
+    assert [fields[b"reason"] for _, fields in dead] == []
     assert client.exists(redis_keys.person_items(result["person_id"]))
     client.close()
 

@@ -248,29 +248,15 @@ def test_same_seed_same_scores_whatever_the_process_split(
     assert scores(again) == scores(replayed[0])
 
 
-@pytest.fixture(scope="module")
-def shop_without_identify(shop: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny shop less its identify events: the identify merge is refused on a Redis Cluster yet
-    (README, Redis Cluster, "Not yet"), so a replay of them there would dead-letter them."""
-    import pyarrow.compute as pc
-
-    source, root = Lake(str(shop)), tmp_path_factory.mktemp("replay-shop-no-identify") / "lake"
-    events = source.read_events()
-    Lake(str(root)).write_events(events.filter(pc.not_equal(events["event_type"], "identify")))
-    Lake(str(root)).write_catalog(source.read_catalog(), at=datetime(2026, 11, 1, tzinfo=UTC))
-    return root
-
-
 @pytest.mark.slow  # ~30-60 s: 9 redis-server processes and the split path's round trips
-def test_a_replay_on_a_redis_cluster_scores_exactly_as_on_one_redis(
-    shop_without_identify: Path, tmp_path: Path
-) -> None:
+def test_a_replay_on_a_redis_cluster_scores_exactly_as_on_one_redis(shop: Path, tmp_path: Path) -> None:
     """The same window replayed with the speed layer and serving on a Redis Cluster of 3 masters and 3
     replicas (the split write path, the per-node reads) serves the same lists as on one redis-server:
-    every served strategy's scores are equal (the reference algorithms read no Redis)."""
+    every served strategy's scores are equal (the reference algorithms read no Redis). The shop's identify
+    events take the cluster's stepwise merge."""
     served = ("popular", "batch", "batch+speed", "full")
     config = ReplayConfig(
-        lake=str(shop_without_identify), test_days=TEST_DAYS, warmup_days=WARMUP_DAYS, seed=3, strategies=served
+        lake=str(shop), test_days=TEST_DAYS, warmup_days=WARMUP_DAYS, seed=3, strategies=served
     )
     single = run_replay(config, replay_settings(), tmp_path / "work")
     on_cluster = run_replay(replace(config, redis_cluster=True), replay_settings(), tmp_path / "work")  # same model

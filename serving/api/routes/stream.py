@@ -30,11 +30,12 @@ from starlette.types import Scope as AsgiScope
 from common.events import DEFAULT_CONSENT, Consent, FieldError
 from common.settings import Scope, Settings
 from serving.api.deps import PersonRecsRead, PresentedKey, PushDep, SettingsDep, SingleQueryValues, StateDep
-from serving.api.routes.recommendations import IdParam, get_recommendations
+from serving.api.routes.recommendations import IdParam, log_served, recommend_body
 from serving.api.routes.tokens import issue_token
 from serving.core.auth import Grant, authorize, check_scope, held_scopes, key_from_headers
 from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError, ErrorBody, api_error_handler
-from serving.core.push import Fanout, LiveStream, StreamEnded, stream_keys
+from serving.core.push import Fanout, LiveStream, PushedList, StreamEnded, stream_keys
+from serving.core.recommender import RecRequest
 from serving.core.state import ServingState
 from serving.schemas import Context, RecommendationsResponse, TokenRequest, TokenResponse
 
@@ -212,21 +213,20 @@ def _stream(
         )
     grant.check_person(user_id, anonymous_id, session_id)
 
-    async def compute() -> str:
-        body = await get_recommendations(
-            state,
-            grant,
-            user_id=user_id,
-            anonymous_id=anonymous_id,
-            session_id=session_id,
-            k=k,
-            context=Context.home,
-            consent=consent,
+    req = RecRequest(user_id, anonymous_id, session_id, k, Context.home.value, None, consent)
+
+    async def compute() -> PushedList:
+        # As GET /v1/recommendations computes and encodes it; logged as an impression once sent.
+        result, body = recommend_body(state, req)
+        return PushedList(
+            body.decode(),
+            content=(result.model_version, result.variant, result.degraded, result.items),  # all but request_id
+            on_sent=lambda: log_served(state, req, result),
         )
-        return bytes(body.body).decode()  # the route's JSON body, as GET /v1/recommendations sends it
 
     people = [p for p in (user_id, anonymous_id) if p]
-    return LiveStream(stream_keys(people, session_id), compute, transport)
+    # Streams of equal requests (a person's tabs) share each computation.
+    return LiveStream(stream_keys(people, session_id), compute, transport, request=req)
 
 
 async def _events(push: Fanout, stream: LiveStream, grant: Grant) -> AsyncIterator[tuple[str, str]]:
@@ -236,12 +236,13 @@ async def _events(push: Fanout, stream: LiveStream, grant: Grant) -> AsyncIterat
     try:
         while True:
             try:
-                body = await asyncio.wait_for(stream.next(), timeout=grant.seconds_left(time.time()))
+                pushed = await asyncio.wait_for(stream.next(), timeout=grant.seconds_left(time.time()))
             except TimeoutError:
                 expired = ErrorBody(error="token_expired", message="the session token expired; reconnect with a new one")
                 yield "token_expired", expired.model_dump_json(exclude_none=True)
                 return
-            yield "recommendations", body
+            pushed.mark_sent()
+            yield "recommendations", pushed.body
     except StreamEnded as ended:
         yield "error", ended.error.model_dump_json(exclude_none=True)
     finally:

@@ -1,10 +1,11 @@
 """Live recommendations by Server-Sent Events or WebSocket, and the demo storefront: its catalog endpoint and files.
 
 GET /v1/stream/recommendations (and /ws beside it) opens a stream on the worker's fan-out
-(serving/core/push.py): each time the speed layer says this person's (or session's) state
-changed, the list is recomputed by the very route function GET /v1/recommendations runs (same
-ranking, same impression log) and sent as one event. A browser's EventSource (or WebSocket) sends
-no headers, so it authenticates with its session token in the query.
+(serving/core/push.py): when the speed layer says this person's (or session's) state changed,
+the list is recomputed as GET /v1/recommendations computes it (same ranking, same body) and sent
+as one event, unless it equals the last one sent; it is logged as an impression once sent. A
+browser's EventSource (or WebSocket) sends no headers, so it authenticates with its session token
+in the query.
 
 With `api.demo_key` set the demo's server side presents that key for the page, which then works
 with keys configured and never sees the key: it gets session tokens from POST /demo/token.
@@ -110,9 +111,11 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
 
 
 STREAM_DESCRIPTION = (
-    "A `text/event-stream`: one `recommendations` event at once, then one each time the speed layer "
-    "applies an event of this person or session (the same body as GET /v1/recommendations). A client "
-    "that reads slowly gets the latest list only: a newer one replaces a list not yet sent. Comment "
+    "A `text/event-stream`: one `recommendations` event at once, then a new one when the speed layer "
+    "applies events of this person or session (the same body as GET /v1/recommendations). Not one per "
+    "event: events that arrive while the list is being computed get one list, computed after them, and a "
+    "list equal to the last one sent (all but its `request_id`) is not sent again. A client that reads "
+    "slowly gets the latest list only: a newer one replaces a list not yet sent. Comment "
     "pings keep idle connections open. An `error` event (Redis lost) ends the stream. A browser sends "
     "its session token as `access_token` (its session_id must be given); the stream ends with a "
     "`token_expired` event when the token expires: reconnect with a new one.\n\n"

@@ -91,6 +91,9 @@ def message_keys(message: RecsChanged) -> list[Key]:
     return keys
 
 
+_NOTHING_SENT = object()  # the content of the list before a stream's first
+
+
 class LiveStream:
     """One open stream: the keys it listens to, its request (streams of equal requests share a computation),
     how its list is computed, and a slot of one list."""
@@ -136,9 +139,6 @@ class LiveStream:
         assert pushed is not None
         self._last_content = pushed.content
         return pushed
-
-
-_NOTHING_SENT = object()
 
 
 class InFlight:

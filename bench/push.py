@@ -15,6 +15,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ import httpx
 import numpy as np
 import psutil
 
-from bench.serve import _wait_ready, publish_synthetic_model, run_load
+from bench.serve import _redis_cpu_s, _wait_ready, publish_synthetic_model, run_load
 from bench.soak import _stop_group
 from common.lake import Lake
 from common.redis_server import RedisServer, free_port
@@ -38,6 +39,14 @@ from common.registry import Registry
 DELIVERY_TARGET_S = 1.0
 GRACE_S = 3.0  # after the last event, for its list to arrive
 EVENT_CONNECTIONS = 16
+# The workers' push counters read from /metrics (summed over workers) around the two phases.
+PUSH_COUNTERS = (
+    "recs_push_computations_total",
+    "recs_pushed_lists_total",
+    "recs_push_unchanged_total",
+    "recs_push_coalesced_total",
+    "recs_push_dropped_total",
+)
 
 
 def session_of(n: int) -> tuple[str, str]:
@@ -75,7 +84,7 @@ class PushClient:
         for task in streams:
             task.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
-        return self._report(sent_from)
+        return {**self._report(sent_from), "client_cpu_s": time.process_time()}  # the whole process
 
     async def _stream(self, n: int, opened: asyncio.Event) -> None:
         """One SSE client: records the arrival time of each `recommendations` event after the first."""
@@ -151,6 +160,7 @@ class PushClient:
             "delivery_p50_ms": _ms(latencies, 50),
             "delivery_p99_ms": _ms(latencies, 99),
             "delivered_within_1s": round(within / sent, 4) if sent else float("nan"),
+            "events_delivered_within_1s": within,
             "delivered": round(len(latencies) / sent, 4) if sent else float("nan"),
         }
 
@@ -214,7 +224,7 @@ def _tree_cpu_s(pid: int) -> float:
 
 def _metric_total(port: int, name: str) -> float:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
 
 
 def bench_push(
@@ -227,6 +237,7 @@ def bench_push(
     n_users: int = 100_000,
     factors: int = 64,
 ) -> dict[str, Any]:
+    load_before = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="recs-bench-push-") as tmp:
         root = Path(tmp)
         redis_server = RedisServer(data_dir=root / "redis", port=free_port(), persist=False)
@@ -265,31 +276,70 @@ def bench_push(
             ]
             run_load(port, 50, 3, get_paths)  # warm-up: imports, first LightGBM calls, connections
 
-            def phase(open_streams: bool) -> tuple[dict[str, Any], dict[str, Any], float]:
-                client = PushClient(port, streams, open_streams, events_per_s, seconds, model.item_ids)
-                cpu_before = _tree_cpu_s(processes[0].pid)
-                pushes, gets = run_phase(client, get_paths, get_rate)
-                return pushes, gets, _tree_cpu_s(processes[0].pid) - cpu_before
+            redis_client = redis_server.client()
 
+            def cpu_s() -> dict[str, float]:
+                """CPU seconds so far of each part: the API's workers, the speed consumer, redis-server,
+                and this process's waited-for children (the streams' and events' client, the GET load)."""
+                children = resource.getrusage(resource.RUSAGE_CHILDREN)
+                return {
+                    "api": _tree_cpu_s(processes[0].pid),
+                    "speed": _tree_cpu_s(processes[1].pid),
+                    "redis": _redis_cpu_s(redis_client),
+                    "clients": children.ru_utime + children.ru_stime,
+                }
+
+            def phase(open_streams: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+                client = PushClient(port, streams, open_streams, events_per_s, seconds, model.item_ids)
+                before = cpu_s()
+                pushes, gets = run_phase(client, get_paths, get_rate)
+                after = cpu_s()
+                cpu = {part: after[part] - before[part] for part in before}
+                # The clients' CPU split: the streams' and events' process reports its own.
+                cpu["push_client"] = pushes.pop("client_cpu_s")
+                cpu["get_load"] = cpu.pop("clients") - cpu["push_client"]
+                return pushes, gets, cpu
+
+            counters_before = {name: _metric_total(port, name) for name in PUSH_COUNTERS}
             events_only, gets_without, cpu_without = phase(open_streams=False)
             pushes, gets_with, cpu_with = phase(open_streams=True)
-            dropped = _metric_total(port, "recs_push_dropped_total")
-            pushed = _metric_total(port, "recs_pushed_lists_total")
+            counters = {name: _metric_total(port, name) - counters_before[name] for name in PUSH_COUNTERS}
+            redis_client.close()
         finally:
             for process in processes:
                 _stop_group(process)
             redis_server.stop()
+    computed = counters["recs_push_computations_total"]
+    pushed = counters["recs_pushed_lists_total"]
+    events = pushes["events_posted"]
+    skipped = counters["recs_push_unchanged_total"]
     return {
         "streams": streams,
         "events_per_s": events_per_s,
         "seconds": seconds,
         **pushes,
+        "lists_computed": int(computed),
         "lists_pushed": int(pushed),
-        "lists_dropped_slow_client": int(dropped),
-        # The API workers' extra CPU with the streams open (same GETs and events), per list pushed.
-        "push_cpu_ms_per_list": round((cpu_with - cpu_without) * 1000 / pushed, 2) if pushed else float("nan"),
-        "api_cpu_s_without_streams": round(cpu_without, 2),
-        "api_cpu_s_with_streams": round(cpu_with, 2),
+        # Besides each stream's first list.
+        "lists_computed_per_event": round((computed - streams) / events, 3) if events else float("nan"),
+        "pushes_skipped_unchanged": int(counters["recs_push_unchanged_total"]),
+        # An event that changed nothing the client sees gets no push, and is credited above to its session's
+        # next list, an event later. With no mark coalesced (one computation an event) each skipped list is
+        # one such event, and this is the share of the events whose list changed; with coalescing, an estimate.
+        "delivered_within_1s_of_changed": (
+            round(pushes["events_delivered_within_1s"] / (events - skipped), 4) if events > skipped else float("nan")
+        ),
+        "marks_coalesced": int(counters["recs_push_coalesced_total"]),
+        "lists_dropped_slow_client": int(counters["recs_push_dropped_total"]),
+        # The API workers' extra CPU with the streams open (same GETs and events), per list computed.
+        "push_cpu_ms_per_list": (
+            round((cpu_with["api"] - cpu_without["api"]) * 1000 / computed, 2) if computed else float("nan")
+        ),
+        "api_cpu_s_without_streams": round(cpu_without["api"], 2),
+        "api_cpu_s_with_streams": round(cpu_with["api"], 2),
+        # Every part's CPU seconds in each phase: what the API competes with on the same cores.
+        "cpu_s_without_streams": {part: round(v, 2) for part, v in cpu_without.items()},
+        "cpu_s_with_streams": {part: round(v, 2) for part, v in cpu_with.items()},
         "get_rate": get_rate,
         "get_p50_ms_without_streams": round(gets_without["p50_ms"], 2),
         "get_p99_ms_without_streams": round(gets_without["p99_ms"], 2),
@@ -302,5 +352,6 @@ def bench_push(
         "items": n_items,
         "factors": factors,
         "cpu_count": os.cpu_count(),
+        "load_avg_1m_before": load_before,
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }

@@ -28,7 +28,7 @@ from serving.core.errors import (
     validation_error_handler,
 )
 from serving.core.limits import BodySizeLimit
-from serving.core.push import Fanout
+from serving.core.push import Fanout, InFlight
 from serving.core.state import ServingState
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # the demo storefront
@@ -61,16 +61,26 @@ class LatencyMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        # Pushes wait for the worker's requests in flight; a stream leaves them when its response starts.
+        push: Fanout | None = getattr(scope["app"].state, "push", None)
+        in_flight: InFlight | None = push.requests if push is not None else None
+        if in_flight is not None:
+            in_flight.enter()
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, in_flight
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if in_flight is not None:
+                    in_flight.leave()
+                    in_flight = None
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            if in_flight is not None:  # no response started
+                in_flight.leave()
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             metrics.REQUEST_LATENCY.labels(scope["method"], template, f"{status // 100}xx").observe(

@@ -25,7 +25,7 @@ from common import redis_keys
 from common.lake import Lake
 from common.messages import RecsChanged
 from common.redis_server import RedisServer, free_port
-from serving.core.push import Fanout, LiveStream, StreamEnded, stream_keys
+from serving.core.push import PUSH_DEFER_S, Fanout, LiveStream, PushedList, StreamEnded, stream_keys
 from serving.main import create_app
 from speed_layer.consumer import SpeedConsumer
 from tests.speed_factories import set_categories
@@ -41,17 +41,20 @@ WAIT_S = 20.0  # a bound on waiting for what must come, never a figure asserted
 
 
 class Recorder:
-    """A stream's compute: counts its lists and says so, so a test can wait for the nth."""
+    """A stream's compute: counts its lists and says so, so a test can wait for the nth. Each list is new
+    to the client unless `content` is set: then every list has that content."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.lists = 0
         self.changed = asyncio.Event()
+        self.content: object = None
 
-    async def __call__(self) -> str:
+    async def __call__(self) -> PushedList:
         self.lists += 1
         self.changed.set()
-        return f"{self.name}-{self.lists}"
+        body = f"{self.name}-{self.lists}"
+        return PushedList(body, content=body if self.content is None else self.content)
 
     async def wait_for(self, n: int) -> None:
         while self.lists < n:
@@ -81,7 +84,7 @@ def test_a_message_reaches_only_the_streams_of_its_person_or_session(
         c, rec_c = open_stream(fanout, "c", ["u-c", "dev-c"], "s-c")
         marker, rec_marker = open_stream(fanout, "marker", ["dev-m"], None)
         try:
-            assert [await s.next() for s in (a, b, c, marker)] == ["a-1", "b-1", "c-1", "marker-1"]
+            assert [(await s.next()).body for s in (a, b, c, marker)] == ["a-1", "b-1", "c-1", "marker-1"]
             assert redis_client.pubsub_numsub(redis_keys.RECS_CHANNEL) == [(redis_keys.RECS_CHANNEL.encode(), 1)]
 
             async def after(person: str, session: str | None) -> None:
@@ -93,7 +96,7 @@ def test_a_message_reaches_only_the_streams_of_its_person_or_session(
 
             await after("dev-a", "s-a")  # its person and session: one list
             assert (rec_a.lists, rec_b.lists, rec_c.lists) == (2, 1, 1)
-            assert await a.next() == "a-2"
+            assert (await a.next()).body == "a-2"
             await after("someone-else", "s-b")  # its session only (another device of the session)
             assert (rec_a.lists, rec_b.lists, rec_c.lists) == (2, 2, 1)
             await after("u-c", None)  # its user, with no session
@@ -141,11 +144,127 @@ def test_a_slow_clients_slot_holds_only_the_latest_list(redis_server: RedisServe
             for n in (2, 3, 4):  # the client takes none of them
                 publish(redis_client, "dev-slow", "s-slow")
                 await recorder.wait_for(n)
-            assert await slow.next() == "slow-4"  # the latest, and only it
+            assert (await slow.next()).body == "slow-4"  # the latest, and only it
             assert dropped() - before == 3
             publish(redis_client, "dev-slow", "s-slow")
-            assert await asyncio.wait_for(slow.next(), WAIT_S) == "slow-5"  # a reading client misses none
+            assert (await asyncio.wait_for(slow.next(), WAIT_S)).body == "slow-5"  # a reading client misses none
             assert dropped() - before == 3
+        finally:
+            await fanout.aclose()
+
+    asyncio.run(scenario())
+
+
+def counted(name: str, transport: str | None = None) -> float:
+    labels = {"transport": transport} if transport else {}
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_changes_during_a_computation_coalesce_into_one_list_of_the_latest_state(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    async def scenario() -> None:
+        fanout = Fanout(redis_server.url)
+        gate = asyncio.Event()
+        computing = asyncio.Event()
+        lists: list[str] = []
+
+        async def compute() -> PushedList:
+            # The state the list is computed from, read as it starts (as the recommender reads Redis), then
+            # the computation takes as long as the test holds the gate.
+            body = f"state-{int(redis_client.get('state-of-s1') or 0)}"
+            lists.append(body)
+            computing.set()
+            await gate.wait()
+            return PushedList(body, content=body)
+
+        stream = LiveStream(stream_keys(["dev-1"], "s1"), compute, transport="test")
+        fanout.open(stream)
+        marker, _ = open_stream(fanout, "marker", ["dev-m"], None)
+        coalesced = counted("recs_push_coalesced_total")
+        try:
+            await asyncio.wait_for(computing.wait(), WAIT_S)  # its first list is being computed
+            for n in range(1, 6):  # five changes while it is
+                redis_client.set("state-of-s1", n)
+                publish(redis_client, "dev-1", "s1")
+            # The first marks the stream again, the other four join that mark.
+            deadline = time.monotonic() + WAIT_S
+            while counted("recs_push_coalesced_total") - coalesced < 4:
+                assert time.monotonic() < deadline, "the changes did not all arrive"
+                await asyncio.sleep(0.01)
+            gate.set()
+            assert (await asyncio.wait_for(stream.next(), WAIT_S)).body == "state-0"
+            assert (await asyncio.wait_for(stream.next(), WAIT_S)).body == "state-5"  # the latest state
+            # Lists are computed in the order marked: once the marker's is made, nothing else was left.
+            publish(redis_client, "dev-m", None)
+            await asyncio.wait_for(marker.next(), WAIT_S)
+            await asyncio.wait_for(marker.next(), WAIT_S)
+            assert lists == ["state-0", "state-5"]  # two computations for the first list and five changes
+        finally:
+            await fanout.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_streams_of_the_same_request_share_one_computation(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    async def scenario() -> None:
+        fanout = Fanout(redis_server.url)
+        recorder = Recorder("shared")
+        tabs = [LiveStream(stream_keys(["dev-1"], "s1"), recorder, "test", request=("dev-1", "s1", 10)) for _ in "ab"]
+        other = LiveStream(stream_keys(["dev-1"], "s1"), Recorder("k5"), "test", request=("dev-1", "s1", 5))
+        for stream in (*tabs, other):
+            fanout.open(stream)
+        try:
+            assert [(await s.next()).body for s in (*tabs, other)] == ["shared-1", "shared-1", "k5-1"]
+            publish(redis_client, "dev-1", "s1")
+            assert [(await s.next()).body for s in (*tabs, other)] == ["shared-2", "shared-2", "k5-2"]
+            assert recorder.lists == 2
+        finally:
+            await fanout.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_list_equal_to_the_last_one_sent_is_not_pushed(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    async def scenario() -> None:
+        fanout = Fanout(redis_server.url)
+        stream, recorder = open_stream(fanout, "a", ["dev-a"], "s-a")
+        recorder.content = "the same items"
+        unchanged = counted("recs_push_unchanged_total", "test")
+        try:
+            assert (await stream.next()).body == "a-1"
+            publish(redis_client, "dev-a", "s-a")
+            await recorder.wait_for(2)  # computed, equal to the list sent: not pushed
+            assert counted("recs_push_unchanged_total", "test") - unchanged == 1
+            recorder.content = None
+            publish(redis_client, "dev-a", "s-a")
+            assert (await asyncio.wait_for(stream.next(), WAIT_S)).body == "a-3"  # the next list that differs
+        finally:
+            await fanout.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_push_waits_for_the_requests_in_flight_but_not_past_its_slack(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    async def scenario() -> None:
+        fanout = Fanout(redis_server.url)
+        stream, recorder = open_stream(fanout, "a", ["dev-a"], "s-a")
+        try:
+            await stream.next()
+            fanout.requests.enter()  # a request in flight
+            publish(redis_client, "dev-a", "s-a")
+            await asyncio.sleep(PUSH_DEFER_S / 3)
+            assert recorder.lists == 1  # waiting for the request
+            fanout.requests.leave()
+            assert (await asyncio.wait_for(stream.next(), WAIT_S)).body == "a-2"
+            fanout.requests.enter()  # a request that never ends (or a worker that is never idle)
+            publish(redis_client, "dev-a", "s-a")
+            assert (await asyncio.wait_for(stream.next(), WAIT_S)).body == "a-3"  # computed once its slack is spent
+            fanout.requests.leave()
         finally:
             await fanout.aclose()
 
@@ -157,7 +276,7 @@ def test_streams_end_with_an_error_when_redis_is_lost(redis_server: RedisServer,
         fanout = Fanout(redis_server.url)
         stream, _ = open_stream(fanout, "a", ["dev-a"], "s-a")
         try:
-            assert await stream.next() == "a-1"
+            assert (await stream.next()).body == "a-1"
             redis_server.stop()  # the real server, killed
             with pytest.raises(StreamEnded) as ended:
                 await asyncio.wait_for(stream.next(), WAIT_S)
@@ -294,6 +413,82 @@ def test_the_websocket_takes_a_key_or_a_session_token_and_refuses_without(live_a
         assert (name, data["error"]) == ("token_expired", "token_expired")
         with pytest.raises(ConnectionClosedOK):  # then the server closes
             ws.recv(timeout=WAIT_S)
+
+
+def test_requests_are_answered_while_pushes_queue(published: SyntheticModel, recs_env: Path, redis_server: RedisServer) -> None:
+    """The real app under uvicorn in this loop; ten streams' lists queue, each holding the loop 20 ms as a
+    list's CPU does. A GET and a POST whose body comes 60 ms after its headers (a request waiting mid-way)
+    are answered before the queue drains, and no list starts while either is in flight."""
+
+    async def scenario() -> None:
+        app = create_app(make_settings())
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            assert not serving.done(), "the API did not start"
+            await asyncio.sleep(0.01)
+        fanout: Fanout = app.state.push
+        in_flight_at_start: list[int] = []
+
+        async def slow() -> PushedList:
+            in_flight_at_start.append(fanout.requests.count)
+            time.sleep(0.02)  # noqa: ASYNC251 - the point: a list computed on the loop holds it
+            return PushedList(str(len(in_flight_at_start)), content=len(in_flight_at_start))
+
+        streams = [LiveStream(stream_keys([f"dev-{n}"], None), slow, "test") for n in range(10)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.config.port)
+        try:
+            for stream in streams:
+                fanout.open(stream)  # ten first lists queue
+            writer.write(b"GET /v1/recommendations?anonymous_id=a1&session_id=s1 HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            lists_when_answered = [len(in_flight_at_start)]
+            await _skip_response(reader)
+            body = json.dumps(view_event("a1", "i5")).encode()
+            writer.write(b"POST /v1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n")
+            writer.write(b"Content-Length: %d\r\n\r\n" % len(body))
+            await asyncio.sleep(0.06)
+            writer.write(body)
+            assert (await reader.readline()).startswith(b"HTTP/1.1 202")
+            lists_when_answered.append(len(in_flight_at_start))
+            for stream in streams:
+                await asyncio.wait_for(stream.next(), WAIT_S)
+            assert max(lists_when_answered) < len(streams)  # answered before the queue drained
+            assert in_flight_at_start == [0] * len(streams)  # no list computed while either was in flight
+        finally:
+            writer.close()
+            server.should_exit = True
+            await asyncio.wait_for(serving, WAIT_S)
+
+    asyncio.run(scenario())
+
+
+async def _skip_response(reader: asyncio.StreamReader) -> None:
+    """The rest of a response after its status line: headers, then a body of Content-Length bytes."""
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+
+
+def test_an_unchanged_list_is_not_pushed_on_the_real_api(live_api: str, redis_server: RedisServer) -> None:
+    shop = {"X-API-Key": SHOP_KEY}
+    client = redis_server.client()
+    unchanged = counted("recs_push_unchanged_total", "sse")
+    with httpx.Client(base_url=f"http://{live_api}", timeout=WAIT_S) as http:
+        with http.stream("GET", f"/v1/stream/recommendations?{PARAMS}", headers=shop) as sse:
+            events = sse_messages(sse)
+            first = without_request_id(next(events))
+            publish(client, "a1", "s1")  # "changed", but nothing the list reads did
+            deadline = time.monotonic() + WAIT_S
+            while counted("recs_push_unchanged_total", "sse") == unchanged:
+                assert time.monotonic() < deadline, "the list was not recomputed"
+                time.sleep(0.02)
+            assert http.post("/v1/events", json=view_event("a1", "i5"), headers=shop).status_code == 202
+            second = without_request_id(next(events))  # the next event is the changed list, not a copy
+            assert second != first
+    client.close()
 
 
 def test_openapi_documents_the_websocket_in_the_sse_route(client: Any) -> None:

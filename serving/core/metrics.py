@@ -46,7 +46,16 @@ PUSH_STREAMS = Gauge(
     ["transport"],
     multiprocess_mode="livesum",
 )
-PUSHED = Counter("recs_pushed_lists_total", "Lists computed for open streams, by transport.", ["transport"])
+PUSH_COMPUTED = Counter(
+    "recs_push_computations_total", "Lists computed for open streams (one serves every stream of the same request)."
+)
+PUSH_COALESCED = Counter(
+    "recs_push_coalesced_total", "Changes that found their stream's list already waiting to be computed."
+)
+PUSHED = Counter("recs_pushed_lists_total", "Lists put in open streams' slots, by transport.", ["transport"])
+PUSH_UNCHANGED = Counter(
+    "recs_push_unchanged_total", "Lists not pushed: equal to the last one the stream sent, by transport.", ["transport"]
+)
 PUSH_DROPPED = Counter(
     "recs_push_dropped_total",
     "Pushed lists replaced by a newer one before a slow client took them, by transport.",

@@ -2,10 +2,15 @@
 
 The speed layer publishes a RecsChanged on RECS_CHANNEL for each person a batch changed. A
 worker subscribes once; each message is parsed once and looked up in an index from person and
-session to the open streams it concerns, which are marked for a new list. One task per worker
-computes the marked streams' lists, one at a time and after the requests already waiting, into
-each stream's slot: a queue of one, where a newer list replaces one the client has not taken yet,
-so a slow client holds at most the latest list (each replaced one counts in recs_push_dropped_total).
+session to the open streams it concerns, which are marked for a new list. Marks coalesce: a
+stream marked again before its list is computed still gets one list, computed after the last
+mark (the latest state), and streams of the same request (a person's tabs) share one
+computation. One lane per worker computes the marked lists one at a time, in the worker's idle
+moments: a push has a second of slack, a request none, so a list waits for the requests in
+flight to be answered, up to PUSH_DEFER_S after it was marked. Each stream has a slot: a queue
+of one, where a newer list replaces one the client has not taken yet, so a slow client holds at
+most the latest list (each replaced one counts in recs_push_dropped_total); a list equal to the
+last one the stream sent is not sent again (recs_push_unchanged_total).
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
@@ -29,12 +35,34 @@ log = logging.getLogger(__name__)
 RETRY_S = 1.0  # between attempts to subscribe again after Redis was lost
 # Generous: a loaded worker's loop may lag past a short timeout, and a false "lost" ends every stream.
 CONNECT_TIMEOUT_S = 5.0
-# Before each list: a push has a second of slack, a request none. A timer (not sleep(0), which
-# resumes before the tasks of requests that arrived meanwhile) lets those requests run first.
+# Before each list: a timer lets the loop read the requests that arrived meanwhile, and the sleep(0)
+# after it lets their tasks start (they were scheduled before it), and so count as in flight.
 YIELD_S = 0.001
+# How long a marked list waits for the worker to have no request in flight; past it, it is
+# computed anyway (a busy worker would starve pushes). Well inside a push's second of slack.
+PUSH_DEFER_S = 0.3
 
 Key = tuple[str, str]  # ("person", id) or ("session", id): a person and a session may share an id
-Compute = Callable[[], Awaitable[str]]
+
+
+@dataclass
+class PushedList:
+    """A computed list: its body, what a client sees of it (two lists with equal `content` are the same
+    list to the client), and what to do once it is sent (log its impression), done once however many
+    streams share it."""
+
+    body: str
+    content: object
+    on_sent: Callable[[], None] = lambda: None
+    sent: bool = False
+
+    def mark_sent(self) -> None:
+        if not self.sent:
+            self.sent = True
+            self.on_sent()
+
+
+Compute = Callable[[], Awaitable[PushedList]]
 
 REDIS_LOST = ErrorBody(error="redis_unavailable", message="Redis is unreachable; reconnect later")
 COMPUTE_FAILED = ErrorBody(error="internal_error", message="the list could not be computed; reconnect later")
@@ -63,39 +91,86 @@ def message_keys(message: RecsChanged) -> list[Key]:
     return keys
 
 
-class LiveStream:
-    """One open stream: the keys it listens to, how its list is computed, and a slot of one list."""
+_NOTHING_SENT = object()  # the content of the list before a stream's first
 
-    def __init__(self, keys: frozenset[Key], compute: Compute, transport: str) -> None:
+
+class LiveStream:
+    """One open stream: the keys it listens to, its request (streams of equal requests share a computation),
+    how its list is computed, and a slot of one list."""
+
+    def __init__(self, keys: frozenset[Key], compute: Compute, transport: str, request: Hashable = None) -> None:
         self.keys = keys
         self.compute = compute
         self.transport = transport
+        # None: a request of its own. Two streams with the same non-None request must get the same list.
+        self.request: Hashable = request if request is not None else object()
         self.queued = False  # marked for a new list that is not computed yet
         self.closed = False
-        self._list: str | None = None
+        self._list: PushedList | None = None
+        self._last_content: object = _NOTHING_SENT
         self._ended: ErrorBody | None = None
         self._ready = asyncio.Event()
 
-    def offer(self, body: str) -> None:
-        """Put a list in the slot, replacing one the client has not taken (a drop)."""
+    def offer(self, pushed: PushedList) -> bool:
+        """Put a list in the slot, replacing one the client has not taken (a drop); False, and nothing put,
+        when the client would see nothing new: it equals the list in the slot or, the slot empty, the
+        last one taken."""
+        latest = self._list.content if self._list is not None else self._last_content
+        if pushed.content == latest:
+            metrics.PUSH_UNCHANGED.labels(self.transport).inc()
+            return False
         if self._list is not None:
             metrics.PUSH_DROPPED.labels(self.transport).inc()
-        self._list = body
+        self._list = pushed
         self._ready.set()
+        return True
 
     def end(self, error: ErrorBody) -> None:
         self._ended = error
         self._ready.set()
 
-    async def next(self) -> str:
+    async def next(self) -> PushedList:
         """The latest list not taken yet, waiting for one; StreamEnded once the stream can get no more."""
         await self._ready.wait()
         if self._ended is not None:
             raise StreamEnded(self._ended)
         self._ready.clear()
-        body, self._list = self._list, None
-        assert body is not None
-        return body
+        pushed, self._list = self._list, None
+        assert pushed is not None
+        self._last_content = pushed.content
+        return pushed
+
+
+class InFlight:
+    """The worker's HTTP requests not answered yet (a stream counts until its response starts): pushes
+    wait for none to be in flight."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def idle(self, timeout: float) -> None:
+        """Return once no request is in flight, or after `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+
+@dataclass
+class _Job:
+    """The streams of one request marked for a list, and when the first was marked."""
+
+    marked_at: float
+    streams: list[LiveStream] = field(default_factory=list)
 
 
 class Fanout:
@@ -105,9 +180,10 @@ class Fanout:
 
     def __init__(self, redis_url: str) -> None:
         self.redis_url = redis_url
+        self.requests = InFlight()  # counted by the app's middleware
         self._index: dict[Key, set[LiveStream]] = {}
         self._streams: set[LiveStream] = set()
-        self._marked: deque[LiveStream] = deque()
+        self._jobs: dict[Hashable, _Job] = {}  # by request, in the order first marked
         self._wake = asyncio.Event()
         self._subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -165,10 +241,17 @@ class Fanout:
         return len(concerned)
 
     def _mark(self, stream: LiveStream) -> None:
-        if not stream.queued:  # a stream marked twice before its list is computed gets one list
-            stream.queued = True
-            self._marked.append(stream)
+        if stream.queued:  # marked again before its list is computed: that list, computed later, serves both
+            metrics.PUSH_COALESCED.inc()
+            return
+        stream.queued = True
+        job = self._jobs.get(stream.request)
+        if job is None:
+            self._jobs[stream.request] = _Job(time.monotonic(), [stream])
             self._wake.set()
+        else:  # another stream of the same request is waiting: one computation for both
+            job.streams.append(stream)
+            metrics.PUSH_COALESCED.inc()
 
     def _end_all(self, error: ErrorBody) -> None:
         for stream in list(self._streams):
@@ -199,25 +282,46 @@ class Fanout:
             await asyncio.sleep(RETRY_S)
 
     async def _push(self) -> None:
-        """Compute the marked streams' lists, one at a time, each after the requests already waiting."""
+        """Compute the marked lists, one at a time, oldest mark first, each when no request is in flight."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._marked:
+            while self._jobs:
                 # No list before the subscription: a change published in between would be missed.
                 await self._subscribed.wait()
-                await asyncio.sleep(YIELD_S)
-                stream = self._marked.popleft()
-                stream.queued = False
-                if stream.closed:
-                    continue
-                try:
-                    body = await stream.compute()
-                except Exception:
-                    log.exception("computing a pushed list failed")
-                    stream.end(COMPUTE_FAILED)
-                    self.close(stream)
-                    continue
-                if not stream.closed:
-                    metrics.PUSHED.labels(stream.transport).inc()
-                    stream.offer(body)
+                request, job = next(iter(self._jobs.items()))
+                await self._after_requests(job.marked_at)
+                # Taken off only now: marks that came while it waited are served by this computation.
+                del self._jobs[request]
+                streams = [stream for stream in job.streams if not stream.closed]
+                for stream in job.streams:
+                    stream.queued = False
+                if streams:
+                    await self._compute(streams)
+
+    async def _after_requests(self, marked_at: float) -> None:
+        """Let the requests that arrived start, then wait until none is in flight, up to PUSH_DEFER_S after
+        the mark."""
+        deadline = marked_at + PUSH_DEFER_S
+        while True:
+            await asyncio.sleep(YIELD_S)
+            await asyncio.sleep(0)
+            left = deadline - time.monotonic()
+            if not self.requests.count or left <= 0:
+                return
+            await self.requests.idle(left)
+
+    async def _compute(self, streams: list[LiveStream]) -> None:
+        """One list for streams of the same request, offered to each still open."""
+        try:
+            pushed = await streams[0].compute()
+        except Exception:
+            log.exception("computing a pushed list failed")
+            for stream in streams:
+                stream.end(COMPUTE_FAILED)
+                self.close(stream)
+            return
+        metrics.PUSH_COMPUTED.inc()
+        for stream in streams:
+            if not stream.closed and stream.offer(pushed):
+                metrics.PUSHED.labels(stream.transport).inc()

@@ -17,6 +17,7 @@ from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError
 from serving.core.impressions import Impression
 from serving.core.metrics import StageClock
 from serving.core.recommender import RecRequest, RecResult, recommend
+from serving.core.state import ServingState
 from serving.schemas import Context, RecommendationsResponse
 
 router = APIRouter(
@@ -76,11 +77,15 @@ async def get_recommendations(
             errors=[FieldError(field="item_id", reason="required when context is product")],
         )
     req = RecRequest(user_id, anonymous_id, session_id, k, context.value, item_id, consent)
+    result, body = recommend_body(state, req)
+    log_served(state, req, result)
+    return Response(body, media_type="application/json")
+
+
+def recommend_body(state: ServingState, req: RecRequest) -> tuple[RecResult, bytes]:
+    """The list for a request and its JSON body; not logged (a pushed list is logged once sent)."""
     clock = StageClock()
     result = recommend(state, req, clock=clock)
-    if consent.allows(Consent.ANALYTICS):  # an impression names the person, as the lake's events do
-        state.impressions.log(_impression(req, result))
-        drift.offer(state, req, result)
     body = _ENCODER.encode(
         {
             "request_id": result.request_id,
@@ -93,7 +98,14 @@ async def get_recommendations(
     )
     clock.lap("serialisation")
     clock.observe()
-    return Response(body, media_type="application/json")
+    return result, body
+
+
+def log_served(state: ServingState, req: RecRequest, result: RecResult) -> None:
+    """Log a list shown to the person as an impression (and offer it to drift monitoring)."""
+    if req.consent.allows(Consent.ANALYTICS):  # an impression names the person, as the lake's events do
+        state.impressions.log(_impression(req, result))
+        drift.offer(state, req, result)
 
 
 def _impression(req: RecRequest, result: RecResult) -> Impression:

@@ -1,10 +1,11 @@
 """Live recommendations by Server-Sent Events or WebSocket, and the demo storefront: its catalog endpoint and files.
 
 GET /v1/stream/recommendations (and /ws beside it) opens a stream on the worker's fan-out
-(serving/core/push.py): each time the speed layer says this person's (or session's) state
-changed, the list is recomputed by the very route function GET /v1/recommendations runs (same
-ranking, same impression log) and sent as one event. A browser's EventSource (or WebSocket) sends
-no headers, so it authenticates with its session token in the query.
+(serving/core/push.py): when the speed layer says this person's (or session's) state changed,
+the list is recomputed as GET /v1/recommendations computes it (same ranking, same body) and sent
+as one event, unless it equals the last one sent; it is logged as an impression once sent. A
+browser's EventSource (or WebSocket) sends no headers, so it authenticates with its session token
+in the query.
 
 With `api.demo_key` set the demo's server side presents that key for the page, which then works
 with keys configured and never sees the key: it gets session tokens from POST /demo/token.
@@ -30,11 +31,12 @@ from starlette.types import Scope as AsgiScope
 from common.events import DEFAULT_CONSENT, Consent, FieldError
 from common.settings import Scope, Settings
 from serving.api.deps import PersonRecsRead, PresentedKey, PushDep, SettingsDep, SingleQueryValues, StateDep
-from serving.api.routes.recommendations import IdParam, get_recommendations
+from serving.api.routes.recommendations import IdParam, log_served, recommend_body
 from serving.api.routes.tokens import issue_token
 from serving.core.auth import Grant, authorize, check_scope, held_scopes, key_from_headers
 from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError, ErrorBody, api_error_handler
-from serving.core.push import Fanout, LiveStream, StreamEnded, stream_keys
+from serving.core.push import Fanout, LiveStream, PushedList, StreamEnded, stream_keys
+from serving.core.recommender import RecRequest
 from serving.core.state import ServingState
 from serving.schemas import Context, RecommendationsResponse, TokenRequest, TokenResponse
 
@@ -109,9 +111,11 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
 
 
 STREAM_DESCRIPTION = (
-    "A `text/event-stream`: one `recommendations` event at once, then one each time the speed layer "
-    "applies an event of this person or session (the same body as GET /v1/recommendations). A client "
-    "that reads slowly gets the latest list only: a newer one replaces a list not yet sent. Comment "
+    "A `text/event-stream`: one `recommendations` event at once, then a new one when the speed layer "
+    "applies events of this person or session (the same body as GET /v1/recommendations). Not one per "
+    "event: events that arrive while the list is being computed get one list, computed after them, and a "
+    "list equal to the last one sent (all but its `request_id`) is not sent again. A client that reads "
+    "slowly gets the latest list only: a newer one replaces a list not yet sent. Comment "
     "pings keep idle connections open. An `error` event (Redis lost) ends the stream. A browser sends "
     "its session token as `access_token` (its session_id must be given); the stream ends with a "
     "`token_expired` event when the token expires: reconnect with a new one.\n\n"
@@ -212,21 +216,20 @@ def _stream(
         )
     grant.check_person(user_id, anonymous_id, session_id)
 
-    async def compute() -> str:
-        body = await get_recommendations(
-            state,
-            grant,
-            user_id=user_id,
-            anonymous_id=anonymous_id,
-            session_id=session_id,
-            k=k,
-            context=Context.home,
-            consent=consent,
+    req = RecRequest(user_id, anonymous_id, session_id, k, Context.home.value, None, consent)
+
+    async def compute() -> PushedList:
+        # As GET /v1/recommendations computes and encodes it; logged as an impression once sent.
+        result, body = recommend_body(state, req)
+        return PushedList(
+            body.decode(),
+            content=(result.model_version, result.variant, result.degraded, result.items),  # all but request_id
+            on_sent=lambda: log_served(state, req, result),
         )
-        return bytes(body.body).decode()  # the route's JSON body, as GET /v1/recommendations sends it
 
     people = [p for p in (user_id, anonymous_id) if p]
-    return LiveStream(stream_keys(people, session_id), compute, transport)
+    # Streams of equal requests (a person's tabs) share each computation.
+    return LiveStream(stream_keys(people, session_id), compute, transport, request=req)
 
 
 async def _events(push: Fanout, stream: LiveStream, grant: Grant) -> AsyncIterator[tuple[str, str]]:
@@ -236,12 +239,13 @@ async def _events(push: Fanout, stream: LiveStream, grant: Grant) -> AsyncIterat
     try:
         while True:
             try:
-                body = await asyncio.wait_for(stream.next(), timeout=grant.seconds_left(time.time()))
+                pushed = await asyncio.wait_for(stream.next(), timeout=grant.seconds_left(time.time()))
             except TimeoutError:
                 expired = ErrorBody(error="token_expired", message="the session token expired; reconnect with a new one")
                 yield "token_expired", expired.model_dump_json(exclude_none=True)
                 return
-            yield "recommendations", body
+            pushed.mark_sent()
+            yield "recommendations", pushed.body
     except StreamEnded as ended:
         yield "error", ended.error.model_dump_json(exclude_none=True)
     finally:

@@ -68,7 +68,7 @@ def run_requests(paths: list[str], now_s: float, passes: int, profile: bool) -> 
         for req in requests:
             recommend(state, req, now_s=now_s)
         profiler.disable()
-        top = _top_functions(profiler, 30)
+        top = _top_functions(profiler, "tottime", 30) + _top_functions(profiler, "cumulative", 40)
     state.impressions.close()
     client.close()
     middle = sorted(range(passes), key=lambda i: cpu_ms[i])[passes // 2]
@@ -135,13 +135,14 @@ def _delta(before: dict[str, Any], after: dict[str, Any], n: int) -> dict[str, A
     }
 
 
-def _top_functions(profiler: cProfile.Profile, n: int) -> list[str]:
+def _top_functions(profiler: cProfile.Profile, order: str, n: int) -> list[str]:
+    """The profile's first `n` functions by `order` (tottime: own time; cumulative: with callees), a header line first."""
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
-    stats.sort_stats("tottime").print_stats(n)
+    stats.sort_stats(order).print_stats(n)
     rows = [line.strip() for line in out.getvalue().splitlines()]
     start = next((i for i, line in enumerate(rows) if line.startswith("ncalls")), 0)
-    return [" ".join(line.split()) for line in rows[start : start + n + 1] if line]
+    return [f"by {order}: " + " ".join(line.split()) for line in rows[start : start + n + 1] if line]
 
 
 def compare_lists(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], tolerance: float = 1e-6) -> dict[str, Any]:

@@ -28,13 +28,18 @@ class ServingLookups:
     def covisitation(self, seeds: Collection[str]) -> Mapping[str, Mapping[str, float]]:
         """The batch table's rows with the speed layer's live weights added on top."""
         live = self.speed.covisitation if self.speed else {}
-        merged: dict[str, dict[str, float]] = {}
+        batch = self.model.covis
+        merged: dict[str, Mapping[str, float]] = {}
         for seed in seeds:
-            row = dict(self.model.covis.get(seed, {}))
-            for other, weight in live.get(seed, {}).items():
+            base, extra = batch.get(seed), live.get(seed)
+            if not extra:
+                if base:
+                    merged[seed] = base  # read only: no copy needed
+                continue
+            row = dict(base) if base else {}
+            for other, weight in extra.items():
                 row[other] = row.get(other, 0.0) + weight
-            if row:
-                merged[seed] = row
+            merged[seed] = row
         return merged
 
     def trending(self, n: int) -> Scored:
@@ -63,7 +68,7 @@ class ServingLookups:
             return np.zeros((len(items), POP_DAYS))
 
     def items(self, items: Sequence[str]) -> ItemColumns:
-        infos = [self.state.catalog.get(i) for i in items]
+        infos = self.state.catalog.get_many(items)
         live_promoted = self.speed.promoted if self.speed else frozenset()
         return ItemColumns(
             categories=[info.category if info else UNCATEGORISED for info in infos],

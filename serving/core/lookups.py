@@ -36,9 +36,14 @@ class ServingLookups:
                 if base:
                     merged[seed] = base  # read only: no copy needed
                 continue
-            row = dict(base) if base else {}
-            for other, weight in extra.items():
-                row[other] = row.get(other, 0.0) + weight
+            if not base:
+                merged[seed] = extra
+                continue
+            # The batch row, then the live items it lacks in their order; both weights summed where both have one.
+            row = dict(base)
+            row.update(extra)
+            for other in extra.keys() & base.keys():
+                row[other] = base[other] + extra[other]
             merged[seed] = row
         return merged
 

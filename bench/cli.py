@@ -26,13 +26,29 @@ def warehouse(
 @bench_app.command("serve")
 def serve(
     seconds: float = typer.Option(30.0, min=1, help="Seconds at the base rate (200 req/s)."),
+    in_process: bool = typer.Option(
+        False, "--in-process", help="Instead: the recommender's CPU, Redis commands and bytes per request in one "
+        "process, a profile, and the lists (bench/serve_profile.py).",
+    ),
+    against: Path | None = typer.Option(
+        None, "--against", help="With --in-process: another checkout (e.g. a worktree of main) run alternately on "
+        "the same state; its lists must be identical.", exists=True, file_okay=False,
+    ),
+    rounds: int = typer.Option(3, min=1, help="With --in-process: rounds, each a fresh process per checkout."),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
     """API latency: 2 workers on a 50k-item, 64-factor synthetic model with live speed state, fixed-rate
     load from another process, beside a no-op route on the same server (ratio_to_noop)."""
-    from bench.serve import bench_serve
+    if in_process:
+        from bench.serve_profile import bench_in_process
 
-    result = bench_serve(seconds=seconds)
+        result = bench_in_process(against=against, rounds=rounds)
+    else:
+        if against is not None:
+            raise typer.BadParameter("--against goes with --in-process")
+        from bench.serve import bench_serve
+
+        result = bench_serve(seconds=seconds)
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 

@@ -450,6 +450,76 @@ def _stop_server(server: subprocess.Popen[bytes]) -> None:
     server.wait(timeout=30)
 
 
+@dataclass
+class LiveState:
+    """The bench's world: Redis with the speed state of the request mix's people, the registry and lake,
+    the environment a server (or a child process) reads its settings from, and the request mix."""
+
+    redis_server: Any
+    client: Any
+    env: dict[str, str]
+    paths: list[str]
+    folded: int
+
+    def stop(self) -> None:
+        self.client.close()
+        self.redis_server.stop()
+
+
+def build_live_state(
+    root: Path, visitors: int = 2000, n_items: int = 50_000, n_users: int = 100_000, factors: int = 64,
+    requests: int = 2000,
+) -> LiveState:
+    """Publish the synthetic model under `root`, start a private Redis, fold the visitors' browsing through
+    the speed consumer; `stop()` it when done."""
+    from common.redis_server import RedisServer, free_port
+
+    redis_server = RedisServer(data_dir=root / "redis", port=free_port(), persist=False)
+    redis_server.start()
+    try:
+        return _fill_live_state(root, redis_server, visitors, n_items, n_users, factors, requests)
+    except BaseException:
+        redis_server.stop()
+        raise
+
+
+def _fill_live_state(
+    root: Path, redis_server: Any, visitors: int, n_items: int, n_users: int, factors: int, requests: int
+) -> LiveState:
+    from common.settings import Settings
+
+    n_categories = 200
+    registry, lake = Registry(str(root / "models")), Lake(str(root / "lake"))
+    model = publish_synthetic_model(
+        registry,
+        lake,
+        version="bench",
+        n_items=n_items,
+        n_users=n_users,
+        factors=factors,
+        n_categories=n_categories,
+        n_new=50,
+        seed=11,
+    )
+    env = {
+        **os.environ,
+        "RECS_VAR_DIR": str(root / "var"),
+        "RECS_LAKE__ROOT": str(root / "lake"),
+        "RECS_MODELS__ROOT": str(root / "models"),
+        "RECS_REDIS__URL": redis_server.url,
+    }
+    settings = Settings(
+        var_dir=root / "var",
+        redis={"url": redis_server.url},  # type: ignore[arg-type]
+        lake={"root": str(root / "lake")},  # type: ignore[arg-type]
+        models={"root": str(root / "models")},  # type: ignore[arg-type]
+    )
+    people, events = browse(model, visitors // 2, visitors - visitors // 2, n_categories)
+    client = redis_server.client()
+    folded = fold_into_speed_state(client, settings, model, lake, events)
+    return LiveState(redis_server, client, env, request_paths(people, requests), folded)
+
+
 def bench_serve(
     n_items: int = 50_000,
     n_users: int = 100_000,
@@ -461,43 +531,11 @@ def bench_serve(
     workers: int = 2,
     visitors: int = 2000,
 ) -> dict[str, Any]:
-    from common.redis_server import RedisServer, free_port
-    from common.settings import Settings
+    from common.redis_server import free_port
 
-    n_categories = 200
     with tempfile.TemporaryDirectory(prefix="recs-bench-serve-") as tmp:
-        root = Path(tmp)
-        redis_server = RedisServer(data_dir=root / "redis", port=free_port(), persist=False)
-        redis_server.start()
-        registry, lake = Registry(str(root / "models")), Lake(str(root / "lake"))
-        model = publish_synthetic_model(
-            registry,
-            lake,
-            version="bench",
-            n_items=n_items,
-            n_users=n_users,
-            factors=factors,
-            n_categories=n_categories,
-            n_new=50,
-            seed=11,
-        )
-        env = {
-            **os.environ,
-            "RECS_VAR_DIR": str(root / "var"),
-            "RECS_LAKE__ROOT": str(root / "lake"),
-            "RECS_MODELS__ROOT": str(root / "models"),
-            "RECS_REDIS__URL": redis_server.url,
-        }
-        settings = Settings(
-            var_dir=root / "var",
-            redis={"url": redis_server.url},  # type: ignore[arg-type]
-            lake={"root": str(root / "lake")},  # type: ignore[arg-type]
-            models={"root": str(root / "models")},  # type: ignore[arg-type]
-        )
-        people, events = browse(model, visitors // 2, visitors - visitors // 2, n_categories)
-        client = redis_server.client()
-        folded = fold_into_speed_state(client, settings, model, lake, events)
-        paths = request_paths(people)
+        live = build_live_state(Path(tmp), visitors, n_items, n_users, factors)
+        env, paths, client, folded = live.env, live.paths, live.client, live.folded
         try:
             port = free_port()
             server = _start_server("serving.cli", workers, port, env)
@@ -526,8 +564,7 @@ def bench_serve(
             finally:
                 _stop_server(noop)
         finally:
-            client.close()
-            redis_server.stop()
+            live.stop()
     return {
         "p50_ms": round(base["p50_ms"], 2),
         "p99_ms": round(base["p99_ms"], 2),

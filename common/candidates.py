@@ -109,6 +109,16 @@ def category_best(
 
 def top_scored(scores: Mapping[str, float], n: int) -> Scored:
     """The n highest (item, score) pairs; ties broken by item id so results are deterministic."""
+    if n <= 0:
+        return []
+    if len(scores) > 2 * n:
+        # Sort only the scores at or above the n-th highest (all of its ties kept), not all of them.
+        values = np.fromiter(scores.values(), np.float64, len(scores))
+        nth = np.partition(values, len(values) - n)[len(values) - n]
+        keys = list(scores)
+        chosen = np.flatnonzero(values >= nth).tolist()
+        pairs = [(keys[i], float(values[i])) for i in chosen]
+        return sorted(pairs, key=lambda kv: (-kv[1], kv[0]))[:n]
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
 
@@ -117,5 +127,9 @@ def merge_sources(lists: Mapping[str, Iterable[tuple[str, float]]]) -> dict[str,
     merged: dict[str, set[str]] = {}
     for source, pairs in lists.items():
         for item, _ in pairs:
-            merged.setdefault(item, set()).add(source)
+            sources = merged.get(item)
+            if sources is None:
+                merged[item] = {source}
+            else:
+                sources.add(source)
     return merged

@@ -46,6 +46,9 @@ FEATURE_NAMES: tuple[str, ...] = (
 DAY_S = 86_400.0
 POP_DAYS = 8  # per-day counts for day(t)-7 .. day(t), oldest first
 
+_COLUMN = {name: i for i, name in enumerate(FEATURE_NAMES)}
+_SOURCE_COLUMN = {source: _COLUMN[f"src_{source}"] for source in SOURCES}
+
 
 @dataclass
 class RequestState:
@@ -86,12 +89,15 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
     out = np.zeros((n, len(FEATURE_NAMES)), dtype=np.float32)
     if n == 0:
         return out
-    col = {name: i for i, name in enumerate(FEATURE_NAMES)}
+    col = _COLUMN
 
     if state.user_vector is not None and cands.item_vectors is not None:
         out[:, col["als_score"]] = cands.item_vectors @ state.user_vector
-    for j, source in enumerate(SOURCES):
-        out[:, col["src_als"] + j] = [source in s for s in cands.sources]
+    # The source flags in one pass over the pool (a candidate has one or two sources of the seven).
+    flagged = [(row, _SOURCE_COLUMN[s]) for row, sources in enumerate(cands.sources) for s in sources]
+    if flagged:
+        rows, columns = zip(*flagged, strict=True)
+        out[list(rows), list(columns)] = 1.0
 
     pop_1d, pop_7d = sliding_popularity(cands.day_counts, state.now_s)
     out[:, col["pop_1d"]] = np.log1p(pop_1d)

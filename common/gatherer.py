@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Protocol
 
 import numpy as np
@@ -133,14 +134,19 @@ def describe(
         sources=sources,
         item_vectors=item_vectors(model, item_ids),
         day_counts=lookups.day_counts(item_ids),
-        covis=np.array([gathered.covis_scores.get(i, 0.0) for i in item_ids], dtype=np.float64),
-        covis_last=np.array([gathered.covis_last.get(i, 0.0) for i in item_ids], dtype=np.float64),
-        neighbours=np.array([gathered.neighbour_scores.get(i, 0.0) for i in item_ids], dtype=np.float64),
+        covis=_column(gathered.covis_scores, item_ids),
+        covis_last=_column(gathered.covis_last, item_ids),
+        neighbours=_column(gathered.neighbour_scores, item_ids),
         categories=info.categories,
         prices=info.prices,
         created_at_s=info.created_at_s,
         promoted=info.promoted,
     )
+
+
+def _column(values: Mapping[str, float], item_ids: list[str]) -> np.ndarray:
+    """values[i] for each item, 0 where absent."""
+    return np.fromiter(map(values.get, item_ids, repeat(0.0)), np.float64, len(item_ids))
 
 
 def preferred_categories(affinity: Mapping[str, float]) -> list[str]:

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from bench.serve import SyntheticModel
 from common import redis_keys
-from common.candidates import top_n_indices
+from common.candidates import merge_sources, top_n_indices, top_scored
 from common.features import FEATURE_NAMES
 from common.model import load_model
 from common.registry import Registry
@@ -126,3 +126,21 @@ def test_top_n_is_what_a_full_partition_picks() -> None:
             scores += rng.normal(0, 1e-3, total).astype(np.float32)
         full = np.argpartition(scores, total - n)[total - n :]
         assert np.array_equal(top_n_indices(scores, n), full[np.argsort(-scores[full], kind="stable")])
+
+
+def test_top_scored_is_the_full_sort_with_ties_by_id() -> None:
+    rng = np.random.default_rng(2)
+    for trial in range(300):
+        total = int(rng.integers(0, 400))
+        n = int(rng.integers(0, 60))
+        # Few distinct values on some trials: many ties, also at the n-th place.
+        values = rng.integers(0, 4, total) if trial % 2 else rng.normal(0, 1, total)
+        scores = {f"i{int(j)}": float(v) for j, v in zip(rng.permutation(total), values, strict=True)}
+        assert top_scored(scores, n) == sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+def test_merge_sources_keeps_first_seen_order_and_every_source() -> None:
+    lists = {"als": [("a", 1.0), ("b", 0.5)], "covis": [("b", 3.0), ("c", 1.0)], "trending": [("a", 9.0)]}
+    merged = merge_sources(lists)
+    assert list(merged) == ["a", "b", "c"]
+    assert merged == {"a": {"als", "trending"}, "b": {"als", "covis"}, "c": {"covis"}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -68,6 +69,10 @@ class CatalogView:
 
     def get(self, item_id: str) -> ItemInfo | None:
         return self._items.get(item_id)
+
+    def get_many(self, item_ids: Iterable[str]) -> list[ItemInfo | None]:
+        """`get` of each item, in one C-level pass (a request looks up its whole pool)."""
+        return list(map(self._items.get, item_ids))
 
     def category(self, item_id: str) -> str:
         info = self._items.get(item_id)

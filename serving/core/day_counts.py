@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import cast
 
 import numpy as np
@@ -53,7 +54,7 @@ class DayCounts:
         if window is not None and window.days == past_days:
             # One lookup per item for every past day (not one per item and day).
             absent = len(window.rows) - 1
-            rows = np.fromiter((window.index.get(item, absent) for item in items), np.intp, len(items))
+            rows = np.fromiter(map(window.index.get, items, repeat(absent)), np.intp, len(items))
             counts[:, :-1] = window.rows[rows]
             return counts
         for j, (day, cached) in enumerate(zip(past_days, loaded, strict=True)):

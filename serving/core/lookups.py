@@ -28,13 +28,23 @@ class ServingLookups:
     def covisitation(self, seeds: Collection[str]) -> Mapping[str, Mapping[str, float]]:
         """The batch table's rows with the speed layer's live weights added on top."""
         live = self.speed.covisitation if self.speed else {}
-        merged: dict[str, dict[str, float]] = {}
+        batch = self.model.covis
+        merged: dict[str, Mapping[str, float]] = {}
         for seed in seeds:
-            row = dict(self.model.covis.get(seed, {}))
-            for other, weight in live.get(seed, {}).items():
-                row[other] = row.get(other, 0.0) + weight
-            if row:
-                merged[seed] = row
+            base, extra = batch.get(seed), live.get(seed)
+            if not extra:
+                if base:
+                    merged[seed] = base  # read only: no copy needed
+                continue
+            if not base:
+                merged[seed] = extra
+                continue
+            # The batch row, then the live items it lacks in their order; both weights summed where both have one.
+            row = dict(base)
+            row.update(extra)
+            for other in extra.keys() & base.keys():
+                row[other] = base[other] + extra[other]
+            merged[seed] = row
         return merged
 
     def trending(self, n: int) -> Scored:
@@ -63,7 +73,7 @@ class ServingLookups:
             return np.zeros((len(items), POP_DAYS))
 
     def items(self, items: Sequence[str]) -> ItemColumns:
-        infos = [self.state.catalog.get(i) for i in items]
+        infos = self.state.catalog.get_many(items)
         live_promoted = self.speed.promoted if self.speed else frozenset()
         return ItemColumns(
             categories=[info.category if info else UNCATEGORISED for info in infos],

@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import redis
@@ -99,12 +100,17 @@ class RecResult:
 
 @dataclass
 class _Pool:
-    """Candidates after rules: ids, their sources, and one heuristic score per source."""
+    """Candidates after rules: ids, their sources, and the sources' lists."""
 
     item_ids: list[str]
     sources: list[set[str]]
     infos: list[ItemInfo | None] = field(default_factory=list)  # catalog entries, looked up once
-    source_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    lists: dict[str, Scored] = field(default_factory=dict)
+
+    @cached_property
+    def source_scores(self) -> dict[str, dict[str, float]]:
+        """One heuristic score per source (the ranker variant never reads them: computed on demand)."""
+        return {source: rank_scores(pairs) for source, pairs in self.lists.items()}
 
 
 def recommend(
@@ -322,17 +328,14 @@ def _apply_rules(
     excluded = _excluded(state, rules, req, speed, now_s)
     check_catalog_stock = rules.exclude.out_of_stock
     merged = merge_sources(lists)
-    pool = _Pool(item_ids=[], sources=[])
-    for item, sources in merged.items():
-        if item in excluded:
-            continue
-        info = state.catalog.get(item)
+    items = [item for item in merged if item not in excluded]
+    pool = _Pool(item_ids=[], sources=[], lists=lists)
+    for item, info in zip(items, state.catalog.get_many(items), strict=True):
         if check_catalog_stock and info is not None and not info.in_stock:
             continue  # the catalog's flag also holds while Redis (the live set) is down
         pool.item_ids.append(item)
-        pool.sources.append(sources)
+        pool.sources.append(merged[item])
         pool.infos.append(info)
-    pool.source_scores = {source: rank_scores(pairs) for source, pairs in lists.items()}
     return pool
 
 
@@ -370,7 +373,7 @@ def _request_state(
     if speed is None:
         return RequestState(now_s=now_s, user_vector=vector)
     engaged = set(speed.person_items) | set(speed.session_items)
-    prices = [info.price for i in engaged if (info := state.catalog.get(i)) is not None and info.price > 0]
+    prices = [info.price for info in state.catalog.get_many(engaged) if info is not None and info.price > 0]
     return RequestState(
         now_s=now_s,
         user_vector=vector,
@@ -394,12 +397,18 @@ def _boost_and_diversify(
     low, high = float(scores.min()), float(scores.max())
     spread = high - low if high > low else 1.0
     live_promoted = speed.promoted if speed else frozenset()
-    rows = []
-    for item, sources, score, info in zip(pool.item_ids, pool.sources, scores, pool.infos, strict=True):
-        promoted = item in live_promoted or bool(info and info.promoted)
-        final = (float(score) - low) / spread + (rules.boost.promoted if promoted else 0.0)
-        rows.append((item, final, sources, promoted, info.category if info else UNCATEGORISED))
-    rows.sort(key=lambda r: (-r[1], r[0]))
+    promoted = np.array(
+        [item in live_promoted or bool(info and info.promoted) for item, info in zip(pool.item_ids, pool.infos, strict=True)],
+        dtype=bool,
+    )
+    final = (np.asarray(scores, dtype=np.float64) - low) / spread + np.where(promoted, rules.boost.promoted, 0.0)
+    # Best first, ties by item id (numpy compares str by code point, as Python does).
+    order = np.lexsort((np.array(pool.item_ids), -final))
+    ids, sources, infos = pool.item_ids, pool.sources, pool.infos
+    rows = [
+        (ids[i], float(final[i]), sources[i], bool(promoted[i]), info.category if (info := infos[i]) else UNCATEGORISED)
+        for i in order.tolist()
+    ]
     return [row[:4] for row in _pick(rules, rows, k)]
 
 
@@ -461,10 +470,11 @@ def _reason(
     sources: set[str],
     speed: SpeedState | None,
     model: ServingModel | None,
+    seeds: list[str],
 ) -> str:
     category = state.catalog.category(item)
     if sources & {"covis", "next"} and model is not None:
-        seed = _covis_seed(req, item, speed, model)
+        seed = _covis_seed(seeds, item, speed, model)
         if seed is not None:
             info = state.catalog.get(seed)
             label = info.label if info else seed
@@ -486,10 +496,13 @@ def _reason(
     return f"trending in {category}"
 
 
-def _covis_seed(req: RecRequest, item: str, speed: SpeedState | None, model: ServingModel) -> str | None:
-    """The most recent seed item whose co-visits include `item`."""
-    seeds = sorted(_seeds(req, speed, time.time()).items(), key=lambda kv: -kv[1])
-    for seed, _ in seeds:
+def _seeds_newest_first(req: RecRequest, speed: SpeedState | None) -> list[str]:
+    return [seed for seed, _ in sorted(_seeds(req, speed, time.time()).items(), key=lambda kv: -kv[1])]
+
+
+def _covis_seed(seeds: list[str], item: str, speed: SpeedState | None, model: ServingModel) -> str | None:
+    """The most recent seed item (`seeds`: newest first) whose co-visits include `item`."""
+    for seed in seeds:
         if item in model.covis.get(seed, {}) or (speed and item in speed.covisitation.get(seed, {})):
             return seed
     return None
@@ -506,11 +519,12 @@ def _finish(
     speed: SpeedState | None = None,
     model: ServingModel | None = None,
 ) -> RecResult:
+    seeds = _seeds_newest_first(req, speed) if any(s & {"covis", "next"} for _, _, s, _ in ranked) else []
     items = [
         Recommended(
             item_id=item,
             score=round(score, 6),
-            reason=_reason(state, req, item, sources, speed, model),
+            reason=_reason(state, req, item, sources, speed, model, seeds),
             sources=[s for s in SOURCES if s in sources],
             category=state.catalog.category(item),
             promoted=promoted,

@@ -31,6 +31,11 @@ _token_query = APIKeyQuery(
 # stretch the tail) than running each request to completion on the event loop.
 # They take an HTTPConnection, which FastAPI hands to WebSocket routes too.
 async def get_state(connection: HTTPConnection) -> ServingState:
+    return serving_state(connection)
+
+
+def serving_state(connection: HTTPConnection) -> ServingState:
+    """The worker's state, for a hot route to read itself: StateDep costs FastAPI a resolution per request."""
     state: ServingState = connection.app.state.serving
     return state
 
@@ -51,22 +56,33 @@ SettingsDep = Annotated[Settings, Depends(app_settings)]
 PushDep = Annotated[Fanout, Depends(get_push)]
 
 
-async def presented_key(
-    x_api_key: Annotated[str | None, Security(_api_key)] = None,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
-) -> str | None:
-    """The credential of the request's headers, if any."""
+ApiKeyHeader = Annotated[str | None, Security(_api_key)]
+BearerHeader = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+TokenQuery = Annotated[str | None, Security(_token_query)]
+
+
+def _credential(x_api_key: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
     return key_from_headers(x_api_key, f"Bearer {bearer.credentials}" if bearer else None)
+
+
+async def presented_key(x_api_key: ApiKeyHeader = None, bearer: BearerHeader = None) -> str | None:
+    """The credential of the request's headers, if any."""
+    return _credential(x_api_key, bearer)
 
 
 PresentedKey = Annotated[str | None, Depends(presented_key)]
 
 
+# The scope checks below take the security schemes and the app's settings themselves rather than through
+# SettingsDep and PresentedKey: FastAPI resolves each nested dependency anew on every request, and the
+# checks guard every route. The schemes stay dependencies so that the OpenAPI document names them.
 def require(scope: Scope) -> Any:
     """A dependency that lets the request through only with a key holding `scope` (or with auth off)."""
 
-    async def dependency(settings: SettingsDep, presented: PresentedKey) -> None:
-        check_scope(settings, presented, scope)
+    async def dependency(
+        connection: HTTPConnection, x_api_key: ApiKeyHeader = None, bearer: BearerHeader = None
+    ) -> None:
+        check_scope(connection.app.state.settings, _credential(x_api_key, bearer), scope)
 
     return Depends(dependency)  # typed Any: FastAPI's `dependencies=[...]` wants its private Depends class
 
@@ -76,11 +92,12 @@ def require_for_person(scope: Scope) -> Any:
     checks the returned Grant against the person and session it acts for."""
 
     async def dependency(
-        settings: SettingsDep,
-        presented: PresentedKey,
-        access_token: Annotated[str | None, Security(_token_query)] = None,
+        connection: HTTPConnection,
+        x_api_key: ApiKeyHeader = None,
+        bearer: BearerHeader = None,
+        access_token: TokenQuery = None,
     ) -> Grant:
-        return authorize(settings, presented or access_token, scope)
+        return authorize(connection.app.state.settings, _credential(x_api_key, bearer) or access_token, scope)
 
     return Depends(dependency)
 

@@ -6,11 +6,12 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, Field
 
 from common.events import DEFAULT_CONSENT, Consent, FieldError
 from common.ids import Id
-from serving.api.deps import PersonRecsRead, SingleQueryValues, StateDep
+from serving.api.deps import PersonRecsRead, SingleQueryValues, serving_state
 from serving.core import drift
 from serving.core.auth import Grant
 from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError
@@ -28,6 +29,22 @@ router = APIRouter(
 )
 
 IdParam = Annotated[Id | None, Query()]
+
+
+class RecommendationsQuery(BaseModel):
+    """The route's query parameters as one model: FastAPI validates it in one call, where it inspects and
+    validates each separately declared parameter on every request. The OpenAPI document lists the fields."""
+
+    user_id: Annotated[Id | None, Field(examples=["u-7"])] = None
+    anonymous_id: Annotated[Id | None, Field(examples=["device-42"])] = None
+    session_id: Annotated[Id | None, Field(examples=["s-1"])] = None
+    k: Annotated[int, Field(ge=1, le=100, description="How many items.")] = 10
+    context: Annotated[Context, Field(description="Where the list is shown.")] = Context.home
+    item_id: Annotated[Id | None, Field(description="The product on the page (context=product).")] = None
+    consent: Annotated[
+        Consent, Field(description="The person's consent, as on their events; default `personalisation`.")
+    ] = DEFAULT_CONSENT
+
 
 # The body is RecommendationsResponse (the OpenAPI document's), encoded by msgspec straight from the
 # recommender's dataclasses: building and dumping the pydantic models cost ~35 us a request, this ~6.
@@ -49,34 +66,33 @@ _ENCODER = msgspec.json.Encoder()
     response_model=RecommendationsResponse,
 )
 async def get_recommendations(
-    state: StateDep,
-    grant: Annotated[Grant, PersonRecsRead],
-    user_id: Annotated[IdParam, Query(examples=["u-7"])] = None,
-    anonymous_id: Annotated[IdParam, Query(examples=["device-42"])] = None,
-    session_id: Annotated[IdParam, Query(examples=["s-1"])] = None,
-    k: Annotated[int, Query(ge=1, le=100, description="How many items.")] = 10,
-    context: Annotated[Context, Query(description="Where the list is shown.")] = Context.home,
-    item_id: Annotated[IdParam, Query(description="The product on the page (context=product).")] = None,
-    consent: Annotated[
-        Consent, Query(description="The person's consent, as on their events; default `personalisation`.")
-    ] = DEFAULT_CONSENT,
+    request: Request, grant: Annotated[Grant, PersonRecsRead], query: Annotated[RecommendationsQuery, Query()]
 ) -> Response:
-    if user_id is None and anonymous_id is None:
+    if query.user_id is None and query.anonymous_id is None:
         raise ApiError(
             422,
             "invalid_request",
             "give user_id or anonymous_id",
             errors=[FieldError(field="user_id", reason="user_id or anonymous_id is required")],
         )
-    grant.check_person(user_id, anonymous_id, session_id)
-    if context is Context.product and item_id is None:
+    grant.check_person(query.user_id, query.anonymous_id, query.session_id)
+    if query.context is Context.product and query.item_id is None:
         raise ApiError(
             422,
             "invalid_request",
             "context=product needs item_id",
             errors=[FieldError(field="item_id", reason="required when context is product")],
         )
-    req = RecRequest(user_id, anonymous_id, session_id, k, context.value, item_id, consent)
+    req = RecRequest(
+        query.user_id,
+        query.anonymous_id,
+        query.session_id,
+        query.k,
+        query.context.value,
+        query.item_id,
+        query.consent,
+    )
+    state = serving_state(request)
     result, body = recommend_body(state, req)
     log_served(state, req, result)
     return Response(body, media_type="application/json")

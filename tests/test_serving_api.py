@@ -20,6 +20,7 @@ from common.lake import Lake
 from common.neighbours import session_token
 from common.redis_server import RedisServer
 from common.stream import decode_entry
+from serving.api.routes.recommendations import RecommendationsQuery
 from serving.main import create_app
 from speed_layer.consumer import SpeedConsumer
 from tests.speed_factories import add_events, make_event, speed_settings
@@ -346,6 +347,9 @@ def test_openapi_documents_every_route_with_examples(client: TestClient) -> None
     assert spec["components"]["schemas"]["Consent"]["enum"] == ["none", "analytics", "personalisation"]
     params = {p["name"]: p for p in spec["paths"]["/v1/recommendations"]["get"]["parameters"]}
     assert params["consent"]["schema"]["default"] == "personalisation"
+    # The route's query model is documented field by field, as separately declared parameters would be.
+    assert list(params) == list(RecommendationsQuery.model_fields)
+    assert {p["in"] for p in params.values()} == {"query"}
     assert "examples" in spec["components"]["schemas"]["RecommendationsResponse"]
 
 
@@ -458,6 +462,19 @@ def test_auth_scopes_are_enforced(secured: TestClient) -> None:
     assert secured.delete("/v1/users/u1", headers=reader).status_code == 403
     assert secured.get("/v1/admin/models", headers={"X-API-Key": "key-admin-0003"}).status_code == 200
     assert secured.get("/healthz").status_code == 200  # probes need no key
+
+
+def test_a_refused_key_is_answered_before_the_parameters_are_checked(secured: TestClient) -> None:
+    # The scope check runs before the query model is validated: a caller without access learns nothing
+    # about the parameters, and a repeated one is refused before both.
+    bad = {"user_id": "u1", "k": "abc", "context": "nowhere"}
+    assert secured.get("/v1/recommendations", params=bad).json()["error"] == "missing_api_key"
+    storefront = {"X-API-Key": "key-storefront-0001"}
+    assert secured.get("/v1/recommendations", params=bad, headers=storefront).json()["error"] == "insufficient_scope"
+    invalid = secured.get("/v1/recommendations", params=bad, headers={"X-API-Key": "key-reader-0002"})
+    assert invalid.status_code == 422 and [e["field"] for e in invalid.json()["errors"]] == ["k", "context"]
+    repeated = secured.get("/v1/recommendations?user_id=u1&k=1&k=2")
+    assert repeated.status_code == 422 and repeated.json()["errors"] == [{"field": "k", "reason": "given more than once"}]
 
 
 def test_the_demo_storefront_needs_a_key_once_keys_are_configured(secured: TestClient, client: TestClient) -> None:

@@ -6,8 +6,8 @@ test holds the two to the same numbers.
 
 The rule, per session: when an item enters the session's recent items for the first time, it is
 paired with the session's `steps` most recent other items (most recent first, by their latest
-event time). The g-th of them gets `follow_weight(g)` added to its row for the new item (counted in
-whole `FOLLOW_UNITS`): the sequential-rules weight of Ludewig and Jannach (2018), "a followed by b at gap g counts 1/g".
+event time). The g-th of them gets `follow_weight(g)` added to its row for the new item: the
+sequential-rules weight of Ludewig and Jannach (2018), "a followed by b at gap g counts 1/g".
 Items that leave the session's recent items (it keeps `recent_n`) can enter again.
 """
 
@@ -23,27 +23,9 @@ from common.events import ATTENTION_EVENTS
 SEQUENCE_EXCLUDED_TYPES = frozenset({"remove_from_cart"}) | ATTENTION_EVENTS
 
 
-# Rows count in units of 1/FOLLOW_UNITS, whole numbers: 1/g is exactly a whole number of units for gaps
-# up to 16 (720,720 is their least common multiple) and is rounded to the nearest unit beyond. Redis keeps
-# a small sorted set's scores as text and parses each float score again at every step of a scan, while a
-# whole number stays an integer: the live rows' writes cost half as much. Sums of units are exact, so the
-# speed layer's rows and these are the same numbers.
-FOLLOW_UNITS = 720_720
-
-
-def follow_units(gap: int) -> int:
-    """Units of "b followed a, `gap` distinct items later" (gap >= 1): 1/gap, rounded half up."""
-    return (2 * FOLLOW_UNITS + gap) // (2 * gap)
-
-
 def follow_weight(gap: int) -> float:
     """Weight of "b followed a, `gap` distinct items later" (gap >= 1)."""
-    return follow_units(gap) / FOLLOW_UNITS
-
-
-def row_weights(units: Mapping[str, float]) -> dict[str, float]:
-    """A row read in units (a live row's scores) as weights."""
-    return {other: count / FOLLOW_UNITS for other, count in units.items()}
+    return 1.0 / gap
 
 
 @dataclass
@@ -53,9 +35,9 @@ class SequenceCounter:
     steps: int
     recent_n: int
     top_n: int = 50  # followers kept per item where a row is read (speed.covis_top_n)
-    follows: defaultdict[str, defaultdict[str, int]] = field(
-        default_factory=lambda: defaultdict(lambda: defaultdict(int))
-    )  # item -> follower -> units
+    follows: defaultdict[str, defaultdict[str, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
+    )
     _sessions: dict[str, dict[str, float]] = field(default_factory=dict)  # session -> recent item -> latest time
     _top: dict[str, dict[str, float]] = field(default_factory=dict)  # rows' tops, until the row changes
 
@@ -69,7 +51,7 @@ class SequenceCounter:
         # Most recent first; Redis's ZREVRANGE breaks equal scores by member, descending.
         others = sorted(recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: self.steps]
         for gap, (other, _) in enumerate(others, start=1):
-            self.follows[other][item] += follow_units(gap)
+            self.follows[other][item] += follow_weight(gap)
             self._top.pop(other, None)
         recent[item] = ts_s
         if len(recent) > self.recent_n:  # keep the newest recent_n, as the script's trim does
@@ -84,7 +66,7 @@ class SequenceCounter:
 
     def row(self, item: str) -> Mapping[str, float]:
         """One item's whole row of followers."""
-        return row_weights(self.follows.get(item, {}))
+        return self.follows.get(item, {})
 
     def top(self) -> dict[str, Mapping[str, float]]:
         """item -> its top_n followers by weight (ties by item id), the shape serving reads."""
@@ -94,6 +76,6 @@ class SequenceCounter:
         """One item's top_n followers (what serving reads of a co-visitation key), cached until it changes."""
         cached = self._top.get(item)
         if cached is None:
-            row: Mapping[str, float] = row_weights(self.follows.get(item, {}))
+            row: Mapping[str, float] = self.follows.get(item, {})
             cached = self._top[item] = dict(sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top_n])
         return cached

@@ -8,7 +8,7 @@
 -- ARGV: event_count apply_base session_ttl recent_n dedup_ttl affinity_half_life history_ttl purchases_kept
 --       bestsellers_kept covis_kept delta_ttl covis_prefix covis_suffix covis_window nb_session_prefix
 --       nb_session_suffix nb_item_prefix nb_item_suffix nb_kept nb_ttl split n_groups covis_middle
---       nb_session_middle nb_item_middle covis_units n_versions
+--       nb_session_middle nb_item_middle n_versions
 --       version*n_versions event*event_count
 -- ARGV event: event_type item session ts weight quantity category trend_expireat popularity_expireat
 --       bestseller_increment event_id session_token personal served per_version*n_versions
@@ -18,7 +18,7 @@
 -- around an item id; nb_session_*: a neighbour-session key around a session token; nb_item_*: an
 -- item's neighbour-sessions key around the item id; each is prefix .. group(id) .. middle .. id ..
 -- suffix, group the id's slot group out of n_groups (redis_keys.grouped_template); nb_kept: sessions kept per item (0: session-kNN
--- off). covis_units: common.sequence.FOLLOW_UNITS (co-visit rows count whole units). n_versions (0-2): the model versions whose deltas the chunk updates, named by `version`.
+-- off). n_versions (0-2): the model versions whose deltas the chunk updates, named by `version`.
 -- Per event: trend_expireat, popularity_expireat, bestseller_increment (0: skip that counter);
 -- session_token is common.neighbours.session_token; personal: 1 when the event has personalisation
 -- consent, 0 when it updates the aggregates (trending, popularity, bestsellers) only: then its person
@@ -58,7 +58,6 @@ local nb_item_prefix, nb_item_suffix = ARGV[17], ARGV[18]
 local nb_kept, nb_ttl = tonumber(ARGV[19]), tonumber(ARGV[20])
 local split, n_groups = ARGV[21] == '1', tonumber(ARGV[22])
 local covis_middle, nb_session_middle, nb_item_middle = ARGV[23], ARGV[24], ARGV[25]
-local covis_units = tonumber(ARGV[26])
 local n_versions = tonumber(ARGV[ARGV_HEAD])
 local versions = {}
 for v = 1, n_versions do versions[v] = ARGV[ARGV_HEAD + v] end
@@ -95,8 +94,7 @@ local function grouped(prefix, middle, suffix, id)
 end
 
 -- Ordered co-visitation (common/sequence.py is the definition): a new item in the session is
--- added to the rows of the session's `covis_window` latest other items, the g-th latest by 1/g, in
--- whole units (follow_units: rounded half up).
+-- added to the rows of the session's `covis_window` latest other items, the g-th latest by 1/g.
 local function covisit(recent, item)
   local gap = 0
   for _, other in ipairs(redis.call('ZREVRANGE', recent, 0, covis_window)) do
@@ -106,7 +104,7 @@ local function covisit(recent, item)
         plan[#plan + 1] = other
       else
         local other_key = grouped(covis_prefix, covis_middle, covis_suffix, other)
-        add(zincr, other_key, item, math.floor((2 * covis_units + gap) / (2 * gap)))
+        add(zincr, other_key, item, 1 / gap)
         trims[other_key] = covis_kept
       end
     end

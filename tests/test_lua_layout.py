@@ -55,7 +55,7 @@ def test_sizes_come_from_the_declaration() -> None:
     assert script.argv.size({"n": 3}) == 2 + 3
     assert script.source.startswith("local KEYS_HEAD, KEYS_BLOCK, ARGV_HEAD = 1, 3, 2; -- A test script.\n")
     # The speed scripts' constants, as the Lua reads them.
-    assert APPLY_EVENTS.argv.lua_sizes() == {"ARGV_HEAD": 27, "ARGV_EVENT": 14, "ARGV_PER_VERSION": 2}
+    assert APPLY_EVENTS.argv.lua_sizes() == {"ARGV_HEAD": 26, "ARGV_EVENT": 14, "ARGV_PER_VERSION": 2}
     assert APPLY_EVENTS.keys.size({"event_count": 2, "n_versions": 1}) == 2 * (14 + 2)
     assert MERGE_IDENTITY.keys.lua_sizes() == {"KEYS_HEAD": 10, "KEYS_SESSION": 8}
 

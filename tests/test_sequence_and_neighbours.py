@@ -8,7 +8,7 @@ import math
 import pytest
 
 from common.neighbours import NeighbourIndex, score_neighbours, seed_weights
-from common.sequence import FOLLOW_UNITS, SequenceCounter, follow_units, follow_weight
+from common.sequence import SequenceCounter
 
 
 def test_an_item_counts_for_the_items_before_it_by_one_over_the_gap() -> None:
@@ -18,16 +18,6 @@ def test_an_item_counts_for_the_items_before_it_by_one_over_the_gap() -> None:
     assert dict(counter.row("a")) == {"b": 1.0, "c": 0.5}  # d is 3 steps after a: beyond steps=2
     assert dict(counter.row("c")) == {"d": 1.0}
     assert counter.row("d") == {}  # order is kept: nothing followed d
-
-
-def test_rows_count_whole_units_so_their_sums_are_exact() -> None:
-    assert all(follow_units(g) * g == FOLLOW_UNITS for g in range(1, 17))  # 1/g exactly up to 16 steps
-    assert follow_units(17) == round(FOLLOW_UNITS / 17) and follow_weight(17) == pytest.approx(1 / 17, rel=1e-4)
-    counter = SequenceCounter(steps=6, recent_n=20)
-    for session, items in (("s1", ["a", "x", "x2", "b"]), ("s2", ["a", "y", "y2", "y3", "y4", "y5", "b"])):
-        for t, item in enumerate(items):
-            counter.add(session, item, float(t))
-    assert counter.row("a")["b"] == 0.5  # 1/3 + 1/6, exactly
 
 
 def test_a_revisit_is_not_a_new_pair_but_moves_the_item_to_the_front() -> None:

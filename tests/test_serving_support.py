@@ -22,7 +22,6 @@ from bench.serve import SyntheticModel, publish_synthetic_model
 from common import redis_keys
 from common.lake import Lake
 from common.registry import Registry
-from common.sequence import FOLLOW_UNITS
 from common.settings import ApiSettings, Settings, load_settings
 from serving.core.state import ServingState
 from serving.main import create_app
@@ -104,7 +103,7 @@ def seed_session_view(
     pipe.zadd(redis_keys.person_sessions(person), {session: now})
     pipe.hincrbyfloat(redis_keys.person_items(person), item, weight)
     if covisited:
-        pipe.zadd(redis_keys.covisitation(item), {other: w * FOLLOW_UNITS for other, w in covisited.items()})
+        pipe.zadd(redis_keys.covisitation(item), covisited)
     pipe.execute()
 
 

@@ -16,7 +16,6 @@ from common.events import Event, EventType
 from common.model import ModelArtifacts, load_model
 from common.redis_server import RedisServer, is_cluster
 from common.registry import Registry
-from common.sequence import FOLLOW_UNITS
 from common.speed_state import read_speed_state
 from common.stream import group_lag
 from common.vectors import sgd_step
@@ -264,8 +263,7 @@ def test_a_chunk_writes_each_counter_key_once_whatever_its_members(
     assert calls["zincrby"] == 1
     # Per event its session's items and its item's sessions, then one a counter key (~440 ZINCRBY before).
     assert calls["zadd"] + calls["zincrby"] <= 4 * 50
-    # The row counts whole units (common.sequence.FOLLOW_UNITS): 1/g exactly, as integers Redis keeps as such.
     row = {m.decode(): s for m, s in redis_client.zrange(redis_keys.covisitation("i0"), 0, -1, withscores=True)}
-    assert row == {f"i{g}": FOLLOW_UNITS // g for g in range(1, 11)}
+    assert row == pytest.approx({f"i{g}": 1 / g for g in range(1, 11)})
     day = redis_keys.popularity_day(int(events[0].ts.timestamp() // 86_400))
     assert redis_client.zcard(day) == 50 and redis_client.zscore(day, "i7") == 1

@@ -83,8 +83,16 @@ local function add(map, key, member, by)
   t[member] = (t[member] or 0) + by
 end
 
+-- An id's slot group, remembered for the call: a session's items come back in every later event's
+-- co-visits, and a SHA-1 costs more than the write it names.
+local groups = {}
 local function grouped(prefix, middle, suffix, id)
-  return prefix .. (tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups) .. middle .. id .. suffix
+  local group = groups[id]
+  if not group then
+    group = tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups
+    groups[id] = group
+  end
+  return prefix .. group .. middle .. id .. suffix
 end
 
 -- Ordered co-visitation (common/sequence.py is the definition): a new item in the session is
@@ -388,11 +396,29 @@ for key, stored in pairs(plans_now) do
     expire_in[key] = dedup_ttl
   end
 end
+-- A key's increments in two commands (its current scores, then one ZADD) rather than one each:
+-- trending and popularity take most of a chunk's items. The sums are ZINCRBY's (doubles, exactly).
 for key, members in pairs(zincr) do
-  for member, by in pairs(members) do write('ZINCRBY', key, by, member) end
+  local names = {}
+  for member in pairs(members) do names[#names + 1] = member end
+  if #names == 1 then
+    write('ZINCRBY', key, members[names[1]], names[1])
+  else
+    local scores = write('ZMSCORE', key, unpack(names))
+    if type(scores) == 'table' and not scores.err then
+      local flat = {}
+      for i, member in ipairs(names) do
+        flat[2 * i - 1] = (tonumber(scores[i]) or 0) + members[member]
+        flat[2 * i] = member
+      end
+      write('ZADD', key, unpack(flat))
+    end
+  end
 end
 for key, members in pairs(zset) do
-  for member, score in pairs(members) do write('ZADD', key, score, member) end
+  local flat = {}
+  for member, score in pairs(members) do flat[#flat + 1] = score; flat[#flat + 1] = member end
+  write('ZADD', key, unpack(flat))
 end
 for key, members in pairs(hincr) do
   for member, by in pairs(members) do write('HINCRBYFLOAT', key, member, by) end

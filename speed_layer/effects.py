@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import zip_longest
 from typing import Any, cast
@@ -148,6 +148,32 @@ class CategoryCache:
         self.known.pop(item, None)
 
 
+class GlobalKeys:
+    """Names of the keys of no person an event writes (trending bucket, popularity day, bestsellers,
+    co-visits), remembered across batches: most carry a slot group, a SHA-1 of the id, and popular
+    items and categories come back in every batch. Bounded like CategoryCache."""
+
+    def __init__(self, max_size: int = 500_000) -> None:
+        self.max_size = max_size
+        self.known: dict[tuple[str, object], str] = {}
+
+    def get(self, family: str, key_id: object) -> str:
+        found = self.known.get((family, key_id))
+        if found is None:
+            if len(self.known) >= self.max_size:
+                self.known.clear()
+            found = self.known[(family, key_id)] = _GLOBAL_KEY_OF[family](key_id)
+        return found
+
+
+_GLOBAL_KEY_OF: dict[str, Callable[[Any], str]] = {
+    "trend": redis_keys.trending_bucket,
+    "pop": redis_keys.popularity_day,
+    "best": redis_keys.category_bestsellers,
+    "covis": redis_keys.covisitation,
+}
+
+
 def person_of(event: Event, aliases: dict[str, str]) -> str:
     """The identity an event's state is kept under: the user, else the device's alias, else the device."""
     return event.user_id or aliases.get(event.anonymous_id) or event.anonymous_id
@@ -265,6 +291,7 @@ class Applier:
             nb_item_middle=nb_item[1], nb_item_suffix=nb_item[2], n_groups=redis_keys.SLOT_GROUPS,
         )  # fmt: skip
         self.merge_script = client.register_script(MERGE_IDENTITY.source)
+        self.global_keys = GlobalKeys()
 
     # ------------------------------------------------------------ batches
 
@@ -756,9 +783,9 @@ class _Planner:
         self.deltas: list[tuple[ModelArtifacts, dict[int, tuple[np.ndarray, int]]]] = []
         self.person_keys: dict[tuple[str, str], list[str]] = {}
         self.version_keys: dict[tuple[str, str], list[str]] = {}
-        self.seen_keys: dict[str, str] = {}
+        self.seen_keys: dict[str, tuple[str, str]] = {}  # person -> seen, plans
         self.tokens: dict[tuple[str, str], str] = {}
-        self.item_keys: dict[str, str] = {}
+        self.global_keys = applier.global_keys
         self.split = applier.split
         self.globals: dict[int, EventGlobals] = {}  # split: event index -> its global effects
 
@@ -850,12 +877,13 @@ class _Planner:
             recent, cats, cart, counts, sessions, person_items, purchases, clicked = self._person_keys(
                 person, session
             )
-            seen, token, plans = self._seen_key(person), self._token(person, session), self._plans_key(person)
+            (seen, plans), token = self._seen_keys(person), self._token(person, session)
         else:
             recent, cats, cart, counts, sessions, person_items, purchases, clicked = _UNLINKED_PERSON_KEYS
             seen, token, session, plans = redis_keys.SEEN_UNLINKED, "", "", redis_keys.SEEN_UNLINKED
-        trend_key, pop_key = redis_keys.trending_bucket(bucket), redis_keys.popularity_day(day)
-        best_key, covis_key = redis_keys.category_bestsellers(category or "-"), self._covis_key(item or "-")
+        global_key = self.global_keys.get
+        trend_key, pop_key = global_key("trend", bucket), global_key("pop", day)
+        best_key, covis_key = global_key("best", category or "-"), global_key("covis", item or "-")
         trend_expireat = trend_expire if trend_expire > self.now else 0
         pop_expireat = pop_expire if pop_expire > self.now else 0
         served = self._served_key(event.rec_request_id)
@@ -917,19 +945,11 @@ class _Planner:
     def _served_key(self, rec_request_id: str | None) -> str:
         return redis_keys.bandit_served(rec_request_id) if rec_request_id else ""
 
-    def _plans_key(self, person: str) -> str:
-        return redis_keys.global_plans(person)
-
-    def _seen_key(self, person: str) -> str:
+    def _seen_keys(self, person: str) -> tuple[str, str]:
+        """The person's dedup markers and global plans."""
         found = self.seen_keys.get(person)
         if found is None:
-            found = self.seen_keys[person] = redis_keys.seen_events(person)
-        return found
-
-    def _covis_key(self, item: str) -> str:
-        found = self.item_keys.get(item)
-        if found is None:
-            found = self.item_keys[item] = redis_keys.covisitation(item)
+            found = self.seen_keys[person] = (redis_keys.seen_events(person), redis_keys.global_plans(person))
         return found
 
 

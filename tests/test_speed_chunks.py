@@ -240,3 +240,30 @@ def test_the_overlapped_loop_leaves_the_state_one_batch_at_a_time_leaves(
         states.append({key: value for key, value in _dump(redis_client).items() if ":speed:" not in key})
     assert states[0] == states[1]
     assert int(redis_client.get(redis_keys.user_event_count("u1", "v1"))) > 10
+
+
+def test_a_chunk_writes_each_counter_key_once_whatever_its_members(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A session walking 50 new items: each trending, popularity and co-visit key of the chunk gets one
+    ZMSCORE and one ZADD for all its members (not a ZINCRBY a member), and the sums are the rule's."""
+    settings = speed_settings(tmp_path, redis_server.url, script_chunk=50, covis_steps=10)
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    events = [
+        make_event(EventType.VIEW, f"i{j}", ts=start + timedelta(seconds=j), received_at=start + timedelta(seconds=j))
+        for j in range(50)
+    ]
+    redis_client.flushall()
+    redis_client.config_resetstat()
+    result = Applier(redis_client, settings).apply(events, [], now_s=events[-1].ts.timestamp())
+    assert result.applied == 50 and not result.failed
+
+    calls = {name.removeprefix("cmdstat_"): int(stat["calls"]) for name, stat in redis_client.info("commandstats").items()}
+    # Only row i48 has a single follower (i49); every other key's members go in one ZADD.
+    assert calls["zincrby"] == 1
+    # Per event its session's items and its item's sessions, then one a counter key (~440 ZINCRBY before).
+    assert calls["zadd"] + calls["zincrby"] <= 4 * 50
+    row = {m.decode(): s for m, s in redis_client.zrange(redis_keys.covisitation("i0"), 0, -1, withscores=True)}
+    assert row == pytest.approx({f"i{g}": 1 / g for g in range(1, 11)})
+    day = redis_keys.popularity_day(int(events[0].ts.timestamp() // 86_400))
+    assert redis_client.zcard(day) == 50 and redis_client.zscore(day, "i7") == 1

@@ -1,12 +1,10 @@
 """Erasure and consent withdrawal on a real Redis Cluster (3 masters, 3 replicas) through the real API and
 speed consumer, held to one redis-server: each scenario runs on both and must leave the same state.
 
-The device is linked to the user by writing what the identify merge writes (the alias and the user's
-device index): the merge itself is refused on a cluster yet (README, Redis Cluster, "Not yet")."""
+The device is linked to the user by a real identify event (on the cluster, the stepwise merge)."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,10 +40,10 @@ def api_on(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
         yield api
 
 
-def link(client: redis.Redis, device: str, user: str) -> None:
-    """What the identify merge leaves linking a device to a user: its alias and the user's device index."""
-    client.set(redis_keys.alias(device), user)
-    client.zadd(redis_keys.person_devices(user), {device: time.time()})
+def link(api: TestClient, consumer: SpeedConsumer, device: str, user: str) -> None:
+    """The device signs in as the user: an identify event through the API, applied by the consumer."""
+    post(api, {**view_event(device, "i5"), "event_type": "identify", "item_id": None, "user_id": user})
+    drain(consumer)
 
 
 def families(keys: frozenset[bytes]) -> Counter[str]:
@@ -73,7 +71,7 @@ def erase_scenario(api: TestClient, client: redis.Redis) -> dict[str, Any]:
     drain(consumer)  # switches the speed layer to the published version, so the user's events build a delta
     post(api, view_event(DEVICE, "i5"), {**view_event(DEVICE, "i13"), "event_type": "add_to_cart"})
     drain(consumer)
-    link(client, DEVICE, USER)
+    link(api, consumer, DEVICE, USER)
     post(api, view_event(DEVICE, "i21", user_id=USER), view_event(DEVICE, "i13", user_id=USER),
          view_event(OTHER, "i5", session="s9"))  # fmt: skip
     drain(consumer)
@@ -119,7 +117,7 @@ def withdraw_scenario(api: TestClient, client: redis.Redis) -> dict[str, Any]:
     user, device = "u33", "dev-u33"
     post(api, view_event(device, "i5"))
     drain(consumer)
-    link(client, device, user)
+    link(api, consumer, device, user)
     post(api, *shopping(user, "personalisation"))
     drain(consumer)
     held = redis_keys.holdings(client, user)

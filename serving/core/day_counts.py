@@ -46,11 +46,8 @@ class DayCounts:
             loaded = [self._past.get(day) for day in past_days]
             window = self._window
         live = [day_index(now_s)] + [day for day, c in zip(past_days, loaded, strict=True) if c is None]
-        pipe = client.pipeline(transaction=False)
-        for day in live:
-            pipe.zmscore(redis_keys.popularity_day(day), items)
-        by_day = dict(zip(live, pipe.execute(), strict=True))
-        counts[:, -1] = [float(v) if v is not None else 0.0 for v in by_day[day_index(now_s)]]
+        by_day = _scores_by_day(client, live, items)
+        counts[:, -1] = _zero_absent(by_day[day_index(now_s)])
         if window is not None and window.days == past_days:
             # One lookup per item for every past day (not one per item and day).
             absent = len(window.rows) - 1
@@ -61,7 +58,7 @@ class DayCounts:
             if cached is not None:
                 counts[:, j] = [cached.get(item, 0.0) for item in items]
             else:
-                counts[:, j] = [float(v) if v is not None else 0.0 for v in by_day[day]]
+                counts[:, j] = _zero_absent(by_day[day])
         return counts
 
     def refresh(self, client: redis.Redis, now_s: float | None = None) -> int:
@@ -91,6 +88,23 @@ class DayCounts:
             ):
                 self._window = _PastWindow.of(wanted, [self._past[day] for day in wanted])
         return loaded
+
+
+def _scores_by_day(client: redis.Redis, days: list[int], items: list[str]) -> dict[int, list[float | None]]:
+    """day -> ZMSCORE of `items` in its sorted set, in one round trip."""
+    if len(days) == 1:  # the usual request (past days loaded): a plain command costs less than a pipeline
+        return {days[0]: client.zmscore(redis_keys.popularity_day(days[0]), items)}
+    pipe = client.pipeline(transaction=False)
+    for day in days:
+        pipe.zmscore(redis_keys.popularity_day(day), items)
+    return dict(zip(days, pipe.execute(), strict=True))
+
+
+def _zero_absent(scores: list[float | None]) -> np.ndarray:
+    """ZMSCORE's reply as counts: None (a member not in the set) is 0 (no count is NaN)."""
+    counts = np.array(scores, dtype=np.float64)
+    counts[np.isnan(counts)] = 0.0
+    return counts
 
 
 @dataclass(frozen=True)

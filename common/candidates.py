@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from operator import itemgetter
 
 import numpy as np
 
@@ -28,7 +29,8 @@ def als_top_n(
     if n <= 0 or len(item_ids) == 0:
         return []
     scores = item_factors @ user_vector.astype(item_factors.dtype, copy=False)
-    return [(item_ids[i], float(scores[i])) for i in top_n_indices(scores, min(n, len(scores)))]
+    top = top_n_indices(scores, min(n, len(scores)))
+    return list(zip(map(item_ids.__getitem__, top.tolist()), scores[top].tolist(), strict=True))
 
 
 PREFILTER_SAMPLE = 2048  # scores sampled to bound the n-th highest from below
@@ -115,11 +117,19 @@ def top_scored(scores: Mapping[str, float], n: int) -> Scored:
         # Sort only the scores at or above the n-th highest (all of its ties kept), not all of them.
         values = np.fromiter(scores.values(), np.float64, len(scores))
         nth = np.partition(values, len(values) - n)[len(values) - n]
-        keys = list(scores)
-        chosen = np.flatnonzero(values >= nth).tolist()
-        pairs = [(keys[i], float(values[i])) for i in chosen]
-        return sorted(pairs, key=lambda kv: (-kv[1], kv[0]))[:n]
-    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+        chosen = np.flatnonzero(values >= nth)
+        pairs = list(zip(map(list(scores).__getitem__, chosen.tolist()), values[chosen].tolist(), strict=True))
+    else:
+        pairs = list(scores.items())
+    return _best_first(pairs)[:n]
+
+
+def _best_first(pairs: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Sorted in place by score, highest first, ties by item id: two stable sorts on C-level keys (the
+    second keeps the first's id order among equal scores), not a Python key function per pair."""
+    pairs.sort(key=itemgetter(0))
+    pairs.sort(key=itemgetter(1), reverse=True)
+    return pairs
 
 
 def merge_sources(lists: Mapping[str, Iterable[tuple[str, float]]]) -> dict[str, set[str]]:

@@ -144,7 +144,7 @@ def describe(
     )
 
 
-def _column(values: Mapping[str, float], item_ids: list[str]) -> np.ndarray:
+def _column(values: Mapping[str, float], item_ids: Sequence[str]) -> np.ndarray:
     """values[i] for each item, 0 where absent."""
     return np.fromiter(map(values.get, item_ids, repeat(0.0)), np.float64, len(item_ids))
 
@@ -172,7 +172,7 @@ def heuristic_scores(
     must beat)."""
     total = np.zeros(len(item_ids), dtype=np.float64)
     for ranks in source_ranks.values():
-        total += np.array([ranks.get(i, 0.0) for i in item_ids], dtype=np.float64)
+        total += _column(ranks, item_ids)
     if vector is not None and len(item_ids):
         total += item_vectors(model, item_ids) @ vector.astype(np.float32)
     return total
@@ -187,7 +187,7 @@ def pool(gathered: Gathered) -> tuple[list[str], list[set[str]]]:
 def item_vectors(model: ModelArtifacts, item_ids: Sequence[str]) -> np.ndarray:
     """N x factors; rows of zeros for items the model does not know."""
     index = model.item_index
-    rows = np.array([index.get(i, -1) for i in item_ids], dtype=np.int64)
+    rows = np.fromiter(map(index.get, item_ids, repeat(-1)), np.int64, len(item_ids))
     vectors = model.item_factors[np.maximum(rows, 0)] if len(rows) else np.zeros((0, model.factors), np.float32)
     vectors[rows < 0] = 0.0  # fancy indexing copied, so the model's factors are untouched
     return vectors

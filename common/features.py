@@ -9,8 +9,9 @@ matrix LightGBM sees. Nothing here reads a store, so both sides compute the same
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 
@@ -93,11 +94,11 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
 
     if state.user_vector is not None and cands.item_vectors is not None:
         out[:, col["als_score"]] = cands.item_vectors @ state.user_vector
-    # The source flags in one pass over the pool (a candidate has one or two sources of the seven).
-    flagged = [(row, _SOURCE_COLUMN[s]) for row, sources in enumerate(cands.sources) for s in sources]
-    if flagged:
-        rows, columns = zip(*flagged, strict=True)
-        out[list(rows), list(columns)] = 1.0
+    # The source flags in one pass over the pool (a candidate has one or two sources of the seven), as
+    # positions in the flattened matrix.
+    width = len(FEATURE_NAMES)
+    flagged = [row + _SOURCE_COLUMN[s] for row, sources in zip(range(0, n * width, width), cands.sources, strict=True) for s in sources]
+    out.reshape(-1)[flagged] = 1.0
 
     pop_1d, pop_7d = sliding_popularity(cands.day_counts, state.now_s)
     out[:, col["pop_1d"]] = np.log1p(pop_1d)
@@ -111,17 +112,22 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
     out[:, col["session_items"]] = len(state.session_items)
 
     affinity = normalised_affinity(state.category_affinity)
-    out[:, col["category_affinity"]] = [affinity.get(c, 0.0) for c in cands.categories]
+    out[:, col["category_affinity"]] = np.fromiter(map(affinity.get, cands.categories, repeat(0.0)), np.float64, n)
     if state.typical_price and state.typical_price > 0:
         out[:, col["price_ratio"]] = cands.prices / state.typical_price
     else:
         out[:, col["price_ratio"]] = 1.0
     out[:, col["item_age_days"]] = np.maximum(0.0, (state.now_s - cands.created_at_s) / DAY_S)
-    out[:, col["seen_in_session"]] = [i in state.session_items for i in cands.item_ids]
-    out[:, col["in_cart"]] = [i in state.cart for i in cands.item_ids]
-    out[:, col["bought_before"]] = [i in state.purchases for i in cands.item_ids]
+    out[:, col["seen_in_session"]] = _members(cands.item_ids, state.session_items)
+    out[:, col["in_cart"]] = _members(cands.item_ids, state.cart)
+    out[:, col["bought_before"]] = _members(cands.item_ids, state.purchases)
     out[:, col["promoted"]] = cands.promoted
     return out
+
+
+def _members(item_ids: list[str], group: Collection[str]) -> np.ndarray:
+    """Whether each item is in `group`, at C level (map of its `in`)."""
+    return np.fromiter(map(group.__contains__, item_ids), bool, len(item_ids))
 
 
 def _share_of_max(values: np.ndarray) -> np.ndarray:

@@ -73,13 +73,16 @@ class ServingLookups:
             return np.zeros((len(items), POP_DAYS))
 
     def items(self, items: Sequence[str]) -> ItemColumns:
-        infos = self.state.catalog.get_many(items)
+        unknown = (UNCATEGORISED, 0.0, self.now_s, False)
+        # One pass over the entries, then each column at C level.
+        categories, prices, created_at_s, promoted = zip(*[
+            (info.category, info.price, info.created_at_s, info.promoted) if info else unknown
+            for info in self.state.catalog.get_many(items)
+        ], strict=True) if items else ((), (), (), ())  # fmt: skip
         live_promoted = self.speed.promoted if self.speed else frozenset()
         return ItemColumns(
-            categories=[info.category if info else UNCATEGORISED for info in infos],
-            prices=np.array([info.price if info else 0.0 for info in infos]),
-            created_at_s=np.array([info.created_at_s if info else self.now_s for info in infos]),
-            promoted=np.array(
-                [i in live_promoted or bool(info and info.promoted) for i, info in zip(items, infos, strict=True)]
-            ),
+            categories=list(categories),
+            prices=np.array(prices, dtype=np.float64),
+            created_at_s=np.array(created_at_s, dtype=np.float64),
+            promoted=np.array(promoted, dtype=bool) | np.fromiter(map(live_promoted.__contains__, items), bool, len(items)),
         )

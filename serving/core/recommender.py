@@ -8,6 +8,7 @@ failing: without Redis it serves batch-only lists, without a model popular items
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -381,7 +382,7 @@ def _request_state(
         category_affinity=speed.category_affinity,
         cart=frozenset(speed.cart),
         purchases=speed.purchases,
-        typical_price=float(np.median(prices)) if prices else None,
+        typical_price=statistics.median(prices) if prices else None,  # np.median's value, without its overhead
     )
 
 
@@ -402,14 +403,28 @@ def _boost_and_diversify(
         dtype=bool,
     )
     final = (np.asarray(scores, dtype=np.float64) - low) / spread + np.where(promoted, rules.boost.promoted, 0.0)
-    # Best first, ties by item id (numpy compares str by code point, as Python does).
-    order = np.lexsort((np.array(pool.item_ids), -final))
-    ids, sources, infos = pool.item_ids, pool.sources, pool.infos
-    rows = [
-        (ids[i], float(final[i]), sources[i], bool(promoted[i]), info.category if (info := infos[i]) else UNCATEGORISED)
-        for i in order.tolist()
-    ]
+    order = _best_first(final, pool.item_ids)
+    # The pool's columns in that order, each gathered at C level (map), then zipped into rows.
+    infos = list(map(pool.infos.__getitem__, order))
+    rows = list(zip(
+        map(pool.item_ids.__getitem__, order),
+        final[order].tolist(),
+        map(pool.sources.__getitem__, order),
+        promoted[order].tolist(),
+        [info.category if info else UNCATEGORISED for info in infos],
+        strict=True,
+    ))  # fmt: skip
     return [row[:4] for row in _pick(rules, rows, k)]
+
+
+def _best_first(final: np.ndarray, item_ids: list[str]) -> list[int]:
+    """Pool positions by score, best first, ties by item id."""
+    order = np.argsort(-final, kind="stable")
+    ranked = final[order]
+    if len(ranked) > 1 and (bool(np.any(ranked[1:] == ranked[:-1])) or np.isnan(ranked[-1])):
+        # Tied scores (NaNs, sorted last, count as tied): by id (numpy compares str by code point, as Python does).
+        order = np.lexsort((np.array(item_ids), -final))
+    return list(order.tolist())
 
 
 _Row = tuple[str, float, set[str], bool, str]  # item, score, sources, promoted, category
@@ -467,12 +482,12 @@ def _reason(
     state: ServingState,
     req: RecRequest,
     item: str,
+    category: str,
     sources: set[str],
     speed: SpeedState | None,
     model: ServingModel | None,
     seeds: list[str],
 ) -> str:
-    category = state.catalog.category(item)
     if sources & {"covis", "next"} and model is not None:
         seed = _covis_seed(seeds, item, speed, model)
         if seed is not None:
@@ -520,17 +535,12 @@ def _finish(
     model: ServingModel | None = None,
 ) -> RecResult:
     seeds = _seeds_newest_first(req, speed) if any(s & {"covis", "next"} for _, _, s, _ in ranked) else []
-    items = [
-        Recommended(
-            item_id=item,
-            score=round(score, 6),
-            reason=_reason(state, req, item, sources, speed, model, seeds),
-            sources=[s for s in SOURCES if s in sources],
-            category=state.catalog.category(item),
-            promoted=promoted,
-        )
-        for item, score, sources, promoted in ranked
-    ]
+    items: list[Recommended] = []
+    for item, score, sources, promoted in ranked:
+        category = state.catalog.category(item)  # once: the reason names it too
+        reason = _reason(state, req, item, category, sources, speed, model, seeds)
+        listed = [s for s in SOURCES if s in sources]
+        items.append(Recommended(item, round(score, 6), reason, listed, category, promoted))
     metrics.CANDIDATES.observe(n_candidates)
     if model is None:
         metrics.FALLBACKS.labels(reason="no_model").inc()

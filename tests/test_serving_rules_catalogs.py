@@ -3,7 +3,7 @@ still lets a list fill its k places when the pool holds k items."""
 
 from __future__ import annotations
 
-from serving.core.catalog_view import UNCATEGORISED
+from serving.core.catalog_view import UNCATEGORISED, CatalogView, ItemInfo
 from serving.core.recommender import _pick
 from serving.core.rules import Diversity, NewArrivals, Rules
 
@@ -42,3 +42,17 @@ def test_the_new_arrival_quota_keeps_k_items_on_a_catalog_without_categories() -
 
 def test_a_short_pool_gives_every_item_it_has() -> None:
     assert len(_pick(Rules(), rows(7), K)) == 7
+
+
+def test_newest_gives_in_stock_items_created_since_newest_first_at_most_n() -> None:
+    def info(item: str, created: float, in_stock: bool = True) -> ItemInfo:
+        return ItemInfo(item, "", UNCATEGORISED, 1.0, created, in_stock, False)
+
+    catalog = CatalogView({i.item_id: i for i in [info("a", 10.0), info("b", 30.0), info("c", 20.0, in_stock=False),
+                                                  info("d", 20.0), info("e", 5.0)]})  # fmt: skip
+    assert [i.item_id for i in catalog.newest(10.0, 10)] == ["b", "d", "a"]  # created at since_s counts; c is out
+    assert [i.item_id for i in catalog.newest(10.0, 2)] == ["b", "d"]
+    assert [i.item_id for i in catalog.newest(31.0, 10)] == []
+    assert catalog.newest(0.0, 0) == []
+    catalog.add([info("f", 40.0), info("g", 40.0)])  # ties by id
+    assert [i.item_id for i in catalog.newest(25.0, 10)] == ["f", "g", "b"]

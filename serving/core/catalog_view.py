@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import threading
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from itertools import compress, islice
+from operator import attrgetter
 
 from common.catalog import ItemUpdate
 from common.content import ItemContent, content_of_row
 from common.lake import Lake
 
 UNCATEGORISED = "uncategorised"
+_IN_STOCK = attrgetter("in_stock")
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,9 @@ class CatalogView:
     def __init__(self, items: dict[str, ItemInfo]) -> None:
         self._items = items
         self._lock = threading.Lock()
-        self._newest: list[ItemInfo] = []
+        # Newest first, and their negated creation times (ascending, for bisect): one tuple, replaced whole,
+        # so a reader never pairs one version's entries with another's times.
+        self._newest: tuple[list[ItemInfo], list[float]] = ([], [])
         self._reindex()
 
     @classmethod
@@ -80,13 +86,10 @@ class CatalogView:
 
     def newest(self, since_s: float, n: int) -> list[ItemInfo]:
         """In-stock items created after `since_s`, newest first."""
-        out: list[ItemInfo] = []
-        for info in self._newest:
-            if info.created_at_s < since_s or len(out) >= n:
-                break
-            if info.in_stock:
-                out.append(info)
-        return out
+        newest, ages = self._newest
+        # The entries created since then lead `newest`; the first n in stock of them, filtered at C level.
+        recent = newest[: bisect_right(ages, -since_s)]
+        return list(islice(compress(recent, map(_IN_STOCK, recent)), max(n, 0)))
 
     def add(self, infos: list[ItemInfo]) -> None:
         """Add or replace whole entries (the replay's items as they are created)."""
@@ -126,4 +129,5 @@ class CatalogView:
 
     def _reindex(self) -> None:
         # Newest first, ties by item id: the order ranker training gives new arrivals (spark_jobs/replay.py).
-        self._newest = sorted(self._items.values(), key=lambda i: (-i.created_at_s, i.item_id))[:2000]
+        newest = sorted(self._items.values(), key=lambda i: (-i.created_at_s, i.item_id))[:2000]
+        self._newest = (newest, [-info.created_at_s for info in newest])

@@ -137,9 +137,8 @@ def merge_sources(lists: Mapping[str, Iterable[tuple[str, float]]]) -> dict[str,
     merged: dict[str, set[str]] = {}
     for source, pairs in lists.items():
         for item, _ in pairs:
-            sources = merged.get(item)
-            if sources is None:
-                merged[item] = {source}
+            if item in merged:
+                merged[item].add(source)
             else:
-                sources.add(source)
+                merged[item] = {source}
     return merged

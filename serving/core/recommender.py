@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import compress
 
 import numpy as np
 import redis
@@ -327,17 +328,13 @@ def _apply_rules(
     now_s: float,
 ) -> _Pool:
     excluded = _excluded(state, rules, req, speed, now_s)
-    check_catalog_stock = rules.exclude.out_of_stock
     merged = merge_sources(lists)
     items = [item for item in merged if item not in excluded]
-    pool = _Pool(item_ids=[], sources=[], lists=lists)
-    for item, info in zip(items, state.catalog.get_many(items), strict=True):
-        if check_catalog_stock and info is not None and not info.in_stock:
-            continue  # the catalog's flag also holds while Redis (the live set) is down
-        pool.item_ids.append(item)
-        pool.sources.append(merged[item])
-        pool.infos.append(info)
-    return pool
+    infos = state.catalog.get_many(items)
+    if rules.exclude.out_of_stock:  # the catalog's flag also holds while Redis (the live set) is down
+        in_stock = [info is None or info.in_stock for info in infos]
+        items, infos = list(compress(items, in_stock)), list(compress(infos, in_stock))
+    return _Pool(items, list(map(merged.__getitem__, items)), infos, lists)
 
 
 # ---------------------------------------------------------------- scoring

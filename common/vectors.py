@@ -37,7 +37,8 @@ def fold_in(
     r = np.asarray(weights, dtype=np.float64)
     y = item_factors[idx].astype(np.float64)
     confidence = 1.0 + alpha * r
-    a = yty + (y.T * (confidence - 1.0)) @ y + regularization * np.eye(k)
+    a = yty + (y.T * (confidence - 1.0)) @ y
+    a.flat[:: k + 1] += regularization  # + λI: the diagonal alone (adding λ·I's zeros changes no entry)
     b = y.T @ confidence
     return np.linalg.solve(a, b).astype(np.float32)
 

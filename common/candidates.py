@@ -104,8 +104,10 @@ def category_best(
     for category, weight in affinity.items():
         if weight <= 0:
             continue
+        share = weight / total
         for item, count in bestsellers.get(category, {}).items():
-            scores[item] = max(scores.get(item, 0.0), weight / total * count)
+            score, best = share * count, scores.get(item, 0.0)
+            scores[item] = score if score > best else best  # max(best, score) without the builtin's call
     return top_scored(scores, n)
 
 

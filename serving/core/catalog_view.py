@@ -49,6 +49,7 @@ class CatalogView:
         # Newest first, and their negated creation times (ascending, for bisect): one tuple, replaced whole,
         # so a reader never pairs one version's entries with another's times.
         self._newest: tuple[list[ItemInfo], list[float]] = ([], [])
+        self.promoted: frozenset[str] = frozenset()  # the promoted items' ids (few): membership, not a lookup
         self._reindex()
 
     @classmethod
@@ -131,3 +132,4 @@ class CatalogView:
         # Newest first, ties by item id: the order ranker training gives new arrivals (spark_jobs/replay.py).
         newest = sorted(self._items.values(), key=lambda i: (-i.created_at_s, i.item_id))[:2000]
         self._newest = (newest, [-info.created_at_s for info in newest])
+        self.promoted = frozenset(item for item, info in self._items.items() if info.promoted)

@@ -73,16 +73,24 @@ class ServingLookups:
             return np.zeros((len(items), POP_DAYS))
 
     def items(self, items: Sequence[str]) -> ItemColumns:
-        unknown = (UNCATEGORISED, 0.0, self.now_s, False)
+        unknown = (UNCATEGORISED, 0.0, self.now_s)
         # One pass over the entries, then each column at C level.
-        categories, prices, created_at_s, promoted = zip(*[
-            (info.category, info.price, info.created_at_s, info.promoted) if info else unknown
+        categories, prices, created_at_s = zip(*[
+            (info.category, info.price, info.created_at_s) if info else unknown
             for info in self.state.catalog.get_many(items)
-        ], strict=True) if items else ((), (), (), ())  # fmt: skip
-        live_promoted = self.speed.promoted if self.speed else frozenset()
+        ], strict=True) if items else ((), (), ())  # fmt: skip
         return ItemColumns(
             categories=list(categories),
             prices=np.array(prices, dtype=np.float64),
             created_at_s=np.array(created_at_s, dtype=np.float64),
-            promoted=np.array(promoted, dtype=bool) | np.fromiter(map(live_promoted.__contains__, items), bool, len(items)),
+            promoted=promoted_flags(self.state, self.speed, items),
         )
+
+
+def promoted_flags(state: ServingState, speed: SpeedState | None, items: Sequence[str]) -> np.ndarray:
+    """Whether each item is promoted, live (the speed layer's set) or in the catalog."""
+    live = speed.promoted if speed else frozenset()
+    catalog = state.catalog.promoted
+    return np.fromiter(map(live.__contains__, items), bool, len(items)) | np.fromiter(
+        map(catalog.__contains__, items), bool, len(items)
+    )

@@ -34,7 +34,7 @@ from common.vectors import fold_in
 from serving.core import metrics
 from serving.core.catalog_view import UNCATEGORISED, ItemInfo
 from serving.core.experiments import assign_variant
-from serving.core.lookups import ServingLookups
+from serving.core.lookups import ServingLookups, promoted_flags
 from serving.core.metrics import StageClock
 from serving.core.model_holder import ServingModel
 from serving.core.rules import Rules
@@ -388,17 +388,14 @@ def _request_state(
 
 def _boost_and_diversify(
     state: ServingState, rules: Rules, pool: _Pool, scores: np.ndarray, speed: SpeedState | None, k: int
-) -> list[tuple[str, float, set[str], bool]]:
-    """(item, score, sources, promoted) for the top k: promoted boosted, new arrivals reserved, category cap."""
+) -> list[_Row]:
+    """(item, score, sources, promoted, category) for the top k: promoted boosted, new arrivals reserved,
+    category cap."""
     if not pool.item_ids:
         return []
     low, high = float(scores.min()), float(scores.max())
     spread = high - low if high > low else 1.0
-    live_promoted = speed.promoted if speed else frozenset()
-    promoted = np.array(
-        [item in live_promoted or bool(info and info.promoted) for item, info in zip(pool.item_ids, pool.infos, strict=True)],
-        dtype=bool,
-    )
+    promoted = promoted_flags(state, speed, pool.item_ids)
     final = (np.asarray(scores, dtype=np.float64) - low) / spread + np.where(promoted, rules.boost.promoted, 0.0)
     order = _best_first(final, pool.item_ids)
     # The pool's columns in that order, each gathered at C level (map), then zipped into rows.
@@ -411,7 +408,7 @@ def _boost_and_diversify(
         [info.category if info else UNCATEGORISED for info in infos],
         strict=True,
     ))  # fmt: skip
-    return [row[:4] for row in _pick(rules, rows, k)]
+    return _pick(rules, rows, k)
 
 
 def _best_first(final: np.ndarray, item_ids: list[str]) -> list[int]:
@@ -462,7 +459,7 @@ def _pick(rules: Rules, rows: list[_Row], k: int) -> list[_Row]:
 
 def _without_model(
     state: ServingState, rules: Rules, speed: SpeedState | None, req: RecRequest, now_s: float
-) -> tuple[list[tuple[str, float, set[str], bool]], int]:
+) -> tuple[list[_Row], int]:
     """Popular items from the lake (then the catalog's newest), under the same rules and diversity."""
     n = state.settings.training.candidates.trending
     popular = state.lake_popular or [(i.item_id, i.created_at_s) for i in state.catalog.newest(0.0, n)]
@@ -485,7 +482,7 @@ def _reason(
     model: ServingModel | None,
     seeds: list[str],
 ) -> str:
-    if sources & {"covis", "next"} and model is not None:
+    if model is not None and not sources.isdisjoint(_SEEDED):
         seed = _covis_seed(seeds, item, speed, model)
         if seed is not None:
             info = state.catalog.get(seed)
@@ -508,6 +505,9 @@ def _reason(
     return f"trending in {category}"
 
 
+_SEEDED = frozenset({"covis", "next"})  # the sources whose reason names the seed item
+
+
 def _seeds_newest_first(req: RecRequest, speed: SpeedState | None) -> list[str]:
     return [seed for seed, _ in sorted(_seeds(req, speed, time.time()).items(), key=lambda kv: -kv[1])]
 
@@ -526,15 +526,14 @@ def _finish(
     variant: str,
     version: str | None,
     degraded: list[str],
-    ranked: list[tuple[str, float, set[str], bool]],
+    ranked: list[_Row],
     n_candidates: int,
     speed: SpeedState | None = None,
     model: ServingModel | None = None,
 ) -> RecResult:
-    seeds = _seeds_newest_first(req, speed) if any(s & {"covis", "next"} for _, _, s, _ in ranked) else []
+    seeds = _seeds_newest_first(req, speed) if any(not row[2].isdisjoint(_SEEDED) for row in ranked) else []
     items: list[Recommended] = []
-    for item, score, sources, promoted in ranked:
-        category = state.catalog.category(item)  # once: the reason names it too
+    for item, score, sources, promoted, category in ranked:
         reason = _reason(state, req, item, category, sources, speed, model, seeds)
         listed = [s for s in SOURCES if s in sources]
         items.append(Recommended(item, round(score, 6), reason, listed, category, promoted))

@@ -10,6 +10,7 @@ import functools
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from operator import itemgetter
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -123,15 +124,19 @@ def top_scored(scores: Mapping[str, float], n: int) -> Scored:
         pairs = list(zip(map(list(scores).__getitem__, chosen.tolist()), values[chosen].tolist(), strict=True))
     else:
         pairs = list(scores.items())
-    return _best_first(pairs)[:n]
+    return best_first(pairs)[:n]
 
 
-def _best_first(pairs: list[tuple[str, float]]) -> list[tuple[str, float]]:
-    """Sorted in place by score, highest first, ties by item id: two stable sorts on C-level keys (the
-    second keeps the first's id order among equal scores), not a Python key function per pair."""
-    pairs.sort(key=itemgetter(0))
-    pairs.sort(key=itemgetter(1), reverse=True)
-    return pairs
+RankedRow = TypeVar("RankedRow", bound=tuple[Any, ...])
+
+
+def best_first(rows: list[RankedRow]) -> list[RankedRow]:
+    """`rows` ((item id, score, ...)) sorted in place by score, highest first, ties by item id: two stable
+    sorts on C-level keys (the second keeps the first's id order among equal scores), not a Python key
+    function per row."""
+    rows.sort(key=itemgetter(0))
+    rows.sort(key=itemgetter(1), reverse=True)
+    return rows
 
 
 def merge_sources(lists: Mapping[str, Iterable[tuple[str, float]]]) -> dict[str, set[str]]:

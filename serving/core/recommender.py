@@ -18,7 +18,7 @@ from itertools import compress
 import numpy as np
 import redis
 
-from common.candidates import Scored, merge_sources
+from common.candidates import Scored, best_first, merge_sources
 from common.events import DEFAULT_CONSENT, Consent
 from common.features import FEATURE_NAMES, SOURCES, Candidates, RequestState, compute_features
 from common.gatherer import (
@@ -451,7 +451,7 @@ def _pick(rules: Rules, rows: list[_Row], k: int) -> list[_Row]:
         if len(chosen) >= k:
             break
         take(row)
-    return sorted(chosen, key=lambda r: (-r[1], r[0]))
+    return best_first(chosen)
 
 
 # ---------------------------------------------------------------- no model

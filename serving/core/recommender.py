@@ -397,7 +397,7 @@ def _boost_and_diversify(
     spread = high - low if high > low else 1.0
     promoted = promoted_flags(state, speed, pool.item_ids)
     final = (np.asarray(scores, dtype=np.float64) - low) / spread + np.where(promoted, rules.boost.promoted, 0.0)
-    order = _best_first(final, pool.item_ids)
+    order = _ranked_positions(final, pool.item_ids)
     # The pool's columns in that order, each gathered at C level (map), then zipped into rows.
     infos = list(map(pool.infos.__getitem__, order))
     rows = list(zip(
@@ -411,7 +411,7 @@ def _boost_and_diversify(
     return _pick(rules, rows, k)
 
 
-def _best_first(final: np.ndarray, item_ids: list[str]) -> list[int]:
+def _ranked_positions(final: np.ndarray, item_ids: list[str]) -> list[int]:
     """Pool positions by score, best first, ties by item id."""
     order = np.argsort(-final, kind="stable")
     ranked = final[order]

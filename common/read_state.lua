@@ -21,8 +21,14 @@
 -- speed version, trending, {item, covis}..., {category, bestsellers}..., out of stock, promoted,
 -- neighbours (item, score as text, ...: common/neighbours.py scores the same way).
 local n_groups = tonumber(ARGV[28])
+local group_of = {}  -- id -> its slot group: a seed names a covis and an item_sessions key, one sha1 for both
 local function grouped(at, middle_at, id)
-  return ARGV[at] .. (tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups) .. ARGV[middle_at] .. id .. ARGV[at + 1]
+  local group = group_of[id]
+  if group == nil then
+    group = tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups
+    group_of[id] = group
+  end
+  return ARGV[at] .. group .. ARGV[middle_at] .. id .. ARGV[at + 1]
 end
 local alias = redis.call('GET', KEYS[1])
 local session = ARGV[1]
@@ -84,23 +90,44 @@ if nb_n > 0 and session and #recent > 0 then
     at[recent[i]] = tonumber(recent[i + 1]); ordered[#ordered + 1] = recent[i]; is_seed[recent[i]] = true
   end
   table.sort(ordered, by_then(at))
-  local own = string.sub(redis.sha1hex(ARGV[22] .. '\0' .. session), 1, 16)
-  local latest, dot, candidates = {}, {}, {}
-  for rank, seed in ipairs(ordered) do
-    local weight = (size - rank + 1) / size
-    local row = redis.call('ZREVRANGE', grouped(20, 32, seed), 0, tonumber(ARGV[27]) - 1, 'WITHSCORES')
-    for i = 1, #row, 2 do
-      local token, t = row[i], tonumber(row[i + 1])
-      if token ~= own then
-        if latest[token] == nil then candidates[#candidates + 1] = token; dot[token] = 0 end
-        if latest[token] == nil or t > latest[token] then latest[token] = t end
-        dot[token] = dot[token] + weight
+  local own, sample, per_item = string.sub(redis.sha1hex(ARGV[22] .. '\0' .. session), 1, 16), tonumber(ARGV[23]), tonumber(ARGV[27])
+  -- The seeds' candidate sessions, in first-seen order, with their dot products; with `timed` also each
+  -- one's latest time under the seeds (the rows read WITHSCORES).
+  local function candidate_sessions(timed)
+    local latest, dot, candidates = {}, {}, {}
+    for rank, seed in ipairs(ordered) do
+      local weight = (size - rank + 1) / size
+      local row
+      if timed then
+        row = redis.call('ZREVRANGE', grouped(20, 32, seed), 0, per_item - 1, 'WITHSCORES')
+      else
+        row = redis.call('ZREVRANGE', grouped(20, 32, seed), 0, per_item - 1)
+      end
+      for i = 1, #row, timed and 2 or 1 do
+        local token = row[i]
+        if token ~= own then
+          if dot[token] == nil then candidates[#candidates + 1] = token; dot[token] = 0 end
+          dot[token] = dot[token] + weight
+          if timed then
+            local t = tonumber(row[i + 1])
+            if latest[token] == nil or t > latest[token] then latest[token] = t end
+          end
+        end
       end
     end
+    return candidates, dot, latest
   end
-  table.sort(candidates, by_then(latest))
+  -- Times only order the candidates for the sample's cut: when all of them fit, every one is read and
+  -- the order of reading changes nothing, so the rows come without scores (Redis formats each as
+  -- text for the script) and only a cut reads them again with them.
+  local candidates, dot = candidate_sessions(false)
+  if #candidates > sample then
+    local latest
+    candidates, dot, latest = candidate_sessions(true)
+    table.sort(candidates, by_then(latest))
+  end
   local similarity, members, nearest = {}, {}, {}
-  for i = 1, math.min(tonumber(ARGV[23]), #candidates) do
+  for i = 1, math.min(sample, #candidates) do
     local token = candidates[i]
     local items = redis.call('ZRANGE', grouped(18, 31, token), 0, -1)
     if #items > 0 then

@@ -19,7 +19,8 @@
 -- (redis_keys.grouped_template): <family>_prefix .. group(id) .. <family>_middle .. id .. <family>_suffix.
 -- Returns: alias, session, recent, cats, cart, counts, person items, purchases, delta, delta count,
 -- speed version, trending, {item, covis}..., {category, bestsellers}..., out of stock, promoted,
--- neighbours (item, score as text, ...: common/neighbours.py scores the same way).
+-- neighbours (items, best first: common/neighbours.py scores the same way), their scores (little-endian
+-- doubles, packed).
 local n_groups = tonumber(ARGV[28])
 local group_of = {}  -- id -> its slot group: a seed names a covis and an item_sessions key, one sha1 for both
 local function grouped(at, middle_at, id)
@@ -30,7 +31,9 @@ local function grouped(at, middle_at, id)
   end
   return ARGV[at] .. group .. ARGV[middle_at] .. id .. ARGV[at + 1]
 end
-local alias = redis.call('GET', KEYS[1])
+-- The person's strings in one call: alias, delta, delta count, speed version.
+local strings = redis.call('MGET', KEYS[1], KEYS[5], KEYS[6], KEYS[7])
+local alias = strings[1]
 local session = ARGV[1]
 if session == '' then session = redis.call('ZREVRANGE', KEYS[2], 0, 0)[1] or false end
 local function session_key(i)
@@ -82,7 +85,7 @@ local function by_then(value)
     return x < y
   end
 end
-local neighbours = {}
+local neighbours, neighbour_scores = {}, ''
 local nb_n = tonumber(ARGV[25])
 if nb_n > 0 and session and #recent > 0 then
   local size, at, ordered, is_seed = #recent / 2, {}, {}, {}
@@ -148,16 +151,18 @@ if nb_n > 0 and session and #recent > 0 then
     end
   end
   table.sort(listed, by_then(scores))
+  local packed = {}
   for i = 1, math.min(nb_n, #listed) do
-    neighbours[#neighbours + 1] = listed[i]
-    neighbours[#neighbours + 1] = string.format('%.17g', scores[listed[i]])
+    neighbours[i] = listed[i]
+    packed[i] = struct.pack('<d', scores[listed[i]])  -- exact, and cheaper than formatting it as text
   end
+  neighbour_scores = table.concat(packed)
 end
 
 return {
   alias, session, recent, cats, cart, counts,
   redis.call('HGETALL', KEYS[3]), redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES'),
-  redis.call('GET', KEYS[5]), redis.call('GET', KEYS[6]), redis.call('GET', KEYS[7]),
+  strings[2], strings[3], strings[4],
   redis.call('ZREVRANGE', KEYS[8], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES'),
-  covis, best, redis.call('SMEMBERS', KEYS[9]), redis.call('SMEMBERS', KEYS[10]), neighbours,
+  covis, best, redis.call('SMEMBERS', KEYS[9]), redis.call('SMEMBERS', KEYS[10]), neighbours, neighbour_scores,
 }

@@ -15,6 +15,7 @@ neighbour sessions' items, scored by common/neighbours.py as the script scores t
 from __future__ import annotations
 
 import math
+import struct
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -158,6 +159,7 @@ def read_speed_state(
         oos,
         promo,
         nearest,
+        nearest_scores,
     ) = reply
     state = SpeedState(person_id=person_id, session_id=_text(session), model_version=model_version)
     if state.session_id is not None:
@@ -179,7 +181,7 @@ def read_speed_state(
     }
     state.out_of_stock = frozenset(_texts(oos))
     state.promoted = frozenset(_texts(promo))
-    state.neighbours = list(_flat_pairs(nearest))
+    state.neighbours = list(zip(_texts(nearest), _unpacked_doubles(nearest_scores), strict=True))
     state.candidate_items = list(candidate_items)
     state.day_counts = np.zeros((len(candidate_items), POP_DAYS), dtype=np.float64)
     for j, day_reply in enumerate(day_replies):
@@ -348,7 +350,8 @@ def _run_read_on_cluster(
     ])  # fmt: skip
     covis = [[item, _flat(row)] for item, row in zip(seeds, second, strict=False)]
     best = [[name, _flat(row)] for name, row in zip(wanted, second[len(seeds) :], strict=False)]
-    nearest: list[Any] = []
+    nearest: list[str] = []
+    nearest_scores = b""
     if nb_seeds:
         rows = {s: dict(_flat_pairs(_flat(row))) for s, row in zip(nb_seeds, second[len(seeds) + len(wanted) :], strict=True)}
         own = session_token(person_id, _text(session) or "")
@@ -362,8 +365,9 @@ def _run_read_on_cluster(
         members = _cluster_round(client, [("ZRANGE", redis_keys.neighbour_session(t), 0, -1) for t in asked])
         items = {t: dict.fromkeys((_text(m) or "" for m in found), 0.0) for t, found in zip(asked, members, strict=True)}
         scored = score_neighbours(nb_seeds, rows, lambda t: items.get(t, {}), own, query.sample, query.k, query.n)
-        nearest = [x for item, score in scored for x in (item, score)]
-    reply = [alias, *person[1:10], version, _flat(trending), covis, best, oos, promo, nearest]
+        nearest = [item for item, _ in scored]
+        nearest_scores = _packed_doubles([score for _, score in scored])
+    reply = [alias, *person[1:10], version, _flat(trending), covis, best, oos, promo, nearest, nearest_scores]
     return reply, first[6:]
 
 
@@ -414,6 +418,15 @@ def _texts(values: Sequence[Any]) -> Iterator[str]:
     if values and isinstance(values[0], bytes):
         return map(bytes.decode, values)
     return map(str, values)
+
+
+def _packed_doubles(values: Sequence[float]) -> bytes:
+    """Floats as the read script packs its neighbour scores (struct.pack('<d') each)."""
+    return struct.pack(f"<{len(values)}d", *values)
+
+
+def _unpacked_doubles(packed: bytes) -> tuple[float, ...]:
+    return struct.unpack(f"<{len(packed) // 8}d", packed)
 
 
 def _text(value: Any) -> str | None:

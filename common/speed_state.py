@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import struct
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -412,10 +412,10 @@ def _flat_pairs_raw(reply: Any) -> Iterator[tuple[str, Any]]:
     return zip(_texts(reply[0::2]), reply[1::2], strict=False)
 
 
-def _texts(values: Sequence[Any]) -> Iterator[str]:
+def _texts(values: Collection[Any]) -> Iterator[str]:
     """Members as text: a script's reply holds bytes, decoded in C; the cluster path's own lists (its
-    seeds, categories and neighbours) hold text already."""
-    if values and isinstance(values[0], bytes):
+    seeds, categories and neighbours) hold text already. On a cluster SMEMBERS gives a set."""
+    if isinstance(next(iter(values), None), bytes):
         return map(bytes.decode, values)
     return map(str, values)
 

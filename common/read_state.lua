@@ -22,11 +22,13 @@
 -- neighbours (items, best first: common/neighbours.py scores the same way), their scores (little-endian
 -- doubles, packed).
 local n_groups = tonumber(ARGV[28])
-local group_of = {}  -- id -> its slot group: a seed names a covis and an item_sessions key, one sha1 for both
+-- Arguments of redis.call go as strings: Redis formats a number argument with %.17g on each call.
+local function last(n) return tostring(tonumber(n) - 1) end  -- the last index of n values
+local group_of = {}  -- id -> its slot group as text: a seed names a covis and an item_sessions key, one sha1 for both
 local function grouped(at, middle_at, id)
   local group = group_of[id]
   if group == nil then
-    group = tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups
+    group = tostring(tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups)
     group_of[id] = group
   end
   return ARGV[at] .. group .. ARGV[middle_at] .. id .. ARGV[at + 1]
@@ -35,19 +37,19 @@ end
 local strings = redis.call('MGET', KEYS[1], KEYS[5], KEYS[6], KEYS[7])
 local alias = strings[1]
 local session = ARGV[1]
-if session == '' then session = redis.call('ZREVRANGE', KEYS[2], 0, 0)[1] or false end
+if session == '' then session = redis.call('ZREVRANGE', KEYS[2], '0', '0')[1] or false end
 local function session_key(i)
   return ARGV[4 + 2 * i] .. session .. ARGV[5 + 2 * i]
 end
 local recent, cats, cart, counts = {}, {}, {}, {}
 if session then
-  recent = redis.call('ZRANGE', session_key(1), 0, -1, 'WITHSCORES')
+  recent = redis.call('ZRANGE', session_key(1), '0', '-1', 'WITHSCORES')
   cats = redis.call('HGETALL', session_key(2))
   cart = redis.call('HGETALL', session_key(3))
   counts = redis.call('HGETALL', session_key(4))
 end
 
-local covis_n, n_items = tonumber(ARGV[3]), tonumber(ARGV[26])
+local covis_last, n_items = last(ARGV[3]), tonumber(ARGV[26])
 local seeds = {}
 if n_items < 0 then
   for i = 1, #recent, 2 do seeds[#seeds + 1] = recent[i] end
@@ -56,7 +58,7 @@ else
 end
 local covis = {}
 for _, item in ipairs(seeds) do
-  covis[#covis + 1] = {item, redis.call('ZREVRANGE', grouped(14, 29, item), 0, covis_n - 1, 'WITHSCORES')}
+  covis[#covis + 1] = {item, redis.call('ZREVRANGE', grouped(14, 29, item), '0', covis_last, 'WITHSCORES')}
 end
 
 local wanted, chosen = {}, {}
@@ -73,9 +75,9 @@ for i = 1, math.min(tonumber(ARGV[5]), #preferred) do
   local category = preferred[i][1]
   if not chosen[category] then chosen[category] = true; wanted[#wanted + 1] = category end
 end
-local best, best_n = {}, tonumber(ARGV[4])
+local best, best_last = {}, last(ARGV[4])
 for _, category in ipairs(wanted) do
-  best[#best + 1] = {category, redis.call('ZREVRANGE', grouped(16, 30, category), 0, best_n - 1, 'WITHSCORES')}
+  best[#best + 1] = {category, redis.call('ZREVRANGE', grouped(16, 30, category), '0', best_last, 'WITHSCORES')}
 end
 
 -- Session neighbours of the session's recent items (common/neighbours.py is the definition).
@@ -93,7 +95,7 @@ if nb_n > 0 and session and #recent > 0 then
     at[recent[i]] = tonumber(recent[i + 1]); ordered[#ordered + 1] = recent[i]; is_seed[recent[i]] = true
   end
   table.sort(ordered, by_then(at))
-  local own, sample, per_item = string.sub(redis.sha1hex(ARGV[22] .. '\0' .. session), 1, 16), tonumber(ARGV[23]), tonumber(ARGV[27])
+  local own, sample, per_item_last = string.sub(redis.sha1hex(ARGV[22] .. '\0' .. session), 1, 16), tonumber(ARGV[23]), last(ARGV[27])
   -- The seeds' candidate sessions, in first-seen order, with their dot products; with `timed` also each
   -- one's latest time under the seeds (the rows read WITHSCORES).
   local function candidate_sessions(timed)
@@ -102,9 +104,9 @@ if nb_n > 0 and session and #recent > 0 then
       local weight = (size - rank + 1) / size
       local row
       if timed then
-        row = redis.call('ZREVRANGE', grouped(20, 32, seed), 0, per_item - 1, 'WITHSCORES')
+        row = redis.call('ZREVRANGE', grouped(20, 32, seed), '0', per_item_last, 'WITHSCORES')
       else
-        row = redis.call('ZREVRANGE', grouped(20, 32, seed), 0, per_item - 1)
+        row = redis.call('ZREVRANGE', grouped(20, 32, seed), '0', per_item_last)
       end
       for i = 1, #row, timed and 2 or 1 do
         local token = row[i]
@@ -132,7 +134,7 @@ if nb_n > 0 and session and #recent > 0 then
   local similarity, members, nearest = {}, {}, {}
   for i = 1, math.min(sample, #candidates) do
     local token = candidates[i]
-    local items = redis.call('ZRANGE', grouped(18, 31, token), 0, -1)
+    local items = redis.call('ZRANGE', grouped(18, 31, token), '0', '-1')
     if #items > 0 then
       members[token] = items
       similarity[token] = dot[token] / math.sqrt(size * #items)
@@ -161,8 +163,8 @@ end
 
 return {
   alias, session, recent, cats, cart, counts,
-  redis.call('HGETALL', KEYS[3]), redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES'),
+  redis.call('HGETALL', KEYS[3]), redis.call('ZRANGE', KEYS[4], '0', '-1', 'WITHSCORES'),
   strings[2], strings[3], strings[4],
-  redis.call('ZREVRANGE', KEYS[8], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES'),
+  redis.call('ZREVRANGE', KEYS[8], '0', last(ARGV[2]), 'WITHSCORES'),
   covis, best, redis.call('SMEMBERS', KEYS[9]), redis.call('SMEMBERS', KEYS[10]), neighbours, neighbour_scores,
 }

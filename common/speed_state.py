@@ -228,20 +228,26 @@ def _run_read(
         person_id, anonymous_id, session_id, model_version, covis_items, categories, top_categories,
         trending_n, covis_n, bestsellers_n, neighbours,
     )  # fmt: skip
-    for attempt in range(2):
-        pipe = client.pipeline(transaction=False)
-        pipe.execute_command("EVALSHA_RO", READ_STATE.sha, len(keys), *keys, *args)
-        for day in days:
-            pipe.zmscore(redis_keys.popularity_day(day), list(candidate_items))
-        replies = pipe.execute(raise_on_error=False)
-        if isinstance(replies[0], NoScriptError) and attempt == 0:
-            client.script_load(READ_STATE.source)  # a restarted Redis forgot it
-            continue
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies[0], replies[1:]
-    raise AssertionError("unreachable: the second attempt returns or raises")
+    script = ("EVALSHA_RO", READ_STATE.sha, len(keys), *keys, *args)
+    try:
+        return _read_round(client, script, days, candidate_items)
+    except NoScriptError:  # a restarted Redis forgot it
+        client.script_load(READ_STATE.source)
+        return _read_round(client, script, days, candidate_items)
+
+
+def _read_round(
+    client: redis.Redis, script: tuple[Any, ...], days: Sequence[int], candidate_items: Sequence[str]
+) -> tuple[list[Any], list[Any]]:
+    """One round trip: the script's reply and the day counts' replies; raises the first error."""
+    if not days:  # serving's reads: the script alone, without a pipeline's bookkeeping
+        return client.execute_command(*script), []
+    pipe = client.pipeline(transaction=False)
+    pipe.execute_command(*script)
+    for day in days:
+        pipe.zmscore(redis_keys.popularity_day(day), list(candidate_items))
+    replies = pipe.execute()
+    return replies[0], replies[1:]
 
 
 def _global_argv() -> dict[str, Any]:

@@ -10,6 +10,7 @@ import redis
 
 from common import redis_keys
 from common.events import Event, EventType
+from common.features import POP_DAYS, day_index
 from common.neighbours import score_neighbours, session_token
 from common.speed_state import NeighbourQuery, read_speed_state
 from speed_layer.effects import Applier
@@ -118,3 +119,15 @@ def test_session_neighbours_are_the_scored_index_whether_the_sample_cuts_the_can
         )
         assert {item for item, _ in state.neighbours} == expected, sample
         assert state.neighbours == _scored_from_the_index(redis_client, "me", "s-me", query), sample
+
+
+def test_a_redis_that_forgot_the_read_script_is_given_it_again(redis_client: redis.Redis) -> None:
+    now_s = datetime.now(UTC).timestamp()
+    redis_client.zadd(redis_keys.person_sessions("me"), {"s1": now_s})
+    redis_client.zadd(redis_keys.popularity_day(day_index(now_s)), {"i1": 2.0})
+    for candidates in ([], ["i1"]):  # the script alone, and in a pipeline with the day counts
+        redis_client.script_flush()
+        state = read_speed_state(redis_client, "me", candidate_items=candidates, now_s=now_s)
+        assert state.session_id == "s1"
+        assert state.day_counts.shape == (len(candidates), POP_DAYS)
+    assert state.day_counts[0, -1] == 2.0  # today's count, the last of the days read

@@ -218,7 +218,7 @@ def _run_read(
     candidate_items: Sequence[str],
     neighbours: NeighbourQuery | None,
 ) -> tuple[list[Any], list[Any]]:
-    """The script's reply and the day counts' replies, in one pipeline (loading the script once if needed)."""
+    """The script's reply and the day counts' replies, in one round trip (loading the script once if needed)."""
     if is_cluster(client):
         return _run_read_on_cluster(
             client, person_id, anonymous_id, session_id, model_version, covis_items, categories,

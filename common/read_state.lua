@@ -19,26 +19,37 @@
 -- (redis_keys.grouped_template): <family>_prefix .. group(id) .. <family>_middle .. id .. <family>_suffix.
 -- Returns: alias, session, recent, cats, cart, counts, person items, purchases, delta, delta count,
 -- speed version, trending, {item, covis}..., {category, bestsellers}..., out of stock, promoted,
--- neighbours (item, score as text, ...: common/neighbours.py scores the same way).
+-- neighbours (items, best first: common/neighbours.py scores the same way), their scores (little-endian
+-- doubles, packed).
 local n_groups = tonumber(ARGV[28])
+-- Arguments of redis.call go as strings: Redis formats a number argument with %.17g on each call.
+local function last(n) return tostring(tonumber(n) - 1) end  -- the last index of n values
+local group_of = {}  -- id -> its slot group as text: a seed names a covis and an item_sessions key, one sha1 for both
 local function grouped(at, middle_at, id)
-  return ARGV[at] .. (tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups) .. ARGV[middle_at] .. id .. ARGV[at + 1]
+  local group = group_of[id]
+  if group == nil then
+    group = tostring(tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups)
+    group_of[id] = group
+  end
+  return ARGV[at] .. group .. ARGV[middle_at] .. id .. ARGV[at + 1]
 end
-local alias = redis.call('GET', KEYS[1])
+-- The person's strings in one call: alias, delta, delta count, speed version.
+local strings = redis.call('MGET', KEYS[1], KEYS[5], KEYS[6], KEYS[7])
+local alias = strings[1]
 local session = ARGV[1]
-if session == '' then session = redis.call('ZREVRANGE', KEYS[2], 0, 0)[1] or false end
+if session == '' then session = redis.call('ZREVRANGE', KEYS[2], '0', '0')[1] or false end
 local function session_key(i)
   return ARGV[4 + 2 * i] .. session .. ARGV[5 + 2 * i]
 end
 local recent, cats, cart, counts = {}, {}, {}, {}
 if session then
-  recent = redis.call('ZRANGE', session_key(1), 0, -1, 'WITHSCORES')
+  recent = redis.call('ZRANGE', session_key(1), '0', '-1', 'WITHSCORES')
   cats = redis.call('HGETALL', session_key(2))
   cart = redis.call('HGETALL', session_key(3))
   counts = redis.call('HGETALL', session_key(4))
 end
 
-local covis_n, n_items = tonumber(ARGV[3]), tonumber(ARGV[26])
+local covis_last, n_items = last(ARGV[3]), tonumber(ARGV[26])
 local seeds = {}
 if n_items < 0 then
   for i = 1, #recent, 2 do seeds[#seeds + 1] = recent[i] end
@@ -47,7 +58,7 @@ else
 end
 local covis = {}
 for _, item in ipairs(seeds) do
-  covis[#covis + 1] = {item, redis.call('ZREVRANGE', grouped(14, 29, item), 0, covis_n - 1, 'WITHSCORES')}
+  covis[#covis + 1] = {item, redis.call('ZREVRANGE', grouped(14, 29, item), '0', covis_last, 'WITHSCORES')}
 end
 
 local wanted, chosen = {}, {}
@@ -64,9 +75,9 @@ for i = 1, math.min(tonumber(ARGV[5]), #preferred) do
   local category = preferred[i][1]
   if not chosen[category] then chosen[category] = true; wanted[#wanted + 1] = category end
 end
-local best, best_n = {}, tonumber(ARGV[4])
+local best, best_last = {}, last(ARGV[4])
 for _, category in ipairs(wanted) do
-  best[#best + 1] = {category, redis.call('ZREVRANGE', grouped(16, 30, category), 0, best_n - 1, 'WITHSCORES')}
+  best[#best + 1] = {category, redis.call('ZREVRANGE', grouped(16, 30, category), '0', best_last, 'WITHSCORES')}
 end
 
 -- Session neighbours of the session's recent items (common/neighbours.py is the definition).
@@ -76,7 +87,7 @@ local function by_then(value)
     return x < y
   end
 end
-local neighbours = {}
+local neighbours, neighbour_scores = {}, ''
 local nb_n = tonumber(ARGV[25])
 if nb_n > 0 and session and #recent > 0 then
   local size, at, ordered, is_seed = #recent / 2, {}, {}, {}
@@ -84,25 +95,46 @@ if nb_n > 0 and session and #recent > 0 then
     at[recent[i]] = tonumber(recent[i + 1]); ordered[#ordered + 1] = recent[i]; is_seed[recent[i]] = true
   end
   table.sort(ordered, by_then(at))
-  local own = string.sub(redis.sha1hex(ARGV[22] .. '\0' .. session), 1, 16)
-  local latest, dot, candidates = {}, {}, {}
-  for rank, seed in ipairs(ordered) do
-    local weight = (size - rank + 1) / size
-    local row = redis.call('ZREVRANGE', grouped(20, 32, seed), 0, tonumber(ARGV[27]) - 1, 'WITHSCORES')
-    for i = 1, #row, 2 do
-      local token, t = row[i], tonumber(row[i + 1])
-      if token ~= own then
-        if latest[token] == nil then candidates[#candidates + 1] = token; dot[token] = 0 end
-        if latest[token] == nil or t > latest[token] then latest[token] = t end
-        dot[token] = dot[token] + weight
+  local own, sample, per_item_last = string.sub(redis.sha1hex(ARGV[22] .. '\0' .. session), 1, 16), tonumber(ARGV[23]), last(ARGV[27])
+  -- The seeds' candidate sessions, in first-seen order, with their dot products; with `timed` also each
+  -- one's latest time under the seeds (the rows read WITHSCORES).
+  local function candidate_sessions(timed)
+    local latest, dot, candidates = {}, {}, {}
+    for rank, seed in ipairs(ordered) do
+      local weight = (size - rank + 1) / size
+      local row
+      if timed then
+        row = redis.call('ZREVRANGE', grouped(20, 32, seed), '0', per_item_last, 'WITHSCORES')
+      else
+        row = redis.call('ZREVRANGE', grouped(20, 32, seed), '0', per_item_last)
+      end
+      for i = 1, #row, timed and 2 or 1 do
+        local token = row[i]
+        if token ~= own then
+          if dot[token] == nil then candidates[#candidates + 1] = token; dot[token] = 0 end
+          dot[token] = dot[token] + weight
+          if timed then
+            local t = tonumber(row[i + 1])
+            if latest[token] == nil or t > latest[token] then latest[token] = t end
+          end
+        end
       end
     end
+    return candidates, dot, latest
   end
-  table.sort(candidates, by_then(latest))
+  -- Times only order the candidates for the sample's cut: when all of them fit, every one is read and
+  -- the order of reading changes nothing, so the rows come without scores (Redis formats each as
+  -- text for the script) and only a cut reads them again with them.
+  local candidates, dot = candidate_sessions(false)
+  if #candidates > sample then
+    local latest
+    candidates, dot, latest = candidate_sessions(true)
+    table.sort(candidates, by_then(latest))
+  end
   local similarity, members, nearest = {}, {}, {}
-  for i = 1, math.min(tonumber(ARGV[23]), #candidates) do
+  for i = 1, math.min(sample, #candidates) do
     local token = candidates[i]
-    local items = redis.call('ZRANGE', grouped(18, 31, token), 0, -1)
+    local items = redis.call('ZRANGE', grouped(18, 31, token), '0', '-1')
     if #items > 0 then
       members[token] = items
       similarity[token] = dot[token] / math.sqrt(size * #items)
@@ -121,16 +153,18 @@ if nb_n > 0 and session and #recent > 0 then
     end
   end
   table.sort(listed, by_then(scores))
+  local packed = {}
   for i = 1, math.min(nb_n, #listed) do
-    neighbours[#neighbours + 1] = listed[i]
-    neighbours[#neighbours + 1] = string.format('%.17g', scores[listed[i]])
+    neighbours[i] = listed[i]
+    packed[i] = struct.pack('<d', scores[listed[i]])  -- exact, and cheaper than formatting it as text
   end
+  neighbour_scores = table.concat(packed)
 end
 
 return {
   alias, session, recent, cats, cart, counts,
-  redis.call('HGETALL', KEYS[3]), redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES'),
-  redis.call('GET', KEYS[5]), redis.call('GET', KEYS[6]), redis.call('GET', KEYS[7]),
-  redis.call('ZREVRANGE', KEYS[8], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES'),
-  covis, best, redis.call('SMEMBERS', KEYS[9]), redis.call('SMEMBERS', KEYS[10]), neighbours,
+  redis.call('HGETALL', KEYS[3]), redis.call('ZRANGE', KEYS[4], '0', '-1', 'WITHSCORES'),
+  strings[2], strings[3], strings[4],
+  redis.call('ZREVRANGE', KEYS[8], '0', last(ARGV[2]), 'WITHSCORES'),
+  covis, best, redis.call('SMEMBERS', KEYS[9]), redis.call('SMEMBERS', KEYS[10]), neighbours, neighbour_scores,
 }

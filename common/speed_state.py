@@ -15,8 +15,9 @@ neighbour sessions' items, scored by common/neighbours.py as the script scores t
 from __future__ import annotations
 
 import math
+import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -158,28 +159,29 @@ def read_speed_state(
         oos,
         promo,
         nearest,
+        nearest_scores,
     ) = reply
     state = SpeedState(person_id=person_id, session_id=_text(session), model_version=model_version)
     if state.session_id is not None:
         state.session_items = dict(_flat_pairs(recent))
-        state.category_affinity = {k: float(v) for k, v in _flat_pairs_text(cats) if not k.startswith("_")}
-        state.cart = {k: int(float(v)) for k, v in _flat_pairs_text(cart)}
-        state.session_counts = {k: int(v) for k, v in _flat_pairs_text(counts)}
+        state.category_affinity = {k: float(v) for k, v in _flat_pairs_raw(cats) if not k.startswith("_")}
+        state.cart = {k: int(float(v)) for k, v in _flat_pairs_raw(cart)}
+        state.session_counts = {k: int(v) for k, v in _flat_pairs_raw(counts)}
     state.person_items = dict(_flat_pairs(items))
     state.purchases = dict(_flat_pairs(purchases))
     if isinstance(delta, bytes) and delta:
         state.delta = np.frombuffer(delta, dtype="<f4").copy()
         state.delta_events = int(n or 0)
     state.speed_version = _text(version)
-    state.trending = _flat_pairs(trending)
+    state.trending = list(_flat_pairs(trending))
     state.covisitation = {_text(item) or "": dict(_flat_pairs(pairs)) for item, pairs in covis}
     scale = 1.0 / forward_decay(now_s, bestsellers_half_life_s)
     state.category_bestsellers = {
         _text(category) or "": {i: w * scale for i, w in _flat_pairs(pairs)} for category, pairs in best
     }
-    state.out_of_stock = frozenset(_text(m) or "" for m in oos)
-    state.promoted = frozenset(_text(m) or "" for m in promo)
-    state.neighbours = _flat_pairs(nearest)
+    state.out_of_stock = frozenset(_texts(oos))
+    state.promoted = frozenset(_texts(promo))
+    state.neighbours = list(zip(_texts(nearest), _unpacked_doubles(nearest_scores), strict=True))
     state.candidate_items = list(candidate_items)
     state.day_counts = np.zeros((len(candidate_items), POP_DAYS), dtype=np.float64)
     for j, day_reply in enumerate(day_replies):
@@ -216,7 +218,7 @@ def _run_read(
     candidate_items: Sequence[str],
     neighbours: NeighbourQuery | None,
 ) -> tuple[list[Any], list[Any]]:
-    """The script's reply and the day counts' replies, in one pipeline (loading the script once if needed)."""
+    """The script's reply and the day counts' replies, in one round trip (loading the script once if needed)."""
     if is_cluster(client):
         return _run_read_on_cluster(
             client, person_id, anonymous_id, session_id, model_version, covis_items, categories,
@@ -226,20 +228,43 @@ def _run_read(
         person_id, anonymous_id, session_id, model_version, covis_items, categories, top_categories,
         trending_n, covis_n, bestsellers_n, neighbours,
     )  # fmt: skip
-    for attempt in range(2):
-        pipe = client.pipeline(transaction=False)
-        pipe.execute_command("EVALSHA_RO", READ_STATE.sha, len(keys), *keys, *args)
-        for day in days:
-            pipe.zmscore(redis_keys.popularity_day(day), list(candidate_items))
-        replies = pipe.execute(raise_on_error=False)
-        if isinstance(replies[0], NoScriptError) and attempt == 0:
-            client.script_load(READ_STATE.source)  # a restarted Redis forgot it
-            continue
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies[0], replies[1:]
-    raise AssertionError("unreachable: the second attempt returns or raises")
+    script = ("EVALSHA_RO", READ_STATE.sha, len(keys), *keys, *args)
+    try:
+        return _read_round(client, script, days, candidate_items)
+    except NoScriptError:  # a restarted Redis forgot it
+        client.script_load(READ_STATE.source)
+        return _read_round(client, script, days, candidate_items)
+
+
+def _read_round(
+    client: redis.Redis, script: tuple[Any, ...], days: Sequence[int], candidate_items: Sequence[str]
+) -> tuple[list[Any], list[Any]]:
+    """One round trip: the script's reply and the day counts' replies; raises the first error."""
+    if not days:  # serving's reads: the script alone, without a pipeline's bookkeeping
+        return client.execute_command(*script), []
+    pipe = client.pipeline(transaction=False)
+    pipe.execute_command(*script)
+    for day in days:
+        pipe.zmscore(redis_keys.popularity_day(day), list(candidate_items))
+    replies = pipe.execute()
+    return replies[0], replies[1:]
+
+
+def _global_argv() -> dict[str, Any]:
+    """The read script's ARGV that is the same for every call: the global families' key templates."""
+    covis = redis_keys.grouped_template(redis_keys.covisitation)
+    bestsellers = redis_keys.grouped_template(redis_keys.category_bestsellers)
+    nb_session = redis_keys.grouped_template(redis_keys.neighbour_session)
+    nb_item = redis_keys.grouped_template(redis_keys.item_sessions)
+    return dict(
+        covis_prefix=covis[0], covis_middle=covis[1], covis_suffix=covis[2], bestsellers_prefix=bestsellers[0],
+        bestsellers_middle=bestsellers[1], bestsellers_suffix=bestsellers[2], nb_session_prefix=nb_session[0],
+        nb_session_middle=nb_session[1], nb_session_suffix=nb_session[2], nb_item_prefix=nb_item[0],
+        nb_item_middle=nb_item[1], nb_item_suffix=nb_item[2], n_groups=redis_keys.SLOT_GROUPS,
+    )  # fmt: skip
+
+
+_GLOBAL_ARGV = _global_argv()  # built once: a read only adds the request's values
 
 
 def _read_call(
@@ -268,23 +293,14 @@ def _read_call(
     cats = redis_keys.template(redis_keys.session_categories, person_id)
     cart = redis_keys.template(redis_keys.session_cart, person_id)
     counts = redis_keys.template(redis_keys.session_counts, person_id)
-    covis = redis_keys.grouped_template(redis_keys.covisitation)
-    bestsellers = redis_keys.grouped_template(redis_keys.category_bestsellers)
-    nb_session = redis_keys.grouped_template(redis_keys.neighbour_session)
-    nb_item = redis_keys.grouped_template(redis_keys.item_sessions)
     query = neighbours or NeighbourQuery(sample=0, k=0, n=0, per_item=0)
     args = READ_STATE.argv.pack(
         session=session_id or "", trending_n=trending_n, covis_n=covis_n, bestsellers_n=bestsellers_n,
         top_categories=top_categories, recent_prefix=recent[0], recent_suffix=recent[1], cats_prefix=cats[0],
         cats_suffix=cats[1], cart_prefix=cart[0], cart_suffix=cart[1], counts_prefix=counts[0],
-        counts_suffix=counts[1], covis_prefix=covis[0], covis_suffix=covis[2], bestsellers_prefix=bestsellers[0],
-        bestsellers_suffix=bestsellers[2], nb_session_prefix=nb_session[0], nb_session_suffix=nb_session[2],
-        nb_item_prefix=nb_item[0], nb_item_suffix=nb_item[2], person=person_id, neighbour_sample=query.sample,
-        neighbour_k=query.k, neighbour_n=query.n,
-        covis_items_given=-1 if covis_items is None else len(covis_items), neighbour_per_item=query.per_item, n_groups=redis_keys.SLOT_GROUPS,
-        covis_middle=covis[1], bestsellers_middle=bestsellers[1], nb_session_middle=nb_session[1],
-        nb_item_middle=nb_item[1],
-        covis_item=covis_items or (), category=categories,
+        counts_suffix=counts[1], person=person_id, neighbour_sample=query.sample, neighbour_k=query.k,
+        neighbour_n=query.n, covis_items_given=-1 if covis_items is None else len(covis_items),
+        neighbour_per_item=query.per_item, covis_item=covis_items or (), category=categories, **_GLOBAL_ARGV,
     )  # fmt: skip
     READ_STATE.check(keys, args, covis_items=len(covis_items or ()), categories=len(categories))
     return keys, args
@@ -323,11 +339,11 @@ def _run_read_on_cluster(
     ])  # fmt: skip
     person, alias, version, trending, oos, promo = first[:6]
     session, recent, cats = person[1], _flat(person[2]), _flat(person[3])
-    recent_pairs = _flat_pairs(recent)
+    recent_pairs = list(_flat_pairs(recent))
     seeds = [item for item, _ in recent_pairs] if covis_items is None else list(covis_items)
     wanted = list(dict.fromkeys(categories))
     preferred = sorted(
-        ((name, float(w)) for name, w in _flat_pairs_text(cats) if not name.startswith("_") and float(w) > 0),
+        ((name, float(w)) for name, w in _flat_pairs_raw(cats) if not name.startswith("_") and float(w) > 0),
         key=lambda kv: (-kv[1], kv[0]),
     )
     wanted += [name for name, _ in preferred[:top_categories] if name not in wanted]
@@ -340,7 +356,8 @@ def _run_read_on_cluster(
     ])  # fmt: skip
     covis = [[item, _flat(row)] for item, row in zip(seeds, second, strict=False)]
     best = [[name, _flat(row)] for name, row in zip(wanted, second[len(seeds) :], strict=False)]
-    nearest: list[Any] = []
+    nearest: list[str] = []
+    nearest_scores = b""
     if nb_seeds:
         rows = {s: dict(_flat_pairs(_flat(row))) for s, row in zip(nb_seeds, second[len(seeds) + len(wanted) :], strict=True)}
         own = session_token(person_id, _text(session) or "")
@@ -354,8 +371,9 @@ def _run_read_on_cluster(
         members = _cluster_round(client, [("ZRANGE", redis_keys.neighbour_session(t), 0, -1) for t in asked])
         items = {t: dict.fromkeys((_text(m) or "" for m in found), 0.0) for t, found in zip(asked, members, strict=True)}
         scored = score_neighbours(nb_seeds, rows, lambda t: items.get(t, {}), own, query.sample, query.k, query.n)
-        nearest = [x for item, score in scored for x in (item, score)]
-    reply = [alias, *person[1:10], version, _flat(trending), covis, best, oos, promo, nearest]
+        nearest = [item for item, _ in scored]
+        nearest_scores = _packed_doubles([score for _, score in scored])
+    reply = [alias, *person[1:10], version, _flat(trending), covis, best, oos, promo, nearest, nearest_scores]
     return reply, first[6:]
 
 
@@ -388,23 +406,33 @@ def _flat(reply: Any) -> list[Any]:
     return list(reply)
 
 
-def _flat_pairs(reply: Any) -> list[tuple[str, float]]:
+def _flat_pairs(reply: Any) -> Iterator[tuple[str, float]]:
     """[member, score, member, score, ...] (a script's WITHSCORES reply) as (member, score) pairs."""
-    if not reply:
-        return []
-    members, scores = reply[0::2], reply[1::2]  # ~25 pairs a list, ~20 lists a request: decoded in C
-    try:
-        return list(zip(map(bytes.decode, members), map(float, scores), strict=False))
-    except TypeError:  # members already text (a cluster node's reply in RESP3)
-        return [(_text(m) or "", float(score)) for m, score in zip(members, scores, strict=False)]
+    # ~25 pairs a list, ~20 lists a request: decoded in C
+    return zip(_texts(reply[0::2]), map(float, reply[1::2]), strict=False)
 
 
-def _flat_pairs_text(reply: Any) -> list[tuple[str, str]]:
-    """A script's HGETALL reply as (field, value) text pairs."""
-    if not reply:
-        return []
-    pairs = iter(reply)
-    return [(_text(key) or "", _text(value) or "") for key, value in zip(pairs, pairs, strict=False)]
+def _flat_pairs_raw(reply: Any) -> Iterator[tuple[str, Any]]:
+    """A script's HGETALL reply as (field, value) pairs, the values as Redis gave them (int() and
+    float() read bytes as they read text)."""
+    return zip(_texts(reply[0::2]), reply[1::2], strict=False)
+
+
+def _texts(values: Collection[Any]) -> Iterator[str]:
+    """Members as text: a script's reply holds bytes, decoded in C; the cluster path's own lists (its
+    seeds, categories and neighbours) hold text already. On a cluster SMEMBERS gives a set."""
+    if isinstance(next(iter(values), None), bytes):
+        return map(bytes.decode, values)
+    return map(str, values)
+
+
+def _packed_doubles(values: Sequence[float]) -> bytes:
+    """Floats as the read script packs its neighbour scores (struct.pack('<d') each)."""
+    return struct.pack(f"<{len(values)}d", *values)
+
+
+def _unpacked_doubles(packed: bytes) -> tuple[float, ...]:
+    return struct.unpack(f"<{len(packed) // 8}d", packed)
 
 
 def _text(value: Any) -> str | None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import redis
 
-from common.events import EventType
-from common.speed_state import read_speed_state
+from common import redis_keys
+from common.events import Event, EventType
+from common.features import POP_DAYS, day_index
+from common.neighbours import score_neighbours, session_token
+from common.speed_state import NeighbourQuery, read_speed_state
 from speed_layer.effects import Applier
 from tests.speed_factories import make_event, set_categories, speed_settings
 
@@ -53,3 +57,77 @@ def test_one_read_follows_the_latest_session_to_its_covisits_and_preferred_categ
     )
     assert set(product_page.covisitation) == {"c1"}
     assert set(product_page.category_bestsellers) == {"C"}
+
+
+def _scored_from_the_index(
+    client: Any, person: str, session: str, query: NeighbourQuery
+) -> list[tuple[str, float]]:
+    """common/neighbours.py's scoring of the index as Redis holds it (rows read with their times)."""
+    recent = {
+        m.decode(): t
+        for m, t in client.zrange(redis_keys.session_recent(person, session), 0, -1, withscores=True)
+    }
+    rows = {
+        seed: {
+            t.decode(): at
+            for t, at in client.zrevrange(
+                redis_keys.item_sessions(seed), 0, query.per_item - 1, withscores=True
+            )
+        }
+        for seed in recent
+    }
+
+    def members(token: str) -> dict[str, float]:
+        return dict.fromkeys(
+            (m.decode() for m in client.zrange(redis_keys.neighbour_session(token), 0, -1)), 0.0
+        )
+
+    own = session_token(person, session)
+    return score_neighbours(recent, rows, members, own, query.sample, query.k, query.n)
+
+
+def test_session_neighbours_are_the_scored_index_whether_the_sample_cuts_the_candidates_or_not(
+    any_redis: tuple[redis.Redis, str], tmp_path: Path
+) -> None:
+    redis_client, url = any_redis
+    settings = speed_settings(tmp_path, url)
+    now = datetime.now(UTC)
+
+    def view(item: str, who: str, minutes_ago: int) -> Event:
+        return make_event(
+            EventType.VIEW,
+            item,
+            anonymous_id=who,
+            session_id=f"s-{who}",
+            ts=now - timedelta(minutes=minutes_ago),
+        )
+
+    # Seen first under the newest seed y, B then A; but C, under the older seed x, is the latest of all:
+    # a sample of one must take C, which only the candidates' times tell.
+    events = [
+        view("x", "me", 30), view("y", "me", 29),
+        view("y", "A", 20), view("a1", "A", 19),
+        view("y", "B", 15), view("b1", "B", 14),
+        view("x", "C", 10), view("c1", "C", 9),
+    ]  # fmt: skip
+    Applier(redis_client, settings).apply(events, [])
+
+    for sample, expected in ((1, {"c1"}), (3, {"a1", "b1", "c1"}), (50, {"a1", "b1", "c1"})):
+        query = NeighbourQuery(sample=sample, k=10, n=10, per_item=10)
+        state = read_speed_state(
+            redis_client, "me", session_id="s-me", neighbours=query, now_s=now.timestamp()
+        )
+        assert {item for item, _ in state.neighbours} == expected, sample
+        assert state.neighbours == _scored_from_the_index(redis_client, "me", "s-me", query), sample
+
+
+def test_a_redis_that_forgot_the_read_script_is_given_it_again(redis_client: redis.Redis) -> None:
+    now_s = datetime.now(UTC).timestamp()
+    redis_client.zadd(redis_keys.person_sessions("me"), {"s1": now_s})
+    redis_client.zadd(redis_keys.popularity_day(day_index(now_s)), {"i1": 2.0})
+    for candidates in ([], ["i1"]):  # the script alone, and in a pipeline with the day counts
+        redis_client.script_flush()
+        state = read_speed_state(redis_client, "me", candidate_items=candidates, now_s=now_s)
+        assert state.session_id == "s1"
+        assert state.day_counts.shape == (len(candidates), POP_DAYS)
+    assert state.day_counts[0, -1] == 2.0  # today's count, the last of the days read

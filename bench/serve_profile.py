@@ -186,9 +186,9 @@ def bench_in_process(
     factors: int = 64,
     requests: int = 2000,
 ) -> dict[str, Any]:
-    """Build the live state once; then `rounds` rounds of: this tree's code, then `against`'s (when given),
-    each in a fresh process over the same requests at the same moment. Medians over rounds of each
-    child's median pass."""
+    """Build the live state once; then `rounds` rounds of this tree's code and `against`'s (when given),
+    each in a fresh process over the same requests at the same moment, the order swapped every round.
+    Medians over rounds of each child's median pass, and of the rounds' ratios."""
     from bench.serve import LiveState, build_live_state
 
     with tempfile.TemporaryDirectory(prefix="recs-bench-inproc-") as tmp:
@@ -203,7 +203,9 @@ def bench_in_process(
                 # The profile (slow under cProfile) in the last round only.
                 job.write_text(json.dumps({"paths": live.paths, "now_s": now_s, "passes": passes,
                                            "profile": profile and r == rounds - 1}))  # fmt: skip
-                for name, tree in trees.items():
+                # Each round swaps which tree goes first: a fixed order would give one of them the warmer
+                # (or the more disturbed) half of every round.
+                for name, tree in alternating(list(trees.items()), r):
                     runs[name].append(_run_child(tree, live.env, job, root / f"{name}-{r}.json"))
         finally:
             live.stop()
@@ -230,7 +232,20 @@ def bench_in_process(
         result["cpu_ratio_this_to_against"] = round(
             result["this"]["cpu_ms_per_request"] / result["against"]["cpu_ms_per_request"], 3
         )
+        # Side by side within each round, then the median: steadier than a ratio of medians when the
+        # machine's speed drifts between rounds.
+        ratios = [
+            ours["cpu_ms_per_request"] / theirs["cpu_ms_per_request"]
+            for ours, theirs in zip(runs["this"], runs["against"], strict=True)
+        ]
+        result["cpu_ratio_rounds"] = [round(v, 3) for v in ratios]
+        result["cpu_ratio_median_of_rounds"] = round(statistics.median(ratios), 3)
     return result
+
+
+def alternating(items: list[Any], round_no: int) -> list[Any]:
+    """`items` in order in even rounds, reversed in odd ones."""
+    return items if round_no % 2 == 0 else items[::-1]
 
 
 if __name__ == "__main__":

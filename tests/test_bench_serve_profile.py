@@ -1,10 +1,10 @@
-"""The list check of `recs bench serve --in-process --against`: what counts as the same list."""
+"""`recs bench serve --in-process --against`: what counts as the same list, and which tree runs first."""
 
 from __future__ import annotations
 
 import copy
 
-from bench.serve_profile import compare_lists
+from bench.serve_profile import alternating, compare_lists
 
 
 def listed(*items: tuple[str, float]) -> dict:
@@ -35,3 +35,10 @@ def test_order_scores_reasons_and_variant_each_make_a_difference() -> None:
     result = compare_lists([base] * len(theirs), theirs)
     assert result["identical"] == 0 and result["compared"] == len(theirs)
     assert result["first_difference"] == {"request": 0, "ours": base, "theirs": swapped}
+
+
+def test_each_tree_goes_first_in_every_other_round() -> None:
+    trees = [("this", "/a"), ("against", "/b")]
+    firsts = [alternating(trees, r)[0][0] for r in range(4)]
+    assert firsts == ["this", "against", "this", "against"]
+    assert sorted(alternating(trees, 1)) == sorted(trees)  # both still run

@@ -97,7 +97,8 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
     # The source flags in one pass over the pool (a candidate has one or two sources of the seven), as
     # positions in the flattened matrix.
     width = len(FEATURE_NAMES)
-    flagged = [row + _SOURCE_COLUMN[s] for row, sources in zip(range(0, n * width, width), cands.sources, strict=True) for s in sources]
+    row_starts = range(0, n * width, width)
+    flagged = [start + _SOURCE_COLUMN[s] for start, sources in zip(row_starts, cands.sources, strict=True) for s in sources]
     out.reshape(-1)[flagged] = 1.0
 
     pop_1d, pop_7d = sliding_popularity(cands.day_counts, state.now_s)
@@ -118,14 +119,14 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
     else:
         out[:, col["price_ratio"]] = 1.0
     out[:, col["item_age_days"]] = np.maximum(0.0, (state.now_s - cands.created_at_s) / DAY_S)
-    out[:, col["seen_in_session"]] = _members(cands.item_ids, state.session_items)
-    out[:, col["in_cart"]] = _members(cands.item_ids, state.cart)
-    out[:, col["bought_before"]] = _members(cands.item_ids, state.purchases)
+    out[:, col["seen_in_session"]] = members(cands.item_ids, state.session_items)
+    out[:, col["in_cart"]] = members(cands.item_ids, state.cart)
+    out[:, col["bought_before"]] = members(cands.item_ids, state.purchases)
     out[:, col["promoted"]] = cands.promoted
     return out
 
 
-def _members(item_ids: list[str], group: Collection[str]) -> np.ndarray:
+def members(item_ids: Sequence[str], group: Collection[str]) -> np.ndarray:
     """Whether each item is in `group`, at C level (map of its `in`)."""
     return np.fromiter(map(group.__contains__, item_ids), bool, len(item_ids))
 

@@ -10,7 +10,7 @@ import numpy as np
 import redis
 
 from common.candidates import Scored
-from common.features import POP_DAYS
+from common.features import POP_DAYS, members
 from common.gatherer import ItemColumns
 from common.speed_state import SpeedState
 from serving.core.catalog_view import UNCATEGORISED
@@ -90,7 +90,4 @@ class ServingLookups:
 def promoted_flags(state: ServingState, speed: SpeedState | None, items: Sequence[str]) -> np.ndarray:
     """Whether each item is promoted, live (the speed layer's set) or in the catalog."""
     live = speed.promoted if speed else frozenset()
-    catalog = state.catalog.promoted
-    return np.fromiter(map(live.__contains__, items), bool, len(items)) | np.fromiter(
-        map(catalog.__contains__, items), bool, len(items)
-    )
+    return members(items, live) | members(items, state.catalog.promoted)

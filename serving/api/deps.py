@@ -61,6 +61,12 @@ BearerHeader = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 TokenQuery = Annotated[str | None, Security(_token_query)]
 
 
+async def security_values(request: Request) -> tuple[str | None, HTTPAuthorizationCredentials | None, str | None]:
+    """What the three security schemes read from a request (the key header, the bearer, the query token),
+    in the order the scope checks below take them: for a PreparedRoute's resolver (serving/api/prepared.py)."""
+    return await _api_key(request), await _bearer(request), await _token_query(request)
+
+
 def _credential(x_api_key: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
     return key_from_headers(x_api_key, f"Bearer {bearer.credentials}" if bearer else None)
 

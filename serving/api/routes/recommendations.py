@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from fastapi import APIRouter, Query, Request, Response
@@ -11,7 +11,14 @@ from pydantic import BaseModel, Field
 
 from common.events import DEFAULT_CONSENT, Consent, FieldError
 from common.ids import Id
-from serving.api.deps import PersonRecsRead, SingleQueryValues, serving_state
+from serving.api.deps import (
+    PersonRecsRead,
+    SingleQueryValues,
+    security_values,
+    serving_state,
+    single_valued_query,
+)
+from serving.api.prepared import PreparedRoute, query_model, resolved_by
 from serving.core import drift
 from serving.core.auth import Grant
 from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError
@@ -26,6 +33,7 @@ router = APIRouter(
     tags=["recommendations"],
     responses=PERSON_ERROR_RESPONSES,
     dependencies=[SingleQueryValues],
+    route_class=PreparedRoute,
 )
 
 IdParam = Annotated[Id | None, Query()]
@@ -51,6 +59,14 @@ class RecommendationsQuery(BaseModel):
 _ENCODER = msgspec.json.Encoder()
 
 
+async def _arguments(request: Request) -> dict[str, Any]:
+    """get_recommendations' arguments as FastAPI resolves them, in its order: the router's single-value check,
+    the scope (key or session token), then the query (serving/api/prepared.py)."""
+    await single_valued_query(request)
+    grant = await PersonRecsRead.dependency(request, *await security_values(request))
+    return {"request": request, "grant": grant, "query": query_model(RecommendationsQuery, request)}
+
+
 @router.get(
     "",
     summary="Recommendations for a person",
@@ -65,6 +81,7 @@ _ENCODER = msgspec.json.Encoder()
     ),
     response_model=RecommendationsResponse,
 )
+@resolved_by(_arguments)
 async def get_recommendations(
     request: Request, grant: Annotated[Grant, PersonRecsRead], query: Annotated[RecommendationsQuery, Query()]
 ) -> Response:

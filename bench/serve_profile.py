@@ -12,6 +12,7 @@ only what every tree has (`ServingState.start`, `recommend`, `RecRequest`).
 
 from __future__ import annotations
 
+import asyncio
 import cProfile
 import io
 import json
@@ -31,55 +32,110 @@ THIS_TREE = HERE.parents[1]
 
 
 def run_requests(paths: list[str], now_s: float, passes: int, profile: bool) -> dict[str, Any]:
-    """In this process: start the serving state from the environment's settings, run every path once to
-    warm up, then `passes` timed passes; CPU per request, Redis commands and reply bytes per request,
-    the lists, and (with `profile`) the top functions of one more pass."""
-    from common.settings import load_settings
+    """In this process: start the app (its lifespan starts the serving state from the environment's
+    settings), run every path once to warm up, then `passes` timed passes of the recommender; CPU per
+    request, Redis commands and reply bytes per request, the lists, the app's own cost around the
+    recommender (`app_requests`), and (with `profile`) the top functions of one more pass."""
+    return asyncio.run(_run_requests(paths, now_s, passes, profile))
+
+
+async def _run_requests(paths: list[str], now_s: float, passes: int, profile: bool) -> dict[str, Any]:
     from serving.core.metrics import StageClock
     from serving.core.recommender import recommend
-    from serving.core.state import ServingState
+    from serving.main import create_app
 
-    state = ServingState.start(load_settings())
-    # The background threads (model listener, day-count and erasure refreshes) would add their Redis
-    # commands and CPU to the requests'; the state they loaded at start is what requests read.
-    state._stop.set()
-    for thread in state._threads:
-        thread.join(timeout=10)
-    requests = [_request(path) for path in paths]
-    client = state.redis.client
-    lists = [_listed(recommend(state, req, now_s=now_s)) for req in requests]
-    cpu_ms, redis_deltas, stages = [], [], []
-    for _ in range(passes):
-        before = _redis_counters(client)
-        spent: dict[str, float] = {}
-        start = time.process_time()
-        for req in requests:
-            clock = StageClock()
-            recommend(state, req, now_s=now_s, clock=clock)
-            for stage, seconds in clock.spent.items():
-                spent[stage] = spent.get(stage, 0.0) + seconds
-        cpu_ms.append((time.process_time() - start) * 1000 / len(requests))
-        redis_deltas.append(_delta(before, _redis_counters(client), len(requests)))
-        stages.append({stage: round(seconds * 1000 / len(requests), 4) for stage, seconds in spent.items()})
-    top: list[str] = []
-    if profile:
-        profiler = cProfile.Profile(time.process_time)  # CPU, not the waits on Redis's replies
-        profiler.enable()
-        for req in requests:
-            recommend(state, req, now_s=now_s)
-        profiler.disable()
-        top = _top_functions(profiler, "tottime", 30) + _top_functions(profiler, "cumulative", 40)
-    state.impressions.close()
-    client.close()
+    app = create_app()
+    async with app.router.lifespan_context(app):
+        state = app.state.serving
+        # The background threads (model listener, day-count and erasure refreshes) would add their Redis
+        # commands and CPU to the requests'; the state they loaded at start is what requests read.
+        state._stop.set()
+        for thread in state._threads:
+            thread.join(timeout=10)
+        requests = [_request(path) for path in paths]
+        client = state.redis.client
+        results = [recommend(state, req, now_s=now_s) for req in requests]
+        lists = [_listed(result) for result in results]
+        cpu_ms, redis_deltas, stages = [], [], []
+        for _ in range(passes):
+            before = _redis_counters(client)
+            spent: dict[str, float] = {}
+            start = time.process_time()
+            for req in requests:
+                clock = StageClock()
+                recommend(state, req, now_s=now_s, clock=clock)
+                for stage, seconds in clock.spent.items():
+                    spent[stage] = spent.get(stage, 0.0) + seconds
+            cpu_ms.append((time.process_time() - start) * 1000 / len(requests))
+            redis_deltas.append(_delta(before, _redis_counters(client), len(requests)))
+            per_request = {stage: round(seconds * 1000 / len(requests), 4) for stage, seconds in spent.items()}
+            stages.append(per_request)
+        app_us = await app_requests(app, paths, dict(zip(requests, results, strict=True)), passes)
+        top: list[str] = []
+        if profile:
+            profiler = cProfile.Profile(time.process_time)  # CPU, not the waits on Redis's replies
+            profiler.enable()
+            for req in requests:
+                recommend(state, req, now_s=now_s)
+            profiler.disable()
+            top = _top_functions(profiler, "tottime", 30) + _top_functions(profiler, "cumulative", 40)
     middle = sorted(range(passes), key=lambda i: cpu_ms[i])[passes // 2]
     return {
         "cpu_ms_per_request": round(statistics.median(cpu_ms), 4),
         "cpu_ms_passes": [round(v, 4) for v in cpu_ms],
+        "app_us_per_request": round(statistics.median(app_us), 1),
         "redis": redis_deltas[middle],
         "stage_ms": stages[middle],  # wall, in this process: "reads" includes waiting for Redis
         "profile_top": top,
         "lists": lists,
     }
+
+
+async def app_requests(app: Any, paths: list[str], answers: dict[Any, Any], passes: int) -> list[float]:
+    """CPU µs a request of the app around the recommender, per pass: each path through the whole ASGI
+    app (middleware, routing, scope check, query, body, impression log), the recommender's answer
+    replayed from `answers` (request -> result) so that only the rest is timed. No sockets: the server's
+    own cost is the no-op route's, which `recs bench serve` measures."""
+    import serving.api.routes.recommendations as route
+
+    def replayed(state: Any, req: Any, **_: Any) -> Any:
+        return answers[req]
+
+    real, route.recommend = route.recommend, replayed  # type: ignore[assignment]
+    try:
+        for path in paths:  # warm-up; every answer must be a list (a refusal would time less work)
+            status = await _asgi_get(app, path)
+            assert status == 200, f"{path}: {status}"
+        cpu_us = []
+        for _ in range(passes):
+            start = time.process_time()
+            for path in paths:
+                await _asgi_get(app, path)
+            cpu_us.append((time.process_time() - start) * 1e6 / len(paths))
+        return cpu_us
+    finally:
+        route.recommend = real
+
+
+async def _asgi_get(app: Any, path: str) -> int:
+    """GET `path` through the ASGI app as uvicorn would hand it over; the response's status."""
+    url = urlsplit(path)
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": url.path, "raw_path": url.path.encode(), "query_string": url.query.encode(), "root_path": "",
+        "headers": [(b"host", b"bench")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    await app(scope, receive, send)
+    return statuses[0]
 
 
 def _request(path: str) -> Any:
@@ -220,6 +276,8 @@ def bench_in_process(
             "tree": str(trees[name]),
             "cpu_ms_per_request": round(statistics.median(cpu), 4),
             "cpu_ms_rounds": cpu,
+            "app_us_per_request": round(statistics.median(o["app_us_per_request"] for o in outs), 1),
+            "app_us_rounds": [o["app_us_per_request"] for o in outs],
             "redis": outs[len(outs) // 2]["redis"],
             "stage_ms": outs[len(outs) // 2]["stage_ms"],
             "profile_top": outs[-1]["profile_top"],
@@ -240,6 +298,12 @@ def bench_in_process(
         ]
         result["cpu_ratio_rounds"] = [round(v, 3) for v in ratios]
         result["cpu_ratio_median_of_rounds"] = round(statistics.median(ratios), 3)
+        app_ratios = [
+            ours["app_us_per_request"] / theirs["app_us_per_request"]
+            for ours, theirs in zip(runs["this"], runs["against"], strict=True)
+        ]
+        result["app_ratio_rounds"] = [round(v, 3) for v in app_ratios]
+        result["app_ratio_median_of_rounds"] = round(statistics.median(app_ratios), 3)
     return result
 
 

@@ -144,3 +144,40 @@ def test_merge_sources_keeps_first_seen_order_and_every_source() -> None:
     merged = merge_sources(lists)
     assert list(merged) == ["a", "b", "c"]
     assert merged == {"a": {"als", "trending"}, "b": {"als", "covis"}, "c": {"covis"}}
+
+
+def test_similar_items_equal_the_blend_over_every_items_cosine() -> None:
+    """The sampled top-n (serving/core/similar.py) gives what scoring and blending every item gives: over
+    20k items, past the size where the sample bounds the partition, with co-visits and exclusions."""
+    from datetime import UTC, datetime
+
+    from common.model import ModelArtifacts
+    from common.registry import Manifest
+    from serving.core.model_holder import ServingModel, unit_rows
+    from serving.core.similar import similar_items
+
+    rng = np.random.default_rng(3)
+    n_items, k = 20_000, 10
+    factors = rng.normal(0, 1, (n_items, 16)).astype(np.float32)
+    ids = [f"i{j}" for j in range(n_items)]
+    now = datetime.now(UTC)
+    manifest = Manifest(version="v", created_at=now, cutoff=now, engine="test", parameters={}, metrics={})
+    artifacts = ModelArtifacts("v", manifest, ids, factors, [], np.zeros((0, 16), np.float32), np.eye(16))
+    model = ServingModel(artifacts=artifacts, unit_factors=unit_rows(factors), covis={}, popular=[])
+
+    def excluded(item: str) -> bool:
+        return item.endswith("7")  # a tenth of the catalog out of stock
+
+    for anchor in range(0, n_items, 997):
+        covisits = {ids[(anchor + step) % n_items]: float(step) for step in (1, 5, 9)}
+        cosines = model.unit_factors @ model.unit_factors[anchor]
+        shares = {other: count / 9.0 for other, count in covisits.items()}
+        blended = sorted(
+            (max(float(cosines[j]), 0.0) + shares.get(ids[j], 0.0), ids[j])
+            for j in range(n_items)
+            if j != anchor and not excluded(ids[j])
+        )
+        expected = [(item, score) for score, item in sorted(blended, key=lambda sv: (-sv[0], sv[1]))[:k]]
+        found = similar_items(model, ids[anchor], covisits, excluded, k)
+        assert found is not None
+        assert [(s.item_id, s.score) for s in found] == expected, anchor

@@ -1,6 +1,7 @@
 """A PreparedRoute answers as FastAPI's own resolution of the same route would: the same status, headers
 that matter and body for valid requests and for every kind of refusal, with auth on; and it does skip
-FastAPI's resolution."""
+FastAPI's resolution. The similar-items body is also held to its documented model (it no longer goes
+through FastAPI's response model)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ WRITER = {"X-API-Key": "key-storefront-0001"}  # no recs:read
 
 @pytest.fixture
 def both(published: SyntheticModel) -> Iterator[tuple[TestClient, TestClient]]:
-    """The app as served, and the same app with each PreparedRoute handled by FastAPI's own resolution."""
+    """The app as served, and the same app with each PreparedRoute handled by FastAPI's own resolution (and the
+    endpoints' answers the same Response objects, so the comparison is of the resolution)."""
     settings = make_settings(keys=KEYS, token_secret=TOKEN_SECRET)
     served, reference = create_app(settings), create_app(settings)
     swapped = 0
@@ -33,7 +35,7 @@ def both(published: SyntheticModel) -> Iterator[tuple[TestClient, TestClient]]:
         if isinstance(route, PreparedRoute):
             route.app = request_response(route.fastapi_handler())
             swapped += 1
-    assert swapped, "the app has prepared routes"
+    assert swapped == 2, "the recommendations and similar-items routes are prepared"
     with TestClient(served) as served_client, TestClient(reference) as reference_client:
         yield served_client, reference_client
 
@@ -97,13 +99,27 @@ def test_a_prepared_route_answers_as_fastapis_resolution(both: tuple[TestClient,
         (f"{base}?user_id=u1&k=2&k=3", READER),
         (f"{base}?user_id=u1&k=2&k=3", {}),  # the repeat is refused before the missing key, by both
         (f"{base}?k=0", {}),  # the key is refused before the query
+        # similar items: its path and query parameters validated together, no session token taken
+        ("/v1/items/i3/similar?k=3", READER),
+        ("/v1/items/i3/similar", {"Authorization": "Bearer key-reader-0002"}),
+        ("/v1/items/nope/similar", READER),
+        ("/v1/items/i3/similar?k=0", READER),
+        ("/v1/items/i3/similar?k=x&unknown=1", READER),
+        ("/v1/items/i9%00/similar", READER),
+        ("/v1/items/i9%00/similar?k=101", READER),
+        ("/v1/items/i3/similar?k=2&k=3", READER),
+        ("/v1/items/i3/similar", {}),
+        ("/v1/items/i3/similar", WRITER),
+        ("/v1/items/i3/similar", {"Authorization": f"Bearer {token}"}),
+        (f"/v1/items/i3/similar?access_token={token}", {}),
+        ("/v1/items/i9%00/similar?k=0", {}),
     ]
     statuses = set()
     for path, headers in cases:
         ours, theirs = _answer(served, path, headers), _answer(reference, path, headers)
         assert ours == theirs, path
         statuses.add(ours["status"])
-    assert statuses == {200, 401, 403, 422}, "every kind of answer was compared"
+    assert statuses == {200, 401, 403, 404, 422}, "every kind of answer was compared"
 
 
 def test_a_prepared_route_does_not_resolve_dependencies_through_fastapi(
@@ -124,8 +140,11 @@ def test_a_prepared_route_does_not_resolve_dependencies_through_fastapi(
     served, reference = both
     assert served.get("/v1/recommendations?user_id=u1", headers=READER).status_code == 200
     assert calls == 0
+    assert served.get("/v1/items/i3/similar", headers=READER).status_code == 200
+    assert calls == 0
     assert reference.get("/v1/recommendations?user_id=u1", headers=READER).status_code == 200
-    assert calls == 1
+    assert reference.get("/v1/items/i3/similar", headers=READER).status_code == 200
+    assert calls == 2
 
 
 def test_an_endpoint_without_a_resolver_is_resolved_by_fastapi() -> None:
@@ -135,3 +154,14 @@ def test_an_endpoint_without_a_resolver_is_resolved_by_fastapi() -> None:
     route = PreparedRoute("/plain", endpoint)
     assert endpoint not in prepared._RESOLVERS
     assert route.get_route_handler().__qualname__ == route.fastapi_handler().__qualname__
+
+
+def test_the_similar_items_body_is_its_documented_model(both: tuple[TestClient, TestClient]) -> None:
+    from serving.schemas import SimilarResponse
+
+    served, _ = both
+    response = served.get("/v1/items/i3/similar?k=5", headers=READER)
+    assert response.status_code == 200
+    body = response.json()
+    assert SimilarResponse.model_validate(body).model_dump(mode="json") == body
+    assert len(body["items"]) == 5

@@ -7,8 +7,9 @@ of the ~300 µs the framework spends on it (measured in one process with the rec
 
 A PreparedRoute is declared, routed and documented like any APIRoute: the OpenAPI document still comes
 from the endpoint's signature. Each request's arguments come instead from the `resolve(request)`
-registered for its endpoint (`resolved_by`). That function calls the same dependencies and validates
-the same query model, in FastAPI's order. tests/test_serving_prepared.py holds every answer equal to
+registered for its endpoint (`resolved_by`). That function calls the same dependencies in FastAPI's order,
+and has the endpoint's own path and query parameters validated by FastAPI's own function
+(`declared_params`), or a query model validated directly (`query_model`). tests/test_serving_prepared.py holds every answer equal to
 FastAPI's own resolution of the same route. An endpoint with no resolver is resolved by FastAPI.
 """
 
@@ -18,11 +19,14 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.dependencies.utils import request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
-Resolver = Callable[[Request], Awaitable[dict[str, Any]]]
+# The request and the route's own Dependant (its declared path and query parameters) -> the endpoint's arguments.
+Resolver = Callable[[Request, Dependant], Awaitable[dict[str, Any]]]
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -47,10 +51,10 @@ class PreparedRoute(APIRoute):
         resolve = _RESOLVERS.get(self.endpoint)
         if resolve is None:
             return self.fastapi_handler()
-        endpoint = self.endpoint
+        endpoint, dependant = self.endpoint, self.dependant
 
         async def handle(request: Request) -> Response:
-            response: Response = await endpoint(**await resolve(request))
+            response: Response = await endpoint(**await resolve(request, dependant))
             return response
 
         return handle
@@ -60,9 +64,19 @@ class PreparedRoute(APIRoute):
         return super().get_route_handler()
 
 
+def declared_params(request: Request, dependant: Dependant) -> dict[str, Any]:
+    """The endpoint's own path and query parameters (a query model included), validated by FastAPI's own
+    function: its values, and its errors in its order (path, then query) as one RequestValidationError."""
+    path_values, path_errors = request_params_to_args(dependant.path_params, request.path_params)
+    query_values, query_errors = request_params_to_args(dependant.query_params, request.query_params)
+    if path_errors or query_errors:
+        raise RequestValidationError([*path_errors, *query_errors])
+    return {**path_values, **query_values}
+
+
 def query_model(model: type[Model], request: Request) -> Model:
-    """The request's query parameters as `model`, refused as FastAPI refuses a query model it cannot
-    validate: a RequestValidationError whose errors are located under "query"."""
+    """The query parameters as `model` when they are the endpoint's one query model: as `declared_params`
+    would give it (the same values, errors located under "query"), without FastAPI's lookup of each field."""
     try:
         return model.model_validate(dict(request.query_params))
     except ValidationError as exc:

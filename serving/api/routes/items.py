@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.responses import JSONResponse
 
 from common import redis_keys
 from common.ids import Id
-from serving.api.deps import RecsRead, SingleQueryValues, StateDep
+from serving.api.deps import (
+    RecsRead,
+    SingleQueryValues,
+    StateDep,
+    security_values,
+    serving_state,
+    single_valued_query,
+)
+from serving.api.prepared import PreparedRoute, declared_params, resolved_by
 from serving.core.errors import ERROR_RESPONSES, ApiError, ErrorBody
 from serving.core.recommender import REDIS_DOWN
 from serving.core.similar import merged_covisits
@@ -21,8 +31,18 @@ router = APIRouter(
     tags=["items"],
     responses=ERROR_RESPONSES,
     dependencies=[SingleQueryValues],
+    route_class=PreparedRoute,
 )
 COVIS_READ = 100  # live co-visits read per request (the batch rows hold as many)
+
+
+async def _arguments(request: Request, dependant: Dependant) -> dict[str, Any]:
+    """similar_items' arguments as FastAPI resolves them, in its order: the router's single-value check, the
+    route's scope check, the state, then the path and query parameters (serving/api/prepared.py)."""
+    await single_valued_query(request)
+    x_api_key, bearer, _ = await security_values(request)  # this route takes no session token
+    await RecsRead.dependency(request, x_api_key, bearer)
+    return {"state": serving_state(request), **declared_params(request, dependant)}
 
 
 @router.get(
@@ -40,11 +60,12 @@ COVIS_READ = 100  # live co-visits read per request (the batch rows hold as many
         503: {"model": ErrorBody, "description": "No model is loaded yet."},
     },
 )
+@resolved_by(_arguments)
 async def similar_items(
     state: StateDep,
     item_id: Annotated[Id, Path(examples=["sku-123"])],
     k: Annotated[int, Query(ge=1, le=100)] = 10,
-) -> SimilarResponse:
+) -> JSONResponse:
     model = state.models.current
     if model is None:
         raise ApiError(503, "no_model", "no model is loaded yet", headers={"Retry-After": "30"})
@@ -65,7 +86,8 @@ async def similar_items(
         )  # fmt: skip
         for s in found
     ]
-    return SimilarResponse(item_id=item_id, model_version=model.version, degraded=degraded, items=items)
+    body = SimilarResponse(item_id=item_id, model_version=model.version, degraded=degraded, items=items)
+    return JSONResponse(body.model_dump(mode="json"))  # the documented model, not validated again by FastAPI
 
 
 def _live_state(state: StateDep, item_id: str) -> tuple[set[str], list[tuple[str, float]], str | None]:

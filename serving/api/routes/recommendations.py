@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import msgspec
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.dependencies.models import Dependant
 from pydantic import BaseModel, Field
 
 from common.events import DEFAULT_CONSENT, Consent, FieldError
@@ -59,11 +60,12 @@ class RecommendationsQuery(BaseModel):
 _ENCODER = msgspec.json.Encoder()
 
 
-async def _arguments(request: Request) -> dict[str, Any]:
+async def _arguments(request: Request, _: Dependant) -> dict[str, Any]:
     """get_recommendations' arguments as FastAPI resolves them, in its order: the router's single-value check,
     the scope (key or session token), then the query (serving/api/prepared.py)."""
     await single_valued_query(request)
     grant = await PersonRecsRead.dependency(request, *await security_values(request))
+    # The query model validated directly: FastAPI's per-field lookups would cost ~100 us more a request.
     return {"request": request, "grant": grant, "query": query_model(RecommendationsQuery, request)}
 
 

@@ -1,5 +1,6 @@
 """`recs bench serve --in-process`: the recommender's CPU and Redis cost per request, in one process, on the
-live state `recs bench serve` builds, with a profile and the served lists.
+live state `recs bench serve` builds, with a profile, the served lists, and the app's own CPU around the
+recommender.
 
 The state (model, catalog, speed state of the request mix's people) is built once; each round then runs
 the request mix in a fresh process per code tree: this checkout and, with `--against DIR`, another one
@@ -7,7 +8,8 @@ the request mix in a fresh process per code tree: this checkout and, with `--aga
 are side by side and their lists must be identical: that is the kept check of an optimisation.
 
 The child process is this file run as a script with the tree under test first on PYTHONPATH; it uses
-only what every tree has (`ServingState.start`, `recommend`, `RecRequest`).
+only what every tree has (`create_app`, `recommend`, `RecRequest`, and the recommendations route's module
+calling `recommend`).
 """
 
 from __future__ import annotations

@@ -418,7 +418,8 @@ def _ranked_positions(final: np.ndarray, item_ids: list[str]) -> list[int]:
     if len(ranked) > 1 and (bool(np.any(ranked[1:] == ranked[:-1])) or np.isnan(ranked[-1])):
         # Tied scores (NaNs, sorted last, count as tied): by id (numpy compares str by code point, as Python does).
         order = np.lexsort((np.array(item_ids), -final))
-    return list(order.tolist())
+    positions: list[int] = order.tolist()
+    return positions
 
 
 _Row = tuple[str, float, set[str], bool, str]  # item, score, sources, promoted, category

@@ -344,8 +344,15 @@ def category_bestsellers(category: str) -> str:
 
 
 def covisitation(item_id: str) -> str:
-    """Sorted set other item -> co-visit count within sessions (a pair counts when an item first enters
-    a session's recent items); trimmed to speed.covis_top_n once it holds twice as many."""
+    """Sorted set other item -> ordered co-visits within sessions (a pair counts when an item first enters
+    a session's recent items), in whole units of common.sequence.FOLLOW_UNIT (read them with
+    `follow_weights`); trimmed to speed.covis_top_n once it holds twice as many."""
+    return _in_group("follows", item_id)
+
+
+def float_covisitation(item_id: str) -> str:
+    """Where versions before FOLLOW_UNIT kept an item's co-visits, as float weights: the speed layer
+    converts and deletes these (speed_layer/migrations.py)."""
     return _in_group("covis", item_id)
 
 
@@ -401,6 +408,7 @@ SPEED_PENDING_VERSION = f"{_SPEED_GROUP}:speed:pending"  # version being rebuilt
 TRENDING_TOP = f"{_TREND_GROUP}:trend:top"  # sorted set item -> decayed sum of the window's buckets, re-summed often
 TRENDING_REFRESH_LOCK = f"{_TREND_GROUP}:trend:lock"  # SET NX PX: one consumer re-sums the buckets at a time
 SPEED_HEARTBEAT = f"{_SPEED_GROUP}:speed:heartbeat"  # hash consumer -> last beat (epoch ms)
+SPEED_MIGRATED = f"{_SPEED_GROUP}:speed:migrated"  # set: the keyspace migrations done (speed_layer/migrations.py)
 
 
 def speed_rebuild_lock(model_version: str) -> str:
@@ -491,6 +499,9 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("popularity_days", (_pattern(popularity_day),), "per day: item event counts"),
     KeyFamily("category_bestsellers", (_pattern(category_bestsellers),), "per category: best sellers"),
     KeyFamily("covisitation", (_pattern(covisitation),), "per item: ordered co-visits"),
+    KeyFamily(
+        "float_covisitation", (_pattern(float_covisitation),), "per item: earlier versions' co-visits, converted at start"
+    ),
     KeyFamily("neighbour_sessions", (_pattern(neighbour_session),), "per session: its items (session-kNN)"),
     KeyFamily("item_sessions", (_pattern(item_sessions),), "per item: its recent sessions (session-kNN)"),
     KeyFamily("item_state", (_pattern(item_state), OUT_OF_STOCK, PROMOTED), "live item fields and flags"),
@@ -500,9 +511,9 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("drift_sample", (DRIFT_SAMPLE,), "sampled served pools: features, scores, categories"),
     KeyFamily(
         "speed_bookkeeping",
-        (SPEED_VERSION, SPEED_PENDING_VERSION, SPEED_HEARTBEAT)
+        (SPEED_VERSION, SPEED_PENDING_VERSION, SPEED_HEARTBEAT, SPEED_MIGRATED)
         + (_pattern(speed_rebuild_lock), _pattern(speed_rebuild_marker)),
-        "served and pending version, heartbeats, rebuild lock and marker",
+        "served and pending version, heartbeats, migrations done, rebuild lock and marker",
     ),
 )
 OTHER_FAMILY = "other"  # a key of none of the families: formed outside this module

@@ -17,6 +17,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.sequence import MAX_STEPS
+
 ENV_PREFIX = "RECS_"
 NESTED_DELIMITER = "__"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -275,7 +277,10 @@ class SpeedSettings(Section):
         2 * 86400, ge=60, description="Session-kNN: how long a session stays a neighbour after its last new item."
     )
     covis_steps: int = Field(
-        10, ge=1, le=50, description="Ordered co-visitation: b counts for a when it follows within this many items."
+        10,
+        ge=1,
+        le=MAX_STEPS,
+        description="Ordered co-visitation: b counts for a when it follows within this many items.",
     )
     affinity_half_life_s: int = Field(900, ge=10, description="Half-life of a session's category affinity.")
     history_ttl_s: int = Field(30 * 86400, ge=60, description="TTL of person_items, purchases and aliases.")

@@ -30,6 +30,7 @@ from common.features import POP_DAYS, day_index
 from common.lua import load_script
 from common.neighbours import score_neighbours, session_token
 from common.redis_server import is_cluster
+from common.sequence import follow_weights
 
 # Forward decay: scores are stored as w·2^((t − EPOCH)/half-life) so one sorted set ranks by decayed
 # weight at any moment without rewriting old entries. The epoch keeps exponents small (< 2^1000 for
@@ -174,7 +175,7 @@ def read_speed_state(
         state.delta_events = int(n or 0)
     state.speed_version = _text(version)
     state.trending = list(_flat_pairs(trending))
-    state.covisitation = {_text(item) or "": dict(_flat_pairs(pairs)) for item, pairs in covis}
+    state.covisitation = {_text(item) or "": follow_weights(_flat_pairs(pairs)) for item, pairs in covis}
     scale = 1.0 / forward_decay(now_s, bestsellers_half_life_s)
     state.category_bestsellers = {
         _text(category) or "": {i: w * scale for i, w in _flat_pairs(pairs)} for category, pairs in best

@@ -8,7 +8,7 @@
 -- ARGV: event_count apply_base session_ttl recent_n dedup_ttl affinity_half_life history_ttl purchases_kept
 --       bestsellers_kept covis_kept delta_ttl covis_prefix covis_suffix covis_window nb_session_prefix
 --       nb_session_suffix nb_item_prefix nb_item_suffix nb_kept nb_ttl split n_groups covis_middle
---       nb_session_middle nb_item_middle n_versions
+--       nb_session_middle nb_item_middle covis_unit n_versions
 --       version*n_versions event*event_count
 -- ARGV event: event_type item session ts weight quantity category trend_expireat popularity_expireat
 --       bestseller_increment event_id session_token personal served per_version*n_versions
@@ -59,12 +59,22 @@ local nb_item_prefix, nb_item_suffix = ARGV[17], ARGV[18]
 local nb_kept, nb_ttl = tonumber(ARGV[19]), tonumber(ARGV[20])
 local split, n_groups = ARGV[21] == '1', tonumber(ARGV[22])
 local covis_middle, nb_session_middle, nb_item_middle = ARGV[23], ARGV[24], ARGV[25]
+local covis_unit = tonumber(ARGV[26])
 local n_versions = tonumber(ARGV[ARGV_HEAD])
 local versions = {}
 for v = 1, n_versions do versions[v] = ARGV[ARGV_HEAD + v] end
 local event_args = ARGV_EVENT + ARGV_PER_VERSION * n_versions
 local event_keys = KEYS_EVENT + KEYS_PER_VERSION * n_versions
-local now = tonumber(redis.call('TIME')[1])
+local now_text = redis.call('TIME')[1]
+local now = tonumber(now_text)
+
+-- A number as a command's argument. Redis writes a Lua number out with "%.17g", and that and parsing
+-- it back took a sixth of the script's time; a whole number is written as an integer instead (the
+-- same value). Times are passed on as the text they came in (`ts_text`), for the same reason.
+local function arg(v)
+  if v % 1 == 0 and v > -1e15 and v < 1e15 then return string.format('%d', v) end
+  return v
+end
 
 -- Deferred writes. zincr/hincr/hcount: key -> member -> increment; zset: key -> member -> score (the
 -- last one written wins); expire_in/expire_at: key -> TTL / unix time; trims: key -> members kept
@@ -96,17 +106,18 @@ local function grouped(prefix, middle, suffix, id)
 end
 
 -- Ordered co-visitation (common/sequence.py is the definition): a new item in the session is
--- added to the rows of the session's `covis_window` latest other items, the g-th latest by 1/g.
+-- added to the rows of the session's `covis_window` latest other items, the g-th latest by 1/g,
+-- counted in whole units (covis_unit / g is an integer for every g up to the window).
 local function covisit(recent, item)
   local gap = 0
-  for _, other in ipairs(redis.call('ZREVRANGE', recent, 0, covis_window)) do
+  for _, other in ipairs(redis.call('ZREVRANGE', recent, '0', ARGV[14])) do
     if other ~= item and gap < covis_window then
       gap = gap + 1
       if split then
         plan[#plan + 1] = other
       else
         local other_key = grouped(covis_prefix, covis_middle, covis_suffix, other)
-        add(zincr, other_key, item, 1 / gap)
+        add(zincr, other_key, item, covis_unit / gap)
         trims[other_key] = covis_kept
       end
     end
@@ -115,11 +126,11 @@ end
 
 -- Session-kNN's index (common/neighbours.py reads it the same way): the session's new item joins the
 -- session's neighbour set, and the session joins the item's most recent sessions.
-local function index_neighbour(token, item, ts)
+local function index_neighbour(token, item, ts_text)
   local session_key = grouped(nb_session_prefix, nb_session_middle, nb_session_suffix, token)
   local item_key = grouped(nb_item_prefix, nb_item_middle, nb_item_suffix, item)
-  local t = zset[session_key] or {}; zset[session_key] = t; t[item] = ts
-  t = zset[item_key] or {}; zset[item_key] = t; t[token] = ts
+  local t = zset[session_key] or {}; zset[session_key] = t; t[item] = ts_text
+  t = zset[item_key] or {}; zset[item_key] = t; t[token] = ts_text
   recent_trims[session_key] = true
   trims[item_key] = nb_kept
   expire_in[session_key] = nb_ttl
@@ -127,16 +138,16 @@ local function index_neighbour(token, item, ts)
 end
 
 -- The session's latest activity; a session new to the person also drops the person's expired ones.
-local function touch_session(sessions, session, ts)
+local function touch_session(sessions, session, ts, ts_text)
   local id = sessions .. '\0' .. session
   local known = sessions_now[id]
   if known then
-    if ts > known[4] then known[4] = ts end
+    if ts > known[4] then known[4], known[5] = ts, ts_text end
   else
-    if redis.call('ZADD', sessions, 'GT', ts, session) == 1 then
+    if redis.call('ZADD', sessions, 'GT', ts_text, session) == 1 then
       redis.call('ZREMRANGEBYSCORE', sessions, '-inf', '(' .. (ts - session_ttl))
     end
-    sessions_now[id] = {sessions, session, ts, ts}
+    sessions_now[id] = {sessions, session, ts, ts, ts_text}  -- key, session, time written, latest time and its text
   end
   expire_in[sessions] = session_ttl
 end
@@ -178,32 +189,33 @@ end
 local function apply_person_effects(k, a)
   local etype, item, session = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local ts, weight, quantity, category = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), ARGV[a + 7]
+  local ts_text = ARGV[a + 4]
 
   add(hcount, KEYS[k + 5], etype, 1)
   expire_in[KEYS[k + 5]] = session_ttl
-  touch_session(KEYS[k + 6], session, ts)
+  touch_session(KEYS[k + 6], session, ts, ts_text)
   if item == '' then return end
 
   if etype ~= 'remove_from_cart' then
     local recent = KEYS[k + 2]
-    if redis.call('ZADD', recent, 'GT', ts, item) == 1 then
+    if redis.call('ZADD', recent, 'GT', ts_text, item) == 1 then
       if split then plan = {} end
       covisit(recent, item)
       recent_trims[recent] = true
-      if nb_kept > 0 and not split then index_neighbour(ARGV[a + 12], item, ts) end
+      if nb_kept > 0 and not split then index_neighbour(ARGV[a + 12], item, ts_text) end
     end
     expire_in[recent] = session_ttl
   end
 
   local cart, purchases = KEYS[k + 4], KEYS[k + 8]
   if etype == 'add_to_cart' then
-    redis.call('HINCRBY', cart, item, quantity)
+    redis.call('HINCRBY', cart, item, ARGV[a + 6])
   elseif etype == 'remove_from_cart' then
     if redis.call('HINCRBY', cart, item, -quantity) <= 0 then redis.call('HDEL', cart, item) end
   elseif etype == 'purchase' then
     redis.call('HDEL', cart, item)
-    redis.call('ZADD', purchases, ts, item)
-    redis.call('ZREMRANGEBYRANK', purchases, 0, -(purchases_kept + 1))
+    redis.call('ZADD', purchases, ts_text, item)
+    redis.call('ZREMRANGEBYRANK', purchases, '0', arg(-(purchases_kept + 1)))
     expire_in[purchases] = history_ttl
   end
   expire_in[cart] = session_ttl
@@ -379,7 +391,7 @@ local function write(...)
 end
 for key, set_now in pairs(marks_now) do
   local flat = {}
-  for field in pairs(set_now) do flat[#flat + 1] = now; flat[#flat + 1] = field end
+  for field in pairs(set_now) do flat[#flat + 1] = now_text; flat[#flat + 1] = field end
   write('ZADD', key, unpack(flat))
   local plans = plans_of_seen[key]
   if plans then  -- a plan goes with its event's marker
@@ -402,13 +414,13 @@ for key, members in pairs(zincr) do
   local names = {}
   for member in pairs(members) do names[#names + 1] = member end
   if #names == 1 then
-    write('ZINCRBY', key, members[names[1]], names[1])
+    write('ZINCRBY', key, arg(members[names[1]]), names[1])
   else
     local scores = write('ZMSCORE', key, unpack(names))
     if type(scores) == 'table' and not scores.err then
       local flat = {}
       for i, member in ipairs(names) do
-        flat[2 * i - 1] = (tonumber(scores[i]) or 0) + members[member]
+        flat[2 * i - 1] = arg((tonumber(scores[i]) or 0) + members[member])
         flat[2 * i] = member
       end
       write('ZADD', key, unpack(flat))
@@ -421,22 +433,23 @@ for key, members in pairs(zset) do
   write('ZADD', key, unpack(flat))
 end
 for key, members in pairs(hincr) do
-  for member, by in pairs(members) do write('HINCRBYFLOAT', key, member, by) end
+  for member, by in pairs(members) do write('HINCRBYFLOAT', key, member, arg(by)) end
 end
 for key, members in pairs(hcount) do
-  for member, by in pairs(members) do write('HINCRBY', key, member, by) end
+  for member, by in pairs(members) do write('HINCRBY', key, member, arg(by)) end
 end
 for _, s in pairs(sessions_now) do
-  if s[4] > s[3] then write('ZADD', s[1], 'GT', s[4], s[2]) end
+  if s[4] > s[3] then write('ZADD', s[1], 'GT', s[5], s[2]) end
 end
-for key in pairs(recent_trims) do write('ZREMRANGEBYRANK', key, 0, -(recent_n + 1)) end
+local recent_last = arg(-(recent_n + 1))
+for key in pairs(recent_trims) do write('ZREMRANGEBYRANK', key, '0', recent_last) end
 for key, keep in pairs(trims) do
   local size = write('ZCARD', key)
-  if type(size) == 'number' and size > 2 * keep then write('ZREMRANGEBYRANK', key, 0, -(keep + 1)) end
+  if type(size) == 'number' and size > 2 * keep then write('ZREMRANGEBYRANK', key, '0', arg(-(keep + 1))) end
 end
 for key, value in pairs(deltas) do write('SET', key, value, 'EX', delta_ttl) end
-for key in pairs(count_dirty) do write('SET', key, counts[key], 'EX', delta_ttl) end
-for key, ttl in pairs(expire_in) do write('EXPIRE', key, ttl) end
+for key in pairs(count_dirty) do write('SET', key, arg(counts[key]), 'EX', delta_ttl) end
+for key, ttl in pairs(expire_in) do write('EXPIRE', key, arg(ttl)) end
 for key, at in pairs(expire_at) do write('EXPIREAT', key, at) end
 if #flush_errors > 0 then
   results[#results + 1] = {'deferred writes failed: ' .. table.concat(flush_errors, '; ', 1, math.min(#flush_errors, 5))}

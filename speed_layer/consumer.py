@@ -34,6 +34,7 @@ from common.stream import DEAD_LETTER_FIELD, decode_entry, remove_idle_consumers
 from speed_layer import metrics
 from speed_layer.bandit import ImpressionCounter
 from speed_layer.effects import Applier, BatchResult, Started, StateRead
+from speed_layer.migrations import run_migrations
 from speed_layer.sender import lane_for
 from speed_layer.switch import stamped, switch_version
 
@@ -142,13 +143,15 @@ class SpeedConsumer:
                 pass  # left pending: another consumer claims it, dedup skips what was applied
 
     def warm_up(self) -> None:
-        """Load the served versions now, so the first batch does not wait for them (~0.1 s), then
-        freeze the heap: what is alive now (modules, the model's id maps) lives as long as the
-        process, and full garbage collections that walk it cost more than the batches they pause."""
+        """Convert what an earlier version left (speed_layer/migrations.py), load the served versions now,
+        so the first batch does not wait for them (~0.1 s), then freeze the heap: what is alive now
+        (modules, the model's id maps) lives as long as the process, and full garbage collections that
+        walk it cost more than the batches they pause."""
         try:
+            run_migrations(self.client, self.speed.covis_top_n)
             self._active_models()
         except redis.ConnectionError:
-            pass  # the loop waits Redis out
+            pass  # the loop waits Redis out (the migrations run at the next start)
         gc.collect()
         gc.freeze()
 

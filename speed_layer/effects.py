@@ -41,6 +41,7 @@ from common.lua import Script
 from common.model import ModelArtifacts
 from common.neighbours import session_token
 from common.redis_server import is_cluster
+from common.sequence import FOLLOW_UNIT, follow_units
 from common.settings import Settings, SpeedSettings
 from common.speed_state import forward_decay
 from common.vectors import sgd_steps
@@ -525,7 +526,7 @@ class Applier:
             recent_n=speed.recent_items, dedup_ttl=speed.dedup_ttl_s, affinity_half_life=speed.affinity_half_life_s,
             history_ttl=speed.history_ttl_s, purchases_kept=speed.purchases_kept,
             bestsellers_kept=speed.bestsellers_top_n, covis_kept=speed.covis_top_n, delta_ttl=speed.dedup_ttl_s,
-            covis_window=speed.covis_steps, nb_kept=speed.neighbour_sessions_per_item, nb_ttl=speed.neighbour_session_ttl_s,
+            covis_window=speed.covis_steps, covis_unit=FOLLOW_UNIT, nb_kept=speed.neighbour_sessions_per_item, nb_ttl=speed.neighbour_session_ttl_s,
             n_versions=len(models), version=[m.version for m in models],
         )  # fmt: skip
 
@@ -977,7 +978,7 @@ def _global_ops(effects: EventGlobals, plan: str, speed: SpeedSettings) -> list[
         return ops
     for gap, other in enumerate(entered.split("\0")[1:], start=1):
         covis = redis_keys.covisitation(other)
-        ops += [("zincr", covis, item, repr(1 / gap)), ("trim", covis, "", speed.covis_top_n)]
+        ops += [("zincr", covis, item, follow_units(gap)), ("trim", covis, "", speed.covis_top_n)]
     if speed.neighbour_sessions_per_item > 0:
         session_key, item_key = redis_keys.neighbour_session(effects.token), redis_keys.item_sessions(item)
         ops += [

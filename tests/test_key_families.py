@@ -95,6 +95,7 @@ def _exact_counts(client: redis.Redis, events: list[Event]) -> dict[str, int]:
         "popularity_days": n([redis_keys.popularity_day(d) for d in {day_index(t) for t in times}]),
         "category_bestsellers": n([redis_keys.category_bestsellers(c) for c in set(CATEGORIES.values())]),
         "covisitation": n([redis_keys.covisitation(i) for i in ITEMS]),
+        "float_covisitation": n([redis_keys.float_covisitation(i) for i in ITEMS]),  # none: only migrations read it
         "neighbour_sessions": n([redis_keys.neighbour_session(session_token(p, s)) for p, s in sessions]),
         "item_sessions": n([redis_keys.item_sessions(i) for i in ITEMS]),
         "item_state": n(
@@ -105,7 +106,7 @@ def _exact_counts(client: redis.Redis, events: list[Event]) -> dict[str, int]:
         "bandit_counts": n([redis_keys.bandit_counts(EXPERIMENT.name, BANDIT_VERSION)]),
         "drift_sample": n([redis_keys.DRIFT_SAMPLE]),  # serving writes it, not the consumer
         "speed_bookkeeping": n(
-            [redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION, redis_keys.SPEED_HEARTBEAT]
+            [redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION, redis_keys.SPEED_HEARTBEAT, redis_keys.SPEED_MIGRATED]
             + [redis_keys.speed_rebuild_lock("v1"), redis_keys.speed_rebuild_marker("v1")]
         ),
     }

@@ -204,6 +204,7 @@ IDS = ["i1", "item:with:colons", "a}b", "{x}", "ünïcode", "", "0" * 64, "shoes
 # Each family named by its own id, and the id the group is computed from.
 GROUPED: dict[str, Callable[[str], str]] = {
     "covisitation": redis_keys.covisitation,
+    "float_covisitation": redis_keys.float_covisitation,  # the same slot as covisitation's: converted in one script
     "item_sessions": redis_keys.item_sessions,
     "item_state": redis_keys.item_state,
     "category_bestsellers": redis_keys.category_bestsellers,
@@ -216,6 +217,7 @@ TOGETHER = {
     + [redis_keys.trending_bucket(start) for start in (0, 300, 1_800_000_000)],
     "item flags": [redis_keys.OUT_OF_STOCK, redis_keys.PROMOTED],
     "bookkeeping": [redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION, redis_keys.SPEED_HEARTBEAT]
+    + [redis_keys.SPEED_MIGRATED]
     + [redis_keys.speed_rebuild_lock("v1"), redis_keys.speed_rebuild_marker("v2")],
     # count_impressions.lua acknowledges a stream entry and counts it in the experiment's hash in one call;
     # apply_globals.lua counts a served list's reward in the hash its record names.

@@ -22,6 +22,7 @@ from bench.serve import SyntheticModel, publish_synthetic_model
 from common import redis_keys
 from common.lake import Lake
 from common.registry import Registry
+from common.sequence import FOLLOW_UNIT
 from common.settings import ApiSettings, Settings, load_settings
 from serving.core.state import ServingState
 from serving.main import create_app
@@ -94,7 +95,8 @@ def seed_session_view(
     covisited: dict[str, float],
     weight: float = 1.0,
 ) -> None:
-    """What the speed layer writes for a view: session recents, session affinity, person items, co-visits."""
+    """What the speed layer writes for a view: session recents, session affinity, person items, co-visits
+    (`covisited` as weights, written in units as the speed layer keeps them)."""
     now = time.time()
     pipe = client.pipeline()
     pipe.zadd(redis_keys.session_recent(person, session), {item: now})
@@ -103,7 +105,7 @@ def seed_session_view(
     pipe.zadd(redis_keys.person_sessions(person), {session: now})
     pipe.hincrbyfloat(redis_keys.person_items(person), item, weight)
     if covisited:
-        pipe.zadd(redis_keys.covisitation(item), covisited)
+        pipe.zadd(redis_keys.covisitation(item), {other: w * FOLLOW_UNIT for other, w in covisited.items()})
     pipe.execute()
 
 

@@ -16,6 +16,7 @@ from common import redis_keys
 from common.events import Consent, Event, EventType
 from common.model import ModelArtifacts
 from common.redis_server import LocalRedisCluster, RedisServer, connect
+from common.sequence import FOLLOW_UNIT
 from common.speed_state import NeighbourQuery, read_speed_state
 from speed_layer import effects
 from speed_layer.effects import Applier
@@ -294,7 +295,7 @@ def test_a_device_event_retried_after_its_identify_gets_its_plan_from_the_user(
     assert Applier(cluster_client, settings).apply([login], []).applied == 1
     retried = Applier(cluster_client, settings).apply(browse, [])  # now the user's, and duplicates there
     assert retried.duplicates == 2
-    assert cluster_client.zscore(redis_keys.covisitation("i1"), "i2") == 1.0  # the carried plan's co-visit
+    assert cluster_client.zscore(redis_keys.covisitation("i1"), "i2") == FOLLOW_UNIT  # the carried plan's co-visit
 
 
 def test_reads_of_ids_in_several_slots_work_on_a_cluster(cluster_client: redis.Redis) -> None:

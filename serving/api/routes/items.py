@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from common import redis_keys
 from common.ids import Id
+from common.sequence import follow_weights
 from serving.api.deps import (
     RecsRead,
     SingleQueryValues,
@@ -102,7 +103,7 @@ def _live_state(state: StateDep, item_id: str) -> tuple[set[str], list[tuple[str
     except redis.RedisError as exc:
         state.redis.failed(exc)
         return set(), [], REDIS_DOWN
-    return {_text(m) for m in members}, [(_text(m), float(c)) for m, c in pairs], None
+    return {_text(m) for m in members}, list(follow_weights((_text(m), c) for m, c in pairs).items()), None
 
 
 def _text(value: bytes | str) -> str:

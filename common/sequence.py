@@ -6,15 +6,18 @@ test holds the two to the same numbers.
 
 The rule, per session: when an item enters the session's recent items for the first time, it is
 paired with the session's `steps` most recent other items (most recent first, by their latest
-event time). The g-th of them gets 1/g (`follow_units(g)`) added to its row for the new item: the
+event time). The g-th of them gets `follow_weight(g)` added to its row for the new item: the
 sequential-rules weight of Ludewig and Jannach (2018), "a followed by b at gap g counts 1/g".
 Items that leave the session's recent items (it keeps `recent_n`) can enter again.
 
-Both sides count in whole units, FOLLOW_UNIT to a weight of 1, so that 1/g is an exact integer for
-every gap up to MAX_STEPS and a row's sums are exact: Redis keeps a small sorted set's scores
-compactly (listpack) and parses a fractional score on every write and read, while an integer one
-stays an integer (a 100-member row: ZADD 4.9 against 32 µs, ZREVRANGE of 50 WITHSCORES 18 against
-32 µs, 1.1 against 3.1 kB). A row's weights are its units / FOLLOW_UNIT, on both sides.
+In Redis the speed layer keeps a row in whole units, FOLLOW_UNIT to a weight of 1 (`follow_units`),
+so that 1/g is an exact integer for every gap up to MAX_STEPS: Redis keeps a small sorted set's
+scores compactly (a listpack) and parses a fractional score on every write and read, while it keeps
+an integer as one (a 100-member row: ZADD 4.9 against 32 µs, ZREVRANGE of 50 WITHSCORES 18 against
+32 µs, 1.1 against 3.1 kB). Readers take units / FOLLOW_UNIT (`follow_weights`): the exact sum of
+the 1/g, where this counter sums them as floats, so the two agree to the last few bits, as they did
+when the script summed floats in its own order. The counter keeps floats because the batch table
+and the ranker's training features come from it: their values are those of earlier versions.
 """
 
 from __future__ import annotations
@@ -30,17 +33,22 @@ from common.events import ATTENTION_EVENTS
 SEQUENCE_EXCLUDED_TYPES = frozenset({"remove_from_cart"}) | ATTENTION_EVENTS
 
 
-MAX_STEPS = 20  # the longest gap counted (speed.covis_steps' bound)
-FOLLOW_UNIT = math.lcm(*range(1, MAX_STEPS + 1))  # 232,792,560: units in a weight of 1
+MAX_STEPS = 20  # the longest gap counted (speed.covis_steps' bound): 1/g is a whole number of units
+FOLLOW_UNIT = math.lcm(*range(1, MAX_STEPS + 1))  # 232,792,560 units in a weight of 1, in Redis
+
+
+def follow_weight(gap: int) -> float:
+    """Weight of "b followed a, `gap` distinct items later" (gap >= 1)."""
+    return 1.0 / gap
 
 
 def follow_units(gap: int) -> int:
-    """Units of "b followed a, `gap` distinct items later" (1 <= gap <= MAX_STEPS): 1/gap of a weight of 1."""
+    """follow_weight(gap) in Redis' units (1 <= gap <= MAX_STEPS)."""
     return FOLLOW_UNIT // gap
 
 
 def follow_weights(units: Iterable[tuple[str, float]]) -> dict[str, float]:
-    """A row's (follower, units) pairs, as Redis or SequenceCounter holds them, as follower -> weight."""
+    """A row's (follower, units) pairs as Redis holds them, as follower -> weight."""
     return {other: count / FOLLOW_UNIT for other, count in units}
 
 
@@ -51,8 +59,8 @@ class SequenceCounter:
     steps: int
     recent_n: int
     top_n: int = 50  # followers kept per item where a row is read (speed.covis_top_n)
-    follows: defaultdict[str, defaultdict[str, int]] = field(  # item -> follower -> units (FOLLOW_UNIT = 1)
-        default_factory=lambda: defaultdict(lambda: defaultdict(int))
+    follows: defaultdict[str, defaultdict[str, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
     )
     _sessions: dict[str, dict[str, float]] = field(default_factory=dict)  # session -> recent item -> latest time
     _top: dict[str, dict[str, float]] = field(default_factory=dict)  # rows' tops, until the row changes
@@ -67,7 +75,7 @@ class SequenceCounter:
         # Most recent first; Redis's ZREVRANGE breaks equal scores by member, descending.
         others = sorted(recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: self.steps]
         for gap, (other, _) in enumerate(others, start=1):
-            self.follows[other][item] += follow_units(gap)
+            self.follows[other][item] += follow_weight(gap)
             self._top.pop(other, None)
         recent[item] = ts_s
         if len(recent) > self.recent_n:  # keep the newest recent_n, as the script's trim does
@@ -81,8 +89,8 @@ class SequenceCounter:
             self.add(session, item, ts_s)
 
     def row(self, item: str) -> Mapping[str, float]:
-        """One item's whole row of followers, as weights."""
-        return follow_weights(self.follows.get(item, {}).items())
+        """One item's whole row of followers."""
+        return self.follows.get(item, {})
 
     def top(self) -> dict[str, Mapping[str, float]]:
         """item -> its top_n followers by weight (ties by item id), the shape serving reads."""
@@ -92,6 +100,6 @@ class SequenceCounter:
         """One item's top_n followers (what serving reads of a co-visitation key), cached until it changes."""
         cached = self._top.get(item)
         if cached is None:
-            row: Mapping[str, int] = self.follows.get(item, {})
-            cached = self._top[item] = follow_weights(sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top_n])
+            row: Mapping[str, float] = self.follows.get(item, {})
+            cached = self._top[item] = dict(sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top_n])
         return cached

@@ -15,8 +15,10 @@ from common.catalog_state import apply_item_updates
 from common.events import EventType
 from common.messages import RecsChanged
 from common.model import load_model
+from common.neighbours import session_token
 from common.redis_server import RedisServer
 from common.registry import Registry
+from common.sequence import FOLLOW_UNIT
 from common.speed_state import read_speed_state
 from speed_layer.consumer import SpeedConsumer
 from tests.speed_factories import add_events, make_event, publish_model, set_categories, speed_settings
@@ -323,3 +325,38 @@ def test_trimmed_sets_stay_bounded_as_they_grow_over_many_script_calls(
     # Kept whole up to twice the bound; the call that takes a set past it cuts it to the bound.
     assert sizes == [(1, 1, 1), (2, 2, 2), (3, 3, 3), (4, 4, 4), (2, 2, 2)]
     assert set(redis_client.zrange(redis_keys.covisitation("a"), 0, -1)) <= {x.encode() for x in followers}
+
+
+def test_times_and_counts_reach_redis_exactly_as_the_events_give_them(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The script hands times to Redis as the text they came in and whole numbers as integers (not as
+    Lua numbers it would format): every stored time is the event's to the last bit, microseconds
+    included, and the counts are whole."""
+    redis_client.flushall()
+    settings = speed_settings(tmp_path, redis_server.url)
+    consumer = SpeedConsumer(redis_client, settings, Registry(settings.models.root), name="c1")
+    start = datetime.now(UTC).replace(microsecond=123_457) - HOUR
+    events = [
+        make_event(EventType.VIEW, "i1", ts=start),
+        make_event(EventType.VIEW, "i2", ts=start + timedelta(microseconds=987_651)),
+        make_event(EventType.ADD_TO_CART, "i2", ts=start + timedelta(seconds=2, microseconds=7), quantity=3),
+        make_event(EventType.PURCHASE, "i2", ts=start + timedelta(seconds=3, microseconds=333_333)),
+    ]
+    add_events(redis_client, settings, events)
+    drain(consumer)
+
+    def scores(key: str) -> dict[str, float]:
+        return {m.decode(): s for m, s in redis_client.zrange(key, 0, -1, withscores=True)}
+
+    ts = [e.ts.timestamp() for e in events]
+    assert scores(redis_keys.session_recent("anon-1", "s1")) == {"i1": ts[0], "i2": ts[3]}
+    assert scores(redis_keys.person_sessions("anon-1")) == {"s1": ts[3]}
+    assert scores(redis_keys.person_purchases("anon-1")) == {"i2": ts[3]}
+    assert scores(redis_keys.item_sessions("i1")) == {session_token("anon-1", "s1"): ts[0]}
+    assert scores(redis_keys.neighbour_session(session_token("anon-1", "s1"))) == {"i1": ts[0], "i2": ts[1]}
+    assert redis_client.hgetall(redis_keys.session_counts("anon-1", "s1")) == {
+        b"view": b"2", b"add_to_cart": b"1", b"purchase": b"1"
+    }
+    day = scores(redis_keys.popularity_day(int(ts[0] // 86_400)))
+    assert day == {"i1": 1.0, "i2": 3.0} and redis_client.zscore(redis_keys.covisitation("i1"), "i2") == FOLLOW_UNIT

@@ -5,7 +5,9 @@ recommender.
 The state (model, catalog, speed state of the request mix's people) is built once; each round then runs
 the request mix in a fresh process per code tree: this checkout and, with `--against DIR`, another one
 (e.g. a worktree of main), alternately, on the same Redis at the same moment. So the CPU figures of both
-are side by side and their lists must be identical: that is the kept check of an optimisation.
+are side by side and their lists must be identical: that is the kept check of an optimisation. The state
+is written by this tree's speed consumer, so a change to what the speed layer stores (a Redis value's
+format) cannot be compared this way: the other tree would read this one's format. Run each tree alone.
 
 The child process is this file run as a script with the tree under test first on PYTHONPATH; it uses
 only what every tree has (`create_app`, `recommend`, `RecRequest`, and the recommendations route's module

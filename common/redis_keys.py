@@ -21,7 +21,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -441,6 +441,14 @@ def grouped_template(key_of: Callable[..., str]) -> list[str]:
     head, rest = _GROUP_TAG.split(key_of(_MARK), maxsplit=1)[::2]
     middle, suffix = rest.split(_MARK)
     return [head + "{g:", "}" + middle, suffix]
+
+
+def scan_grouped_ids(client: redis.Redis, key_of: Callable[[str], str]) -> Iterator[str]:
+    """The id of every key of the slot-grouped family `key_of` in Redis (SCAN: every master of a cluster)."""
+    head, middle, suffix = grouped_template(key_of)
+    for key in client.scan_iter(match=_pattern(key_of), count=1000):
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        yield name[name.index(middle, len(head)) + len(middle) : len(name) - len(suffix)]
 
 
 _MARK = "\x00"  # never part of an id

@@ -54,6 +54,7 @@ local session_ttl, recent_n, dedup_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), t
 local half_life, history_ttl, purchases_kept = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local best_kept, covis_kept, delta_ttl = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
 local covis_prefix, covis_suffix, covis_window = ARGV[12], ARGV[13], tonumber(ARGV[14])
+local covis_window_text = ARGV[14]  -- as given: ZREVRANGE's argument (see `arg`)
 local nb_session_prefix, nb_session_suffix = ARGV[15], ARGV[16]
 local nb_item_prefix, nb_item_suffix = ARGV[17], ARGV[18]
 local nb_kept, nb_ttl = tonumber(ARGV[19]), tonumber(ARGV[20])
@@ -110,7 +111,7 @@ end
 -- counted in whole units (covis_unit / g is an integer for every g up to the window).
 local function covisit(recent, item)
   local gap = 0
-  for _, other in ipairs(redis.call('ZREVRANGE', recent, '0', ARGV[14])) do
+  for _, other in ipairs(redis.call('ZREVRANGE', recent, '0', covis_window_text)) do
     if other ~= item and gap < covis_window then
       gap = gap + 1
       if split then

@@ -37,14 +37,11 @@ def run_migrations(client: redis.Redis, covis_kept: int) -> None:
 def convert_float_covisits(client: redis.Redis, covis_kept: int) -> int:
     """Move every item's co-visits of float weights (`float_covisitation`) into its row of units; returns
     how many rows were converted."""
-    head, middle, suffix = redis_keys.grouped_template(redis_keys.float_covisitation)
-    pattern = f"{head}*{middle}*{suffix}"
     convert = client.register_script(CONVERT_COVISITS.source)
     rows = 0
-    for key in client.scan_iter(match=pattern, count=1000):
-        old = key.decode() if isinstance(key, bytes) else str(key)
-        item = old[old.index(middle, len(head)) + len(middle) : len(old) - len(suffix)]
-        keys, args = [old, redis_keys.covisitation(item)], [FOLLOW_UNIT, covis_kept]
+    for item in redis_keys.scan_grouped_ids(client, redis_keys.float_covisitation):
+        keys = [redis_keys.float_covisitation(item), redis_keys.covisitation(item)]
+        args = [FOLLOW_UNIT, covis_kept]
         CONVERT_COVISITS.check(keys, args)
         rows += int(convert(keys=keys, args=args)) > 0
     return rows

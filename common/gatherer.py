@@ -126,9 +126,11 @@ def describe(
     gathered: Gathered,
     item_ids: list[str],
     sources: list[set[str]],
+    info: ItemColumns | None = None,
 ) -> Candidates:
-    """The feature inputs of the pool `item_ids` (after serving's rules, or all of `gathered` in training)."""
-    info = lookups.items(item_ids)
+    """The feature inputs of the pool `item_ids` (after serving's rules, or all of `gathered` in training);
+    `info`: the pool's catalog columns when the caller has them (`lookups.items(item_ids)`'s)."""
+    info = lookups.items(item_ids) if info is None else info
     return Candidates(
         item_ids=item_ids,
         sources=sources,

@@ -14,9 +14,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 from urllib.parse import unquote
 
+import hiredis
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
@@ -231,6 +232,44 @@ def pubsub_url(url: str) -> str:
 def is_cluster(client: object) -> bool:
     """Whether `client` talks to a Redis Cluster (scripts then touch one slot each)."""
     return isinstance(client, RedisCluster)
+
+
+def lean_call(client: redis.Redis, *args: str | bytes | int | float) -> Any:
+    """`client.execute_command(*args)` for a single Redis, with less of redis-py's per-call Python work:
+    for the read-only commands every request sends (its speed-state read and today's counts), which a
+    retry may repeat.
+
+    redis-py checks each argument's type in Python, wraps the call in its retry and observability
+    hooks, and then parses the reply; on this machine that is ~80 µs of CPU beyond the round trip for a
+    ZMSCORE of 170 members, and ~40 µs for a PING. Here hiredis packs the arguments in one C call (it
+    formats them as redis-py does: str as UTF-8, a number as its repr) and the reply goes through the
+    client's callback for the command, as `execute_command` would parse it. An error reply is raised as
+    redis-py raises it (NoScriptError included) and leaves the connection usable. A lost connection
+    falls back to `execute_command`, which reconnects and retries as the client is configured to; so
+    does a cluster client, whose command goes to the node of its slot."""
+    if is_cluster(client):
+        return client.execute_command(*args)
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        # hiredis' stub types its argument as a 1-tuple; it takes a tuple of any length.
+        packed = hiredis.pack_command(args)  # type: ignore[arg-type]
+        connection.send_packed_command([packed], check_health=False)
+        reply = connection.read_response()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        connection.disconnect()
+        pool.release(connection)
+        return client.execute_command(*args)
+    except redis.ResponseError:
+        pool.release(connection)  # the error reply was read whole: nothing is left on the connection
+        raise
+    except BaseException:
+        connection.disconnect()  # a reply may be left half read
+        pool.release(connection)
+        raise
+    pool.release(connection)
+    callback = client.response_callbacks.get(args[0])
+    return callback(reply) if callback is not None else reply
 
 
 @dataclass

@@ -29,7 +29,7 @@ from common import redis_keys
 from common.features import POP_DAYS, day_index
 from common.lua import load_script
 from common.neighbours import score_neighbours, session_token
-from common.redis_server import is_cluster
+from common.redis_server import is_cluster, lean_call
 from common.sequence import follow_weights
 
 # Forward decay: scores are stored as w·2^((t − EPOCH)/half-life) so one sorted set ranks by decayed
@@ -242,7 +242,7 @@ def _read_round(
 ) -> tuple[list[Any], list[Any]]:
     """One round trip: the script's reply and the day counts' replies; raises the first error."""
     if not days:  # serving's reads: the script alone, without a pipeline's bookkeeping
-        return client.execute_command(*script), []
+        return lean_call(client, *script), []
     pipe = client.pipeline(transaction=False)
     pipe.execute_command(*script)
     for day in days:

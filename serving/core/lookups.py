@@ -13,7 +13,7 @@ from common.candidates import Scored
 from common.features import POP_DAYS, members
 from common.gatherer import ItemColumns
 from common.speed_state import SpeedState
-from serving.core.catalog_view import UNCATEGORISED
+from serving.core.catalog_view import UNCATEGORISED, ItemInfo
 from serving.core.model_holder import ServingModel
 from serving.core.state import ServingState
 
@@ -73,18 +73,24 @@ class ServingLookups:
             return np.zeros((len(items), POP_DAYS))
 
     def items(self, items: Sequence[str]) -> ItemColumns:
-        unknown = (UNCATEGORISED, 0.0, self.now_s)
-        # One pass over the entries, then each column at C level.
-        categories, prices, created_at_s = zip(*[
-            (info.category, info.price, info.created_at_s) if info else unknown
-            for info in self.state.catalog.get_many(items)
-        ], strict=True) if items else ((), (), ())  # fmt: skip
-        return ItemColumns(
-            categories=list(categories),
-            prices=np.array(prices, dtype=np.float64),
-            created_at_s=np.array(created_at_s, dtype=np.float64),
-            promoted=promoted_flags(self.state, self.speed, items),
-        )
+        return item_columns(self.state, self.speed, items, self.state.catalog.get_many(items), self.now_s)
+
+
+def item_columns(
+    state: ServingState, speed: SpeedState | None, items: Sequence[str], infos: Sequence[ItemInfo | None], now_s: float
+) -> ItemColumns:
+    """The catalog columns of `items`, from their catalog entries `infos` (looked up by the caller)."""
+    unknown = (UNCATEGORISED, 0.0, now_s)
+    # One pass over the entries, then each column at C level.
+    categories, prices, created_at_s = zip(*[
+        (info.category, info.price, info.created_at_s) if info else unknown for info in infos
+    ], strict=True) if items else ((), (), ())  # fmt: skip
+    return ItemColumns(
+        categories=list(categories),
+        prices=np.array(prices, dtype=np.float64),
+        created_at_s=np.array(created_at_s, dtype=np.float64),
+        promoted=promoted_flags(state, speed, items),
+    )
 
 
 def promoted_flags(state: ServingState, speed: SpeedState | None, items: Sequence[str]) -> np.ndarray:

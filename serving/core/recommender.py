@@ -24,6 +24,7 @@ from common.features import FEATURE_NAMES, SOURCES, Candidates, RequestState, co
 from common.gatherer import (
     TOP_AFFINITY_CATEGORIES,
     Gathered,
+    ItemColumns,
     describe,
     gather_lists,
     heuristic_scores,
@@ -32,9 +33,9 @@ from common.gatherer import (
 from common.speed_state import NeighbourQuery, SpeedState, read_speed_state
 from common.vectors import fold_in
 from serving.core import metrics
-from serving.core.catalog_view import UNCATEGORISED, ItemInfo
+from serving.core.catalog_view import UNCATEGORISED
 from serving.core.experiments import assign_variant
-from serving.core.lookups import ServingLookups, promoted_flags
+from serving.core.lookups import ServingLookups, item_columns
 from serving.core.metrics import StageClock
 from serving.core.model_holder import ServingModel
 from serving.core.rules import Rules
@@ -102,11 +103,12 @@ class RecResult:
 
 @dataclass
 class _Pool:
-    """Candidates after rules: ids, their sources, and the sources' lists."""
+    """Candidates after rules: ids, their sources, their catalog columns (looked up once: the features and
+    the boosts read them), and the sources' lists."""
 
     item_ids: list[str]
     sources: list[set[str]]
-    infos: list[ItemInfo | None] = field(default_factory=list)  # catalog entries, looked up once
+    columns: ItemColumns
     lists: dict[str, Scored] = field(default_factory=dict)
 
     @cached_property
@@ -154,7 +156,7 @@ def recommend(
     else:  # als_only, or ranker on a version published without one
         scores = heuristic_scores(model.artifacts, pool.source_scores, pool.item_ids, request.moment.user_vector)
     clock.lap("ranker")
-    ranked = _boost_and_diversify(state, rules, pool, scores, speed, req.k)
+    ranked = _boost_and_diversify(rules, pool, scores, req.k)
     result = _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
     if features is not None:
         result.ranked_pool = RankedPool(features, scores, cold_start=_cold_start(state, model, req, speed))
@@ -218,8 +220,14 @@ def gather_request(
     return GatheredRequest(moment, lookups, gathered)
 
 
-def feature_inputs(model: ServingModel, request: GatheredRequest, item_ids: list[str], sources: list[set[str]]) -> Candidates:
-    return describe(model.artifacts, request.lookups, request.gathered, item_ids, sources)
+def feature_inputs(
+    model: ServingModel,
+    request: GatheredRequest,
+    item_ids: list[str],
+    sources: list[set[str]],
+    columns: ItemColumns | None = None,
+) -> Candidates:
+    return describe(model.artifacts, request.lookups, request.gathered, item_ids, sources, columns)
 
 
 # ---------------------------------------------------------------- reads
@@ -334,7 +342,7 @@ def _apply_rules(
     if rules.exclude.out_of_stock:  # the catalog's flag also holds while Redis (the live set) is down
         in_stock = [info is None or info.in_stock for info in infos]
         items, infos = list(compress(items, in_stock)), list(compress(infos, in_stock))
-    return _Pool(items, list(map(merged.__getitem__, items)), infos, lists)
+    return _Pool(items, list(map(merged.__getitem__, items)), item_columns(state, speed, items, infos, now_s), lists)
 
 
 # ---------------------------------------------------------------- scoring
@@ -351,7 +359,8 @@ def _ranker_scores(
     """The pool's feature matrix and the ranker's scores of it."""
     if not pool.item_ids:
         return np.zeros((0, len(FEATURE_NAMES)), np.float32), np.zeros(0)
-    features = compute_features(request.moment, feature_inputs(model, request, pool.item_ids, pool.sources))
+    inputs = feature_inputs(model, request, pool.item_ids, pool.sources, pool.columns)
+    features = compute_features(request.moment, inputs)
     clock.lap("features")
     assert model.scorer is not None, "the caller checks the version has a ranker"
     return features, model.scorer(features)
@@ -387,7 +396,7 @@ def _request_state(
 
 
 def _boost_and_diversify(
-    state: ServingState, rules: Rules, pool: _Pool, scores: np.ndarray, speed: SpeedState | None, k: int
+    rules: Rules, pool: _Pool, scores: np.ndarray, k: int
 ) -> list[_Row]:
     """(item, score, sources, promoted, category) for the top k: promoted boosted, new arrivals reserved,
     category cap."""
@@ -395,17 +404,16 @@ def _boost_and_diversify(
         return []
     low, high = float(scores.min()), float(scores.max())
     spread = high - low if high > low else 1.0
-    promoted = promoted_flags(state, speed, pool.item_ids)
+    promoted = pool.columns.promoted
     final = (np.asarray(scores, dtype=np.float64) - low) / spread + np.where(promoted, rules.boost.promoted, 0.0)
     order = _ranked_positions(final, pool.item_ids)
     # The pool's columns in that order, each gathered at C level (map), then zipped into rows.
-    infos = list(map(pool.infos.__getitem__, order))
     rows = list(zip(
         map(pool.item_ids.__getitem__, order),
         final[order].tolist(),
         map(pool.sources.__getitem__, order),
         promoted[order].tolist(),
-        [info.category if info else UNCATEGORISED for info in infos],
+        map(pool.columns.categories.__getitem__, order),
         strict=True,
     ))  # fmt: skip
     return _pick(rules, rows, k)
@@ -466,7 +474,7 @@ def _without_model(
     popular = state.lake_popular or [(i.item_id, i.created_at_s) for i in state.catalog.newest(0.0, n)]
     lists = {"trending": popular[:n]}
     pool = _apply_rules(state, rules, req, speed, lists, now_s)
-    ranked = _boost_and_diversify(state, rules, pool, _source_score(pool, "trending"), speed, req.k)
+    ranked = _boost_and_diversify(rules, pool, _source_score(pool, "trending"), req.k)
     return ranked, len(pool.item_ids)
 
 

@@ -130,18 +130,20 @@ def read_speed_state(
     """
     now_s = time.time() if now_s is None else now_s
     days = [day_index(now_s) - POP_DAYS + 1 + i for i in range(POP_DAYS)] if candidate_items else []
-    reply, day_replies = _run_read(
-        client, person_id, anonymous_id, session_id, model_version, covis_items, categories,
-        top_categories, trending_n, covis_n, bestsellers_n, days, candidate_items, neighbours,
+    query = _ReadQuery(
+        person_id, anonymous_id, session_id, model_version, covis_items, tuple(categories), top_categories,
+        trending_n, covis_n, bestsellers_n, tuple(days), tuple(candidate_items), neighbours,
     )  # fmt: skip
+    return _read_state(client, query, now_s, bestsellers_half_life_s)
+
+
+def _read_state(client: redis.Redis, query: _ReadQuery, now_s: float, bestsellers_half_life_s: float) -> SpeedState:
+    reply, day_replies = _run_read(client, query)
     alias = _text(reply[0])
-    if alias and alias != person_id:  # a device that logged in: read again as its user (rare)
-        return read_speed_state(
-            client, alias, session_id=session_id, model_version=model_version, covis_items=covis_items,
-            categories=categories, top_categories=top_categories, candidate_items=candidate_items,
-            now_s=now_s, trending_n=trending_n, covis_n=covis_n, bestsellers_n=bestsellers_n,
-            bestsellers_half_life_s=bestsellers_half_life_s, neighbours=neighbours,
-        )  # fmt: skip
+    if alias and alias != query.person_id:  # a device that logged in: read again as its user (rare)
+        as_user = replace(query, person_id=alias, anonymous_id=None)
+        return _read_state(client, as_user, now_s, bestsellers_half_life_s)
+    person_id, model_version, candidate_items = query.person_id, query.model_version, query.candidate_items
     (
         _,
         session,
@@ -203,38 +205,36 @@ def read_heartbeats(client: redis.Redis) -> dict[str, float]:
 READ_STATE = load_script("common", "read_state.lua")
 
 
-def _run_read(
-    client: redis.Redis,
-    person_id: str,
-    anonymous_id: str | None,
-    session_id: str | None,
-    model_version: str | None,
-    covis_items: Sequence[str] | None,
-    categories: Sequence[str],
-    top_categories: int,
-    trending_n: int,
-    covis_n: int,
-    bestsellers_n: int,
-    days: Sequence[int],
-    candidate_items: Sequence[str],
-    neighbours: NeighbourQuery | None,
-) -> tuple[list[Any], list[Any]]:
+@dataclass(frozen=True)
+class _ReadQuery:
+    """What one read asks for (`read_speed_state`'s arguments, `days` from its moment)."""
+
+    person_id: str
+    anonymous_id: str | None
+    session_id: str | None
+    model_version: str | None
+    covis_items: Sequence[str] | None
+    categories: tuple[str, ...]
+    top_categories: int
+    trending_n: int
+    covis_n: int
+    bestsellers_n: int
+    days: tuple[int, ...]
+    candidate_items: tuple[str, ...]
+    neighbours: NeighbourQuery | None
+
+
+def _run_read(client: redis.Redis, query: _ReadQuery) -> tuple[list[Any], list[Any]]:
     """The script's reply and the day counts' replies, in one round trip (loading the script once if needed)."""
     if is_cluster(client):
-        return _run_read_on_cluster(
-            client, person_id, anonymous_id, session_id, model_version, covis_items, categories,
-            top_categories, trending_n, covis_n, bestsellers_n, days, candidate_items, neighbours,
-        )  # fmt: skip
-    keys, args = _read_call(
-        person_id, anonymous_id, session_id, model_version, covis_items, categories, top_categories,
-        trending_n, covis_n, bestsellers_n, neighbours,
-    )  # fmt: skip
+        return _run_read_on_cluster(client, query)
+    keys, args = _read_call(query)
     script = ("EVALSHA_RO", READ_STATE.sha, len(keys), *keys, *args)
     try:
-        return _read_round(client, script, days, candidate_items)
+        return _read_round(client, script, query.days, query.candidate_items)
     except NoScriptError:  # a restarted Redis forgot it
         client.script_load(READ_STATE.source)
-        return _read_round(client, script, days, candidate_items)
+        return _read_round(client, script, query.days, query.candidate_items)
 
 
 def _read_round(
@@ -268,23 +268,12 @@ def _global_argv() -> dict[str, Any]:
 _GLOBAL_ARGV = _global_argv()  # built once: a read only adds the request's values
 
 
-def _read_call(
-    person_id: str,
-    anonymous_id: str | None,
-    session_id: str | None,
-    model_version: str | None,
-    covis_items: Sequence[str] | None,
-    categories: Sequence[str],
-    top_categories: int,
-    trending_n: int,
-    covis_n: int,
-    bestsellers_n: int,
-    neighbours: NeighbourQuery | None,
-) -> tuple[list[Any], list[Any]]:
+def _read_call(q: _ReadQuery) -> tuple[list[Any], list[Any]]:
     """KEYS and ARGV of the read script."""
-    version = model_version or ""  # no version: a delta key that never exists
+    person_id, covis_items = q.person_id, q.covis_items
+    version = q.model_version or ""  # no version: a delta key that never exists
     keys = READ_STATE.keys.pack(
-        alias=redis_keys.alias(anonymous_id or person_id), person_sessions=redis_keys.person_sessions(person_id),
+        alias=redis_keys.alias(q.anonymous_id or person_id), person_sessions=redis_keys.person_sessions(person_id),
         person_items=redis_keys.person_items(person_id), purchases=redis_keys.person_purchases(person_id),
         delta=redis_keys.user_delta(person_id, version), delta_count=redis_keys.user_event_count(person_id, version),
         speed_version=redis_keys.SPEED_VERSION, trending_top=redis_keys.TRENDING_TOP,
@@ -294,40 +283,26 @@ def _read_call(
     cats = redis_keys.template(redis_keys.session_categories, person_id)
     cart = redis_keys.template(redis_keys.session_cart, person_id)
     counts = redis_keys.template(redis_keys.session_counts, person_id)
-    query = neighbours or NeighbourQuery(sample=0, k=0, n=0, per_item=0)
+    query = q.neighbours or NeighbourQuery(sample=0, k=0, n=0, per_item=0)
     args = READ_STATE.argv.pack(
-        session=session_id or "", trending_n=trending_n, covis_n=covis_n, bestsellers_n=bestsellers_n,
-        top_categories=top_categories, recent_prefix=recent[0], recent_suffix=recent[1], cats_prefix=cats[0],
+        session=q.session_id or "", trending_n=q.trending_n, covis_n=q.covis_n, bestsellers_n=q.bestsellers_n,
+        top_categories=q.top_categories, recent_prefix=recent[0], recent_suffix=recent[1], cats_prefix=cats[0],
         cats_suffix=cats[1], cart_prefix=cart[0], cart_suffix=cart[1], counts_prefix=counts[0],
         counts_suffix=counts[1], person=person_id, neighbour_sample=query.sample, neighbour_k=query.k,
         neighbour_n=query.n, covis_items_given=-1 if covis_items is None else len(covis_items),
-        neighbour_per_item=query.per_item, covis_item=covis_items or (), category=categories, **_GLOBAL_ARGV,
+        neighbour_per_item=query.per_item, covis_item=covis_items or (), category=q.categories, **_GLOBAL_ARGV,
     )  # fmt: skip
-    READ_STATE.check(keys, args, covis_items=len(covis_items or ()), categories=len(categories))
+    READ_STATE.check(keys, args, covis_items=len(covis_items or ()), categories=len(q.categories))
     return keys, args
 
 
-def _run_read_on_cluster(
-    client: redis.Redis,
-    person_id: str,
-    anonymous_id: str | None,
-    session_id: str | None,
-    model_version: str | None,
-    covis_items: Sequence[str] | None,
-    categories: Sequence[str],
-    top_categories: int,
-    trending_n: int,
-    covis_n: int,
-    bestsellers_n: int,
-    days: Sequence[int],
-    candidate_items: Sequence[str],
-    neighbours: NeighbourQuery | None,
-) -> tuple[list[Any], list[Any]]:
+def _run_read_on_cluster(client: redis.Redis, q: _ReadQuery) -> tuple[list[Any], list[Any]]:
     """`_run_read`'s replies on Redis Cluster, in the script's shape (see the module's docstring)."""
+    person_id, anonymous_id, covis_items, trending_n, covis_n = (
+        q.person_id, q.anonymous_id, q.covis_items, q.trending_n, q.covis_n
+    )  # fmt: skip
     # The script's person part: no seeds, categories or neighbours, its global KEYS an absent key.
-    keys, args = _read_call(
-        person_id, anonymous_id, session_id, model_version, (), (), 0, trending_n, covis_n, bestsellers_n, None
-    )
+    keys, args = _read_call(replace(q, covis_items=(), categories=(), top_categories=0, neighbours=None))
     absent = redis_keys.person_placeholder(person_id)
     global_keys = {redis_keys.SPEED_VERSION, redis_keys.TRENDING_TOP, redis_keys.OUT_OF_STOCK, redis_keys.PROMOTED}
     keys = [absent if k in global_keys or k == redis_keys.alias(anonymous_id or person_id) else k for k in keys]
@@ -336,23 +311,23 @@ def _run_read_on_cluster(
         ("GET", redis_keys.alias(anonymous_id or person_id)), ("GET", redis_keys.SPEED_VERSION),
         ("ZREVRANGE", redis_keys.TRENDING_TOP, 0, trending_n - 1, "WITHSCORES"),
         ("SMEMBERS", redis_keys.OUT_OF_STOCK), ("SMEMBERS", redis_keys.PROMOTED),
-        *(("ZMSCORE", redis_keys.popularity_day(day), *candidate_items) for day in days),
+        *(("ZMSCORE", redis_keys.popularity_day(day), *q.candidate_items) for day in q.days),
     ])  # fmt: skip
     person, alias, version, trending, oos, promo = first[:6]
     session, recent, cats = person[1], _flat(person[2]), _flat(person[3])
     recent_pairs = list(_flat_pairs(recent))
     seeds = [item for item, _ in recent_pairs] if covis_items is None else list(covis_items)
-    wanted = list(dict.fromkeys(categories))
+    wanted = list(dict.fromkeys(q.categories))
     preferred = sorted(
         ((name, float(w)) for name, w in _flat_pairs_raw(cats) if not name.startswith("_") and float(w) > 0),
         key=lambda kv: (-kv[1], kv[0]),
     )
-    wanted += [name for name, _ in preferred[:top_categories] if name not in wanted]
-    query = neighbours or NeighbourQuery(sample=0, k=0, n=0, per_item=0)
+    wanted += [name for name, _ in preferred[:q.top_categories] if name not in wanted]
+    query = q.neighbours or NeighbourQuery(sample=0, k=0, n=0, per_item=0)
     nb_seeds = dict(recent_pairs) if query.n > 0 and _text(session) and recent_pairs else {}
     second = _cluster_round(client, [
         *(("ZREVRANGE", redis_keys.covisitation(i), 0, covis_n - 1, "WITHSCORES") for i in seeds),
-        *(("ZREVRANGE", redis_keys.category_bestsellers(c), 0, bestsellers_n - 1, "WITHSCORES") for c in wanted),
+        *(("ZREVRANGE", redis_keys.category_bestsellers(c), 0, q.bestsellers_n - 1, "WITHSCORES") for c in wanted),
         *(("ZREVRANGE", redis_keys.item_sessions(i), 0, query.per_item - 1, "WITHSCORES") for i in nb_seeds),
     ])  # fmt: skip
     covis = [[item, _flat(row)] for item, row in zip(seeds, second, strict=False)]

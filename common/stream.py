@@ -30,20 +30,24 @@ TRIM_STREAM = load_script("common", "trim_stream.lua")
 REMOVE_IDLE_CONSUMERS = load_script("common", "remove_idle_consumers.lua")
 
 
-def append_events(client: redis.Redis, events: Sequence[Event], stream: str, retention_ms: int) -> list[str]:
-    """XADD each event, then trim what is past retention and finished by every group; one round trip."""
+def append_events(
+    client: redis.Redis, events: Sequence[Event], stream: str, retention_ms: int, trim: bool = True
+) -> list[str]:
+    """XADD each event, then (with `trim`) trim what is past retention and finished by every group; one
+    round trip."""
     if not events:
         return []
     pipe = client.pipeline(transaction=False)
     key = redis_keys.stream(stream)
     for event in events:
         pipe.xadd(key, {FIELD: event.model_dump_json(exclude_none=True)})
-    keys, args = TRIM_STREAM.keys.pack(stream=key), TRIM_STREAM.argv.pack(retention_ms=retention_ms)
-    TRIM_STREAM.check(keys, args)
-    # EVAL rather than a registered script: a pipeline checks SCRIPT EXISTS first, one more round trip.
-    # (as a command: a cluster pipeline has no `eval` method)
-    pipe.execute_command("EVAL", TRIM_STREAM.source, len(keys), *keys, *args)
-    *ids, _trimmed = pipe.execute()
+    if trim:
+        keys, args = TRIM_STREAM.keys.pack(stream=key), TRIM_STREAM.argv.pack(retention_ms=retention_ms)
+        TRIM_STREAM.check(keys, args)
+        # EVAL rather than a registered script: a pipeline checks SCRIPT EXISTS first, one more round trip.
+        # (as a command: a cluster pipeline has no `eval` method)
+        pipe.execute_command("EVAL", TRIM_STREAM.source, len(keys), *keys, *args)
+    ids = pipe.execute()[: len(events)]
     return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
 

@@ -5,6 +5,7 @@ through FastAPI's response model)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,7 +36,7 @@ def both(published: SyntheticModel) -> Iterator[tuple[TestClient, TestClient]]:
         if isinstance(route, PreparedRoute):
             route.app = request_response(route.fastapi_handler())
             swapped += 1
-    assert swapped == 2, "the recommendations and similar-items routes are prepared"
+    assert swapped == 3, "the recommendations, similar-items and events routes are prepared"
     with TestClient(served) as served_client, TestClient(reference) as reference_client:
         yield served_client, reference_client
 
@@ -122,6 +123,83 @@ def test_a_prepared_route_answers_as_fastapis_resolution(both: tuple[TestClient,
     assert statuses == {200, 401, 403, 404, 422}, "every kind of answer was compared"
 
 
+def _posted(client: TestClient, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
+    """What must not differ for a POST: as `_answer`, each accepted event's stream id only as present."""
+    response = client.post("/v1/events", content=body, headers=headers)
+    payload = response.json()
+    for result in payload.get("results", []) if isinstance(payload, dict) else []:
+        if "stream_id" in result:
+            result["stream_id"] = bool(result["stream_id"])
+    return {
+        "status": response.status_code,
+        "content_type": response.headers.get("content-type"),
+        "www_authenticate": response.headers.get("www-authenticate"),
+        "body": payload,
+    }
+
+
+def test_the_events_route_answers_as_fastapis_resolution(both: tuple[TestClient, TestClient]) -> None:
+    """POST /v1/events parses its body itself when it is declared JSON and is an object or an array; every
+    other body (and every refusal of one) is FastAPI's: the same answers either way."""
+    served, reference = both
+    token = _token(served)
+    as_json = {"Content-Type": "application/json"}
+    good = json.dumps(view_event("u1", "i1", session="s1"))
+    batch = json.dumps([view_event("u1", "i1"), view_event("u2", "i2", session="s2")])
+    mixed = json.dumps([view_event("u1", "i1"), {**view_event("u1", "i2"), "event_type": "teleport"}, {}])
+    own = json.dumps(view_event("a1", "i1", session="s1") | {"user_id": None})
+    other_session = json.dumps(view_event("a1", "i1", session="s2") | {"user_id": None})
+    cases: list[tuple[str | bytes, dict[str, str]]] = [
+        (good, {**WRITER, **as_json}),
+        (batch, {**WRITER, **as_json}),
+        (good, {**WRITER, "Content-Type": "application/json; charset=utf-8"}),
+        (good, {"Authorization": "Bearer key-storefront-0001", **as_json}),
+        (own, {"Authorization": f"Bearer {token}", **as_json}),
+        # refusals of the events themselves, or of the batch
+        (mixed, {**WRITER, **as_json}),
+        ("[]", {**WRITER, **as_json}),
+        (json.dumps([view_event("u1", "i1")] * 1001), {**WRITER, **as_json}),
+        # refusals: the scope
+        (good, as_json),
+        (good, {**READER, **as_json}),
+        (good, {"X-API-Key": "no-such-key", **as_json}),
+        (other_session, {"Authorization": f"Bearer {token}", **as_json}),
+        # bodies left to FastAPI: not JSON, not declared JSON, not an object or an array, none
+        ("{not json", {**WRITER, **as_json}),
+        ("{not json", as_json),  # FastAPI parses the body before it checks the key
+        (good, WRITER),
+        (good, {**WRITER, "Content-Type": "text/plain"}),
+        (good, {**WRITER, "Content-Type": "application/vnd.shop+json"}),
+        ('"view"', {**WRITER, **as_json}),
+        ("12", {**WRITER, **as_json}),
+        ("null", {**WRITER, **as_json}),
+        ("", {**WRITER, **as_json}),
+        (b"\xc3\x28", {**WRITER, **as_json}),  # not UTF-8: FastAPI's 400
+    ]
+    statuses = set()
+    for body, headers in cases:
+        raw = body if isinstance(body, bytes) else body.encode()
+        ours, theirs = _posted(served, raw, headers), _posted(reference, raw, headers)
+        assert ours == theirs, (raw[:60], headers)
+        statuses.add(ours["status"])
+    assert statuses == {202, 400, 401, 403, 413, 422}, "every kind of answer was compared"
+
+
+def test_the_events_body_is_its_documented_model(both: tuple[TestClient, TestClient]) -> None:
+    """The 202 body is encoded without EventsResponse: held to it here, field for field."""
+    from serving.schemas import EventsResponse
+
+    served, _ = both
+    batch = [view_event("u1", "i1"), view_event("u2", "i2", session="s2")]
+    response = served.post("/v1/events", json=batch, headers=WRITER)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body == EventsResponse.model_validate(body).model_dump(exclude_none=True)
+    assert [r["event_id"] for r in body["results"]] == [e["event_id"] for e in batch]
+    assert [r["index"] for r in body["results"]] == [0, 1]
+    assert {r["status"] for r in body["results"]} == {"accepted"} and body["accepted"] == 2
+
+
 def test_a_prepared_route_does_not_resolve_dependencies_through_fastapi(
     both: tuple[TestClient, TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -142,9 +220,12 @@ def test_a_prepared_route_does_not_resolve_dependencies_through_fastapi(
     assert calls == 0
     assert served.get("/v1/items/i3/similar", headers=READER).status_code == 200
     assert calls == 0
+    assert served.post("/v1/events", json=view_event("u1", "i1"), headers=WRITER).status_code == 202
+    assert calls == 0
     assert reference.get("/v1/recommendations?user_id=u1", headers=READER).status_code == 200
     assert reference.get("/v1/items/i3/similar", headers=READER).status_code == 200
-    assert calls == 2
+    assert reference.post("/v1/events", json=view_event("u1", "i1"), headers=WRITER).status_code == 202
+    assert calls == 3
 
 
 def test_an_endpoint_without_a_resolver_is_resolved_by_fastapi() -> None:

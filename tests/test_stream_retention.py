@@ -1,15 +1,21 @@
-"""The stream is trimmed by age where events are appended, never below what a consumer group still needs (real Redis)."""
+"""The stream is trimmed by age where events are appended, never below what a consumer group still needs (real
+Redis); the API's appends trim at most once a second per worker."""
 
 from __future__ import annotations
 
 import time
 
 import redis
+from fastapi.testclient import TestClient
 
 from common import redis_keys
 from common.settings import RedisSettings
 from common.stream import FIELD, append_events
+from serving.core.state import StreamTrimSchedule
 from tests.speed_factories import make_event
+from tests.test_serving_support import serving_state, view_event
+
+pytest_plugins = ["tests.test_serving_support"]
 
 STREAM = "events"
 KEY = redis_keys.stream(STREAM)
@@ -84,3 +90,38 @@ def test_without_groups_age_alone_decides(redis_client: redis.Redis) -> None:
 
     kept = remaining(redis_client)
     assert set(recent) <= kept and len(kept & set(old)) < 200
+
+
+def test_appending_without_trim_keeps_old_entries(redis_client: redis.Redis) -> None:
+    old = add_at(redis_client, now_ms() - 3 * DAY_MS, 1000)
+
+    [fresh] = append_events(redis_client, [make_event()], STREAM, RETENTION_MS, trim=False)
+
+    assert remaining(redis_client) == {*old, fresh.encode()}
+
+
+def test_a_trim_schedule_is_due_once_an_interval() -> None:
+    schedule = StreamTrimSchedule(interval_s=0.2)
+    assert schedule.due()  # a worker's first append trims
+    assert not schedule.due()
+    time.sleep(0.25)
+    assert schedule.due()
+    assert not schedule.due()
+
+
+def test_the_api_trims_where_it_appends_when_its_schedule_says(client: TestClient, redis_client: redis.Redis) -> None:
+    """Each worker's POST /v1/events runs the trim script only when its schedule is due, not on every append."""
+
+    def posted(n: int) -> dict[str, int]:
+        redis_client.config_resetstat()
+        for i in range(n):
+            response = client.post("/v1/events", json=view_event("u1", f"i{i}"))
+            assert response.status_code == 202, response.text
+        stats = redis_client.info("commandstats")
+        return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("xadd", "xtrim")}
+
+    state = serving_state(client)
+    state.stream_trim = StreamTrimSchedule(interval_s=3600)
+    assert posted(3) == {"xadd": 3, "xtrim": 1}
+    state.stream_trim = StreamTrimSchedule(interval_s=0)
+    assert posted(2) == {"xadd": 2, "xtrim": 2}

@@ -9,12 +9,16 @@ A PreparedRoute is declared, routed and documented like any APIRoute: the OpenAP
 from the endpoint's signature. Each request's arguments come instead from the `resolve(request)`
 registered for its endpoint (`resolved_by`). That function calls the same dependencies in FastAPI's order,
 and has the endpoint's own path and query parameters validated by FastAPI's own function
-(`declared_params`), or a query model validated directly (`query_model`). tests/test_serving_prepared.py holds every answer equal to
-FastAPI's own resolution of the same route. An endpoint with no resolver is resolved by FastAPI.
+(`declared_params`), or a query model validated directly (`query_model`); a JSON body is parsed as FastAPI
+parses it (`json_body`). A resolver raises NotPrepared for a request it leaves to FastAPI's own resolution
+(a body that is not plain JSON of the expected shape): every refusal of such a body stays FastAPI's.
+tests/test_serving_prepared.py holds every answer equal to FastAPI's own resolution of the same route. An
+endpoint with no resolver is resolved by FastAPI.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -33,9 +37,13 @@ Model = TypeVar("Model", bound=BaseModel)
 _RESOLVERS: dict[Callable[..., Any], Resolver] = {}
 
 
+class NotPrepared(Exception):
+    """Raised by a resolver for a request that FastAPI's own resolution is to answer instead."""
+
+
 def resolved_by(resolve: Resolver) -> Callable[[Endpoint], Endpoint]:
     """Register `resolve` as what gives this endpoint its arguments under a PreparedRoute. The endpoint
-    must return a Response itself (no response model is applied) and take no body."""
+    must return a Response itself (no response model is applied)."""
 
     def register(endpoint: Endpoint) -> Endpoint:
         _RESOLVERS[endpoint] = resolve
@@ -49,12 +57,17 @@ class PreparedRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         resolve = _RESOLVERS.get(self.endpoint)
+        fastapi_handle = self.fastapi_handler()
         if resolve is None:
-            return self.fastapi_handler()
+            return fastapi_handle
         endpoint, dependant = self.endpoint, self.dependant
 
         async def handle(request: Request) -> Response:
-            response: Response = await endpoint(**await resolve(request, dependant))
+            try:
+                arguments = await resolve(request, dependant)
+            except NotPrepared:  # Starlette keeps the body read so far: FastAPI reads the same one
+                return await fastapi_handle(request)
+            response: Response = await endpoint(**arguments)
             return response
 
         return handle
@@ -82,3 +95,17 @@ def query_model(model: type[Model], request: Request) -> Model:
     except ValidationError as exc:
         errors = [{**error, "loc": ("query", *error["loc"])} for error in exc.errors()]
         raise RequestValidationError(errors) from None
+
+
+async def json_body(request: Request) -> Any:
+    """The body as FastAPI parses a JSON body (`json.loads` of its bytes) when it is declared
+    `application/json`. NotPrepared for anything else (no body, no or another content type, bytes that
+    are not JSON, a client gone), whose answer is FastAPI's to give. FastAPI parses the body before it
+    resolves any dependency, so a resolver calls this first."""
+    content_type = request.headers.get("content-type")
+    if content_type is None or content_type.partition(";")[0].strip().lower() != "application/json":
+        raise NotPrepared
+    try:
+        return json.loads(await request.body())  # as Starlette's Request.json(), which FastAPI calls
+    except Exception:  # ValueError (no body, not JSON, not UTF-8), a disconnect: FastAPI's 422 or 400
+        raise NotPrepared from None

@@ -70,6 +70,7 @@ class ServingState:
     lake_popular: list[tuple[str, float]] = field(default_factory=list)
     erased: ErasedPeople = field(default_factory=ErasedPeople)
     stream_lag: StreamLagProbe = field(default_factory=lambda: StreamLagProbe())
+    stream_trim: StreamTrimSchedule = field(default_factory=lambda: StreamTrimSchedule())
     drift: DriftProbe = field(default_factory=DriftProbe)
     day_counts: DayCounts = field(default_factory=DayCounts)
     bandit: Bandit | None = None  # set from the settings in bandit mode
@@ -198,6 +199,23 @@ class ServingState:
             self.erased.merge(self.lake.erasure_times())
         except Exception:
             log.exception("could not read the erasure queue")
+
+
+class StreamTrimSchedule:
+    """When a worker's POST /v1/events also trims the stream: at most once a second. The trim script
+    reads every consumer group's position, and Redis spent ~5x an XADD's time on it; the retention is
+    hours, so a trim a second late keeps nothing that matters."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._next = -1e9
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.interval_s
+        return True
 
 
 class StreamLagProbe:

@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
+import msgspec
 import redis
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Request, Response
+from fastapi.dependencies.models import Dependant
 from fastapi.responses import JSONResponse
 
-from common.events import FieldError, validate_events
+from common.events import Event, EventError, FieldError, validate_events
 from common.stream import append_events
-from serving.api.deps import PersonEventsWrite, StateDep
+from serving.api.deps import PersonEventsWrite, StateDep, security_values, serving_state
+from serving.api.prepared import NotPrepared, PreparedRoute, json_body, resolved_by
 from serving.core import metrics
 from serving.core.auth import Grant
 from serving.core.errors import BODY_ERROR_RESPONSES, PERSON_ERROR_RESPONSES, ApiError, ErrorBody
 from serving.schemas import EVENT_EXAMPLES, EventResult, EventsBody, EventsRejected, EventsResponse
 
-router = APIRouter(prefix="/v1/events", tags=["events"])
+router = APIRouter(prefix="/v1/events", tags=["events"], route_class=PreparedRoute)
 
 RETRY_AFTER_S = "5"
+# The 202 body (EventsResponse, as documented) encoded straight from plain values: building and dumping
+# an EventResult model per event cost more than the rest of the answer.
+_ENCODER = msgspec.json.Encoder()
+
+
+async def _arguments(request: Request, _: Dependant) -> dict[str, Any]:
+    """post_events' arguments as FastAPI resolves them, in its order: the body parsed first, then the state
+    and the scope (key or session token). A body that is not a JSON object or array is left to FastAPI,
+    whose 422 says what it should be (serving/api/prepared.py)."""
+    payload = await json_body(request)
+    if not isinstance(payload, dict | list):
+        raise NotPrepared
+    grant = await PersonEventsWrite.dependency(request, *await security_values(request))
+    return {"state": serving_state(request), "grant": grant, "payload": payload}
 
 
 @router.post(
@@ -54,11 +71,12 @@ RETRY_AFTER_S = "5"
         },
     },
 )
+@resolved_by(_arguments)
 async def post_events(
     state: StateDep,
     grant: Annotated[Grant, PersonEventsWrite],
     payload: Annotated[EventsBody, Body(openapi_examples=EVENT_EXAMPLES)],
-) -> JSONResponse:
+) -> Response:
     payloads = payload if isinstance(payload, list) else [payload]
     max_batch = state.settings.api.max_batch
     if not payloads:
@@ -77,16 +95,36 @@ async def post_events(
     stamped = [event.received() for event in accepted]
     try:
         stream_ids = append_events(
-            state.redis.client, stamped, state.settings.redis.stream, state.settings.redis.stream_retention_ms
+            state.redis.client,
+            stamped,
+            state.settings.redis.stream,
+            state.settings.redis.stream_retention_ms,
+            trim=state.stream_trim.due(),
         )
     except redis.RedisError as exc:
         state.redis.failed(exc)
         raise _unavailable() from None
 
+    metrics.EVENTS.labels(outcome="accepted").inc(len(stamped))
+    metrics.EVENTS.labels(outcome="rejected").inc(len(rejected))
+    if rejected:
+        return _rejected(_results(len(payloads), stamped, stream_ids, rejected), accepted=len(stamped))
+    results = [
+        {"index": index, "event_id": event.event_id, "status": "accepted", "stream_id": stream_id}
+        for index, (event, stream_id) in enumerate(zip(stamped, stream_ids, strict=True))
+    ]
+    body = {"accepted": len(stamped), "rejected": 0, "results": results}
+    return Response(_ENCODER.encode(body), status_code=202, media_type="application/json")
+
+
+def _results(
+    count: int, stamped: list[Event], stream_ids: list[str], rejected: list[EventError]
+) -> list[EventResult]:
+    """Each event's outcome, in the body's order, when some were rejected."""
     results: list[EventResult] = []
     accepted_iter = iter(zip(stamped, stream_ids, strict=True))
     rejected_by_index = {err.index: err for err in rejected}
-    for index in range(len(payloads)):
+    for index in range(count):
         if index in rejected_by_index:
             err = rejected_by_index[index]
             results.append(
@@ -97,12 +135,7 @@ async def post_events(
             results.append(
                 EventResult(index=index, event_id=event.event_id, status="accepted", stream_id=stream_id)
             )
-    metrics.EVENTS.labels(outcome="accepted").inc(len(stamped))
-    metrics.EVENTS.labels(outcome="rejected").inc(len(rejected))
-    if rejected:
-        return _rejected(results, accepted=len(stamped))
-    body = EventsResponse(accepted=len(stamped), rejected=0, results=results)
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=202)
+    return results
 
 
 def _rejected(results: list[EventResult], accepted: int) -> JSONResponse:

@@ -52,6 +52,28 @@ def serve(
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
+@bench_app.command("ingest")
+def ingest(
+    seconds: float = typer.Option(20.0, min=1, help="Seconds at the base rate."),
+    rate: float = typer.Option(500.0, min=1, help="The base rate, in POSTs a second."),
+    events_per_post: int = typer.Option(2, "--events-per-post", min=1, help="Events in each POST's body."),
+    against: Path | None = typer.Option(
+        None, "--against", help="Another checkout (e.g. a worktree of main) whose server runs on the same load, "
+        "alternately.", exists=True, file_okay=False,
+    ),
+    rounds: int = typer.Option(1, min=1, help="Rounds; each runs every checkout's server once."),
+    as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
+) -> None:
+    """Event ingestion: POST /v1/events on 2 workers, tracker-sized bodies, fixed-rate load from another
+    process; the highest rate with p99 <= 50 ms and the CPU a POST, beside a no-op POST route."""
+    from bench.ingest import bench_ingest
+
+    result = bench_ingest(
+        seconds=seconds, base_rate=rate, events_per_post=events_per_post, against=against, rounds=rounds
+    )
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
 @bench_app.command("push")
 def push(
     streams: int = typer.Option(200, min=1, help="SSE streams opened, one per session."),

@@ -1,10 +1,11 @@
-"""A no-op FastAPI route served exactly as `recs serve` serves the API: the ceiling `recs bench serve`
-compares the recommendations route with (`python -m bench.noop_app --workers N --port P`)."""
+"""No-op FastAPI routes served exactly as `recs serve` serves the API: the ceilings `recs bench serve` and
+`recs bench ingest` compare the recommendations and events routes with (`python -m bench.noop_app
+--workers N --port P`)."""
 
 from __future__ import annotations
 
 import typer
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 APP = "bench.noop_app:create_app"
 
@@ -15,6 +16,11 @@ def create_app() -> FastAPI:
     @app.get("/noop")
     async def noop() -> dict[str, bool]:
         return {"ok": True}
+
+    @app.post("/noop")
+    async def noop_post(request: Request) -> Response:
+        await request.body()  # read, as an ingesting route must
+        return Response(b'{"ok":true}', status_code=202, media_type="application/json")
 
     @app.get("/readyz")
     async def readyz() -> dict[str, bool]:

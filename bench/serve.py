@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -251,11 +252,18 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def as_request(path: str | bytes) -> bytes:
+    """A load step's request as sent: a path is a GET of it; bytes are a whole request (a POST's head and body)."""
+    return path if isinstance(path, bytes) else f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+
+
 async def _drive(
-    port: int, rate: float, seconds: float, paths: list[str], connections: int
+    port: int, rate: float, seconds: float, paths: Sequence[str | bytes], connections: int
 ) -> dict[str, Any]:
-    """Open-loop load: request i is due at i/rate; latency counts from when it was due (no coordinated omission)."""
-    due_queue: asyncio.Queue[tuple[float, str] | None] = asyncio.Queue()
+    """Open-loop load: request i is due at i/rate; latency counts from when it was due (no coordinated omission).
+    A 2xx answer is a success."""
+    requests = [as_request(path) for path in paths]
+    due_queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
     latencies: list[float] = []
     errors = 0
 
@@ -266,9 +274,9 @@ async def _drive(
             job = await due_queue.get()
             if job is None:
                 break
-            due, path = job
+            due, request = job
             try:
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+                writer.write(request)
                 await writer.drain()
                 status_line = await reader.readline()
                 length = 0
@@ -279,7 +287,7 @@ async def _drive(
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":")[1])
                 await reader.readexactly(length)
-                if b" 200 " not in status_line:
+                if status_line[9:10] != b"2":  # "HTTP/1.1 2xx"
                     errors += 1
                 latencies.append((time.perf_counter() - due) * 1000)
             except (OSError, asyncio.IncompleteReadError, ValueError):
@@ -295,7 +303,7 @@ async def _drive(
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        due_queue.put_nowait((due, random.choice(paths)))
+        due_queue.put_nowait((due, random.choice(requests)))
     for _ in workers:
         due_queue.put_nowait(None)
     await asyncio.gather(*workers)
@@ -309,11 +317,11 @@ async def _drive(
     }
 
 
-def _load_process(port: int, rate: float, seconds: float, paths: list[str], out: Any) -> None:
+def _load_process(port: int, rate: float, seconds: float, paths: Sequence[str | bytes], out: Any) -> None:
     out.put(asyncio.run(_drive(port, rate, seconds, paths, connections=64)))
 
 
-def run_load(port: int, rate: float, seconds: float, paths: list[str]) -> dict[str, Any]:
+def run_load(port: int, rate: float, seconds: float, paths: Sequence[str | bytes]) -> dict[str, Any]:
     """Run one load step in a separate process (so the client does not share the API's interpreter)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -391,7 +399,7 @@ def _keeps_up(step: dict[str, Any], rate: float) -> bool:
 
 
 def highest_rate_under_50ms(
-    port: int, paths: list[str], start_rate: float, step_seconds: float, max_rate: float, bisections: int = 3
+    port: int, paths: Sequence[str | bytes], start_rate: float, step_seconds: float, max_rate: float, bisections: int = 3
 ) -> tuple[float, list[dict[str, Any]]]:
     """The highest rate whose p99 stays <= 50 ms: up by 1.5x from `start_rate` until a step fails (or down
     until one holds), then `bisections` halvings of the gap between the last rate held and the first
@@ -434,10 +442,17 @@ def highest_rate_under_50ms(
     return good, steps
 
 
-def _start_server(module: str, workers: int, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _start_server(
+    module: str, workers: int, port: int, env: dict[str, str], tree: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`python -m module` serving on `port`, ready; from the checkout `tree` (its directory first on the
+    path, as `-m` puts the working directory) when given, else this one's."""
+    if tree is not None:
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     server = subprocess.Popen(
         [sys.executable, "-m", module, "--workers", str(workers), "--port", str(port)],
         env=env,
+        cwd=tree,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

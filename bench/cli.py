@@ -61,16 +61,23 @@ def ingest(
         None, "--against", help="Another checkout (e.g. a worktree of main) whose server runs on the same load, "
         "alternately.", exists=True, file_okay=False,
     ),
-    rounds: int = typer.Option(1, min=1, help="Rounds; each runs every checkout's server once."),
+    in_process: bool = typer.Option(
+        False, "--in-process", help="Instead: the app's CPU and Redis' a POST, through the ASGI app in one "
+        "process per checkout and round (no sockets).",
+    ),
+    rounds: int = typer.Option(1, min=1, help="Rounds; each runs every checkout once."),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
     """Event ingestion: POST /v1/events on 2 workers, tracker-sized bodies, fixed-rate load from another
     process; the highest rate with p99 <= 50 ms and the CPU a POST, beside a no-op POST route."""
-    from bench.ingest import bench_ingest
+    from bench.ingest import bench_ingest, bench_ingest_in_process
 
-    result = bench_ingest(
-        seconds=seconds, base_rate=rate, events_per_post=events_per_post, against=against, rounds=rounds
-    )
+    if in_process:
+        result = bench_ingest_in_process(against=against, rounds=rounds, events_per_post=events_per_post)
+    else:
+        result = bench_ingest(
+            seconds=seconds, base_rate=rate, events_per_post=events_per_post, against=against, rounds=rounds
+        )
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 

@@ -7,16 +7,24 @@ POST route on the same server settings and load process (`ratio_to_noop`).
 With `against` (another checkout, e.g. a worktree of main), each round runs both servers on the same
 load, one after the other, the order alternated, so the two are compared side by side in one run.
 
+`in_process` (`--in-process`) instead posts the same bodies through the whole ASGI app in one process, no
+sockets, each checkout in a fresh process per round (this file as a script under that checkout's code):
+the app's own CPU a POST and Redis' beside it, steadier than a server's figures on a busy machine.
+
 The stream's consumer group exists but nothing consumes it: the API's cost alone is measured, so the
 backpressure limit is lifted, and the stream is emptied before each server starts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +46,8 @@ from common import redis_keys
 from common.lake import Lake
 from common.registry import Registry
 
-THIS_TREE = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve()
+THIS_TREE = HERE.parents[1]
 TYPES = ["view"] * 6 + ["click", "add_to_cart"]
 
 
@@ -64,6 +73,17 @@ def tracker_bodies(n: int, events_per_post: int, seed: int = 0) -> list[bytes]:
         ]
         bodies.append(json.dumps(events).encode())
     return bodies
+
+
+def _server_env(root: Path, redis_url: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "RECS_VAR_DIR": str(root / "var"),
+        "RECS_LAKE__ROOT": str(root / "lake"),
+        "RECS_MODELS__ROOT": str(root / "models"),
+        "RECS_REDIS__URL": redis_url,
+        "RECS_API__MAX_STREAM_LAG": str(10**9),  # nothing consumes: the API's own cost is measured
+    }
 
 
 def post_request(path: str, body: bytes) -> bytes:
@@ -96,14 +116,7 @@ def bench_ingest(
         client = redis_server.client()
         # A served version, as in production: the API is ready only with one (POST /v1/events does not read it).
         publish_synthetic_model(Registry(str(root / "models")), Lake(str(root / "lake")), version="ingest")
-        env = {
-            **os.environ,
-            "RECS_VAR_DIR": str(root / "var"),
-            "RECS_LAKE__ROOT": str(root / "lake"),
-            "RECS_MODELS__ROOT": str(root / "models"),
-            "RECS_REDIS__URL": redis_server.url,
-            "RECS_API__MAX_STREAM_LAG": str(10**9),  # nothing consumes: the API's own cost is measured
-        }
+        env = _server_env(root, redis_server.url)
         stream, group = redis_keys.stream(Settings().redis.stream), Settings().speed.group
         try:
             runs: dict[Path, list[dict[str, Any]]] = {tree: [] for tree in trees}
@@ -196,3 +209,124 @@ def _summary(runs: list[dict[str, Any]], noop_best: float) -> dict[str, Any]:
         "max_posts_per_s_runs": [run["max_posts_per_s_p99_under_50ms"] for run in runs],
         "cpu_ms_per_post_median": statistics.median(run["cpu_ms_per_post"] for run in runs),
     }
+
+
+def bench_ingest_in_process(
+    against: Path | None = None, rounds: int = 3, passes: int = 5, posts: int = 3000, events_per_post: int = 2
+) -> dict[str, Any]:
+    """`rounds` rounds of this checkout's app and `against`'s, each in a fresh process posting the same
+    bodies, the order swapped every round; each child's median pass, and the rounds' ratios."""
+    from bench.serve_profile import alternating
+    from common.redis_server import RedisServer, free_port
+
+    trees = {"this": THIS_TREE, **({"against": against.resolve()} if against is not None else {})}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    with tempfile.TemporaryDirectory(prefix="recs-bench-ingest-") as tmp:
+        root = Path(tmp)
+        redis_server = RedisServer(data_dir=root / "redis", port=free_port(), persist=False)
+        redis_server.start()
+        try:
+            publish_synthetic_model(Registry(str(root / "models")), Lake(str(root / "lake")), version="ingest")
+            env = _server_env(root, redis_server.url)
+            job = root / "job.json"
+            job.write_text(json.dumps({"bodies": [b.decode() for b in tracker_bodies(posts, events_per_post)],
+                                       "passes": passes}))  # fmt: skip
+            for r in range(rounds):
+                for name, tree in alternating(list(trees.items()), r):
+                    out = root / f"{name}-{r}.json"
+                    child_env = {**env, "PYTHONPATH": str(tree)}
+                    subprocess.run([sys.executable, str(HERE), str(job), str(out)], env=child_env, check=True, cwd=tree)
+                    runs[name].append(json.loads(out.read_text()))
+        finally:
+            redis_server.stop()
+    result: dict[str, Any] = {"posts": posts, "events_per_post": events_per_post, "load_avg_1m": round(os.getloadavg()[0], 2)}
+    for name, outs in runs.items():
+        result[name] = {
+            "tree": str(trees[name]),
+            "app_us_per_post": round(statistics.median(o["app_us_per_post"] for o in outs), 1),
+            "app_us_rounds": [o["app_us_per_post"] for o in outs],
+            "redis_us_per_post": round(statistics.median(o["redis_us_per_post"] for o in outs), 1),
+            "redis_us_rounds": [o["redis_us_per_post"] for o in outs],
+            "redis_commands_per_post": outs[len(outs) // 2]["redis_commands_per_post"],
+        }
+    if against is not None:
+        for figure in ("app_us_per_post", "redis_us_per_post"):
+            ratios = [a[figure] / b[figure] for a, b in zip(runs["this"], runs["against"], strict=True)]
+            result[f"{figure.removesuffix('_per_post')}_ratio_rounds"] = [round(v, 3) for v in ratios]
+            result[f"{figure.removesuffix('_per_post')}_ratio_median_of_rounds"] = round(statistics.median(ratios), 3)
+    return result
+
+
+def run_posts(bodies: list[bytes], passes: int) -> dict[str, Any]:
+    """In this process: start the app (its lifespan reads the environment's settings), post every body once
+    to warm up, then `passes` timed passes; the app's CPU µs a POST (median pass), Redis' CPU µs and
+    commands a POST over those passes."""
+    return asyncio.run(_run_posts(bodies, passes))
+
+
+async def _run_posts(bodies: list[bytes], passes: int) -> dict[str, Any]:
+    from serving.main import create_app
+
+    app = create_app()
+    async with app.router.lifespan_context(app):
+        state = app.state.serving
+        state._stop.set()  # the background refreshes would add their own CPU and commands
+        for thread in state._threads:
+            thread.join(timeout=10)
+        client = state.redis.client
+        for body in bodies:
+            status = await _asgi_post(app, body)
+            assert status == 202, status
+        client.config_resetstat()
+        redis_before = _redis_cpu_s(client)
+        cpu_us = []
+        for _ in range(passes):
+            start = time.process_time()
+            for body in bodies:
+                await _asgi_post(app, body)
+            cpu_us.append((time.process_time() - start) * 1e6 / len(bodies))
+        redis_s = _redis_cpu_s(client) - redis_before
+        stats = client.info("commandstats")
+    timed = passes * len(bodies)
+    commands = sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config|resetstat"))
+    return {
+        "app_us_per_post": round(statistics.median(cpu_us), 1),
+        "redis_us_per_post": round(redis_s * 1e6 / timed, 1),
+        "redis_commands_per_post": round(commands / timed, 3),
+    }
+
+
+async def _asgi_post(app: Any, body: bytes) -> int:
+    """POST `body` to /v1/events through the ASGI app as uvicorn would hand it over; the response's status."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/events", "raw_path": b"/v1/events", "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"bench"), (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    statuses: list[int] = []
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if received:  # the app reads the body once; a second read would wait for a disconnect
+            await asyncio.Event().wait()
+        received = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    await app(scope, receive, send)
+    return statuses[0]
+
+
+if __name__ == "__main__":
+    # Child: `python bench/ingest.py JOB OUT`, the checkout under test first on PYTHONPATH (not this
+    # file's folder, whose modules would shadow top-level names).
+    sys.path[0] = os.environ["PYTHONPATH"].split(os.pathsep)[0]
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    answer = run_posts([body.encode() for body in spec["bodies"]], spec["passes"])
+    Path(sys.argv[2]).write_text(json.dumps(answer))

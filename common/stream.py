@@ -18,6 +18,7 @@ from pydantic_core import to_json
 from common import redis_keys
 from common.events import PERSON_ID_FIELDS, Event
 from common.lua import load_script
+from common.redis_server import lean_pipeline
 
 FIELD = "e"
 DEAD_LETTER_FIELD = "raw"
@@ -34,20 +35,19 @@ def append_events(
     client: redis.Redis, events: Sequence[Event], stream: str, retention_ms: int, trim: bool = True
 ) -> list[str]:
     """XADD each event, then (with `trim`) trim what is past retention and finished by every group; one
-    round trip."""
+    round trip (`lean_pipeline`: the API appends with every POST)."""
     if not events:
         return []
-    pipe = client.pipeline(transaction=False)
     key = redis_keys.stream(stream)
-    for event in events:
-        pipe.xadd(key, {FIELD: event.model_dump_json(exclude_none=True)})
+    commands: list[tuple[str | int, ...]] = [
+        ("XADD", key, "*", FIELD, event.model_dump_json(exclude_none=True)) for event in events
+    ]
     if trim:
         keys, args = TRIM_STREAM.keys.pack(stream=key), TRIM_STREAM.argv.pack(retention_ms=retention_ms)
         TRIM_STREAM.check(keys, args)
         # EVAL rather than a registered script: a pipeline checks SCRIPT EXISTS first, one more round trip.
-        # (as a command: a cluster pipeline has no `eval` method)
-        pipe.execute_command("EVAL", TRIM_STREAM.source, len(keys), *keys, *args)
-    ids = pipe.execute()[: len(events)]
+        commands.append(("EVAL", TRIM_STREAM.source, len(keys), *keys, *args))
+    ids = lean_pipeline(client, commands)[: len(events)]
     return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
 

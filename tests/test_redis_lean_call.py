@@ -1,14 +1,16 @@
-"""`lean_call`: the request path's commands without redis-py's per-call work, answering as execute_command does."""
+"""`lean_call` and `lean_pipeline`: the request path's commands without redis-py's per-call work, answering as
+execute_command and a pipeline do."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import redis
 from redis.exceptions import NoScriptError
 
-from common.redis_server import RedisServer, connect, free_port, lean_call
+from common.redis_server import RedisServer, connect, free_port, lean_call, lean_pipeline
 
 SCRIPT = "return {redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'), ARGV[1], tonumber(ARGV[2]) + 1, {false}}"
 
@@ -76,3 +78,53 @@ def test_redis_down_raises_a_connection_error(tmp_path: Path) -> None:
         client.close()
         server.stop()
 
+
+
+def _pipeline(client: redis.Redis, commands: list[tuple[object, ...]]) -> list[object]:
+    pipe = client.pipeline(transaction=False)
+    for command in commands:
+        pipe.execute_command(*command)
+    return list(pipe.execute())
+
+
+def test_a_lean_pipeline_answers_as_redis_pys(any_redis: tuple[redis.Redis, str]) -> None:
+    client, _ = any_redis
+    _fill(client)
+    commands: list[tuple[object, ...]] = [
+        ("ZMSCORE", Z, "a", "missing"),
+        ("HGETALL", H),
+        ("EVAL_RO", SCRIPT, 1, Z, "text", 41),
+        ("XLEN", "{t}s"),
+    ]
+    assert lean_pipeline(client, commands) == _pipeline(client, commands)
+    # Writes: the same stream entries through either path, in order (explicit ids: `*` would differ).
+    ours = lean_pipeline(client, [("XADD", "{t}s", f"1-{i}", "e", "x") for i in range(1, 4)])
+    theirs = _pipeline(client, [("XADD", "{t}s", f"2-{i}", "e", "x") for i in range(1, 4)])
+    assert ours == [b"1-1", b"1-2", b"1-3"] and theirs == [b"2-1", b"2-2", b"2-3"]
+    assert client.xlen("{t}s") == 6
+
+
+def test_an_error_reply_in_a_lean_pipeline_is_raised_after_every_command_ran(redis_client: redis.Redis) -> None:
+    _fill(redis_client)
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        lean_pipeline(redis_client, [("XADD", "s", "1-1", "e", "x"), ("ZMSCORE", H, "a"), ("XADD", "s", "1-2", "e", "y")])
+    assert redis_client.xlen("s") == 2, "as in a pipeline, the commands around the error ran"
+    assert len(redis_client.connection_pool._available_connections) == 1
+    assert lean_pipeline(redis_client, [("ZMSCORE", Z, "b"), ("HGETALL", H)]) == [[2.5], {b"f": b"v"}]
+
+
+def test_a_connection_lost_mid_pipeline_sends_it_again_through_redis_py(redis_client: redis.Redis) -> None:
+    """Killed while its first command blocks (the pool's own check cannot see it coming), the connection
+    fails the read; redis-py's path then sends every command again on a new one."""
+    pooled_id = lean_call(redis_client, "CLIENT", "ID")
+    killer = redis.Redis(connection_pool=redis.ConnectionPool(**redis_client.connection_pool.connection_kwargs))
+    kill = threading.Timer(0.1, killer.client_kill_filter, kwargs={"_id": pooled_id})
+    kill.start()
+    try:
+        replies = lean_pipeline(redis_client, [("BLPOP", "nothing", 0.5), ("XADD", "s", "1-1", "e", "x")])
+    finally:
+        kill.join()
+        killer.close()
+    assert replies == [None, b"1-1"]
+    assert redis_client.xlen("s") == 1, "the first send's XADD, queued behind the blocked BLPOP, never ran"
+    assert lean_call(redis_client, "CLIENT", "ID") != pooled_id

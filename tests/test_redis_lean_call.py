@@ -80,7 +80,7 @@ def test_redis_down_raises_a_connection_error(tmp_path: Path) -> None:
 
 
 
-def _pipeline(client: redis.Redis, commands: list[tuple[object, ...]]) -> list[object]:
+def _pipeline(client: redis.Redis, commands: list[tuple[str | int | float, ...]]) -> list[object]:
     pipe = client.pipeline(transaction=False)
     for command in commands:
         pipe.execute_command(*command)
@@ -90,7 +90,7 @@ def _pipeline(client: redis.Redis, commands: list[tuple[object, ...]]) -> list[o
 def test_a_lean_pipeline_answers_as_redis_pys(any_redis: tuple[redis.Redis, str]) -> None:
     client, _ = any_redis
     _fill(client)
-    commands: list[tuple[object, ...]] = [
+    commands: list[tuple[str | int | float, ...]] = [
         ("ZMSCORE", Z, "a", "missing"),
         ("HGETALL", H),
         ("EVAL_RO", SCRIPT, 1, Z, "text", 41),

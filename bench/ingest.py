@@ -127,9 +127,11 @@ def bench_ingest(
                     runs[tree].append(
                         _measure(tree, env, requests, client, workers, seconds, base_rate, step_seconds, max_rate)
                     )
-            best = max(run["max_posts_per_s_p99_under_50ms"] for tree_runs in runs.values() for run in tree_runs)
+            best = max(run["max_posts_per_s_p99_under_50ms"] for done in runs.values() for run in done)
             # The no-op's own ceiling is the load process's (~13k/s here): stepped without the API's cap.
-            noop_best, noop_steps = _noop_ceiling(env, bodies, workers, max(best * 2, base_rate * 4), step_seconds, 10 * max_rate)
+            noop_best, noop_steps = _noop_ceiling(
+                env, bodies, workers, max(best * 2, base_rate * 4), step_seconds, 10 * max_rate
+            )
         finally:
             client.close()
             redis_server.stop()
@@ -236,11 +238,14 @@ def bench_ingest_in_process(
                 for name, tree in alternating(list(trees.items()), r):
                     out = root / f"{name}-{r}.json"
                     child_env = {**env, "PYTHONPATH": str(tree)}
-                    subprocess.run([sys.executable, str(HERE), str(job), str(out)], env=child_env, check=True, cwd=tree)
+                    command = [sys.executable, str(HERE), str(job), str(out)]
+                    subprocess.run(command, env=child_env, check=True, cwd=tree)
                     runs[name].append(json.loads(out.read_text()))
         finally:
             redis_server.stop()
-    result: dict[str, Any] = {"posts": posts, "events_per_post": events_per_post, "load_avg_1m": round(os.getloadavg()[0], 2)}
+    result: dict[str, Any] = {
+        "posts": posts, "events_per_post": events_per_post, "load_avg_1m": round(os.getloadavg()[0], 2)
+    }
     for name, outs in runs.items():
         result[name] = {
             "tree": str(trees[name]),
@@ -251,10 +256,11 @@ def bench_ingest_in_process(
             "redis_commands_per_post": outs[len(outs) // 2]["redis_commands_per_post"],
         }
     if against is not None:
-        for figure in ("app_us_per_post", "redis_us_per_post"):
-            ratios = [a[figure] / b[figure] for a, b in zip(runs["this"], runs["against"], strict=True)]
-            result[f"{figure.removesuffix('_per_post')}_ratio_rounds"] = [round(v, 3) for v in ratios]
-            result[f"{figure.removesuffix('_per_post')}_ratio_median_of_rounds"] = round(statistics.median(ratios), 3)
+        for figure in ("app_us", "redis_us"):
+            pairs = zip(runs["this"], runs["against"], strict=True)
+            ratios = [ours[f"{figure}_per_post"] / theirs[f"{figure}_per_post"] for ours, theirs in pairs]
+            result[f"{figure}_ratio_rounds"] = [round(v, 3) for v in ratios]
+            result[f"{figure}_ratio_median_of_rounds"] = round(statistics.median(ratios), 3)
     return result
 
 
@@ -289,7 +295,8 @@ async def _run_posts(bodies: list[bytes], passes: int) -> dict[str, Any]:
         redis_s = _redis_cpu_s(client) - redis_before
         stats = client.info("commandstats")
     timed = passes * len(bodies)
-    commands = sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config|resetstat"))
+    not_timed = ("cmdstat_info", "cmdstat_config|resetstat")
+    commands = sum(int(v["calls"]) for k, v in stats.items() if k not in not_timed)
     return {
         "app_us_per_post": round(statistics.median(cpu_us), 1),
         "redis_us_per_post": round(redis_s * 1e6 / timed, 1),

@@ -332,11 +332,15 @@ def run_load(port: int, rate: float, seconds: float, paths: Sequence[str | bytes
     return dict(result)
 
 
-def _wait_ready(port: int, timeout_s: float = 120.0) -> None:
+def _wait_ready(port: int, timeout_s: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Until the API on `port` answers /readyz with 200; RuntimeError after `timeout_s`, or as soon as
+    `process` (the server, when given) has exited."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited ({process.returncode}) before it was ready on port {port}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1.0).status_code == 200:
                 return
@@ -456,7 +460,11 @@ def _start_server(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _wait_ready(port)
+    try:
+        _wait_ready(port, process=server)
+    except BaseException:  # a server that never became ready is not left running
+        _stop_server(server)
+        raise
     return server
 
 

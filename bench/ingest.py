@@ -42,6 +42,7 @@ from bench.serve import (
     publish_synthetic_model,
     run_load,
 )
+from bench.serve_profile import alternating
 from common import redis_keys
 from common.lake import Lake
 from common.registry import Registry
@@ -114,14 +115,14 @@ def bench_ingest(
         redis_server = RedisServer(data_dir=root / "redis", port=free_port(), persist=False)
         redis_server.start()
         client = redis_server.client()
-        # A served version, as in production: the API is ready only with one (POST /v1/events does not read it).
-        publish_synthetic_model(Registry(str(root / "models")), Lake(str(root / "lake")), version="ingest")
-        env = _server_env(root, redis_server.url)
-        stream, group = redis_keys.stream(Settings().redis.stream), Settings().speed.group
         try:
+            # A served version, as in production: the API is ready only with one (a POST does not read it).
+            publish_synthetic_model(Registry(str(root / "models")), Lake(str(root / "lake")), version="ingest")
+            env = _server_env(root, redis_server.url)
+            stream, group = redis_keys.stream(Settings().redis.stream), Settings().speed.group
             runs: dict[Path, list[dict[str, Any]]] = {tree: [] for tree in trees}
             for r in range(rounds):
-                for tree in trees if r % 2 == 0 else trees[::-1]:
+                for tree in alternating(trees, r):
                     client.delete(stream)
                     client.xgroup_create(stream, group, id="$", mkstream=True)
                     runs[tree].append(
@@ -219,7 +220,6 @@ def bench_ingest_in_process(
 ) -> dict[str, Any]:
     """`rounds` rounds of this checkout's app and `against`'s, each in a fresh process posting the same
     bodies, the order swapped every round; each child's median pass, and the rounds' ratios."""
-    from bench.serve_profile import alternating
     from common.redis_server import RedisServer, free_port
 
     trees = {"this": THIS_TREE, **({"against": against.resolve()} if against is not None else {})}

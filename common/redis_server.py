@@ -238,17 +238,10 @@ def is_cluster(client: object) -> bool:
 Arg = str | bytes | int | float
 
 
-def lean_call(client: redis.Redis, *args: Arg) -> Any:
-    """`client.execute_command(*args)` for a single Redis, with less of redis-py's per-call Python work:
-    for the read-only commands every request sends (its speed-state read and today's counts), which a
-    retry may repeat. `lean_pipeline` of the one command (below)."""
-    return lean_pipeline(client, [args])[0]
-
-
 def lean_pipeline(client: redis.Redis, commands: Sequence[Sequence[Arg]]) -> list[Any]:
     """The replies of `commands`, sent in one round trip, as `execute_command` of each would parse them,
     for a single Redis, with less of redis-py's per-call Python work. For the commands every request
-    sends: serving's read and today's counts (`lean_call`), the API's appends to the event stream.
+    sends: serving's read and today's counts, the API's appends to the event stream.
 
     redis-py checks each argument's type in Python, wraps the call in its retry and observability
     hooks, and then parses the reply; on this machine that is ~80 µs of CPU beyond the round trip for a

@@ -29,7 +29,7 @@ from common import redis_keys
 from common.features import POP_DAYS, day_index
 from common.lua import load_script
 from common.neighbours import score_neighbours, session_token
-from common.redis_server import is_cluster, lean_call
+from common.redis_server import is_cluster, lean_pipeline
 from common.sequence import follow_weights
 
 # Forward decay: scores are stored as w·2^((t − EPOCH)/half-life) so one sorted set ranks by decayed
@@ -240,14 +240,10 @@ def _run_read(client: redis.Redis, query: _ReadQuery) -> tuple[list[Any], list[A
 def _read_round(
     client: redis.Redis, script: tuple[Any, ...], days: Sequence[int], candidate_items: Sequence[str]
 ) -> tuple[list[Any], list[Any]]:
-    """One round trip: the script's reply and the day counts' replies; raises the first error."""
-    if not days:  # serving's reads: the script alone, without a pipeline's bookkeeping
-        return lean_call(client, *script), []
-    pipe = client.pipeline(transaction=False)
-    pipe.execute_command(*script)
-    for day in days:
-        pipe.zmscore(redis_keys.popularity_day(day), list(candidate_items))
-    replies = pipe.execute()
+    """One round trip: the script's reply and the day counts' replies (none for serving's reads); raises
+    the first error."""
+    day_counts = [("ZMSCORE", redis_keys.popularity_day(day), *candidate_items) for day in days]
+    replies = lean_pipeline(client, [script, *day_counts])
     return replies[0], replies[1:]
 
 

@@ -1,16 +1,23 @@
-"""`lean_call` and `lean_pipeline`: the request path's commands without redis-py's per-call work, answering as
-execute_command and a pipeline do."""
+"""`lean_pipeline`: the request path's commands without redis-py's per-call work, answering as execute_command
+(one command) and a pipeline (several) do."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from redis.exceptions import NoScriptError
 
-from common.redis_server import RedisServer, connect, free_port, lean_call, lean_pipeline
+from common.redis_server import RedisServer, connect, free_port, lean_pipeline
+
+
+def lean_call(client: redis.Redis, *args: str | bytes | int | float) -> Any:
+    """One command through `lean_pipeline`, as serving sends its read."""
+    return lean_pipeline(client, [args])[0]
+
 
 SCRIPT = "return {redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'), ARGV[1], tonumber(ARGV[2]) + 1, {false}}"
 

@@ -20,7 +20,7 @@ import redis
 
 from common import redis_keys
 from common.features import POP_DAYS, day_index
-from common.redis_server import lean_call
+from common.redis_server import lean_pipeline
 
 
 def _past_days(now_s: float) -> list[int]:
@@ -92,13 +92,10 @@ class DayCounts:
 
 
 def _scores_by_day(client: redis.Redis, days: list[int], items: list[str]) -> dict[int, list[float | None]]:
-    """day -> ZMSCORE of `items` in its sorted set, in one round trip."""
-    if len(days) == 1:  # the usual request (past days loaded): a plain command costs less than a pipeline
-        return {days[0]: lean_call(client, "ZMSCORE", redis_keys.popularity_day(days[0]), *items)}
-    pipe = client.pipeline(transaction=False)
-    for day in days:
-        pipe.zmscore(redis_keys.popularity_day(day), items)
-    return dict(zip(days, pipe.execute(), strict=True))
+    """day -> ZMSCORE of `items` in its sorted set, in one round trip (one day, with the past days
+    loaded, on the usual request)."""
+    commands = [("ZMSCORE", redis_keys.popularity_day(day), *items) for day in days]
+    return dict(zip(days, lean_pipeline(client, commands), strict=True))
 
 
 def _zero_absent(scores: list[float | None]) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import sys
 import unicodedata
@@ -23,7 +24,7 @@ from common.events import (
     table_to_events,
     validate_events,
 )
-from common.ids import NOT_PRINTABLE
+from common.ids import ID_PATTERN, NOT_PRINTABLE, _printable
 from common.lake import Lake
 
 TS = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -98,6 +99,22 @@ def test_the_id_pattern_refuses_exactly_the_control_format_and_separator_charact
     listed = {c for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF and class_re.match(chr(c))}
     assert listed == refused
     assert unicodedata.unidata_version == "14.0.0", "a new Unicode: regenerate NOT_PRINTABLE from it"
+
+
+def test_the_ascii_fast_path_accepts_exactly_what_the_id_pattern_does() -> None:
+    """_printable skips the regex for ASCII ids: every ASCII character first, inside and last, and random
+    ASCII and non-ASCII ids, are accepted or refused as ID_PATTERN (the OpenAPI's) says."""
+    pattern = re.compile(ID_PATTERN)
+    rng = random.Random(5)
+    ids = [s for c in map(chr, range(128)) for s in (c, c + "a", "a" + c, "a" + c + "b")]
+    alphabet = [chr(c) for c in range(128)] + ["\u00e9", "\u202e", "\u00a0", "\u3000"]
+    ids += ["".join(rng.choices(alphabet, k=rng.randint(1, 6))) for _ in range(20_000)]
+    for value in ids:
+        try:
+            accepted = _printable(value) == value
+        except ValueError:
+            accepted = False
+        assert accepted == bool(pattern.fullmatch(value)), repr(value)
 
 
 def test_missing_required_fields_are_each_named() -> None:

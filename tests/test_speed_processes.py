@@ -301,5 +301,8 @@ def test_a_crash_loop_stops_after_the_bounded_restarts() -> None:
 
     assert code == 1
     assert len(made) == 2 + 3  # the first two, then three restarts within the minute
-    assert all(p.exitcode == 3 for p in made)
+    # Each died on its own, but the last one may still have been starting when the bound stopped
+    # everything: then it was terminated.
+    assert all(p.exitcode == 3 for p in made[:-1])
+    assert made[-1].exitcode in (3, -signal.SIGTERM)
     assert sorted(exited) == sorted(p.pid for p in made)  # each dead child reported once (its live gauges dropped)

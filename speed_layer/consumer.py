@@ -167,10 +167,15 @@ class SpeedConsumer:
         return len(entries)
 
     def pump(self, block: bool = True) -> int:
-        """One step of the overlapped loop, when the consumer is behind (it read a full batch):
-        read batch n+1 and send its reads, start batch n (whose reads were sent one step ago,
-        ahead of the scripts now running), then finish batch n-1, whose scripts Redis ran meanwhile.
-        A consumer that has caught up finishes each batch at once instead, for freshness.
+        """One step of the overlapped loop, whenever entries came: read batch n+1 and send its reads,
+        start batch n (whose reads were sent one step ago, ahead of the scripts now running), then
+        finish batch n-1, whose scripts Redis ran meanwhile. A read that finds nothing new finishes
+        everything at once, so an event that arrives alone waits for no other.
+
+        Overlapping only full batches left a steady stream of small ones (each tick of the sender)
+        applied one at a time, Python and Redis taking turns: at 5,000 events/s the consumer fell
+        behind until its batches filled (freshness p99 0.26 and 0.52 s in two runs, 0.08 and 0.18 s
+        overlapped).
         Returns how many entries it read; after a 0 nothing is in flight, acknowledgements included."""
         try:
             if (self._prepared is None and self._in_flight is None) or self._housekeeping_due():
@@ -180,12 +185,11 @@ class SpeedConsumer:
             idle = self._prepared is None and self._in_flight is None
             entries, versions = self._read(block and idle)
             upcoming = self._prepare(entries, versions) if entries else None
-            behind = len(entries) >= self.speed.batch_size
-            if behind:
+            if entries:
                 self._prefetch()
             self._advance()
             self._prepared = upcoming
-            if not behind:
+            if not entries:
                 self._drain()
         except BaseException:
             # Whatever was read stays unacknowledged: claimed later, and dedup skips what applied.

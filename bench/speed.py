@@ -16,7 +16,8 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from common.stream import FIELD, append_events, group_lag
 
 VERSION = "bench-v1"
 TYPES = [EventType.VIEW] * 14 + [EventType.CLICK] * 3 + [EventType.ADD_TO_CART] * 2 + [EventType.PURCHASE]
+SESSION_EVENTS = 10  # events of one session in the bench's traffic
+VISITOR_GAP_S = 0.1  # the freshness mix: each visitor sends an event every this many seconds
 
 
 def run_speed_bench(
@@ -209,9 +212,10 @@ def _publish_model(settings: Settings, items: int, users: int, factors: int, see
 
 
 def _event(rng: np.random.Generator, n: int, items: int, users: int, person: str | None = None) -> Event:
-    """A storefront-like event: 70% logged-in users with a batch vector, sessions of about 10 events."""
+    """A storefront-like event: 70% logged-in users with a batch vector; event n is in session
+    n // SESSION_EVENTS."""
     now = datetime.now(UTC)
-    session = n // 10
+    session = n // SESSION_EVENTS
     if person is None:
         person = f"u{session % users}" if session % 10 < 7 else f"anon{session}"
     kind = TYPES[int(rng.integers(len(TYPES)))]
@@ -289,6 +293,44 @@ def _consume_forever(url: str, root: str) -> None:
     SpeedConsumer(connect(url, timeout_s=5), settings, name="fresh").run()
 
 
+def browsing_order(total: int, visitors: int) -> Iterator[int]:
+    """The event numbers (`_event`'s n) of `visitors` browsing at once: each sends its session's
+    SESSION_EVENTS events one at a time, in turn with the others, and a new visitor takes the place of
+    one whose session ended. So a person's events are `visitors` events apart, as a storefront's are,
+    and no two visitors browsing at once are the same person (while `visitors` <= users)."""
+    for e in range(total):
+        slot, turn = e % visitors, e // visitors
+        session = (turn // SESSION_EVENTS) * visitors + slot
+        yield session * SESSION_EVENTS + turn % SESSION_EVENTS
+
+
+class Unheard:
+    """Events sent and not yet announced, per person, oldest first. A RecsChanged names the last event
+    of its person that its batch applied, so it covers that one and the person's earlier ones."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the sender appends while the listener takes
+        self._by_person: dict[str, deque[tuple[str, str | None, float]]] = {}
+
+    def sent(self, person: str, event_type: str, item_id: str | None, at: float) -> None:
+        with self._lock:
+            self._by_person.setdefault(person, deque()).append((event_type, item_id, at))
+
+    def heard(self, person: str, event_type: str, item_id: str | None, at: float) -> list[float]:
+        """The latencies (at - sent) of the person's events the message covers; none when it names no
+        event still unheard."""
+        with self._lock:
+            pending = self._by_person.get(person)
+            if not pending or (event_type, item_id) not in ((t, i) for t, i, _ in pending):
+                return []
+            latencies = []
+            while True:
+                kind, item, sent_at = pending.popleft()
+                latencies.append(at - sent_at)
+                if (kind, item) == (event_type, item_id):
+                    return latencies
+
+
 def _freshness(
     url: str,
     root: Path,
@@ -299,14 +341,16 @@ def _freshness(
     users: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Offer `offered` events/s to a consumer process; latency from XADD to its RecsChanged message."""
+    """Offer `offered` events/s to a consumer process, from visitors browsing at once (one event each
+    every VISITOR_GAP_S, sessions of SESSION_EVENTS); latency from XADD to the RecsChanged message that
+    covers the event."""
     from common.redis_server import connect
 
     client = connect(url, timeout_s=5)
     consumer = multiprocessing.get_context("spawn").Process(target=_consume_forever, args=(url, str(root)))
     consumer.start()
     consumer_ready = time.perf_counter() + 3.0  # the consumer process starts and loads the model
-    sent_at: dict[str, float] = {}
+    unheard = Unheard()
     latencies: list[float] = []
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(redis_keys.RECS_CHANNEL)
@@ -317,34 +361,36 @@ def _freshness(
             message = pubsub.get_message(timeout=0.1)
             if message:
                 heard = time.perf_counter()
-                person = json.loads(message["data"])["person_id"]  # a RecsChanged; one field read
-                if person in sent_at:
-                    latencies.append(heard - sent_at.pop(person))
+                changed = json.loads(message["data"])  # a RecsChanged
+                latencies.extend(
+                    unheard.heard(changed["person_id"], changed["event_type"], changed.get("item_id"), heard)
+                )
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
+    visitors = min(users, max(1, round(offered * VISITOR_GAP_S)))
     try:
         rng = np.random.default_rng(seed + 1)
         total = int(offered * seconds)
         per_tick = max(1, round(offered * 0.005))  # one pipeline every 5 ms
         # Made and serialised before the clock starts (while the consumer process loads the model), so
         # the sender's own CPU does not cap the rate offered nor take the consumer's core.
-        ticks = []
-        for n in range(0, total, per_tick):
-            batch = [
-                _event(rng, 10 * (n + j), items, users, person=f"u{(n + j) % users}") for j in range(per_tick)
-            ]
-            ticks.append([(e.person_id, e.model_dump_json(exclude_none=True)) for e in batch])
+        events = [_event(rng, n, items, users) for n in browsing_order(total, visitors)]
+        ticks = [
+            [(e.person_id, e.event_type.value, e.item_id, e.model_dump_json(exclude_none=True)) for e in events[i : i + per_tick]]
+            for i in range(0, total, per_tick)
+        ]  # fmt: skip
+        del events
         time.sleep(max(0.0, consumer_ready - time.perf_counter()))
         stream_key = redis_keys.stream(settings.redis.stream)
         started = time.perf_counter()
         for t, tick in enumerate(ticks):
             pipe = client.pipeline(transaction=False)
-            for _, payload in tick:
+            for *_, payload in tick:
                 pipe.xadd(stream_key, {FIELD: payload})
             now = time.perf_counter()
-            for person, _ in tick:
-                sent_at[person] = now
+            for person, event_type, item_id, _ in tick:
+                unheard.sent(person, event_type, item_id, now)
             pipe.execute()
             time.sleep(max(0.0, started + (t + 1) * per_tick / offered - time.perf_counter()))
         sending_s = time.perf_counter() - started
@@ -364,4 +410,5 @@ def _freshness(
         "freshness_sent_events_per_s": round(total / sending_s),
         "freshness_events": int(offered * seconds),
         "freshness_measured": len(latencies),
+        "freshness_visitors": visitors,
     }

@@ -279,6 +279,7 @@ class Applier:
         self.in_flight: list[Started] = []
         self.recent: deque[Started] = deque(maxlen=4)  # started batches, finished or not, for overlays
         self.started = 0
+        self.last_identify = -1  # the number of the last batch applied around an identify
         client.script_load(APPLY_EVENTS.source)
         client.script_load(APPLY_GLOBALS.source)
         # The script builds keys it only learns inside Redis (a session's other items) from these.
@@ -328,7 +329,14 @@ class Applier:
             self.drain()
             self._apply_around_identifies(started)
             started.done = True
+            self.last_identify = started.number
             return started
+        if state is not None and self.last_identify >= state.since:
+            # An identify was applied after these reads were sent: the aliases they hold may be stale,
+            # and a device's events planned under the device would be marked where its user's retries
+            # never look (counted twice on a redelivery). Read again.
+            self._receive_state(events, models, state)  # its replies are next in the lane
+            state = None
         try:
             started.sent = self._send(started, list(range(len(events))), state)
         except BaseException:

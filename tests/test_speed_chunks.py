@@ -217,6 +217,32 @@ def test_a_conflict_with_another_consumer_in_flight_is_retried_and_counts_every_
     assert not mine.in_flight
 
 
+def test_events_read_before_their_devices_login_are_kept_under_the_user(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """The overlapped loop sends batch n+1's reads before batch n starts. When n logs a device in, n+1's
+    events of the device go under the user as one batch at a time puts them (its alias read again), not
+    under the device, whose keys the merge has left and where the user's redeliveries would not find
+    their markers."""
+    model = _publish_v1(tmp_path, np.random.default_rng(5))
+    settings = speed_settings(tmp_path, redis_server.url, script_chunk=3)
+    login = [
+        make_event(EventType.VIEW, "i1", anonymous_id="d1", session_id="s1"),
+        make_event(EventType.IDENTIFY, anonymous_id="d1", user_id="u9", session_id="s1"),
+    ]
+    after = [make_event(EventType.VIEW, "i2", anonymous_id="d1", session_id="s1")]
+    applier = Applier(redis_client, settings)
+    states = [applier.read_state(batch, [model]) for batch in (login, after)]  # as `pump` sends them
+    started = [applier.start(batch, [model], state=state) for batch, state in zip((login, after), states, strict=True)]
+    assert [applier.finish(s).applied for s in started] == [2, 1]
+
+    def counts(person: str) -> dict[bytes, bytes]:
+        return redis_client.hgetall(redis_keys.session_counts(person, "s1"))
+
+    assert counts("u9") == {b"view": b"2"} and counts("d1") == {}
+    assert redis_client.zscore(redis_keys.seen_events("u9"), after[0].event_id) is not None
+
+
 def test_the_overlapped_loop_leaves_the_state_one_batch_at_a_time_leaves(
     redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
 ) -> None:

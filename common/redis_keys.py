@@ -19,6 +19,7 @@ Redis the tags change nothing, so both run on this one layout.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -39,6 +40,9 @@ CATALOG_CHANNEL = f"{PREFIX}:chan:catalog"  # item updates that must take effect
 RECS_CHANNEL = f"{PREFIX}:chan:recs"  # speed layer -> SSE: a person's recommendations may have changed
 
 
+# A consumer names a dozen keys of each event's person, and interleaved visitors come back every few
+# hundred events: remembered, a tag costs ~0.13 µs instead of the regex's ~0.6 µs.
+@functools.lru_cache(maxsize=1 << 14)
 def _person(person_id: str) -> str:
     return f"{PREFIX}:{{u:{_in_tag(person_id)}}}"
 

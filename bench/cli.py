@@ -112,8 +112,9 @@ def speed(
     ),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
-    """Speed layer: events/s of one consumer with all effects on; XADD-to-readable freshness p50/p99.
-    With --consumers N (repeatable): events/s of N consumer processes draining `events`."""
+    """Speed layer: events/s of one consumer with all effects on, each session's events in a row and
+    (`browsing`) from visitors browsing at once; XADD-to-announced freshness p50/p99 of browsing
+    visitors. With --consumers N (repeatable): events/s of N consumer processes draining `events`."""
     from bench.speed import run_speed_bench, run_speed_scaling
 
     if consumers:

@@ -59,13 +59,20 @@ def run_speed_bench(
             settings = _settings(root, server.url)
             client = server.client()
             _publish_model(settings, items, users, factors, seed)
-            # This machine's speed drifts by tens of percent within seconds: report the median run.
-            runs = []
+            # This machine's speed drifts by tens of percent within seconds: report the median run. Each
+            # repeat drains the sessions' events in a row, then the same traffic from visitors browsing at
+            # once (the freshness mix), where a chunk's events are of different sessions.
+            runs: list[dict[str, Any]] = []
+            browsing_runs: list[dict[str, Any]] = []
             for _ in range(repeats):
-                _fresh_state(client, items)
-                runs.append(_throughput(client, settings, events, items, users, seed))
-            runs.sort(key=lambda run: run["events_per_s"])
-            throughput = {**runs[len(runs) // 2], "events_per_s_runs": [run["events_per_s"] for run in runs]}
+                for visitors, out in ((None, runs), (_visitors(offered_per_s, users), browsing_runs)):
+                    _fresh_state(client, items)
+                    out.append(_throughput(client, settings, events, items, users, seed, visitors))
+            throughput = _median_run(runs)
+            throughput["browsing"] = {
+                "visitors": _visitors(offered_per_s, users),
+                **{key: value for key, value in _median_run(browsing_runs).items() if key in _BROWSING_FIELDS},
+            }
             _fresh_state(client, items)
             freshness = _freshness(server.url, root, settings, offered_per_s, freshness_s, items, users, seed)
         finally:
@@ -232,14 +239,34 @@ def _event(rng: np.random.Generator, n: int, items: int, users: int, person: str
     )
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ordered = sorted(runs, key=lambda run: run["events_per_s"])
+    return {**ordered[len(ordered) // 2], "events_per_s_runs": [run["events_per_s"] for run in ordered]}
+
+
+# What the browsing mix's throughput reports (the rest is the same settings as the in-a-row runs').
+_BROWSING_FIELDS = (
+    "events_per_s", "events_per_s_runs", "consumer_cpu_us_per_event", "redis_cpu_us_per_event",
+    "redis_commands_per_event", "redis_commands_per_event_by_name",
+)  # fmt: skip
+
+
+def _visitors(offered_per_s: float, users: int) -> int:
+    """Visitors browsing at once when `offered_per_s` events/s come, each every VISITOR_GAP_S."""
+    return min(users, max(1, round(offered_per_s * VISITOR_GAP_S)))
+
+
 def _throughput(
-    client: Any, settings: Settings, events: int, items: int, users: int, seed: int
+    client: Any, settings: Settings, events: int, items: int, users: int, seed: int, visitors: int | None = None
 ) -> dict[str, Any]:
+    """Events/s of one consumer draining `events` events: each session's in a row, or with `visitors`
+    from that many visitors browsing at once (`browsing_order`)."""
     from speed_layer.consumer import SpeedConsumer
 
     rng = np.random.default_rng(seed)
+    numbers = list(browsing_order(events, visitors)) if visitors else list(range(events))
     for start in range(0, events, 5000):  # generated a chunk at a time: the consumer's heap is its own
-        chunk = [_event(rng, n, items, users) for n in range(start, min(events, start + 5000))]
+        chunk = [_event(rng, n, items, users) for n in numbers[start : start + 5000]]
         append_events(client, chunk, settings.redis.stream, settings.redis.stream_retention_ms)
     del chunk
     consumer = SpeedConsumer(client, settings, name="bench")
@@ -368,7 +395,7 @@ def _freshness(
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
-    visitors = min(users, max(1, round(offered * VISITOR_GAP_S)))
+    visitors = _visitors(offered, users)
     try:
         rng = np.random.default_rng(seed + 1)
         total = int(offered * seconds)

@@ -110,6 +110,7 @@ class SpeedConsumer:
         self._next_trending = 0.0
         self._next_impressions = 0.0
         self._own_pending_done = False
+        self._own_pending_after: str | bytes = "0"  # the last of our pending entries read
         self._announced: list[str] = []
         self._prepared: _Batch | None = None  # decoded, its reads sent, not started yet (pump)
         self._in_flight: _Batch | None = None  # started, not yet finished (pump)
@@ -221,8 +222,10 @@ class SpeedConsumer:
             if entries:
                 return entries, versions
         if not self._own_pending_done:  # after a restart under the same name: our unacked entries first
-            entries, versions = self._xreadgroup("0", block=False)
+            # On from the last one read: from "0" again, the entries of batches in flight would come back.
+            entries, versions = self._xreadgroup(self._own_pending_after, block=False)
             if entries:
+                self._own_pending_after = entries[-1][0]
                 return entries, versions
             self._own_pending_done = True
         if time.monotonic() >= self._next_claim:
@@ -233,17 +236,19 @@ class SpeedConsumer:
                 return claimed, None
         return self._xreadgroup(">", block=block)
 
-    def _xreadgroup(self, start: str, block: bool) -> tuple[list[Entry], Versions]:
+    def _xreadgroup(self, start: str | bytes, block: bool) -> tuple[list[Entry], Versions]:
         """Entries, and the versions to apply them to, read after them in the same round trip."""
         self._request_entries(start, block)
         return self._take_entries()
 
     def _prefetch(self) -> None:
         """Ask for the next entries before the next batch's scripts are written: Redis answers at once,
-        and the answer waits in the socket until the consumer wants it."""
-        self._request_entries(">", block=False)
+        and the answer waits in the socket until the consumer wants it. Not before our own pending
+        entries are all read: new ones delivered meanwhile would be pending too, and read again."""
+        if self._own_pending_done:
+            self._request_entries(">", block=False)
 
-    def _request_entries(self, start: str, block: bool) -> None:
+    def _request_entries(self, start: str | bytes, block: bool) -> None:
         """XREADGROUP and the served versions after it, on the reads lane (replies: `_take_entries`)."""
         speed = self.speed
         blocking = ("BLOCK", speed.block_ms) if block else ()

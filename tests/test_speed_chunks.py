@@ -295,3 +295,26 @@ def test_a_chunk_writes_each_counter_key_once_whatever_its_members(
     assert all(score.is_integer() for _, score in units)  # whole units: Redis keeps them as integers
     day = redis_keys.popularity_day(int(events[0].ts.timestamp() // 86_400))
     assert redis_client.zcard(day) == 50 and redis_client.zscore(day, "i7") == 1
+
+
+def test_a_restarted_consumer_reads_its_pending_entries_once_while_the_loop_overlaps(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Restarted under the same name, a consumer reads the entries its predecessor left unacknowledged,
+    then new ones. With batches in flight, its own pending entries are read on from where the last read
+    ended, not from the start again: that would hand it the entries in flight a second time."""
+    _publish_v1(tmp_path, np.random.default_rng(3))
+    # Claims of idle entries (its own in flight among them, past a short claim_idle_ms) kept out.
+    settings = speed_settings(tmp_path, redis_server.url, batch_size=5, script_chunk=5, claim_idle_ms=60_000)
+    events = [make_event(EventType.VIEW, f"i{j % ITEMS}", anonymous_id=f"d{j}", session_id=f"s{j}") for j in range(23)]
+    add_events(redis_client, settings, events)
+    consumer = SpeedConsumer(redis_client, settings, name="c1")
+    stream = redis_keys.stream(settings.redis.stream)
+    redis_client.xreadgroup(settings.speed.group, "c1", {stream: ">"}, count=12)  # the predecessor's, unacknowledged
+
+    read = 0
+    while handled := consumer.pump(block=False):
+        read += handled
+    assert read == len(events)
+    assert group_lag(redis_client, settings.redis.stream, settings.speed.group) == 0
+    assert sum(int(v) for v in redis_client.hgetall(redis_keys.session_counts("d0", "s0")).values()) == 1

@@ -411,16 +411,23 @@ for key, stored in pairs(plans_now) do
 end
 -- A key's increments in two commands (its current scores, then one ZADD) rather than one each:
 -- trending and popularity take most of a chunk's items. The sums are ZINCRBY's (doubles, exactly).
+-- grown: the keys a member joined. Only those can have passed their trim's bound: a key is cut back
+-- whenever a write takes it over, so one that gained no member is still under it, and needs no ZCARD.
+local grown = {}
 for key, members in pairs(zincr) do
   local names = {}
   for member in pairs(members) do names[#names + 1] = member end
   if #names == 1 then
-    write('ZINCRBY', key, arg(members[names[1]]), names[1])
+    local by = members[names[1]]
+    -- Increments are positive, so a score equal to the increment is a member that was absent (or one so
+    -- small that the sum rounds to it: then the key is checked for nothing).
+    if tonumber(write('ZINCRBY', key, arg(by), names[1])) == by then grown[key] = true end
   else
     local scores = write('ZMSCORE', key, unpack(names))
     if type(scores) == 'table' and not scores.err then
       local flat = {}
       for i, member in ipairs(names) do
+        if not scores[i] then grown[key] = true end
         flat[2 * i - 1] = arg((tonumber(scores[i]) or 0) + members[member])
         flat[2 * i] = member
       end
@@ -431,7 +438,8 @@ end
 for key, members in pairs(zset) do
   local flat = {}
   for member, score in pairs(members) do flat[#flat + 1] = score; flat[#flat + 1] = member end
-  write('ZADD', key, unpack(flat))
+  local added = write('ZADD', key, unpack(flat))
+  if type(added) ~= 'number' or added > 0 then grown[key] = true end
 end
 for key, members in pairs(hincr) do
   for member, by in pairs(members) do write('HINCRBYFLOAT', key, member, arg(by)) end
@@ -445,8 +453,10 @@ end
 local recent_last = arg(-(recent_n + 1))
 for key in pairs(recent_trims) do write('ZREMRANGEBYRANK', key, '0', recent_last) end
 for key, keep in pairs(trims) do
-  local size = write('ZCARD', key)
-  if type(size) == 'number' and size > 2 * keep then write('ZREMRANGEBYRANK', key, '0', arg(-(keep + 1))) end
+  if grown[key] then
+    local size = write('ZCARD', key)
+    if type(size) == 'number' and size > 2 * keep then write('ZREMRANGEBYRANK', key, '0', arg(-(keep + 1))) end
+  end
 end
 for key, value in pairs(deltas) do write('SET', key, value, 'EX', delta_ttl) end
 for key in pairs(count_dirty) do write('SET', key, arg(counts[key]), 'EX', delta_ttl) end

@@ -297,6 +297,29 @@ def test_a_chunk_writes_each_counter_key_once_whatever_its_members(
     assert redis_client.zcard(day) == 50 and redis_client.zscore(day, "i7") == 1
 
 
+def test_a_chunk_checks_the_size_only_of_keys_a_member_joined(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Two sessions walk the same 30 items, a chunk each. The second adds no member to any co-visit row
+    (the same pairs again) but joins each item's neighbour sessions: only those keys get a ZCARD."""
+    settings = speed_settings(tmp_path, redis_server.url, script_chunk=30, covis_steps=3)
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    redis_client.flushall()
+    applier = Applier(redis_client, settings)
+    zcards = []
+    for session in ("s1", "s2"):
+        events = [
+            make_event(EventType.VIEW, f"i{j}", session_id=session, ts=start + timedelta(seconds=j))
+            for j in range(30)
+        ]
+        redis_client.config_resetstat()
+        assert applier.apply(events, [], now_s=events[-1].ts.timestamp()).applied == 30
+        zcards.append(int(redis_client.info("commandstats").get("cmdstat_zcard", {"calls": 0})["calls"]))
+    rows = 29  # i0..i28 have followers; each item has its neighbour-sessions key
+    assert zcards == [rows + 30, 30]
+    assert redis_client.zcard(redis_keys.item_sessions("i7")) == 2
+
+
 def test_a_restarted_consumer_reads_its_pending_entries_once_while_the_loop_overlaps(
     redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
 ) -> None:

@@ -64,13 +64,14 @@ def run_speed_bench(
             # once (the freshness mix), where a chunk's events are of different sessions.
             runs: list[dict[str, Any]] = []
             browsing_runs: list[dict[str, Any]] = []
+            visitors = _visitors(offered_per_s, users)
             for _ in range(repeats):
-                for visitors, out in ((None, runs), (_visitors(offered_per_s, users), browsing_runs)):
+                for browsing, out in ((None, runs), (visitors, browsing_runs)):
                     _fresh_state(client, items)
-                    out.append(_throughput(client, settings, events, items, users, seed, visitors))
+                    out.append(_throughput(client, settings, events, items, users, seed, browsing))
             throughput = _median_run(runs)
             throughput["browsing"] = {
-                "visitors": _visitors(offered_per_s, users),
+                "visitors": visitors,
                 **{key: value for key, value in _median_run(browsing_runs).items() if key in _BROWSING_FIELDS},
             }
             _fresh_state(client, items)

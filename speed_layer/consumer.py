@@ -109,8 +109,8 @@ class SpeedConsumer:
         self._next_registry_check = 0.0
         self._next_trending = 0.0
         self._next_impressions = 0.0
-        self._own_pending_done = False
-        self._own_pending_after: str | bytes = "0"  # the last of our pending entries read
+        # After a restart under the same name: where to read on our unacked entries from; None once all read.
+        self._own_pending_after: str | bytes | None = "0"
         self._announced: list[str] = []
         self._prepared: _Batch | None = None  # decoded, its reads sent, not started yet (pump)
         self._in_flight: _Batch | None = None  # started, not yet finished (pump)
@@ -221,13 +221,13 @@ class SpeedConsumer:
             entries, versions = self._take_entries()
             if entries:
                 return entries, versions
-        if not self._own_pending_done:  # after a restart under the same name: our unacked entries first
+        if self._own_pending_after is not None:  # our unacked entries first
             # On from the last one read: from "0" again, the entries of batches in flight would come back.
             entries, versions = self._xreadgroup(self._own_pending_after, block=False)
             if entries:
                 self._own_pending_after = entries[-1][0]
                 return entries, versions
-            self._own_pending_done = True
+            self._own_pending_after = None
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self.speed.claim_interval_s
             claimed = self.claim_idle()
@@ -245,7 +245,7 @@ class SpeedConsumer:
         """Ask for the next entries before the next batch's scripts are written: Redis answers at once,
         and the answer waits in the socket until the consumer wants it. Not before our own pending
         entries are all read: new ones delivered meanwhile would be pending too, and read again."""
-        if self._own_pending_done:
+        if self._own_pending_after is None:
             self._request_entries(">", block=False)
 
     def _request_entries(self, start: str | bytes, block: bool) -> None:

@@ -323,20 +323,19 @@ class Applier:
         started = Started(self.started, events, models, base, now_s)
         self.started += 1
         self.recent.append(started)
-        if base and any(e.event_type is EventType.IDENTIFY and e.personalised for e in events):
-            if state is not None:
-                self._receive_state(events, models, state)  # its replies are next in the lane
+        identifies = base and any(e.event_type is EventType.IDENTIFY and e.personalised for e in events)
+        # Reads sent before an identify was applied may hold stale aliases: a device's events planned
+        # under the device would be marked where its user's retries never look (counted twice on a
+        # redelivery). Those reads are taken off the lane (their replies are next) and made again.
+        if state is not None and (identifies or self.last_identify >= state.since):
+            self._receive_state(events, models, state)
+            state = None
+        if identifies:
             self.drain()
             self._apply_around_identifies(started)
             started.done = True
             self.last_identify = started.number
             return started
-        if state is not None and self.last_identify >= state.since:
-            # An identify was applied after these reads were sent: the aliases they hold may be stale,
-            # and a device's events planned under the device would be marked where its user's retries
-            # never look (counted twice on a redelivery). Read again.
-            self._receive_state(events, models, state)  # its replies are next in the lane
-            state = None
         try:
             started.sent = self._send(started, list(range(len(events))), state)
         except BaseException:

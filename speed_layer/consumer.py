@@ -6,7 +6,6 @@ are claimed after `claim_idle_ms`; malformed entries go to the dead-letter strea
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from common.catalog import ItemUpdate
 from common.catalog_state import read_contents
 from common.content import ItemContent, content_of_row
 from common.events import Event
+from common.heap import freeze_long_lived
 from common.lake import Lake
 from common.messages import ModelEvent, RecsChanged
 from common.model import ModelArtifacts, load_model
@@ -153,8 +153,7 @@ class SpeedConsumer:
             self._active_models()
         except redis.ConnectionError:
             pass  # the loop waits Redis out (the migrations run at the next start)
-        gc.collect()
-        gc.freeze()
+        freeze_long_lived()
 
     def poll_once(self, block: bool = True) -> int:
         """Housekeeping, then one batch from read to acknowledgement; returns how many entries it handled."""

@@ -15,6 +15,7 @@ import redis
 
 from common import redis_keys
 from common.catalog import ItemUpdate
+from common.heap import freeze_long_lived
 from common.lake import Lake
 from common.messages import ModelEvent
 from common.redis_server import connect, pubsub_url
@@ -104,6 +105,7 @@ class ServingState:
             state.lake_popular = lake_popular(lake)
         state._refresh_erasures()
         state._refresh_day_counts()  # before the first request: past days then never cost a request
+        freeze_long_lived()  # the model and catalog just loaded: no full collection walks them per request
         state._spawn(state._listen_for_models, "model-listener")
         state._spawn(state._erasures_loop, "erasures-refresh")
         state._spawn(state._day_counts_loop, "day-counts-refresh")
@@ -122,9 +124,12 @@ class ServingState:
             self.rules = load_rules(self.settings.api.rules_file)
         except (OSError, ValueError):
             log.exception("keeping the previous rules: %s is invalid", self.settings.api.rules_file)
+        before = self.models.current
         self.models.reload(version)
         if self.models.current is None:
             self.lake_popular = lake_popular(self.lake)
+        if self.models.current is not before:
+            freeze_long_lived()  # one full collection per model swap, not one every few thousand requests
 
     def apply_catalog(self, updates: list[ItemUpdate]) -> None:
         """Item updates into this worker's catalog, and content vectors for the items whose content changed."""

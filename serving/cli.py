@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import typer
 
@@ -33,9 +34,11 @@ def run_server(
     """Run the ASGI app factory `app` ("module:function") as `recs serve` does: the one set of server
     settings, which `recs bench serve` also gives its no-op app to measure the same server's ceiling."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from common.metrics import MULTIPROC_ENV, multiprocess_dir
     from serving.core.limits import uvicorn_limits
+    from serving.listeners import PerWorkerListener, balances_connections, ensure_port_free
 
     workers = workers or settings.api.workers
     # Requests run concurrently in each worker; multi-threaded BLAS per matrix product only contends
@@ -46,16 +49,25 @@ def run_server(
         # Each worker writes its metrics under this directory and /metrics sums them; it must be
         # set (and empty) before any worker imports prometheus_client.
         multiprocess_dir(settings.var_dir / "prometheus")
-    uvicorn.run(
-        app,
+    host, port = host or settings.api.host, port or settings.api.port
+    options: dict[str, Any] = dict(
         factory=True,
-        host=host or settings.api.host,
-        port=port or settings.api.port,
+        host=host,
+        port=port,
         workers=workers,
         access_log=False,  # request lines carry query strings; keys travel in headers and are never logged
         log_level="warning",
         **uvicorn_limits(settings.api),
     )
+    if workers > 1 and balances_connections():  # a socket per worker: serving/listeners.py
+        try:
+            ensure_port_free(host, port)
+        except OSError as exc:
+            raise SystemExit(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+        config = uvicorn.Config(app, **options)
+        Multiprocess(config, sockets=[PerWorkerListener(host, port)]).run()
+    else:
+        uvicorn.run(app, **options)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,7 @@ import typer
 from common.settings import Settings, SettingsError, get_settings
 
 APP = "serving.main:create_app"
+WORKER_HEALTHCHECK_S = 30
 
 
 def serve(
@@ -57,6 +58,9 @@ def run_server(
         workers=workers,
         access_log=False,  # request lines carry query strings; keys travel in headers and are never logged
         log_level="warning",
+        # uvicorn's supervisor kills a worker that does not answer its ping in time; one spawned on a busy
+        # machine spends seconds importing before it can, so its default of 5 s can kill it before it serves
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         **uvicorn_limits(settings.api),
     )
     if workers > 1 and balances_connections():  # a socket per worker: serving/listeners.py

@@ -309,16 +309,19 @@ def test_the_served_model_is_kept_out_of_full_collections_and_a_swap_frees_the_o
     state = serving_state(client)
     served = state.models.current
     assert served is not None and gc.is_tracked(served)
-    # Frozen: the oldest generation a full collection walks does not hold it (nor its batch tables).
-    walked = {id(obj) for obj in gc.get_objects()}
-    assert id(served) not in walked
+    assert id(served) not in _walked_by_collections()  # frozen
     old = weakref.ref(served)
     del served
     publish_synthetic_model(state.registry, state.lake, version="v2", seed=99, activate=False)
     assert client.post("/v1/admin/models/v2/activate").status_code == 200
     assert old() is None  # freed with everything it held, frozen or not
     swapped = state.models.current
-    assert swapped is not None and swapped.version == "v2" and id(swapped) not in {id(o) for o in gc.get_objects()}
+    assert swapped is not None and swapped.version == "v2" and id(swapped) not in _walked_by_collections()
+
+
+def _walked_by_collections() -> set[int]:
+    """ids of the objects in the generations a collection walks (frozen ones are in none)."""
+    return {id(obj) for obj in gc.get_objects()}
 
 
 def test_a_broken_version_is_refused_and_nothing_changes(client: TestClient) -> None:

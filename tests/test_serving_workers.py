@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -38,32 +40,34 @@ def _listeners(server: subprocess.Popen[bytes], port: int) -> dict[int, str]:
 
 def _listening_sockets(server: subprocess.Popen[bytes], port: int) -> dict[int, str]:
     found: dict[int, str] = {}
-    for child in psutil.Process(server.pid).children():
-        try:
-            listening = [c for c in child.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
-        except psutil.NoSuchProcess:  # a worker that just died (or a zombie not reaped yet)
-            continue
-        for conn in listening:
-            if conn.laddr.port == port:
-                target = os.readlink(f"/proc/{child.pid}/fd/{conn.fd}")
+    for pid, conns in _connections(server).items():
+        for conn in conns:
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+                target = os.readlink(f"/proc/{pid}/fd/{conn.fd}")
                 if not target.startswith("socket:"):  # the descriptor was closed and reused since
                     raise FileNotFoundError(target)
-                found[child.pid] = target
+                found[pid] = target
     return found
 
 
 def _established(server: subprocess.Popen[bytes], port: int) -> dict[int, int]:
     """worker pid -> how many client connections to `port` it holds."""
-    held: dict[int, int] = {}
+    held = {
+        pid: sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in conns)
+        for pid, conns in _connections(server).items()
+    }
+    return {pid: count for pid, count in held.items() if count}
+
+
+def _connections(server: subprocess.Popen[bytes]) -> dict[int, list[Any]]:
+    """worker pid -> its TCP sockets, for the server's live children."""
+    found: dict[int, list[Any]] = {}
     for child in psutil.Process(server.pid).children():
         try:
-            conns = child.net_connections(kind="tcp")
-        except psutil.NoSuchProcess:
+            found[child.pid] = child.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:  # a worker that just died (or a zombie not reaped yet)
             continue
-        count = sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in conns)
-        if count:
-            held[child.pid] = count
-    return held
+    return found
 
 
 def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -74,14 +78,20 @@ def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def _open_and_ask(port: int, n: int) -> list[socket.socket]:
-    """`n` keep-alive connections, each answered once (so each has been accepted by a worker)."""
+@contextmanager
+def _answered_connections(port: int, n: int) -> Iterator[list[socket.socket]]:
+    """`n` keep-alive connections, each answered once (so each has been accepted by a worker), open
+    until the block ends."""
     conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(n)]
-    for conn in conns:
-        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
-    for conn in conns:
-        assert conn.recv(64).startswith(b"HTTP/1.1 200"), "every connection is answered"
-    return conns
+    try:
+        for conn in conns:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        for conn in conns:
+            assert conn.recv(64).startswith(b"HTTP/1.1 200"), "every connection is answered"
+        yield conns
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 @pytest.fixture
@@ -107,15 +117,11 @@ def test_each_worker_listens_on_its_own_socket_and_takes_a_share_of_new_connecti
     process, port = server
     listeners = _listeners(process, port)
     assert len(set(listeners.values())) == WORKERS, listeners  # not one socket shared by both
-    conns = _open_and_ask(port, CONNECTIONS)
-    try:
+    with _answered_connections(port, CONNECTIONS):
         held = _established(process, port)
-        assert set(held) == set(listeners) and sum(held.values()) == CONNECTIONS, held
-        # Hashed by the kernel: a share outside 12..52 of 64 has odds of about 1 in 10 million.
-        assert all(12 <= count <= CONNECTIONS - 12 for count in held.values()), held
-    finally:
-        for conn in conns:
-            conn.close()
+    assert set(held) == set(listeners) and sum(held.values()) == CONNECTIONS, held
+    # Hashed by the kernel: a share outside 12..52 of 64 has odds of about 1 in 10 million.
+    assert all(12 <= count <= CONNECTIONS - 12 for count in held.values()), held
 
 
 def test_a_killed_worker_is_replaced_on_a_socket_of_its_own_and_every_connection_is_served(
@@ -131,9 +137,8 @@ def test_a_killed_worker_is_replaced_on_a_socket_of_its_own_and_every_connection
         return victim not in now and len(set(now.values())) == WORKERS and before[victim] not in now.values()
 
     _wait(replaced, 120, "a replacement worker on a socket of its own")
-    conns = _open_and_ask(port, CONNECTIONS)
-    for conn in conns:
-        conn.close()
+    with _answered_connections(port, CONNECTIONS):
+        pass
 
 
 def test_a_second_server_on_a_port_in_use_is_refused_not_given_a_share(

@@ -192,6 +192,13 @@ class ApiSettings(Section):
         10.0, gt=0, description="How often a worker writes its served lists to the lake (one file each time)."
     )
     max_stream_lag: int = Field(100_000, ge=1, description="Above this consumer-group lag, POST /v1/events answers 503.")
+    today_counts_refresh_s: float = Field(
+        1.0,
+        ge=0,
+        description="While a worker's requests ask for more of today's item counts than today holds, it keeps a "
+        "copy of them re-read this often, instead of a round trip per request (0: always read live). Today's "
+        "counts then lag by at most twice this.",
+    )
     rules_file: Path = PROJECT_ROOT / "serving" / "rules.yaml"
 
     @model_validator(mode="after")

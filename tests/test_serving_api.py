@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from serving.api.routes.recommendations import RecommendationsQuery
 from serving.main import create_app
 from speed_layer.consumer import SpeedConsumer
 from tests.speed_factories import add_events, make_event, speed_settings
+from tests.test_serving_day_counts import zmscore_calls
 from tests.test_serving_support import (
     KEYS,
     ids,
@@ -519,6 +521,26 @@ def test_cors_allows_configured_origins_only(secured: TestClient) -> None:
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
     )
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_busy_worker_counts_today_from_its_copy_without_a_round_trip(
+    published: SyntheticModel, redis_client: redis.Redis
+) -> None:
+    people = [f"u{n}" for n in range(8)]  # some in the ranker's share, whose features read today's counts
+    with TestClient(create_app(make_settings(today_counts_refresh_s=0.05))) as app_client:
+        calls = zmscore_calls(redis_client)
+        for person in people:
+            recs(app_client, user_id=person)
+        assert zmscore_calls(redis_client) > calls  # live until the worker has seen its traffic
+        deadline = time.monotonic() + 60
+        while True:  # the refresh thread copies today within a period or two of the traffic
+            calls = zmscore_calls(redis_client)
+            lists = {person: ids(recs(app_client, user_id=person)) for person in people}
+            if zmscore_calls(redis_client) == calls:
+                break
+            assert time.monotonic() < deadline, "the worker never read today's counts from a copy"
+    with TestClient(create_app(make_settings(today_counts_refresh_s=0))) as live_client:
+        assert {person: ids(recs(live_client, user_id=person)) for person in people} == lists
 
 
 def test_warm_recommendations_read_nothing_from_the_lake_or_the_registry(

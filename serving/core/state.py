@@ -99,6 +99,7 @@ class ServingState:
             ),
             redis=RedisGate(connect(settings.redis.effective_url, settings.redis.socket_timeout_s)),
             impressions=ImpressionLogger(lake, flush_seconds=settings.api.impressions_flush_s),
+            day_counts=DayCounts(today_refresh_s=settings.api.today_counts_refresh_s),
         )
         state.models.reload()
         if state.models.current is None:
@@ -109,6 +110,8 @@ class ServingState:
         state._spawn(state._listen_for_models, "model-listener")
         state._spawn(state._erasures_loop, "erasures-refresh")
         state._spawn(state._day_counts_loop, "day-counts-refresh")
+        if state.day_counts.today_refresh_s > 0:
+            state._spawn(state._today_counts_loop, "today-counts-refresh")
         return state
 
     def close(self) -> None:
@@ -192,6 +195,13 @@ class ServingState:
             self.day_counts.refresh(self.redis.client)
         except redis.RedisError as exc:  # requests read past days live meanwhile
             log.info("could not refresh the past days' counts: %s", exc)
+
+    def _today_counts_loop(self) -> None:
+        while not self._stop.wait(self.day_counts.today_refresh_s):
+            try:
+                self.day_counts.refresh_today(self.redis.client)
+            except redis.RedisError as exc:  # the copy ages out; requests read today live meanwhile
+                log.info("could not refresh today's counts: %s", exc)
 
     def _erasures_loop(self) -> None:
         while not self._stop.wait(ERASURES_REFRESH_S):

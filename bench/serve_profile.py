@@ -56,6 +56,12 @@ async def _run_requests(paths: list[str], now_s: float, passes: int, profile: bo
         state._stop.set()
         for thread in state._threads:
             thread.join(timeout=10)
+        # Except the copy of today's counts, where the tree keeps one: at this rate its re-reads stand for
+        # the requests' own reads of today, so its Redis commands and CPU are theirs.
+        today_loop = getattr(state, "_today_counts_loop", None)
+        if today_loop is not None and state.day_counts.today_refresh_s > 0:
+            state._stop.clear()
+            state._spawn(today_loop, "today-counts-refresh")
         requests = [_request(path) for path in paths]
         client = state.redis.client
         results = [recommend(state, req, now_s=now_s) for req in requests]

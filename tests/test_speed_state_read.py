@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 
 from common import redis_keys
@@ -119,6 +120,42 @@ def test_session_neighbours_are_the_scored_index_whether_the_sample_cuts_the_can
         )
         assert {item for item, _ in state.neighbours} == expected, sample
         assert state.neighbours == _scored_from_the_index(redis_client, "me", "s-me", query), sample
+
+
+def test_session_neighbours_are_the_scored_index_when_every_cut_falls_among_ties(
+    any_redis: tuple[redis.Redis, str], tmp_path: Path
+) -> None:
+    """Many sessions over few items, their views at a few shared minutes: candidates tie in time, sessions
+    in similarity (same items) and items in score, so each cut (sample, k, n) falls inside a tie that
+    only the ids break."""
+    redis_client, url = any_redis
+    settings = speed_settings(tmp_path, url)
+    now = datetime.now(UTC)
+    rng = np.random.default_rng(7)
+    items = [f"i{j:02d}" for j in range(24)]
+    events = []
+    for v in range(120):
+        viewed = rng.choice(items, int(rng.integers(1, 7)), replace=False)
+        minutes = rng.integers(5, 9, len(viewed))
+        events += [
+            make_event(EventType.VIEW, str(item), anonymous_id=f"v{v}", session_id=f"s{v}", ts=now - timedelta(minutes=int(m)))
+            for item, m in zip(viewed, minutes, strict=True)
+        ]  # fmt: skip
+    events += [
+        make_event(EventType.VIEW, item, anonymous_id="me", session_id="s-me", ts=now - timedelta(minutes=4 - j))
+        for j, item in enumerate(items[:4])
+    ]
+    Applier(redis_client, settings).apply(events, [])
+
+    lists = []
+    for sample, k, n in ((500, 100, 50), (40, 10, 5), (25, 3, 2), (7, 7, 30), (1, 1, 1)):
+        query = NeighbourQuery(sample=sample, k=k, n=n, per_item=100)
+        state = read_speed_state(redis_client, "me", session_id="s-me", neighbours=query, now_s=now.timestamp())
+        expected = _scored_from_the_index(redis_client, "me", "s-me", query)
+        assert state.neighbours == expected, (sample, k, n)
+        lists.append(expected)
+    assert [len(scored) for scored in lists[:2]] == [len(items) - 4, 5]  # every other item uncut; n's cut
+    assert len({score for _, score in lists[3]}) < len(lists[3])  # items tie in score: ids order them
 
 
 def test_a_redis_that_forgot_the_read_script_is_given_it_again(redis_client: redis.Redis) -> None:

@@ -89,12 +89,7 @@ class DayCounts:
         for day in wanted:
             if time.monotonic() - self._loaded_at.get(day, -np.inf) < self.past_ttl_s:
                 continue
-            values = {
-                (m.decode() if isinstance(m, bytes) else str(m)): float(s)
-                for m, s in cast(
-                    list[tuple[bytes, float]], client.zrange(redis_keys.popularity_day(day), 0, -1, withscores=True)
-                )
-            }
+            values = _scan_counts(client, redis_keys.popularity_day(day))
             with self._lock:
                 self._past[day] = values
                 self._loaded_at[day] = time.monotonic()
@@ -138,9 +133,9 @@ def _scores_by_day(client: redis.Redis, days: list[int], items: list[str]) -> di
 
 
 def _scan_counts(client: redis.Redis, key: str) -> dict[str, float]:
-    """A sorted set's members and scores by ZSCAN pages, so the worker's requests run between pages (one
-    ZRANGE of a whole day would hold the interpreter while its reply is parsed). ZSCAN, unlike ranges by
-    rank, returns each member present throughout at least once while counts change."""
+    """A day's counts (its sorted set's members and scores) by ZSCAN pages, so the worker's requests run
+    between pages (one ZRANGE of a whole day would hold the interpreter while its reply is parsed). ZSCAN,
+    unlike ranges by rank, returns each member present throughout at least once while counts change."""
     counts: dict[str, float] = {}
     cursor = 0
     while True:

@@ -35,20 +35,35 @@ def serve(
         "the same state; its lists must be identical.", exists=True, file_okay=False,
     ),
     rounds: int = typer.Option(3, min=1, help="With --in-process: rounds, each a fresh process per checkout."),
+    lake: Path | None = typer.Option(
+        None, "--lake", help="Instead of the synthetic model: a store's lake (e.g. `recs data import`'s); the model "
+        "is trained on the days before the last --days, which go through the speed layer (bench/lake_state.py).",
+        exists=True, file_okay=False,
+    ),
+    days: int = typer.Option(16, min=1, help="With --lake: the last days folded through the speed layer."),
+    models: Path | None = typer.Option(
+        None, "--models", help="With --lake: a registry folder that keeps the trained version for the next run "
+        "(training a real lake takes minutes).", file_okay=False,
+    ),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
-    """API latency: 2 workers on a 50k-item, 64-factor synthetic model with live speed state, fixed-rate
-    load from another process, beside a no-op route on the same server (ratio_to_noop)."""
+    """API latency: 2 workers on a 50k-item, 64-factor synthetic model (or a real lake's) with live speed
+    state, fixed-rate load from another process, beside a no-op route on the same server (ratio_to_noop)."""
+    from bench.serve import RealLake
+
+    if lake is None and models is not None:
+        raise typer.BadParameter("--models goes with --lake")
+    real = RealLake(str(lake.resolve()), days, models.resolve() if models else None) if lake else None
     if in_process:
         from bench.serve_profile import bench_in_process
 
-        result = bench_in_process(against=against, rounds=rounds)
+        result = bench_in_process(against=against, rounds=rounds, real=real)
     else:
         if against is not None:
             raise typer.BadParameter("--against goes with --in-process")
         from bench.serve import bench_serve
 
-        result = bench_serve(seconds=seconds)
+        result = bench_serve(seconds=seconds, real=real)
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 

@@ -156,7 +156,6 @@ class Visitor:
     user_id: str | None
     anonymous_id: str
     session_id: str
-    category: int  # the category they browse
     items: list[str]  # what they viewed, oldest first
 
 
@@ -184,7 +183,7 @@ def browse(
             user, category = None, int(rng.integers(n_categories))
         ranks = np.minimum(rng.zipf(1.4, events_each), per_category) - 1
         items = [model.item_ids[category + n_categories * int(r)] for r in ranks]
-        visitors.append(Visitor(user, f"dev-{n}", f"s-{n}", category, items))
+        visitors.append(Visitor(user, f"dev-{n}", f"s-{n}", items))
     now = datetime.now(UTC)
     events = []
     for step in range(events_each):  # step by step across everyone, as a busy store's stream looks
@@ -201,7 +200,7 @@ def browse(
     return visitors, events
 
 
-def fold_into_speed_state(client: Any, settings: Any, model: SyntheticModel, lake: Lake, events: list[Any]) -> int:
+def fold_into_speed_state(client: Any, settings: Any, version: str, lake: Lake, events: list[Any]) -> int:
     """Run the events through the real speed consumer (as `recs speed run` would); returns how many it applied."""
     from common import redis_keys
     from common.catalog import table_to_items
@@ -210,7 +209,7 @@ def fold_into_speed_state(client: Any, settings: Any, model: SyntheticModel, lak
     from speed_layer.consumer import SpeedConsumer
 
     load_items(client, table_to_items(lake.read_catalog()))  # the live catalog: categories for affinities
-    client.set(redis_keys.SPEED_VERSION, model.version)  # as if the switch had run for this version
+    client.set(redis_keys.SPEED_VERSION, version)  # as if the switch had run for this version
     for start in range(0, len(events), 5000):
         append_events(client, events[start : start + 5000], settings.redis.stream, settings.redis.stream_retention_ms)
     consumer = SpeedConsumer(client, settings, name="bench-serve")
@@ -227,7 +226,7 @@ def request_paths(visitors: list[Visitor], n: int = 2000, seed: int = 1) -> list
     person's category), every person with a live session."""
     rng = random.Random(seed)
     users = [v for v in visitors if v.user_id]
-    devices = [v for v in visitors if not v.user_id]
+    devices = [v for v in visitors if not v.user_id] or visitors  # a shop of signed-in people only
     paths = []
     for i in range(n):
         kind = i % 4
@@ -539,25 +538,45 @@ def _fill_live_state(
     )
     people, events = browse(model, visitors // 2, visitors - visitors // 2, n_categories)
     client = redis_server.client()
-    folded = fold_into_speed_state(client, settings, model, lake, events)
+    folded = fold_into_speed_state(client, settings, model.version, lake, events)
     return LiveState(redis_server, client, env, request_paths(people, requests), folded)
 
 
+@dataclass(frozen=True)
+class RealLake:
+    """`--lake`: the state from a store's own events (bench/lake_state.py) instead of the synthetic model."""
+
+    root: str
+    days: int = 16  # folded through the speed layer; the model is trained on the days before
+    models: Path | None = None  # keeps the trained version for the next run
+
+
+def state_label(real: RealLake | None) -> str:
+    return f"lake {real.root}, last {real.days} days" if real else "synthetic"
+
+
+def bench_state(root: Path, real: RealLake | None, visitors: int = 2000, requests: int = 2000) -> LiveState:
+    """The live state of a bench run: from `real`'s lake when given, else the synthetic model."""
+    if real is None:
+        return build_live_state(root, visitors, requests=requests)
+    from bench.lake_state import build_lake_state
+
+    return build_lake_state(root, real.root, real.days, visitors, requests, real.models)
+
+
 def bench_serve(
-    n_items: int = 50_000,
-    n_users: int = 100_000,
-    factors: int = 64,
     base_rate: float = 200.0,
     seconds: float = 30.0,
     step_seconds: float = 6.0,
     max_rate: float = 20_000.0,
     workers: int = 2,
     visitors: int = 2000,
+    real: RealLake | None = None,
 ) -> dict[str, Any]:
     from common.redis_server import free_port
 
     with tempfile.TemporaryDirectory(prefix="recs-bench-serve-") as tmp:
-        live = build_live_state(Path(tmp), visitors, n_items, n_users, factors)
+        live = bench_state(Path(tmp), real, visitors)
         env, paths, client, folded = live.env, live.paths, live.client, live.folded
         try:
             port = free_port()
@@ -603,6 +622,7 @@ def bench_serve(
         "steps": steps,
         "noop_steps": noop_steps,
         "speed_events_folded": folded,
+        "state": state_label(real),
         "visitors": visitors,
         "workers": workers,
         "cpu_count": os.cpu_count(),

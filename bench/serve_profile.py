@@ -28,8 +28,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
+
+if TYPE_CHECKING:
+    from bench.serve import RealLake
 
 HERE = Path(__file__).resolve()
 THIS_TREE = HERE.parents[1]
@@ -247,19 +250,17 @@ def bench_in_process(
     passes: int = 2,
     profile: bool = True,
     visitors: int = 2000,
-    n_items: int = 50_000,
-    n_users: int = 100_000,
-    factors: int = 64,
     requests: int = 2000,
+    real: RealLake | None = None,
 ) -> dict[str, Any]:
     """Build the live state once; then `rounds` rounds of this tree's code and `against`'s (when given),
     each in a fresh process over the same requests at the same moment, the order swapped every round.
     Medians over rounds of each child's median pass, and of the rounds' ratios."""
-    from bench.serve import LiveState, build_live_state
+    from bench.serve import bench_state, state_label
 
     with tempfile.TemporaryDirectory(prefix="recs-bench-inproc-") as tmp:
         root = Path(tmp)
-        live: LiveState = build_live_state(root, visitors, n_items, n_users, factors, requests)
+        live = bench_state(root, real, visitors, requests)
         try:
             now_s = time.time()
             trees = {"this": THIS_TREE, **({"against": against.resolve()} if against else {})}
@@ -278,6 +279,7 @@ def bench_in_process(
     result: dict[str, Any] = {
         "requests": len(live.paths),
         "speed_events_folded": live.folded,
+        "state": state_label(real),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     for name, outs in runs.items():

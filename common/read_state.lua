@@ -33,6 +33,10 @@ local function grouped(at, middle_at, id)
   end
   return ARGV[at] .. group .. ARGV[middle_at] .. id .. ARGV[at + 1]
 end
+-- A session token's key (redis_keys.token_group): the token is a SHA-1's hex digits already.
+local function token_grouped(token)
+  return ARGV[18] .. (tonumber(string.sub(token, 1, 8), 16) % n_groups) .. ARGV[31] .. token .. ARGV[19]
+end
 -- The person's strings in one call: alias, delta, delta count, speed version.
 local strings = redis.call('MGET', KEYS[1], KEYS[5], KEYS[6], KEYS[7])
 local alias = strings[1]
@@ -159,10 +163,10 @@ if nb_n > 0 and session and #recent > 0 then
   for _, token in ipairs(candidates) do
     local count
     if read_all then
-      members[token] = redis.call('ZRANGE', grouped(18, 31, token), '0', '-1')
+      members[token] = redis.call('ZRANGE', token_grouped(token), '0', '-1')
       count = #members[token]
     else
-      count = redis.call('ZCARD', grouped(18, 31, token))
+      count = redis.call('ZCARD', token_grouped(token))
     end
     if count > 0 then
       similarity[token] = dot[token] / math.sqrt(size * count)
@@ -174,7 +178,7 @@ if nb_n > 0 and session and #recent > 0 then
   table.sort(nearest, by_then(similarity))
   local scores, listed = {}, {}
   for _, token in ipairs(nearest) do
-    for _, item in ipairs(members[token] or redis.call('ZRANGE', grouped(18, 31, token), '0', '-1')) do
+    for _, item in ipairs(members[token] or redis.call('ZRANGE', token_grouped(token), '0', '-1')) do
       if not is_seed[item] then
         if scores[item] == nil then scores[item] = 0; listed[#listed + 1] = item end
         scores[item] = scores[item] + similarity[token]

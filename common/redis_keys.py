@@ -77,6 +77,14 @@ def slot_group(key_id: str) -> int:
     return int(hashlib.sha1(key_id.encode()).hexdigest()[:8], 16) % SLOT_GROUPS
 
 
+def token_group(token: str) -> int:
+    """The slot group of a session-kNN session key (`neighbour_session`): the token's own first 32 bits
+    mod SLOT_GROUPS. A token is already a SHA-1's first 16 hex digits (`neighbours.session_token`), so
+    hashing it again would spread nothing more, and the read script saves a SHA-1 for each of its ~300
+    candidate sessions a read on real clicks. Lua computes the same (apply_events.lua, read_state.lua)."""
+    return int(token[:8], 16) % SLOT_GROUPS
+
+
 def _group(group: int) -> str:
     return f"{PREFIX}:{{g:{group}}}"
 
@@ -363,7 +371,14 @@ def float_covisitation(item_id: str) -> str:
 def neighbour_session(token: str) -> str:
     """Sorted set item -> time it entered one past or live session (`neighbours.session_token`), the session as a
     neighbour candidate for session-kNN; its speed.recent_items newest items, kept
-    speed.neighbour_session_ttl_s after its last new item. Pseudonymous: no person id in the name."""
+    speed.neighbour_session_ttl_s after its last new item. Pseudonymous: no person id in the name.
+    Grouped by `token_group`, not `slot_group` (before, see `slot_grouped_neighbour_session`)."""
+    return f"{_group(token_group(token))}:nb:s:{token}"
+
+
+def slot_grouped_neighbour_session(token: str) -> str:
+    """Where versions before `token_group` kept a session's neighbour set: the speed layer moves these
+    (speed_layer/migrations.py)."""
     return _in_group("nb:s", token)
 
 
@@ -441,7 +456,8 @@ def template(key_of: Callable[..., str], *fixed: str) -> list[str]:
 
 def grouped_template(key_of: Callable[..., str]) -> list[str]:
     """[head, middle, suffix] of the keys `key_of(x)` of a family tagged by x's slot group: the key is
-    head .. slot_group(x) .. middle .. x .. suffix (Lua computes the group as slot_group does)."""
+    head .. slot_group(x) .. middle .. x .. suffix (Lua computes the group as slot_group does; for
+    `neighbour_session`, as token_group does)."""
     head, rest = _GROUP_TAG.split(key_of(_MARK), maxsplit=1)[::2]
     middle, suffix = rest.split(_MARK)
     return [head + "{g:", "}" + middle, suffix]
@@ -455,7 +471,8 @@ def scan_grouped_ids(client: redis.Redis, key_of: Callable[[str], str]) -> Itera
         yield name[name.index(middle, len(head)) + len(middle) : len(name) - len(suffix)]
 
 
-_MARK = "\x00"  # never part of an id
+# Never part of an id (a NUL); hex first, so that a session token's family (`token_group`) forms it too.
+_MARK = "00000000\x00"
 
 
 # ---------------------------------------------------------------- key families

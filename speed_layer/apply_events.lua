@@ -128,7 +128,9 @@ end
 -- Session-kNN's index (common/neighbours.py reads it the same way): the session's new item joins the
 -- session's neighbour set, and the session joins the item's most recent sessions.
 local function index_neighbour(token, item, ts_text)
-  local session_key = grouped(nb_session_prefix, nb_session_middle, nb_session_suffix, token)
+  -- A token is a SHA-1's hex digits already: its own first 32 bits name its group (redis_keys.token_group).
+  local session_key = nb_session_prefix .. (tonumber(string.sub(token, 1, 8), 16) % n_groups)
+    .. nb_session_middle .. token .. nb_session_suffix
   local item_key = grouped(nb_item_prefix, nb_item_middle, nb_item_suffix, item)
   local t = zset[session_key] or {}; zset[session_key] = t; t[item] = ts_text
   t = zset[item_key] or {}; zset[item_key] = t; t[token] = ts_text

@@ -150,7 +150,7 @@ class SpeedConsumer:
         walk it cost more than the batches they pause. Young collections then wait for 50,000 new
         objects, not 700, so they no longer walk the batch in hand (common/heap.py)."""
         try:
-            run_migrations(self.client, self.speed.covis_top_n)
+            run_migrations(self.client, self.speed.covis_top_n, self.speed.recent_items)
             self._active_models()
         except redis.ConnectionError:
             pass  # the loop waits Redis out (the migrations run at the next start)

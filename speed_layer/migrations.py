@@ -10,6 +10,8 @@ running meanwhile may have written more), so later starts skip its SCAN of the w
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import cast
 
 import redis
 
@@ -21,17 +23,23 @@ log = logging.getLogger(__name__)
 
 CONVERT_COVISITS = load_script("speed_layer", "convert_covisits.lua")
 COVISITS_IN_UNITS = "covisits-in-units"
+NEIGHBOUR_SESSIONS_BY_TOKEN = "neighbour-sessions-by-token"
 
 
-def run_migrations(client: redis.Redis, covis_kept: int) -> None:
+def run_migrations(client: redis.Redis, covis_kept: int, recent_kept: int) -> None:
     """Run the migrations not recorded as done."""
-    if client.sismember(redis_keys.SPEED_MIGRATED, COVISITS_IN_UNITS):
-        return
-    converted = convert_float_covisits(client, covis_kept)
-    if converted:
-        log.info("converted %d co-visit rows of an earlier version into units", converted)
-    else:
-        client.sadd(redis_keys.SPEED_MIGRATED, COVISITS_IN_UNITS)
+    migrations: dict[str, Callable[[], int]] = {
+        COVISITS_IN_UNITS: lambda: convert_float_covisits(client, covis_kept),
+        NEIGHBOUR_SESSIONS_BY_TOKEN: lambda: regroup_neighbour_sessions(client, recent_kept),
+    }
+    for name, migrate in migrations.items():
+        if client.sismember(redis_keys.SPEED_MIGRATED, name):
+            continue
+        converted = migrate()
+        if converted:
+            log.info("%s: converted %d keys an earlier version wrote", name, converted)
+        else:
+            client.sadd(redis_keys.SPEED_MIGRATED, name)
 
 
 def convert_float_covisits(client: redis.Redis, covis_kept: int) -> int:
@@ -45,3 +53,30 @@ def convert_float_covisits(client: redis.Redis, covis_kept: int) -> int:
         CONVERT_COVISITS.check(keys, args)
         rows += int(convert(keys=keys, args=args)) > 0
     return rows
+
+
+def regroup_neighbour_sessions(client: redis.Redis, recent_kept: int) -> int:
+    """Move each session-kNN session set from its `slot_grouped_neighbour_session` key to its
+    `neighbour_session` one; returns how many moved.
+
+    The two keys are in different slots on a cluster, so no script holds both: the move merges into
+    the new key (a later time wins, the `recent_kept` newest kept, as the event script trims) and
+    only then deletes the old one, so a crash between the two leaves a merge that the next pass
+    repeats with the same result.
+    """
+    moved = 0
+    for token in set(redis_keys.scan_grouped_ids(client, redis_keys.neighbour_session)):
+        old, new = redis_keys.slot_grouped_neighbour_session(token), redis_keys.neighbour_session(token)
+        if old == new:
+            continue
+        items = cast(list[tuple[bytes, float]], client.zrange(old, 0, -1, withscores=True))
+        if not items:
+            continue
+        ttl_ms = client.pttl(old)
+        client.zadd(new, {member.decode(): at for member, at in items}, gt=True)
+        client.zremrangebyrank(new, 0, -(recent_kept + 1))
+        if ttl_ms > 0 and client.pttl(new) < ttl_ms:  # the later expiry of the two (-1: none yet)
+            client.pexpire(new, ttl_ms)
+        client.delete(old)
+        moved += 1
+    return moved

@@ -20,6 +20,7 @@ import redis
 from redis.crc import key_slot as redis_py_key_slot
 
 from common import redis_keys
+from common.neighbours import session_token
 from common.redis_server import free_cluster_port
 
 SLOTS = 16384
@@ -208,7 +209,6 @@ GROUPED: dict[str, Callable[[str], str]] = {
     "item_sessions": redis_keys.item_sessions,
     "item_state": redis_keys.item_state,
     "category_bestsellers": redis_keys.category_bestsellers,
-    "neighbour_sessions": redis_keys.neighbour_session,
     "popularity_days": lambda day: redis_keys.popularity_day(int(day) if day.isdigit() else 20000),
 }
 # Keys used together: one group each.
@@ -249,7 +249,7 @@ def test_every_grouped_family_is_checked_and_the_groups_spread():
     tagged = {f.name for f in redis_keys.FAMILIES if any(p.startswith(f"{redis_keys.PREFIX}:{{g:") for p in f.patterns)}
     assert tagged == set(GROUPED) | {
         "group_seen", "trending_top", "trending_buckets", "speed_bookkeeping", "bandit_impressions", "bandit_counts",
-        "bandit_served", "drift_sample",
+        "bandit_served", "drift_sample", "neighbour_sessions",  # the last grouped by its token (below)
     }
     groups = {redis_keys.slot_group(f"i{j}") for j in range(1000)}
     assert groups == set(range(redis_keys.SLOT_GROUPS))
@@ -263,3 +263,21 @@ def test_lua_computes_the_slot_group_as_python_does(cluster_node: redis.Redis):
         assert cluster_node.eval(script, 0, key_id, redis_keys.SLOT_GROUPS) == redis_keys.slot_group(key_id)
         head, middle, suffix = redis_keys.grouped_template(redis_keys.covisitation)
         assert f"{head}{redis_keys.slot_group(key_id)}{middle}{key_id}{suffix}" == redis_keys.covisitation(key_id)
+
+
+TOKENS = [session_token(person, session) for person in ("u1", "anon-9", "ünï") for session in ("s1", "s2")]
+
+
+def test_a_session_token_key_is_in_the_slot_group_of_its_own_digits(cluster_node: redis.Redis):
+    # The scripts build these keys with this expression: a token is hex digits of a SHA-1 already.
+    script = "return tonumber(string.sub(ARGV[1], 1, 8), 16) % tonumber(ARGV[2])"
+    for token in TOKENS:
+        key = redis_keys.neighbour_session(token)
+        assert redis_keys.family_of(key) == "neighbour_sessions"
+        assert redis_keys.group_of_key(key) == redis_keys.token_group(token) == int(token[:8], 16) % redis_keys.SLOT_GROUPS
+        assert cluster_node.eval(script, 0, token, redis_keys.SLOT_GROUPS) == redis_keys.token_group(token)
+        head, middle, suffix = redis_keys.grouped_template(redis_keys.neighbour_session)
+        assert f"{head}{redis_keys.token_group(token)}{middle}{token}{suffix}" == key
+        assert key_slot(key) == key_slot(f"{{g:{redis_keys.token_group(token)}}}")
+    spread = {redis_keys.token_group(session_token(f"p{j}", "s")) for j in range(1000)}
+    assert spread == set(range(redis_keys.SLOT_GROUPS))

@@ -1,18 +1,24 @@
-"""The speed layer's start converts co-visits an earlier version kept as float weights into units, once."""
+"""The speed layer's start converts, once, what an earlier version kept in another form: co-visits as
+float weights into units, session-kNN session sets into their token's slot group."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
 
 from common import redis_keys
+from common.events import EventType
+from common.neighbours import session_token
 from common.redis_server import RedisServer
 from common.registry import Registry
 from common.sequence import FOLLOW_UNIT, follow_weights
+from common.speed_state import NeighbourQuery, read_speed_state
 from speed_layer.consumer import SpeedConsumer
-from speed_layer.migrations import COVISITS_IN_UNITS
-from tests.speed_factories import speed_settings
+from speed_layer.effects import Applier
+from speed_layer.migrations import COVISITS_IN_UNITS, NEIGHBOUR_SESSIONS_BY_TOKEN
+from tests.speed_factories import make_event, speed_settings
 
 
 def _units(client: redis.Redis, item: str) -> dict[str, float]:
@@ -64,3 +70,59 @@ def test_a_converted_row_is_trimmed_as_the_event_script_trims_it(
     assert len(row) == 10
     # The 10 highest: 1, 1, seven of 1/2, then of the two at 1/3 the one Redis ranks higher (ties by member).
     assert set(row) == {"o0", "o20", "o1", "o21", "o22"} | {f"n{j}" for j in range(5)}
+
+
+def _moving_tokens(n: int) -> list[str]:
+    """Session tokens whose neighbour set an earlier version kept in another group than this one does."""
+    tokens = (session_token(f"p{j}", "s1") for j in range(1000))
+    moving = (t for t in tokens if redis_keys.slot_grouped_neighbour_session(t) != redis_keys.neighbour_session(t))
+    return [next(moving) for _ in range(n)]
+
+
+def test_neighbour_sessions_move_to_their_token_group_merged_with_what_was_written_since(
+    any_redis: tuple[redis.Redis, str], tmp_path: Path
+) -> None:
+    """On a Redis Cluster too: the old and the new key are in different slots there."""
+    redis_client, url = any_redis
+    alone, written_since = _moving_tokens(2)
+    redis_client.zadd(redis_keys.slot_grouped_neighbour_session(alone), {"a": 100.0, "b": 200.0})
+    redis_client.pexpire(redis_keys.slot_grouped_neighbour_session(alone), 50_000)
+    redis_client.zadd(redis_keys.slot_grouped_neighbour_session(written_since), {f"o{j}": 100.0 + j for j in range(3)})
+    redis_client.zadd(redis_keys.neighbour_session(written_since), {"o2": 50.0, "n": 300.0})
+    redis_client.pexpire(redis_keys.neighbour_session(written_since), 90_000_000)
+
+    _start(redis_client, url, tmp_path, recent_items=3)
+
+    def held(token: str) -> dict[str, float]:
+        return {m.decode(): s for m, s in redis_client.zrange(redis_keys.neighbour_session(token), 0, -1, withscores=True)}
+
+    assert held(alone) == {"a": 100.0, "b": 200.0}
+    assert 40_000 < redis_client.pttl(redis_keys.neighbour_session(alone)) <= 50_000
+    # The 3 newest of the two (o2's later time wins), and the later of the two expiries.
+    assert held(written_since) == {"o1": 101.0, "o2": 102.0, "n": 300.0}
+    assert redis_client.pttl(redis_keys.neighbour_session(written_since)) > 50_000
+    assert not any(redis_client.exists(redis_keys.slot_grouped_neighbour_session(t)) for t in (alone, written_since))
+    assert not redis_client.sismember(redis_keys.SPEED_MIGRATED, NEIGHBOUR_SESSIONS_BY_TOKEN)
+
+    _start(redis_client, url, tmp_path, recent_items=3)  # nothing left: recorded
+    assert redis_client.sismember(redis_keys.SPEED_MIGRATED, NEIGHBOUR_SESSIONS_BY_TOKEN)
+    assert held(alone) == {"a": 100.0, "b": 200.0}
+
+
+def test_a_moved_session_is_a_neighbour_again(any_redis: tuple[redis.Redis, str], tmp_path: Path) -> None:
+    """A session an earlier version indexed votes for its items in this version's read, once moved."""
+    redis_client, url = any_redis
+    (earlier,) = _moving_tokens(1)
+    now = datetime.now(UTC)
+    redis_client.zadd(redis_keys.slot_grouped_neighbour_session(earlier), {"x": now.timestamp() - 60, "y": now.timestamp() - 50})
+    redis_client.zadd(redis_keys.item_sessions("x"), {earlier: now.timestamp() - 60})
+    settings = speed_settings(tmp_path, url)
+    Applier(redis_client, settings).apply([make_event(EventType.VIEW, "x", anonymous_id="me", session_id="s1", ts=now)], [])
+    query = NeighbourQuery(sample=500, k=100, n=10, per_item=100)
+
+    def neighbours() -> list[str]:
+        return [item for item, _ in read_speed_state(redis_client, "me", session_id="s1", neighbours=query).neighbours]
+
+    assert neighbours() == []  # the read looks where this version keeps it
+    _start(redis_client, url, tmp_path)
+    assert neighbours() == ["y"]

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from bench.serve import RealLake
 
 bench_app = typer.Typer(help="Benchmarks; each prints one JSON object.", no_args_is_help=True)
 
@@ -21,6 +25,17 @@ def warehouse(
 
     result = run_warehouse_bench(lake, repeat=repeat)
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+def _real_lake(lake: Path | None, days: int, models: Path | None) -> RealLake | None:
+    """`--lake`, `--days` and `--models` as one choice: a store's own events, or None (synthetic)."""
+    from bench.serve import RealLake
+
+    if lake is None:
+        if models is not None:
+            raise typer.BadParameter("--models goes with --lake")
+        return None
+    return RealLake(str(lake.resolve()), days, models.resolve() if models else None)
 
 
 @bench_app.command("serve")
@@ -49,11 +64,7 @@ def serve(
 ) -> None:
     """API latency: 2 workers on a 50k-item, 64-factor synthetic model (or a real lake's) with live speed
     state, fixed-rate load from another process, beside a no-op route on the same server (ratio_to_noop)."""
-    from bench.serve import RealLake
-
-    if lake is None and models is not None:
-        raise typer.BadParameter("--models goes with --lake")
-    real = RealLake(str(lake.resolve()), days, models.resolve() if models else None) if lake else None
+    real = _real_lake(lake, days, models)
     if in_process:
         from bench.serve_profile import bench_in_process
 
@@ -125,13 +136,30 @@ def speed(
     redis_cluster: bool = typer.Option(
         False, "--redis-cluster", help="With --consumers: on a 3-master 3-replica Redis Cluster."
     ),
+    lake: Path | None = typer.Option(
+        None, "--lake", help="Instead: events/s of one consumer draining a store's own last --days days of events "
+        "in arrival order, on the model trained on the days before (bench/lake_state.py).",
+        exists=True, file_okay=False,
+    ),
+    days: int = typer.Option(16, min=1, help="With --lake: the last days drained."),
+    models: Path | None = typer.Option(
+        None, "--models", help="With --lake: a registry folder that keeps the trained version for the next run.",
+        file_okay=False,
+    ),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
     """Speed layer: events/s of one consumer with all effects on, each session's events in a row and
     (`browsing`) from visitors browsing at once; XADD-to-announced freshness p50/p99 of browsing
     visitors. With --consumers N (repeatable): events/s of N consumer processes draining `events`."""
-    from bench.speed import run_speed_bench, run_speed_scaling
+    from bench.speed import run_speed_bench, run_speed_bench_on_lake, run_speed_scaling
 
+    real = _real_lake(lake, days, models)
+    if real is not None:
+        if consumers or redis_cluster:
+            raise typer.BadParameter("--lake goes without --consumers and --redis-cluster")
+        on_lake = run_speed_bench_on_lake(real, repeats)
+        typer.echo(json.dumps(on_lake) if as_json else json.dumps(on_lake, indent=2))
+        return
     if consumers:
         scaling = run_speed_scaling(consumers, redis_cluster=redis_cluster, events=events, repeats=repeats)
         typer.echo(json.dumps(scaling) if as_json else json.dumps(scaling, indent=2))

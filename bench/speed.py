@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from common.redis_server import LocalRedisCluster, RedisServer, connect, free_cl
 from common.registry import Manifest, Registry
 from common.settings import Settings
 from common.stream import FIELD, append_events, group_lag
+
+if TYPE_CHECKING:
+    from bench.serve import RealLake
 
 VERSION = "bench-v1"
 TYPES = [EventType.VIEW] * 14 + [EventType.CLICK] * 3 + [EventType.ADD_TO_CART] * 2 + [EventType.PURCHASE]
@@ -262,7 +265,6 @@ def _throughput(
 ) -> dict[str, Any]:
     """Events/s of one consumer draining `events` events: each session's in a row, or with `visitors`
     from that many visitors browsing at once (`browsing_order`)."""
-    from speed_layer.consumer import SpeedConsumer
 
     rng = np.random.default_rng(seed)
     numbers = list(browsing_order(events, visitors)) if visitors else list(range(events))
@@ -270,6 +272,13 @@ def _throughput(
         chunk = [_event(rng, n, items, users) for n in numbers[start : start + 5000]]
         append_events(client, chunk, settings.redis.stream, settings.redis.stream_retention_ms)
     del chunk
+    return _drain(client, settings, events)
+
+
+def _drain(client: Any, settings: Settings, events: int) -> dict[str, Any]:
+    """One consumer drains the `events` waiting in the stream: events/s, CPU and Redis commands an event."""
+    from speed_layer.consumer import SpeedConsumer
+
     consumer = SpeedConsumer(client, settings, name="bench")
     consumer.warm_up()  # as `run` does
     warm_up = consumer.poll_once(block=False)  # registers scripts, fills the category cache a little
@@ -298,6 +307,45 @@ def _throughput(
         },
         "batch_size": settings.speed.batch_size,
         "script_chunk": settings.speed.script_chunk,
+    }
+
+
+def run_speed_bench_on_lake(real: RealLake, repeats: int = 3) -> dict[str, Any]:
+    """Events/s of one consumer draining a store's own last `real.days` days of events in their arrival
+    order (its sessions interleave as the store's stream did), on the model trained on the days before
+    (bench/lake_state.py) and the lake's catalog; each repeat on a fresh Redis, the median reported."""
+    from bench.lake_state import lake_settings, recent_events, trained_version
+    from bench.serve import state_label
+    from common.catalog import table_to_items
+    from common.lake import Lake
+
+    with tempfile.TemporaryDirectory(prefix="recs-bench-speed-lake-") as tmp:
+        root = Path(tmp)
+        settings = lake_settings(root, real.root, real.models or root / "models")
+        version = trained_version(settings, real.days)
+        lake = Lake(real.root)
+        events, items = recent_events(lake, real.days), table_to_items(lake.read_catalog())
+        server = RedisServer(data_dir=root / "redis", port=free_port(), persist=False)
+        server.start()
+        try:
+            settings = settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": server.url})})
+            client = server.client()
+            runs = []
+            for _ in range(repeats):
+                client.flushall()
+                load_items(client, items)
+                client.set(redis_keys.SPEED_VERSION, version)  # as if the switch had run: live work only
+                for start in range(0, len(events), 5000):
+                    append_events(client, events[start : start + 5000], settings.redis.stream, settings.redis.stream_retention_ms)
+                runs.append(_drain(client, settings, len(events)))
+        finally:
+            server.stop()
+    return {
+        **_median_run(runs),
+        "state": state_label(real),
+        "events": len(events),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 
 

@@ -108,3 +108,27 @@ def test_the_in_process_bench_runs_the_lake_mix(shop: Path, models: Path) -> Non
     assert result["state"] == f"lake {shop}, last {DAYS} days"
     assert result["requests"] == 40
     assert result["this"]["redis"]["by_command"].get("evalsha_ro", 0) >= 1  # the speed state was read
+
+
+def test_the_speed_bench_drains_every_event_of_the_last_days_in_arrival_order(shop: Path, models: Path) -> None:
+    from bench.speed import run_speed_bench_on_lake
+
+    result = run_speed_bench_on_lake(RealLake(str(shop), DAYS, models), repeats=2)
+    lake = Lake(str(shop))
+    assert result["events"] == replay.replay_events(lake, *replay.test_window(lake, DAYS)).num_rows
+    assert len(result["events_per_s_runs"]) == 2  # each repeat drained the whole stream (or it raises)
+    assert 0 < result["throughput_events"] <= result["events"]
+    assert result["redis_commands_per_event_by_name"]  # the effects ran: Redis saw their writes
+    assert result["state"] == f"lake {shop}, last {DAYS} days"
+
+
+def test_the_lake_mode_refuses_what_it_cannot_combine(shop: Path) -> None:
+    from typer.testing import CliRunner
+
+    from recs.main import app
+
+    runner = CliRunner()
+    refused = runner.invoke(app, ["bench", "speed", "--lake", str(shop), "--consumers", "2"])
+    assert refused.exit_code == 2 and "--lake goes without --consumers" in refused.output
+    refused = runner.invoke(app, ["bench", "serve", "--models", str(shop)])
+    assert refused.exit_code == 2 and "--models goes with --lake" in refused.output

@@ -1,10 +1,10 @@
-"""`recs bench serve --lake DIR`: the serve benches' state from a store's own events instead of the
+"""`recs bench serve|speed --lake DIR`: the benches' state from a store's own events instead of the
 synthetic model.
 
 The batch layer is trained (as the nightly run would, `implicit` engine) on the lake's events before the
 last `days` days; those days' events, moved so that the last one happened a minute ago, go through the
-real speed consumer; the request mix is the people seen last (users, devices mid-session, the product
-pages of items they viewed). On real clicks sessions are long and share popular items, so the
+real speed consumer (bench/speed.py times one consumer draining them); the serve benches' request mix
+is the people seen last (users, devices mid-session, the product pages of items they viewed). On real clicks sessions are long and share popular items, so the
 session-kNN reads cost what they cost a store (on the Online Retail lake ~2 ms of Redis a read, against
 ~0.35 ms on the synthetic state).
 
@@ -78,9 +78,9 @@ def trained_version(settings: Settings, days: int) -> str:
     from spark_jobs.plan import make_plan
 
     cutoff, _ = test_window(Lake(settings.lake.root), days)
-    registry = Registry(settings.models.root)
-    if registry.current() == make_plan(settings, cutoff).version:
-        return make_plan(settings, cutoff).version
+    version = make_plan(settings, cutoff).version  # names the cutoff and the engine
+    if Registry(settings.models.root).current() == version:
+        return version
     return train(settings, cutoff, settings.training.engine)
 
 

@@ -265,7 +265,6 @@ def _throughput(
 ) -> dict[str, Any]:
     """Events/s of one consumer draining `events` events: each session's in a row, or with `visitors`
     from that many visitors browsing at once (`browsing_order`)."""
-
     rng = np.random.default_rng(seed)
     numbers = list(browsing_order(events, visitors)) if visitors else list(range(events))
     for start in range(0, events, 5000):  # generated a chunk at a time: the consumer's heap is its own

@@ -4,9 +4,9 @@ synthetic model.
 The batch layer is trained (as the nightly run would, `implicit` engine) on the lake's events before the
 last `days` days; those days' events, moved so that the last one happened a minute ago, go through the
 real speed consumer (bench/speed.py times one consumer draining them); the serve benches' request mix
-is the people seen last (users, devices mid-session, the product pages of items they viewed). On real clicks sessions are long and share popular items, so the
-session-kNN reads cost what they cost a store (on the Online Retail lake ~2 ms of Redis a read, against
-~0.35 ms on the synthetic state).
+is the people seen last (users, devices mid-session, the product pages of items they viewed). On real
+clicks sessions are long and share popular items, so the session-kNN reads cost what they cost a store
+(on the Online Retail lake ~2 ms of Redis a read, against ~0.35 ms on the synthetic state).
 
 Training takes minutes on a real lake: with `models` the trained version is kept there and reused by
 the next run on the same lake and days (its version names the cutoff).
@@ -35,12 +35,11 @@ def build_lake_state(
     through the speed consumer; `stop()` it when done."""
     from common.redis_server import RedisServer, free_port
 
-    settings = lake_settings(root, lake_root, models or root / "models")
-    version = trained_version(settings, days)
     redis_server = RedisServer(data_dir=root / "redis", port=free_port(), persist=False)
     redis_server.start()
     try:
-        settings = settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": redis_server.url})})
+        settings = lake_settings(root, lake_root, models or root / "models", redis_server.url)
+        version = trained_version(settings, days)
         client = redis_server.client()
         lake = Lake(lake_root)
         events = recent_events(lake, days)
@@ -58,12 +57,14 @@ def build_lake_state(
         raise
 
 
-def lake_settings(root: Path, lake_root: str, models: Path) -> Settings:
-    """Settings reading `lake_root` (never written: the var dir and the registry are elsewhere)."""
+def lake_settings(root: Path, lake_root: str, models: Path, redis_url: str) -> Settings:
+    """Settings reading `lake_root` (never written: the var dir and the registry are elsewhere) and the
+    bench's own Redis."""
     base = Settings()
     return base.model_copy(
         update={
             "var_dir": root / "var",
+            "redis": base.redis.model_copy(update={"url": redis_url}),
             "lake": base.lake.model_copy(update={"root": lake_root}),
             "models": base.models.model_copy(update={"root": str(models)}),
             "training": base.training.model_copy(update={"engine": "implicit"}),

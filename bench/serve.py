@@ -200,18 +200,25 @@ def browse(
     return visitors, events
 
 
-def fold_into_speed_state(client: Any, settings: Any, version: str, lake: Lake, events: list[Any]) -> int:
-    """Run the events through the real speed consumer (as `recs speed run` would); returns how many it applied."""
+def stage_events(client: Any, settings: Any, version: str, lake: Lake, events: list[Any]) -> None:
+    """The lake's catalog live, `version` served (as if the switch had run for it), the events in the
+    stream: what a consumer then drains."""
     from common import redis_keys
     from common.catalog import table_to_items
     from common.catalog_state import load_items
     from common.stream import append_events
-    from speed_layer.consumer import SpeedConsumer
 
     load_items(client, table_to_items(lake.read_catalog()))  # the live catalog: categories for affinities
-    client.set(redis_keys.SPEED_VERSION, version)  # as if the switch had run for this version
+    client.set(redis_keys.SPEED_VERSION, version)
     for start in range(0, len(events), 5000):
         append_events(client, events[start : start + 5000], settings.redis.stream, settings.redis.stream_retention_ms)
+
+
+def fold_into_speed_state(client: Any, settings: Any, version: str, lake: Lake, events: list[Any]) -> int:
+    """Run the events through the real speed consumer (as `recs speed run` would); returns how many it applied."""
+    from speed_layer.consumer import SpeedConsumer
+
+    stage_events(client, settings, version, lake, events)
     consumer = SpeedConsumer(client, settings, name="bench-serve")
     consumer.warm_up()
     applied = 0

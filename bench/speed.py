@@ -314,28 +314,23 @@ def run_speed_bench_on_lake(real: RealLake, repeats: int = 3) -> dict[str, Any]:
     order (its sessions interleave as the store's stream did), on the model trained on the days before
     (bench/lake_state.py) and the lake's catalog; each repeat on a fresh Redis, the median reported."""
     from bench.lake_state import lake_settings, recent_events, trained_version
-    from bench.serve import state_label
-    from common.catalog import table_to_items
+    from bench.serve import stage_events, state_label
     from common.lake import Lake
 
     with tempfile.TemporaryDirectory(prefix="recs-bench-speed-lake-") as tmp:
         root = Path(tmp)
-        settings = lake_settings(root, real.root, real.models or root / "models")
-        version = trained_version(settings, real.days)
-        lake = Lake(real.root)
-        events, items = recent_events(lake, real.days), table_to_items(lake.read_catalog())
         server = RedisServer(data_dir=root / "redis", port=free_port(), persist=False)
         server.start()
         try:
-            settings = settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": server.url})})
+            settings = lake_settings(root, real.root, real.models or root / "models", server.url)
+            version = trained_version(settings, real.days)
+            lake = Lake(real.root)
+            events = recent_events(lake, real.days)
             client = server.client()
             runs = []
             for _ in range(repeats):
-                client.flushall()
-                load_items(client, items)
-                client.set(redis_keys.SPEED_VERSION, version)  # as if the switch had run: live work only
-                for start in range(0, len(events), 5000):
-                    append_events(client, events[start : start + 5000], settings.redis.stream, settings.redis.stream_retention_ms)
+                client.flushall()  # live work only: the version is served as if the switch had run
+                stage_events(client, settings, version, lake, events)
                 runs.append(_drain(client, settings, len(events)))
         finally:
             server.stop()

@@ -34,8 +34,11 @@ local function grouped(at, middle_at, id)
   return ARGV[at] .. group .. ARGV[middle_at] .. id .. ARGV[at + 1]
 end
 -- A session token's key (redis_keys.token_group): the token is a SHA-1's hex digits already.
+-- Each group's digits made once: a number joined into a string is formatted by sprintf("%.14g").
+local group_text = {}
+for g = 0, n_groups - 1 do group_text[g] = string.format('%d', g) end
 local function token_grouped(token)
-  return ARGV[18] .. (tonumber(string.sub(token, 1, 8), 16) % n_groups) .. ARGV[31] .. token .. ARGV[19]
+  return ARGV[18] .. group_text[tonumber(string.sub(token, 1, 8), 16) % n_groups] .. ARGV[31] .. token .. ARGV[19]
 end
 -- The person's strings in one call: alias, delta, delta count, speed version.
 local strings = redis.call('MGET', KEYS[1], KEYS[5], KEYS[6], KEYS[7])
@@ -91,24 +94,51 @@ local function by_then(value)
     return x < y
   end
 end
+-- The n-th highest of the values of `names` (n <= #names): the least of a min-heap holding the n highest
+-- seen, ~#names comparisons where a sort takes ~#names log #names.
+local function nth_highest(names, value, n)
+  local heap, size = {}, 0
+  for i = 1, #names do
+    local v = value[names[i]]
+    if size < n then  -- sift v up from the new last place
+      size = size + 1
+      local at = size
+      while at > 1 do
+        local up = (at - at % 2) / 2
+        if heap[up] <= v then break end
+        heap[at] = heap[up]; at = up
+      end
+      heap[at] = v
+    elseif v > heap[1] then  -- v replaces the least: sift it down from the root
+      local at = 1
+      while true do
+        local down = 2 * at
+        if down > size then break end
+        if down < size and heap[down + 1] < heap[down] then down = down + 1 end
+        if heap[down] >= v then break end
+        heap[at] = heap[down]; at = down
+      end
+      heap[at] = v
+    end
+  end
+  return heap[1]
+end
 -- The first n names of `names` in by_then(value) order, in no particular order: the n-th highest
 -- value bounds them; those over it, then the names tied at it, by name. A sort with a Lua comparator
 -- calls it ~n log n times (145 us for 150 names here, milliseconds for the thousands of a popular
--- item's sessions); numbers and names alone sort with Lua's built-in comparison, in C.
+-- item's sessions). Loops here are numeric: in Lua 5.1 each step of ipairs is a C call and `#t` a search.
 local function first_n(names, value, n)
   if #names <= n then return names end
   if n <= 0 then return {} end
-  local values = {}
-  for i, name in ipairs(names) do values[i] = value[name] end
-  table.sort(values)
-  local bound = values[#values - n + 1]
-  local kept, tied = {}, {}
-  for _, name in ipairs(names) do
+  local bound = nth_highest(names, value, n)
+  local kept, n_kept, tied = {}, 0, {}
+  for i = 1, #names do
+    local name = names[i]
     local v = value[name]
-    if v > bound then kept[#kept + 1] = name elseif v == bound then tied[#tied + 1] = name end
+    if v > bound then n_kept = n_kept + 1; kept[n_kept] = name elseif v == bound then tied[#tied + 1] = name end
   end
   table.sort(tied)
-  for i = 1, n - #kept do kept[#kept + 1] = tied[i] end
+  for i = 1, n - n_kept do kept[n_kept + i] = tied[i] end
   return kept
 end
 local neighbours, neighbour_scores = {}, ''
@@ -123,7 +153,7 @@ if nb_n > 0 and session and #recent > 0 then
   -- The seeds' candidate sessions, in first-seen order, with their dot products; with `timed` also each
   -- one's latest time under the seeds (the rows read WITHSCORES).
   local function candidate_sessions(timed)
-    local latest, dot, candidates = {}, {}, {}
+    local latest, dot, candidates, n = {}, {}, {}, 0
     for rank, seed in ipairs(ordered) do
       local weight = (size - rank + 1) / size
       local row
@@ -135,8 +165,9 @@ if nb_n > 0 and session and #recent > 0 then
       for i = 1, #row, timed and 2 or 1 do
         local token = row[i]
         if token ~= own then
-          if dot[token] == nil then candidates[#candidates + 1] = token; dot[token] = 0 end
-          dot[token] = dot[token] + weight
+          local d = dot[token]
+          if d == nil then n = n + 1; candidates[n] = token; d = 0 end
+          dot[token] = d + weight
           if timed then
             local t = tonumber(row[i + 1])
             if latest[token] == nil or t > latest[token] then latest[token] = t end
@@ -159,8 +190,9 @@ if nb_n > 0 and session and #recent > 0 then
   -- nearest and only those sessions' items are read (a popular item's hundreds are not).
   local k = tonumber(ARGV[24])
   local read_all = #candidates <= k
-  local similarity, members, nearest = {}, {}, {}
-  for _, token in ipairs(candidates) do
+  local similarity, members, nearest, n_nearest = {}, {}, {}, 0
+  for c = 1, #candidates do
+    local token = candidates[c]
     local count
     if read_all then
       members[token] = redis.call('ZRANGE', token_grouped(token), '0', '-1')
@@ -170,18 +202,23 @@ if nb_n > 0 and session and #recent > 0 then
     end
     if count > 0 then
       similarity[token] = dot[token] / math.sqrt(size * count)
-      nearest[#nearest + 1] = token
+      n_nearest = n_nearest + 1; nearest[n_nearest] = token
     end
   end
   -- In order: the votes are summed nearest first, as common/neighbours.py sums them.
   nearest = first_n(nearest, similarity, k)
   table.sort(nearest, by_then(similarity))
-  local scores, listed = {}, {}
-  for _, token in ipairs(nearest) do
-    for _, item in ipairs(members[token] or redis.call('ZRANGE', token_grouped(token), '0', '-1')) do
+  local scores, listed, n_listed = {}, {}, 0
+  for t = 1, #nearest do
+    local token = nearest[t]
+    local vote = similarity[token]
+    local items = members[token] or redis.call('ZRANGE', token_grouped(token), '0', '-1')
+    for i = 1, #items do
+      local item = items[i]
       if not is_seed[item] then
-        if scores[item] == nil then scores[item] = 0; listed[#listed + 1] = item end
-        scores[item] = scores[item] + similarity[token]
+        local sum = scores[item]
+        if sum == nil then n_listed = n_listed + 1; listed[n_listed] = item; sum = 0 end
+        scores[item] = sum + vote
       end
     end
   end

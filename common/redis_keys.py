@@ -24,6 +24,7 @@ import hashlib
 import re
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 import redis
@@ -62,6 +63,34 @@ def person_keys_match(person_id: str) -> str:
     """The SCAN pattern that matches every per-person key of the person and no key of anyone else:
     every such key starts with the person's tag, whose closing brace no id can put inside it."""
     return f"{_person(person_id)}:*"
+
+
+# ---------------------------------------------------------------- times as sorted-set scores
+
+# The sorted sets scored by an event's time (session_recent, person_sessions, person_purchases,
+# neighbour_session, item_sessions) hold whole microseconds since the epoch. Redis keeps a small sorted
+# set as a listpack, where a whole score is stored as an integer but a fractional one as text it parses
+# on every comparison: a write walks the set, and fractional seconds made ~15 % of the speed layer's
+# Redis time those parses. Microseconds are the event time's own precision and stay exact in a double.
+TIME_SCORE_PER_S = 1_000_000
+# The key families (FAMILIES) of these sets.
+TIME_SCORED_FAMILIES = frozenset(
+    {"session_recent", "person_sessions", "person_purchases", "neighbour_sessions", "item_sessions"}
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def time_score(ts: datetime) -> int:
+    """An event time (aware) as the score of the time-scored sorted sets: whole µs since the epoch,
+    exactly (a timestamp's double loses microseconds after 2038)."""
+    return (ts - _EPOCH) // _MICROSECOND
+
+
+def score_seconds(score: float) -> float:
+    """A time-scored sorted set's score as epoch seconds."""
+    return score / TIME_SCORE_PER_S
 
 
 # ---------------------------------------------------------------- slot groups (keys of no person)
@@ -159,7 +188,7 @@ def person_placeholder(person_id: str) -> str:
 
 
 def session_recent(person_id: str, session_id: str) -> str:
-    """Sorted set item -> last event time (epoch s) in the session."""
+    """Sorted set item -> last event time in the session (`time_score`)."""
     return f"{_person(person_id)}:s:{session_id}:recent"
 
 
@@ -193,7 +222,7 @@ def session_clicked(person_id: str, session_id: str) -> str:
 
 
 def person_sessions(person_id: str) -> str:
-    """Sorted set session_id -> last activity (epoch s): live sessions, for identify-merge and the reader."""
+    """Sorted set session_id -> last activity (`time_score`): live sessions, for identify-merge and the reader."""
     return f"{_person(person_id)}:sessions"
 
 
@@ -206,7 +235,7 @@ def person_items(person_id: str) -> str:
 
 
 def person_purchases(person_id: str) -> str:
-    """Sorted set item -> time of last purchase (epoch s), for the 'recently bought' rule."""
+    """Sorted set item -> time of last purchase (`time_score`), for the 'recently bought' rule."""
     return f"{_person(person_id)}:purchases"
 
 
@@ -369,8 +398,8 @@ def float_covisitation(item_id: str) -> str:
 
 
 def neighbour_session(token: str) -> str:
-    """Sorted set item -> time it entered one past or live session (`neighbours.session_token`), the session as a
-    neighbour candidate for session-kNN; its speed.recent_items newest items, kept
+    """Sorted set item -> time (`time_score`) it entered one past or live session (`neighbours.session_token`),
+    the session as a neighbour candidate for session-kNN; its speed.recent_items newest items, kept
     speed.neighbour_session_ttl_s after its last new item. Pseudonymous: no person id in the name.
     Grouped by `token_group`, not `slot_group` (before, see `slot_grouped_neighbour_session`)."""
     return f"{_group(token_group(token))}:nb:s:{token}"
@@ -383,8 +412,8 @@ def slot_grouped_neighbour_session(token: str) -> str:
 
 
 def item_sessions(item_id: str) -> str:
-    """Sorted set session token -> time the session took the item: the item's most recent sessions
-    (speed.neighbour_sessions_per_item, trimmed when twice as many), for session-kNN."""
+    """Sorted set session token -> time (`time_score`) the session took the item: the item's most recent
+    sessions (speed.neighbour_sessions_per_item, trimmed when twice as many), for session-kNN."""
     return _in_group("nb:i", item_id)
 
 

@@ -166,12 +166,12 @@ def _read_state(client: redis.Redis, query: _ReadQuery, now_s: float, bestseller
     ) = reply
     state = SpeedState(person_id=person_id, session_id=_text(session), model_version=model_version)
     if state.session_id is not None:
-        state.session_items = dict(_flat_pairs(recent))
+        state.session_items = _timed(recent)
         state.category_affinity = {k: float(v) for k, v in _flat_pairs_raw(cats) if not k.startswith("_")}
         state.cart = {k: int(float(v)) for k, v in _flat_pairs_raw(cart)}
         state.session_counts = {k: int(v) for k, v in _flat_pairs_raw(counts)}
     state.person_items = dict(_flat_pairs(items))
-    state.purchases = dict(_flat_pairs(purchases))
+    state.purchases = _timed(purchases)
     if isinstance(delta, bytes) and delta:
         state.delta = np.frombuffer(delta, dtype="<f4").copy()
         state.delta_events = int(n or 0)
@@ -382,6 +382,11 @@ def _flat_pairs(reply: Any) -> Iterator[tuple[str, float]]:
     """[member, score, member, score, ...] (a script's WITHSCORES reply) as (member, score) pairs."""
     # ~25 pairs a list, ~20 lists a request: decoded in C
     return zip(_texts(reply[0::2]), map(float, reply[1::2]), strict=False)
+
+
+def _timed(reply: Any) -> dict[str, float]:
+    """A time-scored sorted set's WITHSCORES reply as member -> epoch seconds."""
+    return {member: redis_keys.score_seconds(score) for member, score in _flat_pairs(reply)}
 
 
 def _flat_pairs_raw(reply: Any) -> Iterator[tuple[str, Any]]:

@@ -8,7 +8,7 @@
 -- ARGV: event_count apply_base session_ttl recent_n dedup_ttl affinity_half_life history_ttl purchases_kept
 --       bestsellers_kept covis_kept delta_ttl covis_prefix covis_suffix covis_window nb_session_prefix
 --       nb_session_suffix nb_item_prefix nb_item_suffix nb_kept nb_ttl split n_groups covis_middle
---       nb_session_middle nb_item_middle covis_unit n_versions
+--       nb_session_middle nb_item_middle covis_unit time_unit n_versions
 --       version*n_versions event*event_count
 -- ARGV event: event_type item session ts weight quantity category trend_expireat popularity_expireat
 --       bestseller_increment event_id session_token personal served per_version*n_versions
@@ -19,7 +19,8 @@
 -- item's neighbour-sessions key around the item id; each is prefix .. group(id) .. middle .. id ..
 -- suffix, group the id's slot group out of n_groups (redis_keys.grouped_template); nb_kept: sessions kept per item (0: session-kNN
 -- off). n_versions (0-2): the model versions whose deltas the chunk updates, named by `version`.
--- Per event: trend_expireat, popularity_expireat, bestseller_increment (0: skip that counter);
+-- Per event: ts, the event's time as the time-scored sets keep it (redis_keys.time_score: 1/time_unit s);
+-- trend_expireat, popularity_expireat, bestseller_increment (0: skip that counter);
 -- session_token is common.neighbours.session_token; personal: 1 when the event has personalisation
 -- consent, 0 when it updates the aggregates (trending, popularity, bestsellers) only: then its person
 -- keys are all the unlinked marker set (redis_keys.SEEN_UNLINKED), of which only `seen` is touched, and
@@ -61,6 +62,7 @@ local nb_kept, nb_ttl = tonumber(ARGV[19]), tonumber(ARGV[20])
 local split, n_groups = ARGV[21] == '1', tonumber(ARGV[22])
 local covis_middle, nb_session_middle, nb_item_middle = ARGV[23], ARGV[24], ARGV[25]
 local covis_unit = tonumber(ARGV[26])
+local time_unit = tonumber(ARGV[27])  -- an event's time is given in 1/time_unit s (redis_keys.time_score)
 local n_versions = tonumber(ARGV[ARGV_HEAD])
 local versions = {}
 for v = 1, n_versions do versions[v] = ARGV[ARGV_HEAD + v] end
@@ -71,9 +73,10 @@ local now = tonumber(now_text)
 
 -- A number as a command's argument. Redis writes a Lua number out with "%.17g", and that and parsing
 -- it back took a sixth of the script's time; a whole number is written as an integer instead (the
--- same value). Times are passed on as the text they came in (`ts_text`), for the same reason.
+-- same value: under 2^52 a double holds every integer). Times are passed on as the text they came in
+-- (`ts_text`), for the same reason.
 local function arg(v)
-  if v % 1 == 0 and v > -1e15 and v < 1e15 then return string.format('%d', v) end
+  if v % 1 == 0 and v > -4503599627370496 and v < 4503599627370496 then return string.format('%d', v) end
   return v
 end
 
@@ -94,13 +97,17 @@ local function add(map, key, member, by)
   t[member] = (t[member] or 0) + by
 end
 
+-- Each slot group's digits, made once: a number joined into a string is formatted by sprintf("%.14g").
+local group_text = {}
+for g = 0, n_groups - 1 do group_text[g] = string.format('%d', g) end
+
 -- An id's slot group, remembered for the call: a session's items come back in every later event's
 -- co-visits, and a SHA-1 costs more than the write it names.
 local groups = {}
 local function grouped(prefix, middle, suffix, id)
   local group = groups[id]
   if not group then
-    group = tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups
+    group = group_text[tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups]
     groups[id] = group
   end
   return prefix .. group .. middle .. id .. suffix
@@ -129,7 +136,7 @@ end
 -- session's neighbour set, and the session joins the item's most recent sessions.
 local function index_neighbour(token, item, ts_text)
   -- A token is a SHA-1's hex digits already: its own first 32 bits name its group (redis_keys.token_group).
-  local session_key = nb_session_prefix .. (tonumber(string.sub(token, 1, 8), 16) % n_groups)
+  local session_key = nb_session_prefix .. group_text[tonumber(string.sub(token, 1, 8), 16) % n_groups]
     .. nb_session_middle .. token .. nb_session_suffix
   local item_key = grouped(nb_item_prefix, nb_item_middle, nb_item_suffix, item)
   local t = zset[session_key] or {}; zset[session_key] = t; t[item] = ts_text
@@ -141,6 +148,7 @@ local function index_neighbour(token, item, ts_text)
 end
 
 -- The session's latest activity; a session new to the person also drops the person's expired ones.
+-- ts: the event time as its score (redis_keys.time_score), ts_text that number as given.
 local function touch_session(sessions, session, ts, ts_text)
   local id = sessions .. '\0' .. session
   local known = sessions_now[id]
@@ -148,7 +156,7 @@ local function touch_session(sessions, session, ts, ts_text)
     if ts > known[4] then known[4], known[5] = ts, ts_text end
   else
     if redis.call('ZADD', sessions, 'GT', ts_text, session) == 1 then
-      redis.call('ZREMRANGEBYSCORE', sessions, '-inf', '(' .. (ts - session_ttl))
+      redis.call('ZREMRANGEBYSCORE', sessions, '-inf', '(' .. arg(ts - session_ttl * time_unit))
     end
     sessions_now[id] = {sessions, session, ts, ts, ts_text}  -- key, session, time written, latest time and its text
   end
@@ -191,12 +199,12 @@ end
 -- The session's and the person's state (co-visits and session-kNN too: they follow the session's items).
 local function apply_person_effects(k, a)
   local etype, item, session = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local ts, weight, quantity, category = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), ARGV[a + 7]
-  local ts_text = ARGV[a + 4]
+  local ts_text, weight, quantity, category = ARGV[a + 4], tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), ARGV[a + 7]
+  local ts_score = tonumber(ts_text)
 
   add(hcount, KEYS[k + 5], etype, 1)
   expire_in[KEYS[k + 5]] = session_ttl
-  touch_session(KEYS[k + 6], session, ts, ts_text)
+  touch_session(KEYS[k + 6], session, ts_score, ts_text)
   if item == '' then return end
 
   if etype ~= 'remove_from_cart' then
@@ -223,7 +231,7 @@ local function apply_person_effects(k, a)
   end
   expire_in[cart] = session_ttl
 
-  if category ~= '' and weight > 0 then add_affinity(KEYS[k + 3], category, weight, ts) end
+  if category ~= '' and weight > 0 then add_affinity(KEYS[k + 3], category, weight, ts_score / time_unit) end
 
   if weight > 0 then
     add(hincr, KEYS[k + 7], item, weight)

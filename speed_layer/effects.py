@@ -206,7 +206,7 @@ class EventGlobals:
 
     event_id: str
     item: str
-    ts: str  # repr of the event time (epoch s)
+    ts: str  # the event time as the time-scored sets keep it (redis_keys.time_score)
     weight: float
     trend_key: str
     trend_expireat: int  # 0: not counted (its bucket has left the window)
@@ -533,7 +533,7 @@ class Applier:
             recent_n=speed.recent_items, dedup_ttl=speed.dedup_ttl_s, affinity_half_life=speed.affinity_half_life_s,
             history_ttl=speed.history_ttl_s, purchases_kept=speed.purchases_kept,
             bestsellers_kept=speed.bestsellers_top_n, covis_kept=speed.covis_top_n, delta_ttl=speed.dedup_ttl_s,
-            covis_window=speed.covis_steps, covis_unit=FOLLOW_UNIT, nb_kept=speed.neighbour_sessions_per_item, nb_ttl=speed.neighbour_session_ttl_s,
+            covis_window=speed.covis_steps, covis_unit=FOLLOW_UNIT, time_unit=redis_keys.TIME_SCORE_PER_S, nb_kept=speed.neighbour_sessions_per_item, nb_ttl=speed.neighbour_session_ttl_s,
             n_versions=len(models), version=[m.version for m in models],
         )  # fmt: skip
 
@@ -858,6 +858,7 @@ class _Planner:
         # An attention event is counted for its session only: planned as an event without an item.
         item = "" if event_type in ATTENTION_EVENTS else event.item_id or ""
         ts = event.ts.timestamp()
+        ts_score = str(redis_keys.time_score(event.ts))
         category = self.categories.get(item) if item else ""
 
         version_keys: list[str] = []
@@ -898,7 +899,7 @@ class _Planner:
         if self.split:
             if item or served:
                 self.globals[j] = EventGlobals(
-                    event.event_id, item, repr(ts), weight, trend_key, trend_expireat, pop_key, pop_expireat,
+                    event.event_id, item, ts_score, weight, trend_key, trend_expireat, pop_key, pop_expireat,
                     best_key, best, token, served,
                 )  # fmt: skip
             # The person's script touches its person's slot only: the global KEYS name its marker key.
@@ -910,7 +911,7 @@ class _Planner:
             per_version=version_keys,
         )  # fmt: skip
         args += _EVENT_ARGS(
-            event_type=event_type, item=item, session=session, ts=repr(ts), weight=repr(weight),
+            event_type=event_type, item=item, session=session, ts=ts_score, weight=repr(weight),
             quantity=event.quantity or 1, category=category,
             trend_expireat=trend_expireat, popularity_expireat=pop_expireat,
             bestseller_increment=repr(best), event_id=event.event_id, session_token=token,

@@ -22,8 +22,12 @@ from common.sequence import FOLLOW_UNIT
 log = logging.getLogger(__name__)
 
 CONVERT_COVISITS = load_script("speed_layer", "convert_covisits.lua")
+CONVERT_TIMES = load_script("speed_layer", "convert_times.lua")
 COVISITS_IN_UNITS = "covisits-in-units"
 NEIGHBOUR_SESSIONS_BY_TOKEN = "neighbour-sessions-by-token"
+TIMES_IN_MICROSECONDS = "times-in-microseconds"
+# A time-scored set's score under this is an earlier version's epoch seconds (convert_times.lua).
+SECONDS_BELOW = 10**11
 
 
 def run_migrations(client: redis.Redis, covis_kept: int, recent_kept: int) -> None:
@@ -31,6 +35,7 @@ def run_migrations(client: redis.Redis, covis_kept: int, recent_kept: int) -> No
     migrations: dict[str, Callable[[], int]] = {
         COVISITS_IN_UNITS: lambda: convert_float_covisits(client, covis_kept),
         NEIGHBOUR_SESSIONS_BY_TOKEN: lambda: regroup_neighbour_sessions(client, recent_kept),
+        TIMES_IN_MICROSECONDS: lambda: convert_second_times(client),
     }
     for name, migrate in migrations.items():
         if client.sismember(redis_keys.SPEED_MIGRATED, name):
@@ -80,3 +85,22 @@ def regroup_neighbour_sessions(client: redis.Redis, recent_kept: int) -> int:
         client.delete(old)
         moved += 1
     return moved
+
+
+def convert_second_times(client: redis.Redis) -> int:
+    """Rescore the members of every time-scored sorted set (redis_keys.TIME_SCORED_FAMILIES) that an
+    earlier version scored in epoch seconds into `redis_keys.time_score`'s microseconds; returns how many
+    sets had some. One script call a set, so a member is converted once whoever runs the pass."""
+    convert = client.register_script(CONVERT_TIMES.source)
+    args = [redis_keys.TIME_SCORE_PER_S, SECONDS_BELOW]
+    converted = 0
+    for family in redis_keys.FAMILIES:
+        if family.name not in redis_keys.TIME_SCORED_FAMILIES:
+            continue
+        for pattern in family.patterns:
+            for found in client.scan_iter(match=pattern, count=1000):
+                key = found.decode() if isinstance(found, bytes) else str(found)
+                if redis_keys.family_of(key) == family.name:  # not a narrower family's key the glob also matches
+                    CONVERT_TIMES.check([key], args)
+                    converted += int(convert(keys=[key], args=args)) > 0
+    return converted

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from common import redis_keys
@@ -197,3 +199,12 @@ def test_every_key_function_falls_in_its_own_family() -> None:
         "not-ours": OTHER_FAMILY,
     }
     assert {key: family_of(key) for key in cases} == cases
+
+
+@given(st.integers(min_value=0, max_value=(2**52 - 1)))
+def test_a_time_score_is_the_event_time_in_whole_microseconds(micros: int) -> None:
+    """Exact, no microsecond lost to a timestamp's double, for any time a double holds exactly (Lua's numbers,
+    Redis' scores): until the year 2112."""
+    ts = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    assert redis_keys.time_score(ts) == micros
+    assert redis_keys.time_score(ts + timedelta(microseconds=1)) == micros + 1

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import redis
@@ -62,7 +62,7 @@ def test_out_of_stock_and_recently_purchased_items_never_appear(
     sold_out, bought = first[0], first[1]
     response = client.put("/v1/catalog/items", json=[{"item_id": sold_out, "in_stock": False}])
     assert response.status_code == 200 and response.json()["out_of_stock"] == [sold_out]
-    redis_client.zadd(redis_keys.person_purchases("u2"), {bought: time.time() - 3600})
+    redis_client.zadd(redis_keys.person_purchases("u2"), {bought: redis_keys.time_score(datetime.now(UTC) - timedelta(hours=1))})
     for _ in range(3):
         later = ids(recs(client, user_id="u2", k=20))
         assert sold_out not in later and bought not in later
@@ -74,7 +74,7 @@ def test_cart_items_are_excluded_and_drive_cart_context(
     client: TestClient, published: SyntheticModel, redis_client: redis.Redis
 ) -> None:
     person, session = "anon-cart", "s-cart"
-    redis_client.zadd(redis_keys.person_sessions(person), {session: time.time()})
+    redis_client.zadd(redis_keys.person_sessions(person), {session: redis_keys.time_score(datetime.now(UTC))})
     redis_client.hset(redis_keys.session_cart(person, session), "i10", 1)
     body = recs(client, anonymous_id=person, session_id=session, context="cart", k=10)
     assert "i10" not in ids(body)

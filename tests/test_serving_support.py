@@ -97,11 +97,11 @@ def seed_session_view(
 ) -> None:
     """What the speed layer writes for a view: session recents, session affinity, person items, co-visits
     (`covisited` as weights, written in units as the speed layer keeps them)."""
-    now = time.time()
+    now = redis_keys.time_score(datetime.now(UTC))
     pipe = client.pipeline()
     pipe.zadd(redis_keys.session_recent(person, session), {item: now})
     pipe.hincrbyfloat(redis_keys.session_categories(person, session), category, 1.0)
-    pipe.hset(redis_keys.session_categories(person, session), "_ts", now)
+    pipe.hset(redis_keys.session_categories(person, session), "_ts", time.time())
     pipe.zadd(redis_keys.person_sessions(person), {session: now})
     pipe.hincrbyfloat(redis_keys.person_items(person), item, weight)
     if covisited:

@@ -331,8 +331,8 @@ def test_times_and_counts_reach_redis_exactly_as_the_events_give_them(
     redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     """The script hands times to Redis as the text they came in and whole numbers as integers (not as
-    Lua numbers it would format): every stored time is the event's to the last bit, microseconds
-    included, and the counts are whole."""
+    Lua numbers it would format): every stored time is the event's `time_score`, to the microsecond,
+    and the counts are whole."""
     redis_client.flushall()
     settings = speed_settings(tmp_path, redis_server.url)
     consumer = SpeedConsumer(redis_client, settings, Registry(settings.models.root), name="c1")
@@ -349,7 +349,7 @@ def test_times_and_counts_reach_redis_exactly_as_the_events_give_them(
     def scores(key: str) -> dict[str, float]:
         return {m.decode(): s for m, s in redis_client.zrange(key, 0, -1, withscores=True)}
 
-    ts = [e.ts.timestamp() for e in events]
+    ts = [redis_keys.time_score(e.ts) for e in events]
     assert scores(redis_keys.session_recent("anon-1", "s1")) == {"i1": ts[0], "i2": ts[3]}
     assert scores(redis_keys.person_sessions("anon-1")) == {"s1": ts[3]}
     assert scores(redis_keys.person_purchases("anon-1")) == {"i2": ts[3]}
@@ -358,5 +358,5 @@ def test_times_and_counts_reach_redis_exactly_as_the_events_give_them(
     assert redis_client.hgetall(redis_keys.session_counts("anon-1", "s1")) == {
         b"view": b"2", b"add_to_cart": b"1", b"purchase": b"1"
     }
-    day = scores(redis_keys.popularity_day(int(ts[0] // 86_400)))
+    day = scores(redis_keys.popularity_day(int(events[0].ts.timestamp() // 86_400)))
     assert day == {"i1": 1.0, "i2": 3.0} and redis_client.zscore(redis_keys.covisitation("i1"), "i2") == FOLLOW_UNIT

@@ -1,11 +1,13 @@
 """The speed layer's start converts, once, what an earlier version kept in another form: co-visits as
-float weights into units, session-kNN session sets into their token's slot group."""
+float weights into units, session-kNN session sets into their token's slot group, times in seconds
+into microseconds."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import redis
 
 from common import redis_keys
@@ -17,7 +19,7 @@ from common.sequence import FOLLOW_UNIT, follow_weights
 from common.speed_state import NeighbourQuery, read_speed_state
 from speed_layer.consumer import SpeedConsumer
 from speed_layer.effects import Applier
-from speed_layer.migrations import COVISITS_IN_UNITS, NEIGHBOUR_SESSIONS_BY_TOKEN
+from speed_layer.migrations import COVISITS_IN_UNITS, NEIGHBOUR_SESSIONS_BY_TOKEN, TIMES_IN_MICROSECONDS
 from tests.speed_factories import make_event, speed_settings
 
 
@@ -85,10 +87,11 @@ def test_neighbour_sessions_move_to_their_token_group_merged_with_what_was_writt
     """On a Redis Cluster too: the old and the new key are in different slots there."""
     redis_client, url = any_redis
     alone, written_since = _moving_tokens(2)
-    redis_client.zadd(redis_keys.slot_grouped_neighbour_session(alone), {"a": 100.0, "b": 200.0})
+    t = redis_keys.time_score(datetime.now(UTC))  # times as this version keeps them: the move keeps them as they are
+    redis_client.zadd(redis_keys.slot_grouped_neighbour_session(alone), {"a": t + 100, "b": t + 200})
     redis_client.pexpire(redis_keys.slot_grouped_neighbour_session(alone), 50_000)
-    redis_client.zadd(redis_keys.slot_grouped_neighbour_session(written_since), {f"o{j}": 100.0 + j for j in range(3)})
-    redis_client.zadd(redis_keys.neighbour_session(written_since), {"o2": 50.0, "n": 300.0})
+    redis_client.zadd(redis_keys.slot_grouped_neighbour_session(written_since), {f"o{j}": t + 100 + j for j in range(3)})
+    redis_client.zadd(redis_keys.neighbour_session(written_since), {"o2": t + 50, "n": t + 300})
     redis_client.pexpire(redis_keys.neighbour_session(written_since), 90_000_000)
 
     _start(redis_client, url, tmp_path, recent_items=3)
@@ -96,17 +99,17 @@ def test_neighbour_sessions_move_to_their_token_group_merged_with_what_was_writt
     def held(token: str) -> dict[str, float]:
         return {m.decode(): s for m, s in redis_client.zrange(redis_keys.neighbour_session(token), 0, -1, withscores=True)}
 
-    assert held(alone) == {"a": 100.0, "b": 200.0}
+    assert held(alone) == {"a": t + 100, "b": t + 200}
     assert 40_000 < redis_client.pttl(redis_keys.neighbour_session(alone)) <= 50_000
     # The 3 newest of the two (o2's later time wins), and the later of the two expiries.
-    assert held(written_since) == {"o1": 101.0, "o2": 102.0, "n": 300.0}
+    assert held(written_since) == {"o1": t + 101, "o2": t + 102, "n": t + 300}
     assert redis_client.pttl(redis_keys.neighbour_session(written_since)) > 50_000
     assert not any(redis_client.exists(redis_keys.slot_grouped_neighbour_session(t)) for t in (alone, written_since))
     assert not redis_client.sismember(redis_keys.SPEED_MIGRATED, NEIGHBOUR_SESSIONS_BY_TOKEN)
 
     _start(redis_client, url, tmp_path, recent_items=3)  # nothing left: recorded
     assert redis_client.sismember(redis_keys.SPEED_MIGRATED, NEIGHBOUR_SESSIONS_BY_TOKEN)
-    assert held(alone) == {"a": 100.0, "b": 200.0}
+    assert held(alone) == {"a": t + 100, "b": t + 200}
 
 
 def test_a_moved_session_is_a_neighbour_again(any_redis: tuple[redis.Redis, str], tmp_path: Path) -> None:
@@ -126,3 +129,41 @@ def test_a_moved_session_is_a_neighbour_again(any_redis: tuple[redis.Redis, str]
     assert neighbours() == []  # the read looks where this version keeps it
     _start(redis_client, url, tmp_path)
     assert neighbours() == ["y"]
+
+
+def test_times_an_earlier_version_kept_in_seconds_become_microseconds(
+    any_redis: tuple[redis.Redis, str], tmp_path: Path
+) -> None:
+    """Every time-scored family, on one Redis and on a cluster; a member written since in microseconds
+    and the keys of other families (dedup markers are scored in seconds of Redis' clock) stay as they are."""
+    redis_client, url = any_redis
+    token = session_token("p", "s1")
+    in_seconds = {
+        redis_keys.session_recent("p", "s1"): "i1",
+        redis_keys.person_sessions("p"): "s1",
+        redis_keys.person_purchases("p"): "i1",
+        redis_keys.neighbour_session(token): "i1",
+        redis_keys.item_sessions("i1"): token,
+    }
+    assert {redis_keys.family_of(key) for key in in_seconds} == redis_keys.TIME_SCORED_FAMILIES
+    when = datetime.now(UTC).replace(microsecond=1000) - timedelta(hours=1)  # a store's import spaces lines by 1 ms
+    for key, member in in_seconds.items():
+        redis_client.zadd(key, {member: when.timestamp()})
+    since = redis_keys.time_score(when + timedelta(seconds=5))
+    redis_client.zadd(redis_keys.session_recent("p", "s1"), {"i2": since})
+    redis_client.zadd(redis_keys.seen_events("p"), {"e1": 1_700_000_000})
+
+    _start(redis_client, url, tmp_path)
+
+    for key, member in in_seconds.items():
+        assert redis_client.zscore(key, member) == redis_keys.time_score(when), key
+    assert redis_client.zscore(redis_keys.session_recent("p", "s1"), "i2") == since
+    assert redis_client.zscore(redis_keys.seen_events("p"), "e1") == 1_700_000_000
+    assert not redis_client.sismember(redis_keys.SPEED_MIGRATED, TIMES_IN_MICROSECONDS)
+    _start(redis_client, url, tmp_path)  # nothing left: recorded
+    assert redis_client.sismember(redis_keys.SPEED_MIGRATED, TIMES_IN_MICROSECONDS)
+
+    # Serving reads them as the times they were: the purchase an hour ago is a recent one.
+    state = read_speed_state(redis_client, "p", session_id="s1")
+    assert state.purchases == {"i1": pytest.approx(when.timestamp(), abs=1e-6)}
+    assert state.session_items == {"i1": pytest.approx(when.timestamp(), abs=1e-6), "i2": pytest.approx(when.timestamp() + 5, abs=1e-6)}

@@ -70,8 +70,9 @@ def person_keys_match(person_id: str) -> str:
 # The sorted sets scored by an event's time (session_recent, person_sessions, person_purchases,
 # neighbour_session, item_sessions) hold whole microseconds since the epoch. Redis keeps a small sorted
 # set as a listpack, where a whole score is stored as an integer but a fractional one as text it parses
-# on every comparison: a write walks the set, and fractional seconds made ~15 % of the speed layer's
-# Redis time those parses. Microseconds are the event time's own precision and stay exact in a double.
+# on every comparison, and a write walks the set: with fractional seconds those parses were ~15 % of the
+# speed layer's Redis instructions on real clicks. Microseconds are an event time's own precision, and a
+# double holds them exactly.
 TIME_SCORE_PER_S = 1_000_000
 # The key families (FAMILIES) of these sets.
 TIME_SCORED_FAMILIES = frozenset(
@@ -84,7 +85,7 @@ _MICROSECOND = timedelta(microseconds=1)
 
 def time_score(ts: datetime) -> int:
     """An event time (aware) as the score of the time-scored sorted sets: whole µs since the epoch,
-    exactly (a timestamp's double loses microseconds after 2038)."""
+    exactly (from the datetime itself, not through a timestamp's double)."""
     return (ts - _EPOCH) // _MICROSECOND
 
 

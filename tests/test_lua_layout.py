@@ -21,14 +21,14 @@ from common.stream import REMOVE_IDLE_CONSUMERS, TRIM_STREAM
 from speed_layer import effects
 from speed_layer.bandit import COUNT_IMPRESSIONS
 from speed_layer.effects import Applier
-from speed_layer.migrations import CONVERT_COVISITS
+from speed_layer.migrations import CONVERT_COVISITS, CONVERT_TIMES
 from speed_layer.scripts import APPLY_EVENTS, APPLY_GLOBALS, DETACH_DEVICE, MERGE_IDENTITY
 from tests.speed_factories import make_event, publish_model, speed_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = (
     APPLY_EVENTS, APPLY_GLOBALS, MERGE_IDENTITY, DETACH_DEVICE, READ_STATE, TRIM_STREAM, REMOVE_IDLE_CONSUMERS, COUNT_IMPRESSIONS,
-    CONVERT_COVISITS,
+    CONVERT_COVISITS, CONVERT_TIMES,
 )
 
 HEADER = """-- A test script.
@@ -57,7 +57,7 @@ def test_sizes_come_from_the_declaration() -> None:
     assert script.argv.size({"n": 3}) == 2 + 3
     assert script.source.startswith("local KEYS_HEAD, KEYS_BLOCK, ARGV_HEAD = 1, 3, 2; -- A test script.\n")
     # The speed scripts' constants, as the Lua reads them.
-    assert APPLY_EVENTS.argv.lua_sizes() == {"ARGV_HEAD": 27, "ARGV_EVENT": 14, "ARGV_PER_VERSION": 2}
+    assert APPLY_EVENTS.argv.lua_sizes() == {"ARGV_HEAD": 28, "ARGV_EVENT": 14, "ARGV_PER_VERSION": 2}
     assert APPLY_EVENTS.keys.size({"event_count": 2, "n_versions": 1}) == 2 * (14 + 2)
     assert MERGE_IDENTITY.keys.lua_sizes() == {"KEYS_HEAD": 12, "KEYS_SESSION": 8}
 

@@ -22,7 +22,7 @@
 -- neighbours (items, best first: common/neighbours.py scores the same way), their scores (little-endian
 -- doubles, packed).
 -- Lua's incremental collector would run several times inside one read, marking this read's growing
--- tables (~1,600 votes) again each time; paused, the read's garbage is swept once, after it (-3 % of
+-- tables (~1,600 votes) again each time; paused, the read's garbage is swept once, after it (-2.6 % of
 -- a read's instructions on real clicks). Redis' own collection steps between scripts resume it even
 -- if a call below raises.
 collectgarbage('stop')

@@ -546,16 +546,15 @@ class Applier:
         since = self.in_flight[0].number if self.in_flight else self.started
         stored = self._stored_to_read(users, models, {})
         uncached = self.categories.missing({e.item_id for e in batch if e.item_id})
+        calls: list[tuple[str, ...]] = []
         if ids:  # one command: tombstones, then withdrawals
-            lane.send(
-                "MGET", *[redis_keys.erased(i) for i in ids], *[redis_keys.consent_withdrawal(i) for i in ids]
-            )
+            calls.append(("MGET", *[redis_keys.erased(i) for i in ids], *[redis_keys.consent_withdrawal(i) for i in ids]))
         if devices:
-            lane.send("MGET", *[redis_keys.alias(d) for d in devices])
+            calls.append(("MGET", *[redis_keys.alias(d) for d in devices]))
         if stored:
-            lane.send("MGET", *_delta_keys(stored))
-        for item in uncached:
-            lane.send("HGET", redis_keys.item_state(item), "category")
+            calls.append(("MGET", *_delta_keys(stored)))
+        calls.extend(("HGET", redis_keys.item_state(item), "category") for item in uncached)
+        lane.send_all(calls)
         return StateRead(lane, ids, devices, stored, uncached, since)
 
     def _receive_state(

@@ -11,6 +11,7 @@ read, then sends them as one pipeline, which redis-py splits per node (one round
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -41,6 +42,20 @@ class Lane:
             self.reset()
             raise
         self.unread += 1
+
+    def send_all(self, calls: Sequence[Sequence[str | bytes | int | float]]) -> None:
+        """`calls` in one write: a batch's reads are hundreds of small commands (an HGET a category-less
+        item), and a write each is a system call each."""
+        if not calls:
+            return
+        self.open()
+        try:
+            packed = b"".join(hiredis.pack_command(tuple(call)) for call in calls)  # type: ignore[arg-type]  # as in send
+            self.connection.send_packed_command([packed], check_health=False)
+        except BaseException:
+            self.reset()
+            raise
+        self.unread += len(calls)
 
     def read(self, calls: int) -> list[Any]:
         """The next `calls` replies in order; a failed call's reply is its ResponseError (NoScriptError too)."""
@@ -86,6 +101,10 @@ class ClusterLane:
     def send(self, *args: str | bytes | int | float) -> None:
         self.calls.append(args)
         self.unread += 1
+
+    def send_all(self, calls: Sequence[Sequence[str | bytes | int | float]]) -> None:
+        for call in calls:
+            self.send(*call)
 
     def read(self, calls: int) -> list[Any]:
         assert calls <= self.unread, f"reading {calls} replies, {self.unread} unread"

@@ -93,11 +93,35 @@ for _, category in ipairs(wanted) do
 end
 
 -- Session neighbours of the session's recent items (common/neighbours.py is the definition).
-local function by_then(value)
-  return function(x, y)
-    if value[x] ~= value[y] then return value[x] > value[y] end
-    return x < y
+-- `names` by value, highest first, ties by name. table.sort with a Lua comparator calls it ~n log n
+-- times; here the distinct values and a tie's names sort with Lua's own < (C), and names map back
+-- through their value.
+local function by_value(names, value)
+  local values, named, n_values = {}, {}, 0
+  for i = 1, #names do
+    local name = names[i]
+    local v = value[name]
+    local held = named[v]
+    if held == nil then
+      n_values = n_values + 1; values[n_values] = v; named[v] = name
+    elseif type(held) == 'table' then
+      held[#held + 1] = name
+    else
+      named[v] = {held, name}
+    end
   end
+  table.sort(values)
+  local out, n = {}, 0
+  for i = n_values, 1, -1 do
+    local held = named[values[i]]
+    if type(held) == 'table' then
+      table.sort(held)
+      for j = 1, #held do n = n + 1; out[n] = held[j] end
+    else
+      n = n + 1; out[n] = held
+    end
+  end
+  return out
 end
 -- The n-th highest of the values of `names` (n <= #names): the least of a min-heap holding the n highest
 -- seen, ~#names comparisons where a sort takes ~#names log #names.
@@ -128,7 +152,7 @@ local function nth_highest(names, value, n)
   end
   return heap[1]
 end
--- The first n names of `names` in by_then(value) order, in no particular order: the n-th highest
+-- The first n names of `names` in by_value order, in no particular order: the n-th highest
 -- value bounds them; those over it, then the names tied at it, by name. A sort with a Lua comparator
 -- calls it ~n log n times (145 us for 150 names here, milliseconds for the thousands of a popular
 -- item's sessions). Loops here are numeric: in Lua 5.1 each step of ipairs is a C call and `#t` a search.
@@ -153,7 +177,7 @@ if nb_n > 0 and session and #recent > 0 then
   for i = 1, #recent, 2 do
     at[recent[i]] = tonumber(recent[i + 1]); ordered[#ordered + 1] = recent[i]; is_seed[recent[i]] = true
   end
-  table.sort(ordered, by_then(at))
+  ordered = by_value(ordered, at)
   local own, sample, per_item_last = string.sub(redis.sha1hex(ARGV[22] .. '\0' .. session), 1, 16), tonumber(ARGV[23]), last(ARGV[27])
   -- The seeds' candidate sessions, in first-seen order, with their dot products; with `timed` also each
   -- one's latest time under the seeds (the rows read WITHSCORES).
@@ -212,7 +236,7 @@ if nb_n > 0 and session and #recent > 0 then
   end
   -- In order: the votes are summed nearest first, as common/neighbours.py sums them.
   nearest = first_n(nearest, similarity, k)
-  table.sort(nearest, by_then(similarity))
+  nearest = by_value(nearest, similarity)
   local scores, listed, n_listed = {}, {}, 0
   for t = 1, #nearest do
     local token = nearest[t]
@@ -228,7 +252,7 @@ if nb_n > 0 and session and #recent > 0 then
     end
   end
   listed = first_n(listed, scores, nb_n)
-  table.sort(listed, by_then(scores))
+  listed = by_value(listed, scores)
   local packed = {}
   for i = 1, math.min(nb_n, #listed) do
     neighbours[i] = listed[i]

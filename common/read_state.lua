@@ -42,8 +42,12 @@ end
 -- Each group's digits made once: a number joined into a string is formatted by sprintf("%.14g").
 local group_text = {}
 for g = 0, n_groups - 1 do group_text[g] = string.format('%d', g) end
+-- Locals, not globals, in the loops over a read's hundreds of candidate sessions: each use of a global
+-- (ARGV, string, redis, math) is a table lookup.
+local call, sub, sqrt, tonumber = redis.call, string.sub, math.sqrt, tonumber
+local session_prefix, session_middle, session_suffix = ARGV[18], ARGV[31], ARGV[19]
 local function token_grouped(token)
-  return ARGV[18] .. group_text[tonumber(string.sub(token, 1, 8), 16) % n_groups] .. ARGV[31] .. token .. ARGV[19]
+  return session_prefix .. group_text[tonumber(sub(token, 1, 8), 16) % n_groups] .. session_middle .. token .. session_suffix
 end
 -- The person's strings in one call: alias, delta, delta count, speed version.
 local strings = redis.call('MGET', KEYS[1], KEYS[5], KEYS[6], KEYS[7])
@@ -224,13 +228,13 @@ if nb_n > 0 and session and #recent > 0 then
     local token = candidates[c]
     local count
     if read_all then
-      members[token] = redis.call('ZRANGE', token_grouped(token), '0', '-1')
+      members[token] = call('ZRANGE', token_grouped(token), '0', '-1')
       count = #members[token]
     else
-      count = redis.call('ZCARD', token_grouped(token))
+      count = call('ZCARD', token_grouped(token))
     end
     if count > 0 then
-      similarity[token] = dot[token] / math.sqrt(size * count)
+      similarity[token] = dot[token] / sqrt(size * count)
       n_nearest = n_nearest + 1; nearest[n_nearest] = token
     end
   end
@@ -241,7 +245,7 @@ if nb_n > 0 and session and #recent > 0 then
   for t = 1, #nearest do
     local token = nearest[t]
     local vote = similarity[token]
-    local items = members[token] or redis.call('ZRANGE', token_grouped(token), '0', '-1')
+    local items = members[token] or call('ZRANGE', token_grouped(token), '0', '-1')
     for i = 1, #items do
       local item = items[i]
       if not is_seed[item] then

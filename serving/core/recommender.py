@@ -2,7 +2,8 @@
 
 One call of `recommend` reads Redis through `common.speed_state` (plus one follow-up pipeline
 for what depends on its answers), never loads anything from disk, and degrades instead of
-failing: without Redis it serves batch-only lists, without a model popular items.
+failing: without Redis it serves batch-only lists, without a model popular items, and to a request
+that waited too long for its worker a cheaper list (serving/core/load.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from common.vectors import fold_in
 from serving.core import metrics
 from serving.core.catalog_view import UNCATEGORISED
 from serving.core.experiments import assign_variant
+from serving.core.load import Shed
 from serving.core.lookups import ServingLookups, item_columns
 from serving.core.metrics import StageClock
 from serving.core.model_holder import ServingModel
@@ -48,6 +50,9 @@ EXPERIMENT = "recs"
 REDIS_DOWN = "redis_unavailable: batch-only recommendations (no session, trending or stock updates)"
 NO_MODEL = "no_model: popular items from the lake"
 NO_CONSENT = "no_personalisation_consent: non-personal items (trending, new arrivals), nothing of the person used"
+OVERLOAD_NO_NEIGHBOURS = "overload: no session-kNN candidates (the request waited over api.overload_wait_ms)"
+OVERLOAD_BATCH_ONLY = "overload: batch-only, as without Redis (the request waited over api.overload_batch_only_wait_ms)"
+_SHED_REASONS = {Shed.NEIGHBOURS: OVERLOAD_NO_NEIGHBOURS, Shed.SPEED_STATE: OVERLOAD_BATCH_ONLY}
 
 
 @dataclass(frozen=True)
@@ -118,22 +123,31 @@ class _Pool:
 
 
 def recommend(
-    state: ServingState, req: RecRequest, now_s: float | None = None, clock: StageClock | None = None
+    state: ServingState,
+    req: RecRequest,
+    now_s: float | None = None,
+    clock: StageClock | None = None,
+    shed: Shed = Shed.NOTHING,
 ) -> RecResult:
     # now_s: the moment the list is for; a replay (evaluation/) passes the replayed event's time.
     # clock: where the route records the time of each stage (metrics.STAGES).
     clock = clock or StageClock()
     now_s = time.time() if now_s is None else now_s
     model = state.models.current  # one snapshot for the whole request: a reload cannot mix versions
-    variant, bandit_arm = choose_variant(state, req)
+    reads_redis = shed is not Shed.SPEED_STATE
+    variant, bandit_arm = choose_variant(state, req, reads_redis)
     rules = state.rules
     degraded: list[str] = [] if req.personalised else [NO_CONSENT]
     personal = variant != "popular" and req.personalised
+    if shed is not Shed.NOTHING:
+        degraded.append(_SHED_REASONS[shed])
+        metrics.FALLBACKS.labels(reason=f"overload_{shed.value}").inc()
 
-    speed = read_speed(state, req, model, now_s, personal=personal)
+    speed = read_speed(state, req, model, now_s, neighbours=personal and shed is Shed.NOTHING) if reads_redis else None
     clock.lap("reads")
     if speed is None:
-        degraded.append(REDIS_DOWN)
+        if reads_redis:  # else the shed reason says why
+            degraded.append(REDIS_DOWN)
     elif not req.personalised:
         speed = speed.impersonal()
     if model is None:
@@ -165,10 +179,10 @@ def recommend(
     return result
 
 
-def choose_variant(state: ServingState, req: RecRequest) -> tuple[str, bool]:
+def choose_variant(state: ServingState, req: RecRequest, reads_redis: bool = True) -> tuple[str, bool]:
     """The request's variant, and whether the bandit chose it (then the list is recorded for it). The
-    fixed hash share in A/B mode, and in bandit mode while Redis is down."""
-    if state.bandit is not None and state.redis.available():
+    fixed hash share in A/B mode, and in bandit mode while Redis is down or not to be read (`reads_redis`)."""
+    if state.bandit is not None and reads_redis and state.redis.available():
         try:
             arm = state.bandit.arm(
                 state.redis.client, req.person_id, req.session_id, req.context, sticky=req.personalised
@@ -234,10 +248,10 @@ def feature_inputs(
 
 
 def read_speed(
-    state: ServingState, req: RecRequest, model: ServingModel | None, now_s: float, *, personal: bool = True
+    state: ServingState, req: RecRequest, model: ServingModel | None, now_s: float, *, neighbours: bool = True
 ) -> SpeedState | None:
     """The speed layer's state for this request, or None when Redis is down (then the breaker skips it).
-    `personal` False (the popular variant) skips the session-kNN scoring."""
+    `neighbours` False (the popular variant, a shed request) skips the session-kNN scoring."""
     if not state.redis.available():
         metrics.FALLBACKS.labels(reason="redis_unavailable").inc()
         return None
@@ -259,7 +273,7 @@ def read_speed(
             bestsellers_n=sizes.category,
             bestsellers_half_life_s=speed_settings.bestsellers_half_life_s,
             neighbours=NeighbourQuery(
-                sizes.neighbour_sample, sizes.neighbour_k, sizes.neighbours if personal else 0,
+                sizes.neighbour_sample, sizes.neighbour_k, sizes.neighbours if neighbours else 0,
                 speed_settings.neighbour_sessions_per_item,
             ),
         )

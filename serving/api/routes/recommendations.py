@@ -24,6 +24,7 @@ from serving.core import drift
 from serving.core.auth import Grant
 from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError
 from serving.core.impressions import Impression
+from serving.core.load import Shed, shed_for, waited_s
 from serving.core.metrics import StageClock
 from serving.core.recommender import RecRequest, RecResult, recommend
 from serving.core.state import ServingState
@@ -75,8 +76,8 @@ async def _arguments(request: Request, _: Dependant) -> dict[str, Any]:
     description=(
         "Give `user_id` (logged in) or `anonymous_id` (device), or both. `context=product` needs `item_id` "
         "(the product on the page); `context=cart` draws on the cart. The answer never fails for a "
-        "missing Redis or model: it says why in `degraded`. Send `request_id` back as `rec_request_id` "
-        "on click events to attribute them. With a session token, `session_id` must be the token's and the "
+        "missing Redis or model, or an overloaded worker: it says why in `degraded`. Send `request_id` back "
+        "as `rec_request_id` on click events to attribute them. With a session token, `session_id` must be the token's and the "
         "person its device or user. Send `consent` as the page's events carry it: below `personalisation` "
         "the list is non-personal (trending and new arrivals; nothing of the person is used, and `degraded` "
         "says so), below `analytics` the list is not logged as an impression."
@@ -112,15 +113,16 @@ async def get_recommendations(
         query.consent,
     )
     state = serving_state(request)
-    result, body = recommend_body(state, req)
+    result, body = recommend_body(state, req, shed_for(state.settings.api, waited_s(request.scope)))
     log_served(state, req, result)
     return Response(body, media_type="application/json")
 
 
-def recommend_body(state: ServingState, req: RecRequest) -> tuple[RecResult, bytes]:
-    """The list for a request and its JSON body; not logged (a pushed list is logged once sent)."""
+def recommend_body(state: ServingState, req: RecRequest, shed: Shed = Shed.NOTHING) -> tuple[RecResult, bytes]:
+    """The list for a request and its JSON body; not logged (a pushed list is logged once sent). `shed`:
+    what an overloaded worker leaves out (serving/core/load.py)."""
     clock = StageClock()
-    result = recommend(state, req, clock=clock)
+    result = recommend(state, req, clock=clock, shed=shed)
     body = _ENCODER.encode(
         {
             "request_id": result.request_id,

@@ -1,0 +1,171 @@
+"""An overloaded worker answers late requests with cheaper lists (serving/core/load.py): what each answer
+leaves out, and a real server under a burst of requests it cannot answer in time."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from bench.serve import SyntheticModel, _wait_ready
+from common import redis_keys
+from common.neighbours import session_token
+from common.redis_server import free_port
+from common.settings import ApiSettings
+from serving.core.load import Shed, shed_for
+from serving.core.recommender import OVERLOAD_BATCH_ONLY, OVERLOAD_NO_NEIGHBOURS, RecRequest, recommend
+from tests.test_serving_limits import status_and_body
+from tests.test_serving_support import seed_session_view, serving_state
+
+pytest_plugins = ["tests.test_serving_support"]
+
+
+@pytest.mark.parametrize(
+    ("waited_ms", "shed"),
+    [(0.0, Shed.NOTHING), (24.9, Shed.NOTHING), (25.0, Shed.NEIGHBOURS), (99.0, Shed.NEIGHBOURS), (100.0, Shed.SPEED_STATE)],
+)
+def test_the_wait_decides_what_is_shed(waited_ms: float, shed: Shed) -> None:
+    api = ApiSettings(overload_wait_ms=25, overload_batch_only_wait_ms=100)
+    assert shed_for(api, waited_ms / 1000) is shed
+
+
+def test_a_threshold_of_zero_never_sheds() -> None:
+    assert shed_for(ApiSettings(overload_wait_ms=0, overload_batch_only_wait_ms=0), 60.0) is Shed.NOTHING
+    assert shed_for(ApiSettings(overload_wait_ms=0, overload_batch_only_wait_ms=100), 0.5) is Shed.SPEED_STATE
+
+
+def _session_with_a_neighbour(client: redis.Redis) -> None:
+    """u1's session s1 viewed i12, which i20 often follows; another session took i12 and then i33
+    (session-kNN's neighbour)."""
+    seed_session_view(client, "u1", "s1", "i12", "cat4", {"i20": 5.0})
+    now = redis_keys.time_score(datetime.now(UTC))
+    other = session_token("u77", "s9")
+    client.zadd(redis_keys.neighbour_session(other), {"i12": now, "i33": now})
+    client.zadd(redis_keys.item_sessions("i12"), {other: now})
+
+
+def _commands_run(client: redis.Redis) -> int:
+    return sum(int(stats["calls"]) for stats in client.info("commandstats").values())
+
+
+def test_shedding_neighbours_keeps_the_session_but_not_its_neighbours(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
+    _session_with_a_neighbour(redis_client)
+    state = serving_state(client)
+    req = RecRequest("u1", None, "s1", 100, "home")
+
+    full = recommend(state, req)
+    shed = recommend(state, req, shed=Shed.NEIGHBOURS)
+
+    assert any("neighbours" in item.sources for item in full.items)
+    assert full.degraded is None
+    assert not any("neighbours" in item.sources for item in shed.items)
+    assert shed.degraded == OVERLOAD_NO_NEIGHBOURS
+    following = {item.item_id for item in shed.items if "covis" in item.sources}
+    assert "i20" in following  # the session is still read: what follows its item is a candidate
+
+
+def test_a_batch_only_answer_reads_nothing_from_redis(client: TestClient, redis_client: redis.Redis) -> None:
+    _session_with_a_neighbour(redis_client)
+    state = serving_state(client)
+    req = RecRequest("u1", None, "s1", 10, "home")
+    recommend(state, req)  # loads the read script, so the count below is the answer's alone
+
+    before = _commands_run(redis_client)
+    result = recommend(state, req, shed=Shed.SPEED_STATE)
+    # INFO itself is counted once: the answer ran none.
+    assert _commands_run(redis_client) - before == 1
+    assert result.degraded == OVERLOAD_BATCH_ONLY
+    assert len(result.items) == 10
+
+
+def _burst(port: int, n: int) -> list[tuple[int, dict[str, object]]]:
+    """n requests sent at once on n connections (so the worker has them all waiting), and their answers."""
+    head = b"GET /v1/recommendations?user_id=u1&session_id=s1&k=10 HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    connections = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(n)]
+    for conn in connections:
+        conn.sendall(head)
+
+    def answer(conn: socket.socket) -> tuple[int, dict[str, object]]:
+        with conn:
+            received = b""
+            while chunk := conn.recv(65536):
+                received += chunk
+        return status_and_body(received)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(answer, connections))
+
+
+def _fallbacks(port: int, reason: str) -> float:
+    text = socket_get(port, "/metrics")
+    prefix = f'recs_fallbacks_total{{reason="{reason}"}} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def socket_get(port: int, path: str) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    return received.partition(b"\r\n\r\n")[2].decode()
+
+
+@contextmanager
+def one_worker(recs_env: Path, **api: float) -> Iterator[int]:
+    """`recs serve --workers 1` in its own process (a burst sent from this one arrives at once), with `api`
+    settings from the environment; yields its port."""
+    port = free_port()
+    env = {**os.environ, **{f"RECS_API__{name.upper()}": str(value) for name, value in api.items()}}
+    log = (recs_env / "serve.log").open("wb")  # read on failure
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "--workers", "1", "--port", str(port)], env=env, stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        _wait_ready(port, process=process)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_requests_that_waited_behind_a_burst_get_cheaper_lists_not_errors(
+    published: SyntheticModel, recs_env: Path, redis_client: redis.Redis
+) -> None:
+    _session_with_a_neighbour(redis_client)
+    # Each list takes the worker well over a millisecond: of 24 sent at once, all but the first few wait past 1 ms.
+    with one_worker(recs_env, overload_wait_ms=1, overload_batch_only_wait_ms=0) as port:
+        answers = _burst(port, 24)
+        counted = _fallbacks(port, "overload_neighbours")
+    assert [status for status, _ in answers] == [200] * 24
+    degraded = [body["degraded"] for _, body in answers]
+    assert degraded.count(OVERLOAD_NO_NEIGHBOURS) >= 12
+    assert set(degraded) <= {None, OVERLOAD_NO_NEIGHBOURS}
+    assert counted == degraded.count(OVERLOAD_NO_NEIGHBOURS)
+    assert all(len(body["items"]) == 10 for _, body in answers)  # type: ignore[arg-type]
+
+
+def test_without_thresholds_a_burst_waits_and_every_list_is_whole(
+    published: SyntheticModel, recs_env: Path, redis_client: redis.Redis
+) -> None:
+    _session_with_a_neighbour(redis_client)
+    with one_worker(recs_env, overload_wait_ms=0, overload_batch_only_wait_ms=0) as port:
+        answers = _burst(port, 24)
+    assert [status for status, _ in answers] == [200] * 24
+    assert {body["degraded"] for _, body in answers} == {None}
+    assert len({json.dumps(body["items"]) for _, body in answers}) == 1  # the same state, the same list

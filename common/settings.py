@@ -200,13 +200,13 @@ class ApiSettings(Section):
         "counts then lag by at most twice this.",
     )
     overload_wait_ms: float = Field(
-        25.0,
+        50.0,
         ge=0,
         description="A recommendation request that waited this long for its worker (the requests before it) is "
         "answered without session-kNN, ~70 % of Redis' work on a read (0: never). `degraded` says so.",
     )
     overload_batch_only_wait_ms: float = Field(
-        100.0,
+        200.0,
         ge=0,
         description="One that waited this long is answered from the batch model alone, as without Redis (0: never).",
     )

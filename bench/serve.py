@@ -263,6 +263,13 @@ def as_request(path: str | bytes) -> bytes:
     return path if isinstance(path, bytes) else f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
 
 
+def stamped(request: bytes, due_epoch_s: float) -> bytes:
+    """`request` with the X-Request-Start a load balancer would add (serving/core/load.py): the load process
+    queues a request that finds all its connections busy, as a balancer does, and the server sees that wait."""
+    head, blank, body = request.partition(b"\r\n\r\n")
+    return b"%s\r\nX-Request-Start: t=%.6f%s%s" % (head, due_epoch_s, blank, body)
+
+
 async def _drive(
     port: int, rate: float, seconds: float, paths: Sequence[str | bytes], connections: int
 ) -> dict[str, Any]:
@@ -314,6 +321,7 @@ async def _drive(
         writer.close()
 
     workers = [asyncio.create_task(worker()) for _ in range(connections)]
+    to_epoch = time.time() - time.perf_counter()
     start = time.perf_counter()
     total = int(rate * seconds)
     for i in range(total):
@@ -321,7 +329,7 @@ async def _drive(
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        due_queue.put_nowait((due, random.choice(requests)))
+        due_queue.put_nowait((due, stamped(random.choice(requests), due + to_epoch)))
     for _ in workers:
         due_queue.put_nowait(None)
     await asyncio.gather(*workers)

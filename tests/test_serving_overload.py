@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from common import redis_keys
 from common.neighbours import session_token
 from common.redis_server import free_port
 from common.settings import ApiSettings
-from serving.core.load import Shed, shed_for
+from serving.core.load import Shed, request_start_s, shed_for
 from serving.core.recommender import OVERLOAD_BATCH_ONLY, OVERLOAD_NO_NEIGHBOURS, RecRequest, recommend
 from tests.test_serving_limits import status_and_body
 from tests.test_serving_support import seed_session_view, serving_state
@@ -190,3 +191,35 @@ def test_the_serve_bench_load_sees_an_overloaded_worker_shed(
     assert step["shed"]["neighbours"] > 0.5 and step["shed"]["batch_only"] == 0
     assert step["slow_or_shed"] >= step["shed"]["neighbours"]
     assert not _keeps_up(step, 2000)
+
+
+@pytest.mark.parametrize(
+    ("value", "epoch_s"),
+    [
+        (b"t=1733339999.5", 1733339999.5),  # nginx: t=${msec}
+        (b"1733339999500", 1733339999.5),  # milliseconds
+        (b"t=1733339999500000", 1733339999.5),  # microseconds
+        (b"soon", None),
+        (b"t=-3", None),
+        (b"nan", None),
+    ],
+)
+def test_the_balancers_request_start_is_read_in_any_of_its_units(value: bytes, epoch_s: float | None) -> None:
+    assert request_start_s(value) == epoch_s
+
+
+def test_the_wait_at_the_load_balancer_decides_what_is_shed(client: TestClient, redis_client: redis.Redis) -> None:
+    _session_with_a_neighbour(redis_client)
+    params = {"user_id": "u1", "session_id": "s1", "k": 10}
+
+    def degraded(waited_s: float | None) -> object:
+        headers = {} if waited_s is None else {"X-Request-Start": f"t={time.time() - waited_s:.6f}"}
+        response = client.get("/v1/recommendations", params=params, headers=headers)
+        assert response.status_code == 200 and len(response.json()["items"]) == 10
+        return response.json()["degraded"]
+
+    # The defaults: 50 ms without session-kNN, 200 ms batch-only.
+    assert degraded(None) is None
+    assert degraded(0.0) is None
+    assert degraded(0.1) == OVERLOAD_NO_NEIGHBOURS
+    assert degraded(1.0) == OVERLOAD_BATCH_ONLY

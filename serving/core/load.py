@@ -4,9 +4,14 @@ A worker computes one list at a time, so a request waits for those that came bef
 than the worker can answer, that wait grows without bound, and every answer comes too late. Instead, a
 recommendation request that waited `api.overload_wait_ms` is answered without session-kNN (~70 % of
 Redis' work on a read), and one that waited `api.overload_batch_only_wait_ms` from the batch model alone,
-as without Redis: the cheaper answers drain the queue, and each says why in `degraded`. The wait counts
-from when uvicorn began to parse the request (serving/core/limits.py stamps it); under the ASGI test
-client, which has no such stamp, no request has waited.
+as without Redis: the cheaper answers drain the queue, and each says why in `degraded`.
+
+The wait counts from when the request reached the load balancer, where one stamps it (the
+`X-Request-Start` header: nginx's `t=${msec}`, or milliseconds or microseconds since the epoch; its
+clock must be this host's, to the millisecond), else from when uvicorn began to parse it
+(serving/core/limits.py stamps that). A balancer that holds requests in a queue of its own, in front
+of a fixed number of connections to each worker, is seen by the first only. A client that sends the
+header itself can only make its own answer cheaper.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 from common.settings import ApiSettings
 
 ARRIVED_AT = "recs.arrived_at"  # the ASGI scope's key: time.monotonic() when parsing of the request began
+REQUEST_START = b"x-request-start"
 
 
 class Shed(Enum):
@@ -30,9 +36,30 @@ class Shed(Enum):
 
 
 def waited_s(scope: Mapping[str, Any]) -> float:
-    """Seconds since the request's parsing began (0 without the stamp)."""
+    """Seconds since the request reached the load balancer, else since its parsing began (0 without either)."""
+    for name, value in scope.get("headers", ()):
+        if name == REQUEST_START:
+            started = request_start_s(value)
+            if started is not None:
+                return max(0.0, time.time() - started)
     arrived = scope.get(ARRIVED_AT)
     return 0.0 if arrived is None else time.monotonic() - arrived
+
+
+def request_start_s(value: bytes) -> float | None:
+    """An X-Request-Start value as epoch seconds: `t=` optional, then seconds, milliseconds or microseconds
+    since the epoch (told apart by their size); None when it is none of these."""
+    text = value.removeprefix(b"t=")
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if not number > 0 or number == float("inf"):
+        return None
+    for scale in (1.0, 1e3, 1e6):
+        if number / scale < 1e11:  # seconds until the year 5138
+            return number / scale
+    return None
 
 
 def shed_for(api: ApiSettings, waited: float) -> Shed:

@@ -63,7 +63,8 @@ def serve(
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
     """API latency: 2 workers on a 50k-item, 64-factor synthetic model (or a real lake's) with live speed
-    state, fixed-rate load from another process, beside a no-op route on the same server (ratio_to_noop)."""
+    state, fixed-rate load from another process, beside a no-op route on the same server (ratio_to_noop);
+    a step at twice the highest rate held shows what an overloaded worker sheds (overload)."""
     real = _real_lake(lake, days, models)
     if in_process:
         from bench.serve_profile import bench_in_process

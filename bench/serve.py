@@ -6,6 +6,9 @@ consumer, so sessions, deltas, affinities, co-visits, neighbour sessions and liv
 a request reads. Prints one JSON object: p50/p99 latency and achieved rate at the base rate, errors,
 the highest rate whose p99 stays under 50 ms for the API and for the no-op route (and their ratio),
 the workers' CPU per request and resident memory, and the mean time per stage inside the workers.
+Each request carries its due time as a load balancer's X-Request-Start, so a worker sees how long it
+waited; an answer an overloaded worker made cheaper (serving/core/load.py) counts as one past 50 ms,
+and `overload` is a step at twice the highest rate held: its latency and the shares shed.
 The synthetic model factory here is also what the serving tests publish (small), so both run the
 same shapes.
 """

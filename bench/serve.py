@@ -433,14 +433,15 @@ def _stage_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[flo
 def _overload_step(step: dict[str, Any] | None, rate: float) -> dict[str, Any] | None:
     if step is None:
         return None
-    return {"rate": round(rate, 1), "rps": round(step["rps"], 1), "p50_ms": round(step["p50_ms"], 2),
-            "p99_ms": round(step["p99_ms"], 2), "errors": step["errors"], "shed": step["shed"]}  # fmt: skip
+    rounded = {key: round(step[key], 2) for key in ("rps", "p50_ms", "p99_ms")}
+    return {"rate": round(rate, 1), **rounded, "errors": step["errors"], "shed": step["shed"]}
 
 
 def _keeps_up(step: dict[str, Any], rate: float) -> bool:
     """p99 within 50 ms, no error, the rate delivered; and an answer an overloaded worker made cheaper counts
     as one past 50 ms: at most 1 % of the answers either (a rate held by shedding work is not held)."""
-    return bool(step["p99_ms"] <= 50 and step["slow_or_shed"] <= 0.01 and step["errors"] == 0 and step["rps"] >= 0.95 * rate)
+    within_50ms = step["p99_ms"] <= 50 and step["slow_or_shed"] <= 0.01
+    return bool(within_50ms and step["errors"] == 0 and step["rps"] >= 0.95 * rate)
 
 
 def highest_rate_under_50ms(

@@ -34,7 +34,13 @@ pytest_plugins = ["tests.test_serving_support"]
 
 @pytest.mark.parametrize(
     ("waited_ms", "shed"),
-    [(0.0, Shed.NOTHING), (24.9, Shed.NOTHING), (25.0, Shed.NEIGHBOURS), (99.0, Shed.NEIGHBOURS), (100.0, Shed.SPEED_STATE)],
+    [
+        (0.0, Shed.NOTHING),
+        (24.9, Shed.NOTHING),
+        (25.0, Shed.NEIGHBOURS),
+        (99.0, Shed.NEIGHBOURS),
+        (100.0, Shed.SPEED_STATE),
+    ],
 )
 def test_the_wait_decides_what_is_shed(waited_ms: float, shed: Shed) -> None:
     api = ApiSettings(overload_wait_ms=25, overload_batch_only_wait_ms=100)

@@ -25,6 +25,7 @@ from common.redis_server import free_port
 from common.registry import Registry
 from common.settings import PROJECT_ROOT, get_settings
 from common.stream import group_lag
+from serving.core.recommender import OVERLOAD_BATCH_ONLY
 from tests.speed_factories import add_events, make_event
 from tests.test_serving_limits import serving
 from tests.test_serving_support import make_settings, view_event
@@ -89,6 +90,7 @@ LIVE_THRESHOLDS = {
     "LakeWriterStalled": ("> 300", ">= 0"),  # the real gauge, however recent
     "RecommendationsLatencyP99High": ("> 0.1", "> 0"),  # any served list
     "ModelTooOld": ("> 108000", "> 1800"),  # the synthetic model's cutoff is an hour old
+    "RecommendationsShed": ("> 0.05", "> 0"),  # any shed list
 }
 NOT_LIVE = {"ModelDrifted", "ModelDriftPSIHigh"}
 # A scrape that times out on a busy machine is not a dead process: the target must stay down this long.
@@ -234,6 +236,15 @@ def test_alerts_fire_on_the_series_of_real_processes(
                 assert api.get("/v1/recommendations", params={"anonymous_id": f"a{k}"}).status_code == 200
             prometheus.wait_value('sum(recs_speed_events_total{outcome="applied"})', lambda v: v >= 30, 30)
             prometheus.wait_value("sum(recs_lake_writer_rows_total)", lambda v: v >= 30, 30)
+            # Lists asked for a second after the balancer stamped them: shed (batch-only). rate() counts
+            # from the second sample of the new series, so one first, then the rest once it is scraped.
+            waited = {"X-Request-Start": f"t={time.time() - 1:.3f}"}
+            shed = api.get("/v1/recommendations", params={"anonymous_id": "a0"}, headers=waited)
+            assert shed.json()["degraded"] == OVERLOAD_BATCH_ONLY
+            prometheus.wait_value('sum(recs_fallbacks_total{reason=~"overload_.*"})', lambda v: v >= 1, 10)
+            for _ in range(5):
+                waited = {"X-Request-Start": f"t={time.time() - 1:.3f}"}
+                assert api.get("/v1/recommendations", params={"anonymous_id": "a0"}, headers=waited).status_code == 200
             healthy = prometheus.wait_firing(set(LIVE_THRESHOLDS) - {"StreamGroupLag"}, 20)
             assert not healthy.keys() & {"SpeedDeadLetters", "StreamGroupLag", "TargetDown", "ApiErrorRate"}
             registry = Registry(settings.models.root)

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -98,37 +99,31 @@ def test_a_batch_only_answer_reads_nothing_from_redis(client: TestClient, redis_
     assert len(result.items) == 10
 
 
-def _burst(port: int, n: int) -> list[tuple[int, dict[str, object]]]:
+def _burst(port: int, n: int) -> list[tuple[int, dict[str, Any]]]:
     """n requests sent at once on n connections (so the worker has them all waiting), and their answers."""
     head = b"GET /v1/recommendations?user_id=u1&session_id=s1&k=10 HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
     connections = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(n)]
     for conn in connections:
         conn.sendall(head)
 
-    def answer(conn: socket.socket) -> tuple[int, dict[str, object]]:
-        with conn:
-            received = b""
-            while chunk := conn.recv(65536):
-                received += chunk
-        return status_and_body(received)
-
     with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(answer, connections))
+        return [status_and_body(answer) for answer in pool.map(_read_to_close, connections)]
 
 
-def _fallbacks(port: int, reason: str) -> float:
-    text = socket_get(port, "/metrics")
-    prefix = f'recs_fallbacks_total{{reason="{reason}"}} '
-    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
-
-
-def socket_get(port: int, path: str) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
-        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
+def _read_to_close(conn: socket.socket) -> bytes:
+    with conn:
         received = b""
         while chunk := conn.recv(65536):
             received += chunk
-    return received.partition(b"\r\n\r\n")[2].decode()
+    return received
+
+
+def _fallbacks(port: int, reason: str) -> float:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    text = _read_to_close(conn).partition(b"\r\n\r\n")[2].decode()
+    prefix = f'recs_fallbacks_total{{reason="{reason}"}} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
 
 
 @contextmanager
@@ -151,32 +146,36 @@ def one_worker(recs_env: Path, **api: float) -> Iterator[int]:
         log.close()
 
 
-def test_requests_that_waited_behind_a_burst_get_cheaper_lists_not_errors(
-    published: SyntheticModel, recs_env: Path, redis_client: redis.Redis
-) -> None:
+def _burst_of_24(recs_env: Path, redis_client: redis.Redis, **api: float) -> tuple[list[dict[str, Any]], float]:
+    """24 requests at once to one worker with `api` settings: their bodies (each answered 200) and how
+    many lists the worker counted as shed without session-kNN."""
     _session_with_a_neighbour(redis_client)
-    # Each list takes the worker over a millisecond: of 24 sent at once, those answered after the first
-    # few wait past 1 ms (how many depends on how fast this process sends them).
-    with one_worker(recs_env, overload_wait_ms=1, overload_batch_only_wait_ms=0) as port:
+    with one_worker(recs_env, **api) as port:
         answers = _burst(port, 24)
         counted = _fallbacks(port, "overload_neighbours")
     assert [status for status, _ in answers] == [200] * 24
-    degraded = [body["degraded"] for _, body in answers]
+    return [body for _, body in answers], counted
+
+
+def test_requests_that_waited_behind_a_burst_get_cheaper_lists_not_errors(
+    published: SyntheticModel, recs_env: Path, redis_client: redis.Redis
+) -> None:
+    # Each list takes the worker over a millisecond: of 24 sent at once, those answered after the first
+    # few wait past 1 ms (how many depends on how fast this process sends them).
+    bodies, counted = _burst_of_24(recs_env, redis_client, overload_wait_ms=1, overload_batch_only_wait_ms=0)
+    degraded = [body["degraded"] for body in bodies]
     assert degraded.count(OVERLOAD_NO_NEIGHBOURS) >= 3
     assert set(degraded) <= {None, OVERLOAD_NO_NEIGHBOURS}
     assert counted == degraded.count(OVERLOAD_NO_NEIGHBOURS)
-    assert all(len(body["items"]) == 10 for _, body in answers)  # type: ignore[arg-type]
+    assert all(len(body["items"]) == 10 for body in bodies)
 
 
 def test_without_thresholds_a_burst_waits_and_every_list_is_whole(
     published: SyntheticModel, recs_env: Path, redis_client: redis.Redis
 ) -> None:
-    _session_with_a_neighbour(redis_client)
-    with one_worker(recs_env, overload_wait_ms=0, overload_batch_only_wait_ms=0) as port:
-        answers = _burst(port, 24)
-    assert [status for status, _ in answers] == [200] * 24
-    assert {body["degraded"] for _, body in answers} == {None}
-    assert len({json.dumps(body["items"]) for _, body in answers}) == 1  # the same state, the same list
+    bodies, counted = _burst_of_24(recs_env, redis_client, overload_wait_ms=0, overload_batch_only_wait_ms=0)
+    assert {body["degraded"] for body in bodies} == {None} and counted == 0
+    assert len({json.dumps(body["items"]) for body in bodies}) == 1  # the same state, the same list
 
 
 def test_the_serve_bench_counts_what_was_shed() -> None:

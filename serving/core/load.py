@@ -8,10 +8,10 @@ as without Redis: the cheaper answers drain the queue, and each says why in `deg
 
 The wait counts from when the request reached the load balancer, where one stamps it (the
 `X-Request-Start` header: nginx's `t=${msec}`, or milliseconds or microseconds since the epoch; its
-clock must be this host's, to the millisecond), else from when uvicorn began to parse it
+clock must be this host's, to the millisecond), and from when uvicorn began to parse it
 (serving/core/limits.py stamps that). A balancer that holds requests in a queue of its own, in front
-of a fixed number of connections to each worker, is seen by the first only. A client that sends the
-header itself can only make its own answer cheaper.
+of a fixed number of connections to each worker, is seen by the first only. The longer of the two
+counts, so a client that sends the header itself can only make its own answer cheaper.
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ class Shed(Enum):
 
 
 def waited_s(scope: Mapping[str, Any]) -> float:
-    """Seconds since the request reached the load balancer, else since its parsing began (0 without either)."""
+    """Seconds since the request reached the load balancer or since its parsing began, the longer (0
+    without either): a stamp from the future does not hide the wait behind this worker's requests."""
+    arrived = scope.get(ARRIVED_AT)
+    waited = 0.0 if arrived is None else time.monotonic() - arrived
     for name, value in scope.get("headers", ()):
         if name == REQUEST_START:
             started = request_start_s(value)
             if started is not None:
-                return max(0.0, time.time() - started)
-    arrived = scope.get(ARRIVED_AT)
-    return 0.0 if arrived is None else time.monotonic() - arrived
+                waited = max(waited, time.time() - started)
+    return waited
 
 
 def request_start_s(value: bytes) -> float | None:

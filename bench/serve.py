@@ -278,7 +278,8 @@ async def _drive(
 ) -> dict[str, Any]:
     """Open-loop load: request i is due at i/rate; latency counts from when it was due (no coordinated omission).
     A 2xx answer is a success; those an overloaded worker made cheaper (serving/core/load.py) are counted."""
-    from serving.core.recommender import OVERLOAD_BATCH_ONLY, OVERLOAD_NO_NEIGHBOURS
+    # A light module (not the recommender's): every load step's process imports it.
+    from serving.core.load import OVERLOAD_BATCH_ONLY, OVERLOAD_NO_NEIGHBOURS
 
     requests = [as_request(path) for path in paths]
     due_queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()

@@ -25,7 +25,7 @@ from common.redis_server import free_port
 from common.registry import Registry
 from common.settings import PROJECT_ROOT, get_settings
 from common.stream import group_lag
-from serving.core.recommender import OVERLOAD_BATCH_ONLY
+from serving.core.load import OVERLOAD_BATCH_ONLY
 from tests.speed_factories import add_events, make_event
 from tests.test_serving_limits import serving
 from tests.test_serving_support import make_settings, view_event

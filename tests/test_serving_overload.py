@@ -24,8 +24,17 @@ from common import redis_keys
 from common.neighbours import session_token
 from common.redis_server import free_port
 from common.settings import ApiSettings
-from serving.core.load import ARRIVED_AT, REQUEST_START, Shed, request_start_s, shed_for, waited_s
-from serving.core.recommender import OVERLOAD_BATCH_ONLY, OVERLOAD_NO_NEIGHBOURS, RecRequest, recommend
+from serving.core.load import (
+    ARRIVED_AT,
+    OVERLOAD_BATCH_ONLY,
+    OVERLOAD_NO_NEIGHBOURS,
+    REQUEST_START,
+    Shed,
+    request_start_s,
+    shed_for,
+    waited_s,
+)
+from serving.core.recommender import RecRequest, recommend
 from serving.main import create_app
 from tests.test_serving_limits import status_and_body
 from tests.test_serving_support import make_settings, seed_session_view, serving_state

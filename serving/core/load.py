@@ -25,6 +25,9 @@ from common.settings import ApiSettings
 
 ARRIVED_AT = "recs.arrived_at"  # the ASGI scope's key: time.monotonic() when parsing of the request began
 REQUEST_START = b"x-request-start"
+# The answers' `degraded` reasons (the serve bench counts answers by them).
+OVERLOAD_NO_NEIGHBOURS = "overload: no session-kNN candidates (the request waited over api.overload_wait_ms)"
+OVERLOAD_BATCH_ONLY = "overload: batch-only, as without Redis (the request waited over api.overload_batch_only_wait_ms)"
 
 
 class Shed(Enum):
@@ -33,6 +36,14 @@ class Shed(Enum):
     NOTHING = "nothing"
     NEIGHBOURS = "neighbours"
     SPEED_STATE = "speed_state"
+
+    @property
+    def reason(self) -> str | None:
+        """The answer's `degraded` reason; None for NOTHING."""
+        return _REASONS.get(self)
+
+
+_REASONS = {Shed.NEIGHBOURS: OVERLOAD_NO_NEIGHBOURS, Shed.SPEED_STATE: OVERLOAD_BATCH_ONLY}
 
 
 def waited_s(scope: Mapping[str, Any]) -> float:

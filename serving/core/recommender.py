@@ -50,9 +50,6 @@ EXPERIMENT = "recs"
 REDIS_DOWN = "redis_unavailable: batch-only recommendations (no session, trending or stock updates)"
 NO_MODEL = "no_model: popular items from the lake"
 NO_CONSENT = "no_personalisation_consent: non-personal items (trending, new arrivals), nothing of the person used"
-OVERLOAD_NO_NEIGHBOURS = "overload: no session-kNN candidates (the request waited over api.overload_wait_ms)"
-OVERLOAD_BATCH_ONLY = "overload: batch-only, as without Redis (the request waited over api.overload_batch_only_wait_ms)"
-_SHED_REASONS = {Shed.NEIGHBOURS: OVERLOAD_NO_NEIGHBOURS, Shed.SPEED_STATE: OVERLOAD_BATCH_ONLY}
 
 
 @dataclass(frozen=True)
@@ -139,8 +136,8 @@ def recommend(
     rules = state.rules
     degraded: list[str] = [] if req.personalised else [NO_CONSENT]
     personal = variant != "popular" and req.personalised
-    if shed is not Shed.NOTHING:
-        degraded.append(_SHED_REASONS[shed])
+    if shed.reason is not None:
+        degraded.append(shed.reason)
         metrics.FALLBACKS.labels(reason=f"overload_{shed.value}").inc()
 
     speed = read_speed(state, req, model, now_s, neighbours=personal and shed is Shed.NOTHING) if reads_redis else None

@@ -223,15 +223,17 @@ if nb_n > 0 and session and #recent > 0 then
   -- nearest and only those sessions' items are read (a popular item's hundreds are not).
   local k = tonumber(ARGV[24])
   local read_all = #candidates <= k
-  local similarity, members, nearest, n_nearest = {}, {}, {}, 0
+  local similarity, members, key_of, nearest, n_nearest = {}, {}, {}, {}, 0
   for c = 1, #candidates do
     local token = candidates[c]
+    local key = token_grouped(token)
     local count
     if read_all then
-      members[token] = call('ZRANGE', token_grouped(token), '0', '-1')
+      members[token] = call('ZRANGE', key, '0', '-1')
       count = #members[token]
     else
-      count = call('ZCARD', token_grouped(token))
+      count = call('ZCARD', key)
+      key_of[token] = key  -- the nearest are read below: their keys are not built twice
     end
     if count > 0 then
       similarity[token] = dot[token] / sqrt(size * count)
@@ -245,7 +247,7 @@ if nb_n > 0 and session and #recent > 0 then
   for t = 1, #nearest do
     local token = nearest[t]
     local vote = similarity[token]
-    local items = members[token] or call('ZRANGE', token_grouped(token), '0', '-1')
+    local items = members[token] or call('ZRANGE', key_of[token], '0', '-1')
     for i = 1, #items do
       local item = items[i]
       if not is_seed[item] then

@@ -103,7 +103,8 @@ def _live_state(state: StateDep, item_id: str) -> tuple[set[str], list[tuple[str
     except redis.RedisError as exc:
         state.redis.failed(exc)
         return set(), [], REDIS_DOWN
-    return {_text(m) for m in members}, list(follow_weights([_text(m) for m, _ in pairs], [c for _, c in pairs]).items()), None
+    followers = follow_weights([_text(m) for m, _ in pairs], [units for _, units in pairs])
+    return {_text(m) for m in members}, list(followers.items()), None
 
 
 def _text(value: bytes | str) -> str:

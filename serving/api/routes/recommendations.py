@@ -78,9 +78,9 @@ async def _arguments(request: Request, _: Dependant) -> dict[str, Any]:
         "(the product on the page); `context=cart` draws on the cart. The answer never fails for a "
         "missing Redis or model, or an overloaded worker: it says why in `degraded`. Send `request_id` back "
         "as `rec_request_id` on click events to attribute them. With a session token, `session_id` must be "
-        "the token's and the person its device or user. Send `consent` as the page's events carry it: below `personalisation` "
-        "the list is non-personal (trending and new arrivals; nothing of the person is used, and `degraded` "
-        "says so), below `analytics` the list is not logged as an impression."
+        "the token's and the person its device or user. Send `consent` as the page's events carry it: below "
+        "`personalisation` the list is non-personal (trending and new arrivals; nothing of the person is used, "
+        "and `degraded` says so), below `analytics` the list is not logged as an impression."
     ),
     response_model=RecommendationsResponse,
 )

@@ -26,10 +26,12 @@ from common.settings import ExperimentSettings, Settings
 from evaluation.bandit import ReplayBandit
 from serving.core.erasure import erase_person
 from serving.core.experiments import Bandit
+from serving.core.load import Shed
+from serving.core.recommender import RecRequest, recommend
 from serving.main import create_app
 from speed_layer.consumer import SpeedConsumer
 from tests.speed_factories import add_events, make_event, speed_settings
-from tests.test_serving_support import make_settings
+from tests.test_serving_support import make_settings, serving_state
 
 pytest_plugins = ["tests.test_serving_support"]
 
@@ -314,6 +316,22 @@ def test_the_api_serves_an_arm_and_the_speed_layer_counts_its_list(
     assert sum(
         v for (name, context, _, _), v in samples.items() if name == "recs_bandit_share" and context == "cart"
     ) == pytest.approx(1.0)
+
+
+def test_a_list_shed_under_overload_keeps_the_arm_but_does_not_count_for_it(
+    bandit_api: TestClient, redis_client: redis.Redis
+) -> None:
+    settings = make_settings()
+    state = serving_state(bandit_api)
+    req = RecRequest("u1", None, "s1", 5, "home")
+    whole = recommend(state, req)
+    shed = [recommend(state, req, shed=kind) for kind in (Shed.NEIGHBOURS, Shed.NEIGHBOURS)]
+    drain(consumer(redis_client, settings, "c1"))
+
+    assert {result.variant for result in shed} == {whole.variant}  # the session's arm, shed or not
+    assert redis_client.exists(redis_keys.bandit_served(whole.request_id)) == 1
+    assert redis_client.exists(*(redis_keys.bandit_served(result.request_id) for result in shed)) == 0
+    assert stored_counts(redis_client, settings).get("home", whole.variant, bandit.SERVED) == 1
 
 
 # ---------------------------------------------------------------- the replay's bandit

@@ -133,6 +133,9 @@ def recommend(
     model = state.models.current  # one snapshot for the whole request: a reload cannot mix versions
     reads_redis = shed is not Shed.SPEED_STATE
     variant, bandit_arm = choose_variant(state, req, reads_redis)
+    # A shed list is a cheaper treatment than its arm's: counted for the arm, a long overload would
+    # teach the posteriors about lists the arm does not serve otherwise. It keeps the session's arm.
+    counts_for_arm = bandit_arm and shed is Shed.NOTHING
     rules = state.rules
     degraded: list[str] = [] if req.personalised else [NO_CONSENT]
     personal = variant != "popular" and req.personalised
@@ -151,7 +154,7 @@ def recommend(
         degraded.insert(0, NO_MODEL)
         ranked, n_candidates = _without_model(state, rules, speed, req, now_s)
         result = _finish(state, req, variant, None, degraded, ranked, n_candidates)
-        _record_arm(state, req, result, bandit_arm)
+        _record_arm(state, req, result, counts_for_arm)
         clock.lap("rules")
         return result
 
@@ -171,7 +174,7 @@ def recommend(
     result = _finish(state, req, variant, model.version, degraded, ranked, len(pool.item_ids), speed, model)
     if features is not None:
         result.ranked_pool = RankedPool(features, scores, cold_start=_cold_start(state, model, req, speed))
-    _record_arm(state, req, result, bandit_arm)
+    _record_arm(state, req, result, counts_for_arm)
     clock.lap("rules")
     return result
 

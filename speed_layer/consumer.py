@@ -253,11 +253,11 @@ class SpeedConsumer:
         """XREADGROUP and the served versions after it, on the reads lane (replies: `_take_entries`)."""
         speed = self.speed
         blocking = ("BLOCK", speed.block_ms) if block else ()
-        self.reads.send(
-            "XREADGROUP", "GROUP", speed.group, self.name, "COUNT", speed.batch_size, *blocking,
-            "STREAMS", self.stream_key, start,
-        )  # fmt: skip
-        self.reads.send("MGET", redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION)
+        self.reads.send_all((
+            ("XREADGROUP", "GROUP", speed.group, self.name, "COUNT", speed.batch_size, *blocking,
+             "STREAMS", self.stream_key, start),
+            ("MGET", redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION),
+        ))  # fmt: skip
 
     def _take_entries(self) -> tuple[list[Entry], Versions]:
         reply, versions = self.reads.read(2)

@@ -55,6 +55,16 @@ def set_categories(client: redis.Redis, categories: dict[str, str]) -> None:
     apply_item_updates(client, [ItemUpdate(item_id=i, category_path=[c]) for i, c in categories.items()])
 
 
+def within_one_day(ago: timedelta, span: timedelta) -> datetime:
+    """A start about `ago` before now such that [start, start + span] lies in one UTC day, so that a test's
+    events share one popularity-day key: just after midnight, `ago` before now can be late yesterday."""
+    start = datetime.now(UTC) - ago
+    end = start + span
+    if end.date() != start.date():
+        start = end.replace(hour=0, minute=0, second=0, microsecond=0)
+    return start
+
+
 def make_event(
     event_type: EventType = EventType.VIEW,
     item_id: str | None = "i0",

@@ -22,7 +22,14 @@ from common.stream import group_lag
 from common.vectors import sgd_step
 from speed_layer.consumer import SpeedConsumer
 from speed_layer.effects import Applier
-from tests.speed_factories import add_events, make_event, publish_model, set_categories, speed_settings
+from tests.speed_factories import (
+    add_events,
+    make_event,
+    publish_model,
+    set_categories,
+    speed_settings,
+    within_one_day,
+)
 
 ITEMS = 12
 
@@ -275,7 +282,7 @@ def test_a_chunk_writes_each_counter_key_once_whatever_its_members(
     """A session walking 50 new items: each trending, popularity and co-visit key of the chunk gets one
     ZMSCORE and one ZADD for all its members (not a ZINCRBY a member), and the sums are the rule's."""
     settings = speed_settings(tmp_path, redis_server.url, script_chunk=50, covis_steps=10)
-    start = datetime.now(UTC) - timedelta(minutes=5)
+    start = within_one_day(timedelta(minutes=5), timedelta(seconds=50))
     events = [
         make_event(EventType.VIEW, f"i{j}", ts=start + timedelta(seconds=j), received_at=start + timedelta(seconds=j))
         for j in range(50)

@@ -21,7 +21,14 @@ from common.registry import Registry
 from common.sequence import FOLLOW_UNIT
 from common.speed_state import read_speed_state
 from speed_layer.consumer import SpeedConsumer
-from tests.speed_factories import add_events, make_event, publish_model, set_categories, speed_settings
+from tests.speed_factories import (
+    add_events,
+    make_event,
+    publish_model,
+    set_categories,
+    speed_settings,
+    within_one_day,
+)
 
 HOUR = timedelta(hours=1)
 
@@ -336,7 +343,7 @@ def test_times_and_counts_reach_redis_exactly_as_the_events_give_them(
     redis_client.flushall()
     settings = speed_settings(tmp_path, redis_server.url)
     consumer = SpeedConsumer(redis_client, settings, Registry(settings.models.root), name="c1")
-    start = datetime.now(UTC).replace(microsecond=123_457) - HOUR
+    start = within_one_day(HOUR, timedelta(seconds=5)).replace(microsecond=123_457)
     events = [
         make_event(EventType.VIEW, "i1", ts=start),
         make_event(EventType.VIEW, "i2", ts=start + timedelta(microseconds=987_651)),

@@ -39,6 +39,9 @@ from common.lake import Lake
 from common.model import save_content_map, save_factors, save_ranker, save_table
 from common.registry import COVISITATION, POPULARITY, Manifest, Registry
 
+# A light module (not the recommender's): every load step's process imports this one.
+from serving.core.load import OVERLOAD_BATCH_ONLY, OVERLOAD_NO_NEIGHBOURS, request_start
+
 
 @dataclass(frozen=True)
 class SyntheticModel:
@@ -269,8 +272,9 @@ def as_request(path: str | bytes) -> bytes:
 def stamped(request: bytes, due_epoch_s: float) -> bytes:
     """`request` with the X-Request-Start a load balancer would add (serving/core/load.py): the load process
     queues a request that finds all its connections busy, as a balancer does, and the server sees that wait."""
+    name, value = request_start(due_epoch_s)
     head, blank, body = request.partition(b"\r\n\r\n")
-    return b"%s\r\nX-Request-Start: t=%.6f%s%s" % (head, due_epoch_s, blank, body)
+    return b"%s\r\n%s: %s%s%s" % (head, name.encode(), value.encode(), blank, body)
 
 
 async def _drive(
@@ -278,9 +282,6 @@ async def _drive(
 ) -> dict[str, Any]:
     """Open-loop load: request i is due at i/rate; latency counts from when it was due (no coordinated omission).
     A 2xx answer is a success; those an overloaded worker made cheaper (serving/core/load.py) are counted."""
-    # A light module (not the recommender's): every load step's process imports it.
-    from serving.core.load import OVERLOAD_BATCH_ONLY, OVERLOAD_NO_NEIGHBOURS
-
     requests = [as_request(path) for path in paths]
     due_queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
     latencies: list[float] = []

@@ -25,7 +25,7 @@ from common.redis_server import free_port
 from common.registry import Registry
 from common.settings import PROJECT_ROOT, get_settings
 from common.stream import group_lag
-from serving.core.load import OVERLOAD_BATCH_ONLY
+from serving.core.load import OVERLOAD_BATCH_ONLY, request_start
 from tests.speed_factories import add_events, make_event
 from tests.test_serving_limits import serving
 from tests.test_serving_support import make_settings, view_event
@@ -238,12 +238,12 @@ def test_alerts_fire_on_the_series_of_real_processes(
             prometheus.wait_value("sum(recs_lake_writer_rows_total)", lambda v: v >= 30, 30)
             # Lists asked for a second after the balancer stamped them: shed (batch-only). rate() counts
             # from the second sample of the new series, so one first, then the rest once it is scraped.
-            waited = {"X-Request-Start": f"t={time.time() - 1:.3f}"}
+            waited = dict([request_start(time.time() - 1)])
             shed = api.get("/v1/recommendations", params={"anonymous_id": "a0"}, headers=waited)
             assert shed.json()["degraded"] == OVERLOAD_BATCH_ONLY
             prometheus.wait_value('sum(recs_fallbacks_total{reason=~"overload_.*"})', lambda v: v >= 1, 10)
             for _ in range(5):
-                waited = {"X-Request-Start": f"t={time.time() - 1:.3f}"}
+                waited = dict([request_start(time.time() - 1)])
                 assert api.get("/v1/recommendations", params={"anonymous_id": "a0"}, headers=waited).status_code == 200
             healthy = prometheus.wait_firing(set(LIVE_THRESHOLDS) - {"StreamGroupLag"}, 20)
             assert not healthy.keys() & {"SpeedDeadLetters", "StreamGroupLag", "TargetDown", "ApiErrorRate"}

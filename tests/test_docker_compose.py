@@ -22,6 +22,7 @@ import typer.main
 import yaml
 
 from common.settings import PROJECT_ROOT, SettingsError, _unknown_env_keys, load_settings
+from serving.core.load import REQUEST_START_HEADER
 
 DOCKER = PROJECT_ROOT / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
@@ -497,6 +498,8 @@ def test_proxy_upstreams_are_real_services_and_ports():
     listen = {int(p) for p in re.findall(r"^\s*listen\s+(\d+)", conf, re.MULTILINE)}
     published = {int(str(spec).split(":")[-1]) for spec in SERVICES["proxy"]["ports"]}
     assert published <= listen, "the proxy publishes a port nginx does not listen on"
+    # The balancer's stamp, as the workers read it (serving/core/load.py): when the request reached nginx.
+    assert f'proxy_set_header {REQUEST_START_HEADER} "t=${{msec}}";' in conf
 
 
 # The drift monitor (issue 16, item 2) exports these; the alert rules and the dashboard name them already.

@@ -30,6 +30,7 @@ from serving.core.load import (
     OVERLOAD_NO_NEIGHBOURS,
     REQUEST_START,
     Shed,
+    request_start,
     request_start_s,
     shed_for,
     waited_s,
@@ -240,7 +241,7 @@ def test_the_wait_at_the_load_balancer_decides_what_is_shed(published: Synthetic
     with TestClient(create_app(settings)) as client:
 
         def degraded(waited_s: float | None) -> object:
-            headers = {} if waited_s is None else {"X-Request-Start": f"t={time.time() - waited_s:.6f}"}
+            headers = {} if waited_s is None else dict([request_start(time.time() - waited_s)])
             response = client.get("/v1/recommendations", params=params, headers=headers)
             assert response.status_code == 200 and len(response.json()["items"]) == 10
             return response.json()["degraded"]

@@ -24,7 +24,8 @@ from typing import Any
 from common.settings import ApiSettings
 
 ARRIVED_AT = "recs.arrived_at"  # the ASGI scope's key: time.monotonic() when parsing of the request began
-REQUEST_START = b"x-request-start"
+REQUEST_START_HEADER = "X-Request-Start"  # the balancer's stamp (docker/nginx.conf sets it)
+REQUEST_START = REQUEST_START_HEADER.lower().encode()  # as the ASGI scope holds it
 # The answers' `degraded` reasons (the serve bench counts answers by them).
 OVERLOAD_NO_NEIGHBOURS = "overload: no session-kNN candidates (the request waited over api.overload_wait_ms)"
 OVERLOAD_BATCH_ONLY = "overload: batch-only, as without Redis (the request waited over api.overload_batch_only_wait_ms)"
@@ -57,6 +58,11 @@ def waited_s(scope: Mapping[str, Any]) -> float:
             if started is not None:
                 waited = max(waited, time.time() - started)
     return waited
+
+
+def request_start(epoch_s: float) -> tuple[str, str]:
+    """The header a balancer adds to a request that reached it at `epoch_s` (as nginx's `t=${msec}`)."""
+    return REQUEST_START_HEADER, f"t={epoch_s:.6f}"
 
 
 def request_start_s(value: bytes) -> float | None:

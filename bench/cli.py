@@ -114,12 +114,17 @@ def push(
     events_per_s: float = typer.Option(200.0, "--events-per-s", min=1, help="Events/s posted for those sessions."),
     seconds: float = typer.Option(20.0, min=5, help="Seconds of each phase (without, then with the streams)."),
     get_rate: float = typer.Option(100.0, "--get-rate", min=1, help="GET /v1/recommendations per second."),
+    push_helper: bool = typer.Option(
+        True, "--push-helper/--no-push-helper", help="Lists computed by each worker's push helper, or by the worker."
+    ),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
     """Live pushes: delivery latency and share within 1 s, GET latency with and without the open streams."""
     from bench.push import bench_push
 
-    result = bench_push(streams=streams, events_per_s=events_per_s, seconds=seconds, get_rate=get_rate)
+    result = bench_push(
+        streams=streams, events_per_s=events_per_s, seconds=seconds, get_rate=get_rate, push_helper=push_helper
+    )
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 

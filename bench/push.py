@@ -38,6 +38,7 @@ from common.registry import Registry
 
 DELIVERY_TARGET_S = 1.0
 GRACE_S = 3.0  # after the last event, for its list to arrive
+HELPER_START_S = 60.0  # a bound on the workers' push helpers getting ready (each loads the model)
 EVENT_CONNECTIONS = 16
 # The workers' push counters read from /metrics (summed over workers) around the two phases.
 PUSH_COUNTERS = (
@@ -212,6 +213,25 @@ def run_phase(client: PushClient, get_paths: list[str], get_rate: float) -> tupl
     return pushes, gets
 
 
+async def _start_push_helpers(port: int, workers: int) -> None:
+    """Open streams until every worker's push helper is ready (each worker starts one with its first
+    stream; which worker takes a connection is the kernel's choice), then close them."""
+    deadline = time.monotonic() + HELPER_START_S
+    connections: list[asyncio.StreamWriter] = []
+    try:
+        while _metric_total(port, "recs_push_helpers_ready") < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the workers' push helpers were not all ready within {HELPER_START_S:.0f} s")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            path = f"/v1/stream/recommendations?anonymous_id=warm-{len(connections)}&k=10"
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n".encode())
+            connections.append(writer)
+            await asyncio.sleep(0.5)
+    finally:
+        for writer in connections:
+            writer.close()
+
+
 def _tree_cpu_s(pid: int) -> float:
     """User and system CPU seconds of a process and its descendants (uvicorn's workers)."""
     parent = psutil.Process(pid)
@@ -236,6 +256,7 @@ def bench_push(
     n_items: int = 50_000,
     n_users: int = 100_000,
     factors: int = 64,
+    push_helper: bool = True,
 ) -> dict[str, Any]:
     load_before = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="recs-bench-push-") as tmp:
@@ -253,6 +274,7 @@ def bench_push(
             "RECS_LAKE__ROOT": str(root / "lake"),
             "RECS_MODELS__ROOT": str(root / "models"),
             "RECS_REDIS__URL": redis_server.url,
+            "RECS_API__PUSH_HELPER": str(push_helper).lower(),
         }
         recs = [sys.executable, "-c", "from recs.main import app; app()"]
         processes = [
@@ -275,6 +297,8 @@ def bench_push(
                 for i, (d, s) in enumerate(session_of(rng.randrange(streams)) for _ in range(2000))
             ]
             run_load(port, 50, 3, get_paths)  # warm-up: imports, first LightGBM calls, connections
+            if push_helper:  # started by a worker's first stream: before the phases, so neither pays its start
+                asyncio.run(_start_push_helpers(port, workers))
 
             redis_client = redis_server.client()
 
@@ -349,6 +373,7 @@ def bench_push(
         "get_errors": gets_without["errors"] + gets_with["errors"],
         "post_errors_without_streams": events_only["post_errors"],
         "workers": workers,
+        "push_helper": push_helper,
         "items": n_items,
         "factors": factors,
         "cpu_count": os.cpu_count(),

@@ -10,8 +10,8 @@ is written by this tree's speed consumer, so a change to what the speed layer st
 format) cannot be compared this way: the other tree would read this one's format. Run each tree alone.
 
 The child process is this file run as a script with the tree under test first on PYTHONPATH; it uses
-only what every tree has (`create_app`, `recommend`, `RecRequest`, and the recommendations route's module
-calling `recommend`).
+only what every tree has (`create_app`, `recommend`, `RecRequest`, and the recommendations route's
+`recommend_body`, whose module calls `recommend`).
 """
 
 from __future__ import annotations
@@ -114,7 +114,9 @@ async def app_requests(app: Any, paths: list[str], answers: dict[Any, Any], pass
     def replayed(state: Any, req: Any, **_: Any) -> Any:
         return answers[req]
 
-    real, route.recommend = route.recommend, replayed  # type: ignore[assignment]
+    # recommend_body calls the recommender: in the route's module in older trees, in its own since.
+    caller: Any = sys.modules[route.recommend_body.__module__]
+    real, caller.recommend = caller.recommend, replayed
     try:
         for path in paths:  # warm-up; every answer must be a list (a refusal would time less work)
             status = await _asgi_get(app, path)
@@ -127,7 +129,7 @@ async def app_requests(app: Any, paths: list[str], answers: dict[Any, Any], pass
             cpu_us.append((time.process_time() - start) * 1e6 / len(paths))
         return cpu_us
     finally:
-        route.recommend = real
+        caller.recommend = real
 
 
 async def _asgi_get(app: Any, path: str) -> int:

@@ -210,6 +210,19 @@ class ApiSettings(Section):
         ge=0,
         description="One that waited this long is answered from the batch model alone, as without Redis (0: never).",
     )
+    push_helper: bool = Field(
+        True,
+        description="Compute the lists of a worker's live streams (SSE, WebSocket) in a helper process of lower "
+        "priority, started with its first stream, so that requests never wait for them; it holds its own copy of "
+        "the model. False: the worker computes them between its requests.",
+    )
+    push_helper_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="The helper's niceness: 10 gives the workers ~90 % of a core the helper wants too, and still "
+        "leaves pushes ~10 % when requests take every core.",
+    )
     rules_file: Path = PROJECT_ROOT / "serving" / "rules.yaml"
 
     @model_validator(mode="after")

@@ -29,7 +29,8 @@ from serving.core.errors import (
 )
 from serving.core.limits import BodySizeLimit
 from serving.core.push import Fanout, InFlight
-from serving.core.state import ServingState
+from serving.core.push_helper import PushHelper
+from serving.core.state import ServingState, single_threaded_blas
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # the demo storefront
 
@@ -88,25 +89,16 @@ class LatencyMiddleware:
             )
 
 
-def _single_threaded_blas() -> None:
-    """One BLAS thread per worker (as `recs serve` sets by environment), also under a bare uvicorn."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: installed with scipy's stack; the env vars cover `recs serve`
-        return
-    threadpool_limits(1)
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; `settings` (tests) override the environment's for every dependency too."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        _single_threaded_blas()
+        single_threaded_blas()
         state = ServingState.start(settings)
         app.state.serving = state
-        app.state.push = Fanout(settings.redis.effective_url)
+        app.state.push = Fanout(settings.redis.effective_url, PushHelper(settings))
         try:
             yield
         finally:

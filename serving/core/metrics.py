@@ -49,6 +49,17 @@ PUSH_STREAMS = Gauge(
 PUSH_COMPUTED = Counter(
     "recs_push_computations_total", "Lists computed for open streams (one serves every stream of the same request)."
 )
+PUSH_HELPERS_READY = Gauge(
+    "recs_push_helpers_ready",
+    "Workers whose push helper is up and computing their streams' lists.",
+    multiprocess_mode="livesum",
+)
+PUSH_COMPUTED_BY = Counter(
+    "recs_push_helper_lists_total",
+    "Pushed lists by where they were computed: the worker's push helper (helper), or the worker while no helper "
+    "was up (worker).",
+    ["computed_by"],
+)
 PUSH_COALESCED = Counter(
     "recs_push_coalesced_total", "Changes that found their stream's list already waiting to be computed."
 )

@@ -5,9 +5,11 @@ worker subscribes once; each message is parsed once and looked up in an index fr
 session to the open streams it concerns, which are marked for a new list. Marks coalesce: a
 stream marked again before its list is computed still gets one list, computed after the last
 mark (the latest state), and streams of the same request (a person's tabs) share one
-computation. One lane per worker computes the marked lists one at a time, in the worker's idle
-moments: a push has a second of slack, a request none, so a list waits for the requests in
-flight to be answered, up to PUSH_DEFER_S after it was marked. Each stream has a slot: a queue
+computation. One lane per worker has the marked lists computed one at a time, by the worker's
+push helper (serving/core/push_helper.py), a process of lower priority, so the worker answers
+requests meanwhile. Where no helper is up the worker computes them itself, in its idle moments:
+a push has a second of slack, a request none, so a list waits for the requests in flight to be
+answered, up to PUSH_DEFER_S after it was marked. Each stream has a slot: a queue
 of one, where a newer list replaces one the client has not taken yet, so a slow client holds at
 most the latest list (each replaced one counts in recs_push_dropped_total); a list equal to the
 last one the stream sent is not sent again (recs_push_unchanged_total).
@@ -29,6 +31,7 @@ from common.messages import RecsChanged
 from common.redis_server import pubsub_url
 from serving.core import metrics
 from serving.core.errors import ErrorBody
+from serving.core.push_helper import PushHelper
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +181,9 @@ class Fanout:
 
     Both tasks start with the first stream and run until `aclose`."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, helper: PushHelper | None = None) -> None:
         self.redis_url = redis_url
+        self.helper = helper  # the worker's push helper, which LiveStream.compute asks; None: lists computed here
         self.requests = InFlight()  # counted by the app's middleware
         self._index: dict[Key, set[LiveStream]] = {}
         self._streams: set[LiveStream] = set()
@@ -219,6 +223,8 @@ class Fanout:
         metrics.PUSH_STREAMS.labels(stream.transport).dec()
 
     async def aclose(self) -> None:
+        if self.helper is not None:
+            await self.helper.aclose()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -282,7 +288,8 @@ class Fanout:
             await asyncio.sleep(RETRY_S)
 
     async def _push(self) -> None:
-        """Compute the marked lists, one at a time, oldest mark first, each when no request is in flight."""
+        """Have the marked lists computed, one at a time, oldest mark first; in this worker, each when no
+        request is in flight."""
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -290,7 +297,8 @@ class Fanout:
                 # No list before the subscription: a change published in between would be missed.
                 await self._subscribed.wait()
                 request, job = next(iter(self._jobs.items()))
-                await self._after_requests(job.marked_at)
+                if self.helper is None or not self.helper.offloads:  # computed here: it would hold up requests
+                    await self._after_requests(job.marked_at)
                 # Taken off only now: marks that came while it waited are served by this computation.
                 del self._jobs[request]
                 streams = [stream for stream in job.streams if not stream.closed]

@@ -38,6 +38,16 @@ ERASURES_REFRESH_S = 10.0
 DAY_COUNTS_CHECK_S = 15.0  # how often a worker looks for a stale or new past day (each reloads every 5 min)
 
 
+def single_threaded_blas() -> None:
+    """One BLAS thread per serving process (a worker, a push helper), as `recs serve` sets by environment,
+    also under a bare uvicorn."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: installed with scipy's stack; the env vars cover `recs serve`
+        return
+    threadpool_limits(1)
+
+
 @dataclass
 class RedisGate:
     """A Redis client with a short circuit breaker: one failure marks it down for a second."""

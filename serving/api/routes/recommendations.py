@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import msgspec
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.dependencies.models import Dependant
 from pydantic import BaseModel, Field
@@ -24,9 +23,9 @@ from serving.core import drift
 from serving.core.auth import Grant
 from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError
 from serving.core.impressions import Impression
-from serving.core.load import Shed, shed_for, waited_s
-from serving.core.metrics import StageClock
-from serving.core.recommender import RecRequest, RecResult, recommend
+from serving.core.load import shed_for, waited_s
+from serving.core.recommender import RecRequest, RecResult
+from serving.core.response_body import recommend_body
 from serving.core.state import ServingState
 from serving.schemas import Context, RecommendationsResponse
 
@@ -54,11 +53,6 @@ class RecommendationsQuery(BaseModel):
     consent: Annotated[
         Consent, Field(description="The person's consent, as on their events; default `personalisation`.")
     ] = DEFAULT_CONSENT
-
-
-# The body is RecommendationsResponse (the OpenAPI document's), encoded by msgspec straight from the
-# recommender's dataclasses: building and dumping the pydantic models cost ~35 us a request, this ~6.
-_ENCODER = msgspec.json.Encoder()
 
 
 async def _arguments(request: Request, _: Dependant) -> dict[str, Any]:
@@ -116,26 +110,6 @@ async def get_recommendations(
     result, body = recommend_body(state, req, shed_for(state.settings.api, waited_s(request.scope)))
     log_served(state, req, result)
     return Response(body, media_type="application/json")
-
-
-def recommend_body(state: ServingState, req: RecRequest, shed: Shed = Shed.NOTHING) -> tuple[RecResult, bytes]:
-    """The list for a request and its JSON body; not logged (a pushed list is logged once sent). `shed`:
-    what an overloaded worker leaves out (serving/core/load.py)."""
-    clock = StageClock()
-    result = recommend(state, req, clock=clock, shed=shed)
-    body = _ENCODER.encode(
-        {
-            "request_id": result.request_id,
-            "model_version": result.model_version,
-            "variant": result.variant,
-            "degraded": result.degraded,
-            "experiments": {"recs": result.variant},
-            "items": result.items,  # dataclasses with RecommendedItem's fields (a test holds them equal)
-        }
-    )
-    clock.lap("serialisation")
-    clock.observe()
-    return result, body
 
 
 def log_served(state: ServingState, req: RecRequest, result: RecResult) -> None:

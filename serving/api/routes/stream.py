@@ -31,12 +31,13 @@ from starlette.types import Scope as AsgiScope
 from common.events import DEFAULT_CONSENT, Consent, FieldError
 from common.settings import Scope, Settings
 from serving.api.deps import PersonRecsRead, PresentedKey, PushDep, SettingsDep, SingleQueryValues, StateDep
-from serving.api.routes.recommendations import IdParam, log_served, recommend_body
+from serving.api.routes.recommendations import IdParam, log_served
 from serving.api.routes.tokens import issue_token
 from serving.core.auth import Grant, authorize, check_scope, held_scopes, key_from_headers
 from serving.core.errors import PERSON_ERROR_RESPONSES, ApiError, ErrorBody, api_error_handler
 from serving.core.push import Fanout, LiveStream, PushedList, StreamEnded, stream_keys
 from serving.core.recommender import RecRequest
+from serving.core.response_body import recommend_body
 from serving.core.state import ServingState
 from serving.schemas import Context, RecommendationsResponse, TokenRequest, TokenResponse
 
@@ -144,7 +145,7 @@ async def stream_recommendations(
     k: KParam = 10,
     consent: ConsentParam = DEFAULT_CONSENT,
 ) -> EventSourceResponse:
-    stream = _stream(state, grant, user_id, anonymous_id, session_id, k, consent, transport="sse")
+    stream = _stream(state, push, grant, user_id, anonymous_id, session_id, k, consent, transport="sse")
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         async for name, data in _events(push, stream, grant):
@@ -171,7 +172,7 @@ async def stream_recommendations_ws(
     try:
         presented = key_from_headers(websocket.headers.get("x-api-key"), websocket.headers.get("authorization"))
         grant = authorize(state.settings, presented or access_token, "recs:read")
-        stream = _stream(state, grant, user_id, anonymous_id, session_id, k, consent, transport="websocket")
+        stream = _stream(state, push, grant, user_id, anonymous_id, session_id, k, consent, transport="websocket")
     except ApiError as exc:
         await _refuse(websocket, exc)
         return
@@ -198,6 +199,7 @@ async def stream_recommendations_ws(
 
 def _stream(
     state: ServingState,
+    push: Fanout,
     grant: Grant,
     user_id: str | None,
     anonymous_id: str | None,
@@ -219,8 +221,10 @@ def _stream(
     req = RecRequest(user_id, anonymous_id, session_id, k, Context.home.value, None, consent)
 
     async def compute() -> PushedList:
-        # As GET /v1/recommendations computes and encodes it; logged as an impression once sent.
-        result, body = recommend_body(state, req)
+        # As GET /v1/recommendations computes and encodes it (in the worker's push helper, where it is up);
+        # logged as an impression once sent.
+        helper = push.helper
+        result, body = await helper.list_for(state, req) if helper is not None else recommend_body(state, req)
         return PushedList(
             body.decode(),
             content=(result.model_version, result.variant, result.degraded, result.items),  # all but request_id

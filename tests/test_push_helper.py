@@ -1,0 +1,171 @@
+"""The push helper: a worker's live lists computed in a niced process of its own (serving/core/push_helper.py),
+the same lists as GET /v1/recommendations, and the worker computing them itself while the helper is dead
+or stuck (real processes, killed and stopped for real; the real API under uvicorn, a real speed consumer)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from prometheus_client import REGISTRY
+
+from bench.serve import SyntheticModel
+from common.lake import Lake
+from common.redis_server import RedisServer, free_port
+from serving.core import push_helper
+from serving.core.push import Fanout
+from serving.main import create_app
+from speed_layer.consumer import SpeedConsumer
+from tests.speed_factories import set_categories
+from tests.test_serving_push import publish, sse_messages, without_request_id
+from tests.test_serving_support import make_settings, view_event
+
+pytest_plugins = ["tests.test_serving_support"]
+
+WAIT_S = 30.0  # a bound on waiting for what must come (a helper loads its state in seconds), never asserted
+PARAMS = "anonymous_id=a1&session_id=s1&k=5"
+
+
+@dataclass
+class LiveApi:
+    http: httpx.Client
+    fanout: Fanout
+
+    def helper_pid(self) -> int:
+        """The helper's pid once it is ready to compute lists."""
+        assert self.fanout.helper is not None
+        wait_until(lambda: self.fanout.helper is not None and self.fanout.helper.offloads, "the helper got ready")
+        pid = self.fanout.helper.pid
+        assert pid is not None
+        return pid
+
+
+def wait_until(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"not so within {WAIT_S} s: {what}"
+        time.sleep(0.02)
+
+
+def by(where: str) -> float:
+    """Pushed lists computed by `where` (helper or worker) so far, in this process."""
+    return REGISTRY.get_sample_value("recs_push_helper_lists_total", {"computed_by": where}) or 0.0
+
+
+def serve(api: dict[str, Any], redis_server: RedisServer) -> Iterator[LiveApi]:
+    """The API (auth off, `api` settings) under uvicorn in a thread, and a speed consumer in another."""
+    settings = make_settings(**api)
+    client = redis_server.client()
+    catalog = Lake(settings.lake.root).read_catalog().to_pylist()
+    set_categories(client, {row["item_id"]: row["category"] for row in catalog})
+    stop = threading.Event()
+    consumer = SpeedConsumer(redis_server.client(), settings, name="helper-test")
+    speed = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    speed.start()
+    app: FastAPI = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, "the API started")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.config.port}", timeout=WAIT_S) as http:
+            yield LiveApi(http, app.state.push)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        stop.set()
+        speed.join(timeout=5)
+        client.close()
+
+
+@pytest.fixture
+def helped(published: SyntheticModel, recs_env: Path, redis_server: RedisServer) -> Iterator[LiveApi]:
+    yield from serve({}, redis_server)
+
+
+def test_the_helper_is_a_niced_process_whose_lists_equal_a_get_and_ends_with_the_worker(
+    published: SyntheticModel, recs_env: Path, redis_server: RedisServer
+) -> None:
+    for api in serve({}, redis_server):
+        with api.http.stream("GET", f"/v1/stream/recommendations?{PARAMS}") as sse:
+            events = sse_messages(sse)
+            next(events)
+            helper = psutil.Process(api.helper_pid())
+            assert helper.ppid() == os.getpid()  # the worker's own (uvicorn runs in this process)
+            assert helper.nice() == psutil.Process().nice() + make_settings().api.push_helper_nice
+            in_helper, in_worker = by("helper"), by("worker")
+            assert api.http.post("/v1/events", json=view_event("a1", "i5")).status_code == 202
+            pushed = without_request_id(next(events))
+            assert by("helper") == in_helper + 1 and by("worker") == in_worker
+            got = api.http.get(f"/v1/recommendations?{PARAMS}").json()
+            assert pushed == without_request_id(("recommendations", got))
+            assert [item["item_id"] for item in got["items"]]  # a list, not an empty one
+    # The worker stopped (the server's shutdown): its helper is gone.
+    assert not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_killed_helper_is_replaced_and_its_list_computed_by_the_worker(
+    helped: LiveApi, redis_server: RedisServer
+) -> None:
+    client = redis_server.client()
+    with helped.http.stream("GET", f"/v1/stream/recommendations?{PARAMS}") as sse:
+        events = sse_messages(sse)
+        first = without_request_id(next(events))
+        pid = helped.helper_pid()
+        in_worker = by("worker")
+        os.kill(pid, signal.SIGKILL)
+        assert helped.http.post("/v1/events", json=view_event("a1", "i5")).status_code == 202
+        assert without_request_id(next(events)) != first  # the change pushed all the same
+        assert by("worker") == in_worker + 1
+        # A second later the next list starts a new helper, which then computes the lists.
+        time.sleep(push_helper.RESTART_AFTER_S)
+        publish(client, "a1", "s1")
+        wait_until(lambda: helped.fanout.helper is not None and helped.fanout.helper.offloads, "a new helper is up")
+        assert helped.fanout.helper is not None and helped.fanout.helper.pid not in (None, pid)
+        in_helper = by("helper")
+        assert helped.http.post("/v1/events", json=view_event("a1", "i6")).status_code == 202
+        next(events)
+        assert by("helper") == in_helper + 1
+    client.close()
+
+
+def test_a_stuck_helper_is_killed_and_the_worker_computes_the_list(
+    helped: LiveApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(push_helper, "ANSWER_TIMEOUT_S", 0.5)
+    with helped.http.stream("GET", f"/v1/stream/recommendations?{PARAMS}") as sse:
+        events = sse_messages(sse)
+        first = without_request_id(next(events))
+        pid = helped.helper_pid()
+        os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing
+        in_worker = by("worker")
+        assert helped.http.post("/v1/events", json=view_event("a1", "i5")).status_code == 202
+        assert without_request_id(next(events)) != first
+        assert by("worker") == in_worker + 1
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # killed
+
+
+def test_without_the_helper_the_worker_computes_the_lists(
+    published: SyntheticModel, recs_env: Path, redis_server: RedisServer
+) -> None:
+    for api in serve({"push_helper": False}, redis_server):
+        with api.http.stream("GET", f"/v1/stream/recommendations?{PARAMS}") as sse:
+            events = sse_messages(sse)
+            in_worker, in_helper = by("worker"), by("helper")
+            next(events)
+            time.sleep(1.0)  # a helper would have been started with the first list
+            assert api.http.post("/v1/events", json=view_event("a1", "i5")).status_code == 202
+            next(events)
+            assert by("worker") == in_worker + 2 and by("helper") == in_helper
+            assert api.fanout.helper is not None and api.fanout.helper.pid is None

@@ -242,6 +242,13 @@ def _tree_cpu_s(pid: int) -> float:
     return total
 
 
+def _tree_uss_mb(pid: int) -> float:
+    """Memory of a process and its descendants (uvicorn's workers, their push helpers), each counted by the
+    pages only it holds (USS): shared pages summed by RSS would count the libraries once a process."""
+    parent = psutil.Process(pid)
+    return sum(process.memory_full_info().uss for process in [parent, *parent.children(recursive=True)]) / 2**20
+
+
 def _metric_total(port: int, name: str) -> float:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
@@ -327,6 +334,7 @@ def bench_push(
             counters_before = {name: _metric_total(port, name) for name in PUSH_COUNTERS}
             events_only, gets_without, cpu_without = phase(open_streams=False)
             pushes, gets_with, cpu_with = phase(open_streams=True)
+            api_memory_mb = _tree_uss_mb(processes[0].pid)
             counters = {name: _metric_total(port, name) - counters_before[name] for name in PUSH_COUNTERS}
             redis_client.close()
         finally:
@@ -361,6 +369,7 @@ def bench_push(
         ),
         "api_cpu_s_without_streams": round(cpu_without["api"], 2),
         "api_cpu_s_with_streams": round(cpu_with["api"], 2),
+        "api_memory_mb": round(api_memory_mb, 1),  # the API's processes at the end, push helpers included
         # Every part's CPU seconds in each phase: what the API competes with on the same cores.
         "cpu_s_without_streams": {part: round(v, 2) for part, v in cpu_without.items()},
         "cpu_s_with_streams": {part: round(v, 2) for part, v in cpu_with.items()},

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -135,8 +137,7 @@ def test_a_killed_helper_is_replaced_and_its_list_computed_by_the_worker(
         assert helped.fanout.helper is not None and helped.fanout.helper.pid not in (None, pid)
         in_helper = by("helper")
         assert helped.http.post("/v1/events", json=view_event("a1", "i6")).status_code == 202
-        next(events)
-        assert by("helper") == in_helper + 1
+        wait_until(lambda: by("helper") == in_helper + 1, "the new helper computed the list")
     client.close()
 
 
@@ -153,7 +154,7 @@ def test_a_stuck_helper_is_killed_and_the_worker_computes_the_list(
         assert helped.http.post("/v1/events", json=view_event("a1", "i5")).status_code == 202
         assert without_request_id(next(events)) != first
         assert by("worker") == in_worker + 1
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # killed
+        wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, "killed")
 
 
 def test_without_the_helper_the_worker_computes_the_lists(
@@ -169,3 +170,37 @@ def test_without_the_helper_the_worker_computes_the_lists(
             next(events)
             assert by("worker") == in_worker + 2 and by("helper") == in_helper
             assert api.fanout.helper is not None and api.fanout.helper.pid is None
+
+
+def test_a_helper_ends_when_its_worker_is_killed(published: SyntheticModel, recs_env: Path) -> None:
+    """`recs serve` (one worker, in its own process) is SIGKILLed with a stream open: its helper, which it
+    could not stop, sees its stdin close and ends."""
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-c", "from recs.main import app; app()", "serve", "--workers", "1", "--port", str(port)]
+    server = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as http:
+            wait_until(lambda: _answers(http), "the API answered")
+            with http.stream("GET", f"/v1/stream/recommendations?{PARAMS}") as sse:
+                next(sse_messages(sse))
+                helpers = lambda: [  # noqa: E731
+                    child for child in psutil.Process(server.pid).children()
+                    if "serving.core.push_helper" in " ".join(child.cmdline())
+                ]  # fmt: skip
+                wait_until(lambda: len(helpers()) == 1, "the worker started its helper")
+                helper = helpers()[0]
+                server.kill()
+                server.wait()
+        wait_until(lambda: not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE, "the helper ended")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def _answers(http: httpx.Client) -> bool:
+    try:
+        return http.get("/healthz").status_code == 200
+    except httpx.TransportError:
+        return False

@@ -105,7 +105,7 @@ def render() -> tuple[bytes, str]:
 
 
 def mark_worker_exit(pid: int) -> None:
-    """Drop a dead worker's live gauges (called from the server's shutdown)."""
+    """Drop a dead worker's or push helper's live gauges (called at its shutdown, or its helper's loss)."""
     mark_process_dead(pid)
 
 

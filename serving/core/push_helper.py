@@ -206,8 +206,10 @@ class PushHelper:
         """Stop the helper (killed if still alive), fail what it was asked, start a new one later."""
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
-        if self._process is not None and self._process.returncode is None:
-            self._process.kill()
+        if self._process is not None:
+            if self._process.returncode is None:
+                self._process.kill()
+            metrics.mark_worker_exit(self._process.pid)  # its live gauges (the model version it served)
         if self._ready:
             metrics.PUSH_HELPERS_READY.dec()
         for answer in self._answers.values():

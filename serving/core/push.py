@@ -223,14 +223,14 @@ class Fanout:
         metrics.PUSH_STREAMS.labels(stream.transport).dec()
 
     async def aclose(self) -> None:
-        if self.helper is not None:
-            await self.helper.aclose()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self.helper is not None:  # after the tasks: a list asked of it would be computed here instead
+            await self.helper.aclose()
 
     def dispatch(self, data: bytes | str) -> int:
         """Mark the streams a RecsChanged concerns (parsed once for all of them); returns how many."""

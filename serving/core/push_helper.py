@@ -65,6 +65,7 @@ def main() -> None:
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints go to the log, not into the frames
     settings, niceness = _read_frame(requests)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s push-helper[%(process)d] %(levelname)s %(message)s")
     os.nice(niceness)
     single_threaded_blas()
     state = ServingState.start(settings)

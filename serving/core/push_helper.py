@@ -125,6 +125,11 @@ class PushHelper:
         return self._ready
 
     @property
+    def waiting(self) -> int:
+        """Lists asked of the helper and not answered yet."""
+        return len(self._answers)
+
+    @property
     def pid(self) -> int | None:
         """The helper's process id while one is started."""
         return self._process.pid if self._process is not None else None

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,19 +17,13 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
 from bench.serve import SyntheticModel
-from common.lake import Lake
 from common.redis_server import RedisServer, free_port
 from serving.core import push_helper
 from serving.core.push import Fanout
-from serving.main import create_app
-from speed_layer.consumer import SpeedConsumer
-from tests.speed_factories import set_categories
-from tests.test_serving_push import publish, sse_messages, without_request_id
+from tests.test_serving_push import api_and_consumer, publish, sse_messages, without_request_id
 from tests.test_serving_support import make_settings, view_event
 
 pytest_plugins = ["tests.test_serving_support"]
@@ -66,29 +59,12 @@ def by(where: str) -> float:
 
 
 def serve(api: dict[str, Any], redis_server: RedisServer) -> Iterator[LiveApi]:
-    """The API (auth off, `api` settings) under uvicorn in a thread, and a speed consumer in another."""
-    settings = make_settings(**api)
-    client = redis_server.client()
-    catalog = Lake(settings.lake.root).read_catalog().to_pylist()
-    set_categories(client, {row["item_id"]: row["category"] for row in catalog})
-    stop = threading.Event()
-    consumer = SpeedConsumer(redis_server.client(), settings, name="helper-test")
-    speed = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
-    speed.start()
-    app: FastAPI = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, "the API started")
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{server.config.port}", timeout=WAIT_S) as http:
-            yield LiveApi(http, app.state.push)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        stop.set()
-        speed.join(timeout=5)
-        client.close()
+    """The API (auth off, `api` settings) and a speed consumer, and an HTTP client of the API."""
+    with (
+        api_and_consumer(make_settings(**api), redis_server) as (host, app),
+        httpx.Client(base_url=f"http://{host}", timeout=WAIT_S) as http,
+    ):
+        yield LiveApi(http, app.state.push)
 
 
 @pytest.fixture

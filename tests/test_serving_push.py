@@ -16,6 +16,7 @@ import httpx
 import pytest
 import redis
 import uvicorn
+from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
@@ -25,6 +26,7 @@ from common import redis_keys
 from common.lake import Lake
 from common.messages import RecsChanged
 from common.redis_server import RedisServer, free_port
+from common.settings import Settings
 from serving.core.push import PUSH_DEFER_S, Fanout, LiveStream, PushedList, StreamEnded, stream_keys
 from serving.main import create_app
 from speed_layer.consumer import SpeedConsumer
@@ -292,10 +294,10 @@ def test_streams_end_with_an_error_when_redis_is_lost(redis_server: RedisServer,
 # ---------------------------------------------------------------- SSE and WebSocket on the real API
 
 
-@pytest.fixture
-def live_api(published: SyntheticModel, recs_env: Path, redis_server: RedisServer) -> Iterator[str]:
-    """The API (keys and session tokens on) under uvicorn and a speed-layer consumer, both in threads."""
-    settings = make_settings(keys=KEYS, token_secret=TOKEN_SECRET)
+@contextmanager
+def api_and_consumer(settings: Settings, redis_server: RedisServer) -> Iterator[tuple[str, FastAPI]]:
+    """The API under uvicorn and a speed-layer consumer, both in threads of this process: the API's host
+    and port, and its app."""
     client = redis_server.client()
     catalog = Lake(settings.lake.root).read_catalog().to_pylist()
     set_categories(client, {row["item_id"]: row["category"] for row in catalog})
@@ -304,9 +306,8 @@ def live_api(published: SyntheticModel, recs_env: Path, redis_server: RedisServe
         target=SpeedConsumer(redis_server.client(), settings, name="push-test").run, args=(stop,), daemon=True
     )
     speed.start()
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning", timeout_graceful_shutdown=2
-    )
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     api = threading.Thread(target=server.run, daemon=True)
     api.start()
@@ -315,13 +316,20 @@ def live_api(published: SyntheticModel, recs_env: Path, redis_server: RedisServe
         assert api.is_alive() and time.monotonic() < deadline, "the API did not start"
         time.sleep(0.05)
     try:
-        yield f"127.0.0.1:{config.port}"
+        yield f"127.0.0.1:{config.port}", app
     finally:
         server.should_exit = True
         api.join(timeout=10)
         stop.set()
         speed.join(timeout=5)
         client.close()
+
+
+@pytest.fixture
+def live_api(published: SyntheticModel, recs_env: Path, redis_server: RedisServer) -> Iterator[str]:
+    """The API (keys and session tokens on) and a speed-layer consumer."""
+    with api_and_consumer(make_settings(keys=KEYS, token_secret=TOKEN_SECRET), redis_server) as (host, _):
+        yield host
 
 
 PARAMS = "anonymous_id=a1&session_id=s1&k=5"

@@ -218,7 +218,8 @@ class SpeedConsumer:
 
     def _read(self, block: bool) -> tuple[list[Entry], Versions | None]:
         """The next entries, and the served versions when they were read right after them."""
-        if self.reads.unread:
+        prefetched = self.reads.unread > 0
+        if prefetched:
             entries, versions = self._take_entries()
             if entries:
                 return entries, versions
@@ -235,6 +236,10 @@ class SpeedConsumer:
             self.remove_dead_members()
             if claimed:
                 return claimed, None
+        if prefetched and not block:
+            # Asked a step ago and nothing had come: the loop drains now, and its next read blocks (returning
+            # at once what came meanwhile), so a second read here is a round trip the lull does not need.
+            return [], None
         return self._xreadgroup(">", block=block)
 
     def _xreadgroup(self, start: str | bytes, block: bool) -> tuple[list[Entry], Versions]:

@@ -4,6 +4,7 @@ or stuck (real processes, killed and stopped for real; the real API under uvicor
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -23,6 +24,9 @@ from bench.serve import SyntheticModel
 from common.redis_server import RedisServer, free_port
 from serving.core import push_helper
 from serving.core.push import Fanout
+from serving.core.push_helper import PushHelper
+from serving.core.recommender import RecRequest
+from serving.core.state import ServingState
 from tests.test_serving_push import api_and_consumer, publish, sse_messages, without_request_id
 from tests.test_serving_support import make_settings, view_event
 
@@ -187,3 +191,37 @@ def _answers(http: httpx.Client) -> bool:
         return http.get("/healthz").status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_helpers_that_die_before_they_are_ready_are_restarted_ever_later(
+    published: SyntheticModel, recs_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start that keeps failing (here: each helper killed at once) must not respawn a process a second."""
+    monkeypatch.setattr(push_helper, "RESTART_AFTER_S", 0.25)
+
+    async def scenario() -> list[float]:
+        settings = make_settings()
+        state = ServingState.start(settings)
+        helper = PushHelper(settings)
+        req = RecRequest(None, "a1", "s1", 5, "home")
+        gaps = []
+        try:
+            await helper.list_for(state, req)  # starts the first (not ready yet: the list is computed here)
+            for _ in range(2):
+                pid = helper.pid
+                assert pid is not None and not helper.offloads
+                os.kill(pid, signal.SIGKILL)
+                lost_at = time.monotonic()
+                while helper.pid == pid:  # until its reader sees it die
+                    await asyncio.sleep(0.01)
+                while helper.pid is None:  # each list asks for a new one; it starts once the delay is spent
+                    await helper.list_for(state, req)
+                    await asyncio.sleep(0.02)
+                gaps.append(time.monotonic() - lost_at)
+        finally:
+            await helper.aclose()
+            state.close()
+        return gaps
+
+    gaps = asyncio.run(scenario())
+    assert gaps[0] >= 2 * 0.25 and gaps[1] >= 4 * 0.25  # doubled after each helper lost before it got ready

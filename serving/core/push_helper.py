@@ -38,6 +38,7 @@ from serving.core.state import ServingState, single_threaded_blas
 log = logging.getLogger(__name__)
 
 RESTART_AFTER_S = 1.0  # after a helper was lost, before the next is started
+MAX_RESTART_AFTER_S = 60.0  # the delay doubles while helpers are lost before getting ready (a start that fails)
 # A list takes milliseconds; one not back by then means the helper is stuck (it is killed).
 ANSWER_TIMEOUT_S = 5.0
 READY = -1  # the job number of the helper's first message, sent once its state is loaded
@@ -118,6 +119,7 @@ class PushHelper:
         self._answers: dict[int, asyncio.Future[Answer]] = {}
         self._jobs = itertools.count()
         self._start_after = 0.0  # monotonic
+        self._failed_starts = 0  # helpers lost in a row before they got ready
 
     @property
     def offloads(self) -> bool:
@@ -221,8 +223,11 @@ class PushHelper:
         for answer in self._answers.values():
             if not answer.done():
                 answer.set_exception(HelperLost("the helper stopped"))
+        if self._process is not None:
+            self._failed_starts = 0 if self._ready else self._failed_starts + 1
+        backoff = min(2**self._failed_starts, MAX_RESTART_AFTER_S / RESTART_AFTER_S)
         self._process, self._reader, self._ready = None, None, False
-        self._start_after = time.monotonic() + restart_after_s
+        self._start_after = time.monotonic() + restart_after_s * backoff
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ The two talk over the helper's stdin and stdout in frames (a length, then a pick
 worker reads without blocking: a niced writer preempted mid-answer must not stall the worker's loop.
 
 It degrades rather than fails: while the helper starts, and for a second after it died or stopped
-answering, the worker computes the list itself; then a new helper is started.
+answering, the worker computes the list itself; then a new helper is started (the second doubles, up
+to a minute, while helpers die before they are ready: a start that keeps failing).
 """
 
 from __future__ import annotations

@@ -148,9 +148,9 @@ def test_without_the_helper_the_worker_computes_the_lists(
     published: SyntheticModel, recs_env: Path, redis_server: RedisServer
 ) -> None:
     for api in serve({"push_helper": False}, redis_server):
+        in_worker, in_helper = by("worker"), by("helper")  # before the stream opens: its first list counts
         with api.http.stream("GET", f"/v1/stream/recommendations?{PARAMS}") as sse:
             events = sse_messages(sse)
-            in_worker, in_helper = by("worker"), by("helper")
             next(events)
             time.sleep(1.0)  # a helper would have been started with the first list
             assert api.http.post("/v1/events", json=view_event("a1", "i5")).status_code == 202

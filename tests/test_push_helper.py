@@ -5,6 +5,7 @@ or stuck (real processes, killed and stopped for real; the real API under uvicor
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -225,3 +226,25 @@ def test_helpers_that_die_before_they_are_ready_are_restarted_ever_later(
 
     gaps = asyncio.run(scenario())
     assert gaps[0] >= 2 * 0.25 and gaps[1] >= 4 * 0.25  # doubled after each helper lost before it got ready
+
+
+def test_a_helper_that_cannot_be_started_leaves_the_lists_to_the_worker(
+    published: SyntheticModel, recs_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No process to be had (here: no interpreter at that path): the list is computed, no stream ends."""
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+
+    async def scenario() -> tuple[int | None, int]:
+        settings = make_settings()
+        state = ServingState.start(settings)
+        helper = PushHelper(settings)
+        try:
+            _, body = await helper.list_for(state, RecRequest(None, "a1", "s1", 5, "home"))
+        finally:
+            await helper.aclose()
+            state.close()
+        return helper.pid, len(json.loads(body)["items"])
+
+    in_worker = by("worker")
+    pid, items = asyncio.run(scenario())
+    assert pid is None and items > 0 and by("worker") == in_worker + 1

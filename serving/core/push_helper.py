@@ -180,9 +180,15 @@ class PushHelper:
             return
         # The worker's import path, so the helper runs the same code (a checkout, a worktree, an install).
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", __name__, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
-        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", __name__, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
+            )
+        except OSError as exc:  # no process to be had (memory, limits): the worker computes, and tries later
+            log.warning("push helper not started (%s): lists are computed in the worker for now", exc)
+            self._failed_starts += 1
+            self._retry_later()
+            return
         assert process.stdin is not None and process.stdout is not None
         process.stdin.write(frame((self.settings, self.settings.api.push_helper_nice)))
         self._process = process
@@ -226,9 +232,13 @@ class PushHelper:
                 answer.set_exception(HelperLost("the helper stopped"))
         if self._process is not None:
             self._failed_starts = 0 if self._ready else self._failed_starts + 1
-        backoff = min(2**self._failed_starts, MAX_RESTART_AFTER_S / RESTART_AFTER_S)
         self._process, self._reader, self._ready = None, None, False
-        self._start_after = time.monotonic() + restart_after_s * backoff
+        self._retry_later(restart_after_s)
+
+    def _retry_later(self, after_s: float = RESTART_AFTER_S) -> None:
+        """No start before `after_s`, doubled for each start in a row that failed, up to MAX_RESTART_AFTER_S."""
+        backoff = min(2**self._failed_starts, MAX_RESTART_AFTER_S / RESTART_AFTER_S)
+        self._start_after = time.monotonic() + after_s * backoff
 
 
 if __name__ == "__main__":

@@ -471,7 +471,11 @@ end
 for key, value in pairs(deltas) do write('SET', key, value, 'EX', delta_ttl) end
 for key in pairs(count_dirty) do write('SET', key, arg(counts[key]), 'EX', delta_ttl) end
 for key, ttl in pairs(expire_in) do write('EXPIRE', key, arg(ttl)) end
-for key, at in pairs(expire_at) do write('EXPIREAT', key, at) end
+-- An expiry time is fixed per key (its bucket's or day's end), so only a key a member joined can be
+-- new and without it: two EXPIREATs an event fewer where batches hold one event.
+for key, at in pairs(expire_at) do
+  if grown[key] then write('EXPIREAT', key, at) end
+end
 if #flush_errors > 0 then
   results[#results + 1] = {'deferred writes failed: ' .. table.concat(flush_errors, '; ', 1, math.min(#flush_errors, 5))}
 end

@@ -327,6 +327,36 @@ def test_a_chunk_checks_the_size_only_of_keys_a_member_joined(
     assert redis_client.zcard(redis_keys.item_sessions("i7")) == 2
 
 
+def test_an_aggregate_key_gets_its_expiry_when_created_and_only_then(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Events one at a time: the first view of an item creates today's popularity and the bucket's trending
+    key with their fixed expiry; views of the same item send no EXPIREAT; a key gone (expired) and
+    written again gets its expiry again."""
+    settings = speed_settings(tmp_path, redis_server.url, script_chunk=1)
+    bucket_s = settings.speed.trending_bucket_s
+    middle = int(datetime.now(UTC).timestamp()) // bucket_s * bucket_s - bucket_s // 2  # the last bucket's
+    redis_client.flushall()
+    applier = Applier(redis_client, settings)
+
+    def view(item: str, seconds: int) -> int:
+        """Apply one view (all in one trending bucket); the EXPIREATs it sent."""
+        ts = datetime.fromtimestamp(middle - seconds, UTC)
+        redis_client.config_resetstat()
+        assert applier.apply([make_event(EventType.VIEW, item, ts=ts, received_at=ts)], []).applied == 1
+        return int(redis_client.info("commandstats").get("cmdstat_expireat", {"calls": 0})["calls"])
+
+    day = redis_keys.popularity_day((middle - 3) // 86_400)
+    assert view("i1", 3) == 2
+    expiry = {key: redis_client.expiretime(key) for key in redis_client.keys("*") if redis_client.expiretime(key) > 0}
+    assert day.encode() in expiry and any(redis_keys.family_of(k.decode()) == "trending_buckets" for k in expiry)
+    assert view("i1", 2) == 0  # no member joined: the keys keep the expiry they were given
+    assert view("i2", 1) == 2  # a member joined: the expiry is set again (the same time)
+    redis_client.delete(day)
+    assert view("i2", 0) == 1
+    assert {key: redis_client.expiretime(key) for key in expiry} == expiry
+
+
 def test_a_restarted_consumer_reads_its_pending_entries_once_while_the_loop_overlaps(
     redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
 ) -> None:

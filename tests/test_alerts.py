@@ -28,6 +28,7 @@ from common.stream import group_lag
 from serving.core.load import OVERLOAD_BATCH_ONLY, request_start
 from tests.speed_factories import add_events, make_event
 from tests.test_serving_limits import serving
+from tests.test_serving_push import sse_messages
 from tests.test_serving_support import make_settings, view_event
 
 pytest_plugins = ["tests.test_serving_support"]
@@ -202,7 +203,7 @@ def prometheus_dir(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.slow
 def test_alerts_fire_on_the_series_of_real_processes(
-    published: Any, recs_env: Path, redis_client: redis.Redis, prometheus_dir: Path
+    published: Any, recs_env: Path, redis_client: redis.Redis, prometheus_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     speed_port, writer_port = free_port(), free_port()
     env = {
@@ -261,6 +262,14 @@ def test_alerts_fire_on_the_series_of_real_processes(
             prometheus.wait_firing({"SpeedDeadLetters"}, 20)
             prometheus.wait_value("max(recs_stream_dead_letters)", lambda v: v == 1, 10)
 
+            # A live stream whose push helper cannot be started (no interpreter at that path): its lists
+            # are computed by the worker.
+            with monkeypatch.context() as patched:
+                patched.setattr(sys, "executable", "/nonexistent/python")
+                push_lists(api, "p1", changes=4)
+            prometheus.wait_firing({"PushHelpersDown"}, 20)
+            prometheus.wait_value('sum(recs_push_helper_lists_total{computed_by="worker"})', lambda v: v >= 5, 10)
+
             # The consumers stop: their target goes down, the writer reports the speed group's growing lag,
             # and the API refuses events under backpressure (503s).
             speed.send_signal(signal.SIGTERM)
@@ -285,6 +294,20 @@ def test_alerts_fire_on_the_series_of_real_processes(
                     process.wait(timeout=30)
             if prometheus is not None:
                 prometheus.stop()
+
+
+def push_lists(api: httpx.Client, person: str, changes: int) -> None:
+    """Open a live stream for `person` and push it `changes` new lists, a scrape apart (rate() needs the
+    counters seen growing). Each change buys the list's first item, which the rules then hide (a list
+    that did not change would not be pushed)."""
+    with api.stream("GET", f"/v1/stream/recommendations?anonymous_id={person}&session_id=s1&k=5") as stream:
+        lists = sse_messages(stream)
+        _, shown = next(lists)  # the stream's first list
+        for _ in range(changes):
+            bought = view_event(person, shown["items"][0]["item_id"], event_type="purchase")
+            assert api.post("/v1/events", json=bought).status_code < 300
+            _, shown = next(lists)
+            time.sleep(0.6)
 
 
 def rule_expr(name: str) -> str:

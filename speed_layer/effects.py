@@ -546,13 +546,13 @@ class Applier:
         since = self.in_flight[0].number if self.in_flight else self.started
         stored = self._stored_to_read(users, models, {})
         uncached = self.categories.missing({e.item_id for e in batch if e.item_id})
-        calls: list[tuple[str, ...]] = []
-        if ids:  # one command: tombstones, then withdrawals
-            calls.append(("MGET", *[redis_keys.erased(i) for i in ids], *[redis_keys.consent_withdrawal(i) for i in ids]))
-        if devices:
-            calls.append(("MGET", *[redis_keys.alias(d) for d in devices]))
-        if stored:
-            calls.append(("MGET", *_delta_keys(stored)))
+        # One MGET: the ids' tombstones and withdrawals, the devices' aliases, the users' deltas (a cluster
+        # lane sends a GET a key). At a store's usual rate a batch is one event, and this its one read.
+        keys = [
+            *[redis_keys.erased(i) for i in ids], *[redis_keys.consent_withdrawal(i) for i in ids],
+            *[redis_keys.alias(d) for d in devices], *_delta_keys(stored),
+        ]  # fmt: skip
+        calls: list[tuple[str, ...]] = [("MGET", *keys)] if keys else []
         calls.extend(("HGET", redis_keys.item_state(item), "category") for item in uncached)
         lane.send_all(calls)
         return StateRead(lane, ids, devices, stored, uncached, since)
@@ -565,28 +565,26 @@ class Applier:
         erased; fills the category cache. People reached through an alias need one more read (rare: a device's
         events after its login)."""
         ids, devices, stored, uncached = state.ids, state.devices, state.stored, state.uncached
-        replies = state.lane.read(bool(ids) + bool(devices) + bool(stored) + len(uncached))
+        read_keys = bool(ids or devices or stored)
+        replies = state.lane.read(read_keys + len(uncached))
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
         if uncached:
             self.categories.fill(uncached, replies[-len(uncached) :])
-            del replies[-len(uncached) :]
-        erased: set[str] = set()
+        found = replies[0] if read_keys else []
+        at_aliases = 2 * len(ids)
+        at_deltas = at_aliases + len(devices)
+        erased = {i for i, tomb in zip(ids, found[: len(ids)], strict=True) if tomb}
+        aliases = {d: v.decode() for d, v in zip(devices, found[at_aliases:at_deltas], strict=True) if v}
+        deltas = _parse_deltas(stored, found[at_deltas:], models) if stored else {}
         personal = [e.personalised for e in batch]
-        if ids:
-            marks = replies.pop(0)
-            erased = {i for i, tomb in zip(ids, marks[: len(ids)], strict=True) if tomb}
-            withdrawals = consent.parse_many(ids, marks[len(ids) :])
-            if withdrawals:  # rare: a person withdrew while their earlier events were on their way
-                personal = [
-                    p and consent.applied_consent(e, withdrawals) is Consent.PERSONALISATION
-                    for p, e in zip(personal, batch, strict=True)
-                ]
-        aliases = (
-            {d: v.decode() for d, v in zip(devices, replies.pop(0), strict=True) if v} if devices else {}
-        )
-        deltas = _parse_deltas(stored, replies.pop(0), models) if stored else {}
+        withdrawals = consent.parse_many(ids, found[len(ids) : at_aliases])
+        if withdrawals:  # rare: a person withdrew while their earlier events were on their way
+            personal = [
+                p and consent.applied_consent(e, withdrawals) is Consent.PERSONALISATION
+                for p, e in zip(personal, batch, strict=True)
+            ]
 
         persons = [person_of(e, aliases) for e in batch]
         linked = {p for p, mine in zip(persons, personal, strict=True) if mine}

@@ -88,6 +88,11 @@ def _number_or_text(value: bytes) -> object:
         return value
 
 
+def _calls(client: redis.Redis, command: str) -> int:
+    """How many times Redis ran `command` (scripts' calls included) since the last CONFIG RESETSTAT."""
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {"calls": 0})["calls"])
+
+
 def _publish_v1(tmp_path: Path, rng: np.random.Generator) -> ModelArtifacts:
     """Version v1, active: ITEMS items and users u1..u3 with random 8-factor vectors."""
     registry = Registry(str(tmp_path / "models"))
@@ -321,7 +326,7 @@ def test_a_chunk_checks_the_size_only_of_keys_a_member_joined(
         ]
         redis_client.config_resetstat()
         assert applier.apply(events, [], now_s=events[-1].ts.timestamp()).applied == 30
-        zcards.append(int(redis_client.info("commandstats").get("cmdstat_zcard", {"calls": 0})["calls"]))
+        zcards.append(_calls(redis_client, "zcard"))
     rows = 29  # i0..i28 have followers; each item has its neighbour-sessions key
     assert zcards == [rows + 30, 30]
     assert redis_client.zcard(redis_keys.item_sessions("i7")) == 2
@@ -344,11 +349,11 @@ def test_an_aggregate_key_gets_its_expiry_when_created_and_only_then(
         ts = datetime.fromtimestamp(middle - seconds, UTC)
         redis_client.config_resetstat()
         assert applier.apply([make_event(EventType.VIEW, item, ts=ts, received_at=ts)], []).applied == 1
-        return int(redis_client.info("commandstats").get("cmdstat_expireat", {"calls": 0})["calls"])
+        return _calls(redis_client, "expireat")
 
     day = redis_keys.popularity_day((middle - 3) // 86_400)
     assert view("i1", 3) == 2
-    expiry = {key: redis_client.expiretime(key) for key in redis_client.keys("*") if redis_client.expiretime(key) > 0}
+    expiry = {key: at for key in redis_client.keys("*") if (at := redis_client.expiretime(key)) > 0}
     assert day.encode() in expiry and any(redis_keys.family_of(k.decode()) == "trending_buckets" for k in expiry)
     assert view("i1", 2) == 0  # no member joined: the keys keep the expiry they were given
     assert view("i2", 1) == 2  # a member joined: the expiry is set again (the same time)

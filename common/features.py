@@ -34,6 +34,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "covis_share",
     "covis_last_share",
     "neighbours_share",
+    # Cosine of the candidate's vector with the most recent seed's, and with the seeds' mean direction.
+    "last_seed_cosine",
+    "seeds_cosine",
     "session_items",
     "category_affinity",
     "price_ratio",
@@ -75,6 +78,8 @@ class Candidates:
     covis: np.ndarray  # N: ordered co-visits of the session's items, recency-weighted (candidates.covisited_scores)
     covis_last: np.ndarray  # N: ordered co-visit weight from the session's most recent item alone
     neighbours: np.ndarray  # N: session-kNN score (common/neighbours.py), 0 outside its list
+    last_seed_cosine: np.ndarray  # N: cosine with the most recent seed's vector (gatherer.seed_cosines)
+    seeds_cosine: np.ndarray  # N: cosine with the seeds' mean direction
     categories: list[str]
     prices: np.ndarray  # N
     created_at_s: np.ndarray  # N, epoch seconds
@@ -110,6 +115,8 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
     out[:, col["neighbours"]] = cands.neighbours
     for name, values in (("covis", cands.covis), ("covis_last", cands.covis_last), ("neighbours", cands.neighbours)):
         out[:, col[f"{name}_share"]] = _share_of_max(values)
+    out[:, col["last_seed_cosine"]] = cands.last_seed_cosine
+    out[:, col["seeds_cosine"]] = cands.seeds_cosine
     out[:, col["session_items"]] = len(state.session_items)
 
     affinity = normalised_affinity(state.category_affinity)

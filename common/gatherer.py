@@ -9,7 +9,7 @@ Only the lookups differ, so what the ranker learns on is what it ranks.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Protocol
 
@@ -19,6 +19,7 @@ from common.candidates import Scored, als_top_n, category_best, covisited_scores
 from common.features import DAY_S, Candidates, RequestState
 from common.model import ModelArtifacts
 from common.settings import CandidatePool
+from common.vectors import unit_rows
 
 # Bestsellers are read for the session's this many preferred categories (serving's one Redis read
 # fetches exactly these).
@@ -71,6 +72,7 @@ class Gathered:
     covis_scores: dict[str, float]  # item -> recency-weighted ordered co-visits of the seeds
     covis_last: dict[str, float]  # item -> ordered co-visit weight from the most recent seed alone
     neighbour_scores: dict[str, float]  # item -> session-kNN score (its list only)
+    seeds: list[str] = field(default_factory=list)  # the seeds, most recent first (ties by id, as covis_last)
 
 
 def gather_lists(
@@ -94,6 +96,7 @@ def gather_lists(
     covis_scores: dict[str, float] = {}
     covis_last: dict[str, float] = {}
     neighbour_scores: dict[str, float] = {}
+    ordered: list[str] = []
     if personal:
         if state.user_vector is not None:
             lists["als"] = als_top_n(state.user_vector, model.scoring_factors, model.item_ids, sizes.als)
@@ -103,8 +106,9 @@ def gather_lists(
                 lists["als"] = _union(lists.get("als", []), similar)
         rows = lookups.covisitation(list(seeds))
         covis_scores = covisited_scores(seeds, rows)
-        if seeds:
-            covis_last = dict(rows.get(max(seeds, key=lambda i: (seeds[i], i)), {}))
+        ordered = sorted(seeds, key=lambda i: (seeds[i], i), reverse=True)
+        if ordered:
+            covis_last = dict(rows.get(ordered[0], {}))
         lists["covis"] = top_scored(covis_scores, sizes.covis)
         if sizes.next > 0:
             lists["next"] = top_scored(covis_last, sizes.next)
@@ -117,7 +121,7 @@ def gather_lists(
     lists["trending"] = lookups.trending(sizes.trending)
     since = state.now_s - sizes.new_max_age_days * DAY_S
     lists["new"] = lookups.new_arrivals(since, sizes.new_arrivals)
-    return Gathered(lists, covis_scores, covis_last, neighbour_scores)
+    return Gathered(lists, covis_scores, covis_last, neighbour_scores, ordered)
 
 
 def describe(
@@ -131,19 +135,36 @@ def describe(
     """The feature inputs of the pool `item_ids` (after serving's rules, or all of `gathered` in training);
     `info`: the pool's catalog columns when the caller has them (`lookups.items(item_ids)`'s)."""
     info = lookups.items(item_ids) if info is None else info
+    vectors = item_vectors(model, item_ids)
+    last_cosine, session_cosine = seed_cosines(vectors, item_vectors(model, gathered.seeds))
     return Candidates(
         item_ids=item_ids,
         sources=sources,
-        item_vectors=item_vectors(model, item_ids),
+        item_vectors=vectors,
         day_counts=lookups.day_counts(item_ids),
         covis=_column(gathered.covis_scores, item_ids),
         covis_last=_column(gathered.covis_last, item_ids),
         neighbours=_column(gathered.neighbour_scores, item_ids),
+        last_seed_cosine=last_cosine,
+        seeds_cosine=session_cosine,
         categories=info.categories,
         prices=info.prices,
         created_at_s=info.created_at_s,
         promoted=info.promoted,
     )
+
+
+def seed_cosines(vectors: np.ndarray, seed_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each candidate's cosine with the most recent seed's vector, and with the mean direction of every
+    seed's (`seed_vectors`, most recent first); 0 where a vector is missing (a row of zeros)."""
+    n = len(vectors)
+    unit = unit_rows(vectors)
+    seeds = unit_rows(seed_vectors)
+    if n == 0 or len(seeds) == 0:
+        return np.zeros(n, np.float64), np.zeros(n, np.float64)
+    last = unit @ seeds[0]
+    centre = unit_rows(seeds.sum(axis=0, keepdims=True))[0]
+    return last.astype(np.float64), (unit @ centre).astype(np.float64)
 
 
 def _column(values: Mapping[str, float], item_ids: Sequence[str]) -> np.ndarray:

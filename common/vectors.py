@@ -11,6 +11,12 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def unit_rows(factors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (cosine similarity as a dot product); rows of zeros stay zeros."""
+    norms = np.linalg.norm(factors, axis=1, keepdims=True)
+    return (factors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
 def gramian(item_factors: np.ndarray) -> np.ndarray:
     """YᵀY, precomputed once per model version."""
     y = item_factors.astype(np.float64, copy=False)

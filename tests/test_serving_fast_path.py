@@ -153,7 +153,8 @@ def test_similar_items_equal_the_blend_over_every_items_cosine() -> None:
 
     from common.model import ModelArtifacts
     from common.registry import Manifest
-    from serving.core.model_holder import ServingModel, unit_rows
+    from common.vectors import unit_rows
+    from serving.core.model_holder import ServingModel
     from serving.core.similar import similar_items
 
     rng = np.random.default_rng(3)

@@ -20,10 +20,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from common.features import FEATURE_NAMES
 from common.lake import Lake
 from common.model import ModelArtifacts, load_model
 from common.registry import Registry, RegistryError
 from common.settings import CandidatePool
+from common.vectors import unit_rows
 from serving.core import metrics
 from serving.core.catalog_view import CatalogView
 from serving.core.compiled_ranker import Scorer, compile_ranker
@@ -82,8 +84,26 @@ def build_serving_model(
         covis=_covis(artifacts.covisitation),
         popular=popular[:1000],
         category_popular=dict(by_category),
-        scorer=compile_ranker(artifacts.ranker, compiled_dir) if artifacts.ranker is not None else None,
+        scorer=compile_ranker(artifacts.ranker, compiled_dir) if ranks_these_features(artifacts) else None,
     )
+
+
+def ranks_these_features(artifacts: ModelArtifacts) -> bool:
+    """Whether the version has a ranker trained on this code's feature columns. One trained on others
+    (a version from before a feature was added) would read misaligned columns, so serving ranks without
+    it (the heuristic order of the same pool) until a version trained on these is published."""
+    if artifacts.ranker is None:
+        return False
+    trained_on = list(artifacts.ranker.feature_name())
+    if trained_on == list(FEATURE_NAMES):
+        return True
+    log.warning(
+        "version %s: its ranker was trained on other features (%d columns, this code computes %d: %s); "
+        "serving ranks without it until a version trained on these is published",
+        artifacts.version, len(trained_on), len(FEATURE_NAMES),
+        ", ".join(sorted(set(FEATURE_NAMES) ^ set(trained_on))),
+    )  # fmt: skip
+    return False
 
 
 def with_content_vectors(model: ServingModel, catalog: CatalogView, item_ids: Sequence[str] | None = None) -> ServingModel:
@@ -93,12 +113,6 @@ def with_content_vectors(model: ServingModel, catalog: CatalogView, item_ids: Se
     if artifacts is model.artifacts:
         return model
     return replace(model, artifacts=artifacts, unit_factors=unit_rows(artifacts.item_factors))
-
-
-def unit_rows(factors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (cosine similarity as a dot product)."""
-    norms = np.linalg.norm(factors, axis=1, keepdims=True)
-    return (factors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _popular(table: pa.Table | None) -> list[tuple[str, float]]:

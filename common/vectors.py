@@ -1,4 +1,5 @@
-"""User-vector math shared by the speed layer and serving: ALS fold-in and the streaming SGD step.
+"""Vector math shared by the speed layer, serving and training: unit rows (cosines), ALS fold-in and the
+streaming SGD step.
 
 Conventions (see DESIGN.md, "The lambda merge"): confidence c = 1 + alpha * r for an
 observed item with implicit weight r; lambda is not scaled by the user's count.

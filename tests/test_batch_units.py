@@ -21,6 +21,7 @@ from common.events import (
     table_to_events,
 )
 from common.features import decay, implicit_weight
+from common.gatherer import seed_cosines
 from common.ids import id_digest
 from common.lake import EVENTS_DATASET, Lake
 from common.settings import Settings, TrainingSettings
@@ -242,6 +243,23 @@ def test_an_unreadable_partition_keeps_the_erasure_queued_after_erasing_the_rest
     [kept] = lake.partition_files(EVENTS_DATASET, t.date())  # the readable day is erased all the same
     assert pq.read_table(kept)["anonymous_id"].to_pylist() == ["dev2"]
     assert [p["user_id"] for p in lake.pending_erasures()] == ["alice"]  # retried by the next run
+
+
+# ---------------------------------------------------------------- ranker features
+
+
+def test_seed_cosines_compare_each_candidate_with_the_last_seed_and_the_seeds_direction() -> None:
+    candidates = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.float32)  # the last one has no vector
+    half = np.sqrt(0.5)
+    last, direction = seed_cosines(candidates, np.array([[0, 2], [3, 0]], np.float32))  # most recent first
+    np.testing.assert_allclose(last, [0, 1, half, 0], atol=1e-6)
+    np.testing.assert_allclose(direction, [half, half, 1, 0], atol=1e-6)  # lengths do not weigh: (1, 1)
+    # A most recent seed without a vector: no last-seed cosine, the direction from the seeds that have one.
+    last, direction = seed_cosines(candidates, np.array([[0, 0], [3, 0]], np.float32))
+    np.testing.assert_allclose(last, [0, 0, 0, 0])
+    np.testing.assert_allclose(direction, [1, 0, half, 0], atol=1e-6)
+    for none in (np.zeros((0, 2), np.float32), np.zeros((2, 2), np.float32)):
+        assert not np.any(seed_cosines(candidates, none)[0]) and not np.any(seed_cosines(candidates, none)[1])
 
 
 # ---------------------------------------------------------------- metrics and gate

@@ -33,6 +33,7 @@ MAX_ID_LENGTH = 128
 MAX_QUANTITY = 10_000
 MAX_PRICE = 1_000_000
 SESSION_GAP = pd.Timedelta(minutes=30)
+TIE_STEP = pd.Timedelta(microseconds=1)  # between rows of one session that share a timestamp (_keep_file_order)
 
 
 @dataclass
@@ -393,6 +394,7 @@ def import_csv(path: str | Path, lake: Lake, fmt: CsvFormat, chunk_rows: int = C
     sessions: set[str] = set()
     items: set[str] = set()
     row_base = 0
+    last_ties: dict[str, tuple[pd.Timestamp, int]] = {}
     for chunk in _read_chunks(path, chunk_rows, sep=fmt.sep, header=fmt.header):
         columns = _csv_columns(chunk, fmt, path)
         report.rows_read += len(chunk)
@@ -401,10 +403,10 @@ def import_csv(path: str | Path, lake: Lake, fmt: CsvFormat, chunk_rows: int = C
         if "session" not in fmt.mapping:
             pending.append(frame)
             continue
-        report.files += _write_csv_events(lake, frame, report, users, anonymous, sessions, items)
+        report.files += _write_csv_events(lake, frame, report, users, anonymous, sessions, items, last_ties)
     if pending:
         frame = _derive_sessions(pd.concat(pending, ignore_index=True))
-        report.files += _write_csv_events(lake, frame, report, users, anonymous, sessions, items)
+        report.files += _write_csv_events(lake, frame, report, users, anonymous, sessions, items, last_ties)
     _count_people(report, users, anonymous, sessions)
     report.items = len(items)
     report.seconds = time.perf_counter() - clock
@@ -503,9 +505,29 @@ def _derive_sessions(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns="person").sort_values("row", kind="stable")
 
 
+def _keep_file_order(frame: pd.DataFrame, last_ties: dict[str, tuple[pd.Timestamp, int]]) -> pd.DataFrame:
+    """Rows of one session that share a timestamp keep the file's order: the k-th of them gets k TIE_STEPs more.
+
+    The lake orders events by time, then by id (a hash), so an export whose clock ticks in seconds, minutes or
+    days (an invoice's lines, a burst of clicks) would otherwise replay such sessions shuffled, and their order
+    is what the co-visits and the next-item lists learn. `last_ties` holds, per session of the previous chunk,
+    the timestamp of its last row and how many rows had it, for a tie that the chunk boundary cuts; it is
+    replaced, so memory stays one chunk's sessions.
+    """
+    session = frame["session_id"].fillna(frame["anonymous_id"])
+    ties = frame.groupby([session, frame["ts"]], sort=False).cumcount()
+    carried_ts = session.map({s: t for s, (t, _) in last_ties.items()})
+    carried_n = session.map({s: n for s, (_, n) in last_ties.items()})
+    ties = ties + carried_n.where(carried_ts == frame["ts"], 0).fillna(0).astype("int64")
+    last = pd.DataFrame({"session": session, "ts": frame["ts"], "next": ties + 1}).groupby("session", sort=False).tail(1)
+    last_ties.clear()
+    last_ties.update(zip(last["session"], zip(last["ts"], last["next"], strict=True), strict=True))
+    return frame.assign(ts=frame["ts"] + ties.to_numpy() * TIE_STEP)
+
+
 def _write_csv_events(
     lake: Lake, frame: pd.DataFrame, report: ImportReport, users: set[str], anonymous: set[str], sessions: set[str],
-    items: set[str],
+    items: set[str], last_ties: dict[str, tuple[pd.Timestamp, int]],
 ) -> int:
     if frame.empty:
         return 0
@@ -516,6 +538,7 @@ def _write_csv_events(
     if duplicate.any():
         report.dropped["duplicate row (same content as an earlier row)"] += int(duplicate.sum())
         frame = frame[~duplicate]
+    frame = _keep_file_order(frame, last_ties)  # after the ids: they hash the time the row says
     table = _events_table(frame, _context(len(frame)))
     report.events_by_type.update(frame["event_type"].value_counts().to_dict())
     users.update(frame["user_id"].dropna())

@@ -169,6 +169,27 @@ def test_headerless_epoch_seconds_with_derived_sessions_and_bad_rows(tmp_path: P
     assert import_csv(path, lake, fmt).files == 0  # re-import dedups
 
 
+@pytest.mark.parametrize("sessions", ["mapped", "derived"])
+def test_rows_sharing_a_timestamp_replay_in_the_files_order(tmp_path: Path, sessions: str) -> None:
+    # An invoice's lines at one minute: the lake orders equal times by event id, a hash, so without the
+    # importer's microsecond steps these would come back shuffled. Chunks of 3 cut the tie twice.
+    items = ["sku9", "sku1", "sku7", "sku3", "sku5", "sku2", "sku8"]
+    rows = [f"2025-06-01T12:00:00Z,u1,{item},inv1" for item in items] + ["2025-06-01T12:01:00Z,u1,sku4,inv1"]
+    rows += [f"2025-06-01T12:00:00Z,u2,{item},inv2" for item in reversed(items)]
+    path = _csv(tmp_path / "e.csv", "ts,user,item,invoice\n" + "\n".join(rows) + "\n")
+    mapping = "ts=ts,user=user,item=item" + (",session=invoice" if sessions == "mapped" else "")
+    fmt = CsvFormat(mapping=parse_mapping(mapping), default_type="purchase")
+    lake = Lake(str(tmp_path / "lake"))
+    import_csv(path, lake, fmt, chunk_rows=3)
+    replayed = lake.read_events().sort_by([("received_at", "ascending"), ("ts", "ascending"), ("event_id", "ascending")])
+    by_user = {user: [e for e in replayed.to_pylist() if e["user_id"] == user] for user in ("u1", "u2")}
+    assert [e["item_id"] for e in by_user["u1"]] == [*items, "sku4"]
+    assert [e["item_id"] for e in by_user["u2"]] == list(reversed(items))
+    assert [e["ts"] - T0 for e in by_user["u1"]] == [timedelta(microseconds=k) for k in range(7)] + [timedelta(minutes=1)]
+    assert all(e["received_at"] == e["ts"] for e in replayed.to_pylist())
+    assert import_csv(path, lake, fmt, chunk_rows=5).files == 0  # ids hash the time the row says: a re-import dedups
+
+
 @pytest.mark.parametrize(
     ("unit", "value"),
     [("s", str(int(T0.timestamp()))), ("ms", str(int(T0.timestamp() * 1000))), ("iso", "2025-06-01T14:00:00+02:00"),

@@ -80,7 +80,7 @@ def import_csv(
         ),
     ],
     sep: Annotated[str, typer.Option(help="Field separator.")] = ",",
-    ts_unit: Annotated[str, typer.Option(help="s or ms (epoch numbers) or iso (ISO 8601; no zone means UTC).")] = "iso",
+    ts_unit: Annotated[str, typer.Option(help="s or ms (epoch numbers), iso (ISO 8601) or a strftime pattern such as '%d/%m/%Y %H:%M'; no zone means UTC.")] = "iso",
     type_map: Annotated[
         str | None, typer.Option(help="EVENT_TYPE=VALUE[|VALUE] pairs, e.g. view=pageview|detail,purchase=order.")
     ] = None,

@@ -137,7 +137,8 @@ def _count_people(report: ImportReport, users: set[str], anonymous: set[str], se
 
 # Codes that are postage, fees, discounts, manual adjustments or vouchers, not products.
 NON_PRODUCT_CODES = frozenset(
-    {"POST", "DOT", "M", "C2", "D", "S", "B", "BANK CHARGES", "AMAZONFEE", "CRUK", "PADS", "CARRIAGE"}
+    {"POST", "DOT", "M", "C2", "D", "S", "B", "BANK CHARGES", "AMAZONFEE", "CRUK", "PADS", "CARRIAGE",
+     "ADJUST", "ADJUST2", "TEST001", "TEST002"}  # the last four: Online Retail II's adjustments and test lines
 )
 # First matching keyword (on the upper-cased description) names the category.
 CATEGORY_KEYWORDS: list[tuple[str, tuple[str, ...]]] = [
@@ -166,6 +167,10 @@ COUNTRY_CODES = {
     "European Community": "EU", "Malta": "MT", "RSA": "ZA",
 }  # fmt: skip
 ONLINE_RETAIL_COLUMNS = ["InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID", "Country"]
+# Online Retail II (UCI 502: the same shop, 2009-2011) names three of them differently.
+ONLINE_RETAIL_II_NAMES = {"Invoice": "InvoiceNo", "Price": "UnitPrice", "Customer ID": "CustomerID"}
+# InvoiceDate as the CRAN copy writes it, then as spreadsheet exports of the UCI file do ("12/1/2010 8:26").
+INVOICE_DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%m/%d/%Y %H:%M")
 PURCHASE_DELAY = pd.Timedelta(seconds=30)  # an invoice's purchases come this long after its carts
 
 
@@ -197,7 +202,7 @@ def _online_retail_rows(chunk: pd.DataFrame, line_base: dict[str, int], report: 
 
     chunk["qty"] = pd.to_numeric(chunk["Quantity"], errors="coerce")
     chunk["unit_price"] = pd.to_numeric(chunk["UnitPrice"], errors="coerce")
-    chunk["ts"] = pd.to_datetime(chunk["InvoiceDate"], format="%Y-%m-%d %H:%M:%S", errors="coerce")
+    chunk["ts"] = _invoice_dates(chunk["InvoiceDate"])
     cancelled = chunk["InvoiceNo"].str.startswith("C")
     reason = pd.Series(None, index=chunk.index, dtype=object)
     checks = [
@@ -222,6 +227,13 @@ def _online_retail_rows(chunk: pd.DataFrame, line_base: dict[str, int], report: 
         reason = reason.where(reason.notna() | ~bad.fillna(False), why)
     report.dropped.update(reason.dropna().value_counts().to_dict())
     return chunk[reason.isna()]
+
+
+def _invoice_dates(values: pd.Series) -> pd.Series:
+    parsed = pd.to_datetime(values, format=INVOICE_DATE_FORMATS[0], errors="coerce")
+    for fmt in INVOICE_DATE_FORMATS[1:]:
+        parsed = parsed.fillna(pd.to_datetime(values, format=fmt, errors="coerce"))
+    return parsed
 
 
 def _online_retail_events(rows: pd.DataFrame) -> pd.DataFrame:
@@ -262,6 +274,7 @@ def import_online_retail(path: str | Path, lake: Lake, chunk_rows: int = CHUNK_R
     sessions: set[str] = set()
     products: dict[str, dict[str, object]] = {}
     for chunk in _read_chunks(path, chunk_rows, sep=",", header=True):
+        chunk = chunk.rename(columns=ONLINE_RETAIL_II_NAMES)
         missing = [c for c in ONLINE_RETAIL_COLUMNS if c not in chunk.columns]
         if missing:
             raise ValueError(f"{path} is not the Online Retail file: missing column(s) {', '.join(missing)}")
@@ -374,8 +387,10 @@ class CsvFormat:
     header: bool = True
 
     def __post_init__(self) -> None:
-        if self.ts_unit not in TS_UNITS:
-            raise ValueError(f"--ts-unit {self.ts_unit!r} is not one of {', '.join(TS_UNITS)}")
+        if self.ts_unit not in TS_UNITS and "%" not in self.ts_unit:
+            raise ValueError(
+                f"--ts-unit {self.ts_unit!r} is not one of {', '.join(TS_UNITS)} nor a strftime pattern such as '%d/%m/%Y %H:%M'"
+            )
         if self.default_type not in {t.value for t in EventType}:
             raise ValueError(f"--default-type {self.default_type!r} is not an event type")
         if not self.header:
@@ -416,7 +431,7 @@ def import_csv(path: str | Path, lake: Lake, fmt: CsvFormat, chunk_rows: int = C
 def _read_chunks(path: str | Path, chunk_rows: int, sep: str, header: bool) -> Iterator[pd.DataFrame]:
     reader = pd.read_csv(
         path, sep=sep, header=0 if header else None, dtype=str, keep_default_na=False, chunksize=chunk_rows,
-        compression="infer", on_bad_lines="error",
+        compression="infer", on_bad_lines="error", encoding_errors="replace",  # a Latin-1 export's accents
     )  # fmt: skip
     with reader:
         for chunk in reader:
@@ -437,8 +452,14 @@ def _csv_columns(chunk: pd.DataFrame, fmt: CsvFormat, path: str | Path) -> dict[
 def _parse_ts(values: pd.Series, unit: str) -> pd.Series:
     if unit == "iso":
         return pd.to_datetime(values, utc=True, errors="coerce", format="ISO8601").dt.tz_localize(None)
+    if "%" in unit:  # a strftime pattern; a time without a zone is UTC
+        return pd.to_datetime(values, utc=True, errors="coerce", format=unit).dt.tz_localize(None)
     numbers = pd.to_numeric(values, errors="coerce")
     return pd.to_datetime(numbers, unit=unit, errors="coerce")
+
+
+def _ts_unit_name(unit: str) -> str:
+    return "an ISO time" if unit == "iso" else f"a time like {unit!r}" if "%" in unit else f"epoch {unit}"
 
 
 def _csv_rows(chunk: pd.DataFrame, columns: dict[str, str], fmt: CsvFormat, report: ImportReport, row_base: int) -> pd.DataFrame:
@@ -458,7 +479,7 @@ def _csv_rows(chunk: pd.DataFrame, columns: dict[str, str], fmt: CsvFormat, repo
     needs_item = event_type.isin([t.value for t in EventType if t.value not in ("search", "identify")])
     checks = [
         (col("ts") == "", "missing ts"),
-        (ts.isna(), f"ts is not {'an ISO time' if fmt.ts_unit == 'iso' else 'epoch ' + fmt.ts_unit}"),
+        (ts.isna(), f"ts is not {_ts_unit_name(fmt.ts_unit)}"),
         ((ts < pd.Timestamp(EARLIEST_TS).tz_localize(None)) | (ts > now), "ts before 2000 or in the future"),
         (event_type.isna(), "unknown event type (add it to --type-map)"),
         ((user == "") & (anon == ""), "no user or anonymous id"),

@@ -112,6 +112,28 @@ def test_online_retail_catalog_and_reimport(imported, tmp_path: Path) -> None:
     assert lake.read_events().num_rows == events.num_rows
 
 
+def test_online_retail_ii_and_spreadsheet_exports_import_as_the_same_events(imported, tmp_path: Path) -> None:
+    # Online Retail II's header (Invoice, Price, Customer ID), InvoiceDate as a spreadsheet writes it and a
+    # Latin-1 description: the same events, ids included, as the CRAN copy of the file gives.
+    with SAMPLE.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    renamed = {"InvoiceNo": "Invoice", "UnitPrice": "Price", "CustomerID": "Customer ID"}
+    path = tmp_path / "online_retail_II.csv"
+    with path.open("w", newline="", encoding="latin-1") as f:
+        writer = csv.DictWriter(f, fieldnames=[renamed.get(c, c) for c in rows[0]])
+        writer.writeheader()
+        for i, row in enumerate(rows):
+            when = datetime.strptime(row["InvoiceDate"], "%Y-%m-%d %H:%M:%S")
+            row["InvoiceDate"] = f"{when.month}/{when.day}/{when.year} {when.hour}:{when.minute:02d}"
+            row["Description"] += " CAFÉ" if i == 0 else ""
+            writer.writerow({renamed.get(c, c): v for c, v in row.items()})
+    lake = Lake(str(tmp_path / "lake"))
+    report = import_online_retail(path, lake, chunk_rows=64)
+    assert report.dropped == imported[1].dropped
+    columns = ["event_id", "event_type", "ts", "user_id", "session_id", "item_id", "quantity", "price"]
+    assert lake.read_events().select(columns).sort_by("event_id") == imported[2].select(columns).sort_by("event_id")
+
+
 def test_category_rule() -> None:
     assert category_of("WHITE HANGING HEART T-LIGHT HOLDER") == "Candles and Lights"
     assert category_of("JUMBO BAG RED RETROSPOT") == "Bags"
@@ -193,7 +215,7 @@ def test_rows_sharing_a_timestamp_replay_in_the_files_order(tmp_path: Path, sess
 @pytest.mark.parametrize(
     ("unit", "value"),
     [("s", str(int(T0.timestamp()))), ("ms", str(int(T0.timestamp() * 1000))), ("iso", "2025-06-01T14:00:00+02:00"),
-     ("iso", "2025-06-01 12:00:00")],
+     ("iso", "2025-06-01 12:00:00"), ("%m/%d/%Y %H:%M", "6/1/2025 12:00"), ("%d.%m.%Y %H:%M %z", "01.06.2025 14:00 +0200")],
 )  # fmt: skip
 def test_time_units_all_read_as_utc(tmp_path: Path, unit: str, value: str) -> None:
     path = _csv(tmp_path / "e.csv", f"when;who;what;sess\n{value};u1;i1;S9\n")
@@ -203,6 +225,12 @@ def test_time_units_all_read_as_utc(tmp_path: Path, unit: str, value: str) -> No
     (event,) = lake.read_events().to_pylist()
     assert event["ts"] == T0
     assert event["session_id"] == "S9" and event["event_type"] == "view"
+
+
+def test_rows_off_the_time_pattern_are_counted_by_it(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "e.csv", "t,u,i\n6/1/2025 12:00,u1,i1\n2025-06-01 12:00,u1,i2\n")
+    report = import_csv(path, Lake(str(tmp_path / "lake")), CsvFormat(mapping=parse_mapping("ts=t,user=u,item=i"), ts_unit="%m/%d/%Y %H:%M"))
+    assert report.dropped == {"ts is not a time like '%m/%d/%Y %H:%M'": 1} and report.events_by_type == {"view": 1}
 
 
 def test_quantity_price_and_future_rows_are_checked(tmp_path: Path) -> None:
@@ -236,6 +264,8 @@ def test_mapping_errors_name_what_is_wrong(tmp_path: Path) -> None:
         parse_mapping("ts=a,user=b,item=c,colour=d")
     with pytest.raises(ValueError, match="'viewed' is not an event type"):
         parse_type_map("viewed=pv")
+    with pytest.raises(ValueError, match="nor a strftime pattern"):
+        CsvFormat(mapping=parse_mapping("ts=a,user=b,item=c"), ts_unit="dd/mm/yyyy")
     with pytest.raises(ValueError, match="positions counted from 1"):
         CsvFormat(mapping=parse_mapping("ts=a,user=2,item=3"), header=False)
     path = _csv(tmp_path / "e.csv", "time,user,item\n2025-06-01T12:00:00Z,u,i\n")

@@ -33,6 +33,7 @@ MAX_ID_LENGTH = 128
 MAX_QUANTITY = 10_000
 MAX_PRICE = 1_000_000
 SESSION_GAP = pd.Timedelta(minutes=30)
+MISSING_ID_WORDS = frozenset({"NA", "N/A", "NaN", "nan", "null", "NULL", "None"})  # e.g. Diginetica's userId "NA"
 TIE_STEP = pd.Timedelta(microseconds=1)  # between rows of one session that share a timestamp (_keep_file_order)
 
 
@@ -458,6 +459,16 @@ def _parse_ts(values: pd.Series, unit: str) -> pd.Series:
     return pd.to_datetime(numbers, unit=unit, errors="coerce")
 
 
+def _id_column(values: pd.Series) -> pd.Series:
+    """Ids with the words exports write for a missing one (NA, null, ...) as empty."""
+    return values.where(~values.isin(MISSING_ID_WORDS), "")
+
+
+def _anonymous_ids(anon: pd.Series, user: pd.Series, session: pd.Series) -> pd.Series:
+    """The row's anonymous id; else its user's; else, for a session of nobody known, the session's own."""
+    return anon.where(anon != "", ("user-" + user).where(user != "", "session-" + session))
+
+
 def _ts_unit_name(unit: str) -> str:
     return "an ISO time" if unit == "iso" else f"a time like {unit!r}" if "%" in unit else f"epoch {unit}"
 
@@ -474,7 +485,8 @@ def _csv_rows(chunk: pd.DataFrame, columns: dict[str, str], fmt: CsvFormat, repo
     ts = _parse_ts(col("ts"), fmt.ts_unit)
     quantity = pd.to_numeric(col("quantity").replace("", None), errors="coerce")
     price = pd.to_numeric(col("price").replace("", None), errors="coerce")
-    user, anon, item, query = col("user"), col("anonymous"), col("item"), col("query")
+    user, anon, item, session = (_id_column(col(name)) for name in ("user", "anonymous", "item", "session"))
+    query = col("query")
     now = pd.Timestamp(datetime.now(UTC) + MAX_CLOCK_SKEW).tz_localize(None)
     needs_item = event_type.isin([t.value for t in EventType if t.value not in ("search", "identify")])
     checks = [
@@ -482,7 +494,7 @@ def _csv_rows(chunk: pd.DataFrame, columns: dict[str, str], fmt: CsvFormat, repo
         (ts.isna(), f"ts is not {_ts_unit_name(fmt.ts_unit)}"),
         ((ts < pd.Timestamp(EARLIEST_TS).tz_localize(None)) | (ts > now), "ts before 2000 or in the future"),
         (event_type.isna(), "unknown event type (add it to --type-map)"),
-        ((user == "") & (anon == ""), "no user or anonymous id"),
+        ((user == "") & (anon == "") & (session == ""), "no user, anonymous or session id"),
         (needs_item & (item == ""), "missing item for an item event"),
         ((event_type == "search") & (query == ""), "search without a query"),
         ((event_type == "identify") & (user == ""), "identify without a user"),
@@ -504,8 +516,8 @@ def _csv_rows(chunk: pd.DataFrame, columns: dict[str, str], fmt: CsvFormat, repo
             "event_type": event_type[keep],
             "ts": ts[keep],
             "user_id": user[keep].replace("", None),
-            "anonymous_id": anon[keep].where(anon[keep] != "", "user-" + user[keep]),
-            "session_id": col("session")[keep].replace("", None),
+            "anonymous_id": _anonymous_ids(anon[keep], user[keep], session[keep]),
+            "session_id": session[keep].replace("", None),
             "item_id": item[keep].replace("", None),
             "quantity": quantity[keep].astype("Int64"),
             "price": price[keep],

@@ -175,7 +175,7 @@ def test_headerless_epoch_seconds_with_derived_sessions_and_bad_rows(tmp_path: P
     assert report.rows_read == 9
     assert report.dropped == {
         "ts is not epoch s": 1,
-        "no user or anonymous id": 1,
+        "no user, anonymous or session id": 1,
         "missing item for an item event": 1,
         "unknown event type (add it to --type-map)": 1,
     }
@@ -225,6 +225,19 @@ def test_time_units_all_read_as_utc(tmp_path: Path, unit: str, value: str) -> No
     (event,) = lake.read_events().to_pylist()
     assert event["ts"] == T0
     assert event["session_id"] == "S9" and event["event_type"] == "view"
+
+
+def test_a_missing_user_written_as_na_leaves_the_session_its_own_visitor(tmp_path: Path) -> None:
+    # Diginetica's shape: most sessions have userId "NA"; they must not merge into one person called NA.
+    rows = ["1;NA;i1;2016-05-09", "1;NA;i2;2016-05-09", "2;NA;i1;2016-05-10", "3;77;i3;2016-05-10", "4;null;;2016-05-10"]
+    path = _csv(tmp_path / "e.csv", "sessionId;userId;itemId;eventdate\n" + "\n".join(rows) + "\n")
+    fmt = CsvFormat(mapping=parse_mapping("ts=eventdate,user=userId,item=itemId,session=sessionId"), sep=";")
+    lake = Lake(str(tmp_path / "lake"))
+    report = import_csv(path, lake, fmt)
+    assert report.dropped == {"missing item for an item event": 1}
+    people = {(e["session_id"], e["user_id"], e["anonymous_id"]) for e in lake.read_events().to_pylist()}
+    assert people == {("1", None, "session-1"), ("2", None, "session-2"), ("3", "77", "user-77")}
+    assert report.users == 1 and report.anonymous_ids == 2
 
 
 def test_rows_off_the_time_pattern_are_counted_by_it(tmp_path: Path) -> None:

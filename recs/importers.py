@@ -364,6 +364,18 @@ def parse_mapping(text: str) -> dict[str, str]:
     return mapping
 
 
+# What public exports call our event types (Retailrocket, REES46, OTTO, ...), matched without case after
+# --type-map and our own names.
+TYPE_SYNONYMS = {
+    **dict.fromkeys(("pageview", "page_view", "detail", "product_view", "view_item", "views"), "view"),
+    **dict.fromkeys(("clicks",), "click"),
+    **dict.fromkeys(("addtocart", "add-to-cart", "cart", "carts", "add_to_basket", "addtobasket", "basket"), "add_to_cart"),
+    **dict.fromkeys(("removefromcart", "remove-from-cart", "remove_from_basket"), "remove_from_cart"),
+    **dict.fromkeys(("transaction", "buy", "buys", "order", "orders", "checkout", "purchased"), "purchase"),
+    **dict.fromkeys(("addtowishlist", "add_to_wishlist", "favorite", "favourite"), "wishlist"),
+}
+
+
 def parse_type_map(text: str | None) -> dict[str, str]:
     """`view=pageview|detail,purchase=order` as {source value: event type}."""
     out: dict[str, str] = {}
@@ -452,6 +464,7 @@ def _csv_columns(chunk: pd.DataFrame, fmt: CsvFormat, path: str | Path) -> dict[
 
 def _parse_ts(values: pd.Series, unit: str) -> pd.Series:
     if unit == "iso":
+        values = values.str.replace(r"\s*(?:UTC|GMT)$", "+00:00", regex=True)  # REES46 writes "2019-10-01 00:00:00 UTC"
         return pd.to_datetime(values, utc=True, errors="coerce", format="ISO8601").dt.tz_localize(None)
     if "%" in unit:  # a strftime pattern; a time without a zone is UTC
         return pd.to_datetime(values, utc=True, errors="coerce", format=unit).dt.tz_localize(None)
@@ -480,7 +493,9 @@ def _csv_rows(chunk: pd.DataFrame, columns: dict[str, str], fmt: CsvFormat, repo
 
     raw_type = col("type")
     mapped = raw_type.map(fmt.type_map)
-    mapped = mapped.where(mapped.notna(), raw_type.where(raw_type.isin([t.value for t in EventType])))
+    lower = raw_type.str.lower()
+    mapped = mapped.where(mapped.notna(), lower.where(lower.isin([t.value for t in EventType])))
+    mapped = mapped.where(mapped.notna(), lower.map(TYPE_SYNONYMS))
     event_type = mapped.where(raw_type != "", fmt.default_type)
     ts = _parse_ts(col("ts"), fmt.ts_unit)
     quantity = pd.to_numeric(col("quantity").replace("", None), errors="coerce")

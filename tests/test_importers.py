@@ -215,7 +215,7 @@ def test_rows_sharing_a_timestamp_replay_in_the_files_order(tmp_path: Path, sess
 @pytest.mark.parametrize(
     ("unit", "value"),
     [("s", str(int(T0.timestamp()))), ("ms", str(int(T0.timestamp() * 1000))), ("iso", "2025-06-01T14:00:00+02:00"),
-     ("iso", "2025-06-01 12:00:00"), ("%m/%d/%Y %H:%M", "6/1/2025 12:00"), ("%d.%m.%Y %H:%M %z", "01.06.2025 14:00 +0200")],
+     ("iso", "2025-06-01 12:00:00"), ("iso", "2025-06-01 12:00:00 UTC"), ("%m/%d/%Y %H:%M", "6/1/2025 12:00"), ("%d.%m.%Y %H:%M %z", "01.06.2025 14:00 +0200")],
 )  # fmt: skip
 def test_time_units_all_read_as_utc(tmp_path: Path, unit: str, value: str) -> None:
     path = _csv(tmp_path / "e.csv", f"when;who;what;sess\n{value};u1;i1;S9\n")
@@ -238,6 +238,19 @@ def test_a_missing_user_written_as_na_leaves_the_session_its_own_visitor(tmp_pat
     people = {(e["session_id"], e["user_id"], e["anonymous_id"]) for e in lake.read_events().to_pylist()}
     assert people == {("1", None, "session-1"), ("2", None, "session-2"), ("3", "77", "user-77")}
     assert report.users == 1 and report.anonymous_ids == 2
+
+
+def test_public_exports_event_names_need_no_type_map(tmp_path: Path) -> None:
+    # REES46's shape ("cart", zone written "UTC") and Retailrocket's and OTTO's names, any case; --type-map wins.
+    names = ["view", "cart", "remove_from_cart", "purchase", "addtocart", "transaction", "Clicks", "orders", "refund"]
+    rows = [f"2025-06-01 12:00:0{i} UTC,{name},sku{i},u1,sess1" for i, name in enumerate(names)]
+    path = _csv(tmp_path / "e.csv", "event_time,event_type,product_id,user_id,user_session\n" + "\n".join(rows) + "\n")
+    mapping = parse_mapping("ts=event_time,type=event_type,item=product_id,user=user_id,session=user_session")
+    lake = Lake(str(tmp_path / "lake"))
+    report = import_csv(path, lake, CsvFormat(mapping=mapping, type_map=parse_type_map("wishlist=orders")))
+    assert report.dropped == {"unknown event type (add it to --type-map)": 1}
+    types = [e["event_type"] for e in lake.read_events().sort_by("ts").to_pylist()]
+    assert types == ["view", "add_to_cart", "remove_from_cart", "purchase", "add_to_cart", "purchase", "click", "wishlist"]
 
 
 def test_rows_off_the_time_pattern_are_counted_by_it(tmp_path: Path) -> None:

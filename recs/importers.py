@@ -233,7 +233,9 @@ def _online_retail_rows(chunk: pd.DataFrame, line_base: dict[str, int], report: 
 def _invoice_dates(values: pd.Series) -> pd.Series:
     parsed = pd.to_datetime(values, format=INVOICE_DATE_FORMATS[0], errors="coerce")
     for fmt in INVOICE_DATE_FORMATS[1:]:
-        parsed = parsed.fillna(pd.to_datetime(values, format=fmt, errors="coerce"))
+        missing = parsed.isna()
+        if missing.any():
+            parsed[missing] = pd.to_datetime(values[missing], format=fmt, errors="coerce")
     return parsed
 
 

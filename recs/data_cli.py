@@ -75,8 +75,8 @@ def import_csv(
         str,
         typer.Option(
             "--map",
-            help="FIELD=COLUMN pairs: ts, user, item required; session, type, price, quantity, anonymous, query "
-            "optional. With --no-header, COLUMN is a position counted from 1.",
+            help="FIELD=COLUMN pairs: ts, item and one of user, anonymous, session required; type, price, quantity, "
+            "query optional. With --no-header, COLUMN is a position counted from 1.",
         ),
     ],
     sep: Annotated[str, typer.Option(help="Field separator.")] = ",",

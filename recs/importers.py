@@ -346,7 +346,8 @@ def _online_retail_catalog(products: dict[str, dict[str, object]]) -> pa.Table:
 # ---------------------------------------------------------------- generic CSV
 
 CSV_FIELDS = ("ts", "user", "item", "session", "type", "price", "quantity", "anonymous", "query")
-CSV_REQUIRED = ("ts", "user", "item")
+CSV_REQUIRED = ("ts", "item")
+CSV_VISITOR = ("user", "anonymous", "session")  # at least one: session-only click logs (YooChoose) have no user
 TS_UNITS = ("s", "ms", "iso")
 
 
@@ -361,8 +362,12 @@ def parse_mapping(text: str) -> dict[str, str]:
             raise ValueError(f"--map field {key.strip()!r} is not one of {', '.join(CSV_FIELDS)}")
         mapping[key.strip()] = column.strip()
     missing = [f for f in CSV_REQUIRED if f not in mapping]
+    if not any(f in mapping for f in CSV_VISITOR):
+        missing.append(" or ".join(CSV_VISITOR))
     if missing:
-        raise ValueError(f"--map is missing {', '.join(missing)} (required: {', '.join(CSV_REQUIRED)})")
+        raise ValueError(
+            f"--map is missing {', '.join(missing)} (required: {', '.join(CSV_REQUIRED)} and one of {', '.join(CSV_VISITOR)})"
+        )
     return mapping
 
 

@@ -240,6 +240,21 @@ def test_a_missing_user_written_as_na_leaves_the_session_its_own_visitor(tmp_pat
     assert report.users == 1 and report.anonymous_ids == 2
 
 
+def test_a_session_only_click_log_needs_no_user_column(tmp_path: Path) -> None:
+    # YooChoose's shape: session, item and epoch seconds with milliseconds, no user or anonymous id at all.
+    rows = ["3\t214716935\t1396437466.94", "3\t214832672\t1396438212.318", "6\t214701242\t1396796300.848"]
+    path = _csv(tmp_path / "e.tsv", "SessionId\tItemId\tTime\n" + "\n".join(rows) + "\n")
+    fmt = CsvFormat(mapping=parse_mapping("ts=Time,item=ItemId,session=SessionId"), sep="\t", ts_unit="s")
+    lake = Lake(str(tmp_path / "lake"))
+    report = import_csv(path, lake, fmt)
+    assert report.dropped == {} and report.users == 0 and report.anonymous_ids == 2
+    events = sorted(lake.read_events().to_pylist(), key=lambda e: e["ts"])
+    assert [(e["session_id"], e["anonymous_id"], e["item_id"]) for e in events] == [
+        ("3", "session-3", "214716935"), ("3", "session-3", "214832672"), ("6", "session-6", "214701242"),
+    ]  # fmt: skip
+    assert events[0]["ts"] == datetime(2014, 4, 2, 11, 17, 46, 940000, tzinfo=UTC)
+
+
 def test_public_exports_event_names_need_no_type_map(tmp_path: Path) -> None:
     # REES46's shape ("cart", zone written "UTC") and Retailrocket's and OTTO's names, any case; --type-map wins.
     names = ["view", "cart", "remove_from_cart", "purchase", "addtocart", "transaction", "Clicks", "orders", "refund"]
@@ -286,6 +301,8 @@ def test_quantity_price_and_future_rows_are_checked(tmp_path: Path) -> None:
 def test_mapping_errors_name_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="missing item"):
         parse_mapping("ts=a,user=b")
+    with pytest.raises(ValueError, match="missing user or anonymous or session"):
+        parse_mapping("ts=a,item=b,type=c")
     with pytest.raises(ValueError, match="'colour' is not one of"):
         parse_mapping("ts=a,user=b,item=c,colour=d")
     with pytest.raises(ValueError, match="'viewed' is not an event type"):

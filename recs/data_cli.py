@@ -76,7 +76,7 @@ def import_csv(
         typer.Option(
             "--map",
             help="FIELD=COLUMN pairs: ts, item and one of user, anonymous, session required; type, price, quantity, "
-            "query optional. With --no-header, COLUMN is a position counted from 1.",
+            "query, offset_ms (milliseconds added to ts) optional. With --no-header, COLUMN is a position counted from 1.",
         ),
     ],
     sep: Annotated[str, typer.Option(help="Field separator.")] = ",",

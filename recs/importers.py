@@ -345,7 +345,10 @@ def _online_retail_catalog(products: dict[str, dict[str, object]]) -> pa.Table:
 
 # ---------------------------------------------------------------- generic CSV
 
-CSV_FIELDS = ("ts", "user", "item", "session", "type", "price", "quantity", "anonymous", "query")
+# offset_ms: milliseconds added to ts, for exports that give a date and each click's offset within its session
+# (Diginetica's eventdate and timeframe).
+MAX_OFFSET_MS = 366 * 86_400_000  # a year: past that it is not an offset within a session
+CSV_FIELDS = ("ts", "user", "item", "session", "type", "price", "quantity", "anonymous", "query", "offset_ms")
 CSV_REQUIRED = ("ts", "item")
 CSV_VISITOR = ("user", "anonymous", "session")  # at least one: session-only click logs (YooChoose) have no user
 TS_UNITS = ("s", "ms", "iso")
@@ -504,7 +507,9 @@ def _csv_rows(chunk: pd.DataFrame, columns: dict[str, str], fmt: CsvFormat, repo
     mapped = mapped.where(mapped.notna(), lower.where(lower.isin([t.value for t in EventType])))
     mapped = mapped.where(mapped.notna(), lower.map(TYPE_SYNONYMS))
     event_type = mapped.where(raw_type != "", fmt.default_type)
-    ts = _parse_ts(col("ts"), fmt.ts_unit)
+    offset = pd.to_numeric(col("offset_ms").replace("", "0"), errors="coerce")
+    bad_offset = offset.isna() | (offset < 0) | (offset > MAX_OFFSET_MS)
+    ts = _parse_ts(col("ts"), fmt.ts_unit) + pd.to_timedelta(offset.where(~bad_offset, 0), unit="ms")
     quantity = pd.to_numeric(col("quantity").replace("", None), errors="coerce")
     price = pd.to_numeric(col("price").replace("", None), errors="coerce")
     user, anon, item, session = (_id_column(col(name)) for name in ("user", "anonymous", "item", "session"))
@@ -514,6 +519,7 @@ def _csv_rows(chunk: pd.DataFrame, columns: dict[str, str], fmt: CsvFormat, repo
     checks = [
         (col("ts") == "", "missing ts"),
         (ts.isna(), f"ts is not {_ts_unit_name(fmt.ts_unit)}"),
+        (bad_offset, f"offset_ms is not a number of milliseconds in 0..{MAX_OFFSET_MS:,}"),
         ((ts < pd.Timestamp(EARLIEST_TS).tz_localize(None)) | (ts > now), "ts before 2000 or in the future"),
         (event_type.isna(), "unknown event type (add it to --type-map)"),
         ((user == "") & (anon == "") & (session == ""), "no user, anonymous or session id"),

@@ -240,6 +240,22 @@ def test_a_missing_user_written_as_na_leaves_the_session_its_own_visitor(tmp_pat
     assert report.users == 1 and report.anonymous_ids == 2
 
 
+def test_a_date_and_an_offset_within_the_session_give_each_clicks_time(tmp_path: Path) -> None:
+    # Diginetica's shape: eventdate is the session's date and timeframe each click's milliseconds into it;
+    # the file's order is not the clicks' order, and an item clicked twice is two clicks, not a duplicate row.
+    rows = ["1;NA;i2;5000;2016-05-09", "1;NA;i1;1000;2016-05-09", "1;NA;i2;90000;2016-05-09", "2;NA;i3;x;2016-05-09"]
+    path = _csv(tmp_path / "e.csv", "sessionId;userId;itemId;timeframe;eventdate\n" + "\n".join(rows) + "\n")
+    mapping = parse_mapping("ts=eventdate,offset_ms=timeframe,user=userId,item=itemId,session=sessionId")
+    lake = Lake(str(tmp_path / "lake"))
+    report = import_csv(path, lake, CsvFormat(mapping=mapping, sep=";"))
+    assert report.dropped == {"offset_ms is not a number of milliseconds in 0..31,622,400,000": 1}
+    events = sorted(lake.read_events().to_pylist(), key=lambda e: e["ts"])
+    day = datetime(2016, 5, 9, tzinfo=UTC)
+    assert [(e["item_id"], e["ts"]) for e in events] == [
+        ("i1", day + timedelta(seconds=1)), ("i2", day + timedelta(seconds=5)), ("i2", day + timedelta(seconds=90)),
+    ]  # fmt: skip
+
+
 def test_a_session_only_click_log_needs_no_user_column(tmp_path: Path) -> None:
     # YooChoose's shape: session, item and epoch seconds with milliseconds, no user or anonymous id at all.
     rows = ["3\t214716935\t1396437466.94", "3\t214832672\t1396438212.318", "6\t214701242\t1396796300.848"]

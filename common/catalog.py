@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 from common.ids import Id
 
 # An item's bounded fields, shared by the catalog record and the live update (and so by the OpenAPI).
+UNCATEGORISED = "uncategorised"  # the category of an item without a category path
 MAX_TITLE = 256
 MAX_CATEGORY_NAME = 64
 MAX_CATEGORY_DEPTH = 8
@@ -44,7 +45,7 @@ class Item(BaseModel):
 
     @property
     def category(self) -> str:
-        return self.category_path[-1] if self.category_path else "uncategorised"
+        return self.category_path[-1] if self.category_path else UNCATEGORISED
 
 
 class ItemUpdate(BaseModel):

@@ -76,7 +76,8 @@ def import_csv(
         typer.Option(
             "--map",
             help="FIELD=COLUMN pairs: ts, item and one of user, anonymous, session required; type, price, quantity, "
-            "query, offset_ms (milliseconds added to ts) optional. With --no-header, COLUMN is a position counted from 1.",
+            "query, offset_ms (milliseconds added to ts), category, brand, title optional (any of the last three: a "
+            "catalog of the items seen is written too). With --no-header, COLUMN is a position counted from 1.",
         ),
     ],
     sep: Annotated[str, typer.Option(help="Field separator.")] = ",",

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from common.catalog import CATALOG_SCHEMA
+from common.catalog import CATALOG_SCHEMA, MAX_BRAND, MAX_CATEGORY_NAME, MAX_TITLE, UNCATEGORISED
 from common.events import (
     EARLIEST_TS,
     EVENT_SCHEMA,
@@ -157,7 +157,6 @@ CATEGORY_KEYWORDS: list[tuple[str, tuple[str, ...]]] = [
     ("Home Decor", ("SIGN", "FRAME", "CLOCK", "CUSHION", "DOORMAT", "MIRROR", "VASE", "ORNAMENT", "HEART",
                     "DECORATION", "WALL", "HOLDER", "THROW")),
 ]
-UNCATEGORISED = "uncategorised"
 COUNTRY_CODES = {
     "United Kingdom": "GB", "France": "FR", "Australia": "AU", "Netherlands": "NL", "Germany": "DE",
     "Norway": "NO", "EIRE": "IE", "Switzerland": "CH", "Spain": "ES", "Poland": "PL", "Portugal": "PT",
@@ -348,7 +347,11 @@ def _online_retail_catalog(products: dict[str, dict[str, object]]) -> pa.Table:
 # offset_ms: milliseconds added to ts, for exports that give a date and each click's offset within its session
 # (Diginetica's eventdate and timeframe).
 MAX_OFFSET_MS = 366 * 86_400_000  # a year: past that it is not an offset within a session
-CSV_FIELDS = ("ts", "user", "item", "session", "type", "price", "quantity", "anonymous", "query", "offset_ms")
+CSV_FIELDS = ("ts", "user", "item", "session", "type", "price", "quantity", "anonymous", "query", "offset_ms",
+              "category", "brand", "title")  # fmt: skip
+# Any of these mapped: the import also writes a catalog snapshot, one item per item id seen (REES46's category_code
+# and brand ride on every event). Without them no catalog is written, as before.
+CSV_CATALOG_FIELDS = ("category", "brand", "title")
 CSV_REQUIRED = ("ts", "item")
 CSV_VISITOR = ("user", "anonymous", "session")  # at least one: session-only click logs (YooChoose) have no user
 TS_UNITS = ("s", "ms", "iso")
@@ -431,6 +434,7 @@ def import_csv(path: str | Path, lake: Lake, fmt: CsvFormat, chunk_rows: int = C
     anonymous: set[str] = set()
     sessions: set[str] = set()
     items: set[str] = set()
+    facts: list[pd.DataFrame] = []  # per chunk, what each item's rows say of it (for the catalog)
     row_base = 0
     last_ties: dict[str, tuple[pd.Timestamp, int]] = {}
     for chunk in _read_chunks(path, chunk_rows, sep=fmt.sep, header=fmt.header):
@@ -438,6 +442,7 @@ def import_csv(path: str | Path, lake: Lake, fmt: CsvFormat, chunk_rows: int = C
         report.rows_read += len(chunk)
         frame = _csv_rows(chunk, columns, fmt, report, row_base)
         row_base += len(chunk)
+        facts.append(_item_facts(frame))
         if "session" not in fmt.mapping:
             pending.append(frame)
             continue
@@ -447,8 +452,43 @@ def import_csv(path: str | Path, lake: Lake, fmt: CsvFormat, chunk_rows: int = C
         report.files += _write_csv_events(lake, frame, report, users, anonymous, sessions, items, last_ties)
     _count_people(report, users, anonymous, sessions)
     report.items = len(items)
+    if any(f in fmt.mapping for f in CSV_CATALOG_FIELDS) and items:
+        catalog = _item_facts(pd.concat(facts, ignore_index=True))
+        lake.write_catalog(_csv_catalog(catalog), at=catalog["last_seen"].max().tz_localize(UTC).to_pydatetime())
     report.seconds = time.perf_counter() - clock
     return report
+
+
+def _item_facts(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per item: first and last time seen, and the latest category, brand, title and price the rows give.
+
+    `rows` are events (their `ts`) or earlier results (their own first and last times), so chunks' facts
+    can be summed up in turn."""
+    if "last_seen" not in rows:
+        rows = rows.assign(created_at=rows["ts"], last_seen=rows["ts"])
+    latest_last = rows.dropna(subset=["item_id"]).sort_values("last_seen", kind="stable")
+    return latest_last.groupby("item_id", sort=True).agg(
+        created_at=("created_at", "min"), last_seen=("last_seen", "max"),
+        category=("category", "last"), brand=("brand", "last"), title=("title", "last"), price=("price", "last"),
+    ).reset_index()  # fmt: skip
+
+
+def _csv_catalog(facts: pd.DataFrame) -> pa.Table:
+    category = facts["category"].fillna("").str.slice(0, MAX_CATEGORY_NAME)
+    return pa.table(
+        {
+            "item_id": facts["item_id"].tolist(),
+            "title": facts["title"].fillna("").str.slice(0, MAX_TITLE).tolist(),
+            "category_path": [[c] if c else [] for c in category],
+            "category": category.where(category != "", UNCATEGORISED).tolist(),
+            "brand": facts["brand"].str.slice(0, MAX_BRAND).tolist(),
+            "price": facts["price"].fillna(0.0).tolist(),
+            "in_stock": [True] * len(facts),
+            "promoted": [False] * len(facts),
+            "created_at": pa.array(facts["created_at"].to_numpy(dtype="datetime64[us]")).cast(pa.timestamp("us", tz="UTC")),
+        },
+        schema=CATALOG_SCHEMA,
+    )
 
 
 def _read_chunks(path: str | Path, chunk_rows: int, sep: str, header: bool) -> Iterator[pd.DataFrame]:
@@ -550,6 +590,7 @@ def _csv_rows(chunk: pd.DataFrame, columns: dict[str, str], fmt: CsvFormat, repo
             "quantity": quantity[keep].astype("Int64"),
             "price": price[keep],
             "query": query[keep].replace("", None),
+            **{name: col(name)[keep].replace("", None) for name in CSV_CATALOG_FIELDS},
         }
     )
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from common import duck
 from common.candidates import Scored
+from common.catalog import UNCATEGORISED
 from common.content import ItemContent, content_of_row
 from common.events import ATTENTION_EVENTS, BESTSELLER_EVENTS, INTEREST_EVENTS
 from common.features import DAY_S, POP_DAYS, Candidates, RequestState, day_index, implicit_weight
@@ -408,7 +409,7 @@ class EventLogLookups:
         created = log.created_s[safe]
         return ItemColumns(
             # Serving's catalog view names a missing category so (serving.core.catalog_view.UNCATEGORISED).
-            categories=[str(log.category[r]) or "uncategorised" if ok else "uncategorised" for r, ok in zip(safe, known, strict=True)],
+            categories=[str(log.category[r]) or UNCATEGORISED if ok else UNCATEGORISED for r, ok in zip(safe, known, strict=True)],
             prices=np.where(known, log.price[safe], 0.0),
             # Serving dates an item missing from its catalog now; so does training.
             created_at_s=np.where(known & np.isfinite(created), created, self.now_s),

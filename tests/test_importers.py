@@ -284,6 +284,32 @@ def test_public_exports_event_names_need_no_type_map(tmp_path: Path) -> None:
     assert types == ["view", "add_to_cart", "remove_from_cart", "purchase", "add_to_cart", "purchase", "click", "wishlist"]
 
 
+def test_category_brand_or_title_columns_give_a_catalog_of_the_items_seen(tmp_path: Path) -> None:
+    # REES46's shape: category_code and brand (often empty) and price on every event; the latest non-empty wins.
+    rows = [
+        "2019-10-01 00:00:05 UTC,view,p1,electronics.smartphone,apple,489.07,u1,s1",
+        "2019-10-01 00:00:09 UTC,view,p2,,,12.5,u1,s1",
+        "2019-10-02 08:00:00 UTC,purchase,p1,electronics.smartphone,,479.00,u2,s2",
+        "2019-10-01 00:00:01 UTC,view,p2,appliances.kitchen,bosch,,u3,s3",
+    ]
+    header = "event_time,event_type,product_id,category_code,brand,price,user_id,user_session\n"
+    path = _csv(tmp_path / "e.csv", header + "\n".join(rows) + "\n")
+    mapping = "ts=event_time,type=event_type,item=product_id,category=category_code,brand=brand,price=price,user=user_id,session=user_session"
+    lake = Lake(str(tmp_path / "lake"))
+    import_csv(path, lake, CsvFormat(mapping=parse_mapping(mapping)), chunk_rows=2)  # facts summed across chunks
+    catalog = {row["item_id"]: row for row in lake.read_catalog().to_pylist()}
+    assert {item: (r["category_path"], r["category"], r["brand"], r["price"]) for item, r in catalog.items()} == {
+        "p1": (["electronics.smartphone"], "electronics.smartphone", "apple", 479.0),
+        "p2": (["appliances.kitchen"], "appliances.kitchen", "bosch", 12.5),
+    }
+    assert catalog["p2"]["created_at"] == datetime(2019, 10, 1, 0, 0, 1, tzinfo=UTC)
+    assert catalog["p1"]["in_stock"] and not catalog["p1"]["promoted"]
+    # Without those columns no catalog is written, as before.
+    other = Lake(str(tmp_path / "other"))
+    import_csv(path, other, CsvFormat(mapping=parse_mapping("ts=event_time,item=product_id,price=price,session=user_session")))
+    assert other.read_catalog().num_rows == 0
+
+
 def test_rows_off_the_time_pattern_are_counted_by_it(tmp_path: Path) -> None:
     path = _csv(tmp_path / "e.csv", "t,u,i\n6/1/2025 12:00,u1,i1\n2025-06-01 12:00,u1,i2\n")
     report = import_csv(path, Lake(str(tmp_path / "lake")), CsvFormat(mapping=parse_mapping("ts=t,user=u,item=i"), ts_unit="%m/%d/%Y %H:%M"))

@@ -10,11 +10,10 @@ from datetime import UTC, datetime
 from itertools import compress, islice
 from operator import attrgetter
 
-from common.catalog import ItemUpdate
+from common.catalog import UNCATEGORISED, ItemUpdate
 from common.content import ItemContent, content_of_row
 from common.lake import Lake
 
-UNCATEGORISED = "uncategorised"
 _IN_STOCK = attrgetter("in_stock")
 
 

@@ -28,6 +28,7 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Send
 from starlette.types import Scope as AsgiScope
 
+from common.catalog import UNCATEGORISED
 from common.events import DEFAULT_CONSENT, Consent, FieldError
 from common.settings import Scope, Settings
 from serving.api.deps import PersonRecsRead, PresentedKey, PushDep, SettingsDep, SingleQueryValues, StateDep
@@ -292,7 +293,7 @@ def _grouped(state: ServingState, per_category: int) -> list[dict[str, Any]]:
     for row in state.lake.read_catalog().to_pylist():
         if row.get("in_stock") is False:
             continue
-        category = row.get("category") or "uncategorised"
+        category = row.get("category") or UNCATEGORISED
         shelf = grouped.setdefault(category, [])
         if len(shelf) < per_category:
             shelf.append(

@@ -324,18 +324,30 @@ def _remember_products(products: dict[str, dict[str, object]], rows: pd.DataFram
 def _online_retail_catalog(products: dict[str, dict[str, object]]) -> pa.Table:
     codes = sorted(products)
     titles = [str(products[c]["title"]) for c in codes]
-    categories = [category_of(t) for t in titles]
-    created = pd.to_datetime(pd.Series([products[c]["created_at"] for c in codes]), utc=True)
+    return _catalog_table(
+        codes, titles, [category_of(t) for t in titles], [None] * len(codes),
+        [float(products[c]["price"]) for c in codes],  # type: ignore[arg-type]
+        pd.Series([products[c]["created_at"] for c in codes]),
+    )  # fmt: skip
+
+
+def _catalog_table(
+    item_ids: list[str], titles: list[str], categories: list[str], brands: list[str | None], prices: list[float],
+    created_at: pd.Series,
+) -> pa.Table:
+    """A catalog snapshot of imported items: one category level ("" for none), all in stock, none promoted."""
+    n = len(item_ids)
+    created = pd.to_datetime(created_at, utc=True)
     return pa.table(
         {
-            "item_id": codes,
+            "item_id": item_ids,
             "title": titles,
-            "category_path": [[c] for c in categories],
-            "category": categories,
-            "brand": pa.nulls(len(codes), pa.string()),
-            "price": [float(products[c]["price"]) for c in codes],  # type: ignore[arg-type]
-            "in_stock": [True] * len(codes),
-            "promoted": [False] * len(codes),
+            "category_path": [[c] if c else [] for c in categories],
+            "category": [c or UNCATEGORISED for c in categories],
+            "brand": pa.array(brands, pa.string()),
+            "price": prices,
+            "in_stock": [True] * n,
+            "promoted": [False] * n,
             "created_at": pa.array(created.to_numpy(dtype="datetime64[us]")).cast(pa.timestamp("us", tz="UTC")),
         },
         schema=CATALOG_SCHEMA,
@@ -434,6 +446,7 @@ def import_csv(path: str | Path, lake: Lake, fmt: CsvFormat, chunk_rows: int = C
     anonymous: set[str] = set()
     sessions: set[str] = set()
     items: set[str] = set()
+    writes_catalog = any(f in fmt.mapping for f in CSV_CATALOG_FIELDS)
     facts: list[pd.DataFrame] = []  # per chunk, what each item's rows say of it (for the catalog)
     row_base = 0
     last_ties: dict[str, tuple[pd.Timestamp, int]] = {}
@@ -442,7 +455,8 @@ def import_csv(path: str | Path, lake: Lake, fmt: CsvFormat, chunk_rows: int = C
         report.rows_read += len(chunk)
         frame = _csv_rows(chunk, columns, fmt, report, row_base)
         row_base += len(chunk)
-        facts.append(_item_facts(frame))
+        if writes_catalog:
+            facts.append(_item_facts(frame))
         if "session" not in fmt.mapping:
             pending.append(frame)
             continue
@@ -452,7 +466,7 @@ def import_csv(path: str | Path, lake: Lake, fmt: CsvFormat, chunk_rows: int = C
         report.files += _write_csv_events(lake, frame, report, users, anonymous, sessions, items, last_ties)
     _count_people(report, users, anonymous, sessions)
     report.items = len(items)
-    if any(f in fmt.mapping for f in CSV_CATALOG_FIELDS) and items:
+    if writes_catalog and items:
         catalog = _item_facts(pd.concat(facts, ignore_index=True))
         lake.write_catalog(_csv_catalog(catalog), at=catalog["last_seen"].max().tz_localize(UTC).to_pydatetime())
     report.seconds = time.perf_counter() - clock
@@ -474,20 +488,13 @@ def _item_facts(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _csv_catalog(facts: pd.DataFrame) -> pa.Table:
-    category = facts["category"].fillna("").str.slice(0, MAX_CATEGORY_NAME)
-    return pa.table(
-        {
-            "item_id": facts["item_id"].tolist(),
-            "title": facts["title"].fillna("").str.slice(0, MAX_TITLE).tolist(),
-            "category_path": [[c] if c else [] for c in category],
-            "category": category.where(category != "", UNCATEGORISED).tolist(),
-            "brand": facts["brand"].str.slice(0, MAX_BRAND).tolist(),
-            "price": facts["price"].fillna(0.0).tolist(),
-            "in_stock": [True] * len(facts),
-            "promoted": [False] * len(facts),
-            "created_at": pa.array(facts["created_at"].to_numpy(dtype="datetime64[us]")).cast(pa.timestamp("us", tz="UTC")),
-        },
-        schema=CATALOG_SCHEMA,
+    return _catalog_table(
+        facts["item_id"].tolist(),
+        facts["title"].fillna("").str.slice(0, MAX_TITLE).tolist(),
+        facts["category"].fillna("").str.slice(0, MAX_CATEGORY_NAME).tolist(),
+        facts["brand"].str.slice(0, MAX_BRAND).tolist(),
+        facts["price"].fillna(0.0).tolist(),
+        facts["created_at"],
     )
 
 

@@ -54,6 +54,11 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict, description="artifact name -> sha256")
     status: Status = "candidate"
     decision: str | None = Field(None, description="Why the gate published or rejected it.")
+    ranker_unused: str | None = Field(
+        None,
+        description="Why serving orders this version's pools without its ranker (it lost to their heuristic "
+        "order on the held-out window); None: the ranker ranks.",
+    )
     counts: dict[str, int] = Field(default_factory=dict)
 
 

@@ -131,6 +131,8 @@ def format_table(report: dict[str, Any]) -> str:
         + (f"references {report['references_s']} s, " if references else "")
         + f"wall {report['wall_s']} s",
     ]
+    if report.get("ranker_unused"):
+        lines.append(f"the version ranks without its ranker (full is its pools' heuristic order): {report['ranker_unused']}")
     return "\n".join(lines)
 
 

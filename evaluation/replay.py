@@ -175,6 +175,7 @@ def run_replay(
         "window_end": end.isoformat(),
         "engine": config.engine,
         "model_version": version,
+        "ranker_unused": model.manifest.ranker_unused,
         "seed": config.seed,
         "k": config.k,
         "content_vectors": settings.models.content_vectors,

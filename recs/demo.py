@@ -455,7 +455,8 @@ def print_summary(result: DemoResult) -> None:
     if paired:
         console.print(
             f"ranker vs its own pool, MRR@20 difference {paired['mean']:+.4f} "
-            f"(95% {paired['low']:+.4f}..{paired['high']:+.4f}, {paired['sessions']:.0f} sessions)"
+            f"(95% {paired['low']:+.4f}..{paired['high']:+.4f}), HR@20 difference {paired.get('hr_mean', 0.0):+.4f} "
+            f"(95% {paired.get('hr_low', 0.0):+.4f}..{paired.get('hr_high', 0.0):+.4f}), {paired['sessions']:.0f} sessions"
         )
     full, own = (result.metrics.get(name, {}).get("mrr_at_20") for name in (REPLAY_FULL, REPLAY_OWN))
     if full is not None and own is not None:

@@ -79,17 +79,39 @@ def paired_ranks(
 ) -> dict[str, float]:
     """The REPLAY_VS_* entry from two lists' ranks of the same targets (None: missed): the paired
     bootstrap of the reciprocal ranks (MRR@k: mean, low, high, sessions) and of the hits (hr_*)."""
-    mrr = paired_bootstrap(_reciprocal(better), _reciprocal(worse), sessions, seed)
-    hits = paired_bootstrap(_hits(better), _hits(worse), sessions, seed)
+    return paired_reciprocal(_reciprocal(better), _reciprocal(worse), sessions, seed)
+
+
+def paired_reciprocal(
+    better: Sequence[float], worse: Sequence[float], sessions: Sequence[str], seed: int
+) -> dict[str, float]:
+    """paired_ranks from the targets' reciprocal ranks (0: missed): a target is a hit when it is above 0."""
+    mrr = paired_bootstrap(better, worse, sessions, seed)
+    hits = paired_bootstrap(_hits_of(better), _hits_of(worse), sessions, seed)
     return {**mrr, **{f"hr_{name}": hits[name] for name in ("mean", "low", "high")}}
+
+
+def ranker_loss(paired: dict[str, float]) -> str | None:
+    """Why a version should order its pool without its ranker, from the offline PAIRED entry (the ranker's
+    lists against the same pool's heuristic order on the held-out window); None when it may rank.
+    Only a loss beyond noise counts, as in the gate's rule 1: where the ranker is merely not shown to
+    win, it ranks (it won on every store measured)."""
+    if paired["high"] >= 0 and paired.get("hr_high", 0.0) >= 0:
+        return None
+    return (
+        f"its ranker ordered the held-out window's pools worse than their heuristic order: "
+        f"{GATE_METRIC} difference {paired['mean']:+.4f} (95% {paired['low']:+.4f}..{paired['high']:+.4f}), "
+        f"{HIT_METRIC} difference {paired.get('hr_mean', 0.0):+.4f} "
+        f"(95% {paired.get('hr_low', 0.0):+.4f}..{paired.get('hr_high', 0.0):+.4f}) over {paired['sessions']:.0f} sessions"
+    )
 
 
 def _reciprocal(ranks: Sequence[int | None]) -> list[float]:
     return [1.0 / r if r is not None else 0.0 for r in ranks]
 
 
-def _hits(ranks: Sequence[int | None]) -> list[float]:
-    return [1.0 if r is not None else 0.0 for r in ranks]
+def _hits_of(reciprocal: Sequence[float]) -> list[float]:
+    return [1.0 if r > 0 else 0.0 for r in reciprocal]
 
 
 def decide(

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -227,11 +228,13 @@ def _save_drift_baseline(registry: Registry, version: str, train: Rows, booster:
 
 def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
     """Offline metrics of popularity, ALS, the pool without and with the ranker on the held-out window,
-    and their paired comparison, into a candidate manifest (recorded; the replay step's figures decide)."""
+    and their paired comparison, into a candidate manifest (recorded; the replay step's figures decide).
+    A ranker that orders the window's pools worse than their heuristic order, beyond noise, is left
+    unused (the manifests' `ranker_unused`, the dev model's too): serving then ranks by that order."""
     if decided(plan, settings):
         return {"skipped": f"{plan.version} already decided"}
     from spark_jobs.evaluate import evaluate as measure
-    from spark_jobs.gate import OFFLINE_POOL, OFFLINE_RANKED, PAIRED, paired_bootstrap
+    from spark_jobs.gate import OFFLINE_POOL, OFFLINE_RANKED, PAIRED, paired_reciprocal, ranker_loss
     from spark_jobs.ranker import PARAMS
     from spark_jobs.replay import PointInTime, build_requests, load_log
 
@@ -244,7 +247,11 @@ def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
     requests = build_requests(log_, start.timestamp(), end.timestamp(), training.max_requests, training.seed + 1)
     metrics, reciprocal = measure(pit, requests, dev.ranker)
     sessions = [str(log_.session[r.at]) for r in requests]
-    metrics[PAIRED] = paired_bootstrap(reciprocal[OFFLINE_RANKED], reciprocal[OFFLINE_POOL], sessions, training.seed)
+    metrics[PAIRED] = paired_reciprocal(reciprocal[OFFLINE_RANKED], reciprocal[OFFLINE_POOL], sessions, training.seed)
+    ranker_unused = ranker_loss(metrics[PAIRED]) if dev.ranker is not None else None
+    if ranker_unused:
+        log.warning("version %s serves without its ranker: %s", plan.version, ranker_unused)
+    _set_ranker_unused(Registry(str(plan.dev_registry)), DEV_MODEL, ranker_unused)  # the gate serves the dev model
     state = {**_state(plan), "eval_requests": len(requests), "evaluate_s": round(time.perf_counter() - clock, 2)}
     registry = registry_of(settings)
     manifest = Manifest(
@@ -260,10 +267,16 @@ def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
         },
         metrics={**metrics, **_content_metrics(state)},
         counts={k: int(v) for k, v in state.items() if isinstance(v, int)},
+        ranker_unused=ranker_unused,
     )
     registry.write_manifest(manifest)
     _record(plan, {"eval_requests": len(requests)})
-    return {"version": plan.version, "metrics": metrics}
+    return {"version": plan.version, "metrics": metrics, "ranker_unused": ranker_unused}
+
+
+def _set_ranker_unused(registry: Registry, version: str, why: str | None) -> None:
+    manifest = registry.read_manifest(version)
+    registry.write_manifest(manifest.model_copy(update={"ranker_unused": why}))
 
 
 def gate_and_publish(plan: Plan, settings: Settings) -> dict[str, Any]:
@@ -280,6 +293,8 @@ def gate_and_publish(plan: Plan, settings: Settings) -> dict[str, Any]:
     baseline = registry.read_manifest(current).metrics if current else None
     replayed = manifest.parameters.get(REPLAY_PARAMETERS, {}).get("current")
     decision = decide(manifest.metrics, baseline, current, settings.models.gate_tolerance, replayed)
+    if manifest.ranker_unused:
+        decision = replace(decision, reason=f"{decision.reason}; serves without its ranker: {manifest.ranker_unused}")
     if not decision.publish:
         registry.reject(plan.version, decision.reason)
         log.warning("gate: %s", decision.reason)

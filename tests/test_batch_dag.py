@@ -135,7 +135,7 @@ def test_dag_run_publishes_a_complete_version(env: Env, first_run: dict[str, Any
     env.registry.verify(VERSION)
     for strategy in ("popular", "als", "heuristic", "als_ranker"):
         assert set(manifest.metrics[strategy]) >= {"recall_at_20", "ndcg_at_20", "mrr_at_20", "coverage"}
-    assert set(manifest.metrics["paired_vs_heuristic"]) == {"mean", "low", "high", "sessions"}
+    assert set(manifest.metrics["paired_vs_heuristic"]) == {"mean", "low", "high", "sessions", "hr_mean", "hr_low", "hr_high"}
     assert manifest.counts["eval_requests"] > 100
     # The gate's replay of the window through Redis, the speed layer and serving: the dev model's full
     # and batch+speed lists on the same targets, paired; no serving version yet to replay beside it.
@@ -153,6 +153,7 @@ def test_ranker_beats_its_pool_beats_als_beats_popularity_on_planted_tastes(env:
     mrr = {strategy: metrics[strategy]["mrr_at_20"] for strategy in ("popular", "als", "heuristic", "als_ranker")}
     assert mrr["als_ranker"] > mrr["heuristic"] > mrr["als"] > mrr["popular"], mrr
     assert metrics["paired_vs_heuristic"]["low"] > 0  # better than its own pool beyond noise
+    assert env.registry.read_manifest(VERSION).ranker_unused is None  # so serving ranks with it
 
 
 def test_serving_is_told_on_redis(first_run: dict[str, Any]) -> None:

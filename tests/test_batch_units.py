@@ -38,6 +38,8 @@ from spark_jobs.gate import (
     decide,
     paired_bootstrap,
     paired_ranks,
+    paired_reciprocal,
+    ranker_loss,
 )
 from spark_jobs.interactions import local_interactions
 from spark_jobs.quality import DataQualityError, validate_events
@@ -313,6 +315,29 @@ def test_the_offline_comparison_no_longer_decides() -> None:
     """A ranker worse than its pool offline is published when its served lists are not worse."""
     metrics = {**_replayed(0.30, 0.28, _paired(-0.01, 0.05)), PAIRED: _paired(-0.09, -0.02)}
     assert decide(metrics, None, None, 0.02).publish
+
+
+def test_a_ranker_is_left_unused_only_when_it_surely_loses_to_its_pool() -> None:
+    """Offline, ranker minus the pool's heuristic order: unused when the MRR@20 or the HR@20 interval lies
+    wholly below 0; a ranker not shown to win (the interval holds 0) still ranks."""
+    assert ranker_loss(_paired(0.01, 0.05)) is None
+    assert ranker_loss(_paired(-0.03, 0.01, hr_low=-0.02, hr_high=0.0)) is None
+    worse = ranker_loss(_paired(-0.05, -0.01))
+    assert worse and "mrr_at_20 difference -0.0300 (95% -0.0500..-0.0100)" in worse
+    assert ranker_loss(_paired(-0.01, 0.02, hr_low=-0.04, hr_high=-0.005))
+    # An entry recorded before the hits were paired (MRR only) is judged on MRR alone.
+    assert ranker_loss({"mean": 0.0, "low": -0.01, "high": 0.01, "sessions": 9.0}) is None
+
+
+def test_offline_pairs_are_whole_sessions_of_reciprocal_ranks() -> None:
+    """paired_reciprocal on reciprocal ranks is paired_ranks on the ranks they come from (0: missed)."""
+    ranks_a, ranks_b = [1, None, 3, 2, None, 5], [2, 4, None, 1, None, 10]
+    sessions = ["s1", "s1", "s2", "s3", "s3", "s4"]
+    as_reciprocal = paired_reciprocal(
+        [1 / r if r else 0.0 for r in ranks_a], [1 / r if r else 0.0 for r in ranks_b], sessions, seed=3
+    )
+    assert as_reciprocal == paired_ranks(ranks_a, ranks_b, sessions, seed=3)
+    assert as_reciprocal["hr_mean"] == (4 - 4) / 6 and as_reciprocal["sessions"] == 4
 
 
 def test_gate_compares_with_the_serving_version_on_the_same_targets() -> None:

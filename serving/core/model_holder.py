@@ -84,15 +84,19 @@ def build_serving_model(
         covis=_covis(artifacts.covisitation),
         popular=popular[:1000],
         category_popular=dict(by_category),
-        scorer=compile_ranker(artifacts.ranker, compiled_dir) if ranks_these_features(artifacts) else None,
+        scorer=compile_ranker(artifacts.ranker, compiled_dir) if uses_its_ranker(artifacts) else None,
     )
 
 
-def ranks_these_features(artifacts: ModelArtifacts) -> bool:
-    """Whether the version has a ranker trained on this code's feature columns. One trained on others
+def uses_its_ranker(artifacts: ModelArtifacts) -> bool:
+    """Whether the version has a ranker to use, trained on this code's feature columns. One trained on others
     (a version from before a feature was added) would read misaligned columns, so serving ranks without
-    it (the heuristic order of the same pool) until a version trained on these is published."""
+    it (the heuristic order of the same pool) until a version trained on these is published; so it does
+    when the batch run found the ranker worse than that order (the manifest's `ranker_unused`)."""
     if artifacts.ranker is None:
+        return False
+    if artifacts.manifest.ranker_unused:
+        log.warning("version %s serves without its ranker: %s", artifacts.version, artifacts.manifest.ranker_unused)
         return False
     trained_on = list(artifacts.ranker.feature_name())
     if trained_on == list(FEATURE_NAMES):

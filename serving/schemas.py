@@ -253,6 +253,9 @@ class ModelInfo(BaseModel):
     engine: str
     status: str
     decision: str | None
+    ranker_unused: str | None = Field(
+        None, description="Why this version's pools are ordered without its ranker (it lost to their heuristic order)."
+    )
     metrics: dict[str, dict[str, float]]
     active: bool = Field(description="CURRENT in the registry.")
     serving: bool = Field(description="Loaded by the worker that answered.")

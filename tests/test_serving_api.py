@@ -295,9 +295,14 @@ def test_erasure_deletes_exactly_the_persons_keys_whatever_the_ids_hold(
 def test_admin_lists_and_activates_models(client: TestClient, recs_env: object) -> None:
     state = serving_state(client)
     publish_synthetic_model(state.registry, state.lake, version="v2", seed=99, activate=False)
+    # The batch run found v2's ranker worse than its pools' heuristic order (spark_jobs/gate.py: ranker_loss).
+    lost = "its ranker ordered the held-out window's pools worse than their heuristic order"
+    state.registry.write_manifest(state.registry.read_manifest("v2").model_copy(update={"ranker_unused": lost}))
     listed = client.get("/v1/admin/models").json()
     assert listed["current"] == "v1" and listed["serving"] == "v1"
     assert [m["version"] for m in listed["models"]] == ["v1", "v2"]
+    assert [m["ranker_unused"] for m in listed["models"]] == [None, lost]
+    assert state.models.current is not None and state.models.current.scorer is not None
 
     assert client.post("/v1/admin/models/v9/activate").status_code == 404
     response = client.post("/v1/admin/models/v2/activate")
@@ -305,6 +310,8 @@ def test_admin_lists_and_activates_models(client: TestClient, recs_env: object) 
     assert response.json()["previous"] == "v1" and response.json()["serving"] == "v2"
     assert state.registry.current() == "v2"
     assert recs(client, user_id="u1")["model_version"] == "v2"
+    served = state.models.current
+    assert served is not None and served.artifacts.ranker is not None and served.scorer is None  # pools in heuristic order
 
 
 def test_the_served_model_is_kept_out_of_full_collections_and_a_swap_frees_the_old_one(client: TestClient) -> None:

@@ -25,6 +25,7 @@ def list_models(state: StateDep) -> ModelsResponse:
             engine=m.engine,
             status=m.status,
             decision=m.decision,
+            ranker_unused=m.ranker_unused,
             metrics=m.metrics,
             active=m.version == current,
             serving=m.version == serving,

@@ -16,6 +16,7 @@ from common.events import Event, EventType
 from common.model import ModelArtifacts, load_model
 from common.redis_server import RedisServer, is_cluster
 from common.registry import Registry
+from common.settings import SpeedSettings
 from common.sequence import follow_weights
 from common.speed_state import read_speed_state
 from common.stream import group_lag
@@ -112,7 +113,9 @@ def test_a_chunk_leaves_the_state_one_by_one_application_leaves(
     categories = {f"i{j}": f"c{j % 3}" for j in range(ITEMS)}
     now_s = events[-1].ts.timestamp()
     states = []
-    for chunk, per_call in ((50, 120), (1, 1)):  # negatives off: the SGD steps are deterministic
+    # The default chunk (all 120 events in two calls), 50, and one event a call; negatives off: the SGD
+    # steps are deterministic.
+    for chunk, per_call in ((SpeedSettings().script_chunk, 120), (50, 120), (1, 1)):
         settings = speed_settings(tmp_path, redis_server.url, script_chunk=chunk, negatives=0)
         redis_client.flushall()
         set_categories(redis_client, categories)
@@ -134,8 +137,8 @@ def test_a_chunk_leaves_the_state_one_by_one_application_leaves(
         assert not result.failed and not result.unresolved and result.applied == 30
     states.append(_dump(redis_client))
 
-    chunked, one_by_one, overlapped = states
-    assert chunked == one_by_one == overlapped
+    chunked, chunked_by_50, one_by_one, overlapped = states
+    assert chunked == chunked_by_50 == one_by_one == overlapped
     assert any(
         key.endswith(":delta:v1") or ":delta" in key for key in chunked
     )  # the comparison covered deltas

@@ -16,8 +16,8 @@ from common.events import Event, EventType
 from common.model import ModelArtifacts, load_model
 from common.redis_server import RedisServer, is_cluster
 from common.registry import Registry
-from common.settings import SpeedSettings
 from common.sequence import follow_weights
+from common.settings import SpeedSettings
 from common.speed_state import read_speed_state
 from common.stream import group_lag
 from common.vectors import sgd_step

@@ -306,6 +306,7 @@ def _drain(client: Any, settings: Settings, events: int) -> dict[str, Any]:
         },
         "batch_size": settings.speed.batch_size,
         "script_chunk": settings.speed.script_chunk,
+        "script_chunk_min": settings.speed.script_chunk_min,
     }
 
 

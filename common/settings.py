@@ -345,11 +345,12 @@ class SpeedSettings(Section):
         "were claimed) is removed from the group by the live ones, after their claim step.",
     )
     conflict_retries: int = Field(5, ge=1, description="Re-reads of a person's delta after a concurrent write.")
-    # Larger chunks write hot keys (trending, popularity, bestsellers, popular items' co-visit rows) once
-    # for more events, but hold Redis longer per call: 100 applied ~6 % more events/s than 50 in the speed
-    # bench, and another client's read waited p99 ~4-5 ms instead of ~2.5 ms while a backlog drained
-    # (200: ~12 % more, ~6-7 ms).
-    script_chunk: int = Field(100, ge=1, description="Events applied per script call (calls overlap with planning).")
+    # Events a script call applies (speed_layer/effects.py: chunk_size). A call holds Redis while it runs:
+    # with 100 another client's read waited p99 ~4-5 ms instead of ~2.5 while a backlog drained (200: ~6-7).
+    script_chunk: int = Field(100, ge=1, description="Most events a script call applies (a backlog's full batches).")
+    script_chunk_min: int = Field(
+        50, ge=1, description="Fewest events a script call applies when a batch is split (a live rate's small batches)."
+    )
 
 
 class MetricsSettings(Section):

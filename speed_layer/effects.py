@@ -60,6 +60,7 @@ _RESTORE = MERGE_IDENTITY.argv.packer("restore")
 _GLOBAL_OP = APPLY_GLOBALS.argv.packer("op")
 
 NO_SESSION = "_"  # session id of events sent without one
+CALLS_PER_BATCH = 5  # the script calls a batch aims at: Redis applies each while the next is planned
 # The person keys of an event applied without personalisation consent: the script touches only the
 # first (its dedup marker), so no key of the person is named.
 _UNLINKED_PERSON_KEYS = [redis_keys.SEEN_UNLINKED] * 8
@@ -245,6 +246,14 @@ class StateRead:
     uncached: list[str]
     since: int
 
+
+def chunk_size(events: int, speed: SpeedSettings) -> int:
+    """Events a script call of a batch of `events` applies: CALLS_PER_BATCH calls, but at least
+    `script_chunk_min` events a call and at most `script_chunk`. A backlog's full batch (500) goes in
+    calls of 100, which write the hot keys (trending, popularity, bestsellers, popular items' co-visit
+    rows) once for more events; a live rate's small batches in calls of 50, whose overlap with the
+    planning keeps its effects fresh (both measured: README, the speed rows)."""
+    return min(speed.script_chunk, max(speed.script_chunk_min, -(-events // CALLS_PER_BATCH)))
 
 class Applier:
     """Applies events' effects exactly once; see apply_events.lua for the atomic part.
@@ -445,7 +454,7 @@ class Applier:
         """The script calls of a batch (positions, in order within each) and, split, the positions that
         have no person call: consecutive chunks on one Redis; split, each person's events (their one
         slot), chunked, while events without personalisation go to the groups' calls only."""
-        chunk = self.speed.script_chunk
+        chunk = chunk_size(len(persons), self.speed)
         if not self.split:
             return [list(range(first, min(first + chunk, len(persons)))) for first in range(0, len(persons), chunk)], []
         by_person: dict[str, list[int]] = {}

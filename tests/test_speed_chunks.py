@@ -22,7 +22,7 @@ from common.speed_state import read_speed_state
 from common.stream import group_lag
 from common.vectors import sgd_step
 from speed_layer.consumer import SpeedConsumer
-from speed_layer.effects import Applier
+from speed_layer.effects import Applier, chunk_size
 from tests.speed_factories import (
     add_events,
     make_event,
@@ -104,6 +104,15 @@ def _publish_v1(tmp_path: Path, rng: np.random.Generator) -> ModelArtifacts:
     return load_model(registry, "v1")
 
 
+def test_a_backlogs_batches_go_in_larger_calls_than_a_live_rates() -> None:
+    """Five calls a batch, at least script_chunk_min events a call and at most script_chunk."""
+    speed = SpeedSettings()
+    assert (speed.script_chunk, speed.script_chunk_min) == (100, 50)
+    sizes = {events: chunk_size(events, speed) for events in (1, 20, 60, 250, 300, 500, 2000)}
+    assert sizes == {1: 50, 20: 50, 60: 50, 250: 50, 300: 60, 500: 100, 2000: 100}
+    assert chunk_size(500, speed.model_copy(update={"script_chunk": 7})) == 7  # the cap wins
+
+
 def test_a_chunk_leaves_the_state_one_by_one_application_leaves(
     redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
@@ -113,10 +122,9 @@ def test_a_chunk_leaves_the_state_one_by_one_application_leaves(
     categories = {f"i{j}": f"c{j % 3}" for j in range(ITEMS)}
     now_s = events[-1].ts.timestamp()
     states = []
-    # The default chunk (all 120 events in two calls), 50, and one event a call; negatives off: the SGD
-    # steps are deterministic.
-    for chunk, per_call in ((SpeedSettings().script_chunk, 120), (50, 120), (1, 1)):
-        settings = speed_settings(tmp_path, redis_server.url, script_chunk=chunk, negatives=0)
+    # 100 events a call (a backlog's), 50 (a live rate's) and one; negatives off: the SGD steps are deterministic.
+    for chunk, per_call in ((100, 120), (50, 120), (1, 1)):
+        settings = speed_settings(tmp_path, redis_server.url, script_chunk=chunk, script_chunk_min=chunk, negatives=0)
         redis_client.flushall()
         set_categories(redis_client, categories)
         applier = Applier(redis_client, settings)

@@ -255,6 +255,7 @@ def chunk_size(events: int, speed: SpeedSettings) -> int:
     planning keeps its effects fresh (both measured: README, the speed rows)."""
     return min(speed.script_chunk, max(speed.script_chunk_min, -(-events // CALLS_PER_BATCH)))
 
+
 class Applier:
     """Applies events' effects exactly once; see apply_events.lua for the atomic part.
 

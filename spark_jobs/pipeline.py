@@ -276,7 +276,8 @@ def evaluate(plan: Plan, settings: Settings) -> dict[str, Any]:
 
 def _set_ranker_unused(registry: Registry, version: str, why: str | None) -> None:
     manifest = registry.read_manifest(version)
-    registry.write_manifest(manifest.model_copy(update={"ranker_unused": why}))
+    if manifest.ranker_unused != why:  # a rewrite hashes every artifact again
+        registry.write_manifest(manifest.model_copy(update={"ranker_unused": why}))
 
 
 def gate_and_publish(plan: Plan, settings: Settings) -> dict[str, Any]:

@@ -408,7 +408,7 @@ class EventLogLookups:
         safe = np.where(known, rows, 0)
         created = log.created_s[safe]
         return ItemColumns(
-            # Serving's catalog view names a missing category so (serving.core.catalog_view.UNCATEGORISED).
+            # Serving's catalog view names a missing category so (common.catalog.UNCATEGORISED).
             categories=[str(log.category[r]) or UNCATEGORISED if ok else UNCATEGORISED for r, ok in zip(safe, known, strict=True)],
             prices=np.where(known, log.price[safe], 0.0),
             # Serving dates an item missing from its catalog now; so does training.

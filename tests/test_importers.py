@@ -191,6 +191,28 @@ def test_headerless_epoch_seconds_with_derived_sessions_and_bad_rows(tmp_path: P
     assert import_csv(path, lake, fmt).files == 0  # re-import dedups
 
 
+def test_derived_sessions_do_not_depend_on_where_a_persons_rows_lie_in_the_file(tmp_path: Path) -> None:
+    # An export in no time order (Retailrocket's shape): one visitor's rows far apart, later ones first.
+    # Sessions come from the whole file, whatever chunk each row is read in.
+    s = int(T0.timestamp())
+    rows = [f"{s + 3 * 3600},v1,i5", f"{s},v1,i1", *(f"{s + k},v{k},i{k % 4}" for k in range(2, 9))]
+    rows += [f"{s + 600},v1,i2", f"{s + 3 * 3600 + 60},v1,i6", f"{s + 1200},v1,i3"]
+    path = _csv(tmp_path / "e.csv", "t,who,what\n" + "\n".join(rows) + "\n")
+    fmt = CsvFormat(mapping=parse_mapping("ts=t,anonymous=who,item=what"), ts_unit="s")
+    lakes = {n: Lake(str(tmp_path / f"lake-{n}")) for n in (2, 1000)}
+    reports = {n: import_csv(path, lake, fmt, chunk_rows=n) for n, lake in lakes.items()}
+    visits = {
+        n: sorted((e["ts"], e["item_id"], e["session_id"]) for e in lake.read_events().to_pylist() if e["anonymous_id"] == "v1")
+        for n, lake in lakes.items()
+    }  # fmt: skip
+    assert visits[2] == visits[1000]
+    assert [(item, session) for _, item, session in visits[2]] == [
+        ("i1", "v1@20250601T120000"), ("i2", "v1@20250601T120000"), ("i3", "v1@20250601T120000"),
+        ("i5", "v1@20250601T150000"), ("i6", "v1@20250601T150000"),
+    ]  # fmt: skip
+    assert reports[2].sessions == reports[1000].sessions == 9
+
+
 @pytest.mark.parametrize("sessions", ["mapped", "derived"])
 def test_rows_sharing_a_timestamp_replay_in_the_files_order(tmp_path: Path, sessions: str) -> None:
     # An invoice's lines at one minute: the lake orders equal times by event id, a hash, so without the

@@ -141,6 +141,24 @@ def test_a_hover_is_in_no_batch_table_or_event_log(lake: Lake) -> None:
     assert log.raw.num_rows == 2
 
 
+def test_the_event_logs_rows_say_what_the_lake_does_with_one_string_per_distinct_value(lake: Lake) -> None:
+    at = CUTOFF - timedelta(hours=2)
+    rows = [
+        event("view", at + timedelta(seconds=k), anon, item, user=user)
+        for k, (anon, user, item) in enumerate([
+            ("dev1", None, "shoe"), ("dev2", "ann", "hat"), ("dev1", None, "hat"), ("dev3", None, "scarf"), ("dev2", "ann", "shoe"),
+        ])
+    ]  # fmt: skip
+    lake.write_events(events_to_table(rows))
+    log = load_log(lake, CUTOFF, TRAINING)
+    assert [log.item_ids[i] for i in log.item] == ["shoe", "hat", "hat", "scarf", "shoe"]
+    assert list(log.person) == ["dev1", "ann", "dev1", "dev3", "ann"]
+    assert list(log.session) == list(log.session_id) == ["s-dev1", "s-dev2", "s-dev1", "s-dev3", "s-dev2"]
+    assert list(log.event_type) == ["view"] * 5
+    # A person's rows hold one str between them, not one a row: a large log's memory is its distinct values.
+    assert log.person[0] is log.person[2] and log.session[1] is log.session[4] and log.event_type[0] is log.event_type[3]
+
+
 # ---------------------------------------------------------------- data quality
 
 

@@ -179,21 +179,25 @@ def load_log(lake: Lake, end: datetime, training: TrainingSettings) -> EventLog:
     )
 
 
+def _distinct(column: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
+    """(the column's distinct values, each row's position among them); the column has no nulls."""
+    encoded = column.combine_chunks().dictionary_encode()
+    return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False)
+
+
 def _shared_strings(column: pa.ChunkedArray) -> np.ndarray:
     """The column as an object array in which equal values are one str, not one a row: a person's,
     a session's and a type's rows repeat them (3.7M events held 2.8 GB as a str a row)."""
     if column.null_count:
         return np.asarray(column.to_pylist(), dtype=object)
-    encoded = column.combine_chunks().dictionary_encode()
-    values = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
-    return values[encoded.indices.to_numpy(zero_copy_only=False)]
+    values, rows = _distinct(column)
+    return np.asarray(values, dtype=object)[rows]
 
 
 def _positions(column: pa.ChunkedArray, index: Mapping[str, int]) -> np.ndarray:
     """Each row's position in `index`, looked up once per distinct value (every value is in it)."""
-    encoded = column.combine_chunks().dictionary_encode()
-    positions = np.fromiter(map(index.__getitem__, encoded.dictionary.to_pylist()), np.int64, len(encoded.dictionary))
-    return positions[encoded.indices.to_numpy(zero_copy_only=False)]
+    values, rows = _distinct(column)
+    return np.fromiter(map(index.__getitem__, values), np.int64, len(values))[rows]
 
 
 def build_requests(log: EventLog, start_s: float, end_s: float, limit: int, seed: int) -> list[Request]:

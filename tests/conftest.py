@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import psutil
 import pytest
 import redis
 
@@ -128,3 +129,11 @@ def s3_bucket(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> S3Bucke
     name = f"lake-{uuid.uuid4().hex[:12]}"
     fsspec.filesystem("s3").mkdir(name)
     return S3Bucket(name, env)
+
+
+def process_gone(pid: int) -> bool:
+    """The process has exited: a zombie not yet reaped, or reaped already (even between two looks)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

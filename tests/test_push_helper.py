@@ -28,6 +28,7 @@ from serving.core.push import Fanout
 from serving.core.push_helper import PushHelper
 from serving.core.recommender import RecRequest
 from serving.core.state import ServingState
+from tests.conftest import process_gone
 from tests.test_serving_push import api_and_consumer, publish, sse_messages, without_request_id
 from tests.test_serving_support import make_settings, view_event
 
@@ -142,7 +143,7 @@ def test_requests_are_answered_while_the_helper_holds_a_list_then_a_stuck_one_is
         # No answer within the timeout: the helper is killed, the worker computes the list.
         assert without_request_id(next(events)) != first
         assert by("worker") == in_worker + 1
-        wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, "killed")
+        wait_until(lambda: process_gone(pid), "killed")
 
 
 def test_without_the_helper_the_worker_computes_the_lists(

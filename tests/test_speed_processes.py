@@ -27,6 +27,7 @@ from common.stream import group_lag, remove_idle_consumers
 from speed_layer.consumer import SpeedConsumer
 from speed_layer.lake_writer import LakeWriter
 from speed_layer.supervisor import supervise
+from tests.conftest import process_gone
 from tests.speed_factories import add_events, make_event, speed_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +274,7 @@ def test_speed_run_restarts_a_killed_child_and_sigterm_stops_all(
         assert victim not in children and len(children) == 2
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(timeout=30) == 0
-        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in children)
+        assert all(process_gone(pid) for pid in children)
     finally:
         if supervisor.poll() is None:
             for child in parent.children(recursive=True):

@@ -36,7 +36,7 @@ from common.catalog import Item, items_to_table
 from common.content import ItemContent, fit_content_map
 from common.features import FEATURE_NAMES
 from common.lake import Lake
-from common.model import save_content_map, save_factors, save_ranker, save_table
+from common.model import save_content_map, save_factors, save_history, save_ranker, save_table
 from common.registry import COVISITATION, POPULARITY, Manifest, Registry
 
 # A light module (not the recommender's): every load step's process imports this one.
@@ -96,14 +96,15 @@ def publish_synthetic_model(
                 dst.append(item_ids[other])
                 cnt.append(10 - step)
     save_table(registry, version, COVISITATION, pa.table({"item_id": src, "other_id": dst, "count": cnt}))
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(hours=1)
+    save_history(registry, version, synthetic_history(user_ids, item_ids, n_categories, cutoff), kept=50)
     if with_ranker:
         save_ranker(registry, version, train_toy_ranker(seed))
     # The catalog's content below, so items added later get content vectors (common/content.py).
     contents = [ItemContent(f"Item {j}", ("Root", item_category(j, n_categories)), "", float(10 + j % 50)) for j in range(n_items)]
     save_content_map(registry, version, fit_content_map(contents, item_factors, seed)[0])
 
-    now = datetime.now(UTC)
-    cutoff = now - timedelta(hours=1)
     manifest = Manifest(
         version=version,
         created_at=now,
@@ -135,6 +136,19 @@ def publish_synthetic_model(
         categories=[item_category(j, n_categories) for j in range(n_items)],
         new_items=item_ids[new_from:],
     )
+
+
+def synthetic_history(user_ids: list[str], item_ids: list[str], n_categories: int, cutoff: datetime) -> pa.Table:
+    """Interactions' history columns: user u engaged with 5 items of its category before the cutoff, the
+    k-th of them in 1 + k % 3 sessions, last on the (k + 1)-th day before it."""
+    rows = [
+        (user, item_ids[item], 1 + k % 3, (cutoff - timedelta(days=k + 1)).timestamp())
+        for u, user in enumerate(user_ids)
+        for k, item in enumerate(range(u % n_categories + n_categories, len(item_ids), n_categories))
+        if k < 5
+    ]
+    person, item, sessions, last_s = zip(*rows, strict=True) if rows else ((), (), (), ())
+    return pa.table({"person_id": person, "item_id": item, "sessions": sessions, "last_s": last_s})
 
 
 def train_toy_ranker(seed: int) -> Any:

@@ -18,8 +18,9 @@ import numpy as np
 from common.settings import TrainingSettings
 
 # Where a candidate came from; a candidate may come from several generators.
-# "next": what follows the session's most recent item (sequential rules); "covis": what follows any of its items.
-SOURCES = ("als", "covis", "next", "neighbours", "trending", "category", "new")
+# "next": what follows the session's most recent item (sequential rules); "covis": what follows any of its items;
+# "history": what the person engaged with before the version's cutoff.
+SOURCES = ("als", "covis", "next", "neighbours", "trending", "category", "new", "history")
 
 FEATURE_NAMES: tuple[str, ...] = (
     "als_score",
@@ -44,6 +45,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "seen_in_session",
     "in_cart",
     "bought_before",
+    # The person's history before the version's cutoff: sessions with the item (log1p), days since the last.
+    "history_sessions",
+    "history_age_days",
     "promoted",
 )
 
@@ -65,6 +69,8 @@ class RequestState:
     cart: frozenset[str] = frozenset()
     purchases: Mapping[str, float] = field(default_factory=dict)  # item -> last purchase time (s), recent ones
     typical_price: float | None = None  # median price of items the person engaged with
+    # item -> (sessions, last engaged, epoch s) before the version's cutoff (ModelArtifacts.history_of)
+    history: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,7 +136,23 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
     out[:, col["in_cart"]] = members(cands.item_ids, state.cart)
     out[:, col["bought_before"]] = members(cands.item_ids, state.purchases)
     out[:, col["promoted"]] = cands.promoted
+    out[:, col["history_sessions"]], out[:, col["history_age_days"]] = history_columns(state, cands.item_ids)
     return out
+
+
+# history_age_days of an item the person has no history with: older than any real age, so one split parts them.
+NO_HISTORY_DAYS = 10_000.0
+
+
+def history_columns(state: RequestState, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """log1p(sessions) and days since the last engagement, of each item in the person's history."""
+    sessions = np.zeros(len(item_ids), np.float64)
+    age_days = np.full(len(item_ids), NO_HISTORY_DAYS)
+    for i, seen in enumerate(map(state.history.get, item_ids)):
+        if seen is not None:
+            sessions[i] = math.log1p(seen[0])
+            age_days[i] = max(0.0, state.now_s - seen[1]) / DAY_S
+    return sessions, age_days
 
 
 def members(item_ids: Sequence[str], group: Collection[str]) -> np.ndarray:

@@ -25,6 +25,18 @@ from common.vectors import gramian
 SIMILAR_CACHE_SIZE = 20_000  # (item, n) answers of similar_items kept per version (~20 pairs each)
 
 
+@dataclass(frozen=True)
+class PersonHistory:
+    """What each of a version's people engaged with before its cutoff: rows [offsets[u], offsets[u+1]) belong
+    to user row u, best first (most sessions, then most recent). Kept beside the user factors, in their
+    order, so the people's ids are the version's one list and an erasure blanks both together."""
+
+    offsets: np.ndarray  # int64, users + 1
+    items: np.ndarray  # int32 rows of the version's item ids (ALS items: never a content vector's row)
+    sessions: np.ndarray  # int32: the person's sessions with a weighted event on the item; 0 once erased
+    last_s: np.ndarray  # float64 epoch seconds of the last such event
+
+
 @dataclass
 class ModelArtifacts:
     version: str
@@ -38,6 +50,7 @@ class ModelArtifacts:
     popularity: pa.Table | None = None  # item_id, count (events in the training window)
     covisitation: pa.Table | None = None  # item_id, other_id, count
     content_map: ContentMap | None = None  # when the version has one
+    history: PersonHistory | None = None  # when the version has one
     # Rows [0, batch_items) of the item factors are ALS's; rows after them are content vectors of items
     # new since the cutoff (`with_content_vectors`). -1: all rows are ALS's.
     batch_items: int = -1
@@ -67,6 +80,21 @@ class ModelArtifacts:
         """The batch vector x(u), or None for a person the model has not seen."""
         i = self.user_index.get(person_id)
         return None if i is None else self.user_factors[i]
+
+    def history_of(self, person_id: str) -> dict[str, tuple[float, float]]:
+        """item -> (sessions, last engaged, epoch s) of the person before the cutoff; {} for someone unknown."""
+        i = self.user_index.get(person_id)
+        history = self.history
+        if i is None or history is None:
+            return {}
+        rows = slice(int(history.offsets[i]), int(history.offsets[i + 1]))
+        return {
+            self.item_ids[item]: (float(sessions), float(last))
+            for item, sessions, last in zip(
+                history.items[rows].tolist(), history.sessions[rows].tolist(), history.last_s[rows].tolist(), strict=True
+            )
+            if sessions > 0
+        }
 
     def item_vector(self, item_id: str) -> np.ndarray | None:
         i = self.item_index.get(item_id)
@@ -146,9 +174,9 @@ FORGOTTEN_USER = ""
 
 
 def forget_users(registry: Registry, version: str, people: Collection[str]) -> int:
-    """Blank the people's ids and zero their factor rows in one version, then re-hash its manifest;
-    returns the rows forgotten. Rows keep their places, so a reader between the two writes pairs
-    either file with the other and still cannot reach the people's factors."""
+    """Blank the people's ids, zero their factor rows and their history in one version, then re-hash its
+    manifest; returns the rows forgotten. Rows keep their places, so a reader between the writes pairs
+    any file with the others and still cannot reach the people's factors or history."""
     user_ids = json.loads(_read_bytes(registry, version, reg.USER_IDS))
     rows = [row for row, user in enumerate(user_ids) if user in people]
     if not rows:
@@ -158,9 +186,59 @@ def forget_users(registry: Registry, version: str, people: Collection[str]) -> i
     for row in rows:
         user_ids[row] = FORGOTTEN_USER
     _write_npy(registry, version, reg.USER_FACTORS, factors)
+    history = _read_history(registry, version)
+    if history is not None:
+        for row in rows:
+            span = slice(int(history.offsets[row]), int(history.offsets[row + 1]))
+            history.items[span], history.sessions[span], history.last_s[span] = 0, 0, 0.0
+        _write_history(registry, version, history)
     _write_bytes(registry, version, reg.USER_IDS, json.dumps(user_ids).encode())
     registry.write_manifest(registry.read_manifest(version))
     return len(rows)
+
+
+def save_history(registry: Registry, version: str, interactions: pa.Table, kept: int) -> PersonHistory:
+    """The version's person history from its interactions (spark_jobs/interactions.py: person_id, item_id,
+    sessions, last_s), in the order of the user and item ids it saved: each person's `kept` best items,
+    most sessions first, then the most recent (ties by item row)."""
+    user_index = {user: i for i, user in enumerate(json.loads(_read_bytes(registry, version, reg.USER_IDS)))}
+    item_index = {item: i for i, item in enumerate(json.loads(_read_bytes(registry, version, reg.ITEM_IDS)))}
+    users = _rows_of(interactions["person_id"].to_pylist(), user_index)
+    items = _rows_of(interactions["item_id"].to_pylist(), item_index)
+    sessions = interactions["sessions"].to_numpy().astype(np.int32)
+    last_s = interactions["last_s"].to_numpy().astype(np.float64)
+    known = (users >= 0) & (items >= 0)
+    users, items, sessions, last_s = users[known], items[known], sessions[known], last_s[known]
+    order = np.lexsort((items, -last_s, -sessions, users))
+    users, items, sessions, last_s = users[order], items[order], sessions[order], last_s[order]
+    starts = np.searchsorted(users, users, side="left")
+    best = np.arange(len(users)) - starts < kept  # each person's first `kept` rows
+    users, items, sessions, last_s = users[best], items[best], sessions[best], last_s[best]
+    offsets = np.zeros(len(user_index) + 1, np.int64)
+    np.cumsum(np.bincount(users, minlength=len(user_index)), out=offsets[1:])
+    history = PersonHistory(offsets, items.astype(np.int32), sessions, last_s)
+    _write_history(registry, version, history)
+    return history
+
+
+def _rows_of(ids: Sequence[str], index: Mapping[str, int]) -> np.ndarray:
+    """Each id's row in `index`, -1 where it has none."""
+    return np.fromiter((index.get(i, -1) for i in ids), np.int64, len(ids))
+
+
+def _write_history(registry: Registry, version: str, history: PersonHistory) -> None:
+    sink = io.BytesIO()
+    np.savez(
+        sink, offsets=history.offsets, items=history.items, sessions=history.sessions, last_s=history.last_s
+    )
+    _write_bytes(registry, version, reg.HISTORY, sink.getvalue())
+
+
+def _read_history(registry: Registry, version: str) -> PersonHistory | None:
+    if not registry.fs.exists(registry.path(version, reg.HISTORY)):
+        return None  # a version trained before person histories existed
+    with np.load(io.BytesIO(_read_bytes(registry, version, reg.HISTORY)), allow_pickle=False) as data:
+        return PersonHistory(data["offsets"], data["items"], data["sessions"], data["last_s"])
 
 
 def save_table(registry: Registry, version: str, name: str, table: pa.Table) -> None:
@@ -209,6 +287,7 @@ def load_model(registry: Registry, version: str | None = None) -> ModelArtifacts
         popularity=_read_table(registry, version, reg.POPULARITY),
         covisitation=_read_table(registry, version, reg.COVISITATION),
         content_map=_read_content_map(registry, version),
+        history=_read_history(registry, version),
     )
 
 

@@ -31,8 +31,10 @@ POPULARITY = "popularity.parquet"
 COVISITATION = "covisitation.parquet"
 CONTENT_MAP = "content_map.npz"  # item content -> item factors (common/content.py), for items new since the cutoff
 DRIFT_BASELINE = "drift_baseline.parquet"  # a bounded sample of the ranker's training rows (common/drift.py)
+HISTORY = "history.npz"  # per person, the items engaged with before the cutoff (common/model.py: PersonHistory)
 ARTIFACT_FILES = (
-    USER_FACTORS, ITEM_FACTORS, USER_IDS, ITEM_IDS, RANKER, POPULARITY, COVISITATION, CONTENT_MAP, DRIFT_BASELINE
+    USER_FACTORS, ITEM_FACTORS, USER_IDS, ITEM_IDS, RANKER, POPULARITY, COVISITATION, CONTENT_MAP, DRIFT_BASELINE,
+    HISTORY,
 )
 # Beside the manifest, never in it: a drift check must not rewrite what the gate decided on.
 DRIFT_LATEST = "drift.json"

@@ -251,6 +251,9 @@ class CandidatePool(Section):
     neighbours: int = Field(30, ge=0, le=5000, description="Items from the session's nearest sessions (session-kNN).")
     neighbour_sample: int = Field(500, ge=1, le=5000, description="Session-kNN: the most recent sessions sharing an item.")
     neighbour_k: int = Field(100, ge=1, le=1000, description="Session-kNN: of those, the most similar ones that vote.")
+    history: int = Field(
+        30, ge=0, le=5000, description="Items the person engaged with before the version's cutoff, most sessions first."
+    )
 
 
 class TrainingSettings(Section):
@@ -277,6 +280,9 @@ class TrainingSettings(Section):
     iterations: int = Field(15, ge=1)
     seed: int = 42
     eval_days: int = Field(2, ge=1, description="Days before the cutoff held out for ranker validation and evaluation.")
+    history_kept: int = Field(
+        50, ge=0, le=1000, description="Items a version keeps per person of what they engaged with (its history)."
+    )
     # 4,000 starved the ranker: 20,000 raised full's replay HR@20 by ~0.005 on YooChoose, Online Retail and
     # the medium shop (README, "Real clicks"); its cost is the nightly run's time, linear up to the cap.
     max_requests: int = Field(

@@ -4,6 +4,8 @@ The rule is one SQL text run by two engines: Spark (the cluster path) and DuckDB
 path of the `implicit` engine). Both read the same lake files, so the two engines train on equal
 numbers; a test holds them to it. Per event: r = type weight + capped dwell bonus (the rule of
 `common.features.implicit_weight`), decayed by event age at the cutoff; summed per (person, item).
+Each pair also carries how many of the person's sessions had it and when it was last engaged with:
+the version's person history (`common.model.PersonHistory`) is cut from these rows.
 Identity: events of an anonymous_id that later identified as a user count for that user.
 Consent: only events sent with personalisation consent build a person's interactions (a file from
 before the column holds events sent with the default, personalisation).
@@ -24,12 +26,14 @@ from common.settings import TrainingSettings
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-COLUMNS = ["event_type", "ts", "received_at", "anonymous_id", "user_id", "item_id", "dwell_ms", "consent"]
+COLUMNS = ["event_type", "ts", "received_at", "anonymous_id", "user_id", "session_id", "item_id", "dwell_ms", "consent"]
 INTERACTIONS_SCHEMA = pa.schema(
     [
         pa.field("person_id", pa.string(), nullable=False),
         pa.field("item_id", pa.string(), nullable=False),
         pa.field("value", pa.float64(), nullable=False),
+        pa.field("sessions", pa.int64(), nullable=False),  # distinct sessions (else devices) with a weighted event
+        pa.field("last_s", pa.float64(), nullable=False),  # epoch seconds of the last weighted event
     ]
 )
 
@@ -46,7 +50,8 @@ def interactions_sql(cutoff: datetime, training: TrainingSettings, epoch_us: str
     half_life_s = training.half_life_days * 86_400.0
     return f"""
 WITH ev AS (
-    SELECT event_type, {epoch_us}(ts) / {_lit(1e6)} AS ts_s, anonymous_id, user_id, item_id, dwell_ms
+    SELECT event_type, {epoch_us}(ts) / {_lit(1e6)} AS ts_s, anonymous_id, user_id, item_id, dwell_ms,
+           coalesce(session_id, anonymous_id) AS sid
     FROM events
     WHERE {epoch_us}(received_at) < {cutoff_us}
       AND coalesce(consent, '{Consent.PERSONALISATION.value}') = '{Consent.PERSONALISATION.value}'
@@ -60,7 +65,7 @@ alias AS (  -- each device's most recent login before the cutoff
 ),
 weighted AS (
     SELECT coalesce(ev.user_id, alias.user_id, ev.anonymous_id) AS person_id,
-           ev.item_id,
+           ev.item_id, ev.sid, ev.ts_s,
            CASE ev.event_type {cases} ELSE {_lit(0)} END AS base,
            CASE WHEN ev.dwell_ms > 0
                 THEN least({_lit(training.dwell_bonus_cap)},
@@ -70,7 +75,8 @@ weighted AS (
     FROM ev LEFT JOIN alias ON ev.anonymous_id = alias.anonymous_id
     WHERE ev.item_id IS NOT NULL
 )
-SELECT person_id, item_id, sum((base + bonus) * power({_lit(0.5)}, age_s / {_lit(half_life_s)})) AS value
+SELECT person_id, item_id, sum((base + bonus) * power({_lit(0.5)}, age_s / {_lit(half_life_s)})) AS value,
+       count(DISTINCT sid) AS sessions, max(ts_s) AS last_s
 FROM weighted
 WHERE base > 0
 GROUP BY person_id, item_id
@@ -99,10 +105,10 @@ def local_interactions(lake: Lake, cutoff: datetime, training: TrainingSettings)
 
 
 def spark_interactions(spark: SparkSession, lake: Lake, cutoff: datetime, training: TrainingSettings) -> DataFrame:
-    """The rule on Spark; returns a DataFrame (person_id, item_id, value)."""
+    """The rule on Spark; returns a DataFrame (person_id, item_id, value, sessions, last_s)."""
     files = event_files(lake, cutoff)
     if not files:
-        return spark.createDataFrame([], "person_id string, item_id string, value double")
+        return spark.createDataFrame([], "person_id string, item_id string, value double, sessions long, last_s double")
     from pyspark.sql.pandas.types import from_arrow_schema
 
     # The lake's schema, not a file's: a file from before a column was added reads it as null.

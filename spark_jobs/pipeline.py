@@ -32,6 +32,7 @@ from common.model import (
     load_model,
     save_content_map,
     save_factors,
+    save_history,
     save_ranker,
     save_table,
 )
@@ -122,8 +123,8 @@ def build_interactions(plan: Plan, settings: Settings) -> dict[str, Any]:
 
 
 def train_als(plan: Plan, settings: Settings) -> dict[str, Any]:
-    """Fit the dev and the final ALS, each with its popularity and co-visitation tables (serving needs
-    them: the gate replays the dev model through serving)."""
+    """Fit the dev and the final ALS, each with its person history and its popularity and co-visitation
+    tables (serving needs them: the gate replays the dev model through serving)."""
     if decided(plan, settings):
         return {"skipped": f"{plan.version} already decided"}
     registry = registry_of(settings)
@@ -138,6 +139,9 @@ def train_als(plan: Plan, settings: Settings) -> dict[str, Any]:
             target, version = (Registry(str(plan.dev_registry)), DEV_MODEL) if stage == "dev" else (registry, plan.version)
             save_factors(target, version, factors.user_ids, factors.user_factors, factors.item_ids, factors.item_factors)
     fit_s = round(time.perf_counter() - clock, 2)
+    for stage in STAGES:
+        target, version = (Registry(str(plan.dev_registry)), DEV_MODEL) if stage == "dev" else (registry, plan.version)
+        save_history(target, version, pq.read_table(plan.interactions_dir(stage)), settings.training.history_kept)
     lake = lake_of(settings)
     before_dev = lake.read_events(end=plan.dev_cutoff, columns=tables.SEQUENCE_COLUMNS)
     _save_tables(Registry(str(plan.dev_registry)), DEV_MODEL, before_dev, settings)

@@ -352,6 +352,7 @@ class PointInTime:
             cart=frozenset(cart),
             purchases=purchases,
             typical_price=float(np.median(prices)) if len(prices) else None,
+            history=self.model.history_of(request.person),
         )
 
     def user_vector(self, request: Request) -> np.ndarray | None:

@@ -69,6 +69,9 @@ def test_spark_and_duckdb_interactions_are_equal(spark: Any, small_lake: Lake, t
     assert from_spark["person_id"].equals(train_interactions["person_id"])
     assert from_spark["item_id"].equals(train_interactions["item_id"])
     np.testing.assert_allclose(from_spark["value"].to_numpy(), train_interactions["value"].to_numpy(), rtol=1e-12)
+    assert from_spark["sessions"].equals(train_interactions["sessions"])
+    assert max(train_interactions["sessions"].to_pylist()) > 1  # the count is of sessions, not always one
+    np.testing.assert_allclose(from_spark["last_s"].to_numpy(), train_interactions["last_s"].to_numpy(), rtol=1e-15)
 
 
 @pytest.mark.parametrize("engine", ["spark", "implicit"])

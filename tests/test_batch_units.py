@@ -24,6 +24,8 @@ from common.features import decay, implicit_weight
 from common.gatherer import seed_cosines
 from common.ids import id_digest
 from common.lake import EVENTS_DATASET, Lake
+from common.model import forget_users, load_model, save_factors, save_history
+from common.registry import Manifest, Registry
 from common.settings import Settings, TrainingSettings
 from spark_jobs import tables
 from spark_jobs.erasure import apply_erasures
@@ -58,7 +60,7 @@ def event(kind: str, at: datetime, anon: str, item: str | None = None, user: str
         received_at=at,
         anonymous_id=anon,
         user_id=user,
-        session_id=f"s-{anon}",
+        session_id=str(extra.pop("session_id", f"s-{anon}")),
         item_id=item,
         **extra,  # type: ignore[arg-type]
     )
@@ -100,6 +102,47 @@ def test_interactions_weight_decay_and_identity(lake: Lake) -> None:
     assert set(got) == {("alice", "shoe"), ("dev2", "hat")}
     assert got[("alice", "shoe")] == pytest.approx(expected_shoe, rel=1e-12)
     assert got[("dev2", "hat")] == pytest.approx(decay(1.0, 86_400, half_life_s), rel=1e-12)
+
+
+def test_a_versions_history_counts_sessions_keeps_each_persons_best_and_an_erasure_empties_it(
+    lake: Lake, registry: Registry
+) -> None:
+    day = CUTOFF - timedelta(days=3)
+    lake.write_events(
+        events_to_table(
+            [
+                event("view", day, "dev-a", "shoe", session_id="s1"),
+                event("identify", day, "dev-a", user="alice", session_id="s1"),
+                event("purchase", day + timedelta(minutes=1), "dev-a", "hat", user="alice", session_id="s1"),
+                event("view", day + timedelta(hours=5), "dev-a", "shoe", user="alice", session_id="s2"),
+                event("view", day + timedelta(hours=5, minutes=1), "dev-a", "shoe", user="alice", session_id="s2"),
+                event("view", day + timedelta(hours=6), "dev-a", "scarf", user="alice", session_id="s2"),
+                event("remove_from_cart", day + timedelta(hours=7), "dev-a", "belt", user="alice", session_id="s2"),
+                event("view", day + timedelta(days=1), "phone", "shoe", user="alice", session_id="s3"),
+                event("view", CUTOFF + timedelta(seconds=1), "phone", "sock", user="alice", session_id="s4"),
+                event("view", day, "dev-b", "hat", session_id="s9"),
+            ]
+        )
+    )
+    interactions = local_interactions(lake, CUTOFF, TRAINING)
+    people, items = sorted(set(interactions["person_id"].to_pylist())), sorted(set(interactions["item_id"].to_pylist()))
+    save_factors(registry, "v1", people, np.ones((len(people), 2)), items, np.ones((len(items), 2)))
+    save_history(registry, "v1", interactions, kept=2)
+    registry.write_manifest(Manifest(version="v1", created_at=CUTOFF, cutoff=CUTOFF, engine="implicit", status="candidate"))
+
+    alice = load_model(registry, "v1").history_of("alice")
+    # Three sessions with the shoe (two views in s2 count once); of the one-session items, the later one.
+    assert alice == {"shoe": (3.0, (day + timedelta(days=1)).timestamp()), "scarf": (1.0, (day + timedelta(hours=6)).timestamp())}
+    assert list(alice) == ["shoe", "scarf"]  # best first: the gatherer and the features read this order
+    assert load_model(registry, "v1").history_of("dev-b") == {"hat": (1.0, day.timestamp())}
+
+    assert forget_users(registry, "v1", {"alice"}) == 1
+    registry.verify("v1")
+    erased = load_model(registry, "v1")
+    assert erased.history_of("alice") == {} and erased.history_of("dev-b") == {"hat": (1.0, day.timestamp())}
+    history = erased.history
+    assert history is not None
+    assert int(np.count_nonzero(history.sessions)) == 1 and int(np.count_nonzero(history.last_s)) == 1
 
 
 def consent_lake(lake: Lake) -> None:

@@ -111,19 +111,25 @@ def uses_batch_factors(client: TestClient, user: str) -> bool:
     return any("als" in item["sources"] for item in recs(client, user_id=user)["items"])
 
 
+def uses_batch_history(client: TestClient, user: str) -> bool:
+    """Whether the list holds an item of the version's history of the person (bench.serve.synthetic_history)."""
+    return any("history" in item["sources"] for item in recs(client, user_id=user)["items"])
+
+
 def test_erased_users_factors_stay_unused_until_a_version_trained_after_the_erasure_serves(
     client: TestClient,
 ) -> None:
     state = serving_state(client)
-    assert uses_batch_factors(client, "u4")
+    assert uses_batch_factors(client, "u4") and uses_batch_history(client, "u4")
     assert client.delete("/v1/users/u4").status_code == 200
-    assert not uses_batch_factors(client, "u4")
+    assert not uses_batch_factors(client, "u4") and not uses_batch_history(client, "u4")
 
     apply_erasures(state.lake)  # the nightly step: the lake is rewritten and the queue cleared
     assert state.lake.pending_erasures() == []
     with TestClient(create_app(make_settings())) as restarted:  # a worker that never saw the request
         assert not uses_batch_factors(restarted, "u4")  # v1 was trained on their events
-        assert uses_batch_factors(restarted, "u5")  # and only theirs are hidden
+        assert not uses_batch_history(restarted, "u4")
+        assert uses_batch_factors(restarted, "u5") and uses_batch_history(restarted, "u5")  # only theirs are hidden
 
         # A version trained after the erasure (its cutoff is later) serves them again, as anyone new to it.
         publish_synthetic_model(state.registry, state.lake, version="v2", activate=False)

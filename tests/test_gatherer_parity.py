@@ -139,6 +139,7 @@ def test_serving_and_training_gather_the_same_pool_and_features(
     applied = 0
     compared = 0
     new_in_als = 0
+    with_history = 0
     try:
         for request in requests:
             applier.apply(events[applied : request.at], [])  # no version: batch vectors only, as training
@@ -167,12 +168,15 @@ def test_serving_and_training_gather_the_same_pool_and_features(
             )  # fmt: skip
             compared += 1
             new_in_als += any(i in ("n1", "n2") for i, _ in trained.lists.get("als", []))
+            with_history += bool(trained.lists.get("history"))
     finally:
         consumer.pubsub.close()
         state.close()
     assert compared == len(requests)
     # New items were candidates by their content vectors, on both sides (with batch vectors only they never are).
     assert pit.model.is_content_vector("n2") and new_in_als > 0
+    # The version's history of the signed-in people (bench.serve.synthetic_history) was read on both sides.
+    assert with_history > 0
     # The comparison had content: ordered co-visits, session neighbours, bestsellers and trending all fed it.
     assert all(k in trained.lists and trained.lists[k] for k in ("covis", "neighbours", "category", "trending", "als"))
 

@@ -36,6 +36,19 @@ def test_known_user_gets_k_items_with_reasons_and_metadata(
     assert scores == sorted(scores, reverse=True)
 
 
+def test_a_returning_persons_earlier_items_are_candidates_and_say_so(
+    client: TestClient, published: SyntheticModel
+) -> None:
+    """u3's history in the version (bench.serve.synthetic_history): items 11, 19, 27, 35, 43 of cat3."""
+    earlier = {f"i{j}" for j in (11, 19, 27, 35, 43)}
+    body = recs(client, user_id="u3", k=20)
+    from_history = {item["item_id"]: item for item in body["items"] if "history" in item["sources"]}
+    assert from_history and set(from_history) <= earlier
+    assert {item["reason"] for item in from_history.values()} == {"from your earlier visits"}
+    guest = recs(client, anonymous_id="never-seen", k=20)
+    assert not any("history" in item["sources"] for item in guest["items"])
+
+
 def test_view_brings_covisited_items_and_raises_the_category(
     client: TestClient, published: SyntheticModel, redis_client: redis.Redis
 ) -> None:

@@ -224,7 +224,8 @@ def gather_request(
     """The gatherer (common/gatherer.py) on serving's lookups: what ranker training builds from the log."""
     person = speed.person_id if speed else req.person_id
     vector = _user_vector(state, model, person, speed) if req.personalised else None
-    moment = _request_state(state, speed, vector, now_s)
+    history = _history(state, model, person) if req.personalised else {}
+    moment = _request_state(state, speed, vector, history, now_s)
     lookups = ServingLookups(state, model, speed, now_s)
     anchor = req.item_id if req.context == "product" else None
     gathered = gather_lists(
@@ -308,6 +309,13 @@ def _user_vector(
     )
 
 
+def _history(state: ServingState, model: ServingModel, person: str) -> dict[str, tuple[float, float]]:
+    """The version's history of the person, unless they asked to be erased since its cutoff."""
+    if state.erased.hides(person, model.artifacts.manifest.cutoff):
+        return {}
+    return model.artifacts.history_of(person)
+
+
 # ---------------------------------------------------------------- candidates and rules
 
 
@@ -389,10 +397,14 @@ def _cold_start(state: ServingState, model: ServingModel, req: RecRequest, speed
 
 
 def _request_state(
-    state: ServingState, speed: SpeedState | None, vector: np.ndarray | None, now_s: float
+    state: ServingState,
+    speed: SpeedState | None,
+    vector: np.ndarray | None,
+    history: dict[str, tuple[float, float]],
+    now_s: float,
 ) -> RequestState:
     if speed is None:
-        return RequestState(now_s=now_s, user_vector=vector)
+        return RequestState(now_s=now_s, user_vector=vector, history=history)
     engaged = set(speed.person_items) | set(speed.session_items)
     prices = [info.price for info in state.catalog.get_many(engaged) if info is not None and info.price > 0]
     return RequestState(
@@ -403,6 +415,7 @@ def _request_state(
         cart=frozenset(speed.cart),
         purchases=speed.purchases,
         typical_price=statistics.median(prices) if prices else None,  # np.median's value, without its overhead
+        history=history,
     )
 
 
@@ -515,6 +528,8 @@ def _reason(
             if speed is not None and seed in speed.cart:
                 return f"goes with {label} in your cart"
             return f"because you viewed {label}"
+    if "history" in sources:
+        return "from your earlier visits"
     if "neighbours" in sources:
         return "viewed in sessions like yours"
     if "als" in sources:

@@ -140,6 +140,19 @@ def compute_features(state: RequestState, cands: Candidates) -> np.ndarray:
     return out
 
 
+def with_purchases_since(
+    history: Mapping[str, tuple[float, float]], purchases: Mapping[str, float], since_s: float
+) -> dict[str, tuple[float, float]]:
+    """The version's history of a person joined with their purchases since its cutoff (the speed layer's):
+    an item bought since counts one session more, and its last time is the purchase's."""
+    merged = dict(history)
+    for item, at in purchases.items():
+        if at >= since_s:
+            sessions, last = merged.get(item, (0.0, -math.inf))
+            merged[item] = (sessions + 1.0, max(last, at))
+    return merged
+
+
 # history_age_days of an item the person has no history with: older than any real age, so one split parts them.
 NO_HISTORY_DAYS = 10_000.0
 

@@ -119,17 +119,17 @@ def gather_lists(
         bestsellers = lookups.bestsellers(preferred, sizes.category) if preferred else {}
         lists["category"] = category_best(state.category_affinity, bestsellers, sizes.category)
         if sizes.history > 0:
-            lists["history"] = earlier_items(state, sizes.history)
+            lists["history"] = earlier_items(state, covis_scores, sizes.history)
     lists["trending"] = lookups.trending(sizes.trending)
     since = state.now_s - sizes.new_max_age_days * DAY_S
     lists["new"] = lookups.new_arrivals(since, sizes.new_arrivals)
     return Gathered(lists, covis_scores, covis_last, neighbour_scores, ordered)
 
 
-def earlier_items(state: RequestState, n: int) -> Scored:
-    """The person's history before the cutoff that is not in the session, most sessions first, then the
-    most recent (ties by id); scored by sessions."""
-    ranked = sorted(state.history.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))
+def earlier_items(state: RequestState, covis_scores: Mapping[str, float], n: int) -> Scored:
+    """The person's history that is not in the session: first what follows the session's items (by the
+    co-visit score), then the most sessions, then the most recent (ties by id); scored by sessions."""
+    ranked = sorted(state.history.items(), key=lambda kv: (-covis_scores.get(kv[0], 0.0), -kv[1][0], -kv[1][1], kv[0]))
     return [(item, sessions) for item, (sessions, _) in ranked if item not in state.session_items][:n]
 
 

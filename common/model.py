@@ -33,8 +33,8 @@ class PersonHistory:
 
     offsets: np.ndarray  # int64, users + 1
     items: np.ndarray  # int32 rows of the version's item ids (ALS items: never a content vector's row)
-    sessions: np.ndarray  # int32: the person's sessions with a weighted event on the item; 0 once erased
-    last_s: np.ndarray  # float64 epoch seconds of the last such event
+    sessions: np.ndarray  # uint16: the person's sessions with a weighted event on the item; 0 once erased
+    last_s: np.ndarray  # uint32 epoch seconds (whole) of the last such event: 10 bytes a row in all
 
 
 @dataclass
@@ -205,11 +205,11 @@ def save_history(registry: Registry, version: str, interactions: pa.Table, kept:
     item_index = {item: i for i, item in enumerate(json.loads(_read_bytes(registry, version, reg.ITEM_IDS)))}
     users = _rows_of(interactions["person_id"].to_pylist(), user_index)
     items = _rows_of(interactions["item_id"].to_pylist(), item_index)
-    sessions = interactions["sessions"].to_numpy().astype(np.int32)
-    last_s = interactions["last_s"].to_numpy().astype(np.float64)
+    sessions = np.minimum(interactions["sessions"].to_numpy(), np.iinfo(np.uint16).max).astype(np.uint16)
+    last_s = np.floor(interactions["last_s"].to_numpy()).astype(np.uint32)
     known = (users >= 0) & (items >= 0)
     users, items, sessions, last_s = users[known], items[known], sessions[known], last_s[known]
-    order = np.lexsort((items, -last_s, -sessions, users))
+    order = np.lexsort((items, -last_s.astype(np.int64), -sessions.astype(np.int64), users))
     users, items, sessions, last_s = users[order], items[order], sessions[order], last_s[order]
     starts = np.searchsorted(users, users, side="left")
     best = np.arange(len(users)) - starts < kept  # each person's first `kept` rows

@@ -281,7 +281,7 @@ class TrainingSettings(Section):
     seed: int = 42
     eval_days: int = Field(2, ge=1, description="Days before the cutoff held out for ranker validation and evaluation.")
     history_kept: int = Field(
-        50, ge=0, le=1000, description="Items a version keeps per person of what they engaged with (its history)."
+        200, ge=0, le=1000, description="Items a version keeps per person of what they engaged with (its history)."
     )
     # 4,000 starved the ranker: 20,000 raised full's replay HR@20 by ~0.005 on YooChoose, Online Retail and
     # the medium shop (README, "Real clicks"); its cost is the nightly run's time, linear up to the cap.

@@ -26,7 +26,15 @@ from common.candidates import Scored
 from common.catalog import UNCATEGORISED
 from common.content import ItemContent, content_of_row
 from common.events import ATTENTION_EVENTS, BESTSELLER_EVENTS, INTEREST_EVENTS
-from common.features import DAY_S, POP_DAYS, Candidates, RequestState, day_index, implicit_weight
+from common.features import (
+    DAY_S,
+    POP_DAYS,
+    Candidates,
+    RequestState,
+    day_index,
+    implicit_weight,
+    with_purchases_since,
+)
 from common.gatherer import Gathered, ItemColumns, describe, gather_lists, pool
 from common.lake import Lake
 from common.model import ModelArtifacts
@@ -352,7 +360,7 @@ class PointInTime:
             cart=frozenset(cart),
             purchases=purchases,
             typical_price=float(np.median(prices)) if len(prices) else None,
-            history=self.model.history_of(request.person),
+            history=with_purchases_since(self.model.history_of(request.person), purchases, self.model.cutoff_s),
         )
 
     def user_vector(self, request: Request) -> np.ndarray | None:

@@ -20,7 +20,14 @@ from common.events import (
     events_to_table,
     table_to_events,
 )
-from common.features import decay, implicit_weight
+from common.features import (
+    NO_HISTORY_DAYS,
+    RequestState,
+    decay,
+    history_columns,
+    implicit_weight,
+    with_purchases_since,
+)
 from common.gatherer import seed_cosines
 from common.ids import id_digest
 from common.lake import EVENTS_DATASET, Lake
@@ -143,6 +150,19 @@ def test_a_versions_history_counts_sessions_keeps_each_persons_best_and_an_erasu
     history = erased.history
     assert history is not None
     assert int(np.count_nonzero(history.sessions)) == 1 and int(np.count_nonzero(history.last_s)) == 1
+
+
+def test_purchases_since_the_cutoff_join_the_versions_history() -> None:
+    cutoff = CUTOFF.timestamp()
+    history = {"shoe": (3.0, cutoff - 86_400), "hat": (1.0, cutoff - 3_600)}
+    purchases = {"shoe": cutoff + 60, "sock": cutoff + 120, "hat": cutoff - 60}  # the hat's is the version's
+    assert with_purchases_since(history, purchases, cutoff) == {
+        "shoe": (4.0, cutoff + 60), "hat": (1.0, cutoff - 3_600), "sock": (1.0, cutoff + 120)
+    }
+    state = RequestState(now_s=cutoff + 86_400, history=with_purchases_since(history, purchases, cutoff))
+    sessions, age_days = history_columns(state, ["sock", "shoe", "belt"])
+    np.testing.assert_allclose(sessions, np.log1p([1.0, 4.0, 0.0]))
+    np.testing.assert_allclose(age_days, [(86_400 - 120) / 86_400, (86_400 - 60) / 86_400, NO_HISTORY_DAYS])
 
 
 def consent_lake(lake: Lake) -> None:

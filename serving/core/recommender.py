@@ -21,7 +21,14 @@ import redis
 
 from common.candidates import Scored, best_first, merge_sources
 from common.events import DEFAULT_CONSENT, Consent
-from common.features import FEATURE_NAMES, SOURCES, Candidates, RequestState, compute_features
+from common.features import (
+    FEATURE_NAMES,
+    SOURCES,
+    Candidates,
+    RequestState,
+    compute_features,
+    with_purchases_since,
+)
 from common.gatherer import (
     TOP_AFFINITY_CATEGORIES,
     Gathered,
@@ -224,7 +231,7 @@ def gather_request(
     """The gatherer (common/gatherer.py) on serving's lookups: what ranker training builds from the log."""
     person = speed.person_id if speed else req.person_id
     vector = _user_vector(state, model, person, speed) if req.personalised else None
-    history = _history(state, model, person) if req.personalised else {}
+    history = _history(state, model, person, speed) if req.personalised else {}
     moment = _request_state(state, speed, vector, history, now_s)
     lookups = ServingLookups(state, model, speed, now_s)
     anchor = req.item_id if req.context == "product" else None
@@ -309,11 +316,14 @@ def _user_vector(
     )
 
 
-def _history(state: ServingState, model: ServingModel, person: str) -> dict[str, tuple[float, float]]:
-    """The version's history of the person, unless they asked to be erased since its cutoff."""
-    if state.erased.hides(person, model.artifacts.manifest.cutoff):
-        return {}
-    return model.artifacts.history_of(person)
+def _history(
+    state: ServingState, model: ServingModel, person: str, speed: SpeedState | None
+) -> dict[str, tuple[float, float]]:
+    """The version's history of the person with their purchases since its cutoff; only the purchases
+    when they asked to be erased since the cutoff."""
+    cutoff = model.artifacts.manifest.cutoff
+    batch = {} if state.erased.hides(person, cutoff) else model.artifacts.history_of(person)
+    return with_purchases_since(batch, speed.purchases if speed else {}, cutoff.timestamp())
 
 
 # ---------------------------------------------------------------- candidates and rules

@@ -252,7 +252,7 @@ class CandidatePool(Section):
     neighbour_sample: int = Field(500, ge=1, le=5000, description="Session-kNN: the most recent sessions sharing an item.")
     neighbour_k: int = Field(100, ge=1, le=1000, description="Session-kNN: of those, the most similar ones that vote.")
     history: int = Field(
-        30, ge=0, le=5000, description="Items the person engaged with before the version's cutoff, most sessions first."
+        30, ge=0, le=5000, description="Items of the person's history (common/gatherer.py: earlier_items)."
     )
 
 

@@ -453,6 +453,7 @@ def import_csv(path: str | Path, lake: Lake, fmt: CsvFormat, chunk_rows: int = C
     facts: list[pd.DataFrame] = []  # per chunk, what each item's rows say of it (for the catalog)
     row_base = 0
     last_ties: dict[str, tuple[pd.Timestamp, int]] = {}
+    imported = ImportedIds()
     unwritten: list[pa.Table] = []
     for chunk in _read_chunks(path, chunk_rows, sep=fmt.sep, header=fmt.header):
         columns = _csv_columns(chunk, fmt, path)
@@ -464,7 +465,7 @@ def import_csv(path: str | Path, lake: Lake, fmt: CsvFormat, chunk_rows: int = C
         if starts is not None:
             frame = _with_derived_sessions(frame, starts)
         if not frame.empty:
-            unwritten.append(_csv_events(frame, report, users, anonymous, sessions, items, last_ties))
+            unwritten.append(_csv_events(frame, report, users, anonymous, sessions, items, last_ties, imported))
         # Written in batches of a million or so: each write makes a file in every day it touches, and an
         # export in no time order touches all of them (a chunk at a time: 5,421 files for 139 days).
         if sum(t.num_rows for t in unwritten) >= WRITE_ROWS:
@@ -665,15 +666,45 @@ def _keep_file_order(frame: pd.DataFrame, last_ties: dict[str, tuple[pd.Timestam
     return frame.assign(ts=frame["ts"] + ties.to_numpy() * TIE_STEP)
 
 
+class ImportedIds:
+    """The event ids of one import's rows so far, as 128-bit numbers (16 bytes a row, not a str each), in
+    a few sorted blocks: one per recent call, merged into one when there are more than MERGED_BLOCKS."""
+
+    def __init__(self) -> None:
+        self._blocks: list[tuple[np.ndarray, np.ndarray]] = []  # (high, low) halves, sorted by (high, low)
+
+    def seen_before(self, event_ids: pd.Series) -> np.ndarray:
+        """Whether each id (a UUID) was given to an earlier call; this call's ids are remembered."""
+        halves = np.frombuffer(bytes.fromhex("".join(event_ids).replace("-", "")), ">u8").reshape(-1, 2)
+        hi, lo = halves[:, 0].astype(np.uint64), halves[:, 1].astype(np.uint64)
+        seen = np.zeros(len(hi), bool)
+        for block_hi, block_lo in self._blocks:
+            left, right = np.searchsorted(block_hi, hi, "left"), np.searchsorted(block_hi, hi, "right")
+            for row in np.flatnonzero(right > left):  # the high halves match: rare, so checked one by one
+                seen[row] |= bool(np.any(block_lo[left[row] : right[row]] == lo[row]))
+        self._blocks.append((hi, lo))
+        if len(self._blocks) > MERGED_BLOCKS:
+            hi, lo = np.concatenate([b[0] for b in self._blocks]), np.concatenate([b[1] for b in self._blocks])
+            self._blocks = [(hi, lo)]
+        order = np.lexsort((lo, hi))
+        self._blocks[-1] = (hi[order], lo[order])
+        return seen
+
+
+# Blocks searched before they are merged into one: each chunk's lookups cost at most this many searches.
+MERGED_BLOCKS = 8
+
+
 def _csv_events(
     frame: pd.DataFrame, report: ImportReport, users: set[str], anonymous: set[str], sessions: set[str],
-    items: set[str], last_ties: dict[str, tuple[pd.Timestamp, int]],
+    items: set[str], last_ties: dict[str, tuple[pd.Timestamp, int]], imported: ImportedIds,
 ) -> pa.Table:
     """The chunk's rows as lake events, counted into the report and the sets of people and items."""
     # The id hashes what the row says, so importing the same export twice (or overlapping exports) dedups.
     key_columns = ["event_type", "ts", "user_id", "anonymous_id", "session_id", "item_id", "quantity", "price", "query"]
     frame = frame.assign(event_id=_ids(pd.Series("csv", index=frame.index), *(frame[c].astype(str) for c in key_columns)))
-    duplicate = frame["event_id"].duplicated()
+    # A repeat of a row in an earlier chunk too: the lake would keep one copy, and the report must not count two.
+    duplicate = frame["event_id"].duplicated().to_numpy() | imported.seen_before(frame["event_id"])
     if duplicate.any():
         report.dropped["duplicate row (same content as an earlier row)"] += int(duplicate.sum())
         frame = frame[~duplicate]

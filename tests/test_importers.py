@@ -234,6 +234,26 @@ def test_rows_sharing_a_timestamp_replay_in_the_files_order(tmp_path: Path, sess
     assert import_csv(path, lake, fmt, chunk_rows=5).files == 0  # ids hash the time the row says: a re-import dedups
 
 
+def test_a_row_repeated_in_a_later_chunk_is_one_event_and_counted_once(tmp_path: Path) -> None:
+    # The lake keeps one copy of an id whatever the chunks; the report and the ties' steps must agree.
+    rows = ["12:00:00,u1,a,inv1", "12:00:00,u1,b,inv1", "12:00:00,u1,a,inv1", "12:00:00,u1,c,inv1"]
+    rows += ["12:05:00,u2,a,inv2", "12:05:00,u2,a,inv2", "12:00:00,u1,b,inv1"]
+    path = _csv(tmp_path / "e.csv", "ts,user,item,invoice\n" + "\n".join(f"2025-06-01T{r}" for r in rows) + "\n")
+    fmt = CsvFormat(mapping=parse_mapping("ts=ts,user=user,item=item,session=invoice"), default_type="purchase")
+    lakes = {n: Lake(str(tmp_path / f"lake-{n}")) for n in (2, 1000)}
+    reports = {n: import_csv(path, lake, fmt, chunk_rows=n) for n, lake in lakes.items()}
+    events = {
+        n: sorted((e["user_id"], e["ts"], e["item_id"]) for e in lake.read_events().to_pylist()) for n, lake in lakes.items()
+    }
+    assert events[2] == events[1000]
+    assert [(item, ts - T0) for user, ts, item in events[2] if user == "u1"] == [
+        ("a", timedelta(0)), ("b", timedelta(microseconds=1)), ("c", timedelta(microseconds=2))
+    ]
+    for report in reports.values():
+        assert report.events == 4 and report.rows_read == 7
+        assert report.dropped == {"duplicate row (same content as an earlier row)": 3}
+
+
 @pytest.mark.parametrize(
     ("unit", "value"),
     [("s", str(int(T0.timestamp()))), ("ms", str(int(T0.timestamp() * 1000))), ("iso", "2025-06-01T14:00:00+02:00"),

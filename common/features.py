@@ -19,7 +19,7 @@ from common.settings import TrainingSettings
 
 # Where a candidate came from; a candidate may come from several generators.
 # "next": what follows the session's most recent item (sequential rules); "covis": what follows any of its items;
-# "history": what the person engaged with before the version's cutoff.
+# "history": what the person engaged with before the version's cutoff, or bought since (`with_purchases_since`).
 SOURCES = ("als", "covis", "next", "neighbours", "trending", "category", "new", "history")
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -45,7 +45,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "seen_in_session",
     "in_cart",
     "bought_before",
-    # The person's history before the version's cutoff: sessions with the item (log1p), days since the last.
+    # The person's history (RequestState.history): sessions with the item (log1p), days since the last.
     "history_sessions",
     "history_age_days",
     "promoted",
@@ -69,7 +69,7 @@ class RequestState:
     cart: frozenset[str] = frozenset()
     purchases: Mapping[str, float] = field(default_factory=dict)  # item -> last purchase time (s), recent ones
     typical_price: float | None = None  # median price of items the person engaged with
-    # item -> (sessions, last engaged, epoch s) before the version's cutoff (ModelArtifacts.history_of)
+    # item -> (sessions, last engaged, epoch s): the version's (ModelArtifacts.history_of) and purchases since
     history: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 

@@ -190,7 +190,7 @@ def forget_users(registry: Registry, version: str, people: Collection[str]) -> i
     if history is not None:
         for row in rows:
             span = slice(int(history.offsets[row]), int(history.offsets[row + 1]))
-            history.items[span], history.sessions[span], history.last_s[span] = 0, 0, 0.0
+            history.items[span], history.sessions[span], history.last_s[span] = 0, 0, 0
         _write_history(registry, version, history)
     _write_bytes(registry, version, reg.USER_IDS, json.dumps(user_ids).encode())
     registry.write_manifest(registry.read_manifest(version))

@@ -52,6 +52,11 @@ def registry_of(settings: Settings) -> Registry:
     return Registry(settings.models.root)
 
 
+def stage_model(plan: Plan, settings: Settings, stage: str) -> tuple[Registry, str]:
+    """Where a stage's model lives: the dev model in the run's work registry, the final one as the version."""
+    return (Registry(str(plan.dev_registry)), DEV_MODEL) if stage == "dev" else (registry_of(settings), plan.version)
+
+
 def lake_of(settings: Settings) -> Lake:
     return Lake(settings.lake.root)
 
@@ -136,11 +141,11 @@ def train_als(plan: Plan, settings: Settings) -> dict[str, Any]:
 
         for stage in STAGES:
             factors = fit_implicit(pq.read_table(plan.interactions_dir(stage)), settings.training)
-            target, version = (Registry(str(plan.dev_registry)), DEV_MODEL) if stage == "dev" else (registry, plan.version)
+            target, version = stage_model(plan, settings, stage)
             save_factors(target, version, factors.user_ids, factors.user_factors, factors.item_ids, factors.item_factors)
     fit_s = round(time.perf_counter() - clock, 2)
     for stage in STAGES:
-        target, version = (Registry(str(plan.dev_registry)), DEV_MODEL) if stage == "dev" else (registry, plan.version)
+        target, version = stage_model(plan, settings, stage)
         save_history(target, version, pq.read_table(plan.interactions_dir(stage)), settings.training.history_kept)
     lake = lake_of(settings)
     before_dev = lake.read_events(end=plan.dev_cutoff, columns=tables.SEQUENCE_COLUMNS)
@@ -171,7 +176,7 @@ def train_content_map(plan: Plan, settings: Settings) -> dict[str, Any]:
     catalog = {row["item_id"]: content_of_row(row) for row in lake_of(settings).read_catalog().to_pylist()}
     summary: dict[str, Any] = {}
     for stage in STAGES:
-        target, version = (Registry(str(plan.dev_registry)), DEV_MODEL) if stage == "dev" else (registry_of(settings), plan.version)
+        target, version = stage_model(plan, settings, stage)
         item_ids, item_factors = load_item_factors(target, version)
         rows = [i for i, item in enumerate(item_ids) if item in catalog and catalog[item].has_text]
         contents = [catalog[item_ids[i]] for i in rows]

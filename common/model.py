@@ -263,15 +263,18 @@ def save_ranker(registry: Registry, version: str, booster: Any) -> None:
     _write_bytes(registry, version, reg.RANKER, booster.model_to_string().encode())
 
 
-def load_model(registry: Registry, version: str | None = None) -> ModelArtifacts:
-    """Load a version (default: CURRENT). Raises RegistryError when there is none."""
+def load_model(registry: Registry, version: str | None = None, *, request_parts: bool = True) -> ModelArtifacts:
+    """Load a version (default: CURRENT). Raises RegistryError when there is none. `request_parts` False
+    leaves out what only a request reads (the ranker, the person history, the batch popularity and
+    co-visit tables): a speed consumer applies events with the factors alone, and the history of a
+    store's every person would otherwise sit unused in each consumer's memory."""
     version = version or registry.current()
     if version is None:
         raise RegistryError(f"no model version is active under {registry.root_url}")
     manifest = registry.read_manifest(version)
     item_factors = _read_npy(registry, version, reg.ITEM_FACTORS)
     ranker = None
-    if registry.fs.exists(registry.path(version, reg.RANKER)):
+    if request_parts and registry.fs.exists(registry.path(version, reg.RANKER)):
         import lightgbm  # only when a ranker exists: keeps light readers light
 
         ranker = lightgbm.Booster(model_str=_read_bytes(registry, version, reg.RANKER).decode())
@@ -284,10 +287,10 @@ def load_model(registry: Registry, version: str | None = None) -> ModelArtifacts
         user_factors=_read_npy(registry, version, reg.USER_FACTORS),
         yty=gramian(item_factors),
         ranker=ranker,
-        popularity=_read_table(registry, version, reg.POPULARITY),
-        covisitation=_read_table(registry, version, reg.COVISITATION),
+        popularity=_read_table(registry, version, reg.POPULARITY) if request_parts else None,
+        covisitation=_read_table(registry, version, reg.COVISITATION) if request_parts else None,
         content_map=_read_content_map(registry, version),
-        history=_read_history(registry, version),
+        history=_read_history(registry, version) if request_parts else None,
     )
 
 

@@ -387,7 +387,7 @@ class SpeedConsumer:
     def _model(self, version: str) -> ModelArtifacts | None:
         if version not in self.models:
             try:
-                model = load_model(self.registry, version)
+                model = load_model(self.registry, version, request_parts=False)
             except RegistryError as exc:
                 log.error("cannot load model %s: %s", version, exc)
                 return None

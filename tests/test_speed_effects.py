@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import redis
 
 from common import redis_keys
@@ -14,7 +15,7 @@ from common.catalog import ItemUpdate
 from common.catalog_state import apply_item_updates
 from common.events import EventType
 from common.messages import RecsChanged
-from common.model import load_model
+from common.model import load_model, save_history
 from common.neighbours import session_token
 from common.redis_server import RedisServer
 from common.registry import Registry
@@ -231,6 +232,30 @@ def test_sgd_moves_scores_toward_the_engaged_category(
         target * per_category + 10 :
     ]  # the category's items the user never touched rise too
     assert (unseen @ merged).mean() > (unseen @ user[0]).mean()
+
+
+def test_a_consumer_holds_its_version_without_what_only_requests_read(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The person history (and the ranker and batch tables) stay out of a consumer's memory: its effects
+    need the factors alone, and a store's every history would sit unused in each consumer."""
+    settings = speed_settings(tmp_path, redis_server.url)
+    registry = Registry(settings.models.root)
+    cutoff = datetime.now(UTC) - HOUR
+    publish_model(registry, "v1", cutoff, np.random.default_rng(5).normal(size=(20, 8)).astype(np.float32), ["u1"])
+    earlier = pa.table({"person_id": ["u1"], "item_id": ["i3"], "sessions": [2], "last_s": [cutoff.timestamp() - 60]})
+    save_history(registry, "v1", earlier, kept=5)
+    assert load_model(registry, "v1").history_of("u1") == {"i3": (2.0, float(int(cutoff.timestamp() - 60)))}
+
+    consumer = SpeedConsumer(redis_client, settings, registry, name="c1")
+    add_events(redis_client, settings, [make_event(EventType.VIEW, "i1", user_id="u1")])
+    drain(consumer)
+
+    held = consumer.models["v1"]
+    assert held.history is None and held.ranker is None and held.covisitation is None
+    assert held.item_ids == load_model(registry, "v1").item_ids
+    state = read_speed_state(redis_client, "u1", model_version="v1")
+    assert state.delta is not None and state.delta_events == 1  # the SGD step ran on the lighter version
 
 
 def test_catalog_updates_take_effect_at_once(redis_client: redis.Redis) -> None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO
 
 import fsspec
 from fsspec import AbstractFileSystem
 
 TEMP_SUFFIX = ".tmp"  # of the dot-named file a write goes through before its rename
+UPLOAD_PREFIX = "lambdarec-upload-"  # + the pid: a local copy of an object being uploaded
 
 # Object stores publish an upload whole when it completes (S3's PUT and CompleteMultipartUpload), and
 # have no rename: their `mv` is a copy then a delete.
@@ -65,10 +68,36 @@ class Store:
 
     def _upload_whole(self, target: str, write: Callable[[IO[bytes]], object]) -> None:
         # Not fs.open(target, "wb"): closing it on an exception would complete the upload of half a file.
-        fd, local = tempfile.mkstemp(prefix="lambdarec-upload-")
+        remove_orphaned_uploads(tempfile.gettempdir())
+        fd, local = tempfile.mkstemp(prefix=f"{UPLOAD_PREFIX}{os.getpid()}-")
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
             self.fs.put_file(local, target)
         finally:
             os.unlink(local)
+
+
+@functools.cache
+def remove_orphaned_uploads(directory: str) -> int:
+    """Delete the local copies of uploads whose process is gone: one killed mid-upload never ran the
+    `finally` that deletes its copy (a file of the object's size). Once per process and directory, at its
+    first upload, so a restarted writer clears what the killed one left. Returns how many it deleted."""
+    removed = 0
+    for path in Path(directory).glob(f"{UPLOAD_PREFIX}*-*"):
+        pid = path.name.removeprefix(UPLOAD_PREFIX).partition("-")[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+

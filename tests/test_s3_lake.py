@@ -95,8 +95,11 @@ def test_the_lake_writer_killed_mid_upload_and_after_it_loses_and_duplicates_not
 ) -> None:
     settings = speed_settings(tmp_path, redis_server.url)
     staller = UploadStaller(s3_server.port)  # the writers reach S3 through it
+    uploads = tmp_path / "uploads"  # the writers' temp directory: where their local copies of uploads go
+    uploads.mkdir()
     env = {
         **os.environ,
+        "TMPDIR": str(uploads),
         **s3_env(staller.endpoint),
         "PYTHONPATH": ROOT,
         "RECS_REDIS__URL": redis_server.url,
@@ -136,6 +139,9 @@ def test_the_lake_writer_killed_mid_upload_and_after_it_loses_and_duplicates_not
             files_at_hold = objects(lake)
             writer.send_signal(signal.SIGKILL)
             writer.wait()
+            # Its `finally` never ran: the local copy of its held upload is left, and only that one (this
+            # writer's first upload removed what the writer killed before it had left).
+            assert [f.name.split("-")[2] for f in uploads.iterdir()] == [str(writer.pid)]
             staller.arm(None)
             time.sleep(0.3)  # anything still in flight would land now
             unacked = pending_event_ids(writer)
@@ -154,6 +160,7 @@ def test_the_lake_writer_killed_mid_upload_and_after_it_loses_and_duplicates_not
             final.wait(timeout=20)
     finally:
         staller.close()
+    assert list(uploads.iterdir()) == []  # the next writer's first upload removed them
     rows = landed()
     assert len(rows) == len(set(rows))  # no duplicate
     assert sorted(rows) == sorted(sent)  # no loss

@@ -22,6 +22,8 @@ import hiredis
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
+from common.processes import alive
+
 # Past maxmemory Redis refuses writes rather than evicting. A volatile-* policy would evict only keys
 # with a TTL, but here keys that must not be lost carry one too: the dedup markers (a redelivered event
 # would count twice), the erasure tombstones (an erased person would come back) and the rebuild lock.
@@ -130,9 +132,9 @@ class RedisServer:
         except redis.RedisError:
             pass  # shutdown closes the connection before answering
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and alive(pid):
             time.sleep(0.05)
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         return True
@@ -140,9 +142,9 @@ class RedisServer:
     def kill(self) -> None:
         """Kill -9, as a crash would (tests of degraded serving use this)."""
         pid = self._pid()
-        if pid is not None and _alive(pid):
+        if pid is not None and alive(pid):
             os.kill(pid, signal.SIGKILL)
-            while _alive(pid):
+            while alive(pid):
                 time.sleep(0.02)
 
     def _pid(self) -> int | None:
@@ -150,21 +152,6 @@ class RedisServer:
             return int(self.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0); treat it as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def embedded_server(settings_redis: object) -> RedisServer:

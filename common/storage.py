@@ -13,6 +13,8 @@ from typing import IO
 import fsspec
 from fsspec import AbstractFileSystem
 
+from common.processes import alive
+
 TEMP_SUFFIX = ".tmp"  # of the dot-named file a write goes through before its rename
 UPLOAD_PREFIX = "lambdarec-upload-"  # + the pid: a local copy of an object being uploaded
 
@@ -86,18 +88,7 @@ def remove_orphaned_uploads(directory: str) -> int:
     removed = 0
     for path in Path(directory).glob(f"{UPLOAD_PREFIX}*-*"):
         pid = path.name.removeprefix(UPLOAD_PREFIX).partition("-")[0]
-        if pid.isdigit() and not _process_exists(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             path.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-

@@ -192,22 +192,35 @@ def train_content_map(plan: Plan, settings: Settings) -> dict[str, Any]:
     return summary
 
 
-def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
-    if decided(plan, settings):
-        return {"skipped": f"{plan.version} already decided"}
+def ranker_rows(plan: Plan, settings: Settings) -> dict[str, Rows]:
+    """The ranker's training and validation rows: the dev model's pools and features at sampled moments of
+    each window, as serving would have built them then."""
     from spark_jobs.ranker import feature_rows
-    from spark_jobs.ranker import train_ranker as fit
     from spark_jobs.replay import PointInTime, build_requests, load_log
 
-    clock = time.perf_counter()
     training = settings.training
     log_ = load_log(lake_of(settings), plan.cutoff, training)
     dev = load_model(Registry(str(plan.dev_registry)), DEV_MODEL)
+    # One point in time carried from the first window into the next, which follows it: a second one
+    # would count the whole log up to its first moment again (the co-visits, the session neighbours).
+    pit = PointInTime.at(
+        log_, dev, training, settings.speed, plan.train_window[0].timestamp(), settings.models.content_vectors
+    )
     rows = {}
     for name, (start, end) in (("train", plan.train_window), ("valid", plan.valid_window)):
-        pit = PointInTime.at(log_, dev, training, settings.speed, start.timestamp(), settings.models.content_vectors)
         requests = build_requests(log_, start.timestamp(), end.timestamp(), training.max_requests, training.seed)
         rows[name] = feature_rows(pit, requests)
+    return rows
+
+
+def train_ranker(plan: Plan, settings: Settings) -> dict[str, Any]:
+    if decided(plan, settings):
+        return {"skipped": f"{plan.version} already decided"}
+    from spark_jobs.ranker import train_ranker as fit
+
+    clock = time.perf_counter()
+    training = settings.training
+    rows = ranker_rows(plan, settings)
     booster = fit(rows["train"], rows["valid"], training.seed)
     save_ranker(registry_of(settings), plan.version, booster)
     _save_drift_baseline(registry_of(settings), plan.version, rows["train"], booster, settings)

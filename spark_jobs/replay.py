@@ -39,7 +39,7 @@ from common.gatherer import Gathered, ItemColumns, describe, gather_lists, pool
 from common.lake import Lake
 from common.model import ModelArtifacts
 from common.neighbours import NeighbourIndex, score_neighbours, session_token
-from common.sequence import SEQUENCE_EXCLUDED_TYPES, SequenceCounter
+from common.sequence import SEQUENCE_EXCLUDED_TYPES, SequenceCounter, heaviest
 from common.settings import SpeedSettings, TrainingSettings
 from common.speed_state import forward_decay, trending_decay_weights
 from common.vectors import fold_in
@@ -116,7 +116,8 @@ class EventLog:
         weights = trending_decay_weights(now_s, speed.trending_bucket_s, speed.trending_window_s, speed.trending_half_life_s)
         lo, hi = np.searchsorted(self.ts_s, [min(weights), now_s])
         starts = (self.ts_s[lo:hi] // speed.trending_bucket_s) * speed.trending_bucket_s
-        per_event = self.weight[lo:hi] * np.array([weights.get(int(b), 0.0) for b in starts])
+        buckets, bucket_of = np.unique(starts, return_inverse=True)  # a few dozen buckets, thousands of events
+        per_event = self.weight[lo:hi] * np.array([weights.get(int(b), 0.0) for b in buckets])[bucket_of]
         scores = np.bincount(self.item[lo:hi], weights=per_event, minlength=len(self.item_ids))
         top = np.flatnonzero(scores > 0)
         top = top[np.lexsort((-self._id_rank[top], -scores[top]))[:n]]
@@ -321,8 +322,7 @@ class PointInTime:
         """A category's top n items, decayed to `now_s` (ties as Redis's ZREVRANGE: id descending)."""
         row: dict[str, float] = self._bestsellers.get(category, {})
         scale = 1.0 / forward_decay(now_s, self.speed.bestsellers_half_life_s)
-        top = sorted(row.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:n]
-        return {item: weight * scale for item, weight in top if weight > 0}
+        return {item: weight * scale for item, weight in heaviest(row, n, ties_descending=True).items() if weight > 0}
 
     def state(self, request: Request) -> RequestState:
         """What the speed layer would hold for the request (recent items, decayed affinity, cart)."""

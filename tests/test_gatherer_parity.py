@@ -20,7 +20,7 @@ from common.events import Event, EventType, deterministic_event_id, events_to_ta
 from common.features import FEATURE_NAMES, compute_features
 from common.gatherer import pool
 from common.lake import Lake
-from common.model import load_model, save_table
+from common.model import ModelArtifacts, load_model, save_table
 from common.redis_server import RedisServer
 from common.registry import COVISITATION, Registry
 from common.settings import ApiSettings, CandidatePool, Settings
@@ -30,6 +30,7 @@ from serving.core.model_holder import ModelHolder
 from serving.core.recommender import RecRequest, feature_inputs, gather_request, read_speed
 from serving.core.rules import Rules
 from serving.core.state import RedisGate, ServingState
+from spark_jobs.ranker import feature_rows
 from spark_jobs.replay import PointInTime, build_requests, load_log
 from spark_jobs.tables import COVISITATION_SCHEMA
 from speed_layer.consumer import SpeedConsumer
@@ -76,6 +77,30 @@ def shop_events(start: datetime) -> list[Event]:
     return events
 
 
+def published_shop(settings: Settings) -> tuple[Lake, Registry, ModelArtifacts, list[Event]]:
+    """A published synthetic version that saw no sessions, two catalog items new since its cutoff, and
+    the shop's events after it in the lake."""
+    lake, registry = Lake(settings.lake.root), Registry(settings.models.root)
+    publish_synthetic_model(registry, lake, n_items=64, n_users=8, factors=8, activate=False)
+    manifest = registry.read_manifest("v1")
+    parameters = {**manifest.parameters, "training": settings.training.model_dump()}  # as the pipeline records it
+    registry.write_manifest(manifest.model_copy(update={"parameters": parameters}))
+    # The version saw no sessions (every event below comes after its cutoff): no batch co-visits.
+    save_table(registry, "v1", COVISITATION, pa.table({"item_id": [], "other_id": [], "count": []}, schema=COVISITATION_SCHEMA))
+    registry.activate("v1", kind="published")
+    model = load_model(registry, "v1")
+    new_items = [
+        Item(item_id=f"n{n}", title=f"Item {64 + n}", category_path=["Root", "cat1"], price=11.0 * n,
+             created_at=model.manifest.cutoff + timedelta(minutes=1))
+        for n in (1, 2)
+    ]  # fmt: skip
+    lake.write_catalog(pa.concat_tables([lake.read_catalog(), items_to_table(new_items)]))
+    events = shop_events(model.manifest.cutoff + timedelta(minutes=5))
+    assert events[-1].ts < datetime.now(UTC)
+    lake.write_events(events_to_table(events))
+    return lake, registry, model, events
+
+
 def serving_state(settings: Settings, lake: Lake, registry: Registry, client: redis.Redis) -> ServingState:
     catalog = CatalogView.from_lake(lake)
     models = ModelHolder(registry, catalog)
@@ -104,24 +129,7 @@ def test_serving_and_training_gather_the_same_pool_and_features(
             "training": base.training.model_copy(update={"candidates": pool_sizes}),
         }
     )
-    lake, registry = Lake(settings.lake.root), Registry(settings.models.root)
-    publish_synthetic_model(registry, lake, n_items=64, n_users=8, factors=8, activate=False)
-    manifest = registry.read_manifest("v1")
-    parameters = {**manifest.parameters, "training": settings.training.model_dump()}  # as the pipeline records it
-    registry.write_manifest(manifest.model_copy(update={"parameters": parameters}))
-    # The version saw no sessions (every event below comes after its cutoff): no batch co-visits.
-    save_table(registry, "v1", COVISITATION, pa.table({"item_id": [], "other_id": [], "count": []}, schema=COVISITATION_SCHEMA))
-    registry.activate("v1", kind="published")
-    model = load_model(registry, "v1")
-    new_items = [
-        Item(item_id=f"n{n}", title=f"Item {64 + n}", category_path=["Root", "cat1"], price=11.0 * n,
-             created_at=model.manifest.cutoff + timedelta(minutes=1))
-        for n in (1, 2)
-    ]  # fmt: skip
-    lake.write_catalog(pa.concat_tables([lake.read_catalog(), items_to_table(new_items)]))
-    events = shop_events(model.manifest.cutoff + timedelta(minutes=5))
-    assert events[-1].ts < datetime.now(UTC)
-    lake.write_events(events_to_table(events))
+    lake, registry, model, events = published_shop(settings)
     load_items(redis_client, table_to_items(lake.read_catalog()))
 
     # Training side: the log up to each moment.
@@ -181,3 +189,27 @@ def test_serving_and_training_gather_the_same_pool_and_features(
     assert all(k in trained.lists and trained.lists[k] for k in ("covis", "neighbours", "category", "trending", "als"))
 
 
+def test_a_point_in_time_carried_into_a_later_window_gives_what_a_fresh_one_gives(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The ranker step carries one PointInTime from its training window into the validation window after
+    it (spark_jobs.pipeline.ranker_rows) instead of counting the whole log again up to the second."""
+    base = speed_settings(tmp_path, redis_server.url, neighbour_sessions_per_item=2)
+    pool_sizes = CandidatePool(neighbour_sample=4, neighbour_k=2)
+    settings = base.model_copy(update={"training": base.training.model_copy(update={"candidates": pool_sizes})})
+    lake, _, model, events = published_shop(settings)
+    log = load_log(lake, datetime.now(UTC) + timedelta(hours=1), settings.training)
+    requests = build_requests(log, -np.inf, np.inf, limit=1000, seed=1)
+    first, later = requests[: len(requests) // 2], requests[len(requests) // 2 :]
+
+    def point_in_time(start_s: float) -> PointInTime:
+        return PointInTime.at(log, model, settings.training, settings.speed, start_s, content_vectors=True)
+
+    carried = point_in_time(events[0].ts.timestamp())
+    assert feature_rows(carried, first).requests > 0
+    went_on, fresh = feature_rows(carried, later), feature_rows(point_in_time(later[0].now_s), later)
+    assert went_on.requests == fresh.requests > 0 and went_on.groups == fresh.groups
+    np.testing.assert_array_equal(went_on.features, fresh.features)
+    np.testing.assert_array_equal(went_on.labels, fresh.labels)
+    # The later moments read co-visits counted before them, in the first window too.
+    assert fresh.features[:, FEATURE_NAMES.index("covis")].any()

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
 from common.neighbours import NeighbourIndex, score_neighbours, seed_weights
-from common.sequence import SequenceCounter
+from common.sequence import SequenceCounter, heaviest, newest_first
 
 
 def test_an_item_counts_for_the_items_before_it_by_one_over_the_gap() -> None:
@@ -35,6 +36,25 @@ def test_sessions_do_not_mix_and_rows_keep_their_top_n() -> None:
         counter.add(f"s{n}", "a", 0.0)
         counter.add(f"s{n}", follower, 1.0)
     assert dict(counter.top_row("a")) == {"z": 3.0, "y": 2.0}
+
+
+@pytest.mark.parametrize("ties_descending", [False, True])
+def test_the_heaviest_of_a_long_row_are_the_first_of_the_whole_row_so_ordered(ties_descending: bool) -> None:
+    """`heaviest` partitions a long row before it sorts: the same n, in the same order, ties at the cut too."""
+    rng = random.Random(7)
+    for size in (3, 60, 400, 3000):
+        # Few distinct weights (1/g sums), so that many members tie, at the n-th place as well.
+        row = {f"i{rng.randrange(10**6)}": rng.choice([2.0, 1.5, 1.0, 0.5, 1 / 3]) for _ in range(size)}
+        if ties_descending:
+            whole = sorted(row.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+        else:
+            whole = sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))
+        for n in (1, 10, 50):
+            assert list(heaviest(row, n, ties_descending).items()) == whole[:n]
+
+
+def test_newest_first_orders_as_redis_zrevrange() -> None:
+    assert newest_first({"a": 2.0, "b": 3.0, "c": 2.0}) == [(3.0, "b"), (2.0, "c"), (2.0, "a")]
 
 
 def test_seeds_weigh_by_position_newest_first() -> None:

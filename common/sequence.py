@@ -68,7 +68,10 @@ class SequenceCounter:
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
     )
     _sessions: dict[str, dict[str, float]] = field(default_factory=dict)  # session -> recent item -> latest time
-    _top: dict[str, dict[str, float]] = field(default_factory=dict)  # rows' tops, until the row changes
+    _top: dict[str, dict[str, float]] = field(default_factory=dict)  # rows' tops as last read
+    # A read row's followers whose weight grew since that read: with the last top, the only ones that can
+    # be in its top now (weights only grow, so a follower outside it that did not grow is still beaten).
+    _grown: dict[str, set[str]] = field(default_factory=dict)
 
     def add(self, session: str, item: str, ts_s: float) -> bool:
         """One item event of `session` at `ts_s` (epoch seconds); True when the item is new to the
@@ -80,7 +83,9 @@ class SequenceCounter:
         # Most recent first; Redis's ZREVRANGE breaks equal scores by member, descending.
         for gap, (_, other) in enumerate(newest_first(recent)[: self.steps], start=1):
             self.follows[other][item] += follow_weight(gap)
-            self._top.pop(other, None)
+            grown = self._grown.get(other)
+            if grown is not None:
+                grown.add(item)
         recent[item] = ts_s
         if len(recent) > self.recent_n:  # keep the newest recent_n, as the script's trim does
             self._sessions[session] = {other: at for at, other in newest_first(recent)[: self.recent_n]}
@@ -100,11 +105,18 @@ class SequenceCounter:
         return {item: self.top_row(item) for item in self.follows}
 
     def top_row(self, item: str) -> Mapping[str, float]:
-        """One item's top_n followers (what serving reads of a co-visitation key), cached until it changes."""
-        cached = self._top.get(item)
-        if cached is None:
-            cached = self._top[item] = heaviest(self.follows.get(item, {}), self.top_n)
-        return cached
+        """One item's top_n followers (what serving reads of a co-visitation key). A row read before is
+        ranked again over its last top and the followers that grew since, not over all its followers."""
+        row = self.follows.get(item, {})
+        top, grown = self._top.get(item), self._grown.get(item)
+        if top is None or grown is None:
+            top = heaviest(row, self.top_n)
+        elif grown:
+            top = heaviest({follower: row[follower] for follower in (*top, *grown)}, self.top_n)
+        else:
+            return top
+        self._top[item], self._grown[item] = top, set()
+        return top
 
 
 def newest_first(times: Mapping[str, float]) -> list[tuple[float, str]]:

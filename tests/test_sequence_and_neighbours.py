@@ -53,6 +53,19 @@ def test_the_heaviest_of_a_long_row_are_the_first_of_the_whole_row_so_ordered(ti
             assert list(heaviest(row, n, ties_descending).items()) == whole[:n]
 
 
+def test_a_rows_top_read_again_after_it_grew_is_the_top_of_its_whole_row() -> None:
+    """`top_row` ranks a row read before over its last top and the followers grown since."""
+    rng = random.Random(11)
+    counter = SequenceCounter(steps=3, recent_n=5, top_n=4)
+    items = [f"i{n}" for n in range(30)]
+    for t in range(3000):
+        counter.add(f"s{rng.randrange(200)}", rng.choice(items[: rng.randrange(1, 31)]), float(t))
+        if rng.random() < 0.2:
+            item = rng.choice(items)
+            assert list(counter.top_row(item).items()) == list(heaviest(counter.row(item), 4).items())
+    assert all(len(counter.top_row(item)) == 4 for item in items[:5])  # long rows were read, not just short ones
+
+
 def test_newest_first_orders_as_redis_zrevrange() -> None:
     assert newest_first({"a": 2.0, "b": 3.0, "c": 2.0}) == [(3.0, "b"), (2.0, "c"), (2.0, "a")]
 

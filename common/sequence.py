@@ -107,7 +107,7 @@ class SequenceCounter:
     def top_row(self, item: str) -> Mapping[str, float]:
         """One item's top_n followers (what serving reads of a co-visitation key). A row read before is
         ranked again over its last top and the followers that grew since, not over all its followers."""
-        row = self.follows.get(item, {})
+        row: Mapping[str, float] = self.follows.get(item, {})
         top, grown = self._top.get(item), self._grown.get(item)
         if top is None or grown is None:
             top = heaviest(row, self.top_n)

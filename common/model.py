@@ -56,12 +56,6 @@ class ModelArtifacts:
     batch_items: int = -1
     item_index: dict[str, int] = field(default_factory=dict)
     user_index: dict[str, int] = field(default_factory=dict)
-    # Whether requests scan the items (ALS top n, similar items): a speed consumer's copy never does.
-    scans_items: bool = True
-    # The item factors again, column-major: Y @ x reads it in the order BLAS's gemv streams best
-    # (about twice as fast as the row-major copy at 50k x 64); rows are still read from item_factors.
-    # Without scans_items it is item_factors itself: the copy would be memory for nothing.
-    scoring_factors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
     _similar: dict[tuple[str, int], Scored] = field(default_factory=dict, repr=False)  # similar_items' answers
 
     def __post_init__(self) -> None:
@@ -69,7 +63,6 @@ class ModelArtifacts:
             self.batch_items = len(self.item_ids)
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
         self.user_index = {user: i for i, user in enumerate(self.user_ids)}
-        self.scoring_factors = np.asfortranarray(self.item_factors) if self.scans_items else self.item_factors
 
     @property
     def factors(self) -> int:
@@ -148,7 +141,7 @@ class ModelArtifacts:
             vector = self.item_vector(item_id)
             if vector is None:
                 return None
-            similar = als_top_n(vector, self.scoring_factors, self.item_ids, n)
+            similar = als_top_n(vector, self.item_factors, self.item_ids, n)
             if len(self._similar) >= SIMILAR_CACHE_SIZE:
                 self._similar.clear()  # a bound, not an LRU: popular pages are back within moments
             self._similar[key] = similar
@@ -270,8 +263,7 @@ def load_model(registry: Registry, version: str | None = None, *, request_parts:
     """Load a version (default: CURRENT). Raises RegistryError when there is none. `request_parts` False
     leaves out what only a request reads (the ranker, the person history, the batch popularity and
     co-visit tables): a speed consumer applies events with the factors alone, and the history of a
-    store's every person would otherwise sit unused in each consumer's memory; nor the column-major copy
-    of the item factors that only a request's scan reads."""
+    store's every person would otherwise sit unused in each consumer's memory."""
     version = version or registry.current()
     if version is None:
         raise RegistryError(f"no model version is active under {registry.root_url}")
@@ -295,7 +287,6 @@ def load_model(registry: Registry, version: str | None = None, *, request_parts:
         covisitation=_read_table(registry, version, reg.COVISITATION) if request_parts else None,
         content_map=_read_content_map(registry, version),
         history=_read_history(registry, version) if request_parts else None,
-        scans_items=request_parts,
     )
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import neg
 
-from common.sequence import newest_first
+from common.sequence import newest
 
 
 def session_token(person_id: str, session_id: str) -> str:
@@ -97,25 +97,20 @@ class NeighbourIndex:
         members = self.sessions.setdefault(token, {})
         members[item] = ts_s
         if len(members) > self.recent_n:  # the newest recent_n, as the script's trim
-            self.sessions[token] = _newest(members, self.recent_n)
+            self.sessions[token] = newest(members, self.recent_n)
         row = self.items.setdefault(item, {})
         row[token] = ts_s
         if len(row) > 2 * self.per_item:  # trimmed to per_item once twice as many, as the script
-            self.items[item] = _newest(row, self.per_item)
+            self.items[item] = newest(row, self.per_item)
         self._session_at[token] = max(self._session_at.get(token, ts_s), ts_s)
         self._item_at[item] = max(self._item_at.get(item, ts_s), ts_s)
 
     def rows(self, seeds: Mapping[str, float], now_s: float) -> dict[str, Mapping[str, float]]:
         """The seeds' index rows that have not expired at `now_s`, each its per_item newest sessions
         (what serving reads: the key may hold up to twice as many before its trim)."""
-        return {s: _newest(self.items[s], self.per_item) for s in seeds if s in self.items and self._item_at[s] > now_s - self.ttl_s}
+        return {s: newest(self.items[s], self.per_item) for s in seeds if s in self.items and self._item_at[s] > now_s - self.ttl_s}
 
     def session(self, token: str, now_s: float) -> Mapping[str, float]:
         if self._session_at.get(token, -math.inf) <= now_s - self.ttl_s:
             return {}
         return self.sessions.get(token, {})
-
-
-def _newest(times: Mapping[str, float], n: int) -> dict[str, float]:
-    """The n latest members, latest first, equal times by member descending (Redis's ZREVRANGE)."""
-    return {member: at for at, member in newest_first(times)[:n]}

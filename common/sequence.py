@@ -88,7 +88,7 @@ class SequenceCounter:
                 grown.add(item)
         recent[item] = ts_s
         if len(recent) > self.recent_n:  # keep the newest recent_n, as the script's trim does
-            self._sessions[session] = {other: at for at, other in newest_first(recent)[: self.recent_n]}
+            self._sessions[session] = newest(recent, self.recent_n)
         return True
 
     def add_all(self, events: Iterable[tuple[str, str, float]]) -> None:
@@ -108,10 +108,10 @@ class SequenceCounter:
         """One item's top_n followers (what serving reads of a co-visitation key). A row read before is
         ranked again over its last top and the followers that grew since, not over all its followers."""
         row: Mapping[str, float] = self.follows.get(item, {})
-        top, grown = self._top.get(item), self._grown.get(item)
-        if top is None or grown is None:
+        top = self._top.get(item)
+        if top is None:
             top = heaviest(row, self.top_n)
-        elif grown:
+        elif grown := self._grown[item]:  # kept beside every top
             top = heaviest({follower: row[follower] for follower in (*top, *grown)}, self.top_n)
         else:
             return top
@@ -123,6 +123,11 @@ def newest_first(times: Mapping[str, float]) -> list[tuple[float, str]]:
     """(time, member) pairs, latest first, equal times by member descending (Redis's ZREVRANGE order);
     tuples compared at C level, where a key function would be called once per member."""
     return sorted(zip(times.values(), times.keys(), strict=True), reverse=True)
+
+
+def newest(times: Mapping[str, float], n: int) -> dict[str, float]:
+    """The n latest members, latest first, in newest_first's order (a Redis trim to the newest n)."""
+    return {member: at for at, member in newest_first(times)[:n]}
 
 
 def heaviest(row: Mapping[str, float], n: int, ties_descending: bool = False) -> dict[str, float]:

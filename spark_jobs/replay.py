@@ -39,7 +39,7 @@ from common.gatherer import Gathered, ItemColumns, describe, gather_lists, pool
 from common.lake import Lake
 from common.model import ModelArtifacts
 from common.neighbours import NeighbourIndex, score_neighbours, session_token
-from common.sequence import SEQUENCE_EXCLUDED_TYPES, SequenceCounter, heaviest
+from common.sequence import SEQUENCE_EXCLUDED_TYPES, SequenceCounter, heaviest, newest
 from common.settings import SpeedSettings, TrainingSettings
 from common.speed_state import forward_decay, trending_decay_weights
 from common.vectors import fold_in
@@ -343,7 +343,7 @@ class PointInTime:
                 cart.add(item)
             elif log.event_type[r] in ("remove_from_cart", "purchase"):
                 cart.discard(item)
-        recent = dict(sorted(session_items.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: speed.recent_items])
+        recent = newest(session_items, speed.recent_items)
         history = log.person_rows(request.person, request.now_s - speed.history_ttl_s, request.now_s)
         engaged = {int(log.item[r]) for r in history if log.weight[r] > 0} | {log.index[i] for i in recent}
         bought: dict[str, float] = {}

@@ -8,7 +8,6 @@ of the running system.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import signal
@@ -29,6 +28,7 @@ from common.catalog import Item
 from common.catalog_state import load_items
 from common.events import Event, EventType, new_event_id
 from common.key_memory import keyspace_usage
+from common.messages import RecsChangedBatch
 from common.model import save_factors
 from common.redis_server import LocalRedisCluster, RedisServer, connect, free_cluster_port, free_port
 from common.registry import Manifest, Registry
@@ -413,7 +413,7 @@ def _freshness(
     seed: int,
 ) -> dict[str, Any]:
     """Offer `offered` events/s to a consumer process, from visitors browsing at once (one event each
-    every VISITOR_GAP_S, sessions of SESSION_EVENTS); latency from XADD to the RecsChanged message that
+    every VISITOR_GAP_S, sessions of SESSION_EVENTS); latency from XADD to the message whose RecsChanged
     covers the event."""
     from common.redis_server import connect
 
@@ -432,10 +432,8 @@ def _freshness(
             message = pubsub.get_message(timeout=0.1)
             if message:
                 heard = time.perf_counter()
-                changed = json.loads(message["data"])  # a RecsChanged
-                latencies.extend(
-                    unheard.heard(changed["person_id"], changed["event_type"], changed.get("item_id"), heard)
-                )
+                for changed in RecsChangedBatch.model_validate_json(message["data"]).changes:
+                    latencies.extend(unheard.heard(changed.person_id, changed.event_type, changed.item_id, heard))
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()

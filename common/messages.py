@@ -20,7 +20,8 @@ class ModelEvent(BaseModel):
 
 
 class RecsChanged(BaseModel):
-    """The speed layer changed state that a person's recommendations read (drives SSE)."""
+    """The speed layer changed state that a person's recommendations read: the last event of the person
+    that its batch applied (drives SSE)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -28,3 +29,14 @@ class RecsChanged(BaseModel):
     session_id: str | None = None
     event_type: str
     item_id: str | None = None
+
+
+class RecsChangedBatch(BaseModel):
+    """What RECS_CHANNEL carries: every person one speed-layer batch changed, in one message.
+
+    A message a person cost the consumer, Redis and every subscribing worker a message's overhead per
+    event when visitors browse at once, since a batch then holds as many people as events."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    changes: list[RecsChanged]

@@ -38,7 +38,7 @@ PREFIX = "lr"
 # Pub/sub channels.
 MODELS_CHANNEL = f"{PREFIX}:chan:models"  # registry -> serving and speed layer (messages.ModelEvent)
 CATALOG_CHANNEL = f"{PREFIX}:chan:catalog"  # item updates that must take effect at once
-RECS_CHANNEL = f"{PREFIX}:chan:recs"  # speed layer -> SSE: a person's recommendations may have changed
+RECS_CHANNEL = f"{PREFIX}:chan:recs"  # speed layer -> SSE: whose recommendations may have changed (messages.RecsChangedBatch)
 
 
 # A consumer names a dozen keys of each event's person, and interleaved visitors come back every few

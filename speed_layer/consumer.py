@@ -25,7 +25,7 @@ from common.content import ItemContent, content_of_row
 from common.events import Event
 from common.heap import collect_young_rarely, freeze_long_lived
 from common.lake import Lake
-from common.messages import ModelEvent, RecsChanged
+from common.messages import ModelEvent, RecsChanged, RecsChangedBatch
 from common.model import ModelArtifacts, load_model
 from common.registry import Registry, RegistryError
 from common.settings import Settings
@@ -351,14 +351,10 @@ class SpeedConsumer:
             calls.append(("XADD", self.dead_key, "*", *_flat(letter)))
         if acked:
             calls.append(("XACK", self.stream_key, self.speed.group, *acked))
-        for person, (session, event) in result.changed.items():
-            message = RecsChanged(
-                person_id=person, session_id=session, event_type=event.event_type.value, item_id=event.item_id
-            )
-            calls.append(("PUBLISH", redis_keys.RECS_CHANNEL, message.model_dump_json()))
+        if result.changed:
+            calls.append(("PUBLISH", redis_keys.RECS_CHANNEL, _announcement(result.changed)))
         calls.append(("HSET", redis_keys.SPEED_HEARTBEAT, self.name, int(time.time() * 1000)))
-        # One write: visitors browsing at once make a batch's persons (a PUBLISH each) as many as its events.
-        self.acks.send_all(calls)
+        self.acks.send_all(calls)  # one write
         if dead:
             log.warning("dead-lettered %d entries, first: %s", len(dead), dead[0][2])
         return result
@@ -503,6 +499,15 @@ def _observe(batch: _Batch, result: BatchResult, dead: int) -> None:
     metrics.count_batch(result.applied, result.duplicates, result.erased, dead, len(result.unresolved))
     left = result.failed.keys() | set(result.unresolved)
     metrics.observe_freshness([e for i, e in enumerate(batch.events) if i not in left] if left else batch.events)
+
+
+def _announcement(changed: Mapping[str, tuple[str | None, Event]]) -> str:
+    """The batch's one RecsChangedBatch: each person it changed, with the last event it applied of them."""
+    changes = [
+        RecsChanged(person_id=person, session_id=session, event_type=event.event_type.value, item_id=event.item_id)
+        for person, (session, event) in changed.items()
+    ]
+    return RecsChangedBatch(changes=changes).model_dump_json()
 
 
 def _stream_entries(reply: Any) -> list[Entry]:

@@ -24,7 +24,7 @@ from websockets.sync.client import ClientConnection, connect
 from bench.serve import SyntheticModel
 from common import redis_keys
 from common.lake import Lake
-from common.messages import RecsChanged
+from common.messages import RecsChanged, RecsChangedBatch
 from common.redis_server import RedisServer, free_port
 from common.settings import Settings
 from serving.core.push import PUSH_DEFER_S, Fanout, LiveStream, PushedList, StreamEnded, stream_keys
@@ -64,9 +64,14 @@ class Recorder:
             await asyncio.wait_for(self.changed.wait(), WAIT_S)
 
 
+def announcement(*changed: tuple[str, str | None]) -> str:
+    """The speed layer's message for a batch that changed these (person, session)s."""
+    changes = [RecsChanged(person_id=p, session_id=s, event_type="view", item_id="i1") for p, s in changed]
+    return RecsChangedBatch(changes=changes).model_dump_json()
+
+
 def publish(client: redis.Redis, person: str, session: str | None) -> None:
-    message = RecsChanged(person_id=person, session_id=session, event_type="view", item_id="i1")
-    client.publish(redis_keys.RECS_CHANNEL, message.model_dump_json())
+    client.publish(redis_keys.RECS_CHANNEL, announcement((person, session)))
 
 
 def open_stream(fanout: Fanout, name: str, people: list[str], session: str | None) -> tuple[LiveStream, Recorder]:
@@ -110,6 +115,27 @@ def test_a_message_reaches_only_the_streams_of_its_person_or_session(
             fanout.close(b)
             await after("dev-b", "s-b")  # a closed stream is out of the index
             assert rec_b.lists == 2 and fanout.open_streams == 3
+        finally:
+            await fanout.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_one_message_marks_the_streams_of_every_person_it_names_once(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        fanout = Fanout(redis_server.url)
+        streams = [open_stream(fanout, name, [f"dev-{name}"], f"s-{name}") for name in ("a", "b", "c")]
+        (a, rec_a), (b, rec_b), (_, rec_c) = streams
+        try:
+            assert [(await s.next()).body for s, _ in streams] == ["a-1", "b-1", "c-1"]
+            # a by its person and again by its session, b by its person; c not named
+            assert fanout.dispatch(announcement(("dev-a", "s-a"), ("dev-b", None), ("dev-x", "s-a"))) == 2
+            assert (await asyncio.wait_for(a.next(), WAIT_S)).body == "a-2"
+            assert (await asyncio.wait_for(b.next(), WAIT_S)).body == "b-2"
+            assert (rec_a.lists, rec_b.lists, rec_c.lists) == (2, 2, 1)
+            single = RecsChanged(person_id="dev-c", session_id="s-c", event_type="view").model_dump_json()
+            assert fanout.dispatch(single) == 0  # not a batch: malformed, ignored
+            assert fanout.dispatch(b"{not json") == 0
         finally:
             await fanout.aclose()
 

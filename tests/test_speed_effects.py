@@ -14,7 +14,7 @@ from common import redis_keys
 from common.catalog import ItemUpdate
 from common.catalog_state import apply_item_updates
 from common.events import EventType
-from common.messages import RecsChanged
+from common.messages import RecsChanged, RecsChangedBatch
 from common.model import load_model, save_history
 from common.neighbours import session_token
 from common.redis_server import RedisServer
@@ -116,13 +116,17 @@ def test_session_expires_and_identify_merges_the_device_into_the_user(
     drain(consumer)
     recent_key = redis_keys.session_recent("dev", "s1")
     assert 0 < redis_client.ttl(recent_key) <= 60  # the session TTL, refreshed on activity
-    heard = set()
-    deadline = time.monotonic() + 2
-    while len(heard) < 2 and time.monotonic() < deadline:  # the first reply is the (ignored) subscribe
-        message = pubsub.get_message(timeout=0.2)
-        if message:
-            heard.add(RecsChanged.model_validate_json(message["data"]).person_id)
-    assert heard == {"dev", "u7"}
+    messages = []
+    deadline = time.monotonic() + 1  # all published by now; None also answers the (ignored) subscribe
+    while time.monotonic() < deadline:
+        if message := pubsub.get_message(timeout=0.1):
+            messages.append(RecsChangedBatch.model_validate_json(message["data"]))
+    # One message for the batch, naming each person it changed once, with the last event applied of them.
+    assert len(messages) == 1
+    assert sorted(messages[0].changes, key=lambda c: c.person_id) == [
+        RecsChanged(person_id="dev", session_id="s1", event_type="add_to_cart", item_id="i2"),
+        RecsChanged(person_id="u7", session_id="s0", event_type="view", item_id="i9"),
+    ]
 
     add_events(
         redis_client, settings, [make_event(EventType.IDENTIFY, None, anonymous_id="dev", user_id="u7")]
@@ -322,7 +326,7 @@ def test_a_hover_is_counted_for_its_session_and_is_no_interaction(
     deadline = time.monotonic() + 1  # all published by now; None also answers the (ignored) subscribe
     while time.monotonic() < deadline:
         if message := pubsub.get_message(timeout=0.1):
-            heard.append(RecsChanged.model_validate_json(message["data"]).person_id)
+            heard.extend(change.person_id for change in RecsChangedBatch.model_validate_json(message["data"]).changes)
     assert heard == ["u1"]  # the view changed u1's list; a9's hover changes nothing
 
 

@@ -1,8 +1,8 @@
 """Live lists for open streams (SSE, WebSocket): one Redis subscription per worker, fanned out by person and session.
 
-The speed layer publishes a RecsChanged on RECS_CHANNEL for each person a batch changed. A
-worker subscribes once; each message is parsed once and looked up in an index from person and
-session to the open streams it concerns, which are marked for a new list. Marks coalesce: a
+The speed layer publishes one RecsChangedBatch on RECS_CHANNEL for each batch, naming every person
+it changed. A worker subscribes once; each message is parsed once and its changes looked up in an
+index from person and session to the open streams they concern, which are marked for a new list. Marks coalesce: a
 stream marked again before its list is computed still gets one list, computed after the last
 mark (the latest state), and streams of the same request (a person's tabs) share one
 computation. One lane per worker has the marked lists computed one at a time, by the worker's
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from common import redis_keys
-from common.messages import RecsChanged
+from common.messages import RecsChanged, RecsChangedBatch
 from common.redis_server import pubsub_url
 from serving.core import metrics
 from serving.core.errors import ErrorBody
@@ -233,15 +233,16 @@ class Fanout:
             await self.helper.aclose()
 
     def dispatch(self, data: bytes | str) -> int:
-        """Mark the streams a RecsChanged concerns (parsed once for all of them); returns how many."""
+        """Mark the streams a RecsChangedBatch concerns (parsed once for all of them); returns how many."""
         try:
-            message = RecsChanged.model_validate_json(data)
+            batch = RecsChangedBatch.model_validate_json(data)
         except ValueError:
             log.warning("ignoring a malformed message on %s", redis_keys.RECS_CHANNEL)
             return 0
         concerned: set[LiveStream] = set()
-        for key in message_keys(message):
-            concerned.update(self._index.get(key, ()))
+        for change in batch.changes:
+            for key in message_keys(change):
+                concerned.update(self._index.get(key, ()))
         for stream in concerned:
             self._mark(stream)
         return len(concerned)

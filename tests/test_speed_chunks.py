@@ -394,3 +394,30 @@ def test_a_restarted_consumer_reads_its_pending_entries_once_while_the_loop_over
     assert read == len(events)
     assert group_lag(redis_client, settings.redis.stream, settings.speed.group) == 0
     assert sum(int(v) for v in redis_client.hgetall(redis_keys.session_counts("d0", "s0")).values()) == 1
+
+
+def test_a_lull_with_two_batches_under_way_advances_and_reads_again_instead_of_draining(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """At a high rate the read sent ahead can find nothing only because it went out just before the next
+    entries: the loop starts the prepared batch, finishes the one before it and reads again, so the
+    entries that came meanwhile keep it overlapped. An event that arrives alone costs no such read."""
+    _publish_v1(tmp_path, np.random.default_rng(4))
+    settings = speed_settings(tmp_path, redis_server.url, batch_size=5, script_chunk=5, claim_idle_ms=60_000)
+    views = [make_event(EventType.VIEW, f"i{j % ITEMS}", anonymous_id=f"d{j}", session_id=f"s{j}") for j in range(13)]
+    add_events(redis_client, settings, views[:10])
+    consumer = SpeedConsumer(redis_client, settings, name="c1")
+    assert consumer.pump(block=False) == 5  # batch A prepared, the next read sent ahead
+    assert consumer.pump(block=False) == 5  # batch B prepared, A started; the read sent ahead finds nothing
+    add_events(redis_client, settings, views[10:])  # arrive while both are under way
+    assert consumer.pump(block=False) == 3  # read again after advancing: not drained
+    assert consumer.pump(block=False) == 0  # then nothing: everything finished and acknowledged
+    assert group_lag(redis_client, settings.redis.stream, settings.speed.group) == 0
+    assert redis_client.xpending(redis_keys.stream(settings.redis.stream), settings.speed.group)["pending"] == 0
+
+    add_events(redis_client, settings, [make_event(EventType.VIEW, "i1", anonymous_id="lone", session_id="s-lone")])
+    assert consumer.pump(block=False) == 1  # prepared, the next read sent ahead
+    redis_client.config_resetstat()
+    assert consumer.pump(block=False) == 0  # the read sent ahead found nothing: drained at once
+    assert _calls(redis_client, "xreadgroup") == 0
+    assert read_speed_state(redis_client, "lone", session_id="s-lone").session_counts == {"view": 1}

@@ -451,8 +451,25 @@ for key, members in pairs(zset) do
   local added = write('ZADD', key, unpack(flat))
   if type(added) ~= 'number' or added > 0 then grown[key] = true end
 end
+-- A hash's float increments likewise, in two commands when it has several: a person's items and a
+-- session's categories take a few members each from a session's events in a row (9.64 -> 8.53
+-- commands an event). The sum is a double here, a long double in HINCRBYFLOAT: its last digit may differ.
 for key, members in pairs(hincr) do
-  for member, by in pairs(members) do write('HINCRBYFLOAT', key, member, arg(by)) end
+  local names = {}
+  for member in pairs(members) do names[#names + 1] = member end
+  if #names == 1 then
+    write('HINCRBYFLOAT', key, names[1], arg(members[names[1]]))
+  else
+    local values = write('HMGET', key, unpack(names))
+    if type(values) == 'table' and not values.err then
+      local flat = {}
+      for i, member in ipairs(names) do
+        flat[2 * i - 1] = member
+        flat[2 * i] = arg((tonumber(values[i]) or 0) + members[member])
+      end
+      write('HSET', key, unpack(flat))
+    end
+  end
 end
 for key, members in pairs(hcount) do
   for member, by in pairs(members) do write('HINCRBY', key, member, arg(by)) end

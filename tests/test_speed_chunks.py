@@ -421,3 +421,26 @@ def test_a_lull_with_two_batches_under_way_advances_and_reads_again_instead_of_d
     assert consumer.pump(block=False) == 0  # the read sent ahead found nothing: drained at once
     assert _calls(redis_client, "xreadgroup") == 0
     assert read_speed_state(redis_client, "lone", session_id="s-lone").session_counts == {"view": 1}
+
+
+def test_a_persons_item_weights_add_up_across_chunks_whatever_their_number_of_members(
+    redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A chunk writes a hash's several float increments as one read and one write: sums across chunks and
+    across members stay those of one increment at a time, and categories sum alike (same seconds, no decay)."""
+    settings = speed_settings(tmp_path, redis_server.url, script_chunk=3, script_chunk_min=3)
+    set_categories(redis_client, {"i1": "shoes", "i2": "hats", "i3": "hats"})
+    applier = Applier(redis_client, settings)
+    at = datetime.now(UTC)
+
+    def apply(*views: tuple[EventType, str]) -> None:
+        events = [make_event(kind, item, user_id="u1", ts=at, received_at=at) for kind, item in views]
+        assert applier.apply(events, []).applied == len(events)
+
+    apply((EventType.VIEW, "i1"), (EventType.VIEW, "i2"), (EventType.VIEW, "i3"))  # 3 members, 3 new
+    apply((EventType.ADD_TO_CART, "i1"), (EventType.VIEW, "i2"), (EventType.ADD_TO_CART, "i2"))  # 2 members
+    apply((EventType.VIEW, "i3"),)  # 1 member
+    state = read_speed_state(redis_client, "u1", session_id="s1")
+    assert state.person_items == {"i1": 1.0 + 3.0, "i2": 1.0 + 1.0 + 3.0, "i3": 2.0}
+    affinity = state.category_affinity
+    assert affinity["hats"] / affinity["shoes"] == pytest.approx((1.0 + 1.0 + 3.0 + 2.0) / (1.0 + 3.0))

@@ -2,10 +2,10 @@
 
 The speed layer publishes one RecsChangedBatch on RECS_CHANNEL for each batch, naming every person
 it changed. A worker subscribes once; each message is parsed once and its changes looked up in an
-index from person and session to the open streams they concern, which are marked for a new list. Marks coalesce: a
-stream marked again before its list is computed still gets one list, computed after the last
-mark (the latest state), and streams of the same request (a person's tabs) share one
-computation. One lane per worker has the marked lists computed one at a time, by the worker's
+index from person and session to the open streams they concern, which are marked for a new list.
+Marks coalesce: a stream marked again before its list is computed still gets one list, computed
+after the last mark (the latest state), and streams of the same request (a person's tabs) share
+one computation. One lane per worker has the marked lists computed one at a time, by the worker's
 push helper (serving/core/push_helper.py), a process of lower priority, so the worker answers
 requests meanwhile. Where no helper is up the worker computes them itself, in its idle moments:
 a push has a second of slack, a request none, so a list waits for the requests in flight to be

@@ -63,6 +63,8 @@ local split, n_groups = ARGV[21] == '1', tonumber(ARGV[22])
 local covis_middle, nb_session_middle, nb_item_middle = ARGV[23], ARGV[24], ARGV[25]
 local covis_unit = tonumber(ARGV[26])
 local time_unit = tonumber(ARGV[27])  -- an event's time is given in 1/time_unit s (redis_keys.time_score)
+-- The TTLs as given, for EXPIRE: formatting a number back costs a sprintf at every key.
+local session_ttl_text, dedup_ttl_text, history_ttl_text, nb_ttl_text = ARGV[3], ARGV[5], ARGV[7], ARGV[20]
 local n_versions = tonumber(ARGV[ARGV_HEAD])
 local versions = {}
 for v = 1, n_versions do versions[v] = ARGV[ARGV_HEAD + v] end
@@ -75,13 +77,22 @@ local now = tonumber(now_text)
 -- it back took a sixth of the script's time; a whole number is written as an integer instead (the
 -- same value: under 2^52 a double holds every integer). Times are passed on as the text they came in
 -- (`ts_text`), for the same reason.
+-- Small whole numbers (counts, mostly 1) are written once a call.
+local small_text = {}
 local function arg(v)
-  if v % 1 == 0 and v > -4503599627370496 and v < 4503599627370496 then return string.format('%d', v) end
+  if v % 1 == 0 and v > -4503599627370496 and v < 4503599627370496 then
+    if v >= 0 and v < 256 then
+      local text = small_text[v]
+      if not text then text = string.format('%d', v); small_text[v] = text end
+      return text
+    end
+    return string.format('%d', v)
+  end
   return v
 end
 
 -- Deferred writes. zincr/hincr/hcount: key -> member -> increment; zset: key -> member -> score (the
--- last one written wins); expire_in/expire_at: key -> TTL / unix time; trims: key -> members kept
+-- last one written wins); expire_in/expire_at: key -> TTL / unix time (texts); trims: key -> members kept
 -- (when twice as many); recent_trims: per-session sorted sets cut to their recent_n newest.
 local zincr, hincr, hcount, zset, expire_in, expire_at, trims, recent_trims = {}, {}, {}, {}, {}, {}, {}, {}
 -- Read-through state of this chunk: marks set (seen key -> field -> true), delta counts and values,
@@ -113,6 +124,18 @@ local function grouped(prefix, middle, suffix, id)
   return prefix .. group .. middle .. id .. suffix
 end
 
+-- Items' co-visitation and neighbour-session keys, and sessions' neighbour keys, made once a call:
+-- joining five strings makes a new one to hash, and a session's items recur in each later event's co-visits.
+local covis_keys, item_session_keys, session_keys = {}, {}, {}
+local function covis_key(item)
+  local key = covis_keys[item]
+  if not key then
+    key = grouped(covis_prefix, covis_middle, covis_suffix, item)
+    covis_keys[item] = key
+  end
+  return key
+end
+
 -- Ordered co-visitation (common/sequence.py is the definition): a new item in the session is
 -- added to the rows of the session's `covis_window` latest other items, the g-th latest by 1/g,
 -- counted in whole units (covis_unit / g is an integer for every g up to the window).
@@ -124,7 +147,7 @@ local function covisit(recent, item)
       if split then
         plan[#plan + 1] = other
       else
-        local other_key = grouped(covis_prefix, covis_middle, covis_suffix, other)
+        local other_key = covis_key(other)
         add(zincr, other_key, item, covis_unit / gap)
         trims[other_key] = covis_kept
       end
@@ -136,15 +159,23 @@ end
 -- session's neighbour set, and the session joins the item's most recent sessions.
 local function index_neighbour(token, item, ts_text)
   -- A token is a SHA-1's hex digits already: its own first 32 bits name its group (redis_keys.token_group).
-  local session_key = nb_session_prefix .. group_text[tonumber(string.sub(token, 1, 8), 16) % n_groups]
-    .. nb_session_middle .. token .. nb_session_suffix
-  local item_key = grouped(nb_item_prefix, nb_item_middle, nb_item_suffix, item)
+  local session_key = session_keys[token]
+  if not session_key then
+    session_key = nb_session_prefix .. group_text[tonumber(string.sub(token, 1, 8), 16) % n_groups]
+      .. nb_session_middle .. token .. nb_session_suffix
+    session_keys[token] = session_key
+  end
+  local item_key = item_session_keys[item]
+  if not item_key then
+    item_key = grouped(nb_item_prefix, nb_item_middle, nb_item_suffix, item)
+    item_session_keys[item] = item_key
+  end
   local t = zset[session_key] or {}; zset[session_key] = t; t[item] = ts_text
   t = zset[item_key] or {}; zset[item_key] = t; t[token] = ts_text
   recent_trims[session_key] = true
   trims[item_key] = nb_kept
-  expire_in[session_key] = nb_ttl
-  expire_in[item_key] = nb_ttl
+  expire_in[session_key] = nb_ttl_text
+  expire_in[item_key] = nb_ttl_text
 end
 
 -- The session's latest activity; a session new to the person also drops the person's expired ones.
@@ -160,7 +191,7 @@ local function touch_session(sessions, session, ts, ts_text)
     end
     sessions_now[id] = {sessions, session, ts, ts, ts_text}  -- key, session, time written, latest time and its text
   end
-  expire_in[sessions] = session_ttl
+  expire_in[sessions] = session_ttl_text
 end
 
 -- Forward decay: weights are stored scaled by 2^((ts - _t0) / half_life), so an event adds to one
@@ -192,18 +223,18 @@ local function add_affinity(cats, category, weight, ts)
   end
   cats_t0[cats] = t0
   add(hincr, cats, category, weight * 2 ^ ((ts - t0) / half_life))
-  expire_in[cats] = session_ttl
+  expire_in[cats] = session_ttl_text
 end
 
 -- k, a: the offsets just before this event's blocks, so KEYS[k + i] and ARGV[a + i] are field i.
 -- The session's and the person's state (co-visits and session-kNN too: they follow the session's items).
-local function apply_person_effects(k, a)
+local function apply_person_effects(k, a, weight)
   local etype, item, session = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local ts_text, weight, quantity, category = ARGV[a + 4], tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), ARGV[a + 7]
+  local ts_text, category = ARGV[a + 4], ARGV[a + 7]
   local ts_score = tonumber(ts_text)
 
   add(hcount, KEYS[k + 5], etype, 1)
-  expire_in[KEYS[k + 5]] = session_ttl
+  expire_in[KEYS[k + 5]] = session_ttl_text
   touch_session(KEYS[k + 6], session, ts_score, ts_text)
   if item == '' then return end
 
@@ -215,43 +246,43 @@ local function apply_person_effects(k, a)
       recent_trims[recent] = true
       if nb_kept > 0 and not split then index_neighbour(ARGV[a + 12], item, ts_text) end
     end
-    expire_in[recent] = session_ttl
+    expire_in[recent] = session_ttl_text
   end
 
   local cart, purchases = KEYS[k + 4], KEYS[k + 8]
   if etype == 'add_to_cart' then
     redis.call('HINCRBY', cart, item, ARGV[a + 6])
   elseif etype == 'remove_from_cart' then
-    if redis.call('HINCRBY', cart, item, -quantity) <= 0 then redis.call('HDEL', cart, item) end
+    if redis.call('HINCRBY', cart, item, -tonumber(ARGV[a + 6])) <= 0 then redis.call('HDEL', cart, item) end
   elseif etype == 'purchase' then
     redis.call('HDEL', cart, item)
     redis.call('ZADD', purchases, ts_text, item)
     redis.call('ZREMRANGEBYRANK', purchases, '0', arg(-(purchases_kept + 1)))
-    expire_in[purchases] = history_ttl
+    expire_in[purchases] = history_ttl_text
   end
-  expire_in[cart] = session_ttl
+  expire_in[cart] = session_ttl_text
 
   if category ~= '' and weight > 0 then add_affinity(KEYS[k + 3], category, weight, ts_score / time_unit) end
 
   if weight > 0 then
     add(hincr, KEYS[k + 7], item, weight)
-    expire_in[KEYS[k + 7]] = history_ttl
+    expire_in[KEYS[k + 7]] = history_ttl_text
   end
 end
 
 -- The counters of items, linked to no one: trending, popularity per day, category bestsellers.
-local function apply_aggregates(k, a)
-  local item, weight = ARGV[a + 2], tonumber(ARGV[a + 5])
-  if weight > 0 and tonumber(ARGV[a + 8]) > 0 then
+local function apply_aggregates(k, a, weight)
+  local item = ARGV[a + 2]
+  if weight > 0 and ARGV[a + 8] ~= '0' then
     add(zincr, KEYS[k + 9], item, weight)
     expire_at[KEYS[k + 9]] = ARGV[a + 8]
   end
-  if tonumber(ARGV[a + 9]) > 0 then
+  if ARGV[a + 9] ~= '0' then
     add(zincr, KEYS[k + 10], item, 1)
     expire_at[KEYS[k + 10]] = ARGV[a + 9]
   end
-  local best = tonumber(ARGV[a + 10])
-  if best > 0 then
+  if ARGV[a + 10] ~= '0' then
+    local best = tonumber(ARGV[a + 10])
     add(zincr, KEYS[k + 11], item, best)
     trims[KEYS[k + 11]] = best_kept
   end
@@ -307,8 +338,9 @@ local function claim_rewards(k, a)
 end
 
 local function apply_base_effects(k, a)
-  if ARGV[a + 13] == '1' then apply_person_effects(k, a) end
-  if ARGV[a + 2] ~= '' and not split then apply_aggregates(k, a) end
+  local weight = tonumber(ARGV[a + 5])
+  if ARGV[a + 13] == '1' then apply_person_effects(k, a, weight) end
+  if ARGV[a + 2] ~= '' and not split then apply_aggregates(k, a, weight) end
   if split then claim_rewards(k, a) else apply_bandit(k, a) end
 end
 
@@ -360,7 +392,7 @@ local function apply_event(k, a)
   if applied > 0 then
     for _, field in ipairs(marked) do set_now[field] = true end
     marks_now[seen] = set_now
-    expire_in[seen] = dedup_ttl
+    expire_in[seen] = dedup_ttl_text
   end
   if not split then return applied end
   local plans = KEYS[k + 13]
@@ -400,23 +432,24 @@ local function write(...)
   if type(reply) == 'table' and reply.err then flush_errors[#flush_errors + 1] = reply.err end
   return reply
 end
+local markers_expired = '(' .. arg(now - dedup_ttl)  -- the bound of the markers older than dedup_ttl
 for key, set_now in pairs(marks_now) do
   local flat = {}
   for field in pairs(set_now) do flat[#flat + 1] = now_text; flat[#flat + 1] = field end
   write('ZADD', key, unpack(flat))
   local plans = plans_of_seen[key]
   if plans then  -- a plan goes with its event's marker
-    local old = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. (now - dedup_ttl))
+    local old = redis.call('ZRANGEBYSCORE', key, '-inf', markers_expired)
     for i = 1, #old, 1000 do write('HDEL', plans, unpack(old, i, math.min(i + 999, #old))) end
   end
-  write('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - dedup_ttl))
+  write('ZREMRANGEBYSCORE', key, '-inf', markers_expired)
 end
 for key, stored in pairs(plans_now) do
   local flat = {}
   for field, text in pairs(stored) do flat[#flat + 1] = field; flat[#flat + 1] = text end
   if #flat > 0 then
     write('HSET', key, unpack(flat))
-    expire_in[key] = dedup_ttl
+    expire_in[key] = dedup_ttl_text
   end
 end
 -- A key's increments in two commands (its current scores, then one ZADD) rather than one each:
@@ -487,7 +520,7 @@ for key, keep in pairs(trims) do
 end
 for key, value in pairs(deltas) do write('SET', key, value, 'EX', delta_ttl) end
 for key in pairs(count_dirty) do write('SET', key, arg(counts[key]), 'EX', delta_ttl) end
-for key, ttl in pairs(expire_in) do write('EXPIRE', key, arg(ttl)) end
+for key, ttl_text in pairs(expire_in) do write('EXPIRE', key, ttl_text) end
 -- An expiry time is fixed per key (its bucket's or day's end), so only a key a member joined can be
 -- new and without it: two EXPIREATs an event fewer where batches hold one event.
 for key, at in pairs(expire_at) do

@@ -921,7 +921,7 @@ class _Planner:
             event_type=event_type, item=item, session=session, ts=ts_score, weight=repr(weight),
             quantity=event.quantity or 1, category=category,
             trend_expireat=trend_expireat, popularity_expireat=pop_expireat,
-            bestseller_increment=repr(best), event_id=event.event_id, session_token=token,
+            bestseller_increment=repr(best) if best > 0 else 0, event_id=event.event_id, session_token=token,
             personal=1 if personal else 0,
             served=served,
             per_version=version_args,

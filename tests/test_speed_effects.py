@@ -396,3 +396,56 @@ def test_times_and_counts_reach_redis_exactly_as_the_events_give_them(
     }
     day = scores(redis_keys.popularity_day(int(events[0].ts.timestamp() // 86_400)))
     assert day == {"i1": 1.0, "i2": 3.0} and redis_client.zscore(redis_keys.covisitation("i1"), "i2") == FOLLOW_UNIT
+
+
+def test_every_key_an_event_writes_expires_with_the_ttl_its_family_is_given(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Each TTL setting a different value, so a key given another family's TTL (or none) fails; the
+    counters by time expire at their bucket's or day's end, the items' rows (co-visits, bestsellers) never."""
+    redis_client.flushall()
+    ttl = {"session": 1_000, "history": 2_000, "dedup": 3_000, "neighbours": 4_000}
+    settings = speed_settings(
+        tmp_path, redis_server.url, session_ttl_s=ttl["session"], history_ttl_s=ttl["history"],
+        dedup_ttl_s=ttl["dedup"], neighbour_session_ttl_s=ttl["neighbours"],
+    )  # fmt: skip
+    registry = Registry(settings.models.root)
+    rng = np.random.default_rng(4)
+    publish_model(registry, "v1", datetime.now(UTC) - HOUR, rng.normal(size=(20, 8)).astype(np.float32), ["u1"])
+    set_categories(redis_client, {"i1": "shoes", "i2": "hats", "i4": "socks"})
+    consumer = SpeedConsumer(redis_client, settings, registry, name="c1")
+    add_events(
+        redis_client, settings, [
+            make_event(EventType.VIEW, "i4", user_id="u1"),
+            make_event(EventType.VIEW, "i1", user_id="u1"),
+            make_event(EventType.ADD_TO_CART, "i2", user_id="u1", quantity=2),
+            make_event(EventType.PURCHASE, "i1", user_id="u1"),
+            make_event(EventType.VIEW, "i3", user_id="u1"),
+        ],
+    )  # fmt: skip
+    drain(consumer)
+
+    expected = {
+        "session_recent": ttl["session"], "session_categories": ttl["session"], "session_cart": ttl["session"],
+        "session_counts": ttl["session"], "person_sessions": ttl["session"],
+        "person_items": ttl["history"], "person_purchases": ttl["history"],
+        "seen": ttl["dedup"], "deltas": ttl["dedup"], "delta_counts": ttl["dedup"],
+        "neighbour_sessions": ttl["neighbours"], "item_sessions": ttl["neighbours"],
+    }  # fmt: skip
+    counters = {"trending_buckets", "popularity_days", "covisitation", "category_bestsellers"}
+    found: dict[str, dict[str, int]] = {}
+    for key in (k.decode() for k in redis_client.keys("*")):
+        family = redis_keys.family_of(key)
+        if family in expected or family in counters:
+            found.setdefault(family, {})[key] = redis_client.ttl(key)
+    assert sorted(found) == sorted(expected.keys() | counters)
+    for family, seconds in expected.items():  # set in this drain: within a few seconds of the full TTL
+        assert all(seconds - 5 <= left <= seconds for left in found[family].values()), (family, found[family])
+    speed, now_s = settings.speed, time.time()
+    for key, left in found["trending_buckets"].items():  # the bucket's end of the window, not a TTL from now
+        ends_s = int(key.rsplit(":", 1)[1]) + speed.trending_window_s + speed.trending_bucket_s
+        assert abs(left - (ends_s - now_s)) <= 5
+    assert all(left > 0 for left in found["popularity_days"].values())
+    assert all(left == -1 for left in [*found["covisitation"].values(), *found["category_bestsellers"].values()])
+    # Carts and purchases make bestsellers; a view adds nothing, not even a member at 0.
+    assert set(found["category_bestsellers"]) == {redis_keys.category_bestsellers(c) for c in ("shoes", "hats")}

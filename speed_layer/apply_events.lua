@@ -20,7 +20,7 @@
 -- suffix, group the id's slot group out of n_groups (redis_keys.grouped_template); nb_kept: sessions kept per item (0: session-kNN
 -- off). n_versions (0-2): the model versions whose deltas the chunk updates, named by `version`.
 -- Per event: ts, the event's time as the time-scored sets keep it (redis_keys.time_score: 1/time_unit s);
--- trend_expireat, popularity_expireat, bestseller_increment (0: skip that counter);
+-- trend_expireat, popularity_expireat, bestseller_increment (the text `0`: skip that counter);
 -- session_token is common.neighbours.session_token; personal: 1 when the event has personalisation
 -- consent, 0 when it updates the aggregates (trending, popularity, bestsellers) only: then its person
 -- keys are all the unlinked marker set (redis_keys.SEEN_UNLINKED), of which only `seen` is touched, and

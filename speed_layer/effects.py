@@ -917,6 +917,7 @@ class _Planner:
             category_bestsellers=best_key, covis=covis_key, plans=plans, clicked=clicked,
             per_version=version_keys,
         )  # fmt: skip
+        # The counters' skip flags go as the integer 0, which the script compares as the text '0'.
         args += _EVENT_ARGS(
             event_type=event_type, item=item, session=session, ts=ts_score, weight=repr(weight),
             quantity=event.quantity or 1, category=category,

@@ -112,29 +112,24 @@ end
 local group_text = {}
 for g = 0, n_groups - 1 do group_text[g] = string.format('%d', g) end
 
--- An id's slot group, remembered for the call: a session's items come back in every later event's
--- co-visits, and a SHA-1 costs more than the write it names.
+-- An id's key in its slot group, remembered for the call in `made` (one table a key family), as is the
+-- id's group: a session's items come back in every later event's co-visits, a SHA-1 costs more than
+-- the write it names, and joining five strings makes a new one to hash.
 local groups = {}
-local function grouped(prefix, middle, suffix, id)
+local function grouped(made, prefix, middle, suffix, id)
+  local key = made[id]
+  if key then return key end
   local group = groups[id]
   if not group then
     group = group_text[tonumber(string.sub(redis.sha1hex(id), 1, 8), 16) % n_groups]
     groups[id] = group
   end
-  return prefix .. group .. middle .. id .. suffix
-end
-
--- Items' co-visitation and neighbour-session keys, and sessions' neighbour keys, made once a call:
--- joining five strings makes a new one to hash, and a session's items recur in each later event's co-visits.
-local covis_keys, item_session_keys, session_keys = {}, {}, {}
-local function covis_key(item)
-  local key = covis_keys[item]
-  if not key then
-    key = grouped(covis_prefix, covis_middle, covis_suffix, item)
-    covis_keys[item] = key
-  end
+  key = prefix .. group .. middle .. id .. suffix
+  made[id] = key
   return key
 end
+local covis_keys, item_session_keys = {}, {}  -- `grouped`'s keys: co-visit rows, items' neighbour sessions
+local session_keys = {}  -- a session's neighbour key by its token, made once a call likewise
 
 -- Ordered co-visitation (common/sequence.py is the definition): a new item in the session is
 -- added to the rows of the session's `covis_window` latest other items, the g-th latest by 1/g,
@@ -147,7 +142,7 @@ local function covisit(recent, item)
       if split then
         plan[#plan + 1] = other
       else
-        local other_key = covis_key(other)
+        local other_key = grouped(covis_keys, covis_prefix, covis_middle, covis_suffix, other)
         add(zincr, other_key, item, covis_unit / gap)
         trims[other_key] = covis_kept
       end
@@ -165,11 +160,7 @@ local function index_neighbour(token, item, ts_text)
       .. nb_session_middle .. token .. nb_session_suffix
     session_keys[token] = session_key
   end
-  local item_key = item_session_keys[item]
-  if not item_key then
-    item_key = grouped(nb_item_prefix, nb_item_middle, nb_item_suffix, item)
-    item_session_keys[item] = item_key
-  end
+  local item_key = grouped(item_session_keys, nb_item_prefix, nb_item_middle, nb_item_suffix, item)
   local t = zset[session_key] or {}; zset[session_key] = t; t[item] = ts_text
   t = zset[item_key] or {}; zset[item_key] = t; t[token] = ts_text
   recent_trims[session_key] = true

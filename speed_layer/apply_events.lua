@@ -8,10 +8,10 @@
 -- ARGV: event_count apply_base session_ttl recent_n dedup_ttl affinity_half_life history_ttl purchases_kept
 --       bestsellers_kept covis_kept delta_ttl covis_prefix covis_suffix covis_window nb_session_prefix
 --       nb_session_suffix nb_item_prefix nb_item_suffix nb_kept nb_ttl split n_groups covis_middle
---       nb_session_middle nb_item_middle covis_unit time_unit n_versions
+--       nb_session_middle nb_item_middle covis_unit time_unit channel changes_head changes_tail n_versions
 --       version*n_versions event*event_count
 -- ARGV event: event_type item session ts weight quantity category trend_expireat popularity_expireat
---       bestseller_increment event_id session_token personal served per_version*n_versions
+--       bestseller_increment event_id session_token personal served announcement per_version*n_versions
 -- ARGV per_version: delta delta_count
 --
 -- apply_base: 1 or 0 (a version-switch replay writes deltas only). covis_*: the co-visitation key
@@ -26,6 +26,13 @@
 -- keys are all the unlinked marker set (redis_keys.SEEN_UNLINKED), of which only `seen` is touched, and
 -- it carries no delta. served: the served-list record key (redis_keys.bandit_served) of the event's
 -- rec_request_id, '' without one; clicked: the session's clicked-list key (redis_keys.session_clicked).
+-- announcement: the event's change as RecsChangedBatch lists it ('': it changes no one's list). The call
+-- announces the changes of the events it applied on `channel`, in one message, each person's last,
+-- joined between changes_head and changes_tail (common/messages.py): as the effects are written, not
+-- once the consumer reads the reply (it plans the next batch meanwhile), and once (a duplicate applies
+-- nothing). A version switch's replay announces nothing: the switch itself changes every list. Split,
+-- the announcement precedes the event's global effects (the next call's): a list computed in between
+-- lacks its counters' and co-visits' share.
 -- Per version the new delta ('': none for this event) and the delta count it replaces. KEYS' covis is declared for Redis Cluster slot planning
 -- (the rule writes earlier items' rows); the co-visitation keys of the session's other items are
 -- built from the template: which items those are is only known here, from the session's live
@@ -63,6 +70,7 @@ local split, n_groups = ARGV[21] == '1', tonumber(ARGV[22])
 local covis_middle, nb_session_middle, nb_item_middle = ARGV[23], ARGV[24], ARGV[25]
 local covis_unit = tonumber(ARGV[26])
 local time_unit = tonumber(ARGV[27])  -- an event's time is given in 1/time_unit s (redis_keys.time_score)
+local channel, changes_head, changes_tail = ARGV[28], ARGV[29], ARGV[30]
 -- The TTLs as given, for EXPIRE: formatting a number back costs a sprintf at every key.
 local session_ttl_text, dedup_ttl_text, history_ttl_text, nb_ttl_text = ARGV[3], ARGV[5], ARGV[7], ARGV[20]
 local n_versions = tonumber(ARGV[ARGV_HEAD])
@@ -402,6 +410,8 @@ local function apply_event(k, a)
 end
 
 local results = {}
+-- The changes to announce: a person's (its seen key's) last applied one, the people in the order they came.
+local announced, announcing = {}, {}
 local k, a = 0, ARGV_HEAD + n_versions
 for e = 1, n_events do
   local ok, reply = pcall(apply_event, k, a)
@@ -410,6 +420,12 @@ for e = 1, n_events do
     break
   end
   results[e] = reply
+  local announcement = ARGV[a + 15]
+  if apply_base and announcement ~= '' and (type(reply) == 'table' and reply[1] or reply) > 0 then
+    local person = KEYS[k + 1]
+    if not announced[person] then announcing[#announcing + 1] = person end
+    announced[person] = announcement
+  end
   k = k + event_keys
   a = a + event_args
 end
@@ -516,6 +532,11 @@ for key, ttl_text in pairs(expire_in) do write('EXPIRE', key, ttl_text) end
 -- new and without it: two EXPIREATs an event fewer where batches hold one event.
 for key, at in pairs(expire_at) do
   if grown[key] then write('EXPIREAT', key, at) end
+end
+if #announcing > 0 then
+  local changes = {}
+  for i, person in ipairs(announcing) do changes[i] = announced[person] end
+  write('PUBLISH', channel, changes_head .. table.concat(changes, ',') .. changes_tail)
 end
 if #flush_errors > 0 then
   results[#results + 1] = {'deferred writes failed: ' .. table.concat(flush_errors, '; ', 1, math.min(#flush_errors, 5))}

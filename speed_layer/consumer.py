@@ -344,7 +344,8 @@ class SpeedConsumer:
             self._finish(batch)
 
     def _finish(self, batch: _Batch) -> BatchResult:
-        """Wait for the batch's effects, then acknowledge, dead-letter and announce.
+        """Wait for the batch's effects, then acknowledge, dead-letter and announce what an identify's merge
+        changed (the effects script announces the events it applies as it writes them).
 
         Those writes go down their own lane and their replies are read at the next batch: the
         effects are written, so a lost acknowledgement only means a redelivery, which dedup skips."""
@@ -516,7 +517,7 @@ def _observe(batch: _Batch, result: BatchResult, dead: int) -> None:
 
 
 def _announcement(changed: Mapping[str, tuple[str | None, Event]]) -> str:
-    """The batch's one RecsChangedBatch: each person it changed, with the last event it applied of them."""
+    """One RecsChangedBatch for the people the batch's identifies merged, with the last event of each."""
     changes = [
         RecsChanged(person_id=person, session_id=session, event_type=event.event_type.value, item_id=event.item_id)
         for person, (session, event) in changed.items()

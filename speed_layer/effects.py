@@ -38,6 +38,7 @@ from common import consent, redis_keys
 from common.events import ATTENTION_EVENTS, BESTSELLER_EVENTS, Consent, Event, EventType
 from common.features import DAY_S, POP_DAYS, day_index, implicit_weight
 from common.lua import Script
+from common.messages import CHANGES_HEAD, CHANGES_TAIL, change_json
 from common.model import ModelArtifacts
 from common.neighbours import session_token
 from common.redis_server import is_cluster
@@ -94,9 +95,9 @@ class BatchResult:
     erased: int = 0  # events naming an erased person or device (redis_keys.erased): dropped, not applied
     failed: dict[int, str] = field(default_factory=dict)  # index -> reason (script errors)
     unresolved: list[int] = field(default_factory=list)  # still conflicting after the retries
-    changed: dict[str, tuple[str | None, Event]] = field(
-        default_factory=dict
-    )  # person -> (session, last event)
+    # person -> (session, last event) of those an identify's merge changed, for the consumer to announce
+    # (apply_events.lua announces the events it applies itself)
+    changed: dict[str, tuple[str | None, Event]] = field(default_factory=dict)
 
 
 Deltas = dict[tuple[str, str], tuple[np.ndarray, int]]  # (person, version) -> delta, event count
@@ -495,11 +496,7 @@ class Applier:
                 elif code == 0:
                     result.duplicates += 1
                 else:
-                    result.applied += 1
-                    event = started.events[index]
-                    # A hover changes no list, nor does an event without personalisation consent.
-                    if sent.personal[j] and event.event_type.value not in ATTENTION_EVENTS:
-                        result.changed[sent.persons[j]] = (sent.sessions[j], event)
+                    result.applied += 1  # and the script announced its change
         if self.split:  # events without personalisation count by their global effects
             applied = self._apply_globals(sent, planned + [(j, "") for j in sent.unlinked]) if started.base else set()
             for j in sent.unlinked:
@@ -544,6 +541,7 @@ class Applier:
             history_ttl=speed.history_ttl_s, purchases_kept=speed.purchases_kept,
             bestsellers_kept=speed.bestsellers_top_n, covis_kept=speed.covis_top_n, delta_ttl=speed.dedup_ttl_s,
             covis_window=speed.covis_steps, covis_unit=FOLLOW_UNIT, time_unit=redis_keys.TIME_SCORE_PER_S, nb_kept=speed.neighbour_sessions_per_item, nb_ttl=speed.neighbour_session_ttl_s,
+            channel=redis_keys.RECS_CHANNEL, changes_head=CHANGES_HEAD, changes_tail=CHANGES_TAIL,
             n_versions=len(models), version=[m.version for m in models],
         )  # fmt: skip
 
@@ -924,9 +922,17 @@ class _Planner:
             trend_expireat=trend_expireat, popularity_expireat=pop_expireat,
             bestseller_increment=repr(best) if best > 0 else 0, event_id=event.event_id, session_token=token,
             personal=1 if personal else 0,
-            served=served,
+            served=served, announcement=self._announcement(j),
             per_version=version_args,
         )  # fmt: skip
+
+    def _announcement(self, j: int) -> bytes | str:
+        """Event j's change, which the script announces once it applied the event; '' for a hover, which
+        changes no list, and for an event without personalisation consent."""
+        event_type = self.types[j]
+        if not self.personal[j] or event_type in ATTENTION_EVENTS:
+            return ""
+        return change_json(self.persons[j], self.sessions[j], event_type, self.batch[j].item_id)
 
     def _person_keys(self, person: str, session: str) -> list[str]:
         """recent, cats, cart, counts, sessions, person_items, purchases, clicked (as `plan` names them)."""

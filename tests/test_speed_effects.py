@@ -13,8 +13,8 @@ import redis
 from common import redis_keys
 from common.catalog import ItemUpdate
 from common.catalog_state import apply_item_updates
-from common.events import EventType
-from common.messages import RecsChanged, RecsChangedBatch
+from common.events import Consent, EventType
+from common.messages import CHANGES_HEAD, CHANGES_TAIL, RecsChanged, RecsChangedBatch, change_json
 from common.model import load_model, save_history
 from common.neighbours import session_token
 from common.redis_server import RedisServer
@@ -120,12 +120,16 @@ def test_session_expires_and_identify_merges_the_device_into_the_user(
     deadline = time.monotonic() + 1  # all published by now; None also answers the (ignored) subscribe
     while time.monotonic() < deadline:
         if message := pubsub.get_message(timeout=0.1):
-            messages.append(RecsChangedBatch.model_validate_json(message["data"]))
-    # One message for the batch, naming each person it changed once, with the last event applied of them.
-    assert len(messages) == 1
-    assert sorted(messages[0].changes, key=lambda c: c.person_id) == [
-        RecsChanged(person_id="dev", session_id="s1", event_type="add_to_cart", item_id="i2"),
-        RecsChanged(person_id="u7", session_id="s0", event_type="view", item_id="i9"),
+            messages.append(message["data"])
+    # One message for the batch (its one script call), naming each person it changed once, in the order
+    # they came, with the last event applied of them: the message RecsChangedBatch itself writes.
+    assert messages == [
+        RecsChangedBatch(
+            changes=[
+                RecsChanged(person_id="dev", session_id="s1", event_type="add_to_cart", item_id="i2"),
+                RecsChanged(person_id="u7", session_id="s0", event_type="view", item_id="i9"),
+            ]
+        ).model_dump_json().encode()
     ]
 
     add_events(
@@ -146,6 +150,54 @@ def test_session_expires_and_identify_merges_the_device_into_the_user(
     redis_client.pexpire(redis_keys.session_recent("u7", "s1"), 1)  # let the TTL run out
     time.sleep(0.01)
     assert read_speed_state(redis_client, "u7", session_id="s1").session_items == {}
+
+
+def test_the_scripts_changes_are_written_as_recs_changed_batch_writes_them() -> None:
+    changes = [("dev", "s1", "view", "i1"), ('pé"\\\n\u2028<', None, "purchase", None), ("u7", "_", "add_to_cart", "i/2")]
+    written = [change_json(*change) for change in changes]
+    models = [RecsChanged(person_id=p, session_id=s, event_type=t, item_id=i) for p, s, t, i in changes]
+    assert [w.decode() for w in written] == [m.model_dump_json() for m in models]
+    assert CHANGES_HEAD + ",".join(w.decode() for w in written) + CHANGES_TAIL == RecsChangedBatch(changes=models).model_dump_json()
+    assert CHANGES_HEAD + CHANGES_TAIL == RecsChangedBatch(changes=[]).model_dump_json()
+
+
+def _published(pubsub: redis.client.PubSub, within_s: float) -> list[bytes]:
+    messages = []
+    deadline = time.monotonic() + within_s  # None also answers the (ignored) subscribe
+    while time.monotonic() < deadline:
+        if message := pubsub.get_message(timeout=0.05):
+            messages.append(message["data"])
+    return messages
+
+
+def test_the_script_announces_what_it_applies_before_its_reply_is_read_and_never_twice(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = speed_settings(tmp_path, redis_server.url)
+    registry = Registry(settings.models.root)
+    publish_model(registry, "v1", datetime.now(UTC) - HOUR, np.random.default_rng(3).normal(size=(20, 8)).astype(np.float32), ["u1"])
+    model = load_model(registry, "v1")
+    applier = SpeedConsumer(redis_client, settings, registry, name="c1").applier
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(redis_keys.RECS_CHANNEL)
+    view = make_event(EventType.VIEW, "i1", user_id="u1")
+    hover = make_event(EventType.HOVER, "i2", user_id="u1")
+    anonymous = make_event(EventType.VIEW, "i3", anonymous_id="a9", consent=Consent.ANALYTICS)
+    events = [view, hover, anonymous]
+
+    applier.start(events, [model])  # written: the consumer has not read the reply, as when it dies here
+    # The view changed u1's list; the hover (after it) and an event without personalisation change none.
+    assert _published(pubsub, 0.5) == [
+        RecsChangedBatch(changes=[RecsChanged(person_id="u1", session_id="s1", event_type="view", item_id="i1")])
+        .model_dump_json()
+        .encode()
+    ]
+    applier.reset()
+    assert applier.apply(events, [model]).duplicates == 3  # redelivered after the crash: announced already
+    later = make_event(EventType.VIEW, "i4", user_id="u1")
+    switched = applier.apply([later], [model], base=False)  # a version switch's replay writes the delta only
+    assert switched.applied == 1
+    assert _published(pubsub, 0.5) == []
 
 
 def test_a_retry_after_login_is_applied_once(

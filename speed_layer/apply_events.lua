@@ -26,11 +26,14 @@
 -- keys are all the unlinked marker set (redis_keys.SEEN_UNLINKED), of which only `seen` is touched, and
 -- it carries no delta. served: the served-list record key (redis_keys.bandit_served) of the event's
 -- rec_request_id, '' without one; clicked: the session's clicked-list key (redis_keys.session_clicked).
--- announcement: the event's change as RecsChangedBatch lists it ('': it changes no one's list). The call
--- announces the changes of the events it applied on `channel`, in one message, each person's last,
--- joined between changes_head and changes_tail (common/messages.py): as the effects are written, not
--- once the consumer reads the reply (it plans the next batch meanwhile), and once (a duplicate applies
--- nothing). A version switch's replay announces nothing: the switch itself changes every list. Split,
+-- announcement: '' for an event that changes no one's list; else, on a person's first such event in the
+-- call, the change of their last one as RecsChangedBatch lists it, and `1` on their others. The call
+-- announces on `channel`, in one message, the change of each person any of whose such events it
+-- applied, joined between changes_head and changes_tail (common/messages.py): as the effects are
+-- written, not once the consumer reads the reply (it plans the next batch meanwhile), and once (a
+-- duplicate applies nothing). A version switch's replay announces nothing: the switch itself changes
+-- every list. Should an event's effects fail, the events after it wait for a retry, which announces
+-- them again. Split,
 -- the announcement precedes the event's global effects (the next call's): a list computed in between
 -- lacks its counters' and co-visits' share.
 -- Per version the new delta ('': none for this event) and the delta count it replaces. KEYS' covis is declared for Redis Cluster slot planning
@@ -410,8 +413,9 @@ local function apply_event(k, a)
 end
 
 local results = {}
--- The changes to announce: a person's (its seen key's) last applied one, the people in the order they came.
-local announced, announcing = {}, {}
+-- The changes to announce: each person's (their seen key's) change, and the people who had one applied,
+-- in the order they came.
+local change_of, announcing = {}, {}
 local k, a = 0, ARGV_HEAD + n_versions
 for e = 1, n_events do
   local ok, reply = pcall(apply_event, k, a)
@@ -421,10 +425,13 @@ for e = 1, n_events do
   end
   results[e] = reply
   local announcement = ARGV[a + 15]
-  if apply_base and announcement ~= '' and (type(reply) == 'table' and reply[1] or reply) > 0 then
+  if apply_base and announcement ~= '' then
     local person = KEYS[k + 1]
-    if not announced[person] then announcing[#announcing + 1] = person end
-    announced[person] = announcement
+    if announcement ~= '1' then change_of[person] = announcement end
+    if change_of[person] ~= true and (type(reply) == 'table' and reply[1] or reply) > 0 then
+      announcing[#announcing + 1] = change_of[person]
+      change_of[person] = true  -- announced: the person's later events add nothing
+    end
   end
   k = k + event_keys
   a = a + event_args
@@ -534,9 +541,7 @@ for key, at in pairs(expire_at) do
   if grown[key] then write('EXPIREAT', key, at) end
 end
 if #announcing > 0 then
-  local changes = {}
-  for i, person in ipairs(announcing) do changes[i] = announced[person] end
-  write('PUBLISH', channel, changes_head .. table.concat(changes, ',') .. changes_tail)
+  write('PUBLISH', channel, changes_head .. table.concat(announcing, ',') .. changes_tail)
 end
 if #flush_errors > 0 then
   results[#results + 1] = {'deferred writes failed: ' .. table.concat(flush_errors, '; ', 1, math.min(#flush_errors, 5))}

@@ -440,8 +440,9 @@ class Applier:
         for part in parts:
             keys: list[str] = []
             event_args: list[object] = []
+            announcements = planner.announcements(part)
             for j in part:
-                planner.plan(j, keys, event_args)
+                planner.plan(j, keys, event_args, announcements.get(j, ""))
             args = APPLY_EVENTS.argv.pack(
                 **self._chunk_constants(len(part), started.base, models[:2]), event=event_args
             )
@@ -449,7 +450,7 @@ class Applier:
             self.lane.send("EVALSHA", APPLY_EVENTS.sha, len(keys), *keys, *args)
         if self.split:
             for j in unlinked:
-                planner.plan(j, [], [])  # plans its global effects only
+                planner.plan(j, [], [], "")  # plans its global effects only
         return _Sent(todo, persons, sessions, personal, expected, parts, planner.globals, unlinked)
 
     def _parts(self, persons: Sequence[str], personal: Sequence[bool]) -> tuple[list[list[int]], list[int]]:
@@ -855,8 +856,8 @@ class _Planner:
                 out[j] = (updated[row], count)
         return out
 
-    def plan(self, j: int, keys: list[str], args: list[object]) -> None:
-        """Append event j's blocks to `keys` and `args`."""
+    def plan(self, j: int, keys: list[str], args: list[object], announcement: bytes | str) -> None:
+        """Append event j's blocks to `keys` and `args` (`announcement` as `announcements` gives it)."""
         event, person, session, weight = self.batch[j], self.persons[j], self.sessions[j], self.weights[j]
         personal, event_type = self.personal[j], self.types[j]
         speed = self.speed
@@ -922,17 +923,24 @@ class _Planner:
             trend_expireat=trend_expireat, popularity_expireat=pop_expireat,
             bestseller_increment=repr(best) if best > 0 else 0, event_id=event.event_id, session_token=token,
             personal=1 if personal else 0,
-            served=served, announcement=self._announcement(j),
+            served=served, announcement=announcement,
             per_version=version_args,
         )  # fmt: skip
 
-    def _announcement(self, j: int) -> bytes | str:
-        """Event j's change, which the script announces once it applied the event; '' for a hover, which
-        changes no list, and for an event without personalisation consent."""
-        event_type = self.types[j]
-        if not self.personal[j] or event_type in ATTENTION_EVENTS:
-            return ""
-        return change_json(self.persons[j], self.sessions[j], event_type, self.batch[j].item_id)
+    def announcements(self, call: Sequence[int]) -> dict[int, bytes | str]:
+        """The `announcement` of each event of one script call that changes its person's list (not a hover,
+        nor an event without personalisation consent): on a person's first such event the change of
+        their last one in the call, on the others `1`. The script announces the change once any of
+        them applied; a change a person (as a session's events in a row come, one in ten events)."""
+        persons = self.persons
+        marked = [j for j in call if self.personal[j] and self.types[j] not in ATTENTION_EVENTS]
+        last = {persons[j]: j for j in marked}
+        first = {persons[j]: j for j in reversed(marked)}
+        announcements: dict[int, bytes | str] = dict.fromkeys(marked, "1")
+        for person, j in first.items():
+            end = last[person]
+            announcements[j] = change_json(person, self.sessions[end], self.types[end], self.batch[end].item_id)
+        return announcements
 
     def _person_keys(self, person: str, session: str) -> list[str]:
         """recent, cats, cart, counts, sessions, person_items, purchases, clicked (as `plan` names them)."""

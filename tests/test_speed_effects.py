@@ -194,8 +194,19 @@ def test_the_script_announces_what_it_applies_before_its_reply_is_read_and_never
     ]
     applier.reset()
     assert applier.apply(events, [model]).duplicates == 3  # redelivered after the crash: announced already
-    later = make_event(EventType.VIEW, "i4", user_id="u1")
-    switched = applier.apply([later], [model], base=False)  # a version switch's replay writes the delta only
+    assert _published(pubsub, 0.3) == []
+
+    # A call that applies any of a person's events announces the last of them (no model: no delta that
+    # the duplicate's would have moved, which sends the later event to a call of its own).
+    later = make_event(EventType.ADD_TO_CART, "i4", user_id="u1")
+    assert applier.apply([view, later], []).applied == 1
+    assert _published(pubsub, 0.3) == [
+        RecsChangedBatch(changes=[RecsChanged(person_id="u1", session_id="s1", event_type="add_to_cart", item_id="i4")])
+        .model_dump_json()
+        .encode()
+    ]
+    replayed = make_event(EventType.VIEW, "i5", user_id="u1")
+    switched = applier.apply([replayed], [model], base=False)  # a version switch's replay writes the delta only
     assert switched.applied == 1
     assert _published(pubsub, 0.5) == []
 

@@ -33,9 +33,8 @@
 -- written, not once the consumer reads the reply (it plans the next batch meanwhile), and once (a
 -- duplicate applies nothing). A version switch's replay announces nothing: the switch itself changes
 -- every list. Should an event's effects fail, the events after it wait for a retry, which announces
--- them again. Split,
--- the announcement precedes the event's global effects (the next call's): a list computed in between
--- lacks its counters' and co-visits' share.
+-- them again. Split, the announcement precedes the event's global effects (the next call's): a list
+-- computed in between lacks its counters' and co-visits' share.
 -- Per version the new delta ('': none for this event) and the delta count it replaces. KEYS' covis is declared for Redis Cluster slot planning
 -- (the rule writes earlier items' rows); the co-visitation keys of the session's other items are
 -- built from the template: which items those are is only known here, from the session's live

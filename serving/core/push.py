@@ -1,8 +1,9 @@
 """Live lists for open streams (SSE, WebSocket): one Redis subscription per worker, fanned out by person and session.
 
-The speed layer publishes a RecsChangedBatch on RECS_CHANNEL for each script call that applies a batch's
-events (one for a batch of up to speed.script_chunk events), naming every person it changed. A worker subscribes once; each message is parsed once and its changes looked up in an
-index from person and session to the open streams they concern, which are marked for a new list.
+The speed layer publishes a RecsChangedBatch on RECS_CHANNEL from each script call that applies events
+(a batch of up to speed.script_chunk events is one call), naming every person it changed. A worker
+subscribes once; each message is parsed once and its changes looked up in an index from person and
+session to the open streams they concern, which are marked for a new list.
 Marks coalesce: a stream marked again before its list is computed still gets one list, computed
 after the last mark (the latest state), and streams of the same request (a person's tabs) share
 one computation. One lane per worker has the marked lists computed one at a time, by the worker's

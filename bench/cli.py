@@ -135,7 +135,7 @@ def speed(
         10_000.0, "--offered-rate", "--offered", min=1, help="Events/s offered for the freshness figure."
     ),
     seconds: float = typer.Option(5.0, min=1, help="Seconds of offered load."),
-    repeats: int = typer.Option(3, min=1, help="Throughput runs, each on a fresh Redis; the median is reported."),
+    repeats: int = typer.Option(3, min=1, help="Throughput and freshness runs, each on a fresh Redis; the median is reported."),
     consumers: list[int] = typer.Option(
         [], "--consumers", min=1, help="Instead: events/s of this many consumer processes (repeatable: 1 2 4)."
     ),

@@ -169,6 +169,27 @@ class GlobalKeys:
         return found
 
 
+class PersonKeys:
+    """Names of a person's keys (their session's, their dedup markers and plans, their deltas) and their
+    sessions' tokens, remembered across batches like GlobalKeys: a visitor browsing comes back a batch
+    or two later (1,000 at once at 10,000 events/s), and the eleven names and a SHA-1 cost ~2.3 us to
+    make again, one event in one batch. Bounded: all forgotten at once past max_size sessions."""
+
+    def __init__(self, max_size: int = 10_000) -> None:
+        self.max_size = max_size
+        self.session: dict[tuple[str, str], list[str]] = {}  # (person, session) -> `_Planner._person_keys`
+        self.versions: dict[tuple[str, str], list[str]] = {}  # (person, version) -> delta, delta count
+        self.seen: dict[str, tuple[str, str]] = {}  # person -> seen, plans
+        self.tokens: dict[tuple[str, str], str] = {}  # (person, session) -> session token
+
+    def bounded(self) -> PersonKeys:
+        """Itself, forgotten first when it holds max_size sessions (checked once a batch)."""
+        if len(self.session) >= self.max_size or len(self.tokens) >= self.max_size:
+            for known in (self.session, self.versions, self.seen, self.tokens):
+                known.clear()
+        return self
+
+
 _GLOBAL_KEY_OF: dict[str, Callable[[Any], str]] = {
     "trend": redis_keys.trending_bucket,
     "pop": redis_keys.popularity_day,
@@ -305,6 +326,7 @@ class Applier:
         )  # fmt: skip
         self.merge_script = client.register_script(MERGE_IDENTITY.source)
         self.global_keys = GlobalKeys()
+        self.person_keys = PersonKeys()
 
     # ------------------------------------------------------------ batches
 
@@ -795,10 +817,8 @@ class _Planner:
         self.now = now
         # Per version slot (at most two): the model and event index -> (new delta, count it replaces).
         self.deltas: list[tuple[ModelArtifacts, dict[int, tuple[np.ndarray, int]]]] = []
-        self.person_keys: dict[tuple[str, str], list[str]] = {}
-        self.version_keys: dict[tuple[str, str], list[str]] = {}
-        self.seen_keys: dict[str, tuple[str, str]] = {}  # person -> seen, plans
-        self.tokens: dict[tuple[str, str], str] = {}
+        names = applier.person_keys.bounded()
+        self.person_keys, self.version_keys, self.seen_keys, self.tokens = names.session, names.versions, names.seen, names.tokens
         self.global_keys = applier.global_keys
         self.split = applier.split
         self.globals: dict[int, EventGlobals] = {}  # split: event index -> its global effects

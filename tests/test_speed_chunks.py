@@ -22,7 +22,7 @@ from common.speed_state import read_speed_state
 from common.stream import group_lag
 from common.vectors import sgd_step
 from speed_layer.consumer import SpeedConsumer
-from speed_layer.effects import Applier, chunk_size
+from speed_layer.effects import Applier, PersonKeys, chunk_size
 from tests.speed_factories import (
     add_events,
     make_event,
@@ -128,9 +128,12 @@ def test_a_chunk_leaves_the_state_one_by_one_application_leaves(
         redis_client.flushall()
         set_categories(redis_client, categories)
         applier = Applier(redis_client, settings)
+        if per_call == 1:  # key names remembered from earlier batches, and forgotten at a bound
+            applier.person_keys = PersonKeys(max_size=2)
         for start in range(0, len(events), per_call):
             result = applier.apply(events[start : start + per_call], [model], now_s=now_s)
             assert not result.failed and not result.unresolved
+        assert len(applier.person_keys.session) <= applier.person_keys.max_size + per_call
         states.append(_dump(redis_client))
 
     # Overlapped, as the consumer's loop runs: each batch planned while the ones before are in flight.

@@ -184,7 +184,7 @@ class PersonKeys:
 
     def bounded(self) -> PersonKeys:
         """Itself, forgotten first when it holds max_size sessions (checked once a batch)."""
-        if len(self.session) >= self.max_size or len(self.tokens) >= self.max_size:
+        if len(self.session) >= self.max_size:  # the others grow with it (a token a session, a person's keys)
             for known in (self.session, self.versions, self.seen, self.tokens):
                 known.clear()
         return self
@@ -213,9 +213,6 @@ class _Sent:
     """One attempt's script calls, written to the lane; their replies are read by `_collect`."""
 
     todo: list[int]  # batch indices of the events sent, in order
-    persons: list[str]
-    sessions: list[str]
-    personal: list[bool]  # whether each may build person-level state (consent)
     expected: Deltas  # (person, version) -> delta, count once applied
     parts: list[list[int]]  # positions in `todo` of each script call, in the order sent
     globals: dict[int, EventGlobals] = field(default_factory=dict)  # split: position -> its global effects
@@ -473,7 +470,7 @@ class Applier:
         if self.split:
             for j in unlinked:
                 planner.plan(j, [], [], "")  # plans its global effects only
-        return _Sent(todo, persons, sessions, personal, expected, parts, planner.globals, unlinked)
+        return _Sent(todo, expected, parts, planner.globals, unlinked)
 
     def _parts(self, persons: Sequence[str], personal: Sequence[bool]) -> tuple[list[list[int]], list[int]]:
         """The script calls of a batch (positions, in order within each) and, split, the positions that

@@ -268,7 +268,7 @@ def load_model(registry: Registry, version: str | None = None, *, request_parts:
     if version is None:
         raise RegistryError(f"no model version is active under {registry.root_url}")
     manifest = registry.read_manifest(version)
-    item_factors = _read_npy(registry, version, reg.ITEM_FACTORS)
+    item_factors = _map_npy(registry, version, reg.ITEM_FACTORS)
     ranker = None
     if request_parts and registry.fs.exists(registry.path(version, reg.RANKER)):
         import lightgbm  # only when a ranker exists: keeps light readers light
@@ -280,7 +280,7 @@ def load_model(registry: Registry, version: str | None = None, *, request_parts:
         item_ids=json.loads(_read_bytes(registry, version, reg.ITEM_IDS)),
         item_factors=item_factors,
         user_ids=json.loads(_read_bytes(registry, version, reg.USER_IDS)),
-        user_factors=_read_npy(registry, version, reg.USER_FACTORS),
+        user_factors=_map_npy(registry, version, reg.USER_FACTORS),
         yty=gramian(item_factors),
         ranker=ranker,
         popularity=_read_table(registry, version, reg.POPULARITY) if request_parts else None,
@@ -315,6 +315,22 @@ def _write_npy(registry: Registry, version: str, name: str, array: np.ndarray) -
 
 def _read_npy(registry: Registry, version: str, name: str) -> np.ndarray:
     return np.load(io.BytesIO(_read_bytes(registry, version, name)), allow_pickle=False)
+
+
+def _map_npy(registry: Registry, version: str, name: str) -> np.ndarray:
+    """A factor matrix, read-only. On this machine's files, a memory map of the version's file: the
+    processes of one host (API workers, push helpers, the speed consumer) then hold one copy, and one's
+    scans of the item factors keep them in the cache for the others (docs/performance.md, 2026-12-06).
+    A version's files are replaced by renaming (erasure), never rewritten in place, so a map keeps the
+    file it opened. Elsewhere (an object store), a private copy."""
+    if not registry.is_local:
+        array = _read_npy(registry, version, name)
+        array.flags.writeable = False  # as the map is: a version's factors are the trained ones
+        return array
+    try:
+        return np.load(registry.path(version, name), mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise RegistryError(f"model {version} has no {name}") from None
 
 
 def _read_content_map(registry: Registry, version: str) -> ContentMap | None:

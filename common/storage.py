@@ -12,6 +12,7 @@ from typing import IO
 
 import fsspec
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from common.processes import alive
 
@@ -38,6 +39,11 @@ class Store:
     def is_object_store(self) -> bool:
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
         return not OBJECT_STORE_PROTOCOLS.isdisjoint(protocols)
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the paths are this machine's files (what a memory map can open)."""
+        return isinstance(self.fs, LocalFileSystem)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

@@ -152,6 +152,32 @@ def test_a_versions_history_counts_sessions_keeps_each_persons_best_and_an_erasu
     assert int(np.count_nonzero(history.sessions)) == 1 and int(np.count_nonzero(history.last_s)) == 1
 
 
+def test_a_loaded_versions_factors_are_its_files_mapped_read_only_and_an_erasure_leaves_them_whole(
+    registry: Registry,
+) -> None:
+    """The processes of one host share a version's factors: each maps the version's file (common/model.py).
+    An erasure renames new files into place, so a model loaded before it reads the factors it had, whole,
+    and the next load reads the erased ones."""
+    rng = np.random.default_rng(0)
+    users, items = rng.standard_normal((3, 4)), rng.standard_normal((5, 4))
+    save_factors(registry, "v1", ["alice", "bob", "carol"], users, [f"i{j}" for j in range(5)], items)
+    registry.write_manifest(Manifest(version="v1", created_at=CUTOFF, cutoff=CUTOFF, engine="implicit", status="candidate"))
+
+    first, second = load_model(registry, "v1"), load_model(registry, "v1")
+    for name, array in (("item_factors.npy", first.item_factors), ("user_factors.npy", first.user_factors)):
+        assert isinstance(array, np.memmap) and Path(str(array.filename)) == Path(registry.path("v1", name))
+    assert Path(str(second.item_factors.filename)) == Path(str(first.item_factors.filename))
+    np.testing.assert_array_equal(first.item_factors, items.astype(np.float32))
+    with pytest.raises(ValueError, match="read-only"):
+        first.user_factors[0] = 0.0
+
+    assert forget_users(registry, "v1", {"bob"}) == 1
+    np.testing.assert_array_equal(first.user_factors, users.astype(np.float32))  # the file it opened
+    erased = load_model(registry, "v1").user_factors
+    np.testing.assert_array_equal(erased[1], np.zeros(4, np.float32))
+    np.testing.assert_array_equal(erased[[0, 2]], users[[0, 2]].astype(np.float32))
+
+
 def test_purchases_since_the_cutoff_join_the_versions_history() -> None:
     cutoff = CUTOFF.timestamp()
     history = {"shoe": (3.0, cutoff - 86_400), "hat": (1.0, cutoff - 3_600)}

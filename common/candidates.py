@@ -19,18 +19,26 @@ Scored = list[tuple[str, float]]
 
 def als_top_n(
     user_vector: np.ndarray,
-    item_factors: np.ndarray,
+    item_factors: np.ndarray | Sequence[np.ndarray],
     item_ids: Sequence[str],
     n: int,
 ) -> Scored:
-    """Top-n items by dot product (brute force: fine up to a few hundred thousand items). The factors'
-    row-major layout is as fast to scan as a column-major copy (OpenBLAS's sgemv, 50k x 64, one thread:
-    within 3 % of each other in 2026-12), so serving keeps no such copy."""
+    """Top-n items by dot product (brute force: fine up to a few hundred thousand items), over the
+    factors whole or as blocks of rows in order (ModelArtifacts.scan_blocks). The factors' row-major
+    layout is as fast to scan as a column-major copy (OpenBLAS's sgemv, 50k x 64, one thread: within
+    3 % of each other in 2026-12), so serving keeps no such copy."""
     if n <= 0 or len(item_ids) == 0:
         return []
-    scores = item_factors @ user_vector.astype(item_factors.dtype, copy=False)
+    scores = item_scores(user_vector, item_factors)
     top = top_n_indices(scores, min(n, len(scores)))
     return list(zip(map(item_ids.__getitem__, top.tolist()), scores[top].tolist(), strict=True))
+
+
+def item_scores(vector: np.ndarray, item_factors: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Every item's dot product with `vector`; `item_factors` whole or as blocks of rows in order."""
+    if isinstance(item_factors, np.ndarray):
+        return item_factors @ vector.astype(item_factors.dtype, copy=False)
+    return np.concatenate([block @ vector.astype(block.dtype, copy=False) for block in item_factors])
 
 
 PREFILTER_SAMPLE = 2048  # scores sampled to bound the n-th highest from below

@@ -54,6 +54,9 @@ class ModelArtifacts:
     # Rows [0, batch_items) of the item factors are ALS's; rows after them are content vectors of items
     # new since the cutoff (`with_content_vectors`). -1: all rows are ALS's.
     batch_items: int = -1
+    # With content vectors, item_factors is a stack that copied the batch rows: those rows as loaded (the
+    # map the host's processes share, `_map_npy`), which the scans read instead (`scan_blocks`).
+    loaded_batch_rows: np.ndarray | None = None
     item_index: dict[str, int] = field(default_factory=dict)
     user_index: dict[str, int] = field(default_factory=dict)
     _similar: dict[tuple[str, int], Scored] = field(default_factory=dict, repr=False)  # similar_items' answers
@@ -105,6 +108,14 @@ class ModelArtifacts:
         return i is not None and i >= self.batch_items
 
     @property
+    def scan_blocks(self) -> tuple[np.ndarray, ...]:
+        """The item factors for `als_top_n`, as blocks of rows in order: the batch rows as loaded, then
+        any content rows, so that a stack's private copy of the batch rows is only gathered from."""
+        if self.loaded_batch_rows is None:
+            return (self.item_factors,)
+        return (self.loaded_batch_rows, self.item_factors[self.batch_items :])
+
+    @property
     def batch_item_ids(self) -> list[str]:
         return self.item_ids[: self.batch_items]
 
@@ -130,7 +141,8 @@ class ModelArtifacts:
         )
         ids = self.item_ids[: self.batch_items] + [self.item_ids[i] for i in kept] + added
         # A cache of its own: the added vectors change other items' neighbours.
-        return replace(self, item_ids=ids, item_factors=factors, _similar={})
+        loaded = self.scan_blocks[0][: self.batch_items]  # a view: still the map
+        return replace(self, item_ids=ids, item_factors=factors, loaded_batch_rows=loaded, _similar={})
 
     def similar_items(self, item_id: str, n: int) -> Scored | None:
         """The ALS top n for the item's own vector (None for an unknown item). Cached: a version's answer
@@ -141,7 +153,7 @@ class ModelArtifacts:
             vector = self.item_vector(item_id)
             if vector is None:
                 return None
-            similar = als_top_n(vector, self.item_factors, self.item_ids, n)
+            similar = als_top_n(vector, self.scan_blocks, self.item_ids, n)
             if len(self._similar) >= SIMILAR_CACHE_SIZE:
                 self._similar.clear()  # a bound, not an LRU: popular pages are back within moments
             self._similar[key] = similar

@@ -50,7 +50,7 @@ def ranked_lists(pit: PointInTime, requests: list[Request], ranker: Any | None) 
         state = pit.state(request)
         als = []
         if state.user_vector is not None:
-            als = [i for i, _ in als_top_n(state.user_vector, pit.model.item_factors, pit.model.item_ids, K)]
+            als = [i for i, _ in als_top_n(state.user_vector, pit.model.scan_blocks, pit.model.item_ids, K)]
         lists["popular"].append(pit.popular[:K])
         lists["als"].append(_pad(als, pit.popular))
         gathered, cands = pit.gather(request, state)

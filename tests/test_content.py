@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.candidates import als_top_n
 from common.content import (
     DIMENSION,
     ItemContent,
@@ -91,3 +92,27 @@ def test_a_version_adds_content_vectors_only_for_items_without_a_batch_vector() 
     assert again.item_ids == extended.item_ids
     assert not np.allclose(again.item_vector("new-1"), extended.item_vector("new-1"))
     assert model.with_content_vectors({"i1": fresh}) is model
+
+
+def test_a_version_with_content_vectors_scans_its_batch_rows_as_loaded_and_its_content_rows_apart() -> None:
+    """The stack copies the batch rows; the ALS scan reads the loaded ones (the map a host's processes
+    share, common/model.py) and then the content rows, and ranks every row as the stack would."""
+    contents, vectors = catalog(200, 8, seed=5)
+    content_map, _ = fit_content_map(contents, vectors)
+    ids = [f"i{j}" for j in range(200)]
+    model = ModelArtifacts(
+        version="v1", manifest=Manifest.model_construct(version="v1"), item_ids=ids, item_factors=vectors,
+        user_ids=[], user_factors=np.zeros((0, 8), np.float32), yty=np.eye(8), content_map=content_map,
+    )  # fmt: skip
+    once = model.with_content_vectors({"new-1": ItemContent("sneaker lace new")})
+    twice = once.with_content_vectors({"new-2": ItemContent("novel paperback"), "new-1": ItemContent("red sneaker")})
+    for extended in (once, twice):
+        loaded, content = extended.scan_blocks
+        assert np.shares_memory(loaded, vectors) and not np.shares_memory(extended.item_factors, vectors)
+        assert len(loaded) == 200 and np.shares_memory(content, extended.item_factors[200:])
+        for vector in (extended.item_vector("new-1"), np.random.default_rng(3).standard_normal(8).astype(np.float32)):
+            scanned = als_top_n(vector, extended.scan_blocks, extended.item_ids, 20)
+            assert [i for i, _ in scanned] == [i for i, _ in als_top_n(vector, extended.item_factors, extended.item_ids, 20)]
+        assert extended.similar_items("new-1", 5) is not None
+    assert twice.scan_blocks[1].shape == (2, 8)
+    assert len(model.scan_blocks) == 1 and model.scan_blocks[0] is model.item_factors

@@ -71,14 +71,21 @@ def test_features_are_hashed_into_a_fixed_dimension_the_same_way_every_time() ->
     assert content_features(ItemContent(price=10.0)) != {} and not ItemContent(price=10.0).has_text
 
 
-def test_a_version_adds_content_vectors_only_for_items_without_a_batch_vector() -> None:
+def version_with_content_map() -> tuple[ModelArtifacts, list[ItemContent], np.ndarray]:
+    """A version of 200 items i0..i199 with 8 factors and a content map fitted on them; its contents, factors."""
     contents, vectors = catalog(200, 8, seed=5)
     content_map, _ = fit_content_map(contents, vectors)
-    ids = [f"i{j}" for j in range(200)]
     model = ModelArtifacts(
-        version="v1", manifest=Manifest.model_construct(version="v1"), item_ids=ids, item_factors=vectors,
-        user_ids=[], user_factors=np.zeros((0, 8), np.float32), yty=np.eye(8), content_map=content_map,
+        version="v1", manifest=Manifest.model_construct(version="v1"), item_ids=[f"i{j}" for j in range(200)],
+        item_factors=vectors, user_ids=[], user_factors=np.zeros((0, 8), np.float32), yty=np.eye(8),
+        content_map=content_map,
     )  # fmt: skip
+    return model, contents, vectors
+
+
+def test_a_version_adds_content_vectors_only_for_items_without_a_batch_vector() -> None:
+    model, contents, vectors = version_with_content_map()
+    ids = model.item_ids
     fresh = ItemContent("sneaker lace new")
     extended = model.with_content_vectors({"i0": fresh, "new-1": fresh, "bare": ItemContent(price=3.0)})
     assert extended.item_ids == [*ids, "new-1"] and extended.batch_item_ids == ids
@@ -97,13 +104,7 @@ def test_a_version_adds_content_vectors_only_for_items_without_a_batch_vector() 
 def test_a_version_with_content_vectors_scans_its_batch_rows_as_loaded_and_its_content_rows_apart() -> None:
     """The stack copies the batch rows; the ALS scan reads the loaded ones (the map a host's processes
     share, common/model.py) and then the content rows, and ranks every row as the stack would."""
-    contents, vectors = catalog(200, 8, seed=5)
-    content_map, _ = fit_content_map(contents, vectors)
-    ids = [f"i{j}" for j in range(200)]
-    model = ModelArtifacts(
-        version="v1", manifest=Manifest.model_construct(version="v1"), item_ids=ids, item_factors=vectors,
-        user_ids=[], user_factors=np.zeros((0, 8), np.float32), yty=np.eye(8), content_map=content_map,
-    )  # fmt: skip
+    model, _, vectors = version_with_content_map()
     once = model.with_content_vectors({"new-1": ItemContent("sneaker lace new")})
     twice = once.with_content_vectors({"new-2": ItemContent("novel paperback"), "new-1": ItemContent("red sneaker")})
     for extended in (once, twice):

@@ -30,7 +30,14 @@ import httpx
 import numpy as np
 import psutil
 
-from bench.serve import _redis_cpu_s, _wait_ready, publish_synthetic_model, run_load
+from bench.serve import (
+    BENCH_OUT_OF_STOCK_EVERY,
+    BENCH_PROMOTED_EVERY,
+    _redis_cpu_s,
+    _wait_ready,
+    publish_synthetic_model,
+    run_load,
+)
 from bench.soak import _stop_group
 from common.lake import Lake
 from common.redis_server import RedisServer, free_port
@@ -273,6 +280,7 @@ def bench_push(
         model = publish_synthetic_model(
             Registry(str(root / "models")), Lake(str(root / "lake")), version="bench",
             n_items=n_items, n_users=n_users, factors=factors, n_categories=200, n_new=50, seed=11,
+            out_of_stock_every=BENCH_OUT_OF_STOCK_EVERY, promoted_every=BENCH_PROMOTED_EVERY,
         )  # fmt: skip
         port = free_port()
         env = {

@@ -52,6 +52,11 @@ class SyntheticModel:
     new_items: list[str]  # created within the last day
 
 
+# The live catalog of the serve and push benches: a store has items out of stock and a few promoted, and
+# serving reads their live sets (a request's cost must not grow with them).
+BENCH_OUT_OF_STOCK_EVERY, BENCH_PROMOTED_EVERY = 20, 100  # 5 % and 1 % of the items
+
+
 def item_category(j: int, n_categories: int) -> str:
     return f"cat{j % n_categories}"
 
@@ -68,11 +73,14 @@ def publish_synthetic_model(
     seed: int = 7,
     with_ranker: bool = True,
     activate: bool = True,
+    out_of_stock_every: int = 0,
+    promoted_every: int = 0,
 ) -> SyntheticModel:
     """Publish a version whose item factors cluster by category, with catalog, popularity, co-visits, ranker.
 
     User u leans to category u % n_categories; item j is in category j % n_categories; the last
-    `n_new` items were created yesterday (new arrivals), the rest 90 days ago.
+    `n_new` items were created yesterday (new arrivals), the rest 90 days ago. With `out_of_stock_every`
+    k, one item in k is out of stock (j % k == k // 2); with `promoted_every`, one in k is promoted.
     """
     rng = np.random.default_rng(seed)
     centroids = rng.normal(0, 1, (n_categories, factors))
@@ -123,6 +131,8 @@ def publish_synthetic_model(
             category_path=["Root", item_category(j, n_categories)],
             price=float(10 + (j % 50)),
             created_at=now - (timedelta(days=1) if j >= new_from else timedelta(days=90)),
+            in_stock=not _every(j, out_of_stock_every),
+            promoted=_every(j, promoted_every),
         )
         for j in range(n_items)
     ]
@@ -136,6 +146,10 @@ def publish_synthetic_model(
         categories=[item_category(j, n_categories) for j in range(n_items)],
         new_items=item_ids[new_from:],
     )
+
+
+def _every(j: int, k: int) -> bool:
+    return k > 0 and j % k == k // 2
 
 
 def synthetic_history(user_ids: list[str], item_ids: list[str], n_categories: int, cutoff: datetime) -> pa.Table:
@@ -236,6 +250,7 @@ def stage_events(client: Any, settings: Any, version: str, lake: Lake, events: l
 
 def fold_into_speed_state(client: Any, settings: Any, version: str, lake: Lake, events: list[Any]) -> int:
     """Run the events through the real speed consumer (as `recs speed run` would); returns how many it applied."""
+    from common import redis_keys
     from speed_layer.consumer import SpeedConsumer
 
     stage_events(client, settings, version, lake, events)
@@ -244,7 +259,10 @@ def fold_into_speed_state(client: Any, settings: Any, version: str, lake: Lake, 
     applied = 0
     while handled := consumer.pump(block=False):
         applied += handled
-    consumer.refresh_trending()
+    # The trending list as a running consumer keeps it: re-summed now, past the lock its start took.
+    client.delete(redis_keys.TRENDING_REFRESH_LOCK)
+    if not consumer.refresh_trending():
+        raise RuntimeError("the trending list was not re-summed")
     return applied
 
 
@@ -581,6 +599,8 @@ def _fill_live_state(
         n_categories=n_categories,
         n_new=50,
         seed=11,
+        out_of_stock_every=BENCH_OUT_OF_STOCK_EVERY,
+        promoted_every=BENCH_PROMOTED_EVERY,
     )
     env = {
         **os.environ,

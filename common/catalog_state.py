@@ -1,12 +1,15 @@
 """Live item state in Redis (stock, price, promotion, category): written by the API's catalog updates.
 
-Changes take effect at once: serving reads the OUT_OF_STOCK and PROMOTED sets per request, and the
-speed layer reads an item's category for session affinity and bestsellers.
+Changes take effect at once: serving's reads get the OUT_OF_STOCK and PROMOTED sets again whenever the
+token written after each change of them differs from the one of the copy a worker holds
+(common/read_flags.lua), and the speed layer reads an item's category for session affinity and
+bestsellers.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 
 import redis
@@ -24,6 +27,8 @@ def apply_item_updates(client: redis.Redis, updates: Sequence[ItemUpdate]) -> in
     pipe = client.pipeline(transaction=not is_cluster(client))
     for update in updates:
         _queue_fields(pipe, update.item_id, _fields_of_update(update))
+    if any(update.in_stock is not None or update.promoted is not None for update in updates):
+        _queue_flags_token(pipe)
     for update in updates:
         # As a command: a cluster pipeline refuses its `publish` method (the cluster forwards the message).
         pipe.execute_command("PUBLISH", redis_keys.CATALOG_CHANNEL, update.model_dump_json(exclude_none=True))
@@ -51,7 +56,10 @@ def load_items(client: redis.Redis, items: Iterable[Item], chunk: int = 5000) ->
         _queue_fields(pipe, item.item_id, fields)
         written += 1
         if written % chunk == 0:
+            _queue_flags_token(pipe)
             pipe.execute()
+    if written % chunk:
+        _queue_flags_token(pipe)
     pipe.execute()
     return written
 
@@ -62,6 +70,8 @@ def seed_missing_items(client: redis.Redis, items: Sequence[Item]) -> int:
     for item in items:
         pipe.exists(redis_keys.item_state(item.item_id))
     missing = [item for item, present in zip(items, pipe.execute(), strict=True) if not present]
+    # A token for the sets an earlier version wrote without one, so serving's copies start to hold.
+    client.set(redis_keys.ITEM_FLAGS_TOKEN, secrets.token_hex(8), nx=True)
     return load_items(client, missing) if missing else 0
 
 
@@ -100,6 +110,12 @@ def _content(fields: Mapping[bytes, bytes]) -> ItemContent:
         brand=text.get("brand", ""),
         price=float(text.get("price", 0.0)),
     )
+
+
+def _queue_flags_token(pipe: redis.client.Pipeline) -> None:
+    # After the sets' writes: a reader that sees the new token reads the sets as they are with it, also
+    # where the pipeline is no transaction (the three keys share one slot, so their order holds).
+    pipe.set(redis_keys.ITEM_FLAGS_TOKEN, secrets.token_hex(8))
 
 
 def _queue_fields(pipe: redis.client.Pipeline, item_id: str, fields: dict[str, str]) -> None:

@@ -4,7 +4,6 @@
 -- stays the only place that spells them.
 --
 -- KEYS: alias person_sessions person_items purchases delta delta_count speed_version trending_top
---       out_of_stock promoted
 -- ARGV: session trending_n covis_n bestsellers_n top_categories recent_prefix recent_suffix
 --       cats_prefix cats_suffix cart_prefix cart_suffix counts_prefix counts_suffix covis_prefix
 --       covis_suffix bestsellers_prefix bestsellers_suffix nb_session_prefix nb_session_suffix
@@ -18,9 +17,9 @@
 -- the session's top_categories preferred ones. The global keys are tagged by their id's slot group
 -- (redis_keys.grouped_template): <family>_prefix .. group(id) .. <family>_middle .. id .. <family>_suffix.
 -- Returns: alias, session, recent, cats, cart, counts, person items, purchases, delta, delta count,
--- speed version, trending, {item, covis}..., {category, bestsellers}..., out of stock, promoted,
--- neighbours (items, best first: common/neighbours.py scores the same way), their scores (little-endian
--- doubles, packed).
+-- speed version, trending, {item, covis}..., {category, bestsellers}..., neighbours (items, best first:
+-- common/neighbours.py scores the same way), their scores (little-endian doubles, packed). The item
+-- flags come from read_flags.lua, in the same round trip.
 -- Lua's incremental collector would run several times inside one read, marking this read's growing
 -- tables (~1,600 votes) again each time; paused, the read's garbage is swept once, after it (-2.6 % of
 -- a read's instructions on real clicks). Redis' own collection steps between scripts resume it even
@@ -273,5 +272,5 @@ return {
   redis.call('HGETALL', KEYS[3]), redis.call('ZRANGE', KEYS[4], '0', '-1', 'WITHSCORES'),
   strings[2], strings[3], strings[4],
   redis.call('ZREVRANGE', KEYS[8], '0', last(ARGV[2]), 'WITHSCORES'),
-  covis, best, redis.call('SMEMBERS', KEYS[9]), redis.call('SMEMBERS', KEYS[10]), neighbours, neighbour_scores,
+  covis, best, neighbours, neighbour_scores,
 }

@@ -447,8 +447,11 @@ def bandit_served(request_id: str) -> str:
 BANDIT_IMPRESSIONS = f"{_BANDIT_GROUP}:bandit:impressions"
 BANDIT_GROUP = "bandit"
 
-OUT_OF_STOCK = f"{_ITEM_FLAGS_GROUP}:items:out_of_stock"  # set of item ids, read once per request
+OUT_OF_STOCK = f"{_ITEM_FLAGS_GROUP}:items:out_of_stock"  # set of item ids
 PROMOTED = f"{_ITEM_FLAGS_GROUP}:items:promoted"  # set of item ids
+# A fresh random token written after each change of the two sets: a reader holding a copy of both gets
+# them again only when it changed (common/read_flags.lua).
+ITEM_FLAGS_TOKEN = f"{_ITEM_FLAGS_GROUP}:items:flags_token"
 
 # ---------------------------------------------------------------- speed layer bookkeeping
 
@@ -563,7 +566,9 @@ FAMILIES: tuple[KeyFamily, ...] = (
     ),
     KeyFamily("neighbour_sessions", (_pattern(neighbour_session),), "per session: its items (session-kNN)"),
     KeyFamily("item_sessions", (_pattern(item_sessions),), "per item: its recent sessions (session-kNN)"),
-    KeyFamily("item_state", (_pattern(item_state), OUT_OF_STOCK, PROMOTED), "live item fields and flags"),
+    KeyFamily(
+        "item_state", (_pattern(item_state), OUT_OF_STOCK, PROMOTED, ITEM_FLAGS_TOKEN), "live item fields and flags"
+    ),
     KeyFamily("bandit_served", (_pattern(bandit_served),), "per served list (bandit mode): where its rewards go"),
     KeyFamily("bandit_impressions", (BANDIT_IMPRESSIONS,), "served lists (bandit mode) to count"),
     KeyFamily("bandit_counts", (_pattern(bandit_counts, 2),), "per experiment version: the arms' posteriors"),

@@ -13,11 +13,13 @@ import redis
 from redis.exceptions import RedisClusterException
 
 from common import redis_keys
+from common.catalog import ItemUpdate
+from common.catalog_state import apply_item_updates
 from common.events import Consent, Event, EventType
 from common.model import ModelArtifacts
 from common.redis_server import LocalRedisCluster, RedisServer, connect
 from common.sequence import FOLLOW_UNIT
-from common.speed_state import NeighbourQuery, read_speed_state
+from common.speed_state import ItemFlagsCopy, NeighbourQuery, read_speed_state
 from speed_layer import effects
 from speed_layer.effects import Applier
 from tests.speed_factories import make_event, set_categories, speed_settings
@@ -141,10 +143,13 @@ def test_a_crash_between_the_person_and_the_group_calls_loses_and_doubles_nothin
 
 
 
-def _read(client: redis.Redis, person: str, session: str | None, now_s: float) -> dict[str, object]:
+def _read(
+    client: redis.Redis, person: str, session: str | None, now_s: float, flags: ItemFlagsCopy | None = None
+) -> dict[str, object]:
     state = read_speed_state(
         client, person, session_id=session, model_version="v1", top_categories=2, categories=["c1"],
         candidate_items=list(CATEGORIES), now_s=now_s, neighbours=NeighbourQuery(sample=50, k=20, n=10, per_item=30),
+        flags=flags,
     )  # fmt: skip
     fields = {k: v for k, v in vars(state).items() if k not in ("delta", "day_counts")}
     fields["delta"] = None if state.delta is None else np.round(state.delta, 5).tolist()
@@ -166,8 +171,9 @@ def test_serving_reads_the_same_state_from_a_cluster_as_from_one_redis(
     events, model, _ = reference
     set_categories(cluster_client, CATEGORIES)
     _apply(cluster_client, tmp_path, redis_cluster.url, events, model)
-    cluster_client.sadd(redis_keys.OUT_OF_STOCK, "i3")
-    redis_client.sadd(redis_keys.OUT_OF_STOCK, "i3")
+    for client in (cluster_client, redis_client):
+        apply_item_updates(client, [ItemUpdate(item_id="i3", in_stock=False), ItemUpdate(item_id="i4", promoted=True)])
+    single_flags, cluster_flags = ItemFlagsCopy(), ItemFlagsCopy()  # each read after the first uses its copy
     now_s = max(e.ts.timestamp() for e in events)
     reads = [
         (person, session)
@@ -176,10 +182,14 @@ def test_serving_reads_the_same_state_from_a_cluster_as_from_one_redis(
     ]
     compared = 0
     for person, session in reads:
-        single, cluster = _read(redis_client, person, session, now_s), _read(cluster_client, person, session, now_s)
+        single = _read(redis_client, person, session, now_s, single_flags)
+        cluster = _read(cluster_client, person, session, now_s, cluster_flags)
         assert cluster == single, (person, session)
         compared += bool(single["neighbours"]) + bool(single["covisitation"])
     assert compared > 5  # the reads followed sessions to co-visits and neighbours
+    assert cluster_flags.flags.out_of_stock == {"i3"} and cluster_flags.flags.promoted == {"i4"}
+    apply_item_updates(cluster_client, [ItemUpdate(item_id="i5", in_stock=False)])
+    assert _read(cluster_client, "u1", None, now_s, cluster_flags)["out_of_stock"] == {"i3", "i5"}
 
 
 def test_a_master_killed_mid_stream_fails_over_and_the_counts_stay_exact(

@@ -12,7 +12,7 @@ import redis
 
 from common import redis_keys
 from common.catalog import ItemUpdate
-from common.catalog_state import apply_item_updates
+from common.catalog_state import apply_item_updates, seed_missing_items
 from common.events import Consent, EventType
 from common.messages import CHANGES_HEAD, CHANGES_TAIL, RecsChanged, RecsChangedBatch, change_json
 from common.model import load_model, save_history
@@ -20,7 +20,7 @@ from common.neighbours import session_token
 from common.redis_server import RedisServer, is_cluster
 from common.registry import Registry
 from common.sequence import FOLLOW_UNIT
-from common.speed_state import read_speed_state
+from common.speed_state import ItemFlagsCopy, read_speed_state
 from speed_layer.consumer import SpeedConsumer
 from tests.speed_factories import (
     add_events,
@@ -337,6 +337,41 @@ def test_catalog_updates_take_effect_at_once(redis_client: redis.Redis) -> None:
     assert redis_client.hget(redis_keys.item_state("i1"), "price") == b"9.5"
     apply_item_updates(redis_client, [ItemUpdate(item_id="i1", in_stock=True)])
     assert read_speed_state(redis_client, "anyone").out_of_stock == frozenset()
+
+
+def test_a_copy_of_the_item_flags_is_sent_again_only_once_a_catalog_update_changed_them(
+    redis_client: redis.Redis,
+) -> None:
+    apply_item_updates(redis_client, [ItemUpdate(item_id="i1", in_stock=False), ItemUpdate(item_id="i2", promoted=True)])
+    copy = ItemFlagsCopy()
+    first = read_speed_state(redis_client, "anyone", flags=copy)
+    assert first.out_of_stock == {"i1"} and first.promoted == {"i2"}
+    assert copy.flags.token == redis_client.get(redis_keys.ITEM_FLAGS_TOKEN).decode()
+    # A write past the catalog's writer leaves the token: a holder of the copy is not sent the sets again.
+    redis_client.sadd(redis_keys.OUT_OF_STOCK, "i9")
+    assert read_speed_state(redis_client, "anyone", flags=copy).out_of_stock == {"i1"}
+    assert read_speed_state(redis_client, "anyone").out_of_stock == {"i1", "i9"}
+    # An update through the writer changes the token: the next read gets both sets as they are.
+    apply_item_updates(redis_client, [ItemUpdate(item_id="i1", in_stock=True)])
+    after = read_speed_state(redis_client, "anyone", flags=copy)
+    assert after.out_of_stock == {"i9"} and after.promoted == {"i2"}
+    # A price alone changes no flag, nor the token.
+    token = copy.flags.token
+    apply_item_updates(redis_client, [ItemUpdate(item_id="i3", price=2.0)])
+    read_speed_state(redis_client, "anyone", flags=copy)
+    assert copy.flags.token == token
+    # Without a token (sets an earlier version wrote) every read gets the sets, and no copy is kept.
+    redis_client.delete(redis_keys.ITEM_FLAGS_TOKEN)
+    redis_client.sadd(redis_keys.OUT_OF_STOCK, "i8")
+    assert read_speed_state(redis_client, "anyone", flags=copy).out_of_stock == {"i8", "i9"}
+    redis_client.srem(redis_keys.OUT_OF_STOCK, "i8")
+    assert read_speed_state(redis_client, "anyone", flags=copy).out_of_stock == {"i9"}
+    # The speed layer's start writes one for them, without replacing a token that exists.
+    seed_missing_items(redis_client, [])
+    token = redis_client.get(redis_keys.ITEM_FLAGS_TOKEN)
+    assert token is not None
+    seed_missing_items(redis_client, [])
+    assert redis_client.get(redis_keys.ITEM_FLAGS_TOKEN) == token
 
 
 def test_an_items_category_counts_from_its_first_catalog_record_and_follows_a_move(

@@ -284,6 +284,7 @@ def read_speed(
                 sizes.neighbour_sample, sizes.neighbour_k, sizes.neighbours if neighbours else 0,
                 speed_settings.neighbour_sessions_per_item,
             ),
+            flags=state.item_flags,
         )
     except redis.RedisError as exc:
         state.redis.failed(exc)

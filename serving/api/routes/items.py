@@ -8,10 +8,12 @@ import redis
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.responses import JSONResponse
+from redis.exceptions import NoScriptError
 
 from common import redis_keys
 from common.ids import Id
 from common.sequence import follow_weights
+from common.speed_state import ItemFlags, item_flags, item_flags_call, load_read_scripts
 from serving.api.deps import (
     RecsRead,
     SingleQueryValues,
@@ -91,20 +93,30 @@ async def similar_items(
     return JSONResponse(body.model_dump(mode="json"))  # the documented model, not validated again by FastAPI
 
 
-def _live_state(state: StateDep, item_id: str) -> tuple[set[str], list[tuple[str, float]], str | None]:
-    """The out-of-stock set and the item's live co-visits, in one round trip; empty when Redis is down."""
+def _live_state(state: StateDep, item_id: str) -> tuple[frozenset[str], list[tuple[str, float]], str | None]:
+    """The out-of-stock set (the worker's copy, read again when it changed) and the item's live
+    co-visits, in one round trip; empty when Redis is down."""
     if not state.redis.available():
-        return set(), [], REDIS_DOWN
+        return frozenset(), [], REDIS_DOWN
+    known = state.item_flags.flags
     try:
-        pipe = state.redis.client.pipeline(transaction=False)
-        pipe.smembers(redis_keys.OUT_OF_STOCK)
-        pipe.zrevrange(redis_keys.covisitation(item_id), 0, COVIS_READ - 1, withscores=True)
-        members, pairs = pipe.execute()
+        try:
+            flags_reply, pairs = _flags_and_covisits(state.redis.client, known, item_id)
+        except NoScriptError:  # a restarted Redis forgot the flags' script
+            load_read_scripts(state.redis.client)
+            flags_reply, pairs = _flags_and_covisits(state.redis.client, known, item_id)
     except redis.RedisError as exc:
         state.redis.failed(exc)
-        return set(), [], REDIS_DOWN
+        return frozenset(), [], REDIS_DOWN
     followers = follow_weights([_text(m) for m, _ in pairs], [units for _, units in pairs])
-    return {_text(m) for m in members}, list(followers.items()), None
+    return item_flags(flags_reply, known, state.item_flags).out_of_stock, list(followers.items()), None
+
+
+def _flags_and_covisits(client: redis.Redis, known: ItemFlags, item_id: str) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    pipe.execute_command(*item_flags_call(known))
+    pipe.zrevrange(redis_keys.covisitation(item_id), 0, COVIS_READ - 1, withscores=True)
+    return list(pipe.execute())
 
 
 def _text(value: bytes | str) -> str:

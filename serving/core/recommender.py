@@ -342,22 +342,21 @@ def _seeds(req: RecRequest, speed: SpeedState | None, now_s: float) -> dict[str,
 
 def _excluded(
     state: ServingState, rules: Rules, req: RecRequest, speed: SpeedState | None, now_s: float
-) -> set[str]:
-    """Items the rules forbid for this request."""
+) -> tuple[set[str], frozenset[str]]:
+    """Items the rules forbid for this request: the request's own, and the live out-of-stock set apart
+    (thousands of items in a store, which a union would copy at every request)."""
     out: set[str] = set()
     if req.item_id:
         out.add(req.item_id)  # never recommend the page's own product
     if speed is None:
-        return out
-    if rules.exclude.out_of_stock:
-        out |= speed.out_of_stock
+        return out, frozenset()
     window = rules.exclude.purchased_within_days * DAY_S
     out |= {item for item, at in speed.purchases.items() if at >= now_s - window}
     if rules.exclude.in_cart:
         out |= set(speed.cart)
     if rules.exclude.seen_in_session:
         out |= set(speed.session_items)
-    return out
+    return out, speed.out_of_stock if rules.exclude.out_of_stock else frozenset()
 
 
 def _apply_rules(
@@ -368,9 +367,9 @@ def _apply_rules(
     lists: dict[str, Scored],
     now_s: float,
 ) -> _Pool:
-    excluded = _excluded(state, rules, req, speed, now_s)
+    excluded, out_of_stock = _excluded(state, rules, req, speed, now_s)
     merged = merge_sources(lists)
-    items = [item for item in merged if item not in excluded]
+    items = [item for item in merged if item not in excluded and item not in out_of_stock]
     infos = state.catalog.get_many(items)
     if rules.exclude.out_of_stock:  # the catalog's flag also holds while Redis (the live set) is down
         in_stock = [info is None or info.in_stock for info in infos]

@@ -76,6 +76,20 @@ def test_another_worker_and_the_speed_layer_get_the_same_content_vector(
             np.testing.assert_array_equal(heard.artifacts.item_vector("fresh-1"), vector)
             np.testing.assert_array_equal(consumer.models[published.version].item_vector("fresh-1"), vector)
 
+            # A burst of updates (one message an item) reaches the other worker whole.
+            burst = [{"item_id": f"i{j}", "price": 100.0 + j, "in_stock": j % 2 == 0} for j in range(20)]
+            assert client.put("/v1/catalog/items", json=burst).status_code == 200
+            other_catalog = serving_state(other).catalog
+
+            def heard_burst() -> bool:
+                infos = [other_catalog.get(f"i{j}") for j in range(20)]
+                return all(i is not None and (i.price, i.in_stock) == (100.0 + j, j % 2 == 0) for j, i in enumerate(infos))
+
+            deadline = time.monotonic() + 5
+            while not heard_burst():
+                assert time.monotonic() < deadline, "the other worker missed updates of the burst"
+                time.sleep(0.05)
+
             # A change of content moves the vector everywhere; a change of stock does not.
             client.put("/v1/catalog/items", json=[{"item_id": "fresh-1", "category_path": ["Root", "cat5"]}])
             consumer.apply_catalog([ItemUpdate(item_id="fresh-1", category_path=["Root", "cat5"])])

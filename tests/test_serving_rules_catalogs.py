@@ -3,6 +3,9 @@ still lets a list fill its k places when the pool holds k items."""
 
 from __future__ import annotations
 
+import random
+
+from common.catalog import ItemUpdate
 from serving.core.catalog_view import UNCATEGORISED, CatalogView, ItemInfo
 from serving.core.recommender import _pick
 from serving.core.rules import Diversity, NewArrivals, Rules
@@ -56,3 +59,25 @@ def test_newest_gives_in_stock_items_created_since_newest_first_at_most_n() -> N
     assert catalog.newest(0.0, 0) == []
     catalog.add([info("f", 40.0), info("g", 40.0)])  # ties by id
     assert [i.item_id for i in catalog.newest(25.0, 10)] == ["f", "g", "b"]
+
+
+def test_updates_leave_the_newest_and_the_promoted_as_a_catalog_built_anew_holds_them() -> None:
+    # Updates to known items refresh the entries in place (no sort of the whole catalog); an added
+    # item sorts again. Either way what readers see equals a view built from the items as they are.
+    rng = random.Random(5)
+    ids = [f"i{j}" for j in range(300)]
+    catalog = CatalogView({i: ItemInfo(i, "", UNCATEGORISED, 1.0, float(j % 40), True, j % 9 == 0) for j, i in enumerate(ids)})
+    for step in range(60):
+        updates = [
+            ItemUpdate(item_id=rng.choice(ids), in_stock=rng.random() < 0.7, promoted=rng.random() < 0.2, price=step + 1.0)
+            for _ in range(rng.randint(1, 5))
+        ]
+        if step % 15 == 14:
+            ids.append(f"new-{step}")
+            updates.append(ItemUpdate(item_id=ids[-1], promoted=True))
+        catalog.apply(updates)
+        anew = CatalogView({i: info for i in ids if (info := catalog.get(i)) is not None})
+        assert catalog.promoted == anew.promoted
+        for since in (0.0, 20.0, 39.0):
+            assert catalog.newest(since, 50) == anew.newest(since, 50)
+    assert any(info.item_id.startswith("new-") for info in catalog.newest(0.0, 10))

@@ -169,13 +169,15 @@ class ServingState:
                 self.reload_model()  # a message may have been missed while disconnected
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=0.2)
-                    if message is None:
-                        continue
-                    channel = message["channel"].decode()
-                    if channel == redis_keys.MODELS_CHANNEL:
+                    # A catalog update is one message an item: a burst of them (a stock feed) is applied as one.
+                    burst: list[bytes] = []
+                    while message is not None and message["channel"].decode() == redis_keys.CATALOG_CHANNEL:
+                        burst.append(message["data"])
+                        message = pubsub.get_message(timeout=0.0)
+                    if burst:
+                        self._on_catalog_messages(burst)
+                    if message is not None:
                         self._on_model_message(message["data"])
-                    else:
-                        self._on_catalog_message(message["data"])
             except redis.RedisError:
                 self._stop.wait(1.0)
             finally:
@@ -189,14 +191,16 @@ class ServingState:
             return
         self.reload_model(event.version)
 
-    def _on_catalog_message(self, data: bytes) -> None:
-        """Another worker applied an item update: mirror titles, prices and categories here too."""
-        try:
-            update = ItemUpdate.model_validate_json(data)
-        except ValueError:
-            log.warning("ignoring a malformed message on %s", redis_keys.CATALOG_CHANNEL)
-            return
-        self.apply_catalog([update])
+    def _on_catalog_messages(self, messages: list[bytes]) -> None:
+        """Another worker applied item updates: mirror titles, prices and categories here too."""
+        updates = []
+        for data in messages:
+            try:
+                updates.append(ItemUpdate.model_validate_json(data))
+            except ValueError:
+                log.warning("ignoring a malformed message on %s", redis_keys.CATALOG_CHANNEL)
+        if updates:
+            self.apply_catalog(updates)
 
     def _day_counts_loop(self) -> None:
         while not self._stop.wait(DAY_COUNTS_CHECK_S):

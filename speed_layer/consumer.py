@@ -441,17 +441,18 @@ class SpeedConsumer:
     def _announced_versions(self) -> list[str]:
         """Model versions announced since the last look; forgets the categories of moved items."""
         versions: list[str] = []
-        while True:
-            message = self.pubsub.get_message(timeout=0)
-            if message is None:
-                return versions
+        updates: list[ItemUpdate] = []
+        while (message := self.pubsub.get_message(timeout=0)) is not None:
             try:
                 if message["channel"] == CATALOG_CHANNEL:
-                    self.apply_catalog([ItemUpdate.model_validate_json(message["data"])])
+                    updates.append(ItemUpdate.model_validate_json(message["data"]))
                 else:
                     versions.append(ModelEvent.model_validate_json(message["data"]).version)
             except ValueError as exc:
                 log.warning("ignoring a malformed message on %s: %s", message["channel"], exc)
+        if updates:  # one message an item: a burst in one read of their contents and one copy of the factors
+            self.apply_catalog(updates)
+        return versions
 
     def apply_catalog(self, updates: Sequence[ItemUpdate]) -> None:
         """Item updates: forget the categories of moved items; give items whose content changed their

@@ -89,6 +89,14 @@ def test_another_worker_and_the_speed_layer_get_the_same_content_vector(
             while not heard_burst():
                 assert time.monotonic() < deadline, "the other worker missed updates of the burst"
                 time.sleep(0.05)
+            # New items of one update reach the speed layer together, each with its content vector.
+            more = [{**FRESH, "item_id": f"fresh-{j}", "title": f"Item new {j}"} for j in (2, 3, 4)]
+            assert client.put("/v1/catalog/items", json=more).status_code == 200
+            held, deadline = consumer.models[published.version], time.monotonic() + 5
+            while any(held.item_vector(f"fresh-{j}") is None for j in (2, 3, 4)):
+                assert time.monotonic() < deadline, "the speed layer missed new items of the burst"
+                consumer._housekeeping()
+                held = consumer.models[published.version]
 
             # A change of content moves the vector everywhere; a change of stock does not.
             client.put("/v1/catalog/items", json=[{"item_id": "fresh-1", "category_path": ["Root", "cat5"]}])

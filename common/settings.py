@@ -335,7 +335,11 @@ class SpeedSettings(Section):
     bestsellers_half_life_s: int = Field(7 * 86400, ge=3600)
     bestsellers_top_n: int = Field(200, ge=1, description="Items kept per category (trimmed when twice as many).")
     trending_top_n: int = Field(500, ge=1, description="Size of the materialised trending list.")
-    trending_refresh_s: float = Field(5.0, gt=0, description="How often one consumer re-sums the trending buckets.")
+    trending_refresh_s: float = Field(
+        5.0, gt=0,
+        description="How often one consumer re-sums the trending buckets; less often when a re-sum holds Redis "
+        "longer than 0.5 % of the time (speed_layer/consumer.py: trending_pause_s).",
+    )  # fmt: skip
     claim_interval_s: float = Field(5.0, gt=0, description="How often a consumer looks for idle pending entries.")
     restart_backoff_s: float = Field(
         1.0, gt=0, description="`recs speed run --consumers N` restarts a dead child after this, doubled while it "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import redis
 
 from common import redis_keys
@@ -21,7 +22,7 @@ from common.redis_server import RedisServer, is_cluster
 from common.registry import Registry
 from common.sequence import FOLLOW_UNIT
 from common.speed_state import ItemFlagsCopy, read_speed_state
-from speed_layer.consumer import SpeedConsumer
+from speed_layer.consumer import TRENDING_BUSY_SHARE, SpeedConsumer, trending_pause_s
 from tests.speed_factories import (
     add_events,
     make_event,
@@ -75,6 +76,26 @@ def test_duplicate_delivery_applies_once(any_redis: tuple[redis.Redis, str], tmp
     assert consumer.refresh_trending()
     trending = dict(read_speed_state(redis_client, "u1", session_id="s1").trending)
     assert trending == {"i1": 1.0, "i2": 8.0}
+
+
+def test_a_trending_re_sum_holds_the_next_one_off_for_the_time_it_took_over_the_busy_share(
+    redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    assert trending_pause_s(0.001, 5.0) == 5.0  # cheap: the setting's period
+    assert trending_pause_s(0.09, 5.0) == pytest.approx(0.09 / TRENDING_BUSY_SHARE)  # 90 ms: 18 s
+    settings = speed_settings(tmp_path, redis_server.url, trending_refresh_s=0.001)
+    first, other = SpeedConsumer(redis_client, settings, name="c1"), SpeedConsumer(redis_client, settings, name="c2")
+    now, rng = int(time.time()), np.random.default_rng(0)
+    for age in range(72):  # the window's buckets, 1,000 items each: a re-sum of ~10 ms or more
+        items = rng.choice(50_000, 1_000, replace=False)
+        redis_client.zadd(redis_keys.trending_bucket(now - now % 300 - 300 * age), {f"i{j}": 1 for j in items})
+    assert first.refresh_trending()
+    assert redis_client.zcard(redis_keys.TRENDING_TOP) == settings.speed.trending_top_n
+    pause_ms = first._trending_pause_s * 1000
+    assert pause_ms >= 1_000  # 200 times the re-sum, far over the setting's 1 ms
+    # The lock holds the others off for the pause (it was taken for 1 ms); the tolerance is for a slow CI.
+    assert redis_client.pttl(redis_keys.TRENDING_REFRESH_LOCK) > 0.45 * pause_ms
+    assert not other.refresh_trending()
 
 
 def test_malformed_entry_goes_to_dead_letter_and_the_group_goes_on(

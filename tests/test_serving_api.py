@@ -182,6 +182,14 @@ def test_similar_items_share_the_category(client: TestClient) -> None:
     assert scores == sorted(scores, reverse=True)
 
 
+def test_only_similar_items_make_the_unit_length_copy_of_the_factors(client: TestClient) -> None:
+    # Lists never read it: a push helper, which only makes lists, holds no such private copy.
+    assert client.get("/v1/recommendations", params={"user_id": "u1", "item_id": "i9", "context": "product"}).status_code == 200
+    assert "unit_factors" not in vars(serving_state(client).models.current)
+    assert client.get("/v1/items/i9/similar").status_code == 200
+    assert "unit_factors" in vars(serving_state(client).models.current)
+
+
 def test_similar_items_of_an_unknown_item_is_404(client: TestClient) -> None:
     response = client.get("/v1/items/nope/similar")
     assert response.status_code == 404 and response.json()["error"] == "unknown_item"

@@ -153,7 +153,6 @@ def test_similar_items_equal_the_blend_over_every_items_cosine() -> None:
 
     from common.model import ModelArtifacts
     from common.registry import Manifest
-    from common.vectors import unit_rows
     from serving.core.model_holder import ServingModel
     from serving.core.similar import similar_items
 
@@ -164,7 +163,7 @@ def test_similar_items_equal_the_blend_over_every_items_cosine() -> None:
     now = datetime.now(UTC)
     manifest = Manifest(version="v", created_at=now, cutoff=now, engine="test", parameters={}, metrics={})
     artifacts = ModelArtifacts("v", manifest, ids, factors, [], np.zeros((0, 16), np.float32), np.eye(16))
-    model = ServingModel(artifacts=artifacts, unit_factors=unit_rows(factors), covis={}, popular=[])
+    model = ServingModel(artifacts=artifacts, covis={}, popular=[])
 
     def excluded(item: str) -> bool:
         return item.endswith("7")  # a tenth of the catalog out of stock

@@ -23,7 +23,7 @@ def _serving_model(tmp_path: Path, parameters: dict[str, object]) -> ServingMode
     publish_synthetic_model(registry, Lake(str(tmp_path / "lake")), n_items=30, n_users=5, factors=4)
     artifacts = load_model(registry, "v1")
     artifacts.manifest = artifacts.manifest.model_copy(update={"parameters": parameters})
-    return ServingModel(artifacts=artifacts, unit_factors=np.zeros((30, 4)), covis={}, popular=[])
+    return ServingModel(artifacts=artifacts, covis={}, popular=[])
 
 
 def test_a_trained_version_serves_with_its_own_constants_and_pool(tmp_path: Path) -> None:

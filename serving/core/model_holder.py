@@ -38,7 +38,6 @@ TOP_PER_LIST = 100  # co-visited and per-category lists are kept to this many it
 @dataclass
 class ServingModel:
     artifacts: ModelArtifacts
-    unit_factors: np.ndarray  # item factors scaled to unit length, for similar items
     covis: dict[str, dict[str, float]]  # batch co-visitation: item -> other -> count
     popular: list[tuple[str, float]]  # batch popularity, best first
     category_popular: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -55,6 +54,11 @@ class ServingModel:
     @property
     def regularization(self) -> float:
         return float(self._parameter("regularization", 0.05))
+
+    @cached_property  # only the similar-items route reads them: a push helper never makes this private copy
+    def unit_factors(self) -> np.ndarray:
+        """The item factors scaled to unit length, for similar items."""
+        return unit_rows(self.artifacts.item_factors)
 
     @cached_property  # read on every request: validated once per loaded version
     def candidate_pool(self) -> CandidatePool:
@@ -80,7 +84,6 @@ def build_serving_model(
             bucket[item] = count
     return ServingModel(
         artifacts=artifacts,
-        unit_factors=unit_rows(factors),
         covis=_covis(artifacts.covisitation),
         popular=popular[:1000],
         category_popular=dict(by_category),
@@ -116,7 +119,7 @@ def with_content_vectors(model: ServingModel, catalog: CatalogView, item_ids: Se
     artifacts = model.artifacts.with_content_vectors(catalog.contents(None if item_ids is None else list(item_ids)))
     if artifacts is model.artifacts:
         return model
-    return replace(model, artifacts=artifacts, unit_factors=unit_rows(artifacts.item_factors))
+    return replace(model, artifacts=artifacts)
 
 
 def _popular(table: pa.Table | None) -> list[tuple[str, float]]:

@@ -372,6 +372,11 @@ def trending_bucket(bucket_start_s: int) -> str:
     return f"{_TREND_GROUP}:trend:{bucket_start_s}"
 
 
+def trending_bucket_start(key: str | bytes) -> int:
+    """The start of the bucket `trending_bucket` named `key`."""
+    return int((key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[1])
+
+
 def popularity_day(day_index: int) -> str:
     """Sorted set item -> count of item events (events.ITEM_EVENTS but ATTENTION_EVENTS) by event time `ts` on one UTC day
     (features.day_index); kept 8 days."""
@@ -458,6 +463,8 @@ ITEM_FLAGS_TOKEN = f"{_ITEM_FLAGS_GROUP}:items:flags_token"
 SPEED_VERSION = f"{_SPEED_GROUP}:speed:version"  # model version whose deltas the speed layer now serves
 SPEED_PENDING_VERSION = f"{_SPEED_GROUP}:speed:pending"  # version being rebuilt: consumers write its deltas too
 TRENDING_TOP = f"{_TREND_GROUP}:trend:top"  # sorted set item -> decayed sum of the window's buckets, re-summed often
+# sorted set trending bucket key -> events counted in it, by the scripts that count them (speed_layer/trending.py)
+TRENDING_VERSIONS = f"{_TREND_GROUP}:trend:versions"
 TRENDING_REFRESH_LOCK = f"{_TREND_GROUP}:trend:lock"  # SET NX PX: one consumer re-sums the buckets at a time
 SPEED_HEARTBEAT = f"{_SPEED_GROUP}:speed:heartbeat"  # hash consumer -> last beat (epoch ms)
 SPEED_MIGRATED = f"{_SPEED_GROUP}:speed:migrated"  # set: the keyspace migrations done (speed_layer/migrations.py)
@@ -555,7 +562,9 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("erased", (f"{PREFIX}:erased:*",), "tombstones of erased ids (digests)"),
     KeyFamily("consent_withdrawals", (f"{PREFIX}:consent:*",), "consent withdrawals by id (digests)"),
     KeyFamily(
-        "trending_top", (TRENDING_TOP, TRENDING_REFRESH_LOCK), "the materialised trending list and its lock"
+        "trending_top",
+        (TRENDING_TOP, TRENDING_REFRESH_LOCK, TRENDING_VERSIONS),
+        "the materialised trending list, its lock and the buckets' write counts",
     ),
     KeyFamily("trending_buckets", (_pattern(trending_bucket),), "per time bucket: weighted item counts"),
     KeyFamily("popularity_days", (_pattern(popularity_day),), "per day: item event counts"),

@@ -3,7 +3,7 @@
 --
 -- KEYS: event*event_count
 -- KEYS event: seen recent cats cart counts sessions person_items purchases trend_bucket popularity_day
---       category_bestsellers covis plans clicked per_version*n_versions
+--       category_bestsellers covis plans clicked trend_versions per_version*n_versions
 -- KEYS per_version: delta delta_count
 -- ARGV: event_count apply_base session_ttl recent_n dedup_ttl affinity_half_life history_ttl purchases_kept
 --       bestsellers_kept covis_kept delta_ttl covis_prefix covis_suffix covis_window nb_session_prefix
@@ -26,6 +26,8 @@
 -- keys are all the unlinked marker set (redis_keys.SEEN_UNLINKED), of which only `seen` is touched, and
 -- it carries no delta. served: the served-list record key (redis_keys.bandit_served) of the event's
 -- rec_request_id, '' without one; clicked: the session's clicked-list key (redis_keys.session_clicked).
+-- trend_versions: redis_keys.TRENDING_VERSIONS, where each event counted in a trending bucket is counted
+-- (speed_layer/trending.py reads a bucket again only once its count moved).
 -- announcement: '' for an event that changes no one's list; else, on a person's first such event in the
 -- call, the change of their last one as RecsChangedBatch lists it, and `1` on their others. The call
 -- announces on `channel`, in one message, the change of each person any of whose such events it
@@ -277,6 +279,7 @@ local function apply_aggregates(k, a, weight)
   if weight > 0 and ARGV[a + 8] ~= '0' then
     add(zincr, KEYS[k + 9], item, weight)
     expire_at[KEYS[k + 9]] = ARGV[a + 8]
+    add(zincr, KEYS[k + 15], KEYS[k + 9], 1)  -- the bucket's count of events (speed_layer/trending.py)
   end
   if ARGV[a + 9] ~= '0' then
     add(zincr, KEYS[k + 10], item, 1)

@@ -37,6 +37,7 @@ from speed_layer.effects import Applier, BatchResult, Started, StateRead
 from speed_layer.migrations import run_migrations
 from speed_layer.sender import lane_for
 from speed_layer.switch import stamped, switch_version
+from speed_layer.trending import TrendingSum
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class SpeedConsumer:
         self._next_registry_check = 0.0
         self._next_trending = 0.0
         self._trending_pause_s = self.speed.trending_refresh_s  # until the next re-sum (refresh_trending)
+        self._trending = TrendingSum()  # the buckets as this consumer last read them
         self._next_impressions = 0.0
         # After a restart under the same name: where to read on our unacked entries from; None once all read.
         self._own_pending_after: str | bytes | None = "0"
@@ -505,19 +507,18 @@ class SpeedConsumer:
             speed.trending_half_life_s,
         )  # fmt: skip
         buckets = {redis_keys.trending_bucket(start): w for start, w in weights.items()}
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zunionstore(redis_keys.TRENDING_TOP, buckets)
-        pipe.zremrangebyrank(redis_keys.TRENDING_TOP, 0, -(speed.trending_top_n + 1))
-        pipe.execute()
-        self._trending_pause_s = trending_pause_s(time.monotonic() - started, speed.trending_refresh_s)
+        refreshed = self._trending.refresh(self.client, buckets, speed.trending_top_n)
+        # A consumer's first re-sum reads every bucket once: the next ones read what changed.
+        spent_s = time.monotonic() - started - refreshed.first_reads_s
+        self._trending_pause_s = trending_pause_s(spent_s, speed.trending_refresh_s)
         # Set again, not extended: a re-sum longer than the lock's first term outlives it.
         self.client.set(redis_keys.TRENDING_REFRESH_LOCK, self.name, px=max(1, int(self._trending_pause_s * 1000 * 0.9)))
         return True
 
 
-# A re-sum holds Redis for all its clients while it runs: ~55 ms with 2,000 items in each of the window's
-# 72 buckets, ~87 ms with 5,000 (2026-12-06). Every 5 s that was 1-2 % of Redis' time, and of requests
-# held up by it; spaced to at most this share of the time, trending is then a few seconds older.
+# A re-sum reads the buckets that changed (speed_layer/trending.py): ~10-20 ms of a consumer's time with
+# 2,000-5,000 items a bucket, Redis held ~1-2 ms at a time (2026-12-06). A store with far larger
+# buckets would spend more: the re-sums are spaced to at most this share of the time.
 TRENDING_BUSY_SHARE = 0.005
 
 

@@ -919,6 +919,7 @@ class _Planner:
         trend_expireat = trend_expire if trend_expire > self.now else 0
         pop_expireat = pop_expire if pop_expire > self.now else 0
         served = self._served_key(event.rec_request_id)
+        versions_key = redis_keys.TRENDING_VERSIONS
         if self.split:
             if item or served:
                 self.globals[j] = EventGlobals(
@@ -926,12 +927,12 @@ class _Planner:
                     best_key, best, token, served,
                 )  # fmt: skip
             # The person's script touches its person's slot only: the global KEYS name its marker key.
-            trend_key = pop_key = best_key = covis_key = seen
+            trend_key = pop_key = best_key = covis_key = versions_key = seen
         keys += _EVENT_KEYS(
             seen=seen, recent=recent, cats=cats, cart=cart, counts=counts, sessions=sessions,
             person_items=person_items, purchases=purchases, trend_bucket=trend_key, popularity_day=pop_key,
             category_bestsellers=best_key, covis=covis_key, plans=plans, clicked=clicked,
-            per_version=version_keys,
+            trend_versions=versions_key, per_version=version_keys,
         )  # fmt: skip
         # The counters' skip flags go as the integer 0, which the script compares as the text '0'.
         args += _EVENT_ARGS(
@@ -1011,7 +1012,11 @@ def _global_ops(effects: EventGlobals, plan: str, speed: SpeedSettings) -> list[
     entered, _, claims = plan.partition("\1")
     ops: list[tuple[str, str, str, object]] = []
     if item and weight > 0 and effects.trend_expireat > 0:
-        ops += [("zincr", effects.trend_key, item, repr(weight)), ("expireat", effects.trend_key, "", effects.trend_expireat)]
+        ops += [
+            ("zincr", effects.trend_key, item, repr(weight)),
+            ("expireat", effects.trend_key, "", effects.trend_expireat),
+            ("zincr", redis_keys.TRENDING_VERSIONS, effects.trend_key, 1),  # counted: speed_layer/trending.py
+        ]
     if item and effects.popularity_expireat > 0:
         ops += [("zincr", effects.popularity_key, item, 1), ("expireat", effects.popularity_key, "", effects.popularity_expireat)]
     if item and effects.bestseller_increment > 0:

@@ -60,7 +60,7 @@ def test_sizes_come_from_the_declaration() -> None:
     assert script.source.endswith(HEADER) and script.source.count("\n") == HEADER.count("\n")
     # The speed scripts' constants, as the Lua reads them.
     assert APPLY_EVENTS.argv.lua_sizes() == {"ARGV_HEAD": 31, "ARGV_EVENT": 15, "ARGV_PER_VERSION": 2}
-    assert APPLY_EVENTS.keys.size({"event_count": 2, "n_versions": 1}) == 2 * (14 + 2)
+    assert APPLY_EVENTS.keys.size({"event_count": 2, "n_versions": 1}) == 2 * (15 + 2)
     assert MERGE_IDENTITY.keys.lua_sizes() == {"KEYS_HEAD": 12, "KEYS_SESSION": 8}
 
 

@@ -337,8 +337,8 @@ class SpeedSettings(Section):
     trending_top_n: int = Field(500, ge=1, description="Size of the materialised trending list.")
     trending_refresh_s: float = Field(
         5.0, gt=0,
-        description="How often one consumer re-sums the trending buckets; less often when a re-sum holds Redis "
-        "longer than 0.5 % of the time (speed_layer/consumer.py: trending_pause_s).",
+        description="How often one consumer re-sums the trending buckets (reading those written since); less "
+        "often when a re-sum takes longer than 0.5 % of the time (speed_layer/consumer.py: trending_pause_s).",
     )  # fmt: skip
     claim_interval_s: float = Field(5.0, gt=0, description="How often a consumer looks for idle pending entries.")
     restart_backoff_s: float = Field(

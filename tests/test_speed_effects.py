@@ -76,6 +76,14 @@ def test_duplicate_delivery_applies_once(any_redis: tuple[redis.Redis, str], tmp
     assert consumer.refresh_trending()
     trending = dict(read_speed_state(redis_client, "u1", session_id="s1").trending)
     assert trending == {"i1": 1.0, "i2": 8.0}
+    # Each bucket's events are counted, once each (speed_layer/trending.py reads a bucket whose count moved).
+    counts = redis_client.zrange(redis_keys.TRENDING_VERSIONS, 0, -1, withscores=True)
+    assert sum(count for _, count in counts) == len(events)
+    add_events(redis_client, settings, [make_event(EventType.VIEW, "i1", user_id="u1")])
+    drain(consumer)
+    redis_client.delete(redis_keys.TRENDING_REFRESH_LOCK)
+    assert consumer.refresh_trending()  # the consumer's copy follows the count
+    assert dict(read_speed_state(redis_client, "u1", session_id="s1").trending) == {"i1": 2.0, "i2": 8.0}
 
 
 def test_a_trending_re_sum_holds_the_next_one_off_for_the_time_it_took_over_the_busy_share(

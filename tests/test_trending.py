@@ -31,6 +31,16 @@ def _write(
         client.zincrby(redis_keys.TRENDING_VERSIONS, items, key)
 
 
+def _written(
+    client: redis.Redis, rng: np.random.Generator, buckets: int, items: int, of: int = 400
+) -> dict[str, float]:
+    """`buckets` buckets (key -> weight, newest first), each with events on `items` of `of` items, counted."""
+    window = _buckets(buckets)
+    for key in window:
+        _write(client, rng, key, items, of=of)
+    return window
+
+
 def _union(client: redis.Redis, buckets: dict[str, float]) -> list[tuple[bytes, float]]:
     """What the re-sum did before: ZUNIONSTORE of the weighted buckets, cut to the top n."""
     client.zunionstore("expected", buckets)
@@ -38,27 +48,27 @@ def _union(client: redis.Redis, buckets: dict[str, float]) -> list[tuple[bytes, 
     return client.zrange("expected", 0, -1, withscores=True)
 
 
+def _kept(client: redis.Redis) -> list[tuple[bytes, float]]:
+    return client.zrange(redis_keys.TRENDING_TOP, 0, -1, withscores=True)
+
+
 def test_the_re_sum_keeps_what_a_union_of_the_buckets_keeps_and_reads_only_the_buckets_counted_since(
     redis_client: redis.Redis,
 ) -> None:
     rng = np.random.default_rng(3)
-    buckets = _buckets(12)
-    for key in buckets:
-        _write(redis_client, rng, key, 40)
+    buckets = _written(redis_client, rng, 12, 40)
     trending = TrendingSum()
 
     assert trending.refresh(redis_client, buckets, TOP_N).read == 12  # a new consumer reads them all
     expected = _union(redis_client, buckets)
-    assert redis_client.zrange(redis_keys.TRENDING_TOP, 0, -1, withscores=True) == expected  # to the last bit
+    assert _kept(redis_client) == expected  # to the last bit
     assert len(expected) == TOP_N
 
     newest, late = list(buckets)[0], list(buckets)[7]
     _write(redis_client, rng, newest, 30)
     _write(redis_client, rng, late, 5)  # a late event lands in an older bucket
     assert trending.refresh(redis_client, buckets, TOP_N).read == 2
-    assert redis_client.zrange(redis_keys.TRENDING_TOP, 0, -1, withscores=True) == _union(
-        redis_client, buckets
-    )
+    assert _kept(redis_client) == _union(redis_client, buckets)
     assert trending.refresh(redis_client, buckets, TOP_N).read == 0  # nothing counted since
 
     # A bucket written with no count (by an earlier speed layer) is read every time.
@@ -67,18 +77,14 @@ def test_the_re_sum_keeps_what_a_union_of_the_buckets_keeps_and_reads_only_the_b
     _write(redis_client, rng, uncounted, 20, counted=False)
     assert trending.refresh(redis_client, buckets, TOP_N).read == 1
     assert trending.refresh(redis_client, buckets, TOP_N).read == 1
-    assert redis_client.zrange(redis_keys.TRENDING_TOP, 0, -1, withscores=True) == _union(
-        redis_client, buckets
-    )
+    assert _kept(redis_client) == _union(redis_client, buckets)
 
 
 def test_as_the_window_moves_the_buckets_it_left_are_forgotten_with_their_counts(
     redis_client: redis.Redis,
 ) -> None:
     rng = np.random.default_rng(4)
-    window = _buckets(30)
-    for key in window:
-        _write(redis_client, rng, key, 60, of=3000)
+    window = _written(redis_client, rng, 30, 60, of=3000)
     trending = TrendingSum()
     before = {key: 0.5 ** (i / 12) for i, key in enumerate(list(window)[10:])}  # window is newest first
     trending.refresh(redis_client, before, TOP_N)
@@ -86,7 +92,7 @@ def test_as_the_window_moves_the_buckets_it_left_are_forgotten_with_their_counts
     # Ten buckets on: the ten newest join, the ten oldest leave; every weight changes with the window.
     moved = dict(list(window.items())[:20])
     assert trending.refresh(redis_client, moved, TOP_N).read == 10
-    assert redis_client.zrange(redis_keys.TRENDING_TOP, 0, -1, withscores=True) == _union(redis_client, moved)
+    assert _kept(redis_client) == _union(redis_client, moved)
     assert set(trending.buckets) == set(moved)
     counted = {key.decode() for key in redis_client.zrange(redis_keys.TRENDING_VERSIONS, 0, -1)}
     assert counted == set(moved)
@@ -99,7 +105,7 @@ def test_as_the_window_moves_the_buckets_it_left_are_forgotten_with_their_counts
     assert len(trending.members) > 1000
     assert trending.refresh(redis_client, fresh, TOP_N).read == 1
     assert len(trending.members) == 80
-    assert redis_client.zrange(redis_keys.TRENDING_TOP, 0, -1, withscores=True) == _union(redis_client, fresh)
+    assert _kept(redis_client) == _union(redis_client, fresh)
 
 
 def test_an_empty_window_leaves_no_list(redis_client: redis.Redis) -> None:

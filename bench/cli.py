@@ -176,6 +176,23 @@ def speed(
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
+@bench_app.command("trending")
+def trending(
+    items: list[int] = typer.Option(
+        [500, 2000, 5000], "--items", min=1, help="Items a bucket (repeatable): one comparison each."
+    ),
+    passes: int = typer.Option(6, min=2, help="Re-sums per side; the first (every bucket read) reported apart."),
+    as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
+) -> None:
+    """Trending's re-sum side by side: one ZUNIONSTORE of the window's 72 buckets against the consumer's
+    copy (speed_layer/trending.py): the longest command Redis ran, Redis' and the caller's CPU, wall time;
+    and whether the lists are identical."""
+    from bench.trending import bench_trending
+
+    result = bench_trending(tuple(items), passes)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
 @bench_app.command("train")
 def train(
     engine: str = typer.Option("implicit", help="spark or implicit."),

@@ -372,9 +372,9 @@ def trending_bucket(bucket_start_s: int) -> str:
     return f"{_TREND_GROUP}:trend:{bucket_start_s}"
 
 
-def trending_bucket_start(key: str | bytes) -> int:
+def trending_bucket_start(key: str) -> int:
     """The start of the bucket `trending_bucket` named `key`."""
-    return int((key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[1])
+    return int(key.rsplit(":", 1)[1])
 
 
 def popularity_day(day_index: int) -> str:

@@ -15,6 +15,7 @@ bytes), as ZREMRANGEBYRANK keeps it.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ import numpy as np
 import redis
 
 from common import redis_keys
+
+# TRENDING_VERSIONS' member that marks its counts as one run of them: a random number written when
+# there is none (a new store, or a Redis that lost its data).
+EPOCH = "epoch"
 
 
 @dataclass(frozen=True)
@@ -46,13 +51,20 @@ class TrendingSum:
         self.buckets: dict[str, _Bucket] = {}
         self.members: list[bytes] = []  # every member a kept bucket has held, by position
         self.position: dict[bytes, int] = {}
+        self.epoch: float | None = None  # TRENDING_VERSIONS' EPOCH the copy was read under
 
     def refresh(self, client: redis.Redis, weights: Mapping[str, float], top_n: int) -> Refreshed:
         """Write TRENDING_TOP: the `top_n` highest of the buckets' sum, each bucket (key -> weight, newest
         first) weighted."""
         keys = list(weights)
-        first, started = not self.buckets, time.monotonic()
-        counts = client.zmscore(redis_keys.TRENDING_VERSIONS, keys)
+        started = time.monotonic()
+        epoch, *counts = client.zmscore(redis_keys.TRENDING_VERSIONS, [EPOCH, *keys])
+        if epoch is None or epoch != self.epoch:
+            # The counts began again (a Redis that lost its data): one could reach a count a copy was
+            # kept under, with other events in it. Start over, as a new consumer.
+            self.buckets.clear()
+            self.epoch = epoch if epoch is not None else _new_epoch(client)
+        first = not self.buckets
         changed = [
             (key, count)
             for key, count in zip(keys, counts, strict=True)
@@ -81,8 +93,10 @@ class TrendingSum:
     def _forget_counts_before(client: redis.Redis, oldest_s: int) -> None:
         """Remove the counts of the buckets that left the window (never of newer ones: another consumer's
         clock may be ahead, and a count must not start again from 0 under a copy kept at that count)."""
-        counted = cast(list[bytes], client.zrange(redis_keys.TRENDING_VERSIONS, 0, -1))
-        gone = [key for key in counted if redis_keys.trending_bucket_start(key) < oldest_s]
+        counted = [
+            _text(key) for key in cast(list[bytes], client.zrange(redis_keys.TRENDING_VERSIONS, 0, -1))
+        ]
+        gone = [key for key in counted if key != EPOCH and redis_keys.trending_bucket_start(key) < oldest_s]
         if gone:
             client.zrem(redis_keys.TRENDING_VERSIONS, *gone)
 
@@ -151,6 +165,12 @@ class TrendingSum:
         pipe.execute()
 
 
+def _new_epoch(client: redis.Redis) -> float:
+    """Mark TRENDING_VERSIONS with an epoch, unless another consumer just did; the one it holds."""
+    client.zadd(redis_keys.TRENDING_VERSIONS, {EPOCH: float(secrets.randbits(52))}, nx=True)
+    return cast(float, client.zscore(redis_keys.TRENDING_VERSIONS, EPOCH))
+
+
 def _members_and_scores(reply: Any) -> tuple[list[bytes], np.ndarray]:
     """A ZRANGE WITHSCORES sent as a raw command: redis-py 8 re-formats each RESP3 score as text to parse
     it again (~1.5 us a member, 20 ms for a bucket of 15,000); raw, hiredis has parsed the doubles."""
@@ -158,3 +178,7 @@ def _members_and_scores(reply: Any) -> tuple[list[bytes], np.ndarray]:
         members = [pair[0] for pair in reply]
         return members, np.fromiter((pair[1] for pair in reply), dtype=np.float64, count=len(reply))
     return list(reply[0::2]), np.array(list(map(float, reply[1::2])), dtype=np.float64)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

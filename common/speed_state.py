@@ -411,6 +411,13 @@ def _cluster_round(client: redis.Redis, calls: Sequence[tuple[Any, ...]]) -> lis
     raise AssertionError("unreachable: the second attempt returns or raises")
 
 
+def covisit_row(reply: Any) -> dict[str, float]:
+    """A co-visit row's ZREVRANGE WITHSCORES reply, the command sent raw, as follower -> weight. (Through
+    redis-py's zrevrange, RESP3 scores are formatted as text and parsed again: 75 against 31 us for 100.)"""
+    flat = _flat(reply)
+    return follow_weights(_texts(flat[0::2]), _units(flat[1::2]))
+
+
 def _flat(reply: Any) -> list[Any]:
     """A sorted-set reply WITHSCORES as the script gives it ([member, score, ...]): RESP3 nests pairs."""
     if not reply:

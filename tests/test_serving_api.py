@@ -22,6 +22,7 @@ from common.events import Event, EventType
 from common.lake import Lake
 from common.neighbours import session_token
 from common.redis_server import RedisServer
+from common.sequence import FOLLOW_UNIT
 from common.stream import decode_entry
 from serving.api.routes.recommendations import RecommendationsQuery
 from serving.main import create_app
@@ -180,6 +181,14 @@ def test_similar_items_share_the_category(client: TestClient) -> None:
     assert all(i["category"] == "cat1" for i in body["items"])  # 9 % 8
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_the_speed_layer_s_live_co_visits_of_the_item_join_its_similar_items(client: TestClient) -> None:
+    live = serving_state(client).redis.client
+    # i12 is of another category than i9 (cat4, cat1) and in none of i9's batch co-visits: only the live row names it.
+    live.zadd(redis_keys.covisitation("i9"), {"i12": 50 * FOLLOW_UNIT, "i17": 3 * FOLLOW_UNIT})
+    items = {i["item_id"]: i for i in client.get("/v1/items/i9/similar", params={"k": 5}).json()["items"]}
+    assert items["i12"]["source"] == "covis" and items["i12"]["score"] >= 1.0  # 50 of the row's largest 50: share 1
 
 
 def test_only_similar_items_make_the_unit_length_copy_of_the_factors(client: TestClient) -> None:

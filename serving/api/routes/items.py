@@ -12,8 +12,7 @@ from redis.exceptions import NoScriptError
 
 from common import redis_keys
 from common.ids import Id
-from common.sequence import follow_weights
-from common.speed_state import ItemFlags, item_flags, item_flags_call, load_read_scripts
+from common.speed_state import ItemFlags, covisit_row, item_flags, item_flags_call, load_read_scripts
 from serving.api.deps import (
     RecsRead,
     SingleQueryValues,
@@ -101,23 +100,19 @@ def _live_state(state: StateDep, item_id: str) -> tuple[frozenset[str], list[tup
     known = state.item_flags.flags
     try:
         try:
-            flags_reply, pairs = _flags_and_covisits(state.redis.client, known, item_id)
+            flags_reply, row = _flags_and_covisits(state.redis.client, known, item_id)
         except NoScriptError:  # a restarted Redis forgot the flags' script
             load_read_scripts(state.redis.client)
-            flags_reply, pairs = _flags_and_covisits(state.redis.client, known, item_id)
+            flags_reply, row = _flags_and_covisits(state.redis.client, known, item_id)
     except redis.RedisError as exc:
         state.redis.failed(exc)
         return frozenset(), [], REDIS_DOWN
-    followers = follow_weights([_text(m) for m, _ in pairs], [units for _, units in pairs])
+    followers = covisit_row(row)
     return item_flags(flags_reply, known, state.item_flags).out_of_stock, list(followers.items()), None
 
 
 def _flags_and_covisits(client: redis.Redis, known: ItemFlags, item_id: str) -> list[Any]:
     pipe = client.pipeline(transaction=False)
     pipe.execute_command(*item_flags_call(known))
-    pipe.zrevrange(redis_keys.covisitation(item_id), 0, COVIS_READ - 1, withscores=True)
+    pipe.execute_command("ZREVRANGE", redis_keys.covisitation(item_id), 0, COVIS_READ - 1, "WITHSCORES")
     return list(pipe.execute())
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -70,6 +70,15 @@ class TrendingSum:
             for key, count in zip(keys, counts, strict=True)
             if count is None or self._version(key) != count
         ]
+        self._read(client, changed)
+        reads_s = time.monotonic() - started
+        self._forget_all_but(keys)
+        self._write(client, *self._top(weights, top_n))
+        self._forget_counts_before(client, min(map(redis_keys.trending_bucket_start, keys)))
+        return Refreshed(len(changed), reads_s if first else 0.0)
+
+    def _read(self, client: redis.Redis, changed: list[tuple[str, float | None]]) -> None:
+        """Keep the buckets (key, count) as Redis holds them now."""
         # Buckets with no count in one round trip: mostly empty ones (a quiet hour, a new store).
         pipe = client.pipeline(transaction=False)
         for key, count in changed:
@@ -83,11 +92,6 @@ class TrendingSum:
                 else client.execute_command("ZRANGE", key, 0, -1, "WITHSCORES")
             )
             self._keep(key, count, *_members_and_scores(reply))
-        reads_s = time.monotonic() - started
-        self._forget_all_but(keys)
-        self._write(client, *self._top(weights, top_n))
-        self._forget_counts_before(client, min(map(redis_keys.trending_bucket_start, keys)))
-        return Refreshed(len(changed), reads_s if first else 0.0)
 
     @staticmethod
     def _forget_counts_before(client: redis.Redis, oldest_s: int) -> None:

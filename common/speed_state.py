@@ -352,7 +352,7 @@ def _run_read_on_cluster(client: redis.Redis, q: _ReadQuery, known: ItemFlags) -
         *(("ZMSCORE", redis_keys.popularity_day(day), *q.candidate_items) for day in q.days),
     ])  # fmt: skip
     person, alias, version, trending, flags = first[:5]
-    session, recent, cats = person[1], _flat(person[2]), _flat(person[3])
+    session, recent, cats = person[1], flat_scored(person[2]), flat_scored(person[3])
     recent_pairs = list(_flat_pairs(recent))
     seeds = [item for item, _ in recent_pairs] if covis_items is None else list(covis_items)
     wanted = list(dict.fromkeys(q.categories))
@@ -368,12 +368,12 @@ def _run_read_on_cluster(client: redis.Redis, q: _ReadQuery, known: ItemFlags) -
         *(("ZREVRANGE", redis_keys.category_bestsellers(c), 0, q.bestsellers_n - 1, "WITHSCORES") for c in wanted),
         *(("ZREVRANGE", redis_keys.item_sessions(i), 0, query.per_item - 1, "WITHSCORES") for i in nb_seeds),
     ])  # fmt: skip
-    covis = [[item, _flat(row)] for item, row in zip(seeds, second, strict=False)]
-    best = [[name, _flat(row)] for name, row in zip(wanted, second[len(seeds) :], strict=False)]
+    covis = [[item, flat_scored(row)] for item, row in zip(seeds, second, strict=False)]
+    best = [[name, flat_scored(row)] for name, row in zip(wanted, second[len(seeds) :], strict=False)]
     nearest: list[str] = []
     nearest_scores = b""
     if nb_seeds:
-        rows = {s: dict(_flat_pairs(_flat(row))) for s, row in zip(nb_seeds, second[len(seeds) + len(wanted) :], strict=True)}
+        rows = {s: dict(_flat_pairs(flat_scored(row))) for s, row in zip(nb_seeds, second[len(seeds) + len(wanted) :], strict=True)}
         own = session_token(person_id, _text(session) or "")
         asked: list[str] = []  # the candidates the scoring reads, in its order: read them, then score
 
@@ -387,7 +387,7 @@ def _run_read_on_cluster(client: redis.Redis, q: _ReadQuery, known: ItemFlags) -
         scored = score_neighbours(nb_seeds, rows, lambda t: items.get(t, {}), own, query.sample, query.k, query.n)
         nearest = [item for item, _ in scored]
         nearest_scores = _packed_doubles([score for _, score in scored])
-    reply = [alias, *person[1:10], version, _flat(trending), covis, best, nearest, nearest_scores]
+    reply = [alias, *person[1:10], version, flat_scored(trending), covis, best, nearest, nearest_scores]
     return reply, flags, first[5:]
 
 
@@ -414,12 +414,13 @@ def _cluster_round(client: redis.Redis, calls: Sequence[tuple[Any, ...]]) -> lis
 def covisit_row(reply: Any) -> dict[str, float]:
     """A co-visit row's ZREVRANGE WITHSCORES reply, the command sent raw, as follower -> weight. (Through
     redis-py's zrevrange, RESP3 scores are formatted as text and parsed again: 75 against 31 us for 100.)"""
-    flat = _flat(reply)
+    flat = flat_scored(reply)
     return follow_weights(_texts(flat[0::2]), _units(flat[1::2]))
 
 
-def _flat(reply: Any) -> list[Any]:
-    """A sorted-set reply WITHSCORES as the script gives it ([member, score, ...]): RESP3 nests pairs."""
+def flat_scored(reply: Any) -> list[Any]:
+    """A sorted-set reply WITHSCORES, raw (a script's, or a command sent with execute_command), as
+    [member, score, ...]: RESP3 nests pairs."""
     if not reply:
         return []
     if isinstance(reply[0], list | tuple):

@@ -25,6 +25,7 @@ import numpy as np
 import redis
 
 from common import redis_keys
+from common.speed_state import flat_scored
 
 # TRENDING_VERSIONS' member that marks its counts as one run of them: a random number written when
 # there is none (a new store, or a Redis that lost its data).
@@ -178,10 +179,8 @@ def _new_epoch(client: redis.Redis) -> float:
 def _members_and_scores(reply: Any) -> tuple[list[bytes], np.ndarray]:
     """A ZRANGE WITHSCORES sent as a raw command: redis-py 8 re-formats each RESP3 score as text to parse
     it again (~1.5 us a member, 20 ms for a bucket of 15,000); raw, hiredis has parsed the doubles."""
-    if reply and isinstance(reply[0], list | tuple):  # RESP3: [member, score] pairs
-        members = [pair[0] for pair in reply]
-        return members, np.fromiter((pair[1] for pair in reply), dtype=np.float64, count=len(reply))
-    return list(reply[0::2]), np.array(list(map(float, reply[1::2])), dtype=np.float64)
+    flat = flat_scored(reply)
+    return flat[0::2], np.array(flat[1::2], dtype=np.float64)  # numpy reads RESP2's texts too
 
 
 def _text(value: bytes | str) -> str:

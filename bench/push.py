@@ -34,6 +34,8 @@ from bench.serve import (
     BENCH_OUT_OF_STOCK_EVERY,
     BENCH_PROMOTED_EVERY,
     _redis_cpu_s,
+    _stage_ms,
+    _stage_seconds,
     _wait_ready,
     publish_synthetic_model,
     run_load,
@@ -330,9 +332,12 @@ def bench_push(
 
             def phase(open_streams: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
                 client = PushClient(port, streams, open_streams, events_per_s, seconds, model.item_ids)
-                before = cpu_s()
+                before, stages_before = cpu_s(), _stage_seconds(port)
                 pushes, gets = run_phase(client, get_paths, get_rate)
                 after = cpu_s()
+                # The GETs' own stages in the workers (the push helpers' lists record none): which part of a
+                # GET the streams slow, its wait on Redis (reads) or its CPU (the others).
+                gets["stage_ms"] = _stage_ms(stages_before, _stage_seconds(port))
                 cpu = {part: after[part] - before[part] for part in before}
                 # The clients' CPU split: the streams' and events' process reports its own.
                 cpu["push_client"] = pushes.pop("client_cpu_s")
@@ -387,6 +392,8 @@ def bench_push(
         "get_p50_ms_with_streams": round(gets_with["p50_ms"], 2),
         "get_p99_ms_with_streams": round(gets_with["p99_ms"], 2),
         "get_p99_ratio": round(gets_with["p99_ms"] / gets_without["p99_ms"], 3),
+        "get_stage_ms_without_streams": gets_without["stage_ms"],
+        "get_stage_ms_with_streams": gets_with["stage_ms"],
         "get_errors": gets_without["errors"] + gets_with["errors"],
         "post_errors_without_streams": events_only["post_errors"],
         "workers": workers,

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 import struct
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
@@ -227,6 +227,8 @@ def read_heartbeats(client: redis.Redis) -> dict[str, float]:
 
 # ---------------------------------------------------------------- the read script
 
+T = TypeVar("T")
+
 # Serving's read-only scripts (the .lua files beside this one declare their KEYS and ARGV).
 READ_STATE = load_script("common", "read_state.lua")
 READ_FLAGS = load_script("common", "read_flags.lua")
@@ -256,6 +258,15 @@ def load_read_scripts(client: redis.Redis) -> None:
         client.script_load(script.source)
 
 
+def with_read_scripts(client: redis.Redis, run: Callable[[], T]) -> T:
+    """`run()`, which calls serving's read scripts; once more after loading them when Redis forgot them."""
+    try:
+        return run()
+    except NoScriptError:  # a restarted Redis forgot them
+        load_read_scripts(client)
+        return run()
+
+
 @dataclass(frozen=True)
 class _ReadQuery:
     """What one read asks for (`read_speed_state`'s arguments, `days` from its moment)."""
@@ -283,11 +294,7 @@ def _run_read(client: redis.Redis, query: _ReadQuery, known: ItemFlags) -> tuple
     keys, args = _read_call(query)
     calls = [("EVALSHA_RO", READ_STATE.sha, len(keys), *keys, *args), item_flags_call(known)]
     calls += [("ZMSCORE", redis_keys.popularity_day(day), *query.candidate_items) for day in query.days]
-    try:
-        replies = lean_pipeline(client, calls)
-    except NoScriptError:  # a restarted Redis forgot them
-        load_read_scripts(client)
-        replies = lean_pipeline(client, calls)
+    replies = with_read_scripts(client, lambda: lean_pipeline(client, calls))
     return replies[0], replies[1], replies[2:]
 
 

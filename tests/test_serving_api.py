@@ -23,6 +23,7 @@ from common.lake import Lake
 from common.neighbours import session_token
 from common.redis_server import RedisServer
 from common.sequence import FOLLOW_UNIT
+from common.speed_state import READ_FLAGS
 from common.stream import decode_entry
 from serving.api.routes.recommendations import RecommendationsQuery
 from serving.main import create_app
@@ -189,6 +190,15 @@ def test_the_speed_layer_s_live_co_visits_of_the_item_join_its_similar_items(cli
     live.zadd(redis_keys.covisitation("i9"), {"i12": 50 * FOLLOW_UNIT, "i17": 3 * FOLLOW_UNIT})
     items = {i["item_id"]: i for i in client.get("/v1/items/i9/similar", params={"k": 5}).json()["items"]}
     assert items["i12"]["source"] == "covis" and items["i12"]["score"] >= 1.0  # 50 of the row's largest 50: share 1
+
+
+def test_similar_items_read_live_state_again_after_redis_forgot_the_scripts(client: TestClient) -> None:
+    live = serving_state(client).redis.client
+    live.zadd(redis_keys.covisitation("i9"), {"i12": 50 * FOLLOW_UNIT})
+    live.script_flush()  # as a restarted Redis: the flags' script is gone
+    body = client.get("/v1/items/i9/similar", params={"k": 5}).json()
+    assert body.get("degraded") is None and "i12" in {i["item_id"] for i in body["items"]}
+    assert live.script_exists(READ_FLAGS.sha) == [True]
 
 
 def test_only_similar_items_make_the_unit_length_copy_of_the_factors(client: TestClient) -> None:

@@ -8,11 +8,10 @@ import redis
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.responses import JSONResponse
-from redis.exceptions import NoScriptError
 
 from common import redis_keys
 from common.ids import Id
-from common.speed_state import ItemFlags, covisit_row, item_flags, item_flags_call, load_read_scripts
+from common.speed_state import ItemFlags, covisit_row, item_flags, item_flags_call, with_read_scripts
 from serving.api.deps import (
     RecsRead,
     SingleQueryValues,
@@ -98,12 +97,9 @@ def _live_state(state: StateDep, item_id: str) -> tuple[frozenset[str], list[tup
     if not state.redis.available():
         return frozenset(), [], REDIS_DOWN
     known = state.item_flags.flags
+    client = state.redis.client
     try:
-        try:
-            flags_reply, row = _flags_and_covisits(state.redis.client, known, item_id)
-        except NoScriptError:  # a restarted Redis forgot the flags' script
-            load_read_scripts(state.redis.client)
-            flags_reply, row = _flags_and_covisits(state.redis.client, known, item_id)
+        flags_reply, row = with_read_scripts(client, lambda: _flags_and_covisits(client, known, item_id))
     except redis.RedisError as exc:
         state.redis.failed(exc)
         return frozenset(), [], REDIS_DOWN

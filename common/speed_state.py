@@ -203,14 +203,14 @@ def _read_state(
     state.speed_version = _text(version)
     state.trending = list(_flat_pairs(trending))
     state.covisitation = {
-        _text(item) or "": follow_weights(_texts(pairs[0::2]), _units(pairs[1::2])) for item, pairs in covis
+        _text(item) or "": follow_weights(texts(pairs[0::2]), _units(pairs[1::2])) for item, pairs in covis
     }
     scale = 1.0 / forward_decay(now_s, bestsellers_half_life_s)
     state.category_bestsellers = {
         _text(category) or "": {i: w * scale for i, w in _flat_pairs(pairs)} for category, pairs in best
     }
     state.out_of_stock, state.promoted = flags.out_of_stock, flags.promoted
-    state.neighbours = list(zip(_texts(nearest), _unpacked_doubles(nearest_scores), strict=True))
+    state.neighbours = list(zip(texts(nearest), _unpacked_doubles(nearest_scores), strict=True))
     state.candidate_items = list(candidate_items)
     state.day_counts = np.zeros((len(candidate_items), POP_DAYS), dtype=np.float64)
     for j, day_reply in enumerate(day_replies):
@@ -246,7 +246,7 @@ def item_flags(reply: Sequence[Any], known: ItemFlags, copy: ItemFlagsCopy | Non
     """The flags in read_flags.lua's `reply` to a reader that held `known`; kept in `copy` when new."""
     if len(reply) == 1:  # the token of `known`: unchanged
         return known
-    flags = ItemFlags(_text(reply[0]), frozenset(_texts(reply[1])), frozenset(_texts(reply[2])))
+    flags = ItemFlags(_text(reply[0]), frozenset(texts(reply[1])), frozenset(texts(reply[2])))
     if copy is not None and flags.token is not None:
         copy.flags = flags
     return flags
@@ -422,7 +422,7 @@ def covisit_row(reply: Any) -> dict[str, float]:
     """A co-visit row's ZREVRANGE WITHSCORES reply, the command sent raw, as follower -> weight. (Through
     redis-py's zrevrange, RESP3 scores are formatted as text and parsed again: 75 against 31 us for 100.)"""
     flat = flat_scored(reply)
-    return follow_weights(_texts(flat[0::2]), _units(flat[1::2]))
+    return follow_weights(texts(flat[0::2]), _units(flat[1::2]))
 
 
 def flat_scored(reply: Any) -> list[Any]:
@@ -438,7 +438,7 @@ def flat_scored(reply: Any) -> list[Any]:
 def _flat_pairs(reply: Any) -> Iterator[tuple[str, float]]:
     """[member, score, member, score, ...] (a script's WITHSCORES reply) as (member, score) pairs."""
     # ~25 pairs a list, ~20 lists a request: decoded in C
-    return zip(_texts(reply[0::2]), map(float, reply[1::2]), strict=False)
+    return zip(texts(reply[0::2]), map(float, reply[1::2]), strict=False)
 
 
 def _timed(reply: Any) -> dict[str, float]:
@@ -460,10 +460,10 @@ def _units(scores: Sequence[Any]) -> list[int] | list[float]:
 def _flat_pairs_raw(reply: Any) -> Iterator[tuple[str, Any]]:
     """A script's HGETALL reply as (field, value) pairs, the values as Redis gave them (int() and
     float() read bytes as they read text)."""
-    return zip(_texts(reply[0::2]), reply[1::2], strict=False)
+    return zip(texts(reply[0::2]), reply[1::2], strict=False)
 
 
-def _texts(values: Collection[Any]) -> Iterator[str]:
+def texts(values: Collection[Any]) -> Iterator[str]:
     """Members as text: a script's reply holds bytes, decoded in C; the cluster path's own lists (its
     seeds, categories and neighbours) hold text already. On a cluster SMEMBERS gives a set."""
     if isinstance(next(iter(values), None), bytes):

@@ -25,7 +25,7 @@ import numpy as np
 import redis
 
 from common import redis_keys
-from common.speed_state import flat_scored
+from common.speed_state import flat_scored, texts
 
 # TRENDING_VERSIONS' member that marks its counts as one run of them: a random number written when
 # there is none (a new store, or a Redis that lost its data).
@@ -98,9 +98,7 @@ class TrendingSum:
     def _forget_counts_before(client: redis.Redis, oldest_s: int) -> None:
         """Remove the counts of the buckets that left the window (never of newer ones: another consumer's
         clock may be ahead, and a count must not start again from 0 under a copy kept at that count)."""
-        counted = [
-            _text(key) for key in cast(list[bytes], client.zrange(redis_keys.TRENDING_VERSIONS, 0, -1))
-        ]
+        counted = texts(cast(list[bytes], client.zrange(redis_keys.TRENDING_VERSIONS, 0, -1)))
         gone = [key for key in counted if key != EPOCH and redis_keys.trending_bucket_start(key) < oldest_s]
         if gone:
             client.zrem(redis_keys.TRENDING_VERSIONS, *gone)
@@ -181,7 +179,3 @@ def _members_and_scores(reply: Any) -> tuple[list[bytes], np.ndarray]:
     it again (~1.5 us a member, 20 ms for a bucket of 15,000); raw, hiredis has parsed the doubles."""
     flat = flat_scored(reply)
     return flat[0::2], np.array(flat[1::2], dtype=np.float64)  # numpy reads RESP2's texts too
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

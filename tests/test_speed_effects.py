@@ -133,6 +133,31 @@ def test_malformed_entry_goes_to_dead_letter_and_the_group_goes_on(
     assert redis_client.xpending(stream, settings.speed.group)["pending"] == 0
 
 
+@pytest.mark.parametrize(
+    ("recent_items", "covis_steps", "viewed", "one_batch"),
+    [(20, 10, 25, True), (20, 10, 25, False), (20, 10, 15, True), (3, 10, 5, True), (3, 10, 5, False)],
+)
+def test_a_session_keeps_its_newest_recent_items_whether_or_not_the_covisit_read_saw_them_all(
+    redis_client: redis.Redis,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    recent_items: int,
+    covis_steps: int,
+    viewed: int,
+    one_batch: bool,
+) -> None:
+    # The script reads a new item's covis_steps + 1 newest; fewer is the whole set, cut only over recent_items.
+    settings = speed_settings(tmp_path, redis_server.url, recent_items=recent_items, covis_steps=covis_steps)
+    consumer = SpeedConsumer(redis_client, settings, name="c1")
+    start = datetime.now(UTC) - HOUR
+    events = [make_event(EventType.VIEW, f"i{j}", ts=start + timedelta(seconds=j)) for j in range(viewed)]
+    for batch in [events] if one_batch else [[e] for e in events]:
+        add_events(redis_client, settings, batch)
+        drain(consumer)
+    recent = redis_client.zrange(redis_keys.session_recent("anon-1", "s1"), 0, -1)
+    assert [item.decode() for item in recent] == [f"i{j}" for j in range(max(0, viewed - recent_items), viewed)]
+
+
 def test_session_expires_and_identify_merges_the_device_into_the_user(
     redis_client: redis.Redis, redis_server: RedisServer, tmp_path: Path
 ) -> None:

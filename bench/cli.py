@@ -152,6 +152,14 @@ def speed(
         None, "--models", help="With --lake: a registry folder that keeps the trained version for the next run.",
         file_okay=False,
     ),
+    instructions: int | None = typer.Option(
+        None, "--instructions", min=100, help="Instead: the instructions Redis runs per event, counted by valgrind "
+        "over this many events of each mix (the same on a busy machine; bench/instructions.py).",
+    ),
+    against: Path | None = typer.Option(
+        None, "--against", help="With --instructions: another checkout (e.g. a worktree of main) counted on the "
+        "same events; the ratio this / against.", exists=True, file_okay=False,
+    ),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
     """Speed layer: events/s of one consumer with all effects on, each session's events in a row and
@@ -159,6 +167,14 @@ def speed(
     visitors. With --consumers N (repeatable): events/s of N consumer processes draining `events`."""
     from bench.speed import run_speed_bench, run_speed_bench_on_lake, run_speed_scaling
 
+    if instructions is not None:
+        from bench.instructions import run_speed_instructions
+
+        counted = run_speed_instructions(events=instructions, against=against)
+        typer.echo(json.dumps(counted) if as_json else json.dumps(counted, indent=2))
+        return
+    if against is not None:
+        raise typer.BadParameter("--against goes with --instructions")
     real = _real_lake(lake, days, models)
     if real is not None:
         if consumers or redis_cluster:

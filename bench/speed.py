@@ -279,13 +279,20 @@ def _throughput(
 ) -> dict[str, Any]:
     """Events/s of one consumer draining `events` events: each session's in a row, or with `visitors`
     from that many visitors browsing at once (`browsing_order`)."""
+    append_traffic(client, settings, events, items, users, seed, visitors)
+    return _drain(client, settings, events)
+
+
+def append_traffic(
+    client: Any, settings: Settings, events: int, items: int, users: int, seed: int, visitors: int | None = None
+) -> None:
+    """`events` events on the stream: each session's in a row, or with `visitors` from that many visitors
+    browsing at once (`browsing_order`)."""
     rng = np.random.default_rng(seed)
     numbers = list(browsing_order(events, visitors)) if visitors else list(range(events))
     for start in range(0, events, 5000):  # generated a chunk at a time: the consumer's heap is its own
         chunk = [_event(rng, n, items, users) for n in numbers[start : start + 5000]]
         append_events(client, chunk, settings.redis.stream, settings.redis.stream_retention_ms)
-    del chunk
-    return _drain(client, settings, events)
 
 
 def _drain(client: Any, settings: Settings, events: int) -> dict[str, Any]:

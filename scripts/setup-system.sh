@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs the system pieces Lambdarec needs where they are missing: redis-server, a Java 17+
 # runtime (Spark 4), a native BLAS (Spark ALS, implicit), Python's venv module and Prometheus
-# (promtool and a short-lived prometheus check docker/alerts.yml in tests/test_alerts.py).
+# (promtool and a short-lived prometheus check docker/alerts.yml in tests/test_alerts.py) and valgrind
+# (`recs bench speed --instructions` counts Redis' instructions under callgrind).
 # Uses apt-get on Debian/Ubuntu; elsewhere prints what to install and stops.
 set -euo pipefail
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1 || true)
 if [ -z "${java_major}" ] || [ "${java_major}" -lt 17 ]; then missing+=(openjdk-17-jre-headless); fi
 ldconfig -p 2>/dev/null | grep -q 'libblas\.so\.3 ' || missing+=(libopenblas0-pthread)
@@ -37,7 +39,7 @@ if command -v apt-get >/dev/null 2>&1; then
 else
   echo "setup: missing system packages: ${missing[*]}" >&2
   echo "setup: install them with your package manager (Redis 7+, Java 17+ runtime, OpenBLAS," >&2
-  echo "       Python 3.11 with venv, Prometheus 2.x with promtool, Chromium for the browser test)," >&2
+  echo "       Python 3.11 with venv, Prometheus 2.x with promtool, valgrind, Chromium for the browser test)," >&2
   echo "       then run make again." >&2
   exit 1
 fi

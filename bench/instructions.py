@@ -1,0 +1,212 @@
+"""`recs bench speed --instructions N`: the instructions Redis runs per event the speed layer applies,
+counted by valgrind's callgrind.
+
+Counted, not timed: this machine's speed drifts by tens of percent within minutes, so the timed figures
+of bench/speed.py cannot show a change of a few percent to Redis' side, and a count can (the same events
+give the same count to ~0.3 %). The speed layer's throughput is bounded by Redis where Redis is the
+busier side (visitors browsing at once: each event is another person's, nothing is shared in a call).
+
+Redis runs under callgrind with counting off. Each tree (this checkout and, with `against`, another one,
+e.g. a worktree of main) drains the same N events of each of bench/speed.py's mixes from a fresh state,
+in a child process with that tree first on the path (as bench/serve_profile.py does); counting is on
+from the child's first read to its last acknowledgement, script loads included. Trending re-sums and
+claims of idle entries run on a clock, not per event: they are off here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+HERE = Path(__file__).resolve()
+THIS_TREE = HERE.parents[1]
+T = TypeVar("T")
+
+MIXES = ("in_a_row", "browsing")  # bench/speed.py's: each session's events in a row, visitors browsing at once
+_TOTALS = re.compile(r"^totals: (\d+)$", re.M)
+_NEVER_S = "1e9"  # a clock's period that never comes within a run
+
+
+class CountedRedis:
+    """A redis-server under callgrind on a free port, counting instructions only inside `counted`."""
+
+    def __init__(self, root: Path, start_timeout_s: float = 120.0) -> None:
+        import redis
+
+        from common.redis_server import free_port
+
+        valgrind, server = shutil.which("valgrind"), shutil.which("redis-server")
+        if valgrind is None or server is None:
+            raise RuntimeError("valgrind and redis-server are needed: run `make setup` (Debian: apt-get install valgrind)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._out = root / "callgrind.out"  # dump n goes to callgrind.out.n
+        self._dumps = 0
+        self.process = subprocess.Popen(
+            [valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self._out}",
+             server, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(root), "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("redis-server under valgrind did not answer") from None
+                time.sleep(0.1)
+            finally:
+                client.close()
+
+    def counted(self, run: Callable[[], T]) -> tuple[T, int]:
+        """`run()`'s result, and the instructions Redis ran meanwhile."""
+        self._control("--zero")
+        self._control("--instr=on")
+        try:
+            result = run()
+        finally:
+            self._control("--instr=off")
+        self._dumps += 1
+        self._control("--dump")
+        return result, self._totals(Path(f"{self._out}.{self._dumps}"))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def _control(self, command: str) -> None:
+        subprocess.run(
+            ["callgrind_control", command, str(self.process.pid)],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    @staticmethod
+    def _totals(dump: Path, timeout_s: float = 60.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = _TOTALS.search(dump.read_text()) if dump.exists() else None
+            if found:
+                return int(found.group(1))
+            time.sleep(0.1)
+        raise RuntimeError(f"callgrind wrote no totals to {dump}")
+
+
+def run_speed_instructions(
+    events: int = 5_000,
+    items: int = 50_000,
+    users: int = 20_000,
+    factors: int = 64,
+    seed: int = 0,
+    against: Path | None = None,
+) -> dict[str, Any]:
+    from bench.speed import _fresh_state, _publish_model, _settings, _visitors, append_traffic
+    from common.redis_server import connect
+
+    trees = {"this": THIS_TREE, **({"against": against.resolve()} if against else {})}
+    with tempfile.TemporaryDirectory(prefix="recs-bench-instructions-") as tmp:
+        root = Path(tmp)
+        server = CountedRedis(root)
+        try:
+            settings = _settings(root, server.url)
+            client = connect(server.url, timeout_s=60)
+            _publish_model(settings, items, users, factors, seed)
+            per_event: dict[str, dict[str, Any]] = {}
+            for mix in MIXES:
+                visitors = _visitors(10_000.0, users) if mix == "browsing" else None  # the speed bench's
+                counts: dict[str, Any] = {}
+                for name, tree in trees.items():
+                    _fresh_state(client, items)
+                    client.script_flush()  # each tree loads (and Redis compiles) its scripts while counted
+                    append_traffic(client, settings, events, items, users, seed, visitors)
+                    counts[name] = round(_drain_counted(server, tree, root) / events)
+                if against:
+                    counts["ratio"] = round(counts["this"] / counts["against"], 4)
+                per_event[mix] = counts
+            version = client.info("server")["redis_version"]
+        finally:
+            server.stop()
+    return {
+        "redis_instructions_per_event": per_event,
+        "events": events,
+        "items": items,
+        "users_with_vectors": users,
+        "trees": {name: str(tree) for name, tree in trees.items()},
+        "redis_version": version,
+        "counted_by": "valgrind --tool=callgrind (Ir)",
+    }
+
+
+def _drain_counted(server: CountedRedis, tree: Path, root: Path) -> int:
+    """Instructions Redis ran while a consumer of `tree` drained the stream (started, then counted)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tree),
+        "RECS_VAR_DIR": str(root),
+        "RECS_REDIS__URL": server.url,
+        "RECS_LAKE__ROOT": str(root / "lake"),
+        "RECS_MODELS__ROOT": str(root / "models"),
+        "RECS_SPEED__TRENDING_REFRESH_S": _NEVER_S,
+        "RECS_SPEED__CLAIM_INTERVAL_S": _NEVER_S,
+    }
+    child = subprocess.Popen(
+        [sys.executable, str(HERE)], cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    stdin, stdout = child.stdin, child.stdout
+    assert stdin is not None and stdout is not None
+    try:
+        _expect(stdout, "ready", child)
+
+        def drain() -> None:
+            stdin.write("go\n")
+            stdin.flush()
+            _expect(stdout, "drained", child)
+
+        _, instructions = server.counted(drain)
+        return instructions
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _expect(stdout: IO[str], line: str, child: subprocess.Popen[str]) -> None:
+    said = stdout.readline().strip()
+    if said != line:
+        raise RuntimeError(f"the counted consumer said {said!r}, not {line!r} (exit code {child.poll()})")
+
+
+def _child() -> None:
+    """A consumer of the tree first on PYTHONPATH: warms up, says `ready`, drains on `go`, says `drained`.
+    Uses only what every tree has (the settings from the environment, `SpeedConsumer`)."""
+    sys.path[0] = os.environ["PYTHONPATH"].split(os.pathsep)[0]
+    from common.redis_server import connect
+    from common.settings import Settings
+    from speed_layer.consumer import SpeedConsumer
+
+    settings = Settings()
+    consumer = SpeedConsumer(connect(settings.redis.effective_url, timeout_s=60), settings, name="counted")
+    consumer.warm_up()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    while consumer.pump(block=False):
+        pass
+    print("drained", flush=True)
+
+
+if __name__ == "__main__":
+    _child()

@@ -24,11 +24,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 HERE = Path(__file__).resolve()
 THIS_TREE = HERE.parents[1]
-T = TypeVar("T")
 
 MIXES = ("in_a_row", "browsing")  # bench/speed.py's: each session's events in a row, visitors browsing at once
 _TOTALS = re.compile(r"^totals: (\d+)$", re.M)
@@ -70,17 +69,17 @@ class CountedRedis:
             finally:
                 client.close()
 
-    def counted(self, run: Callable[[], T]) -> tuple[T, int]:
-        """`run()`'s result, and the instructions Redis ran meanwhile."""
+    def counted(self, run: Callable[[], None]) -> int:
+        """The instructions Redis ran while `run()` ran."""
         self._control("--zero")
         self._control("--instr=on")
         try:
-            result = run()
+            run()
         finally:
             self._control("--instr=off")
         self._dumps += 1
         self._control("--dump")
-        return result, self._totals(Path(f"{self._out}.{self._dumps}"))
+        return self._totals(Path(f"{self._out}.{self._dumps}"))
 
     def stop(self) -> None:
         self.process.terminate()
@@ -115,7 +114,7 @@ def run_speed_instructions(
     seed: int = 0,
     against: Path | None = None,
 ) -> dict[str, Any]:
-    from bench.speed import _fresh_state, _publish_model, _settings, _visitors, append_traffic
+    from bench.speed import OFFERED_PER_S, _fresh_state, _publish_model, _settings, _visitors, append_traffic
     from common.redis_server import connect
 
     trees = {"this": THIS_TREE, **({"against": against.resolve()} if against else {})}
@@ -128,7 +127,7 @@ def run_speed_instructions(
             _publish_model(settings, items, users, factors, seed)
             per_event: dict[str, dict[str, Any]] = {}
             for mix in MIXES:
-                visitors = _visitors(10_000.0, users) if mix == "browsing" else None  # the speed bench's
+                visitors = _visitors(OFFERED_PER_S, users) if mix == "browsing" else None
                 counts: dict[str, Any] = {}
                 for name, tree in trees.items():
                     _fresh_state(client, items)
@@ -177,8 +176,7 @@ def _drain_counted(server: CountedRedis, tree: Path, root: Path) -> int:
             stdin.flush()
             _expect(stdout, "drained", child)
 
-        _, instructions = server.counted(drain)
-        return instructions
+        return server.counted(drain)
     finally:
         child.kill()
         child.wait()

@@ -42,6 +42,7 @@ VERSION = "bench-v1"
 TYPES = [EventType.VIEW] * 14 + [EventType.CLICK] * 3 + [EventType.ADD_TO_CART] * 2 + [EventType.PURCHASE]
 SESSION_EVENTS = 10  # events of one session in the bench's traffic
 VISITOR_GAP_S = 0.1  # the freshness mix: each visitor sends an event every this many seconds
+OFFERED_PER_S = 10_000.0  # events/s the freshness run offers, and so how many visitors browse at once
 
 
 def run_speed_bench(
@@ -49,7 +50,7 @@ def run_speed_bench(
     items: int = 50_000,
     users: int = 20_000,
     factors: int = 64,
-    offered_per_s: float = 10_000.0,
+    offered_per_s: float = OFFERED_PER_S,
     freshness_s: float = 5.0,
     seed: int = 0,
     repeats: int = 3,

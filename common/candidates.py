@@ -38,7 +38,7 @@ def item_scores(vector: np.ndarray, item_factors: np.ndarray | Sequence[np.ndarr
     """Every item's dot product with `vector`; `item_factors` whole or as blocks of rows in order."""
     if isinstance(item_factors, np.ndarray):
         return item_factors @ vector.astype(item_factors.dtype, copy=False)
-    if len(item_factors) == 1:  # a version without content rows: no copy of 50k scores (~30 µs)
+    if len(item_factors) == 1:  # a version without content rows: no copy of 50k scores (~10 µs)
         return item_scores(vector, item_factors[0])
     return np.concatenate([block @ vector.astype(block.dtype, copy=False) for block in item_factors])
 

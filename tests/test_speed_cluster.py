@@ -23,7 +23,7 @@ from common.speed_state import ItemFlagsCopy, NeighbourQuery, read_speed_state
 from speed_layer import effects
 from speed_layer.effects import Applier
 from tests.speed_factories import make_event, set_categories, speed_settings
-from tests.test_speed_chunks import ITEMS, _dump, _events, _publish_v1
+from tests.test_speed_chunks import ITEMS, Near, _dump, _events, _publish_v1
 
 CATEGORIES = {f"i{j}": f"c{j % 3}" for j in range(ITEMS)}
 # Written only by the split path: its markers and plans (the state they guard is compared).
@@ -155,14 +155,14 @@ def _read(
     fields["delta"] = None if state.delta is None else np.round(state.delta, 5).tolist()
     fields["day_counts"] = state.day_counts.tolist()
     # Sums of the same increments, in another order where the calls are grouped per person (last bits).
-    fields["category_affinity"] = _rounded(state.category_affinity)
-    fields["covisitation"] = {i: _rounded(row) for i, row in state.covisitation.items()}
-    fields["category_bestsellers"] = {c: _rounded(row) for c, row in state.category_bestsellers.items()}
+    fields["category_affinity"] = _near(state.category_affinity)
+    fields["covisitation"] = {i: _near(row) for i, row in state.covisitation.items()}
+    fields["category_bestsellers"] = {c: _near(row) for c, row in state.category_bestsellers.items()}
     return fields
 
 
-def _rounded(row: dict[str, float]) -> dict[str, float]:
-    return {k: float(f"{v:.12g}") for k, v in row.items()}
+def _near(row: dict[str, float]) -> dict[str, float]:
+    return {k: Near(v) for k, v in row.items()}
 
 
 def test_serving_reads_the_same_state_from_a_cluster_as_from_one_redis(

@@ -46,10 +46,14 @@ def serve(
         "process, a profile, and the lists (bench/serve_profile.py).",
     ),
     against: Path | None = typer.Option(
-        None, "--against", help="With --in-process: another checkout (e.g. a worktree of main) run alternately on "
-        "the same state; its lists must be identical.", exists=True, file_okay=False,
+        None, "--against", help="With --in-process or --instructions: another checkout (e.g. a worktree of main) run "
+        "on the same state; its lists must be identical.", exists=True, file_okay=False,
     ),
     rounds: int = typer.Option(3, min=1, help="With --in-process: rounds, each a fresh process per checkout."),
+    instructions: int | None = typer.Option(
+        None, "--instructions", min=10, help="Instead: the instructions Redis runs per request, counted by valgrind "
+        "over this many requests of the mix (the same on a busy machine; bench/serve_instructions.py).",
+    ),
     lake: Path | None = typer.Option(
         None, "--lake", help="Instead of the synthetic model: a store's lake (e.g. `recs data import`'s); the model "
         "is trained on the days before the last --days, which go through the speed layer (bench/lake_state.py).",
@@ -66,13 +70,19 @@ def serve(
     state, fixed-rate load from another process, beside a no-op route on the same server (ratio_to_noop);
     a step at twice the highest rate held shows what an overloaded worker sheds (overload)."""
     real = _real_lake(lake, days, models)
-    if in_process:
+    if in_process and instructions is not None:
+        raise typer.BadParameter("--in-process and --instructions are two different measurements: choose one")
+    if instructions is not None:
+        from bench.serve_instructions import run_serve_instructions
+
+        result = run_serve_instructions(requests=instructions, against=against, real=real)
+    elif in_process:
         from bench.serve_profile import bench_in_process
 
         result = bench_in_process(against=against, rounds=rounds, real=real)
     else:
         if against is not None:
-            raise typer.BadParameter("--against goes with --in-process")
+            raise typer.BadParameter("--against goes with --in-process or --instructions")
         from bench.serve import bench_serve
 
         result = bench_serve(seconds=seconds, real=real)

@@ -37,7 +37,8 @@ _NEVER_S = "1e9"  # a clock's period that never comes within a run
 class CountedRedis:
     """A redis-server under callgrind on a free port, counting instructions only inside `counted`."""
 
-    def __init__(self, root: Path, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, root: Path, start_timeout_s: float = 120.0, rdb: Path | None = None) -> None:
+        """`rdb`: a snapshot (SAVE's file) the server starts from, instead of an empty keyspace."""
         import redis
 
         from common.redis_server import free_port
@@ -45,6 +46,11 @@ class CountedRedis:
         valgrind, server = shutil.which("valgrind"), shutil.which("redis-server")
         if valgrind is None or server is None:
             raise RuntimeError("valgrind and redis-server are needed: run `make setup` (Debian: apt-get install valgrind)")
+        root.mkdir(parents=True, exist_ok=True)
+        snapshot: tuple[str, ...] = ()
+        if rdb is not None:
+            shutil.copyfile(rdb, root / "start.rdb")
+            snapshot = ("--dbfilename", "start.rdb")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._out = root / "callgrind.out"  # dump n goes to callgrind.out.n
@@ -52,7 +58,7 @@ class CountedRedis:
         self.process = subprocess.Popen(
             [valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self._out}",
              server, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(root), "--save", "",
-             "--appendonly", "no"],
+             "--appendonly", "no", *snapshot],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis(port=self.port)
@@ -61,7 +67,7 @@ class CountedRedis:
             try:
                 client.ping()
                 break
-            except redis.ConnectionError:
+            except redis.ConnectionError:  # BusyLoadingError (the snapshot loading) included
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError("redis-server under valgrind did not answer") from None

@@ -1,9 +1,10 @@
-"""The counted speed bench: Redis under callgrind gives the same count for the same events, whichever run,
-and counts what the mixes cost it (bench/instructions.py)."""
+"""The counted benches: Redis under callgrind gives the same count for the same events or requests, whichever
+run, and counts what they cost it (bench/instructions.py, bench/serve_instructions.py)."""
 
 from __future__ import annotations
 
 from bench.instructions import THIS_TREE, run_speed_instructions
+from bench.serve_instructions import run_serve_instructions
 
 
 def test_the_same_events_count_the_same_and_browsing_costs_redis_more_than_sessions_in_a_row() -> None:
@@ -14,3 +15,11 @@ def test_the_same_events_count_the_same_and_browsing_costs_redis_more_than_sessi
         assert abs(per_event[mix]["ratio"] - 1) < 0.01  # counted, not timed: one tree against itself
     # Browsing visitors share nothing in a call (each event another person's keys): ~25 against ~9 commands.
     assert per_event["browsing"]["this"] > 1.2 * per_event["in_a_row"]["this"]
+
+
+def test_the_same_requests_count_the_same_redis_work_and_serve_the_same_lists() -> None:
+    counted = run_serve_instructions(requests=40, visitors=200, items=2_000, users=1_000, against=THIS_TREE)
+    per_request = counted["redis_instructions_per_request"]
+    assert per_request["this"] > 100_000  # the read script's work a request, not only its round trips
+    assert abs(per_request["ratio"] - 1) < 0.01  # counted, not timed: one tree against itself
+    assert counted["lists"]["identical"] == counted["lists"]["compared"] == 40

@@ -634,10 +634,18 @@ def state_label(real: RealLake | None) -> str:
     return f"lake {real.root}, last {real.days} days" if real else "synthetic"
 
 
-def bench_state(root: Path, real: RealLake | None, visitors: int = 2000, requests: int = 2000) -> LiveState:
-    """The live state of a bench run: from `real`'s lake when given, else the synthetic model."""
+def bench_state(
+    root: Path,
+    real: RealLake | None,
+    visitors: int = 2000,
+    requests: int = 2000,
+    n_items: int = 50_000,
+    n_users: int = 100_000,
+) -> LiveState:
+    """The live state of a bench run: from `real`'s lake when given, else the synthetic model (`n_items`,
+    `n_users`)."""
     if real is None:
-        return build_live_state(root, visitors, requests=requests)
+        return build_live_state(root, visitors, n_items=n_items, n_users=n_users, requests=requests)
     from bench.lake_state import build_lake_state
 
     return build_lake_state(root, real.root, real.days, visitors, requests, real.models)

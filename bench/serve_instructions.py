@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,18 +44,13 @@ def run_serve_instructions(
 ) -> dict[str, Any]:
     """`items` and `users` size the synthetic model (not a lake's)."""
     from bench.instructions import CountedRedis
-    from bench.lake_state import build_lake_state
-    from bench.serve import build_live_state, state_label
+    from bench.serve import bench_state, state_label
     from bench.serve_profile import compare_lists
 
     trees = {"this": THIS_TREE, **({"against": against.resolve()} if against else {})}
     with tempfile.TemporaryDirectory(prefix="recs-bench-serve-instructions-") as tmp:
         root = Path(tmp)
-        paths = WARM_UP + requests
-        if real is None:
-            live = build_live_state(root, visitors, n_items=items, n_users=users, requests=paths)
-        else:
-            live = build_lake_state(root, real.root, real.days, visitors, paths, real.models)
+        live = bench_state(root, real, visitors, WARM_UP + requests, n_items=items, n_users=users)
         try:
             snapshot = _save(live.client, root / "state.rdb")
         finally:
@@ -88,8 +84,6 @@ def run_serve_instructions(
 
 def _save(client: Any, to: Path) -> Path:
     """The server's keyspace as a snapshot file at `to`."""
-    import shutil
-
     client.save()
     folder, name = client.config_get("dir")["dir"], client.config_get("dbfilename")["dbfilename"]
     shutil.copyfile(Path(folder) / name, to)

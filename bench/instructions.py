@@ -175,12 +175,12 @@ def _drain_counted(server: CountedRedis, tree: Path, root: Path) -> int:
     stdin, stdout = child.stdin, child.stdout
     assert stdin is not None and stdout is not None
     try:
-        _expect(stdout, "ready", child)
+        expect_line(stdout, "ready", child)
 
         def drain() -> None:
             stdin.write("go\n")
             stdin.flush()
-            _expect(stdout, "drained", child)
+            expect_line(stdout, "drained", child)
 
         return server.counted(drain)
     finally:
@@ -188,10 +188,11 @@ def _drain_counted(server: CountedRedis, tree: Path, root: Path) -> int:
         child.wait()
 
 
-def _expect(stdout: IO[str], line: str, child: subprocess.Popen[str]) -> None:
+def expect_line(stdout: IO[str], line: str, child: subprocess.Popen[str]) -> None:
+    """The counted child's next line is `line` (its handshake), else what it said and its exit code."""
     said = stdout.readline().strip()
     if said != line:
-        raise RuntimeError(f"the counted consumer said {said!r}, not {line!r} (exit code {child.poll()})")
+        raise RuntimeError(f"the counted child said {said!r}, not {line!r} (exit code {child.poll()})")
 
 
 def _child() -> None:

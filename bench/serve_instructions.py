@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bench.serve import RealLake
@@ -118,15 +118,17 @@ def _serve_counted(
         [sys.executable, str(HERE), str(job), str(out)],
         cwd=tree, env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    from bench.instructions import expect_line
+
     stdin, stdout = child.stdin, child.stdout
     assert stdin is not None and stdout is not None
     try:
-        _expect(stdout, "ready", child)
+        expect_line(stdout, "ready", child)
 
         def serve() -> None:
             stdin.write("go\n")
             stdin.flush()
-            _expect(stdout, "served", child)
+            expect_line(stdout, "served", child)
 
         counted = server.counted(serve)
         if child.wait(timeout=600) != 0:
@@ -135,12 +137,6 @@ def _serve_counted(
         child.kill()
         child.wait()
     return counted, json.loads(out.read_text())
-
-
-def _expect(stdout: IO[str], line: str, child: subprocess.Popen[str]) -> None:
-    said = stdout.readline().strip()
-    if said != line:
-        raise RuntimeError(f"the counted server's child said {said!r}, not {line!r} (exit code {child.poll()})")
 
 
 def _child(job: Path, out: Path) -> None:

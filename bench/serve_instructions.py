@@ -53,6 +53,7 @@ def run_serve_instructions(
         live = bench_state(root, real, visitors, WARM_UP + requests, n_items=items, n_users=users)
         try:
             snapshot = _save(live.client, root / "state.rdb")
+            version = str(live.client.info("server")["redis_version"])  # the same binary runs under valgrind
         finally:
             live.stop()
         now_s = time.time()
@@ -64,7 +65,6 @@ def run_serve_instructions(
             try:
                 counted, lists[name] = _serve_counted(server, tree, live.env, live.paths, now_s, root / f"{name}.json")
                 per_request[name] = round(counted / requests)
-                version = _redis_version(server.url)
             finally:
                 server.stop()
     result: dict[str, Any] = {
@@ -90,23 +90,15 @@ def _save(client: Any, to: Path) -> Path:
     return to
 
 
-def _redis_version(url: str) -> str:
-    from common.redis_server import connect
-
-    client = connect(url, timeout_s=60)
-    try:
-        return str(client.info("server")["redis_version"])
-    finally:
-        client.close()
-
-
 def _serve_counted(
     server: Any, tree: Path, env: dict[str, str], paths: list[str], now_s: float, out: Path
 ) -> tuple[int, list[dict[str, Any]]]:
     """Instructions Redis ran while a child of `tree` served `paths` after the warm-up ones; its lists."""
-    threads = dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"), "1")  # as `recs serve`
+    from bench.instructions import expect_line
+    from serving.cli import ONE_BLAS_THREAD
+
     child_env = {
-        **env, **threads,
+        **env, **ONE_BLAS_THREAD,  # as `recs serve`
         "PYTHONPATH": str(tree),
         "RECS_REDIS__URL": server.url,
         "RECS_API__TODAY_COUNTS_REFRESH_S": "0",
@@ -118,8 +110,6 @@ def _serve_counted(
         [sys.executable, str(HERE), str(job), str(out)],
         cwd=tree, env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    from bench.instructions import expect_line
-
     stdin, stdout = child.stdin, child.stdout
     assert stdin is not None and stdout is not None
     try:

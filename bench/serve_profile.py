@@ -240,8 +240,9 @@ def _same_list(a: dict[str, Any], b: dict[str, Any], tolerance: float) -> bool:
 
 def _run_child(tree: Path, env: dict[str, str], job: Path, out: Path) -> dict[str, Any]:
     """This file as a script under `tree`'s code (first on PYTHONPATH)."""
-    threads = dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"), "1")  # as `recs serve`
-    child_env = {**env, **threads, "PYTHONPATH": str(tree)}
+    from serving.cli import ONE_BLAS_THREAD
+
+    child_env = {**env, **ONE_BLAS_THREAD, "PYTHONPATH": str(tree)}  # as `recs serve`
     subprocess.run([sys.executable, str(HERE), str(job), str(out)], env=child_env, check=True, cwd=tree)
     return dict(json.loads(out.read_text()))
 

@@ -2,7 +2,7 @@
 # Installs the system pieces Lambdarec needs where they are missing: redis-server, a Java 17+
 # runtime (Spark 4), a native BLAS (Spark ALS, implicit), Python's venv module and Prometheus
 # (promtool and a short-lived prometheus check docker/alerts.yml in tests/test_alerts.py) and valgrind
-# (`recs bench speed --instructions` counts Redis' instructions under callgrind).
+# (`recs bench speed|serve --instructions` count Redis' instructions under callgrind).
 # Uses apt-get on Debian/Ubuntu; elsewhere prints what to install and stops.
 set -euo pipefail
 

@@ -11,6 +11,9 @@ from common.settings import Settings, SettingsError, get_settings
 
 APP = "serving.main:create_app"
 WORKER_HEALTHCHECK_S = 30
+# Requests run concurrently in each worker; multi-threaded BLAS per matrix product only contends
+# (a 50k x 64 product takes ~7 ms with a thread per core on a busy box, ~0.7 ms with one).
+ONE_BLAS_THREAD = dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"), "1")
 
 
 def serve(
@@ -42,10 +45,8 @@ def run_server(
     from serving.listeners import PerWorkerListener, balances_connections, ensure_port_free
 
     workers = workers or settings.api.workers
-    # Requests run concurrently in each worker; multi-threaded BLAS per matrix product only contends
-    # (a 50k x 64 product takes ~7 ms with a thread per core on a busy box, ~0.7 ms with one).
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(name, "1")
+    for name, value in ONE_BLAS_THREAD.items():
+        os.environ.setdefault(name, value)
     if workers > 1 and not os.environ.get(MULTIPROC_ENV):
         # Each worker writes its metrics under this directory and /metrics sums them; it must be
         # set (and empty) before any worker imports prometheus_client.

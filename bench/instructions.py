@@ -39,6 +39,7 @@ _NEVER_S = "1e9"  # a clock's period that never comes within a run
 # counts more on a slower machine and moved a count by over 1 % between runs of the same requests. The
 # slow log is off for the same reason: under callgrind a script passes its 10 ms, as it would not outside.
 COMMAND_PATH = ("readQueryFromClient", "writeToClient")
+COUNTED_BY = f"valgrind --tool=callgrind (Ir), inside {' and '.join(COMMAND_PATH)} only"
 
 
 class CountedRedis:
@@ -162,7 +163,7 @@ def run_speed_instructions(
         "users_with_vectors": users,
         "trees": {name: str(tree) for name, tree in trees.items()},
         "redis_version": version,
-        "counted_by": "valgrind --tool=callgrind (Ir)",
+        "counted_by": COUNTED_BY,
     }
 
 

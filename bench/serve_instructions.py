@@ -43,7 +43,7 @@ def run_serve_instructions(
     users: int = 100_000,
 ) -> dict[str, Any]:
     """`items` and `users` size the synthetic model (not a lake's)."""
-    from bench.instructions import CountedRedis
+    from bench.instructions import COUNTED_BY, CountedRedis
     from bench.serve import bench_state, state_label
     from bench.serve_profile import compare_lists
 
@@ -74,7 +74,7 @@ def run_serve_instructions(
         "speed_events_folded": live.folded,
         "trees": {name: str(tree) for name, tree in trees.items()},
         "redis_version": version,
-        "counted_by": "valgrind --tool=callgrind (Ir)",
+        "counted_by": COUNTED_BY,
     }
     if against is not None:
         per_request["ratio"] = round(per_request["this"] / per_request["against"], 4)

@@ -440,7 +440,7 @@ def test_the_websocket_takes_a_key_or_a_session_token_and_refuses_without(live_a
 
     with websocket(live_api, PARAMS, {"Authorization": "Bearer key-reader-0002"}) as ws:
         assert ws_message(ws)[0] == "recommendations"
-    short = signed(claims(expires_at=int(time.time()) + 2))
+    short = signed(claims(expires_at=int(time.time()) + 5))  # time for the first list on a loaded machine
     with websocket(live_api, f"{PARAMS}&access_token={short}") as ws:
         assert ws_message(ws)[0] == "recommendations"
         name, data = ws_message(ws)
@@ -449,10 +449,15 @@ def test_the_websocket_takes_a_key_or_a_session_token_and_refuses_without(live_a
             ws.recv(timeout=WAIT_S)
 
 
-def test_requests_are_answered_while_pushes_queue(published: SyntheticModel, recs_env: Path, redis_server: RedisServer) -> None:
+def test_requests_are_answered_while_pushes_queue(
+    published: SyntheticModel, recs_env: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The real app under uvicorn in this loop; ten streams' lists queue, each holding the loop 20 ms as a
     list's CPU does. A GET and a POST whose body comes 60 ms after its headers (a request waiting mid-way)
     are answered before the queue drains, and no list starts while either is in flight."""
+    # The slack after which a list goes ahead anyway has its own test; on a loaded machine the cold app's
+    # first GET alone can outlast it.
+    monkeypatch.setattr("serving.core.push.PUSH_DEFER_S", 60.0)
 
     async def scenario() -> None:
         app = create_app(make_settings())

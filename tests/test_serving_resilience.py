@@ -81,7 +81,7 @@ def test_hot_reload_under_concurrent_requests_loses_none(
     publish_synthetic_model(state.registry, state.lake, version="v2", seed=21, activate=False)
     publish_synthetic_model(state.registry, state.lake, version="v3", seed=22, activate=False)
     failures: list[str] = []
-    versions: list[str] = []
+    versions: dict[int, list[str]] = {n: [] for n in range(4)}  # each thread's answers, in order
     stop = threading.Event()
 
     def hammer(n: int) -> None:
@@ -90,29 +90,32 @@ def test_hot_reload_under_concurrent_requests_loses_none(
             if response.status_code != 200 or len(response.json()["items"]) != 5:
                 failures.append(response.text)
             else:
-                versions.append(response.json()["model_version"])
+                versions[n].append(response.json()["model_version"])
+
+    def until_every_thread_served(version: str) -> None:
+        deadline = time.monotonic() + 30  # a wait, not a time asserted: the swaps go on under the load
+        while not all(version in answers for answers in versions.values()):
+            assert time.monotonic() < deadline and not failures, (version, failures[:1])
+            time.sleep(0.05)
 
     threads = [threading.Thread(target=hammer, args=(n,)) for n in range(4)]
     for thread in threads:
         thread.start()
     try:
-        time.sleep(0.3)
+        until_every_thread_served("v1")
         # One swap through the admin call, one through the registry's pub/sub message.
         assert client.post("/v1/admin/models/v2/activate").status_code == 200
-        time.sleep(0.3)
+        until_every_thread_served("v2")
         event = state.registry.activate("v3", kind="published")
         assert publish_model_event(redis_client, event) >= 1
-        deadline = time.monotonic() + 10
-        while state.models.current.version != "v3" and time.monotonic() < deadline:  # type: ignore[union-attr]
-            time.sleep(0.05)
-        time.sleep(0.3)
+        until_every_thread_served("v3")
     finally:
         stop.set()
         for thread in threads:
             thread.join()
     assert failures == []
-    assert {"v1", "v2", "v3"} <= set(versions)
-    assert versions[-1] == "v3"
+    # After its first answer from v3 a thread's every answer is v3: no request went back to an old version.
+    assert all(answers[answers.index("v3") :] == ["v3"] * (len(answers) - answers.index("v3")) for answers in versions.values())
 
 
 def test_impressions_land_in_the_lake_and_clicks_join_to_them(

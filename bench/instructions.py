@@ -97,6 +97,20 @@ class CountedRedis:
         self._control("--dump")
         return self._totals(Path(f"{self._out}.{self._dumps}"))
 
+    def counted_child(self, child: subprocess.Popen[str], done: str) -> int:
+        """The instructions Redis ran on its command path while `child` worked: the child says `ready`,
+        works once told `go`, then says `done`."""
+        stdin, stdout = child.stdin, child.stdout
+        assert stdin is not None and stdout is not None
+        _expect_line(stdout, "ready", child)
+
+        def work() -> None:
+            stdin.write("go\n")
+            stdin.flush()
+            _expect_line(stdout, done, child)
+
+        return self.counted(work)
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -182,23 +196,14 @@ def _drain_counted(server: CountedRedis, tree: Path, root: Path) -> int:
     child = subprocess.Popen(
         [sys.executable, str(HERE)], cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    stdin, stdout = child.stdin, child.stdout
-    assert stdin is not None and stdout is not None
     try:
-        expect_line(stdout, "ready", child)
-
-        def drain() -> None:
-            stdin.write("go\n")
-            stdin.flush()
-            expect_line(stdout, "drained", child)
-
-        return server.counted(drain)
+        return server.counted_child(child, "drained")
     finally:
         child.kill()
         child.wait()
 
 
-def expect_line(stdout: IO[str], line: str, child: subprocess.Popen[str]) -> None:
+def _expect_line(stdout: IO[str], line: str, child: subprocess.Popen[str]) -> None:
     """The counted child's next line is `line` (its handshake), else what it said and its exit code."""
     said = stdout.readline().strip()
     if said != line:

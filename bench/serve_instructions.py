@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from bench.instructions import CountedRedis
     from bench.serve import RealLake
 
 HERE = Path(__file__).resolve()
-THIS_TREE = HERE.parents[1]
 WARM_UP = 20  # requests served before counting: scripts loaded, item flags copied
 
 
@@ -43,7 +43,7 @@ def run_serve_instructions(
     users: int = 100_000,
 ) -> dict[str, Any]:
     """`items` and `users` size the synthetic model (not a lake's)."""
-    from bench.instructions import COUNTED_BY, CountedRedis
+    from bench.instructions import COUNTED_BY, THIS_TREE, CountedRedis
     from bench.serve import bench_state, state_label
     from bench.serve_profile import compare_lists
 
@@ -91,10 +91,9 @@ def _save(client: Any, to: Path) -> Path:
 
 
 def _serve_counted(
-    server: Any, tree: Path, env: dict[str, str], paths: list[str], now_s: float, out: Path
+    server: CountedRedis, tree: Path, env: dict[str, str], paths: list[str], now_s: float, out: Path
 ) -> tuple[int, list[dict[str, Any]]]:
     """Instructions Redis ran while a child of `tree` served `paths` after the warm-up ones; its lists."""
-    from bench.instructions import expect_line
     from serving.cli import ONE_BLAS_THREAD
 
     child_env = {
@@ -110,17 +109,8 @@ def _serve_counted(
         [sys.executable, str(HERE), str(job), str(out)],
         cwd=tree, env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    stdin, stdout = child.stdin, child.stdout
-    assert stdin is not None and stdout is not None
     try:
-        expect_line(stdout, "ready", child)
-
-        def serve() -> None:
-            stdin.write("go\n")
-            stdin.flush()
-            expect_line(stdout, "served", child)
-
-        counted = server.counted(serve)
+        counted = server.counted_child(child, "served")
         if child.wait(timeout=600) != 0:
             raise RuntimeError(f"the counted server's child exited with {child.returncode}")
     finally:
@@ -151,6 +141,7 @@ async def _serve(paths: list[str], now_s: float, warm_up: int) -> list[dict[str,
         for req in requests[:warm_up]:
             recommend(state, req, now_s=now_s)
         # The background threads' commands (model listener, refreshes) run on a clock, not per request.
+        # Stopped through the private fields every compared tree has (close() would also drop the client).
         state._stop.set()
         for thread in state._threads:
             thread.join(timeout=30)

@@ -15,6 +15,7 @@ from itertools import repeat
 
 import numpy as np
 
+from common.candidates import KnownTop
 from common.settings import TrainingSettings
 
 # Where a candidate came from; a candidate may come from several generators.
@@ -64,6 +65,8 @@ class RequestState:
 
     now_s: float  # epoch seconds
     user_vector: np.ndarray | None = None  # batch vector + speed delta, or fold-in
+    # Where user_vector's top batch items lie (serving: the version's precomputed lists); None: score every item.
+    user_top: KnownTop | None = None
     session_items: Mapping[str, float] = field(default_factory=dict)  # item -> last event time (s)
     category_affinity: Mapping[str, float] = field(default_factory=dict)  # decayed, any scale
     cart: frozenset[str] = frozenset()

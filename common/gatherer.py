@@ -99,7 +99,7 @@ def gather_lists(
     ordered: list[str] = []
     if personal:
         if state.user_vector is not None:
-            lists["als"] = als_top_n(state.user_vector, model.scan_blocks, model.item_ids, sizes.als)
+            lists["als"] = als_top_n(state.user_vector, model.scan_blocks, model.item_ids, sizes.als, state.user_top)
         if anchor is not None:
             similar = model.similar_items(anchor, sizes.als // 2)
             if similar is not None:

@@ -10,6 +10,7 @@ import io
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -17,12 +18,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common import registry as reg
-from common.candidates import Scored, als_top_n
+from common.candidates import PREFILTER_SAMPLE, KnownTop, Scored, als_top_n, sample_rows
 from common.content import ContentMap, ItemContent
 from common.registry import Manifest, Registry, RegistryError
 from common.vectors import gramian
 
 SIMILAR_CACHE_SIZE = 20_000  # (item, n) answers of similar_items kept per version (~20 pairs each)
+# Item rows kept per person in BatchTops: ten times the default ALS pool (40), so that a live delta of a
+# few percent of the batch vector still leaves the top 40 among them (docs/performance.md, 2026-12-07).
+TOP_ROWS_KEPT = 400
+# Over the ceiling of a precomputed list: the float32 rounding of the nightly's and serving's products (a
+# 64-term sum rounds by at most ~4e-6 of |x||y|).
+ROUNDING_MARGIN = 1e-4
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,17 @@ class PersonHistory:
     items: np.ndarray  # int32 rows of the version's item ids (ALS items: never a content vector's row)
     sessions: np.ndarray  # uint16: the person's sessions with a weighted event on the item; 0 once erased
     last_s: np.ndarray  # uint32 epoch seconds (whole) of the last such event: 10 bytes a row in all
+
+
+@dataclass(frozen=True)
+class BatchTops:
+    """For each person (user row), the item rows of the `TOP_ROWS_KEPT` highest scores of their batch vector
+    and the lowest of those scores: no other item scores above it. With a speed delta δ no other item can
+    score above it + |δ| x the largest item norm, so a request whose n-th best of these rows beats that
+    needs no scan of every item (candidates.als_top_n). Written with the factors (`save_factors`)."""
+
+    rows: np.ndarray  # int32, users x TOP_ROWS_KEPT (unordered)
+    floors: np.ndarray  # float32, users; NaN for an erased person (no list)
 
 
 @dataclass
@@ -51,6 +69,7 @@ class ModelArtifacts:
     covisitation: pa.Table | None = None  # item_id, other_id, count
     content_map: ContentMap | None = None  # when the version has one
     history: PersonHistory | None = None  # when the version has one
+    tops: BatchTops | None = None  # when the version has them (catalogs larger than TOP_ROWS_KEPT)
     # Rows [0, batch_items) of the item factors are ALS's; rows after them are content vectors of items
     # new since the cutoff (`with_content_vectors`). -1: all rows are ALS's.
     batch_items: int = -1
@@ -79,6 +98,26 @@ class ModelArtifacts:
         """The batch vector x(u), or None for a person the model has not seen."""
         i = self.user_index.get(person_id)
         return None if i is None else self.user_factors[i]
+
+    def known_top(self, person_id: str, delta: np.ndarray | None) -> KnownTop | None:
+        """Where the top batch items of the person's batch vector plus `delta` lie, from the version's
+        precomputed list; None without one."""
+        i = self.user_index.get(person_id)
+        if i is None or self.tops is None:
+            return None
+        floor = float(self.tops.floors[i])
+        if floor != floor:  # NaN: erased
+            return None
+        largest = self.largest_batch_norm
+        spread = float(np.linalg.norm(delta)) * largest if delta is not None else 0.0
+        margin = ROUNDING_MARGIN * float(np.linalg.norm(self.user_factors[i])) * largest
+        return KnownTop(self.tops.rows[i], floor + spread + margin)
+
+    @cached_property
+    def largest_batch_norm(self) -> float:
+        """The largest norm of a batch item's factors: what bounds a delta's share of any item's score."""
+        rows = self.scan_blocks[0]
+        return float(np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64).max())) if len(rows) else 0.0
 
     def history_of(self, person_id: str) -> dict[str, tuple[float, float]]:
         """item -> (sessions, last engaged, epoch s) of the person before the cutoff; {} for someone unknown."""
@@ -175,6 +214,59 @@ def save_factors(
     _write_npy(registry, version, reg.ITEM_FACTORS, item_factors.astype(np.float32))
     _write_bytes(registry, version, reg.USER_IDS, json.dumps([str(u) for u in user_ids]).encode())
     _write_bytes(registry, version, reg.ITEM_IDS, json.dumps([str(i) for i in item_ids]).encode())
+    if len(item_ids) > TOP_ROWS_KEPT:  # else a list is every item: nothing to skip
+        _write_tops(registry, version, batch_tops(user_factors, item_factors, TOP_ROWS_KEPT))
+
+
+def batch_tops(user_factors: np.ndarray, item_factors: np.ndarray, kept: int) -> BatchTops:
+    """Each user's `kept` highest-scoring item rows and the lowest of those scores, as serving scores them
+    (float32 products), a block of users at a time (a block's scores ~64 MB)."""
+    users, items = np.asarray(user_factors, np.float32), np.asarray(item_factors, np.float32)
+    rows = np.empty((len(users), kept), np.int32)
+    floors = np.empty(len(users), np.float32)
+    block = max(1, (16 << 20) // max(1, len(items)))
+    for start in range(0, len(users), block):
+        scores = users[start : start + block] @ items.T
+        top = _highest_columns(scores, kept)
+        rows[start : start + block] = top
+        floors[start : start + block] = np.take_along_axis(scores, top, axis=1).min(axis=1)
+    return BatchTops(rows, floors)
+
+
+def _highest_columns(scores: np.ndarray, kept: int) -> np.ndarray:
+    """Each row's `kept` highest columns (unordered): as a partition of every row gives, 1.5-3x faster for 400
+    of 50k. As in candidates.top_n_indices, a high value of a fixed sample of the columns bounds a row's
+    kept-th highest from below whenever `kept` columns reach it; only those are sorted. Rows where fewer
+    do are partitioned whole."""
+    n_rows, n_cols = scores.shape
+    if n_cols < 8 * PREFILTER_SAMPLE:
+        return np.argpartition(scores, n_cols - kept, axis=1)[:, n_cols - kept :]
+    sample = scores[:, sample_rows(n_cols)]
+    above = min(sample.shape[1] - 1, 2 * kept * sample.shape[1] // n_cols)  # ~2 x kept expected over it
+    bounds = np.partition(sample, sample.shape[1] - 1 - above, axis=1)[:, sample.shape[1] - 1 - above]
+    row, col = np.nonzero(scores >= bounds[:, None])
+    order = np.lexsort((-scores[row, col], row))  # by row, then highest first
+    row, col = row[order], col[order]
+    counts = np.bincount(row, minlength=n_rows)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    top = np.empty((n_rows, kept), np.int64)
+    enough = counts >= kept
+    top[enough] = col[starts[enough, None] + np.arange(kept)]
+    short = ~enough
+    if short.any():
+        top[short] = np.argpartition(scores[short], n_cols - kept, axis=1)[:, n_cols - kept :]
+    return top
+
+
+def _write_tops(registry: Registry, version: str, tops: BatchTops) -> None:
+    _write_npy(registry, version, reg.TOP_ROWS, tops.rows)
+    _write_npy(registry, version, reg.TOP_FLOORS, tops.floors)
+
+
+def _map_tops(registry: Registry, version: str) -> BatchTops | None:
+    if not registry.fs.exists(registry.path(version, reg.TOP_FLOORS)):
+        return None  # a small catalog, or a version trained before the lists existed
+    return BatchTops(_map_npy(registry, version, reg.TOP_ROWS), _map_npy(registry, version, reg.TOP_FLOORS))
 
 
 # The id an erased person's row is left under: no request can name it (ids are never empty).
@@ -182,7 +274,8 @@ FORGOTTEN_USER = ""
 
 
 def forget_users(registry: Registry, version: str, people: Collection[str]) -> int:
-    """Blank the people's ids, zero their factor rows and their history in one version, then re-hash its
+    """Blank the people's ids, zero their factor rows, their history and their precomputed top items
+    (BatchTops) in one version, then re-hash its
     manifest; returns the rows forgotten. Rows keep their places, so a reader between the writes pairs
     any file with the others and still cannot reach the people's factors or history."""
     user_ids = json.loads(_read_bytes(registry, version, reg.USER_IDS))
@@ -200,6 +293,11 @@ def forget_users(registry: Registry, version: str, people: Collection[str]) -> i
             span = slice(int(history.offsets[row]), int(history.offsets[row + 1]))
             history.items[span], history.sessions[span], history.last_s[span] = 0, 0, 0
         _write_history(registry, version, history)
+    if registry.fs.exists(registry.path(version, reg.TOP_FLOORS)):
+        floors = _read_npy(registry, version, reg.TOP_FLOORS)
+        top_rows = _read_npy(registry, version, reg.TOP_ROWS)
+        floors[rows], top_rows[rows] = np.nan, 0
+        _write_tops(registry, version, BatchTops(top_rows, floors))
     _write_bytes(registry, version, reg.USER_IDS, json.dumps(user_ids).encode())
     registry.write_manifest(registry.read_manifest(version))
     return len(rows)
@@ -299,6 +397,7 @@ def load_model(registry: Registry, version: str | None = None, *, request_parts:
         covisitation=_read_table(registry, version, reg.COVISITATION) if request_parts else None,
         content_map=_read_content_map(registry, version),
         history=_read_history(registry, version) if request_parts else None,
+        tops=_map_tops(registry, version) if request_parts else None,
     )
 
 

@@ -32,9 +32,12 @@ COVISITATION = "covisitation.parquet"
 CONTENT_MAP = "content_map.npz"  # item content -> item factors (common/content.py), for items new since the cutoff
 DRIFT_BASELINE = "drift_baseline.parquet"  # a bounded sample of the ranker's training rows (common/drift.py)
 HISTORY = "history.npz"  # per person, the items engaged with before the cutoff (common/model.py: PersonHistory)
+# Per person, the item rows of their batch vector's top scores and the lowest of those (common/model.py: BatchTops).
+TOP_ROWS = "user_top_rows.npy"
+TOP_FLOORS = "user_top_floors.npy"
 ARTIFACT_FILES = (
     USER_FACTORS, ITEM_FACTORS, USER_IDS, ITEM_IDS, RANKER, POPULARITY, COVISITATION, CONTENT_MAP, DRIFT_BASELINE,
-    HISTORY,
+    HISTORY, TOP_ROWS, TOP_FLOORS,
 )
 # Beside the manifest, never in it: a drift check must not rewrite what the gate decided on.
 DRIFT_LATEST = "drift.json"

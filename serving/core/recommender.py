@@ -19,7 +19,7 @@ from itertools import compress
 import numpy as np
 import redis
 
-from common.candidates import Scored, best_first, merge_sources
+from common.candidates import KnownTop, Scored, best_first, merge_sources
 from common.events import DEFAULT_CONSENT, Consent
 from common.features import (
     FEATURE_NAMES,
@@ -231,8 +231,9 @@ def gather_request(
     """The gatherer (common/gatherer.py) on serving's lookups: what ranker training builds from the log."""
     person = speed.person_id if speed else req.person_id
     vector = _user_vector(state, model, person, speed) if req.personalised else None
+    known_top = _known_top(state, model, person, speed) if req.personalised else None
     history = _history(state, model, person, speed) if req.personalised else {}
-    moment = _request_state(state, speed, vector, history, now_s)
+    moment = _request_state(state, speed, vector, known_top, history, now_s)
     lookups = ServingLookups(state, model, speed, now_s)
     anchor = req.item_id if req.context == "product" else None
     gathered = gather_lists(
@@ -298,13 +299,10 @@ def _user_vector(
     state: ServingState, model: ServingModel, person: str, speed: SpeedState | None
 ) -> np.ndarray | None:
     """x(u) + δ(u) for a known person; the ALS fold-in of their items for a new or anonymous one."""
-    erased = state.erased.hides(person, model.artifacts.manifest.cutoff)
-    batch = None if erased else model.artifacts.user_vector(person)
+    batch = _batch_vector(state, model, person)
     if batch is not None:
-        delta = speed.delta if speed is not None and speed.delta_is_current else None
-        if delta is not None and delta.shape == batch.shape:
-            return batch + delta
-        return batch
+        delta = _current_delta(speed, batch)
+        return batch if delta is None else batch + delta
     if speed is None or not speed.person_items:
         return None
     index = model.artifacts.item_index
@@ -315,6 +313,27 @@ def _user_vector(
     return fold_in(
         model.artifacts.item_factors, model.artifacts.yty, rows, weights, model.alpha, model.regularization
     )
+
+
+def _batch_vector(state: ServingState, model: ServingModel, person: str) -> np.ndarray | None:
+    """The version's vector of the person, None when it has none or they asked to be erased since its cutoff."""
+    if state.erased.hides(person, model.artifacts.manifest.cutoff):
+        return None
+    return model.artifacts.user_vector(person)
+
+
+def _current_delta(speed: SpeedState | None, batch: np.ndarray) -> np.ndarray | None:
+    """The speed layer's delta on `batch`: None when it was learnt on another version's vectors."""
+    delta = speed.delta if speed is not None and speed.delta_is_current else None
+    return delta if delta is not None and delta.shape == batch.shape else None
+
+
+def _known_top(state: ServingState, model: ServingModel, person: str, speed: SpeedState | None) -> KnownTop | None:
+    """Where the top batch items of the person's vector lie, for a known person (the version's lists)."""
+    batch = _batch_vector(state, model, person)
+    if batch is None:
+        return None
+    return model.artifacts.known_top(person, _current_delta(speed, batch))
 
 
 def _history(
@@ -410,16 +429,18 @@ def _request_state(
     state: ServingState,
     speed: SpeedState | None,
     vector: np.ndarray | None,
+    known_top: KnownTop | None,
     history: dict[str, tuple[float, float]],
     now_s: float,
 ) -> RequestState:
     if speed is None:
-        return RequestState(now_s=now_s, user_vector=vector, history=history)
+        return RequestState(now_s=now_s, user_vector=vector, user_top=known_top, history=history)
     engaged = set(speed.person_items) | set(speed.session_items)
     prices = [info.price for info in state.catalog.get_many(engaged) if info is not None and info.price > 0]
     return RequestState(
         now_s=now_s,
         user_vector=vector,
+        user_top=known_top,
         session_items=speed.session_items,
         category_affinity=speed.category_affinity,
         cart=frozenset(speed.cart),

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -220,16 +222,21 @@ def save_factors(
 
 def batch_tops(user_factors: np.ndarray, item_factors: np.ndarray, kept: int) -> BatchTops:
     """Each user's `kept` highest-scoring item rows and the lowest of those scores, as serving scores them
-    (float32 products), a block of users at a time (a block's scores ~64 MB)."""
+    (float32 products), a block of users at a time (a block's scores ~64 MB) on up to 4 threads (numpy's
+    products and partitions release the GIL: 2 threads took half the time of one for 20k x 50k)."""
     users, items = np.asarray(user_factors, np.float32), np.asarray(item_factors, np.float32)
     rows = np.empty((len(users), kept), np.int32)
     floors = np.empty(len(users), np.float32)
     block = max(1, (16 << 20) // max(1, len(items)))
-    for start in range(0, len(users), block):
+
+    def fill(start: int) -> None:
         scores = users[start : start + block] @ items.T
         top = _highest_columns(scores, kept)
         rows[start : start + block] = top
         floors[start : start + block] = np.take_along_axis(scores, top, axis=1).min(axis=1)
+
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(fill, range(0, len(users), block)))  # list(): a block's error is raised here
     return BatchTops(rows, floors)
 
 

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from common.candidates import KnownTop, _top_n_within, als_top_n
-from common.model import TOP_ROWS_KEPT, batch_tops, forget_users, load_model, save_factors
+from common.candidates import KnownTop, _top_n_within, als_top_n, sample_rows
+from common.model import TOP_ROWS_KEPT, _highest_columns, batch_tops, forget_users, load_model, save_factors
 from common.registry import TOP_FLOORS, TOP_ROWS, Manifest, Registry
 
 CUTOFF = datetime(2026, 11, 1, tzinfo=UTC)
@@ -136,3 +136,16 @@ def test_batch_tops_keeps_each_rows_highest_columns_and_their_lowest_score() -> 
         assert set(tops.rows[u].tolist()) == set(expected[u].tolist())
     np.testing.assert_array_equal(tops.floors, np.sort(scores, axis=1)[:, -400])
 
+
+
+def test_rows_whose_sample_bound_keeps_too_few_columns_are_partitioned_whole() -> None:
+    """A row whose high scores sit on the sampled columns: the sample's bound keeps ~33 columns, fewer than
+    the 400 wanted, so that row takes the partition of every column."""
+    rng = np.random.default_rng(17)
+    scores = rng.normal(0, 1, (3, 40_000)).astype(np.float32)
+    scores[1, sample_rows(40_000)] += 10.0
+    top = _highest_columns(scores, 400)
+    for row in range(3):
+        expected = np.argpartition(scores[row], 40_000 - 400)[40_000 - 400 :]
+        assert set(top[row].tolist()) == set(expected.tolist())
+    assert set(top[1].tolist()) <= set(sample_rows(40_000).tolist())

@@ -282,9 +282,9 @@ FORGOTTEN_USER = ""
 
 def forget_users(registry: Registry, version: str, people: Collection[str]) -> int:
     """Blank the people's ids, zero their factor rows, their history and their precomputed top items
-    (BatchTops) in one version, then re-hash its
-    manifest; returns the rows forgotten. Rows keep their places, so a reader between the writes pairs
-    any file with the others and still cannot reach the people's factors or history."""
+    (BatchTops) in one version, then re-hash its manifest; returns the rows forgotten. Rows keep their
+    places, so a reader between the writes pairs any file with the others and still cannot reach the
+    people's factors or history."""
     user_ids = json.loads(_read_bytes(registry, version, reg.USER_IDS))
     rows = [row for row, user in enumerate(user_ids) if user in people]
     if not rows:

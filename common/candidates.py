@@ -32,46 +32,42 @@ def als_top_n(
     item_factors: np.ndarray | Sequence[np.ndarray],
     item_ids: Sequence[str],
     n: int,
-    known: KnownTop | None = None,
 ) -> Scored:
     """Top-n items by dot product (brute force: fine up to a few hundred thousand items), over the
     factors whole or as blocks of rows in order (ModelArtifacts.scan_blocks). The factors' row-major
     layout is as fast to scan as a column-major copy (OpenBLAS's sgemv, 50k x 64, one thread: within
-    3 % of each other in 2026-12), so serving keeps no such copy.
-
-    With `known`, only its rows and the blocks after the first are scored when that settles the answer:
-    when their n-th highest score is above the ceiling of every other row. Else every row, as without."""
+    3 % of each other in 2026-12), so serving keeps no such copy."""
     if n <= 0 or len(item_ids) == 0:
         return []
-    if known is not None:
-        within = _top_n_within(user_vector, item_factors, known, n)
-        if within is not None:
-            rows, scores = within
-            return list(zip(map(item_ids.__getitem__, rows.tolist()), scores.tolist(), strict=True))
     scores = item_scores(user_vector, item_factors)
     top = top_n_indices(scores, min(n, len(scores)))
     return list(zip(map(item_ids.__getitem__, top.tolist()), scores[top].tolist(), strict=True))
 
 
-def _top_n_within(
-    vector: np.ndarray, item_factors: np.ndarray | Sequence[np.ndarray], known: KnownTop, n: int
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """The n best (rows, scores) among `known.rows` and the later blocks' rows, best first (ties by row), or
-    None when the n-th of them does not beat `known.ceiling` (then a row outside could be in the top n)."""
+def als_top_n_listed(
+    vector: np.ndarray,
+    item_factors: np.ndarray | Sequence[np.ndarray],
+    item_ids: Sequence[str],
+    n: int,
+    known: KnownTop,
+) -> Scored | None:
+    """`als_top_n`'s answer from `known.rows` and the later blocks' rows (content rows of items new since
+    the cutoff: a few, all scored), best first (ties by row), when their n-th highest score beats
+    `known.ceiling`; None when it does not (a row outside could be in the top n: scan them all)."""
     blocks = (item_factors,) if isinstance(item_factors, np.ndarray) else tuple(item_factors)
     first, later = blocks[0], blocks[1:]
-    all_rows, all_scores = known.rows, first[known.rows] @ vector.astype(first.dtype, copy=False)
-    if later:  # content rows of items new since the cutoff: a few, all scored
+    rows, scores = known.rows, first[known.rows] @ vector.astype(first.dtype, copy=False)
+    if later:
         total = len(first) + sum(len(block) for block in later)
-        all_rows = np.concatenate([all_rows, np.arange(len(first), total)])
-        all_scores = np.concatenate([all_scores, *(block @ vector.astype(block.dtype, copy=False) for block in later)])
-    if len(all_scores) < n:
+        rows = np.concatenate([rows, np.arange(len(first), total)])
+        scores = np.concatenate([scores, *(block @ vector.astype(block.dtype, copy=False) for block in later)])
+    if n <= 0 or len(scores) < n:
         return None
-    best = np.argpartition(all_scores, len(all_scores) - n)[len(all_scores) - n :]
-    if all_scores[best].min() <= known.ceiling:
+    best = np.argpartition(scores, len(scores) - n)[len(scores) - n :]
+    if scores[best].min() <= known.ceiling:
         return None
-    best = best[np.lexsort((all_rows[best], -all_scores[best]))]
-    return all_rows[best], all_scores[best]
+    best = best[np.lexsort((rows[best], -scores[best]))]
+    return list(zip(map(item_ids.__getitem__, rows[best].tolist()), scores[best].tolist(), strict=True))
 
 
 def item_scores(vector: np.ndarray, item_factors: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:

@@ -15,7 +15,16 @@ from typing import Protocol
 
 import numpy as np
 
-from common.candidates import Scored, als_top_n, category_best, covisited_scores, merge_sources, top_scored
+from common.candidates import (
+    KnownTop,
+    Scored,
+    als_top_n,
+    als_top_n_listed,
+    category_best,
+    covisited_scores,
+    merge_sources,
+    top_scored,
+)
 from common.features import DAY_S, Candidates, RequestState
 from common.model import ModelArtifacts
 from common.settings import CandidatePool
@@ -73,6 +82,8 @@ class Gathered:
     covis_last: dict[str, float]  # item -> ordered co-visit weight from the most recent seed alone
     neighbour_scores: dict[str, float]  # item -> session-kNN score (its list only)
     seeds: list[str] = field(default_factory=list)  # the seeds, most recent first (ties by id, as covis_last)
+    # How the ALS list was found: "list" (the person's precomputed top items), "scan" (every item), None (no list).
+    als_found: str | None = None
 
 
 def gather_lists(
@@ -97,9 +108,10 @@ def gather_lists(
     covis_last: dict[str, float] = {}
     neighbour_scores: dict[str, float] = {}
     ordered: list[str] = []
+    als_found = None
     if personal:
         if state.user_vector is not None:
-            lists["als"] = als_top_n(state.user_vector, model.scan_blocks, model.item_ids, sizes.als, state.user_top)
+            lists["als"], als_found = _als_list(model, state.user_vector, state.user_top, sizes.als)
         if anchor is not None:
             similar = model.similar_items(anchor, sizes.als // 2)
             if similar is not None:
@@ -123,7 +135,17 @@ def gather_lists(
     lists["trending"] = lookups.trending(sizes.trending)
     since = state.now_s - sizes.new_max_age_days * DAY_S
     lists["new"] = lookups.new_arrivals(since, sizes.new_arrivals)
-    return Gathered(lists, covis_scores, covis_last, neighbour_scores, ordered)
+    return Gathered(lists, covis_scores, covis_last, neighbour_scores, ordered, als_found)
+
+
+def _als_list(model: ModelArtifacts, vector: np.ndarray, known: KnownTop | None, n: int) -> tuple[Scored, str]:
+    """The ALS top n of `vector` and how it was found: from the person's precomputed top items ("list")
+    when they settle it, else by scoring every item ("scan"); the same answer either way."""
+    if known is not None:
+        listed = als_top_n_listed(vector, model.scan_blocks, model.item_ids, n, known)
+        if listed is not None:
+            return listed, "list"
+    return als_top_n(vector, model.scan_blocks, model.item_ids, n), "scan"
 
 
 def earlier_items(state: RequestState, covis_scores: Mapping[str, float], n: int) -> Scored:

@@ -1,18 +1,29 @@
 """The version's precomputed top items of each person (common/model.py: BatchTops) and the ALS top n they
-short-cut (common/candidates.py: als_top_n with `known`): the same answer as scoring every item, for any
-speed delta, with content rows beside the batch rows, and never for an erased person."""
+short-cut (common/candidates.py: als_top_n_listed): the same answer as scoring every item, for any speed
+delta, with content rows beside the batch rows, and never for an erased person; serving counts how each
+ALS list was found."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
+from fastapi.testclient import TestClient
 
-from common.candidates import KnownTop, _top_n_within, als_top_n, sample_rows
+from bench.serve import publish_synthetic_model
+from common.candidates import KnownTop, als_top_n, als_top_n_listed, sample_rows
+from common.lake import Lake
 from common.model import TOP_ROWS_KEPT, _highest_columns, batch_tops, forget_users, load_model, save_factors
 from common.registry import TOP_FLOORS, TOP_ROWS, Manifest, Registry
+from serving.main import create_app
+from tests.test_serving_support import make_settings, recs
+
+# The fixtures (published, client) live in the support module.
+pytest_plugins = ["tests.test_serving_support"]
 
 CUTOFF = datetime(2026, 11, 1, tzinfo=UTC)
 N = 40  # the default ALS pool
@@ -56,10 +67,12 @@ def test_the_top_n_from_a_persons_list_is_the_full_scans_whatever_the_delta(regi
             known = model.known_top(f"u{u}", delta)
             assert known is not None
             full = als_top_n(vector, model.scan_blocks, model.item_ids, N)
-            listed = als_top_n(vector, model.scan_blocks, model.item_ids, N, known)
+            listed = als_top_n_listed(vector, model.scan_blocks, model.item_ids, N, known)
+            if listed is None:
+                continue
+            taken += 1
             assert [i for i, _ in listed] == [i for i, _ in full]
             np.testing.assert_allclose([s for _, s in listed], [s for _, s in full], rtol=1e-6)
-            taken += _top_n_within(vector, model.scan_blocks, known, N) is not None
         short_cut[share] = taken
     # Without a delta and with a small one the list settles it; a delta as long as the vector itself
     # leaves the ceiling above the list's n-th score, so the answer comes from every item.
@@ -67,15 +80,14 @@ def test_the_top_n_from_a_persons_list_is_the_full_scans_whatever_the_delta(regi
     assert short_cut[1.0] < short_cut[0.1] < short_cut[0.02]
 
 
-def test_a_ceiling_no_list_beats_scores_every_item() -> None:
+def test_a_ceiling_no_list_beats_gives_no_listed_answer() -> None:
     rng = np.random.default_rng(5)
     items = rng.normal(0, 1, (1_000, 8)).astype(np.float32)
     vector = rng.normal(0, 1, 8).astype(np.float32)
     ids = [f"i{j}" for j in range(1_000)]
     worst = np.argsort(items @ vector)[:N]  # a list of the lowest scores: its n-th never beats a real ceiling
     known = KnownTop(worst, float((items @ vector).max()))
-    assert _top_n_within(vector, items, known, N) is None
-    assert als_top_n(vector, items, ids, N, known) == als_top_n(vector, items, ids, N)
+    assert als_top_n_listed(vector, items, ids, N, known) is None
 
 
 def test_content_rows_of_new_items_are_scored_beside_the_persons_list(registry: Registry) -> None:
@@ -98,9 +110,8 @@ def test_content_rows_of_new_items_are_scored_beside_the_persons_list(registry: 
     assert len(stacked.scan_blocks) == 2
     known = stacked.known_top("u0", None)
     assert known is not None
-    listed = als_top_n(users[0], stacked.scan_blocks, stacked.item_ids, N, known)
-    assert _top_n_within(users[0], stacked.scan_blocks, known, N) is not None
-    assert listed[0][0] == "new"
+    listed = als_top_n_listed(users[0], stacked.scan_blocks, stacked.item_ids, N, known)
+    assert listed is not None and listed[0][0] == "new"
     assert listed == als_top_n(users[0], stacked.scan_blocks, stacked.item_ids, N)
 
 
@@ -149,3 +160,35 @@ def test_rows_whose_sample_bound_keeps_too_few_columns_are_partitioned_whole() -
         expected = np.argpartition(scores[row], 40_000 - 400)[40_000 - 400 :]
         assert set(top[row].tolist()) == set(expected.tolist())
     assert set(top[1].tolist()) <= set(sample_rows(40_000).tolist())
+
+
+def als_lists(client: TestClient) -> dict[str, float]:
+    """recs_als_lists_total by `found`, from the app's /metrics."""
+    counts = {"list": 0.0, "scan": 0.0}
+    for line in client.get("/metrics").text.splitlines():
+        for found in counts:
+            prefix = f'recs_als_lists_total{{found="{found}"}} '
+            if line.startswith(prefix):
+                counts[found] = float(line[len(prefix) :])
+    return counts
+
+
+def test_serving_takes_a_known_users_als_list_from_their_top_items_and_counts_how(
+    recs_env: Path, redis_client: redis.Redis
+) -> None:
+    publish_synthetic_model(
+        Registry(str(recs_env / "models")), Lake(str(recs_env / "lake")), n_items=1_000, with_ranker=False
+    )
+    with TestClient(create_app(make_settings())) as client:
+        before = als_lists(client)
+        body = recs(client, user_id="u1", k=10)
+        after = als_lists(client)
+    assert body["degraded"] is None and len(body["items"]) == 10
+    assert after["list"] - before["list"] == 1 and after["scan"] == before["scan"]
+
+
+def test_on_a_catalog_without_lists_serving_scans_every_item(client: TestClient) -> None:
+    before = als_lists(client)
+    recs(client, user_id="u1", k=10)
+    after = als_lists(client)
+    assert after["scan"] - before["scan"] == 1 and after["list"] == before["list"]

@@ -26,6 +26,8 @@ CANDIDATES = Histogram(
     buckets=(0, 10, 25, 50, 100, 200, 300, 500, 1000),
 )
 FALLBACKS = Counter("recs_fallbacks_total", "Degraded answers by reason.", ["reason"])
+# "list": from the person's precomputed top items (common/model.py: BatchTops); "scan": every item scored.
+ALS_LISTS = Counter("recs_als_lists_total", "ALS candidate lists by how they were found.", ["found"])
 EVENTS = Counter("recs_events_total", "Events received by outcome.", ["outcome"])
 IMPRESSIONS_DROPPED = Counter("recs_impressions_dropped_total", "Impressions that could not be written.")
 MODEL_LOADS = Counter("recs_model_loads_total", "Model loads by outcome.", ["outcome"])

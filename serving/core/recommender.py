@@ -240,6 +240,8 @@ def gather_request(
         model.artifacts, lookups, moment, model.candidate_pool, _seeds(req, speed, now_s),
         anchor=anchor, personal=personal,
     )  # fmt: skip
+    if gathered.als_found is not None:
+        metrics.ALS_LISTS.labels(found=gathered.als_found).inc()
     return GatheredRequest(moment, lookups, gathered)
 
 

@@ -51,7 +51,7 @@ class BatchTops:
     """For each person (user row), the item rows of the `TOP_ROWS_KEPT` highest scores of their batch vector
     and the lowest of those scores: no other item scores above it. With a speed delta δ no other item can
     score above it + |δ| x the largest item norm, so a request whose n-th best of these rows beats that
-    needs no scan of every item (candidates.als_top_n). Written with the factors (`save_factors`)."""
+    needs no scan of every item (candidates.als_top_n_listed). Written with the factors (`save_factors`)."""
 
     rows: np.ndarray  # int32, users x TOP_ROWS_KEPT (unordered)
     floors: np.ndarray  # float32, users; NaN for an erased person (no list)

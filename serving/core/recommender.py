@@ -230,8 +230,7 @@ def gather_request(
 ) -> GatheredRequest:
     """The gatherer (common/gatherer.py) on serving's lookups: what ranker training builds from the log."""
     person = speed.person_id if speed else req.person_id
-    vector = _user_vector(state, model, person, speed) if req.personalised else None
-    known_top = _known_top(state, model, person, speed) if req.personalised else None
+    vector, known_top = _user_vector(state, model, person, speed) if req.personalised else (None, None)
     history = _history(state, model, person, speed) if req.personalised else {}
     moment = _request_state(state, speed, vector, known_top, history, now_s)
     lookups = ServingLookups(state, model, speed, now_s)
@@ -299,43 +298,27 @@ def read_speed(
 
 def _user_vector(
     state: ServingState, model: ServingModel, person: str, speed: SpeedState | None
-) -> np.ndarray | None:
-    """x(u) + δ(u) for a known person; the ALS fold-in of their items for a new or anonymous one."""
-    batch = _batch_vector(state, model, person)
+) -> tuple[np.ndarray | None, KnownTop | None]:
+    """x(u) + δ(u) for a known person, with where its top batch items lie (the version's list); the ALS
+    fold-in of their items for a new or anonymous one, which has no list."""
+    erased = state.erased.hides(person, model.artifacts.manifest.cutoff)
+    batch = None if erased else model.artifacts.user_vector(person)
     if batch is not None:
-        delta = _current_delta(speed, batch)
-        return batch if delta is None else batch + delta
+        delta = speed.delta if speed is not None and speed.delta_is_current else None
+        if delta is None or delta.shape != batch.shape:  # learnt on another version's vectors
+            return batch, model.artifacts.known_top(person, None)
+        return batch + delta, model.artifacts.known_top(person, delta)
     if speed is None or not speed.person_items:
-        return None
+        return None, None
     index = model.artifacts.item_index
     seen = [(index[i], w) for i, w in speed.person_items.items() if i in index and w > 0]
     if not seen:
-        return None
+        return None, None
     rows, weights = zip(*seen, strict=True)
-    return fold_in(
+    vector = fold_in(
         model.artifacts.item_factors, model.artifacts.yty, rows, weights, model.alpha, model.regularization
     )
-
-
-def _batch_vector(state: ServingState, model: ServingModel, person: str) -> np.ndarray | None:
-    """The version's vector of the person, None when it has none or they asked to be erased since its cutoff."""
-    if state.erased.hides(person, model.artifacts.manifest.cutoff):
-        return None
-    return model.artifacts.user_vector(person)
-
-
-def _current_delta(speed: SpeedState | None, batch: np.ndarray) -> np.ndarray | None:
-    """The speed layer's delta on `batch`: None when it was learnt on another version's vectors."""
-    delta = speed.delta if speed is not None and speed.delta_is_current else None
-    return delta if delta is not None and delta.shape == batch.shape else None
-
-
-def _known_top(state: ServingState, model: ServingModel, person: str, speed: SpeedState | None) -> KnownTop | None:
-    """Where the top batch items of the person's vector lie, for a known person (the version's lists)."""
-    batch = _batch_vector(state, model, person)
-    if batch is None:
-        return None
-    return model.artifacts.known_top(person, _current_delta(speed, batch))
+    return vector, None
 
 
 def _history(

@@ -3,8 +3,8 @@
 -- round trips. Key names come from redis_keys as prefix/suffix templates, so common/redis_keys.py
 -- stays the only place that spells them.
 --
--- KEYS: alias person_sessions person_items purchases delta delta_count speed_version trending_top
--- ARGV: session trending_n covis_n bestsellers_n top_categories recent_prefix recent_suffix
+-- KEYS: alias person_sessions person_items purchases delta delta_count speed_version
+-- ARGV: session covis_n bestsellers_n top_categories recent_prefix recent_suffix
 --       cats_prefix cats_suffix cart_prefix cart_suffix counts_prefix counts_suffix covis_prefix
 --       covis_suffix bestsellers_prefix bestsellers_suffix nb_session_prefix nb_session_suffix
 --       nb_item_prefix nb_item_suffix person neighbour_sample neighbour_k neighbour_n covis_items_given
@@ -17,7 +17,7 @@
 -- the session's top_categories preferred ones. The global keys are tagged by their id's slot group
 -- (redis_keys.grouped_template): <family>_prefix .. group(id) .. <family>_middle .. id .. <family>_suffix.
 -- Returns: alias, session, recent, cats, cart, counts, person items, purchases, delta, delta count,
--- speed version, trending, {item, covis}..., {category, bestsellers}..., neighbours (items, best first:
+-- speed version, {item, covis}..., {category, bestsellers}..., neighbours (items, best first:
 -- common/neighbours.py scores the same way), their scores (little-endian doubles, packed). The item
 -- flags come from read_flags.lua, in the same round trip.
 -- Lua's incremental collector would run several times inside one read, marking this read's growing
@@ -25,7 +25,7 @@
 -- a read's instructions on real clicks). Redis' own collection steps between scripts resume it even
 -- if a call below raises.
 collectgarbage('stop')
-local n_groups = tonumber(ARGV[28])
+local n_groups = tonumber(ARGV[27])
 -- Arguments of redis.call go as strings: Redis formats a number argument with %.17g on each call.
 local function last(n) return tostring(tonumber(n) - 1) end  -- the last index of n values
 local group_of = {}  -- id -> its slot group as text: a seed names a covis and an item_sessions key, one sha1 for both
@@ -44,7 +44,7 @@ for g = 0, n_groups - 1 do group_text[g] = string.format('%d', g) end
 -- Locals in the loops over a read's hundreds of candidate sessions: each `redis.call`, `string.sub`,
 -- `math.sqrt` or `ARGV[i]` there is a table lookup (the tables themselves are locals: common/lua.py).
 local call, sub, sqrt = redis.call, string.sub, math.sqrt
-local session_prefix, session_middle, session_suffix = ARGV[18], ARGV[31], ARGV[19]
+local session_prefix, session_middle, session_suffix = ARGV[17], ARGV[30], ARGV[18]
 local function token_grouped(token)
   return session_prefix .. group_text[tonumber(sub(token, 1, 8), 16) % n_groups] .. session_middle .. token .. session_suffix
 end
@@ -54,7 +54,7 @@ local alias = strings[1]
 local session = ARGV[1]
 if session == '' then session = redis.call('ZREVRANGE', KEYS[2], '0', '0')[1] or false end
 local function session_key(i)
-  return ARGV[4 + 2 * i] .. session .. ARGV[5 + 2 * i]
+  return ARGV[3 + 2 * i] .. session .. ARGV[4 + 2 * i]
 end
 local recent, cats, cart, counts = {}, {}, {}, {}
 if session then
@@ -64,7 +64,7 @@ if session then
   counts = redis.call('HGETALL', session_key(4))
 end
 
-local covis_last, n_items = last(ARGV[3]), tonumber(ARGV[26])
+local covis_last, n_items = last(ARGV[2]), tonumber(ARGV[25])
 local seeds = {}
 if n_items < 0 then
   for i = 1, #recent, 2 do seeds[#seeds + 1] = recent[i] end
@@ -73,7 +73,7 @@ else
 end
 local covis = {}
 for _, item in ipairs(seeds) do
-  covis[#covis + 1] = {item, redis.call('ZREVRANGE', grouped(14, 29, item), '0', covis_last, 'WITHSCORES')}
+  covis[#covis + 1] = {item, redis.call('ZREVRANGE', grouped(13, 28, item), '0', covis_last, 'WITHSCORES')}
 end
 
 local wanted, chosen = {}, {}
@@ -86,13 +86,13 @@ for i = 1, #cats, 2 do
   if string.sub(cats[i], 1, 1) ~= '_' and weight and weight > 0 then preferred[#preferred + 1] = {cats[i], weight} end
 end
 table.sort(preferred, function(x, y) return x[2] > y[2] end)
-for i = 1, math.min(tonumber(ARGV[5]), #preferred) do
+for i = 1, math.min(tonumber(ARGV[4]), #preferred) do
   local category = preferred[i][1]
   if not chosen[category] then chosen[category] = true; wanted[#wanted + 1] = category end
 end
-local best, best_last = {}, last(ARGV[4])
+local best, best_last = {}, last(ARGV[3])
 for _, category in ipairs(wanted) do
-  best[#best + 1] = {category, redis.call('ZREVRANGE', grouped(16, 30, category), '0', best_last, 'WITHSCORES')}
+  best[#best + 1] = {category, redis.call('ZREVRANGE', grouped(15, 29, category), '0', best_last, 'WITHSCORES')}
 end
 
 -- Session neighbours of the session's recent items (common/neighbours.py is the definition).
@@ -174,14 +174,14 @@ local function first_n(names, value, n)
   return kept
 end
 local neighbours, neighbour_scores = {}, ''
-local nb_n = tonumber(ARGV[25])
+local nb_n = tonumber(ARGV[24])
 if nb_n > 0 and session and #recent > 0 then
   local size, at, ordered, is_seed = #recent / 2, {}, {}, {}
   for i = 1, #recent, 2 do
     at[recent[i]] = tonumber(recent[i + 1]); ordered[#ordered + 1] = recent[i]; is_seed[recent[i]] = true
   end
   ordered = by_value(ordered, at)
-  local own, sample, per_item_last = string.sub(redis.sha1hex(ARGV[22] .. '\0' .. session), 1, 16), tonumber(ARGV[23]), last(ARGV[27])
+  local own, sample, per_item_last = string.sub(redis.sha1hex(ARGV[21] .. '\0' .. session), 1, 16), tonumber(ARGV[22]), last(ARGV[26])
   -- The seeds' candidate sessions, in first-seen order, with their dot products; with `timed` also each
   -- one's latest time under the seeds (the rows read WITHSCORES).
   local function candidate_sessions(timed)
@@ -190,9 +190,9 @@ if nb_n > 0 and session and #recent > 0 then
       local weight = (size - rank + 1) / size
       local row
       if timed then
-        row = redis.call('ZREVRANGE', grouped(20, 32, seed), '0', per_item_last, 'WITHSCORES')
+        row = redis.call('ZREVRANGE', grouped(19, 31, seed), '0', per_item_last, 'WITHSCORES')
       else
-        row = redis.call('ZREVRANGE', grouped(20, 32, seed), '0', per_item_last)
+        row = redis.call('ZREVRANGE', grouped(19, 31, seed), '0', per_item_last)
       end
       for i = 1, #row, timed and 2 or 1 do
         local token = row[i]
@@ -220,7 +220,7 @@ if nb_n > 0 and session and #recent > 0 then
   end
   -- A similarity needs a session's size only: with more candidates than k, their sizes pick the k
   -- nearest and only those sessions' items are read (a popular item's hundreds are not).
-  local k = tonumber(ARGV[24])
+  local k = tonumber(ARGV[23])
   local read_all = #candidates <= k
   local similarity, members, key_of, nearest, n_nearest = {}, {}, {}, {}, 0
   for c = 1, #candidates do
@@ -270,7 +270,5 @@ collectgarbage('restart')
 return {
   alias, session, recent, cats, cart, counts,
   redis.call('HGETALL', KEYS[3]), redis.call('ZRANGE', KEYS[4], '0', '-1', 'WITHSCORES'),
-  strings[2], strings[3], strings[4],
-  redis.call('ZREVRANGE', KEYS[8], '0', last(ARGV[2]), 'WITHSCORES'),
-  covis, best, neighbours, neighbour_scores,
+  strings[2], strings[3], strings[4], covis, best, neighbours, neighbour_scores,
 }

@@ -463,6 +463,8 @@ ITEM_FLAGS_TOKEN = f"{_ITEM_FLAGS_GROUP}:items:flags_token"
 SPEED_VERSION = f"{_SPEED_GROUP}:speed:version"  # model version whose deltas the speed layer now serves
 SPEED_PENDING_VERSION = f"{_SPEED_GROUP}:speed:pending"  # version being rebuilt: consumers write its deltas too
 TRENDING_TOP = f"{_TREND_GROUP}:trend:top"  # sorted set item -> decayed sum of the window's buckets, re-summed often
+# A fresh random text written with each TRENDING_TOP, in its transaction: readers keep a copy while it holds
+TRENDING_TOP_TOKEN = f"{_TREND_GROUP}:trend:top_token"
 # sorted set trending bucket key -> events counted in it, by the scripts that count them (speed_layer/trending.py)
 TRENDING_VERSIONS = f"{_TREND_GROUP}:trend:versions"
 TRENDING_REFRESH_LOCK = f"{_TREND_GROUP}:trend:lock"  # SET NX PX: one consumer re-sums the buckets at a time
@@ -563,8 +565,8 @@ FAMILIES: tuple[KeyFamily, ...] = (
     KeyFamily("consent_withdrawals", (f"{PREFIX}:consent:*",), "consent withdrawals by id (digests)"),
     KeyFamily(
         "trending_top",
-        (TRENDING_TOP, TRENDING_REFRESH_LOCK, TRENDING_VERSIONS),
-        "the materialised trending list, its lock and the buckets' write counts",
+        (TRENDING_TOP, TRENDING_TOP_TOKEN, TRENDING_REFRESH_LOCK, TRENDING_VERSIONS),
+        "the materialised trending list, its token, its lock and the buckets' write counts",
     ),
     KeyFamily("trending_buckets", (_pattern(trending_bucket),), "per time bucket: weighted item counts"),
     KeyFamily("popularity_days", (_pattern(popularity_day),), "per day: item event counts"),

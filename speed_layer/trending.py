@@ -165,6 +165,7 @@ class TrendingSum:
         pipe.delete(redis_keys.TRENDING_TOP)
         if members:
             pipe.zadd(redis_keys.TRENDING_TOP, dict(zip(members, sums.tolist(), strict=True)))
+        pipe.set(redis_keys.TRENDING_TOP_TOKEN, secrets.token_hex(8))  # serving's copies read the list again
         pipe.execute()
 
 

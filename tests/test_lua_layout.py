@@ -16,7 +16,7 @@ from common.events import EventType
 from common.lua import LayoutError, Script, load_script
 from common.model import load_model
 from common.registry import Registry
-from common.speed_state import READ_FLAGS, READ_STATE, read_speed_state
+from common.speed_state import READ_FLAGS, READ_STATE, READ_TRENDING, read_speed_state
 from common.stream import REMOVE_IDLE_CONSUMERS, TRIM_STREAM
 from speed_layer import effects
 from speed_layer.bandit import COUNT_IMPRESSIONS
@@ -27,7 +27,7 @@ from tests.speed_factories import make_event, publish_model, speed_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = (
-    APPLY_EVENTS, APPLY_GLOBALS, MERGE_IDENTITY, DETACH_DEVICE, READ_STATE, READ_FLAGS, TRIM_STREAM, REMOVE_IDLE_CONSUMERS, COUNT_IMPRESSIONS,
+    APPLY_EVENTS, APPLY_GLOBALS, MERGE_IDENTITY, DETACH_DEVICE, READ_STATE, READ_FLAGS, READ_TRENDING, TRIM_STREAM, REMOVE_IDLE_CONSUMERS, COUNT_IMPRESSIONS,
     CONVERT_COVISITS, CONVERT_TIMES,
 )
 

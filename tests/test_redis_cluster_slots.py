@@ -213,7 +213,8 @@ GROUPED: dict[str, Callable[[str], str]] = {
 }
 # Keys used together: one group each.
 TOGETHER = {
-    "trend": [redis_keys.TRENDING_TOP, redis_keys.TRENDING_REFRESH_LOCK, redis_keys.TRENDING_VERSIONS]
+    "trend": [redis_keys.TRENDING_TOP, redis_keys.TRENDING_TOP_TOKEN, redis_keys.TRENDING_REFRESH_LOCK]
+    + [redis_keys.TRENDING_VERSIONS]
     + [redis_keys.trending_bucket(start) for start in (0, 300, 1_800_000_000)],
     "item flags": [redis_keys.OUT_OF_STOCK, redis_keys.PROMOTED],
     "bookkeeping": [redis_keys.SPEED_VERSION, redis_keys.SPEED_PENDING_VERSION, redis_keys.SPEED_HEARTBEAT]

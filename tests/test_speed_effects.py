@@ -22,7 +22,7 @@ from common.neighbours import session_token
 from common.redis_server import RedisServer, is_cluster
 from common.registry import Registry
 from common.sequence import FOLLOW_UNIT
-from common.speed_state import ItemFlagsCopy, read_speed_state
+from common.speed_state import ItemFlagsCopy, TrendingCopy, read_speed_state
 from speed_layer.consumer import TRENDING_BUSY_SHARE, SpeedConsumer, trending_pause_s
 from speed_layer.trending import EPOCH, Refreshed, TrendingSum
 from tests.speed_factories import (
@@ -88,6 +88,48 @@ def test_duplicate_delivery_applies_once(any_redis: tuple[redis.Redis, str], tmp
     redis_client.delete(redis_keys.TRENDING_REFRESH_LOCK)
     assert consumer.refresh_trending(now_s=at.timestamp())  # the consumer's copy follows the count
     assert dict(read_speed_state(redis_client, "u1", session_id="s1").trending) == {"i1": 2.0, "i2": 8.0}
+
+
+def test_a_copy_of_trending_is_sent_again_only_once_a_re_sum_wrote_the_list(
+    any_redis: tuple[redis.Redis, str], tmp_path: Path
+) -> None:
+    client, url = any_redis
+    settings = speed_settings(tmp_path, url)
+    consumer = SpeedConsumer(client, settings, Registry(settings.models.root), name="c1")
+    at = datetime.now(UTC)  # one bucket for every event and re-sum, as above
+
+    def viewed(item: str, times: int) -> None:
+        add_events(client, settings, [make_event(EventType.VIEW, item, ts=at, received_at=at) for _ in range(times)])
+        drain(consumer)
+        client.delete(redis_keys.TRENDING_REFRESH_LOCK)  # taken by the drain's poll
+        assert consumer.refresh_trending(now_s=at.timestamp())
+
+    def top(n: int, copy: TrendingCopy | None) -> list[tuple[str, float]]:
+        return read_speed_state(client, "anyone", trending_n=n, trending=copy).trending
+
+    viewed("i1", 1)
+    viewed("i2", 3)
+    copy = TrendingCopy()
+    assert top(2, copy) == [("i2", 3.0), ("i1", 1.0)]
+    assert copy.top.token == client.get(redis_keys.TRENDING_TOP_TOKEN).decode()
+    # A write past the re-sum leaves the token: a holder of the copy is not sent the list again.
+    client.zadd(redis_keys.TRENDING_TOP, {"i9": 50.0})
+    assert top(2, copy) == [("i2", 3.0), ("i1", 1.0)]
+    assert top(2, None) == [("i9", 50.0), ("i2", 3.0)]
+    # Fewer than the copy holds come from it; more are read again (and kept).
+    assert top(1, copy) == [("i2", 3.0)]
+    assert top(3, copy) == [("i9", 50.0), ("i2", 3.0), ("i1", 1.0)]
+    assert top(2, copy) == [("i9", 50.0), ("i2", 3.0)]
+    # A re-sum writes a new token with the list: the next read gets the list it wrote.
+    viewed("i1", 3)
+    assert top(2, copy) == [("i1", 4.0), ("i2", 3.0)]
+    # Without a token (a list an earlier version wrote) every read gets the list.
+    client.delete(redis_keys.TRENDING_TOP_TOKEN)
+    client.zadd(redis_keys.TRENDING_TOP, {"i7": 99.0})
+    assert top(1, copy) == [("i7", 99.0)]
+    client.zadd(redis_keys.TRENDING_TOP, {"i8": 100.0})
+    assert top(1, copy) == [("i8", 100.0)]
+    assert top(0, copy) == []
 
 
 def test_a_trending_re_sum_holds_the_next_one_off_for_the_time_it_took_over_the_busy_share(

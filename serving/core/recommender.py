@@ -287,6 +287,7 @@ def read_speed(
                 speed_settings.neighbour_sessions_per_item,
             ),
             flags=state.item_flags,
+            trending=state.trending,
         )
     except redis.RedisError as exc:
         state.redis.failed(exc)

@@ -21,7 +21,7 @@ from common.messages import ModelEvent
 from common.redis_server import connect, pubsub_url
 from common.registry import Registry
 from common.settings import Settings
-from common.speed_state import ItemFlagsCopy
+from common.speed_state import ItemFlagsCopy, TrendingCopy
 from serving.core.catalog_view import CatalogView
 from serving.core.day_counts import DayCounts
 from serving.core.drift import DriftProbe
@@ -86,6 +86,7 @@ class ServingState:
     drift: DriftProbe = field(default_factory=DriftProbe)
     day_counts: DayCounts = field(default_factory=DayCounts)
     item_flags: ItemFlagsCopy = field(default_factory=ItemFlagsCopy)  # the live out-of-stock and promoted sets
+    trending: TrendingCopy = field(default_factory=TrendingCopy)  # the live trending list
     bandit: Bandit | None = None  # set from the settings in bandit mode
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)

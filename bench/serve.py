@@ -38,6 +38,7 @@ from common.features import FEATURE_NAMES
 from common.lake import Lake
 from common.model import save_content_map, save_factors, save_history, save_ranker, save_table
 from common.registry import COVISITATION, POPULARITY, Manifest, Registry
+from common.settings import TrainingSettings
 
 # A light module (not the recommender's): every load step's process imports this one.
 from serving.core.load import OVERLOAD_BATCH_ONLY, OVERLOAD_NO_NEIGHBOURS, request_start
@@ -90,7 +91,7 @@ def publish_synthetic_model(
     user_factors = (centroids[user_cat] + 0.35 * rng.normal(0, 1, (n_users, factors))) / np.sqrt(factors)
     item_ids = [f"i{j}" for j in range(n_items)]
     user_ids = [f"u{u}" for u in range(n_users)]
-    save_factors(registry, version, user_ids, user_factors, item_ids, item_factors)
+    save_factors(registry, version, user_ids, user_factors, item_ids, item_factors, top_items=TrainingSettings().top_items_kept)
 
     counts = np.sort(rng.zipf(1.6, n_items).clip(max=10_000))[::-1].astype(np.int64)
     save_table(registry, version, POPULARITY, pa.table({"item_id": item_ids, "count": counts}))

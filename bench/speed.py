@@ -219,6 +219,7 @@ def _publish_model(settings: Settings, items: int, users: int, factors: int, see
         registry, VERSION,
         [f"u{j}" for j in range(users)], (rng.normal(size=(users, factors)) * 0.1).astype(np.float32),
         [f"i{j}" for j in range(items)], (rng.normal(size=(items, factors)) * 0.1).astype(np.float32),
+        top_items=0,  # the consumer never reads the lists (serving does)
     )  # fmt: skip
     now = datetime.now(UTC)
     registry.write_manifest(

@@ -28,7 +28,6 @@ from common.vectors import gramian
 SIMILAR_CACHE_SIZE = 20_000  # (item, n) answers of similar_items kept per version (~20 pairs each)
 # Item rows kept per person in BatchTops: ten times the default ALS pool (40), so that a live delta of a
 # few percent of the batch vector still leaves the top 40 among them (docs/performance.md, 2026-12-07).
-TOP_ROWS_KEPT = 400
 # Over the ceiling of a precomputed list: the float32 rounding of the nightly's and serving's products (a
 # 64-term sum rounds by at most ~4e-6 of |x||y|).
 ROUNDING_MARGIN = 1e-4
@@ -48,12 +47,13 @@ class PersonHistory:
 
 @dataclass(frozen=True)
 class BatchTops:
-    """For each person (user row), the item rows of the `TOP_ROWS_KEPT` highest scores of their batch vector
-    and the lowest of those scores: no other item scores above it. With a speed delta δ no other item can
-    score above it + |δ| x the largest item norm, so a request whose n-th best of these rows beats that
-    needs no scan of every item (candidates.als_top_n_listed). Written with the factors (`save_factors`)."""
+    """For each person (user row), the item rows of their batch vector's highest scores (as many as
+    settings.training.top_items_kept) and the lowest of those scores: no other item scores above it.
+    With a speed delta δ no other item can score above it + |δ| x the largest item norm, so a request
+    whose n-th best of these rows beats that needs no scan of every item (candidates.als_top_n_listed).
+    Written with the factors (`save_factors`)."""
 
-    rows: np.ndarray  # int32, users x TOP_ROWS_KEPT (unordered)
+    rows: np.ndarray  # int32, users x kept (unordered)
     floors: np.ndarray  # float32, users; NaN for an erased person (no list)
 
 
@@ -71,7 +71,7 @@ class ModelArtifacts:
     covisitation: pa.Table | None = None  # item_id, other_id, count
     content_map: ContentMap | None = None  # when the version has one
     history: PersonHistory | None = None  # when the version has one
-    tops: BatchTops | None = None  # when the version has them (catalogs larger than TOP_ROWS_KEPT)
+    tops: BatchTops | None = None  # when the version has them (catalogs larger than the lists kept)
     # Rows [0, batch_items) of the item factors are ALS's; rows after them are content vectors of items
     # new since the cutoff (`with_content_vectors`). -1: all rows are ALS's.
     batch_items: int = -1
@@ -208,16 +208,18 @@ def save_factors(
     user_factors: np.ndarray,
     item_ids: Sequence[str],
     item_factors: np.ndarray,
+    top_items: int,
 ) -> None:
-    """Write the ALS artifacts of a version (the manifest is written separately, last)."""
+    """Write the ALS artifacts of a version (the manifest is written separately, last), with each person's
+    `top_items` highest-scoring items (settings.training.top_items_kept; 0: none)."""
     if user_factors.shape[0] != len(user_ids) or item_factors.shape[0] != len(item_ids):
         raise ValueError("factor rows and id lists differ in length")
     _write_npy(registry, version, reg.USER_FACTORS, user_factors.astype(np.float32))
     _write_npy(registry, version, reg.ITEM_FACTORS, item_factors.astype(np.float32))
     _write_bytes(registry, version, reg.USER_IDS, json.dumps([str(u) for u in user_ids]).encode())
     _write_bytes(registry, version, reg.ITEM_IDS, json.dumps([str(i) for i in item_ids]).encode())
-    if len(item_ids) > TOP_ROWS_KEPT:  # else a list is every item: nothing to skip
-        _write_tops(registry, version, batch_tops(user_factors, item_factors, TOP_ROWS_KEPT))
+    if 0 < top_items < len(item_ids):  # else a list is every item: nothing to skip
+        _write_tops(registry, version, batch_tops(user_factors, item_factors, top_items))
 
 
 def batch_tops(user_factors: np.ndarray, item_factors: np.ndarray, kept: int) -> BatchTops:

@@ -283,6 +283,12 @@ class TrainingSettings(Section):
     history_kept: int = Field(
         200, ge=0, le=1000, description="Items a version keeps per person of what they engaged with (its history)."
     )
+    top_items_kept: int = Field(
+        400, ge=0, le=5000,
+        description="Items a version keeps per person of their batch vector's highest scores, so that serving "
+        "scans every item for few known people (common/model.py: BatchTops); 0 keeps none. Costs the nightly run "
+        "people x items products and 4 bytes a kept item a person on disk.",
+    )  # fmt: skip
     # 4,000 starved the ranker: 20,000 raised full's replay HR@20 by ~0.005 on YooChoose, Online Retail and
     # the medium shop (README, "Real clicks"); its cost is the nightly run's time, linear up to the cap.
     max_requests: int = Field(

@@ -142,7 +142,10 @@ def train_als(plan: Plan, settings: Settings) -> dict[str, Any]:
         for stage in STAGES:
             factors = fit_implicit(pq.read_table(plan.interactions_dir(stage)), settings.training)
             target, version = stage_model(plan, settings, stage)
-            save_factors(target, version, factors.user_ids, factors.user_factors, factors.item_ids, factors.item_factors)
+            save_factors(
+                target, version, factors.user_ids, factors.user_factors, factors.item_ids, factors.item_factors,
+                top_items=settings.training.top_items_kept,
+            )
     fit_s = round(time.perf_counter() - clock, 2)
     for stage in STAGES:
         target, version = stage_model(plan, settings, stage)

@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                 registry, version = (
                     (Registry(str(plan.dev_registry)), DEV_MODEL) if stage == "dev" else (Registry(args.models), plan.version)
                 )
-                save_factors(registry, version, factors.user_ids, factors.user_factors, factors.item_ids, factors.item_factors)
+                save_factors(
+                    registry, version, factors.user_ids, factors.user_factors, factors.item_ids, factors.item_factors,
+                    top_items=training.top_items_kept,
+                )
                 counts[f"{stage}_users"], counts[f"{stage}_items"] = len(factors.user_ids), len(factors.item_ids)
     finally:
         spark.stop()

@@ -14,7 +14,7 @@ from common.catalog_state import apply_item_updates
 from common.events import DEFAULT_CONSENT, Consent, Event, EventType, new_event_id
 from common.model import save_factors
 from common.registry import Manifest, Registry
-from common.settings import Settings, SpeedSettings
+from common.settings import Settings, SpeedSettings, TrainingSettings
 from common.stream import append_events
 
 
@@ -44,7 +44,7 @@ def publish_model(
     if user_factors is None:
         user_factors = np.full((len(user_ids), k), 0.1, dtype=np.float32)
     item_ids = [f"i{j}" for j in range(len(item_factors))]
-    save_factors(registry, version, list(user_ids), user_factors, item_ids, item_factors)
+    save_factors(registry, version, list(user_ids), user_factors, item_ids, item_factors, top_items=TrainingSettings().top_items_kept)
     now = datetime.now(UTC)
     registry.write_manifest(Manifest(version=version, created_at=now, cutoff=cutoff, engine="test"))
     if activate:

@@ -17,8 +17,9 @@ from fastapi.testclient import TestClient
 from bench.serve import publish_synthetic_model
 from common.candidates import KnownTop, als_top_n, als_top_n_listed, sample_rows
 from common.lake import Lake
-from common.model import TOP_ROWS_KEPT, _highest_columns, batch_tops, forget_users, load_model, save_factors
+from common.model import _highest_columns, batch_tops, forget_users, load_model, save_factors
 from common.registry import TOP_FLOORS, TOP_ROWS, Manifest, Registry
+from common.settings import TrainingSettings
 from serving.main import create_app
 from tests.test_serving_support import make_settings, recs
 
@@ -27,6 +28,7 @@ pytest_plugins = ["tests.test_serving_support"]
 
 CUTOFF = datetime(2026, 11, 1, tzinfo=UTC)
 N = 40  # the default ALS pool
+KEPT = TrainingSettings().top_items_kept
 
 
 @pytest.fixture
@@ -42,9 +44,9 @@ def clustered(rng: np.random.Generator, rows: int, clusters: int, factors: int) 
     )
 
 
-def publish(registry: Registry, users: np.ndarray, items: np.ndarray) -> None:
+def publish(registry: Registry, users: np.ndarray, items: np.ndarray, kept: int = KEPT) -> None:
     user_ids = [f"u{u}" for u in range(len(users))]
-    save_factors(registry, "v1", user_ids, users, [f"i{j}" for j in range(len(items))], items)
+    save_factors(registry, "v1", user_ids, users, [f"i{j}" for j in range(len(items))], items, top_items=kept)
     registry.write_manifest(Manifest(version="v1", created_at=CUTOFF, cutoff=CUTOFF, engine="implicit", status="candidate"))
 
 
@@ -55,7 +57,7 @@ def test_the_top_n_from_a_persons_list_is_the_full_scans_whatever_the_delta(regi
     users = ((centres[np.arange(200) % 30] + 0.5 * rng.normal(0, 1, (200, 32))) / np.sqrt(32)).astype(np.float32)
     publish(registry, users, items)
     model = load_model(registry, "v1")
-    assert model.tops is not None and model.tops.rows.shape == (200, TOP_ROWS_KEPT)
+    assert model.tops is not None and model.tops.rows.shape == (200, KEPT)
 
     short_cut = {}
     for share in (0.0, 0.02, 0.1, 1.0):  # the delta's norm as a share of the batch vector's
@@ -129,12 +131,31 @@ def test_an_erased_persons_list_is_blanked_and_the_version_still_verifies(regist
     assert after.known_top("u4", None) is not None
 
 
-def test_a_catalog_no_larger_than_a_list_gets_no_lists(registry: Registry) -> None:
+@pytest.mark.parametrize(("items", "kept"), [(KEPT, KEPT), (KEPT + 1, 0)], ids=["catalog-no-larger", "setting-off"])
+def test_a_catalog_no_larger_than_a_list_or_a_list_of_none_gets_no_lists(registry: Registry, items: int, kept: int) -> None:
     rng = np.random.default_rng(11)
-    publish(registry, clustered(rng, 10, 3, 8), clustered(rng, TOP_ROWS_KEPT, 3, 8))
+    publish(registry, clustered(rng, 10, 3, 8), clustered(rng, items, 3, 8), kept)
     assert not registry.fs.exists(registry.path("v1", TOP_ROWS))
     assert not registry.fs.exists(registry.path("v1", TOP_FLOORS))
     assert load_model(registry, "v1").known_top("u0", None) is None
+
+
+def test_a_shorter_list_still_gives_the_full_scans_answer_or_none(registry: Registry) -> None:
+    rng = np.random.default_rng(17)
+    users, items = clustered(rng, 50, 5, 16), clustered(rng, 5_000, 5, 16)
+    publish(registry, users, items, kept=60)
+    model = load_model(registry, "v1")
+    assert model.tops is not None and model.tops.rows.shape == (50, 60)
+    answered = 0
+    for u in range(50):
+        known = model.known_top(f"u{u}", None)
+        assert known is not None
+        listed = als_top_n_listed(users[u], model.scan_blocks, model.item_ids, N, known)
+        if listed is not None:
+            assert listed == als_top_n(users[u], model.scan_blocks, model.item_ids, N)
+            answered += 1
+        assert als_top_n_listed(users[u], model.scan_blocks, model.item_ids, 61, known) is None  # more than kept
+    assert answered == 50  # no delta: the list's 40 best beat the floor of its 60th
 
 
 def test_batch_tops_keeps_each_rows_highest_columns_and_their_lowest_score() -> None:

@@ -83,7 +83,10 @@ def test_engine_writes_loadable_artifacts(engine: str, fitted: dict[str, Factors
     assert factors.item_factors.shape == (len(factors.item_ids), TRAINING.factors)
     assert np.isfinite(factors.user_factors).all() and np.isfinite(factors.item_factors).all()
     registry = Registry(str(tmp_path / "models"))
-    save_factors(registry, "v1", factors.user_ids, factors.user_factors, factors.item_ids, factors.item_factors)
+    save_factors(
+        registry, "v1", factors.user_ids, factors.user_factors, factors.item_ids, factors.item_factors,
+        top_items=TRAINING.top_items_kept,
+    )
     registry.write_manifest(Manifest(version="v1", created_at=END, cutoff=SPLIT, engine=engine))
     model = load_model(registry, "v1")
     person = factors.user_ids[3]

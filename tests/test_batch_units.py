@@ -133,7 +133,9 @@ def test_a_versions_history_counts_sessions_keeps_each_persons_best_and_an_erasu
     )
     interactions = local_interactions(lake, CUTOFF, TRAINING)
     people, items = sorted(set(interactions["person_id"].to_pylist())), sorted(set(interactions["item_id"].to_pylist()))
-    save_factors(registry, "v1", people, np.ones((len(people), 2)), items, np.ones((len(items), 2)))
+    save_factors(
+        registry, "v1", people, np.ones((len(people), 2)), items, np.ones((len(items), 2)), top_items=TRAINING.top_items_kept
+    )
     save_history(registry, "v1", interactions, kept=2)
     registry.write_manifest(Manifest(version="v1", created_at=CUTOFF, cutoff=CUTOFF, engine="implicit", status="candidate"))
 
@@ -160,7 +162,9 @@ def test_a_loaded_versions_factors_are_its_files_mapped_read_only_and_an_erasure
     and the next load reads the erased ones."""
     rng = np.random.default_rng(0)
     users, items = rng.standard_normal((3, 4)), rng.standard_normal((5, 4))
-    save_factors(registry, "v1", ["alice", "bob", "carol"], users, [f"i{j}" for j in range(5)], items)
+    save_factors(
+        registry, "v1", ["alice", "bob", "carol"], users, [f"i{j}" for j in range(5)], items, top_items=TRAINING.top_items_kept
+    )
     registry.write_manifest(Manifest(version="v1", created_at=CUTOFF, cutoff=CUTOFF, engine="implicit", status="candidate"))
 
     first, second = load_model(registry, "v1"), load_model(registry, "v1")

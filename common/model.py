@@ -26,8 +26,6 @@ from common.registry import Manifest, Registry, RegistryError
 from common.vectors import gramian
 
 SIMILAR_CACHE_SIZE = 20_000  # (item, n) answers of similar_items kept per version (~20 pairs each)
-# Item rows kept per person in BatchTops: ten times the default ALS pool (40), so that a live delta of a
-# few percent of the batch vector still leaves the top 40 among them (docs/performance.md, 2026-12-07).
 # Over the ceiling of a precomputed list: the float32 rounding of the nightly's and serving's products (a
 # 64-term sum rounds by at most ~4e-6 of |x||y|).
 ROUNDING_MARGIN = 1e-4

@@ -283,6 +283,8 @@ class TrainingSettings(Section):
     history_kept: int = Field(
         200, ge=0, le=1000, description="Items a version keeps per person of what they engaged with (its history)."
     )
+    # Ten times the default ALS pool (40), so that a live delta of a few percent of the batch vector still
+    # leaves the top 40 among them (docs/performance.md, 2026-12-07).
     top_items_kept: int = Field(
         400, ge=0, le=5000,
         description="Items a version keeps per person of their batch vector's highest scores, so that serving "

@@ -105,10 +105,10 @@ def test_a_batch_only_answer_runs_no_read_of_the_speed_state(client: TestClient,
     recommend(state, req)  # loads the read script, so the count below is the answer's alone
 
     before = _reads_run(redis_client)
-    # One read a list: its two scripts, the state's and the item flags' (common/speed_state.py).
-    assert recommend(state, req).degraded is None and _reads_run(redis_client) == before + 2
+    # One read a list: its three scripts, the state's, the item flags' and trending's (common/speed_state.py).
+    assert recommend(state, req).degraded is None and _reads_run(redis_client) == before + 3
     result = recommend(state, req, shed=Shed.SPEED_STATE)
-    assert _reads_run(redis_client) == before + 2
+    assert _reads_run(redis_client) == before + 3
     assert result.degraded == OVERLOAD_BATCH_ONLY
     assert len(result.items) == 10
 

@@ -74,6 +74,8 @@ def _dump(client: redis.Redis) -> dict[str, object]:
                 out[key].pop(EPOCH, None)  # type: ignore[attr-defined]
         elif kind == "hash":
             out[key] = {f.decode(): _number_or_text(v) for f, v in client.hgetall(key).items()}
+        elif key == redis_keys.TRENDING_TOP_TOKEN:  # a fresh random text at every re-sum: that it is there
+            out[key] = "a token"
         elif ":delta:" in key and not key.endswith(":n"):
             out[key] = np.round(np.frombuffer(client.get(key), dtype="<f4"), 5).tolist()
         elif kind == "string":

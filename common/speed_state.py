@@ -179,42 +179,28 @@ def read_speed_state(
         person_id, anonymous_id, session_id, model_version, covis_items, tuple(categories), top_categories,
         trending_n, covis_n, bestsellers_n, tuple(days), tuple(candidate_items), neighbours,
     )  # fmt: skip
-    return _read_state(client, query, now_s, bestsellers_half_life_s, _Copies(flags, trending))
-
-
-@dataclass(frozen=True)
-class _Copies:
-    """The process's copies a read sends the tokens of (None: none kept, read afresh)."""
-
-    flags: ItemFlagsCopy | None
-    trending: TrendingCopy | None
-
-    def known(self) -> _Known:
-        return _Known(
-            self.flags.flags if self.flags is not None else ItemFlags(),
-            self.trending.top if self.trending is not None else TrendingTop(),
-        )
-
-
-@dataclass(frozen=True)
-class _Known:
-    """The copies' contents as a read sent their tokens."""
-
-    flags: ItemFlags
-    trending: TrendingTop
+    return _read_state(client, query, now_s, bestsellers_half_life_s, flags, trending)
 
 
 def _read_state(
-    client: redis.Redis, query: _ReadQuery, now_s: float, bestsellers_half_life_s: float, copies: _Copies
+    client: redis.Redis,
+    query: _ReadQuery,
+    now_s: float,
+    bestsellers_half_life_s: float,
+    flags_copy: ItemFlagsCopy | None,
+    trending_copy: TrendingCopy | None,
 ) -> SpeedState:
-    known = copies.known()
-    reply, flags_reply, trending_reply, day_replies = _run_read(client, query, known)
+    # What the copies hold as the read sends their tokens (another thread may replace them meanwhile).
+    known_flags = flags_copy.flags if flags_copy is not None else ItemFlags()
+    known_top = trending_copy.top if trending_copy is not None else TrendingTop()
+    copied = [item_flags_call(known_flags), trending_call(known_top, query.trending_n)]
+    reply, (flags_reply, trending_reply), day_replies = _run_read(client, query, copied)
     alias = _text(reply[0])
     if alias and alias != query.person_id:  # a device that logged in: read again as its user (rare)
         as_user = replace(query, person_id=alias, anonymous_id=None)
-        return _read_state(client, as_user, now_s, bestsellers_half_life_s, copies)
-    flags = item_flags(flags_reply, known.flags, copies.flags)
-    top = trending_top(trending_reply, known.trending, query.trending_n, copies.trending)
+        return _read_state(client, as_user, now_s, bestsellers_half_life_s, flags_copy, trending_copy)
+    flags = item_flags(flags_reply, known_flags, flags_copy)
+    top = trending_top(trending_reply, known_top, query.trending_n, trending_copy)
     person_id, model_version, candidate_items = query.person_id, query.model_version, query.candidate_items
     (
         _,
@@ -350,19 +336,20 @@ class _ReadQuery:
     neighbours: NeighbourQuery | None
 
 
-def _run_read(client: redis.Redis, query: _ReadQuery, known: _Known) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
-    """The read script's reply, the flags', trending's and the day counts' replies, in one round trip
-    (loading the scripts once if needed)."""
+def _run_read(
+    client: redis.Redis, query: _ReadQuery, copied: list[tuple[Any, ...]]
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """The read script's reply, the replies to `copied` (the calls of the process's copies: the flags' and
+    trending's scripts) and the day counts' replies, in one round trip (loading the scripts once if needed)."""
     if is_cluster(client):
-        return _run_read_on_cluster(client, query, known)
+        return _run_read_on_cluster(client, query, copied)
     keys, args = _read_call(query)
     calls = [
-        ("EVALSHA_RO", READ_STATE.sha, len(keys), *keys, *args), item_flags_call(known.flags),
-        trending_call(known.trending, query.trending_n),
+        ("EVALSHA_RO", READ_STATE.sha, len(keys), *keys, *args), *copied,
         *(("ZMSCORE", redis_keys.popularity_day(day), *query.candidate_items) for day in query.days),
     ]  # fmt: skip
     replies = with_read_scripts(client, lambda: lean_pipeline(client, calls))
-    return replies[0], replies[1], replies[2], replies[3:]
+    return replies[0], replies[1 : 1 + len(copied)], replies[1 + len(copied) :]
 
 
 def _global_argv() -> dict[str, Any]:
@@ -410,8 +397,8 @@ def _read_call(q: _ReadQuery) -> tuple[list[Any], list[Any]]:
 
 
 def _run_read_on_cluster(
-    client: redis.Redis, q: _ReadQuery, known: _Known
-) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    client: redis.Redis, q: _ReadQuery, copied: list[tuple[Any, ...]]
+) -> tuple[list[Any], list[Any], list[Any]]:
     """`_run_read`'s replies on Redis Cluster, in the script's shape (see the module's docstring)."""
     person_id, anonymous_id, covis_items, covis_n = q.person_id, q.anonymous_id, q.covis_items, q.covis_n
     # The script's person part: no seeds, categories or neighbours, its global KEYS an absent key.
@@ -421,11 +408,11 @@ def _run_read_on_cluster(
     keys = [absent if k in global_keys or k == redis_keys.alias(anonymous_id or person_id) else k for k in keys]
     first = _cluster_round(client, [
         ("EVALSHA_RO", READ_STATE.sha, len(keys), *keys, *args),
-        ("GET", redis_keys.alias(anonymous_id or person_id)), ("GET", redis_keys.SPEED_VERSION),
-        trending_call(known.trending, q.trending_n), item_flags_call(known.flags),
+        ("GET", redis_keys.alias(anonymous_id or person_id)), ("GET", redis_keys.SPEED_VERSION), *copied,
         *(("ZMSCORE", redis_keys.popularity_day(day), *q.candidate_items) for day in q.days),
     ])  # fmt: skip
-    person, alias, version, trending, flags = first[:5]
+    person, alias, version = first[:3]
+    copied_replies, day_replies = first[3 : 3 + len(copied)], first[3 + len(copied) :]
     session, recent, cats = person[1], flat_scored(person[2]), flat_scored(person[3])
     recent_pairs = list(_flat_pairs(recent))
     seeds = [item for item, _ in recent_pairs] if covis_items is None else list(covis_items)
@@ -462,7 +449,7 @@ def _run_read_on_cluster(
         nearest = [item for item, _ in scored]
         nearest_scores = _packed_doubles([score for _, score in scored])
     reply = [alias, *person[1:10], version, covis, best, nearest, nearest_scores]
-    return reply, flags, trending, first[5:]
+    return reply, copied_replies, day_replies
 
 
 def _cluster_round(client: redis.Redis, calls: Sequence[tuple[Any, ...]]) -> list[Any]:

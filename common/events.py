@@ -27,8 +27,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import SchemaValidator
 
-from common.ids import Id
+from common.ids import ID_PATTERN, Id, printable_id
 
 SCHEMA_VERSION = 1
 MAX_CLOCK_SKEW = timedelta(hours=1)
@@ -235,6 +236,65 @@ class Event(BaseModel):
     def received(self, at: datetime | None = None) -> Event:
         """A copy stamped with the server's arrival time."""
         return self.model_copy(update={"received_at": at or datetime.now(UTC)})
+
+
+# ---------------------------------------------------------------- events read back where they were stored
+
+
+def _stored_event_schema(node: Any) -> Any:
+    """Event's core schema with each field check written in Python replaced by its native part
+    (`_NATIVE_PART`); the rule by event type (a model validator) stays as it is."""
+    if isinstance(node, list):
+        return [_stored_event_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") in ("function-after", "function-before") and node["schema"].get("type") != "model":
+        function = node["function"]["function"]
+        if function not in _NATIVE_PART:
+            raise TypeError(f"{function!r}: say in _NATIVE_PART how a stored event is checked for it")
+        return _constrained(_stored_event_schema(node["schema"]), _NATIVE_PART[function])
+    return {key: _stored_event_schema(value) for key, value in node.items()}
+
+
+def _constrained(schema: dict[str, Any], constraints: dict[str, Any]) -> dict[str, Any]:
+    if schema["type"] == "nullable":
+        return {**schema, "schema": _constrained(schema["schema"], constraints)}
+    return {**schema, **constraints}
+
+
+# A stored event's fields come as `model_dump_json` of a validated Event wrote them, where each Python
+# check has nothing left to do: its native part passes such a value unchanged and sends any other
+# spelling the full way (`parse_stored_event`). Except the hour ahead: that bound is the arrival's.
+_NATIVE_PART: dict[Any, dict[str, Any]] = {
+    printable_id: {"pattern": ID_PATTERN},
+    Event._event_id_is_uuid: {"pattern": f"^{_CANONICAL_UUID.pattern}$"},
+    _a_json_number: {"strict": True},  # a JSON number of the field's type: 2.0 for an int goes the full way
+    Event._utc_and_sane: {"tz_constraint": "aware", "ge": EARLIEST_TS},
+}
+_STORED_EVENT = SchemaValidator(_stored_event_schema(Event.__pydantic_core_schema__))
+
+
+def parse_stored_event(raw: bytes | str) -> Event:
+    """An event read back from where the API or an importer stored it (a stream entry, written by
+    common/stream.append_events), equal to `Event.model_validate_json(raw)`'s, at about half its cost
+    (4-5 against 8 us: the speed consumer decodes every event).
+
+    Its structure is checked again, natively: types, enums, lengths, ranges, the ids' characters, the
+    UUID's form and the rule by event type. What that refuses (a spelling the API would not have
+    written, or malformed data) goes through the full model, which decides and names the error. One
+    check is left out on purpose: `ts` at most an hour ahead of the clock. It was checked on arrival;
+    checked again against a consumer's clock, one behind the API's would drop accepted events."""
+    try:
+        event: Event = _STORED_EVENT.validate_json(raw)
+    except ValidationError:
+        return Event.model_validate_json(raw)
+    # The times as the full model gives them: in datetime.UTC, not pydantic's TzInfo(0) (whose datetimes
+    # subtract and convert ~3x slower). Set in place: they are the validated values, converted.
+    fields = event.__dict__
+    fields["ts"] = fields["ts"].astimezone(UTC)
+    if fields["received_at"] is not None:
+        fields["received_at"] = fields["received_at"].astimezone(UTC)
+    return event
 
 
 def new_event_id() -> str:

@@ -16,7 +16,7 @@ import redis
 from pydantic_core import to_json
 
 from common import redis_keys
-from common.events import PERSON_ID_FIELDS, Event
+from common.events import PERSON_ID_FIELDS, Event, parse_stored_event
 from common.lua import load_script
 from common.redis_server import lean_pipeline
 
@@ -68,7 +68,7 @@ def decode_entry(fields: dict[bytes, bytes]) -> Event:
     raw = fields.get(FIELD.encode())
     if raw is None:
         raise ValueError(f"stream entry has no {FIELD!r} field")
-    return Event.model_validate_json(raw)
+    return parse_stored_event(raw)
 
 
 def group_lag(client: redis.Redis, stream: str, group: str) -> int:

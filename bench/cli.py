@@ -170,6 +170,10 @@ def speed(
         None, "--against", help="With --instructions: another checkout (e.g. a worktree of main) counted on the "
         "same events; the ratio this / against.", exists=True, file_okay=False,
     ),
+    consumer: bool = typer.Option(
+        False, "--consumer", help="With --instructions: the consumer's own instructions per event too, its "
+        "process under callgrind (several times slower).",
+    ),
     as_json: bool = typer.Option(True, "--json/--pretty", help="Compact JSON (default) or indented."),
 ) -> None:
     """Speed layer: events/s of one consumer with all effects on, each session's events in a row and
@@ -180,11 +184,11 @@ def speed(
     if instructions is not None:
         from bench.instructions import run_speed_instructions
 
-        counted = run_speed_instructions(events=instructions, against=against)
+        counted = run_speed_instructions(events=instructions, against=against, consumer=consumer)
         typer.echo(json.dumps(counted) if as_json else json.dumps(counted, indent=2))
         return
-    if against is not None:
-        raise typer.BadParameter("--against goes with --instructions")
+    if against is not None or consumer:
+        raise typer.BadParameter("--against and --consumer go with --instructions")
     real = _real_lake(lake, days, models)
     if real is not None:
         if consumers or redis_cluster:

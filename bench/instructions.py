@@ -62,15 +62,15 @@ class CountedRedis:
             snapshot = ("--dbfilename", "start.rdb")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._out = root / "callgrind.out"  # dump n goes to callgrind.out.n
-        self._dumps = 0
+        out = root / "callgrind.out"
         self.process = subprocess.Popen(
             [valgrind, "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
-             *(f"--toggle-collect={function}" for function in COMMAND_PATH), f"--callgrind-out-file={self._out}",
+             *(f"--toggle-collect={function}" for function in COMMAND_PATH), f"--callgrind-out-file={out}",
              server, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(root), "--save", "",
              "--appendonly", "no", "--slowlog-log-slower-than", "-1", *snapshot],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        self.counter = Callgrind(self.process, out)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + start_timeout_s
         while True:
@@ -87,29 +87,34 @@ class CountedRedis:
 
     def counted(self, run: Callable[[], None]) -> int:
         """The instructions Redis ran on its command path while `run()` ran."""
-        self._control("--zero")
-        self._control("--instr=on")
+        self.counter.start()
         try:
             run()
         finally:
-            self._control("--instr=off")
-        self._dumps += 1
-        self._control("--dump")
-        return self._totals(Path(f"{self._out}.{self._dumps}"))
+            counted = self.counter.stop()
+        return counted
 
-    def counted_child(self, child: subprocess.Popen[str], done: str) -> int:
-        """The instructions Redis ran on its command path while `child` worked: the child says `ready`,
-        works once told `go`, then says `done`."""
+    def counted_child(
+        self, child: subprocess.Popen[str], done: str, inner: Callgrind | None = None
+    ) -> tuple[int, int | None]:
+        """The instructions Redis ran on its command path while `child` worked, and with `inner` (the
+        child under callgrind) the child's own: the child says `ready`, works once told `go`, then says
+        `done`."""
         stdin, stdout = child.stdin, child.stdout
         assert stdin is not None and stdout is not None
         _expect_line(stdout, "ready", child)
+        inner_counted: list[int] = []
 
         def work() -> None:
+            if inner is not None:
+                inner.start()
             stdin.write("go\n")
             stdin.flush()
             _expect_line(stdout, done, child)
+            if inner is not None:
+                inner_counted.append(inner.stop())
 
-        return self.counted(work)
+        return self.counted(work), (inner_counted[0] if inner_counted else None)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -118,6 +123,26 @@ class CountedRedis:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+
+class Callgrind:
+    """Counting in a process that runs under callgrind with instrumentation off: `start` zeroes the count
+    and turns it on, `stop` turns it off and returns what it counted in between (callgrind_control)."""
+
+    def __init__(self, process: subprocess.Popen[Any], out: Path) -> None:
+        """`out`: the process' --callgrind-out-file (dump n goes to `out`.n)."""
+        self.process, self._out, self._dumps = process, out, 0
+
+    def start(self) -> None:
+        self._control("--zero")
+        self._control("--instr=on")
+
+    def stop(self) -> int:
+        self._control("--instr=off")
+        self._dumps += 1
+        self._control("--dump")
+        return self._totals(Path(f"{self._out}.{self._dumps}"))
 
     def _control(self, command: str) -> None:
         subprocess.run(
@@ -143,7 +168,10 @@ def run_speed_instructions(
     factors: int = 64,
     seed: int = 0,
     against: Path | None = None,
+    consumer: bool = False,
 ) -> dict[str, Any]:
+    """Redis' instructions per event of each mix (and with `consumer`, the consumer's own, its process
+    under callgrind too) for this tree and `against`'s, on the same traffic."""
     from bench.speed import OFFERED_PER_S, _fresh_state, _publish_model, _settings, _visitors, append_traffic
     from common.redis_server import connect
 
@@ -155,34 +183,44 @@ def run_speed_instructions(
             settings = _settings(root, server.url)
             client = connect(server.url, timeout_s=60)
             _publish_model(settings, items, users, factors, seed)
-            per_event: dict[str, dict[str, Any]] = {}
+            redis_per_event: dict[str, dict[str, Any]] = {}
+            consumer_per_event: dict[str, dict[str, Any]] = {}
             for mix in MIXES:
                 visitors = _visitors(OFFERED_PER_S, users) if mix == "browsing" else None
-                counts: dict[str, Any] = {}
                 for name, tree in trees.items():
                     _fresh_state(client, items)
                     client.script_flush()  # each tree loads (and Redis compiles) its scripts while counted
                     append_traffic(client, settings, events, items, users, seed, visitors)
-                    counts[name] = round(_drain_counted(server, tree, root) / events)
-                if against:
-                    counts["ratio"] = round(counts["this"] / counts["against"], 4)
-                per_event[mix] = counts
+                    on_redis, in_consumer = _drain_counted(server, tree, root, f"{mix}-{name}" if consumer else None)
+                    redis_per_event.setdefault(mix, {})[name] = round(on_redis / events)
+                    if in_consumer is not None:
+                        consumer_per_event.setdefault(mix, {})[name] = round(in_consumer / events)
             version = client.info("server")["redis_version"]
         finally:
             server.stop()
+    if against:
+        for counts in (*redis_per_event.values(), *consumer_per_event.values()):
+            counts["ratio"] = round(counts["this"] / counts["against"], 4)
     return {
-        "redis_instructions_per_event": per_event,
+        "redis_instructions_per_event": redis_per_event,
+        **({"consumer_instructions_per_event": consumer_per_event} if consumer else {}),
         "events": events,
         "items": items,
         "users_with_vectors": users,
         "trees": {name: str(tree) for name, tree in trees.items()},
         "redis_version": version,
-        "counted_by": COUNTED_BY,
+        "counted_by": COUNTED_BY + ("; the consumer's process whole, from `go` to its last acknowledgement" if consumer else ""),
     }
 
 
-def _drain_counted(server: CountedRedis, tree: Path, root: Path) -> int:
-    """Instructions Redis ran while a consumer of `tree` drained the stream (started, then counted)."""
+def _drain_counted(
+    server: CountedRedis, tree: Path, root: Path, consumer_label: str | None
+) -> tuple[int, int | None]:
+    """Instructions Redis ran while a consumer of `tree` drained the stream (started, then counted), and
+    with a `consumer_label` the consumer's own (its process under callgrind, its hashes seeded and one
+    BLAS thread, so that the same events count the same; the label names its callgrind files)."""
+    from serving.cli import ONE_BLAS_THREAD
+
     env = {
         **os.environ,
         "PYTHONPATH": str(tree),
@@ -193,11 +231,14 @@ def _drain_counted(server: CountedRedis, tree: Path, root: Path) -> int:
         "RECS_SPEED__TRENDING_REFRESH_S": _NEVER_S,
         "RECS_SPEED__CLAIM_INTERVAL_S": _NEVER_S,
     }
-    child = subprocess.Popen(
-        [sys.executable, str(HERE)], cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    command = [sys.executable, str(HERE)]
+    out = root / f"consumer-{consumer_label}.callgrind.out"
+    if consumer_label is not None:
+        env.update(ONE_BLAS_THREAD, PYTHONHASHSEED="0", RECS_REDIS__SOCKET_TIMEOUT_S="120")
+        command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", f"--log-file={out}.log", *command]
+    child = subprocess.Popen(command, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        return server.counted_child(child, "drained")
+        return server.counted_child(child, "drained", Callgrind(child, out) if consumer_label is not None else None)
     finally:
         child.kill()
         child.wait()

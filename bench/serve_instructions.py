@@ -110,7 +110,7 @@ def _serve_counted(
         cwd=tree, env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        counted = server.counted_child(child, "served")
+        counted, _ = server.counted_child(child, "served")
         if child.wait(timeout=600) != 0:
             raise RuntimeError(f"the counted server's child exited with {child.returncode}")
     finally:

@@ -54,6 +54,10 @@ def serve(
         None, "--instructions", min=10, help="Instead: the instructions Redis runs per request, counted by valgrind "
         "over this many requests of the mix (the same on a busy machine; bench/serve_instructions.py).",
     ),
+    worker: bool = typer.Option(
+        False, "--worker", help="With --instructions: the recommender's own instructions per request too, its "
+        "process under callgrind (several times slower).",
+    ),
     lake: Path | None = typer.Option(
         None, "--lake", help="Instead of the synthetic model: a store's lake (e.g. `recs data import`'s); the model "
         "is trained on the days before the last --days, which go through the speed layer (bench/lake_state.py).",
@@ -72,10 +76,12 @@ def serve(
     real = _real_lake(lake, days, models)
     if in_process and instructions is not None:
         raise typer.BadParameter("--in-process and --instructions are two different measurements: choose one")
+    if worker and instructions is None:
+        raise typer.BadParameter("--worker goes with --instructions")
     if instructions is not None:
         from bench.serve_instructions import run_serve_instructions
 
-        result = run_serve_instructions(requests=instructions, against=against, real=real)
+        result = run_serve_instructions(requests=instructions, against=against, real=real, worker=worker)
     elif in_process:
         from bench.serve_profile import bench_in_process
 

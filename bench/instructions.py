@@ -234,14 +234,25 @@ def _drain_counted(
     command = [sys.executable, str(HERE)]
     out = root / f"consumer-{consumer_label}.callgrind.out"
     if consumer_label is not None:
-        env.update(ONE_BLAS_THREAD, PYTHONHASHSEED="0", RECS_REDIS__SOCKET_TIMEOUT_S="120")
-        command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", f"--log-file={out}.log", *command]
+        env.update(ONE_BLAS_THREAD, **COUNTED_PYTHON_ENV)
+        command = under_callgrind(command, out)
     child = subprocess.Popen(command, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         return server.counted_child(child, "drained", Callgrind(child, out) if consumer_label is not None else None)
     finally:
         child.kill()
         child.wait()
+
+
+# A Python process counted under callgrind: its hashes seeded (a set's or dict's order moves a count), and
+# Redis under valgrind too answers tens of times slower than a client's usual timeout allows.
+COUNTED_PYTHON_ENV = {"PYTHONHASHSEED": "0", "RECS_REDIS__SOCKET_TIMEOUT_S": "120"}
+
+
+def under_callgrind(command: list[str], out: Path) -> list[str]:
+    """`command` run under callgrind with instrumentation off until `Callgrind.start`; its dumps go to
+    `out`.n and valgrind's own messages to `out`.log."""
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", f"--log-file={out}.log", *command]
 
 
 def _expect_line(stdout: IO[str], line: str, child: subprocess.Popen[str]) -> None:

@@ -41,8 +41,10 @@ def run_serve_instructions(
     visitors: int = 2000,
     items: int = 50_000,
     users: int = 100_000,
+    worker: bool = False,
 ) -> dict[str, Any]:
-    """`items` and `users` size the synthetic model (not a lake's)."""
+    """`items` and `users` size the synthetic model (not a lake's). `worker`: the recommender's own
+    instructions per request too, its process under callgrind."""
     from bench.instructions import COUNTED_BY, THIS_TREE, CountedRedis
     from bench.serve import bench_state, state_label
     from bench.serve_profile import compare_lists
@@ -58,26 +60,33 @@ def run_serve_instructions(
             live.stop()
         now_s = time.time()
         per_request: dict[str, Any] = {}
+        in_worker: dict[str, Any] = {}
         lists: dict[str, list[dict[str, Any]]] = {}
         for name, tree in trees.items():
             # A fresh server each: whatever one tree's requests wrote, the other starts from the same state.
             server = CountedRedis(root / f"counted-{name}", rdb=snapshot)
             try:
-                counted, lists[name] = _serve_counted(server, tree, live.env, live.paths, now_s, root / f"{name}.json")
+                counted, in_child, lists[name] = _serve_counted(
+                    server, tree, live.env, live.paths, now_s, root / f"{name}.json", worker
+                )
                 per_request[name] = round(counted / requests)
+                if in_child is not None:
+                    in_worker[name] = round(in_child / requests)
             finally:
                 server.stop()
     result: dict[str, Any] = {
         "redis_instructions_per_request": per_request,
+        **({"worker_instructions_per_request": in_worker} if worker else {}),
         "requests": requests,
         "state": state_label(real),
         "speed_events_folded": live.folded,
         "trees": {name: str(tree) for name, tree in trees.items()},
         "redis_version": version,
-        "counted_by": COUNTED_BY,
+        "counted_by": COUNTED_BY + ("; the recommender's process whole, from `go` to its last list" if worker else ""),
     }
     if against is not None:
-        per_request["ratio"] = round(per_request["this"] / per_request["against"], 4)
+        for counts in (per_request, in_worker) if worker else (per_request,):
+            counts["ratio"] = round(counts["this"] / counts["against"], 4)
         result["lists"] = compare_lists(lists["this"], lists["against"])
     return result
 
@@ -91,32 +100,35 @@ def _save(client: Any, to: Path) -> Path:
 
 
 def _serve_counted(
-    server: CountedRedis, tree: Path, env: dict[str, str], paths: list[str], now_s: float, out: Path
-) -> tuple[int, list[dict[str, Any]]]:
-    """Instructions Redis ran while a child of `tree` served `paths` after the warm-up ones; its lists."""
+    server: CountedRedis, tree: Path, env: dict[str, str], paths: list[str], now_s: float, out: Path, worker: bool
+) -> tuple[int, int | None, list[dict[str, Any]]]:
+    """Instructions Redis ran while a child of `tree` served `paths` after the warm-up ones, with `worker`
+    the child's own (under callgrind); its lists."""
+    from bench.instructions import COUNTED_PYTHON_ENV, Callgrind, under_callgrind
     from serving.cli import ONE_BLAS_THREAD
 
     child_env = {
-        **env, **ONE_BLAS_THREAD,  # as `recs serve`
+        **env, **ONE_BLAS_THREAD, **COUNTED_PYTHON_ENV,  # one BLAS thread as `recs serve`
         "PYTHONPATH": str(tree),
         "RECS_REDIS__URL": server.url,
         "RECS_API__TODAY_COUNTS_REFRESH_S": "0",
-        "RECS_REDIS__SOCKET_TIMEOUT_S": "120",  # Redis under valgrind answers tens of times slower
     }  # fmt: skip
     job = out.with_suffix(".job.json")
     job.write_text(json.dumps({"paths": paths, "now_s": now_s, "warm_up": WARM_UP}))
+    command = [sys.executable, str(HERE), str(job), str(out)]
+    counts = out.with_suffix(".callgrind.out")
     child = subprocess.Popen(
-        [sys.executable, str(HERE), str(job), str(out)],
+        under_callgrind(command, counts) if worker else command,
         cwd=tree, env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        counted, _ = server.counted_child(child, "served")
-        if child.wait(timeout=600) != 0:
+        counted, in_child = server.counted_child(child, "served", Callgrind(child, counts) if worker else None)
+        if child.wait(timeout=1800) != 0:
             raise RuntimeError(f"the counted server's child exited with {child.returncode}")
     finally:
         child.kill()
         child.wait()
-    return counted, json.loads(out.read_text())
+    return counted, in_child, json.loads(out.read_text())
 
 
 def _child(job: Path, out: Path) -> None:

@@ -22,8 +22,10 @@ def test_the_same_events_count_the_same_and_browsing_costs_redis_more_than_sessi
 
 
 def test_the_same_requests_count_the_same_redis_work_and_serve_the_same_lists() -> None:
-    counted = run_serve_instructions(requests=40, visitors=200, items=2_000, users=1_000, against=THIS_TREE)
-    per_request = counted["redis_instructions_per_request"]
+    counted = run_serve_instructions(requests=40, visitors=200, items=2_000, users=1_000, against=THIS_TREE, worker=True)
+    per_request, in_worker = counted["redis_instructions_per_request"], counted["worker_instructions_per_request"]
     assert per_request["this"] > 100_000  # the read script's work a request, not only its round trips
     assert abs(per_request["ratio"] - 1) < 0.01  # counted, not timed: one tree against itself
+    assert in_worker["this"] > 1_000_000  # the recommender's gathering, features, ranking and rules
+    assert abs(in_worker["ratio"] - 1) < 0.01
     assert counted["lists"]["identical"] == counted["lists"]["compared"] == 40

@@ -169,8 +169,10 @@ def test_a_loaded_versions_factors_are_its_files_mapped_read_only_and_an_erasure
 
     first, second = load_model(registry, "v1"), load_model(registry, "v1")
     for name, array in (("item_factors.npy", first.item_factors), ("user_factors.npy", first.user_factors)):
-        assert isinstance(array, np.memmap) and Path(str(array.filename)) == Path(registry.path("v1", name))
-    assert Path(str(second.item_factors.filename)) == Path(str(first.item_factors.filename))
+        mapped = array.base  # a plain array over the map
+        assert isinstance(mapped, np.memmap) and Path(str(mapped.filename)) == Path(registry.path("v1", name))
+    assert isinstance(second.item_factors.base, np.memmap) and isinstance(first.item_factors.base, np.memmap)
+    assert Path(str(second.item_factors.base.filename)) == Path(str(first.item_factors.base.filename))
     np.testing.assert_array_equal(first.item_factors, items.astype(np.float32))
     with pytest.raises(ValueError, match="read-only"):
         first.user_factors[0] = 0.0

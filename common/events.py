@@ -276,8 +276,8 @@ _STORED_EVENT = SchemaValidator(_stored_event_schema(Event.__pydantic_core_schem
 
 def parse_stored_event(raw: bytes | str) -> Event:
     """An event read back from where the API or an importer stored it (a stream entry, written by
-    common/stream.append_events), equal to `Event.model_validate_json(raw)`'s, at about half its cost
-    (4-5 against 8 us: the speed consumer decodes every event).
+    common/stream.append_events): what `Event.model_validate_json(raw)` gives, but for the one check
+    below, at about 0.6 of its cost (4.8 against 7.8 us: the speed consumer decodes every event).
 
     Its structure is checked again, natively: types, enums, lengths, ranges, the ids' characters, the
     UUID's form and the rule by event type. What that refuses (a spelling the API would not have

@@ -13,6 +13,11 @@ from the child's first read to its last acknowledgement, script loads included. 
 claims of idle entries run on a clock, not per event: they are off here. Redis' own clock-driven work
 (serverCron, ~2 % of a run, more the slower the machine) is not counted either: only reading and running
 commands and writing their replies (`COMMAND_PATH`).
+
+With `consumer`, the consumer's process runs under callgrind too (`under_callgrind`, its hashes seeded
+and one BLAS thread) and is counted over the same window, whole: decoding, planning, packing the script
+calls. The consumer's side is the other half of an event's cost, and timed runs cannot show a change of
+a few percent to it either.
 """
 
 from __future__ import annotations
@@ -123,7 +128,6 @@ class CountedRedis:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-
 
 
 class Callgrind:

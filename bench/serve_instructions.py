@@ -12,6 +12,8 @@ the path, against its own redis-server under callgrind started from that snapsho
 (scripts loaded, the item flags copied) on requests not counted, stops the serving state's background
 threads, and reads today's counts live on every request (`today_counts_refresh_s` 0: no clock-driven
 copy), so the count is the requests' own. Both trees' lists must be identical, as with `--in-process`.
+With `worker`, the child runs under callgrind too (bench/instructions.under_callgrind) and its own
+instructions are counted over the same requests: the recommender's side, which `--in-process` can only time.
 """
 
 from __future__ import annotations

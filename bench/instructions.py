@@ -236,13 +236,13 @@ def _drain_counted(
         "RECS_SPEED__CLAIM_INTERVAL_S": _NEVER_S,
     }
     command = [sys.executable, str(HERE)]
-    out = root / f"consumer-{consumer_label}.callgrind.out"
-    if consumer_label is not None:
+    out = None if consumer_label is None else root / f"consumer-{consumer_label}.callgrind.out"
+    if out is not None:
         env.update(ONE_BLAS_THREAD, **COUNTED_PYTHON_ENV)
         command = under_callgrind(command, out)
     child = subprocess.Popen(command, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        return server.counted_child(child, "drained", Callgrind(child, out) if consumer_label is not None else None)
+        return server.counted_child(child, "drained", None if out is None else Callgrind(child, out))
     finally:
         child.kill()
         child.wait()

@@ -1,18 +1,23 @@
 -- Apply a chunk of events in order, each with its dedup markers, as a one-event script would
 -- (speed_layer/effects.py plans them; speed_layer/scripts.py says why one script).
 --
--- KEYS: event*event_count
--- KEYS event: seen recent cats cart counts sessions person_items purchases trend_bucket popularity_day
---       category_bestsellers covis plans clicked trend_versions per_version*n_versions
+-- KEYS: trend_versions holder*holder_count event*event_count
+-- KEYS holder: seen recent cats cart counts sessions person_items purchases plans clicked per_version*n_versions
 -- KEYS per_version: delta delta_count
+-- KEYS event: trend_bucket popularity_day category_bestsellers
 -- ARGV: event_count apply_base session_ttl recent_n dedup_ttl affinity_half_life history_ttl purchases_kept
 --       bestsellers_kept covis_kept delta_ttl covis_prefix covis_suffix covis_window nb_session_prefix
 --       nb_session_suffix nb_item_prefix nb_item_suffix nb_kept nb_ttl split n_groups covis_middle
---       nb_session_middle nb_item_middle covis_unit time_unit channel changes_head changes_tail n_versions
---       version*n_versions event*event_count
--- ARGV event: event_type item session ts weight quantity category trend_expireat popularity_expireat
---       bestseller_increment event_id session_token personal served announcement per_version*n_versions
+--       nb_session_middle nb_item_middle covis_unit time_unit channel changes_head changes_tail holder_count
+--       n_versions version*n_versions holder*holder_count event*event_count
+-- ARGV holder: session session_token personal
+-- ARGV event: holder event_type item ts weight quantity category trend_expireat popularity_expireat
+--       bestseller_increment event_id served announcement per_version*n_versions
 -- ARGV per_version: delta delta_count
+--
+-- A holder is one person's session in the call: the keys and values its events share, named once (a
+-- session's events come in runs, and each argument costs both sides of the call about as much as the
+-- work it names). An event's `holder` is its holder's position, from 1.
 --
 -- apply_base: 1 or 0 (a version-switch replay writes deltas only). covis_*: the co-visitation key
 -- around an item id; nb_session_*: a neighbour-session key around a session token; nb_item_*: an
@@ -20,11 +25,11 @@
 -- suffix, group the id's slot group out of n_groups (redis_keys.grouped_template); nb_kept: sessions kept per item (0: session-kNN
 -- off). n_versions (0-2): the model versions whose deltas the chunk updates, named by `version`.
 -- Per event: ts, the event's time as the time-scored sets keep it (redis_keys.time_score: 1/time_unit s);
--- trend_expireat, popularity_expireat, bestseller_increment (the text `0`: skip that counter);
--- session_token is common.neighbours.session_token; personal: 1 when the event has personalisation
--- consent, 0 when it updates the aggregates (trending, popularity, bestsellers) only: then its person
--- keys are all the unlinked marker set (redis_keys.SEEN_UNLINKED), of which only `seen` is touched, and
--- it carries no delta. served: the served-list record key (redis_keys.bandit_served) of the event's
+-- trend_expireat, popularity_expireat, bestseller_increment (the text `0`: skip that counter).
+-- Per holder: session_token is common.neighbours.session_token; personal: 1 when its events have
+-- personalisation consent, 0 when they update the aggregates (trending, popularity, bestsellers) only:
+-- then its keys are all the unlinked marker set (redis_keys.SEEN_UNLINKED), of which only `seen` is
+-- touched, and its events carry no delta (the call's events without consent share one such holder). served: the served-list record key (redis_keys.bandit_served) of the event's
 -- rec_request_id, '' without one; clicked: the session's clicked-list key (redis_keys.session_clicked).
 -- trend_versions: redis_keys.TRENDING_VERSIONS, where each event counted in a trending bucket is counted
 -- (speed_layer/trending.py reads a bucket again only once its count moved).
@@ -37,10 +42,10 @@
 -- every list. Should an event's effects fail, the events after it wait for a retry, which announces
 -- them again. Split, the announcement precedes the event's global effects (the next call's): a list
 -- computed in between lacks its counters' and co-visits' share.
--- Per version the new delta ('': none for this event) and the delta count it replaces. KEYS' covis is declared for Redis Cluster slot planning
--- (the rule writes earlier items' rows); the co-visitation keys of the session's other items are
--- built from the template: which items those are is only known here, from the session's live
--- recent items.
+-- Per version the new delta ('': none for this event) and the delta count it replaces. The co-visit
+-- rows an event writes are its session's earlier items' (the rule writes their rows), which only the
+-- session's live recent items say: their keys are built here from the template, as the session-kNN
+-- ones are, and split they are apply_globals.lua's, in their own slots.
 -- split: 1 where the keys of no person are written by apply_globals.lua, one call per slot group
 -- (Redis Cluster: a script touches one slot). Then this script applies the person's effects only
 -- (every KEYS of the call is in the person's slot; the declared global ones are not touched) and
@@ -77,11 +82,12 @@ local time_unit = tonumber(ARGV[27])  -- an event's time is given in 1/time_unit
 local channel, changes_head, changes_tail = ARGV[28], ARGV[29], ARGV[30]
 -- The TTLs as given (see `expiry`).
 local session_ttl_text, dedup_ttl_text, history_ttl_text, nb_ttl_text = ARGV[3], ARGV[5], ARGV[7], ARGV[20]
-local n_versions = tonumber(ARGV[ARGV_HEAD])
+local holder_count, n_versions = tonumber(ARGV[ARGV_HEAD - 1]), tonumber(ARGV[ARGV_HEAD])
 local versions = {}
 for v = 1, n_versions do versions[v] = ARGV[ARGV_HEAD + v] end
+local holder_keys = KEYS_HOLDER + KEYS_PER_VERSION * n_versions
 local event_args = ARGV_EVENT + ARGV_PER_VERSION * n_versions
-local event_keys = KEYS_EVENT + KEYS_PER_VERSION * n_versions
+local trend_versions = KEYS[1]
 local now_text, now_us = unpack(redis.call('TIME'))
 local now = tonumber(now_text)
 -- A TTL as the time it ends, in ms of Redis' clock, for PEXPIREAT and SET's PXAT. Redis rewrites every
@@ -245,31 +251,32 @@ local function add_affinity(cats, category, weight, ts)
   expire_in[cats] = session_ttl_text
 end
 
--- k, a: the offsets just before this event's blocks, so KEYS[k + i] and ARGV[a + i] are field i.
+-- The offsets just before an event's blocks are k and a (its KEYS and ARGV), hk and ha (its holder's):
+-- KEYS[k + i] is the event's KEYS field i, ARGV[ha + i] its holder's ARGV field i, and so on.
 -- The session's and the person's state (co-visits and session-kNN too: they follow the session's items).
-local function apply_person_effects(k, a, weight)
-  local etype, item, session = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+local function apply_person_effects(hk, ha, a, weight)
+  local etype, item, session = ARGV[a + 2], ARGV[a + 3], ARGV[ha + 1]
   local ts_text, category = ARGV[a + 4], ARGV[a + 7]
   local ts_score = tonumber(ts_text)
 
-  add(hcount, KEYS[k + 5], etype, 1)
-  expire_in[KEYS[k + 5]] = session_ttl_text
-  touch_session(KEYS[k + 6], session, ts_score, ts_text)
+  add(hcount, KEYS[hk + 5], etype, 1)
+  expire_in[KEYS[hk + 5]] = session_ttl_text
+  touch_session(KEYS[hk + 6], session, ts_score, ts_text)
   if item == '' then return end
 
   if etype ~= 'remove_from_cart' then
-    local recent = KEYS[k + 2]
+    local recent = KEYS[hk + 2]
     if redis.call('ZADD', recent, 'GT', ts_text, item) == 1 then
       if split then plan = {} end
       -- Fewer than covis_window + 1 read is the whole set: then it is cut only when over recent_n.
       local read = covisit(recent, item)
       if read > covis_window or read > recent_n then recent_trims[recent] = true end
-      if nb_kept > 0 and not split then index_neighbour(ARGV[a + 12], item, ts_text) end
+      if nb_kept > 0 and not split then index_neighbour(ARGV[ha + 2], item, ts_text) end
     end
     expire_in[recent] = session_ttl_text
   end
 
-  local cart, purchases = KEYS[k + 4], KEYS[k + 8]
+  local cart, purchases = KEYS[hk + 4], KEYS[hk + 8]
   if etype == 'add_to_cart' then
     redis.call('HINCRBY', cart, item, ARGV[a + 6])
   elseif etype == 'remove_from_cart' then
@@ -282,30 +289,30 @@ local function apply_person_effects(k, a, weight)
   end
   expire_in[cart] = session_ttl_text
 
-  if category ~= '' and weight > 0 then add_affinity(KEYS[k + 3], category, weight, ts_score / time_unit) end
+  if category ~= '' and weight > 0 then add_affinity(KEYS[hk + 3], category, weight, ts_score / time_unit) end
 
   if weight > 0 then
-    add(hincr, KEYS[k + 7], item, weight)
-    expire_in[KEYS[k + 7]] = history_ttl_text
+    add(hincr, KEYS[hk + 7], item, weight)
+    expire_in[KEYS[hk + 7]] = history_ttl_text
   end
 end
 
 -- The counters of items, linked to no one: trending, popularity per day, category bestsellers.
 local function apply_aggregates(k, a, weight)
-  local item = ARGV[a + 2]
+  local item = ARGV[a + 3]
   if weight > 0 and ARGV[a + 8] ~= '0' then
-    add(zincr, KEYS[k + 9], item, weight)
-    expire_at[KEYS[k + 9]] = ARGV[a + 8]
-    add(zincr, KEYS[k + 15], KEYS[k + 9], 1)  -- the bucket's count of events (speed_layer/trending.py)
+    add(zincr, KEYS[k + 1], item, weight)
+    expire_at[KEYS[k + 1]] = ARGV[a + 8]
+    add(zincr, trend_versions, KEYS[k + 1], 1)  -- the bucket's count of events (speed_layer/trending.py)
   end
   if ARGV[a + 9] ~= '0' then
-    add(zincr, KEYS[k + 10], item, 1)
-    expire_at[KEYS[k + 10]] = ARGV[a + 9]
+    add(zincr, KEYS[k + 2], item, 1)
+    expire_at[KEYS[k + 2]] = ARGV[a + 9]
   end
   if ARGV[a + 10] ~= '0' then
     local best = tonumber(ARGV[a + 10])
-    add(zincr, KEYS[k + 11], item, best)
-    trims[KEYS[k + 11]] = best_kept
+    add(zincr, KEYS[k + 3], item, best)
+    trims[KEYS[k + 3]] = best_kept
   end
 end
 
@@ -313,8 +320,8 @@ end
 -- purchase field). The first event naming a served list takes its record, so a list earns one click
 -- reward; the record then waits in the session (person-level state: with personalisation only) for a
 -- purchase, which takes it for the purchase reward.
-local function apply_bandit(k, a)
-  local served_key, personal, clicked_key = ARGV[a + 14], ARGV[a + 13] == '1', KEYS[k + 14]
+local function apply_bandit(hk, ha, a)
+  local served_key, personal, clicked_key = ARGV[a + 12], ARGV[ha + 3] == '1', KEYS[hk + 10]
   if served_key ~= '' then
     local served = redis.call('GET', served_key)
     if served then
@@ -324,7 +331,7 @@ local function apply_bandit(k, a)
       if personal then redis.call('SET', clicked_key, served, 'EX', session_ttl) end
     end
   end
-  if personal and ARGV[a + 1] == 'purchase' then
+  if personal and ARGV[a + 2] == 'purchase' then
     local clicked = redis.call('GET', clicked_key)
     if clicked then
       redis.call('DEL', clicked_key)
@@ -338,9 +345,9 @@ end
 -- which list a purchase rewards is only known there. Here the session keeps (in `clicked`) the records
 -- of the lists it clicked since its last purchase, by first click, newest first, at most 20; a purchase
 -- takes them as its claims.
-local function claim_rewards(k, a)
-  local served_key, clicked_key = ARGV[a + 14], KEYS[k + 14]
-  if ARGV[a + 13] ~= '1' then return end
+local function claim_rewards(hk, ha, a)
+  local served_key, clicked_key = ARGV[a + 12], KEYS[hk + 10]
+  if ARGV[ha + 3] ~= '1' then return end
   if served_key ~= '' then
     local clicked = redis.call('GET', clicked_key) or ''
     if not string.find('\n' .. clicked .. '\n', '\n' .. served_key .. '\n', 1, true) then
@@ -352,17 +359,17 @@ local function claim_rewards(k, a)
     end
     redis.call('SET', clicked_key, clicked, 'EX', session_ttl)
   end
-  if ARGV[a + 1] == 'purchase' then
+  if ARGV[a + 2] == 'purchase' then
     claims = redis.call('GET', clicked_key) or nil
     if claims then redis.call('DEL', clicked_key) end
   end
 end
 
-local function apply_base_effects(k, a)
+local function apply_base_effects(hk, ha, k, a)
   local weight = tonumber(ARGV[a + 5])
-  if ARGV[a + 13] == '1' then apply_person_effects(k, a, weight) end
-  if ARGV[a + 2] ~= '' and not split then apply_aggregates(k, a, weight) end
-  if split then claim_rewards(k, a) else apply_bandit(k, a) end
+  if ARGV[ha + 3] == '1' then apply_person_effects(hk, ha, a, weight) end
+  if ARGV[a + 3] ~= '' and not split then apply_aggregates(k, a, weight) end
+  if split then claim_rewards(hk, ha, a) else apply_bandit(hk, ha, a) end
 end
 
 -- The delta count the event was planned on, read once per chunk and then followed here.
@@ -375,12 +382,13 @@ local function delta_count(count_key)
   return n
 end
 
--- The offsets just before version v's values in an event's blocks (delta, then delta_count).
-local function version_keys(k, v) return k + KEYS_EVENT + KEYS_PER_VERSION * (v - 1) end
+-- The offsets just before version v's values in a holder's KEYS and an event's ARGV (delta, then
+-- delta_count).
+local function version_keys(hk, v) return hk + KEYS_HOLDER + KEYS_PER_VERSION * (v - 1) end
 local function version_args(a, v) return a + ARGV_EVENT + ARGV_PER_VERSION * (v - 1) end
 
-local function apply_event(k, a)
-  local seen, event_id = KEYS[k + 1], ARGV[a + 11]
+local function apply_event(hk, ha, k, a)
+  local seen, event_id = KEYS[hk + 1], ARGV[a + 11]
   local fields = {event_id}
   for v = 1, n_versions do fields[v + 1] = event_id .. ':' .. versions[v] end
   local marks = redis.call('ZMSCORE', seen, unpack(fields))
@@ -388,7 +396,7 @@ local function apply_event(k, a)
   local need_base = apply_base and not marks[1] and not set_now[fields[1]]
   local need = {}
   for v = 1, n_versions do
-    local delta_at, count_key = version_args(a, v) + 1, KEYS[version_keys(k, v) + 2]
+    local delta_at, count_key = version_args(a, v) + 1, KEYS[version_keys(hk, v) + 2]
     need[v] = ARGV[delta_at] ~= '' and not marks[v + 1] and not set_now[fields[v + 1]]
     if need[v] and delta_count(count_key) ~= tonumber(ARGV[delta_at + 1]) then return -1 end
   end
@@ -396,13 +404,13 @@ local function apply_event(k, a)
   local applied, marked = 0, {}
   plan, claims = nil, nil
   if need_base then
-    apply_base_effects(k, a)
+    apply_base_effects(hk, ha, k, a)
     marked[1] = fields[1]
     applied = applied + 1
   end
   for v = 1, n_versions do
     if need[v] then
-      local delta_key, count_key = KEYS[version_keys(k, v) + 1], KEYS[version_keys(k, v) + 2]
+      local delta_key, count_key = KEYS[version_keys(hk, v) + 1], KEYS[version_keys(hk, v) + 2]
       deltas[delta_key] = ARGV[version_args(a, v) + 1]
       counts[count_key] = counts[count_key] + 1
       count_dirty[count_key] = true
@@ -416,7 +424,7 @@ local function apply_event(k, a)
     expire_in[seen] = dedup_ttl_text
   end
   if not split then return applied end
-  local plans = KEYS[k + 13]
+  local plans = KEYS[hk + 9]
   local stored = plans_now[plans] or {}
   plans_now[plans], plans_of_seen[seen] = stored, plans
   local text
@@ -435,24 +443,28 @@ local results = {}
 -- The changes to announce: each person's (their seen key's) change, and the people who had one applied,
 -- in the order they came.
 local change_of, announcing = {}, {}
-local k, a = 0, ARGV_HEAD + n_versions
+-- The offsets just before holder h's blocks are holders_k + holder_keys * h and holders_a + ARGV_HOLDER * h.
+local holders_k, holders_a = KEYS_HEAD - holder_keys, ARGV_HEAD + n_versions - ARGV_HOLDER
+local k, a = holders_k + holder_keys * (holder_count + 1), holders_a + ARGV_HOLDER * (holder_count + 1)
 for e = 1, n_events do
-  local ok, reply = pcall(apply_event, k, a)
+  local holder = tonumber(ARGV[a + 1])
+  local hk = holders_k + holder_keys * holder
+  local ok, reply = pcall(apply_event, hk, holders_a + ARGV_HOLDER * holder, k, a)
   if not ok then  -- keep what the earlier events did (their markers are set): flush, then stop here
     results[e] = 'effects failed: ' .. (type(reply) == 'table' and (reply.err or '?') or tostring(reply))
     break
   end
   results[e] = reply
-  local announcement = ARGV[a + 15]
+  local announcement = ARGV[a + 13]
   if apply_base and announcement ~= '' then
-    local person = KEYS[k + 1]
+    local person = KEYS[hk + 1]
     if announcement ~= '1' then change_of[person] = announcement end
     if change_of[person] ~= true and (type(reply) == 'table' and reply[1] or reply) > 0 then
       announcing[#announcing + 1] = change_of[person]
       change_of[person] = true  -- announced: the person's later events add nothing
     end
   end
-  k = k + event_keys
+  k = k + KEYS_EVENT
   a = a + event_args
 end
 

@@ -52,6 +52,8 @@ from speed_layer.sender import ClusterLane, Lane, lane_for
 log = logging.getLogger(__name__)
 
 # Builders of the scripts' blocks by their declared names (speed_layer/*.lua headers).
+_HOLDER_KEYS = APPLY_EVENTS.keys.packer("holder")
+_HOLDER_ARGS = APPLY_EVENTS.argv.packer("holder")
 _EVENT_KEYS = APPLY_EVENTS.keys.packer("event")
 _EVENT_ARGS = APPLY_EVENTS.argv.packer("event")
 _VERSION_KEYS = APPLY_EVENTS.keys.packer("per_version")
@@ -152,9 +154,9 @@ class CategoryCache:
 
 
 class GlobalKeys:
-    """Names of the keys of no person an event writes (trending bucket, popularity day, bestsellers,
-    co-visits), remembered across batches: most carry a slot group, a SHA-1 of the id, and popular
-    items and categories come back in every batch. Bounded like CategoryCache."""
+    """Names of the keys of no person an event writes (trending bucket, popularity day, bestsellers),
+    remembered across batches: most carry a slot group, a SHA-1 of the id, and popular categories come
+    back in every batch. Bounded like CategoryCache."""
 
     def __init__(self, max_size: int = 500_000) -> None:
         self.max_size = max_size
@@ -194,7 +196,6 @@ _GLOBAL_KEY_OF: dict[str, Callable[[Any], str]] = {
     "trend": redis_keys.trending_bucket,
     "pop": redis_keys.popularity_day,
     "best": redis_keys.category_bestsellers,
-    "covis": redis_keys.covisitation,
 }
 
 
@@ -217,6 +218,19 @@ class _Sent:
     parts: list[list[int]]  # positions in `todo` of each script call, in the order sent
     globals: dict[int, EventGlobals] = field(default_factory=dict)  # split: position -> its global effects
     unlinked: list[int] = field(default_factory=list)  # split: positions with global effects only
+
+
+@dataclass
+class _Call:
+    """One apply_events.lua call as it is planned: its holders (a person's session, whose keys and values
+    its events share, named once) and its events' blocks."""
+
+    trend_versions: str = redis_keys.TRENDING_VERSIONS  # split: the person's seen key (see `_Planner.plan`)
+    holders: dict[tuple[str, str] | None, int] = field(default_factory=dict)  # (person, session) -> position, from 1
+    holder_keys: list[str] = field(default_factory=list)
+    holder_args: list[object] = field(default_factory=list)
+    event_keys: list[str] = field(default_factory=list)
+    event_args: list[object] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -457,19 +471,22 @@ class Applier:
 
         parts, unlinked = self._parts(persons, personal)
         for part in parts:
-            keys: list[str] = []
-            event_args: list[object] = []
+            call = _Call()
             announcements = planner.announcements(part)
             for j in part:
-                planner.plan(j, keys, event_args, announcements.get(j, ""))
-            args = APPLY_EVENTS.argv.pack(
-                **self._chunk_constants(len(part), started.base, models[:2]), event=event_args
+                planner.plan(j, call, announcements.get(j, ""))
+            keys = APPLY_EVENTS.keys.pack(
+                trend_versions=call.trend_versions, holder=call.holder_keys, event=call.event_keys
             )
+            args = APPLY_EVENTS.argv.pack(
+                **self._chunk_constants(len(part), len(call.holders), started.base, models[:2]),
+                holder=call.holder_args, event=call.event_args,
+            )  # fmt: skip
             APPLY_EVENTS.check(keys, args)
             self.lane.send("EVALSHA", APPLY_EVENTS.sha, len(keys), *keys, *args)
         if self.split:
             for j in unlinked:
-                planner.plan(j, [], [], "")  # plans its global effects only
+                planner.plan(j, _Call(), "")  # plans its global effects only
         return _Sent(todo, expected, parts, planner.globals, unlinked)
 
     def _parts(self, persons: Sequence[str], personal: Sequence[bool]) -> tuple[list[list[int]], list[int]]:
@@ -550,13 +567,13 @@ class Applier:
         return applied
 
     def _chunk_constants(
-        self, events: int, base: bool, models: Sequence[ModelArtifacts]
+        self, events: int, holders: int, base: bool, models: Sequence[ModelArtifacts]
     ) -> dict[str, object]:
         """The chunk's ARGV head and version names, by the script's names."""
         speed = self.speed
         return dict(
             **self.key_templates,
-            event_count=events, apply_base=1 if base else 0, split=1 if self.split else 0, session_ttl=speed.session_ttl_s,
+            event_count=events, holder_count=holders, apply_base=1 if base else 0, split=1 if self.split else 0, session_ttl=speed.session_ttl_s,
             recent_n=speed.recent_items, dedup_ttl=speed.dedup_ttl_s, affinity_half_life=speed.affinity_half_life_s,
             history_ttl=speed.history_ttl_s, purchases_kept=speed.purchases_kept,
             bestsellers_kept=speed.bestsellers_top_n, covis_kept=speed.covis_top_n, delta_ttl=speed.dedup_ttl_s,
@@ -873,8 +890,9 @@ class _Planner:
                 out[j] = (updated[row], count)
         return out
 
-    def plan(self, j: int, keys: list[str], args: list[object], announcement: bytes | str) -> None:
-        """Append event j's blocks to `keys` and `args` (`announcement` as `announcements` gives it)."""
+    def plan(self, j: int, call: _Call, announcement: bytes | str) -> None:
+        """Append event j's blocks to the call, and its holder's when the call has none yet
+        (`announcement` as `announcements` gives it)."""
         event, person, session, weight = self.batch[j], self.persons[j], self.sessions[j], self.weights[j]
         personal, event_type = self.personal[j], self.types[j]
         speed = self.speed
@@ -884,13 +902,9 @@ class _Planner:
         ts_score = str(redis_keys.time_score(event.ts))
         category = self.categories.get(item) if item else ""
 
-        version_keys: list[str] = []
         version_args: list[object] = []
-        for model, steps in self.deltas:
+        for _, steps in self.deltas:
             step = steps.get(j)
-            version_keys += (
-                self._version_keys(person, model.version) if personal else _UNLINKED_PERSON_KEYS[:2]
-            )
             version_args += (
                 _VERSION_ARGS(delta="", delta_count=0)
                 if step is None
@@ -905,45 +919,63 @@ class _Planner:
         if category and event_type in BESTSELLER_EVENTS:
             best = weight * (event.quantity or 1) * forward_decay(ts, speed.bestsellers_half_life_s)
 
-        if personal:
-            recent, cats, cart, counts, sessions, person_items, purchases, clicked = self._person_keys(
-                person, session
-            )
-            (seen, plans), token = self._seen_keys(person), self._token(person, session)
-        else:
-            recent, cats, cart, counts, sessions, person_items, purchases, clicked = _UNLINKED_PERSON_KEYS
-            seen, token, session, plans = redis_keys.SEEN_UNLINKED, "", "", redis_keys.SEEN_UNLINKED
+        holder = self._holder(call, person, session, personal)
         global_key = self.global_keys.get
         trend_key, pop_key = global_key("trend", bucket), global_key("pop", day)
-        best_key, covis_key = global_key("best", category or "-"), global_key("covis", item or "-")
+        best_key = global_key("best", category or "-")
         trend_expireat = trend_expire if trend_expire > self.now else 0
         pop_expireat = pop_expire if pop_expire > self.now else 0
         served = self._served_key(event.rec_request_id)
-        versions_key = redis_keys.TRENDING_VERSIONS
         if self.split:
             if item or served:
+                token = self._token(person, session) if personal else ""
                 self.globals[j] = EventGlobals(
                     event.event_id, item, ts_score, weight, trend_key, trend_expireat, pop_key, pop_expireat,
                     best_key, best, token, served,
                 )  # fmt: skip
-            # The person's script touches its person's slot only: the global KEYS name its marker key.
-            trend_key = pop_key = best_key = covis_key = versions_key = seen
-        keys += _EVENT_KEYS(
-            seen=seen, recent=recent, cats=cats, cart=cart, counts=counts, sessions=sessions,
-            person_items=person_items, purchases=purchases, trend_bucket=trend_key, popularity_day=pop_key,
-            category_bestsellers=best_key, covis=covis_key, plans=plans, clicked=clicked,
-            trend_versions=versions_key, per_version=version_keys,
-        )  # fmt: skip
+            # The person's script touches its person's slot only: the global KEYS name its marker key
+            # (a call's events are one person's).
+            seen = self._seen_keys(person)[0] if personal else redis_keys.SEEN_UNLINKED
+            trend_key = pop_key = best_key = call.trend_versions = seen
+        call.event_keys += _EVENT_KEYS(trend_bucket=trend_key, popularity_day=pop_key, category_bestsellers=best_key)
         # The counters' skip flags go as the integer 0, which the script compares as the text '0'.
-        args += _EVENT_ARGS(
-            event_type=event_type, item=item, session=session, ts=ts_score, weight=repr(weight),
+        call.event_args += _EVENT_ARGS(
+            holder=holder, event_type=event_type, item=item, ts=ts_score, weight=repr(weight),
             quantity=event.quantity or 1, category=category,
             trend_expireat=trend_expireat, popularity_expireat=pop_expireat,
-            bestseller_increment=repr(best) if best > 0 else 0, event_id=event.event_id, session_token=token,
-            personal=1 if personal else 0,
+            bestseller_increment=repr(best) if best > 0 else 0, event_id=event.event_id,
             served=served, announcement=announcement,
             per_version=version_args,
         )  # fmt: skip
+
+    def _holder(self, call: _Call, person: str, session: str, personal: bool) -> int:
+        """The position of the person's session among the call's holders, its blocks appended when new.
+        The events without personalisation consent share one holder, whose keys are the unlinked marker
+        set's."""
+        name = (person, session) if personal else None
+        holder = call.holders.get(name)
+        if holder is not None:
+            return holder
+        holder = call.holders[name] = len(call.holders) + 1
+        if personal:
+            recent, cats, cart, counts, sessions, person_items, purchases, clicked = self._person_keys(
+                person, session
+            )
+            seen, plans = self._seen_keys(person)
+            version_keys = [key for model, _ in self.deltas for key in self._version_keys(person, model.version)]
+            token = self._token(person, session)
+        else:
+            recent, cats, cart, counts, sessions, person_items, purchases, clicked = _UNLINKED_PERSON_KEYS
+            seen = plans = redis_keys.SEEN_UNLINKED
+            version_keys = _UNLINKED_PERSON_KEYS[:2] * len(self.deltas)
+            session, token = "", ""
+        call.holder_keys += _HOLDER_KEYS(
+            seen=seen, recent=recent, cats=cats, cart=cart, counts=counts, sessions=sessions,
+            person_items=person_items, purchases=purchases, plans=plans, clicked=clicked,
+            per_version=version_keys,
+        )  # fmt: skip
+        call.holder_args += _HOLDER_ARGS(session=session, session_token=token, personal=1 if personal else 0)
+        return holder
 
     def announcements(self, call: Sequence[int]) -> dict[int, bytes | str]:
         """The `announcement` of each event of one script call that changes its person's list (not a hover,

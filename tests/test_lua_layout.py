@@ -59,8 +59,10 @@ def test_sizes_come_from_the_declaration() -> None:
     # All on the file's first line: Redis' error line numbers stay the file's.
     assert script.source.endswith(HEADER) and script.source.count("\n") == HEADER.count("\n")
     # The speed scripts' constants, as the Lua reads them.
-    assert APPLY_EVENTS.argv.lua_sizes() == {"ARGV_HEAD": 31, "ARGV_EVENT": 15, "ARGV_PER_VERSION": 2}
-    assert APPLY_EVENTS.keys.size({"event_count": 2, "n_versions": 1}) == 2 * (15 + 2)
+    assert APPLY_EVENTS.argv.lua_sizes() == {
+        "ARGV_HEAD": 32, "ARGV_HOLDER": 3, "ARGV_EVENT": 13, "ARGV_PER_VERSION": 2
+    }  # fmt: skip
+    assert APPLY_EVENTS.keys.size({"holder_count": 1, "event_count": 2, "n_versions": 1}) == 1 + (10 + 2) + 2 * 3
     assert MERGE_IDENTITY.keys.lua_sizes() == {"KEYS_HEAD": 12, "KEYS_SESSION": 8}
 
 
@@ -128,7 +130,7 @@ def test_a_drifted_layout_fails_before_the_script_runs(
     """The Lua declares a value Python does not send: the call is refused, Redis never runs the script."""
     text = (ROOT / "speed_layer" / "apply_events.lua").read_text()
     drifted = Script(
-        "apply_events.lua", text.replace("-- ARGV event: event_type", "-- ARGV event: channel event_type")
+        "apply_events.lua", text.replace("-- ARGV event: holder", "-- ARGV event: channel holder")
     )
     monkeypatch.setattr(effects, "_EVENT_ARGS", drifted.argv.packer("event"))
     applier = Applier(redis_client, speed_settings(tmp_path, "redis://unused"))

@@ -29,10 +29,11 @@
 -- Per holder: session_token is common.neighbours.session_token; personal: 1 when its events have
 -- personalisation consent, 0 when they update the aggregates (trending, popularity, bestsellers) only:
 -- then its keys are all the unlinked marker set (redis_keys.SEEN_UNLINKED), of which only `seen` is
--- touched, and its events carry no delta (the call's events without consent share one such holder). served: the served-list record key (redis_keys.bandit_served) of the event's
--- rec_request_id, '' without one; clicked: the session's clicked-list key (redis_keys.session_clicked).
+-- touched, and its events carry no delta (the call's events without consent share one such holder).
+-- served: the served-list record key (redis_keys.bandit_served) of the event's rec_request_id, '' without
+-- one; clicked: the session's clicked-list key (redis_keys.session_clicked).
 -- trend_versions: redis_keys.TRENDING_VERSIONS, where each event counted in a trending bucket is counted
--- (speed_layer/trending.py reads a bucket again only once its count moved).
+-- (speed_layer/trending.py reads a bucket again only once its count moved); split, the person's `seen`.
 -- announcement: '' for an event that changes no one's list; else, on a person's first such event in the
 -- call, the change of their last one as RecsChangedBatch lists it, and `1` on their others. The call
 -- announces on `channel`, in one message, the change of each person any of whose such events it

@@ -13,7 +13,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from common import redis_keys
-from common.events import Event, EventType
+from common.events import Consent, Event, EventType
 from common.model import ModelArtifacts, load_model
 from common.redis_server import RedisServer, is_cluster
 from common.registry import Registry
@@ -38,13 +38,16 @@ ITEMS = 12
 
 
 def _events(rng: np.random.Generator, n: int) -> list[Event]:
-    """Interleaved sessions of three users and a guest, with popular items repeating."""
+    """Interleaved sessions of three users, a guest and a visitor who declined personalisation (counted in
+    the aggregates only: a call's events of such visitors share one holder), with popular items repeating."""
     start = datetime.now(UTC) - timedelta(minutes=10)
     kinds = [EventType.VIEW] * 6 + [EventType.CLICK, EventType.ADD_TO_CART, EventType.PURCHASE]
-    people = [("u1", "u1"), ("u2", "u2"), ("u3", "u3"), (None, "guest")]
+    people = [
+        ("u1", "u1", None), ("u2", "u2", None), ("u3", "u3", None), (None, "guest", None), (None, "anon", Consent.NONE),
+    ]  # fmt: skip
     out = []
     for j in range(n):
-        user, device = people[int(rng.integers(len(people)))]
+        user, device, consent = people[int(rng.integers(len(people)))]
         out.append(
             make_event(
                 kinds[int(rng.integers(len(kinds)))],
@@ -54,6 +57,7 @@ def _events(rng: np.random.Generator, n: int) -> list[Event]:
                 session_id=f"s-{device}-{j // 25}",
                 ts=start + timedelta(seconds=j),
                 received_at=start + timedelta(seconds=j),
+                **({"consent": consent} if consent else {}),
             )  # fmt: skip
         )
     return out
@@ -66,7 +70,7 @@ def _dump(client: redis.Redis) -> dict[str, object]:
     found = client.keys("*", target_nodes=RedisCluster.PRIMARIES) if is_cluster(client) else client.keys("*")  # type: ignore[call-arg]
     for key in sorted(k.decode() for k in found):
         kind = client.type(key).decode()
-        if key.endswith(":seen"):  # dedup markers: which events, not when (scored by Redis' clock)
+        if key.endswith(":seen") or key == redis_keys.SEEN_UNLINKED:  # dedup markers: which events, not when (scored by Redis' clock)
             out[key] = sorted(m.decode() for m in client.zrange(key, 0, -1))
         elif kind == "zset":
             out[key] = {m.decode(): Near(s) for m, s in client.zrange(key, 0, -1, withscores=True)}

@@ -9,8 +9,9 @@ busier side (visitors browsing at once: each event is another person's, nothing 
 Redis runs under callgrind with counting off. Each tree (this checkout and, with `against`, another one,
 e.g. a worktree of main) drains the same N events of each of bench/speed.py's mixes from a fresh state,
 in a child process with that tree first on the path (as bench/serve_profile.py does); counting is on
-from the child's first read to its last acknowledgement, script loads included. Trending re-sums and
-claims of idle entries run on a clock, not per event: they are off here. Redis' own clock-driven work
+from the child's first read to its last acknowledgement, script loads included. Trending re-sums,
+claims of idle entries, the bandit's impression count and the stream gauges run on a clock, not per
+event: they are off here. Redis' own clock-driven work
 (serverCron, ~2 % of a run, more the slower the machine) is not counted either: only reading and running
 commands and writing their replies (`COMMAND_PATH`).
 

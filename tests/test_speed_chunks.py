@@ -37,14 +37,17 @@ from tests.speed_factories import (
 ITEMS = 12
 
 
-def _events(rng: np.random.Generator, n: int) -> list[Event]:
-    """Interleaved sessions of three users, a guest and a visitor who declined personalisation (counted in
-    the aggregates only: a call's events of such visitors share one holder), with popular items repeating."""
+def _events(rng: np.random.Generator, n: int, declined: bool = False) -> list[Event]:
+    """Interleaved sessions of three users and a guest, with popular items repeating; with `declined`, also
+    a visitor who declined personalisation (counted in the aggregates only: a call's events of such
+    visitors share one holder)."""
     start = datetime.now(UTC) - timedelta(minutes=10)
     kinds = [EventType.VIEW] * 6 + [EventType.CLICK, EventType.ADD_TO_CART, EventType.PURCHASE]
-    people = [
-        ("u1", "u1", None), ("u2", "u2", None), ("u3", "u3", None), (None, "guest", None), (None, "anon", Consent.NONE),
+    people: list[tuple[str | None, str, Consent | None]] = [
+        ("u1", "u1", None), ("u2", "u2", None), ("u3", "u3", None), (None, "guest", None),
     ]  # fmt: skip
+    if declined:
+        people.append((None, "anon", Consent.NONE))
     out = []
     for j in range(n):
         user, device, consent = people[int(rng.integers(len(people)))]
@@ -136,7 +139,7 @@ def test_a_chunk_leaves_the_state_one_by_one_application_leaves(
 ) -> None:
     rng = np.random.default_rng(3)
     model = _publish_v1(tmp_path, rng)
-    events = _events(rng, 120)
+    events = _events(rng, 120, declined=True)
     categories = {f"i{j}": f"c{j % 3}" for j in range(ITEMS)}
     now_s = events[-1].ts.timestamp()
     states = []
@@ -293,7 +296,7 @@ def test_the_overlapped_loop_leaves_the_state_one_batch_at_a_time_leaves(
     """`pump` (reads sent a step ahead, batches in flight) against `poll_once` (one batch at a time)."""
     rng = np.random.default_rng(11)
     _publish_v1(tmp_path, rng)
-    events = _events(rng, 150)
+    events = _events(rng, 150, declined=True)
     settings = speed_settings(tmp_path, redis_server.url, batch_size=7, script_chunk=3, negatives=0)
     states = []
     for overlapped in (True, False):

@@ -51,8 +51,10 @@
 -- (Redis Cluster: a script touches one slot). Then this script applies the person's effects only
 -- (every KEYS of the call is in the person's slot; the declared global ones are not touched) and
 -- returns, per applied event, {mask, plan}: plan the global effects the person's state gave it ('' none;
--- else '+' then, each after a '\0', the session's earlier items it co-visits, nearest first; then, for a
--- purchase that claims the bandit's purchase reward, '\1' and the served records it claims, see
+-- else '+', the holder's session token (the session-kNN keys it indexes: a delivery after the device's
+-- login plans the user's), then, each after a '\0', the session's earlier items it co-visits, nearest
+-- first; then, for a purchase that claims the bandit's purchase reward, '\1' and the served records it
+-- claims, see
 -- `claim_rewards`), kept in `plans` beside its marker so a duplicate gets the same plan back (effects.py
 -- applies it per group, the rewards in the served records' group).
 -- Returns one reply per event, in order: -1 when a delta's event count moved since the caller read
@@ -431,7 +433,7 @@ local function apply_event(hk, ha, k, a)
   local text
   if need_base then
     text = ''
-    if plan then text = '+' .. (#plan > 0 and '\0' .. table.concat(plan, '\0') or '') end
+    if plan then text = '+' .. ARGV[ha + 2] .. (#plan > 0 and '\0' .. table.concat(plan, '\0') or '') end
     if claims then text = text .. '\1' .. claims end
     if text ~= '' then stored[event_id] = text end
   else  -- applied before (or earlier in this chunk): the plan it was given then

@@ -1061,13 +1061,18 @@ def _global_ops(effects: EventGlobals, plan: str, speed: SpeedSettings) -> list[
     ops += [("claim", served, effects.token, "") for served in claims.split("\n") if served]
     if not entered.startswith("+"):
         return ops
-    for gap, other in enumerate(entered.split("\0")[1:], start=1):
+    first, *others = entered.split("\0")
+    # The session the event was first applied in: a delivery after the device's login is planned under
+    # the user, whose token would name other keys (in another slot group, where the event has no marker).
+    # A plan stored before the token was kept holds none.
+    token = first[1:] or effects.token
+    for gap, other in enumerate(others, start=1):
         covis = redis_keys.covisitation(other)
         ops += [("zincr", covis, item, follow_units(gap)), ("trim", covis, "", speed.covis_top_n)]
     if speed.neighbour_sessions_per_item > 0:
-        session_key, item_key = redis_keys.neighbour_session(effects.token), redis_keys.item_sessions(item)
+        session_key, item_key = redis_keys.neighbour_session(token), redis_keys.item_sessions(item)
         ops += [
-            ("zadd", session_key, item, effects.ts), ("zadd", item_key, effects.token, effects.ts),
+            ("zadd", session_key, item, effects.ts), ("zadd", item_key, token, effects.ts),
             ("keep", session_key, "", speed.recent_items), ("trim", item_key, "", speed.neighbour_sessions_per_item),
             ("expire", session_key, "", speed.neighbour_session_ttl_s), ("expire", item_key, "", speed.neighbour_session_ttl_s),
         ]  # fmt: skip

@@ -218,7 +218,9 @@ def session_clicked(person_id: str, session_id: str) -> str:
     """String: the served-list record (bandit_served's value) of the session's last clicked list whose
     purchase reward is still open; the speed layer sets it on the click and takes it on a purchase. On
     Redis Cluster instead the bandit_served keys of the lists the session clicked since its last purchase,
-    newest first, one a line (apply_events.lua `claim_rewards`)."""
+    newest first, one a line (apply_events.lua `claim_rewards`); an entry an identify merged in from the
+    device's session carries, after a tab, the device session's token, which took that list
+    (merge_identity.lua)."""
     return f"{_person(person_id)}:s:{session_id}:clicked"
 
 

@@ -353,7 +353,8 @@ local function claim_rewards(hk, ha, a)
   if ARGV[ha + 3] ~= '1' then return end
   if served_key ~= '' then
     local clicked = redis.call('GET', clicked_key) or ''
-    if not string.find('\n' .. clicked .. '\n', '\n' .. served_key .. '\n', 1, true) then
+    local listed = '\n' .. clicked .. '\n'  -- an entry merged from a device is the key, a tab, a token
+    if not (string.find(listed, '\n' .. served_key .. '\n', 1, true) or string.find(listed, '\n' .. served_key .. '\t', 1, true)) then
       local kept = {served_key}
       for key in string.gmatch(clicked, '[^\n]+') do
         if #kept < 20 then kept[#kept + 1] = key end

@@ -77,7 +77,7 @@ _PERSON_PARTS = {
 _KEPT = 2
 _SESSION_PARTS = {
     "recent": redis_keys.session_recent, "cats": redis_keys.session_categories, "cart": redis_keys.session_cart,
-    "counts": redis_keys.session_counts,
+    "counts": redis_keys.session_counts, "clicked": redis_keys.session_clicked,
 }  # fmt: skip
 
 
@@ -764,6 +764,8 @@ class Applier:
                 cats_user=redis_keys.session_categories(user, session),
                 cart_user=redis_keys.session_cart(user, session),
                 counts_user=redis_keys.session_counts(user, session),
+                clicked_device=device_key(f"clicked:{session}"),
+                clicked_user=redis_keys.session_clicked(user, session),
             )
         keys = MERGE_IDENTITY.keys.pack(
             seen_user=redis_keys.seen_events(user),
@@ -792,7 +794,9 @@ class Applier:
             identify_mark=redis_keys.seen_field(event.event_id),
             anonymous_id=device,
             set_alias=0 if split else 1,
+            split=1 if split else 0,
             restores=len(stash),
+            device_token=[session_token(device, session) for session in sessions],
             restore=restores,
         )
         MERGE_IDENTITY.check(keys, args, sessions=len(sessions))
@@ -1058,7 +1062,10 @@ def _global_ops(effects: EventGlobals, plan: str, speed: SpeedSettings) -> list[
         ]
     if effects.served:
         ops.append(("take", effects.served, effects.token, speed.session_ttl_s))
-    ops += [("claim", served, effects.token, "") for served in claims.split("\n") if served]
+    for entry in filter(None, claims.split("\n")):
+        # A list clicked on a device before its login was taken under the device's token (merge_identity.lua).
+        served, _, taker = entry.partition("\t")
+        ops.append(("claim", served, taker or effects.token, ""))
     if not entered.startswith("+"):
         return ops
     first, *others = entered.split("\0")

@@ -67,6 +67,10 @@ def click(person: str, session: str | None, request_id: str, **extra: Any) -> Ev
     return event.model_copy(update={"rec_request_id": request_id})
 
 
+def login(device: str, user: str, session: str) -> Event:
+    return make_event(EventType.IDENTIFY, None, anonymous_id=device, user_id=user, session_id=session)
+
+
 def simulate(
     client: redis.Redis,
     settings: Settings,
@@ -370,8 +374,9 @@ def _rewarded(client: redis.Redis, url: str, tmp_path: Path) -> bandit.Counts:
     delivered twice), counted by the speed consumer."""
     settings = speed_settings(tmp_path, url).model_copy(update={"experiments": experiment()})
     serving = Bandit(settings.experiments, settings.speed.session_ttl_s, seed=1)
-    lists = {name: uuid.uuid4().hex for name in "abcde"}
-    for name, arm in zip("abcde", ["ranker", "popular", "als_only", "ranker", "popular"], strict=True):
+    lists = {name: uuid.uuid4().hex for name in "abcdefghij"}
+    arms = ["ranker", "popular", "als_only", "ranker", "popular", "als_only", "ranker", "popular", "als_only", "ranker"]
+    for name, arm in zip("abcdefghij", arms, strict=True):
         serving.record(client, lists[name], "home", arm)
 
     def buy(person: str, session: str, **extra: Any) -> Event:
@@ -393,6 +398,17 @@ def _rewarded(client: redis.Redis, url: str, tmp_path: Path) -> bandit.Counts:
         click("p4", "s4", "not-served"),  # took nothing, so it does not hide d from the purchase
         buy("p4", "s4"),  # rewards d
         buy("p5", "s5"),  # no click
+        click("p7", "s7", lists["f"]),  # on a device, before its login
+        login("p7", "u7", "s7"),
+        buy("p7", "s7", user_id="u7"),  # rewards f, clicked before the login
+        click("p8", "s8", lists["g"]),
+        login("p8", "u8", "s8"),
+        click("p8", "s8", lists["h"], user_id="u8"),  # after the login: the session's last list
+        buy("p8", "s8", user_id="u8"),  # rewards h
+        click("p9-phone", "s9", lists["i"], user_id="u9"),  # the user's session already awaits i
+        click("p9", "s9", lists["j"]),
+        login("p9", "u9", "s9"),  # i stays the session's list
+        buy("p9", "s9", user_id="u9"),  # rewards i
     ]
     speed = consumer(client, settings, "c1")
     for _ in range(2):
@@ -408,6 +424,6 @@ def test_on_a_cluster_the_rewards_are_counted_once_as_on_one_redis(
     single = _rewarded(redis_client, redis_server.url, tmp_path)
     cluster = _rewarded(cluster_client, redis_cluster.url, tmp_path)
     assert cluster.raw == single.raw
-    assert single.get("home", "ranker", "click") == 2 and single.get("home", "ranker", "purchase") == 1  # a, d
-    assert single.get("home", "popular", "click") == 2 and single.get("home", "popular", "purchase") == 1  # b, e
-    assert single.get("home", "als_only", "click") == 1 and single.get("home", "als_only", "purchase") == 0  # c
+    assert single.get("home", "ranker", "click") == 4 and single.get("home", "ranker", "purchase") == 1  # a, d, g, j
+    assert single.get("home", "popular", "click") == 3 and single.get("home", "popular", "purchase") == 2  # b, e, h
+    assert single.get("home", "als_only", "click") == 3 and single.get("home", "als_only", "purchase") == 2  # c, f, i

@@ -63,7 +63,7 @@ def test_sizes_come_from_the_declaration() -> None:
         "ARGV_HEAD": 32, "ARGV_HOLDER": 3, "ARGV_EVENT": 13, "ARGV_PER_VERSION": 2
     }  # fmt: skip
     assert APPLY_EVENTS.keys.size({"holder_count": 1, "event_count": 2, "n_versions": 1}) == 1 + (10 + 2) + 2 * 3
-    assert MERGE_IDENTITY.keys.lua_sizes() == {"KEYS_HEAD": 12, "KEYS_SESSION": 8}
+    assert MERGE_IDENTITY.keys.lua_sizes() == {"KEYS_HEAD": 12, "KEYS_SESSION": 10}
 
 
 def test_a_call_is_checked_against_the_counts_it_carries() -> None:

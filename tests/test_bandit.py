@@ -370,8 +370,8 @@ def test_a_click_without_personalisation_consent_counts_but_keeps_nothing_of_the
 
 
 def _rewarded(client: redis.Redis, url: str, tmp_path: Path) -> bandit.Counts:
-    """Lists served, the clicks and purchases of six sessions that reward them or not (every event
-    delivered twice), counted by the speed consumer."""
+    """Lists served, the clicks and purchases of nine sessions (three across a login) that reward them or
+    not (every event delivered twice), counted by the speed consumer."""
     settings = speed_settings(tmp_path, url).model_copy(update={"experiments": experiment()})
     serving = Bandit(settings.experiments, settings.speed.session_ttl_s, seed=1)
     lists = {name: uuid.uuid4().hex for name in "abcdefghij"}

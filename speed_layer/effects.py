@@ -793,7 +793,6 @@ class Applier:
             affinity_half_life=speed.affinity_half_life_s,
             identify_mark=redis_keys.seen_field(event.event_id),
             anonymous_id=device,
-            set_alias=0 if split else 1,
             split=1 if split else 0,
             restores=len(stash),
             device_token=[session_token(device, session) for session in sessions],

@@ -4,16 +4,16 @@
 --       purchases_device purchases_user devices_user plans_device plans_user session*sessions
 -- KEYS session: recent_device cats_device cart_device counts_device recent_user cats_user cart_user
 --       counts_user clicked_device clicked_user
--- ARGV: user_id history_ttl session_ttl dedup_ttl affinity_half_life identify_mark anonymous_id set_alias
---       split restores device_token*sessions restore*restores
+-- ARGV: user_id history_ttl session_ttl dedup_ttl affinity_half_life identify_mark anonymous_id split
+--       restores device_token*sessions restore*restores
 -- ARGV restore: key payload
 --
 -- One `session` block per session of the device; identify_mark is the identify event's marker field.
--- On one Redis the device's KEYS are its own keys, set_alias is 1 and there are no restores. On Redis
+-- On one Redis (split 0) the device's KEYS are its own keys, and there are no restores. On Redis
 -- Cluster a script touches one slot, so the merge is a step of several (speed_layer/effects.py):
 -- detach_device.lua took the device's keys as DUMP payloads in its slot; here each `restore` puts one
 -- back (key: the 1-based index of a device KEYS, named in the user's slot by redis_keys.identify_scratch)
--- to be merged and deleted as on one Redis; set_alias is 0 (the caller set the alias, a key of its own
+-- to be merged and deleted as on one Redis; split is 1 (the caller set the alias, a key of its own
 -- slot) and alias_device a key of the user's that is not written.
 -- clicked: the session's open purchase reward (redis_keys.session_clicked), whose value split (1: Redis
 -- Cluster) is another: the served keys of the lists clicked since the last purchase, newest first, at
@@ -24,12 +24,13 @@ if redis.call('ZSCORE', KEYS[1], ARGV[6]) then return 0 end
 local history_ttl, session_ttl, half_life = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
 local dedup_ttl, now = tonumber(ARGV[4]), tonumber(redis.call('TIME')[1])
 local n_sessions = (#KEYS - KEYS_HEAD) / KEYS_SESSION
-for r = 0, tonumber(ARGV[10]) - 1 do
+for r = 0, tonumber(ARGV[9]) - 1 do
   local at = ARGV_HEAD + n_sessions + r * ARGV_RESTORE
   -- Merged and deleted below; the TTL (ms) only bounds a key left behind by a failing write.
   redis.call('RESTORE', KEYS[tonumber(ARGV[at + 1])], 60000, ARGV[at + 2], 'REPLACE')
 end
-if ARGV[8] == '1' then redis.call('SET', KEYS[3], ARGV[1], 'EX', history_ttl) end
+local split = ARGV[8] == '1'
+if not split then redis.call('SET', KEYS[3], ARGV[1], 'EX', history_ttl) end
 -- The alias's reverse (redis_keys.person_devices): erasure of the user finds the device here.
 redis.call('ZADD', KEYS[10], now, ARGV[7])
 redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', '(' .. (now - history_ttl))
@@ -70,7 +71,6 @@ end
 -- clicked list's record, so the user's (a click since the login) wins. Split, the lists add up, the
 -- user's first, as `claim_rewards` keeps them; a device's entry is its served key, a tab and the token
 -- that took it (the user's purchase claims it under that token, not its own: effects.py `_global_ops`).
-local split = ARGV[9] == '1'
 local function add_clicked(from, into, ttl, device_token)
   local device = redis.call('GET', from)
   if not device then return end

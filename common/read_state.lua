@@ -64,7 +64,8 @@ if session then
   counts = redis.call('HGETALL', session_key(4))
 end
 
-local covis_last, n_items = last(ARGV[2]), tonumber(ARGV[25])
+-- covis_n is the caller's: a co-visit row is a hash, read whole (at most twice covis_n) and cut there.
+local n_items = tonumber(ARGV[25])
 local seeds = {}
 if n_items < 0 then
   for i = 1, #recent, 2 do seeds[#seeds + 1] = recent[i] end
@@ -73,7 +74,7 @@ else
 end
 local covis = {}
 for _, item in ipairs(seeds) do
-  covis[#covis + 1] = {item, redis.call('ZREVRANGE', grouped(13, 28, item), '0', covis_last, 'WITHSCORES')}
+  covis[#covis + 1] = {item, redis.call('HGETALL', grouped(13, 28, item))}
 end
 
 local wanted, chosen = {}, {}

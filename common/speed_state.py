@@ -30,7 +30,7 @@ from common.features import POP_DAYS, day_index
 from common.lua import load_script
 from common.neighbours import score_neighbours, session_token
 from common.redis_server import is_cluster, lean_pipeline
-from common.sequence import follow_weights
+from common.sequence import follow_weights, heaviest
 
 # Forward decay: scores are stored as w·2^((t − EPOCH)/half-life) so one sorted set ranks by decayed
 # weight at any moment without rewriting old entries. The epoch keeps exponents small (< 2^1000 for
@@ -232,9 +232,7 @@ def _read_state(
         state.delta_events = int(n or 0)
     state.speed_version = _text(version)
     state.trending = list(top.items[: query.trending_n])
-    state.covisitation = {
-        _text(item) or "": follow_weights(texts(pairs[0::2]), _units(pairs[1::2])) for item, pairs in covis
-    }
+    state.covisitation = {_text(item) or "": covisit_row(row, query.covis_n) for item, row in covis}
     scale = 1.0 / forward_decay(now_s, bestsellers_half_life_s)
     state.category_bestsellers = {
         _text(category) or "": {i: w * scale for i, w in _flat_pairs(pairs)} for category, pairs in best
@@ -400,7 +398,7 @@ def _run_read_on_cluster(
     client: redis.Redis, q: _ReadQuery, copied: list[tuple[Any, ...]]
 ) -> tuple[list[Any], list[Any], list[Any]]:
     """`_run_read`'s replies on Redis Cluster, in the script's shape (see the module's docstring)."""
-    person_id, anonymous_id, covis_items, covis_n = q.person_id, q.anonymous_id, q.covis_items, q.covis_n
+    person_id, anonymous_id, covis_items = q.person_id, q.anonymous_id, q.covis_items
     # The script's person part: no seeds, categories or neighbours, its global KEYS an absent key.
     keys, args = _read_call(replace(q, covis_items=(), categories=(), top_categories=0, neighbours=None))
     absent = redis_keys.person_placeholder(person_id)
@@ -425,11 +423,11 @@ def _run_read_on_cluster(
     query = q.neighbours or NeighbourQuery(sample=0, k=0, n=0, per_item=0)
     nb_seeds = dict(recent_pairs) if query.n > 0 and _text(session) and recent_pairs else {}
     second = _cluster_round(client, [
-        *(("ZREVRANGE", redis_keys.covisitation(i), 0, covis_n - 1, "WITHSCORES") for i in seeds),
+        *(("HGETALL", redis_keys.covisitation(i)) for i in seeds),
         *(("ZREVRANGE", redis_keys.category_bestsellers(c), 0, q.bestsellers_n - 1, "WITHSCORES") for c in wanted),
         *(("ZREVRANGE", redis_keys.item_sessions(i), 0, query.per_item - 1, "WITHSCORES") for i in nb_seeds),
     ])  # fmt: skip
-    covis = [[item, flat_scored(row)] for item, row in zip(seeds, second, strict=False)]
+    covis = [[item, row] for item, row in zip(seeds, second, strict=False)]
     best = [[name, flat_scored(row)] for name, row in zip(wanted, second[len(seeds) :], strict=False)]
     nearest: list[str] = []
     nearest_scores = b""
@@ -472,11 +470,15 @@ def _cluster_round(client: redis.Redis, calls: Sequence[tuple[Any, ...]]) -> lis
     raise AssertionError("unreachable: the second attempt returns or raises")
 
 
-def covisit_row(reply: Any) -> dict[str, float]:
-    """A co-visit row's ZREVRANGE WITHSCORES reply, the command sent raw, as follower -> weight. (Through
-    redis-py's zrevrange, RESP3 scores are formatted as text and parsed again: 75 against 31 us for 100.)"""
-    flat = flat_scored(reply)
-    return follow_weights(texts(flat[0::2]), _units(flat[1::2]))
+def covisit_row(reply: Any, n: int) -> dict[str, float]:
+    """A co-visit row (redis_keys.covisitation, a hash read whole: HGETALL's reply flat from a script, a
+    dict from a pipeline) as follower -> weight, its n heaviest where it holds more (ties by member
+    descending, as a sorted set's ZREVRANGE gave them); a row within n comes in the order Redis keeps it."""
+    if isinstance(reply, dict):
+        row = follow_weights(texts(list(reply)), _units(list(reply.values())))
+    else:
+        row = follow_weights(texts(reply[0::2]), _units(reply[1::2]))
+    return row if len(row) <= n else heaviest(row, n, ties_descending=True)
 
 
 def flat_scored(reply: Any) -> list[Any]:

@@ -127,8 +127,10 @@ end
 
 -- Deferred writes. zincr/hincr/hcount: key -> member -> increment; zset: key -> member -> score (the
 -- last one written wins); expire_in/expire_at: key -> TTL / unix time (texts); trims: key -> members kept
--- (when twice as many); recent_trims: per-session sorted sets cut to their recent_n newest.
+-- (when twice as many); recent_trims: per-session sorted sets cut to their recent_n newest; covis_rows:
+-- co-visit hash -> follower -> whole units, each cut to covis_kept once it holds twice as many.
 local zincr, hincr, hcount, zset, expire_in, expire_at, trims, recent_trims = {}, {}, {}, {}, {}, {}, {}, {}
+local covis_rows = {}
 -- Read-through state of this chunk: marks set (seen key -> field -> true), delta counts and values,
 -- sessions' latest times ({key, session, written, latest}), affinity reference times.
 local marks_now, counts, count_dirty, deltas, sessions_now, cats_t0 = {}, {}, {}, {}, {}, {}
@@ -179,8 +181,7 @@ local function covisit(recent, item)
         plan[#plan + 1] = other
       else
         local other_key = grouped(covis_keys, covis_prefix, covis_middle, covis_suffix, other)
-        add(zincr, other_key, item, covis_unit / gap)
-        trims[other_key] = covis_kept
+        add(covis_rows, other_key, item, covis_unit / gap)
       end
     end
   end
@@ -555,6 +556,37 @@ for key, members in pairs(hincr) do
 end
 for key, members in pairs(hcount) do
   for member, by in pairs(members) do write('HINCRBY', key, member, arg(by)) end
+end
+-- The co-visit rows' whole units, added as the float hashes' are; a row a follower joined is cut to its
+-- covis_kept heaviest once it holds twice as many (ties: the greater member stays, compared as Lua
+-- compares strings), so a row's cut costs a read of it once every covis_kept new followers.
+for key, members in pairs(covis_rows) do
+  local names, joined = {}, false
+  for member in pairs(members) do names[#names + 1] = member end
+  if #names == 1 then
+    local by = members[names[1]]
+    joined = write('HINCRBY', key, names[1], arg(by)) == by
+  else
+    local values = write('HMGET', key, unpack(names))
+    if type(values) == 'table' and not values.err then
+      local flat = {}
+      for i, member in ipairs(names) do
+        if not values[i] then joined = true end
+        flat[2 * i - 1] = member
+        flat[2 * i] = arg((tonumber(values[i]) or 0) + members[member])
+      end
+      write('HSET', key, unpack(flat))
+    end
+  end
+  local size = joined and write('HLEN', key)
+  if type(size) == 'number' and size > 2 * covis_kept then
+    local flat, row = write('HGETALL', key), {}
+    for i = 1, #flat, 2 do row[#row + 1] = {tonumber(flat[i + 1]), flat[i]} end
+    table.sort(row, function(a, b) return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2]) end)
+    local cut = {}
+    for i = covis_kept + 1, #row do cut[#cut + 1] = row[i][2] end
+    write('HDEL', key, unpack(cut))
+  end
 end
 for _, s in pairs(sessions_now) do
   if s[4] > s[3] then write('ZADD', s[1], 'GT', s[5], s[2]) end

@@ -9,6 +9,8 @@
 --
 -- op: event is the 1-based index of its event; key the 1-based index among the `key` KEYS; kind one of
 -- zincr (ZINCRBY by value, summed per key and member), zadd (score value; the last one wins),
+-- hincr (a co-visit hash's HINCRBY by value, summed likewise), hcut (a co-visit hash cut to the value's
+-- heaviest members once a member joined it and it holds twice as many, as apply_events.lua cuts it),
 -- trim (cut to the value's top members once it holds twice as many), keep (cut to the value's top
 -- members), expire (TTL value), expireat (unix time value), take and claim (the bandit's rewards, in
 -- the order given; key: a served record, redis_keys.bandit_served; member: the session's
@@ -40,7 +42,7 @@ for e = 1, n_events do
   end
 end
 
-local zincr, zset, trims, keeps, expire_in, expire_at, rewards = {}, {}, {}, {}, {}, {}, {}
+local zincr, hincr, zset, trims, cuts, keeps, expire_in, expire_at, rewards = {}, {}, {}, {}, {}, {}, {}, {}, {}
 local function member_map(map, key)
   local t = map[key]
   if not t then t = {}; map[key] = t end
@@ -53,6 +55,9 @@ for o = 0, n_ops - 1 do
     local kind, key, member, value = ARGV[at + 2], KEYS[1 + tonumber(ARGV[at + 3])], ARGV[at + 4], ARGV[at + 5]
     if kind == 'zincr' then
       local t = member_map(zincr, key); t[member] = (t[member] or 0) + tonumber(value)
+    elseif kind == 'hincr' then
+      local t = member_map(hincr, key); t[member] = (t[member] or 0) + tonumber(value)
+    elseif kind == 'hcut' then cuts[key] = tonumber(value)
     elseif kind == 'zadd' then
       member_map(zset, key)[member] = value
     elseif kind == 'trim' then trims[key] = tonumber(value)
@@ -82,6 +87,21 @@ for key, members in pairs(zincr) do
 end
 for key, members in pairs(zset) do
   for member, score in pairs(members) do write('ZADD', key, score, member) end
+end
+for key, members in pairs(hincr) do
+  local joined = false
+  for member, by in pairs(members) do
+    if write('HINCRBY', key, member, string.format('%d', by)) == by then joined = true end
+  end
+  local size, keep = joined and write('HLEN', key), cuts[key]
+  if keep and type(size) == 'number' and size > 2 * keep then
+    local flat, row = write('HGETALL', key), {}
+    for i = 1, #flat, 2 do row[#row + 1] = {tonumber(flat[i + 1]), flat[i]} end
+    table.sort(row, function(a, b) return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2]) end)
+    local cut = {}
+    for i = keep + 1, #row do cut[#cut + 1] = row[i][2] end
+    write('HDEL', key, unpack(cut))
+  end
 end
 for key, keep in pairs(keeps) do write('ZREMRANGEBYRANK', key, 0, -(keep + 1)) end
 for key, keep in pairs(trims) do

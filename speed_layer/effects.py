@@ -1074,7 +1074,7 @@ def _global_ops(effects: EventGlobals, plan: str, speed: SpeedSettings) -> list[
     token = first[1:] or effects.token
     for gap, other in enumerate(others, start=1):
         covis = redis_keys.covisitation(other)
-        ops += [("zincr", covis, item, follow_units(gap)), ("trim", covis, "", speed.covis_top_n)]
+        ops += [("hincr", covis, item, follow_units(gap)), ("hcut", covis, "", speed.covis_top_n)]
     if speed.neighbour_sessions_per_item > 0:
         session_key, item_key = redis_keys.neighbour_session(token), redis_keys.item_sessions(item)
         ops += [

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 CONVERT_COVISITS = load_script("speed_layer", "convert_covisits.lua")
 CONVERT_TIMES = load_script("speed_layer", "convert_times.lua")
+CONVERT_SORTED_COVISITS = load_script("speed_layer", "convert_sorted_covisits.lua")
 COVISITS_IN_UNITS = "covisits-in-units"
+COVISITS_AS_HASHES = "covisits-as-hashes"
 NEIGHBOUR_SESSIONS_BY_TOKEN = "neighbour-sessions-by-token"
 TIMES_IN_MICROSECONDS = "times-in-microseconds"
 # A time-scored set's score under this is an earlier version's epoch seconds (convert_times.lua).
@@ -34,6 +36,7 @@ def run_migrations(client: redis.Redis, covis_kept: int, recent_kept: int) -> No
     """Run the migrations not recorded as done."""
     migrations: dict[str, Callable[[], int]] = {
         COVISITS_IN_UNITS: lambda: convert_float_covisits(client, covis_kept),
+        COVISITS_AS_HASHES: lambda: convert_sorted_covisits(client),  # after the one above: it writes sorted sets
         NEIGHBOUR_SESSIONS_BY_TOKEN: lambda: regroup_neighbour_sessions(client, recent_kept),
         TIMES_IN_MICROSECONDS: lambda: convert_second_times(client),
     }
@@ -48,15 +51,27 @@ def run_migrations(client: redis.Redis, covis_kept: int, recent_kept: int) -> No
 
 
 def convert_float_covisits(client: redis.Redis, covis_kept: int) -> int:
-    """Move every item's co-visits of float weights (`float_covisitation`) into its row of units; returns
-    how many rows were converted."""
+    """Move every item's co-visits of float weights (`float_covisitation`) into its sorted set of units
+    (`sorted_covisitation`, which `convert_sorted_covisits` moves on); returns how many rows were converted."""
     convert = client.register_script(CONVERT_COVISITS.source)
     rows = 0
     for item in redis_keys.scan_grouped_ids(client, redis_keys.float_covisitation):
-        keys = [redis_keys.float_covisitation(item), redis_keys.covisitation(item)]
+        keys = [redis_keys.float_covisitation(item), redis_keys.sorted_covisitation(item)]
         args = [FOLLOW_UNIT, covis_kept]
         CONVERT_COVISITS.check(keys, args)
         rows += int(convert(keys=keys, args=args)) > 0
+    return rows
+
+
+def convert_sorted_covisits(client: redis.Redis) -> int:
+    """Move every item's co-visits kept as a sorted set (`sorted_covisitation`) into its hash
+    (`covisitation`); returns how many rows moved."""
+    convert = client.register_script(CONVERT_SORTED_COVISITS.source)
+    rows = 0
+    for item in redis_keys.scan_grouped_ids(client, redis_keys.sorted_covisitation):
+        keys = [redis_keys.sorted_covisitation(item), redis_keys.covisitation(item)]
+        CONVERT_SORTED_COVISITS.check(keys, [])
+        rows += int(convert(keys=keys)) > 0
     return rows
 
 

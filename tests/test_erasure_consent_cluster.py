@@ -57,7 +57,7 @@ def aggregates(client: redis.Redis) -> dict[str, Any]:
     return {
         "popularity": {item: popularity(client, item) for item in ("i5", "i13", "i21", "i29")},
         "covisits": {
-            item: sorted(client.zrange(redis_keys.covisitation(item), 0, -1, withscores=True))
+            item: sorted(client.hgetall(redis_keys.covisitation(item)).items())
             for item in ("i5", "i13", "i21")
         },
     }

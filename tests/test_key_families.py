@@ -97,7 +97,8 @@ def _exact_counts(client: redis.Redis, events: list[Event]) -> dict[str, int]:
         "popularity_days": n([redis_keys.popularity_day(d) for d in {day_index(t) for t in times}]),
         "category_bestsellers": n([redis_keys.category_bestsellers(c) for c in set(CATEGORIES.values())]),
         "covisitation": n([redis_keys.covisitation(i) for i in ITEMS]),
-        "float_covisitation": n([redis_keys.float_covisitation(i) for i in ITEMS]),  # none: only migrations read it
+        "sorted_covisitation": n([redis_keys.sorted_covisitation(i) for i in ITEMS]),  # none: only migrations read it
+        "float_covisitation": n([redis_keys.float_covisitation(i) for i in ITEMS]),  # likewise
         "neighbour_sessions": n([redis_keys.neighbour_session(session_token(p, s)) for p, s in sessions]),
         "item_sessions": n([redis_keys.item_sessions(i) for i in ITEMS]),
         "item_state": n(
@@ -168,7 +169,7 @@ def test_a_pass_cut_short_estimates_from_what_it_saw(redis_client: redis.Redis) 
     for j in range(8000):
         pipe.set(redis_keys.session_counts(f"p{j}", "s"), "x" * 100)
     for j in range(2000):
-        pipe.zadd(redis_keys.covisitation(f"i{j}"), {"a": 1.0, "b": 2.0})
+        pipe.hset(redis_keys.covisitation(f"i{j}"), mapping={"a": 1, "b": 2})
     pipe.execute()
 
     usage = keyspace_usage(redis_client, budget_s=0.0, samples=20)

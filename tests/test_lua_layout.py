@@ -21,14 +21,14 @@ from common.stream import REMOVE_IDLE_CONSUMERS, TRIM_STREAM
 from speed_layer import effects
 from speed_layer.bandit import COUNT_IMPRESSIONS
 from speed_layer.effects import Applier
-from speed_layer.migrations import CONVERT_COVISITS, CONVERT_TIMES
+from speed_layer.migrations import CONVERT_COVISITS, CONVERT_SORTED_COVISITS, CONVERT_TIMES
 from speed_layer.scripts import APPLY_EVENTS, APPLY_GLOBALS, DETACH_DEVICE, MERGE_IDENTITY
 from tests.speed_factories import make_event, publish_model, speed_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = (
     APPLY_EVENTS, APPLY_GLOBALS, MERGE_IDENTITY, DETACH_DEVICE, READ_STATE, READ_FLAGS, READ_TRENDING, TRIM_STREAM, REMOVE_IDLE_CONSUMERS, COUNT_IMPRESSIONS,
-    CONVERT_COVISITS, CONVERT_TIMES,
+    CONVERT_COVISITS, CONVERT_SORTED_COVISITS, CONVERT_TIMES,
 )
 
 HEADER = """-- A test script.

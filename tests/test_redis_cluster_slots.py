@@ -205,7 +205,8 @@ IDS = ["i1", "item:with:colons", "a}b", "{x}", "ünïcode", "", "0" * 64, "shoes
 # Each family named by its own id, and the id the group is computed from.
 GROUPED: dict[str, Callable[[str], str]] = {
     "covisitation": redis_keys.covisitation,
-    "float_covisitation": redis_keys.float_covisitation,  # the same slot as covisitation's: converted in one script
+    "sorted_covisitation": redis_keys.sorted_covisitation,  # the same slot as covisitation's: converted in one script
+    "float_covisitation": redis_keys.float_covisitation,  # the same slot as sorted_covisitation's, likewise
     "item_sessions": redis_keys.item_sessions,
     "item_state": redis_keys.item_state,
     "category_bestsellers": redis_keys.category_bestsellers,

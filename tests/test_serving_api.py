@@ -187,14 +187,14 @@ def test_similar_items_share_the_category(client: TestClient) -> None:
 def test_the_speed_layer_s_live_co_visits_of_the_item_join_its_similar_items(client: TestClient) -> None:
     live = serving_state(client).redis.client
     # i12 is of another category than i9 (cat4, cat1) and in none of i9's batch co-visits: only the live row names it.
-    live.zadd(redis_keys.covisitation("i9"), {"i12": 50 * FOLLOW_UNIT, "i17": 3 * FOLLOW_UNIT})
+    live.hset(redis_keys.covisitation("i9"), mapping={"i12": 50 * FOLLOW_UNIT, "i17": 3 * FOLLOW_UNIT})
     items = {i["item_id"]: i for i in client.get("/v1/items/i9/similar", params={"k": 5}).json()["items"]}
     assert items["i12"]["source"] == "covis" and items["i12"]["score"] >= 1.0  # 50 of the row's largest 50: share 1
 
 
 def test_similar_items_read_live_state_again_after_redis_forgot_the_scripts(client: TestClient) -> None:
     live = serving_state(client).redis.client
-    live.zadd(redis_keys.covisitation("i9"), {"i12": 50 * FOLLOW_UNIT})
+    live.hset(redis_keys.covisitation("i9"), "i12", 50 * FOLLOW_UNIT)
     live.script_flush()  # as a restarted Redis: the flags' script is gone
     body = client.get("/v1/items/i9/similar", params={"k": 5}).json()
     assert body.get("degraded") is None and "i12" in {i["item_id"] for i in body["items"]}

@@ -105,7 +105,7 @@ def seed_session_view(
     pipe.zadd(redis_keys.person_sessions(person), {session: now})
     pipe.hincrbyfloat(redis_keys.person_items(person), item, weight)
     if covisited:
-        pipe.zadd(redis_keys.covisitation(item), {other: w * FOLLOW_UNIT for other, w in covisited.items()})
+        pipe.hset(redis_keys.covisitation(item), mapping={other: w * FOLLOW_UNIT for other, w in covisited.items()})
     pipe.execute()
 
 

@@ -319,8 +319,9 @@ def test_the_overlapped_loop_leaves_the_state_one_batch_at_a_time_leaves(
 def test_a_chunk_writes_each_counter_key_once_whatever_its_members(
     redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    """A session walking 50 new items: each trending, popularity and co-visit key of the chunk gets one
-    ZMSCORE and one ZADD for all its members (not a ZINCRBY a member), and the sums are the rule's."""
+    """A session walking 50 new items: each trending and popularity key of the chunk gets one ZMSCORE and
+    one ZADD for all its members (not a ZINCRBY a member), each co-visit row one HMGET and one HSET (not an
+    HINCRBY a member), and the sums are the rule's."""
     settings = speed_settings(tmp_path, redis_server.url, script_chunk=50, covis_steps=10)
     start = within_one_day(timedelta(minutes=5), timedelta(seconds=50))
     events = [
@@ -333,15 +334,17 @@ def test_a_chunk_writes_each_counter_key_once_whatever_its_members(
     assert result.applied == 50 and not result.failed
 
     calls = {name.removeprefix("cmdstat_"): int(stat["calls"]) for name, stat in redis_client.info("commandstats").items()}
-    # Only row i48 has a single follower (i49), and the bucket's count (TRENDING_VERSIONS) a single member when
-    # the events fall in one trending bucket; every other key's members go in one ZADD.
+    # The bucket's count (TRENDING_VERSIONS) has a single member when the events fall in one trending
+    # bucket; every other counter key's members go in one ZADD.
     buckets = {int(event.ts.timestamp()) // settings.speed.trending_bucket_s for event in events}
-    assert calls["zincrby"] == 1 + (len(buckets) == 1)
+    assert calls.get("zincrby", 0) == (len(buckets) == 1)
+    # The 49 co-visit rows (i0..i48: i49 follows them all) each gained followers: one HLEN each, and one
+    # HMGET and one HSET each (i48's single follower one HINCRBY), not one a member (~440).
+    assert calls["hlen"] == 49 and calls["hmget"] <= 50 and calls["hset"] <= 50
     # Per event its session's items and its item's sessions, then one a counter key (~440 ZINCRBY before).
-    assert calls["zadd"] + calls["zincrby"] <= 4 * 50
-    units = redis_client.zrange(redis_keys.covisitation("i0"), 0, -1, withscores=True)
-    assert follow_weights([m.decode() for m, _ in units], [s for _, s in units]) == {f"i{g}": 1 / g for g in range(1, 11)}  # exactly
-    assert all(score.is_integer() for _, score in units)  # whole units: Redis keeps them as integers
+    assert calls["zadd"] + calls.get("zincrby", 0) <= 4 * 50
+    units = redis_client.hgetall(redis_keys.covisitation("i0"))
+    assert follow_weights([m.decode() for m in units], [int(u) for u in units.values()]) == {f"i{g}": 1 / g for g in range(1, 11)}  # exactly
     day = redis_keys.popularity_day(int(events[0].ts.timestamp() // 86_400))
     assert redis_client.zcard(day) == 50 and redis_client.zscore(day, "i7") == 1
 
@@ -350,12 +353,13 @@ def test_a_chunk_checks_the_size_only_of_keys_a_member_joined(
     redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     """Two sessions walk the same 30 items, a chunk each. The second adds no member to any co-visit row
-    (the same pairs again) but joins each item's neighbour sessions: only those keys get a ZCARD."""
+    (the same pairs again) but joins each item's neighbour sessions: only those keys get their size read
+    (HLEN a co-visit hash, ZCARD a sorted set)."""
     settings = speed_settings(tmp_path, redis_server.url, script_chunk=30, covis_steps=3)
     start = datetime.now(UTC) - timedelta(minutes=5)
     redis_client.flushall()
     applier = Applier(redis_client, settings)
-    zcards = []
+    sizes = []
     for session in ("s1", "s2"):
         events = [
             make_event(EventType.VIEW, f"i{j}", session_id=session, ts=start + timedelta(seconds=j))
@@ -363,9 +367,9 @@ def test_a_chunk_checks_the_size_only_of_keys_a_member_joined(
         ]
         redis_client.config_resetstat()
         assert applier.apply(events, [], now_s=events[-1].ts.timestamp()).applied == 30
-        zcards.append(_calls(redis_client, "zcard"))
+        sizes.append((_calls(redis_client, "hlen"), _calls(redis_client, "zcard")))
     rows = 29  # i0..i28 have followers; each item has its neighbour-sessions key
-    assert zcards == [rows + 30, 30]
+    assert sizes == [(rows, 30), (0, 30)]
     assert redis_client.zcard(redis_keys.item_sessions("i7")) == 2
 
 

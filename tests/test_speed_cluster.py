@@ -308,7 +308,7 @@ def test_a_device_event_retried_after_its_identify_gets_its_plan_from_the_user(
     assert Applier(cluster_client, settings).apply([login], []).applied == 1
     retried = Applier(cluster_client, settings).apply(browse, [])  # now the user's, and duplicates there
     assert retried.duplicates == 2
-    assert cluster_client.zscore(redis_keys.covisitation("i1"), "i2") == FOLLOW_UNIT  # the carried plan's co-visit
+    assert int(cluster_client.hget(redis_keys.covisitation("i1"), "i2")) == FOLLOW_UNIT  # the carried plan's co-visit
 
 
 def test_reads_of_ids_in_several_slots_work_on_a_cluster(cluster_client: redis.Redis) -> None:

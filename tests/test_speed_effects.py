@@ -581,14 +581,35 @@ def test_trimmed_sets_stay_bounded_as_they_grow_over_many_script_calls(
         drain(consumer)
         sizes.append(
             (
-                redis_client.zcard(redis_keys.covisitation("a")),
+                redis_client.hlen(redis_keys.covisitation("a")),
                 redis_client.zcard(redis_keys.item_sessions("a")),
                 redis_client.zcard(redis_keys.category_bestsellers("C")),
             )
         )
     # Kept whole up to twice the bound; the call that takes a set past it cuts it to the bound.
     assert sizes == [(1, 1, 1), (2, 2, 2), (3, 3, 3), (4, 4, 4), (2, 2, 2)]
-    assert set(redis_client.zrange(redis_keys.covisitation("a"), 0, -1)) <= {x.encode() for x in followers}
+    assert set(redis_client.hkeys(redis_keys.covisitation("a"))) <= {x.encode() for x in followers}
+
+
+def test_a_co_visit_row_past_twice_its_bound_keeps_its_heaviest_and_a_read_takes_the_heaviest(
+    any_redis: tuple[redis.Redis, str], tmp_path: Path
+) -> None:
+    """On a Redis Cluster too, where apply_globals.lua writes the rows: the row's cut keeps the heaviest
+    followers, whatever order they joined in, and a read of a row longer than covis_top_n takes its
+    heaviest (equal weights by member descending, as a sorted set's ZREVRANGE did)."""
+    client, url = any_redis
+    settings = speed_settings(tmp_path, url, covis_top_n=2, covis_steps=1)
+    row = redis_keys.covisitation("a")
+    client.hset(row, mapping={"x1": 2 * FOLLOW_UNIT, "x2": 5 * FOLLOW_UNIT, "x3": 3 * FOLLOW_UNIT, "x4": 3 * FOLLOW_UNIT})
+    state = read_speed_state(client, "reader", covis_items=["a"], covis_n=2)
+    assert state.covisitation == {"a": {"x2": 5.0, "x4": 3.0}}  # x3 and x4 tie: the greater member
+    consumer = SpeedConsumer(client, settings, Registry(settings.models.root), name="c1")
+    add_events(client, settings, [make_event(EventType.VIEW, "a", "d1", session_id="s1"), make_event(EventType.VIEW, "y", "d1", session_id="s1")])
+    drain(consumer)  # y joins: five followers, over twice the 2 kept
+    assert {m.decode(): int(u) for m, u in client.hgetall(row).items()} == {"x2": 5 * FOLLOW_UNIT, "x4": 3 * FOLLOW_UNIT}
+    add_events(client, settings, [make_event(EventType.VIEW, "a", "d2", session_id="s2"), make_event(EventType.VIEW, "x4", "d2", session_id="s2")])
+    drain(consumer)  # an existing follower grows: no cut, and it adds up
+    assert int(client.hget(row, "x4")) == 4 * FOLLOW_UNIT and client.hlen(row) == 2
 
 
 def test_times_and_counts_reach_redis_exactly_as_the_events_give_them(
@@ -623,7 +644,7 @@ def test_times_and_counts_reach_redis_exactly_as_the_events_give_them(
         b"view": b"2", b"add_to_cart": b"1", b"purchase": b"1"
     }
     day = scores(redis_keys.popularity_day(int(events[0].ts.timestamp() // 86_400)))
-    assert day == {"i1": 1.0, "i2": 3.0} and redis_client.zscore(redis_keys.covisitation("i1"), "i2") == FOLLOW_UNIT
+    assert day == {"i1": 1.0, "i2": 3.0} and int(redis_client.hget(redis_keys.covisitation("i1"), "i2")) == FOLLOW_UNIT
 
 
 def test_every_key_an_event_writes_expires_with_the_ttl_its_family_is_given(

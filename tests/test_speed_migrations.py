@@ -1,6 +1,6 @@
 """The speed layer's start converts, once, what an earlier version kept in another form: co-visits as
-float weights into units, session-kNN session sets into their token's slot group, times in seconds
-into microseconds."""
+float weights into units, co-visits in sorted sets into hashes, session-kNN session sets into their token's
+slot group, times in seconds into microseconds."""
 
 from __future__ import annotations
 
@@ -20,12 +20,17 @@ from common.sequence import FOLLOW_UNIT, follow_weights
 from common.speed_state import NeighbourQuery, read_speed_state
 from speed_layer.consumer import SpeedConsumer
 from speed_layer.effects import Applier
-from speed_layer.migrations import COVISITS_IN_UNITS, NEIGHBOUR_SESSIONS_BY_TOKEN, TIMES_IN_MICROSECONDS
+from speed_layer.migrations import (
+    COVISITS_AS_HASHES,
+    COVISITS_IN_UNITS,
+    NEIGHBOUR_SESSIONS_BY_TOKEN,
+    TIMES_IN_MICROSECONDS,
+)
 from tests.speed_factories import make_event, speed_settings
 
 
-def _units(client: redis.Redis, item: str) -> dict[str, float]:
-    return {m.decode(): s for m, s in client.zrange(redis_keys.covisitation(item), 0, -1, withscores=True)}
+def _units(client: redis.Redis, item: str) -> dict[str, int]:
+    return {m.decode(): int(u) for m, u in client.hgetall(redis_keys.covisitation(item)).items()}
 
 
 def _start(client: redis.Redis, url: str, tmp_path: Path, **speed: int) -> None:
@@ -36,23 +41,27 @@ def _start(client: redis.Redis, url: str, tmp_path: Path, **speed: int) -> None:
 def test_float_covisits_become_units_added_to_the_new_rows_and_the_old_rows_go(
     any_redis: tuple[redis.Redis, str], tmp_path: Path
 ) -> None:
-    """On a Redis Cluster too: the scan covers every master, and an item's old and new rows share a slot."""
+    """On a Redis Cluster too: the scan covers every master, and an item's old and new rows share a slot.
+    The floats become a sorted set of units (what the version after them kept), which the next migration
+    moves into the hash."""
     redis_client, url = any_redis
     # Sums of 1/g as an earlier version's script left them, and a row this version wrote meanwhile.
     redis_client.zadd(redis_keys.float_covisitation("a"), {"b": 1 + 1 / 3, "c": 0.5, "d": 1 / 7 + 1 / 9})
     redis_client.zadd(redis_keys.float_covisitation("odd}:item"), {"a": 1.0})
-    redis_client.zadd(redis_keys.covisitation("a"), {"b": FOLLOW_UNIT})
+    redis_client.hset(redis_keys.covisitation("a"), "b", FOLLOW_UNIT)
 
     _start(redis_client, url, tmp_path)
 
     assert _units(redis_client, "a") == {"b": 2 * FOLLOW_UNIT + FOLLOW_UNIT // 3, "c": FOLLOW_UNIT // 2, "d": FOLLOW_UNIT // 7 + FOLLOW_UNIT // 9}
     assert follow_weights(*zip(*_units(redis_client, "odd}:item").items(), strict=True)) == {"a": 1.0}
-    assert not any(redis_client.exists(redis_keys.float_covisitation(item)) for item in ("a", "odd}:item"))
+    for item in ("a", "odd}:item"):
+        assert not redis_client.exists(redis_keys.float_covisitation(item), redis_keys.sorted_covisitation(item))
     # A pass that converted is not the last: a consumer of the earlier version may still be writing.
     assert not redis_client.sismember(redis_keys.SPEED_MIGRATED, COVISITS_IN_UNITS)
+    assert not redis_client.sismember(redis_keys.SPEED_MIGRATED, COVISITS_AS_HASHES)
 
     _start(redis_client, url, tmp_path)  # nothing left: recorded, and nothing counted twice
-    assert redis_client.sismember(redis_keys.SPEED_MIGRATED, COVISITS_IN_UNITS)
+    assert redis_client.smismember(redis_keys.SPEED_MIGRATED, [COVISITS_IN_UNITS, COVISITS_AS_HASHES]) == [1, 1]
     assert _units(redis_client, "a")["b"] == 2 * FOLLOW_UNIT + FOLLOW_UNIT // 3
 
     redis_client.zadd(redis_keys.float_covisitation("late"), {"a": 1.0})
@@ -65,7 +74,7 @@ def test_a_converted_row_is_trimmed_as_the_event_script_trims_it(
 ) -> None:
     redis_client.flushall()
     redis_client.zadd(redis_keys.float_covisitation("a"), {f"o{j}": 1 / (1 + j % 20) for j in range(30)})
-    redis_client.zadd(redis_keys.covisitation("a"), {f"n{j}": FOLLOW_UNIT // 2 for j in range(5)})
+    redis_client.zadd(redis_keys.sorted_covisitation("a"), {f"n{j}": FOLLOW_UNIT // 2 for j in range(5)})
 
     _start(redis_client, redis_server.url, tmp_path, covis_top_n=10)  # 35 followers: over twice the 10 kept
 
@@ -73,6 +82,27 @@ def test_a_converted_row_is_trimmed_as_the_event_script_trims_it(
     assert len(row) == 10
     # The 10 highest: 1, 1, seven of 1/2, then of the two at 1/3 the one Redis ranks higher (ties by member).
     assert set(row) == {"o0", "o20", "o1", "o21", "o22"} | {f"n{j}" for j in range(5)}
+
+
+def test_sorted_covisits_move_into_the_hashes_added_to_what_this_version_wrote(
+    any_redis: tuple[redis.Redis, str], tmp_path: Path
+) -> None:
+    """On a Redis Cluster too. A reader of this version sees an unmoved row as empty, never an error."""
+    redis_client, url = any_redis
+    redis_client.zadd(redis_keys.sorted_covisitation("a"), {"b": FOLLOW_UNIT, "c": FOLLOW_UNIT // 2})
+    redis_client.zadd(redis_keys.sorted_covisitation("odd}:item"), {"a": 3 * FOLLOW_UNIT})
+    redis_client.hset(redis_keys.covisitation("a"), "b", FOLLOW_UNIT // 3)  # written since by this version
+    assert read_speed_state(redis_client, "p", covis_items=["odd}:item"]).covisitation == {"odd}:item": {}}
+
+    _start(redis_client, url, tmp_path)
+
+    assert _units(redis_client, "a") == {"b": FOLLOW_UNIT + FOLLOW_UNIT // 3, "c": FOLLOW_UNIT // 2}
+    assert read_speed_state(redis_client, "p", covis_items=["odd}:item"]).covisitation == {"odd}:item": {"a": 3.0}}
+    assert not any(redis_client.exists(redis_keys.sorted_covisitation(item)) for item in ("a", "odd}:item"))
+    assert not redis_client.sismember(redis_keys.SPEED_MIGRATED, COVISITS_AS_HASHES)
+    _start(redis_client, url, tmp_path)  # nothing left: recorded, and nothing moved twice
+    assert redis_client.sismember(redis_keys.SPEED_MIGRATED, COVISITS_AS_HASHES)
+    assert _units(redis_client, "a")["b"] == FOLLOW_UNIT + FOLLOW_UNIT // 3
 
 
 def _moving_tokens(n: int) -> list[str]:

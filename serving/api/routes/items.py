@@ -103,12 +103,12 @@ def _live_state(state: StateDep, item_id: str) -> tuple[frozenset[str], list[tup
     except redis.RedisError as exc:
         state.redis.failed(exc)
         return frozenset(), [], REDIS_DOWN
-    followers = covisit_row(row)
+    followers = covisit_row(row, COVIS_READ)
     return item_flags(flags_reply, known, state.item_flags).out_of_stock, list(followers.items()), None
 
 
 def _flags_and_covisits(client: redis.Redis, known: ItemFlags, item_id: str) -> list[Any]:
     pipe = client.pipeline(transaction=False)
     pipe.execute_command(*item_flags_call(known))
-    pipe.execute_command("ZREVRANGE", redis_keys.covisitation(item_id), 0, COVIS_READ - 1, "WITHSCORES")
+    pipe.execute_command("HGETALL", redis_keys.covisitation(item_id))
     return list(pipe.execute())

@@ -534,51 +534,37 @@ for key, members in pairs(zset) do
   local added = write('ZADD', key, unpack(flat))
   if type(added) ~= 'number' or added > 0 then grown[key] = true end
 end
--- A hash's float increments likewise, in two commands when it has several: a person's items and a
--- session's categories take a few members each from a session's events in a row (9.64 -> 8.53
--- commands an event). The sum is a double here, a long double in HINCRBYFLOAT: its last digit may differ.
-for key, members in pairs(hincr) do
+-- A hash's increments likewise, in two commands when it has several: a person's items and a session's
+-- categories take a few members each from a session's events in a row (9.64 -> 8.53 commands an
+-- event). A float's sum is a double here, a long double in HINCRBYFLOAT: its last digit may differ.
+-- Returns whether a member joined the hash (a float's single increment says nothing: false).
+local function add_to_hash(key, members, increment)
   local names = {}
   for member in pairs(members) do names[#names + 1] = member end
   if #names == 1 then
-    write('HINCRBYFLOAT', key, names[1], arg(members[names[1]]))
-  else
-    local values = write('HMGET', key, unpack(names))
-    if type(values) == 'table' and not values.err then
-      local flat = {}
-      for i, member in ipairs(names) do
-        flat[2 * i - 1] = member
-        flat[2 * i] = arg((tonumber(values[i]) or 0) + members[member])
-      end
-      write('HSET', key, unpack(flat))
-    end
+    local by = members[names[1]]
+    return write(increment, key, names[1], arg(by)) == by  -- HINCRBY's reply is the sum: by when new
   end
+  local values = write('HMGET', key, unpack(names))
+  if type(values) ~= 'table' or values.err then return false end
+  local flat, joined = {}, false
+  for i, member in ipairs(names) do
+    if not values[i] then joined = true end
+    flat[2 * i - 1] = member
+    flat[2 * i] = arg((tonumber(values[i]) or 0) + members[member])
+  end
+  write('HSET', key, unpack(flat))
+  return joined
 end
+for key, members in pairs(hincr) do add_to_hash(key, members, 'HINCRBYFLOAT') end
 for key, members in pairs(hcount) do
   for member, by in pairs(members) do write('HINCRBY', key, member, arg(by)) end
 end
--- The co-visit rows' whole units, added as the float hashes' are; a row a follower joined is cut to its
--- covis_kept heaviest once it holds twice as many (ties: the greater member stays, compared as Lua
--- compares strings), so a row's cut costs a read of it once every covis_kept new followers.
+-- The co-visit rows' whole units; a row a follower joined is cut to its covis_kept heaviest once it
+-- holds twice as many (ties: the greater member stays, compared as Lua compares strings), so a row's
+-- cut costs a read of it once every covis_kept new followers. apply_globals.lua cuts the same way.
 for key, members in pairs(covis_rows) do
-  local names, joined = {}, false
-  for member in pairs(members) do names[#names + 1] = member end
-  if #names == 1 then
-    local by = members[names[1]]
-    joined = write('HINCRBY', key, names[1], arg(by)) == by
-  else
-    local values = write('HMGET', key, unpack(names))
-    if type(values) == 'table' and not values.err then
-      local flat = {}
-      for i, member in ipairs(names) do
-        if not values[i] then joined = true end
-        flat[2 * i - 1] = member
-        flat[2 * i] = arg((tonumber(values[i]) or 0) + members[member])
-      end
-      write('HSET', key, unpack(flat))
-    end
-  end
-  local size = joined and write('HLEN', key)
+  local size = add_to_hash(key, members, 'HINCRBY') and write('HLEN', key)
   if type(size) == 'number' and size > 2 * covis_kept then
     local flat, row = write('HGETALL', key), {}
     for i = 1, #flat, 2 do row[#row + 1] = {tonumber(flat[i + 1]), flat[i]} end
